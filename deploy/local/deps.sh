@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Parley builds and tests with, only those missing.
+set -euo pipefail
+
+PKGS=(build-essential pkg-config librdkafka-dev libmicrohttpd-dev libwslay-dev
+      libmongoc-dev libbson-dev check libsubunit-dev libprotobuf-c-dev
+      protobuf-c-compiler libjansson-dev libsqlite3-dev libssl-dev kcat
+      default-jre-headless maven golang-go)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+# Java, Maven and Go may come from outside Debian on a developer machine.
+filtered=()
+for p in "${missing[@]}"; do
+  case "$p" in
+    default-jre-headless) command -v java >/dev/null || filtered+=("$p") ;;
+    maven) command -v mvn >/dev/null || filtered+=("$p") ;;
+    golang-go) command -v go >/dev/null || command -v mongod >/dev/null || filtered+=("$p") ;;
+    *) filtered+=("$p") ;;
+  esac
+done
+[ ${#filtered[@]} -eq 0 ] && exit 0
+
+echo "deps: installing ${filtered[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${filtered[@]}" >/dev/null

@@ -1,0 +1,84 @@
+/* The message bus the services are written against: keyed topics with
+ * per-partition order, durable produce with delivery reports, and consumer
+ * groups whose offsets advance only when the caller says its effects are
+ * durable. Two implementations: bus_kafka.c (Apache Kafka via librdkafka)
+ * and, for parleyd, an in-process one with the same semantics. Services see
+ * only this header and PX_* codes, never librdkafka's. */
+#ifndef PARLEY_BUS_H
+#define PARLEY_BUS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct bus bus;
+
+/* A consumed record. Pointers stay valid until bus_release() on it. */
+typedef struct bus_msg {
+    const char *topic;
+    int32_t partition;
+    int64_t offset;
+    const char *key;
+    size_t key_len;
+    const void *value;
+    size_t len;
+    int64_t ts_ms;     /* producer timestamp */
+    void *impl;        /* owned by the implementation */
+} bus_msg;
+
+/* Delivery report: called once per bus_produce() that returned PX_OK, from
+ * inside bus_poll() on the polling thread. status is PX_OK when the record is
+ * durable (acks=all), else PX_ERROR with err. opaque is bus_produce's. */
+typedef void (*bus_dr_cb)(void *opaque, int status, const char *err,
+                          int32_t partition, int64_t offset);
+
+typedef struct bus_conf {
+    const char *brokers;     /* "host:port,..." (Kafka); ignored in-process */
+    const char *client_id;   /* for broker logs, e.g. "gateway-gw-0" */
+    const char *group;       /* consumer group; NULL: producer only */
+    int partitions;          /* partition count used by bus_ensure_topics */
+    bus_dr_cb dr_cb;         /* may be NULL when nothing is produced */
+} bus_conf;
+
+bus *bus_new(const bus_conf *conf, char *err, size_t errlen);
+
+/* Creates the topics that do not exist yet with conf->partitions partitions
+ * (existing topics are left as they are). Blocks up to timeout_ms. */
+int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_ms,
+                      char *err, size_t errlen);
+
+/* Queues a record for topic, partitioned by key (same key, same partition,
+ * in produce order). Copies key and value. PX_AGAIN when the local queue is
+ * full (caller polls and retries or answers `unavailable`). */
+int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
+                const void *value, size_t len, void *opaque, char *err, size_t errlen);
+
+/* Serves delivery reports (and other events) for up to timeout_ms. */
+void bus_poll(bus *b, int timeout_ms);
+
+/* Waits until every queued record has a delivery report; PX_AGAIN on timeout. */
+int bus_flush(bus *b, int timeout_ms);
+
+/* Joins the consumer group on these topics. */
+int bus_subscribe(bus *b, const char *const *topics, size_t n, char *err, size_t errlen);
+
+/* Fills up to max records, waiting at most timeout_ms for the first.
+ * Returns the count (0 on timeout) or PX_ERROR on a fatal consumer error.
+ * Each returned record must be passed to bus_release(). */
+int bus_consume(bus *b, bus_msg *out, size_t max, int timeout_ms, char *err, size_t errlen);
+
+/* Marks these records' effects durable: their partitions' committed offsets
+ * may now move past them. Records not marked are consumed again after a
+ * crash or a rebalance. */
+int bus_commit(bus *b, const bus_msg *m, size_t n);
+
+void bus_release(bus *b, bus_msg *m, size_t n);
+
+/* An fd that becomes readable when bus_consume() has records (for epoll
+ * reactors), or -1 if the implementation cannot provide one. */
+int bus_consume_fd(bus *b);
+
+/* Leaves the group (committing what bus_commit marked), flushes the producer
+ * for up to 5 s, frees everything. */
+void bus_destroy(bus *b);
+
+#endif

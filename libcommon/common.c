@@ -1,0 +1,84 @@
+/* Allocation that cannot fail for internal sizes, error formatting, clocks. */
+#include "common.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static void px_oom(size_t n)
+{
+    fprintf(stderr, "parley: out of memory allocating %zu bytes\n", n);
+    abort();
+}
+
+void *px_malloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (p == NULL)
+        px_oom(n);
+    return p;
+}
+
+void *px_calloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (p == NULL)
+        px_oom(n * size);
+    return p;
+}
+
+void *px_realloc(void *p, size_t n)
+{
+    void *q = realloc(p, n ? n : 1);
+    if (q == NULL)
+        px_oom(n);
+    return q;
+}
+
+char *px_strdup(const char *s)
+{
+    return px_strndup(s, strlen(s));
+}
+
+char *px_strndup(const char *s, size_t n)
+{
+    char *d = px_malloc(n + 1);
+    memcpy(d, s, n);
+    d[n] = '\0';
+    return d;
+}
+
+void *px_try_malloc(size_t n)
+{
+    return malloc(n ? n : 1);
+}
+
+int px_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (err != NULL && errlen > 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return PX_ERROR;
+}
+
+static int64_t px_clock_ms(clockid_t id)
+{
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int64_t px_now_ms(void)
+{
+    return px_clock_ms(CLOCK_REALTIME);
+}
+
+int64_t px_mono_ms(void)
+{
+    return px_clock_ms(CLOCK_MONOTONIC);
+}

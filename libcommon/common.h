@@ -1,0 +1,38 @@
+/* Status vocabulary and allocation helpers shared by every Parley module. */
+#ifndef PARLEY_COMMON_H
+#define PARLEY_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Every fallible Parley call returns one of these; details go to an
+ * (err, errlen) out-buffer supplied by the caller. */
+#define PX_OK        0
+#define PX_ERROR    -1
+#define PX_AGAIN    -2  /* nothing now, try later (queue full, no data) */
+#define PX_DECLINED -3  /* refused by rule: duplicate, forbidden, absent */
+
+#define PX_ERRLEN 256
+
+#define PX_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+#define PX_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define PX_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+/* For small internal sizes: abort on exhaustion instead of returning NULL.
+ * Sizes chosen by a client go through px_try_malloc and are checked. */
+void *px_malloc(size_t n);
+void *px_calloc(size_t n, size_t size);
+void *px_realloc(void *p, size_t n);
+char *px_strdup(const char *s);
+char *px_strndup(const char *s, size_t n);
+void *px_try_malloc(size_t n);
+
+/* snprintf into err when err is non-NULL; returns PX_ERROR for tail calls. */
+int px_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Milliseconds since the epoch (wall clock) and monotonic milliseconds. */
+int64_t px_now_ms(void);
+int64_t px_mono_ms(void);
+
+#endif

@@ -1,0 +1,44 @@
+/* Configuration from PARLEY_* environment variables: one table, defaults,
+ * range checks and a clear error naming the variable for a bad value. */
+#ifndef PARLEY_CONFIG_H
+#define PARLEY_CONFIG_H
+
+#include <stddef.h>
+
+typedef struct config {
+    const char *listen;          /* PARLEY_LISTEN host:port */
+    const char *kafka_brokers;   /* PARLEY_KAFKA_BROKERS */
+    const char *mongo_uri;       /* PARLEY_MONGO_URI */
+    const char *mongo_db;        /* PARLEY_MONGO_DB */
+    const char *jwt_secret;      /* PARLEY_JWT_SECRET */
+    const char *gateway_id;      /* PARLEY_GATEWAY_ID: stable, e.g. pod ordinal */
+    const char *topic_prefix;    /* PARLEY_TOPIC_PREFIX, default "parley." */
+    const char *log_level;       /* PARLEY_LOG_LEVEL debug|info|warn|error */
+    long max_frame_bytes;        /* PARLEY_MAX_FRAME_BYTES */
+    long max_body_bytes;         /* PARLEY_MAX_BODY_BYTES */
+    long max_media_bytes;        /* PARLEY_MAX_MEDIA_BYTES */
+    long max_conns;              /* PARLEY_MAX_CONNS per gateway */
+    long send_queue_bytes;       /* PARLEY_SEND_QUEUE_BYTES per connection */
+    long retention_days;         /* PARLEY_RETENTION_DAYS */
+    long presence_ttl_ms;        /* PARLEY_PRESENCE_CACHE_MS lookup cache TTL */
+    long heartbeat_ms;           /* PARLEY_HEARTBEAT_MS gateway liveness beat */
+    long ping_ms;                /* PARLEY_PING_MS server ping interval */
+    long idle_ms;                /* PARLEY_IDLE_MS close after this silence */
+    long workers;                /* PARLEY_WORKERS gateway epoll threads */
+    long partitions;             /* PARLEY_PARTITIONS for user-keyed topics */
+    long sweep_ms;               /* PARLEY_SWEEP_MS retention sweep period */
+    int dev;                     /* PARLEY_DEV=1 enables dev token endpoint */
+} config;
+
+/* Fills cfg from the environment. The strings point into the environment
+ * (or static defaults) and live as long as the process. Returns PX_OK, or
+ * PX_ERROR with err naming the variable and the accepted range. */
+int config_load(config *cfg, char *err, size_t errlen);
+
+/* Single-variable readers, used by config_load and by tools. */
+const char *config_str(const char *name, const char *def);
+int config_long(const char *name, long def, long min, long max, long *out,
+                char *err, size_t errlen);
+int config_bool(const char *name, int def, int *out, char *err, size_t errlen);
+
+#endif

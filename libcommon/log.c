@@ -1,0 +1,55 @@
+/* Owns the process-wide log settings and the single stderr writer. */
+#include "log.h"
+#include "common.h"
+
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+static char log_service[64] = "parley";
+static enum log_level log_min = LOG_INFO;
+static const char *const log_names[] = { "debug", "info", "warn", "error" };
+
+void log_init(const char *service, const char *level)
+{
+    snprintf(log_service, sizeof(log_service), "%s", service);
+    log_min = LOG_INFO;
+    for (size_t i = 0; level != NULL && i < PX_ARRAY_LEN(log_names); i++)
+        if (strcmp(level, log_names[i]) == 0)
+            log_min = (enum log_level)i;
+}
+
+void log_write(enum log_level lv, const char *msg, const char *fields, ...)
+{
+    if (lv < log_min)
+        return;
+    json_t *o = NULL;
+    if (fields != NULL) {
+        json_error_t jerr;
+        va_list ap;
+        va_start(ap, fields);
+        o = json_vpack_ex(&jerr, 0, fields, ap);
+        va_end(ap);
+        if (o == NULL)
+            o = json_pack("{s:s}", "log_error", jerr.text);
+    }
+    if (o == NULL || !json_is_object(o)) {
+        json_decref(o);
+        o = json_object();
+    }
+    int64_t now = px_now_ms();
+    json_object_set_new(o, "ts", json_integer(now));
+    json_object_set_new(o, "level", json_string(log_names[lv]));
+    json_object_set_new(o, "service", json_string(log_service));
+    json_object_set_new(o, "msg", json_string(msg));
+    char *line = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    if (line == NULL)
+        return;
+    flockfile(stderr);
+    fputs(line, stderr);
+    fputc('\n', stderr);
+    funlockfile(stderr);
+    free(line);
+}

@@ -1,0 +1,257 @@
+/* Owns the mapping between PROTOCOL.md and C. Validation is complete here so
+ * services act only on well-formed commands; jansson does the JSON (it also
+ * rejects invalid UTF-8 and NUL inside strings by default). */
+#include "protocol.h"
+#include "common.h"
+#include "ids.h"
+
+#include <jansson.h>
+#include <string.h>
+
+static const char *const proto_codes[] = {
+    [PROTO_BAD_REQUEST] = "bad_request", [PROTO_UNAUTHORIZED] = "unauthorized",
+    [PROTO_FORBIDDEN] = "forbidden", [PROTO_NOT_FOUND] = "not_found",
+    [PROTO_TOO_LARGE] = "too_large", [PROTO_RATE_LIMITED] = "rate_limited",
+    [PROTO_GROUP_FULL] = "group_full", [PROTO_UNAVAILABLE] = "unavailable",
+    [PROTO_INTERNAL] = "internal",
+};
+
+static const struct { const char *name; enum proto_type type; } proto_types[] = {
+    { "send", PROTO_SEND }, { "ack", PROTO_ACK }, { "read", PROTO_READ },
+    { "ping", PROTO_PING }, { "group_create", PROTO_GROUP_CREATE },
+    { "group_add", PROTO_GROUP_ADD }, { "group_remove", PROTO_GROUP_REMOVE },
+    { "group_leave", PROTO_GROUP_LEAVE }, { "group_info", PROTO_GROUP_INFO },
+};
+
+const char *proto_code_name(enum proto_code code)
+{
+    if ((size_t)code >= PX_ARRAY_LEN(proto_codes) || proto_codes[code] == NULL)
+        return "internal";
+    return proto_codes[code];
+}
+
+static int proto_fail(enum proto_code *code, enum proto_code c, char *msg, size_t msglen,
+                      const char *text)
+{
+    *code = c;
+    snprintf(msg, msglen, "%s", text);
+    return PX_DECLINED;
+}
+
+/* Optional string field: absent is fine, present must be a string. */
+static int proto_opt_str(json_t *o, const char *key, const char **out)
+{
+    json_t *v = json_object_get(o, key);
+    *out = NULL;
+    if (v == NULL || json_is_null(v))
+        return PX_OK;
+    if (!json_is_string(v))
+        return PX_ERROR;
+    *out = json_string_value(v);
+    return PX_OK;
+}
+
+static int proto_str_array(json_t *o, const char *key, const char **out, size_t max,
+                           size_t *n, int users)
+{
+    json_t *a = json_object_get(o, key);
+    if (!json_is_array(a) || json_array_size(a) == 0 || json_array_size(a) > max)
+        return PX_ERROR;
+    size_t i;
+    json_t *v;
+    json_array_foreach(a, i, v) {
+        const char *s = json_string_value(v);
+        if (s == NULL || (users ? !id_valid_user(s) : !id_valid_client(s)))
+            return PX_ERROR;
+        out[i] = s;
+    }
+    *n = json_array_size(a);
+    return PX_OK;
+}
+
+static int proto_parse_send(json_t *o, const proto_limits *lim, proto_cmd *c,
+                            enum proto_code *code, char *msg, size_t msglen)
+{
+    json_t *fw = json_object_get(o, "forwarded");
+    if (proto_opt_str(o, "to", &c->to) || proto_opt_str(o, "group", &c->group) ||
+        proto_opt_str(o, "body", &c->body) || proto_opt_str(o, "media", &c->media) ||
+        (fw != NULL && !json_is_boolean(fw)))
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen,
+                          "to, group, body, media must be strings, forwarded a boolean");
+    c->forwarded = json_is_true(fw);
+    if ((c->to == NULL) == (c->group == NULL))
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "send needs exactly one of to or group");
+    if (c->to != NULL && !id_valid_user(c->to))
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "to is not a valid user id");
+    if (c->group != NULL && !id_valid_user(c->group))
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "group is not a valid group id");
+    if (c->body == NULL && c->media == NULL)
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "send needs body or media");
+    if (c->media != NULL && !id_valid_user(c->media))
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "media is not a valid media id");
+    if (c->body != NULL) {
+        c->body_len = json_string_length(json_object_get(o, "body"));
+        if (c->body_len > lim->max_body_bytes)
+            return proto_fail(code, PROTO_TOO_LARGE, msg, msglen, "body exceeds PARLEY_MAX_BODY_BYTES");
+    }
+    return PX_OK;
+}
+
+static int proto_parse_group(json_t *o, proto_cmd *c, enum proto_code *code,
+                             char *msg, size_t msglen)
+{
+    if (c->type == PROTO_GROUP_CREATE) {
+        json_t *name = json_object_get(o, "name");
+        size_t n = json_is_string(name) ? json_string_length(name) : 0;
+        if (n < 1 || n > PROTO_MAX_NAME)
+            return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "name must be 1-100 characters");
+        c->name = json_string_value(name);
+    } else {
+        if (proto_opt_str(o, "group", &c->group) || c->group == NULL || !id_valid_user(c->group))
+            return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "group must be a group id");
+    }
+    int wants_members = c->type == PROTO_GROUP_CREATE || c->type == PROTO_GROUP_ADD ||
+                        c->type == PROTO_GROUP_REMOVE;
+    if (!wants_members)
+        return PX_OK;
+    if (json_array_size(json_object_get(o, "members")) > PROTO_MAX_MEMBERS)
+        return proto_fail(code, PROTO_GROUP_FULL, msg, msglen, "more than 256 members");
+    /* group_create may name no one but the creator: an empty list is fine. */
+    json_t *m = json_object_get(o, "members");
+    if (c->type == PROTO_GROUP_CREATE && json_is_array(m) && json_array_size(m) == 0)
+        return PX_OK;
+    if (proto_str_array(o, "members", c->members, PROTO_MAX_MEMBERS, &c->nmembers, 1))
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "members must be a list of user ids");
+    return PX_OK;
+}
+
+static int proto_parse_type(json_t *o, proto_cmd *c, enum proto_code *code,
+                            char *msg, size_t msglen)
+{
+    const char *t = json_string_value(json_object_get(o, "type"));
+    if (t == NULL)
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "type is missing");
+    for (size_t i = 0; i < PX_ARRAY_LEN(proto_types); i++)
+        if (strcmp(t, proto_types[i].name) == 0) {
+            c->type = proto_types[i].type;
+            return PX_OK;
+        }
+    return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "unknown type");
+}
+
+/* Reads the client id first so even a later failure can carry a ref. */
+static int proto_parse_id(json_t *o, proto_cmd *c, enum proto_code *code,
+                          char *msg, size_t msglen)
+{
+    json_t *id = json_object_get(o, "id");
+    if (id != NULL && json_is_string(id) && id_valid_client(json_string_value(id)))
+        snprintf(c->id, sizeof(c->id), "%s", json_string_value(id));
+    int needs_id = c->type != PROTO_ACK && c->type != PROTO_READ;
+    if (needs_id && c->id[0] == '\0')
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "id must be a string of 1-64 printable characters");
+    return PX_OK;
+}
+
+int proto_parse(const char *buf, size_t len, const proto_limits *lim,
+                proto_cmd *c, enum proto_code *code, char *msg, size_t msglen)
+{
+    memset(c, 0, sizeof(*c));
+    json_error_t jerr;
+    json_t *o = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+    int rc;
+    if (!json_is_object(o)) {
+        rc = proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "frame is not a JSON object");
+        goto out;
+    }
+    /* The id is read before the type so an unknown type still gets a ref. */
+    c->type = PROTO_SEND;
+    proto_parse_id(o, c, code, msg, msglen);
+    if ((rc = proto_parse_type(o, c, code, msg, msglen)) != PX_OK)
+        goto out;
+    if ((rc = proto_parse_id(o, c, code, msg, msglen)) != PX_OK)
+        goto out;
+    switch (c->type) {
+    case PROTO_SEND:
+        rc = proto_parse_send(o, lim, c, code, msg, msglen);
+        break;
+    case PROTO_ACK:
+    case PROTO_READ:
+        rc = proto_str_array(o, "ids", c->ids, PROTO_MAX_IDS, &c->nids, 0) == PX_OK
+                 ? PX_OK
+                 : proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "ids must be a list of 1-1000 event ids");
+        break;
+    case PROTO_PING:
+        rc = PX_OK;
+        break;
+    default:
+        rc = proto_parse_group(o, c, code, msg, msglen);
+        break;
+    }
+out:
+    if (rc == PX_OK) {
+        c->root = o;
+    } else {
+        json_decref(o);
+        c->root = NULL;
+    }
+    return rc;
+}
+
+void proto_cmd_free(proto_cmd *c)
+{
+    json_decref((json_t *)c->root);
+    c->root = NULL;
+}
+
+static char *proto_dump(json_t *o, size_t *len)
+{
+    char *s = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    if (s == NULL)
+        abort(); /* only on allocation failure */
+    if (len != NULL)
+        *len = strlen(s);
+    return s;
+}
+
+char *proto_render_error(const char *ref, enum proto_code code, const char *text, size_t *len)
+{
+    json_t *o = json_pack("{s:s, s:s, s:s}", "type", "error", "code", proto_code_name(code),
+                          "message", text);
+    if (ref != NULL && *ref != '\0')
+        json_object_set_new(o, "ref", json_string(ref));
+    return proto_dump(o, len);
+}
+
+char *proto_render_sent(const char *ref, const char *msg_id, int64_t ts, size_t *len)
+{
+    return proto_dump(json_pack("{s:s, s:s, s:s, s:I}", "type", "sent", "ref", ref,
+                                "msg_id", msg_id, "ts", (json_int_t)ts), len);
+}
+
+char *proto_render_pong(const char *ref, size_t *len)
+{
+    return proto_dump(json_pack("{s:s, s:s}", "type", "pong", "ref", ref), len);
+}
+
+char *proto_render_synced(size_t *len)
+{
+    return proto_dump(json_pack("{s:s}", "type", "synced"), len);
+}
+
+char *proto_render_message(const proto_message *m, size_t *len)
+{
+    json_t *o = json_pack("{s:s, s:s, s:s}", "type", "message", "id", m->id, "from", m->from);
+    if (m->to != NULL)
+        json_object_set_new(o, "to", json_string(m->to));
+    if (m->group != NULL)
+        json_object_set_new(o, "group", json_string(m->group));
+    if (m->body != NULL)
+        json_object_set_new(o, "body", json_string(m->body));
+    if (m->media_json != NULL)
+        json_object_set_new(o, "media", json_loads(m->media_json, 0, NULL));
+    if (m->forwarded)
+        json_object_set_new(o, "forwarded", json_true());
+    json_object_set_new(o, "ts", json_integer(m->ts));
+    return proto_dump(o, len);
+}

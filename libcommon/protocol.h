@@ -1,0 +1,70 @@
+/* The client protocol codec (PROTOCOL.md): parses and validates commands,
+ * renders events. Sans-I/O: bytes in, structs and bytes out. */
+#ifndef PARLEY_PROTOCOL_H
+#define PARLEY_PROTOCOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define PROTO_MAX_IDS 1000      /* ids in one ack/read */
+#define PROTO_MAX_MEMBERS 256   /* members in one group command */
+#define PROTO_MAX_NAME 100      /* group name, characters */
+
+enum proto_type {
+    PROTO_SEND = 1, PROTO_ACK, PROTO_READ, PROTO_PING,
+    PROTO_GROUP_CREATE, PROTO_GROUP_ADD, PROTO_GROUP_REMOVE,
+    PROTO_GROUP_LEAVE, PROTO_GROUP_INFO
+};
+
+/* Error codes of PROTOCOL.md; proto_code_name() gives the wire string. */
+enum proto_code {
+    PROTO_BAD_REQUEST = 1, PROTO_UNAUTHORIZED, PROTO_FORBIDDEN, PROTO_NOT_FOUND,
+    PROTO_TOO_LARGE, PROTO_RATE_LIMITED, PROTO_GROUP_FULL, PROTO_UNAVAILABLE,
+    PROTO_INTERNAL
+};
+
+typedef struct proto_cmd {
+    enum proto_type type;
+    char id[65];              /* client id; "" when absent or unusable */
+    const char *to;           /* send: user, or NULL */
+    const char *group;        /* send/group_*: group id, or NULL */
+    const char *body;         /* send: UTF-8 body or NULL */
+    size_t body_len;
+    const char *media;        /* send: media id or NULL */
+    int forwarded;
+    const char *name;         /* group_create */
+    const char *ids[PROTO_MAX_IDS];          /* ack/read */
+    size_t nids;
+    const char *members[PROTO_MAX_MEMBERS];  /* group_create/add/remove */
+    size_t nmembers;
+    void *root;               /* owns every string above (a json_t) */
+} proto_cmd;
+
+typedef struct proto_limits {
+    size_t max_body_bytes;
+} proto_limits;
+
+/* Parses one text frame. PX_OK: cmd filled, free with proto_cmd_free.
+ * PX_DECLINED: *code and msg say why; cmd->id holds the client id if one
+ * could be read (for the error's ref); nothing to free. */
+int proto_parse(const char *buf, size_t len, const proto_limits *lim,
+                proto_cmd *cmd, enum proto_code *code, char *msg, size_t msglen);
+void proto_cmd_free(proto_cmd *cmd);
+
+const char *proto_code_name(enum proto_code code);
+
+/* Renderers return a malloc'd NUL-terminated JSON text; *len gets its size. */
+char *proto_render_error(const char *ref, enum proto_code code, const char *msg, size_t *len);
+char *proto_render_sent(const char *ref, const char *msg_id, int64_t ts, size_t *len);
+char *proto_render_pong(const char *ref, size_t *len);
+char *proto_render_synced(size_t *len);
+
+typedef struct proto_message {
+    const char *id, *from, *to, *group, *body;
+    const char *media_json;   /* rendered media object, or NULL */
+    int forwarded;
+    int64_t ts;
+} proto_message;
+char *proto_render_message(const proto_message *m, size_t *len);
+
+#endif

@@ -1,0 +1,78 @@
+/* The durable store the services are written against. Operations are named
+ * after what Parley needs (inboxes, send dedupe, presence), not after a
+ * database, so each implementation can use its best primitive: store_mongo.c
+ * (MongoDB wire protocol via libmongoc: bulk writes, unique indexes) and, for
+ * parleyd, an SQLite one. Every write is idempotent so a redelivered bus
+ * record repeats it harmlessly. Thread-safe: each call takes a pooled client. */
+#ifndef PARLEY_STORE_H
+#define PARLEY_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct store store;
+
+enum store_kind { STORE_MESSAGE = 1, STORE_RECEIPT = 2, STORE_GROUP_EVENT = 3 };
+
+/* One pending inbox event for one user. json is the event exactly as the
+ * client receives it. (user, id) is unique: a second put is absorbed. */
+typedef struct store_event {
+    const char *user;      /* recipient */
+    const char *id;        /* event id: msg_id, receipt id or group event id */
+    int64_t seq;           /* order within the user's inbox (bus offset) */
+    int64_t ts_ms;         /* when it was accepted; retention counts from here */
+    int kind;              /* enum store_kind */
+    const char *sender;    /* for STORE_MESSAGE: who to tell on ack; else NULL */
+    const char *json;
+    size_t json_len;
+} store_event;
+
+/* Opens the store named by url: "mongodb://..." (db is the database name).
+ * Creates the collections and unique indexes it needs. */
+store *store_open(const char *url, const char *db, char *err, size_t errlen);
+void store_close(store *st);
+
+/* Pings the server; PX_OK when reachable (for /readyz). */
+int store_ping(store *st, char *err, size_t errlen);
+
+/* Inserts n events in one round trip. Duplicates of (user, id) are absorbed,
+ * not errors; if inserted is non-NULL, inserted[i] is 1 for a new record and
+ * 0 for a duplicate. PX_OK only when every record is durable. */
+int store_inbox_put(store *st, const store_event *ev, size_t n, int *inserted,
+                    char *err, size_t errlen);
+
+/* Called once per pending event of a user, in seq order. A non-PX_OK return
+ * stops the scan and is returned by store_inbox_scan. The event and its
+ * strings are valid only during the call. */
+typedef int (*store_event_cb)(void *arg, const store_event *ev);
+
+/* Visits up to limit events of user with seq > after_seq, in seq order. */
+int store_inbox_scan(store *st, const char *user, int64_t after_seq, size_t limit,
+                     store_event_cb cb, void *arg, char *err, size_t errlen);
+
+/* Deletes the events of user named by ids (an ack). For each event that
+ * existed and was deleted, cb is called (before the delete) so the caller
+ * learns kind and sender, e.g. to emit a delivered receipt. Ids the user
+ * does not hold are ignored: an ack can only ever delete the acker's own. */
+int store_inbox_ack(store *st, const char *user, const char *const *ids, size_t n,
+                    store_event_cb cb, void *arg, char *err, size_t errlen);
+
+/* Deletes events accepted before cutoff_ms; *removed gets the count. */
+int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed,
+                      char *err, size_t errlen);
+
+/* Number of pending events of user (tests, metrics). */
+int store_inbox_count(store *st, const char *user, int64_t *count, char *err, size_t errlen);
+
+/* Dedupe of processed records, keyed by caller-chosen strings (e.g.
+ * "bob/<msg_id>"): kept for the retention period so a resend after the
+ * inbox copy was acked and deleted is still recognised. Crash-safe order for
+ * callers: filter, apply the effect, then mark. */
+int store_seen_filter(store *st, const char *const *keys, size_t n, int *seen,
+                      char *err, size_t errlen);
+int store_seen_mark(store *st, const char *const *keys, size_t n, int64_t ts_ms,
+                    char *err, size_t errlen);
+int store_seen_sweep(store *st, int64_t cutoff_ms, int64_t *removed,
+                     char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Runs Parley's test suites from a build folder: unit tests (no servers), then
+# integration and end-to-end tests against a real Kafka broker and
+# MongoDB-wire server that this script starts on private ports and a private
+# data folder, and stops on exit, pass or fail.
+#   tests/run.sh BUILD_DIR [unit|all]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+build=${1:?usage: tests/run.sh BUILD_DIR [unit|all]}
+what=${2:-all}
+
+passed=0
+failed=0
+failures=()
+
+run_one() {
+  local bin=$1 log
+  log=$(mktemp)
+  local t0=$SECONDS
+  if "$bin" >"$log" 2>&1; then
+    passed=$((passed + 1))
+    echo "PASS $bin ($((SECONDS - t0))s): $(grep -E '^[0-9]+%: Checks' "$log" | tail -1)"
+  else
+    failed=$((failed + 1))
+    failures+=("$bin")
+    echo "FAIL $bin ($((SECONDS - t0))s)"
+    tail -n 60 "$log" | sed 's/^/    /'
+  fi
+  rm -f "$log"
+}
+
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+
+for t in "$build"/tests/unit/test_*; do
+  [[ -x $t && $t != *.d ]] && run_one "$t"
+done
+
+if [[ $what == all ]]; then
+  export PARLEY_STACK_DIR=${PARLEY_TEST_STACK_DIR:-$(mktemp -d /tmp/parley-test-stack.XXXXXX)}
+  export PARLEY_KAFKA_PORT=${PARLEY_TEST_KAFKA_PORT:-29092}
+  export PARLEY_KAFKA_CONTROLLER_PORT=${PARLEY_TEST_KAFKA_CONTROLLER_PORT:-29093}
+  export PARLEY_MONGO_PORT=${PARLEY_TEST_MONGO_PORT:-27028}
+  export PARLEY_STACK_FRESH=1
+  stop_stack() { bash deploy/local/stack.sh stop all || true; rm -rf "$PARLEY_STACK_DIR"; }
+  trap stop_stack EXIT
+  if ! bash deploy/local/stack.sh start all; then
+    echo "FAIL: the local stack did not start (logs above)"
+    exit 1
+  fi
+  export PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT
+  export PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false"
+  for t in "$build"/tests/integration/test_*; do
+    [[ -x $t && $t != *.d ]] && run_one "$t"
+  done
+  if [[ -f tests/e2e/run.sh ]]; then
+    export PARLEY_BUILD=$build
+    for t in "$build"/tests/e2e/test_*; do
+      [[ -x $t && $t != *.d ]] && run_one "$t"
+    done
+  fi
+fi
+
+echo
+echo "programs: $passed passed, $failed failed"
+for f in "${failures[@]}"; do echo "  failed: $f"; done
+[[ $failed -eq 0 ]]
