@@ -17,14 +17,14 @@ CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null)
 
 CFLAGS  ?= -O2 -g
 CFLAGS  += -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
-           -fno-strict-aliasing -MMD -MP -Ilibcommon -I$(GEN) $(PKG_CFLAGS)
+           -fno-strict-aliasing -D_GNU_SOURCE -MMD -MP -Ilibcommon -I$(GEN) $(PKG_CFLAGS)
 ifeq ($(SAN),1)
 CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 LDFLAGS += -fsanitize=address,undefined
 endif
 
-SERVICES := $(notdir $(wildcard services/*))
-TOOLS    := $(notdir $(wildcard tools/*))
+SERVICES := $(patsubst services/%/main.c,%,$(wildcard services/*/main.c))
+TOOLS    := $(patsubst tools/%/main.c,%,$(wildcard tools/*/main.c))
 PROTOS   := $(wildcard proto/*.proto)
 PROTO_C  := $(patsubst proto/%.proto,$(GEN)/%.pb-c.c,$(PROTOS))
 PROTO_H  := $(PROTO_C:.c=.h)
@@ -72,6 +72,11 @@ $(foreach t,$(TOOLS),$(eval $(call prog_rule,$(t),tools)))
 $(OUT)/bin/%: $(OUT)/bench/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
+
+# End-to-end programs share the process harness.
+$(OUT)/tests/e2e/test_%: $(OUT)/tests/e2e/test_%.o $(OUT)/tests/e2e/harness.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
 $(OUT)/tests/%: $(OUT)/tests/%.o $(LIB)
 	@mkdir -p $(dir $@)

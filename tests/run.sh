@@ -33,7 +33,7 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
 for t in "$build"/tests/unit/test_*; do
-  [[ -x $t && $t != *.d ]] && run_one "$t"
+  [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
 done
 
 if [[ $what == all ]]; then
@@ -51,14 +51,12 @@ if [[ $what == all ]]; then
   export PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT
   export PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false"
   for t in "$build"/tests/integration/test_*; do
-    [[ -x $t && $t != *.d ]] && run_one "$t"
+    [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
   done
-  if [[ -f tests/e2e/run.sh ]]; then
-    export PARLEY_BUILD=$build
-    for t in "$build"/tests/e2e/test_*; do
-      [[ -x $t && $t != *.d ]] && run_one "$t"
-    done
-  fi
+  export PARLEY_BUILD=$build
+  for t in "$build"/tests/e2e/test_*; do
+    [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
+  done
 fi
 
 echo

@@ -1,0 +1,346 @@
+#!/usr/bin/env bash
+# deploy/local/stack.sh: owns the local real stack that development and tests
+# run against: one Apache Kafka 4.x node (KRaft, broker+controller) and one
+# MongoDB-wire server (mongod when on PATH, else FerretDB over SQLite).
+#
+#   stack.sh fetch                      fetch/build into the cache, start nothing
+#   stack.sh start [kafka|mongo|all]    fetch if needed, start, wait until ready
+#   stack.sh stop  [kafka|mongo|all]    TERM the recorded pid, KILL after 20 s
+#   stack.sh status                     exit 0 only if everything is up and ready
+#   stack.sh wait  [kafka|mongo|all]    wait until ready (PARLEY_STACK_TIMEOUT)
+#
+# Environment (defaults):
+#   PARLEY_CACHE ($HOME/.cache/parley)  jars, ferretdb, maven/go caches
+#   PARLEY_STACK_DIR ($PARLEY_CACHE/run) data, logs, pid files, stack.env
+#   PARLEY_KAFKA_PORT (19092), PARLEY_KAFKA_CONTROLLER_PORT (19093),
+#   PARLEY_MONGO_PORT (27018), PARLEY_KAFKA_PARTITIONS (8),
+#   PARLEY_STACK_TIMEOUT (90 s), PARLEY_STACK_FRESH=1 wipes data on start.
+# After start, "$PARLEY_STACK_DIR/stack.env" holds PARLEY_KAFKA_BROKERS and
+# PARLEY_MONGO_URI for the services (source it).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CACHE=$(realpath -m "${PARLEY_CACHE:-$HOME/.cache/parley}")
+RUN=$(realpath -m "${PARLEY_STACK_DIR:-$CACHE/run}")
+KAFKA_PORT=${PARLEY_KAFKA_PORT:-19092}
+KAFKA_CPORT=${PARLEY_KAFKA_CONTROLLER_PORT:-19093}
+MONGO_PORT=${PARLEY_MONGO_PORT:-27018}
+PARTITIONS=${PARLEY_KAFKA_PARTITIONS:-8}
+TIMEOUT=${PARLEY_STACK_TIMEOUT:-90}
+FERRETDB_VERSION=v1.24.2
+DEP_PLUGIN=org.apache.maven.plugins:maven-dependency-plugin:3.8.1
+KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$HERE/pom.xml")
+KAFKA_LIBS=$CACHE/kafka-$KAFKA_VERSION/libs
+FERRETDB=$CACHE/bin/ferretdb
+JAVA=${JAVA_HOME:+$JAVA_HOME/bin/}java
+# Class-data archive of this JVM build (a JDK update makes a new one): halves Kafka's startup.
+KAFKA_CDS=$CACHE/kafka-$KAFKA_VERSION/classes-$(stat -L -c %Y "$(command -v "$JAVA")" 2>/dev/null || echo 0).jsa
+KAFKA_ADDR=127.0.0.1:$KAFKA_PORT
+MONGO_URI="mongodb://127.0.0.1:$MONGO_PORT/?retryWrites=false"
+
+say() { echo "stack: $*"; }
+die() { echo "stack: $*" >&2; exit 1; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+log_of() { if [ "$1" = kafka ]; then echo "$RUN/kafka.log (JVM output: $RUN/kafka.out)"; else echo "$RUN/mongo.log"; fi; }
+have_mongod() { command -v mongod >/dev/null; }
+
+# ---- fetch --------------------------------------------------------------
+
+pom_sum() { sha256sum "$HERE/pom.xml" | cut -c1-16; }
+kafka_fetched() { [ "$(cat "$KAFKA_LIBS.done" 2>/dev/null)" = "$(pom_sum)" ]; }
+mongo_fetched() { have_mongod || [ -e "$FERRETDB-$FERRETDB_VERSION.done" ]; }
+
+# Not a plain `go install ...@version`: that binary panics at startup because
+# the module lacks the generated build/version/version.txt. So build a copy of
+# the module source with that file written.
+build_ferretdb() (
+  export GOPATH=$CACHE/go GOMODCACHE=$CACHE/go/mod GOCACHE=$CACHE/go/build \
+    GOTOOLCHAIN=local GOFLAGS="-modcacherw -buildvcs=false"
+  local mod=github.com/FerretDB/FerretDB@$FERRETDB_VERSION src=$CACHE/go/ferretdb-src dir
+  dir=$(go mod download -json "$mod" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [ -d "$dir" ] || { echo "stack: go mod download $mod failed" >&2; return 1; }
+  rm -rf "$src" && cp -r "$dir" "$src" && chmod -R u+w "$src"
+  echo "$FERRETDB_VERSION" >"$src/build/version/version.txt"
+  (cd "$src" && go build -trimpath -o "$FERRETDB" ./cmd/ferretdb)
+  rm -rf "$src"
+)
+
+cmd_fetch() {
+  kafka_fetched && mongo_fetched && return 0
+  mkdir -p "$CACHE"
+  exec 8>"$CACHE/fetch.lock"
+  flock 8 # a concurrent fetch waits here, then finds the markers below
+  if ! kafka_fetched; then
+    say "fetching Kafka $KAFKA_VERSION jars into $KAFKA_LIBS (log: $CACHE/fetch-kafka.log)"
+    rm -rf "$KAFKA_LIBS" "${KAFKA_LIBS%/libs}"/classes-*.jsa
+    mvn -B -f "$HERE/pom.xml" -Dmaven.repo.local="$CACHE/m2" "$DEP_PLUGIN:copy-dependencies" \
+      -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIBS" >"$CACHE/fetch-kafka.log" 2>&1 \
+      || { tail -n 30 "$CACHE/fetch-kafka.log" >&2; die "maven could not fetch the Kafka jars"; }
+    pom_sum >"$KAFKA_LIBS.done"
+  fi
+  if ! mongo_fetched; then
+    say "building FerretDB $FERRETDB_VERSION into $FERRETDB (log: $CACHE/fetch-ferretdb.log)"
+    build_ferretdb >"$CACHE/fetch-ferretdb.log" 2>&1 \
+      || { tail -n 30 "$CACHE/fetch-ferretdb.log" >&2; die "building FerretDB failed"; }
+    touch "$FERRETDB-$FERRETDB_VERSION.done"
+  fi
+  exec 8>&-
+}
+
+# ---- processes ------------------------------------------------------------
+
+# Prints the pid of a live process that was started for this run dir.
+pid_of() {
+  local f="$RUN/$1.pid" p
+  [ -f "$f" ] || return 1
+  p=$(cat "$f")
+  [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 1
+  tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$RUN/" || return 1
+  echo "$p"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+need_free_port() {
+  port_open "$1" && die "port $1 ($2) is already in use by a process this run dir ($RUN) did not start; stop it or set $3"
+  return 0
+}
+
+kafka_ready() {
+  port_open "$KAFKA_PORT" || return 1 # kcat would sit out its whole timeout
+  if command -v kcat >/dev/null; then kcat -b "$KAFKA_ADDR" -L -m 5 >/dev/null 2>&1; fi
+}
+
+# A real OP_MSG {hello: 1} round trip; a TCP connect where python3 is missing.
+mongo_ready() {
+  command -v python3 >/dev/null || { port_open "$MONGO_PORT"; return; }
+  python3 - "$MONGO_PORT" <<'EOF' 2>/dev/null
+import socket, struct, sys
+body = b"\x10hello\x00" + struct.pack("<i", 1) + b"\x02$db\x00" + struct.pack("<i", 6) + b"admin\x00"
+doc = struct.pack("<i", len(body) + 5) + body + b"\x00"
+msg = struct.pack("<I", 0) + b"\x00" + doc
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 2)
+s.settimeout(2)
+s.sendall(struct.pack("<iiii", 16 + len(msg), 1, 0, 2013) + msg)
+data = s.recv(16)
+n = struct.unpack("<i", data[:4])[0]
+while len(data) < n:
+    chunk = s.recv(n - len(data))
+    if not chunk: break
+    data += chunk
+ok = (b"\x01ok\x00" + struct.pack("<d", 1.0), b"\x10ok\x00" + struct.pack("<i", 1))
+sys.exit(0 if any(o in data for o in ok) else 1)
+EOF
+}
+
+write_kafka_config() {
+  cat >"$RUN/kafka.properties" <<EOF
+# Generated by deploy/local/stack.sh on every start; edits are lost.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CPORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CPORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$RUN/kafka-data
+num.partitions=$PARTITIONS
+auto.create.topics.enable=true
+default.replication.factor=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.segment.bytes=16777216
+log.retention.ms=21600000
+log.retention.bytes=268435456
+log.retention.check.interval.ms=60000
+log.cleaner.dedupe.buffer.size=16777216
+EOF
+  cat >"$RUN/kafka-log4j2.xml" <<EOF
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- Generated by deploy/local/stack.sh on every start; edits are lost. -->
+<Configuration status="warn">
+  <Appenders>
+    <Console name="console" target="SYSTEM_OUT">
+      <ThresholdFilter level="ERROR"/>
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </Console>
+    <File name="file" fileName="$RUN/kafka.log" append="true">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </File>
+  </Appenders>
+  <Loggers>
+    <Root level="WARN"><AppenderRef ref="console"/><AppenderRef ref="file"/></Root>
+    <Logger name="kafka.server.KafkaRaftServer" level="INFO"/>
+    <Logger name="kafka.server.KafkaServer" level="INFO"/>
+  </Loggers>
+</Configuration>
+EOF
+}
+
+KAFKA_JVM=("$JAVA" -Xms256m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError
+  -Djava.awt.headless=true -Dlog4j2.shutdownHookEnabled=false -Dlog4j2.configurationFile="$RUN/kafka-log4j2.xml" -cp "$KAFKA_LIBS/*")
+
+start_kafka() {
+  local id cds=-XX:SharedArchiveFile="$KAFKA_CDS"
+  write_kafka_config
+  : >"$RUN/kafka.out"
+  if [ ! -f "$RUN/kafka-data/meta.properties" ]; then
+    id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    "${KAFKA_JVM[@]}" -Xshare:auto "$cds" kafka.tools.StorageTool format -t "$id" -c "$RUN/kafka.properties" >>"$RUN/kafka.out" 2>&1 \
+      || die "kafka storage format failed; read $RUN/kafka.out"
+  fi
+  # No archive yet: this JVM writes one when it exits cleanly, and stop keeps it.
+  [ -f "$KAFKA_CDS" ] || cds=-XX:ArchiveClassesAtExit="$RUN/kafka.jsa.tmp"
+  nohup "${KAFKA_JVM[@]}" "$cds" kafka.Kafka "$RUN/kafka.properties" >>"$RUN/kafka.out" 2>&1 </dev/null 8>&- 9>&- &
+  echo $! >"$RUN/kafka.pid"
+}
+
+start_mongo() {
+  if have_mongod; then
+    mkdir -p "$RUN/mongod-data"
+    nohup mongod --dbpath "$RUN/mongod-data" --port "$MONGO_PORT" --bind_ip 127.0.0.1 \
+      --logpath "$RUN/mongo.log" --logappend >"$RUN/mongo.out" 2>&1 </dev/null 8>&- 9>&- &
+  else
+    mkdir -p "$RUN/ferretdb-data" "$RUN/ferretdb-state"
+    nohup "$FERRETDB" --handler=sqlite --sqlite-url="file:$RUN/ferretdb-data/" \
+      --listen-addr="127.0.0.1:$MONGO_PORT" --state-dir="$RUN/ferretdb-state" \
+      --telemetry=disable --debug-addr=- --log-level=warn \
+      >>"$RUN/mongo.log" 2>&1 </dev/null 8>&- 9>&- &
+  fi
+  echo $! >"$RUN/mongo.pid"
+}
+
+wait_ready() {
+  local deadline=$((SECONDS + TIMEOUT))
+  until "$1_ready"; do
+    if ! pid_of "$1" >/dev/null; then
+      echo "stack: $1 exited during startup; read $(log_of "$1")" >&2; return 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "stack: $1 did not become ready in ${TIMEOUT}s; read $(log_of "$1")" >&2; return 1
+    fi
+    sleep 0.2
+  done
+}
+
+write_env() {
+  printf 'PARLEY_KAFKA_BROKERS=%s\nPARLEY_MONGO_URI=%s\n' "$KAFKA_ADDR" "$MONGO_URI" >"$RUN/stack.env"
+}
+
+# ---- subcommands -----------------------------------------------------------
+
+components() {
+  case "${1:-all}" in
+    kafka | mongo) echo "$1" ;;
+    all) echo mongo kafka ;;
+    *) die "unknown component '$1' (kafka, mongo or all)" ;;
+  esac
+}
+
+lock_run() { mkdir -p "$RUN"; exec 9>"$RUN/.lock"; flock 9; }
+
+cmd_start() {
+  local c started=() t0
+  cmd_fetch
+  lock_run
+  t0=$(now)
+  for c in "$@"; do
+    if pid_of "$c" >/dev/null; then
+      [ "${PARLEY_STACK_FRESH:-0}" != 1 ] || die "$c is running in $RUN; stop it before PARLEY_STACK_FRESH=1"
+      say "$c already running (pid $(pid_of "$c"))"
+      continue
+    fi
+    rm -f "$RUN/$c.pid"
+    if [ "$c" = kafka ]; then
+      need_free_port "$KAFKA_PORT" "kafka" PARLEY_KAFKA_PORT
+      need_free_port "$KAFKA_CPORT" "kafka controller" PARLEY_KAFKA_CONTROLLER_PORT
+      [ "${PARLEY_STACK_FRESH:-0}" != 1 ] || rm -rf "$RUN/kafka-data" "$RUN/kafka.log"
+    else
+      need_free_port "$MONGO_PORT" "mongo" PARLEY_MONGO_PORT
+      [ "${PARLEY_STACK_FRESH:-0}" != 1 ] || rm -rf "$RUN"/mongo{d-data,.log} "$RUN"/ferretdb-{data,state}
+    fi
+    "start_$c"
+    started+=("$c")
+  done
+  for c in mongo kafka; do # mongo first: it is up sooner, so both times are right
+    [[ " ${started[*]} " == *" $c "* ]] || continue
+    if ! wait_ready "$c"; then
+      stop_all "${started[@]}" >/dev/null # leave nothing half-started behind
+      exit 1
+    fi
+    say "$c ready in $(since "$t0")s (pid $(pid_of "$c"))"
+  done
+  write_env
+  for c in "$@"; do
+    if [ "$c" = kafka ]; then say "kafka: PARLEY_KAFKA_BROKERS=$KAFKA_ADDR"
+    else say "mongo: PARLEY_MONGO_URI=$MONGO_URI"; fi
+  done
+}
+
+cmd_stop() {
+  lock_run
+  stop_all "$@"
+}
+
+stop_all() {
+  local c p i
+  for c in "$@"; do
+    if ! p=$(pid_of "$c"); then
+      rm -f "$RUN/$c.pid"
+      say "$c not running"
+      continue
+    fi
+    kill -TERM "$p" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
+    if kill -0 "$p" 2>/dev/null; then
+      say "$c (pid $p) still up after 20s, killing"
+      kill -KILL "$p" 2>/dev/null || true
+      rm -f "$RUN/kafka.jsa.tmp"
+    fi
+    if [ -s "$RUN/kafka.jsa.tmp" ]; then # complete: the JVM has exited cleanly
+      cp "$RUN/kafka.jsa.tmp" "$KAFKA_CDS.$$" && mv -f "$KAFKA_CDS.$$" "$KAFKA_CDS"
+      rm -f "$RUN/kafka.jsa.tmp"
+    fi
+    rm -f "$RUN/$c.pid"
+    say "$c stopped"
+  done
+}
+
+cmd_status() {
+  local c p rc=0
+  for c in kafka mongo; do
+    if p=$(pid_of "$c") && "${c}_ready"; then say "$c: running, pid $p, ready"
+    elif [ -n "${p:-}" ]; then say "$c: running, pid $p, NOT ready (read $(log_of "$c"))"; rc=1
+    else say "$c: stopped"; rc=1; fi
+    p=
+  done
+  say "run dir $RUN; PARLEY_KAFKA_BROKERS=$KAFKA_ADDR PARLEY_MONGO_URI=$MONGO_URI"
+  return "$rc"
+}
+
+cmd_wait() {
+  local c
+  for c in "$@"; do
+    pid_of "$c" >/dev/null || die "$c is not running in $RUN; run: $0 start $c"
+    wait_ready "$c" || exit 1
+  done
+  say "ready"
+}
+
+case "${1:-}" in
+  fetch) cmd_fetch ;;
+  start | stop | wait)
+    comps=$(components "${2:-all}")
+    # shellcheck disable=SC2086 # component names are single words
+    "cmd_$1" $comps
+    ;;
+  status) cmd_status ;;
+  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+esac
