@@ -1,0 +1,9 @@
+/* UTF-8 validation (RFC 3629: no overlongs, no surrogates, <= U+10FFFF). */
+#ifndef PARLEY_UTF8_H
+#define PARLEY_UTF8_H
+
+#include <stddef.h>
+
+int utf8_valid(const unsigned char *s, size_t n);
+
+#endif
