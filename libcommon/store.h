@@ -75,4 +75,36 @@ int store_seen_mark(store *st, const char *const *keys, size_t n, int64_t ts_ms,
 int store_seen_sweep(store *st, int64_t cutoff_ms, int64_t *removed,
                      char *err, size_t errlen);
 
+/* Presence registry: which gateways hold connections of which user.
+ * A gateway's boot epoch (ms) orders its restarts: records of an older epoch
+ * are dead connections. */
+typedef struct store_presence {
+    const char *user;
+    const char *gateway;
+    int64_t epoch;
+    int delta;             /* +1 connect, -1 disconnect */
+} store_presence;
+
+/* Applies connect/disconnect deltas in order. A connect with a newer epoch
+ * replaces an older-epoch record; a record whose count reaches 0 is removed;
+ * a disconnect for an older epoch is ignored. */
+int store_presence_apply(store *st, const store_presence *ops, size_t n,
+                         char *err, size_t errlen);
+
+/* Records that gateway (of boot epoch) is alive at ts_ms. With reset set,
+ * also drops every presence record of that gateway with an older epoch (it
+ * restarted, those connections are gone). */
+int store_gateway_beat(store *st, const char *gateway, int64_t epoch, int64_t ts_ms,
+                       int reset, char *err, size_t errlen);
+
+/* Gateways holding a connection of user whose last beat is at or after
+ * alive_after_ms. Writes up to max ids (each < 65 chars) to gws. */
+int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
+                          char (*gws)[65], size_t max, size_t *n, char *err, size_t errlen);
+
+/* Removes presence records of gateways whose last beat is before cutoff_ms
+ * (they died without saying so). */
+int store_presence_expire(store *st, int64_t cutoff_ms, int64_t *removed,
+                          char *err, size_t errlen);
+
 #endif

@@ -1,0 +1,1207 @@
+/* store.h over the MongoDB wire protocol (libmongoc 1.23): the real mongod in
+ * production, FerretDB 1.24 on the local stack. FerretDB has no TTL indexes
+ * and no transactions, so expiry is the callers' periodic sweep and every
+ * operation here is a single-document-atomic write or a bulk of them.
+ *
+ * Collections (field names are fixed: FerretDB refuses keys with '.' or a
+ * leading '$', and none of ours has either):
+ *   inbox     {user, id, seq, ts, kind, sender?, json}
+ *             unique {user:1, id:1} (the idempotence of put), {user:1, seq:1}
+ *             (scan order), {ts:1} (sweep)
+ *   seen      {_id: key, ts}, {ts:1}
+ *   presence  {user, gateway, epoch, count}, unique {user:1, gateway:1,
+ *             epoch:1}, {gateway:1, epoch:1}
+ *   gateways  {_id: gateway, epoch, ts}, {ts:1}
+ * Times are BSON dates, so a real mongod could use a TTL index later.
+ *
+ * Cost model on FerretDB 1.24 over SQLite: indexes enforce uniqueness on
+ * insert, but no query uses them (only a lone {_id: string} filter reaches
+ * SQL, and even that misses the index: "->'$._id'" vs the index's "->'_id'").
+ * Every find, count and delete therefore scans the whole collection, so each
+ * call here is one command per batch (one find, one delete_many), never one
+ * per document. Over PostgreSQL, FerretDB pushes equality ({user: u}) down.
+ *
+ * Internal names carry the sm_ (store_mongo) prefix. */
+#include "store.h"
+#include "common.h"
+#include "log.h"
+
+#include <mongoc/mongoc.h>
+
+#include <limits.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define SM_MAX_BATCH 10000      /* per call; callers chunk bigger work */
+#define SM_SELECT_MS 3000       /* serverSelectionTimeoutMS unless the URI says */
+#define SM_WTIMEOUT_MS 10000    /* majority write concern wait */
+#define SM_RETRY_SLEEP_MS 200   /* between readiness pings in store_open */
+#define SM_SCAN_BATCH 1000      /* cursor batch size: few round trips per sync */
+#define SM_DUP_KEY 11000        /* server code for a unique index violation */
+#define SM_MAX_GATEWAY 64       /* store_presence_lookup writes char[65] */
+#define SM_MAX_PRESENCE 4096    /* ceiling on one user's presence records read */
+#define SM_MAX_DB_NAME 63
+
+struct store {
+    mongoc_client_pool_t *pool;
+    char *db;
+};
+
+/* A pooled client and one of its collections, for the length of one call. */
+typedef struct sm_conn {
+    mongoc_client_t *c;
+    mongoc_collection_t *coll;
+} sm_conn;
+
+/* A (gateway, epoch) pair read back from presence or gateways. */
+typedef struct sm_gw {
+    char name[SM_MAX_GATEWAY + 1];
+    int64_t epoch;
+} sm_gw;
+
+/* A caller's key and its position, sorted by key for store_seen_filter. */
+typedef struct sm_key {
+    const char *key;
+    size_t i;
+} sm_key;
+
+static pthread_once_t sm_once = PTHREAD_ONCE_INIT;
+
+/* libmongoc's own log lines join our JSON log instead of its plain-text
+ * stderr format. FerretDB lacks endSessions, which libmongoc warns about at
+ * every pool destroy; that expected line is demoted to debug. */
+static void sm_log(mongoc_log_level_t level, const char *domain, const char *message, void *arg)
+{
+    enum log_level lv = LOG_DEBUG;
+
+    if (level <= MONGOC_LOG_LEVEL_CRITICAL)
+        lv = LOG_ERROR;
+    else if (level == MONGOC_LOG_LEVEL_WARNING)
+        lv = LOG_WARN;
+    else if (level <= MONGOC_LOG_LEVEL_INFO)
+        lv = LOG_INFO;
+    if (strstr(message, "endSessions") != NULL)
+        lv = LOG_DEBUG;
+    log_write(lv, "libmongoc", "{s:s, s:s}", "domain", domain, "detail", message);
+}
+
+/* mongoc_cleanup is never called: services may still hold stores while
+ * exiting, and the process ends anyway. */
+static void sm_init(void)
+{
+    mongoc_log_set_handler(sm_log, NULL);
+    mongoc_init();
+}
+
+static int sm_fail(char *err, size_t errlen, const char *what, const bson_error_t *e)
+{
+    return px_err(err, errlen, "%s: %s (mongo domain %u code %u)", what, e->message,
+                  e->domain, e->code);
+}
+
+static void sm_conn_get(store *st, const char *coll, sm_conn *sc)
+{
+    sc->c = mongoc_client_pool_pop(st->pool);
+    sc->coll = mongoc_client_get_collection(sc->c, st->db, coll);
+}
+
+static void sm_conn_put(store *st, sm_conn *sc)
+{
+    if (sc->coll != NULL)
+        mongoc_collection_destroy(sc->coll);
+    if (sc->c != NULL)
+        mongoc_client_pool_push(st->pool, sc->c);
+    sc->coll = NULL;
+    sc->c = NULL;
+}
+
+static void sm_sleep_ms(long ms)
+{
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    nanosleep(&ts, NULL);
+}
+
+/* Every string we store must be valid UTF-8 without NUL: libmongoc does not
+ * check string values (even with its validate option in 1.23) and FerretDB
+ * would store bytes that clients could not decode. */
+static int sm_text_ok(const char *s, size_t len)
+{
+    return s != NULL && bson_utf8_validate(s, len, false);
+}
+
+static int sm_str_ok(const char *s)
+{
+    return s != NULL && s[0] != '\0' && sm_text_ok(s, strlen(s));
+}
+
+/* A batch bound shared by every call that takes n items: callers chunk, so
+ * one call never builds an unbounded command. */
+static int sm_check_n(size_t n, const char *what, char *err, size_t errlen)
+{
+    if (n > SM_MAX_BATCH)
+        return px_err(err, errlen, "%s: batch of %zu exceeds the limit of %d; split it",
+                      what, n, SM_MAX_BATCH);
+    return PX_OK;
+}
+
+static int sm_check_strs(const char *const *v, size_t n, const char *what,
+                         char *err, size_t errlen)
+{
+    if (n > 0 && v == NULL)
+        return px_err(err, errlen, "%s: NULL array", what);
+    for (size_t i = 0; i < n; i++)
+        if (!sm_str_ok(v[i]))
+            return px_err(err, errlen, "%s: item %zu is NULL, empty or not UTF-8", what, i);
+    return PX_OK;
+}
+
+static void sm_append_str_array(bson_t *parent, const char *key, const char *const *v, size_t n)
+{
+    bson_t arr;
+    char buf[16];
+    const char *k;
+
+    bson_append_array_begin(parent, key, -1, &arr);
+    for (size_t i = 0; i < n; i++) {
+        bson_uint32_to_string((uint32_t)i, &k, buf, sizeof(buf));
+        bson_append_utf8(&arr, k, -1, v[i], -1);
+    }
+    bson_append_array_end(parent, &arr);
+}
+
+/* Reads an integer field written as int64 but tolerates int32/date/double,
+ * since other writers (a shell, a migration) may choose another type. */
+static int sm_iter_int64(const bson_iter_t *it, int64_t *out)
+{
+    if (BSON_ITER_HOLDS_DATE_TIME(it)) {
+        *out = bson_iter_date_time(it);
+        return PX_OK;
+    }
+    if (BSON_ITER_HOLDS_INT64(it) || BSON_ITER_HOLDS_INT32(it) || BSON_ITER_HOLDS_DOUBLE(it)) {
+        *out = bson_iter_as_int64(it);
+        return PX_OK;
+    }
+    return PX_ERROR;
+}
+
+static void sm_append_lt_date(bson_t *filter, const char *field, int64_t cutoff_ms)
+{
+    bson_t cond;
+
+    bson_append_document_begin(filter, field, -1, &cond);
+    bson_append_date_time(&cond, "$lt", -1, cutoff_ms);
+    bson_append_document_end(filter, &cond);
+}
+
+/* ---- open / close / ping ------------------------------------------------ */
+
+static int sm_db_name_ok(const char *db)
+{
+    size_t len = strlen(db);
+
+    return len > 0 && len <= SM_MAX_DB_NAME && strpbrk(db, "/\\. \"$*<>:|?") == NULL;
+}
+
+/* Fills in what the URI leaves open: a short server selection timeout (so an
+ * unreachable server is a quick, clear error, not a 30 s hang) and a
+ * majority + journaled write concern (PX_OK from a write means durable).
+ * Explicit URI options win, so operators can tune either. */
+static void sm_uri_defaults(mongoc_uri_t *uri)
+{
+    mongoc_write_concern_t *wc;
+
+    if (!mongoc_uri_has_option(uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS))
+        mongoc_uri_set_option_as_int32(uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, SM_SELECT_MS);
+    if (!mongoc_write_concern_is_default(mongoc_uri_get_write_concern(uri)))
+        return;
+    wc = mongoc_write_concern_new();
+    mongoc_write_concern_set_wmajority(wc, SM_WTIMEOUT_MS);
+    mongoc_write_concern_set_journal(wc, true);
+    mongoc_uri_set_write_concern(uri, wc);
+    mongoc_write_concern_destroy(wc);
+}
+
+/* A server that was just started may refuse connections or fail commands
+ * for a moment; ping until budget_ms has passed. Each ping itself waits up
+ * to serverSelectionTimeoutMS for a reachable server. */
+static int sm_wait_ready(store *st, int32_t budget_ms, char *err, size_t errlen)
+{
+    int64_t t0 = px_mono_ms();
+    char last[PX_ERRLEN] = "";
+    int attempts = 0;
+
+    for (;;) {
+        attempts++;
+        if (store_ping(st, last, sizeof(last)) == PX_OK)
+            return PX_OK;
+        if (px_mono_ms() - t0 >= budget_ms)
+            break;
+        sm_sleep_ms(SM_RETRY_SLEEP_MS);
+    }
+    return px_err(err, errlen, "mongo unreachable (%d attempts in %lld ms): %s", attempts,
+                  (long long)(px_mono_ms() - t0), last);
+}
+
+static int sm_command(store *st, const bson_t *cmd, const char *what, char *err, size_t errlen)
+{
+    mongoc_client_t *c = mongoc_client_pool_pop(st->pool);
+    bson_error_t error;
+    int rc = PX_OK;
+
+    if (!mongoc_client_write_command_with_opts(c, st->db, cmd, NULL, NULL, &error))
+        rc = sm_fail(err, errlen, what, &error);
+    mongoc_client_pool_push(st->pool, c);
+    return rc;
+}
+
+/* The indexes the operations rely on; fixed field names, ascending. */
+typedef struct sm_index {
+    const char *coll;
+    const char *name;
+    const char *keys[3];
+    bool unique;
+} sm_index;
+
+static const sm_index sm_indexes[] = {
+    { "inbox", "user_id", { "user", "id" }, true },      /* idempotent put */
+    { "inbox", "user_seq", { "user", "seq" }, false },   /* scan order */
+    { "inbox", "ts", { "ts" }, false },                  /* sweep */
+    { "seen", "ts", { "ts" }, false },
+    { "presence", "user_gateway_epoch", { "user", "gateway", "epoch" }, true },
+    { "presence", "gateway_epoch", { "gateway", "epoch" }, false },
+    { "gateways", "ts", { "ts" }, false },
+};
+
+static void sm_index_cmd(bson_t *cmd, const sm_index *ix)
+{
+    bson_t arr, spec, key;
+
+    bson_init(cmd);
+    BSON_APPEND_UTF8(cmd, "createIndexes", ix->coll);
+    BSON_APPEND_ARRAY_BEGIN(cmd, "indexes", &arr);
+    BSON_APPEND_DOCUMENT_BEGIN(&arr, "0", &spec);
+    BSON_APPEND_DOCUMENT_BEGIN(&spec, "key", &key);
+    for (size_t k = 0; k < PX_ARRAY_LEN(ix->keys) && ix->keys[k] != NULL; k++)
+        BSON_APPEND_INT32(&key, ix->keys[k], 1);
+    bson_append_document_end(&spec, &key);
+    BSON_APPEND_UTF8(&spec, "name", ix->name);
+    if (ix->unique)
+        BSON_APPEND_BOOL(&spec, "unique", true);
+    bson_append_document_end(&arr, &spec);
+    bson_append_array_end(cmd, &arr);
+}
+
+/* createIndexes creates the collection too and is a no-op when the same
+ * index exists, so opening an existing store is harmless. One index per
+ * command: FerretDB 1.24 panics (and drops the connection) on a
+ * createIndexes naming two or more indexes that already exist (its
+ * validateIndexesForCreation deletes from a slice by a stale position). */
+static int sm_create_indexes(store *st, char *err, size_t errlen)
+{
+    bson_t cmd;
+    int rc = PX_OK;
+
+    for (size_t i = 0; i < PX_ARRAY_LEN(sm_indexes) && rc == PX_OK; i++) {
+        sm_index_cmd(&cmd, &sm_indexes[i]);
+        rc = sm_command(st, &cmd, "store open: createIndexes", err, errlen);
+        bson_destroy(&cmd);
+    }
+    return rc;
+}
+
+store *store_open(const char *url, const char *db, char *err, size_t errlen)
+{
+    store *st = NULL;
+    mongoc_uri_t *uri = NULL;
+    bson_error_t error;
+    int rc = PX_ERROR;
+
+    pthread_once(&sm_once, sm_init);
+    if (url == NULL || db == NULL) {
+        px_err(err, errlen, "store open: url and db are required");
+        goto out;
+    }
+    if (!sm_db_name_ok(db)) {
+        px_err(err, errlen, "store open: invalid database name \"%s\"", db);
+        goto out;
+    }
+    uri = mongoc_uri_new_with_error(url, &error);
+    if (uri == NULL) {
+        sm_fail(err, errlen, "store open: bad mongodb URL", &error);
+        goto out;
+    }
+    sm_uri_defaults(uri);
+    st = px_calloc(1, sizeof(*st));
+    st->db = px_strdup(db);
+    st->pool = mongoc_client_pool_new_with_error(uri, &error);
+    if (st->pool == NULL) {
+        sm_fail(err, errlen, "store open: client pool", &error);
+        goto out;
+    }
+    mongoc_client_pool_set_error_api(st->pool, MONGOC_ERROR_API_VERSION_2);
+    mongoc_client_pool_set_appname(st->pool, "parley");
+    rc = sm_wait_ready(st, mongoc_uri_get_option_as_int32(uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS,
+                                                          SM_SELECT_MS),
+                       err, errlen);
+    if (rc == PX_OK)
+        rc = sm_create_indexes(st, err, errlen);
+out:
+    if (rc != PX_OK) {
+        store_close(st);
+        st = NULL;
+    }
+    if (uri != NULL)
+        mongoc_uri_destroy(uri);
+    return st;
+}
+
+void store_close(store *st)
+{
+    if (st == NULL)
+        return;
+    if (st->pool != NULL)
+        mongoc_client_pool_destroy(st->pool);
+    free(st->db);
+    free(st);
+}
+
+int store_ping(store *st, char *err, size_t errlen)
+{
+    mongoc_client_t *c = mongoc_client_pool_pop(st->pool);
+    bson_t *cmd = BCON_NEW("ping", BCON_INT32(1));
+    bson_error_t error;
+    int rc = PX_OK;
+
+    if (!mongoc_client_command_simple(c, "admin", cmd, NULL, NULL, &error))
+        rc = sm_fail(err, errlen, "ping", &error);
+    bson_destroy(cmd);
+    mongoc_client_pool_push(st->pool, c);
+    return rc;
+}
+
+/* ---- bulk inserts that absorb duplicates ------------------------------- */
+
+static mongoc_bulk_operation_t *sm_bulk_new(sm_conn *sc, bool ordered)
+{
+    bson_t opts = BSON_INITIALIZER;
+    mongoc_bulk_operation_t *bulk;
+
+    BSON_APPEND_BOOL(&opts, "ordered", ordered);
+    bulk = mongoc_collection_create_bulk_operation_with_opts(sc->coll, &opts);
+    bson_destroy(&opts);
+    return bulk;
+}
+
+/* The errmsg of the array element at e (a writeErrors/writeConcernErrors
+ * entry), or dflt. */
+static const char *sm_errmsg(const bson_iter_t *elem, const char *dflt)
+{
+    bson_iter_t e;
+
+    if (bson_iter_recurse(elem, &e) && bson_iter_find(&e, "errmsg") && BSON_ITER_HOLDS_UTF8(&e))
+        return bson_iter_utf8(&e, NULL);
+    return dflt;
+}
+
+static int64_t sm_elem_int(const bson_iter_t *elem, const char *key, int64_t dflt)
+{
+    bson_iter_t e;
+
+    if (bson_iter_recurse(elem, &e) && bson_iter_find(&e, key))
+        return bson_iter_as_int64(&e);
+    return dflt;
+}
+
+/* Reads writeErrors of an insert bulk reply: duplicate keys clear
+ * inserted[index] and are counted; anything else is a real failure. */
+static int sm_bulk_write_errors(const bson_t *reply, size_t n, int *inserted, size_t *dups,
+                                const char *what, char *err, size_t errlen)
+{
+    bson_iter_t it, arr;
+    int64_t code, index;
+
+    if (!bson_iter_init_find(&it, reply, "writeErrors") || !BSON_ITER_HOLDS_ARRAY(&it))
+        return PX_OK;
+    bson_iter_recurse(&it, &arr);
+    while (bson_iter_next(&arr)) {
+        code = sm_elem_int(&arr, "code", -1);
+        index = sm_elem_int(&arr, "index", -1);
+        if (code != SM_DUP_KEY)
+            return px_err(err, errlen, "%s: write error at index %lld: %s (code %lld)", what,
+                          (long long)index, sm_errmsg(&arr, "?"), (long long)code);
+        if (index < 0 || (uint64_t)index >= n)
+            return px_err(err, errlen, "%s: duplicate reported at bad index %lld", what,
+                          (long long)index);
+        if (inserted != NULL)
+            inserted[index] = 0;
+        (*dups)++;
+    }
+    return PX_OK;
+}
+
+static int sm_bulk_wc_errors(const bson_t *reply, const char *what, char *err, size_t errlen)
+{
+    bson_iter_t it, arr;
+
+    if (!bson_iter_init_find(&it, reply, "writeConcernErrors") || !BSON_ITER_HOLDS_ARRAY(&it))
+        return PX_OK;
+    bson_iter_recurse(&it, &arr);
+    if (!bson_iter_next(&arr))
+        return PX_OK;
+    return px_err(err, errlen, "%s: write concern not satisfied: %s", what,
+                  sm_errmsg(&arr, "?"));
+}
+
+/* Executes an unordered insert bulk of n documents. A duplicate key is the
+ * idempotence we rely on (a redelivered record), so it sets inserted[i] = 0
+ * rather than failing. Any other write error, a write-concern error, or a
+ * transport error part way through fails the call: the caller retries the
+ * whole batch, which is harmless because the retry's duplicates are absorbed. */
+static int sm_bulk_insert_run(mongoc_bulk_operation_t *bulk, size_t n, int *inserted,
+                              const char *what, char *err, size_t errlen)
+{
+    bson_t reply;
+    bson_error_t error;
+    bson_iter_t it;
+    size_t dups = 0;
+    int64_t n_inserted = -1;
+    bool ok;
+    int rc;
+
+    for (size_t i = 0; inserted != NULL && i < n; i++)
+        inserted[i] = 1;
+    ok = mongoc_bulk_operation_execute(bulk, &reply, &error) != 0;
+    rc = sm_bulk_wc_errors(&reply, what, err, errlen);
+    if (rc == PX_OK)
+        rc = sm_bulk_write_errors(&reply, n, inserted, &dups, what, err, errlen);
+    if (rc != PX_OK)
+        goto out;
+    if (bson_iter_init_find(&it, &reply, "nInserted"))
+        n_inserted = bson_iter_as_int64(&it);
+    /* Only duplicates may explain a failed execute, and every document must
+     * be accounted for: a batch cut short by a network error is a failure
+     * even though what did arrive was fine. */
+    if (n_inserted < 0 || (size_t)n_inserted + dups != n) {
+        if (!ok)
+            rc = sm_fail(err, errlen, what, &error);
+        else
+            rc = px_err(err, errlen, "%s: %lld inserted + %zu duplicates != %zu sent", what,
+                        (long long)n_inserted, dups, n);
+    }
+out:
+    bson_destroy(&reply);
+    return rc;
+}
+
+static int sm_inbox_doc(bson_t *doc, const store_event *ev, size_t i, char *err, size_t errlen)
+{
+    if (!sm_str_ok(ev->user) || !sm_str_ok(ev->id))
+        return px_err(err, errlen, "inbox put: event %zu: user or id missing or not UTF-8", i);
+    if (ev->kind < STORE_MESSAGE || ev->kind > STORE_GROUP_EVENT)
+        return px_err(err, errlen, "inbox put: event %zu has bad kind %d", i, ev->kind);
+    if (ev->sender != NULL && !sm_text_ok(ev->sender, strlen(ev->sender)))
+        return px_err(err, errlen, "inbox put: event %zu: sender is not UTF-8", i);
+    if (ev->json_len > INT_MAX || !sm_text_ok(ev->json, ev->json_len))
+        return px_err(err, errlen, "inbox put: event %zu: json missing or not UTF-8", i);
+    bson_init(doc);
+    BSON_APPEND_UTF8(doc, "user", ev->user);
+    BSON_APPEND_UTF8(doc, "id", ev->id);
+    BSON_APPEND_INT64(doc, "seq", ev->seq);
+    BSON_APPEND_DATE_TIME(doc, "ts", ev->ts_ms);
+    BSON_APPEND_INT32(doc, "kind", ev->kind);
+    if (ev->sender != NULL)
+        BSON_APPEND_UTF8(doc, "sender", ev->sender);
+    bson_append_utf8(doc, "json", -1, ev->json, (int)ev->json_len);
+    return PX_OK;
+}
+
+int store_inbox_put(store *st, const store_event *ev, size_t n, int *inserted,
+                    char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_bulk_operation_t *bulk = NULL;
+    bson_error_t error;
+    bson_t doc;
+    int rc;
+
+    rc = sm_check_n(n, "inbox put", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ev == NULL)
+        return px_err(err, errlen, "inbox put: NULL events");
+    sm_conn_get(st, "inbox", &sc);
+    bulk = sm_bulk_new(&sc, false);
+    for (size_t i = 0; i < n; i++) {
+        rc = sm_inbox_doc(&doc, &ev[i], i, err, errlen);
+        if (rc != PX_OK)
+            goto out;
+        if (!mongoc_bulk_operation_insert_with_opts(bulk, &doc, NULL, &error))
+            rc = sm_fail(err, errlen, "inbox put", &error);
+        bson_destroy(&doc);
+        if (rc != PX_OK)
+            goto out;
+    }
+    rc = sm_bulk_insert_run(bulk, n, inserted, "inbox put", err, errlen);
+out:
+    mongoc_bulk_operation_destroy(bulk);
+    sm_conn_put(st, &sc);
+    return rc;
+}
+
+/* ---- inbox reads and deletes ------------------------------------------- */
+
+/* Points ev's strings into doc: valid while doc is (one cursor step). */
+static int sm_event_parse(const bson_t *doc, store_event *ev)
+{
+    bson_iter_t it;
+    uint32_t len;
+    int have_seq = 0, have_ts = 0;
+
+    memset(ev, 0, sizeof(*ev));
+    if (!bson_iter_init(&it, doc))
+        return PX_ERROR;
+    while (bson_iter_next(&it)) {
+        const char *k = bson_iter_key(&it);
+        if (strcmp(k, "user") == 0 && BSON_ITER_HOLDS_UTF8(&it))
+            ev->user = bson_iter_utf8(&it, NULL);
+        else if (strcmp(k, "id") == 0 && BSON_ITER_HOLDS_UTF8(&it))
+            ev->id = bson_iter_utf8(&it, NULL);
+        else if (strcmp(k, "sender") == 0 && BSON_ITER_HOLDS_UTF8(&it))
+            ev->sender = bson_iter_utf8(&it, NULL);
+        else if (strcmp(k, "seq") == 0)
+            have_seq = sm_iter_int64(&it, &ev->seq) == PX_OK;
+        else if (strcmp(k, "ts") == 0)
+            have_ts = sm_iter_int64(&it, &ev->ts_ms) == PX_OK;
+        else if (strcmp(k, "kind") == 0 && (BSON_ITER_HOLDS_INT32(&it) || BSON_ITER_HOLDS_INT64(&it)))
+            ev->kind = (int)bson_iter_as_int64(&it);
+        else if (strcmp(k, "json") == 0 && BSON_ITER_HOLDS_UTF8(&it)) {
+            ev->json = bson_iter_utf8(&it, &len);
+            ev->json_len = len;
+        }
+    }
+    if (ev->user == NULL || ev->id == NULL || ev->json == NULL || !have_seq || !have_ts ||
+        ev->kind < STORE_MESSAGE || ev->kind > STORE_GROUP_EVENT)
+        return PX_ERROR;
+    return PX_OK;
+}
+
+/* Calls cb per document of cur; stops at the first non-PX_OK. */
+static int sm_visit(mongoc_cursor_t *cur, store_event_cb cb, void *arg, const char *what,
+                    char *err, size_t errlen)
+{
+    const bson_t *doc;
+    bson_error_t error;
+    store_event ev;
+    int rc;
+
+    while (mongoc_cursor_next(cur, &doc)) {
+        if (sm_event_parse(doc, &ev) != PX_OK)
+            return px_err(err, errlen, "%s: malformed inbox document", what);
+        rc = cb(arg, &ev);
+        if (rc != PX_OK)
+            return rc;
+    }
+    if (mongoc_cursor_error(cur, &error))
+        return sm_fail(err, errlen, what, &error);
+    return PX_OK;
+}
+
+int store_inbox_scan(store *st, const char *user, int64_t after_seq, size_t limit,
+                     store_event_cb cb, void *arg, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_cursor_t *cur = NULL;
+    bson_t filter = BSON_INITIALIZER, opts = BSON_INITIALIZER, gt, sort;
+    int rc;
+
+    if (user == NULL || cb == NULL)
+        return px_err(err, errlen, "inbox scan: user and cb are required");
+    if (limit == 0)
+        return PX_OK;
+    BSON_APPEND_UTF8(&filter, "user", user);
+    BSON_APPEND_DOCUMENT_BEGIN(&filter, "seq", &gt);
+    BSON_APPEND_INT64(&gt, "$gt", after_seq);
+    bson_append_document_end(&filter, &gt);
+    BSON_APPEND_DOCUMENT_BEGIN(&opts, "sort", &sort);
+    BSON_APPEND_INT32(&sort, "seq", 1);
+    bson_append_document_end(&opts, &sort);
+    BSON_APPEND_INT64(&opts, "limit", (int64_t)PX_MIN(limit, (size_t)INT64_MAX));
+    BSON_APPEND_INT32(&opts, "batchSize", (int32_t)PX_MIN(limit, (size_t)SM_SCAN_BATCH));
+
+    sm_conn_get(st, "inbox", &sc);
+    cur = mongoc_collection_find_with_opts(sc.coll, &filter, &opts, NULL);
+    rc = sm_visit(cur, cb, arg, "inbox scan", err, errlen);
+    mongoc_cursor_destroy(cur);
+    sm_conn_put(st, &sc);
+    bson_destroy(&filter);
+    bson_destroy(&opts);
+    return rc;
+}
+
+static void sm_ack_filter(bson_t *filter, const char *user, const char *const *ids, size_t n)
+{
+    bson_t in;
+
+    bson_init(filter);
+    BSON_APPEND_UTF8(filter, "user", user);
+    BSON_APPEND_DOCUMENT_BEGIN(filter, "id", &in);
+    sm_append_str_array(&in, "$in", ids, n);
+    bson_append_document_end(filter, &in);
+}
+
+static int sm_delete_many(sm_conn *sc, const bson_t *filter, int64_t *removed, const char *what,
+                          char *err, size_t errlen)
+{
+    bson_t reply;
+    bson_error_t error;
+    bson_iter_t it;
+    int rc = PX_OK;
+
+    if (!mongoc_collection_delete_many(sc->coll, filter, NULL, &reply, &error))
+        rc = sm_fail(err, errlen, what, &error);
+    else if (removed != NULL)
+        *removed = bson_iter_init_find(&it, &reply, "deletedCount") ? bson_iter_as_int64(&it) : 0;
+    bson_destroy(&reply);
+    return rc;
+}
+
+/* The filter names the acker as user, so ids of other users' events match
+ * nothing. The find-then-delete pair is not atomic (no transactions on
+ * FerretDB): two concurrent acks of one id may both call cb, which the
+ * callers already tolerate because every effect they emit is idempotent.
+ * If cb fails, nothing is deleted, so a redelivered ack tries again. */
+int store_inbox_ack(store *st, const char *user, const char *const *ids, size_t n,
+                    store_event_cb cb, void *arg, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_cursor_t *cur = NULL;
+    bson_t filter, opts = BSON_INITIALIZER, sort;
+    int rc;
+
+    if (user == NULL)
+        return px_err(err, errlen, "inbox ack: user is required");
+    rc = sm_check_n(n, "inbox ack", err, errlen);
+    if (rc == PX_OK)
+        rc = sm_check_strs(ids, n, "inbox ack", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    sm_ack_filter(&filter, user, ids, n);
+    sm_conn_get(st, "inbox", &sc);
+    if (cb != NULL) {
+        BSON_APPEND_DOCUMENT_BEGIN(&opts, "sort", &sort);
+        BSON_APPEND_INT32(&sort, "seq", 1);
+        bson_append_document_end(&opts, &sort);
+        cur = mongoc_collection_find_with_opts(sc.coll, &filter, &opts, NULL);
+        rc = sm_visit(cur, cb, arg, "inbox ack", err, errlen);
+        if (rc != PX_OK)
+            goto out;
+    }
+    rc = sm_delete_many(&sc, &filter, NULL, "inbox ack", err, errlen);
+out:
+    if (cur != NULL)
+        mongoc_cursor_destroy(cur);
+    sm_conn_put(st, &sc);
+    bson_destroy(&filter);
+    bson_destroy(&opts);
+    return rc;
+}
+
+static int sm_sweep(store *st, const char *coll, int64_t cutoff_ms, int64_t *removed,
+                    const char *what, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    bson_t filter = BSON_INITIALIZER;
+    int64_t dummy;
+    int rc;
+
+    sm_append_lt_date(&filter, "ts", cutoff_ms);
+    sm_conn_get(st, coll, &sc);
+    rc = sm_delete_many(&sc, &filter, removed != NULL ? removed : &dummy, what, err, errlen);
+    sm_conn_put(st, &sc);
+    bson_destroy(&filter);
+    return rc;
+}
+
+int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen)
+{
+    return sm_sweep(st, "inbox", cutoff_ms, removed, "inbox sweep", err, errlen);
+}
+
+int store_inbox_count(store *st, const char *user, int64_t *count, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    bson_t filter = BSON_INITIALIZER;
+    bson_error_t error;
+    int64_t c;
+    int rc = PX_OK;
+
+    if (user == NULL || count == NULL)
+        return px_err(err, errlen, "inbox count: user and count are required");
+    BSON_APPEND_UTF8(&filter, "user", user);
+    sm_conn_get(st, "inbox", &sc);
+    c = mongoc_collection_count_documents(sc.coll, &filter, NULL, NULL, NULL, &error);
+    if (c < 0)
+        rc = sm_fail(err, errlen, "inbox count", &error);
+    else
+        *count = c;
+    sm_conn_put(st, &sc);
+    bson_destroy(&filter);
+    return rc;
+}
+
+/* ---- seen (dedupe) ------------------------------------------------------ */
+
+static int sm_key_cmp(const void *a, const void *b)
+{
+    return strcmp(((const sm_key *)a)->key, ((const sm_key *)b)->key);
+}
+
+/* Marks seen[i] for every i whose key equals k (keys may repeat). */
+static void sm_mark_found(const sm_key *sorted, size_t n, const char *k, int *seen)
+{
+    sm_key probe = { k, 0 };
+    const sm_key *hit = bsearch(&probe, sorted, n, sizeof(*sorted), sm_key_cmp);
+
+    if (hit == NULL)
+        return;
+    while (hit > sorted && strcmp(hit[-1].key, k) == 0)
+        hit--;
+    for (; hit < sorted + n && strcmp(hit->key, k) == 0; hit++)
+        seen[hit->i] = 1;
+}
+
+/* One find of all keys; marks seen[] from the _ids that come back. */
+static int sm_seen_find(store *st, const char *const *keys, const sm_key *sorted, size_t n,
+                        int *seen, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_cursor_t *cur;
+    bson_t filter = BSON_INITIALIZER, in;
+    bson_t *opts = BCON_NEW("projection", "{", "_id", BCON_INT32(1), "}");
+    const bson_t *doc;
+    bson_error_t error;
+    bson_iter_t it;
+    int rc = PX_OK;
+
+    BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &in);
+    sm_append_str_array(&in, "$in", keys, n);
+    bson_append_document_end(&filter, &in);
+    sm_conn_get(st, "seen", &sc);
+    cur = mongoc_collection_find_with_opts(sc.coll, &filter, opts, NULL);
+    while (mongoc_cursor_next(cur, &doc))
+        if (bson_iter_init_find(&it, doc, "_id") && BSON_ITER_HOLDS_UTF8(&it))
+            sm_mark_found(sorted, n, bson_iter_utf8(&it, NULL), seen);
+    if (mongoc_cursor_error(cur, &error))
+        rc = sm_fail(err, errlen, "seen filter", &error);
+    mongoc_cursor_destroy(cur);
+    sm_conn_put(st, &sc);
+    bson_destroy(&filter);
+    bson_destroy(opts);
+    return rc;
+}
+
+int store_seen_filter(store *st, const char *const *keys, size_t n, int *seen,
+                      char *err, size_t errlen)
+{
+    sm_key *sorted;
+    int rc;
+
+    rc = sm_check_n(n, "seen filter", err, errlen);
+    if (rc == PX_OK)
+        rc = sm_check_strs(keys, n, "seen filter", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (seen == NULL)
+        return px_err(err, errlen, "seen filter: seen is required");
+    /* Sorted (key, position) pairs map each returned _id back to every
+     * position holding it in O(log n). */
+    sorted = px_malloc(n * sizeof(*sorted));
+    for (size_t i = 0; i < n; i++) {
+        seen[i] = 0;
+        sorted[i] = (sm_key){ keys[i], i };
+    }
+    qsort(sorted, n, sizeof(*sorted), sm_key_cmp);
+    rc = sm_seen_find(st, keys, sorted, n, seen, err, errlen);
+    free(sorted);
+    return rc;
+}
+
+/* A key already marked keeps its first ts: retention counts from the first
+ * time the record was processed. */
+int store_seen_mark(store *st, const char *const *keys, size_t n, int64_t ts_ms,
+                    char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_bulk_operation_t *bulk = NULL;
+    bson_error_t error;
+    bson_t doc;
+    int rc;
+
+    rc = sm_check_n(n, "seen mark", err, errlen);
+    if (rc == PX_OK)
+        rc = sm_check_strs(keys, n, "seen mark", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    sm_conn_get(st, "seen", &sc);
+    bulk = sm_bulk_new(&sc, false);
+    for (size_t i = 0; i < n; i++) {
+        bson_init(&doc);
+        BSON_APPEND_UTF8(&doc, "_id", keys[i]);
+        BSON_APPEND_DATE_TIME(&doc, "ts", ts_ms);
+        if (!mongoc_bulk_operation_insert_with_opts(bulk, &doc, NULL, &error))
+            rc = sm_fail(err, errlen, "seen mark", &error);
+        bson_destroy(&doc);
+        if (rc != PX_OK)
+            goto out;
+    }
+    rc = sm_bulk_insert_run(bulk, n, NULL, "seen mark", err, errlen);
+out:
+    mongoc_bulk_operation_destroy(bulk);
+    sm_conn_put(st, &sc);
+    return rc;
+}
+
+int store_seen_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen)
+{
+    return sm_sweep(st, "seen", cutoff_ms, removed, "seen sweep", err, errlen);
+}
+
+/* ---- presence ----------------------------------------------------------- */
+
+/* One record per (user, gateway, epoch) holding a connection count. Counts
+ * move by $inc, the only atomic read-modify-write FerretDB offers without
+ * transactions. Deltas are not idempotent: a redelivered batch counts twice
+ * (a stale extra count only routes a delivery to a gateway that no longer
+ * holds the user, which the inbox survives; gateway expiry clears it). */
+
+static int sm_check_gateway(const char *g, const char *what, char *err, size_t errlen)
+{
+    if (!sm_str_ok(g) || strlen(g) > SM_MAX_GATEWAY)
+        return px_err(err, errlen, "%s: gateway id must be 1-%d UTF-8 bytes", what, SM_MAX_GATEWAY);
+    return PX_OK;
+}
+
+static int sm_check_presence(const store_presence *ops, size_t n, char *err, size_t errlen)
+{
+    int rc = sm_check_n(n, "presence apply", err, errlen);
+
+    for (size_t i = 0; rc == PX_OK && i < n; i++) {
+        if (!sm_str_ok(ops[i].user))
+            rc = px_err(err, errlen, "presence apply: op %zu: user missing or not UTF-8", i);
+        else if (ops[i].delta != 1 && ops[i].delta != -1)
+            rc = px_err(err, errlen, "presence apply: op %zu has delta %d", i, ops[i].delta);
+        else
+            rc = sm_check_gateway(ops[i].gateway, "presence apply", err, errlen);
+    }
+    return rc;
+}
+
+static void sm_presence_key(bson_t *b, const store_presence *op)
+{
+    bson_init(b);
+    BSON_APPEND_UTF8(b, "user", op->user);
+    BSON_APPEND_UTF8(b, "gateway", op->gateway);
+}
+
+/* The counting half: a connect upserts and increments the record of its
+ * epoch; a disconnect decrements only a positive count of its own epoch, so
+ * one for an older (replaced) epoch matches nothing and is ignored. */
+static int sm_presence_count_op(mongoc_bulk_operation_t *bulk, const store_presence *op,
+                                bson_error_t *error)
+{
+    bson_t sel, upd, inc, cond, opts = BSON_INITIALIZER;
+    bool ok;
+
+    sm_presence_key(&sel, op);
+    BSON_APPEND_INT64(&sel, "epoch", op->epoch);
+    if (op->delta < 0) {
+        BSON_APPEND_DOCUMENT_BEGIN(&sel, "count", &cond);
+        BSON_APPEND_INT32(&cond, "$gt", 0);
+        bson_append_document_end(&sel, &cond);
+    }
+    bson_init(&upd);
+    BSON_APPEND_DOCUMENT_BEGIN(&upd, "$inc", &inc);
+    BSON_APPEND_INT32(&inc, "count", op->delta);
+    bson_append_document_end(&upd, &inc);
+    BSON_APPEND_BOOL(&opts, "upsert", op->delta > 0);
+    ok = mongoc_bulk_operation_update_one_with_opts(bulk, &sel, &upd, &opts, error);
+    bson_destroy(&sel);
+    bson_destroy(&upd);
+    bson_destroy(&opts);
+    return ok ? PX_OK : PX_ERROR;
+}
+
+/* The cleanup half, queued after all counts: a connect drops the records of
+ * older epochs (dead connections of a restarted gateway); a disconnect drops
+ * its record once the count reached zero. Running cleanups after the counts
+ * gives the same result as interleaving them (a zero-count record behaves
+ * like an absent one) in two round trips instead of 2n. */
+static int sm_presence_cleanup_op(mongoc_bulk_operation_t *bulk, const store_presence *op,
+                                  bson_error_t *error)
+{
+    bson_t sel, cond;
+    bool ok;
+
+    sm_presence_key(&sel, op);
+    if (op->delta > 0) {
+        BSON_APPEND_DOCUMENT_BEGIN(&sel, "epoch", &cond);
+        BSON_APPEND_INT64(&cond, "$lt", op->epoch);
+        bson_append_document_end(&sel, &cond);
+    } else {
+        BSON_APPEND_INT64(&sel, "epoch", op->epoch);
+        BSON_APPEND_DOCUMENT_BEGIN(&sel, "count", &cond);
+        BSON_APPEND_INT32(&cond, "$lte", 0);
+        bson_append_document_end(&sel, &cond);
+    }
+    ok = mongoc_bulk_operation_remove_many_with_opts(bulk, &sel, NULL, error);
+    bson_destroy(&sel);
+    return ok ? PX_OK : PX_ERROR;
+}
+
+int store_presence_apply(store *st, const store_presence *ops, size_t n,
+                         char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_bulk_operation_t *bulk = NULL;
+    bson_error_t error;
+    bson_t reply;
+    int rc;
+
+    rc = sm_check_presence(ops, n, err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    sm_conn_get(st, "presence", &sc);
+    bulk = sm_bulk_new(&sc, true);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        rc = sm_presence_count_op(bulk, &ops[i], &error);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        rc = sm_presence_cleanup_op(bulk, &ops[i], &error);
+    if (rc != PX_OK) {
+        sm_fail(err, errlen, "presence apply", &error);
+        goto out;
+    }
+    if (!mongoc_bulk_operation_execute(bulk, &reply, &error))
+        rc = sm_fail(err, errlen, "presence apply", &error);
+    bson_destroy(&reply);
+out:
+    mongoc_bulk_operation_destroy(bulk);
+    sm_conn_put(st, &sc);
+    return rc;
+}
+
+/* The beat only moves a gateway's record forward: a beat from an older
+ * epoch (a zombie of a restarted gateway) finds no record to update, its
+ * upsert collides with the newer record's _id, and that duplicate is
+ * absorbed, so the newer epoch stands. */
+static int sm_beat_upsert(store *st, const char *gateway, int64_t epoch, int64_t ts_ms,
+                          char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    bson_t *sel, *upd, *opts;
+    bson_error_t error;
+    int rc = PX_OK;
+
+    sel = BCON_NEW("_id", BCON_UTF8(gateway), "epoch", "{", "$lte", BCON_INT64(epoch), "}");
+    upd = BCON_NEW("$set", "{", "epoch", BCON_INT64(epoch), "ts", BCON_DATE_TIME(ts_ms), "}");
+    opts = BCON_NEW("upsert", BCON_BOOL(true));
+    sm_conn_get(st, "gateways", &sc);
+    if (!mongoc_collection_update_one(sc.coll, sel, upd, opts, NULL, &error) &&
+        error.code != SM_DUP_KEY)
+        rc = sm_fail(err, errlen, "gateway beat", &error);
+    sm_conn_put(st, &sc);
+    bson_destroy(sel);
+    bson_destroy(upd);
+    bson_destroy(opts);
+    return rc;
+}
+
+int store_gateway_beat(store *st, const char *gateway, int64_t epoch, int64_t ts_ms,
+                       int reset, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    bson_t *filter;
+    int rc;
+
+    rc = sm_check_gateway(gateway, "gateway beat", err, errlen);
+    if (rc == PX_OK)
+        rc = sm_beat_upsert(st, gateway, epoch, ts_ms, err, errlen);
+    if (rc != PX_OK || !reset)
+        return rc;
+    filter = BCON_NEW("gateway", BCON_UTF8(gateway), "epoch", "{", "$lt", BCON_INT64(epoch), "}");
+    sm_conn_get(st, "presence", &sc);
+    rc = sm_delete_many(&sc, filter, NULL, "gateway beat reset", err, errlen);
+    sm_conn_put(st, &sc);
+    bson_destroy(filter);
+    return rc;
+}
+
+/* Appends (name, epoch) of each document of cur, reading the gateway name
+ * from name_key; stops at max entries (the caller's ceiling). */
+static int sm_read_gws(mongoc_cursor_t *cur, const char *name_key, sm_gw *gw, size_t max,
+                       size_t *n, const char *what, char *err, size_t errlen)
+{
+    const bson_t *doc;
+    bson_error_t error;
+    bson_iter_t it;
+    uint32_t len;
+    const char *name;
+
+    *n = 0;
+    while (*n < max && mongoc_cursor_next(cur, &doc)) {
+        if (!bson_iter_init_find(&it, doc, name_key) || !BSON_ITER_HOLDS_UTF8(&it))
+            continue;
+        name = bson_iter_utf8(&it, &len);
+        if (len > SM_MAX_GATEWAY)
+            continue;
+        memcpy(gw[*n].name, name, len + 1);
+        if (!bson_iter_init_find(&it, doc, "epoch") || sm_iter_int64(&it, &gw[*n].epoch) != PX_OK)
+            continue;
+        (*n)++;
+    }
+    if (mongoc_cursor_error(cur, &error))
+        return sm_fail(err, errlen, what, &error);
+    return PX_OK;
+}
+
+static int sm_find_gws(store *st, const char *coll, const bson_t *filter, const char *name_key,
+                       sm_gw *gw, size_t max, size_t *n, const char *what,
+                       char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_cursor_t *cur;
+    bson_t *opts = BCON_NEW("projection", "{", name_key, BCON_INT32(1), "epoch", BCON_INT32(1), "}",
+                            "limit", BCON_INT64((int64_t)max));
+    int rc;
+
+    sm_conn_get(st, coll, &sc);
+    cur = mongoc_collection_find_with_opts(sc.coll, filter, opts, NULL);
+    rc = sm_read_gws(cur, name_key, gw, max, n, what, err, errlen);
+    mongoc_cursor_destroy(cur);
+    sm_conn_put(st, &sc);
+    bson_destroy(opts);
+    return rc;
+}
+
+static void sm_filter_names(bson_t *filter, const char *key, const sm_gw *gw, size_t n)
+{
+    bson_t in, arr;
+    char buf[16];
+    const char *k;
+
+    BSON_APPEND_DOCUMENT_BEGIN(filter, key, &in);
+    BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
+    for (size_t i = 0; i < n; i++) {
+        bson_uint32_to_string((uint32_t)i, &k, buf, sizeof(buf));
+        bson_append_utf8(&arr, k, -1, gw[i].name, -1);
+    }
+    bson_append_array_end(&in, &arr);
+    bson_append_document_end(filter, &in);
+}
+
+/* Adds name to gws unless present or full. */
+static void sm_add_unique(char (*gws)[65], size_t max, size_t *n, const char *name)
+{
+    for (size_t i = 0; i < *n; i++)
+        if (strcmp(gws[i], name) == 0)
+            return;
+    if (*n < max)
+        memcpy(gws[(*n)++], name, strlen(name) + 1);
+}
+
+/* Two reads: the user's records, then which of those gateways beat recently.
+ * A record counts when its epoch is the gateway's current one or newer (a
+ * restarted gateway that has not beaten yet); older epochs are dead. */
+int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
+                          char (*gws)[65], size_t max, size_t *n, char *err, size_t errlen)
+{
+    sm_gw *rec = NULL, *live = NULL;
+    size_t nrec = 0, nlive = 0;
+    bson_t *filter = NULL;
+    int rc;
+
+    if (user == NULL || n == NULL || (gws == NULL && max > 0))
+        return px_err(err, errlen, "presence lookup: user, gws and n are required");
+    *n = 0;
+    rec = px_malloc(SM_MAX_PRESENCE * sizeof(*rec));
+    filter = BCON_NEW("user", BCON_UTF8(user), "count", "{", "$gt", BCON_INT32(0), "}");
+    rc = sm_find_gws(st, "presence", filter, "gateway", rec, SM_MAX_PRESENCE, &nrec,
+                     "presence lookup", err, errlen);
+    bson_destroy(filter);
+    filter = NULL;
+    if (rc != PX_OK || nrec == 0 || max == 0)
+        goto out;
+    live = px_malloc(nrec * sizeof(*live));
+    filter = bson_new();
+    sm_filter_names(filter, "_id", rec, nrec);
+    BCON_APPEND(filter, "ts", "{", "$gte", BCON_DATE_TIME(alive_after_ms), "}");
+    rc = sm_find_gws(st, "gateways", filter, "_id", live, nrec, &nlive, "presence lookup",
+                     err, errlen);
+    for (size_t i = 0; rc == PX_OK && i < nrec; i++)
+        for (size_t j = 0; j < nlive; j++)
+            if (strcmp(rec[i].name, live[j].name) == 0 && rec[i].epoch >= live[j].epoch)
+                sm_add_unique(gws, max, n, rec[i].name);
+out:
+    if (filter != NULL)
+        bson_destroy(filter);
+    free(rec);
+    free(live);
+    return rc;
+}
+
+/* Deletes the presence records of the dead gateways up to each one's last
+ * known epoch, so a gateway that restarted meanwhile keeps its new records,
+ * then the gateway records themselves unless a beat arrived in between. */
+static int sm_expire_dead(store *st, const sm_gw *dead, size_t n, int64_t cutoff_ms,
+                          int64_t *removed, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    bson_t filter = BSON_INITIALIZER, arr;
+    char buf[16];
+    const char *k;
+    int rc;
+
+    BSON_APPEND_ARRAY_BEGIN(&filter, "$or", &arr);
+    for (size_t i = 0; i < n; i++) {
+        bson_uint32_to_string((uint32_t)i, &k, buf, sizeof(buf));
+        BCON_APPEND(&arr, k, "{", "gateway", BCON_UTF8(dead[i].name),
+                    "epoch", "{", "$lte", BCON_INT64(dead[i].epoch), "}", "}");
+    }
+    bson_append_array_end(&filter, &arr);
+    sm_conn_get(st, "presence", &sc);
+    rc = sm_delete_many(&sc, &filter, removed, "presence expire", err, errlen);
+    sm_conn_put(st, &sc);
+    bson_reinit(&filter);
+    if (rc != PX_OK)
+        goto out;
+    sm_filter_names(&filter, "_id", dead, n);
+    sm_append_lt_date(&filter, "ts", cutoff_ms);
+    sm_conn_get(st, "gateways", &sc);
+    rc = sm_delete_many(&sc, &filter, NULL, "presence expire", err, errlen);
+    sm_conn_put(st, &sc);
+out:
+    bson_destroy(&filter);
+    return rc;
+}
+
+int store_presence_expire(store *st, int64_t cutoff_ms, int64_t *removed,
+                          char *err, size_t errlen)
+{
+    sm_gw *dead = px_malloc(SM_MAX_BATCH * sizeof(*dead));
+    bson_t filter = BSON_INITIALIZER;
+    size_t n = 0;
+    int64_t count = 0;
+    int rc;
+
+    sm_append_lt_date(&filter, "ts", cutoff_ms);
+    rc = sm_find_gws(st, "gateways", &filter, "_id", dead, SM_MAX_BATCH, &n, "presence expire",
+                     err, errlen);
+    if (rc == PX_OK && n > 0)
+        rc = sm_expire_dead(st, dead, n, cutoff_ms, &count, err, errlen);
+    if (rc == PX_OK && removed != NULL)
+        *removed = count;
+    bson_destroy(&filter);
+    free(dead);
+    return rc;
+}

@@ -1,0 +1,508 @@
+/* store_mongo against a real MongoDB-wire server (FerretDB on the local
+ * stack): duplicate absorption by the unique index, bulk insert/scan/ack
+ * round trips, ack isolation between users, sweeps, seen dedupe, presence.
+ *
+ * PARLEY_MONGO_URI names the server (default: the local stack's FerretDB).
+ * Every run uses its own database, dropped at the end. Each test opens its
+ * own store in the forked child (mongoc's pool threads do not survive fork). */
+#include "common.h"
+#include "store.h"
+
+#include <check.h>
+#include <mongoc/mongoc.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define DEFAULT_URI "mongodb://127.0.0.1:27018/?retryWrites=false"
+
+static const char *test_uri;
+static char test_db[64];
+static store *st;
+
+static void open_store(void)
+{
+    char err[PX_ERRLEN] = "";
+
+    st = store_open(test_uri, test_db, err, sizeof(err));
+    ck_assert_msg(st != NULL, "store_open(%s): %s", test_uri, err);
+}
+
+static void close_store(void)
+{
+    store_close(st);
+    st = NULL;
+}
+
+static int64_t count_of(const char *user)
+{
+    char err[PX_ERRLEN] = "";
+    int64_t c = -1;
+
+    ck_assert_msg(store_inbox_count(st, user, &c, err, sizeof(err)) == PX_OK, "count: %s", err);
+    return c;
+}
+
+/* Storage for generated events: the strings store_event points to. */
+typedef struct tev {
+    char id[32];
+    char sender[32];
+    char json[160];
+} tev;
+
+static void make_event(store_event *ev, tev *t, const char *user, int i, int64_t seq, int64_t ts)
+{
+    snprintf(t->id, sizeof(t->id), "m%05d", i);
+    snprintf(t->sender, sizeof(t->sender), "s%d", i % 7);
+    /* Non-ASCII, escapes and varying lengths, to catch any re-encoding. */
+    snprintf(t->json, sizeof(t->json),
+             "{\"type\":\"message\",\"id\":\"%s\",\"body\":\"h\\u00e9llo \\\"%d\\\" \xc3\xa9%.*s\"}",
+             t->id, i, i % 40, "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+    *ev = (store_event){ .user = user, .id = t->id, .seq = seq, .ts_ms = ts,
+                         .kind = (i % 2 == 0) ? STORE_MESSAGE : STORE_RECEIPT,
+                         .sender = (i % 2 == 0) ? t->sender : NULL,
+                         .json = t->json, .json_len = strlen(t->json) };
+}
+
+/* Collects what a scan or ack callback sees. */
+typedef struct seen_log {
+    size_t n, stop_after;
+    int64_t seq[2000];
+    char id[2000][32];
+    int kind[2000];
+    char sender[2000][32];
+    int bad_json;             /* events whose json differs from expected */
+    const tev *expect;        /* when set: json must match expect[index from id] */
+} seen_log;
+
+static int log_cb(void *arg, const store_event *ev)
+{
+    seen_log *l = arg;
+
+    ck_assert_uint_lt(l->n, 2000);
+    l->seq[l->n] = ev->seq;
+    snprintf(l->id[l->n], sizeof(l->id[0]), "%s", ev->id);
+    l->kind[l->n] = ev->kind;
+    snprintf(l->sender[l->n], sizeof(l->sender[0]), "%s", ev->sender ? ev->sender : "");
+    if (l->expect != NULL) {
+        const tev *t = &l->expect[atoi(ev->id + 1)];
+        if (ev->json_len != strlen(t->json) || memcmp(ev->json, t->json, ev->json_len) != 0)
+            l->bad_json++;
+    }
+    l->n++;
+    return (l->stop_after != 0 && l->n >= l->stop_after) ? PX_DECLINED : PX_OK;
+}
+
+static void put_ok(const store_event *ev, size_t n, int *inserted)
+{
+    char err[PX_ERRLEN] = "";
+
+    ck_assert_msg(store_inbox_put(st, ev, n, inserted, err, sizeof(err)) == PX_OK, "put: %s", err);
+}
+
+/* (a) The unique (user, id) index absorbs redeliveries, alone and mixed into
+ * a batch of new records, and inserted[] says which is which. */
+START_TEST(dup_insert_absorbed)
+{
+    store_event ev[4];
+    tev t[4];
+    int ins[4] = { -1, -1, -1, -1 };
+    int64_t now = px_now_ms();
+
+    make_event(&ev[0], &t[0], "u_a", 0, 1, now);
+    put_ok(ev, 1, ins);
+    ck_assert_int_eq(ins[0], 1);
+    ins[0] = -1;
+    put_ok(ev, 1, ins);
+    ck_assert_int_eq(ins[0], 0);
+    ck_assert_int_eq(count_of("u_a"), 1);
+
+    /* A new one, a dup of the stored one, another new one, and a dup of an
+     * earlier item of the same batch. */
+    make_event(&ev[0], &t[0], "u_a", 1, 2, now);
+    make_event(&ev[1], &t[1], "u_a", 0, 1, now);
+    make_event(&ev[2], &t[2], "u_a", 2, 3, now);
+    make_event(&ev[3], &t[3], "u_a", 1, 2, now);
+    memset(ins, 0xff, sizeof(ins));
+    put_ok(ev, 4, ins);
+    ck_assert_int_eq(ins[0], 1);
+    ck_assert_int_eq(ins[1], 0);
+    ck_assert_int_eq(ins[2], 1);
+    ck_assert_int_eq(ins[3], 0);
+    ck_assert_int_eq(count_of("u_a"), 3);
+
+    /* The same id for another user is a different record. */
+    make_event(&ev[0], &t[0], "u_a2", 0, 1, now);
+    put_ok(ev, 1, ins);
+    ck_assert_int_eq(ins[0], 1);
+    ck_assert_int_eq(count_of("u_a"), 3);
+    ck_assert_int_eq(count_of("u_a2"), 1);
+}
+END_TEST
+
+static double rate(size_t n, int64_t ms)
+{
+    return ms > 0 ? (double)n * 1000.0 / (double)ms : (double)n * 1000.0;
+}
+
+/* (b) 1000 events in one put come back from scan in seq order with their
+ * exact bytes; acking half calls back exactly those with kind/sender and
+ * deletes exactly those; after_seq and limit page correctly. */
+START_TEST(bulk_roundtrip)
+{
+    enum { N = 1000 };
+    static store_event ev[N];
+    static tev t[N];
+    static int ins[N];
+    static seen_log l;
+    const char *ids[N / 2];
+    char err[PX_ERRLEN] = "";
+    int64_t now = px_now_ms(), t0;
+
+    /* Put in reverse seq order so a scan in insertion order would fail. */
+    for (int i = 0; i < N; i++)
+        make_event(&ev[i], &t[i], "u_b", i, 10000 - 2 * (int64_t)i, now);
+    t0 = px_mono_ms();
+    put_ok(ev, N, ins);
+    fprintf(stderr, "bulk_roundtrip: put %d docs in %lld ms (%.0f docs/s)\n", N,
+            (long long)(px_mono_ms() - t0), rate(N, px_mono_ms() - t0));
+    for (int i = 0; i < N; i++)
+        ck_assert_int_eq(ins[i], 1);
+    ck_assert_int_eq(count_of("u_b"), N);
+
+    memset(&l, 0, sizeof(l));
+    l.expect = t;
+    ck_assert_int_eq(store_inbox_scan(st, "u_b", 0, 5000, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(l.n, N);
+    ck_assert_int_eq(l.bad_json, 0);
+    for (int i = 0; i < N; i++) {
+        ck_assert_int_eq(l.seq[i], 10000 - 2 * (int64_t)(N - 1) + 2 * i);
+        ck_assert_str_eq(l.id[i], t[N - 1 - i].id);
+    }
+
+    /* Ack the even-numbered events: the messages, which carry a sender. */
+    for (int i = 0; i < N / 2; i++)
+        ids[i] = t[2 * i].id;
+    memset(&l, 0, sizeof(l));
+    t0 = px_mono_ms();
+    ck_assert_msg(store_inbox_ack(st, "u_b", ids, N / 2, log_cb, &l, err, sizeof(err)) == PX_OK,
+                  "ack: %s", err);
+    fprintf(stderr, "bulk_roundtrip: ack %d docs in %lld ms (%.0f docs/s)\n", N / 2,
+            (long long)(px_mono_ms() - t0), rate(N / 2, px_mono_ms() - t0));
+    ck_assert_uint_eq(l.n, N / 2);
+    for (size_t k = 0; k < l.n; k++) {
+        int i = atoi(l.id[k] + 1);
+        ck_assert_int_eq(i % 2, 0);
+        ck_assert_int_eq(l.kind[k], STORE_MESSAGE);
+        ck_assert_str_eq(l.sender[k], t[i].sender);
+        ck_assert_int_eq(l.seq[k], ev[i].seq);
+    }
+    ck_assert_int_eq(count_of("u_b"), N / 2);
+
+    /* Acking again deletes and reports nothing. */
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_inbox_ack(st, "u_b", ids, N / 2, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(l.n, 0);
+    ck_assert_int_eq(count_of("u_b"), N / 2);
+
+    /* What remains are the odd ones (receipts, no sender), seq 8002, 8006,
+     * ...; after_seq 8003 with limit 10 gives the next ten. */
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_inbox_scan(st, "u_b", 8003, 10, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(l.n, 10);
+    for (int k = 0; k < 10; k++) {
+        ck_assert_int_eq(l.seq[k], 8006 + 4 * k);
+        ck_assert_int_eq(l.kind[k], STORE_RECEIPT);
+        ck_assert_str_eq(l.sender[k], "");
+    }
+
+    /* A callback's non-OK stops the scan and is returned. */
+    memset(&l, 0, sizeof(l));
+    l.stop_after = 3;
+    ck_assert_int_eq(store_inbox_scan(st, "u_b", 0, 100, log_cb, &l, err, sizeof(err)),
+                     PX_DECLINED);
+    ck_assert_uint_eq(l.n, 3);
+}
+END_TEST
+
+/* (c) An ack names the acker: ids held by another user are untouched. */
+START_TEST(ack_other_user_deletes_nothing)
+{
+    store_event ev[3];
+    tev t[3];
+    static seen_log l;
+    const char *ids[2];
+    char err[PX_ERRLEN] = "";
+    int64_t now = px_now_ms();
+
+    make_event(&ev[0], &t[0], "alice", 1, 1, now);
+    make_event(&ev[1], &t[1], "alice", 2, 2, now);
+    put_ok(ev, 2, NULL);
+    ids[0] = t[0].id;
+    ids[1] = t[1].id;
+
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_inbox_ack(st, "bob", ids, 2, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(l.n, 0);
+    ck_assert_int_eq(count_of("alice"), 2);
+
+    /* bob holding the same id as alice acks only his own copy. */
+    make_event(&ev[2], &t[2], "bob", 1, 1, now);
+    put_ok(&ev[2], 1, NULL);
+    ck_assert_int_eq(store_inbox_ack(st, "bob", ids, 2, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_str_eq(l.id[0], t[0].id);
+    ck_assert_int_eq(count_of("bob"), 0);
+    ck_assert_int_eq(count_of("alice"), 2);
+}
+END_TEST
+
+/* (d) Sweep removes exactly the records accepted before the cutoff. Other
+ * tests write ts = now, so ancient timestamps keep this test's set apart. */
+START_TEST(inbox_sweep_cutoff)
+{
+    store_event ev[4];
+    tev t[4];
+    static seen_log l;
+    char err[PX_ERRLEN] = "";
+    int64_t removed = -1;
+
+    make_event(&ev[0], &t[0], "u_d", 0, 1, 1000);
+    make_event(&ev[1], &t[1], "u_d", 1, 2, 2000);
+    make_event(&ev[2], &t[2], "u_d", 2, 3, 2499);
+    make_event(&ev[3], &t[3], "u_d", 3, 4, 2500);
+    put_ok(ev, 4, NULL);
+    ck_assert_int_eq(store_inbox_sweep(st, 2500, &removed, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(removed, 3);
+    ck_assert_int_eq(count_of("u_d"), 1);
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_inbox_scan(st, "u_d", 0, 10, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_str_eq(l.id[0], t[3].id);
+    ck_assert_int_eq(store_inbox_sweep(st, 2500, &removed, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(removed, 0);
+}
+END_TEST
+
+static void filter_is(const char *const *keys, size_t n, const int *want)
+{
+    char err[PX_ERRLEN] = "";
+    int seen[8];
+
+    memset(seen, 0xff, sizeof(seen));
+    ck_assert_msg(store_seen_filter(st, keys, n, seen, err, sizeof(err)) == PX_OK, "%s", err);
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(seen[i] == want[i], "key %s: seen %d, want %d", keys[i], seen[i], want[i]);
+}
+
+/* (d) seen: unseen keys filter to 0, marked ones to 1 (repeats included),
+ * re-marking is absorbed, and the sweep forgets only old marks. */
+START_TEST(seen_filter_mark_sweep)
+{
+    const char *k3[] = { "bob/k1", "bob/k2", "bob/k3" };
+    const char *k12[] = { "bob/k1", "bob/k2" };
+    const char *k23[] = { "bob/k2", "bob/k3" };
+    const char *k5[] = { "bob/k1", "bob/k2", "bob/k3", "bob/k4", "bob/k1" };
+    char err[PX_ERRLEN] = "";
+    int64_t removed = -1;
+
+    filter_is(k3, 3, (int[]){ 0, 0, 0 });
+    ck_assert_int_eq(store_seen_mark(st, k12, 2, 1000, err, sizeof(err)), PX_OK);
+    ck_assert_msg(store_seen_mark(st, k23, 2, 5000, err, sizeof(err)) == PX_OK, "%s", err);
+    filter_is(k5, 5, (int[]){ 1, 1, 1, 0, 1 });
+    /* k2 keeps its first mark (1000), so it goes with k1. */
+    ck_assert_int_eq(store_seen_sweep(st, 2000, &removed, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(removed, 2);
+    filter_is(k5, 5, (int[]){ 0, 0, 1, 0, 0 });
+}
+END_TEST
+
+/* Bounds and argument checks answer before any round trip. */
+START_TEST(batch_limits)
+{
+    static store_event ev[10001];
+    static const char *keys[10001];
+    char err[PX_ERRLEN] = "";
+    int seen[1];
+
+    ck_assert_int_eq(store_inbox_put(st, ev, 10001, NULL, err, sizeof(err)), PX_ERROR);
+    ck_assert_ptr_nonnull(strstr(err, "exceeds the limit"));
+    ck_assert_int_eq(store_seen_mark(st, keys, 10001, 1, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(store_inbox_put(st, ev, 0, NULL, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_seen_filter(st, keys, 0, seen, err, sizeof(err)), PX_OK);
+    ev[0] = (store_event){ .user = "u_l", .id = "x", .kind = 9, .json = "{}", .json_len = 2 };
+    ck_assert_int_eq(store_inbox_put(st, ev, 1, NULL, err, sizeof(err)), PX_ERROR);
+    ck_assert_ptr_nonnull(strstr(err, "bad kind"));
+    /* Invalid UTF-8 is refused by the driver, not stored. */
+    ev[0] = (store_event){ .user = "u_l", .id = "x", .kind = STORE_MESSAGE, .json = "\xff\xfe",
+                           .json_len = 2 };
+    ck_assert_int_eq(store_inbox_put(st, ev, 1, NULL, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(count_of("u_l"), 0);
+    ck_assert_int_eq(store_ping(st, err, sizeof(err)), PX_OK);
+}
+END_TEST
+
+/* Nothing listens on port 1: open fails in bounded time with a clear error. */
+START_TEST(open_unreachable_fails)
+{
+    char err[PX_ERRLEN] = "";
+    int64_t t0 = px_mono_ms();
+    store *bad = store_open("mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=500", test_db,
+                            err, sizeof(err));
+
+    ck_assert_ptr_null(bad);
+    ck_assert_msg(strstr(err, "unreachable") != NULL, "err: %s", err);
+    ck_assert_int_lt(px_mono_ms() - t0, 5000);
+    ck_assert_ptr_null(store_open("http://x", test_db, err, sizeof(err)));
+    ck_assert_ptr_null(store_open(test_uri, "bad.name", err, sizeof(err)));
+}
+END_TEST
+
+static size_t lookup(const char *user, int64_t alive_after, char (*gws)[65])
+{
+    char err[PX_ERRLEN] = "";
+    size_t n = 99;
+
+    ck_assert_msg(store_presence_lookup(st, user, alive_after, gws, 4, &n, err, sizeof(err)) ==
+                      PX_OK, "lookup: %s", err);
+    return n;
+}
+
+static void apply(const store_presence *ops, size_t n)
+{
+    char err[PX_ERRLEN] = "";
+
+    ck_assert_msg(store_presence_apply(st, ops, n, err, sizeof(err)) == PX_OK, "apply: %s", err);
+}
+
+static void beat(const char *gw, int64_t epoch, int64_t ts, int reset)
+{
+    char err[PX_ERRLEN] = "";
+
+    ck_assert_msg(store_gateway_beat(st, gw, epoch, ts, reset, err, sizeof(err)) == PX_OK,
+                  "beat: %s", err);
+}
+
+/* Presence: counts per connection, epochs replace, stale beats and
+ * disconnects are ignored, expiry removes dead gateways' records. */
+START_TEST(presence_counts_and_epochs)
+{
+    char gws[4][65];
+    char err[PX_ERRLEN] = "";
+    int64_t removed = -1;
+
+    beat("gw1", 10, 5000, 1);
+    beat("gw2", 20, 5000, 1);
+    apply((store_presence[]){ { "p1", "gw1", 10, 1 }, { "p1", "gw1", 10, 1 },
+                              { "p1", "gw2", 20, 1 }, { "p1", "gw1", 10, -1 } }, 4);
+    ck_assert_uint_eq(lookup("p1", 4000, gws), 2);
+    ck_assert_uint_eq(lookup("p1", 6000, gws), 0); /* no recent beat */
+
+    /* One gw1 connection is left; closing it removes gw1. */
+    apply((store_presence[]){ { "p1", "gw1", 10, -1 }, { "p1", "gw1", 10, -1 } }, 2);
+    ck_assert_uint_eq(lookup("p1", 4000, gws), 1);
+    ck_assert_str_eq(gws[0], "gw2");
+
+    /* gw2 restarts (epoch 21) without resetting: its old record is dead
+     * until a connect of the new epoch replaces it; an old-epoch disconnect
+     * is then ignored. */
+    beat("gw2", 21, 6000, 0);
+    ck_assert_uint_eq(lookup("p1", 4000, gws), 0);
+    apply((store_presence[]){ { "p1", "gw2", 21, 1 }, { "p1", "gw2", 20, -1 } }, 2);
+    ck_assert_uint_eq(lookup("p1", 4000, gws), 1);
+    ck_assert_str_eq(gws[0], "gw2");
+
+    /* A zombie beat from epoch 20 does not move gw2 back. */
+    beat("gw2", 20, 7000, 0);
+    ck_assert_uint_eq(lookup("p1", 4000, gws), 1);
+
+    /* A reset beat drops older-epoch records of that gateway. */
+    apply((store_presence[]){ { "p2", "gw1", 10, 1 } }, 1);
+    beat("gw1", 11, 8000, 1);
+    ck_assert_uint_eq(lookup("p2", 0, gws), 0);
+
+    /* gw2 stops beating: expire removes its records, not gw1's. */
+    apply((store_presence[]){ { "p3", "gw1", 11, 1 } }, 1);
+    ck_assert_int_eq(store_presence_expire(st, 7500, &removed, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(removed, 1);
+    ck_assert_uint_eq(lookup("p1", 0, gws), 0);
+    ck_assert_uint_eq(lookup("p3", 0, gws), 1);
+    ck_assert_str_eq(gws[0], "gw1");
+}
+END_TEST
+
+static Suite *store_mongo_suite(void)
+{
+    Suite *s = suite_create("store_mongo");
+    TCase *tc = tcase_create("mongo");
+
+    tcase_add_checked_fixture(tc, open_store, close_store);
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, dup_insert_absorbed);
+    tcase_add_test(tc, bulk_roundtrip);
+    tcase_add_test(tc, ack_other_user_deletes_nothing);
+    tcase_add_test(tc, inbox_sweep_cutoff);
+    tcase_add_test(tc, seen_filter_mark_sweep);
+    tcase_add_test(tc, batch_limits);
+    tcase_add_test(tc, presence_counts_and_epochs);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("open");
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, open_unreachable_fails);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+/* Test databases must not pile up on a shared server. */
+static void drop_test_db(void)
+{
+    bson_error_t error;
+    mongoc_client_t *c;
+    mongoc_database_t *db;
+
+    mongoc_init();
+    /* FerretDB lacks endSessions; libmongoc's warning about it is noise here. */
+    mongoc_log_set_handler(NULL, NULL);
+    c = mongoc_client_new(test_uri);
+    if (c == NULL)
+        return;
+    db = mongoc_client_get_database(c, test_db);
+    if (!mongoc_database_drop(db, &error))
+        fprintf(stderr, "drop %s: %s\n", test_db, error.message);
+    mongoc_database_destroy(db);
+    mongoc_client_destroy(c);
+    mongoc_cleanup();
+}
+
+int main(void)
+{
+    SRunner *sr;
+    int failed;
+
+    test_uri = getenv("PARLEY_MONGO_URI");
+    if (test_uri == NULL || *test_uri == '\0')
+        test_uri = DEFAULT_URI;
+    snprintf(test_db, sizeof(test_db), "parley_test_%ld_%lld", (long)getpid(),
+             (long long)px_now_ms());
+    /* One clear line instead of every test timing out when nothing listens.
+     * The probe's pool is destroyed before check forks the tests. */
+    {
+        char err[PX_ERRLEN] = "";
+        store *probe = store_open(test_uri, test_db, err, sizeof(err));
+        if (probe == NULL) {
+            fprintf(stderr, "test_store_mongo: no server at PARLEY_MONGO_URI=%s (%s); "
+                    "start one with: make stack-start\n", test_uri, err);
+            return EXIT_FAILURE;
+        }
+        store_close(probe);
+    }
+    sr = srunner_create(store_mongo_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    drop_test_db();
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
