@@ -1,0 +1,243 @@
+/* Owns what a client command turns into: validation through the protocol
+ * codec, the bus records a command produces (inbox, acks, presence, sync),
+ * and the answer a client gets once Kafka has, or has not, accepted a send. */
+#include "common.h"
+#include "gateway.h"
+#include "ids.h"
+#include "log.h"
+#include "parley.pb-c.h"
+#include "protocol.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum dr_kind { DR_SEND = 1, DR_BEAT, DR_RECORD };
+
+typedef struct dr_tag {
+    enum dr_kind kind;
+    gw *g;
+} dr_tag;
+
+/* A send waiting for its delivery report. Owned by the bus from produce to
+ * the report, then freed by commands_on_delivery. */
+typedef struct pending_send {
+    dr_tag tag;
+    uint64_t conn_id;
+    int64_t t0_mono, ts;
+    char ref[65];
+    char msg_id[ID_BUF];
+} pending_send;
+
+static dr_tag commands_beat_tag, commands_record_tag;
+
+static void commands_reply(conn *c, char *json, size_t len)
+{
+    ws_conn_queue_text(c, json, len);
+    free(json);
+}
+
+static void commands_error(gw *g, conn *c, const char *ref, enum proto_code code,
+                           const char *msg)
+{
+    size_t len;
+    metric_add(g->m.errors, 1);
+    commands_reply(c, proto_render_error(ref, code, msg, &len), len);
+}
+
+/* Packs a protobuf-c message into a heap buffer the caller frees. */
+#define COMMANDS_PACK(type, rec, out_len)                              \
+    ({                                                                 \
+        size_t n_ = parley__##type##__get_packed_size(rec);            \
+        uint8_t *buf_ = px_malloc(n_);                                 \
+        parley__##type##__pack(rec, buf_);                             \
+        *(out_len) = n_;                                               \
+        buf_;                                                          \
+    })
+
+static int commands_produce(gw *g, const char *topic, const char *key, uint8_t *buf,
+                            size_t len, void *opaque)
+{
+    char err[PX_ERRLEN];
+    int rc = bus_produce(g->b, topic, key, strlen(key), buf, len, opaque, err, sizeof(err));
+    if (rc != PX_OK)
+        log_warn("produce refused", "{s:s, s:s, s:i}", "topic", topic, "error",
+                 rc == PX_AGAIN ? "local queue full" : err, "rc", rc);
+    free(buf);
+    return rc;
+}
+
+static void commands_send(gw *g, conn *c, const proto_cmd *cmd)
+{
+    if (cmd->group != NULL) {
+        commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "group messaging is not available yet");
+        return;
+    }
+    if (cmd->media != NULL) {
+        /* No upload endpoint exists yet, so no media id can be known. */
+        commands_error(g, c, cmd->id, PROTO_NOT_FOUND, "unknown media id");
+        return;
+    }
+    const char *user = ws_conn_user(c);
+    pending_send *p = px_calloc(1, sizeof(*p));
+    p->tag = (dr_tag){ DR_SEND, g };
+    p->conn_id = ws_conn_id(c);
+    p->t0_mono = px_mono_ms();
+    p->ts = px_now_ms();
+    snprintf(p->ref, sizeof(p->ref), "%s", cmd->id);
+    id_for_send(user, cmd->id, p->msg_id);
+
+    size_t json_len, len;
+    proto_message m = { .id = p->msg_id, .from = user, .to = cmd->to, .body = cmd->body,
+                        .forwarded = cmd->forwarded, .ts = p->ts };
+    char *json = proto_render_message(&m, &json_len);
+    Parley__InboxRecord rec = PARLEY__INBOX_RECORD__INIT;
+    rec.version = 1;
+    rec.kind = PARLEY__EVENT_KIND__EVENT_KIND_MESSAGE;
+    rec.user = (char *)cmd->to;
+    rec.id = p->msg_id;
+    rec.sender = (char *)user;
+    rec.ts_ms = p->ts;
+    rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
+    uint8_t *buf = COMMANDS_PACK(inbox_record, &rec, &len);
+    free(json);
+    if (commands_produce(g, g->topic_inbox, cmd->to, buf, len, p) != PX_OK) {
+        free(p);
+        commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
+    }
+}
+
+static void commands_ack(gw *g, conn *c, const proto_cmd *cmd)
+{
+    size_t len;
+    Parley__AckRecord rec = PARLEY__ACK_RECORD__INIT;
+    rec.version = 1;
+    rec.user = (char *)ws_conn_user(c);
+    rec.ids = (char **)cmd->ids;
+    rec.n_ids = cmd->nids;
+    rec.read = cmd->type == PROTO_READ;
+    rec.ts_ms = px_now_ms();
+    uint8_t *buf = COMMANDS_PACK(ack_record, &rec, &len);
+    /* An ack has no answer; if it is lost the events come again on the next
+     * connection and the client acks them again. */
+    commands_produce(g, g->topic_acks, rec.user, buf, len, &commands_record_tag);
+}
+
+void commands_handle(gw *g, conn *c, const char *text, size_t len)
+{
+    proto_cmd cmd;
+    enum proto_code code;
+    char msg[160];
+    proto_limits lim = { .max_body_bytes = (size_t)g->cfg.max_body_bytes };
+    if (proto_parse(text, len, &lim, &cmd, &code, msg, sizeof(msg)) != PX_OK) {
+        commands_error(g, c, cmd.id, code, msg);
+        return;
+    }
+    size_t n;
+    switch (cmd.type) {
+    case PROTO_SEND:
+        commands_send(g, c, &cmd);
+        break;
+    case PROTO_ACK:
+    case PROTO_READ:
+        commands_ack(g, c, &cmd);
+        break;
+    case PROTO_PING:
+        commands_reply(c, proto_render_pong(cmd.id, &n), n);
+        break;
+    default:
+        commands_error(g, c, cmd.id, PROTO_UNAVAILABLE, "group commands are not available yet");
+        break;
+    }
+    proto_cmd_free(&cmd);
+}
+
+static int commands_presence(gw *g, const char *user, Parley__PresenceRecord__Type type,
+                             dr_tag *tag)
+{
+    size_t len;
+    Parley__PresenceRecord rec = PARLEY__PRESENCE_RECORD__INIT;
+    rec.version = 1;
+    rec.type = type;
+    rec.user = (char *)(user ? user : "");
+    rec.gateway = (char *)g->cfg.gateway_id;
+    rec.epoch = g->epoch;
+    rec.ts_ms = px_now_ms();
+    uint8_t *buf = COMMANDS_PACK(presence_record, &rec, &len);
+    const char *key = user ? user : g->cfg.gateway_id;
+    return commands_produce(g, g->topic_presence, key, buf, len, tag);
+}
+
+void commands_connected(gw *g, conn *c)
+{
+    size_t len;
+    commands_presence(g, ws_conn_user(c), PARLEY__PRESENCE_RECORD__TYPE__TYPE_CONNECT,
+                      &commands_record_tag);
+    Parley__SyncRequest rec = PARLEY__SYNC_REQUEST__INIT;
+    rec.version = 1;
+    rec.user = (char *)ws_conn_user(c);
+    rec.gateway = (char *)g->cfg.gateway_id;
+    rec.conn = ws_conn_id(c);
+    uint8_t *buf = COMMANDS_PACK(sync_request, &rec, &len);
+    if (commands_produce(g, g->topic_sync, rec.user, buf, len, &commands_record_tag) != PX_OK)
+        ws_conn_close(c, 1013, "try again later");
+    metric_add(g->m.accepted, 1);
+}
+
+void commands_disconnected(gw *g, conn *c)
+{
+    commands_presence(g, ws_conn_user(c), PARLEY__PRESENCE_RECORD__TYPE__TYPE_DISCONNECT,
+                      &commands_record_tag);
+}
+
+int commands_heartbeat(gw *g, int reset)
+{
+    commands_beat_tag = (dr_tag){ DR_BEAT, g };
+    commands_record_tag = (dr_tag){ DR_RECORD, g };
+    return commands_presence(g, NULL, reset ? PARLEY__PRESENCE_RECORD__TYPE__TYPE_RESET
+                                            : PARLEY__PRESENCE_RECORD__TYPE__TYPE_HEARTBEAT,
+                             &commands_beat_tag);
+}
+
+static void commands_send_done(pending_send *p, int status, const char *err)
+{
+    gw *g = p->tag.g;
+    size_t len;
+    char *json;
+    if (status == PX_OK) {
+        json = proto_render_sent(p->ref, p->msg_id, p->ts, &len);
+        metric_add(g->m.sent_ok, 1);
+        metric_observe(g->m.send_latency, (double)(px_mono_ms() - p->t0_mono));
+    } else {
+        json = proto_render_error(p->ref, PROTO_UNAVAILABLE, "message was not stored, retry", &len);
+        metric_add(g->m.sent_fail, 1);
+        log_warn("send not stored", "{s:s, s:s}", "msg_id", p->msg_id, "error", err ? err : "");
+    }
+    mail *m = mail_new(MAIL_EVENT, p->conn_id, json, len);
+    free(json);
+    worker_post(g->workers[CONN_WORKER(p->conn_id) % g->nworkers], m);
+    free(p);
+}
+
+void commands_on_delivery(void *opaque, int status, const char *err,
+                          int32_t partition, int64_t offset)
+{
+    dr_tag *tag = opaque;
+    if (tag == NULL)
+        return;
+    switch (tag->kind) {
+    case DR_SEND:
+        commands_send_done((pending_send *)tag, status, err);
+        break;
+    case DR_BEAT:
+        if (status == PX_OK)
+            atomic_store(&tag->g->last_beat_ok, px_now_ms());
+        else
+            log_warn("heartbeat not stored", "{s:s}", "error", err ? err : "");
+        break;
+    case DR_RECORD:
+        if (status != PX_OK)
+            log_warn("record not stored", "{s:s}", "error", err ? err : "");
+        break;
+    }
+}

@@ -1,0 +1,109 @@
+/* Owns the gateway's two Kafka-facing threads: the poll thread serves
+ * delivery reports (which answer `sent`) and beats presence; the consume
+ * thread reads this gateway's delivery topic and hands each event to the
+ * worker that holds the connection. Deliveries are pushes of inbox state
+ * that message-store keeps until acked, so they are committed once handed
+ * over: a lost push is repaired by the next sync, never lost. */
+#include "common.h"
+#include "gateway.h"
+#include "log.h"
+#include "parley.pb-c.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DELIVER_BATCH 256
+#define DELIVER_MAX_CONNS 64 /* connections of one user on one gateway */
+
+static pthread_t deliver_poll_th, deliver_consume_th;
+static int deliver_started;
+
+static void *deliver_poll_main(void *arg)
+{
+    gw *g = arg;
+    int64_t next_beat = 0;
+    while (!g->stopping) {
+        int64_t now = px_mono_ms();
+        if (now >= next_beat) {
+            commands_heartbeat(g, 0);
+            next_beat = now + g->cfg.heartbeat_ms;
+        }
+        bus_poll(g->b, 50);
+    }
+    return NULL;
+}
+
+static void deliver_to_conn(gw *g, uint64_t conn_id, const Parley__Delivery *d)
+{
+    worker *w = g->workers[CONN_WORKER(conn_id) % g->nworkers];
+    for (size_t i = 0; i < d->n_events_json; i++)
+        worker_post(w, mail_new(MAIL_EVENT, conn_id, d->events_json[i].data,
+                                d->events_json[i].len));
+    if (d->synced)
+        worker_post(w, mail_new(MAIL_SYNCED, conn_id, NULL, 0));
+}
+
+static void deliver_one(gw *g, const bus_msg *bm)
+{
+    Parley__Delivery *d = parley__delivery__unpack(NULL, bm->len, bm->value);
+    if (d == NULL || d->version != 1 || d->user == NULL) {
+        log_warn("undecodable delivery dropped", "{s:I}", "offset", (long long)bm->offset);
+        if (d != NULL)
+            parley__delivery__free_unpacked(d, NULL);
+        return;
+    }
+    if (d->conn != 0) {
+        deliver_to_conn(g, d->conn, d);
+    } else {
+        uint64_t ids[DELIVER_MAX_CONNS];
+        size_t n = registry_get(g->reg, d->user, ids, DELIVER_MAX_CONNS);
+        for (size_t i = 0; i < n; i++)
+            deliver_to_conn(g, ids[i], d);
+    }
+    parley__delivery__free_unpacked(d, NULL);
+}
+
+static void *deliver_consume_main(void *arg)
+{
+    gw *g = arg;
+    bus_msg msgs[DELIVER_BATCH];
+    char err[PX_ERRLEN];
+    while (!g->stopping) {
+        int n = bus_consume(g->b, msgs, DELIVER_BATCH, 100, err, sizeof(err));
+        if (n < 0) {
+            log_error("delivery consumer failed", "{s:s}", "error", err);
+            continue;
+        }
+        for (int i = 0; i < n; i++)
+            deliver_one(g, &msgs[i]);
+        if (n > 0) {
+            bus_commit(g->b, msgs, (size_t)n);
+            bus_release(g->b, msgs, (size_t)n);
+        }
+    }
+    return NULL;
+}
+
+int deliver_start(gw *g, char *err, size_t errlen)
+{
+    const char *topics[] = { g->topic_deliver };
+    if (bus_subscribe(g->b, topics, 1, err, errlen) != PX_OK)
+        return PX_ERROR;
+    if (commands_heartbeat(g, 1) != PX_OK)
+        return px_err(err, errlen, "could not produce the presence reset");
+    if (pthread_create(&deliver_poll_th, NULL, deliver_poll_main, g) != 0 ||
+        pthread_create(&deliver_consume_th, NULL, deliver_consume_main, g) != 0)
+        return px_err(err, errlen, "could not start delivery threads");
+    deliver_started = 1;
+    return PX_OK;
+}
+
+/* Called after g->stopping is set. */
+void deliver_stop(gw *g)
+{
+    if (!deliver_started)
+        return;
+    pthread_join(deliver_consume_th, NULL);
+    pthread_join(deliver_poll_th, NULL);
+}

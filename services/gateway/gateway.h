@@ -1,0 +1,129 @@
+/* Internal interfaces of the gateway: the process state shared by its
+ * threads (MHD's HTTP thread, the epoll workers, the Kafka delivery and
+ * poll threads) and the contracts between its modules. */
+#ifndef PARLEY_GATEWAY_H
+#define PARLEY_GATEWAY_H
+
+#include "bus.h"
+#include "config.h"
+#include "metrics.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+struct MHD_Daemon;
+struct MHD_UpgradeResponseHandle;
+typedef struct worker worker;
+typedef struct conn conn;
+typedef struct registry registry;
+
+typedef struct gw_metrics {
+    metric *conns, *accepted, *refused_auth, *closed, *frames_in, *sent_ok,
+        *sent_fail, *delivered, *dropped, *slow_closed, *errors, *send_latency;
+} gw_metrics;
+
+typedef struct gw {
+    config cfg;
+    const char *secret;
+    int64_t epoch;               /* boot time in ms: orders our restarts */
+    bus *b;
+    char topic_inbox[96], topic_acks[96], topic_sync[96], topic_presence[96],
+        topic_deliver[160];
+    worker **workers;
+    size_t nworkers;
+    _Atomic size_t next_worker;
+    registry *reg;
+    struct MHD_Daemon *mhd;
+    int listen_fd;
+    _Atomic int64_t last_beat_ok; /* ms of the last heartbeat Kafka accepted */
+    volatile sig_atomic_t stopping;
+    gw_metrics m;
+} gw;
+
+/* ---- worker.c: one epoll reactor thread per worker ---- */
+
+/* Mail carries work to a worker thread: new sockets, deliveries and answers
+ * to sends. Ownership of a mail passes to the worker with worker_post. */
+enum mail_kind { MAIL_CONN, MAIL_EVENT, MAIL_SYNCED };
+typedef struct mail {
+    struct mail *next;
+    enum mail_kind kind;
+    uint64_t conn_id;
+    conn *c;                     /* MAIL_CONN only */
+    size_t len;
+    char data[];                 /* MAIL_EVENT: one JSON text frame */
+} mail;
+
+worker *worker_new(gw *g, int idx, char *err, size_t errlen);
+int worker_start(worker *w);
+/* Asks the thread to close every connection (1001) and exit; joins it. */
+void worker_stop(worker *w);
+void worker_free(worker *w);
+/* Takes ownership of m. Blocks while the worker's mailbox is over its byte
+ * ceiling (backpressure onto the Kafka consumer), unless the worker stops. */
+void worker_post(worker *w, mail *m);
+mail *mail_new(enum mail_kind kind, uint64_t conn_id, const void *data, size_t len);
+
+/* conn ids: worker index (8 bits) | generation (32) | slot (24). Stale ids
+ * (a closed connection's) never match a live connection. */
+#define CONN_WORKER(id) ((size_t)((id) >> 56))
+
+/* ---- ws_conn.c: one upgraded WebSocket connection ---- */
+
+/* Creates a connection for an upgraded socket; copies extra_in. The worker
+ * adopts it with ws_conn_attach. */
+conn *ws_conn_new(gw *g, int fd, struct MHD_UpgradeResponseHandle *urh,
+                  const char *user, const char *extra_in, size_t extra_len);
+int ws_conn_attach(conn *c, worker *w, uint64_t id, int epfd, char *err, size_t errlen);
+/* Socket readiness: runs wslay; may mark the connection dead. */
+void ws_conn_on_io(conn *c, uint32_t events);
+/* Queues a text message; closes with 1013 if the send queue passes its
+ * ceiling (a client that stopped reading). */
+void ws_conn_queue_text(conn *c, const char *s, size_t len);
+void ws_conn_close(conn *c, uint16_t code, const char *reason);
+/* Sends what is queued and updates the epoll mask; 0 while alive. */
+int ws_conn_flush(conn *c);
+/* Ping / idle timers; called about once a second. */
+void ws_conn_tick(conn *c, int64_t now_ms);
+int ws_conn_dead(const conn *c);
+/* The worker's "touched this iteration" mark; returns the previous value. */
+int ws_conn_set_dirty(conn *c, int on);
+uint64_t ws_conn_id(const conn *c);
+const char *ws_conn_user(const conn *c);
+/* Releases everything; the worker calls it outside wslay callbacks. */
+void ws_conn_free(conn *c);
+
+/* ---- commands.c: client commands to bus records ---- */
+void commands_handle(gw *g, conn *c, const char *text, size_t len);
+/* Connection lifecycle facts for presence and sync. */
+void commands_connected(gw *g, conn *c);
+void commands_disconnected(gw *g, conn *c);
+/* Gateway liveness for presence; reset on start-up. Call before any
+ * connection is accepted (it also initialises the report tags). */
+int commands_heartbeat(gw *g, int reset);
+/* Delivery report for a send; called on the bus poll thread. */
+void commands_on_delivery(void *opaque, int status, const char *err,
+                          int32_t partition, int64_t offset);
+
+/* ---- registry.c: user -> connection ids on this gateway ---- */
+registry *registry_new(void);
+void registry_free(registry *r);
+void registry_add(registry *r, const char *user, uint64_t conn_id);
+void registry_remove(registry *r, const char *user, uint64_t conn_id);
+/* Copies up to max ids of user's connections; returns how many. */
+size_t registry_get(registry *r, const char *user, uint64_t *ids, size_t max);
+
+/* ---- deliver.c: Kafka-facing threads ---- */
+int deliver_start(gw *g, char *err, size_t errlen);
+void deliver_stop(gw *g);
+
+/* ---- http.c: HTTP endpoints and the WebSocket upgrade ---- */
+int http_start(gw *g, char *err, size_t errlen);
+/* Stops accepting connections; those open stay until the workers close
+ * them, which must happen before http_stop. */
+void http_quiesce(gw *g);
+void http_stop(gw *g);
+
+#endif

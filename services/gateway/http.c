@@ -1,0 +1,277 @@
+/* Owns the gateway's HTTP surface on libmicrohttpd: health, readiness,
+ * metrics, the landing page, the dev token endpoint, and the WebSocket
+ * handshake on GET /v1/ws (auth before upgrade; 401 means no upgrade).
+ * Upgraded sockets leave MHD's thread for a worker at once. */
+#include "auth.h"
+#include "common.h"
+#include "gateway.h"
+#include "log.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <openssl/evp.h>
+#include <openssl/sha.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define HTTP_MEMORY_LIMIT (8 * 1024)  /* per connection; holds the handshake */
+#define HTTP_BODY_MAX 1024            /* small JSON bodies (dev token) */
+#define HTTP_TOKEN_TTL_S 86400
+
+/* Per-request state (MHD's con_cls); freed by http_completed. */
+typedef struct http_req {
+    char user[65];
+    char body[HTTP_BODY_MAX];
+    size_t body_len;
+    int body_too_big;
+} http_req;
+
+static const char http_index[] =
+    "<!doctype html><meta charset=utf-8><title>Parley</title>"
+    "<h1>Parley gateway</h1><p>Connect a WebSocket client to <code>/v1/ws</code> "
+    "with <code>Authorization: Bearer &lt;token&gt;</code> or "
+    "<code>?access_token=&lt;token&gt;</code>. Try <code>parleyctl listen --as bob</code> "
+    "and <code>parleyctl send --as alice --to bob hi</code>.</p>";
+
+static enum MHD_Result http_text(struct MHD_Connection *mc, unsigned status,
+                                 const char *type, const char *body, size_t len)
+{
+    struct MHD_Response *r = MHD_create_response_from_buffer(len, (void *)body,
+                                                             MHD_RESPMEM_MUST_COPY);
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
+    enum MHD_Result ret = MHD_queue_response(mc, status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result http_json_error(struct MHD_Connection *mc, unsigned status,
+                                       const char *code, const char *msg)
+{
+    json_t *o = json_pack("{s:s, s:s}", "code", code, "message", msg);
+    char *s = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    enum MHD_Result ret = http_text(mc, status, "application/json", s, strlen(s));
+    free(s);
+    return ret;
+}
+
+static enum MHD_Result http_metrics(struct MHD_Connection *mc)
+{
+    size_t len;
+    char *s = metrics_render(&len);
+    enum MHD_Result ret = http_text(mc, 200, "text/plain; version=0.0.4", s, len);
+    free(s);
+    return ret;
+}
+
+static enum MHD_Result http_ready(gw *g, struct MHD_Connection *mc)
+{
+    int64_t last = atomic_load(&g->last_beat_ok);
+    if (last == 0 || px_now_ms() - last > 3 * g->cfg.heartbeat_ms)
+        return http_text(mc, 503, "text/plain", "kafka not acknowledging heartbeats\n", 35);
+    return http_text(mc, 200, "text/plain", "ready\n", 6);
+}
+
+/* The token from "Authorization: Bearer X", else the access_token query. */
+static const char *http_token(struct MHD_Connection *mc)
+{
+    const char *h = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+    if (h != NULL && strncasecmp(h, "Bearer ", 7) == 0)
+        return h + 7;
+    return MHD_lookup_connection_value(mc, MHD_GET_ARGUMENT_KIND, "access_token");
+}
+
+static int http_header_has(struct MHD_Connection *mc, const char *name, const char *token)
+{
+    const char *v = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, name);
+    return v != NULL && strcasestr(v, token) != NULL;
+}
+
+static void http_ws_accept(const char *key, char out[29])
+{
+    static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    char buf[128];
+    int n = snprintf(buf, sizeof(buf), "%s%s", key, guid);
+    unsigned char md[SHA_DIGEST_LENGTH];
+    SHA1((const unsigned char *)buf, (size_t)n, md);
+    EVP_EncodeBlock((unsigned char *)out, md, SHA_DIGEST_LENGTH);
+}
+
+static void http_upgraded(void *cls, struct MHD_Connection *mc, void *con_cls,
+                          const char *extra_in, size_t extra_in_size, MHD_socket sock,
+                          struct MHD_UpgradeResponseHandle *urh)
+{
+    gw *g = cls;
+    http_req *req = con_cls;
+    int fl = fcntl(sock, F_GETFL);
+    if (fl < 0 || fcntl(sock, F_SETFL, fl | O_NONBLOCK) < 0) {
+        MHD_upgrade_action(urh, MHD_UPGRADE_ACTION_CLOSE);
+        return;
+    }
+    conn *c = ws_conn_new(g, sock, urh, req->user, extra_in, extra_in_size);
+    size_t i = atomic_fetch_add(&g->next_worker, 1) % g->nworkers;
+    mail *m = mail_new(MAIL_CONN, 0, NULL, 0);
+    m->c = c;
+    worker_post(g->workers[i], m);
+}
+
+static enum MHD_Result http_ws(gw *g, struct MHD_Connection *mc, http_req *req)
+{
+    char err[PX_ERRLEN];
+    const char *tok = http_token(mc);
+    if (tok == NULL || auth_verify(g->secret, tok, px_now_ms() / 1000, req->user, err,
+                                   sizeof(err)) != PX_OK) {
+        metric_add(g->m.refused_auth, 1);
+        return http_json_error(mc, 401, "unauthorized", tok ? err : "no token");
+    }
+    const char *key = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Sec-WebSocket-Key");
+    const char *ver = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Sec-WebSocket-Version");
+    if (!http_header_has(mc, MHD_HTTP_HEADER_UPGRADE, "websocket") ||
+        !http_header_has(mc, MHD_HTTP_HEADER_CONNECTION, "upgrade") || key == NULL ||
+        strlen(key) != 24 || ver == NULL || strcmp(ver, "13") != 0)
+        return http_json_error(mc, 400, "bad_request", "not a WebSocket version 13 handshake");
+    char accept[29];
+    http_ws_accept(key, accept);
+    struct MHD_Response *r = MHD_create_response_for_upgrade(http_upgraded, g);
+    MHD_add_response_header(r, MHD_HTTP_HEADER_UPGRADE, "websocket");
+    MHD_add_response_header(r, "Sec-WebSocket-Accept", accept);
+    enum MHD_Result ret = MHD_queue_response(mc, MHD_HTTP_SWITCHING_PROTOCOLS, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result http_dev_token(gw *g, struct MHD_Connection *mc, http_req *req)
+{
+    if (req->body_too_big)
+        return http_json_error(mc, 413, "too_large", "body over 1 KiB");
+    json_t *o = json_loadb(req->body, req->body_len, 0, NULL);
+    const char *user = json_string_value(json_object_get(o, "user"));
+    char tok[AUTH_TOKEN_MAX];
+    int64_t now = px_now_ms() / 1000;
+    enum MHD_Result ret;
+    if (user == NULL || auth_sign(g->secret, user, now, now + HTTP_TOKEN_TTL_S, tok,
+                                  sizeof(tok)) != PX_OK) {
+        ret = http_json_error(mc, 400, "bad_request", "body must be {\"user\":\"<user id>\"}");
+    } else {
+        json_t *out = json_pack("{s:s}", "token", tok);
+        char *s = json_dumps(out, JSON_COMPACT);
+        ret = http_text(mc, 200, "application/json", s, strlen(s));
+        free(s);
+        json_decref(out);
+    }
+    json_decref(o);
+    return ret;
+}
+
+static enum MHD_Result http_access(void *cls, struct MHD_Connection *mc, const char *url,
+                                   const char *method, const char *version,
+                                   const char *upload_data, size_t *upload_data_size,
+                                   void **con_cls)
+{
+    gw *g = cls;
+    if (*con_cls == NULL) {
+        *con_cls = px_calloc(1, sizeof(http_req));
+        return MHD_YES;
+    }
+    http_req *req = *con_cls;
+    if (*upload_data_size > 0) {
+        size_t room = sizeof(req->body) - req->body_len;
+        if (*upload_data_size > room)
+            req->body_too_big = 1;
+        else
+            memcpy(req->body + req->body_len, upload_data, *upload_data_size);
+        req->body_len += req->body_too_big ? 0 : *upload_data_size;
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    int get = strcmp(method, "GET") == 0, post = strcmp(method, "POST") == 0;
+    if (get && strcmp(url, "/v1/ws") == 0)
+        return http_ws(g, mc, req);
+    if (get && strcmp(url, "/healthz") == 0)
+        return http_text(mc, 200, "text/plain", "ok\n", 3);
+    if (get && strcmp(url, "/readyz") == 0)
+        return http_ready(g, mc);
+    if (get && strcmp(url, "/metrics") == 0)
+        return http_metrics(mc);
+    if (get && strcmp(url, "/") == 0)
+        return http_text(mc, 200, "text/html; charset=utf-8", http_index, sizeof(http_index) - 1);
+    if (post && g->cfg.dev && strcmp(url, "/v1/dev/token") == 0)
+        return http_dev_token(g, mc, req);
+    return http_json_error(mc, 404, "not_found", "no such endpoint");
+}
+
+static void http_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
+                           enum MHD_RequestTerminationCode toe)
+{
+    free(*con_cls);
+    *con_cls = NULL;
+}
+
+/* Our own listening socket so several gateways can share a port. */
+static int http_listen(const char *listen_addr, char *err, size_t errlen)
+{
+    char host[64];
+    const char *colon = strrchr(listen_addr, ':');
+    if (colon == NULL || (size_t)(colon - listen_addr) >= sizeof(host))
+        return px_err(err, errlen, "PARLEY_LISTEN=\"%s\" is not host:port", listen_addr);
+    snprintf(host, sizeof(host), "%.*s", (int)(colon - listen_addr), listen_addr);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(colon + 1)) };
+    if (inet_pton(AF_INET, host, &sa.sin_addr) != 1)
+        return px_err(err, errlen, "PARLEY_LISTEN host \"%s\" is not an IPv4 address", host);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0 ||
+        bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 4096) < 0) {
+        px_err(err, errlen, "listen on %s: %s", listen_addr, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+int http_start(gw *g, char *err, size_t errlen)
+{
+    g->listen_fd = http_listen(g->cfg.listen, err, errlen);
+    if (g->listen_fd < 0)
+        return PX_ERROR;
+    g->mhd = MHD_start_daemon(
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_UPGRADE | MHD_USE_ITC |
+            MHD_USE_ERROR_LOG,
+        0, NULL, NULL, http_access, g,
+        MHD_OPTION_LISTEN_SOCKET, g->listen_fd,
+        MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTP_MEMORY_LIMIT,
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned int)(g->cfg.max_conns + 64),
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)30,
+        MHD_OPTION_NOTIFY_COMPLETED, http_completed, g,
+        MHD_OPTION_END);
+    if (g->mhd == NULL) {
+        close(g->listen_fd);
+        return px_err(err, errlen, "libmicrohttpd did not start on %s", g->cfg.listen);
+    }
+    return PX_OK;
+}
+
+void http_quiesce(gw *g)
+{
+    if (g->mhd == NULL || g->listen_fd < 0)
+        return;
+    MHD_quiesce_daemon(g->mhd);
+    close(g->listen_fd);
+    g->listen_fd = -1;
+}
+
+void http_stop(gw *g)
+{
+    http_quiesce(g);
+    if (g->mhd != NULL)
+        MHD_stop_daemon(g->mhd);
+    g->mhd = NULL;
+}

@@ -1,0 +1,135 @@
+/* The gateway: terminates client WebSockets, turns commands into Kafka
+ * records, and pushes the deliveries of its own topic to the connections it
+ * holds. Start-up order: config, bus, workers, Kafka threads, then HTTP;
+ * shutdown reverses it so nothing accepted is dropped on the floor. */
+#include "common.h"
+#include "config.h"
+#include "gateway.h"
+#include "log.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t main_stop;
+
+static void main_on_signal(int sig)
+{
+    main_stop = 1;
+}
+
+static void main_metrics(gw *g)
+{
+    static const double ms_buckets[] = { 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000 };
+    g->m.conns = metrics_gauge("parley_gateway_connections", "Open WebSocket connections");
+    g->m.accepted = metrics_counter("parley_gateway_connections_accepted_total", "WebSocket upgrades accepted");
+    g->m.refused_auth = metrics_counter("parley_gateway_auth_refused_total", "Upgrades refused with 401");
+    g->m.closed = metrics_counter("parley_gateway_connections_closed_total", "WebSocket connections closed");
+    g->m.slow_closed = metrics_counter("parley_gateway_slow_client_closed_total", "Connections closed for a full send queue");
+    g->m.frames_in = metrics_counter("parley_gateway_frames_received_total", "Text frames received");
+    g->m.sent_ok = metrics_counter("parley_gateway_sends_stored_total", "Sends acknowledged by Kafka");
+    g->m.sent_fail = metrics_counter("parley_gateway_sends_failed_total", "Sends Kafka did not accept");
+    g->m.delivered = metrics_counter("parley_gateway_events_pushed_total", "Events pushed to connections");
+    g->m.dropped = metrics_counter("parley_gateway_events_dropped_total", "Events for connections already gone");
+    g->m.errors = metrics_counter("parley_gateway_command_errors_total", "Commands answered with an error");
+    g->m.send_latency = metrics_histogram("parley_gateway_send_ack_ms", "Send to Kafka acknowledgement, ms",
+                                          ms_buckets, PX_ARRAY_LEN(ms_buckets));
+}
+
+static int main_setup(gw *g, char *err, size_t errlen)
+{
+    if (config_load(&g->cfg, err, errlen) != PX_OK)
+        return PX_ERROR;
+    log_init("gateway", g->cfg.log_level);
+    g->secret = g->cfg.jwt_secret;
+    if (g->secret == NULL && g->cfg.dev) {
+        g->secret = "parley-dev-secret";
+        log_warn("PARLEY_DEV=1 and no PARLEY_JWT_SECRET: using the public dev secret", NULL);
+    }
+    if (g->secret == NULL)
+        return px_err(err, errlen, "PARLEY_JWT_SECRET is required (or PARLEY_DEV=1)");
+    g->epoch = px_now_ms();
+    const char *p = g->cfg.topic_prefix;
+    snprintf(g->topic_inbox, sizeof(g->topic_inbox), "%sinbox", p);
+    snprintf(g->topic_acks, sizeof(g->topic_acks), "%sacks", p);
+    snprintf(g->topic_sync, sizeof(g->topic_sync), "%ssync", p);
+    snprintf(g->topic_presence, sizeof(g->topic_presence), "%spresence", p);
+    snprintf(g->topic_deliver, sizeof(g->topic_deliver), "%sgw.%s", p, g->cfg.gateway_id);
+    main_metrics(g);
+    return PX_OK;
+}
+
+static int main_start(gw *g, char *err, size_t errlen)
+{
+    char group[128], client[128];
+    snprintf(group, sizeof(group), "%sgateway-%s", g->cfg.topic_prefix, g->cfg.gateway_id);
+    snprintf(client, sizeof(client), "gateway-%s", g->cfg.gateway_id);
+    bus_conf bc = { .brokers = g->cfg.kafka_brokers, .client_id = client, .group = group,
+                    .partitions = (int)g->cfg.partitions, .dr_cb = commands_on_delivery };
+    g->b = bus_new(&bc, err, errlen);
+    if (g->b == NULL)
+        return PX_ERROR;
+    const char *topics[] = { g->topic_inbox, g->topic_acks, g->topic_sync, g->topic_presence,
+                             g->topic_deliver };
+    if (bus_ensure_topics(g->b, topics, PX_ARRAY_LEN(topics), 15000, err, errlen) != PX_OK)
+        return PX_ERROR;
+    g->reg = registry_new();
+    g->nworkers = (size_t)g->cfg.workers;
+    g->workers = px_calloc(g->nworkers, sizeof(*g->workers));
+    for (size_t i = 0; i < g->nworkers; i++) {
+        g->workers[i] = worker_new(g, (int)i, err, errlen);
+        if (g->workers[i] == NULL || worker_start(g->workers[i]) != PX_OK)
+            return PX_ERROR;
+    }
+    if (deliver_start(g, err, errlen) != PX_OK)
+        return PX_ERROR;
+    return http_start(g, err, errlen);
+}
+
+static void main_shutdown(gw *g)
+{
+    http_quiesce(g);
+    for (size_t i = 0; g->workers != NULL && i < g->nworkers; i++)
+        if (g->workers[i] != NULL)
+            worker_stop(g->workers[i]);
+    http_stop(g);
+    g->stopping = 1;
+    deliver_stop(g);
+    if (g->b != NULL)
+        bus_destroy(g->b);
+    for (size_t i = 0; g->workers != NULL && i < g->nworkers; i++)
+        worker_free(g->workers[i]);
+    free(g->workers);
+    registry_free(g->reg);
+}
+
+int main(void)
+{
+    static gw g;
+    char err[PX_ERRLEN];
+    signal(SIGPIPE, SIG_IGN);
+    signal(SIGINT, main_on_signal);
+    signal(SIGTERM, main_on_signal);
+    if (main_setup(&g, err, sizeof(err)) != PX_OK) {
+        log_init("gateway", "info");
+        log_error("bad configuration", "{s:s}", "error", err);
+        return 2;
+    }
+    int rc = 0;
+    if (main_start(&g, err, sizeof(err)) != PX_OK) {
+        log_error("start failed", "{s:s}", "error", err);
+        rc = 1;
+        goto out;
+    }
+    log_info("started", "{s:s, s:s, s:s, s:i}", "listen", g.cfg.listen, "gateway_id",
+             g.cfg.gateway_id, "kafka", g.cfg.kafka_brokers, "workers", (int)g.cfg.workers);
+    while (!main_stop)
+        pause();
+    log_info("stopping", NULL);
+out:
+    main_shutdown(&g);
+    log_info("stopped", NULL);
+    return rc;
+}

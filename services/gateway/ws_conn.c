@@ -1,0 +1,267 @@
+/* Owns one upgraded WebSocket connection: its wslay context, the bytes MHD
+ * read past the handshake, the frame rules of PROTOCOL.md (1003 binary,
+ * 1007 invalid UTF-8, 1009 too big), the send-queue ceiling, ping and idle
+ * timers. Runs only on its worker's thread. */
+#include "common.h"
+#include "gateway.h"
+#include "log.h"
+#include "utf8.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <microhttpd.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <wslay/wslay.h>
+
+#define CONN_CLOSE_GRACE_MS 2000 /* wait this long for the peer's close */
+
+struct conn {
+    gw *g;
+    worker *w;
+    uint64_t id;
+    int fd, epfd;
+    uint32_t mask;                   /* events registered with epoll */
+    struct MHD_UpgradeResponseHandle *urh;
+    wslay_event_context_ptr ctx;
+    char *extra;                     /* MHD's extra_in, fed to wslay first */
+    size_t extra_len, extra_off;
+    int64_t last_recv_ms, last_ping_ms, close_deadline_ms;
+    int dead, dirty;
+    char user[65];
+};
+
+static ssize_t ws_recv_cb(wslay_event_context_ptr ctx, uint8_t *buf, size_t len,
+                          int flags, void *user_data)
+{
+    conn *c = user_data;
+    if (c->extra_off < c->extra_len) {
+        size_t n = PX_MIN(len, c->extra_len - c->extra_off);
+        memcpy(buf, c->extra + c->extra_off, n);
+        c->extra_off += n;
+        if (c->extra_off == c->extra_len) {
+            free(c->extra);
+            c->extra = NULL;
+            c->extra_len = c->extra_off = 0;
+        }
+        c->last_recv_ms = px_mono_ms();
+        return (ssize_t)n;
+    }
+    ssize_t r;
+    while ((r = recv(c->fd, buf, len, 0)) < 0 && errno == EINTR)
+        ;
+    if (r > 0) {
+        c->last_recv_ms = px_mono_ms();
+        return r;
+    }
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
+    else
+        wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
+    return -1;
+}
+
+static ssize_t ws_send_cb(wslay_event_context_ptr ctx, const uint8_t *data, size_t len,
+                          int flags, void *user_data)
+{
+    conn *c = user_data;
+    int sflags = MSG_NOSIGNAL | ((flags & WSLAY_MSG_MORE) ? MSG_MORE : 0);
+    ssize_t r;
+    while ((r = send(c->fd, data, len, sflags)) < 0 && errno == EINTR)
+        ;
+    if (r >= 0)
+        return r;
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+        wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
+    else
+        wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
+    return -1;
+}
+
+static void ws_on_msg(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_recv_arg *arg,
+                      void *user_data)
+{
+    conn *c = user_data;
+    if (arg->opcode == WSLAY_BINARY_FRAME) {
+        ws_conn_close(c, WSLAY_CODE_UNSUPPORTED_DATA, "binary frames are not supported");
+        return;
+    }
+    if (arg->opcode != WSLAY_TEXT_FRAME)
+        return; /* ping answered and close handled by wslay; pong only counts as life */
+    metric_add(c->g->m.frames_in, 1);
+    if (!utf8_valid(arg->msg, arg->msg_length)) {
+        ws_conn_close(c, WSLAY_CODE_INVALID_FRAME_PAYLOAD_DATA, "invalid UTF-8");
+        return;
+    }
+    commands_handle(c->g, c, (const char *)arg->msg, arg->msg_length);
+}
+
+conn *ws_conn_new(gw *g, int fd, struct MHD_UpgradeResponseHandle *urh,
+                  const char *user, const char *extra_in, size_t extra_len)
+{
+    conn *c = px_calloc(1, sizeof(*c));
+    c->g = g;
+    c->fd = fd;
+    c->epfd = -1;
+    c->urh = urh;
+    snprintf(c->user, sizeof(c->user), "%s", user);
+    if (extra_len > 0) {
+        c->extra = px_malloc(extra_len);
+        memcpy(c->extra, extra_in, extra_len);
+        c->extra_len = extra_len;
+    }
+    c->last_recv_ms = c->last_ping_ms = px_mono_ms();
+    return c;
+}
+
+int ws_conn_attach(conn *c, worker *w, uint64_t id, int epfd, char *err, size_t errlen)
+{
+    static const struct wslay_event_callbacks cbs = {
+        .recv_callback = ws_recv_cb,
+        .send_callback = ws_send_cb,
+        .on_msg_recv_callback = ws_on_msg,
+    };
+    c->w = w;
+    c->id = id;
+    if (wslay_event_context_server_init(&c->ctx, &cbs, c) != 0)
+        return px_err(err, errlen, "wslay context: out of memory");
+    wslay_event_config_set_max_recv_msg_length(c->ctx, (uint64_t)c->g->cfg.max_frame_bytes);
+    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = c };
+    if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0)
+        return px_err(err, errlen, "epoll_ctl add: %s", strerror(errno));
+    c->epfd = epfd;
+    c->mask = EPOLLIN;
+    return PX_OK;
+}
+
+static void ws_conn_kill(conn *c, const char *why)
+{
+    if (!c->dead)
+        log_debug("connection closed", "{s:s, s:s}", "user", c->user, "why", why);
+    c->dead = 1;
+}
+
+void ws_conn_on_io(conn *c, uint32_t events)
+{
+    if (c->dead)
+        return;
+    if (events & (EPOLLERR | EPOLLHUP)) {
+        ws_conn_kill(c, "socket error or hangup");
+        return;
+    }
+    if ((events & EPOLLIN) && wslay_event_want_read(c->ctx) && wslay_event_recv(c->ctx) != 0) {
+        ws_conn_kill(c, "read failed or protocol error");
+        return;
+    }
+    if ((events & EPOLLOUT) && wslay_event_want_write(c->ctx) && wslay_event_send(c->ctx) != 0)
+        ws_conn_kill(c, "write failed");
+}
+
+void ws_conn_queue_text(conn *c, const char *s, size_t len)
+{
+    if (c->dead || c->close_deadline_ms != 0)
+        return;
+    struct wslay_event_msg msg = { WSLAY_TEXT_FRAME, (const uint8_t *)s, len };
+    if (wslay_event_queue_msg(c->ctx, &msg) != 0) {
+        ws_conn_kill(c, "queue failed");
+        return;
+    }
+    if (wslay_event_get_queued_msg_length(c->ctx) > (size_t)c->g->cfg.send_queue_bytes) {
+        /* The client stopped reading: say why if the socket takes it, and
+         * drop the connection now rather than hold more for it. */
+        metric_add(c->g->m.slow_closed, 1);
+        wslay_event_queue_close(c->ctx, 1013, (const uint8_t *)"send queue full", 15);
+        wslay_event_send(c->ctx);
+        ws_conn_kill(c, "send queue over its ceiling");
+    }
+}
+
+void ws_conn_close(conn *c, uint16_t code, const char *reason)
+{
+    if (c->dead || c->close_deadline_ms != 0)
+        return;
+    wslay_event_queue_close(c->ctx, code, (const uint8_t *)reason, strlen(reason));
+    c->close_deadline_ms = px_mono_ms() + CONN_CLOSE_GRACE_MS;
+}
+
+int ws_conn_flush(conn *c)
+{
+    if (c->dead)
+        return PX_ERROR;
+    if (wslay_event_want_write(c->ctx) && wslay_event_send(c->ctx) != 0) {
+        ws_conn_kill(c, "write failed");
+        return PX_ERROR;
+    }
+    int rd = wslay_event_want_read(c->ctx), wr = wslay_event_want_write(c->ctx);
+    if (!rd && !wr) {
+        ws_conn_kill(c, "closed");
+        return PX_ERROR;
+    }
+    uint32_t mask = (rd ? EPOLLIN : 0) | (wr ? EPOLLOUT : 0);
+    if (mask != c->mask) {
+        struct epoll_event ev = { .events = mask, .data.ptr = c };
+        if (epoll_ctl(c->epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0) {
+            ws_conn_kill(c, "epoll_ctl failed");
+            return PX_ERROR;
+        }
+        c->mask = mask;
+    }
+    return PX_OK;
+}
+
+void ws_conn_tick(conn *c, int64_t now)
+{
+    if (c->dead)
+        return;
+    if (c->close_deadline_ms != 0 && now >= c->close_deadline_ms) {
+        ws_conn_kill(c, "peer did not complete the close");
+        return;
+    }
+    if (now - c->last_recv_ms >= c->g->cfg.idle_ms) {
+        ws_conn_close(c, WSLAY_CODE_GOING_AWAY, "idle");
+        return;
+    }
+    if (now - c->last_ping_ms >= c->g->cfg.ping_ms) {
+        struct wslay_event_msg ping = { WSLAY_PING, NULL, 0 };
+        wslay_event_queue_msg(c->ctx, &ping);
+        c->last_ping_ms = now;
+    }
+}
+
+int ws_conn_dead(const conn *c)
+{
+    return c->dead;
+}
+
+int ws_conn_set_dirty(conn *c, int on)
+{
+    int was = c->dirty;
+    c->dirty = on;
+    return was;
+}
+
+uint64_t ws_conn_id(const conn *c)
+{
+    return c->id;
+}
+
+const char *ws_conn_user(const conn *c)
+{
+    return c->user;
+}
+
+void ws_conn_free(conn *c)
+{
+    if (c == NULL)
+        return;
+    if (c->epfd >= 0)
+        epoll_ctl(c->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    if (c->ctx != NULL)
+        wslay_event_context_free(c->ctx);
+    /* MHD owns the socket: it closes it; we must not. */
+    MHD_upgrade_action(c->urh, MHD_UPGRADE_ACTION_CLOSE);
+    free(c->extra);
+    free(c);
+}

@@ -1,0 +1,321 @@
+/* Owns the life of one consumed batch: decoding and validating each record
+ * (the bad ones become dead letters), running the records in batch order
+ * (which keeps every partition's order; consecutive InboxRecords share one
+ * bulk store call), committing the prefix whose effects are durable, and
+ * retrying the rest with backoff without consuming anything new. Also owns
+ * the delivery-report bookkeeping that lets a produce gate a commit. */
+#include "common.h"
+#include "ids.h"
+#include "log.h"
+#include "msgstore.h"
+#include "utf8.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BATCH_BACKOFF_MIN_MS 100
+#define BATCH_BACKOFF_MAX_MS 5000
+#define BATCH_SLEEP_SLICE_MS 50
+#define BATCH_FLUSH_MS 10000       /* wait for gating produces before a commit */
+#define BATCH_QUEUE_WAIT_MS 5000   /* ride out a full producer queue this long */
+#define BATCH_EVENT_ID_MAX 255
+
+void batch_init(msgstore *ms)
+{
+    for (size_t i = 0; i < MSGSTORE_BATCH; i++)
+        ms->tags[i] = (batch_tag){ .ms = ms, .idx = i };
+    ms->best_effort = (batch_tag){ .ms = ms, .idx = BATCH_BEST_EFFORT };
+}
+
+void *batch_tag_for(msgstore *ms, size_t idx)
+{
+    if (idx < ms->first_durable)
+        ms->first_durable = idx;
+    return &ms->tags[idx];
+}
+
+void *batch_tag_best_effort(msgstore *ms)
+{
+    return &ms->best_effort;
+}
+
+/* A report can be stale (a produce of an earlier attempt that outlived a
+ * flush timeout): it then names an index of the current batch that did not
+ * fail. That only costs one needless retry, so no generation check. */
+void batch_on_delivery(void *opaque, int status, const char *err, int32_t partition,
+                       int64_t offset)
+{
+    batch_tag *t = opaque;
+    if (status == PX_OK || t == NULL)
+        return;
+    msgstore *ms = t->ms;
+    metric_add(ms->m.produce_failures, 1);
+    if (t->idx != BATCH_BEST_EFFORT && t->idx < ms->failed_at)
+        ms->failed_at = t->idx;
+    /* A broker outage fails thousands of records at once: one line a second. */
+    int64_t now = px_mono_ms();
+    if (now - ms->dr_log_ms < 1000) {
+        ms->dr_suppressed++;
+        return;
+    }
+    log_warn("produce failed", "{s:s, s:b, s:I}", "error", err ? err : "",
+             "gates_commit", t->idx != BATCH_BEST_EFFORT, "suppressed",
+             (json_int_t)ms->dr_suppressed);
+    ms->dr_log_ms = now;
+    ms->dr_suppressed = 0;
+}
+
+int batch_produce(msgstore *ms, const char *topic, const char *key, size_t key_len,
+                  const void *value, size_t len, void *opaque, char *err, size_t errlen)
+{
+    int64_t deadline = px_mono_ms() + BATCH_QUEUE_WAIT_MS;
+    int rc;
+    for (;;) {
+        rc = bus_produce(ms->b, topic, key, key_len, value, len, opaque, err, errlen);
+        if (rc != PX_AGAIN || px_mono_ms() >= deadline)
+            break;
+        bus_poll(ms->b, 10);
+    }
+    if (rc == PX_AGAIN)
+        rc = px_err(err, errlen, "producer queue to %s full for %d ms", topic, BATCH_QUEUE_WAIT_MS);
+    return rc;
+}
+
+/* ---- decoding ---- */
+
+static int batch_key_is(const bus_msg *m, const char *s)
+{
+    size_t n = strlen(s);
+    return m->key != NULL && m->key_len == n && memcmp(m->key, s, n) == 0;
+}
+
+static void batch_dead(msgstore_rec *r, const char *fmt, const char *what)
+{
+    r->kind = REC_DEAD;
+    snprintf(r->reason, sizeof(r->reason), fmt, what);
+}
+
+/* Strings the store would refuse (and keep refusing on every retry, which
+ * would wedge the partition) are caught here and dead-lettered instead. */
+static int batch_text_ok(const void *s, size_t n)
+{
+    return memchr(s, '\0', n) == NULL && utf8_valid(s, n);
+}
+
+static void batch_decode_inbox(msgstore_rec *r)
+{
+    const bus_msg *m = r->m;
+    Parley__InboxRecord *x = parley__inbox_record__unpack(NULL, m->len, m->value);
+    if (x == NULL) {
+        batch_dead(r, "%s: not a protobuf", "InboxRecord");
+        return;
+    }
+    r->u.inbox = x;
+    r->kind = REC_INBOX;
+    if (x->version != MSGSTORE_RECORD_VERSION)
+        batch_dead(r, "%s: unknown version", "InboxRecord");
+    else if (!id_valid_user(x->user))
+        batch_dead(r, "%s: bad user", "InboxRecord");
+    else if (!batch_key_is(m, x->user))
+        batch_dead(r, "%s: key is not the user", "InboxRecord");
+    else if (x->id[0] == '\0' || strlen(x->id) > BATCH_EVENT_ID_MAX ||
+             !batch_text_ok(x->id, strlen(x->id)))
+        batch_dead(r, "%s: bad event id", "InboxRecord");
+    else if (x->sender[0] != '\0' && !id_valid_user(x->sender))
+        batch_dead(r, "%s: bad sender", "InboxRecord");
+    else if (x->kind < PARLEY__EVENT_KIND__EVENT_KIND_MESSAGE ||
+             x->kind > PARLEY__EVENT_KIND__EVENT_KIND_GROUP_EVENT)
+        batch_dead(r, "%s: unknown kind", "InboxRecord");
+    else if (x->event_json.len == 0 || !batch_text_ok(x->event_json.data, x->event_json.len))
+        batch_dead(r, "%s: event_json empty or not UTF-8", "InboxRecord");
+}
+
+static void batch_decode_ack(msgstore_rec *r)
+{
+    const bus_msg *m = r->m;
+    Parley__AckRecord *x = parley__ack_record__unpack(NULL, m->len, m->value);
+    if (x == NULL) {
+        batch_dead(r, "%s: not a protobuf", "AckRecord");
+        return;
+    }
+    r->u.ack = x;
+    r->kind = REC_ACK;
+    if (x->version != MSGSTORE_RECORD_VERSION)
+        batch_dead(r, "%s: unknown version", "AckRecord");
+    else if (!id_valid_user(x->user))
+        batch_dead(r, "%s: bad user", "AckRecord");
+    else if (!batch_key_is(m, x->user))
+        batch_dead(r, "%s: key is not the user", "AckRecord");
+}
+
+static int batch_valid_gateway(const char *g)
+{
+    /* The id becomes part of a topic name: same alphabet as a user id. */
+    return id_valid_user(g);
+}
+
+static void batch_decode_sync(msgstore_rec *r)
+{
+    const bus_msg *m = r->m;
+    Parley__SyncRequest *x = parley__sync_request__unpack(NULL, m->len, m->value);
+    if (x == NULL) {
+        batch_dead(r, "%s: not a protobuf", "SyncRequest");
+        return;
+    }
+    r->u.sync = x;
+    r->kind = REC_SYNC;
+    if (x->version != MSGSTORE_RECORD_VERSION)
+        batch_dead(r, "%s: unknown version", "SyncRequest");
+    else if (!id_valid_user(x->user))
+        batch_dead(r, "%s: bad user", "SyncRequest");
+    else if (!batch_key_is(m, x->user))
+        batch_dead(r, "%s: key is not the user", "SyncRequest");
+    else if (!batch_valid_gateway(x->gateway))
+        batch_dead(r, "%s: bad gateway id", "SyncRequest");
+    else if (x->conn == 0)
+        batch_dead(r, "%s: conn 0 (would sync every connection)", "SyncRequest");
+}
+
+static void batch_decode(msgstore *ms, bus_msg *m, msgstore_rec *r)
+{
+    memset(r, 0, sizeof(*r));
+    r->m = m;
+    if (strcmp(m->topic, ms->topic_inbox) == 0)
+        batch_decode_inbox(r);
+    else if (strcmp(m->topic, ms->topic_acks) == 0)
+        batch_decode_ack(r);
+    else if (strcmp(m->topic, ms->topic_sync) == 0)
+        batch_decode_sync(r);
+    else
+        batch_dead(r, "unexpected topic %s", m->topic);
+    if (r->kind == REC_DEAD) {
+        metric_add(ms->m.dead, 1);
+        log_warn("dead letter", "{s:s, s:s, s:i, s:I}", "reason", r->reason, "topic", m->topic,
+                 "partition", (int)m->partition, "offset", (json_int_t)m->offset);
+    }
+}
+
+/* Frees the decoded form; the kind may have turned to REC_DEAD after the
+ * unpack succeeded, so free by topic, not by kind. */
+static void batch_free_rec(msgstore *ms, msgstore_rec *r)
+{
+    const char *t = r->m->topic;
+    if (r->u.inbox != NULL && strcmp(t, ms->topic_inbox) == 0)
+        parley__inbox_record__free_unpacked(r->u.inbox, NULL);
+    else if (r->u.ack != NULL && strcmp(t, ms->topic_acks) == 0)
+        parley__ack_record__free_unpacked(r->u.ack, NULL);
+    else if (r->u.sync != NULL && strcmp(t, ms->topic_sync) == 0)
+        parley__sync_request__free_unpacked(r->u.sync, NULL);
+}
+
+/* ---- running ---- */
+
+/* Value = the original bytes, key = the original key; the reason is in the
+ * log (the bus has no headers). */
+static int batch_send_dead(msgstore *ms, size_t idx, const msgstore_rec *r, char *err,
+                           size_t errlen)
+{
+    const bus_msg *m = r->m;
+    return batch_produce(ms, ms->topic_dead, m->key, m->key_len, m->value, m->len,
+                         batch_tag_for(ms, idx), err, errlen);
+}
+
+/* Runs recs[from..n) in order; returns the index of the first record whose
+ * step failed (n when all succeeded), err saying why. */
+static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_t n,
+                            char *err, size_t errlen)
+{
+    size_t i = from;
+    while (i < n) {
+        size_t j = i + 1;
+        int rc;
+        switch (recs[i].kind) {
+        case REC_INBOX:
+            while (j < n && recs[j].kind == REC_INBOX)
+                j++;
+            rc = inbox_store_run(ms, recs + i, j - i, err, errlen);
+            break;
+        case REC_SYNC:
+            rc = sync_serve(ms, i, recs[i].u.sync, err, errlen);
+            break;
+        case REC_ACK:
+            rc = ack_apply(ms, recs[i].u.ack, err, errlen);
+            break;
+        default:
+            rc = batch_send_dead(ms, i, &recs[i], err, errlen);
+            break;
+        }
+        if (rc != PX_OK)
+            break;
+        i = j;
+    }
+    return i;
+}
+
+/* How far [from, upto) may be committed: waits for the produces that gate
+ * records in it and stops before the first one that failed. */
+static size_t batch_settle(msgstore *ms, size_t upto, char *err, size_t errlen)
+{
+    if (ms->first_durable < upto && bus_flush(ms->b, BATCH_FLUSH_MS) != PX_OK) {
+        px_err(err, errlen, "deliveries not acknowledged within %d ms", BATCH_FLUSH_MS);
+        if (ms->first_durable < ms->failed_at)
+            ms->failed_at = ms->first_durable;
+    }
+    if (ms->failed_at < upto) {
+        if (err[0] == '\0')
+            px_err(err, errlen, "a delivery or dead letter was not accepted by the bus");
+        upto = ms->failed_at;
+    }
+    return upto;
+}
+
+/* Sleeps up to ms_total, serving delivery reports; returns early on stop. */
+static void batch_sleep(msgstore *ms, int64_t ms_total)
+{
+    int64_t end = px_mono_ms() + ms_total;
+    while (!*ms->stop && px_mono_ms() < end)
+        bus_poll(ms->b, BATCH_SLEEP_SLICE_MS);
+}
+
+void batch_process(msgstore *ms, bus_msg *msgs, size_t n)
+{
+    msgstore_rec *recs = px_calloc(n, sizeof(*recs));
+    for (size_t i = 0; i < n; i++)
+        batch_decode(ms, &msgs[i], &recs[i]);
+
+    size_t done = 0;
+    int64_t backoff = BATCH_BACKOFF_MIN_MS;
+    while (done < n) {
+        char err[PX_ERRLEN] = "";
+        ms->first_durable = SIZE_MAX;
+        ms->failed_at = SIZE_MAX;
+        size_t upto = batch_attempt(ms, recs, done, n, err, sizeof(err));
+        upto = batch_settle(ms, upto, err, sizeof(err));
+        if (upto > done) {
+            bus_commit(ms->b, msgs + done, upto - done);
+            done = upto;
+            backoff = BATCH_BACKOFF_MIN_MS;
+        }
+        if (done == n)
+            break;
+        const bus_msg *m = &msgs[done];
+        metric_add(ms->m.retries, 1);
+        log_warn("batch step failed; retrying", "{s:s, s:s, s:i, s:I, s:I, s:I}", "error", err,
+                 "topic", m->topic, "partition", (int)m->partition, "offset",
+                 (json_int_t)m->offset, "pending", (json_int_t)(n - done), "backoff_ms",
+                 (json_int_t)backoff);
+        batch_sleep(ms, backoff);
+        if (*ms->stop) {
+            log_warn("stopping with uncommitted records; they will be consumed again",
+                     "{s:I}", "records", (json_int_t)(n - done));
+            break;
+        }
+        backoff = PX_MIN(backoff * 2, BATCH_BACKOFF_MAX_MS);
+    }
+    bus_release(ms->b, msgs, n);
+    for (size_t i = 0; i < n; i++)
+        batch_free_rec(ms, &recs[i]);
+    free(recs);
+}

@@ -1,0 +1,82 @@
+/* Owns the Delivery record: collecting event texts under the per-record
+ * ceilings (DELIV_MAX_EVENTS, DELIV_MAX_BYTES), encoding once, and producing
+ * to each gateway's topic <prefix>gw.<gateway id>, keyed by user so one
+ * user's deliveries keep their order on the gateway side. */
+#include "common.h"
+#include "ids.h"
+#include "msgstore.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int deliv_full(const deliv *d, size_t len)
+{
+    return d->n > 0 && (d->n == DELIV_MAX_EVENTS || d->bytes + len > DELIV_MAX_BYTES);
+}
+
+void deliv_add(deliv *d, const void *json, size_t len, int copy)
+{
+    uint8_t *data = (uint8_t *)json;
+    if (copy) {
+        data = px_malloc(len);
+        memcpy(data, json, len);
+    }
+    d->ev[d->n].data = data;
+    d->ev[d->n].len = len;
+    d->owned[d->n] = copy ? data : NULL;
+    d->n++;
+    d->bytes += len;
+}
+
+void deliv_reset(deliv *d)
+{
+    for (size_t i = 0; i < d->n; i++)
+        free(d->owned[i]);
+    d->n = 0;
+    d->bytes = 0;
+}
+
+/* Encodes into ms->pack (grown as needed, reused across records). */
+static size_t deliv_encode(msgstore *ms, const deliv *d, const char *user, uint64_t conn,
+                           int synced)
+{
+    Parley__Delivery msg = PARLEY__DELIVERY__INIT;
+    msg.version = 1;
+    msg.user = (char *)user;
+    msg.conn = conn;
+    msg.n_events_json = d->n;
+    msg.events_json = (ProtobufCBinaryData *)d->ev;
+    msg.synced = synced != 0;
+    size_t len = parley__delivery__get_packed_size(&msg);
+    if (len > ms->pack_cap) {
+        ms->pack_cap = PX_MAX(len, 2 * ms->pack_cap);
+        ms->pack = px_realloc(ms->pack, ms->pack_cap);
+    }
+    return parley__delivery__pack(&msg, ms->pack);
+}
+
+/* Every gateway is tried even after one fails: a user on two gateways
+ * should not lose the live push on one because the other's topic is gone. */
+int deliv_send(msgstore *ms, const deliv *d, const char (*gws)[65], size_t ngws,
+               const char *user, uint64_t conn, int synced, void *opaque,
+               char *err, size_t errlen)
+{
+    int rc = PX_OK;
+    size_t len = deliv_encode(ms, d, user, conn, synced);
+    for (size_t i = 0; i < ngws; i++) {
+        char topic[160];
+        if (!id_valid_user(gws[i])) {
+            rc = px_err(err, errlen, "gateway id \"%.64s\" is not a valid topic suffix", gws[i]);
+            continue;
+        }
+        snprintf(topic, sizeof(topic), "%sgw.%s", ms->cfg.topic_prefix, gws[i]);
+        if (batch_produce(ms, topic, user, strlen(user), ms->pack, len, opaque, err, errlen) !=
+            PX_OK) {
+            rc = PX_ERROR;
+            continue;
+        }
+        metric_add(ms->m.deliveries, 1);
+    }
+    return rc;
+}

@@ -1,0 +1,197 @@
+/* Internal interfaces of message-store: the process state and the contracts
+ * between its modules. Threads: the main thread runs the consume loop and
+ * owns everything below; delivery reports arrive on it too (from inside
+ * bus_poll/bus_flush, which only the main thread calls). The sweep thread
+ * uses only st (thread-safe), cfg and metrics; the admin thread's ready
+ * callback reads only draining and st. */
+#ifndef PARLEY_MSGSTORE_H
+#define PARLEY_MSGSTORE_H
+
+#include "admin_http.h"
+#include "bus.h"
+#include "config.h"
+#include "metrics.h"
+#include "store.h"
+#include "parley.pb-c.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define MSGSTORE_GROUP "message-store"
+#define MSGSTORE_BATCH 512          /* records per bus_consume */
+#define MSGSTORE_CONSUME_WAIT_MS 50
+#define MSGSTORE_RECORD_VERSION 1   /* the only InboxRecord/AckRecord/SyncRequest version we know */
+
+/* Delivery ceilings: a Delivery is one Kafka record, so it stays well below
+ * the broker's default message.max.bytes (1 MB) and the gateway's per-record
+ * work stays bounded. An event larger than the byte cap travels alone. */
+#define DELIV_MAX_EVENTS 256
+#define DELIV_MAX_BYTES (256 * 1024)
+
+typedef struct route_cache route_cache;
+
+typedef struct msgstore_metrics {
+    metric *stored, *duplicates, *deliveries, *produce_failures, *offline, *syncs,
+        *sync_events, *acks, *acked_events, *acked_messages, *dead, *retries,
+        *cache_hits, *cache_misses, *lookup_failures, *swept_inbox, *swept_seen;
+    metric *lat_seen_filter, *lat_seen_mark, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
+        *lat_sweep;
+} msgstore_metrics;
+
+/* What batch.c made of one consumed record. */
+enum msgstore_rec_kind { REC_INBOX, REC_ACK, REC_SYNC, REC_DEAD };
+
+typedef struct msgstore_rec {
+    enum msgstore_rec_kind kind;
+    bus_msg *m;
+    union {
+        Parley__InboxRecord *inbox;
+        Parley__AckRecord *ack;
+        Parley__SyncRequest *sync;
+    } u;
+    char reason[160];               /* REC_DEAD: why */
+} msgstore_rec;
+
+/* The opaque of every produce: which batch record's commit it gates
+ * (idx), or none (idx == BATCH_BEST_EFFORT: live deliveries). */
+#define BATCH_BEST_EFFORT SIZE_MAX
+typedef struct msgstore msgstore;
+typedef struct batch_tag {
+    msgstore *ms;
+    size_t idx;
+} batch_tag;
+
+struct msgstore {
+    config cfg;
+    store *st;
+    bus *b;
+    char topic_inbox[96], topic_acks[96], topic_sync[96], topic_presence[96],
+        topic_receipts[96], topic_groups[96], topic_dead[96];
+    route_cache *cache;
+    admin *admin;
+    volatile sig_atomic_t *stop;    /* set by the signal handler */
+    atomic_int draining;            /* /readyz answers 503 from here on */
+
+    /* Delivery-report bookkeeping for the batch in flight (batch.c). */
+    batch_tag tags[MSGSTORE_BATCH];
+    batch_tag best_effort;
+    size_t first_durable;           /* lowest record index with a gating produce */
+    size_t failed_at;               /* lowest record index whose gating produce failed */
+    int64_t dr_log_ms;              /* rate limit for produce-failure logs */
+    long dr_suppressed;
+
+    uint8_t *pack;                  /* reusable protobuf encode buffer */
+    size_t pack_cap;
+    pthread_t sweeper;              /* sweep.c */
+    pthread_mutex_t sweep_mu;
+    pthread_cond_t sweep_cv;
+    int sweep_started, sweep_stop;
+    msgstore_metrics m;
+};
+
+/* ---- batch.c: one consumed batch, in order, retried until durable ---- */
+
+/* Processes n consumed records (decode, dispatch in order, commit, retry
+ * with backoff on store errors) and releases them. Returns after every
+ * record is committed, or early when *ms->stop is set (the rest is then
+ * left uncommitted and is consumed again by whoever owns the partition
+ * next). */
+void batch_process(msgstore *ms, bus_msg *msgs, size_t n);
+
+/* Prepares the delivery-report tags; call once before the first batch. */
+void batch_init(msgstore *ms);
+
+/* The bus delivery-report callback (bus_conf.dr_cb); opaque is always a
+ * batch_tag from batch_tag_for / batch_tag_best_effort. */
+void batch_on_delivery(void *opaque, int status, const char *err, int32_t partition,
+                       int64_t offset);
+
+/* The opaque for a produce whose durability gates the commit of batch record
+ * idx (sync deliveries, dead letters): the batch commits nothing from idx on
+ * until the record is acknowledged, and retries from idx if it fails. */
+void *batch_tag_for(msgstore *ms, size_t idx);
+/* The opaque for a produce nobody waits for (live deliveries). */
+void *batch_tag_best_effort(msgstore *ms);
+
+/* bus_produce that rides out a full local queue (PX_AGAIN) by polling for
+ * up to a few seconds. */
+int batch_produce(msgstore *ms, const char *topic, const char *key, size_t key_len,
+                  const void *value, size_t len, void *opaque, char *err, size_t errlen);
+
+/* ---- inbox.c: runs of InboxRecords ---- */
+
+/* Stores n consecutive InboxRecords with crash-safe dedupe (seen filter,
+ * inbox put, seen mark), then routes the ones not seen before. PX_OK when
+ * every record's store effect is durable; a retry repeats it harmlessly. */
+int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_t errlen);
+
+/* ---- route.c: presence cache and live pushes ---- */
+
+route_cache *route_cache_new(void);
+void route_cache_free(route_cache *rc);
+
+/* Pushes freshly stored events to their recipients' gateways, several
+ * events of one user per Delivery. Best effort: an event that cannot be
+ * pushed now stays in the inbox and goes out with the user's next sync. */
+void route_live(msgstore *ms, const store_event *ev, size_t n);
+
+/* The sync path's hint: gateway now holds a connection of user, whatever
+ * the registry says yet. */
+void route_note_gateway(msgstore *ms, const char *user, const char *gateway);
+
+/* ---- deliv.c: building and producing Delivery records ---- */
+
+/* A Delivery under construction: event texts borrowed or copied. */
+typedef struct deliv {
+    ProtobufCBinaryData ev[DELIV_MAX_EVENTS];
+    uint8_t *owned[DELIV_MAX_EVENTS];   /* non-NULL: ev[i].data is ours to free */
+    size_t n, bytes;
+} deliv;
+
+/* 1 if adding an event of len bytes would pass a ceiling (an empty deliv is
+ * never full, so an oversized event travels alone). */
+int deliv_full(const deliv *d, size_t len);
+/* Adds an event; copy: keep a private copy (the text dies after the call). */
+void deliv_add(deliv *d, const void *json, size_t len, int copy);
+void deliv_reset(deliv *d);
+/* Encodes d once as Delivery{user, conn, events, synced} and produces it to
+ * <prefix>gw.<gateway> keyed by user, for each of the n gateways. Every
+ * gateway is tried; PX_ERROR if any failed (err: the last failure). */
+int deliv_send(msgstore *ms, const deliv *d, const char (*gws)[65], size_t ngws,
+               const char *user, uint64_t conn, int synced, void *opaque,
+               char *err, size_t errlen);
+
+/* ---- sync.c: the backlog for a new connection ---- */
+
+/* Serves one SyncRequest (batch record idx): notes the gateway in the
+ * presence cache, pushes the whole inbox in seq order, the last Delivery
+ * with synced=true. */
+int sync_serve(msgstore *ms, size_t idx, const Parley__SyncRequest *r, char *err, size_t errlen);
+
+/* ---- ack.c: acks delete inbox events ---- */
+
+int ack_apply(msgstore *ms, const Parley__AckRecord *r, char *err, size_t errlen);
+
+/* Called once per inbox event an ack (or read) deleted, before the delete
+ * commits. The boundary for delivered/read facts to parley.receipts (not
+ * produced yet: only counted). */
+void msgstore_on_acked(msgstore *ms, const char *user, const store_event *ev, int read);
+
+/* ---- sweep.c: retention ---- */
+
+/* A thread that runs the retention sweep every cfg.sweep_ms, off the
+ * consume loop so a long delete never stalls deliveries. */
+int sweep_start(msgstore *ms, char *err, size_t errlen);
+void sweep_stop(msgstore *ms);
+
+/* ---- main.c ---- */
+
+/* Store call latency: msgstore_observe(m, t0) puts the milliseconds since
+ * t0 = msgstore_clock_us() into histogram m (sub-millisecond precision). */
+int64_t msgstore_clock_us(void);
+void msgstore_observe(metric *m, int64_t t0_us);
+
+#endif

@@ -1,0 +1,207 @@
+/* Owns "where is this user connected": a per-process cache in front of the
+ * presence registry (store_presence_lookup), and pushing freshly stored
+ * events to those gateways. The cache may be stale for up to its TTL: that
+ * can only delay an event until the user's next sync (the inbox keeps it
+ * until acked), never lose it. It is also what closes the connect race: a
+ * SyncRequest notes its gateway here before the registry write lands, so an
+ * event stored right after the sync scan is still pushed live.
+ *
+ * The cache is direct-mapped (one entry per hash slot, a colliding user
+ * evicts): bounded memory, O(1), and a miss costs only one lookup. Offline
+ * users are cached too (zero gateways), which saves most lookups. Main
+ * thread only, no lock. */
+#include "common.h"
+#include "log.h"
+#include "msgstore.h"
+
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROUTE_SLOTS (1u << 17)   /* 1 MiB of pointers; entries ~100 B each */
+#define ROUTE_MAX_GWS 16         /* gateways of one user we push to */
+#define ROUTE_NOTE_MIN_MS 1000   /* a sync's note outlives even a tiny TTL */
+
+typedef struct route_entry {
+    int64_t expires_ms;          /* monotonic */
+    size_t n;
+    char *user;                  /* points after gws */
+    char gws[][65];
+} route_entry;
+
+struct route_cache {
+    route_entry *slots[ROUTE_SLOTS];
+};
+
+route_cache *route_cache_new(void)
+{
+    return px_calloc(1, sizeof(route_cache));
+}
+
+void route_cache_free(route_cache *rc)
+{
+    if (rc == NULL)
+        return;
+    for (size_t i = 0; i < ROUTE_SLOTS; i++)
+        free(rc->slots[i]);
+    free(rc);
+}
+
+static route_entry **route_slot(route_cache *rc, const char *user)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    for (const char *s = user; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return &rc->slots[h & (ROUTE_SLOTS - 1)];
+}
+
+static void route_put(route_cache *rc, const char *user, const char (*gws)[65], size_t n,
+                      int64_t expires_ms)
+{
+    size_t ulen = strlen(user);
+    route_entry *e = px_malloc(sizeof(*e) + n * sizeof(e->gws[0]) + ulen + 1);
+    e->expires_ms = expires_ms;
+    e->n = n;
+    memcpy(e->gws, gws, n * sizeof(e->gws[0]));
+    e->user = (char *)&e->gws[n];
+    memcpy(e->user, user, ulen + 1);
+    route_entry **slot = route_slot(rc, user);
+    free(*slot);
+    *slot = e;
+}
+
+/* The fresh cached entry of user, or NULL. */
+static const route_entry *route_get(route_cache *rc, const char *user, int64_t now_ms)
+{
+    const route_entry *e = *route_slot(rc, user);
+    if (e == NULL || e->expires_ms <= now_ms || strcmp(e->user, user) != 0)
+        return NULL;
+    return e;
+}
+
+/* Asks the registry; PX_ERROR leaves *n = 0 (the caller treats the user as
+ * offline for now, which delays at most until the next sync). */
+static int route_lookup(msgstore *ms, const char *user, char (*gws)[65], size_t *n)
+{
+    char err[PX_ERRLEN] = "";
+    int64_t alive_after = px_now_ms() - 3 * ms->cfg.heartbeat_ms;
+    int64_t t0 = msgstore_clock_us();
+    *n = 0;
+    int rc = store_presence_lookup(ms->st, user, alive_after, gws, ROUTE_MAX_GWS, n, err,
+                                   sizeof(err));
+    msgstore_observe(ms->m.lat_lookup, t0);
+    if (rc != PX_OK) {
+        *n = 0;
+        metric_add(ms->m.lookup_failures, 1);
+        log_warn("presence lookup failed", "{s:s, s:s}", "user", user, "error", err);
+    }
+    return rc;
+}
+
+/* The user's gateways, from the cache or the registry (then cached). */
+static size_t route_gateways(msgstore *ms, const char *user, char (*gws)[65])
+{
+    int64_t now = px_mono_ms();
+    const route_entry *e = route_get(ms->cache, user, now);
+    if (e != NULL) {
+        metric_add(ms->m.cache_hits, 1);
+        memcpy(gws, e->gws, e->n * sizeof(e->gws[0]));
+        return e->n;
+    }
+    metric_add(ms->m.cache_misses, 1);
+    size_t n = 0;
+    if (route_lookup(ms, user, gws, &n) == PX_OK && ms->cfg.presence_ttl_ms > 0)
+        route_put(ms->cache, user, (const char (*)[65])gws, n, now + ms->cfg.presence_ttl_ms);
+    return n;
+}
+
+void route_note_gateway(msgstore *ms, const char *user, const char *gateway)
+{
+    char gws[ROUTE_MAX_GWS][65];
+    size_t n = 0;
+    int64_t now = px_mono_ms();
+    const route_entry *e = route_get(ms->cache, user, now);
+    if (e != NULL) {
+        n = e->n;
+        memcpy(gws, e->gws, n * sizeof(gws[0]));
+    } else {
+        /* Keep the user's other gateways (phone + web on two gateways). */
+        route_lookup(ms, user, gws, &n);
+    }
+    size_t i = 0;
+    while (i < n && strcmp(gws[i], gateway) != 0)
+        i++;
+    if (i == n) {
+        if (n == ROUTE_MAX_GWS)
+            n--; /* the newest connection wins the last place */
+        snprintf(gws[n++], sizeof(gws[0]), "%s", gateway);
+    }
+    int64_t ttl = PX_MAX(ms->cfg.presence_ttl_ms, ROUTE_NOTE_MIN_MS);
+    route_put(ms->cache, user, (const char (*)[65])gws, n, now + ttl);
+}
+
+/* ---- live routing ---- */
+
+typedef struct route_ref {
+    const char *user;
+    size_t i;
+} route_ref;
+
+static int route_ref_cmp(const void *a, const void *b)
+{
+    const route_ref *x = a, *y = b;
+    int c = strcmp(x->user, y->user);
+    if (c != 0)
+        return c;
+    return x->i < y->i ? -1 : x->i > y->i;
+}
+
+/* Pushes one user's events (refs, in offset order) in as few Deliveries as
+ * the ceilings allow. */
+static void route_user(msgstore *ms, const store_event *ev, const route_ref *refs, size_t n)
+{
+    char gws[ROUTE_MAX_GWS][65];
+    const char *user = refs[0].user;
+    size_t ngws = route_gateways(ms, user, gws);
+    if (ngws == 0) {
+        metric_add(ms->m.offline, (int64_t)n);
+        return;
+    }
+    deliv d;
+    memset(&d, 0, sizeof(d));
+    for (size_t k = 0; k <= n; k++) {
+        int last = k == n;
+        size_t len = last ? 0 : ev[refs[k].i].json_len;
+        if (d.n > 0 && (last || deliv_full(&d, len))) {
+            char err[PX_ERRLEN] = "";
+            if (deliv_send(ms, &d, (const char (*)[65])gws, ngws, user, 0, 0,
+                           batch_tag_best_effort(ms), err, sizeof(err)) != PX_OK)
+                log_warn("live delivery not produced; it waits for the next sync",
+                         "{s:s, s:s, s:I}", "user", user, "error", err, "events", (json_int_t)d.n);
+            deliv_reset(&d);
+        }
+        if (!last)
+            deliv_add(&d, ev[refs[k].i].json, len, 0);
+    }
+}
+
+void route_live(msgstore *ms, const store_event *ev, size_t n)
+{
+    if (n == 0)
+        return;
+    route_ref *refs = px_malloc(n * sizeof(*refs));
+    for (size_t i = 0; i < n; i++)
+        refs[i] = (route_ref){ .user = ev[i].user, .i = i };
+    /* Group by user; the index tie-break keeps each user's batch order,
+     * which is offset order. */
+    qsort(refs, n, sizeof(*refs), route_ref_cmp);
+    size_t a = 0;
+    while (a < n) {
+        size_t b = a + 1;
+        while (b < n && strcmp(refs[b].user, refs[a].user) == 0)
+            b++;
+        route_user(ms, ev, refs + a, b - a);
+        a = b;
+    }
+    free(refs);
+}

@@ -1,0 +1,97 @@
+/* Owns retention: every cfg.sweep_ms, delete inbox events and dedupe keys
+ * older than PARLEY_RETENTION_DAYS. Our own periodic sweep rather than a TTL
+ * index (FerretDB has none, and a sweep is easier to reason about). It runs
+ * on its own thread because one big delete can take seconds and must not
+ * stall the consume loop; the store is thread-safe. Every instance sweeps
+ * everything: the deletes are idempotent, so that is only redundant work. */
+#include "common.h"
+#include "log.h"
+#include "msgstore.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <string.h>
+#include <time.h>
+
+static void sweep_once(msgstore *ms)
+{
+    char err[PX_ERRLEN] = "";
+    int64_t cutoff = px_now_ms() - ms->cfg.retention_days * 86400000LL;
+    int64_t inbox = 0, seen = 0;
+    int64_t t0 = msgstore_clock_us();
+    int irc = store_inbox_sweep(ms->st, cutoff, &inbox, err, sizeof(err));
+    if (irc != PX_OK)
+        log_warn("inbox sweep failed", "{s:s}", "error", err);
+    int src = store_seen_sweep(ms->st, cutoff, &seen, err, sizeof(err));
+    if (src != PX_OK)
+        log_warn("seen sweep failed", "{s:s}", "error", err);
+    msgstore_observe(ms->m.lat_sweep, t0);
+    metric_add(ms->m.swept_inbox, inbox);
+    metric_add(ms->m.swept_seen, seen);
+    log_info("retention sweep", "{s:I, s:I, s:I, s:b}", "cutoff_ms", (json_int_t)cutoff,
+             "inbox_removed", (json_int_t)inbox, "seen_removed", (json_int_t)seen, "ok",
+             irc == PX_OK && src == PX_OK);
+}
+
+static void sweep_deadline(struct timespec *ts, long ms)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+static void *sweep_main(void *arg)
+{
+    msgstore *ms = arg;
+    pthread_mutex_lock(&ms->sweep_mu);
+    while (!ms->sweep_stop) {
+        struct timespec until;
+        sweep_deadline(&until, ms->cfg.sweep_ms);
+        int rc = 0;
+        while (!ms->sweep_stop && rc != ETIMEDOUT)
+            rc = pthread_cond_timedwait(&ms->sweep_cv, &ms->sweep_mu, &until);
+        if (ms->sweep_stop)
+            break;
+        pthread_mutex_unlock(&ms->sweep_mu);
+        sweep_once(ms);
+        pthread_mutex_lock(&ms->sweep_mu);
+    }
+    pthread_mutex_unlock(&ms->sweep_mu);
+    return NULL;
+}
+
+int sweep_start(msgstore *ms, char *err, size_t errlen)
+{
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&ms->sweep_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&ms->sweep_mu, NULL);
+    ms->sweep_stop = 0;
+    int rc = pthread_create(&ms->sweeper, NULL, sweep_main, ms);
+    if (rc != 0)
+        return px_err(err, errlen, "sweep thread: %s", strerror(rc));
+    ms->sweep_started = 1;
+    return PX_OK;
+}
+
+void sweep_stop(msgstore *ms)
+{
+    if (!ms->sweep_started)
+        return;
+    pthread_mutex_lock(&ms->sweep_mu);
+    ms->sweep_stop = 1;
+    pthread_cond_signal(&ms->sweep_cv);
+    pthread_mutex_unlock(&ms->sweep_mu);
+    /* A sweep in progress finishes first: its store call is bounded by the
+     * driver's socket timeout. */
+    pthread_join(ms->sweeper, NULL);
+    ms->sweep_started = 0;
+    pthread_cond_destroy(&ms->sweep_cv);
+    pthread_mutex_destroy(&ms->sweep_mu);
+}

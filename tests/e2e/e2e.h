@@ -1,0 +1,72 @@
+/* Helpers shared by the end-to-end suites: connecting as a user, sending
+ * and collecting events, with timeouts that fail the test, never hang. */
+#ifndef PARLEY_E2E_H
+#define PARLEY_E2E_H
+
+#include "client.h"
+#include "harness.h"
+
+#include <check.h>
+#include <jansson.h>
+#include <string.h>
+
+#define E2E_WAIT_MS 15000
+
+static inline client *e2e_connect(const char *user, enum e2e_svc gw)
+{
+    char tok[2048], err[256];
+    int status = 0;
+    e2e_token(user, 3600, tok, sizeof(tok));
+    client *cl = client_connect("127.0.0.1", e2e_port(gw), tok, NULL, 5000, &status, err,
+                                sizeof(err));
+    ck_assert_msg(cl != NULL, "connect %s: %s (HTTP %d)", user, err, status);
+    return cl;
+}
+
+static inline void e2e_send_text(client *cl, const char *json)
+{
+    ck_assert_int_eq(client_send_text(cl, json, strlen(json)), 0);
+}
+
+/* Sends a 1:1 message without waiting for its answer. */
+static inline void e2e_send_async(client *cl, const char *cid, const char *to, const char *body)
+{
+    json_t *o = json_pack("{s:s, s:s, s:s, s:s}", "type", "send", "id", cid, "to", to, "body", body);
+    ck_assert_int_eq(client_send_json(cl, o), 0);
+    json_decref(o);
+}
+
+/* Sends and waits for `sent`; copies the msg_id out. */
+static inline void e2e_send(client *cl, const char *cid, const char *to, const char *body,
+                            char msg_id[64])
+{
+    e2e_send_async(cl, cid, to, body);
+    json_t *r = client_wait_ref(cl, cid, E2E_WAIT_MS);
+    ck_assert_msg(r != NULL, "no answer to %s: %s", cid, client_errstr(cl));
+    ck_assert_msg(strcmp(json_string_value(json_object_get(r, "type")), "sent") == 0,
+                  "send %s answered %s", cid, json_dumps(r, 0));
+    snprintf(msg_id, 64, "%s", json_string_value(json_object_get(r, "msg_id")));
+    json_decref(r);
+}
+
+static inline json_t *e2e_wait_type(client *cl, const char *type)
+{
+    json_t *m = client_wait_type(cl, type, E2E_WAIT_MS);
+    ck_assert_msg(m != NULL, "no %s within %d ms: %s", type, E2E_WAIT_MS, client_errstr(cl));
+    return m;
+}
+
+static inline void e2e_ack(client *cl, const char *id)
+{
+    json_t *o = json_pack("{s:s, s:[s]}", "type", "ack", "ids", id);
+    ck_assert_int_eq(client_send_json(cl, o), 0);
+    json_decref(o);
+}
+
+static inline const char *e2e_str(const json_t *o, const char *key)
+{
+    const char *s = json_string_value(json_object_get(o, key));
+    return s ? s : "";
+}
+
+#endif

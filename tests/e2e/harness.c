@@ -1,0 +1,208 @@
+/* Owns the service processes of an end-to-end run and their environment. */
+#include "harness.h"
+#include "auth.h"
+#include "common.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define E2E_SECRET "e2e-secret"
+
+struct e2e_proc {
+    const char *bin;
+    const char *gateway_id;
+    int port;          /* gateway listen port, or admin port */
+    pid_t pid;
+};
+
+static struct e2e_proc e2e_procs[E2E_NSVC] = {
+    [E2E_GW1] = { "gateway", "gw-1", 0, 0 },
+    [E2E_GW2] = { "gateway", "gw-2", 0, 0 },
+    [E2E_PRESENCE] = { "presence", NULL, 0, 0 },
+    [E2E_STORE] = { "message-store", NULL, 0, 0 },
+};
+static char e2e_prefix[64], e2e_logdir[256];
+
+const char *e2e_secret(void)
+{
+    return E2E_SECRET;
+}
+
+int e2e_port(enum e2e_svc gw)
+{
+    return e2e_procs[gw].port;
+}
+
+static void e2e_setenv(void)
+{
+    if (e2e_prefix[0] != '\0')
+        return;
+    int base = atoi(getenv("PARLEY_E2E_PORT") ? getenv("PARLEY_E2E_PORT") : "18080");
+    snprintf(e2e_prefix, sizeof(e2e_prefix), "e2e%ld.%d.", (long)time(NULL), (int)getpid());
+    snprintf(e2e_logdir, sizeof(e2e_logdir), "%s/parley-e2e-%d",
+             getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (int)getpid());
+    mkdir(e2e_logdir, 0755);
+    char db[64];
+    snprintf(db, sizeof(db), "e2e_%ld_%d", (long)time(NULL), (int)getpid());
+    setenv("PARLEY_TOPIC_PREFIX", e2e_prefix, 1);
+    setenv("PARLEY_MONGO_DB", db, 1);
+    setenv("PARLEY_JWT_SECRET", E2E_SECRET, 1);
+    setenv("PARLEY_HEARTBEAT_MS", "500", 0);
+    setenv("PARLEY_PRESENCE_CACHE_MS", "200", 0);
+    setenv("PARLEY_PARTITIONS", "4", 0);
+    setenv("PARLEY_LOG_LEVEL", "info", 0);
+    e2e_procs[E2E_GW1].port = base + 1;
+    e2e_procs[E2E_GW2].port = base + 2;
+    e2e_procs[E2E_PRESENCE].port = base + 3;
+    e2e_procs[E2E_STORE].port = base + 4;
+}
+
+static pid_t e2e_spawn(enum e2e_svc s)
+{
+    struct e2e_proc *p = &e2e_procs[s];
+    char bin[512], log[512], listen[64];
+    const char *build = getenv("PARLEY_BUILD") ? getenv("PARLEY_BUILD") : "build/san";
+    snprintf(bin, sizeof(bin), "%s/bin/%s", build, p->bin);
+    snprintf(log, sizeof(log), "%s/%s%s%s.log", e2e_logdir, p->bin, p->gateway_id ? "-" : "",
+             p->gateway_id ? p->gateway_id : "");
+    snprintf(listen, sizeof(listen), "127.0.0.1:%d", p->port);
+    pid_t pid = fork();
+    if (pid != 0)
+        return pid;
+    int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd >= 0) {
+        dup2(fd, 1);
+        dup2(fd, 2);
+    }
+    if (p->gateway_id != NULL) {
+        setenv("PARLEY_GATEWAY_ID", p->gateway_id, 1);
+        setenv("PARLEY_LISTEN", listen, 1);
+        setenv("PARLEY_ADMIN_LISTEN", "off", 1);
+    } else {
+        setenv("PARLEY_ADMIN_LISTEN", listen, 1);
+    }
+    execl(bin, bin, (char *)NULL);
+    fprintf(stderr, "exec %s: %s\n", bin, strerror(errno));
+    _exit(127);
+}
+
+/* GET path on port; returns the HTTP status or -1. */
+static int e2e_http_status(int port, const char *path)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0), status = -1;
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    struct timeval tv = { 2, 0 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    char req[256], resp[256];
+    int n = snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", path);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 && write(fd, req, (size_t)n) == n) {
+        ssize_t r = read(fd, resp, sizeof(resp) - 1);
+        if (r > 12) {
+            resp[r] = '\0';
+            status = atoi(resp + 9);
+        }
+    }
+    close(fd);
+    return status;
+}
+
+static int e2e_wait_ready(enum e2e_svc s, int timeout_ms)
+{
+    int64_t end = px_mono_ms() + timeout_ms;
+    while (px_mono_ms() < end) {
+        if (e2e_http_status(e2e_procs[s].port, "/readyz") == 200)
+            return 0;
+        int st;
+        if (waitpid(e2e_procs[s].pid, &st, WNOHANG) == e2e_procs[s].pid) {
+            fprintf(stderr, "e2e: %s exited early; read %s/\n", e2e_procs[s].bin, e2e_logdir);
+            e2e_procs[s].pid = 0;
+            return -1;
+        }
+        usleep(100 * 1000);
+    }
+    fprintf(stderr, "e2e: %s not ready in %d ms; read the logs in %s/\n", e2e_procs[s].bin,
+            timeout_ms, e2e_logdir);
+    return -1;
+}
+
+int e2e_restart(enum e2e_svc s)
+{
+    e2e_setenv();
+    e2e_procs[s].pid = e2e_spawn(s);
+    return e2e_wait_ready(s, 60000);
+}
+
+int e2e_start(void)
+{
+    e2e_setenv();
+    for (int s = 0; s < E2E_NSVC; s++)
+        e2e_procs[s].pid = e2e_spawn((enum e2e_svc)s);
+    for (int s = 0; s < E2E_NSVC; s++)
+        if (e2e_wait_ready((enum e2e_svc)s, 60000) != 0)
+            return -1;
+    return 0;
+}
+
+/* Signals p and waits; returns 0 if it exited with status 0 (after SIGTERM
+ * that means a clean drain, and no sanitizer or leak report). */
+static int e2e_reap(struct e2e_proc *p, int sig, int grace_ms)
+{
+    if (p->pid <= 0)
+        return 0;
+    kill(p->pid, sig);
+    int64_t end = px_mono_ms() + grace_ms;
+    int st = 0, rc = 0;
+    while (waitpid(p->pid, &st, WNOHANG) == 0) {
+        if (px_mono_ms() > end) {
+            fprintf(stderr, "e2e: %s did not stop in %d ms\n", p->bin, grace_ms);
+            kill(p->pid, SIGKILL);
+            waitpid(p->pid, &st, 0);
+            rc = -1;
+            break;
+        }
+        usleep(20 * 1000);
+    }
+    if (sig != SIGKILL && rc == 0 && !(WIFEXITED(st) && WEXITSTATUS(st) == 0)) {
+        fprintf(stderr, "e2e: %s %s exited badly (status %d); read %s/\n", p->bin,
+                p->gateway_id ? p->gateway_id : "", st, e2e_logdir);
+        rc = -1;
+    }
+    p->pid = 0;
+    return rc;
+}
+
+void e2e_kill9(enum e2e_svc s)
+{
+    e2e_reap(&e2e_procs[s], SIGKILL, 5000);
+}
+
+int e2e_stop(void)
+{
+    int bad = 0;
+    for (int s = 0; s < E2E_NSVC; s++)
+        bad += e2e_reap(&e2e_procs[s], SIGTERM, 15000) != 0;
+    return bad;
+}
+
+void e2e_token(const char *user, long ttl_s, char *out, size_t outlen)
+{
+    int64_t now = px_now_ms() / 1000;
+    auth_sign(E2E_SECRET, user, now - 10, now + ttl_s, out, outlen);
+}
+
+void e2e_user(const char *prefix, char out[65])
+{
+    static int n;
+    snprintf(out, 65, "%s%d_%d", prefix, (int)getpid() % 100000, ++n);
+}

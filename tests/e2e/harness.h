@@ -1,0 +1,33 @@
+/* End-to-end harness: starts the real Parley services as child processes
+ * against the real Kafka broker and MongoDB-wire server that tests/run.sh
+ * started, each run on its own topic prefix and database so runs never see
+ * each other's data; kills and restarts them for crash tests. */
+#ifndef PARLEY_E2E_HARNESS_H
+#define PARLEY_E2E_HARNESS_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+enum e2e_svc { E2E_GW1, E2E_GW2, E2E_PRESENCE, E2E_STORE, E2E_NSVC };
+
+/* Starts every service (two gateways) and waits until both gateways answer
+ * /readyz. Returns 0, or -1 after printing what failed and where its log is. */
+int e2e_start(void);
+/* Stops every service (SIGTERM, then SIGKILL after 15 s). Returns how many
+ * did not exit cleanly with status 0 (sanitizer reports count as unclean). */
+int e2e_stop(void);
+/* kill -9 one service. */
+void e2e_kill9(enum e2e_svc s);
+/* Starts one service again (same config and identity). */
+int e2e_restart(enum e2e_svc s);
+
+/* Gateway port of E2E_GW1 or E2E_GW2. */
+int e2e_port(enum e2e_svc gw);
+/* A fresh token for user, valid for an hour (or expired if ttl < 0). */
+void e2e_token(const char *user, long ttl_s, char *out, size_t outlen);
+/* A user id unique to this run: prefix + counter. */
+void e2e_user(const char *prefix, char out[65]);
+/* The JWT secret the services run with. */
+const char *e2e_secret(void);
+
+#endif

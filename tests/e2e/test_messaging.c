@@ -1,0 +1,324 @@
+/* 1:1 messaging end to end: two gateways, presence and message-store as
+ * real processes on the real Kafka broker and MongoDB-wire server. */
+#include "e2e.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+/* Events (type "message") read until `synced`, as a JSON array. */
+static json_t *until_synced(client *cl)
+{
+    json_t *got = json_array();
+    for (;;) {
+        json_t *m = client_recv_json(cl, E2E_WAIT_MS);
+        ck_assert_msg(m != NULL, "no synced: %s", client_errstr(cl));
+        if (strcmp(e2e_str(m, "type"), "synced") == 0) {
+            json_decref(m);
+            return got;
+        }
+        if (strcmp(e2e_str(m, "type"), "message") == 0)
+            json_array_append(got, m);
+        json_decref(m);
+    }
+}
+
+static int has_id(const json_t *arr, const char *id)
+{
+    size_t i;
+    json_t *v;
+    json_array_foreach(arr, i, v) if (strcmp(e2e_str(v, "id"), id) == 0) return 1;
+    return 0;
+}
+
+START_TEST(online_delivery_across_gateways)
+{
+    char alice[65], bob[65], mid[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(until_synced(b));
+    client *a = e2e_connect(alice, E2E_GW1);
+    e2e_send(a, "c1", bob, "hello bob", mid);
+    json_t *m = e2e_wait_type(b, "message");
+    ck_assert_str_eq(e2e_str(m, "id"), mid);
+    ck_assert_str_eq(e2e_str(m, "from"), alice);
+    ck_assert_str_eq(e2e_str(m, "to"), bob);
+    ck_assert_str_eq(e2e_str(m, "body"), "hello bob");
+    ck_assert(json_integer_value(json_object_get(m, "ts")) > 0);
+    json_decref(m);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
+START_TEST(offline_delivery_on_connect_before_synced)
+{
+    char alice[65], bob[65], m1[64], m2[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    e2e_send(a, "c1", bob, "first", m1);
+    e2e_send(a, "c2", bob, "second", m2);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_t *got = until_synced(b);
+    ck_assert_int_eq(json_array_size(got), 2);
+    ck_assert_str_eq(e2e_str(json_array_get(got, 0), "id"), m1);
+    ck_assert_str_eq(e2e_str(json_array_get(got, 1), "id"), m2);
+    json_decref(got);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
+START_TEST(ack_stops_redelivery_and_no_ack_redelivers)
+{
+    char alice[65], bob[65], m1[64], m2[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    e2e_send(a, "c1", bob, "will be acked", m1);
+    e2e_send(a, "c2", bob, "never acked", m2);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_t *got = until_synced(b);
+    ck_assert_int_eq(json_array_size(got), 2);
+    json_decref(got);
+    e2e_ack(b, m1);
+    client_close(b, 1000);
+    /* The ack travels through Kafka to message-store: poll until it lands. */
+    int acked = 0;
+    for (int tries = 0; tries < 50 && !acked; tries++) {
+        b = e2e_connect(bob, tries % 2 ? E2E_GW1 : E2E_GW2);
+        got = until_synced(b);
+        ck_assert_msg(has_id(got, m2), "unacked message not redelivered");
+        acked = !has_id(got, m1);
+        json_decref(got);
+        client_close(b, 1000);
+        if (!acked)
+            usleep(200 * 1000);
+    }
+    ck_assert_msg(acked, "acked message still redelivered after 10 s");
+    client_close(a, 1000);
+}
+END_TEST
+
+START_TEST(resend_is_idempotent)
+{
+    char alice[65], bob[65], m1[64], m1b[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    e2e_send(a, "same-id", bob, "once", m1);
+    e2e_send(a, "same-id", bob, "once", m1b);
+    ck_assert_str_eq(m1, m1b);
+    client_close(a, 1000);
+    /* Resent from the other gateway, too. */
+    a = e2e_connect(alice, E2E_GW2);
+    e2e_send(a, "same-id", bob, "once", m1b);
+    ck_assert_str_eq(m1, m1b);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_t *got = until_synced(b);
+    ck_assert_int_eq(json_array_size(got), 1);
+    e2e_ack(b, m1);
+    json_decref(got);
+    client_close(b, 1000);
+    /* After the ack deleted the inbox copy, a resend still delivers nothing. */
+    usleep(1000 * 1000);
+    e2e_send(a, "same-id", bob, "once", m1b);
+    ck_assert_str_eq(m1, m1b);
+    usleep(1000 * 1000);
+    b = e2e_connect(bob, E2E_GW1);
+    got = until_synced(b);
+    ck_assert_msg(json_array_size(got) == 0, "resend after ack delivered again");
+    json_decref(got);
+    client_close(b, 1000);
+    client_close(a, 1000);
+}
+END_TEST
+
+START_TEST(thousand_messages_in_order)
+{
+    enum { N = 1000 };
+    char alice[65], bob[65];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(until_synced(b));
+    client *a = e2e_connect(alice, E2E_GW1);
+    char cid[32], body[32];
+    for (int i = 0; i < N; i++) {
+        snprintf(cid, sizeof(cid), "c%d", i);
+        snprintf(body, sizeof(body), "%d", i);
+        e2e_send_async(a, cid, bob, body);
+    }
+    int sent = 0;
+    while (sent < N) {
+        json_t *r = e2e_wait_type(a, "sent");
+        sent++;
+        json_decref(r);
+    }
+    for (int i = 0; i < N; i++) {
+        json_t *m = e2e_wait_type(b, "message");
+        ck_assert_int_eq(atoi(e2e_str(m, "body")), i);
+        json_decref(m);
+    }
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
+START_TEST(two_connections_of_one_user_both_receive)
+{
+    char alice[65], bob[65], mid[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *b1 = e2e_connect(bob, E2E_GW1);
+    client *b2 = e2e_connect(bob, E2E_GW2);
+    json_decref(until_synced(b1));
+    json_decref(until_synced(b2));
+    client *a = e2e_connect(alice, E2E_GW1);
+    e2e_send(a, "c1", bob, "to both", mid);
+    json_t *m1 = e2e_wait_type(b1, "message");
+    json_t *m2 = e2e_wait_type(b2, "message");
+    ck_assert_str_eq(e2e_str(m1, "id"), mid);
+    ck_assert_str_eq(e2e_str(m2, "id"), mid);
+    json_decref(m1);
+    json_decref(m2);
+    client_close(a, 1000);
+    client_close(b1, 1000);
+    client_close(b2, 1000);
+}
+END_TEST
+
+static int connect_status(const char *token)
+{
+    char err[256];
+    int status = 0;
+    client *cl = client_connect("127.0.0.1", e2e_port(E2E_GW1), token, NULL, 5000, &status,
+                                err, sizeof(err));
+    client_free(cl);
+    return cl ? 101 : status;
+}
+
+START_TEST(unauthorized_upgrades_get_401)
+{
+    char tok[2048];
+    ck_assert_int_eq(connect_status(NULL), 401);
+    e2e_token("alice", -60, tok, sizeof(tok));
+    ck_assert_int_eq(connect_status(tok), 401);
+    ck_assert_int_eq(connect_status("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0."
+                                    "eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0."), 401);
+    e2e_token("alice", 3600, tok, sizeof(tok));
+    tok[strlen(tok) - 2] = tok[strlen(tok) - 2] == 'A' ? 'B' : 'A';
+    ck_assert_int_eq(connect_status(tok), 401);
+    ck_assert_int_eq(connect_status("garbage"), 401);
+    e2e_token("alice", 3600, tok, sizeof(tok));
+    ck_assert_int_eq(connect_status(tok), 101);
+}
+END_TEST
+
+static int close_code_after(const uint8_t *payload, size_t len, int opcode)
+{
+    char u[65];
+    e2e_user("frames", u);
+    client *cl = e2e_connect(u, E2E_GW1);
+    client_send_frame(cl, opcode, payload, len, 1);
+    int code = client_wait_close(cl, E2E_WAIT_MS);
+    client_free(cl);
+    return code;
+}
+
+START_TEST(frame_faults_close_with_the_right_code)
+{
+    ck_assert_int_eq(close_code_after((const uint8_t *)"\x01\x02", 2, CLIENT_OP_BINARY), 1003);
+    ck_assert_int_eq(close_code_after((const uint8_t *)"{\"a\":\"\xff\"}", 9, CLIENT_OP_TEXT), 1007);
+    size_t big = 131072 + 1;
+    uint8_t *p = malloc(big);
+    memset(p, 'a', big);
+    ck_assert_int_eq(close_code_after(p, big, CLIENT_OP_TEXT), 1009);
+    free(p);
+}
+END_TEST
+
+struct bad_cmd {
+    const char *json;
+    const char *code;
+    const char *ref;
+};
+
+START_TEST(bad_commands_get_errors_and_keep_the_connection)
+{
+    static const struct bad_cmd cases[] = {
+        { "{not json", "bad_request", NULL },
+        { "{\"type\":\"dance\",\"id\":\"u1\"}", "bad_request", "u1" },
+        { "{\"type\":\"send\",\"id\":\"m1\",\"body\":\"x\"}", "bad_request", "m1" },
+        { "{\"type\":\"send\",\"id\":\"m2\",\"to\":\"bob\"}", "bad_request", "m2" },
+        { "{\"type\":\"send\",\"id\":\"m3\",\"to\":\"no such/user\",\"body\":\"x\"}", "bad_request", "m3" },
+        { "{\"type\":\"send\",\"id\":\"m4\",\"to\":\"bob\",\"media\":\"M123\"}", "not_found", "m4" },
+    };
+    char u[65];
+    e2e_user("bad", u);
+    client *cl = e2e_connect(u, E2E_GW2);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        e2e_send_text(cl, cases[i].json);
+        json_t *e = e2e_wait_type(cl, "error");
+        ck_assert_msg(strcmp(e2e_str(e, "code"), cases[i].code) == 0, "%s -> %s", cases[i].json,
+                      e2e_str(e, "code"));
+        if (cases[i].ref)
+            ck_assert_str_eq(e2e_str(e, "ref"), cases[i].ref);
+        else
+            ck_assert_ptr_null(json_object_get(e, "ref"));
+        ck_assert(strlen(e2e_str(e, "message")) > 0);
+        json_decref(e);
+    }
+    /* Body over PARLEY_MAX_BODY_BYTES (65536) but under the frame limit. */
+    char *body = malloc(70000);
+    memset(body, 'x', 69999);
+    body[69999] = '\0';
+    e2e_send_async(cl, "big", "bob", body);
+    free(body);
+    json_t *e = e2e_wait_type(cl, "error");
+    ck_assert_str_eq(e2e_str(e, "code"), "too_large");
+    ck_assert_str_eq(e2e_str(e, "ref"), "big");
+    json_decref(e);
+    /* Still open and serving. */
+    e2e_send_text(cl, "{\"type\":\"ping\",\"id\":\"p1\"}");
+    json_t *p = e2e_wait_type(cl, "pong");
+    ck_assert_str_eq(e2e_str(p, "ref"), "p1");
+    json_decref(p);
+    client_close(cl, 1000);
+}
+END_TEST
+
+static Suite *messaging_suite(void)
+{
+    Suite *s = suite_create("e2e-messaging");
+    TCase *tc = tcase_create("1:1");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, online_delivery_across_gateways);
+    tcase_add_test(tc, offline_delivery_on_connect_before_synced);
+    tcase_add_test(tc, ack_stops_redelivery_and_no_ack_redelivers);
+    tcase_add_test(tc, resend_is_idempotent);
+    tcase_add_test(tc, thousand_messages_in_order);
+    tcase_add_test(tc, two_connections_of_one_user_both_receive);
+    tcase_add_test(tc, unauthorized_upgrades_get_401);
+    tcase_add_test(tc, frame_faults_close_with_the_right_code);
+    tcase_add_test(tc, bad_commands_get_errors_and_keep_the_connection);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    if (e2e_start() != 0) {
+        e2e_stop();
+        return EXIT_FAILURE;
+    }
+    SRunner *sr = srunner_create(messaging_suite());
+    srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    int bad = e2e_stop();
+    return failed == 0 && bad == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
