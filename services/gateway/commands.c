@@ -31,18 +31,19 @@ typedef struct pending_send {
 
 static dr_tag commands_beat_tag, commands_record_tag;
 
-static void commands_reply(conn *c, char *json, size_t len)
+/* Queues a rendered event and frees it; the length is taken here because
+ * argument evaluation order would not guarantee it was set. */
+static void commands_reply(conn *c, char *json)
 {
-    ws_conn_queue_text(c, json, len);
+    ws_conn_queue_text(c, json, strlen(json));
     free(json);
 }
 
 static void commands_error(gw *g, conn *c, const char *ref, enum proto_code code,
                            const char *msg)
 {
-    size_t len;
     metric_add(g->m.errors, 1);
-    commands_reply(c, proto_render_error(ref, code, msg, &len), len);
+    commands_reply(c, proto_render_error(ref, code, msg, NULL));
 }
 
 /* Packs a protobuf-c message into a heap buffer the caller frees. */
@@ -133,7 +134,6 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
         commands_error(g, c, cmd.id, code, msg);
         return;
     }
-    size_t n;
     switch (cmd.type) {
     case PROTO_SEND:
         commands_send(g, c, &cmd);
@@ -143,7 +143,7 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
         commands_ack(g, c, &cmd);
         break;
     case PROTO_PING:
-        commands_reply(c, proto_render_pong(cmd.id, &n), n);
+        commands_reply(c, proto_render_pong(cmd.id, NULL));
         break;
     default:
         commands_error(g, c, cmd.id, PROTO_UNAVAILABLE, "group commands are not available yet");

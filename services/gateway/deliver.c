@@ -37,8 +37,9 @@ static void *deliver_poll_main(void *arg)
 static void deliver_to_conn(gw *g, uint64_t conn_id, const Parley__Delivery *d)
 {
     worker *w = g->workers[CONN_WORKER(conn_id) % g->nworkers];
+    enum mail_kind kind = d->conn != 0 ? MAIL_EVENT : MAIL_LIVE;
     for (size_t i = 0; i < d->n_events_json; i++)
-        worker_post(w, mail_new(MAIL_EVENT, conn_id, d->events_json[i].data,
+        worker_post(w, mail_new(kind, conn_id, d->events_json[i].data,
                                 d->events_json[i].len));
     if (d->synced)
         worker_post(w, mail_new(MAIL_SYNCED, conn_id, NULL, 0));

@@ -46,7 +46,10 @@ typedef struct gw {
 
 /* Mail carries work to a worker thread: new sockets, deliveries and answers
  * to sends. Ownership of a mail passes to the worker with worker_post. */
-enum mail_kind { MAIL_CONN, MAIL_EVENT, MAIL_SYNCED };
+/* MAIL_EVENT is part of a connection's sync (sent in order); MAIL_LIVE is a
+ * live push, held until the connection's sync is done so a new event never
+ * overtakes older pending ones; MAIL_SYNCED ends the sync. */
+enum mail_kind { MAIL_CONN, MAIL_EVENT, MAIL_LIVE, MAIL_SYNCED };
 typedef struct mail {
     struct mail *next;
     enum mail_kind kind;
@@ -83,6 +86,13 @@ void ws_conn_on_io(conn *c, uint32_t events);
  * ceiling (a client that stopped reading). */
 void ws_conn_queue_text(conn *c, const char *s, size_t len);
 void ws_conn_close(conn *c, uint16_t code, const char *reason);
+/* Keeps a live event (takes ownership of m) until ws_conn_synced; closes
+ * with 1013 if held events pass the send-queue ceiling. */
+void ws_conn_hold(conn *c, mail *m);
+/* Ends the sync: queues {"type":"synced"} then the held events. Only the
+ * first call counts (a replayed sync may end twice). */
+void ws_conn_synced(conn *c);
+int ws_conn_is_synced(const conn *c);
 /* Sends what is queued and updates the epoll mask; 0 while alive. */
 int ws_conn_flush(conn *c);
 /* Ping / idle timers; called about once a second. */

@@ -155,21 +155,26 @@ static void worker_reap(worker *w, conn *c)
     ws_conn_free(c);
 }
 
-static void worker_deliver(worker *w, mail *m)
+/* Returns 1 if the connection kept m (a held live event). */
+static int worker_deliver(worker *w, mail *m)
 {
     conn *c = worker_find(w, m->conn_id);
     if (c == NULL || ws_conn_dead(c)) {
         metric_add(w->g->m.dropped, 1);
-        return;
-    }
-    if (m->kind == MAIL_SYNCED) {
-        static const char synced[] = "{\"type\":\"synced\"}";
-        ws_conn_queue_text(c, synced, sizeof(synced) - 1);
-    } else {
-        ws_conn_queue_text(c, m->data, m->len);
-        metric_add(w->g->m.delivered, 1);
+        return 0;
     }
     worker_mark_dirty(w, c);
+    if (m->kind == MAIL_SYNCED) {
+        ws_conn_synced(c);
+        return 0;
+    }
+    metric_add(w->g->m.delivered, 1);
+    if (m->kind == MAIL_LIVE && !ws_conn_is_synced(c)) {
+        ws_conn_hold(c, m);
+        return 1;
+    }
+    ws_conn_queue_text(c, m->data, m->len);
+    return 0;
 }
 
 static void worker_drain_mail(worker *w)
@@ -185,11 +190,13 @@ static void worker_drain_mail(worker *w)
     pthread_mutex_unlock(&w->mu);
     while (m != NULL) {
         mail *next = m->next;
+        int kept = 0;
         if (m->kind == MAIL_CONN)
             worker_adopt(w, m->c);
         else
-            worker_deliver(w, m);
-        free(m);
+            kept = worker_deliver(w, m);
+        if (!kept)
+            free(m);
         m = next;
     }
 }

@@ -29,7 +29,9 @@ struct conn {
     char *extra;                     /* MHD's extra_in, fed to wslay first */
     size_t extra_len, extra_off;
     int64_t last_recv_ms, last_ping_ms, close_deadline_ms;
-    int dead, dirty;
+    int dead, dirty, synced;
+    mail *held, *held_tail;          /* live events waiting for the sync */
+    size_t held_bytes;
     char user[65];
 };
 
@@ -186,6 +188,49 @@ void ws_conn_close(conn *c, uint16_t code, const char *reason)
     c->close_deadline_ms = px_mono_ms() + CONN_CLOSE_GRACE_MS;
 }
 
+void ws_conn_hold(conn *c, mail *m)
+{
+    m->next = NULL;
+    if (c->held_tail != NULL)
+        c->held_tail->next = m;
+    else
+        c->held = m;
+    c->held_tail = m;
+    c->held_bytes += m->len;
+    if (c->held_bytes > (size_t)c->g->cfg.send_queue_bytes) {
+        metric_add(c->g->m.slow_closed, 1);
+        ws_conn_close(c, 1013, "too much to deliver during sync, reconnect");
+    }
+}
+
+static void ws_conn_free_held(conn *c)
+{
+    while (c->held != NULL) {
+        mail *next = c->held->next;
+        free(c->held);
+        c->held = next;
+    }
+    c->held_tail = NULL;
+    c->held_bytes = 0;
+}
+
+void ws_conn_synced(conn *c)
+{
+    static const char synced[] = "{\"type\":\"synced\"}";
+    if (c->synced)
+        return;
+    c->synced = 1;
+    ws_conn_queue_text(c, synced, sizeof(synced) - 1);
+    for (mail *m = c->held; m != NULL; m = m->next)
+        ws_conn_queue_text(c, m->data, m->len);
+    ws_conn_free_held(c);
+}
+
+int ws_conn_is_synced(const conn *c)
+{
+    return c->synced;
+}
+
 int ws_conn_flush(conn *c)
 {
     if (c->dead)
@@ -262,6 +307,7 @@ void ws_conn_free(conn *c)
         wslay_event_context_free(c->ctx);
     /* MHD owns the socket: it closes it; we must not. */
     MHD_upgrade_action(c->urh, MHD_UPGRADE_ACTION_CLOSE);
+    ws_conn_free_held(c);
     free(c->extra);
     free(c);
 }
