@@ -241,7 +241,9 @@ static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_
             rc = sync_serve(ms, i, recs[i].u.sync, err, errlen);
             break;
         case REC_ACK:
-            rc = ack_apply(ms, recs[i].u.ack, err, errlen);
+            while (j < n && recs[j].kind == REC_ACK)
+                j++;
+            rc = ack_apply_run(ms, recs + i, j - i, err, errlen);
             break;
         default:
             rc = batch_send_dead(ms, i, &recs[i], err, errlen);

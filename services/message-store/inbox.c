@@ -1,7 +1,8 @@
 /* Owns storing runs of InboxRecords with crash-safe dedupe. Order of the
- * store calls: seen filter, inbox put, seen mark, so a crash between any two
- * repeats work on redelivery instead of losing it: a record is marked seen
- * only once its inbox copy is durable. The "seen" keys outlive the inbox
+ * steps: seen filter, inbox put, live push (confirmed by Kafka), seen mark,
+ * so a crash between any two repeats work on redelivery instead of losing
+ * it: a record is marked seen only once its inbox copy is durable and its
+ * push is on its way. The "seen" keys outlive the inbox
  * copy (kept for the retention period), which is what absorbs a resend after
  * the recipient already acked and deleted the first copy. */
 #include "common.h"
@@ -133,21 +134,31 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
         if (store_inbox_put(ms->st, ir.fev, ir.nf, ir.inserted, err, errlen) != PX_OK)
             goto out;
         msgstore_observe(ms->m.lat_put, t0);
-        t0 = msgstore_clock_us();
-        if (store_seen_mark(ms->st, ir.fkeys, ir.nf, px_now_ms(), err, errlen) != PX_OK)
-            goto out;
-        msgstore_observe(ms->m.lat_seen_mark, t0);
     }
 
-    /* Fresh = not marked seen, so never pushed before by a finished attempt.
-     * A put that reports a duplicate here is our own earlier, unfinished
-     * attempt (or a crash before the mark): push it anyway; clients dedupe. */
+    /* Fresh = not marked seen, so never pushed by a finished attempt. A put
+     * that reports a duplicate here is our own earlier, unfinished attempt:
+     * push it anyway; clients dedupe. */
     size_t inserted = 0;
     for (size_t i = 0; i < ir.nf; i++)
         inserted += ir.inserted[i] != 0;
     metric_add(ms->m.stored, (int64_t)inserted);
     metric_add(ms->m.duplicates, (int64_t)(n - inserted));
     route_live(ms, ir.fev, ir.nf);
+
+    /* Mark seen only once the pushes are in Kafka: a crash before this
+     * point redelivers the records, which are pushed again; a crash after
+     * it finds them seen, and their pushes already on their way. */
+    if (ir.nf > 0) {
+        if (bus_flush(ms->b, 10000) != PX_OK) {
+            px_err(err, errlen, "live deliveries not confirmed by Kafka in 10 s");
+            goto out;
+        }
+        t0 = msgstore_clock_us();
+        if (store_seen_mark(ms->st, ir.fkeys, ir.nf, px_now_ms(), err, errlen) != PX_OK)
+            goto out;
+        msgstore_observe(ms->m.lat_seen_mark, t0);
+    }
     rc = PX_OK;
 out:
     inbox_run_free(&ir);

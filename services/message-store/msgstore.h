@@ -173,7 +173,9 @@ int sync_serve(msgstore *ms, size_t idx, const Parley__SyncRequest *r, char *err
 
 /* ---- ack.c: acks delete inbox events ---- */
 
-int ack_apply(msgstore *ms, const Parley__AckRecord *r, char *err, size_t errlen);
+/* Applies n consecutive AckRecords (recs[i].kind == REC_ACK), merged into
+ * one store call per (user, read). */
+int ack_apply_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_t errlen);
 
 /* Called once per inbox event an ack (or read) deleted, before the delete
  * commits. The boundary for delivered/read facts to parley.receipts (not

@@ -4,6 +4,7 @@
 #define PARLEY_E2E_H
 
 #include "client.h"
+#include "common.h"
 #include "harness.h"
 
 #include <check.h>

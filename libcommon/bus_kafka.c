@@ -1,0 +1,405 @@
+/* The bus over Apache Kafka (librdkafka). Owns the producer handle (always)
+ * and the consumer handle (when a group is configured), their settings, and
+ * the translation of librdkafka errors into PX_* at this boundary.
+ *
+ * Durability contract: the producer is idempotent with acks=all, so a
+ * delivery report of success means the record is on every in-sync replica,
+ * once. The consumer never stores an offset by itself
+ * (enable.auto.offset.store=false): bus_commit stores offset+1 only after
+ * the caller's effects are durable, and the periodic auto-commit (and the
+ * commit on close or revoke) only ever commits what was stored. */
+#include "bus.h"
+#include "common.h"
+#include "log.h"
+
+#include <errno.h>
+#include <librdkafka/rdkafka.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+struct bus {
+    rd_kafka_t *rk;          /* producer */
+    rd_kafka_t *rkc;         /* consumer, or NULL */
+    rd_kafka_queue_t *cq;    /* consumer queue */
+    int efd;                 /* eventfd signalled when cq has events, or -1 */
+    bus_dr_cb dr_cb;
+    int partitions;
+};
+
+static int bus_set(rd_kafka_conf_t *conf, const char *k, const char *v, char *err, size_t errlen)
+{
+    char e[256];
+    if (rd_kafka_conf_set(conf, k, v, e, sizeof(e)) != RD_KAFKA_CONF_OK)
+        return px_err(err, errlen, "kafka setting %s=%s: %s", k, v, e);
+    return PX_OK;
+}
+
+static int bus_set_all(rd_kafka_conf_t *conf, const char *const kv[][2], size_t n,
+                       char *err, size_t errlen)
+{
+    for (size_t i = 0; i < n; i++)
+        if (bus_set(conf, kv[i][0], kv[i][1], err, errlen) != PX_OK)
+            return PX_ERROR;
+    return PX_OK;
+}
+
+static void bus_on_dr(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
+{
+    bus *b = opaque;
+    if (b->dr_cb == NULL)
+        return;
+    b->dr_cb(m->_private, m->err ? PX_ERROR : PX_OK, m->err ? rd_kafka_err2str(m->err) : NULL,
+             m->partition, m->offset);
+}
+
+static void bus_on_error(rd_kafka_t *rk, int code, const char *reason, void *opaque)
+{
+    char fatal[256];
+    if (code == RD_KAFKA_RESP_ERR__FATAL &&
+        rd_kafka_fatal_error(rk, fatal, sizeof(fatal)) != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        log_error("kafka fatal error", "{s:s}", "error", fatal);
+        return;
+    }
+    /* Transient (broker down, all brokers down): librdkafka retries. */
+    log_warn("kafka error", "{s:s, s:s}", "code", rd_kafka_err2name(code), "reason", reason);
+}
+
+/* On revoke, commit what was stored before the partitions move, so the new
+ * owner starts right after our last durable effect, not at an older
+ * auto-commit. */
+static void bus_on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                             rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+        rd_kafka_assign(rk, parts);
+        log_info("partitions assigned", "{s:i}", "count", parts->cnt);
+        return;
+    }
+    rd_kafka_resp_err_t ce = rd_kafka_commit(rk, NULL, 0);
+    if (ce != RD_KAFKA_RESP_ERR_NO_ERROR && ce != RD_KAFKA_RESP_ERR__NO_OFFSET)
+        log_warn("commit on revoke failed", "{s:s}", "error", rd_kafka_err2str(ce));
+    rd_kafka_assign(rk, NULL);
+    log_info("partitions revoked", "{s:i}", "count", parts->cnt);
+}
+
+static rd_kafka_conf_t *bus_common_conf(const bus_conf *c, bus *b, char *err, size_t errlen)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    const char *const kv[][2] = {
+        { "bootstrap.servers", c->brokers },
+        { "client.id", c->client_id ? c->client_id : "parley" },
+        { "socket.nagle.disable", "true" },
+        { "log.connection.close", "false" },
+    };
+    if (bus_set_all(conf, kv, PX_ARRAY_LEN(kv), err, errlen) != PX_OK) {
+        rd_kafka_conf_destroy(conf);
+        return NULL;
+    }
+    rd_kafka_conf_set_opaque(conf, b);
+    rd_kafka_conf_set_error_cb(conf, bus_on_error);
+    return conf;
+}
+
+static int bus_new_producer(bus *b, const bus_conf *c, char *err, size_t errlen)
+{
+    rd_kafka_conf_t *conf = bus_common_conf(c, b, err, errlen);
+    if (conf == NULL)
+        return PX_ERROR;
+    /* Latency over throughput: librdkafka 2.0.2 defaults to linger 5 ms and
+     * Nagle on; idempotence is off by default there. */
+    const char *const kv[][2] = {
+        { "enable.idempotence", "true" },
+        { "acks", "all" },
+        { "linger.ms", "1" },
+        { "queue.buffering.max.messages", "200000" },
+        { "partitioner", "murmur2_random" },
+        { "message.timeout.ms", "30000" },
+    };
+    if (bus_set_all(conf, kv, PX_ARRAY_LEN(kv), err, errlen) != PX_OK) {
+        rd_kafka_conf_destroy(conf);
+        return PX_ERROR;
+    }
+    rd_kafka_conf_set_dr_msg_cb(conf, bus_on_dr);
+    char e[512];
+    b->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, e, sizeof(e)); /* owns conf on success */
+    if (b->rk == NULL) {
+        rd_kafka_conf_destroy(conf);
+        return px_err(err, errlen, "kafka producer: %s", e);
+    }
+    return PX_OK;
+}
+
+static int bus_new_consumer(bus *b, const bus_conf *c, char *err, size_t errlen)
+{
+    rd_kafka_conf_t *conf = bus_common_conf(c, b, err, errlen);
+    if (conf == NULL)
+        return PX_ERROR;
+    const char *const kv[][2] = {
+        { "group.id", c->group },
+        { "enable.auto.commit", "true" },
+        { "auto.commit.interval.ms", "1000" },
+        { "enable.auto.offset.store", "false" },
+        { "auto.offset.reset", "earliest" },
+        { "fetch.wait.max.ms", "10" },
+        { "fetch.error.backoff.ms", "50" },
+        { "session.timeout.ms", "10000" },
+        { "heartbeat.interval.ms", "1000" },
+        /* Co-partitioned topics must be assigned alike: partition p of
+         * inbox, acks and sync to the same member. */
+        { "partition.assignment.strategy", "range" },
+        { "max.poll.interval.ms", "600000" },
+    };
+    if (bus_set_all(conf, kv, PX_ARRAY_LEN(kv), err, errlen) != PX_OK) {
+        rd_kafka_conf_destroy(conf);
+        return PX_ERROR;
+    }
+    rd_kafka_conf_set_rebalance_cb(conf, bus_on_rebalance);
+    char e[512];
+    b->rkc = rd_kafka_new(RD_KAFKA_CONSUMER, conf, e, sizeof(e));
+    if (b->rkc == NULL) {
+        rd_kafka_conf_destroy(conf);
+        return px_err(err, errlen, "kafka consumer: %s", e);
+    }
+    rd_kafka_poll_set_consumer(b->rkc);
+    b->cq = rd_kafka_queue_get_consumer(b->rkc);
+    return PX_OK;
+}
+
+bus *bus_new(const bus_conf *c, char *err, size_t errlen)
+{
+    bus *b = px_calloc(1, sizeof(*b));
+    b->efd = -1;
+    b->dr_cb = c->dr_cb;
+    b->partitions = c->partitions > 0 ? c->partitions : 1;
+    if (c->brokers == NULL || *c->brokers == '\0') {
+        px_err(err, errlen, "no Kafka brokers configured");
+        goto fail;
+    }
+    if (bus_new_producer(b, c, err, errlen) != PX_OK)
+        goto fail;
+    if (c->group != NULL && bus_new_consumer(b, c, err, errlen) != PX_OK)
+        goto fail;
+    return b;
+fail:
+    bus_destroy(b);
+    return NULL;
+}
+
+static int bus_topic_results(rd_kafka_event_t *ev, char *err, size_t errlen)
+{
+    const rd_kafka_CreateTopics_result_t *res = rd_kafka_event_CreateTopics_result(ev);
+    if (res == NULL)
+        return px_err(err, errlen, "create topics: %s", rd_kafka_event_error_string(ev));
+    size_t n;
+    const rd_kafka_topic_result_t **tr = rd_kafka_CreateTopics_result_topics(res, &n);
+    for (size_t i = 0; i < n; i++) {
+        rd_kafka_resp_err_t e = rd_kafka_topic_result_error(tr[i]);
+        if (e != RD_KAFKA_RESP_ERR_NO_ERROR && e != RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS)
+            return px_err(err, errlen, "create topic %s: %s", rd_kafka_topic_result_name(tr[i]),
+                          rd_kafka_topic_result_error_string(tr[i]));
+    }
+    return PX_OK;
+}
+
+int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_ms,
+                      char *err, size_t errlen)
+{
+    int rc = PX_ERROR;
+    const char *rf = getenv("PARLEY_KAFKA_REPLICATION");
+    int replication = rf != NULL ? atoi(rf) : 1;
+    rd_kafka_NewTopic_t **nt = px_calloc(n, sizeof(*nt));
+    rd_kafka_queue_t *q = rd_kafka_queue_new(b->rk);
+    rd_kafka_event_t *ev = NULL;
+    char e[256];
+    for (size_t i = 0; i < n; i++) {
+        nt[i] = rd_kafka_NewTopic_new(topics[i], b->partitions, replication, e, sizeof(e));
+        if (nt[i] == NULL) {
+            px_err(err, errlen, "topic %s: %s", topics[i], e);
+            goto out;
+        }
+    }
+    rd_kafka_AdminOptions_t *opts = rd_kafka_AdminOptions_new(b->rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
+    rd_kafka_AdminOptions_set_operation_timeout(opts, timeout_ms, e, sizeof(e));
+    rd_kafka_CreateTopics(b->rk, nt, n, opts, q);
+    rd_kafka_AdminOptions_destroy(opts);
+    ev = rd_kafka_queue_poll(q, timeout_ms + 1000);
+    if (ev == NULL) {
+        px_err(err, errlen, "create topics: no answer from Kafka in %d ms", timeout_ms);
+        goto out;
+    }
+    rc = bus_topic_results(ev, err, errlen);
+out:
+    if (ev != NULL)
+        rd_kafka_event_destroy(ev);
+    for (size_t i = 0; i < n; i++)
+        if (nt[i] != NULL)
+            rd_kafka_NewTopic_destroy(nt[i]);
+    free(nt);
+    rd_kafka_queue_destroy(q);
+    return rc;
+}
+
+int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
+                const void *value, size_t len, void *opaque, char *err, size_t errlen)
+{
+    rd_kafka_resp_err_t e = rd_kafka_producev(
+        b->rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(key, key_len),
+        RD_KAFKA_V_VALUE((void *)value, len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+        RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
+    if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
+        return PX_OK;
+    if (e == RD_KAFKA_RESP_ERR__QUEUE_FULL) {
+        px_err(err, errlen, "local produce queue full");
+        return PX_AGAIN;
+    }
+    return px_err(err, errlen, "produce to %s: %s", topic, rd_kafka_err2str(e));
+}
+
+void bus_poll(bus *b, int timeout_ms)
+{
+    rd_kafka_poll(b->rk, timeout_ms);
+}
+
+int bus_flush(bus *b, int timeout_ms)
+{
+    return rd_kafka_flush(b->rk, timeout_ms) == RD_KAFKA_RESP_ERR_NO_ERROR ? PX_OK : PX_AGAIN;
+}
+
+int bus_subscribe(bus *b, const char *const *topics, size_t n, char *err, size_t errlen)
+{
+    if (b->rkc == NULL)
+        return px_err(err, errlen, "bus has no consumer group");
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new((int)n);
+    for (size_t i = 0; i < n; i++)
+        rd_kafka_topic_partition_list_add(l, topics[i], RD_KAFKA_PARTITION_UA);
+    rd_kafka_resp_err_t e = rd_kafka_subscribe(b->rkc, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    if (e != RD_KAFKA_RESP_ERR_NO_ERROR)
+        return px_err(err, errlen, "subscribe: %s", rd_kafka_err2str(e));
+    return PX_OK;
+}
+
+/* Transient consumer errors (partition EOF, broker transport) are skipped;
+ * only fatal ones end consumption. */
+static int bus_consumer_error(bus *b, const rd_kafka_message_t *m, char *err, size_t errlen)
+{
+    if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+        return PX_OK;
+    char fatal[256];
+    if (m->err == RD_KAFKA_RESP_ERR__FATAL &&
+        rd_kafka_fatal_error(b->rkc, fatal, sizeof(fatal)) != RD_KAFKA_RESP_ERR_NO_ERROR)
+        return px_err(err, errlen, "kafka consumer fatal: %s", fatal);
+    log_warn("kafka consumer error", "{s:s}", "error", rd_kafka_message_errstr(m));
+    return PX_OK;
+}
+
+int bus_consume(bus *b, bus_msg *out, size_t max, int timeout_ms, char *err, size_t errlen)
+{
+    if (b->rkc == NULL)
+        return px_err(err, errlen, "bus has no consumer group");
+    size_t n = 0;
+    int64_t end = px_mono_ms() + timeout_ms;
+    while (n < max) {
+        int wait = n > 0 ? 0 : (int)PX_MAX(0, end - px_mono_ms());
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(b->rkc, wait);
+        if (m == NULL) {
+            if (n > 0 || wait == 0)
+                break;
+            continue;
+        }
+        if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+            int rc = bus_consumer_error(b, m, err, errlen);
+            rd_kafka_message_destroy(m);
+            if (rc != PX_OK) {
+                bus_release(b, out, n);
+                return PX_ERROR;
+            }
+            continue;
+        }
+        out[n++] = (bus_msg){
+            .topic = rd_kafka_topic_name(m->rkt), .partition = m->partition,
+            .offset = m->offset, .key = m->key, .key_len = m->key_len,
+            .value = m->payload, .len = m->len,
+            .ts_ms = rd_kafka_message_timestamp(m, NULL), .impl = m,
+        };
+    }
+    if (b->efd >= 0) {
+        uint64_t v;
+        if (read(b->efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+            log_warn("bus eventfd read failed", "{s:s}", "error", strerror(errno));
+    }
+    return (int)n;
+}
+
+/* Stores, per partition, the offset after the highest record given. */
+int bus_commit(bus *b, const bus_msg *m, size_t n)
+{
+    if (b->rkc == NULL || n == 0)
+        return PX_OK;
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new((int)n);
+    for (size_t i = 0; i < n; i++) {
+        rd_kafka_topic_partition_t *p =
+            rd_kafka_topic_partition_list_find(l, m[i].topic, m[i].partition);
+        if (p == NULL)
+            p = rd_kafka_topic_partition_list_add(l, m[i].topic, m[i].partition);
+        if (m[i].offset + 1 > p->offset)
+            p->offset = m[i].offset + 1;
+    }
+    rd_kafka_resp_err_t e = rd_kafka_offsets_store(b->rkc, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    /* A partition revoked meanwhile refuses the store: its new owner will
+     * consume those records again, which the idempotent effects absorb. */
+    if (e != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        log_debug("offset store refused", "{s:s}", "error", rd_kafka_err2str(e));
+        return PX_DECLINED;
+    }
+    return PX_OK;
+}
+
+void bus_release(bus *b, bus_msg *m, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        rd_kafka_message_destroy(m[i].impl);
+        m[i].impl = NULL;
+    }
+}
+
+int bus_consume_fd(bus *b)
+{
+    if (b->cq == NULL)
+        return -1;
+    if (b->efd < 0) {
+        b->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (b->efd < 0)
+            return -1;
+        static const char one = 1;
+        rd_kafka_queue_io_event_enable(b->cq, b->efd, &one, sizeof(one));
+    }
+    return b->efd;
+}
+
+void bus_destroy(bus *b)
+{
+    if (b == NULL)
+        return;
+    if (b->rkc != NULL) {
+        rd_kafka_resp_err_t e = rd_kafka_consumer_close(b->rkc);
+        if (e != RD_KAFKA_RESP_ERR_NO_ERROR)
+            log_warn("kafka consumer close", "{s:s}", "error", rd_kafka_err2str(e));
+        if (b->cq != NULL)
+            rd_kafka_queue_destroy(b->cq);
+        rd_kafka_destroy(b->rkc);
+    }
+    if (b->rk != NULL) {
+        if (rd_kafka_flush(b->rk, 5000) != RD_KAFKA_RESP_ERR_NO_ERROR)
+            log_warn("kafka producer: records still unacknowledged after 5 s",
+                     "{s:i}", "queued", rd_kafka_outq_len(b->rk));
+        rd_kafka_destroy(b->rk);
+    }
+    if (b->efd >= 0)
+        close(b->efd);
+    free(b);
+}

@@ -1,0 +1,178 @@
+/* Crash safety end to end: kill -9 message-store and the sender's gateway
+ * while thousands of messages are in flight, restart them, and check that
+ * every message that was answered `sent` reaches its recipient (duplicates
+ * on the wire are allowed and counted; clients dedupe by id). */
+#include "e2e.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+enum { N = 5000, WINDOW = 300 };
+
+typedef struct flight {
+    char msg_id[N][32];     /* "" until `sent` */
+    int outstanding[N];     /* sent on the current connection, no answer yet */
+    int nsent, next;
+    char *seen_ids;         /* msg ids bob has, "id\n" joined; for dedupe */
+    int delivered, dups;
+} flight;
+
+static int bob_has(const flight *f, const char *id)
+{
+    char key[40];
+    snprintf(key, sizeof(key), "\n%s\n", id);
+    return f->seen_ids != NULL && strstr(f->seen_ids, key) != NULL;
+}
+
+static void bob_add(flight *f, const char *id)
+{
+    size_t old = f->seen_ids ? strlen(f->seen_ids) : 0;
+    f->seen_ids = realloc(f->seen_ids, old + strlen(id) + 3);
+    if (old == 0)
+        strcpy(f->seen_ids, "\n");
+    strcat(f->seen_ids, id);
+    strcat(f->seen_ids, "\n");
+}
+
+/* Reads whatever bob has, acking it. */
+static void bob_drain(client *b, flight *f, int timeout_ms)
+{
+    json_t *m;
+    while (client_next(b, NULL, NULL, timeout_ms, &m) == PX_OK) {
+        timeout_ms = 0;
+        if (strcmp(e2e_str(m, "type"), "message") == 0) {
+            const char *id = e2e_str(m, "id");
+            if (bob_has(f, id)) {
+                f->dups++;
+            } else {
+                bob_add(f, id);
+                f->delivered++;
+            }
+            e2e_ack(b, id);
+        }
+        json_decref(m);
+    }
+}
+
+/* Reads alice's answers; returns -1 if her connection is gone. */
+static int alice_drain(client *a, flight *f, int timeout_ms)
+{
+    json_t *m;
+    int rc;
+    while ((rc = client_next(a, NULL, NULL, timeout_ms, &m)) == PX_OK) {
+        timeout_ms = 0;
+        const char *ref = e2e_str(m, "ref");
+        if (strcmp(e2e_str(m, "type"), "sent") == 0 && ref[0] == 'c') {
+            int i = atoi(ref + 1);
+            if (f->msg_id[i][0] == '\0')
+                f->nsent++;
+            snprintf(f->msg_id[i], sizeof(f->msg_id[i]), "%s", e2e_str(m, "msg_id"));
+            f->outstanding[i] = 0;
+        } else if (strcmp(e2e_str(m, "type"), "error") == 0 && ref[0] == 'c') {
+            f->outstanding[atoi(ref + 1)] = 0; /* unavailable: resent below */
+        }
+        json_decref(m);
+    }
+    return rc == PX_AGAIN ? 0 : -1;
+}
+
+static int in_window(const flight *f)
+{
+    int n = 0;
+    for (int i = 0; i < f->next; i++)
+        n += f->outstanding[i];
+    return n;
+}
+
+static void alice_send(client *a, flight *f, const char *bob, int i)
+{
+    char cid[16], body[32];
+    snprintf(cid, sizeof(cid), "c%d", i);
+    snprintf(body, sizeof(body), "crash %d", i);
+    e2e_send_async(a, cid, bob, body);
+    f->outstanding[i] = 1;
+}
+
+/* After a reconnect: everything without `sent` goes again, same ids. */
+static void alice_resend(client *a, flight *f, const char *bob)
+{
+    for (int i = 0; i < f->next; i++)
+        if (f->msg_id[i][0] == '\0')
+            alice_send(a, f, bob, i);
+}
+
+START_TEST(kill9_store_and_gateway_loses_nothing_sent)
+{
+    static flight f;
+    char alice[65], bob[65];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(e2e_wait_type(b, "synced"));
+    client *a = e2e_connect(alice, E2E_GW1);
+    int killed_store = 0, killed_gw = 0;
+    int64_t deadline = px_mono_ms() + 240000;
+    while (f.nsent < N && px_mono_ms() < deadline) {
+        while (f.next < N && in_window(&f) < WINDOW)
+            alice_send(a, &f, bob, f.next++);
+        int gone = alice_drain(a, &f, 20);
+        bob_drain(b, &f, 0);
+        if (!killed_store && f.nsent >= 1500) {
+            e2e_kill9(E2E_STORE);
+            ck_assert_int_eq(e2e_restart(E2E_STORE), 0);
+            killed_store = 1;
+        }
+        if (!killed_gw && f.nsent >= 3000) {
+            e2e_kill9(E2E_GW1);
+            gone = 1;
+            killed_gw = 1;
+            ck_assert_int_eq(e2e_restart(E2E_GW1), 0);
+        }
+        if (gone) {
+            client_free(a);
+            a = e2e_connect(alice, E2E_GW1);
+            memset(f.outstanding, 0, sizeof(f.outstanding));
+            alice_resend(a, &f, bob);
+        }
+    }
+    ck_assert_msg(f.nsent == N, "only %d of %d sends answered", f.nsent, N);
+    /* Every `sent` message must reach bob. */
+    while (f.delivered < N && px_mono_ms() < deadline)
+        bob_drain(b, &f, 500);
+    int missing = 0;
+    for (int i = 0; i < N; i++)
+        missing += !bob_has(&f, f.msg_id[i]);
+    fprintf(stderr, "crash test: %d sent, %d delivered unique, %d duplicates on the wire, "
+            "%d missing\n", f.nsent, f.delivered, f.dups, missing);
+    ck_assert_int_eq(missing, 0);
+    ck_assert_int_eq(f.delivered, N);
+    free(f.seen_ids);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
+static Suite *crash_suite(void)
+{
+    Suite *s = suite_create("e2e-crash");
+    TCase *tc = tcase_create("kill9");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, kill9_store_and_gateway_loses_nothing_sent);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    if (e2e_start() != 0) {
+        e2e_stop();
+        return EXIT_FAILURE;
+    }
+    SRunner *sr = srunner_create(crash_suite());
+    srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    int bad = e2e_stop();
+    return failed == 0 && bad == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
