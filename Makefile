@@ -39,6 +39,9 @@ TEST_SRC     := $(wildcard tests/unit/test_*.c tests/integration/test_*.c tests/
 TEST_BINS    := $(patsubst %.c,$(OUT)/%,$(TEST_SRC))
 BENCH_BINS   := $(patsubst bench/%.c,$(OUT)/bin/%,$(wildcard bench/*.c))
 
+# Generated protobuf code and objects are kept, not treated as intermediates.
+.SECONDARY:
+
 .PHONY: all deps test test-unit run stack-start stack-stop bench clean
 .DEFAULT_GOAL := all
 

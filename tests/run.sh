@@ -20,6 +20,7 @@ run_one() {
   if "$bin" >"$log" 2>&1; then
     passed=$((passed + 1))
     echo "PASS $bin ($((SECONDS - t0))s): $(grep -E '^[0-9]+%: Checks' "$log" | tail -1)"
+    grep -E '^report: ' "$log" | sed 's/^/    /' || true
   else
     failed=$((failed + 1))
     failures+=("$bin")

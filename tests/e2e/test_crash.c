@@ -142,7 +142,7 @@ START_TEST(kill9_store_and_gateway_loses_nothing_sent)
     int missing = 0;
     for (int i = 0; i < N; i++)
         missing += !bob_has(&f, f.msg_id[i]);
-    fprintf(stderr, "crash test: %d sent, %d delivered unique, %d duplicates on the wire, "
+    fprintf(stderr, "report: crash test: %d sent, %d delivered unique, %d duplicates on the wire, "
             "%d missing\n", f.nsent, f.delivered, f.dups, missing);
     ck_assert_int_eq(missing, 0);
     ck_assert_int_eq(f.delivered, N);
