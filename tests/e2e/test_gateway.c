@@ -1,0 +1,185 @@
+/* Gateway limits end to end: idle close, server pings, the send-queue
+ * ceiling for a client that stops reading, and two gateways sharing one port
+ * (SO_REUSEPORT). Runs extra gateways with short timers and a small queue. */
+#include "e2e.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int lim_port;
+static pid_t lim_pids[2];
+
+/* Starts gateway gw-limN on lim_port with the short limits. */
+static pid_t lim_spawn(int n)
+{
+    char id[16], listen[32], log[256];
+    snprintf(id, sizeof(id), "gw-lim%d", n);
+    snprintf(listen, sizeof(listen), "127.0.0.1:%d", lim_port);
+    snprintf(log, sizeof(log), "/tmp/parley-e2e-gateway-lim%d-%d.log", n, (int)getpid());
+    const char *build = getenv("PARLEY_BUILD") ? getenv("PARLEY_BUILD") : "build/san";
+    char bin[512];
+    snprintf(bin, sizeof(bin), "%s/bin/gateway", build);
+    pid_t pid = fork();
+    if (pid != 0)
+        return pid;
+    int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd >= 0) {
+        dup2(fd, 1);
+        dup2(fd, 2);
+    }
+    setenv("PARLEY_GATEWAY_ID", id, 1);
+    setenv("PARLEY_LISTEN", listen, 1);
+    setenv("PARLEY_PING_MS", "300", 1);
+    setenv("PARLEY_IDLE_MS", "1500", 1);
+    setenv("PARLEY_SEND_QUEUE_BYTES", "65536", 1);
+    execl(bin, bin, (char *)NULL);
+    _exit(127);
+}
+
+static client *lim_connect(const char *user)
+{
+    char tok[2048], err[256];
+    int status = 0;
+    e2e_token(user, 3600, tok, sizeof(tok));
+    client *cl = NULL;
+    for (int i = 0; i < 100 && cl == NULL; i++) {
+        cl = client_connect("127.0.0.1", lim_port, tok, NULL, 5000, &status, err, sizeof(err));
+        if (cl == NULL)
+            usleep(100 * 1000);
+    }
+    ck_assert_msg(cl != NULL, "connect to limits gateway: %s", err);
+    return cl;
+}
+
+START_TEST(silent_client_is_closed_for_idleness)
+{
+    char u[65];
+    e2e_user("idle", u);
+    client *cl = lim_connect(u);
+    sleep(3); /* reads nothing, so answers no ping */
+    int code = client_wait_close(cl, 5000);
+    ck_assert_int_eq(code, 1001);
+    ck_assert_int_gt(client_pings(cl), 0);
+    client_free(cl);
+}
+END_TEST
+
+START_TEST(client_answering_pings_stays_open)
+{
+    char u[65];
+    e2e_user("alive", u);
+    client *cl = lim_connect(u);
+    client_frame f;
+    int64_t end = px_mono_ms() + 3000;
+    while (px_mono_ms() < end) {
+        int rc = client_recv(cl, 100, &f); /* answers pings as it reads */
+        ck_assert_msg(rc != PX_ERROR, "connection closed: %s", client_errstr(cl));
+    }
+    ck_assert_int_ge(client_pings(cl), 2); /* timers tick once a second */
+    e2e_send_text(cl, "{\"type\":\"ping\",\"id\":\"still-here\"}");
+    json_t *p = e2e_wait_type(cl, "pong");
+    json_decref(p);
+    client_close(cl, 1000);
+}
+END_TEST
+
+/* The client floods pings and never reads the pongs: the server's queue for
+ * it passes 64 KiB and the server closes with 1013 instead of buffering. */
+START_TEST(client_that_stops_reading_is_closed_at_the_ceiling)
+{
+    char u[65];
+    e2e_user("slow", u);
+    client *cl = lim_connect(u);
+    char cmd[128];
+    int n = snprintf(cmd, sizeof(cmd), "{\"type\":\"ping\",\"id\":\"%060d\"}", 7);
+    int sent = 0;
+    for (; sent < 400000; sent++)
+        if (client_send_text(cl, cmd, (size_t)n) != 0)
+            break;
+    client_frame f;
+    int code = 0;
+    int64_t end = px_mono_ms() + 20000;
+    while (code == 0 && px_mono_ms() < end) {
+        int rc = client_recv(cl, 1000, &f);
+        if (rc == PX_OK && f.opcode == CLIENT_OP_CLOSE)
+            code = f.close_code;
+        else if (rc == PX_ERROR)
+            break;
+    }
+    fprintf(stderr, "report: slow reader: %d pings sent before the close, close code %d\n", sent,
+            code);
+    ck_assert_int_eq(code, 1013);
+    client_free(cl);
+}
+END_TEST
+
+START_TEST(two_gateways_share_one_port)
+{
+    /* Both limits gateways listen on lim_port; connections land on either
+     * and every one of them works. */
+    for (int i = 0; i < 6; i++) {
+        char u[65];
+        e2e_user("share", u);
+        client *cl = lim_connect(u);
+        json_decref(e2e_wait_type(cl, "synced"));
+        client_close(cl, 1000);
+    }
+    int st;
+    ck_assert_int_eq(waitpid(lim_pids[0], &st, WNOHANG), 0);
+    ck_assert_int_eq(waitpid(lim_pids[1], &st, WNOHANG), 0);
+}
+END_TEST
+
+static Suite *gateway_suite(void)
+{
+    Suite *s = suite_create("e2e-gateway");
+    TCase *tc = tcase_create("limits");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, silent_client_is_closed_for_idleness);
+    tcase_add_test(tc, client_answering_pings_stays_open);
+    tcase_add_test(tc, client_that_stops_reading_is_closed_at_the_ceiling);
+    tcase_add_test(tc, two_gateways_share_one_port);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+static int lim_stop(pid_t pid)
+{
+    int st = 0;
+    kill(pid, SIGTERM);
+    for (int i = 0; i < 150 && waitpid(pid, &st, WNOHANG) == 0; i++)
+        usleep(100 * 1000);
+    if (waitpid(pid, &st, WNOHANG) == 0) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &st, 0);
+        return -1;
+    }
+    return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
+}
+
+int main(void)
+{
+    if (e2e_start() != 0) {
+        e2e_stop();
+        return EXIT_FAILURE;
+    }
+    lim_port = e2e_port(E2E_GW2) + 10;
+    lim_pids[0] = lim_spawn(1);
+    lim_pids[1] = lim_spawn(2);
+    SRunner *sr = srunner_create(gateway_suite());
+    srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    int bad = (lim_stop(lim_pids[0]) != 0) + (lim_stop(lim_pids[1]) != 0);
+    if (bad)
+        fprintf(stderr, "limits gateway exited badly; read /tmp/parley-e2e-gateway-lim*-%d.log\n",
+                (int)getpid());
+    bad += e2e_stop();
+    return failed == 0 && bad == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
