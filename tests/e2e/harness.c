@@ -165,7 +165,12 @@ static int e2e_reap(struct e2e_proc *p, int sig, int grace_ms)
     int st = 0, rc = 0;
     while (waitpid(p->pid, &st, WNOHANG) == 0) {
         if (px_mono_ms() > end) {
-            fprintf(stderr, "e2e: %s did not stop in %d ms\n", p->bin, grace_ms);
+            fprintf(stderr, "e2e: %s did not stop in %d ms; its threads:\n", p->bin, grace_ms);
+            char cmd[128];
+            snprintf(cmd, sizeof(cmd), "gdb -p %d -batch -ex 'thread apply all bt' 2>&1 | "
+                     "grep -E '^(Thread|#)' >&2", (int)p->pid);
+            if (system(cmd) != 0)
+                fprintf(stderr, "e2e: (no gdb backtrace)\n");
             kill(p->pid, SIGKILL);
             waitpid(p->pid, &st, 0);
             rc = -1;
