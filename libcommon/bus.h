@@ -77,6 +77,10 @@ void bus_release(bus *b, bus_msg *m, size_t n);
  * reactors), or -1 if the implementation cannot provide one. */
 int bus_consume_fd(bus *b);
 
+/* Makes a bus_consume blocked in another thread return promptly (used on
+ * shutdown). Thread-safe. */
+void bus_wakeup(bus *b);
+
 /* Leaves the group (committing what bus_commit marked), flushes the producer
  * for up to 5 s, frees everything. */
 void bus_destroy(bus *b);

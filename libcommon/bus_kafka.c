@@ -381,6 +381,12 @@ int bus_consume_fd(bus *b)
     return b->efd;
 }
 
+void bus_wakeup(bus *b)
+{
+    if (b != NULL && b->cq != NULL)
+        rd_kafka_queue_yield(b->cq);
+}
+
 void bus_destroy(bus *b)
 {
     if (b == NULL)

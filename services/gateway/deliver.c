@@ -105,6 +105,7 @@ void deliver_stop(gw *g)
 {
     if (!deliver_started)
         return;
+    bus_wakeup(g->b);
     pthread_join(deliver_consume_th, NULL);
     pthread_join(deliver_poll_th, NULL);
 }

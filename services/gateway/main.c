@@ -5,6 +5,7 @@
 #include "common.h"
 #include "config.h"
 #include "gateway.h"
+#include "lifecycle.h"
 #include "log.h"
 
 #include <signal.h>
@@ -12,13 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-static volatile sig_atomic_t main_stop;
-
-static void main_on_signal(int sig)
-{
-    main_stop = 1;
-}
 
 static void main_metrics(gw *g)
 {
@@ -109,9 +103,8 @@ int main(void)
 {
     static gw g;
     char err[PX_ERRLEN];
-    signal(SIGPIPE, SIG_IGN);
-    signal(SIGINT, main_on_signal);
-    signal(SIGTERM, main_on_signal);
+    if (lifecycle_init(NULL, NULL) != PX_OK)
+        return 1;
     if (main_setup(&g, err, sizeof(err)) != PX_OK) {
         log_init("gateway", "info");
         log_error("bad configuration", "{s:s}", "error", err);
@@ -125,9 +118,8 @@ int main(void)
     }
     log_info("started", "{s:s, s:s, s:s, s:i}", "listen", g.cfg.listen, "gateway_id",
              g.cfg.gateway_id, "kafka", g.cfg.kafka_brokers, "workers", (int)g.cfg.workers);
-    while (!main_stop)
-        pause();
-    log_info("stopping", NULL);
+    int sig = lifecycle_wait();
+    log_info("stopping", "{s:i}", "signal", sig);
 out:
     main_shutdown(&g);
     log_info("stopped", NULL);

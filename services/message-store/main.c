@@ -8,6 +8,7 @@
 #include "admin_http.h"
 #include "common.h"
 #include "config.h"
+#include "lifecycle.h"
 #include "log.h"
 #include "msgstore.h"
 
@@ -21,20 +22,14 @@
 
 static volatile sig_atomic_t main_stop;
 
-static void main_on_signal(int sig)
+/* Runs on the lifecycle thread: the consumer may be inside a blocking
+ * poll, which the wake-up interrupts. */
+static void main_on_stop(void *arg)
 {
+    msgstore *ms = arg;
     main_stop = 1;
-}
-
-static void main_signals(void)
-{
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = main_on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    if (ms->b != NULL)
+        bus_wakeup(ms->b);
 }
 
 int64_t msgstore_clock_us(void)
@@ -224,7 +219,8 @@ int main(void)
     static msgstore ms;
     static bus_msg msgs[MSGSTORE_BATCH];
     char err[PX_ERRLEN] = "";
-    main_signals();
+    if (lifecycle_init(main_on_stop, &ms) != PX_OK)
+        return 1;
     if (main_setup(&ms, err, sizeof(err)) != PX_OK) {
         log_init("message-store", "info");
         log_error("bad configuration", "{s:s}", "error", err);

@@ -7,6 +7,7 @@
 #include "admin_http.h"
 #include "common.h"
 #include "config.h"
+#include "lifecycle.h"
 #include "log.h"
 #include "presence.h"
 
@@ -20,20 +21,14 @@
 
 static volatile sig_atomic_t main_stop;
 
-static void main_on_signal(int sig)
+/* Runs on the lifecycle thread: the consumer may be inside a blocking
+ * poll, which the wake-up interrupts. */
+static void main_on_stop(void *arg)
 {
+    presence *p = arg;
     main_stop = 1;
-}
-
-static void main_signals(void)
-{
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = main_on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    if (p->b != NULL)
+        bus_wakeup(p->b);
 }
 
 int64_t presence_clock_us(void)
@@ -211,7 +206,8 @@ int main(void)
     static presence p;
     static bus_msg msgs[PRESENCE_BATCH];
     char err[PX_ERRLEN] = "";
-    main_signals();
+    if (lifecycle_init(main_on_stop, &p) != PX_OK)
+        return 1;
     if (main_setup(&p, err, sizeof(err)) != PX_OK) {
         log_init("presence", "info");
         log_error("bad configuration", "{s:s}", "error", err);
