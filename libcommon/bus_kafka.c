@@ -85,6 +85,15 @@ static void bus_on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     log_info("partitions revoked", "{s:i}", "count", parts->cnt);
 }
 
+/* librdkafka's own log lines join ours as JSON instead of its stderr text. */
+static void bus_on_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    enum log_level lv = level <= 3 ? LOG_ERROR : level == 4 ? LOG_WARN
+                        : level <= 6 ? LOG_INFO : LOG_DEBUG;
+    log_write(lv, "librdkafka", "{s:s, s:s, s:s}", "facility", fac, "client",
+              rd_kafka_name(rk), "detail", buf);
+}
+
 static rd_kafka_conf_t *bus_common_conf(const bus_conf *c, bus *b, char *err, size_t errlen)
 {
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
@@ -100,6 +109,7 @@ static rd_kafka_conf_t *bus_common_conf(const bus_conf *c, bus *b, char *err, si
     }
     rd_kafka_conf_set_opaque(conf, b);
     rd_kafka_conf_set_error_cb(conf, bus_on_error);
+    rd_kafka_conf_set_log_cb(conf, bus_on_log);
     return conf;
 }
 
@@ -375,7 +385,9 @@ int bus_consume_fd(bus *b)
         b->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         if (b->efd < 0)
             return -1;
-        static const char one = 1;
+        /* An eventfd only accepts 8-byte writes: a shorter payload would
+         * fail with EINVAL and never wake anyone. */
+        static const uint64_t one = 1;
         rd_kafka_queue_io_event_enable(b->cq, b->efd, &one, sizeof(one));
     }
     return b->efd;
