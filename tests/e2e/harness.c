@@ -4,6 +4,7 @@
 #include "common.h"
 
 #include <arpa/inet.h>
+#include <check.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -210,4 +211,20 @@ void e2e_user(const char *prefix, char out[65])
 {
     static int n;
     snprintf(out, 65, "%s%d_%d", prefix, (int)getpid() % 100000, ++n);
+}
+
+int e2e_main(Suite *suite)
+{
+    if (e2e_start() != 0) {
+        e2e_stop();
+        srunner_free(srunner_create(suite));
+        return EXIT_FAILURE;
+    }
+    SRunner *sr = srunner_create(suite);
+    srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    int bad = e2e_stop();
+    return failed == 0 && bad == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

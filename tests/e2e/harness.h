@@ -30,4 +30,10 @@ void e2e_user(const char *prefix, char out[65]);
 /* The JWT secret the services run with. */
 const char *e2e_secret(void);
 
+/* The whole main of an end-to-end program: starts the services, runs the
+ * suite without forking (tests kill and restart services), stops them.
+ * Exit status: failure if a test failed or a service did not exit cleanly. */
+struct Suite;
+int e2e_main(struct Suite *suite);
+
 #endif

@@ -310,15 +310,5 @@ static Suite *messaging_suite(void)
 
 int main(void)
 {
-    if (e2e_start() != 0) {
-        e2e_stop();
-        return EXIT_FAILURE;
-    }
-    SRunner *sr = srunner_create(messaging_suite());
-    srunner_set_fork_status(sr, CK_NOFORK);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    int bad = e2e_stop();
-    return failed == 0 && bad == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+    return e2e_main(messaging_suite());
 }
