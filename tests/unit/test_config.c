@@ -1,9 +1,28 @@
 /* config: defaults, parsing, range errors naming the variable. */
 #include "check_main.h"
+#include <stdio.h>
 #include "common.h"
 #include "config.h"
 
 #include <string.h>
+#include <unistd.h>
+
+/* Each test starts with no PARLEY_* variable, also when check does not fork
+ * (CK_FORK=no, as under valgrind). */
+static void clear_env(void)
+{
+    for (;;) {
+        char **e = environ;
+        while (*e != NULL && strncmp(*e, "PARLEY_", 7) != 0)
+            e++;
+        if (*e == NULL)
+            return;
+        char name[128];
+        size_t n = strcspn(*e, "=");
+        snprintf(name, sizeof(name), "%.*s", (int)n, *e);
+        unsetenv(name);
+    }
+}
 
 START_TEST(defaults_apply)
 {
@@ -86,6 +105,7 @@ static Suite *config_suite(void)
 {
     Suite *s = suite_create("config");
     TCase *tc = tcase_create("load");
+    tcase_add_checked_fixture(tc, clear_env, NULL);
     tcase_add_test(tc, defaults_apply);
     tcase_add_test(tc, values_are_read);
     tcase_add_test(tc, bad_number_names_variable);
