@@ -71,6 +71,8 @@ static const struct config_num config_nums[] = {
     NUM("PARLEY_WORKERS", workers, 2, 1, 64),
     NUM("PARLEY_PARTITIONS", partitions, 8, 1, 1024),
     NUM("PARLEY_SWEEP_MS", sweep_ms, 60000, 100, 86400000),
+    NUM("PARLEY_SEND_RATE", send_rate, 200, 1, 1000000),
+    NUM("PARLEY_SEND_BURST", send_burst, 1000, 1, 1000000),
 };
 #undef NUM
 

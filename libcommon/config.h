@@ -27,6 +27,8 @@ typedef struct config {
     long workers;                /* PARLEY_WORKERS gateway epoll threads */
     long partitions;             /* PARLEY_PARTITIONS for user-keyed topics */
     long sweep_ms;               /* PARLEY_SWEEP_MS retention sweep period */
+    long send_rate;              /* PARLEY_SEND_RATE sends/s per connection */
+    long send_burst;             /* PARLEY_SEND_BURST sends above the rate */
     int dev;                     /* PARLEY_DEV=1 enables dev token endpoint */
 } config;
 

@@ -136,7 +136,10 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
     }
     switch (cmd.type) {
     case PROTO_SEND:
-        commands_send(g, c, &cmd);
+        if (ws_conn_take_send(c))
+            commands_send(g, c, &cmd);
+        else
+            commands_error(g, c, cmd.id, PROTO_RATE_LIMITED, "over PARLEY_SEND_RATE, slow down");
         break;
     case PROTO_ACK:
     case PROTO_READ:

@@ -98,6 +98,9 @@ int ws_conn_flush(conn *c);
 /* Ping / idle timers; called about once a second. */
 void ws_conn_tick(conn *c, int64_t now_ms);
 int ws_conn_dead(const conn *c);
+/* Token bucket for sends (PARLEY_SEND_RATE, PARLEY_SEND_BURST): 1 if this
+ * send may go, 0 if the client is over its rate. */
+int ws_conn_take_send(conn *c);
 /* The worker's "touched this iteration" mark; returns the previous value. */
 int ws_conn_set_dirty(conn *c, int on);
 uint64_t ws_conn_id(const conn *c);

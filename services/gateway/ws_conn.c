@@ -29,6 +29,8 @@ struct conn {
     char *extra;                     /* MHD's extra_in, fed to wslay first */
     size_t extra_len, extra_off;
     int64_t last_recv_ms, last_ping_ms, close_deadline_ms;
+    int64_t bucket_ms;               /* send rate limit: refilled up to here */
+    double tokens;
     int dead, dirty, synced;
     mail *held, *held_tail;          /* live events waiting for the sync */
     size_t held_bytes;
@@ -114,7 +116,8 @@ conn *ws_conn_new(gw *g, int fd, struct MHD_UpgradeResponseHandle *urh,
         memcpy(c->extra, extra_in, extra_len);
         c->extra_len = extra_len;
     }
-    c->last_recv_ms = c->last_ping_ms = px_mono_ms();
+    c->last_recv_ms = c->last_ping_ms = c->bucket_ms = px_mono_ms();
+    c->tokens = (double)g->cfg.send_burst;
     return c;
 }
 
@@ -273,6 +276,20 @@ void ws_conn_tick(conn *c, int64_t now)
         wslay_event_queue_msg(c->ctx, &ping);
         c->last_ping_ms = now;
     }
+}
+
+int ws_conn_take_send(conn *c)
+{
+    int64_t now = px_mono_ms();
+    double burst = (double)c->g->cfg.send_burst;
+    c->tokens += (double)(now - c->bucket_ms) * (double)c->g->cfg.send_rate / 1000.0;
+    if (c->tokens > burst)
+        c->tokens = burst;
+    c->bucket_ms = now;
+    if (c->tokens < 1.0)
+        return 0;
+    c->tokens -= 1.0;
+    return 1;
 }
 
 int ws_conn_dead(const conn *c)

@@ -37,6 +37,8 @@ static pid_t lim_spawn(int n)
     setenv("PARLEY_PING_MS", "300", 1);
     setenv("PARLEY_IDLE_MS", "1500", 1);
     setenv("PARLEY_SEND_QUEUE_BYTES", "65536", 1);
+    setenv("PARLEY_SEND_RATE", "5", 1);
+    setenv("PARLEY_SEND_BURST", "10", 1);
     execl(bin, bin, (char *)NULL);
     _exit(127);
 }
@@ -135,6 +137,37 @@ START_TEST(two_gateways_share_one_port)
 }
 END_TEST
 
+/* Burst 10 at 5/s: of 30 sends in a row about 10 pass, the rest are
+ * refused with rate_limited (and nothing else is lost: every send gets an
+ * answer). */
+START_TEST(sends_over_the_rate_are_refused)
+{
+    char u[65], to[65], cid[16];
+    e2e_user("rate", u);
+    e2e_user("rate_to", to);
+    client *cl = lim_connect(u);
+    for (int i = 0; i < 30; i++) {
+        snprintf(cid, sizeof(cid), "r%d", i);
+        e2e_send_async(cl, cid, to, "x");
+    }
+    int sent = 0, limited = 0;
+    for (int i = 0; i < 30; i++) {
+        snprintf(cid, sizeof(cid), "r%d", i);
+        json_t *r = client_wait_ref(cl, cid, E2E_WAIT_MS);
+        ck_assert_msg(r != NULL, "no answer to %s", cid);
+        if (strcmp(e2e_str(r, "type"), "sent") == 0)
+            sent++;
+        else if (strcmp(e2e_str(r, "code"), "rate_limited") == 0)
+            limited++;
+        json_decref(r);
+    }
+    ck_assert_int_ge(sent, 10);
+    ck_assert_int_le(sent, 14);
+    ck_assert_int_eq(sent + limited, 30);
+    client_close(cl, 1000);
+}
+END_TEST
+
 static Suite *gateway_suite(void)
 {
     Suite *s = suite_create("e2e-gateway");
@@ -144,6 +177,7 @@ static Suite *gateway_suite(void)
     tcase_add_test(tc, client_answering_pings_stays_open);
     tcase_add_test(tc, client_that_stops_reading_is_closed_at_the_ceiling);
     tcase_add_test(tc, two_gateways_share_one_port);
+    tcase_add_test(tc, sends_over_the_rate_are_refused);
     suite_add_tcase(s, tc);
     return s;
 }
