@@ -7,7 +7,10 @@
  * once. The consumer never stores an offset by itself
  * (enable.auto.offset.store=false): bus_commit stores offset+1 only after
  * the caller's effects are durable, and the periodic auto-commit (and the
- * commit on close or revoke) only ever commits what was stored. */
+ * commit on close or revoke) only ever commits what was stored.
+ *
+ * Also owns the eventfd behind bus_consume_fd and its wake-up protocol
+ * (bus_consume_drain / bus_consume_signal). */
 #include "bus.h"
 #include "common.h"
 #include "log.h"
@@ -51,7 +54,7 @@ static void bus_on_dr(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
     bus *b = opaque;
     if (b->dr_cb == NULL)
         return;
-    b->dr_cb(m->_private, m->err ? PX_ERROR : PX_OK, m->err ? rd_kafka_err2str(m->err) : NULL,
+    b->dr_cb(m->_private, m->err ? PX_ERROR : PX_OK, m->err ? rd_kafka_message_errstr(m) : NULL,
              m->partition, m->offset);
 }
 
@@ -73,16 +76,24 @@ static void bus_on_error(rd_kafka_t *rk, int code, const char *reason, void *opa
 static void bus_on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                              rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
+    rd_kafka_resp_err_t e;
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
-        rd_kafka_assign(rk, parts);
-        log_info("partitions assigned", "{s:i}", "count", parts->cnt);
+        e = rd_kafka_assign(rk, parts);
+        log_info("partitions assigned", "{s:i, s:s}", "count", parts->cnt, "result",
+                 rd_kafka_err2name(e));
         return;
     }
-    rd_kafka_resp_err_t ce = rd_kafka_commit(rk, NULL, 0);
-    if (ce != RD_KAFKA_RESP_ERR_NO_ERROR && ce != RD_KAFKA_RESP_ERR__NO_OFFSET)
-        log_warn("commit on revoke failed", "{s:s}", "error", rd_kafka_err2str(ce));
+    /* Revoked, or a rebalance error: either way we own nothing after this.
+     * A lost assignment (our session expired) already belongs to another
+     * member, and the coordinator refuses commits of the old generation. */
+    if (!rd_kafka_assignment_lost(rk)) {
+        e = rd_kafka_commit(rk, NULL, 0);
+        if (e != RD_KAFKA_RESP_ERR_NO_ERROR && e != RD_KAFKA_RESP_ERR__NO_OFFSET)
+            log_warn("commit on revoke failed", "{s:s}", "error", rd_kafka_err2str(e));
+    }
     rd_kafka_assign(rk, NULL);
-    log_info("partitions revoked", "{s:i}", "count", parts->cnt);
+    log_info("partitions revoked", "{s:i, s:s}", "count", parts->cnt, "reason",
+             rd_kafka_err2name(err));
 }
 
 /* librdkafka's own log lines join ours as JSON instead of its stderr text. */
@@ -198,10 +209,12 @@ fail:
     return NULL;
 }
 
+/* A request-level failure (timeout, no broker) comes as an event error with
+ * no per-topic results: it must not read as "every topic created". */
 static int bus_topic_results(rd_kafka_event_t *ev, char *err, size_t errlen)
 {
     const rd_kafka_CreateTopics_result_t *res = rd_kafka_event_CreateTopics_result(ev);
-    if (res == NULL)
+    if (res == NULL || rd_kafka_event_error(ev) != RD_KAFKA_RESP_ERR_NO_ERROR)
         return px_err(err, errlen, "create topics: %s", rd_kafka_event_error_string(ev));
     size_t n;
     const rd_kafka_topic_result_t **tr = rd_kafka_CreateTopics_result_topics(res, &n);
@@ -214,12 +227,44 @@ static int bus_topic_results(rd_kafka_event_t *ev, char *err, size_t errlen)
     return PX_OK;
 }
 
+/* Production clusters set PARLEY_KAFKA_REPLICATION (e.g. 3); the local
+ * single broker cannot hold more than one replica. */
+static int bus_replication(char *err, size_t errlen)
+{
+    const char *rf = getenv("PARLEY_KAFKA_REPLICATION");
+    if (rf == NULL || *rf == '\0')
+        return 1;
+    char *end;
+    long v = strtol(rf, &end, 10);
+    if (*end != '\0' || v < 1 || v > 32767)
+        return px_err(err, errlen, "PARLEY_KAFKA_REPLICATION=%s: not a replica count", rf);
+    return (int)v;
+}
+
+/* Both timeouts are timeout_ms: the broker stops waiting for the creation
+ * after it (operation timeout) and librdkafka answers by then (request
+ * timeout, else socket.timeout.ms = 60 s), so the result event is due
+ * within our wait and nothing is left pending on the queue. */
+static rd_kafka_AdminOptions_t *bus_admin_options(bus *b, int timeout_ms)
+{
+    char e[256];
+    rd_kafka_AdminOptions_t *opts =
+        rd_kafka_AdminOptions_new(b->rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
+    if (rd_kafka_AdminOptions_set_request_timeout(opts, timeout_ms, e, sizeof(e)) ||
+        rd_kafka_AdminOptions_set_operation_timeout(opts, timeout_ms, e, sizeof(e)))
+        log_warn("create topics: timeout not set", "{s:s}", "error", e);
+    return opts;
+}
+
 int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_ms,
                       char *err, size_t errlen)
 {
+    int replication = bus_replication(err, errlen);
+    if (replication == PX_ERROR)
+        return PX_ERROR;
+    if (n == 0)
+        return PX_OK;
     int rc = PX_ERROR;
-    const char *rf = getenv("PARLEY_KAFKA_REPLICATION");
-    int replication = rf != NULL ? atoi(rf) : 1;
     rd_kafka_NewTopic_t **nt = px_calloc(n, sizeof(*nt));
     rd_kafka_queue_t *q = rd_kafka_queue_new(b->rk);
     rd_kafka_event_t *ev = NULL;
@@ -231,11 +276,10 @@ int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_m
             goto out;
         }
     }
-    rd_kafka_AdminOptions_t *opts = rd_kafka_AdminOptions_new(b->rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
-    rd_kafka_AdminOptions_set_operation_timeout(opts, timeout_ms, e, sizeof(e));
+    rd_kafka_AdminOptions_t *opts = bus_admin_options(b, timeout_ms);
     rd_kafka_CreateTopics(b->rk, nt, n, opts, q);
     rd_kafka_AdminOptions_destroy(opts);
-    ev = rd_kafka_queue_poll(q, timeout_ms + 1000);
+    ev = rd_kafka_queue_poll(q, timeout_ms + 1000); /* margin over the request timeout */
     if (ev == NULL) {
         px_err(err, errlen, "create topics: no answer from Kafka in %d ms", timeout_ms);
         goto out;
@@ -265,6 +309,11 @@ int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
         px_err(err, errlen, "local produce queue full");
         return PX_AGAIN;
     }
+    /* A fatal idempotence error is permanent for this handle: say which. */
+    char fatal[256];
+    if (e == RD_KAFKA_RESP_ERR__FATAL &&
+        rd_kafka_fatal_error(b->rk, fatal, sizeof(fatal)) != RD_KAFKA_RESP_ERR_NO_ERROR)
+        return px_err(err, errlen, "produce to %s: fatal: %s", topic, fatal);
     return px_err(err, errlen, "produce to %s: %s", topic, rd_kafka_err2str(e));
 }
 
@@ -306,41 +355,69 @@ static int bus_consumer_error(bus *b, const rd_kafka_message_t *m, char *err, si
     return PX_OK;
 }
 
+static void bus_msg_fill(bus_msg *out, rd_kafka_message_t *m)
+{
+    *out = (bus_msg){
+        .topic = rd_kafka_topic_name(m->rkt), .partition = m->partition,
+        .offset = m->offset, .key = m->key, .key_len = m->key_len,
+        .value = m->payload, .len = m->len,
+        .ts_ms = rd_kafka_message_timestamp(m, NULL), .impl = m,
+    };
+}
+
+/* The eventfd protocol. librdkafka 2.0.2 writes the fd once per
+ * "non-polling period": the first enqueue after a poll of the queue writes
+ * it, later ones do not until the queue is polled again. Hence:
+ * - drain before polling: a record enqueued after our last poll wrote the
+ *   fd, and that write must survive (draining after the polls could swallow
+ *   it, and the record would wait for some later record to wake anyone);
+ * - after polling, when records remain because we stopped at max, signal
+ *   the fd ourselves: no enqueue will, and the reactor would stall. */
+static void bus_consume_drain(bus *b)
+{
+    uint64_t v;
+    if (b->efd >= 0 && read(b->efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+        log_warn("bus eventfd read failed", "{s:s}", "error", strerror(errno));
+}
+
+static void bus_consume_signal(bus *b)
+{
+    uint64_t one = 1;
+    if (b->efd >= 0 && rd_kafka_queue_length(b->cq) > 0 &&
+        write(b->efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        log_warn("bus eventfd write failed", "{s:s}", "error", strerror(errno));
+}
+
+/* A loop of rd_kafka_consumer_poll, not rd_kafka_consume_batch_queue: the
+ * 2.0.x batch API may lose or misroute records when a rebalance runs during
+ * the call (upstream 2.0.0 "Known Issues", fixed in 2.1.0), while a single
+ * poll serves the rebalance callback between records. Only the first poll
+ * waits. Callbacks are served inside a poll without ending it, so a NULL
+ * means timeout or bus_wakeup (rd_kafka_queue_yield): either ends the call. */
 int bus_consume(bus *b, bus_msg *out, size_t max, int timeout_ms, char *err, size_t errlen)
 {
     if (b->rkc == NULL)
         return px_err(err, errlen, "bus has no consumer group");
+    bus_consume_drain(b);
     size_t n = 0;
     int64_t end = px_mono_ms() + timeout_ms;
     while (n < max) {
         int wait = n > 0 ? 0 : (int)PX_MAX(0, end - px_mono_ms());
         rd_kafka_message_t *m = rd_kafka_consumer_poll(b->rkc, wait);
-        if (m == NULL) {
-            if (n > 0 || wait == 0)
-                break;
+        if (m == NULL)
+            break;
+        if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+            bus_msg_fill(&out[n++], m);
             continue;
         }
-        if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR) {
-            int rc = bus_consumer_error(b, m, err, errlen);
-            rd_kafka_message_destroy(m);
-            if (rc != PX_OK) {
-                bus_release(b, out, n);
-                return PX_ERROR;
-            }
-            continue;
+        int rc = bus_consumer_error(b, m, err, errlen);
+        rd_kafka_message_destroy(m);
+        if (rc != PX_OK) {
+            bus_release(b, out, n);
+            return PX_ERROR;
         }
-        out[n++] = (bus_msg){
-            .topic = rd_kafka_topic_name(m->rkt), .partition = m->partition,
-            .offset = m->offset, .key = m->key, .key_len = m->key_len,
-            .value = m->payload, .len = m->len,
-            .ts_ms = rd_kafka_message_timestamp(m, NULL), .impl = m,
-        };
     }
-    if (b->efd >= 0) {
-        uint64_t v;
-        if (read(b->efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
-            log_warn("bus eventfd read failed", "{s:s}", "error", strerror(errno));
-    }
+    bus_consume_signal(b);
     return (int)n;
 }
 
@@ -377,6 +454,13 @@ void bus_release(bus *b, bus_msg *m, size_t n)
     }
 }
 
+/* For a level-triggered reactor: when the fd is readable, call
+ * bus_consume. bus_consume itself drains the eventfd (the reader need not
+ * read it) and leaves it readable while records remain, so a partial take
+ * never strands records. Rebalances arrive through the same queue and only
+ * bus_consume serves them; and librdkafka leaves the group when bus_consume
+ * is not called for max.poll.interval.ms, so a quiet reactor still calls it
+ * on a timer. */
 int bus_consume_fd(bus *b)
 {
     if (b->cq == NULL)

@@ -1,11 +1,15 @@
-/* bus_kafka against the real broker: keyed order, delivery reports, offsets
- * that advance only on bus_commit (a consumer killed before committing gets
- * its records again), and the consume fd. Topics are unique per run. */
+/* bus_kafka against the real broker (PARLEY_KAFKA_BROKERS, default
+ * 127.0.0.1:19092): keyed order and Java-compatible partitioning, delivery
+ * reports, offsets that advance only on bus_commit (a consumer killed before
+ * committing gets its records again, a clean restart resumes right after the
+ * last commit), the consume fd and bus_wakeup. Topics and groups are unique
+ * per run, so reruns never see each other's records. */
 #include "../unit/check_main.h"
 #include "bus.h"
 #include "common.h"
 
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,18 +18,38 @@
 #include <unistd.h>
 
 #define PARTS 8
+#define MAX_PARTS 16
+#define NREC 400     /* records in the commit tests */
+
+/* Delivery reports: totals for every test, per-record slots when the record
+ * was produced with one as its opaque. */
+typedef struct dr_slot {
+    int reports, status;
+    int32_t partition;
+    int64_t offset;
+} dr_slot;
 
 typedef struct dr_log {
     int ok, failed;
-    int64_t last_offset[PARTS];
+    int64_t last_offset[MAX_PARTS];
     int out_of_order;
 } dr_log;
 
 static dr_log drs;
 
+static void dr_reset(void)
+{
+    memset(&drs, 0, sizeof(drs));
+    for (int i = 0; i < MAX_PARTS; i++)
+        drs.last_offset[i] = -1;
+}
+
 static void on_dr(void *opaque, int status, const char *err, int32_t partition, int64_t offset)
 {
-    if (status != PX_OK || partition < 0 || partition >= PARTS) {
+    dr_slot *s = opaque;
+    if (s != NULL)
+        *s = (dr_slot){ s->reports + 1, status, partition, offset };
+    if (status != PX_OK || partition < 0 || partition >= MAX_PARTS) {
         drs.failed++;
         return;
     }
@@ -35,22 +59,55 @@ static void on_dr(void *opaque, int status, const char *err, int32_t partition, 
     drs.last_offset[partition] = offset;
 }
 
+/* Kafka's partitioner (Java Utils.murmur2, positive, modulo the count):
+ * librdkafka's murmur2_random must agree with it so that Java and C
+ * producers put a user on the same partition. */
+static uint32_t murmur2(const char *key, size_t len)
+{
+    const uint32_t m = 0x5bd1e995;
+    uint32_t h = 0x9747b28c ^ (uint32_t)len;
+    const unsigned char *p = (const unsigned char *)key;
+    size_t i = 0;
+    for (; i + 4 <= len; i += 4) {
+        uint32_t k = p[i] | (uint32_t)p[i + 1] << 8 | (uint32_t)p[i + 2] << 16 |
+                     (uint32_t)p[i + 3] << 24;
+        k *= m;
+        k ^= k >> 24;
+        k *= m;
+        h = h * m ^ k;
+    }
+    switch (len & 3) {
+    case 3: h ^= (uint32_t)p[i + 2] << 16; /* fall through */
+    case 2: h ^= (uint32_t)p[i + 1] << 8;  /* fall through */
+    case 1: h ^= p[i]; h *= m;
+    }
+    h ^= h >> 13;
+    h *= m;
+    h ^= h >> 15;
+    return h;
+}
+
+static int32_t java_partition(const char *key, int parts)
+{
+    return (int32_t)((murmur2(key, strlen(key)) & 0x7fffffff) % (uint32_t)parts);
+}
+
 static const char *brokers(void)
 {
     const char *b = getenv("PARLEY_KAFKA_BROKERS");
     return b ? b : "127.0.0.1:19092";
 }
 
-static void topic_name(char *out, size_t n, const char *what)
+static void unique_name(char *out, size_t n, const char *what)
 {
     snprintf(out, n, "it.%s.%d.%lld", what, (int)getpid(), (long long)px_now_ms());
 }
 
-static bus *open_bus(const char *group)
+static bus *open_bus(const char *group, int partitions)
 {
     char err[PX_ERRLEN];
     bus_conf c = { .brokers = brokers(), .client_id = "it", .group = group,
-                   .partitions = PARTS, .dr_cb = on_dr };
+                   .partitions = partitions, .dr_cb = on_dr };
     bus *b = bus_new(&c, err, sizeof(err));
     ck_assert_msg(b != NULL, "bus_new: %s", err);
     return b;
@@ -63,36 +120,63 @@ static void create_topic(bus *b, const char *topic)
     ck_assert_msg(bus_ensure_topics(b, t, 1, 15000, err, sizeof(err)) == PX_OK, "%s", err);
 }
 
+static void subscribe(bus *b, const char *topic)
+{
+    char err[PX_ERRLEN];
+    const char *t[] = { topic };
+    ck_assert_msg(bus_subscribe(b, t, 1, err, sizeof(err)) == PX_OK, "subscribe: %s", err);
+}
+
+/* Values are "<key>:<seq>". */
 static void produce_n(bus *b, const char *topic, const char *key, int from, int n)
 {
-    char err[PX_ERRLEN], val[32];
+    char err[PX_ERRLEN], val[48];
     for (int i = from; i < from + n; i++) {
         int len = snprintf(val, sizeof(val), "%s:%d", key, i);
-        ck_assert_int_eq(bus_produce(b, topic, key, strlen(key), val, (size_t)len, NULL, err,
-                                     sizeof(err)), PX_OK);
+        ck_assert_msg(bus_produce(b, topic, key, strlen(key), val, (size_t)len, NULL, err,
+                                  sizeof(err)) == PX_OK, "produce: %s", err);
     }
+}
+
+static int value_seq(const bus_msg *m)
+{
+    const char *colon = memchr(m->value, ':', m->len);
+    ck_assert_ptr_nonnull(colon);
+    return atoi(colon + 1);
+}
+
+/* Which records a consumer marks durable. */
+enum commit_what { COMMIT_NONE, COMMIT_ALL, COMMIT_FIRST_HALF };
+
+static void commit_some(bus *b, const bus_msg *msgs, int n, enum commit_what what)
+{
+    for (int i = 0; i < n; i++)
+        if (what == COMMIT_ALL || (what == COMMIT_FIRST_HALF && value_seq(&msgs[i]) < NREC / 2))
+            bus_commit(b, &msgs[i], 1);
 }
 
 /* Consumes until want records arrived or timeout; calls fn per record. */
 typedef void (*rec_fn)(const bus_msg *m, void *arg);
-static int consume_until(bus *b, int want, int timeout_ms, int commit, rec_fn fn, void *arg)
+static int consume_until(bus *b, int want, int timeout_ms, enum commit_what what, rec_fn fn,
+                         void *arg)
 {
     bus_msg msgs[256];
     char err[PX_ERRLEN];
     int got = 0;
     int64_t end = px_mono_ms() + timeout_ms;
     while (got < want && px_mono_ms() < end) {
-        int n = bus_consume(b, msgs, 256, 200, err, sizeof(err));
+        int n = bus_consume(b, msgs, PX_ARRAY_LEN(msgs), 200, err, sizeof(err));
         ck_assert_msg(n >= 0, "consume: %s", err);
         for (int i = 0; i < n; i++)
             fn(&msgs[i], arg);
-        if (commit && n > 0)
-            bus_commit(b, msgs, (size_t)n);
+        commit_some(b, msgs, n, what);
         bus_release(b, msgs, (size_t)n);
         got += n;
     }
     return got;
 }
+
+static const char *const keys[] = { "user-alice", "user-bob", "user-carol" };
 
 typedef struct key_track {
     int partition[3];
@@ -103,8 +187,11 @@ typedef struct key_track {
 static void track(const bus_msg *m, void *arg)
 {
     key_track *t = arg;
-    int k = ((const char *)m->key)[1] - '0'; /* keys "k0" "k1" "k2" */
-    int seq = atoi(strchr((const char *)m->value, ':') + 1);
+    int k = 0;
+    while (k < 3 && (m->key_len != strlen(keys[k]) || memcmp(m->key, keys[k], m->key_len) != 0))
+        k++;
+    ck_assert_int_lt(k, 3);
+    int seq = value_seq(m);
     if (t->partition[k] == -1)
         t->partition[k] = m->partition;
     if (t->partition[k] != m->partition || seq != t->next[k])
@@ -112,163 +199,285 @@ static void track(const bus_msg *m, void *arg)
     t->next[k] = seq + 1;
 }
 
+/* (a) 3 keys interleaved on an 8-partition topic: each key's records come
+ * back from a single partition, the one Java's partitioner picks, in
+ * produce order. */
 START_TEST(same_key_one_partition_in_order)
 {
     char topic[128], group[160];
-    topic_name(topic, sizeof(topic), "order");
+    unique_name(topic, sizeof(topic), "order");
     snprintf(group, sizeof(group), "%s.g", topic);
-    bus *p = open_bus(NULL);
+    ck_assert_uint_eq(murmur2("kafka", 5), 0xd067cf64); /* librdkafka's test vector */
+    bus *p = open_bus(NULL, PARTS);
     create_topic(p, topic);
-    memset(&drs, 0, sizeof(drs));
-    for (int i = 0; i < PARTS; i++)
-        drs.last_offset[i] = -1;
+    dr_reset();
     for (int round = 0; round < 100; round++)
-        for (int k = 0; k < 3; k++) {
-            char key[3] = { 'k', (char)('0' + k), 0 };
-            produce_n(p, topic, key, round, 1);
-        }
+        for (int k = 0; k < 3; k++)
+            produce_n(p, topic, keys[k], round, 1);
     ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
     ck_assert_int_eq(drs.ok, 300);
     ck_assert_int_eq(drs.failed, 0);
-    ck_assert_int_eq(drs.out_of_order, 0);
 
-    bus *c = open_bus(group);
-    const char *t[] = { topic };
-    char err[PX_ERRLEN];
-    ck_assert_int_eq(bus_subscribe(c, t, 1, err, sizeof(err)), PX_OK);
+    bus *c = open_bus(group, PARTS);
+    subscribe(c, topic);
     key_track kt = { { -1, -1, -1 }, { 0, 0, 0 }, 0 };
-    ck_assert_int_eq(consume_until(c, 300, 30000, 1, track, &kt), 300);
+    ck_assert_int_eq(consume_until(c, 300, 30000, COMMIT_ALL, track, &kt), 300);
     ck_assert_int_eq(kt.bad, 0);
-    for (int k = 0; k < 3; k++)
+    for (int k = 0; k < 3; k++) {
         ck_assert_int_eq(kt.next[k], 100);
+        ck_assert_int_eq(kt.partition[k], java_partition(keys[k], PARTS));
+    }
     bus_destroy(c);
+    bus_destroy(p);
+}
+END_TEST
+
+/* (b) One report per record, with the record's own opaque, PX_OK, on the
+ * partition its key maps to, at the next offset of that partition. The
+ * topic has 5 partitions (the broker's auto-create default is 8), so the
+ * mapping also proves bus_ensure_topics created it with conf->partitions. */
+START_TEST(delivery_reports_carry_opaque_partition_and_offset)
+{
+    enum { N = 200, DR_PARTS = 5, DR_KEYS = 7 };
+    char topic[128];
+    unique_name(topic, sizeof(topic), "dr");
+    bus *p = open_bus(NULL, DR_PARTS);
+    create_topic(p, topic);
+    create_topic(p, topic); /* an existing topic is not an error */
+    dr_reset();
+    static dr_slot slot[N];
+    memset(slot, 0, sizeof(slot));
+    char err[PX_ERRLEN], key[16];
+    for (int i = 0; i < N; i++) {
+        snprintf(key, sizeof(key), "u%d", i % DR_KEYS);
+        ck_assert_int_eq(bus_produce(p, topic, key, strlen(key), "v", 1, &slot[i], err,
+                                     sizeof(err)), PX_OK);
+    }
+    ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
+    int64_t next[DR_PARTS] = { 0 }; /* a new topic's offsets start at 0 */
+    for (int i = 0; i < N; i++) {
+        snprintf(key, sizeof(key), "u%d", i % DR_KEYS);
+        ck_assert_msg(slot[i].reports == 1, "record %d: %d reports", i, slot[i].reports);
+        ck_assert_int_eq(slot[i].status, PX_OK);
+        ck_assert_int_eq(slot[i].partition, java_partition(key, DR_PARTS));
+        ck_assert_int_eq(slot[i].offset, next[slot[i].partition]++);
+    }
+    ck_assert_int_eq(drs.ok, N);
+    ck_assert_int_eq(drs.out_of_order, 0);
     bus_destroy(p);
 }
 END_TEST
 
 typedef struct seen_set {
-    int count[400];
+    int count[NREC];
+    int other;
 } seen_set;
 
 static void note(const bus_msg *m, void *arg)
 {
     seen_set *s = arg;
-    int seq = atoi(strchr((const char *)m->value, ':') + 1);
-    if (seq >= 0 && seq < 400)
+    int seq = value_seq(m);
+    if (seq >= 0 && seq < NREC)
         s->count[seq]++;
+    else
+        s->other++;
 }
 
-/* Consumes everything, commits only records 0..199, then dies by SIGKILL
+/* One key, so one partition and "committed up to NREC/2" is well defined. */
+static void produce_commit_topic(const char *topic)
+{
+    bus *p = open_bus(NULL, PARTS);
+    create_topic(p, topic);
+    produce_n(p, topic, "k0", 0, NREC);
+    ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
+    bus_destroy(p);
+}
+
+/* A new member of the group must get exactly the second half: the first
+ * half was committed, the second never was. */
+static void expect_second_half_only(const char *topic, const char *group)
+{
+    bus *c = open_bus(group, PARTS);
+    subscribe(c, topic);
+    seen_set s;
+    memset(&s, 0, sizeof(s));
+    int got = consume_until(c, NREC / 2, 40000, COMMIT_ALL, note, &s);
+    /* Anything more would be a record committed but delivered again. */
+    got += consume_until(c, 1, 500, COMMIT_ALL, note, &s);
+    ck_assert_int_eq(s.other, 0);
+    for (int i = 0; i < NREC / 2; i++)
+        ck_assert_msg(s.count[i] == 0, "committed record %d delivered again", i);
+    for (int i = NREC / 2; i < NREC; i++)
+        ck_assert_msg(s.count[i] == 1, "uncommitted record %d seen %d times", i, s.count[i]);
+    ck_assert_int_eq(got, NREC / 2);
+    bus_destroy(c);
+}
+
+static void ignore(const bus_msg *m, void *arg)
+{
+}
+
+/* Consumes everything, commits only the first half, then dies by SIGKILL
  * (no close, no final commit) after the periodic commit had time to run. */
 static void child_consume_then_die(const char *topic, const char *group)
 {
-    bus *c = open_bus(group);
-    const char *t[] = { topic };
-    char err[PX_ERRLEN];
-    if (bus_subscribe(c, t, 1, err, sizeof(err)) != PX_OK)
+    bus *c = open_bus(group, PARTS);
+    subscribe(c, topic);
+    if (consume_until(c, NREC, 30000, COMMIT_FIRST_HALF, ignore, NULL) < NREC)
         _exit(3);
-    bus_msg msgs[256];
-    int got = 0;
-    int64_t end = px_mono_ms() + 30000;
-    while (got < 400 && px_mono_ms() < end) {
-        int n = bus_consume(c, msgs, 256, 200, err, sizeof(err));
-        for (int i = 0; i < n; i++) {
-            int seq = atoi(strchr((const char *)msgs[i].value, ':') + 1);
-            if (seq < 200)
-                bus_commit(c, &msgs[i], 1);
-        }
-        bus_release(c, msgs, (size_t)(n > 0 ? n : 0));
-        got += n > 0 ? n : 0;
-    }
     sleep(3); /* auto-commit interval is 1 s: the stored offsets reach Kafka */
     kill(getpid(), SIGKILL);
 }
 
+/* (c) crash: the uncommitted half comes again, the committed half does not. */
 START_TEST(uncommitted_records_come_again_after_a_crash)
 {
     char topic[128], group[160];
-    topic_name(topic, sizeof(topic), "crash");
+    unique_name(topic, sizeof(topic), "crash");
     snprintf(group, sizeof(group), "%s.g", topic);
-    bus *p = open_bus(NULL);
-    create_topic(p, topic);
-    /* One key: one partition, so "committed up to 199" is well defined. */
-    produce_n(p, topic, "k0", 0, 400);
-    ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
-
+    /* The producer is gone before fork: the child starts with no
+     * librdkafka threads and no locks held by them. */
+    produce_commit_topic(topic);
     pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
     if (pid == 0)
         child_consume_then_die(topic, group);
     int st;
-    waitpid(pid, &st, 0);
-    ck_assert(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
-
-    /* A new member of the same group starts after the last commit. */
-    bus *c = open_bus(group);
-    const char *t[] = { topic };
-    char err[PX_ERRLEN];
-    ck_assert_int_eq(bus_subscribe(c, t, 1, err, sizeof(err)), PX_OK);
-    seen_set s;
-    memset(&s, 0, sizeof(s));
-    int got = consume_until(c, 200, 40000, 1, note, &s);
-    ck_assert_int_eq(got, 200);
-    for (int i = 0; i < 200; i++)
-        ck_assert_msg(s.count[i] == 0, "committed record %d delivered again", i);
-    for (int i = 200; i < 400; i++)
-        ck_assert_msg(s.count[i] == 1, "uncommitted record %d seen %d times", i, s.count[i]);
-    bus_destroy(c);
-    bus_destroy(p);
+    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+    ck_assert_msg(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL,
+                  "child did not consume everything (status %d)", st);
+    expect_second_half_only(topic, group);
 }
 END_TEST
 
+/* (c) clean restart: bus_destroy right after the last bus_commit leaves the
+ * group with what was marked committed, and nothing beyond it. */
+START_TEST(clean_restart_resumes_after_last_commit)
+{
+    char topic[128], group[160];
+    unique_name(topic, sizeof(topic), "restart");
+    snprintf(group, sizeof(group), "%s.g", topic);
+    produce_commit_topic(topic);
+    bus *c = open_bus(group, PARTS);
+    subscribe(c, topic);
+    ck_assert_int_eq(consume_until(c, NREC, 30000, COMMIT_FIRST_HALF, ignore, NULL), NREC);
+    bus_destroy(c);
+    expect_second_half_only(topic, group);
+}
+END_TEST
+
+static int readable(int fd, int timeout_ms)
+{
+    struct pollfd pfd = { .fd = fd, .events = POLLIN };
+    int r = poll(&pfd, 1, timeout_ms);
+    return r > 0 && (pfd.revents & POLLIN);
+}
+
+/* (d) The fd wakes a reactor when records arrive, stays readable while
+ * records remain after a partial bus_consume, and is quiet once drained. */
 START_TEST(consume_fd_signals_records)
 {
     char topic[128], group[160];
-    topic_name(topic, sizeof(topic), "fd");
+    unique_name(topic, sizeof(topic), "fd");
     snprintf(group, sizeof(group), "%s.g", topic);
-    bus *p = open_bus(NULL);
+    bus *p = open_bus(NULL, PARTS);
     create_topic(p, topic);
-    bus *c = open_bus(group);
-    const char *t[] = { topic };
-    char err[PX_ERRLEN];
-    ck_assert_int_eq(bus_subscribe(c, t, 1, err, sizeof(err)), PX_OK);
+    bus *c = open_bus(group, PARTS);
+    subscribe(c, topic);
     int fd = bus_consume_fd(c);
     ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(bus_consume_fd(c), fd);
     produce_n(p, topic, "k0", 0, 1);
     ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
-    /* Join the group and fetch: drive the consumer until the record shows. */
+    /* Joining the group and fetching take several wake-ups (rebalance
+     * events come through the same queue); only the fd drives us here. */
     bus_msg m[4];
+    char err[PX_ERRLEN];
     int got = 0;
     int64_t end = px_mono_ms() + 30000;
-    while (got == 0 && px_mono_ms() < end) {
-        struct pollfd pfd = { .fd = fd, .events = POLLIN };
-        if (poll(&pfd, 1, 500) > 0)
-            ck_assert(pfd.revents & POLLIN);
-        got = bus_consume(c, m, 4, 0, err, sizeof(err));
-    }
+    while (got == 0 && px_mono_ms() < end)
+        if (readable(fd, 1000))
+            got = bus_consume(c, m, 4, 0, err, sizeof(err));
     ck_assert_int_eq(got, 1);
     bus_release(c, m, 1);
-    /* Once drained, the fd stays quiet until something new arrives. */
-    struct pollfd pfd = { .fd = fd, .events = POLLIN };
-    ck_assert_int_eq(poll(&pfd, 1, 300), 0);
-    produce_n(p, topic, "k0", 1, 1);
-    bus_flush(p, 10000);
-    ck_assert_int_eq(poll(&pfd, 1, 10000), 1);
+    ck_assert_msg(!readable(fd, 300), "fd readable with nothing to consume");
+
+    /* More records than one bus_consume takes: after each partial take the
+     * fd must still say "more", or a reactor would stall on them. */
+    produce_n(p, topic, "k0", 1, 10);
+    ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
+    ck_assert(readable(fd, 10000));
+    usleep(300 * 1000); /* let the whole fetch land in the queue */
+    got = 0;
+    while (got < 10) {
+        ck_assert_msg(readable(fd, 2000), "fd quiet with %d records left", 10 - got);
+        int n = bus_consume(c, m, 4, 0, err, sizeof(err));
+        ck_assert_int_ge(n, 0);
+        bus_release(c, m, (size_t)n);
+        got += n;
+    }
+    ck_assert_int_eq(got, 10);
     bus_destroy(c);
     bus_destroy(p);
 }
 END_TEST
 
-START_TEST(unreachable_broker_fails_delivery_reports)
+typedef struct consume_arg {
+    bus *b;
+    int n;
+    int64_t ms;
+} consume_arg;
+
+static void *consume_long(void *arg)
+{
+    consume_arg *a = arg;
+    bus_msg m[4];
+    char err[PX_ERRLEN];
+    int64_t t0 = px_mono_ms();
+    a->n = bus_consume(a->b, m, 4, 20000, err, sizeof(err));
+    a->ms = px_mono_ms() - t0;
+    if (a->n > 0)
+        bus_release(a->b, m, (size_t)a->n);
+    return NULL;
+}
+
+/* bus_wakeup ends a long bus_consume in another thread promptly. */
+START_TEST(wakeup_ends_a_blocked_consume)
+{
+    char topic[128], group[160];
+    unique_name(topic, sizeof(topic), "wake");
+    snprintf(group, sizeof(group), "%s.g", topic);
+    bus *c = open_bus(group, PARTS);
+    create_topic(c, topic);
+    subscribe(c, topic);
+    consume_arg a = { .b = c };
+    pthread_t th;
+    ck_assert_int_eq(pthread_create(&th, NULL, consume_long, &a), 0);
+    usleep(500 * 1000);
+    bus_wakeup(c);
+    pthread_join(th, NULL);
+    ck_assert_int_eq(a.n, 0);
+    ck_assert_msg(a.ms < 3000, "bus_consume returned %lld ms after its start", (long long)a.ms);
+    bus_destroy(c);
+}
+END_TEST
+
+/* Nothing can be acknowledged without a broker: no report says PX_OK, the
+ * flush times out with PX_AGAIN, topic creation fails within its timeout. */
+START_TEST(unreachable_broker_fails_cleanly)
 {
     char err[PX_ERRLEN];
-    memset(&drs, 0, sizeof(drs));
+    dr_reset();
     bus_conf c = { .brokers = "127.0.0.1:1", .client_id = "it", .partitions = 1,
                    .dr_cb = on_dr };
     bus *b = bus_new(&c, err, sizeof(err));
     ck_assert_ptr_nonnull(b);
-    /* Nothing can be acknowledged: the report must say so, never PX_OK. */
     ck_assert_int_eq(bus_produce(b, "it.none", "k", 1, "v", 1, NULL, err, sizeof(err)), PX_OK);
-    ck_assert_int_eq(bus_flush(b, 2000), PX_AGAIN);
+    ck_assert_int_eq(bus_flush(b, 1000), PX_AGAIN);
+    const char *t[] = { "it.none" };
+    int64_t t0 = px_mono_ms();
+    ck_assert_int_eq(bus_ensure_topics(b, t, 1, 1000, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_lt(px_mono_ms() - t0, 5000);
     ck_assert_int_eq(drs.ok, 0);
     bus_destroy(b);
     ck_assert_int_eq(drs.ok, 0);
@@ -281,9 +490,12 @@ static Suite *bus_suite(void)
     TCase *tc = tcase_create("kafka");
     tcase_set_timeout(tc, 90);
     tcase_add_test(tc, same_key_one_partition_in_order);
+    tcase_add_test(tc, delivery_reports_carry_opaque_partition_and_offset);
     tcase_add_test(tc, uncommitted_records_come_again_after_a_crash);
+    tcase_add_test(tc, clean_restart_resumes_after_last_commit);
     tcase_add_test(tc, consume_fd_signals_records);
-    tcase_add_test(tc, unreachable_broker_fails_delivery_reports);
+    tcase_add_test(tc, wakeup_ends_a_blocked_consume);
+    tcase_add_test(tc, unreachable_broker_fails_cleanly);
     suite_add_tcase(s, tc);
     return s;
 }
