@@ -239,6 +239,32 @@ char *proto_render_synced(size_t *len)
     return proto_dump(json_pack("{s:s}", "type", "synced"), len);
 }
 
+static json_t *proto_str_list(const char *const *v, size_t n)
+{
+    json_t *a = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(a, json_string(v[i]));
+    return a;
+}
+
+char *proto_render_group(const char *ref, const proto_group *g, size_t *len)
+{
+    json_t *o = json_pack("{s:s, s:s, s:o}", "type", "group", "ref", ref, "group",
+                          json_pack("{s:s, s:s, s:o, s:o}", "id", g->id, "name", g->name,
+                                    "members", proto_str_list(g->members, g->nmembers),
+                                    "admins", proto_str_list(g->admins, g->nadmins)));
+    return proto_dump(o, len);
+}
+
+char *proto_render_group_event(const proto_group_event *e, size_t *len)
+{
+    json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:s, s:o, s:I}", "type", "group_event", "id",
+                          e->id, "group", e->group, "event", e->event, "actor", e->actor,
+                          "members", proto_str_list(e->members, e->nmembers), "ts",
+                          (json_int_t)e->ts);
+    return proto_dump(o, len);
+}
+
 char *proto_render_message(const proto_message *m, size_t *len)
 {
     json_t *o = json_pack("{s:s, s:s, s:s}", "type", "message", "id", m->id, "from", m->from);

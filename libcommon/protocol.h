@@ -67,4 +67,25 @@ typedef struct proto_message {
 } proto_message;
 char *proto_render_message(const proto_message *m, size_t *len);
 
+/* The answer to a group command:
+ * {"type":"group","ref","group":{"id","name","members","admins"}}. */
+typedef struct proto_group {
+    const char *id, *name;
+    const char *const *members;
+    size_t nmembers;
+    const char *const *admins;
+    size_t nadmins;
+} proto_group;
+char *proto_render_group(const char *ref, const proto_group *g, size_t *len);
+
+/* {"type":"group_event","id","group","event","actor","members","ts"};
+ * event is "created", "added", "removed" or "left". */
+typedef struct proto_group_event {
+    const char *id, *group, *event, *actor;
+    const char *const *members;
+    size_t nmembers;
+    int64_t ts;
+} proto_group_event;
+char *proto_render_group_event(const proto_group_event *e, size_t *len);
+
 #endif

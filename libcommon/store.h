@@ -107,4 +107,39 @@ int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
 int store_presence_expire(store *st, int64_t cutoff_ms, int64_t *removed,
                           char *err, size_t errlen);
 
+/* Groups (issue 5): one record per group, written only by the group-fanout
+ * instance that owns the group's parley.groups partition. applied is the
+ * bus offset of the last command whose effects (events, fan-out, answers)
+ * are durable; a redelivered command at or below it is skipped, which is
+ * what makes every group change idempotent. members are in join order
+ * (longest-standing first); admins is a subset of members. A group whose
+ * last member left stays as an inert record (no members, no admins) so a
+ * redelivered create cannot bring it back. */
+#define STORE_GROUP_MAX 256
+
+typedef struct store_group {
+    const char *id;        /* "g_..." */
+    const char *name;
+    const char *creator;
+    const char *const *members;
+    size_t nmembers;       /* <= STORE_GROUP_MAX */
+    const char *const *admins;
+    size_t nadmins;        /* <= nmembers */
+    int64_t applied;       /* bus offset of the last applied command */
+    int64_t ts_ms;         /* created at */
+} store_group;
+
+/* Called once per group found; the group and its strings are valid only
+ * during the call. */
+typedef int (*store_group_cb)(void *arg, const store_group *g);
+
+/* Looks up groups by id in one round trip; cb sees those that exist, in no
+ * particular order. */
+int store_group_get(store *st, const char *const *ids, size_t n, store_group_cb cb,
+                    void *arg, char *err, size_t errlen);
+
+/* Writes n groups (each replaces the record of its id, or creates it) in
+ * one round trip. Repeating a put is harmless. */
+int store_group_put(store *st, const store_group *g, size_t n, char *err, size_t errlen);
+
 #endif

@@ -27,6 +27,7 @@ typedef struct pending_send {
     int64_t t0_mono, ts;
     char ref[65];
     char msg_id[ID_BUF];
+    int group;         /* group-fanout answers it: report only a refusal */
 } pending_send;
 
 static dr_tag commands_beat_tag, commands_record_tag;
@@ -68,15 +69,76 @@ static int commands_produce(gw *g, const char *topic, const char *key, uint8_t *
     return rc;
 }
 
+static const Parley__GroupCommand__Type commands_group_types[] = {
+    [PROTO_SEND] = PARLEY__GROUP_COMMAND__TYPE__TYPE_SEND,
+    [PROTO_GROUP_CREATE] = PARLEY__GROUP_COMMAND__TYPE__TYPE_CREATE,
+    [PROTO_GROUP_ADD] = PARLEY__GROUP_COMMAND__TYPE__TYPE_ADD,
+    [PROTO_GROUP_REMOVE] = PARLEY__GROUP_COMMAND__TYPE__TYPE_REMOVE,
+    [PROTO_GROUP_LEAVE] = PARLEY__GROUP_COMMAND__TYPE__TYPE_LEAVE,
+    [PROTO_GROUP_INFO] = PARLEY__GROUP_COMMAND__TYPE__TYPE_INFO,
+};
+
+/* Group commands and group sends go to parley.groups keyed by the group.
+ * Only group-fanout knows the membership, so it answers the connection
+ * (`group`, `sent` or the error) through this gateway's delivery topic;
+ * here only a produce Kafka refused is answered (`unavailable`). The id of
+ * a new group is a function of (creator, client id), like a msg_id, so a
+ * retried group_create names the same group instead of making a second. */
+static void commands_group(gw *g, conn *c, const proto_cmd *cmd)
+{
+    const char *user = ws_conn_user(c);
+    pending_send *p = px_calloc(1, sizeof(*p));
+    p->tag = (dr_tag){ DR_SEND, g };
+    p->group = 1;
+    p->conn_id = ws_conn_id(c);
+    p->ts = px_now_ms();
+    snprintf(p->ref, sizeof(p->ref), "%s", cmd->id);
+    id_for_send(user, cmd->id, p->msg_id);
+
+    char gid[ID_BUF + 2], cmd_id[ID_BUF];
+    snprintf(gid, sizeof(gid), "%s", cmd->group != NULL ? cmd->group : "");
+    if (cmd->type == PROTO_GROUP_CREATE)
+        snprintf(gid, sizeof(gid), "g_%s", p->msg_id);
+    id_new(cmd_id);
+    char *json = NULL;
+    size_t json_len = 0, len;
+    Parley__GroupCommand rec = PARLEY__GROUP_COMMAND__INIT;
+    rec.version = 1;
+    rec.type = commands_group_types[cmd->type];
+    rec.group = gid;
+    rec.user = (char *)user;
+    rec.gateway = (char *)g->cfg.gateway_id;
+    rec.conn = p->conn_id;
+    rec.ref = p->ref;
+    rec.cmd_id = cmd_id;
+    rec.name = (char *)(cmd->name != NULL ? cmd->name : "");
+    rec.members = (char **)cmd->members;
+    rec.n_members = cmd->nmembers;
+    rec.ts_ms = p->ts;
+    if (cmd->type == PROTO_SEND) {
+        proto_message m = { .id = p->msg_id, .from = user, .group = gid, .body = cmd->body,
+                            .forwarded = cmd->forwarded, .ts = p->ts };
+        json = proto_render_message(&m, &json_len);
+        rec.msg_id = p->msg_id;
+        rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
+    }
+    uint8_t *buf = COMMANDS_PACK(group_command, &rec, &len);
+    free(json);
+    if (commands_produce(g, g->topic_groups, gid, buf, len, p) != PX_OK) {
+        free(p);
+        commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
+    }
+}
+
 static void commands_send(gw *g, conn *c, const proto_cmd *cmd)
 {
-    if (cmd->group != NULL) {
-        commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "group messaging is not available yet");
-        return;
-    }
     if (cmd->media != NULL) {
         /* No upload endpoint exists yet, so no media id can be known. */
         commands_error(g, c, cmd->id, PROTO_NOT_FOUND, "unknown media id");
+        return;
+    }
+    if (cmd->group != NULL) {
+        commands_group(g, c, cmd);
         return;
     }
     const char *user = ws_conn_user(c);
@@ -149,7 +211,7 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
         commands_reply(c, proto_render_pong(cmd.id, NULL));
         break;
     default:
-        commands_error(g, c, cmd.id, PROTO_UNAVAILABLE, "group commands are not available yet");
+        commands_group(g, c, &cmd);
         break;
     }
     proto_cmd_free(&cmd);
@@ -207,6 +269,10 @@ static void commands_send_done(pending_send *p, int status, const char *err)
     gw *g = p->tag.g;
     size_t len;
     char *json;
+    if (status == PX_OK && p->group) {
+        free(p);
+        return;
+    }
     if (status == PX_OK) {
         json = proto_render_sent(p->ref, p->msg_id, p->ts, &len);
         metric_add(g->m.sent_ok, 1);

@@ -31,6 +31,7 @@ static struct e2e_proc e2e_procs[E2E_NSVC] = {
     [E2E_GW2] = { "gateway", "gw-2", 0, 0 },
     [E2E_PRESENCE] = { "presence", NULL, 0, 0 },
     [E2E_STORE] = { "message-store", NULL, 0, 0 },
+    [E2E_FANOUT] = { "group-fanout", NULL, 0, 0 },
 };
 static char e2e_prefix[64], e2e_logdir[256];
 
@@ -66,6 +67,7 @@ static void e2e_setenv(void)
     e2e_procs[E2E_GW2].port = base + 2;
     e2e_procs[E2E_PRESENCE].port = base + 3;
     e2e_procs[E2E_STORE].port = base + 4;
+    e2e_procs[E2E_FANOUT].port = base + 6;
 }
 
 static pid_t e2e_spawn(enum e2e_svc s)

@@ -8,7 +8,7 @@
 #include <stddef.h>
 #include <sys/types.h>
 
-enum e2e_svc { E2E_GW1, E2E_GW2, E2E_PRESENCE, E2E_STORE, E2E_NSVC };
+enum e2e_svc { E2E_GW1, E2E_GW2, E2E_PRESENCE, E2E_STORE, E2E_FANOUT, E2E_NSVC };
 
 /* Starts every service (two gateways) and waits until both gateways answer
  * /readyz. Returns 0, or -1 after printing what failed and where its log is. */
