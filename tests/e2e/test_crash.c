@@ -12,6 +12,7 @@ enum { N = 5000, WINDOW = 300 };
 typedef struct flight {
     char msg_id[N][32];     /* "" until `sent` */
     int outstanding[N];     /* sent on the current connection, no answer yet */
+    int retry[N];           /* answered rate_limited or unavailable: send again */
     int nsent, next;
     char *seen_ids;         /* msg ids bob has, "id\n" joined; for dedupe */
     int delivered, dups;
@@ -69,7 +70,9 @@ static int alice_drain(client *a, flight *f, int timeout_ms)
             snprintf(f->msg_id[i], sizeof(f->msg_id[i]), "%s", e2e_str(m, "msg_id"));
             f->outstanding[i] = 0;
         } else if (strcmp(e2e_str(m, "type"), "error") == 0 && ref[0] == 'c') {
-            f->outstanding[atoi(ref + 1)] = 0; /* unavailable: resent below */
+            int i = atoi(ref + 1); /* rate_limited or unavailable: resent, same id */
+            f->outstanding[i] = 0;
+            f->retry[i] = 1;
         }
         json_decref(m);
     }
@@ -115,6 +118,12 @@ START_TEST(kill9_store_and_gateway_loses_nothing_sent)
     while (f.nsent < N && px_mono_ms() < deadline) {
         while (f.next < N && in_window(&f) < WINDOW)
             alice_send(a, &f, bob, f.next++);
+        for (int i = 0, w = in_window(&f); i < f.next && w < WINDOW; i++)
+            if (f.retry[i] && f.msg_id[i][0] == '\0') {
+                f.retry[i] = 0;
+                alice_send(a, &f, bob, i);
+                w++;
+            }
         int gone = alice_drain(a, &f, 20);
         bob_drain(b, &f, 0);
         if (!killed_store && f.nsent >= 1500) {
