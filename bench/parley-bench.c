@@ -1,0 +1,1338 @@
+/* parley-bench: a load generator for Parley's WebSocket gateways that anyone
+ * can rerun (bench/run.sh drives it). Timings are reported, never asserted.
+ *
+ * Scenarios; each prints one JSON object on stdout and a human line on stderr:
+ *   idle  --conns connections spread over --procs processes (one 127.0.0.x
+ *         source address each) and over --url / --url2; each waits for
+ *         `synced`. Reports the connect rate and, given --gw-pids, each
+ *         gateway's VmRSS growth per connection.
+ *   rate  --pairs (sender, receiver) pairs, receivers on --url, senders on
+ *         --url2 (so every message crosses gateways), --rate messages/s in
+ *         total for --duration s. The body carries the CLOCK_MONOTONIC send
+ *         time (one machine, one clock); receivers ack in batches. Reports
+ *         delivered/s, send-to-receive latency percentiles, `sent` answers
+ *         and messages still missing after --grace s.
+ *   sync  --pending messages to an offline user, then the time from its
+ *         connect to `synced` and to the last pending message.
+ *
+ * Each process runs one epoll loop over all its sockets with a small
+ * hand-written RFC 6455 client side (handshake, unmasked server frames,
+ * masked client frames). libcommon's client is blocking and keeps a JSON
+ * backlog per connection: right for tests, too heavy for 10k sockets in one
+ * process. Hosts in URLs are IPv4 literals (it is a loopback benchmark). */
+#include "auth.h"
+#include "common.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BENCH_MAX_PROCS    32
+#define BENCH_PER_PROC_MAX 10000      /* sockets per process: the fd limit is 20k */
+#define BENCH_MAX_FRAME    (1u << 20) /* ceiling on one server message */
+#define BENCH_MAX_WBUF     (8u << 20) /* ceiling on one connection's unsent bytes */
+#define BENCH_RBUF         16384
+#define BENCH_ACK_BATCH    200        /* ids per ack command */
+#define BENCH_ACK_TICK_NS  20000000LL /* batched acks leave at least this often */
+#define BENCH_CTL          UINT64_MAX /* epoll tag of the parent's command pipe */
+#define BENCH_LOG_FAILS    5          /* failure reasons printed per process */
+#define BENCH_SYNC_WAIT_S  60         /* sync: the timed connection gives up after this */
+
+/* ---- latency histogram -------------------------------------------------- */
+
+/* Log-linear buckets (HDR-style): exact below 128 ns, then 64 sub-buckets
+ * per power of two, so any value is known to within 1.6%. */
+#define BENCH_HIST_SUB_BITS 6
+#define BENCH_HIST_SUB      (1 << BENCH_HIST_SUB_BITS)
+#define BENCH_HIST_N        ((64 - BENCH_HIST_SUB_BITS + 1) * BENCH_HIST_SUB)
+
+typedef struct bench_hist {
+    uint64_t n[BENCH_HIST_N];
+    uint64_t count, max, sum;
+} bench_hist;
+
+static size_t bench_hist_index(uint64_t v)
+{
+    if (v < 2 * BENCH_HIST_SUB)
+        return (size_t)v;
+    int e = 63 - __builtin_clzll(v);
+    int shift = e - BENCH_HIST_SUB_BITS;
+    return (size_t)(e - BENCH_HIST_SUB_BITS + 1) * BENCH_HIST_SUB +
+           (size_t)((v >> shift) - BENCH_HIST_SUB);
+}
+
+/* The middle of bucket i. */
+static uint64_t bench_hist_value(size_t i)
+{
+    if (i < 2 * BENCH_HIST_SUB)
+        return i;
+    int e = (int)(i / BENCH_HIST_SUB) - 1 + BENCH_HIST_SUB_BITS;
+    uint64_t sub = i % BENCH_HIST_SUB + BENCH_HIST_SUB;
+    int shift = e - BENCH_HIST_SUB_BITS;
+    return (sub << shift) + ((1ull << shift) >> 1);
+}
+
+static void bench_hist_add(bench_hist *h, int64_t v)
+{
+    uint64_t u = v < 0 ? 0 : (uint64_t)v;
+    h->n[bench_hist_index(u)]++;
+    h->count++;
+    h->sum += u;
+    if (u > h->max)
+        h->max = u;
+}
+
+static void bench_hist_merge(bench_hist *to, const bench_hist *from)
+{
+    for (size_t i = 0; i < BENCH_HIST_N; i++)
+        to->n[i] += from->n[i];
+    to->count += from->count;
+    to->sum += from->sum;
+    to->max = PX_MAX(to->max, from->max);
+}
+
+/* Value at quantile q (0..1], in ns; the exact max for q == 1. */
+static uint64_t bench_hist_q(const bench_hist *h, double q)
+{
+    if (h->count == 0)
+        return 0;
+    if (q >= 1.0)
+        return h->max;
+    uint64_t want = (uint64_t)ceil(q * (double)h->count), seen = 0;
+    for (size_t i = 0; i < BENCH_HIST_N; i++) {
+        seen += h->n[i];
+        if (seen >= want)
+            return PX_MIN(bench_hist_value(i), h->max);
+    }
+    return h->max;
+}
+
+static double bench_ms(uint64_t ns)
+{
+    return (double)ns / 1e6;
+}
+
+/* {"p50":..,"p90":..,"p99":..,"p999":..,"max":..,"mean":..,"count":..} in ms. */
+static json_t *bench_hist_json(const bench_hist *h)
+{
+    return json_pack("{s:f, s:f, s:f, s:f, s:f, s:f, s:I}",
+                     "p50", bench_ms(bench_hist_q(h, 0.50)), "p90", bench_ms(bench_hist_q(h, 0.90)),
+                     "p99", bench_ms(bench_hist_q(h, 0.99)), "p999", bench_ms(bench_hist_q(h, 0.999)),
+                     "max", bench_ms(h->max),
+                     "mean", h->count ? bench_ms(h->sum / h->count) : 0.0,
+                     "count", (json_int_t)h->count);
+}
+
+/* ---- options -------------------------------------------------------------- */
+
+typedef struct bench_addr {
+    struct sockaddr_in sa;
+    char host[64];
+    int port;
+} bench_addr;
+
+typedef struct bench_opts {
+    const char *scenario;
+    bench_addr gw[2];
+    int ngw;
+    int conns, procs, pairs, duration_s, grace_s, hold_s, settle_s, connect_timeout_s;
+    int inflight, body_bytes, pending, src_base;
+    int upgrade_only;  /* idle: count a connection at its 101, not its `synced` */
+    double rate;
+    const char *secret;
+    pid_t gw_pids[2];
+    int ngw_pids;
+    char prefix[40];  /* makes this run's user ids (and so msg_ids) unique */
+} bench_opts;
+
+/* ---- per-process state ------------------------------------------------------ */
+
+enum bench_state { BC_IDLE, BC_CONNECTING, BC_UPGRADING, BC_OPEN, BC_DEAD };
+
+typedef struct bench_conn {
+    int fd;
+    uint8_t state, gw, synced, no_ack;
+    char role;              /* user id letter: i idle, r receiver, s sender, p pending */
+    uint32_t user;          /* user number within the role */
+    int64_t t_start, t_synced, t_last;
+    uint8_t *rbuf, *wbuf;
+    size_t rlen, rcap, wlen, wcap;
+    char *ack;              /* `{"type":"ack","ids":["a","b"` being built */
+    size_t acklen, ackcap;
+    uint32_t nack, msgs, msgs_at_sync;
+} bench_conn;
+
+/* What a process reports to the parent; merged field by field. */
+typedef struct bench_stats {
+    uint64_t conns, opened, synced, failed, closed, synced_gw[2];
+    uint64_t sends, sent_ok, errors, rate_limited, msgs, received, dups, acks;
+    int64_t t_go, t_ready, t_first, t_last, t_send_end;
+    bench_hist lat;          /* send -> receive */
+    bench_hist conn_lat;     /* connect() -> synced */
+} bench_stats;
+
+typedef struct bench_proc {
+    const bench_opts *o;
+    int ep, ctl_fd;          /* ctl_fd: parent's commands, -1 when alone */
+    char cmd;                /* last command byte read, 0 if none */
+    struct sockaddr_in src;
+    bench_conn *c;
+    uint32_t n, next, inflight, fails_logged;
+    bench_stats st;
+    uint8_t *seen;           /* rate/sync: one bit per sequence number */
+    uint64_t nseq;
+    uint32_t mask_state;
+    int64_t last_ack_tick;
+} bench_proc;
+
+static int64_t bench_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void bench_conn_fail(bench_proc *p, bench_conn *c, const char *why)
+{
+    if (c->state == BC_DEAD || c->state == BC_IDLE)
+        return;
+    if (!c->synced) {
+        p->inflight--;
+        p->st.failed++;
+    } else {
+        p->st.closed++;
+    }
+    if (p->fails_logged++ < BENCH_LOG_FAILS)
+        fprintf(stderr, "parley-bench[%d]: %c%u: %s\n", (int)getpid(), c->role, c->user, why);
+    close(c->fd);
+    free(c->rbuf);
+    free(c->wbuf);
+    free(c->ack);
+    c->rbuf = c->wbuf = NULL;
+    c->ack = NULL;
+    c->rlen = c->rcap = c->wlen = c->wcap = c->acklen = c->ackcap = 0;
+    c->nack = 0;
+    c->fd = -1;
+    c->state = BC_DEAD;
+}
+
+/* Forgets a connection on purpose (not a failure), so its slot can connect again. */
+static void bench_conn_drop(bench_proc *p, bench_conn *c)
+{
+    if (c->state != BC_DEAD && c->state != BC_IDLE) {
+        if (!c->synced)
+            p->inflight--;
+        close(c->fd);
+    }
+    free(c->rbuf);
+    free(c->wbuf);
+    free(c->ack);
+    char role = c->role;
+    uint32_t user = c->user;
+    uint8_t gw = c->gw, no_ack = c->no_ack;
+    memset(c, 0, sizeof(*c));
+    c->fd = -1;
+    c->role = role;
+    c->user = user;
+    c->gw = gw;
+    c->no_ack = no_ack;
+}
+
+static void bench_user_name(const bench_proc *p, const bench_conn *c, char *out, size_t outlen)
+{
+    snprintf(out, outlen, "%s%c%u", p->o->prefix, c->role, c->user);
+}
+
+/* ---- output side ----------------------------------------------------------- */
+
+static void bench_epoll_mod(bench_proc *p, bench_conn *c, uint32_t events)
+{
+    struct epoll_event ev = { .events = events, .data.u64 = (uint64_t)(c - p->c) };
+    epoll_ctl(p->ep, EPOLL_CTL_MOD, c->fd, &ev);
+}
+
+static int bench_buf_append(uint8_t **buf, size_t *len, size_t *cap, const void *data, size_t n)
+{
+    if (*len + n > BENCH_MAX_WBUF)
+        return PX_ERROR;
+    if (*len + n > *cap) {
+        size_t ncap = PX_MAX(*cap * 2, *len + n);
+        *buf = px_realloc(*buf, PX_MAX(ncap, (size_t)4096));
+        *cap = PX_MAX(ncap, (size_t)4096);
+    }
+    memcpy(*buf + *len, data, n);
+    *len += n;
+    return PX_OK;
+}
+
+/* Writes what the kernel takes now and keeps the rest for EPOLLOUT. */
+static void bench_conn_write(bench_proc *p, bench_conn *c, const void *data, size_t len)
+{
+    size_t off = 0;
+    if (c->wlen == 0) {
+        ssize_t w = send(c->fd, data, len, MSG_NOSIGNAL);
+        if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            bench_conn_fail(p, c, strerror(errno));
+            return;
+        }
+        off = w > 0 ? (size_t)w : 0;
+        if (off == len)
+            return;
+    }
+    int was_empty = c->wlen == 0;
+    if (bench_buf_append(&c->wbuf, &c->wlen, &c->wcap, (const uint8_t *)data + off,
+                         len - off) != PX_OK) {
+        bench_conn_fail(p, c, "write buffer ceiling reached (gateway not reading)");
+        return;
+    }
+    if (was_empty)
+        bench_epoll_mod(p, c, EPOLLIN | EPOLLOUT);
+}
+
+static void bench_conn_flush(bench_proc *p, bench_conn *c)
+{
+    while (c->wlen > 0) {
+        ssize_t w = send(c->fd, c->wbuf, c->wlen, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                bench_conn_fail(p, c, strerror(errno));
+            return;
+        }
+        memmove(c->wbuf, c->wbuf + w, c->wlen - (size_t)w);
+        c->wlen -= (size_t)w;
+    }
+    bench_epoll_mod(p, c, EPOLLIN);
+}
+
+/* Client frames must be masked (RFC 6455 5.3); the key only has to vary. */
+static void bench_conn_frame(bench_proc *p, bench_conn *c, int opcode, const void *data,
+                             size_t len)
+{
+    uint8_t stackbuf[1024], *f = len + 14 <= sizeof(stackbuf) ? stackbuf : px_malloc(len + 14);
+    size_t h = 0;
+    f[h++] = (uint8_t)(0x80 | opcode);
+    if (len < 126) {
+        f[h++] = (uint8_t)(0x80 | len);
+    } else if (len < 65536) {
+        f[h++] = 0x80 | 126;
+        f[h++] = (uint8_t)(len >> 8);
+        f[h++] = (uint8_t)len;
+    } else {
+        f[h++] = 0x80 | 127;
+        for (int i = 7; i >= 0; i--)
+            f[h++] = (uint8_t)((uint64_t)len >> (8 * i));
+    }
+    p->mask_state = p->mask_state * 1103515245u + 12345u;
+    uint8_t key[4];
+    memcpy(key, &p->mask_state, 4);
+    memcpy(f + h, key, 4);
+    h += 4;
+    const uint8_t *s = data;
+    for (size_t i = 0; i < len; i++)
+        f[h + i] = s[i] ^ key[i & 3];
+    bench_conn_write(p, c, f, h + len);
+    if (f != stackbuf)
+        free(f);
+}
+
+static void bench_conn_text(bench_proc *p, bench_conn *c, const char *s, size_t len)
+{
+    bench_conn_frame(p, c, 0x1, s, len);
+}
+
+static void bench_ack_flush(bench_proc *p, bench_conn *c)
+{
+    if (c->nack == 0 || c->state != BC_OPEN)
+        return;
+    bench_buf_append((uint8_t **)&c->ack, &c->acklen, &c->ackcap, "]}", 2);
+    bench_conn_text(p, c, c->ack, c->acklen);
+    p->st.acks += c->nack;
+    c->acklen = 0;
+    c->nack = 0;
+}
+
+static void bench_ack_add(bench_proc *p, bench_conn *c, const char *id)
+{
+    static const char head[] = "{\"type\":\"ack\",\"ids\":[";
+    char item[96];
+    int n = snprintf(item, sizeof(item), "%s\"%s\"", c->nack ? "," : "", id);
+    if (n <= 0 || (size_t)n >= sizeof(item))
+        return;
+    if (c->nack == 0)
+        bench_buf_append((uint8_t **)&c->ack, &c->acklen, &c->ackcap, head, sizeof(head) - 1);
+    bench_buf_append((uint8_t **)&c->ack, &c->acklen, &c->ackcap, item, (size_t)n);
+    if (++c->nack >= BENCH_ACK_BATCH)
+        bench_ack_flush(p, c);
+}
+
+/* ---- connecting ----------------------------------------------------------- */
+
+static void bench_conn_start(bench_proc *p, bench_conn *c)
+{
+    const bench_addr *a = &p->o->gw[c->gw];
+    int one = 1;
+    c->t_start = bench_now();
+    c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    c->state = BC_CONNECTING;
+    p->inflight++;
+    if (c->fd < 0) {
+        c->fd = open("/dev/null", O_RDONLY); /* keeps bench_conn_fail's close harmless */
+        bench_conn_fail(p, c, strerror(errno));
+        return;
+    }
+    /* Ports are then chosen per (source, destination) at connect time, so one
+     * source address is not limited to one set of ~28k ports across both
+     * gateways. */
+    setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT, .data.u64 = (uint64_t)(c - p->c) };
+    if (bind(c->fd, (const struct sockaddr *)&p->src, sizeof(p->src)) != 0 ||
+        (connect(c->fd, (const struct sockaddr *)&a->sa, sizeof(a->sa)) != 0 &&
+         errno != EINPROGRESS) ||
+        epoll_ctl(p->ep, EPOLL_CTL_ADD, c->fd, &ev) != 0) {
+        bench_conn_fail(p, c, strerror(errno));
+        return;
+    }
+}
+
+static void bench_conn_connected(bench_proc *p, bench_conn *c)
+{
+    int soerr = 0;
+    socklen_t sl = sizeof(soerr);
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) != 0 || soerr != 0) {
+        bench_conn_fail(p, c, soerr ? strerror(soerr) : "connect failed");
+        return;
+    }
+    char user[96], token[AUTH_TOKEN_MAX], req[AUTH_TOKEN_MAX + 512];
+    bench_user_name(p, c, user, sizeof(user));
+    int64_t now_s = (int64_t)time(NULL);
+    if (auth_sign(p->o->secret, user, now_s, now_s + 86400, token, sizeof(token)) != PX_OK) {
+        bench_conn_fail(p, c, "auth_sign failed");
+        return;
+    }
+    const bench_addr *a = &p->o->gw[c->gw];
+    int n = snprintf(req, sizeof(req),
+                     "GET /v1/ws HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n\r\n",
+                     a->host, a->port, token);
+    c->state = BC_UPGRADING;
+    bench_epoll_mod(p, c, EPOLLIN);
+    bench_conn_write(p, c, req, (size_t)n);
+}
+
+/* The 101 is all that is checked: the accept key is the gateway's tests' job. */
+static int bench_conn_upgrade(bench_proc *p, bench_conn *c, size_t *used)
+{
+    uint8_t *end = memmem(c->rbuf, c->rlen, "\r\n\r\n", 4);
+    if (end == NULL) {
+        *used = 0;
+        return c->rlen > 8192 ? PX_ERROR : PX_AGAIN;
+    }
+    if (c->rlen < 12 || memcmp(c->rbuf, "HTTP/1.1 101", 12) != 0) {
+        char why[64];
+        snprintf(why, sizeof(why), "upgrade refused: %.20s", (const char *)c->rbuf);
+        for (char *q = why; *q; q++)
+            if (*q == '\r' || *q == '\n')
+                *q = ' ';
+        bench_conn_fail(p, c, why);
+        return PX_DECLINED;
+    }
+    *used = (size_t)(end + 4 - c->rbuf);
+    c->state = BC_OPEN;
+    p->st.opened++;
+    return PX_OK;
+}
+
+static void bench_on_synced(bench_proc *p, bench_conn *c);
+
+/* ---- receiving ------------------------------------------------------------- */
+
+static void bench_on_synced(bench_proc *p, bench_conn *c)
+{
+    if (c->synced)
+        return;
+    c->synced = 1;
+    c->t_synced = bench_now();
+    c->msgs_at_sync = c->msgs;
+    p->inflight--;
+    p->st.synced++;
+    p->st.synced_gw[c->gw]++;
+    bench_hist_add(&p->st.conn_lat, c->t_synced - c->t_start);
+}
+
+/* Bodies are "<seq> <send ns> xxx...": seq indexes this process's seen bits. */
+static void bench_on_message(bench_proc *p, bench_conn *c, const char *id, const char *body)
+{
+    int64_t now = bench_now();
+    c->msgs++;
+    c->t_last = now;
+    p->st.msgs++;
+    char *end;
+    unsigned long long seq = strtoull(body, &end, 10);
+    long long t = strtoll(end, NULL, 10);
+    if (p->seen != NULL && seq < p->nseq) {
+        if (p->seen[seq >> 3] & (1u << (seq & 7))) {
+            p->st.dups++;
+        } else {
+            p->seen[seq >> 3] |= (uint8_t)(1u << (seq & 7));
+            p->st.received++;
+            bench_hist_add(&p->st.lat, now - t);
+            if (p->st.t_first == 0)
+                p->st.t_first = now;
+            p->st.t_last = now;
+        }
+    }
+    if (!c->no_ack && id != NULL)
+        bench_ack_add(p, c, id);
+}
+
+static void bench_on_error(bench_proc *p, bench_conn *c, json_t *j)
+{
+    const char *code = json_string_value(json_object_get(j, "code"));
+    p->st.errors++;
+    if (code != NULL && strcmp(code, "rate_limited") == 0)
+        p->st.rate_limited++;
+    else if (p->fails_logged++ < BENCH_LOG_FAILS)
+        fprintf(stderr, "parley-bench[%d]: %c%u: error %s: %s\n", (int)getpid(), c->role,
+                c->user, code ? code : "?",
+                json_string_value(json_object_get(j, "message")) ?: "");
+}
+
+static void bench_on_text(bench_proc *p, bench_conn *c, const char *s, size_t len)
+{
+    json_t *j = json_loadb(s, len, 0, NULL);
+    const char *type = json_string_value(json_object_get(j, "type"));
+    if (type == NULL)
+        ;
+    else if (strcmp(type, "message") == 0)
+        bench_on_message(p, c, json_string_value(json_object_get(j, "id")),
+                         json_string_value(json_object_get(j, "body")) ?: "");
+    else if (strcmp(type, "sent") == 0)
+        p->st.sent_ok++;
+    else if (strcmp(type, "synced") == 0)
+        bench_on_synced(p, c);
+    else if (strcmp(type, "error") == 0)
+        bench_on_error(p, c, j);
+    json_decref(j);
+}
+
+static void bench_on_frame(bench_proc *p, bench_conn *c, int op, const uint8_t *pl, size_t len)
+{
+    switch (op) {
+    case 0x1:
+        bench_on_text(p, c, (const char *)pl, len);
+        break;
+    case 0x9:
+        bench_conn_frame(p, c, 0xA, pl, len); /* the gateway closes clients that never pong */
+        break;
+    case 0x8: {
+        char why[48];
+        snprintf(why, sizeof(why), "closed by server (%d)", len >= 2 ? pl[0] << 8 | pl[1] : 1005);
+        bench_conn_fail(p, c, why);
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+/* Consumes whole frames from rbuf; *used says how many bytes. */
+static int bench_parse_frames(bench_proc *p, bench_conn *c, size_t *used)
+{
+    size_t off = 0;
+    while (c->state == BC_OPEN && c->rlen - off >= 2) {
+        const uint8_t *b = c->rbuf + off;
+        size_t avail = c->rlen - off, h = 2;
+        uint64_t len = b[1] & 0x7f;
+        if (len == 126) {
+            if (avail < 4)
+                break;
+            len = (uint64_t)b[2] << 8 | b[3];
+            h = 4;
+        } else if (len == 127) {
+            if (avail < 10)
+                break;
+            len = 0;
+            for (int i = 0; i < 8; i++)
+                len = len << 8 | b[2 + i];
+            h = 10;
+        }
+        if ((b[1] & 0x80) || len > BENCH_MAX_FRAME || !(b[0] & 0x80)) {
+            bench_conn_fail(p, c, "masked, fragmented or oversized server frame");
+            return PX_ERROR;
+        }
+        if (avail < h + len)
+            break;
+        bench_on_frame(p, c, b[0] & 0x0f, b + h, (size_t)len);
+        off += h + (size_t)len;
+    }
+    *used = off;
+    return c->state == BC_OPEN ? PX_OK : PX_ERROR;
+}
+
+static int bench_conn_consume(bench_proc *p, bench_conn *c)
+{
+    size_t used = 0;
+    if (c->state == BC_UPGRADING) {
+        int rc = bench_conn_upgrade(p, c, &used);
+        if (rc == PX_ERROR)
+            bench_conn_fail(p, c, "no HTTP answer head");
+        if (rc != PX_OK)
+            return rc == PX_AGAIN ? PX_OK : PX_ERROR;
+        memmove(c->rbuf, c->rbuf + used, c->rlen - used);
+        c->rlen -= used;
+        /* Measures the gateway alone: the later `synced` depends on
+         * message-store and the database. */
+        if (p->o->upgrade_only)
+            bench_on_synced(p, c);
+    }
+    if (bench_parse_frames(p, c, &used) != PX_OK)
+        return PX_ERROR;
+    memmove(c->rbuf, c->rbuf + used, c->rlen - used);
+    c->rlen -= used;
+    return PX_OK;
+}
+
+static void bench_conn_readable(bench_proc *p, bench_conn *c)
+{
+    for (;;) {
+        if (c->rcap - c->rlen < BENCH_RBUF / 2) {
+            c->rcap = PX_MAX(c->rcap * 2, (size_t)BENCH_RBUF);
+            c->rbuf = px_realloc(c->rbuf, c->rcap);
+        }
+        ssize_t r = recv(c->fd, c->rbuf + c->rlen, c->rcap - c->rlen, 0);
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+            bench_conn_fail(p, c, r == 0 ? "connection closed by server" : strerror(errno));
+            return;
+        }
+        if (r < 0)
+            break;
+        c->rlen += (size_t)r;
+        if (bench_conn_consume(p, c) != PX_OK)
+            return;
+    }
+    /* Idle sockets keep no buffer: 10k of them would otherwise hold 160 MB. */
+    if (c->rlen == 0) {
+        free(c->rbuf);
+        c->rbuf = NULL;
+        c->rcap = 0;
+    }
+}
+
+static void bench_conn_event(bench_proc *p, bench_conn *c, uint32_t events)
+{
+    if (c->state == BC_CONNECTING) {
+        bench_conn_connected(p, c);
+        return;
+    }
+    if ((events & EPOLLOUT) && c->state != BC_DEAD)
+        bench_conn_flush(p, c);
+    if ((events & (EPOLLIN | EPOLLHUP | EPOLLERR)) && c->state != BC_DEAD)
+        bench_conn_readable(p, c);
+}
+
+/* ---- the loop --------------------------------------------------------------- */
+
+static void bench_proc_init(bench_proc *p, const bench_opts *o, uint32_t n, int ctl_fd, int src)
+{
+    memset(p, 0, sizeof(*p));
+    p->o = o;
+    p->ep = epoll_create1(EPOLL_CLOEXEC);
+    p->ctl_fd = ctl_fd;
+    p->n = n;
+    p->c = px_calloc(n, sizeof(*p->c));
+    for (uint32_t i = 0; i < n; i++)
+        p->c[i].fd = -1;
+    p->src.sin_family = AF_INET;
+    p->src.sin_addr.s_addr = htonl(0x7f000000u | (uint32_t)src);
+    p->mask_state = (uint32_t)getpid() * 2654435761u;
+    if (ctl_fd >= 0) {
+        struct epoll_event ev = { .events = EPOLLIN, .data.u64 = BENCH_CTL };
+        epoll_ctl(p->ep, EPOLL_CTL_ADD, ctl_fd, &ev);
+    }
+}
+
+static void bench_proc_ctl(bench_proc *p)
+{
+    char b;
+    ssize_t r = read(p->ctl_fd, &b, 1);
+    p->cmd = r == 1 ? b : 'Q'; /* a parent gone means quit */
+    if (r <= 0) {
+        epoll_ctl(p->ep, EPOLL_CTL_DEL, p->ctl_fd, NULL);
+        p->ctl_fd = -1;
+    }
+}
+
+static void bench_proc_acks(bench_proc *p, int64_t now)
+{
+    if (now - p->last_ack_tick < BENCH_ACK_TICK_NS)
+        return;
+    p->last_ack_tick = now;
+    for (uint32_t i = 0; i < p->n; i++)
+        if (p->c[i].nack > 0)
+            bench_ack_flush(p, &p->c[i]);
+}
+
+static void bench_proc_step(bench_proc *p, int timeout_ms)
+{
+    struct epoll_event ev[512];
+    int k = epoll_wait(p->ep, ev, (int)PX_ARRAY_LEN(ev), timeout_ms);
+    for (int i = 0; i < k; i++) {
+        if (ev[i].data.u64 == BENCH_CTL)
+            bench_proc_ctl(p);
+        else
+            bench_conn_event(p, &p->c[ev[i].data.u64], ev[i].events);
+    }
+    bench_proc_acks(p, bench_now());
+}
+
+/* Connects slots [first, end), at most o->inflight unsynced at once so the
+ * gateway's accept queue is not overrun; returns when every one is synced or
+ * dead, or at the deadline. */
+static void bench_proc_connect(bench_proc *p, uint32_t first, uint32_t end, int64_t deadline)
+{
+    uint32_t next = first;
+    for (;;) {
+        while (next < end && p->inflight < (uint32_t)p->o->inflight)
+            bench_conn_start(p, &p->c[next++]);
+        if (next == end && p->inflight == 0)
+            break;
+        if (bench_now() > deadline) {
+            fprintf(stderr, "parley-bench[%d]: connect deadline: %u not synced\n",
+                    (int)getpid(), p->inflight + (end - next));
+            break;
+        }
+        bench_proc_step(p, 10);
+    }
+}
+
+static void bench_proc_wait_cmd(bench_proc *p)
+{
+    p->cmd = 0;
+    while (p->cmd == 0)
+        bench_proc_step(p, 100);
+}
+
+/* ---- sending ---------------------------------------------------------------- */
+
+static void bench_send(bench_proc *p, bench_conn *s, const char *to, uint64_t seq)
+{
+    char body[4096], cmd[4400];
+    int n = snprintf(body, sizeof(body), "%" PRIu64 " %" PRId64 " ", seq, bench_now());
+    int want = PX_MIN(p->o->body_bytes, (int)sizeof(body) - 1);
+    if (n < want) {
+        memset(body + n, 'x', (size_t)(want - n));
+        n = want;
+    }
+    body[n] = '\0';
+    int len = snprintf(cmd, sizeof(cmd), "{\"type\":\"send\",\"id\":\"m%" PRIu64 "\",\"to\":\"%s\","
+                       "\"body\":\"%s\"}", seq, to, body);
+    p->st.sends++;
+    if (s->state == BC_OPEN)
+        bench_conn_text(p, s, cmd, (size_t)len);
+}
+
+static void bench_seen_alloc(bench_proc *p, uint64_t nseq)
+{
+    free(p->seen);
+    p->nseq = nseq;
+    p->seen = px_calloc(nseq / 8 + 1, 1);
+}
+
+/* ---- reports between processes ------------------------------------------------ */
+
+static int bench_write_all(int fd, const void *buf, size_t len)
+{
+    const uint8_t *b = buf;
+    while (len > 0) {
+        ssize_t w = write(fd, b, len);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return PX_ERROR;
+        b += w;
+        len -= (size_t)w;
+    }
+    return PX_OK;
+}
+
+static int bench_read_all(int fd, void *buf, size_t len)
+{
+    uint8_t *b = buf;
+    while (len > 0) {
+        ssize_t r = read(fd, b, len);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return PX_ERROR;
+        b += r;
+        len -= (size_t)r;
+    }
+    return PX_OK;
+}
+
+static void bench_stats_merge(bench_stats *to, const bench_stats *s)
+{
+    to->conns += s->conns;
+    to->opened += s->opened;
+    to->synced += s->synced;
+    to->failed += s->failed;
+    to->closed += s->closed;
+    to->synced_gw[0] += s->synced_gw[0];
+    to->synced_gw[1] += s->synced_gw[1];
+    to->sends += s->sends;
+    to->sent_ok += s->sent_ok;
+    to->errors += s->errors;
+    to->rate_limited += s->rate_limited;
+    to->msgs += s->msgs;
+    to->received += s->received;
+    to->dups += s->dups;
+    to->acks += s->acks;
+    to->t_ready = PX_MAX(to->t_ready, s->t_ready);
+    to->t_go = to->t_go && s->t_go ? PX_MIN(to->t_go, s->t_go) : PX_MAX(to->t_go, s->t_go);
+    to->t_first = to->t_first && s->t_first ? PX_MIN(to->t_first, s->t_first)
+                                            : PX_MAX(to->t_first, s->t_first);
+    to->t_last = PX_MAX(to->t_last, s->t_last);
+    to->t_send_end = PX_MAX(to->t_send_end, s->t_send_end);
+    bench_hist_merge(&to->lat, &s->lat);
+    bench_hist_merge(&to->conn_lat, &s->conn_lat);
+}
+
+typedef void (*bench_child_fn)(bench_proc *p, int k, int out_fd);
+
+typedef struct bench_kids {
+    int n;
+    pid_t pid[BENCH_MAX_PROCS];
+    int ctl[BENCH_MAX_PROCS], rep[BENCH_MAX_PROCS];
+} bench_kids;
+
+/* Forks o->procs children, each with its own epoll loop and source address
+ * 127.0.0.(src_base + k); a child reads command bytes and writes bench_stats. */
+static int bench_fork(const bench_opts *o, bench_child_fn fn, uint32_t (*share)(const bench_opts *, int),
+                      bench_kids *kids)
+{
+    memset(kids, 0, sizeof(*kids));
+    for (int k = 0; k < o->procs; k++) {
+        int ctl[2], rep[2];
+        if (pipe2(ctl, O_CLOEXEC) != 0 || pipe2(rep, O_CLOEXEC) != 0)
+            return PX_ERROR;
+        pid_t pid = fork();
+        if (pid < 0)
+            return PX_ERROR;
+        if (pid == 0) {
+            close(ctl[1]);
+            close(rep[0]);
+            for (int j = 0; j < k; j++) {
+                close(kids->ctl[j]);
+                close(kids->rep[j]);
+            }
+            static bench_proc p;
+            bench_proc_init(&p, o, share(o, k), ctl[0], o->src_base + k);
+            fn(&p, k, rep[1]);
+            _exit(0);
+        }
+        close(ctl[0]);
+        close(rep[1]);
+        kids->pid[k] = pid;
+        kids->ctl[k] = ctl[1];
+        kids->rep[k] = rep[0];
+        kids->n++;
+    }
+    return PX_OK;
+}
+
+/* One bench_stats from every child, merged into *all. */
+static int bench_gather(bench_kids *kids, bench_stats *all)
+{
+    static bench_stats s;
+    memset(all, 0, sizeof(*all));
+    for (int k = 0; k < kids->n; k++) {
+        if (bench_read_all(kids->rep[k], &s, sizeof(s)) != PX_OK) {
+            fprintf(stderr, "parley-bench: process %d died without a report\n", (int)kids->pid[k]);
+            return PX_ERROR;
+        }
+        bench_stats_merge(all, &s);
+    }
+    return PX_OK;
+}
+
+static void bench_tell(bench_kids *kids, char cmd)
+{
+    for (int k = 0; k < kids->n; k++)
+        if (bench_write_all(kids->ctl[k], &cmd, 1) != PX_OK)
+            fprintf(stderr, "parley-bench: process %d is gone\n", (int)kids->pid[k]);
+}
+
+static void bench_reap(bench_kids *kids)
+{
+    for (int k = 0; k < kids->n; k++) {
+        close(kids->ctl[k]);
+        close(kids->rep[k]);
+        waitpid(kids->pid[k], NULL, 0);
+    }
+}
+
+static long bench_rss_kb(pid_t pid)
+{
+    char path[64], line[256];
+    long kb = -1;
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof(line), f) != NULL)
+        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
+            break;
+    fclose(f);
+    return kb;
+}
+
+static void bench_emit(json_t *j, const char *human)
+{
+    char *s = json_dumps(j, JSON_COMPACT);
+    printf("%s\n", s);
+    fflush(stdout);
+    fprintf(stderr, "%s\n", human);
+    free(s);
+    json_decref(j);
+}
+
+/* ---- idle ------------------------------------------------------------------ */
+
+static uint32_t bench_idle_share(const bench_opts *o, int k)
+{
+    return (uint32_t)(o->conns / o->procs + (k < o->conns % o->procs));
+}
+
+static void bench_idle_child(bench_proc *p, int k, int out_fd)
+{
+    uint32_t first = 0;
+    for (int j = 0; j < k; j++)
+        first += bench_idle_share(p->o, j);
+    for (uint32_t i = 0; i < p->n; i++) {
+        p->c[i].role = 'i';
+        p->c[i].user = first + i;
+        p->c[i].gw = (uint8_t)((first + i) % (uint32_t)p->o->ngw);
+    }
+    p->st.conns = p->n;
+    bench_proc_connect(p, 0, p->n, bench_now() + (int64_t)p->o->connect_timeout_s * 1000000000LL);
+    p->st.t_ready = bench_now();
+    bench_write_all(out_fd, &p->st, sizeof(p->st));
+    while (p->cmd != 'Q')
+        bench_proc_wait_cmd(p); /* holding: pings are answered meanwhile */
+    /* Counted again so connections the gateway dropped while held show up. */
+    bench_write_all(out_fd, &p->st, sizeof(p->st));
+}
+
+static void bench_idle_gw_json(const bench_opts *o, json_t *out, const bench_stats *st,
+                               const long *before, const long *after)
+{
+    json_t *gws = json_array();
+    for (int g = 0; g < o->ngw_pids; g++) {
+        uint64_t conns = st->synced_gw[g];
+        double per = conns ? (double)(after[g] - before[g]) * 1024.0 / (double)conns : 0;
+        json_array_append_new(gws, json_pack("{s:i, s:I, s:I, s:I, s:f}", "pid", (int)o->gw_pids[g],
+                                             "conns", (json_int_t)conns, "rss_before_kb",
+                                             (json_int_t)before[g], "rss_after_kb",
+                                             (json_int_t)after[g], "bytes_per_conn", per));
+    }
+    json_object_set_new(out, "gateways", gws);
+}
+
+static int bench_idle(const bench_opts *o)
+{
+    long before[2] = { 0, 0 }, after[2] = { 0, 0 };
+    for (int g = 0; g < o->ngw_pids; g++)
+        before[g] = bench_rss_kb(o->gw_pids[g]);
+    static bench_stats ready, held;
+    bench_kids kids;
+    int64_t t0 = bench_now();
+    if (bench_fork(o, bench_idle_child, bench_idle_share, &kids) != PX_OK ||
+        bench_gather(&kids, &ready) != PX_OK)
+        return PX_ERROR;
+    double secs = (double)(ready.t_ready - t0) / 1e9;
+    fprintf(stderr, "parley-bench: idle: %" PRIu64 "/%d synced in %.1f s; holding %d s\n",
+            ready.synced, o->conns, secs, o->hold_s);
+    sleep((unsigned)o->hold_s);
+    for (int g = 0; g < o->ngw_pids; g++)
+        after[g] = bench_rss_kb(o->gw_pids[g]);
+    bench_tell(&kids, 'Q');
+    int rc = bench_gather(&kids, &held);
+    bench_reap(&kids);
+    if (rc != PX_OK)
+        return PX_ERROR;
+    json_t *j = json_pack("{s:s, s:i, s:i, s:I, s:I, s:I, s:I, s:f, s:f, s:o}", "scenario", "idle",
+                          "conns", o->conns, "procs", o->procs, "opened", (json_int_t)ready.opened,
+                          "synced", (json_int_t)ready.synced, "failed", (json_int_t)ready.failed,
+                          "dropped_while_held", (json_int_t)held.closed, "connect_s", secs,
+                          "conns_per_s", secs > 0 ? (double)ready.synced / secs : 0.0,
+                          "connect_to_ready_ms", bench_hist_json(&ready.conn_lat));
+    json_object_set_new(j, "hold_s", json_integer(o->hold_s));
+    json_object_set_new(j, "counted_at", json_string(o->upgrade_only ? "upgrade" : "synced"));
+    bench_idle_gw_json(o, j, &ready, before, after);
+    char human[512];
+    int off = snprintf(human, sizeof(human), "idle: %" PRIu64 " %s (%" PRIu64 " failed) at %.0f conn/s,"
+                       " connect->ready p99 %.1f ms, %" PRIu64 " dropped while held",
+                       ready.synced, o->upgrade_only ? "upgraded" : "synced", ready.failed, secs > 0 ? (double)ready.synced / secs : 0.0,
+                       bench_ms(bench_hist_q(&ready.conn_lat, 0.99)), held.closed);
+    for (int g = 0; g < o->ngw_pids && off < (int)sizeof(human); g++)
+        off += snprintf(human + off, sizeof(human) - (size_t)off, "; gw pid %d +%ld kB = %.0f B/conn",
+                        (int)o->gw_pids[g], after[g] - before[g],
+                        ready.synced_gw[g] ? (double)(after[g] - before[g]) * 1024.0 /
+                                                 (double)ready.synced_gw[g] : 0.0);
+    bench_emit(j, human);
+    return ready.failed == 0 && held.closed == 0 ? PX_OK : PX_ERROR;
+}
+
+/* ---- rate ------------------------------------------------------------------ */
+
+static uint32_t bench_rate_npairs(const bench_opts *o, int k)
+{
+    return (uint32_t)(o->pairs / o->procs + (k < o->pairs % o->procs));
+}
+
+static uint32_t bench_rate_share(const bench_opts *o, int k)
+{
+    return 2 * bench_rate_npairs(o, k);
+}
+
+/* Sends what the schedule says is due by now: a fixed rate, not a closed
+ * loop, so a slow server shows up as latency instead of a lower send rate. */
+static void bench_rate_pump(bench_proc *p, uint32_t np, double rate, uint64_t total, int64_t t0,
+                            char (*names)[96])
+{
+    double due_f = (double)(bench_now() - t0) * rate / 1e9;
+    uint64_t due = PX_MIN((uint64_t)due_f, total);
+    while (p->st.sends < due) {
+        uint32_t i = (uint32_t)(p->st.sends % np);
+        bench_send(p, &p->c[np + i], names[i], p->st.sends);
+    }
+}
+
+static void bench_rate_child(bench_proc *p, int k, int out_fd)
+{
+    const bench_opts *o = p->o;
+    uint32_t np = p->n / 2, first = 0;
+    for (int j = 0; j < k; j++)
+        first += bench_rate_npairs(o, j);
+    char (*names)[96] = px_calloc(np, sizeof(*names));
+    for (uint32_t i = 0; i < np; i++) {
+        p->c[i] = (bench_conn){ .fd = -1, .role = 'r', .user = first + i, .gw = 0 };
+        p->c[np + i] = (bench_conn){ .fd = -1, .role = 's', .user = first + i,
+                                     .gw = (uint8_t)(o->ngw - 1) };
+        bench_user_name(p, &p->c[i], names[i], sizeof(names[i]));
+    }
+    p->st.conns = p->n;
+    int64_t deadline = bench_now() + (int64_t)o->connect_timeout_s * 1000000000LL;
+    bench_proc_connect(p, 0, np, deadline);      /* receivers first: nothing waits in inboxes */
+    bench_proc_connect(p, np, 2 * np, deadline);
+    p->st.t_ready = bench_now();
+    bench_write_all(out_fd, &p->st, sizeof(p->st));
+    bench_proc_wait_cmd(p);
+    double rate = o->rate / o->procs;
+    uint64_t total = (uint64_t)(rate * o->duration_s);
+    bench_seen_alloc(p, total);
+    int64_t t0 = p->st.t_go = bench_now(), end = t0 + (int64_t)o->duration_s * 1000000000LL;
+    while (bench_now() < end && p->cmd != 'Q') {
+        bench_rate_pump(p, np, rate, total, t0, names);
+        bench_proc_step(p, 1);
+    }
+    p->st.t_send_end = bench_now();
+    int64_t grace = p->st.t_send_end + (int64_t)o->grace_s * 1000000000LL;
+    while (bench_now() < grace && (p->st.received < p->st.sends || p->st.sent_ok + p->st.errors <
+                                   p->st.sends))
+        bench_proc_step(p, 10);
+    for (uint32_t i = 0; i < np; i++)
+        bench_ack_flush(p, &p->c[i]);
+    for (int i = 0; i < 20; i++)
+        bench_proc_step(p, 10); /* let the last acks leave */
+    free(names);
+    bench_write_all(out_fd, &p->st, sizeof(p->st));
+}
+
+static int bench_rate(const bench_opts *o)
+{
+    static bench_stats ready, st;
+    bench_kids kids;
+    if (bench_fork(o, bench_rate_child, bench_rate_share, &kids) != PX_OK ||
+        bench_gather(&kids, &ready) != PX_OK)
+        return PX_ERROR;
+    /* Presence registration travels through Kafka after `synced`; a lookup
+     * before it lands would be cached as offline for PARLEY_PRESENCE_CACHE_MS. */
+    sleep((unsigned)o->settle_s);
+    bench_tell(&kids, 'G');
+    int rc = bench_gather(&kids, &st);
+    bench_reap(&kids);
+    if (rc != PX_OK)
+        return PX_ERROR;
+    double send_s = (double)(st.t_send_end - st.t_go) / 1e9;
+    double recv_s = st.t_last > st.t_go ? (double)(st.t_last - st.t_go) / 1e9 : 0;
+    double delivered = recv_s > 0 ? (double)st.received / recv_s : 0;
+    uint64_t missing = st.sends - st.received;
+    json_t *j = json_pack("{s:s, s:i, s:f, s:i, s:i, s:i, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:I,"
+                          " s:f, s:f, s:o}",
+                          "scenario", "rate", "pairs", o->pairs, "rate", o->rate, "duration_s",
+                          o->duration_s, "procs", o->procs, "body_bytes", o->body_bytes,
+                          "connect_failed", (int)ready.failed, "sends", (json_int_t)st.sends,
+                          "sent_answers", (json_int_t)st.sent_ok, "errors", (json_int_t)st.errors,
+                          "rate_limited", (json_int_t)st.rate_limited, "received",
+                          (json_int_t)st.received, "not_received", (json_int_t)missing,
+                          "duplicates", (json_int_t)st.dups, "send_rate",
+                          send_s > 0 ? (double)st.sends / send_s : 0.0, "delivered_per_s",
+                          delivered, "latency_ms", bench_hist_json(&st.lat));
+    json_object_set_new(j, "acked", json_integer((json_int_t)st.acks));
+    json_object_set_new(j, "grace_s", json_integer(o->grace_s));
+    char human[512];
+    snprintf(human, sizeof(human),
+             "rate %.0f/s x %d s, %d pairs: %" PRIu64 " sent, %" PRIu64 " `sent`, %" PRIu64
+             " received (%" PRIu64 " missing, %" PRIu64 " dup), %.0f delivered/s, latency ms "
+             "p50 %.2f p90 %.2f p99 %.2f p99.9 %.2f max %.2f",
+             o->rate, o->duration_s, o->pairs, st.sends, st.sent_ok, st.received, missing, st.dups,
+             delivered, bench_ms(bench_hist_q(&st.lat, .5)), bench_ms(bench_hist_q(&st.lat, .9)),
+             bench_ms(bench_hist_q(&st.lat, .99)), bench_ms(bench_hist_q(&st.lat, .999)),
+             bench_ms(st.lat.max));
+    bench_emit(j, human);
+    return missing == 0 && ready.failed == 0 ? PX_OK : PX_ERROR;
+}
+
+/* ---- sync ------------------------------------------------------------------ */
+
+/* Sends o->pending messages to the offline user from enough senders that no
+ * one passes the gateway's per-connection burst; waits for every `sent`. */
+static int bench_sync_fill(bench_proc *p, uint32_t ns, const char *to)
+{
+    const bench_opts *o = p->o;
+    int64_t deadline = bench_now() + (int64_t)o->connect_timeout_s * 1000000000LL;
+    bench_proc_connect(p, 0, ns, deadline);
+    if (p->st.synced < ns)
+        return PX_ERROR;
+    for (uint64_t seq = 0; seq < (uint64_t)o->pending; seq++) {
+        bench_send(p, &p->c[seq % ns], to, seq);
+        if (seq % 256 == 0)
+            bench_proc_step(p, 0); /* keep reading `sent`s so neither side stalls */
+    }
+    deadline = bench_now() + 120 * 1000000000LL;
+    while (p->st.sent_ok + p->st.errors < p->st.sends && bench_now() < deadline)
+        bench_proc_step(p, 10);
+    return p->st.sent_ok == (uint64_t)o->pending ? PX_OK : PX_ERROR;
+}
+
+/* Connects the pending user's slot and runs until `synced` and `want`
+ * messages, or the deadline. */
+static void bench_sync_connect(bench_proc *p, bench_conn *x, uint32_t want, int64_t deadline)
+{
+    bench_conn_drop(p, x);
+    bench_conn_start(p, x);
+    while (x->state != BC_DEAD && (!x->synced || x->msgs < want) && bench_now() < deadline)
+        bench_proc_step(p, 1);
+}
+
+static int bench_sync(const bench_opts *o)
+{
+    static bench_proc p;
+    uint32_t ns = (uint32_t)PX_MAX(1, (o->pending + 499) / 500);
+    bench_proc_init(&p, o, ns + 1, -1, o->src_base);
+    for (uint32_t i = 0; i < ns; i++)
+        p.c[i] = (bench_conn){ .fd = -1, .role = 'q', .user = i, .gw = (uint8_t)(o->ngw - 1) };
+    bench_conn *x = &p.c[ns];
+    *x = (bench_conn){ .fd = -1, .role = 'p', .user = 0, .gw = 0 };
+    char to[96];
+    bench_user_name(&p, x, to, sizeof(to));
+    int64_t t_fill = bench_now();
+    if (bench_sync_fill(&p, ns, to) != PX_OK) {
+        fprintf(stderr, "parley-bench: sync: only %" PRIu64 " of %d sends answered `sent`\n",
+                p.st.sent_ok, o->pending);
+        return PX_ERROR;
+    }
+    double fill_s = (double)(bench_now() - t_fill) / 1e9;
+    /* Probe without acking until the store holds every message, so the timed
+     * connection measures the sync, not message-store catching up. */
+    int probes = 0;
+    int64_t t_store = bench_now(), deadline = t_store + (int64_t)o->grace_s * 1000000000LL;
+    x->no_ack = 1;
+    do {
+        probes++;
+        bench_sync_connect(&p, x, (uint32_t)o->pending, bench_now() + 10 * 1000000000LL);
+        if (x->msgs_at_sync >= (uint32_t)o->pending)
+            break;
+        sleep(1);
+    } while (bench_now() < deadline);
+    double store_s = (double)(bench_now() - t_store) / 1e9;
+    bench_conn_drop(&p, x);
+    x->no_ack = 0;
+    bench_seen_alloc(&p, (uint64_t)o->pending);
+    p.st.received = 0;
+    int64_t t0 = bench_now();
+    bench_sync_connect(&p, x, (uint32_t)o->pending, t0 + BENCH_SYNC_WAIT_S * 1000000000LL);
+    double sync_ms = x->synced ? bench_ms((uint64_t)(x->t_synced - t0)) : -1;
+    double all_ms = p.st.received >= (uint64_t)o->pending ? bench_ms((uint64_t)(p.st.t_last - t0)) : -1;
+    bench_ack_flush(&p, x);
+    for (int i = 0; i < 50; i++)
+        bench_proc_step(&p, 10);
+    json_t *j = json_pack("{s:s, s:i, s:i, s:f, s:f, s:i, s:I, s:I, s:f, s:f, s:f, s:i}",
+                          "scenario", "sync", "pending", o->pending, "senders", (int)ns,
+                          "fill_s", fill_s, "store_catch_up_s", store_s, "probes", probes,
+                          "received", (json_int_t)p.st.received, "before_synced",
+                          (json_int_t)x->msgs_at_sync, "connect_to_synced_ms", sync_ms,
+                          "connect_to_all_ms", all_ms, "msgs_per_s",
+                          all_ms > 0 ? (double)o->pending / (all_ms / 1e3) : 0.0,
+                          "gave_up_after_s", BENCH_SYNC_WAIT_S);
+    char human[256];
+    snprintf(human, sizeof(human), "sync: %d pending; connect->synced %.0f ms, all %" PRIu64
+             " in %.0f ms (%u before synced)", o->pending, sync_ms, p.st.received, all_ms,
+             x->msgs_at_sync);
+    bench_emit(j, human);
+    return all_ms >= 0 ? PX_OK : PX_ERROR;
+}
+
+/* ---- main ------------------------------------------------------------------ */
+
+static int bench_parse_url(const char *url, bench_addr *a)
+{
+    const char *s = strncmp(url, "ws://", 5) == 0 ? url + 5 : url;
+    const char *colon = strchr(s, ':');
+    if (colon == NULL || (size_t)(colon - s) >= sizeof(a->host))
+        return PX_ERROR;
+    snprintf(a->host, sizeof(a->host), "%.*s", (int)(colon - s), s);
+    a->port = atoi(colon + 1);
+    memset(&a->sa, 0, sizeof(a->sa));
+    a->sa.sin_family = AF_INET;
+    a->sa.sin_port = htons((uint16_t)a->port);
+    if (a->port <= 0 || a->port > 65535 || inet_pton(AF_INET, a->host, &a->sa.sin_addr) != 1)
+        return PX_ERROR;
+    return PX_OK;
+}
+
+static void bench_usage(void)
+{
+    fprintf(stderr,
+            "usage: parley-bench idle|rate|sync [options]\n"
+            "  --url ws://IP:PORT      gateway 1 (receivers; idle: even connections)\n"
+            "  --url2 ws://IP:PORT     gateway 2 (senders; idle: odd connections)\n"
+            "  --secret S              HS256 secret (default $PARLEY_JWT_SECRET)\n"
+            "  --gw-pids PID[,PID]     gateways whose VmRSS idle reports (same order as urls)\n"
+            "  --conns N (10000)  --procs P (2)  --hold S (5)  --inflight N per process (200)\n"
+            "  --pairs M (100)  --rate R msgs/s (1000)  --duration S (20)  --grace S (10)\n"
+            "  --settle S (3)  --body-bytes B (100)  --pending N (10000)  --src-base B (10)\n"
+            "  --connect-timeout S (120)\n"
+            "  --upgrade-only          idle: count connections at the 101, not at `synced`\n");
+}
+
+static int bench_parse_pids(const char *s, bench_opts *o)
+{
+    char *end;
+    o->ngw_pids = 0;
+    while (*s && o->ngw_pids < 2) {
+        o->gw_pids[o->ngw_pids++] = (pid_t)strtol(s, &end, 10);
+        if (end == s)
+            return PX_ERROR;
+        s = *end == ',' ? end + 1 : end;
+    }
+    return PX_OK;
+}
+
+static int bench_parse(int argc, char **argv, bench_opts *o)
+{
+    static const struct option opts[] = {
+        { "url", 1, 0, 'u' }, { "url2", 1, 0, 'U' }, { "secret", 1, 0, 'S' },
+        { "gw-pids", 1, 0, 'G' }, { "conns", 1, 0, 'n' }, { "procs", 1, 0, 'P' },
+        { "hold", 1, 0, 'h' }, { "inflight", 1, 0, 'i' }, { "pairs", 1, 0, 'm' },
+        { "rate", 1, 0, 'r' }, { "duration", 1, 0, 'd' }, { "grace", 1, 0, 'g' },
+        { "settle", 1, 0, 's' }, { "body-bytes", 1, 0, 'b' }, { "pending", 1, 0, 'p' },
+        { "src-base", 1, 0, 'B' }, { "connect-timeout", 1, 0, 'T' },
+        { "upgrade-only", 0, 0, 'O' }, { 0, 0, 0, 0 }
+    };
+    *o = (bench_opts){ .conns = 10000, .procs = 2, .pairs = 100, .duration_s = 20, .grace_s = 10,
+                       .hold_s = 5, .settle_s = 3, .connect_timeout_s = 120, .inflight = 200,
+                       .body_bytes = 100, .pending = 10000, .src_base = 10, .rate = 1000,
+                       .secret = getenv("PARLEY_JWT_SECRET") };
+    const char *url = "ws://127.0.0.1:8080", *url2 = NULL;
+    int ch;
+    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'u': url = optarg; break;
+        case 'U': url2 = optarg; break;
+        case 'S': o->secret = optarg; break;
+        case 'G': if (bench_parse_pids(optarg, o) != PX_OK) return PX_ERROR; break;
+        case 'n': o->conns = atoi(optarg); break;
+        case 'P': o->procs = atoi(optarg); break;
+        case 'h': o->hold_s = atoi(optarg); break;
+        case 'i': o->inflight = atoi(optarg); break;
+        case 'm': o->pairs = atoi(optarg); break;
+        case 'r': o->rate = atof(optarg); break;
+        case 'd': o->duration_s = atoi(optarg); break;
+        case 'g': o->grace_s = atoi(optarg); break;
+        case 's': o->settle_s = atoi(optarg); break;
+        case 'b': o->body_bytes = atoi(optarg); break;
+        case 'p': o->pending = atoi(optarg); break;
+        case 'B': o->src_base = atoi(optarg); break;
+        case 'T': o->connect_timeout_s = atoi(optarg); break;
+        case 'O': o->upgrade_only = 1; break;
+        default: return PX_ERROR;
+        }
+    }
+    if (optind != argc - 1 || o->secret == NULL)
+        return PX_ERROR;
+    o->scenario = argv[optind];
+    o->ngw = url2 ? 2 : 1;
+    if (bench_parse_url(url, &o->gw[0]) != PX_OK || (url2 && bench_parse_url(url2, &o->gw[1]) != PX_OK))
+        return PX_ERROR;
+    if (o->procs < 1 || o->procs > BENCH_MAX_PROCS || o->inflight < 1 || o->rate <= 0 ||
+        o->pairs < o->procs || o->src_base < 1 || o->src_base + o->procs > 254)
+        return PX_ERROR;
+    if (strcmp(o->scenario, "idle") == 0 && (o->conns < o->procs ||
+                                             (o->conns + o->procs - 1) / o->procs > BENCH_PER_PROC_MAX))
+        return PX_ERROR;
+    snprintf(o->prefix, sizeof(o->prefix), "b%lx%x-", (long)time(NULL), (unsigned)getpid());
+    return PX_OK;
+}
+
+/* Each process may need up to 10k sockets: take the hard file limit. */
+static void bench_raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    static bench_opts o;
+    if (bench_parse(argc, argv, &o) != PX_OK) {
+        bench_usage();
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    bench_raise_nofile();
+    int rc;
+    if (strcmp(o.scenario, "idle") == 0)
+        rc = bench_idle(&o);
+    else if (strcmp(o.scenario, "rate") == 0)
+        rc = bench_rate(&o);
+    else if (strcmp(o.scenario, "sync") == 0)
+        rc = bench_sync(&o);
+    else {
+        bench_usage();
+        return 2;
+    }
+    return rc == PX_OK ? 0 : 1;
+}
