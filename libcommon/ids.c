@@ -73,6 +73,28 @@ void id_for_send(const char *sender, const char *client_id, char out[ID_BUF])
     id_encode(md, out);
 }
 
+void id_for_receipt(const char *msg_id, const char *reader, const char *status,
+                    char out[ID_BUF])
+{
+    /* NUL separators keep the three fields apart, as in id_for_send. */
+    char buf[15 + 256 + 65 + 17];
+    size_t nm = strnlen(msg_id, 255), nr = strnlen(reader, 64), ns = strnlen(status, 16);
+    size_t n = 0;
+    memcpy(buf, "parley-receipt", 15);
+    n = 15;
+    memcpy(buf + n, msg_id, nm);
+    n += nm;
+    buf[n++] = '\0';
+    memcpy(buf + n, reader, nr);
+    n += nr;
+    buf[n++] = '\0';
+    memcpy(buf + n, status, ns);
+    n += ns;
+    uint8_t md[SHA256_DIGEST_LENGTH];
+    SHA256((const unsigned char *)buf, n, md);
+    id_encode(md, out);
+}
+
 int id_valid_user(const char *s)
 {
     size_t n = strlen(s);

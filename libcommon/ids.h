@@ -16,6 +16,14 @@ void id_new(char out[ID_BUF]);
  * of the same command by any gateway yields the same msg_id with no lookup. */
 void id_for_send(const char *sender, const char *client_id, char out[ID_BUF]);
 
+/* The id of the receipt event telling a message's sender that reader
+ * reached status ("delivered", "read") for msg_id: a function of the three
+ * only, so a repeated ack or read yields the same id and the inbox's
+ * (user, id) uniqueness and message-store's dedupe absorb it. Inputs are
+ * bounded strings without NUL (msg_id <= 255, reader <= 64, status <= 16). */
+void id_for_receipt(const char *msg_id, const char *reader, const char *status,
+                    char out[ID_BUF]);
+
 /* 1 if s is a valid user id: 1-64 characters of [A-Za-z0-9._-]. */
 int id_valid_user(const char *s);
 

@@ -281,3 +281,13 @@ char *proto_render_message(const proto_message *m, size_t *len)
     json_object_set_new(o, "ts", json_integer(m->ts));
     return proto_dump(o, len);
 }
+
+char *proto_render_receipt(const proto_receipt *r, size_t *len)
+{
+    json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:s}", "type", "receipt", "id", r->id, "msg_id",
+                          r->msg_id, "status", r->status, "by", r->by);
+    if (r->group != NULL && r->group[0] != '\0')
+        json_object_set_new(o, "group", json_string(r->group));
+    json_object_set_new(o, "ts", json_integer(r->ts));
+    return proto_dump(o, len);
+}

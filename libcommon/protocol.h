@@ -88,4 +88,12 @@ typedef struct proto_group_event {
 } proto_group_event;
 char *proto_render_group_event(const proto_group_event *e, size_t *len);
 
+/* {"type":"receipt","id","msg_id","status","by","ts"} plus "group" when
+ * group is non-NULL and non-empty. status is "delivered" or "read". */
+typedef struct proto_receipt {
+    const char *id, *msg_id, *status, *by, *group;
+    int64_t ts;
+} proto_receipt;
+char *proto_render_receipt(const proto_receipt *r, size_t *len);
+
 #endif

@@ -57,6 +57,12 @@ int store_inbox_scan(store *st, const char *user, int64_t after_seq, size_t limi
 int store_inbox_ack(store *st, const char *user, const char *const *ids, size_t n,
                     store_event_cb cb, void *arg, char *err, size_t errlen);
 
+/* Visits the events of user named by ids, in seq order, deleting nothing:
+ * the first half of an ack whose effects (receipt facts) must be durable
+ * before store_inbox_ack deletes. Ids the user does not hold are skipped. */
+int store_inbox_get(store *st, const char *user, const char *const *ids, size_t n,
+                    store_event_cb cb, void *arg, char *err, size_t errlen);
+
 /* Deletes events accepted before cutoff_ms; *removed gets the count. */
 int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed,
                       char *err, size_t errlen);
@@ -74,6 +80,38 @@ int store_seen_mark(store *st, const char *const *keys, size_t n, int64_t ts_ms,
                     char *err, size_t errlen);
 int store_seen_sweep(store *st, int64_t cutoff_ms, int64_t *removed,
                      char *err, size_t errlen);
+
+/* Receipt tracking: once a message is acked its body is gone, and only
+ * what its read receipt needs is kept: (reader, msg_id) -> sender, group.
+ * (reader, msg_id) is unique; reader is a user id (no '/'). Kept until the
+ * read (store_track_delete) or the retention sweep. */
+typedef struct store_track {
+    const char *reader;    /* who received the message */
+    const char *msg_id;
+    const char *sender;    /* who gets the receipts; unused in keys */
+    const char *group;     /* group id, or NULL for 1:1; unused in keys */
+    int64_t ts_ms;         /* when tracking began; retention counts from here */
+} store_track;
+
+/* Inserts n records in one round trip; an existing (reader, msg_id) is kept
+ * as it is (a repeat is absorbed, not an error). */
+int store_track_put(store *st, const store_track *t, size_t n, char *err, size_t errlen);
+
+/* Called once per record found; strings are valid only during the call. */
+typedef int (*store_track_cb)(void *arg, const store_track *t);
+
+/* Looks up the (reader, msg_id) pairs of keys (other fields ignored) in one
+ * round trip; cb sees each record that exists, in no particular order. */
+int store_track_get(store *st, const store_track *keys, size_t n, store_track_cb cb,
+                    void *arg, char *err, size_t errlen);
+
+/* Deletes the (reader, msg_id) pairs of keys; *removed (may be NULL) gets
+ * the count. Absent pairs are ignored. */
+int store_track_delete(store *st, const store_track *keys, size_t n, int64_t *removed,
+                       char *err, size_t errlen);
+
+/* Deletes records whose tracking began before cutoff_ms. */
+int store_track_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen);
 
 /* Presence registry: which gateways hold connections of which user.
  * A gateway's boot epoch (ms) orders its restarts: records of an older epoch

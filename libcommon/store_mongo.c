@@ -12,6 +12,9 @@
  *   presence  {user, gateway, epoch, count}, unique {user:1, gateway:1,
  *             epoch:1}, {gateway:1, epoch:1}
  *   gateways  {_id: gateway, epoch, ts}, {ts:1}
+ *   tracking  {_id: "reader/msg_id", reader, msg_id, sender, group?, ts},
+ *             {ts:1}; the composite _id is the unique (reader, msg_id)
+ *             key, and exact-pair lookups are one {_id: {$in}} find
  * Times are BSON dates, so a real mongod could use a TTL index later.
  *
  * Cost model on FerretDB 1.24 over SQLite: indexes enforce uniqueness on
@@ -272,6 +275,7 @@ static const sm_index sm_indexes[] = {
     { "presence", "user_gateway_epoch", { "user", "gateway", "epoch" }, true },
     { "presence", "gateway_epoch", { "gateway", "epoch" }, false },
     { "gateways", "ts", { "ts" }, false },
+    { "tracking", "ts", { "ts" }, false },
 };
 
 static void sm_index_cmd(bson_t *cmd, const sm_index *ix)
@@ -708,6 +712,33 @@ out:
     return rc;
 }
 
+int store_inbox_get(store *st, const char *user, const char *const *ids, size_t n,
+                    store_event_cb cb, void *arg, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_cursor_t *cur;
+    bson_t filter, *opts;
+    int rc;
+
+    if (user == NULL || cb == NULL)
+        return px_err(err, errlen, "inbox get: user and cb are required");
+    rc = sm_check_n(n, "inbox get", err, errlen);
+    if (rc == PX_OK)
+        rc = sm_check_strs(ids, n, "inbox get", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    sm_ack_filter(&filter, user, ids, n);
+    opts = BCON_NEW("sort", "{", "seq", BCON_INT32(1), "}");
+    sm_conn_get(st, "inbox", &sc);
+    cur = mongoc_collection_find_with_opts(sc.coll, &filter, opts, NULL);
+    rc = sm_visit(cur, cb, arg, "inbox get", err, errlen);
+    mongoc_cursor_destroy(cur);
+    sm_conn_put(st, &sc);
+    bson_destroy(&filter);
+    bson_destroy(opts);
+    return rc;
+}
+
 static int sm_sweep(store *st, const char *coll, int64_t cutoff_ms, int64_t *removed,
                     const char *what, char *err, size_t errlen)
 {
@@ -866,6 +897,181 @@ out:
 int store_seen_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen)
 {
     return sm_sweep(st, "seen", cutoff_ms, removed, "seen sweep", err, errlen);
+}
+
+/* ---- receipt tracking --------------------------------------------------- */
+
+/* "reader/msg_id": unambiguous because a reader never contains '/'. */
+static char *sm_track_id(const store_track *t)
+{
+    size_t nr = strlen(t->reader), nm = strlen(t->msg_id);
+    char *id = px_malloc(nr + 1 + nm + 1);
+
+    memcpy(id, t->reader, nr);
+    id[nr] = '/';
+    memcpy(id + nr + 1, t->msg_id, nm + 1);
+    return id;
+}
+
+static int sm_check_track(const store_track *t, size_t n, int full, const char *what,
+                          char *err, size_t errlen)
+{
+    int rc = sm_check_n(n, what, err, errlen);
+
+    if (rc == PX_OK && n > 0 && t == NULL)
+        rc = px_err(err, errlen, "%s: NULL records", what);
+    for (size_t i = 0; rc == PX_OK && i < n; i++) {
+        if (!sm_str_ok(t[i].reader) || strchr(t[i].reader, '/') != NULL || !sm_str_ok(t[i].msg_id))
+            rc = px_err(err, errlen, "%s: record %zu: reader or msg_id missing, not UTF-8, "
+                        "or reader holds '/'", what, i);
+        else if (full && !sm_str_ok(t[i].sender))
+            rc = px_err(err, errlen, "%s: record %zu: sender missing or not UTF-8", what, i);
+        else if (full && t[i].group != NULL && !sm_text_ok(t[i].group, strlen(t[i].group)))
+            rc = px_err(err, errlen, "%s: record %zu: group is not UTF-8", what, i);
+    }
+    return rc;
+}
+
+/* {_id: {$in: ["reader/msg_id", ...]}} for the n pairs of keys. */
+static void sm_track_filter(bson_t *filter, const store_track *keys, size_t n)
+{
+    char **ids = px_malloc(n * sizeof(*ids));
+    bson_t in;
+
+    for (size_t i = 0; i < n; i++)
+        ids[i] = sm_track_id(&keys[i]);
+    bson_init(filter);
+    BSON_APPEND_DOCUMENT_BEGIN(filter, "_id", &in);
+    sm_append_str_array(&in, "$in", (const char *const *)ids, n);
+    bson_append_document_end(filter, &in);
+    for (size_t i = 0; i < n; i++)
+        free(ids[i]);
+    free(ids);
+}
+
+int store_track_put(store *st, const store_track *t, size_t n, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_bulk_operation_t *bulk = NULL;
+    bson_error_t error;
+    bson_t doc;
+    char *id;
+    int rc;
+
+    rc = sm_check_track(t, n, 1, "track put", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    sm_conn_get(st, "tracking", &sc);
+    bulk = sm_bulk_new(&sc, false);
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        id = sm_track_id(&t[i]);
+        bson_init(&doc);
+        BSON_APPEND_UTF8(&doc, "_id", id);
+        BSON_APPEND_UTF8(&doc, "reader", t[i].reader);
+        BSON_APPEND_UTF8(&doc, "msg_id", t[i].msg_id);
+        BSON_APPEND_UTF8(&doc, "sender", t[i].sender);
+        if (t[i].group != NULL && t[i].group[0] != '\0')
+            BSON_APPEND_UTF8(&doc, "group", t[i].group);
+        BSON_APPEND_DATE_TIME(&doc, "ts", t[i].ts_ms);
+        if (!mongoc_bulk_operation_insert_with_opts(bulk, &doc, NULL, &error))
+            rc = sm_fail(err, errlen, "track put", &error);
+        bson_destroy(&doc);
+        free(id);
+    }
+    if (rc == PX_OK)
+        rc = sm_bulk_insert_run(bulk, n, NULL, "track put", err, errlen);
+    mongoc_bulk_operation_destroy(bulk);
+    sm_conn_put(st, &sc);
+    return rc;
+}
+
+/* Points t's strings into doc: valid while doc is. */
+static int sm_track_parse(const bson_t *doc, store_track *t)
+{
+    bson_iter_t it;
+
+    memset(t, 0, sizeof(*t));
+    if (!bson_iter_init(&it, doc))
+        return PX_ERROR;
+    while (bson_iter_next(&it)) {
+        const char *k = bson_iter_key(&it);
+        if (!BSON_ITER_HOLDS_UTF8(&it)) {
+            if (strcmp(k, "ts") == 0)
+                sm_iter_int64(&it, &t->ts_ms);
+            continue;
+        }
+        if (strcmp(k, "reader") == 0)
+            t->reader = bson_iter_utf8(&it, NULL);
+        else if (strcmp(k, "msg_id") == 0)
+            t->msg_id = bson_iter_utf8(&it, NULL);
+        else if (strcmp(k, "sender") == 0)
+            t->sender = bson_iter_utf8(&it, NULL);
+        else if (strcmp(k, "group") == 0)
+            t->group = bson_iter_utf8(&it, NULL);
+    }
+    return t->reader != NULL && t->msg_id != NULL && t->sender != NULL ? PX_OK : PX_ERROR;
+}
+
+int store_track_get(store *st, const store_track *keys, size_t n, store_track_cb cb,
+                    void *arg, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_cursor_t *cur;
+    const bson_t *doc;
+    bson_error_t error;
+    bson_t filter;
+    store_track t;
+    int rc;
+
+    if (cb == NULL)
+        return px_err(err, errlen, "track get: cb is required");
+    rc = sm_check_track(keys, n, 0, "track get", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    sm_track_filter(&filter, keys, n);
+    sm_conn_get(st, "tracking", &sc);
+    cur = mongoc_collection_find_with_opts(sc.coll, &filter, NULL, NULL);
+    while (rc == PX_OK && mongoc_cursor_next(cur, &doc)) {
+        if (sm_track_parse(doc, &t) != PX_OK)
+            rc = px_err(err, errlen, "track get: malformed tracking document");
+        else
+            rc = cb(arg, &t);
+    }
+    if (rc == PX_OK && mongoc_cursor_error(cur, &error))
+        rc = sm_fail(err, errlen, "track get", &error);
+    mongoc_cursor_destroy(cur);
+    sm_conn_put(st, &sc);
+    bson_destroy(&filter);
+    return rc;
+}
+
+int store_track_delete(store *st, const store_track *keys, size_t n, int64_t *removed,
+                       char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    bson_t filter;
+    int64_t count = 0;
+    int rc;
+
+    rc = sm_check_track(keys, n, 0, "track delete", err, errlen);
+    if (rc != PX_OK || n == 0) {
+        if (rc == PX_OK && removed != NULL)
+            *removed = 0;
+        return rc;
+    }
+    sm_track_filter(&filter, keys, n);
+    sm_conn_get(st, "tracking", &sc);
+    rc = sm_delete_many(&sc, &filter, &count, "track delete", err, errlen);
+    sm_conn_put(st, &sc);
+    bson_destroy(&filter);
+    if (rc == PX_OK && removed != NULL)
+        *removed = count;
+    return rc;
+}
+
+int store_track_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen)
+{
+    return sm_sweep(st, "tracking", cutoff_ms, removed, "track sweep", err, errlen);
 }
 
 /* ---- presence ----------------------------------------------------------- */

@@ -27,6 +27,7 @@ start() { # name admin-port
 }
 start presence 9091
 start message-store 9092
+start receipt 9093
 PARLEY_ADMIN_LISTEN=off "$build/bin/gateway" &
 pids+=($!)
 

@@ -243,7 +243,7 @@ static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_
         case REC_ACK:
             while (j < n && recs[j].kind == REC_ACK)
                 j++;
-            rc = ack_apply_run(ms, recs + i, j - i, err, errlen);
+            rc = ack_apply_run(ms, i, recs + i, j - i, err, errlen);
             break;
         default:
             rc = batch_send_dead(ms, i, &recs[i], err, errlen);

@@ -64,7 +64,7 @@ static void main_metrics(msgstore *ms)
     m->acked_events = metrics_counter("parley_msgstore_acked_events_total",
                                       "Inbox events deleted by acks");
     m->acked_messages = metrics_counter("parley_msgstore_acked_messages_total",
-                                        "Acked messages with a sender (future delivered facts)");
+                                        "Acked messages with a sender (each made a receipt fact)");
     m->dead = metrics_counter("parley_msgstore_dead_letters_total",
                               "Records sent to the dead-letter topic");
     m->retries = metrics_counter("parley_msgstore_batch_retries_total",

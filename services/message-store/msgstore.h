@@ -171,16 +171,16 @@ int deliv_send(msgstore *ms, const deliv *d, const char (*gws)[65], size_t ngws,
  * with synced=true. */
 int sync_serve(msgstore *ms, size_t idx, const Parley__SyncRequest *r, char *err, size_t errlen);
 
-/* ---- ack.c: acks delete inbox events ---- */
+/* ---- ack.c: acks delete inbox events and make receipt facts ---- */
 
-/* Applies n consecutive AckRecords (recs[i].kind == REC_ACK), merged into
- * one store call per (user, read). */
-int ack_apply_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_t errlen);
-
-/* Called once per inbox event an ack (or read) deleted, before the delete
- * commits. The boundary for delivered/read facts to parley.receipts (not
- * produced yet: only counted). */
-void msgstore_on_acked(msgstore *ms, const char *user, const store_event *ev, int read);
+/* Applies n consecutive AckRecords (recs[i].kind == REC_ACK, recs[0] being
+ * batch record idx), merged into one group per (user, read). For each
+ * chunk: the held events are read, their ReceiptFacts (and a `read`'s
+ * READ_CLAIMs for ids no longer held) are produced to parley.receipts keyed
+ * by the acker and confirmed by Kafka, and only then are the events
+ * deleted. PX_OK when every chunk got that far. */
+int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *err,
+                  size_t errlen);
 
 /* ---- sweep.c: retention ---- */
 

@@ -8,10 +8,11 @@
 #include <stddef.h>
 #include <sys/types.h>
 
-enum e2e_svc { E2E_GW1, E2E_GW2, E2E_PRESENCE, E2E_STORE, E2E_FANOUT, E2E_NSVC };
+enum e2e_svc { E2E_GW1, E2E_GW2, E2E_PRESENCE, E2E_STORE, E2E_RECEIPT, E2E_FANOUT, E2E_NSVC };
 
-/* Starts every service (two gateways) and waits until both gateways answer
- * /readyz. Returns 0, or -1 after printing what failed and where its log is. */
+/* Starts every service (two gateways, presence, message-store, receipt) and
+ * waits until each answers /readyz. Returns 0, or -1 after printing what
+ * failed and where its log is. */
 int e2e_start(void);
 /* Stops every service (SIGTERM, then SIGKILL after 15 s). Returns how many
  * did not exit cleanly with status 0 (sanitizer reports count as unclean). */
@@ -21,7 +22,7 @@ void e2e_kill9(enum e2e_svc s);
 /* Starts one service again (same config and identity). */
 int e2e_restart(enum e2e_svc s);
 
-/* Gateway port of E2E_GW1 or E2E_GW2. */
+/* Gateway port of E2E_GW1 or E2E_GW2; admin port of the others. */
 int e2e_port(enum e2e_svc gw);
 /* A fresh token for user, valid for an hour (or expired if ttl < 0). */
 void e2e_token(const char *user, long ttl_s, char *out, size_t outlen);

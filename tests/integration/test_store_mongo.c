@@ -1,6 +1,7 @@
 /* store_mongo against a real MongoDB-wire server (FerretDB on the local
  * stack): duplicate absorption by the unique index, bulk insert/scan/ack
- * round trips, ack isolation between users, sweeps, seen dedupe, presence.
+ * round trips, ack isolation between users, sweeps, seen dedupe, presence,
+ * receipt tracking (put/get/delete/sweep) and the read half of an ack.
  *
  * PARLEY_MONGO_URI names the server (default: the local stack's FerretDB).
  * Every run uses its own database, dropped at the end. Each test opens its
@@ -433,6 +434,145 @@ START_TEST(presence_counts_and_epochs)
 }
 END_TEST
 
+/* Collects what store_track_get returns: "reader/msg_id=sender[/group]". */
+typedef struct track_log {
+    size_t n;
+    char rec[16][160];
+} track_log;
+
+static int track_cb(void *arg, const store_track *t)
+{
+    track_log *l = arg;
+
+    ck_assert_uint_lt(l->n, 16);
+    snprintf(l->rec[l->n++], sizeof(l->rec[0]), "%s/%s=%s%s%s", t->reader, t->msg_id, t->sender,
+             t->group ? "/" : "", t->group ? t->group : "");
+    return PX_OK;
+}
+
+static int track_has(const track_log *l, const char *rec)
+{
+    for (size_t i = 0; i < l->n; i++)
+        if (strcmp(l->rec[i], rec) == 0)
+            return 1;
+    return 0;
+}
+
+/* Tracking: a repeat put is absorbed (the first sender stays), get finds
+ * exactly the named (reader, msg_id) pairs (not the same msg_id of another
+ * reader), delete removes only the named pairs and counts them. */
+START_TEST(track_put_get_delete)
+{
+    int64_t now = px_now_ms();
+    const store_track t[] = {
+        { "t_bob", "M1", "t_alice", NULL, now },
+        { "t_bob", "M2", "t_alice", NULL, now },
+        { "t_carol", "M1", "t_alice", "g_1", now },
+    };
+    const store_track again[] = { { "t_bob", "M1", "t_mallory", NULL, now }, t[1] };
+    const store_track keys[] = {
+        { "t_bob", "M1", NULL, NULL, 0 }, { "t_bob", "M3", NULL, NULL, 0 },
+        { "t_dave", "M1", NULL, NULL, 0 }, { "t_carol", "M1", NULL, NULL, 0 },
+        { "t_bob", "M1", NULL, NULL, 0 },
+    };
+    static track_log l;
+    char err[PX_ERRLEN] = "";
+    int64_t removed = -1;
+
+    ck_assert_msg(store_track_put(st, t, 3, err, sizeof(err)) == PX_OK, "put: %s", err);
+    ck_assert_msg(store_track_put(st, again, 2, err, sizeof(err)) == PX_OK, "re-put: %s", err);
+    memset(&l, 0, sizeof(l));
+    ck_assert_msg(store_track_get(st, keys, 5, track_cb, &l, err, sizeof(err)) == PX_OK, "%s", err);
+    ck_assert_uint_eq(l.n, 2);
+    ck_assert(track_has(&l, "t_bob/M1=t_alice"));
+    ck_assert(track_has(&l, "t_carol/M1=t_alice/g_1"));
+
+    ck_assert_int_eq(store_track_delete(st, keys, 4, &removed, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(removed, 2);
+    ck_assert_int_eq(store_track_delete(st, keys, 4, &removed, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(removed, 0);
+    memset(&l, 0, sizeof(l));
+    const store_track all[] = { t[0], t[1], t[2] };
+    ck_assert_int_eq(store_track_get(st, all, 3, track_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert(track_has(&l, "t_bob/M2=t_alice"));
+}
+END_TEST
+
+/* Tracking expiry: the sweep removes exactly the records tracked before the
+ * cutoff (ancient timestamps keep this test's set apart from the others). */
+START_TEST(track_sweep_cutoff)
+{
+    const store_track t[] = {
+        { "ts_bob", "M1", "ts_alice", NULL, 1000 },
+        { "ts_bob", "M2", "ts_alice", NULL, 2499 },
+        { "ts_bob", "M3", "ts_alice", NULL, 2500 },
+    };
+    static track_log l;
+    char err[PX_ERRLEN] = "";
+    int64_t removed = -1;
+
+    ck_assert_int_eq(store_track_put(st, t, 3, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_track_sweep(st, 2500, &removed, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(removed, 2);
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_track_get(st, t, 3, track_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert(track_has(&l, "ts_bob/M3=ts_alice"));
+    ck_assert_int_eq(store_track_sweep(st, 2500, &removed, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(removed, 0);
+}
+END_TEST
+
+/* Tracking refuses what would make its keys ambiguous or its records
+ * useless, before any round trip. */
+START_TEST(track_bad_input)
+{
+    const store_track slash[] = { { "a/b", "M1", "s", NULL, 1 } };
+    const store_track nosender[] = { { "bob", "M1", NULL, NULL, 1 } };
+    const store_track noid[] = { { "bob", "", "s", NULL, 1 } };
+    char err[PX_ERRLEN] = "";
+
+    ck_assert_int_eq(store_track_put(st, slash, 1, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(store_track_put(st, nosender, 1, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(store_track_get(st, noid, 1, track_cb, NULL, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(store_track_delete(st, slash, 1, NULL, err, sizeof(err)), PX_ERROR);
+}
+END_TEST
+
+/* The read half of an ack: visits only the user's named events, in seq
+ * order, and deletes nothing. */
+START_TEST(inbox_get_reads_without_deleting)
+{
+    store_event ev[4];
+    tev t[4];
+    static seen_log l;
+    const char *ids[4];
+    char err[PX_ERRLEN] = "";
+    int64_t now = px_now_ms();
+
+    make_event(&ev[0], &t[0], "g_alice", 1, 10, now);
+    make_event(&ev[1], &t[1], "g_alice", 2, 5, now);
+    make_event(&ev[2], &t[2], "g_alice", 3, 7, now);
+    make_event(&ev[3], &t[3], "g_bob", 4, 1, now);
+    put_ok(ev, 4, NULL);
+    ids[0] = t[0].id;
+    ids[1] = t[1].id;
+    ids[2] = t[3].id; /* bob's */
+    ids[3] = "absent";
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_inbox_get(st, "g_alice", ids, 4, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(l.n, 2);
+    ck_assert_str_eq(l.id[0], t[1].id); /* seq 5 before seq 10 */
+    ck_assert_str_eq(l.id[1], t[0].id);
+    ck_assert_int_eq(l.kind[0], STORE_MESSAGE); /* make_event: even i is a message */
+    ck_assert_str_eq(l.sender[0], t[1].sender);
+    ck_assert_int_eq(l.kind[1], STORE_RECEIPT);
+    ck_assert_int_eq(count_of("g_alice"), 3);
+    ck_assert_int_eq(count_of("g_bob"), 1);
+}
+END_TEST
+
 static Suite *store_mongo_suite(void)
 {
     Suite *s = suite_create("store_mongo");
@@ -447,6 +587,10 @@ static Suite *store_mongo_suite(void)
     tcase_add_test(tc, seen_filter_mark_sweep);
     tcase_add_test(tc, batch_limits);
     tcase_add_test(tc, presence_counts_and_epochs);
+    tcase_add_test(tc, track_put_get_delete);
+    tcase_add_test(tc, track_sweep_cutoff);
+    tcase_add_test(tc, track_bad_input);
+    tcase_add_test(tc, inbox_get_reads_without_deleting);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("open");

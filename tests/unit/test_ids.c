@@ -82,6 +82,22 @@ START_TEST(send_id_deterministic)
 }
 END_TEST
 
+START_TEST(receipt_id_deterministic)
+{
+    char a[ID_BUF], b[ID_BUF], c[ID_BUF], d[ID_BUF], e[ID_BUF];
+    id_for_receipt("M1", "bob", "delivered", a);
+    id_for_receipt("M1", "bob", "delivered", b);
+    id_for_receipt("M1", "bob", "read", c);
+    id_for_receipt("M1", "carol", "delivered", d);
+    id_for_receipt("M1b", "ob", "delivered", e); /* field boundaries matter */
+    ck_assert_str_eq(a, b);
+    ck_assert_str_ne(a, c);
+    ck_assert_str_ne(a, d);
+    ck_assert_str_ne(a, e);
+    ck_assert_int_eq(strlen(a), ID_LEN);
+}
+END_TEST
+
 START_TEST(user_id_rules)
 {
     ck_assert(id_valid_user("alice"));
@@ -108,6 +124,7 @@ static Suite *ids_suite(void)
     tcase_add_test(tc, unique_across_processes);
     tcase_add_test(tc, time_prefix_orders_across_ms);
     tcase_add_test(tc, send_id_deterministic);
+    tcase_add_test(tc, receipt_id_deterministic);
     tcase_add_test(tc, user_id_rules);
     suite_add_tcase(s, tc);
     return s;

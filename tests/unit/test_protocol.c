@@ -127,6 +127,15 @@ START_TEST(render_events)
     ck_assert_str_eq(s, "{\"type\":\"message\",\"id\":\"M1\",\"from\":\"alice\",\"to\":\"bob\","
                         "\"body\":\"h\\\"i\",\"ts\":7}");
     free(s);
+    proto_receipt r = { .id = "R1", .msg_id = "M1", .status = "read", .by = "bob", .ts = 9 };
+    s = proto_render_receipt(&r, &len);
+    ck_assert_str_eq(s, "{\"type\":\"receipt\",\"id\":\"R1\",\"msg_id\":\"M1\","
+                        "\"status\":\"read\",\"by\":\"bob\",\"ts\":9}");
+    free(s);
+    r.group = "g_1";
+    s = proto_render_receipt(&r, &len);
+    ck_assert(strstr(s, "\"group\":\"g_1\"") != NULL);
+    free(s);
 }
 END_TEST
 

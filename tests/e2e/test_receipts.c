@@ -1,0 +1,436 @@
+/* Receipts end to end: message-store's facts, the receipt service's
+ * tracking and the `receipt` events in the sender's inbox, with every
+ * service a real process on the real Kafka broker and MongoDB-wire server.
+ * Covers the order sent -> delivered -> read, an offline sender, repeats,
+ * kill -9 of the receipt service and of message-store, forged reads and
+ * read-before-ack. */
+#include "e2e.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define QUIET_MS 1500   /* how long "nothing arrives" is watched for */
+
+typedef struct want {
+    const char *msg_id;
+    const char *status;   /* NULL: any */
+} want;
+
+static int is_receipt(const json_t *m, void *arg)
+{
+    const want *w = arg;
+    return strcmp(e2e_str(m, "type"), "receipt") == 0 &&
+           (w->msg_id == NULL || strcmp(e2e_str(m, "msg_id"), w->msg_id) == 0) &&
+           (w->status == NULL || strcmp(e2e_str(m, "status"), w->status) == 0);
+}
+
+/* The next receipt for msg_id (and status, if given); fails the test after
+ * E2E_WAIT_MS. */
+static json_t *wait_receipt(client *cl, const char *msg_id, const char *status)
+{
+    want w = { msg_id, status };
+    json_t *m = NULL;
+    int rc = client_next(cl, is_receipt, &w, E2E_WAIT_MS, &m);
+    ck_assert_msg(rc == PX_OK, "no %s receipt for %s within %d ms: %s", status ? status : "",
+                  msg_id, E2E_WAIT_MS, client_errstr(cl));
+    return m;
+}
+
+/* 1 if a receipt (any, or for msg_id) arrives within ms. */
+static int receipt_within(client *cl, const char *msg_id, int ms)
+{
+    want w = { msg_id, NULL };
+    json_t *m = NULL;
+    if (client_next(cl, is_receipt, &w, ms, &m) != PX_OK)
+        return 0;
+    fprintf(stderr, "unexpected receipt: %s\n", json_dumps(m, JSON_COMPACT));
+    json_decref(m);
+    return 1;
+}
+
+static void send_read(client *cl, const char *id)
+{
+    json_t *o = json_pack("{s:s, s:[s]}", "type", "read", "ids", id);
+    ck_assert_int_eq(client_send_json(cl, o), 0);
+    json_decref(o);
+}
+
+/* Every event up to `synced`, in arrival order. */
+static json_t *until_synced(client *cl)
+{
+    json_t *got = json_array();
+    for (;;) {
+        json_t *m = client_recv_json(cl, E2E_WAIT_MS);
+        ck_assert_msg(m != NULL, "no synced: %s", client_errstr(cl));
+        if (strcmp(e2e_str(m, "type"), "synced") == 0) {
+            json_decref(m);
+            return got;
+        }
+        json_array_append_new(got, m);
+    }
+}
+
+static void check_receipt(const json_t *r, const char *msg_id, const char *status, const char *by)
+{
+    ck_assert_str_eq(e2e_str(r, "type"), "receipt");
+    ck_assert_str_eq(e2e_str(r, "msg_id"), msg_id);
+    ck_assert_str_eq(e2e_str(r, "status"), status);
+    ck_assert_str_eq(e2e_str(r, "by"), by);
+    ck_assert_int_eq((int)strlen(e2e_str(r, "id")), 26);
+    ck_assert(json_integer_value(json_object_get(r, "ts")) > 0);
+    ck_assert_ptr_null(json_object_get(r, "group"));
+}
+
+/* One message alice -> bob, acked then read by bob; alice's wire must show
+ * exactly sent, delivered, read in that order. Returns the ack->delivered
+ * and read->read latencies in ms. */
+static void sent_delivered_read(client *a, client *b, const char *bob, const char *cid,
+                                int64_t lat[2])
+{
+    char mid[64];
+    e2e_send_async(a, cid, bob, "read me");
+    json_t *s = client_recv_json(a, E2E_WAIT_MS);
+    ck_assert_msg(s != NULL && strcmp(e2e_str(s, "type"), "sent") == 0, "first event not sent");
+    snprintf(mid, sizeof(mid), "%s", e2e_str(s, "msg_id"));
+    json_decref(s);
+    json_decref(e2e_wait_type(b, "message"));
+
+    int64_t t0 = px_mono_ms();
+    e2e_ack(b, mid);
+    json_t *d = client_recv_json(a, E2E_WAIT_MS);
+    ck_assert_msg(d != NULL, "no delivered receipt: %s", client_errstr(a));
+    lat[0] = px_mono_ms() - t0;
+    check_receipt(d, mid, "delivered", bob);
+
+    t0 = px_mono_ms();
+    send_read(b, mid);
+    json_t *r = client_recv_json(a, E2E_WAIT_MS);
+    ck_assert_msg(r != NULL, "no read receipt: %s", client_errstr(a));
+    lat[1] = px_mono_ms() - t0;
+    check_receipt(r, mid, "read", bob);
+    ck_assert_str_ne(e2e_str(d, "id"), e2e_str(r, "id"));
+    e2e_ack(a, e2e_str(d, "id"));
+    e2e_ack(a, e2e_str(r, "id"));
+    json_decref(d);
+    json_decref(r);
+}
+
+START_TEST(online_sender_sees_sent_delivered_read_in_order)
+{
+    enum { ROUNDS = 5 };
+    char alice[65], bob[65], cid[16];
+    int64_t lat[ROUNDS][2];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(e2e_wait_type(b, "synced"));
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(e2e_wait_type(a, "synced"));
+    for (int i = 0; i < ROUNDS; i++) {
+        snprintf(cid, sizeof(cid), "c%d", i);
+        sent_delivered_read(a, b, bob, cid, lat[i]);
+    }
+    /* The first round may include the receipt consumer's first partition
+     * assignment after start; the later ones are the steady state. */
+    int64_t worst[2] = { 0, 0 };
+    for (int i = 1; i < ROUNDS; i++)
+        for (int k = 0; k < 2; k++)
+            worst[k] = PX_MAX(worst[k], lat[i][k]);
+    fprintf(stderr, "report: receipts (sanitized build, sender online): ack->delivered %lld ms, "
+            "read->read %lld ms on the first message; worst of the next %d: %lld / %lld ms\n",
+            (long long)lat[0][0], (long long)lat[0][1], ROUNDS - 1, (long long)worst[0],
+            (long long)worst[1]);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
+/* Index in arr of the receipt for msg_id with status, or -1. */
+static int find_receipt(const json_t *arr, const char *msg_id, const char *status)
+{
+    size_t i;
+    json_t *v;
+    want w = { msg_id, status };
+    json_array_foreach(arr, i, v) if (is_receipt(v, &w)) return (int)i;
+    return -1;
+}
+
+START_TEST(offline_sender_gets_both_receipts_before_synced)
+{
+    char alice[65], bob[65], mid[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    e2e_send(a, "c1", bob, "while you were out", mid);
+    client_close(a, 1000);
+
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_t *got = until_synced(b);
+    ck_assert_int_eq(json_array_size(got), 1);
+    json_decref(got);
+    e2e_ack(b, mid);
+    send_read(b, mid);
+    client_close(b, 1000);
+
+    /* The receipts travel ack -> message-store -> receipt -> inbox: poll. */
+    int d = -1, r = -1;
+    json_t *pending = NULL;
+    for (int tries = 0; tries < 75 && (d < 0 || r < 0); tries++) {
+        json_decref(pending);
+        a = e2e_connect(alice, tries % 2 ? E2E_GW2 : E2E_GW1);
+        pending = until_synced(a);
+        d = find_receipt(pending, mid, "delivered");
+        r = find_receipt(pending, mid, "read");
+        if (d < 0 || r < 0) {
+            client_close(a, 1000);
+            usleep(200 * 1000);
+        }
+    }
+    ck_assert_msg(d >= 0 && r >= 0, "receipts not pending for the offline sender after 15 s");
+    ck_assert_msg(d < r, "read receipt before the delivered one");
+    check_receipt(json_array_get(pending, (size_t)d), mid, "delivered", bob);
+    check_receipt(json_array_get(pending, (size_t)r), mid, "read", bob);
+    e2e_ack(a, e2e_str(json_array_get(pending, (size_t)d), "id"));
+    e2e_ack(a, e2e_str(json_array_get(pending, (size_t)r), "id"));
+    json_decref(pending);
+    client_close(a, 1000);
+
+    /* Acked receipts are gone from the inbox. */
+    int empty = 0;
+    for (int tries = 0; tries < 50 && !empty; tries++) {
+        a = e2e_connect(alice, E2E_GW2);
+        got = until_synced(a);
+        empty = json_array_size(got) == 0;
+        json_decref(got);
+        client_close(a, 1000);
+        if (!empty)
+            usleep(200 * 1000);
+    }
+    ck_assert_msg(empty, "acked receipts still pending after 10 s");
+}
+END_TEST
+
+START_TEST(duplicate_acks_and_reads_give_one_receipt_each)
+{
+    char alice[65], bob[65], mid[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *b1 = e2e_connect(bob, E2E_GW2);
+    client *b2 = e2e_connect(bob, E2E_GW1);
+    json_decref(e2e_wait_type(b1, "synced"));
+    json_decref(e2e_wait_type(b2, "synced"));
+    client *a = e2e_connect(alice, E2E_GW1);
+    e2e_send(a, "c1", bob, "say it twice", mid);
+    json_decref(e2e_wait_type(b1, "message"));
+    json_decref(e2e_wait_type(b2, "message"));
+    /* Both of bob's connections ack and read, one id named twice. */
+    json_t *o = json_pack("{s:s, s:[s,s]}", "type", "ack", "ids", mid, mid);
+    ck_assert_int_eq(client_send_json(b1, o), 0);
+    json_decref(o);
+    e2e_ack(b2, mid);
+    send_read(b1, mid);
+    send_read(b2, mid);
+    json_t *r = wait_receipt(a, mid, "read");
+    e2e_ack(a, e2e_str(r, "id"));
+    json_decref(r);
+    /* Again, after the first ones were applied. */
+    e2e_ack(b1, mid);
+    send_read(b2, mid);
+    usleep(QUIET_MS * 1000);
+    int delivered = 0, read = 0;
+    json_t *m;
+    want w = { mid, NULL };
+    /* The read waited for above left the rest of the wire in the backlog:
+     * count every receipt for mid that came besides it. */
+    while (client_next(a, is_receipt, &w, 500, &m) == PX_OK) {
+        delivered += strcmp(e2e_str(m, "status"), "delivered") == 0;
+        read += strcmp(e2e_str(m, "status"), "read") == 0;
+        e2e_ack(a, e2e_str(m, "id"));
+        json_decref(m);
+    }
+    ck_assert_int_eq(delivered, 1);
+    ck_assert_int_eq(read, 0);
+    client_close(a, 1000);
+    client_close(b1, 1000);
+    client_close(b2, 1000);
+}
+END_TEST
+
+enum { KILL_N = 300 };
+
+/* Alice's view of the receipts of the kill test, deduped by receipt id. */
+typedef struct tally {
+    char mid[KILL_N][32];
+    int delivered[KILL_N], read[KILL_N];
+    int unique, dups;
+} tally;
+
+static int tally_index(const tally *t, const char *mid)
+{
+    for (int i = 0; i < KILL_N; i++)
+        if (strcmp(t->mid[i], mid) == 0)
+            return i;
+    return -1;
+}
+
+static void tally_drain(client *a, tally *t, int timeout_ms)
+{
+    json_t *m;
+    want w = { NULL, NULL };
+    while (client_next(a, is_receipt, &w, timeout_ms, &m) == PX_OK) {
+        timeout_ms = 0;
+        int i = tally_index(t, e2e_str(m, "msg_id"));
+        ck_assert_msg(i >= 0, "receipt for an unknown message");
+        int *slot = strcmp(e2e_str(m, "status"), "read") == 0 ? &t->read[i] : &t->delivered[i];
+        if (*slot)
+            t->dups++;
+        else
+            t->unique++;
+        *slot = 1;
+        e2e_ack(a, e2e_str(m, "id"));
+        json_decref(m);
+    }
+}
+
+START_TEST(kill9_receipt_service_and_store_loses_no_receipt)
+{
+    static tally t;
+    char alice[65], bob[65], cid[16];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(e2e_wait_type(b, "synced"));
+    client *a = e2e_connect(alice, E2E_GW1);
+    for (int i = 0; i < KILL_N; i++) {
+        snprintf(cid, sizeof(cid), "k%d", i);
+        e2e_send_async(a, cid, bob, "kill test");
+    }
+    for (int i = 0; i < KILL_N; i++) {
+        snprintf(cid, sizeof(cid), "k%d", i);
+        json_t *s = client_wait_ref(a, cid, E2E_WAIT_MS);
+        ck_assert_msg(s != NULL && strcmp(e2e_str(s, "type"), "sent") == 0, "no sent for %s", cid);
+        snprintf(t.mid[i], sizeof(t.mid[i]), "%s", e2e_str(s, "msg_id"));
+        json_decref(s);
+    }
+    for (int i = 0; i < KILL_N; i++)
+        json_decref(e2e_wait_type(b, "message"));
+    /* Acks stream in; the receipt service dies while applying them; the
+     * reads are made while it is down and need the tracking it wrote
+     * before; message-store dies while turning the reads into facts. Every
+     * fourth message is read without an ack (read implies delivered). */
+    for (int i = 0; i < KILL_N; i++)
+        if (i % 4 != 0)
+            e2e_ack(b, t.mid[i]);
+    usleep(150 * 1000);
+    e2e_kill9(E2E_RECEIPT);
+    for (int i = 0; i < KILL_N; i++)
+        send_read(b, t.mid[i]);
+    usleep(100 * 1000);
+    e2e_kill9(E2E_STORE);
+    ck_assert_int_eq(e2e_restart(E2E_STORE), 0);
+    ck_assert_int_eq(e2e_restart(E2E_RECEIPT), 0);
+    int64_t deadline = px_mono_ms() + 90000;
+    while (t.unique < 2 * KILL_N && px_mono_ms() < deadline)
+        tally_drain(a, &t, 500);
+    int missing = 0;
+    for (int i = 0; i < KILL_N; i++)
+        missing += !t.delivered[i] + !t.read[i];
+    fprintf(stderr, "report: kill -9 of receipt and message-store: %d messages, %d receipts unique, %d duplicates on "
+            "the wire, %d missing\n", KILL_N, t.unique, t.dups, missing);
+    ck_assert_int_eq(missing, 0);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
+START_TEST(forged_read_has_no_effect)
+{
+    char alice[65], bob[65], mallory[65], mid[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    e2e_user("mallory", mallory);
+    client *b = e2e_connect(bob, E2E_GW2);
+    client *x = e2e_connect(mallory, E2E_GW1);
+    json_decref(e2e_wait_type(b, "synced"));
+    json_decref(e2e_wait_type(x, "synced"));
+    client *a = e2e_connect(alice, E2E_GW1);
+    e2e_send(a, "c1", bob, "for bob only", mid);
+    json_decref(e2e_wait_type(b, "message"));
+
+    /* Before bob acks: mallory's read and ack name an id she never had. */
+    send_read(x, mid);
+    e2e_ack(x, mid);
+    ck_assert_msg(!receipt_within(a, mid, QUIET_MS), "forged read before delivery told alice");
+
+    /* Bob's inbox still holds it: his ack gives the one delivered receipt. */
+    e2e_ack(b, mid);
+    json_t *d = wait_receipt(a, mid, NULL);
+    check_receipt(d, mid, "delivered", bob);
+    e2e_ack(a, e2e_str(d, "id"));
+    json_decref(d);
+
+    /* After bob's ack the pair (bob, mid) is tracked; (mallory, mid) is not. */
+    send_read(x, mid);
+    ck_assert_msg(!receipt_within(a, mid, QUIET_MS), "forged read after delivery told alice");
+
+    send_read(b, mid);
+    json_t *r = wait_receipt(a, mid, NULL);
+    check_receipt(r, mid, "read", bob);
+    e2e_ack(a, e2e_str(r, "id"));
+    json_decref(r);
+    client_close(a, 1000);
+    client_close(b, 1000);
+    client_close(x, 1000);
+}
+END_TEST
+
+START_TEST(read_before_ack_yields_delivered_and_read)
+{
+    char alice[65], bob[65], mid[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(e2e_wait_type(b, "synced"));
+    client *a = e2e_connect(alice, E2E_GW1);
+    e2e_send(a, "c1", bob, "read, never acked", mid);
+    json_decref(e2e_wait_type(b, "message"));
+    send_read(b, mid);
+    json_t *d = wait_receipt(a, mid, NULL);
+    check_receipt(d, mid, "delivered", bob);
+    json_t *r = wait_receipt(a, mid, NULL);
+    check_receipt(r, mid, "read", bob);
+    e2e_ack(a, e2e_str(d, "id"));
+    e2e_ack(a, e2e_str(r, "id"));
+    json_decref(d);
+    json_decref(r);
+    client_close(b, 1000);
+    /* The read also acked it: bob's next connection does not get it again. */
+    b = e2e_connect(bob, E2E_GW1);
+    json_t *got = until_synced(b);
+    ck_assert_int_eq(json_array_size(got), 0);
+    json_decref(got);
+    client_close(b, 1000);
+    client_close(a, 1000);
+}
+END_TEST
+
+static Suite *receipts_suite(void)
+{
+    Suite *s = suite_create("e2e-receipts");
+    TCase *tc = tcase_create("receipts");
+    tcase_set_timeout(tc, 180);
+    tcase_add_test(tc, online_sender_sees_sent_delivered_read_in_order);
+    tcase_add_test(tc, offline_sender_gets_both_receipts_before_synced);
+    tcase_add_test(tc, duplicate_acks_and_reads_give_one_receipt_each);
+    tcase_add_test(tc, forged_read_has_no_effect);
+    tcase_add_test(tc, read_before_ack_yields_delivered_and_read);
+    tcase_add_test(tc, kill9_receipt_service_and_store_loses_no_receipt);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return e2e_main(receipts_suite());
+}
