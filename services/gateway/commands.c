@@ -233,19 +233,25 @@ static int commands_presence(gw *g, const char *user, Parley__PresenceRecord__Ty
     return commands_produce(g, g->topic_presence, key, buf, len, tag);
 }
 
-void commands_connected(gw *g, conn *c)
+void commands_sync(gw *g, conn *c, int64_t from_seq)
 {
     size_t len;
-    commands_presence(g, ws_conn_user(c), PARLEY__PRESENCE_RECORD__TYPE__TYPE_CONNECT,
-                      &commands_record_tag);
     Parley__SyncRequest rec = PARLEY__SYNC_REQUEST__INIT;
     rec.version = 1;
     rec.user = (char *)ws_conn_user(c);
     rec.gateway = (char *)g->cfg.gateway_id;
     rec.conn = ws_conn_id(c);
+    rec.from_seq = from_seq;
     uint8_t *buf = COMMANDS_PACK(sync_request, &rec, &len);
     if (commands_produce(g, g->topic_sync, rec.user, buf, len, &commands_record_tag) != PX_OK)
         ws_conn_close(c, 1013, "try again later");
+}
+
+void commands_connected(gw *g, conn *c)
+{
+    commands_presence(g, ws_conn_user(c), PARLEY__PRESENCE_RECORD__TYPE__TYPE_CONNECT,
+                      &commands_record_tag);
+    commands_sync(g, c, 0);
     metric_add(g->m.accepted, 1);
 }
 

@@ -43,6 +43,11 @@ static void deliver_to_conn(gw *g, uint64_t conn_id, const Parley__Delivery *d)
                                 d->events_json[i].len));
     if (d->synced)
         worker_post(w, mail_new(MAIL_SYNCED, conn_id, NULL, 0));
+    if (d->more_from_seq > 0) {
+        mail *m = mail_new(MAIL_SYNC_MORE, conn_id, NULL, 0);
+        m->from_seq = d->more_from_seq;
+        worker_post(w, m);
+    }
 }
 
 static void deliver_one(gw *g, const bus_msg *bm)

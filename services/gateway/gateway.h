@@ -21,7 +21,7 @@ typedef struct registry registry;
 
 typedef struct gw_metrics {
     metric *conns, *accepted, *refused_auth, *closed, *frames_in, *sent_ok,
-        *sent_fail, *delivered, *dropped, *slow_closed, *errors, *send_latency;
+        *sent_fail, *delivered, *dropped, *slow_closed, *held_dropped, *errors, *send_latency;
 } gw_metrics;
 
 typedef struct gw {
@@ -48,13 +48,15 @@ typedef struct gw {
  * to sends. Ownership of a mail passes to the worker with worker_post. */
 /* MAIL_EVENT is part of a connection's sync (sent in order); MAIL_LIVE is a
  * live push, held until the connection's sync is done so a new event never
- * overtakes older pending ones; MAIL_SYNCED ends the sync. */
-enum mail_kind { MAIL_CONN, MAIL_EVENT, MAIL_LIVE, MAIL_SYNCED };
+ * overtakes older pending ones; MAIL_SYNCED ends the sync; MAIL_SYNC_MORE
+ * ends a page of it (the next starts at from_seq). */
+enum mail_kind { MAIL_CONN, MAIL_EVENT, MAIL_LIVE, MAIL_SYNCED, MAIL_SYNC_MORE };
 typedef struct mail {
     struct mail *next;
     enum mail_kind kind;
     uint64_t conn_id;
     conn *c;                     /* MAIL_CONN only */
+    int64_t from_seq;            /* MAIL_SYNC_MORE only */
     size_t len;
     char data[];                 /* MAIL_EVENT: one JSON text frame */
 } mail;
@@ -86,14 +88,19 @@ void ws_conn_on_io(conn *c, uint32_t events);
  * ceiling (a client that stopped reading). */
 void ws_conn_queue_text(conn *c, const char *s, size_t len);
 void ws_conn_close(conn *c, uint16_t code, const char *reason);
-/* Keeps a live event (takes ownership of m) until ws_conn_synced; closes
- * with 1013 if held events pass the send-queue ceiling. */
+/* Keeps a live event (takes ownership of m) until ws_conn_synced. Past the
+ * send-queue ceiling it drops them all, and those that follow, because the
+ * sync itself delivers every one of them. */
 void ws_conn_hold(conn *c, mail *m);
 /* Ends the sync: queues {"type":"synced"} then the held events. Only the
  * first call counts (a replayed sync may end twice). */
 void ws_conn_synced(conn *c);
+/* A page of the sync is queued: ask for the next one (from_seq) once the
+ * connection has written this page down to a quarter of its send queue. */
+void ws_conn_sync_more(conn *c, int64_t from_seq);
 int ws_conn_is_synced(const conn *c);
-/* Sends what is queued and updates the epoll mask; 0 while alive. */
+/* Sends what is queued, asks for the next sync page when there is room,
+ * and updates the epoll mask; 0 while alive. */
 int ws_conn_flush(conn *c);
 /* Ping / idle timers; called about once a second. */
 void ws_conn_tick(conn *c, int64_t now_ms);
@@ -112,6 +119,9 @@ void ws_conn_free(conn *c);
 void commands_handle(gw *g, conn *c, const char *text, size_t len);
 /* Connection lifecycle facts for presence and sync. */
 void commands_connected(gw *g, conn *c);
+/* Asks message-store for the page of c's sync that starts at from_seq (0:
+ * the first); closes c with 1013 if the bus refuses the request. */
+void commands_sync(gw *g, conn *c, int64_t from_seq);
 void commands_disconnected(gw *g, conn *c);
 /* Gateway liveness for presence; reset on start-up. Call before any
  * connection is accepted (it also initialises the report tags). */

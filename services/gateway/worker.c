@@ -45,6 +45,7 @@ mail *mail_new(enum mail_kind kind, uint64_t conn_id, const void *data, size_t l
     m->kind = kind;
     m->conn_id = conn_id;
     m->c = NULL;
+    m->from_seq = 0;
     m->len = len;
     if (len > 0)
         memcpy(m->data, data, len);
@@ -166,6 +167,10 @@ static int worker_deliver(worker *w, mail *m)
     worker_mark_dirty(w, c);
     if (m->kind == MAIL_SYNCED) {
         ws_conn_synced(c);
+        return 0;
+    }
+    if (m->kind == MAIL_SYNC_MORE) {
+        ws_conn_sync_more(c, m->from_seq);
         return 0;
     }
     metric_add(w->g->m.delivered, 1);

@@ -32,6 +32,8 @@ struct conn {
     int64_t bucket_ms;               /* send rate limit: refilled up to here */
     double tokens;
     int dead, dirty, synced;
+    int held_overflow;               /* held events dropped: the sync has them */
+    int64_t sync_from;               /* > 0: the next sync page, not asked yet */
     mail *held, *held_tail;          /* live events waiting for the sync */
     size_t held_bytes;
     char user[65];
@@ -164,6 +166,11 @@ void ws_conn_on_io(conn *c, uint32_t events)
         ws_conn_kill(c, "write failed");
 }
 
+static size_t ws_conn_queued(conn *c)
+{
+    return wslay_event_get_queued_msg_length(c->ctx);
+}
+
 void ws_conn_queue_text(conn *c, const char *s, size_t len)
 {
     if (c->dead || c->close_deadline_ms != 0)
@@ -173,9 +180,10 @@ void ws_conn_queue_text(conn *c, const char *s, size_t len)
         ws_conn_kill(c, "queue failed");
         return;
     }
-    if (wslay_event_get_queued_msg_length(c->ctx) > (size_t)c->g->cfg.send_queue_bytes) {
-        /* The client stopped reading: say why if the socket takes it, and
-         * drop the connection now rather than hold more for it. */
+    if (ws_conn_queued(c) > (size_t)c->g->cfg.send_queue_bytes) {
+        /* The client stopped reading (a sync comes in pages far below the
+         * ceiling): say why if the socket takes it, and drop the
+         * connection now rather than hold more for it. */
         metric_add(c->g->m.slow_closed, 1);
         wslay_event_queue_close(c->ctx, 1013, (const uint8_t *)"send queue full", 15);
         wslay_event_send(c->ctx);
@@ -191,8 +199,14 @@ void ws_conn_close(conn *c, uint16_t code, const char *reason)
     c->close_deadline_ms = px_mono_ms() + CONN_CLOSE_GRACE_MS;
 }
 
+static void ws_conn_free_held(conn *c);
+
 void ws_conn_hold(conn *c, mail *m)
 {
+    if (c->held_overflow) {
+        free(m);
+        return;
+    }
     m->next = NULL;
     if (c->held_tail != NULL)
         c->held_tail->next = m;
@@ -201,8 +215,13 @@ void ws_conn_hold(conn *c, mail *m)
     c->held_tail = m;
     c->held_bytes += m->len;
     if (c->held_bytes > (size_t)c->g->cfg.send_queue_bytes) {
-        metric_add(c->g->m.slow_closed, 1);
-        ws_conn_close(c, 1013, "too much to deliver during sync, reconnect");
+        /* Dropping is safe: a live push reaches us before "synced" only if
+         * message-store stored its event before the sync's last scan (both
+         * go to this gateway's topic keyed by the user, in the order
+         * message-store made them), so a page of this sync carries it. */
+        metric_add(c->g->m.held_dropped, 1);
+        ws_conn_free_held(c);
+        c->held_overflow = 1;
     }
 }
 
@@ -229,6 +248,23 @@ void ws_conn_synced(conn *c)
     ws_conn_free_held(c);
 }
 
+void ws_conn_sync_more(conn *c, int64_t from_seq)
+{
+    if (!c->synced)
+        c->sync_from = from_seq;
+}
+
+/* A page is written down to a quarter of the queue: the next one fits. */
+static void ws_conn_sync_pump(conn *c)
+{
+    if (c->sync_from <= 0 || c->close_deadline_ms != 0 ||
+        ws_conn_queued(c) > (size_t)c->g->cfg.send_queue_bytes / 4)
+        return;
+    int64_t from = c->sync_from;
+    c->sync_from = 0;
+    commands_sync(c->g, c, from);
+}
+
 int ws_conn_is_synced(const conn *c)
 {
     return c->synced;
@@ -242,6 +278,7 @@ int ws_conn_flush(conn *c)
         ws_conn_kill(c, "write failed");
         return PX_ERROR;
     }
+    ws_conn_sync_pump(c);
     int rd = wslay_event_want_read(c->ctx), wr = wslay_event_want_write(c->ctx);
     if (!rd && !wr) {
         ws_conn_kill(c, "closed");

@@ -35,11 +35,12 @@ void deliv_reset(deliv *d)
         free(d->owned[i]);
     d->n = 0;
     d->bytes = 0;
+    d->synced = 0;
+    d->more_from_seq = 0;
 }
 
 /* Encodes into ms->pack (grown as needed, reused across records). */
-static size_t deliv_encode(msgstore *ms, const deliv *d, const char *user, uint64_t conn,
-                           int synced)
+static size_t deliv_encode(msgstore *ms, const deliv *d, const char *user, uint64_t conn)
 {
     Parley__Delivery msg = PARLEY__DELIVERY__INIT;
     msg.version = 1;
@@ -47,7 +48,8 @@ static size_t deliv_encode(msgstore *ms, const deliv *d, const char *user, uint6
     msg.conn = conn;
     msg.n_events_json = d->n;
     msg.events_json = (ProtobufCBinaryData *)d->ev;
-    msg.synced = synced != 0;
+    msg.synced = d->synced != 0;
+    msg.more_from_seq = d->more_from_seq;
     size_t len = parley__delivery__get_packed_size(&msg);
     if (len > ms->pack_cap) {
         ms->pack_cap = PX_MAX(len, 2 * ms->pack_cap);
@@ -59,11 +61,10 @@ static size_t deliv_encode(msgstore *ms, const deliv *d, const char *user, uint6
 /* Every gateway is tried even after one fails: a user on two gateways
  * should not lose the live push on one because the other's topic is gone. */
 int deliv_send(msgstore *ms, const deliv *d, const char (*gws)[65], size_t ngws,
-               const char *user, uint64_t conn, int synced, void *opaque,
-               char *err, size_t errlen)
+               const char *user, uint64_t conn, void *opaque, char *err, size_t errlen)
 {
     int rc = PX_OK;
-    size_t len = deliv_encode(ms, d, user, conn, synced);
+    size_t len = deliv_encode(ms, d, user, conn);
     for (size_t i = 0; i < ngws; i++) {
         char topic[160];
         if (!id_valid_user(gws[i])) {

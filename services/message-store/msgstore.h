@@ -149,6 +149,8 @@ typedef struct deliv {
     ProtobufCBinaryData ev[DELIV_MAX_EVENTS];
     uint8_t *owned[DELIV_MAX_EVENTS];   /* non-NULL: ev[i].data is ours to free */
     size_t n, bytes;
+    int synced;                /* the connection's sync ends with this one */
+    int64_t more_from_seq;     /* > 0: a sync page ends; more from this seq */
 } deliv;
 
 /* 1 if adding an event of len bytes would pass a ceiling (an empty deliv is
@@ -156,19 +158,22 @@ typedef struct deliv {
 int deliv_full(const deliv *d, size_t len);
 /* Adds an event; copy: keep a private copy (the text dies after the call). */
 void deliv_add(deliv *d, const void *json, size_t len, int copy);
+/* Frees copies and clears events and the end marks. */
 void deliv_reset(deliv *d);
-/* Encodes d once as Delivery{user, conn, events, synced} and produces it to
+/* Encodes d once as Delivery{user, conn, events, synced, more_from_seq} and
+ * produces it to
  * <prefix>gw.<gateway> keyed by user, for each of the n gateways. Every
  * gateway is tried; PX_ERROR if any failed (err: the last failure). */
 int deliv_send(msgstore *ms, const deliv *d, const char (*gws)[65], size_t ngws,
-               const char *user, uint64_t conn, int synced, void *opaque,
-               char *err, size_t errlen);
+               const char *user, uint64_t conn, void *opaque, char *err, size_t errlen);
 
 /* ---- sync.c: the backlog for a new connection ---- */
 
 /* Serves one SyncRequest (batch record idx): notes the gateway in the
- * presence cache, pushes the whole inbox in seq order, the last Delivery
- * with synced=true. */
+ * presence cache and pushes one page of the inbox from r->from_seq in seq
+ * order (at most SYNC_PAGE events and about SYNC_PAGE_BYTES). The page's
+ * last Delivery carries synced=true when the inbox is exhausted, else
+ * more_from_seq for the gateway's next SyncRequest. */
 int sync_serve(msgstore *ms, size_t idx, const Parley__SyncRequest *r, char *err, size_t errlen);
 
 /* ---- ack.c: acks delete inbox events and make receipt facts ---- */

@@ -174,7 +174,7 @@ static void route_user(msgstore *ms, const store_event *ev, const route_ref *ref
         size_t len = last ? 0 : ev[refs[k].i].json_len;
         if (d.n > 0 && (last || deliv_full(&d, len))) {
             char err[PX_ERRLEN] = "";
-            if (deliv_send(ms, &d, (const char (*)[65])gws, ngws, user, 0, 0,
+            if (deliv_send(ms, &d, (const char (*)[65])gws, ngws, user, 0,
                            batch_tag_best_effort(ms), err, sizeof(err)) != PX_OK)
                 log_warn("live delivery not produced; it waits for the next sync",
                          "{s:s, s:s, s:I}", "user", user, "error", err, "events", (json_int_t)d.n);

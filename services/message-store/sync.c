@@ -1,12 +1,17 @@
-/* Owns serving a SyncRequest: a connection opened, so push the user's whole
- * inbox to that one connection in seq order, then tell it "synced". The scan
- * sees a stable inbox: this process owns the user's partition of every
- * user-keyed topic, and nothing else writes the user's inbox meanwhile
- * (only the retention sweep deletes, which is harmless).
+/* Owns serving a SyncRequest: a connection opened (or wrote the previous
+ * page), so push it the next page of the user's inbox in seq order, then
+ * tell it "synced" or where the next page starts. Pages keep a slow client
+ * from costing the gateway more than a page: the gateway asks for the next
+ * one only when the connection has written this one out, so a 10k backlog
+ * never trips the send-queue ceiling (1013) the way one 3 MB push did.
  *
- * Every Delivery of a sync gates the commit of the SyncRequest: if one is
- * not acknowledged by the bus, the whole sync runs again (the client dedupes
- * events by id; the gateway should forward only the first "synced" of a
+ * The scan sees a stable inbox: this process owns the user's partition of
+ * every user-keyed topic, and nothing else writes the user's inbox
+ * meanwhile (only the retention sweep deletes, which is harmless).
+ *
+ * Every Delivery of a page gates the commit of its SyncRequest: if one is
+ * not acknowledged by the bus, the page is served again (the client dedupes
+ * events by id; the gateway forwards only the first "synced" of a
  * connection). */
 #include "common.h"
 #include "log.h"
@@ -16,26 +21,28 @@
 #include <stdio.h>
 #include <string.h>
 
-#define SYNC_PAGE 1000
+#define SYNC_PAGE 500               /* events per page */
+#define SYNC_PAGE_BYTES (256 << 10) /* about this many event bytes per page */
 
 typedef struct sync_ctx {
     msgstore *ms;
     const Parley__SyncRequest *r;
     void *tag;                 /* gates the SyncRequest's commit */
     deliv d;
-    int64_t after_seq;         /* last seq seen */
-    size_t visited;            /* events in the current page */
+    int64_t last_seq;          /* seq of the last event taken, -1: none */
+    size_t bytes;              /* event bytes taken into this page */
+    int full;                  /* the byte budget ended the page early */
     size_t events, deliveries;
     char err[PX_ERRLEN];       /* a produce error from inside the scan */
 } sync_ctx;
 
-static int sync_flush(sync_ctx *c, int synced)
+static int sync_flush(sync_ctx *c)
 {
     const Parley__SyncRequest *r = c->r;
     char gw[1][65];
     snprintf(gw[0], sizeof(gw[0]), "%s", r->gateway);
-    int rc = deliv_send(c->ms, &c->d, (const char (*)[65])gw, 1, r->user, r->conn, synced,
-                        c->tag, c->err, sizeof(c->err));
+    int rc = deliv_send(c->ms, &c->d, (const char (*)[65])gw, 1, r->user, r->conn, c->tag,
+                        c->err, sizeof(c->err));
     c->events += c->d.n;
     c->deliveries++;
     deliv_reset(&c->d);
@@ -45,11 +52,17 @@ static int sync_flush(sync_ctx *c, int synced)
 static int sync_on_event(void *arg, const store_event *ev)
 {
     sync_ctx *c = arg;
-    c->visited++;
-    c->after_seq = ev->seq;
-    /* Flush before adding, never after: the last Delivery must be the one
-     * that carries synced=true. */
-    if (deliv_full(&c->d, ev->json_len) && sync_flush(c, 0) != PX_OK)
+    /* The scan cannot be stopped early: events past the budget are left
+     * for the next page (an oversized first event still goes alone). */
+    if (c->full || (c->bytes > 0 && c->bytes + ev->json_len > SYNC_PAGE_BYTES)) {
+        c->full = 1;
+        return PX_OK;
+    }
+    c->last_seq = ev->seq;
+    c->bytes += ev->json_len;
+    /* Flush before adding, never after: the page's last Delivery must be
+     * the one that says how the page ends. */
+    if (deliv_full(&c->d, ev->json_len) && sync_flush(c) != PX_OK)
         return PX_ERROR;
     deliv_add(&c->d, ev->json, ev->json_len, 1);
     return PX_OK;
@@ -63,37 +76,35 @@ int sync_serve(msgstore *ms, size_t idx, const Parley__SyncRequest *r, char *err
     c.ms = ms;
     c.r = r;
     c.tag = batch_tag_for(ms, idx);
-    c.after_seq = -1; /* seq is a bus offset, >= 0 */
+    c.last_seq = -1;
     int64_t started = px_mono_ms();
 
     route_note_gateway(ms, r->user, r->gateway);
-    do {
-        /* A large backlog takes many pages; a stopping process hands the
-         * request (uncommitted) to the next owner instead of finishing it. */
-        if (*ms->stop) {
-            px_err(err, errlen, "stopping");
-            goto out;
-        }
-        c.visited = 0;
-        int64_t t0 = msgstore_clock_us();
-        int src = store_inbox_scan(ms->st, r->user, c.after_seq, SYNC_PAGE, sync_on_event, &c,
-                                   err, errlen);
-        msgstore_observe(ms->m.lat_scan, t0);
-        if (src != PX_OK) {
-            if (c.err[0] != '\0')
-                px_err(err, errlen, "sync delivery: %s", c.err);
-            goto out;
-        }
-    } while (c.visited == SYNC_PAGE);
-    if (sync_flush(&c, 1) != PX_OK) {
+    int64_t t0 = msgstore_clock_us();
+    /* seq is a bus offset (>= 0): from_seq 0 and "after -1" both start at
+     * the oldest event. */
+    if (store_inbox_scan(ms->st, r->user, r->from_seq - 1, SYNC_PAGE, sync_on_event, &c, err,
+                         errlen) != PX_OK) {
+        if (c.err[0] != '\0')
+            px_err(err, errlen, "sync delivery: %s", c.err);
+        goto out;
+    }
+    msgstore_observe(ms->m.lat_scan, t0);
+    int more = c.full || c.events + c.d.n == SYNC_PAGE;
+    if (more)
+        c.d.more_from_seq = c.last_seq + 1;
+    else
+        c.d.synced = 1;
+    if (sync_flush(&c) != PX_OK) {
         px_err(err, errlen, "sync delivery: %s", c.err);
         goto out;
     }
-    metric_add(ms->m.syncs, 1);
+    if (!more)
+        metric_add(ms->m.syncs, 1);
     metric_add(ms->m.sync_events, (int64_t)c.events);
-    log_debug("synced", "{s:s, s:s, s:I, s:I, s:I, s:I}", "user", r->user, "gateway", r->gateway,
-              "conn", (json_int_t)r->conn, "events", (json_int_t)c.events, "deliveries",
-              (json_int_t)c.deliveries, "took_ms", (json_int_t)(px_mono_ms() - started));
+    log_debug("sync page", "{s:s, s:s, s:I, s:I, s:I, s:I}", "user", r->user, "gateway",
+              r->gateway, "conn", (json_int_t)r->conn, "from_seq", (json_int_t)r->from_seq,
+              "events", (json_int_t)c.events, "took_ms", (json_int_t)(px_mono_ms() - started));
     rc = PX_OK;
 out:
     deliv_reset(&c.d);

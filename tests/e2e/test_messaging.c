@@ -167,6 +167,45 @@ START_TEST(thousand_messages_in_order)
 }
 END_TEST
 
+/* A backlog five times the gateway's send-queue ceiling (1 MiB) arrives
+ * whole and in order on a connection that stays open: the sync is served in
+ * pages the gateway asks for as the connection writes them out. */
+START_TEST(big_backlog_is_synced_in_pages)
+{
+    enum { N = 600, BODY = 8000 };
+    char alice[65], bob[65], cid[32];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    char *body = malloc(BODY + 16);
+    for (int i = 0; i < N; i++) {
+        snprintf(cid, sizeof(cid), "c%d", i);
+        memset(body, 'x', BODY);
+        snprintf(body + BODY, 16, ":%d", i);
+        e2e_send_async(a, cid, bob, body);
+    }
+    for (int i = 0; i < N; i++)
+        json_decref(e2e_wait_type(a, "sent"));
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_t *got = until_synced(b);
+    ck_assert_int_eq(json_array_size(got), N);
+    for (int i = 0; i < N; i++) {
+        const char *text = e2e_str(json_array_get(got, (size_t)i), "body");
+        ck_assert_int_eq(atoi(strrchr(text, ':') + 1), i);
+    }
+    json_decref(got);
+    /* Still open and live after the sync. */
+    char mid[64];
+    e2e_send(a, "after", bob, "live", mid);
+    json_t *live = e2e_wait_type(b, "message");
+    ck_assert_str_eq(e2e_str(live, "id"), mid);
+    json_decref(live);
+    free(body);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
 START_TEST(two_connections_of_one_user_both_receive)
 {
     char alice[65], bob[65], mid[64];
@@ -301,6 +340,7 @@ static Suite *messaging_suite(void)
     tcase_add_test(tc, resend_is_idempotent);
     tcase_add_test(tc, thousand_messages_in_order);
     tcase_add_test(tc, two_connections_of_one_user_both_receive);
+    tcase_add_test(tc, big_backlog_is_synced_in_pages);
     tcase_add_test(tc, unauthorized_upgrades_get_401);
     tcase_add_test(tc, frame_faults_close_with_the_right_code);
     tcase_add_test(tc, bad_commands_get_errors_and_keep_the_connection);
