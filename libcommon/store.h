@@ -136,7 +136,8 @@ int store_gateway_beat(store *st, const char *gateway, int64_t epoch, int64_t ts
                        int reset, char *err, size_t errlen);
 
 /* Gateways holding a connection of user whose last beat is at or after
- * alive_after_ms. Writes up to max ids (each < 65 chars) to gws. */
+ * alive_after_ms (<= 0: every gateway with a record, beats unchecked).
+ * Writes up to max ids (each < 65 chars) to gws. */
 int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
                           char (*gws)[65], size_t max, size_t *n, char *err, size_t errlen);
 

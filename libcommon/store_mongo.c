@@ -1132,7 +1132,10 @@ static int sm_presence_count_op(mongoc_bulk_operation_t *bulk, const store_prese
     BSON_APPEND_INT32(&inc, "count", op->delta);
     bson_append_document_end(&upd, &inc);
     BSON_APPEND_BOOL(&opts, "upsert", op->delta > 0);
-    ok = mongoc_bulk_operation_update_one_with_opts(bulk, &sel, &upd, &opts, error);
+    /* update_many on a key that is unique anyway: FerretDB 1.24 over
+     * PostgreSQL never releases the pool connection of an update_one that
+     * filters on other fields than _id, and 50 of them hung every client. */
+    ok = mongoc_bulk_operation_update_many_with_opts(bulk, &sel, &upd, &opts, error);
     bson_destroy(&sel);
     bson_destroy(&upd);
     bson_destroy(&opts);
@@ -1277,8 +1280,11 @@ static int sm_find_gws(store *st, const char *coll, const bson_t *filter, const 
 {
     sm_conn sc = { 0 };
     mongoc_cursor_t *cur;
+    /* singleBatch: the reader may stop at max, and a cursor FerretDB over
+     * PostgreSQL keeps open holds one of its pool's connections (leaked
+     * ones starved the pool and hung every client). */
     bson_t *opts = BCON_NEW("projection", "{", name_key, BCON_INT32(1), "epoch", BCON_INT32(1), "}",
-                            "limit", BCON_INT64((int64_t)max));
+                            "limit", BCON_INT64((int64_t)max), "singleBatch", BCON_BOOL(true));
     int rc;
 
     sm_conn_get(st, coll, &sc);
@@ -1338,6 +1344,11 @@ int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
     filter = NULL;
     if (rc != PX_OK || nrec == 0 || max == 0)
         goto out;
+    if (alive_after_ms <= 0) {
+        for (size_t i = 0; i < nrec; i++)
+            sm_add_unique(gws, max, n, rec[i].name);
+        goto out;
+    }
     live = px_malloc(nrec * sizeof(*live));
     filter = bson_new();
     sm_filter_names(filter, "_id", rec, nrec);

@@ -43,7 +43,7 @@ if [[ $what == all ]]; then
   export PARLEY_KAFKA_CONTROLLER_PORT=${PARLEY_TEST_KAFKA_CONTROLLER_PORT:-29093}
   export PARLEY_MONGO_PORT=${PARLEY_TEST_MONGO_PORT:-27028}
   export PARLEY_STACK_FRESH=1
-  stop_stack() { bash deploy/local/stack.sh stop all || true; rm -rf "$PARLEY_STACK_DIR"; }
+  stop_stack() { bash deploy/local/stack.sh destroy || true; }
   trap stop_stack EXIT
   if ! bash deploy/local/stack.sh start all; then
     echo "FAIL: the local stack did not start (logs above)"

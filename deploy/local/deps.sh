@@ -5,7 +5,7 @@ set -euo pipefail
 PKGS=(build-essential pkg-config librdkafka-dev libmicrohttpd-dev libwslay-dev
       libmongoc-dev libbson-dev check libsubunit-dev libprotobuf-c-dev
       protobuf-c-compiler libjansson-dev libsqlite3-dev libssl-dev kcat jq curl
-      default-jre-headless maven golang-go)
+      default-jre-headless maven golang-go postgresql)
 
 missing=()
 for p in "${PKGS[@]}"; do

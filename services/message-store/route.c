@@ -80,15 +80,17 @@ static const route_entry *route_get(route_cache *rc, const char *user, int64_t n
 }
 
 /* Asks the registry; PX_ERROR leaves *n = 0 (the caller treats the user as
- * offline for now, which delays at most until the next sync). */
+ * offline for now, which delays at most until the next sync). Beats are not
+ * checked here: presence expires a silent gateway's records once it is sure
+ * (caught up on its topic), while a beat check here, against the wall clock,
+ * read a presence service that lags as "every gateway is dead". A push to a
+ * gateway that did die is only wasted: the event waits in the inbox. */
 static int route_lookup(msgstore *ms, const char *user, char (*gws)[65], size_t *n)
 {
     char err[PX_ERRLEN] = "";
-    int64_t alive_after = px_now_ms() - 3 * ms->cfg.heartbeat_ms;
     int64_t t0 = msgstore_clock_us();
     *n = 0;
-    int rc = store_presence_lookup(ms->st, user, alive_after, gws, ROUTE_MAX_GWS, n, err,
-                                   sizeof(err));
+    int rc = store_presence_lookup(ms->st, user, 0, gws, ROUTE_MAX_GWS, n, err, sizeof(err));
     msgstore_observe(ms->m.lat_lookup, t0);
     if (rc != PX_OK) {
         *n = 0;

@@ -147,11 +147,15 @@ static void main_log_started(const presence *p)
 }
 
 /* Gateways silent for three beats died without saying so: forget their
- * connections. A failure only postpones this to the next period. */
+ * connections. Silent means silent in what this process has read: while it
+ * is behind on its topic by a beat or more, the beats it has not applied
+ * yet would make live gateways look dead (under a connect storm that wiped
+ * every live user's presence), so it waits until it has caught up. A
+ * failure only postpones this to the next period. */
 static void main_expire(presence *p)
 {
     int64_t now = px_mono_ms();
-    if (now < p->next_expire_ms)
+    if (now < p->next_expire_ms || p->behind_ms >= p->cfg.heartbeat_ms)
         return;
     p->next_expire_ms = now + p->cfg.heartbeat_ms;
     char err[PX_ERRLEN] = "";
@@ -169,6 +173,17 @@ static void main_expire(presence *p)
                  (json_int_t)removed, "cutoff_ms", (json_int_t)cutoff);
 }
 
+/* How far behind the producers the consumer is: the age of the oldest
+ * record just consumed; 0 when nothing was waiting. */
+static int64_t main_behind_ms(const bus_msg *msgs, int n)
+{
+    int64_t now = px_now_ms(), behind = 0;
+    for (int i = 0; i < n; i++)
+        if (msgs[i].ts_ms > 0)
+            behind = PX_MAX(behind, now - msgs[i].ts_ms);
+    return behind;
+}
+
 /* Returns 0 on a signal, 1 when the consumer failed fatally. */
 static int main_loop(presence *p, bus_msg *msgs)
 {
@@ -181,6 +196,7 @@ static int main_loop(presence *p, bus_msg *msgs)
             log_error("consumer failed", "{s:s}", "error", err);
             return 1;
         }
+        p->behind_ms = main_behind_ms(msgs, n);
         if (n > 0)
             batch_process(p, msgs, (size_t)n);
         bus_poll(p->b, 0);

@@ -49,6 +49,7 @@ struct presence {
     size_t first_durable;           /* lowest record index with a gating produce */
     size_t failed_at;               /* lowest record index whose gating produce failed */
     int64_t next_expire_ms;         /* monotonic */
+    int64_t behind_ms;              /* age of the oldest record of the last batch */
     presence_metrics m;
 };
 

@@ -2,8 +2,8 @@
  * tracking and the `receipt` events in the sender's inbox, with every
  * service a real process on the real Kafka broker and MongoDB-wire server.
  * Covers the order sent -> delivered -> read, an offline sender, repeats,
- * kill -9 of the receipt service and of message-store, forged reads and
- * read-before-ack. */
+ * kill -9 of the receipt service and of message-store, forged reads,
+ * read-before-ack and per-member receipts of a group message. */
 #include "e2e.h"
 
 #include <stdio.h>
@@ -71,7 +71,9 @@ static json_t *until_synced(client *cl)
     }
 }
 
-static void check_receipt(const json_t *r, const char *msg_id, const char *status, const char *by)
+/* group: the group id a group message's receipt must carry; NULL for 1:1. */
+static void check_group_receipt(const json_t *r, const char *msg_id, const char *status,
+                                const char *by, const char *group)
 {
     ck_assert_str_eq(e2e_str(r, "type"), "receipt");
     ck_assert_str_eq(e2e_str(r, "msg_id"), msg_id);
@@ -79,7 +81,15 @@ static void check_receipt(const json_t *r, const char *msg_id, const char *statu
     ck_assert_str_eq(e2e_str(r, "by"), by);
     ck_assert_int_eq((int)strlen(e2e_str(r, "id")), 26);
     ck_assert(json_integer_value(json_object_get(r, "ts")) > 0);
-    ck_assert_ptr_null(json_object_get(r, "group"));
+    if (group == NULL)
+        ck_assert_ptr_null(json_object_get(r, "group"));
+    else
+        ck_assert_str_eq(e2e_str(r, "group"), group);
+}
+
+static void check_receipt(const json_t *r, const char *msg_id, const char *status, const char *by)
+{
+    check_group_receipt(r, msg_id, status, by, NULL);
 }
 
 /* One message alice -> bob, acked then read by bob; alice's wire must show
@@ -415,6 +425,70 @@ START_TEST(read_before_ack_yields_delivered_and_read)
 }
 END_TEST
 
+/* A group message gets one receipt per member and status, each naming the
+ * member and the group: what "delivered to all" / "read by all" is built on. */
+START_TEST(group_message_gets_one_receipt_per_member)
+{
+    char alice[65], bob[65], carol[65], gid[80], mid[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    e2e_user("carol", carol);
+    client *a = e2e_connect(alice, E2E_GW1);
+    client *b = e2e_connect(bob, E2E_GW2);
+    client *c = e2e_connect(carol, E2E_GW1);
+    json_decref(e2e_wait_type(b, "synced"));
+    json_decref(e2e_wait_type(c, "synced"));
+    json_t *o = json_pack("{s:s, s:s, s:s, s:[s, s]}", "type", "group_create", "id", "g1", "name",
+                          "trio", "members", bob, carol);
+    ck_assert_int_eq(client_send_json(a, o), 0);
+    json_decref(o);
+    json_t *g = client_wait_ref(a, "g1", E2E_WAIT_MS);
+    ck_assert_msg(g != NULL && strcmp(e2e_str(g, "type"), "group") == 0, "no group");
+    snprintf(gid, sizeof(gid), "%s", e2e_str(json_object_get(g, "group"), "id"));
+    json_decref(g);
+
+    o = json_pack("{s:s, s:s, s:s, s:s}", "type", "send", "id", "m1", "group", gid, "body", "hi");
+    ck_assert_int_eq(client_send_json(a, o), 0);
+    json_decref(o);
+    json_t *s = client_wait_ref(a, "m1", E2E_WAIT_MS);
+    ck_assert_msg(s != NULL && strcmp(e2e_str(s, "type"), "sent") == 0, "group send not sent");
+    snprintf(mid, sizeof(mid), "%s", e2e_str(s, "msg_id"));
+    json_decref(s);
+    client *members[2] = { b, c };
+    for (int i = 0; i < 2; i++) {
+        json_t *m = e2e_wait_type(members[i], "message");
+        ck_assert_str_eq(e2e_str(m, "id"), mid);
+        json_decref(m);
+    }
+
+    /* Both ack (bob twice), carol then reads: 2 delivered + 1 read. */
+    e2e_ack(b, mid);
+    e2e_ack(b, mid);
+    e2e_ack(c, mid);
+    int delivered_bob = 0, delivered_carol = 0;
+    for (int i = 0; i < 2; i++) {
+        json_t *r = wait_receipt(a, mid, "delivered");
+        const char *by = e2e_str(r, "by");
+        check_group_receipt(r, mid, "delivered", by, gid);
+        delivered_bob += strcmp(by, bob) == 0;
+        delivered_carol += strcmp(by, carol) == 0;
+        e2e_ack(a, e2e_str(r, "id"));
+        json_decref(r);
+    }
+    ck_assert_int_eq(delivered_bob, 1);
+    ck_assert_int_eq(delivered_carol, 1);
+    send_read(c, mid);
+    json_t *r = wait_receipt(a, mid, "read");
+    check_group_receipt(r, mid, "read", carol, gid);
+    e2e_ack(a, e2e_str(r, "id"));
+    json_decref(r);
+    ck_assert_msg(!receipt_within(a, mid, QUIET_MS), "a receipt more than one per member");
+    client_close(a, 1000);
+    client_close(b, 1000);
+    client_close(c, 1000);
+}
+END_TEST
+
 static Suite *receipts_suite(void)
 {
     Suite *s = suite_create("e2e-receipts");
@@ -425,6 +499,7 @@ static Suite *receipts_suite(void)
     tcase_add_test(tc, duplicate_acks_and_reads_give_one_receipt_each);
     tcase_add_test(tc, forged_read_has_no_effect);
     tcase_add_test(tc, read_before_ack_yields_delivered_and_read);
+    tcase_add_test(tc, group_message_gets_one_receipt_per_member);
     tcase_add_test(tc, kill9_receipt_service_and_store_loses_no_receipt);
     suite_add_tcase(s, tc);
     return s;

@@ -400,6 +400,7 @@ START_TEST(presence_counts_and_epochs)
                               { "p1", "gw2", 20, 1 }, { "p1", "gw1", 10, -1 } }, 4);
     ck_assert_uint_eq(lookup("p1", 4000, gws), 2);
     ck_assert_uint_eq(lookup("p1", 6000, gws), 0); /* no recent beat */
+    ck_assert_uint_eq(lookup("p1", 0, gws), 2);    /* beats unchecked */
 
     /* One gw1 connection is left; closing it removes gw1. */
     apply((store_presence[]){ { "p1", "gw1", 10, -1 }, { "p1", "gw1", 10, -1 } }, 2);
