@@ -298,7 +298,8 @@ void commands_post_error(gw *g, uint64_t conn_id, const char *ref, enum proto_co
 {
     size_t len;
     metric_add(g->m.errors, 1);
-    commands_post(g, conn_id, proto_render_error(ref, code, msg, &len), len);
+    char *json = proto_render_error(ref, code, msg, &len); /* len is set here, not in the call */
+    commands_post(g, conn_id, json, len);
 }
 
 static void commands_send_done(pending_send *p, int status, const char *err)
