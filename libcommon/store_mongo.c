@@ -773,24 +773,34 @@ int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err,
     return sm_sweep(st, "inbox", cutoff_ms, removed, "inbox sweep", err, errlen);
 }
 
-int store_inbox_count(store *st, const char *user, int64_t *count, char *err, size_t errlen)
+/* count_documents of filter in coll into *count. */
+static int sm_count(store *st, const char *coll, const bson_t *filter, int64_t *count,
+                    const char *what, char *err, size_t errlen)
 {
     sm_conn sc = { 0 };
-    bson_t filter = BSON_INITIALIZER;
     bson_error_t error;
     int64_t c;
     int rc = PX_OK;
 
-    if (user == NULL || count == NULL)
-        return px_err(err, errlen, "inbox count: user and count are required");
-    BSON_APPEND_UTF8(&filter, "user", user);
-    sm_conn_get(st, "inbox", &sc);
-    c = mongoc_collection_count_documents(sc.coll, &filter, NULL, NULL, NULL, &error);
+    sm_conn_get(st, coll, &sc);
+    c = mongoc_collection_count_documents(sc.coll, filter, NULL, NULL, NULL, &error);
     if (c < 0)
-        rc = sm_fail(err, errlen, "inbox count", &error);
+        rc = sm_fail(err, errlen, what, &error);
     else
         *count = c;
     sm_conn_put(st, &sc);
+    return rc;
+}
+
+int store_inbox_count(store *st, const char *user, int64_t *count, char *err, size_t errlen)
+{
+    bson_t filter = BSON_INITIALIZER;
+    int rc;
+
+    if (user == NULL || count == NULL)
+        return px_err(err, errlen, "inbox count: user and count are required");
+    BSON_APPEND_UTF8(&filter, "user", user);
+    rc = sm_count(st, "inbox", &filter, count, "inbox count", err, errlen);
     bson_destroy(&filter);
     return rc;
 }
@@ -1730,23 +1740,14 @@ int store_chunk_drop(store *st, const char *upload, int64_t *removed, char *err,
 
 int store_chunk_count(store *st, const char *upload, int64_t *count, char *err, size_t errlen)
 {
-    sm_conn sc = { 0 };
     bson_t filter = BSON_INITIALIZER;
-    bson_error_t error;
-    int64_t c;
-    int rc = PX_OK;
+    int rc;
 
     if (count == NULL || (upload != NULL && !sm_media_id_ok(upload)))
         return px_err(err, errlen, "chunk count: bad upload id or NULL count");
     if (upload != NULL)
         BSON_APPEND_UTF8(&filter, "upload", upload);
-    sm_conn_get(st, "chunks", &sc);
-    c = mongoc_collection_count_documents(sc.coll, &filter, NULL, NULL, NULL, &error);
-    if (c < 0)
-        rc = sm_fail(err, errlen, "chunk count", &error);
-    else
-        *count = c;
-    sm_conn_put(st, &sc);
+    rc = sm_count(st, "chunks", &filter, count, "chunk count", err, errlen);
     bson_destroy(&filter);
     return rc;
 }
@@ -1914,26 +1915,20 @@ int store_media_commit(store *st, store_media *m, const char *uploader, int *cre
 
 int store_media_access(store *st, const char *id, const char *user, char *err, size_t errlen)
 {
-    sm_conn sc = { 0 };
     bson_t filter = BSON_INITIALIZER;
-    bson_error_t error;
     char key[2 * STORE_MEDIA_ID_MAX + 2];
-    int64_t c;
-    int rc = PX_OK;
+    int64_t c = 0;
+    int rc;
 
     if (sm_check_media_id(id, "media access", err, errlen) != PX_OK ||
         sm_check_media_id(user, "media access", err, errlen) != PX_OK)
         return PX_ERROR;
     sm_pair_id(key, sizeof(key), id, user);
     BSON_APPEND_UTF8(&filter, "_id", key);
-    sm_conn_get(st, "media_access", &sc);
-    c = mongoc_collection_count_documents(sc.coll, &filter, NULL, NULL, NULL, &error);
-    if (c < 0)
-        rc = sm_fail(err, errlen, "media access", &error);
-    else if (c == 0)
-        rc = PX_DECLINED;
-    sm_conn_put(st, &sc);
+    rc = sm_count(st, "media_access", &filter, &c, "media access", err, errlen);
     bson_destroy(&filter);
+    if (rc == PX_OK && c == 0)
+        rc = PX_DECLINED;
     return rc;
 }
 

@@ -261,7 +261,7 @@ int http_start(gw *g, char *err, size_t errlen)
         MHD_OPTION_LISTEN_SOCKET, g->listen_fd,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTP_MEMORY_LIMIT,
         MHD_OPTION_CONNECTION_LIMIT, (unsigned int)(g->cfg.max_conns + 64),
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)30,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)g->cfg.http_timeout_s,
         MHD_OPTION_NOTIFY_COMPLETED, http_completed, g,
         MHD_OPTION_END);
     if (g->mhd == NULL) {

@@ -137,14 +137,21 @@ static void read_resp(int fd, hresp *r)
     free(buf);
 }
 
+/* Connects and sends the head of POST /v1/media as user. */
+static int open_upload(const char *user, const char *extra)
+{
+    int fd = http_connect();
+    send_head(fd, "POST", "/v1/media", user, extra);
+    return fd;
+}
+
 /* POST /v1/media as user with a Content-Length body. */
 static hresp upload_raw(const char *user, const void *data, size_t len, const char *ctype)
 {
     hresp r = { 0 };
     char extra[256];
-    int fd = http_connect();
     snprintf(extra, sizeof(extra), "Content-Type: %s\r\nContent-Length: %zu\r\n", ctype, len);
-    send_head(fd, "POST", "/v1/media", user, extra);
+    int fd = open_upload(user, extra);
     ck_assert_int_eq(write_all(fd, data, len), 0);
     read_resp(fd, &r);
     close(fd);
@@ -429,9 +436,8 @@ static hresp upload_chunked(const char *user, const unsigned char *data, size_t 
 {
     hresp r = { 0 };
     char sz[32];
-    int fd = http_connect();
-    send_head(fd, "POST", "/v1/media", user,
-              "Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n");
+    int fd = open_upload(user,
+                         "Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n");
     for (size_t off = 0; off < len; off += 64 * 1024) {
         size_t n = PX_MIN((size_t)64 * 1024, len - off);
         int k = snprintf(sz, sizeof(sz), "%zx\r\n", n);
@@ -456,9 +462,8 @@ START_TEST(too_large_refused_without_buffering)
     /* Announced size: refused from the headers, before the body is sent. */
     hresp r = { 0 };
     char extra[160];
-    int fd = http_connect();
     snprintf(extra, sizeof(extra), "Content-Length: %zu\r\nExpect: 100-continue\r\n", len);
-    send_head(fd, "POST", "/v1/media", alice, extra);
+    int fd = open_upload(alice, extra);
     read_resp(fd, &r);
     close(fd);
     ck_assert_int_eq(r.status, 413);
@@ -486,10 +491,9 @@ START_TEST(cut_off_upload_leaves_nothing)
     e2e_user("alice", alice);
     int64_t chunks0 = chunks_stored();
 
-    int fd = http_connect();
     char extra[128];
     snprintf(extra, sizeof(extra), "Content-Type: image/png\r\nContent-Length: %zu\r\n", len);
-    send_head(fd, "POST", "/v1/media", alice, extra);
+    int fd = open_upload(alice, extra);
     ck_assert_int_eq(write_all(fd, data, len / 2), 0);
     usleep(500 * 1000);               /* let the gateway store what it got */
     ck_assert_int_gt(chunks_stored(), chunks0);
@@ -499,6 +503,33 @@ START_TEST(cut_off_upload_leaves_nothing)
     while ((n = chunks_stored()) != chunks0 && px_mono_ms() < end)
         usleep(100 * 1000);
     ck_assert_int_eq(n, chunks0);
+    free(data);
+}
+END_TEST
+
+/* A client that stops sending mid-upload is dropped after
+ * PARLEY_HTTP_TIMEOUT_S (3 s here) and its chunks are deleted. */
+START_TEST(stalled_upload_timed_out_leaves_nothing)
+{
+    char alice[65], extra[128], byte;
+    const size_t len = MIB;
+    unsigned char *data = make_bytes(len, 7);
+    e2e_user("alice", alice);
+    int64_t chunks0 = chunks_stored();
+
+    snprintf(extra, sizeof(extra), "Content-Length: %zu\r\n", 2 * len);
+    int fd = open_upload(alice, extra);
+    ck_assert_int_eq(write_all(fd, data, len), 0);
+    int64_t t0 = px_mono_ms();
+    ssize_t n = recv(fd, &byte, 1, 0);     /* blocks until the gateway gives up */
+    int64_t waited = px_mono_ms() - t0;
+    close(fd);
+    ck_assert_msg(n <= 0 && waited >= 2000 && waited < 20000,
+                  "recv %zd after %lld ms, wanted the close after ~3 s", n, (long long)waited);
+    int64_t end = px_mono_ms() + 10000, c;
+    while ((c = chunks_stored()) != chunks0 && px_mono_ms() < end)
+        usleep(100 * 1000);
+    ck_assert_int_eq(c, chunks0);
     free(data);
 }
 END_TEST
@@ -514,6 +545,7 @@ static Suite *media_suite(void)
     tcase_add_test(tc, access_errors);
     tcase_add_test(tc, too_large_refused_without_buffering);
     tcase_add_test(tc, cut_off_upload_leaves_nothing);
+    tcase_add_test(tc, stalled_upload_timed_out_leaves_nothing);
     suite_add_tcase(s, tc);
     return s;
 }
@@ -528,5 +560,6 @@ int main(void)
     const char *cur = getenv("ASAN_OPTIONS");
     snprintf(asan, sizeof(asan), "%s%squarantine_size_mb=4", cur ? cur : "", cur && *cur ? ":" : "");
     setenv("ASAN_OPTIONS", asan, 1);
+    setenv("PARLEY_HTTP_TIMEOUT_S", "3", 0);
     return e2e_main(media_suite());
 }
