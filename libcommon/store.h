@@ -190,6 +190,9 @@ int store_group_put(store *st, const store_group *g, size_t n, char *err, size_t
 #define STORE_MEDIA_CHUNK (255 * 1024)  /* bytes per chunk; the last may be shorter */
 #define STORE_MEDIA_ID_MAX 64
 #define STORE_MEDIA_TYPE_MAX 127        /* content type, printable ASCII */
+/* The longest an upload may take; its writer drops it after that, so the
+ * sweep may treat uncommitted chunks older than twice this as orphans. */
+#define STORE_MEDIA_UPLOAD_MAX_MS (3600 * 1000LL)
 
 typedef struct store_media {
     char id[STORE_MEDIA_ID_MAX + 1];

@@ -273,6 +273,10 @@ static enum MHD_Result media_upload(gw *g, struct MHD_Connection *mc, const char
     if (*mr == NULL)
         return media_upload_begin(g, mc, mr);
     if (*upload_data_size > 0) {
+        /* A trickle that never trips the idle timeout still ends: the sweep
+         * counts on no upload outliving STORE_MEDIA_UPLOAD_MAX_MS. */
+        if (px_now_ms() - (*mr)->ts > STORE_MEDIA_UPLOAD_MAX_MS)
+            return MHD_NO;
         media_upload_data(g, *mr, upload_data, *upload_data_size);
         *upload_data_size = 0;
         return MHD_YES;
