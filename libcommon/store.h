@@ -208,10 +208,18 @@ typedef struct store_media {
 int store_chunk_put(store *st, const char *upload, int64_t n, const void *data, size_t len,
                     int64_t ts_ms, char *err, size_t errlen);
 
-/* Reads chunk n of upload into buf (cap >= STORE_MEDIA_CHUNK); *len gets its
- * size. PX_DECLINED when the chunk does not exist. */
-int store_chunk_get(store *st, const char *upload, int64_t n, void *buf, size_t cap,
-                    size_t *len, char *err, size_t errlen);
+/* A reader of one upload's chunks in order from chunk from_n on: a
+ * download holds one for its duration, so the whole file is one query, not
+ * one per chunk. NULL with err on failure. Not thread-safe; one user. */
+typedef struct store_chunk_reader store_chunk_reader;
+store_chunk_reader *store_chunk_open(store *st, const char *upload, int64_t from_n,
+                                     char *err, size_t errlen);
+
+/* The next chunk: PX_OK with *n its number and its bytes copied to buf
+ * (cap >= STORE_MEDIA_CHUNK), *len their count; PX_DECLINED past the last. */
+int store_chunk_next(store_chunk_reader *rd, int64_t *n, void *buf, size_t cap, size_t *len,
+                     char *err, size_t errlen);
+void store_chunk_close(store_chunk_reader *rd);
 
 /* Deletes every chunk of upload; *removed (may be NULL) gets the count. */
 int store_chunk_drop(store *st, const char *upload, int64_t *removed, char *err, size_t errlen);

@@ -1682,35 +1682,58 @@ static int sm_chunk_copy(const bson_t *doc, void *buf, size_t cap, size_t *len)
     return PX_OK;
 }
 
-int store_chunk_get(store *st, const char *upload, int64_t n, void *buf, size_t cap,
-                    size_t *len, char *err, size_t errlen)
-{
-    sm_conn sc = { 0 };
+struct store_chunk_reader {
+    store *st;
+    sm_conn sc;                 /* held for the reader's life */
     mongoc_cursor_t *cur;
+};
+
+/* batchSize 1: each step fetches one chunk, so the driver never buffers
+ * more than the chunk being read (a download's memory stays one chunk). */
+store_chunk_reader *store_chunk_open(store *st, const char *upload, int64_t from_n,
+                                     char *err, size_t errlen)
+{
+    store_chunk_reader *rd;
+    bson_t *filter, *opts;
+
+    if (sm_check_media_id(upload, "chunk open", err, errlen) != PX_OK)
+        return NULL;
+    filter = BCON_NEW("upload", BCON_UTF8(upload), "n", "{", "$gte", BCON_INT64(from_n), "}");
+    opts = BCON_NEW("sort", "{", "n", BCON_INT32(1), "}", "batchSize", BCON_INT32(1));
+    rd = px_calloc(1, sizeof(*rd));
+    rd->st = st;
+    sm_conn_get(st, "chunks", &rd->sc);
+    rd->cur = mongoc_collection_find_with_opts(rd->sc.coll, filter, opts, NULL);
+    bson_destroy(filter);
+    bson_destroy(opts);
+    return rd;
+}
+
+int store_chunk_next(store_chunk_reader *rd, int64_t *n, void *buf, size_t cap, size_t *len,
+                     char *err, size_t errlen)
+{
     const bson_t *doc;
     bson_error_t error;
-    bson_t filter = BSON_INITIALIZER;
-    char id[2 * STORE_MEDIA_ID_MAX + 24];
-    int rc = sm_check_media_id(upload, "chunk get", err, errlen);
+    bson_iter_t it;
 
-    if (rc != PX_OK)
-        return rc;
-    snprintf(id, sizeof(id), "%s/%lld", upload, (long long)n);
-    BSON_APPEND_UTF8(&filter, "_id", id);
-    sm_conn_get(st, "chunks", &sc);
-    cur = mongoc_collection_find_with_opts(sc.coll, &filter, NULL, NULL);
-    if (mongoc_cursor_next(cur, &doc)) {
-        if (sm_chunk_copy(doc, buf, cap, len) != PX_OK)
-            rc = px_err(err, errlen, "chunk get: %s is malformed or over %zu bytes", id, cap);
-    } else if (mongoc_cursor_error(cur, &error)) {
-        rc = sm_fail(err, errlen, "chunk get", &error);
-    } else {
-        rc = PX_DECLINED;
+    if (!mongoc_cursor_next(rd->cur, &doc)) {
+        if (mongoc_cursor_error(rd->cur, &error))
+            return sm_fail(err, errlen, "chunk next", &error);
+        return PX_DECLINED;
     }
-    mongoc_cursor_destroy(cur);
-    sm_conn_put(st, &sc);
-    bson_destroy(&filter);
-    return rc;
+    if (!bson_iter_init_find(&it, doc, "n") || sm_iter_int64(&it, n) != PX_OK ||
+        sm_chunk_copy(doc, buf, cap, len) != PX_OK)
+        return px_err(err, errlen, "chunk next: malformed chunk or over %zu bytes", cap);
+    return PX_OK;
+}
+
+void store_chunk_close(store_chunk_reader *rd)
+{
+    if (rd == NULL)
+        return;
+    mongoc_cursor_destroy(rd->cur);
+    sm_conn_put(rd->st, &rd->sc);
+    free(rd);
 }
 
 static int sm_delete_by(store *st, const char *coll, const char *field, const char *value,

@@ -51,6 +51,7 @@ typedef struct media_dl {
     gw *g;
     store_media m;
     uint64_t start, len;
+    store_chunk_reader *rd;     /* open from the first read on */
     int64_t cached;             /* chunk number in buf, or -1 */
     size_t cached_len;
     unsigned char buf[];        /* STORE_MEDIA_CHUNK */
@@ -301,23 +302,51 @@ void media_req_done(gw *g, media_req *r, enum MHD_RequestTerminationCode toe)
 
 /* ---- download ---- */
 
+/* Reopens the reader at chunk k. */
+static void media_dl_reopen(media_dl *d, int64_t k, char *err, size_t errlen)
+{
+    store_chunk_close(d->rd);
+    d->rd = store_chunk_open(d->g->st, d->m.upload, k, err, errlen);
+}
+
+/* Puts chunk k in d->buf. Reads go forward one chunk at a time; a reader
+ * that failed (e.g. its server cursor timed out under a slow client) is
+ * reopened once at k. */
+static int media_dl_load(media_dl *d, int64_t k, char *err, size_t errlen)
+{
+    int64_t n = -1;
+    int rc = PX_ERROR;
+    if (d->rd == NULL || k != d->cached + 1)
+        media_dl_reopen(d, k, err, errlen);
+    d->cached = -1;
+    for (int attempt = 0; attempt < 2 && rc == PX_ERROR && d->rd != NULL; attempt++) {
+        if (attempt > 0)
+            media_dl_reopen(d, k, err, errlen);
+        if (d->rd != NULL)
+            rc = store_chunk_next(d->rd, &n, d->buf, STORE_MEDIA_CHUNK, &d->cached_len, err,
+                                  errlen);
+    }
+    if (rc == PX_OK && n != k)
+        rc = px_err(err, errlen, "chunk %lld missing (next is %lld)", (long long)k, (long long)n);
+    else if (rc == PX_DECLINED)
+        rc = px_err(err, errlen, "chunk %lld missing (no more)", (long long)k);
+    if (rc == PX_OK)
+        d->cached = k;
+    return rc;
+}
+
 static ssize_t media_read(void *cls, uint64_t pos, char *buf, size_t max)
 {
     media_dl *d = cls;
-    char err[PX_ERRLEN];
+    char err[PX_ERRLEN] = "";
     uint64_t at = d->start + pos;
     int64_t k = (int64_t)(at / STORE_MEDIA_CHUNK);
     if (pos >= d->len)
         return MHD_CONTENT_READER_END_OF_STREAM;
-    if (d->cached != k) {
-        d->cached = -1;
-        if (store_chunk_get(d->g->st, d->m.upload, k, d->buf, STORE_MEDIA_CHUNK, &d->cached_len,
-                            err, sizeof(err)) != PX_OK) {
-            log_warn("media chunk unreadable", "{s:s, s:I, s:s}", "media", d->m.id,
-                     "chunk", (json_int_t)k, "error", err);
-            return MHD_CONTENT_READER_END_WITH_ERROR;
-        }
-        d->cached = k;
+    if (d->cached != k && media_dl_load(d, k, err, sizeof(err)) != PX_OK) {
+        log_warn("media chunk unreadable", "{s:s, s:I, s:s}", "media", d->m.id, "chunk",
+                 (json_int_t)k, "error", err);
+        return MHD_CONTENT_READER_END_WITH_ERROR;
     }
     size_t off = (size_t)(at % STORE_MEDIA_CHUNK);
     if (off >= d->cached_len)
@@ -332,6 +361,7 @@ static ssize_t media_read(void *cls, uint64_t pos, char *buf, size_t max)
 static void media_dl_free(void *cls)
 {
     media_dl *d = cls;
+    store_chunk_close(d->rd);
     atomic_fetch_sub(&d->g->md->downloads, 1);
     free(d);
 }

@@ -619,31 +619,47 @@ static store_media media_rec(const char *id, const char *upload, char hexdigit, 
     return m;
 }
 
-/* Chunks come back byte for byte; a repeated put is absorbed; an absent
- * chunk is PX_DECLINED; drop removes exactly one upload's chunks. */
-START_TEST(media_chunks_roundtrip)
+/* Reads chunks from from_n on; returns how many came, checking each
+ * against fill() and the expected sizes. */
+static int read_chunks(const char *upload, int64_t from_n, int nchunks, size_t last)
 {
     static unsigned char want[STORE_MEDIA_CHUNK], got[STORE_MEDIA_CHUNK];
     char err[PX_ERRLEN] = "";
-    size_t len = 0;
+    int64_t n;
+    size_t len;
+    int count = 0, rc;
+    store_chunk_reader *rd = store_chunk_open(st, upload, from_n, err, sizeof(err));
+
+    ck_assert_msg(rd != NULL, "chunk open: %s", err);
+    while ((rc = store_chunk_next(rd, &n, got, sizeof(got), &len, err, sizeof(err))) == PX_OK) {
+        size_t wl = n == nchunks - 1 ? last : STORE_MEDIA_CHUNK;
+        ck_assert_int_eq(n, from_n + count);
+        ck_assert_uint_eq(len, wl);
+        fill(want, wl, (unsigned)n);
+        ck_assert(memcmp(want, got, len) == 0);
+        count++;
+    }
+    ck_assert_msg(rc == PX_DECLINED, "chunk next: %s", err);
+    store_chunk_close(rd);
+    return count;
+}
+
+/* Chunks come back byte for byte and in order, from any chunk on; a
+ * repeated put is absorbed; drop removes exactly one upload's chunks. */
+START_TEST(media_chunks_roundtrip)
+{
+    static unsigned char got[1];
+    char err[PX_ERRLEN] = "";
     int64_t removed = -1;
 
     put_chunks("up_a", 3, 1000, 5000);
     put_chunks("up_a", 3, 1000, 5000); /* a retried upload step */
     put_chunks("up_b", 1, 10, 5000);
     ck_assert_int_eq(chunks_of("up_a"), 3);
-    ck_assert_int_eq(store_chunk_get(st, "up_a", 1, got, sizeof(got), &len, err, sizeof(err)),
-                     PX_OK);
-    fill(want, STORE_MEDIA_CHUNK, 1);
-    ck_assert_uint_eq(len, STORE_MEDIA_CHUNK);
-    ck_assert(memcmp(want, got, len) == 0);
-    ck_assert_int_eq(store_chunk_get(st, "up_a", 2, got, sizeof(got), &len, err, sizeof(err)),
-                     PX_OK);
-    ck_assert_uint_eq(len, 1000);
-    fill(want, 1000, 2);
-    ck_assert(memcmp(want, got, len) == 0);
-    ck_assert_int_eq(store_chunk_get(st, "up_a", 3, got, sizeof(got), &len, err, sizeof(err)),
-                     PX_DECLINED);
+    ck_assert_int_eq(read_chunks("up_a", 0, 3, 1000), 3);
+    ck_assert_int_eq(read_chunks("up_a", 1, 3, 1000), 2);
+    ck_assert_int_eq(read_chunks("up_a", 3, 3, 1000), 0);
+    ck_assert_int_eq(read_chunks("up_b", 0, 1, 10), 1);
     ck_assert_int_eq(store_chunk_drop(st, "up_a", &removed, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(removed, 3);
     ck_assert_int_eq(chunks_of("up_a"), 0);
@@ -732,20 +748,15 @@ END_TEST
  * path (a report line, plus a floor that catches a pathological path). */
 START_TEST(media_chunk_rate)
 {
-    static unsigned char buf[STORE_MEDIA_CHUNK];
-    char err[PX_ERRLEN] = "";
-    size_t len;
     const int n = 32;
     int64_t t0 = px_mono_ms();
 
     put_chunks("up_rate", n, STORE_MEDIA_CHUNK, 5000);
     int64_t t1 = px_mono_ms();
-    for (int i = 0; i < n; i++)
-        ck_assert_int_eq(store_chunk_get(st, "up_rate", i, buf, sizeof(buf), &len, err,
-                                         sizeof(err)), PX_OK);
+    ck_assert_int_eq(read_chunks("up_rate", 0, n, STORE_MEDIA_CHUNK), n);
     int64_t t2 = px_mono_ms();
     double mb = n * (double)STORE_MEDIA_CHUNK / 1048576.0;
-    printf("report: chunk put %.1f MB/s, get %.1f MB/s (%d x %d KiB)\n",
+    printf("report: chunk put %.1f MB/s, read %.1f MB/s (%d x %d KiB)\n",
            mb * 1000.0 / (double)PX_MAX(t1 - t0, 1), mb * 1000.0 / (double)PX_MAX(t2 - t1, 1), n,
            STORE_MEDIA_CHUNK / 1024);
     ck_assert_msg(t2 - t1 < 30000, "reading %.1f MB took %lld ms", mb, (long long)(t2 - t1));
