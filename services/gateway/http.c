@@ -24,6 +24,9 @@
 #define HTTP_MEMORY_LIMIT (8 * 1024)  /* per connection; holds the handshake */
 #define HTTP_BODY_MAX 1024            /* small JSON bodies (dev token) */
 #define HTTP_TOKEN_TTL_S 86400
+/* MHD threads: media transfers make blocking store calls on them (one
+ * chunk each), so one slow transfer must not hold up every handshake. */
+#define HTTP_THREADS 4
 
 /* Per-request state (MHD's con_cls); freed by http_completed. */
 typedef struct http_req {
@@ -261,6 +264,7 @@ int http_start(gw *g, char *err, size_t errlen)
         MHD_OPTION_LISTEN_SOCKET, g->listen_fd,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTP_MEMORY_LIMIT,
         MHD_OPTION_CONNECTION_LIMIT, (unsigned int)(g->cfg.max_conns + 64),
+        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)HTTP_THREADS,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)g->cfg.http_timeout_s,
         MHD_OPTION_NOTIFY_COMPLETED, http_completed, g,
         MHD_OPTION_END);
