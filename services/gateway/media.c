@@ -7,10 +7,16 @@
  *
  * Memory: an upload holds one chunk (STORE_MEDIA_CHUNK) and a download one
  * chunk, whatever the file size; at most MEDIA_MAX_TRANSFERS of each run at
- * once (503 beyond), so media can never take more than 2 x 64 x 255 KiB.
- * MHD's thread runs the store calls of uploads and downloads; that blocks
- * only other HTTP requests (handshakes), never upgraded sockets, which live
- * on the workers. */
+ * once (503 beyond), so transfers never take more than 2 x 64 x 255 KiB;
+ * queued media checks hold a parsed command each (~10 KiB), at most
+ * MEDIA_MAX_QUEUE of them. MHD's threads run the store calls of uploads and
+ * downloads; that delays only other HTTP requests (handshakes) on the same
+ * MHD thread, never upgraded sockets, which live on the workers.
+ *
+ * Served bytes are whatever a user uploaded, under its own Content-Type,
+ * from the origin that also serves the web client: responses carry nosniff
+ * and a sandboxing CSP so an uploaded HTML page or SVG cannot run script
+ * with the web client's origin (and its token). */
 #include "auth.h"
 #include "common.h"
 #include "gateway.h"
@@ -27,13 +33,14 @@
 
 #define MEDIA_PREFIX "/v1/media"
 #define MEDIA_MAX_TRANSFERS 64      /* concurrent uploads; and downloads */
-#define MEDIA_MAX_QUEUE 1024        /* sends waiting for their media check */
+#define MEDIA_MAX_QUEUE 256         /* sends waiting for their media check */
 #define MEDIA_BLOCK (64 * 1024)     /* MHD's copy buffer for a download */
 #define MEDIA_DEFAULT_TYPE "application/octet-stream"
 
 enum media_kind { MEDIA_UPLOAD = 1, MEDIA_DOWNLOAD };
 
-/* One upload in progress (MHD's request state). */
+/* MHD's request state for a media url: an upload in progress, or a mark
+ * that a download's headers were seen (kind only). */
 struct media_req {
     enum media_kind kind;
     char user[65];
@@ -426,6 +433,8 @@ static enum MHD_Result media_send_file(gw *g, struct MHD_Connection *mc, const s
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, m->content_type);
     MHD_add_response_header(r, MHD_HTTP_HEADER_ACCEPT_RANGES, "bytes");
     MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "private, max-age=31536000, immutable");
+    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
+    MHD_add_response_header(r, "Content-Security-Policy", "sandbox; default-src 'none'");
     unsigned status = 200;
     if (rr == PX_OK) {
         snprintf(cr, sizeof(cr), "bytes %llu-%llu/%llu", (unsigned long long)start,

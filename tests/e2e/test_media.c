@@ -296,6 +296,8 @@ START_TEST(upload_send_download_same_bytes)
     ck_assert_str_eq(got, sha);
     head_value(&r, "Content-Type", ct, sizeof(ct));
     ck_assert_str_eq(ct, "image/jpeg");
+    head_value(&r, "X-Content-Type-Options", ct, sizeof(ct));
+    ck_assert_str_eq(ct, "nosniff");      /* uploaded bytes never run as our origin */
     hresp_free(&r);
     printf("report: upload %.1f MB/s, download %.1f MB/s (%.1f MiB, sanitized gateway, "
            "FerretDB)\n", mb_per_s(len, t1 - t0), mb_per_s(len, t3 - t2), (double)len / MIB);
