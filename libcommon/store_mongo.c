@@ -22,6 +22,8 @@
  *             GridFS, and per-upload chunks before the hash is known do not
  *             fit GridFS's one-files-document model anyway
  *   media_access {_id: "media/user", media, user, ts}, {media:1}
+ *   uploads   {_id: upload id, ts}, {ts:1}: uploads in progress (or
+ *             abandoned), so the orphan sweep reads small documents only
  * Times are BSON dates, so a real mongod could use a TTL index later.
  *
  * Cost model on FerretDB 1.24 over SQLite: indexes enforce uniqueness on
@@ -289,6 +291,7 @@ static const sm_index sm_indexes[] = {
     { "media", "upload", { "upload" }, false },
     { "chunks", "upload_n", { "upload", "n" }, true },
     { "media_access", "media", { "media" }, false },
+    { "uploads", "ts", { "ts" }, false },
 };
 
 static void sm_index_cmd(bson_t *cmd, const sm_index *ix)
@@ -1637,12 +1640,29 @@ static void sm_pair_id(char *out, size_t cap, const char *a, const char *b)
     snprintf(out, cap, "%s/%s", a, b);
 }
 
+/* Inserts doc into coll; a duplicate _id is the repeat we absorb. */
+static int sm_insert_absorb(store *st, const char *coll, const bson_t *doc, const char *what,
+                            char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    bson_error_t error;
+    int rc = PX_OK;
+
+    sm_conn_get(st, coll, &sc);
+    if (!mongoc_collection_insert_one(sc.coll, doc, NULL, NULL, &error) &&
+        error.code != SM_DUP_KEY)
+        rc = sm_fail(err, errlen, what, &error);
+    sm_conn_put(st, &sc);
+    return rc;
+}
+
+/* Chunk 0 first records the upload ({_id: upload, ts} in uploads), so no
+ * chunk ever exists without a small record the orphan sweep can find
+ * without reading chunk documents (FerretDB would decode every chunk). */
 int store_chunk_put(store *st, const char *upload, int64_t n, const void *data, size_t len,
                     int64_t ts_ms, char *err, size_t errlen)
 {
-    sm_conn sc = { 0 };
     bson_t doc = BSON_INITIALIZER;
-    bson_error_t error;
     char id[2 * STORE_MEDIA_ID_MAX + 24];
     int rc = sm_check_media_id(upload, "chunk put", err, errlen);
 
@@ -1650,17 +1670,20 @@ int store_chunk_put(store *st, const char *upload, int64_t n, const void *data, 
         return rc;
     if (n < 0 || len > STORE_MEDIA_CHUNK || (len > 0 && data == NULL))
         return px_err(err, errlen, "chunk put: chunk %lld of %zu bytes", (long long)n, len);
+    if (n == 0) {
+        BSON_APPEND_UTF8(&doc, "_id", upload);
+        BSON_APPEND_DATE_TIME(&doc, "ts", ts_ms);
+        rc = sm_insert_absorb(st, "uploads", &doc, "chunk put", err, errlen);
+        bson_reinit(&doc);
+    }
     snprintf(id, sizeof(id), "%s/%lld", upload, (long long)n);
     BSON_APPEND_UTF8(&doc, "_id", id);
     BSON_APPEND_UTF8(&doc, "upload", upload);
     BSON_APPEND_INT64(&doc, "n", n);
     BSON_APPEND_DATE_TIME(&doc, "ts", ts_ms);
     bson_append_binary(&doc, "data", -1, BSON_SUBTYPE_BINARY, data, (uint32_t)len);
-    sm_conn_get(st, "chunks", &sc);
-    if (!mongoc_collection_insert_one(sc.coll, &doc, NULL, NULL, &error) &&
-        error.code != SM_DUP_KEY)
-        rc = sm_fail(err, errlen, "chunk put", &error);
-    sm_conn_put(st, &sc);
+    if (rc == PX_OK)
+        rc = sm_insert_absorb(st, "chunks", &doc, "chunk put", err, errlen);
     bson_destroy(&doc);
     return rc;
 }
@@ -1754,11 +1777,15 @@ static int sm_delete_by(store *st, const char *coll, const char *field, const ch
     return rc;
 }
 
+/* The upload record goes last: if deleting the chunks fails, the record
+ * remains and the orphan sweep tries again. */
 int store_chunk_drop(store *st, const char *upload, int64_t *removed, char *err, size_t errlen)
 {
     if (sm_check_media_id(upload, "chunk drop", err, errlen) != PX_OK)
         return PX_ERROR;
-    return sm_delete_by(st, "chunks", "upload", upload, removed, "chunk drop", err, errlen);
+    if (sm_delete_by(st, "chunks", "upload", upload, removed, "chunk drop", err, errlen) != PX_OK)
+        return PX_ERROR;
+    return sm_delete_by(st, "uploads", "_id", upload, NULL, "chunk drop", err, errlen);
 }
 
 int store_chunk_count(store *st, const char *upload, int64_t *count, char *err, size_t errlen)
@@ -1931,6 +1958,11 @@ int store_media_commit(store *st, store_media *m, const char *uploader, int *cre
     }
     if (rc == PX_OK)
         rc = store_media_grant(st, m->id, &uploader, 1, ts, err, errlen);
+    /* The chunks belong to the media now: no longer an upload in progress.
+     * (A crash before this delete leaves a record the sweep recognises as
+     * committed by the media naming its upload.) */
+    if (rc == PX_OK && *created)
+        rc = sm_delete_by(st, "uploads", "_id", m->upload, NULL, "media commit", err, errlen);
     if (rc == PX_OK && m->ts_ms < ts)
         m->ts_ms = ts;
     return rc;
@@ -2081,8 +2113,9 @@ static int sm_media_sweep_old(store *st, int64_t cutoff_ms, int64_t *gone, char 
     return rc;
 }
 
-/* Uploads whose first chunk is older than the cutoff and that no media
- * record names never committed: their uploader is long gone. */
+/* Upload records older than the cutoff: those no media names never
+ * committed (their uploader is long gone), so their chunks go; those a
+ * media names committed but crashed before dropping the record. */
 static int sm_media_sweep_orphans(store *st, int64_t cutoff_ms, int64_t *gone, char *err,
                                   size_t errlen)
 {
@@ -2093,9 +2126,8 @@ static int sm_media_sweep_orphans(store *st, int64_t cutoff_ms, int64_t *gone, c
     const char **names = NULL;
     int rc;
 
-    BSON_APPEND_INT64(&filter, "n", 0);
     sm_append_lt_date(&filter, "ts", cutoff_ms);
-    rc = sm_collect_ids(st, "chunks", &filter, "upload", ups, SM_MAX_BATCH, &nups,
+    rc = sm_collect_ids(st, "uploads", &filter, "_id", ups, SM_MAX_BATCH, &nups,
                         "media sweep", err, errlen);
     if (rc != PX_OK || nups == 0)
         goto out;
@@ -2112,8 +2144,10 @@ static int sm_media_sweep_orphans(store *st, int64_t cutoff_ms, int64_t *gone, c
         size_t j = 0;
         while (j < nlive && strcmp(ups[i], live[j]) != 0)
             j++;
-        if (j < nlive)
+        if (j < nlive) {
+            rc = sm_delete_by(st, "uploads", "_id", ups[i], NULL, "media sweep", err, errlen);
             continue;
+        }
         rc = store_chunk_drop(st, ups[i], NULL, err, errlen);
         (*gone)++;
     }

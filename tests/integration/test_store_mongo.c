@@ -729,6 +729,10 @@ START_TEST(media_sweep_old_and_orphans)
     ck_assert_int_eq(store_media_commit(st, &old, "alice", &created, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(store_media_commit(st, &kept, "alice", &created, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(store_media_grant(st, "sw_new", bob, 1, 2600, err, sizeof(err)), PX_OK);
+    /* Writing chunk 0 again re-creates sw_new's upload record, as a crash
+     * between commit and the record's delete would leave it: the sweep
+     * must see the upload is committed and keep its chunks. */
+    put_chunks("up_sw_new", 1, 10, 1000);
     ck_assert_int_eq(store_media_sweep(st, 2500, 2500, &nm, &no, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(nm, 1);
     ck_assert_int_eq(no, 1);
