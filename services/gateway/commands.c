@@ -1,6 +1,8 @@
 /* Owns what a client command turns into: validation through the protocol
  * codec, the bus records a command produces (inbox, acks, presence, sync),
- * and the answer a client gets once Kafka has, or has not, accepted a send. */
+ * and the answer a client gets once Kafka has, or has not, accepted a send.
+ * A send naming media is first checked by media.c, which then produces it
+ * through commands_produce_send. */
 #include "common.h"
 #include "gateway.h"
 #include "ids.h"
@@ -286,6 +288,8 @@ int commands_heartbeat(gw *g, int reset)
                              &commands_beat_tag);
 }
 
+/* Queues json (taken over and freed here) for connection conn_id through
+ * its worker's mailbox: safe from any thread but that worker's own. */
 static void commands_post(gw *g, uint64_t conn_id, char *json, size_t len)
 {
     mail *m = mail_new(MAIL_EVENT, conn_id, json, len);
