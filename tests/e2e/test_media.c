@@ -486,29 +486,39 @@ START_TEST(too_large_refused_without_buffering)
 }
 END_TEST
 
+/* Announces 2 * len bytes, sends the first len and leaves the upload half
+ * way; returns the socket. */
+static int upload_half(const char *user, const unsigned char *data, size_t len)
+{
+    char extra[128];
+    snprintf(extra, sizeof(extra), "Content-Type: image/png\r\nContent-Length: %zu\r\n",
+             2 * len);
+    int fd = open_upload(user, extra);
+    ck_assert_int_eq(write_all(fd, data, len), 0);
+    return fd;
+}
+
+/* Polls the stored chunk count for up to 10 s until it equals want (equal)
+ * or differs from it (!equal); returns the last count. */
+static int64_t poll_chunks(int64_t want, int equal)
+{
+    int64_t end = px_mono_ms() + 10000, n;
+    while (((n = chunks_stored()) == want) != equal && px_mono_ms() < end)
+        usleep(50 * 1000);
+    return n;
+}
+
 START_TEST(cut_off_upload_leaves_nothing)
 {
     char alice[65];
-    const size_t len = 2 * MIB;
-    unsigned char *data = make_bytes(len, 6);
+    unsigned char *data = make_bytes(MIB, 6);
     e2e_user("alice", alice);
     int64_t chunks0 = chunks_stored();
 
-    char extra[128];
-    snprintf(extra, sizeof(extra), "Content-Type: image/png\r\nContent-Length: %zu\r\n", len);
-    int fd = open_upload(alice, extra);
-    ck_assert_int_eq(write_all(fd, data, len / 2), 0);
-    /* The gateway stores what it got before the cut. */
-    int64_t end = px_mono_ms() + 10000, n;
-    while ((n = chunks_stored()) == chunks0 && px_mono_ms() < end)
-        usleep(50 * 1000);
-    ck_assert_int_gt(n, chunks0);
+    int fd = upload_half(alice, data, MIB);
+    ck_assert_int_gt(poll_chunks(chunks0, 0), chunks0); /* stored what came before the cut */
     close(fd);
-
-    end = px_mono_ms() + 10000;
-    while ((n = chunks_stored()) != chunks0 && px_mono_ms() < end)
-        usleep(100 * 1000);
-    ck_assert_int_eq(n, chunks0);
+    ck_assert_int_eq(poll_chunks(chunks0, 1), chunks0);
     free(data);
 }
 END_TEST
@@ -517,25 +527,19 @@ END_TEST
  * PARLEY_HTTP_TIMEOUT_S (3 s here) and its chunks are deleted. */
 START_TEST(stalled_upload_timed_out_leaves_nothing)
 {
-    char alice[65], extra[128], byte;
-    const size_t len = MIB;
-    unsigned char *data = make_bytes(len, 7);
+    char alice[65], byte;
+    unsigned char *data = make_bytes(MIB, 7);
     e2e_user("alice", alice);
     int64_t chunks0 = chunks_stored();
 
-    snprintf(extra, sizeof(extra), "Content-Length: %zu\r\n", 2 * len);
-    int fd = open_upload(alice, extra);
-    ck_assert_int_eq(write_all(fd, data, len), 0);
+    int fd = upload_half(alice, data, MIB);
     int64_t t0 = px_mono_ms();
     ssize_t n = recv(fd, &byte, 1, 0);     /* blocks until the gateway gives up */
     int64_t waited = px_mono_ms() - t0;
     close(fd);
     ck_assert_msg(n <= 0 && waited >= 2000 && waited < 20000,
                   "recv %zd after %lld ms, wanted the close after ~3 s", n, (long long)waited);
-    int64_t end = px_mono_ms() + 10000, c;
-    while ((c = chunks_stored()) != chunks0 && px_mono_ms() < end)
-        usleep(100 * 1000);
-    ck_assert_int_eq(c, chunks0);
+    ck_assert_int_eq(poll_chunks(chunks0, 1), chunks0);
     free(data);
 }
 END_TEST
