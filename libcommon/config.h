@@ -29,6 +29,8 @@ typedef struct config {
     long sweep_ms;               /* PARLEY_SWEEP_MS retention sweep period */
     long send_rate;              /* PARLEY_SEND_RATE sends/s per connection */
     long send_burst;             /* PARLEY_SEND_BURST sends above the rate */
+    long http_timeout_s;         /* PARLEY_HTTP_TIMEOUT_S: an HTTP request (e.g. an
+                                    upload) silent this long is dropped */
     int dev;                     /* PARLEY_DEV=1 enables dev token endpoint */
 } config;
 

@@ -181,4 +181,78 @@ int store_group_get(store *st, const char *const *ids, size_t n, store_group_cb 
  * one round trip. Repeating a put is harmless. */
 int store_group_put(store *st, const store_group *g, size_t n, char *err, size_t errlen);
 
+/* Media (issue 6): bytes stored once per sha256, in fixed-size chunks kept
+ * under an upload id, plus access grants. An upload writes its chunks under
+ * a fresh upload id while the hash is still unknown, then commits: the
+ * first commit of a sha256 makes the media record; a later one of the same
+ * bytes finds it and the caller drops its own chunks. Chunks of an upload
+ * that never committed (cut off, crashed) are orphans the sweep removes.
+ * Ids (media and upload) are 1-64 characters of [A-Za-z0-9._-]. */
+#define STORE_MEDIA_CHUNK (255 * 1024)  /* bytes per chunk; the last may be shorter */
+#define STORE_MEDIA_ID_MAX 64
+#define STORE_MEDIA_TYPE_MAX 127        /* content type, printable ASCII */
+/* The longest an upload may take; its writer drops it after that, so the
+ * sweep may treat uncommitted chunks older than twice this as orphans. */
+#define STORE_MEDIA_UPLOAD_MAX_MS (3600 * 1000LL)
+
+typedef struct store_media {
+    char id[STORE_MEDIA_ID_MAX + 1];
+    char sha256[65];                    /* lowercase hex */
+    char content_type[STORE_MEDIA_TYPE_MAX + 1];
+    char upload[STORE_MEDIA_ID_MAX + 1]; /* the upload id its chunks live under */
+    int64_t size;
+    int64_t ts_ms;                      /* last upload or grant; retention counts from here */
+} store_media;
+
+/* Writes chunk n (0-based) of upload; len <= STORE_MEDIA_CHUNK. Writing the
+ * same (upload, n) again is absorbed. */
+int store_chunk_put(store *st, const char *upload, int64_t n, const void *data, size_t len,
+                    int64_t ts_ms, char *err, size_t errlen);
+
+/* A reader of one upload's chunks in order from chunk from_n on: a
+ * download holds one for its duration, so the whole file is one query, not
+ * one per chunk. NULL with err on failure. Not thread-safe; one user. */
+typedef struct store_chunk_reader store_chunk_reader;
+store_chunk_reader *store_chunk_open(store *st, const char *upload, int64_t from_n,
+                                     char *err, size_t errlen);
+
+/* The next chunk: PX_OK with *n its number and its bytes copied to buf
+ * (cap >= STORE_MEDIA_CHUNK), *len their count; PX_DECLINED past the last. */
+int store_chunk_next(store_chunk_reader *rd, int64_t *n, void *buf, size_t cap, size_t *len,
+                     char *err, size_t errlen);
+void store_chunk_close(store_chunk_reader *rd);
+
+/* Deletes every chunk of upload; *removed (may be NULL) gets the count. */
+int store_chunk_drop(store *st, const char *upload, int64_t *removed, char *err, size_t errlen);
+
+/* Number of chunks of upload, or of every upload when upload is NULL. */
+int store_chunk_count(store *st, const char *upload, int64_t *count, char *err, size_t errlen);
+
+/* Commits an upload whose chunks are written: m names id, sha256,
+ * content_type, upload, size and ts_ms. If no media has m->sha256, m becomes
+ * the record and *created = 1. Otherwise *m is overwritten with the existing
+ * record (its ts moved up to m->ts_ms) and *created = 0: the caller drops
+ * its own chunks. Either way uploader is granted access to m->id. */
+int store_media_commit(store *st, store_media *m, const char *uploader, int *created,
+                       char *err, size_t errlen);
+
+/* Reads the media record of id into *m; PX_DECLINED when unknown. */
+int store_media_get(store *st, const char *id, store_media *m, char *err, size_t errlen);
+
+/* PX_OK if user may read media id, PX_DECLINED if not. */
+int store_media_access(store *st, const char *id, const char *user, char *err, size_t errlen);
+
+/* Grants n users access to media id (idempotent) and moves the media's ts
+ * up to ts_ms, so media referenced by a recent message is kept. */
+int store_media_grant(store *st, const char *id, const char *const *users, size_t n,
+                      int64_t ts_ms, char *err, size_t errlen);
+
+/* Retention: deletes media (record, chunks, grants) whose ts is before
+ * cutoff_ms, and the chunks of uploads that never committed and began
+ * before orphan_cutoff_ms. *media and *orphans (may be NULL) get the counts
+ * of media and of orphaned uploads removed. Safe against a concurrent
+ * commit or grant: a record is deleted only while its ts is still old. */
+int store_media_sweep(store *st, int64_t cutoff_ms, int64_t orphan_cutoff_ms, int64_t *media,
+                      int64_t *orphans, char *err, size_t errlen);
+
 #endif

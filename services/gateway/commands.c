@@ -1,6 +1,8 @@
 /* Owns what a client command turns into: validation through the protocol
  * codec, the bus records a command produces (inbox, acks, presence, sync),
- * and the answer a client gets once Kafka has, or has not, accepted a send. */
+ * and the answer a client gets once Kafka has, or has not, accepted a send.
+ * A send naming media is first checked by media.c, which then produces it
+ * through commands_produce_send. */
 #include "common.h"
 #include "gateway.h"
 #include "ids.h"
@@ -84,13 +86,13 @@ static const Parley__GroupCommand__Type commands_group_types[] = {
  * here only a produce Kafka refused is answered (`unavailable`). The id of
  * a new group is a function of (creator, client id), like a msg_id, so a
  * retried group_create names the same group instead of making a second. */
-static void commands_group(gw *g, conn *c, const proto_cmd *cmd)
+static int commands_group(gw *g, const char *user, uint64_t conn_id, const proto_cmd *cmd,
+                          const char *media_json)
 {
-    const char *user = ws_conn_user(c);
     pending_send *p = px_calloc(1, sizeof(*p));
     p->tag = (dr_tag){ DR_SEND, g };
     p->group = 1;
-    p->conn_id = ws_conn_id(c);
+    p->conn_id = conn_id;
     p->ts = px_now_ms();
     snprintf(p->ref, sizeof(p->ref), "%s", cmd->id);
     id_for_send(user, cmd->id, p->msg_id);
@@ -117,34 +119,27 @@ static void commands_group(gw *g, conn *c, const proto_cmd *cmd)
     rec.ts_ms = p->ts;
     if (cmd->type == PROTO_SEND) {
         proto_message m = { .id = p->msg_id, .from = user, .group = gid, .body = cmd->body,
-                            .forwarded = cmd->forwarded, .ts = p->ts };
+                            .media_json = media_json, .forwarded = cmd->forwarded,
+                            .ts = p->ts };
         json = proto_render_message(&m, &json_len);
         rec.msg_id = p->msg_id;
         rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
+        rec.media_id = (char *)(media_json != NULL ? cmd->media : "");
     }
     uint8_t *buf = COMMANDS_PACK(group_command, &rec, &len);
     free(json);
-    if (commands_produce(g, g->topic_groups, gid, buf, len, p) != PX_OK) {
+    int rc = commands_produce(g, g->topic_groups, gid, buf, len, p);
+    if (rc != PX_OK)
         free(p);
-        commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
-    }
+    return rc;
 }
 
-static void commands_send(gw *g, conn *c, const proto_cmd *cmd)
+static int commands_direct(gw *g, const char *user, uint64_t conn_id, const proto_cmd *cmd,
+                           const char *media_json)
 {
-    if (cmd->media != NULL) {
-        /* No upload endpoint exists yet, so no media id can be known. */
-        commands_error(g, c, cmd->id, PROTO_NOT_FOUND, "unknown media id");
-        return;
-    }
-    if (cmd->group != NULL) {
-        commands_group(g, c, cmd);
-        return;
-    }
-    const char *user = ws_conn_user(c);
     pending_send *p = px_calloc(1, sizeof(*p));
     p->tag = (dr_tag){ DR_SEND, g };
-    p->conn_id = ws_conn_id(c);
+    p->conn_id = conn_id;
     p->t0_mono = px_mono_ms();
     p->ts = px_now_ms();
     snprintf(p->ref, sizeof(p->ref), "%s", cmd->id);
@@ -152,7 +147,7 @@ static void commands_send(gw *g, conn *c, const proto_cmd *cmd)
 
     size_t json_len, len;
     proto_message m = { .id = p->msg_id, .from = user, .to = cmd->to, .body = cmd->body,
-                        .forwarded = cmd->forwarded, .ts = p->ts };
+                        .media_json = media_json, .forwarded = cmd->forwarded, .ts = p->ts };
     char *json = proto_render_message(&m, &json_len);
     Parley__InboxRecord rec = PARLEY__INBOX_RECORD__INIT;
     rec.version = 1;
@@ -164,10 +159,32 @@ static void commands_send(gw *g, conn *c, const proto_cmd *cmd)
     rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
     uint8_t *buf = COMMANDS_PACK(inbox_record, &rec, &len);
     free(json);
-    if (commands_produce(g, g->topic_inbox, cmd->to, buf, len, p) != PX_OK) {
+    int rc = commands_produce(g, g->topic_inbox, cmd->to, buf, len, p);
+    if (rc != PX_OK)
         free(p);
-        commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
+    return rc;
+}
+
+int commands_produce_send(gw *g, const char *user, uint64_t conn_id, const proto_cmd *cmd,
+                          const char *media_json)
+{
+    if (cmd->group != NULL)
+        return commands_group(g, user, conn_id, cmd, media_json);
+    return commands_direct(g, user, conn_id, cmd, media_json);
+}
+
+/* A send naming media goes through media.c's checker thread first (access
+ * and the media object need store reads, which must not stall this
+ * reactor); it takes the command over and produces it from there. */
+static void commands_send(gw *g, conn *c, proto_cmd *cmd)
+{
+    if (cmd->media != NULL) {
+        if (media_send(g, ws_conn_user(c), ws_conn_id(c), cmd) != PX_OK)
+            commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "media checks backlogged, retry");
+        return;
     }
+    if (commands_produce_send(g, ws_conn_user(c), ws_conn_id(c), cmd, NULL) != PX_OK)
+        commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
 }
 
 static void commands_ack(gw *g, conn *c, const proto_cmd *cmd)
@@ -211,7 +228,8 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
         commands_reply(c, proto_render_pong(cmd.id, NULL));
         break;
     default:
-        commands_group(g, c, &cmd);
+        if (commands_group(g, ws_conn_user(c), ws_conn_id(c), &cmd, NULL) != PX_OK)
+            commands_error(g, c, cmd.id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
         break;
     }
     proto_cmd_free(&cmd);
@@ -270,6 +288,24 @@ int commands_heartbeat(gw *g, int reset)
                              &commands_beat_tag);
 }
 
+/* Queues json (taken over and freed here) for connection conn_id through
+ * its worker's mailbox: safe from any thread but that worker's own. */
+static void commands_post(gw *g, uint64_t conn_id, char *json, size_t len)
+{
+    mail *m = mail_new(MAIL_EVENT, conn_id, json, len);
+    free(json);
+    worker_post(g->workers[CONN_WORKER(conn_id) % g->nworkers], m);
+}
+
+void commands_post_error(gw *g, uint64_t conn_id, const char *ref, enum proto_code code,
+                         const char *msg)
+{
+    size_t len;
+    metric_add(g->m.errors, 1);
+    char *json = proto_render_error(ref, code, msg, &len); /* len is set here, not in the call */
+    commands_post(g, conn_id, json, len);
+}
+
 static void commands_send_done(pending_send *p, int status, const char *err)
 {
     gw *g = p->tag.g;
@@ -288,9 +324,7 @@ static void commands_send_done(pending_send *p, int status, const char *err)
         metric_add(g->m.sent_fail, 1);
         log_warn("send not stored", "{s:s, s:s}", "msg_id", p->msg_id, "error", err ? err : "");
     }
-    mail *m = mail_new(MAIL_EVENT, p->conn_id, json, len);
-    free(json);
-    worker_post(g->workers[CONN_WORKER(p->conn_id) % g->nworkers], m);
+    commands_post(g, p->conn_id, json, len);
     free(p);
 }
 

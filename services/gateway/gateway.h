@@ -7,21 +7,27 @@
 #include "bus.h"
 #include "config.h"
 #include "metrics.h"
+#include "protocol.h"
+#include "store.h"
+
+#include <microhttpd.h>
 
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
-struct MHD_Daemon;
-struct MHD_UpgradeResponseHandle;
 typedef struct worker worker;
 typedef struct conn conn;
 typedef struct registry registry;
+typedef struct media media;
+typedef struct media_req media_req;
 
 typedef struct gw_metrics {
     metric *conns, *accepted, *refused_auth, *closed, *frames_in, *sent_ok,
         *sent_fail, *delivered, *dropped, *slow_closed, *held_dropped, *errors, *send_latency;
+    metric *media_stored, *media_deduped, *media_uploads, *media_downloads,
+        *media_bytes_out, *media_refused;
 } gw_metrics;
 
 typedef struct gw {
@@ -35,6 +41,8 @@ typedef struct gw {
     size_t nworkers;
     _Atomic size_t next_worker;
     registry *reg;
+    store *st;                   /* media only (media.c) */
+    media *md;
     struct MHD_Daemon *mhd;
     int listen_fd;
     _Atomic int64_t last_beat_ok; /* ms of the last heartbeat Kafka accepted */
@@ -126,6 +134,15 @@ void commands_disconnected(gw *g, conn *c);
 /* Gateway liveness for presence; reset on start-up. Call before any
  * connection is accepted (it also initialises the report tags). */
 int commands_heartbeat(gw *g, int reset);
+/* Produces a send (1:1 or group) for user's connection conn_id, with the
+ * rendered media object or NULL; any thread. PX_OK once queued for Kafka,
+ * which then answers `sent` (or group-fanout does); else the caller answers. */
+int commands_produce_send(gw *g, const char *user, uint64_t conn_id, const proto_cmd *cmd,
+                          const char *media_json);
+/* Answers an error to connection conn_id from a thread other than its
+ * worker's (through the worker's mailbox). */
+void commands_post_error(gw *g, uint64_t conn_id, const char *ref, enum proto_code code,
+                         const char *msg);
 /* Delivery report for a send; called on the bus poll thread. */
 void commands_on_delivery(void *opaque, int status, const char *err,
                           int32_t partition, int64_t offset);
@@ -142,7 +159,37 @@ size_t registry_get(registry *r, const char *user, uint64_t *ids, size_t max);
 int deliver_start(gw *g, char *err, size_t errlen);
 void deliver_stop(gw *g);
 
+/* ---- media.c: POST/GET /v1/media and the media check of a send ---- */
+/* Opens the gateway's store (media only) and starts the send checker. */
+int media_start(gw *g, char *err, size_t errlen);
+/* Stops the checker (pending checks are dropped: their connections are
+ * closing) and closes the store. */
+void media_stop(gw *g);
+/* 1 if url belongs to media.c. */
+int media_route(const char *url);
+/* The MHD access handler for media urls; *mr is NULL on the request's
+ * first call and owned by the request afterwards. */
+enum MHD_Result media_access(gw *g, struct MHD_Connection *mc, const char *url,
+                             const char *method, const char *upload_data,
+                             size_t *upload_data_size, media_req **mr);
+/* The request ended (toe: MHD's termination code): an upload that did not
+ * commit deletes its chunks. Frees mr. */
+void media_req_done(gw *g, media_req *mr, enum MHD_RequestTerminationCode toe);
+/* Queues a send naming media for the checker thread, which checks it
+ * (exists, the sender may read it), grants the 1:1 recipient, produces it,
+ * and answers errors itself. PX_OK: queued, and cmd's strings now belong to
+ * the job (cmd->root is NULL). PX_AGAIN: the queue is full, cmd untouched,
+ * the caller answers. Worker threads call it. */
+int media_send(gw *g, const char *user, uint64_t conn_id, proto_cmd *cmd);
+
 /* ---- http.c: HTTP endpoints and the WebSocket upgrade ---- */
+/* The bearer token of a request (header, else access_token), or NULL. */
+const char *http_token(struct MHD_Connection *mc);
+enum MHD_Result http_text(struct MHD_Connection *mc, unsigned status, const char *type,
+                          const char *body, size_t len);
+/* {"code","message"} with status. */
+enum MHD_Result http_json_error(struct MHD_Connection *mc, unsigned status, const char *code,
+                                const char *msg);
 int http_start(gw *g, char *err, size_t errlen);
 /* Stops accepting connections; those open stay until the workers close
  * them, which must happen before http_stop. */

@@ -24,10 +24,14 @@
 #define HTTP_MEMORY_LIMIT (8 * 1024)  /* per connection; holds the handshake */
 #define HTTP_BODY_MAX 1024            /* small JSON bodies (dev token) */
 #define HTTP_TOKEN_TTL_S 86400
+/* MHD threads: media transfers make blocking store calls on them (one
+ * chunk each), so one slow transfer must not hold up every handshake. */
+#define HTTP_THREADS 4
 
 /* Per-request state (MHD's con_cls); freed by http_completed. */
 typedef struct http_req {
     char user[65];
+    media_req *media;            /* media.c's state for /v1/media requests */
     char body[HTTP_BODY_MAX];
     size_t body_len;
     int body_too_big;
@@ -40,7 +44,7 @@ static const char http_index[] =
     "<code>?access_token=&lt;token&gt;</code>. Try <code>parleyctl listen --as bob</code> "
     "and <code>parleyctl send --as alice --to bob hi</code>.</p>";
 
-static enum MHD_Result http_text(struct MHD_Connection *mc, unsigned status,
+enum MHD_Result http_text(struct MHD_Connection *mc, unsigned status,
                                  const char *type, const char *body, size_t len)
 {
     struct MHD_Response *r = MHD_create_response_from_buffer(len, (void *)body,
@@ -51,7 +55,7 @@ static enum MHD_Result http_text(struct MHD_Connection *mc, unsigned status,
     return ret;
 }
 
-static enum MHD_Result http_json_error(struct MHD_Connection *mc, unsigned status,
+enum MHD_Result http_json_error(struct MHD_Connection *mc, unsigned status,
                                        const char *code, const char *msg)
 {
     json_t *o = json_pack("{s:s, s:s}", "code", code, "message", msg);
@@ -74,13 +78,16 @@ static enum MHD_Result http_metrics(struct MHD_Connection *mc)
 static enum MHD_Result http_ready(gw *g, struct MHD_Connection *mc)
 {
     int64_t last = atomic_load(&g->last_beat_ok);
+    char err[PX_ERRLEN];
     if (last == 0 || px_now_ms() - last > 3 * g->cfg.heartbeat_ms)
         return http_text(mc, 503, "text/plain", "kafka not acknowledging heartbeats\n", 35);
+    if (store_ping(g->st, err, sizeof(err)) != PX_OK)
+        return http_text(mc, 503, "text/plain", "database unreachable\n", 21);
     return http_text(mc, 200, "text/plain", "ready\n", 6);
 }
 
 /* The token from "Authorization: Bearer X", else the access_token query. */
-static const char *http_token(struct MHD_Connection *mc)
+const char *http_token(struct MHD_Connection *mc)
 {
     const char *h = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
     if (h != NULL && strncasecmp(h, "Bearer ", 7) == 0)
@@ -178,9 +185,14 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *mc, const c
     gw *g = cls;
     if (*con_cls == NULL) {
         *con_cls = px_calloc(1, sizeof(http_req));
-        return MHD_YES;
+        /* media.c sees the first call too: it refuses a bad upload from the
+         * headers alone, before the body is sent. */
+        if (!media_route(url))
+            return MHD_YES;
     }
     http_req *req = *con_cls;
+    if (media_route(url))
+        return media_access(g, mc, url, method, upload_data, upload_data_size, &req->media);
     if (*upload_data_size > 0) {
         size_t room = sizeof(req->body) - req->body_len;
         if (*upload_data_size > room)
@@ -210,6 +222,9 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *mc, const c
 static void http_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
                            enum MHD_RequestTerminationCode toe)
 {
+    http_req *req = *con_cls;
+    if (req != NULL && req->media != NULL)
+        media_req_done(cls, req->media, toe);
     free(*con_cls);
     *con_cls = NULL;
 }
@@ -249,7 +264,8 @@ int http_start(gw *g, char *err, size_t errlen)
         MHD_OPTION_LISTEN_SOCKET, g->listen_fd,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTP_MEMORY_LIMIT,
         MHD_OPTION_CONNECTION_LIMIT, (unsigned int)(g->cfg.max_conns + 64),
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)30,
+        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)HTTP_THREADS,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)g->cfg.http_timeout_s,
         MHD_OPTION_NOTIFY_COMPLETED, http_completed, g,
         MHD_OPTION_END);
     if (g->mhd == NULL) {

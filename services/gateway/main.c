@@ -29,6 +29,12 @@ static void main_metrics(gw *g)
     g->m.delivered = metrics_counter("parley_gateway_events_pushed_total", "Events pushed to connections");
     g->m.dropped = metrics_counter("parley_gateway_events_dropped_total", "Events for connections already gone");
     g->m.errors = metrics_counter("parley_gateway_command_errors_total", "Commands answered with an error");
+    g->m.media_stored = metrics_counter("parley_gateway_media_bytes_stored_total", "Media bytes stored (new content)");
+    g->m.media_deduped = metrics_counter("parley_gateway_media_bytes_deduplicated_total", "Media bytes uploaded but already stored");
+    g->m.media_uploads = metrics_counter("parley_gateway_media_uploads_total", "Media uploads committed");
+    g->m.media_downloads = metrics_counter("parley_gateway_media_downloads_total", "Media downloads started");
+    g->m.media_bytes_out = metrics_counter("parley_gateway_media_bytes_served_total", "Media bytes sent to downloaders");
+    g->m.media_refused = metrics_counter("parley_gateway_media_too_large_total", "Uploads refused with 413");
     g->m.send_latency = metrics_histogram("parley_gateway_send_ack_ms", "Send to Kafka acknowledgement, ms",
                                           ms_buckets, PX_ARRAY_LEN(ms_buckets));
 }
@@ -71,6 +77,8 @@ static int main_start(gw *g, char *err, size_t errlen)
                              g->topic_groups, g->topic_deliver };
     if (bus_ensure_topics(g->b, topics, PX_ARRAY_LEN(topics), 15000, err, errlen) != PX_OK)
         return PX_ERROR;
+    if (media_start(g, err, errlen) != PX_OK)
+        return PX_ERROR;
     g->reg = registry_new();
     g->nworkers = (size_t)g->cfg.workers;
     g->workers = px_calloc(g->nworkers, sizeof(*g->workers));
@@ -92,6 +100,7 @@ static void main_shutdown(gw *g)
             worker_stop(g->workers[i]);
     http_stop(g);
     g->stopping = 1;
+    media_stop(g);
     deliver_stop(g);
     if (g->b != NULL)
         bus_destroy(g->b);

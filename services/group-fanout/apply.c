@@ -339,9 +339,30 @@ static int apply_remove(apply_ctx *a, const Parley__GroupCommand *x, apply_group
     return rc;
 }
 
+/* A message naming media gives every member it is copied to access, before
+ * any copy can reach them (the gateway checked that the sender may read
+ * it). Idempotent, so a batch applied again repeats it harmlessly. Media
+ * swept meanwhile (PX_DECLINED) still lets the message through: its
+ * download then answers 404, as for any expired media. */
+static int apply_grant_media(apply_ctx *a, const Parley__GroupCommand *x, const apply_group *g)
+{
+    const char *who[STORE_GROUP_MAX];
+    size_t n = 0;
+    if (x->media_id == NULL || x->media_id[0] == '\0')
+        return PX_OK;
+    for (size_t i = 0; i < g->nmembers; i++)
+        if (strcmp(g->members[i], x->user) != 0)
+            who[n++] = g->members[i];
+    int rc = store_media_grant(a->f->st, x->media_id, who, n, x->ts_ms, a->err, a->errlen);
+    if (rc == PX_DECLINED)
+        log_warn("group message names media that is gone", "{s:s, s:s}", "group", g->id,
+                 "media", x->media_id);
+    return rc == PX_DECLINED ? PX_OK : rc;
+}
+
 static int apply_send(apply_ctx *a, const Parley__GroupCommand *x, const apply_group *g)
 {
-    int rc = PX_OK;
+    int rc = apply_grant_media(a, x, g);
     size_t copies = 0;
     for (size_t i = 0; i < g->nmembers && rc == PX_OK; i++) {
         if (strcmp(g->members[i], x->user) == 0)

@@ -79,6 +79,8 @@ static void main_metrics(msgstore *ms)
                                      "Records removed by the retention sweep");
     m->swept_seen = metrics_counter("parley_msgstore_swept_total{what=\"seen\"}",
                                     "Records removed by the retention sweep");
+    m->swept_media = metrics_counter("parley_msgstore_swept_total{what=\"media\"}",
+                                     "Records removed by the retention sweep");
 #define LAT(op) metrics_histogram("parley_msgstore_store_ms{op=\"" op "\"}", \
                                   "Store call latency, ms", b, PX_ARRAY_LEN(b))
     m->lat_seen_filter = LAT("seen_filter");

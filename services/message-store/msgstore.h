@@ -36,7 +36,8 @@ typedef struct route_cache route_cache;
 typedef struct msgstore_metrics {
     metric *stored, *duplicates, *deliveries, *produce_failures, *offline, *syncs,
         *sync_events, *acks, *acked_events, *acked_messages, *dead, *retries,
-        *cache_hits, *cache_misses, *lookup_failures, *swept_inbox, *swept_seen;
+        *cache_hits, *cache_misses, *lookup_failures, *swept_inbox, *swept_seen,
+        *swept_media;
     metric *lat_seen_filter, *lat_seen_mark, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
         *lat_sweep;
 } msgstore_metrics;

@@ -1,5 +1,14 @@
 /* Owns retention: every cfg.sweep_ms, delete inbox events and dedupe keys
- * older than PARLEY_RETENTION_DAYS. Our own periodic sweep rather than a TTL
+ * older than PARLEY_RETENTION_DAYS, and media nothing needs any more.
+ *
+ * The media rule: media is kept while it was uploaded, or granted to a
+ * recipient by a send, within PARLEY_RETENTION_DAYS plus one day. Every
+ * pending message is younger than the retention period and granted its
+ * media when it was sent, so no pending message ever names swept media;
+ * the extra day covers the few ms between a grant and its message's ts.
+ * Media of acked messages stays downloadable for the rest of that time.
+ * Uploads that never committed (cut off with the gateway killed before it
+ * could clean up) are removed once older than twice the longest upload. Our own periodic sweep rather than a TTL
  * index (FerretDB has none, and a sweep is easier to reason about). It runs
  * on its own thread because one big delete can take seconds and must not
  * stall the consume loop; the store is thread-safe. Every instance sweeps
@@ -25,12 +34,20 @@ static void sweep_once(msgstore *ms)
     int src = store_seen_sweep(ms->st, cutoff, &seen, err, sizeof(err));
     if (src != PX_OK)
         log_warn("seen sweep failed", "{s:s}", "error", err);
+    int64_t media = 0, orphans = 0;
+    int mrc = store_media_sweep(ms->st, cutoff - 86400000LL,
+                                px_now_ms() - 2 * STORE_MEDIA_UPLOAD_MAX_MS, &media, &orphans,
+                                err, sizeof(err));
+    if (mrc != PX_OK)
+        log_warn("media sweep failed", "{s:s}", "error", err);
     msgstore_observe(ms->m.lat_sweep, t0);
+    metric_add(ms->m.swept_media, media + orphans);
     metric_add(ms->m.swept_inbox, inbox);
     metric_add(ms->m.swept_seen, seen);
-    log_info("retention sweep", "{s:I, s:I, s:I, s:b}", "cutoff_ms", (json_int_t)cutoff,
-             "inbox_removed", (json_int_t)inbox, "seen_removed", (json_int_t)seen, "ok",
-             irc == PX_OK && src == PX_OK);
+    log_info("retention sweep", "{s:I, s:I, s:I, s:I, s:I, s:b}", "cutoff_ms",
+             (json_int_t)cutoff, "inbox_removed", (json_int_t)inbox, "seen_removed",
+             (json_int_t)seen, "media_removed", (json_int_t)media, "uploads_orphaned",
+             (json_int_t)orphans, "ok", irc == PX_OK && src == PX_OK && mrc == PX_OK);
 }
 
 static void sweep_deadline(struct timespec *ts, long ms)

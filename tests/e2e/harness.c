@@ -46,6 +46,11 @@ int e2e_port(enum e2e_svc gw)
     return e2e_procs[gw].port;
 }
 
+pid_t e2e_pid(enum e2e_svc s)
+{
+    return e2e_procs[s].pid;
+}
+
 static void e2e_setenv(void)
 {
     if (e2e_prefix[0] != '\0')

@@ -22,6 +22,9 @@ void e2e_kill9(enum e2e_svc s);
 /* Starts one service again (same config and identity). */
 int e2e_restart(enum e2e_svc s);
 
+/* The running process of s (0 when stopped), e.g. to read its memory
+ * from /proc/<pid>/status. */
+pid_t e2e_pid(enum e2e_svc s);
 /* Gateway port of E2E_GW1 or E2E_GW2; admin port of the others. */
 int e2e_port(enum e2e_svc gw);
 /* A fresh token for user, valid for an hour (or expired if ttl < 0). */

@@ -574,6 +574,200 @@ START_TEST(inbox_get_reads_without_deleting)
 }
 END_TEST
 
+
+/* ---- media ---- */
+
+static void fill(unsigned char *b, size_t n, unsigned seed)
+{
+    for (size_t i = 0; i < n; i++)
+        b[i] = (unsigned char)((i * 131 + seed * 7 + (i >> 9)) & 0xff);
+}
+
+static void put_chunks(const char *upload, int nchunks, size_t last, int64_t ts)
+{
+    static unsigned char buf[STORE_MEDIA_CHUNK];
+    char err[PX_ERRLEN] = "";
+
+    for (int i = 0; i < nchunks; i++) {
+        size_t len = i == nchunks - 1 ? last : STORE_MEDIA_CHUNK;
+        fill(buf, len, (unsigned)i);
+        ck_assert_msg(store_chunk_put(st, upload, i, buf, len, ts, err, sizeof(err)) == PX_OK,
+                      "chunk put: %s", err);
+    }
+}
+
+static int64_t chunks_of(const char *upload)
+{
+    char err[PX_ERRLEN] = "";
+    int64_t c = -1;
+
+    ck_assert_msg(store_chunk_count(st, upload, &c, err, sizeof(err)) == PX_OK, "count: %s", err);
+    return c;
+}
+
+static store_media media_rec(const char *id, const char *upload, char hexdigit, int64_t size,
+                             int64_t ts)
+{
+    store_media m;
+
+    memset(&m, 0, sizeof(m));
+    snprintf(m.id, sizeof(m.id), "%s", id);
+    snprintf(m.upload, sizeof(m.upload), "%s", upload);
+    memset(m.sha256, hexdigit, 64);
+    snprintf(m.content_type, sizeof(m.content_type), "image/png");
+    m.size = size;
+    m.ts_ms = ts;
+    return m;
+}
+
+/* Reads chunks from from_n on; returns how many came, checking each
+ * against fill() and the expected sizes. */
+static int read_chunks(const char *upload, int64_t from_n, int nchunks, size_t last)
+{
+    static unsigned char want[STORE_MEDIA_CHUNK], got[STORE_MEDIA_CHUNK];
+    char err[PX_ERRLEN] = "";
+    int64_t n;
+    size_t len;
+    int count = 0, rc;
+    store_chunk_reader *rd = store_chunk_open(st, upload, from_n, err, sizeof(err));
+
+    ck_assert_msg(rd != NULL, "chunk open: %s", err);
+    while ((rc = store_chunk_next(rd, &n, got, sizeof(got), &len, err, sizeof(err))) == PX_OK) {
+        size_t wl = n == nchunks - 1 ? last : STORE_MEDIA_CHUNK;
+        ck_assert_int_eq(n, from_n + count);
+        ck_assert_uint_eq(len, wl);
+        fill(want, wl, (unsigned)n);
+        ck_assert(memcmp(want, got, len) == 0);
+        count++;
+    }
+    ck_assert_msg(rc == PX_DECLINED, "chunk next: %s", err);
+    store_chunk_close(rd);
+    return count;
+}
+
+/* Chunks come back byte for byte and in order, from any chunk on; a
+ * repeated put is absorbed; drop removes exactly one upload's chunks. */
+START_TEST(media_chunks_roundtrip)
+{
+    static unsigned char got[1];
+    char err[PX_ERRLEN] = "";
+    int64_t removed = -1;
+
+    put_chunks("up_a", 3, 1000, 5000);
+    put_chunks("up_a", 3, 1000, 5000); /* a retried upload step */
+    put_chunks("up_b", 1, 10, 5000);
+    ck_assert_int_eq(chunks_of("up_a"), 3);
+    ck_assert_int_eq(read_chunks("up_a", 0, 3, 1000), 3);
+    ck_assert_int_eq(read_chunks("up_a", 1, 3, 1000), 2);
+    ck_assert_int_eq(read_chunks("up_a", 3, 3, 1000), 0);
+    ck_assert_int_eq(read_chunks("up_b", 0, 1, 10), 1);
+    ck_assert_int_eq(store_chunk_drop(st, "up_a", &removed, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(removed, 3);
+    ck_assert_int_eq(chunks_of("up_a"), 0);
+    ck_assert_int_eq(chunks_of("up_b"), 1);
+    /* Bad input is refused before any round trip. */
+    ck_assert_int_eq(store_chunk_put(st, "a/b", 0, got, 1, 1, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(store_chunk_put(st, "up_c", 0, got, STORE_MEDIA_CHUNK + 1, 1, err,
+                                     sizeof(err)), PX_ERROR);
+}
+END_TEST
+
+/* The first commit of a sha256 creates the record; a second upload of the
+ * same bytes gets the first record back (and its uploader a grant); access
+ * is exactly the grants. */
+START_TEST(media_commit_dedupe_and_access)
+{
+    char err[PX_ERRLEN] = "";
+    store_media m1 = media_rec("med1", "up_m1", 'a', 300000, 7000), m2, got;
+    const char *bob[] = { "bob", "carol", "bob" };
+    int created = -1;
+
+    put_chunks("up_m1", 2, 300000 - STORE_MEDIA_CHUNK, 7000);
+    ck_assert_int_eq(store_media_commit(st, &m1, "alice", &created, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(created, 1);
+    m2 = media_rec("med2", "up_m2", 'a', 300000, 8000);
+    ck_assert_int_eq(store_media_commit(st, &m2, "dave", &created, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(created, 0);
+    ck_assert_str_eq(m2.id, "med1");
+    ck_assert_str_eq(m2.upload, "up_m1");
+    ck_assert_int_eq(m2.ts_ms, 8000);
+    ck_assert_int_eq(store_media_get(st, "med1", &got, err, sizeof(err)), PX_OK);
+    ck_assert_str_eq(got.content_type, "image/png");
+    ck_assert_int_eq(got.size, 300000);
+    ck_assert_int_eq(got.ts_ms, 8000);
+    ck_assert_int_eq(store_media_get(st, "med2", &got, err, sizeof(err)), PX_DECLINED);
+    ck_assert_int_eq(store_media_access(st, "med1", "alice", err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_access(st, "med1", "dave", err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_access(st, "med1", "bob", err, sizeof(err)), PX_DECLINED);
+    ck_assert_int_eq(store_media_grant(st, "med1", bob, 3, 9000, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_grant(st, "med1", bob, 1, 9000, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_access(st, "med1", "bob", err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_access(st, "med1", "carol", err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_get(st, "med1", &got, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(got.ts_ms, 9000);
+    /* Granting unknown media is refused: nothing to grant. */
+    ck_assert_int_eq(store_media_grant(st, "nope", bob, 1, 9000, err, sizeof(err)), PX_DECLINED);
+    ck_assert_int_eq(store_media_access(st, "nope", "bob", err, sizeof(err)), PX_DECLINED);
+}
+END_TEST
+
+/* The sweep removes media (record, chunks, grants) untouched since the
+ * cutoff, and uncommitted uploads older than the orphan cutoff; it keeps
+ * everything newer. */
+START_TEST(media_sweep_old_and_orphans)
+{
+    char err[PX_ERRLEN] = "";
+    store_media old = media_rec("sw_old", "up_sw_old", 'b', 10, 1000);
+    store_media kept = media_rec("sw_new", "up_sw_new", 'c', 10, 1000);
+    const char *bob[] = { "bob" };
+    int64_t nm = -1, no = -1;
+    int created;
+
+    put_chunks("up_sw_old", 1, 10, 1000);
+    put_chunks("up_sw_new", 1, 10, 1000);
+    put_chunks("up_orphan_old", 2, 10, 1000);
+    put_chunks("up_orphan_new", 2, 10, 3000);
+    ck_assert_int_eq(store_media_commit(st, &old, "alice", &created, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_commit(st, &kept, "alice", &created, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_grant(st, "sw_new", bob, 1, 2600, err, sizeof(err)), PX_OK);
+    /* Writing chunk 0 again re-creates sw_new's upload record, as a crash
+     * between commit and the record's delete would leave it: the sweep
+     * must see the upload is committed and keep its chunks. */
+    put_chunks("up_sw_new", 1, 10, 1000);
+    ck_assert_int_eq(store_media_sweep(st, 2500, 2500, &nm, &no, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(nm, 1);
+    ck_assert_int_eq(no, 1);
+    ck_assert_int_eq(store_media_get(st, "sw_old", &old, err, sizeof(err)), PX_DECLINED);
+    ck_assert_int_eq(store_media_access(st, "sw_old", "alice", err, sizeof(err)), PX_DECLINED);
+    ck_assert_int_eq(chunks_of("up_sw_old"), 0);
+    ck_assert_int_eq(chunks_of("up_orphan_old"), 0);
+    ck_assert_int_eq(chunks_of("up_sw_new"), 1);    /* committed, granted recently */
+    ck_assert_int_eq(chunks_of("up_orphan_new"), 2); /* maybe still uploading */
+    ck_assert_int_eq(store_media_access(st, "sw_new", "bob", err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_sweep(st, 2500, 2500, &nm, &no, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(nm + no, 0);
+}
+END_TEST
+
+/* Chunk throughput on this server: informs the chunk size and the read
+ * path (a report line, plus a floor that catches a pathological path). */
+START_TEST(media_chunk_rate)
+{
+    const int n = 32;
+    int64_t t0 = px_mono_ms();
+
+    put_chunks("up_rate", n, STORE_MEDIA_CHUNK, 5000);
+    int64_t t1 = px_mono_ms();
+    ck_assert_int_eq(read_chunks("up_rate", 0, n, STORE_MEDIA_CHUNK), n);
+    int64_t t2 = px_mono_ms();
+    double mb = n * (double)STORE_MEDIA_CHUNK / 1048576.0;
+    printf("report: chunk put %.1f MB/s, read %.1f MB/s (%d x %d KiB)\n",
+           mb * 1000.0 / (double)PX_MAX(t1 - t0, 1), mb * 1000.0 / (double)PX_MAX(t2 - t1, 1), n,
+           STORE_MEDIA_CHUNK / 1024);
+    ck_assert_msg(t2 - t1 < 30000, "reading %.1f MB took %lld ms", mb, (long long)(t2 - t1));
+}
+END_TEST
+
 static Suite *store_mongo_suite(void)
 {
     Suite *s = suite_create("store_mongo");
@@ -592,6 +786,10 @@ static Suite *store_mongo_suite(void)
     tcase_add_test(tc, track_sweep_cutoff);
     tcase_add_test(tc, track_bad_input);
     tcase_add_test(tc, inbox_get_reads_without_deleting);
+    tcase_add_test(tc, media_chunks_roundtrip);
+    tcase_add_test(tc, media_commit_dedupe_and_access);
+    tcase_add_test(tc, media_sweep_old_and_orphans);
+    tcase_add_test(tc, media_chunk_rate);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("open");

@@ -1,6 +1,6 @@
 /* parleyctl: the command-line tool for operators and scripts. Owns argument
  * parsing and the three commands: token (mint a JWT), send (one message,
- * wait for its `sent`) and listen (print and ack a user's events).
+ * text and/or media, wait for its `sent`) and listen (print and ack a user's events).
  * Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error. */
 #include "auth.h"
 #include "client.h"
@@ -32,9 +32,11 @@ static const char ctl_usage_text[] =
     "commands:\n"
     "  token USER [--ttl SECONDS]\n"
     "      print a token for USER (default ttl 3600 s)\n"
-    "  send [--url URL] --as USER (--to USER | --group GROUP) [--timeout MS] BODY\n"
-    "      send BODY, wait for the server's answer and print it as one JSON line;\n"
-    "      exit 0 on `sent`, 1 on `error`\n"
+    "  send [--url URL] --as USER (--to USER | --group GROUP) [--timeout MS]\n"
+    "       [--media ID | --forward ID] [BODY]\n"
+    "      send BODY and/or media ID (uploaded with POST /v1/media; --forward marks\n"
+    "      it forwarded), wait for the server's answer and print it as one JSON\n"
+    "      line; exit 0 on `sent`, 1 on `error`\n"
     "  listen [--url URL] --as USER\n"
     "      print every event as one JSON line and ack messages, receipts and\n"
     "      group events; runs until SIGINT/SIGTERM or the server closes\n"
@@ -52,7 +54,7 @@ static const char ctl_usage_text[] =
 
 typedef struct ctl_args {
     const char *cmd;
-    const char *url, *as, *to, *group, *token;
+    const char *url, *as, *to, *group, *token, *media, *forward;
     const char *ttl, *timeout;
     const char *pos[2];        /* positional arguments after the command */
     int npos;
@@ -81,9 +83,10 @@ static int ctl_usage_error(const char *fmt, const char *arg)
 /* Where the value of option name goes, or NULL if the option is unknown. */
 static const char **ctl_option_slot(ctl_args *a, const char *name)
 {
-    static const char *names[] = { "url", "as", "to", "group", "token", "ttl", "timeout" };
+    static const char *names[] = { "url", "as", "to", "group", "token", "ttl", "timeout",
+                                   "media", "forward" };
     const char **slots[] = { &a->url, &a->as, &a->to, &a->group, &a->token, &a->ttl,
-                             &a->timeout };
+                             &a->timeout, &a->media, &a->forward };
     for (size_t i = 0; i < PX_ARRAY_LEN(names); i++)
         if (strcmp(name, names[i]) == 0)
             return slots[i];
@@ -274,8 +277,13 @@ static int ctl_cmd_send(const ctl_args *a)
     client *cl = NULL;
     json_t *cmd = NULL;
     int rc = CTL_USAGE;
-    if (a->npos != 1) {
-        ctl_usage_error("%s", "send needs exactly one BODY");
+    const char *media = a->media != NULL ? a->media : a->forward;
+    if (a->media != NULL && a->forward != NULL) {
+        ctl_usage_error("%s", "send takes --media or --forward, not both");
+        goto out;
+    }
+    if (a->npos > 1 || (a->npos == 0 && media == NULL)) {
+        ctl_usage_error("%s", "send needs one BODY, or a media id and at most one BODY");
         goto out;
     }
     if ((a->to == NULL) == (a->group == NULL)) {
@@ -287,11 +295,17 @@ static int ctl_cmd_send(const ctl_args *a)
         goto out;
     }
     id_new(id);
-    cmd = json_pack("{s:s, s:s, s:s, s:s}", "type", "send", "id", id,
-                    a->to != NULL ? "to" : "group", a->to != NULL ? a->to : a->group,
-                    "body", a->pos[0]);
-    if (cmd == NULL) {
-        ctl_usage_error("%s", "BODY and recipient must be valid UTF-8");
+    cmd = json_pack("{s:s, s:s, s:s}", "type", "send", "id", id,
+                    a->to != NULL ? "to" : "group", a->to != NULL ? a->to : a->group);
+    int bad = cmd == NULL;
+    if (!bad && a->npos == 1)
+        bad = json_object_set_new(cmd, "body", json_string(a->pos[0])) != 0;
+    if (!bad && media != NULL)
+        bad = json_object_set_new(cmd, "media", json_string(media)) != 0;
+    if (!bad && a->forward != NULL)
+        bad = json_object_set_new(cmd, "forwarded", json_true()) != 0;
+    if (bad) {
+        ctl_usage_error("%s", "BODY, recipient and media id must be valid UTF-8");
         goto out;
     }
     rc = ctl_connect(a, &cl);
