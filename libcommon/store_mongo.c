@@ -2050,7 +2050,7 @@ static int sm_collect_ids(store *st, const char *coll, const bson_t *filter, con
     bson_error_t error;
     bson_iter_t it;
     bson_t *opts = BCON_NEW("projection", "{", field, BCON_INT32(1), "}",
-                            "limit", BCON_INT64((int64_t)max));
+                            "limit", BCON_INT64((int64_t)max), "singleBatch", BCON_BOOL(true));
     int rc = PX_OK;
 
     *n = 0;
@@ -2101,7 +2101,7 @@ static int sm_media_sweep_old(store *st, int64_t cutoff_ms, int64_t *gone, char 
     const bson_t *doc;
     bson_error_t error;
     bson_t filter = BSON_INITIALIZER;
-    bson_t *opts = BCON_NEW("limit", BCON_INT64(SM_MAX_BATCH));
+    bson_t *opts = BCON_NEW("limit", BCON_INT64(SM_MAX_BATCH), "singleBatch", BCON_BOOL(true));
     store_media *old = px_malloc(SM_MAX_BATCH * sizeof(*old));
     size_t n = 0;
     int rc = PX_OK;
