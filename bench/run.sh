@@ -66,8 +66,7 @@ cleanup() {
   trap - EXIT INT TERM
   services_down
   cp "$PARLEY_STACK_DIR"/*.log "$workdir/" 2>/dev/null || true
-  bash deploy/local/stack.sh stop all >&2 || true
-  rm -rf "$PARLEY_STACK_DIR"
+  bash deploy/local/stack.sh destroy >&2 || true
   if [ "$keep_logs" = 1 ]; then say "service logs kept in $workdir"; else rm -rf "$workdir"; fi
 }
 trap cleanup EXIT
