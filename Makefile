@@ -29,8 +29,12 @@ PROTOS   := $(wildcard proto/*.proto)
 PROTO_C  := $(patsubst proto/%.proto,$(GEN)/%.pb-c.c,$(PROTOS))
 PROTO_H  := $(PROTO_C:.c=.h)
 
+# The web client, embedded into libcommon (libcommon/web_assets.h).
+WEB_FILES := $(wildcard web/*.html web/*.js web/*.css web/*.svg web/*.png)
+WEB_C    := $(GEN)/web_assets_data.c
+
 LIB_SRC  := $(wildcard libcommon/*.c)
-LIB_OBJ  := $(patsubst %.c,$(OUT)/%.o,$(LIB_SRC)) $(patsubst $(GEN)/%.c,$(OUT)/gen/%.o,$(PROTO_C))
+LIB_OBJ  := $(patsubst %.c,$(OUT)/%.o,$(LIB_SRC)) $(patsubst $(GEN)/%.c,$(OUT)/gen/%.o,$(PROTO_C) $(WEB_C))
 LIB      := $(OUT)/libcommon.a
 
 SERVICE_BINS := $(addprefix $(OUT)/bin/,$(SERVICES))
@@ -50,6 +54,11 @@ all: $(SERVICE_BINS) $(TOOL_BINS) $(TEST_BINS) $(BENCH_BINS)
 $(GEN)/%.pb-c.c $(GEN)/%.pb-c.h: proto/%.proto
 	@mkdir -p $(GEN)
 	protoc-c --proto_path=proto --c_out=$(GEN) $<
+
+# web/ itself is a prerequisite so that removing a file regenerates too.
+$(WEB_C): web/embed.sh web $(WEB_FILES)
+	@mkdir -p $(GEN)
+	bash web/embed.sh $@ $(WEB_FILES)
 
 $(OUT)/gen/%.o: $(GEN)/%.c $(PROTO_H)
 	@mkdir -p $(dir $@)
