@@ -46,7 +46,7 @@ BENCH_BINS   := $(patsubst bench/%.c,$(OUT)/bin/%,$(wildcard bench/*.c))
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
 
-.PHONY: all deps test test-unit run stack-start stack-stop bench clean
+.PHONY: all deps test test-unit test-browser run stack-start stack-stop bench clean
 .DEFAULT_GOAL := all
 
 all: $(SERVICE_BINS) $(TOOL_BINS) $(TEST_BINS) $(BENCH_BINS)
@@ -106,6 +106,11 @@ test: deps
 test-unit:
 	$(MAKE) SAN=1 all
 	bash tests/run.sh build/san unit
+
+# Only the web client's browser tests (with the stack they need).
+test-browser: deps
+	$(MAKE) SAN=1 all
+	bash tests/run.sh build/san browser
 
 run: deps all
 	bash deploy/local/run.sh build/rel

@@ -270,7 +270,7 @@ function mediaView(m) {
   mediaUrl(m.id).then(
     (url) => box.replaceChildren(image
       ? el('img', { src: url, alt: `image, ${sizeText(m.size)}` })
-      : el('a', { href: url, download: `parley-${m.id}` }, `📄 ${m.content_type}, ${sizeText(m.size)}`)),
+      : el('a', { href: url, download: `parley-${m.id}` }, `File: ${m.content_type}, ${sizeText(m.size)}`)),
     (e) => box.replaceChildren(el('span', { class: 'media-error' }, `media unavailable (${errorText(e)})`)),
   );
   return box;
@@ -282,7 +282,7 @@ function showPreview(file) {
   const url = URL.createObjectURL(file);
   $('preview-media').replaceChildren(image
     ? el('img', { src: url, alt: 'preview' })
-    : el('span', {}, `📄 ${file.name} (${sizeText(file.size)})`));
+    : el('span', {}, `File: ${file.name} (${sizeText(file.size)})`));
   $('preview').hidden = false;
   $('preview-caption').focus();
 }

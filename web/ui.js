@@ -42,7 +42,7 @@ function preview(m) {
   if (m.system) return systemText(m);
   const who = m.mine ? 'You: ' : '';
   if (m.body) return who + m.body;
-  if (m.media) return `${who}${m.media.content_type.startsWith('image/') ? '📷 Photo' : '📄 File'}`;
+  if (m.media) return `${who}${m.media.content_type.startsWith('image/') ? 'Photo' : 'File'}`;
   return who;
 }
 
@@ -68,7 +68,7 @@ export function renderConvList(ul, convs, currentKey, onOpen) {
 function systemText(m) {
   const who = m.members.join(', ');
   switch (m.event) {
-    case 'created': return `${m.actor} created the group with ${who}`;
+    case 'created': return `${m.actor} created the group with ${m.members.filter((u) => u !== m.actor).join(', ')}`;
     case 'added': return `${m.actor} added ${who}`;
     case 'removed': return `${m.actor} removed ${who}`;
     case 'left': return `${who} left`;
@@ -77,7 +77,7 @@ function systemText(m) {
 }
 
 const TICKS = {
-  pending: ['🕓', 'Sending'],
+  pending: ['', 'Sending'], // a clock, drawn by style.css
   sent: ['✓', 'Sent'],
   delivered: ['✓✓', 'Delivered'],
   read: ['✓✓', 'Read'],

@@ -32,7 +32,8 @@ if [[ ! -x $PARLEY_CHROMIUM ]]; then
   echo "browser: no Chromium at $PARLEY_CHROMIUM (make deps installs Debian's)"
   exit 1
 fi
-if [[ ! -d tests/browser/node_modules/playwright-core ]]; then
+# npm ci again whenever the lock file changed since the last install.
+if [[ ! tests/browser/node_modules/.package-lock.json -nt tests/browser/package-lock.json ]]; then
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error) || exit 1
 fi
 
@@ -77,8 +78,12 @@ for p in "${ports[@]}"; do
   fi
 done
 
-node --test --test-concurrency=1 tests/browser/
-rc=$?
+out=$logs/node-test.out
+node --test --test-concurrency=1 tests/browser/ 2>&1 | tee "$out"
+rc=${PIPESTATUS[0]}
+# Summary lines for tests/run.sh: the counts, and why anything was skipped.
+echo "report: browser tests: $(grep -E '^# (pass|fail|skipped) [0-9]+$' "$out" | cut -c3- | paste -sd, - | sed 's/,/, /g')"
+grep -E '^ok .* # SKIP ' "$out" | sed -E 's/^ok [0-9]+ - (.*) # SKIP (.*)/report: skipped "\1": \2/'
 if ! stop_all; then
   echo "browser: a service did not exit cleanly (sanitizer report?); logs in $logs"
   tail -n 20 "$logs"/*.log
