@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import {
   BASE, PNG, WAIT_MS, devToken, imageLoaded, launch, mine, online, openConv, openPage, send, shot,
-  signIn, startChat, theirs, tick, tickNow, unreadBadge, userId, waitUnread,
+  signIn, startChat, startRelay, theirs, tick, tickNow, unreadBadge, userId, waitUnread,
 } from './lib.mjs';
 
 const A = userId('alice');
@@ -99,6 +99,35 @@ test('bob offline gets the backlog on connect, once, in order', async () => {
   await openConv(bob.page, `u:${A}`);
   assert.deepEqual(await bob.page.locator('.msg.theirs .body').allTextContents(), ['hello bob', ...texts]);
   assert.equal(await bob.page.locator('.msg.mine .body').allTextContents().then((l) => l.length), 1);
+});
+
+test('a lost connection comes back with backoff, and what was sent meanwhile goes out', async () => {
+  const relay = await startRelay();
+  const D = userId('dave');
+  let dave;
+  try {
+    dave = await signIn(browser, D, relay.url);
+    await startChat(dave.page, B);
+    await send(dave.page, 'before the cut');
+    await tick(dave.page, 'before the cut', 'delivered');
+
+    relay.cut();
+    await dave.page.locator('#conn-state[data-state="offline"]').waitFor({ timeout: WAIT_MS });
+    await send(dave.page, 'sent while offline');
+    await new Promise((ok) => setTimeout(ok, 4000));
+    assert.equal(await tickNow(dave.page, 'sent while offline'), 'pending');
+    const tries = relay.refused();
+    assert.ok(tries >= 1 && tries <= 6, `${tries} connection attempts in 4 s: expected a growing backoff`);
+    await shot(dave.page, 'dave-offline');
+
+    relay.restore();
+    await online(dave.page);
+    await tick(dave.page, 'sent while offline', 'delivered');
+    await waitUnread(bob.page, `u:${D}`, 2);
+  } finally {
+    await dave?.context.close();
+    await relay.close();
+  }
 });
 
 test('a group of three: create, send, ticks, remove, add, leave', async () => {

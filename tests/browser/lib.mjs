@@ -2,6 +2,7 @@
 // one browser context per user (its own localStorage, like its own
 // device), and small steps on the client's page. Every wait is bounded.
 import { mkdirSync } from 'node:fs';
+import { createConnection, createServer } from 'node:net';
 import { chromium } from 'playwright-core';
 
 export const BASE = process.env.PARLEY_WEB_URL || 'http://127.0.0.1:18100';
@@ -31,12 +32,12 @@ export async function shot(page, name) {
 }
 
 // Opens the client in a page, failing the test on any uncaught page error.
-export async function openPage(context) {
+export async function openPage(context, base = BASE) {
   const page = await context.newPage();
   page.on('pageerror', (e) => {
     throw new Error(`page error in ${context.parleyUser}: ${e.message}`);
   });
-  await page.goto(BASE);
+  await page.goto(base);
   return page;
 }
 
@@ -45,10 +46,10 @@ export async function online(page) {
 }
 
 // A fresh "device" for user: new context, sign in with a dev token.
-export async function signIn(browser, user) {
+export async function signIn(browser, user, base = BASE) {
   const context = await browser.newContext({ viewport: { width: 1000, height: 620 } });
   context.parleyUser = user;
-  const page = await openPage(context);
+  const page = await openPage(context, base);
   await page.fill('#signin-user', user);
   await page.click('#signin-form button[type=submit]');
   await online(page);
@@ -119,3 +120,56 @@ export const PNG = Buffer.from(
   'Hb7tAwEB1QNJaiAgIH3I6wAC0ockNRAQkD7kdQABlQYdyY+yRFDAk/AAAAAASUVORK5CYII=',
   'base64',
 );
+
+// A TCP relay in front of the gateway whose network can be cut: cut()
+// drops every relayed connection and refuses new ones (counting the
+// attempts) until restore(). A real network failure, seen by the browser.
+export async function startRelay() {
+  const target = new URL(BASE);
+  const pairs = new Set();
+  let up = true;
+  let refused = 0;
+  const server = createServer((client) => {
+    if (!up) {
+      refused += 1;
+      client.destroy();
+      return;
+    }
+    const upstream = createConnection(Number(target.port), target.hostname);
+    const pair = [client, upstream];
+    const drop = () => {
+      client.destroy();
+      upstream.destroy();
+      pairs.delete(pair);
+    };
+    pairs.add(pair);
+    client.pipe(upstream).on('error', drop);
+    upstream.pipe(client).on('error', drop);
+    client.on('close', drop);
+    upstream.on('close', drop);
+  });
+  await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    refused: () => refused,
+    cut() {
+      up = false;
+      refused = 0;
+      for (const [a, b] of pairs) {
+        a.destroy();
+        b.destroy();
+      }
+      pairs.clear();
+    },
+    restore() {
+      up = true;
+    },
+    close: () => new Promise((ok) => {
+      for (const [a, b] of pairs) {
+        a.destroy();
+        b.destroy();
+      }
+      server.close(ok);
+    }),
+  };
+}
