@@ -398,6 +398,11 @@ function wire() {
   on('file', 'change', () => $('file').files[0] && showPreview($('file').files[0]));
   on('preview-send', 'click', sendPreview);
   on('preview-cancel', 'click', closePreview);
+  on('forward-user', 'keydown', (e) => {
+    if (e.key !== 'Enter') return;
+    e.preventDefault(); // not the dialog's own submit, which would only close it
+    $('forward-user-go').click();
+  });
   on('forward-user-go', 'click', () => {
     const user = $('forward-user').value.trim();
     if (USER_RE.test(user)) forwardTo(`u:${user}`);

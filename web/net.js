@@ -125,6 +125,7 @@ export class Connection {
 
   connect() {
     this.retryTimer = null;
+    if (this.stopped) return;
     this.onState('connecting');
     const ws = new WebSocket(`${this.url}?access_token=${encodeURIComponent(this.token)}`);
     this.ws = ws;
@@ -146,8 +147,9 @@ export class Connection {
     const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** this.attempt);
     const delay = Math.round(cap / 2 + (Math.random() * cap) / 2);
     this.attempt += 1;
-    this.onState('offline', { delay, code: closeEvent.code, reason: closeEvent.reason });
+    // Armed before onState, which may stop() this connection for good.
     this.retryTimer = setTimeout(() => this.connect(), delay);
+    this.onState('offline', { delay, code: closeEvent.code, reason: closeEvent.reason });
   }
 
   // Fails every command still waiting: its answer can no longer come on

@@ -8,6 +8,7 @@ const SESSION_KEY = 'parley.session';
 const STATE_PREFIX = 'parley.state.';
 const MAX_MSGS_PER_CONV = 300;
 const MAX_SEEN_IDS = 5000;
+const MAX_ORPHAN_MSGS = 500; // receipts kept for messages not (yet) known here
 
 export function loadSession() {
   try {
@@ -190,9 +191,7 @@ export class Store {
   applyReceipt(ev) {
     const hit = this.findMsg(ev.msg_id);
     if (!hit || !hit.m.mine) {
-      const list = this.s.orphanReceipts[ev.msg_id] || [];
-      list.push({ msg_id: ev.msg_id, status: ev.status, by: ev.by });
-      this.s.orphanReceipts[ev.msg_id] = list.slice(-300);
+      this.keepOrphan(ev);
       return;
     }
     const m = hit.m;
@@ -202,6 +201,18 @@ export class Store {
     if (all(m.readBy)) m.status = 'read';
     else if (all(m.deliveredBy)) m.status = 'delivered';
     else if (m.status === 'pending') m.status = 'sent';
+  }
+
+  // A receipt for a message this client does not know by id: one whose
+  // `sent` answer has not come back yet (a resend after a reload), or one
+  // sent from another device of this user. Bounded, oldest dropped first.
+  keepOrphan(ev) {
+    const orphans = this.s.orphanReceipts;
+    const list = orphans[ev.msg_id] || [];
+    list.push({ msg_id: ev.msg_id, status: ev.status, by: ev.by });
+    orphans[ev.msg_id] = list.slice(-300);
+    const ids = Object.keys(orphans);
+    for (const id of ids.slice(0, Math.max(0, ids.length - MAX_ORPHAN_MSGS))) delete orphans[id];
   }
 
   // The ids of incoming messages in c not yet reported read; marks them.
