@@ -9,6 +9,7 @@ import { $, convTitle, el, renderConvList, renderGroupPanel, renderMessages, siz
 const USER_RE = /^[A-Za-z0-9._-]{1,64}$/;
 const IDS_PER_COMMAND = 1000; // the server's cap on `ack` / `read` ids
 const RETRY_SEND_MS = 2000;
+const CHANGE_BATCH_MS = 15;
 // Worth resending with the same id (the server dedupes it); anything else
 // is final for that message.
 const RETRYABLE = new Set(['disconnected', 'timeout', 'rate_limited', 'unavailable']);
@@ -17,7 +18,6 @@ let session = null; // {user, token, dev}
 let store = null;
 let conn = null;
 let current = null; // key of the open conversation
-let connState = 'offline';
 let acks = [];
 let inFlight = new Set(); // command ids of sends awaiting their answer
 let changeQueued = false;
@@ -105,7 +105,6 @@ async function renewToken() {
 // ---- connection and events ------------------------------------------------
 
 function onState(state, detail) {
-  connState = state;
   const label = {
     connecting: 'connecting…',
     syncing: 'syncing…',
@@ -153,17 +152,18 @@ function onEvent(ev) {
 
 // Coalesces the work after any change: save, draw, then ack what was
 // drawn (so an event is acked only once it is kept and shown), then report
-// reads of the open chat.
+// reads of the open chat. A timer rather than a microtask, so that a
+// backlog arriving as many frames is saved and drawn once per batch.
 function changed() {
   if (changeQueued) return;
   changeQueued = true;
-  queueMicrotask(() => {
+  setTimeout(() => {
     changeQueued = false;
     store.save();
     render();
     flushAcks();
     readIfVisible();
-  });
+  }, CHANGE_BATCH_MS);
 }
 
 function flushAcks() {
