@@ -65,15 +65,58 @@ function showSignIn(message) {
 function startSession(s) {
   session = s;
   saveSession(s);
-  store = new Store(s.user);
   $('signin').hidden = true;
-  $('app').hidden = false;
   $('me').textContent = s.user;
   const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/v1/ws`;
   conn = new Connection({ url: wsUrl, token: s.token, onEvent, onState });
+  holdWindow(false);
+}
+
+// ---- one window per user ---------------------------------------------------
+// Two windows of one user in one browser would overwrite each other's saved
+// state, so only the window holding a Web Lock runs; another shows "open in
+// another window" with a "Use here" button that makes the holder let go, as
+// WhatsApp Web does. (No Web Locks, as on a plain-http LAN address: no guard.)
+
+const windowChannel = 'BroadcastChannel' in window ? new BroadcastChannel('parley.windows') : null;
+let releaseWindow = null; // set while this window holds the lock
+
+function lockName() {
+  return `parley.window.${session.user}`;
+}
+
+function runHere() {
+  store = new Store(session.user); // what the other window saved last
+  $('elsewhere').hidden = true;
+  $('app').hidden = false;
   conn.start();
   changed();
+  return new Promise((release) => { releaseWindow = release; });
 }
+
+function showElsewhere() {
+  $('app').hidden = true;
+  $('elsewhere').hidden = false;
+}
+
+function holdWindow(takeOver) {
+  if (!navigator.locks) {
+    runHere();
+    return;
+  }
+  if (takeOver) windowChannel?.postMessage({ yield: session.user });
+  const opts = takeOver ? {} : { ifAvailable: true };
+  navigator.locks.request(lockName(), opts, (lock) => (lock ? runHere() : showElsewhere()));
+}
+
+windowChannel?.addEventListener('message', (e) => {
+  if (!releaseWindow || !session || e.data?.yield !== session.user) return;
+  conn.stop();
+  store.save();
+  releaseWindow();
+  releaseWindow = null;
+  showElsewhere();
+});
 
 function signOut() {
   conn.stop();
@@ -159,6 +202,7 @@ function changed() {
   changeQueued = true;
   setTimeout(() => {
     changeQueued = false;
+    if (navigator.locks && !releaseWindow) return; // another window owns the state
     store.save();
     render();
     flushAcks();
@@ -380,6 +424,7 @@ function wire() {
     }
   });
   on('signout', 'click', signOut);
+  on('use-here', 'click', () => holdWindow(true));
   on('new-chat', 'submit', (e) => {
     e.preventDefault();
     const user = $('new-chat-user').value.trim();

@@ -99,6 +99,14 @@ test('bob offline gets the backlog on connect, once, in order', async () => {
   await openConv(bob.page, `u:${A}`);
   assert.deepEqual(await bob.page.locator('.msg.theirs .body').allTextContents(), ['hello bob', ...texts]);
   assert.equal(await bob.page.locator('.msg.mine .body').allTextContents().then((l) => l.length), 1);
+
+  // Everything shown was acked: a new device of bob's (empty storage) gets
+  // no backlog from the server.
+  const fresh = await signIn(browser, B);
+  await new Promise((ok) => setTimeout(ok, 500)); // let anything synced be drawn
+  await shot(fresh.page, 'bob-new-device');
+  assert.equal(await fresh.page.locator('.conv').count(), 0, 'nothing left unacked on the server');
+  await fresh.context.close();
 });
 
 test('a lost connection comes back with backoff, and what was sent meanwhile goes out', async () => {
@@ -128,6 +136,26 @@ test('a lost connection comes back with backoff, and what was sent meanwhile goe
     await dave?.context.close();
     await relay.close();
   }
+});
+
+test('one window per user and browser; "Use here" moves the chat, state and all', async () => {
+  const second = await openPage(alice.context);
+  await second.locator('#elsewhere').waitFor({ timeout: WAIT_MS });
+  assert.equal(await second.locator('#app').isHidden(), true);
+  await second.click('#use-here');
+  await online(second);
+  await alice.page.locator('#elsewhere').waitFor({ timeout: WAIT_MS });
+  await openConv(second, `u:${B}`);
+  await send(second, 'from the second window');
+  await tick(second, 'from the second window', 'read'); // bob has alice's chat open
+  await shot(alice.page, 'alice-elsewhere');
+
+  await alice.page.click('#use-here');
+  await online(alice.page);
+  await second.locator('#elsewhere').waitFor({ timeout: WAIT_MS });
+  await openConv(alice.page, `u:${B}`);
+  await tick(alice.page, 'from the second window', 'read');
+  await second.close();
 });
 
 test('a group of three: create, send, ticks, remove, add, leave', async () => {

@@ -19,6 +19,7 @@ base=$(( ${PARLEY_E2E_PORT:-18080} + 20 ))
 export PARLEY_WEB_URL=http://127.0.0.1:$base
 export PARLEY_BROWSER_SHOTS=${PARLEY_BROWSER_SHOTS:-$root/build/browser-shots}
 export PARLEY_CHROMIUM=${PARLEY_CHROMIUM:-/usr/bin/chromium}
+mkdir -p "$PARLEY_BROWSER_SHOTS" && rm -f "$PARLEY_BROWSER_SHOTS"/*.png
 
 logs=$(mktemp -d /tmp/parley-browser.XXXXXX)
 run_id=web$(date +%s).$$
