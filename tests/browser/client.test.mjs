@@ -251,4 +251,11 @@ test('an image sent, loaded, forwarded with the "Forwarded" label', async (t) =>
   assert.match(await fwd.locator('.forwarded').textContent(), /Forwarded/);
   assert.equal(await imageLoaded(fwd), true, 'carol loads the forwarded image');
   await shot(carol.page, 'image-forwarded');
+
+  // After the ack and a reload the message comes from storage, and the
+  // image from the server again: access outlives the delivery.
+  await carol.page.reload();
+  await online(carol.page);
+  await openConv(carol.page, `u:${B}`);
+  assert.equal(await imageLoaded(theirs(carol.page, 'a picture')), true, 'the image loads after a reload');
 });
