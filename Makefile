@@ -29,8 +29,12 @@ PROTOS   := $(wildcard proto/*.proto)
 PROTO_C  := $(patsubst proto/%.proto,$(GEN)/%.pb-c.c,$(PROTOS))
 PROTO_H  := $(PROTO_C:.c=.h)
 
+# The web client, embedded into libcommon (libcommon/web_assets.h).
+WEB_FILES := $(wildcard web/*.html web/*.js web/*.css web/*.svg web/*.png)
+WEB_C    := $(GEN)/web_assets_data.c
+
 LIB_SRC  := $(wildcard libcommon/*.c)
-LIB_OBJ  := $(patsubst %.c,$(OUT)/%.o,$(LIB_SRC)) $(patsubst $(GEN)/%.c,$(OUT)/gen/%.o,$(PROTO_C))
+LIB_OBJ  := $(patsubst %.c,$(OUT)/%.o,$(LIB_SRC)) $(patsubst $(GEN)/%.c,$(OUT)/gen/%.o,$(PROTO_C) $(WEB_C))
 LIB      := $(OUT)/libcommon.a
 
 SERVICE_BINS := $(addprefix $(OUT)/bin/,$(SERVICES))
@@ -42,7 +46,7 @@ BENCH_BINS   := $(patsubst bench/%.c,$(OUT)/bin/%,$(wildcard bench/*.c))
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
 
-.PHONY: all deps test test-unit run stack-start stack-stop bench clean
+.PHONY: all deps test test-unit test-browser run stack-start stack-stop bench clean
 .DEFAULT_GOAL := all
 
 all: $(SERVICE_BINS) $(TOOL_BINS) $(TEST_BINS) $(BENCH_BINS)
@@ -50,6 +54,11 @@ all: $(SERVICE_BINS) $(TOOL_BINS) $(TEST_BINS) $(BENCH_BINS)
 $(GEN)/%.pb-c.c $(GEN)/%.pb-c.h: proto/%.proto
 	@mkdir -p $(GEN)
 	protoc-c --proto_path=proto --c_out=$(GEN) $<
+
+# web/ itself is a prerequisite so that removing a file regenerates too.
+$(WEB_C): web/embed.sh web $(WEB_FILES)
+	@mkdir -p $(GEN)
+	bash web/embed.sh $@ $(WEB_FILES)
 
 $(OUT)/gen/%.o: $(GEN)/%.c $(PROTO_H)
 	@mkdir -p $(dir $@)
@@ -97,6 +106,11 @@ test: deps
 test-unit:
 	$(MAKE) SAN=1 all
 	bash tests/run.sh build/san unit
+
+# Only the web client's browser tests (with the stack they need).
+test-browser: deps
+	$(MAKE) SAN=1 all
+	bash tests/run.sh build/san browser
 
 run: deps all
 	bash deploy/local/run.sh build/rel

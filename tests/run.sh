@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Runs Parley's test suites from a build folder: unit tests (no servers), then
-# integration and end-to-end tests against a real Kafka broker and
+# integration, end-to-end and browser tests against a real Kafka broker and
 # MongoDB-wire server that this script starts on private ports and a private
 # data folder, and stops on exit, pass or fail.
-#   tests/run.sh BUILD_DIR [unit|all]
+#   tests/run.sh BUILD_DIR [unit|browser|all]   (browser: the stack and the
+#   browser tests only, for iterating on the web client)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-build=${1:?usage: tests/run.sh BUILD_DIR [unit|all]}
+build=${1:?usage: tests/run.sh BUILD_DIR [unit|browser|all]}
 what=${2:-all}
 
 passed=0
 failed=0
 failures=()
 
-run_one() {
+run_one() { # program [args...]
   local bin=$1 log
   log=$(mktemp)
   local t0=$SECONDS
-  if "$bin" >"$log" 2>&1; then
+  if "$@" >"$log" 2>&1; then
     passed=$((passed + 1))
     echo "PASS $bin ($((SECONDS - t0))s): $(grep -E '^[0-9]+%: Checks' "$log" | tail -1)"
     grep -E '^report: ' "$log" | sed 's/^/    /' || true
@@ -34,10 +35,10 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
 for t in "$build"/tests/unit/test_*; do
-  [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
+  [[ $what != browser && -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
 done
 
-if [[ $what == all ]]; then
+if [[ $what == all || $what == browser ]]; then
   export PARLEY_STACK_DIR=${PARLEY_TEST_STACK_DIR:-$(mktemp -d /tmp/parley-test-stack.XXXXXX)}
   export PARLEY_KAFKA_PORT=${PARLEY_TEST_KAFKA_PORT:-29092}
   export PARLEY_KAFKA_CONTROLLER_PORT=${PARLEY_TEST_KAFKA_CONTROLLER_PORT:-29093}
@@ -52,12 +53,14 @@ if [[ $what == all ]]; then
   export PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT
   export PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false"
   for t in "$build"/tests/integration/test_*; do
-    [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
+    [[ $what == all && -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
   done
   export PARLEY_BUILD=$build
   for t in "$build"/tests/e2e/test_*; do
-    [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
+    [[ $what == all && -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
   done
+  # The web client in headless Chromium, against services of its own.
+  run_one tests/browser/run.sh "$build"
 fi
 
 echo
