@@ -1,0 +1,191 @@
+{{/*
+Names. Kubernetes names are capped at 63 characters; component suffixes are
+added after truncation to 50 so "-group-fanout" (13) still fits.
+*/}}
+{{- define "parley.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "parley.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "parley.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "parley.labels" -}}
+helm.sh/chart: {{ include "parley.chart" . }}
+app.kubernetes.io/name: {{ include "parley.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: parley
+{{- end }}
+
+{{/*
+Per-component labels and selector. Argument: dict "root" $ "component" NAME.
+The selector never changes across chart versions (selectors are immutable).
+*/}}
+{{- define "parley.componentLabels" -}}
+{{ include "parley.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "parley.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "parley.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+The four Kafka consumer services that run as Deployments: values key ->
+component name, which is also the binary name in the image.
+*/}}
+{{- define "parley.backends" -}}
+presence: presence
+messageStore: message-store
+receipt: receipt
+groupFanout: group-fanout
+{{- end }}
+
+{{/* Every component: values key -> name (the gateway included). */}}
+{{- define "parley.components" -}}
+gateway: gateway
+{{ include "parley.backends" . }}
+{{- end }}
+
+{{- define "parley.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "parley.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The chart-managed Secret (JWT key and/or Mongo URI). */}}
+{{- define "parley.secretName" -}}
+{{- include "parley.fullname" . }}
+{{- end }}
+
+{{/* True (non-empty) when the chart must create its own Secret. */}}
+{{- define "parley.needsSecret" -}}
+{{- if or (not .Values.auth.existingSecret) (not .Values.mongo.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/* image reference for a component. Argument: dict "root" $ "c" VALUES. */}}
+{{- define "parley.image" -}}
+{{- $img := mergeOverwrite (deepCopy .root.Values.image) (default (dict) .c.image) }}
+{{- printf "%s:%s" $img.repository (default .root.Chart.AppVersion ($img.tag | toString) | toString) }}
+{{- end }}
+
+{{- define "parley.imagePullPolicy" -}}
+{{- $img := mergeOverwrite (deepCopy .root.Values.image) (default (dict) .c.image) }}
+{{- $img.pullPolicy }}
+{{- end }}
+
+{{/*
+Pod template annotations: scrape hints, and checksums of the configuration
+so that a changed setting rolls the pods (the services read their
+environment only at start). Argument: dict "root" $ "c" VALUES "port" N.
+*/}}
+{{- define "parley.podAnnotations" -}}
+checksum/config: {{ include (print .root.Template.BasePath "/configmap.yaml") .root | sha256sum }}
+{{- if include "parley.needsSecret" .root }}
+checksum/secret-inputs: {{ printf "%s|%s" (toString .root.Values.auth.jwtSecret) (toString .root.Values.mongo.uri) | sha256sum }}
+{{- end }}
+{{- if .root.Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- with (default .root.Values.podAnnotations .c.podAnnotations) }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pod-level part shared by every component. Argument:
+dict "root" $ "c" VALUES "component" NAME.
+*/}}
+{{- define "parley.podCommon" -}}
+serviceAccountName: {{ include "parley.serviceAccountName" .root }}
+# The services never call the Kubernetes API.
+automountServiceAccountToken: false
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .root.Values.podSecurityContext | nindent 2 }}
+terminationGracePeriodSeconds: {{ .c.terminationGracePeriodSeconds }}
+{{- with (default .root.Values.nodeSelector .c.nodeSelector) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default .root.Values.tolerations .c.tolerations) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default .root.Values.affinity .c.affinity) }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if .root.Values.topologySpread.enabled }}
+topologySpreadConstraints:
+  - maxSkew: {{ .root.Values.topologySpread.maxSkew }}
+    topologyKey: {{ .root.Values.topologySpread.topologyKey }}
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- include "parley.selectorLabels" (dict "root" .root "component" .component) | nindent 8 }}
+{{- end }}
+volumes:
+  # The root filesystem is read-only; a small scratch /tmp for any library
+  # that wants one (none is known to).
+  - name: tmp
+    emptyDir:
+      sizeLimit: 16Mi
+{{- end }}
+
+{{/*
+Environment every container gets besides the ConfigMap: the secrets.
+Argument: dict "root" $ "jwt" BOOL.
+*/}}
+{{- define "parley.secretEnv" -}}
+- name: PARLEY_MONGO_URI
+  valueFrom:
+    secretKeyRef:
+      name: {{ default (include "parley.secretName" .root) .root.Values.mongo.existingSecret }}
+      key: {{ ternary .root.Values.mongo.existingSecretKey "PARLEY_MONGO_URI" (not (empty .root.Values.mongo.existingSecret)) }}
+{{- if .jwt }}
+- name: PARLEY_JWT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ default (include "parley.secretName" .root) .root.Values.auth.existingSecret }}
+      key: {{ ternary .root.Values.auth.existingSecretKey "PARLEY_JWT_SECRET" (not (empty .root.Values.auth.existingSecret)) }}
+{{- end }}
+{{- end }}
+
+{{/* Cross-field checks the schema cannot express. */}}
+{{- define "parley.validate" -}}
+{{- if le (int64 .Values.config.idleMs) (int64 .Values.config.pingMs) }}
+{{- fail (printf "config.idleMs (%v) must exceed config.pingMs (%v): the gateway refuses to start otherwise" .Values.config.idleMs .Values.config.pingMs) }}
+{{- end }}
+{{- range $key, $name := include "parley.components" . | fromYaml }}
+{{- $c := index $.Values $key }}
+{{- if and $c.autoscaling.enabled (gt (int64 $c.autoscaling.minReplicas) (int64 $c.autoscaling.maxReplicas)) }}
+{{- fail (printf "%s.autoscaling.minReplicas exceeds maxReplicas" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
