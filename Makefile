@@ -46,7 +46,7 @@ BENCH_BINS   := $(patsubst bench/%.c,$(OUT)/bin/%,$(wildcard bench/*.c))
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
 
-.PHONY: all deps test test-unit test-browser run stack-start stack-stop bench clean
+.PHONY: all deps test test-unit test-browser run stack-start stack-stop bench clean helm-check
 .DEFAULT_GOAL := all
 
 all: $(SERVICE_BINS) $(TOOL_BINS) $(TEST_BINS) $(BENCH_BINS)
@@ -122,6 +122,12 @@ stack-stop:
 
 bench: deps all
 	bash bench/run.sh build/rel
+
+# Offline checks of the Helm chart (lint, template, refused values, and the
+# Kubernetes schemas when kubernetes-validate is installed). Not part of
+# `make test`: helm is not a build dependency; skips when it is missing.
+helm-check:
+	bash helm/check.sh
 
 clean:
 	rm -rf build

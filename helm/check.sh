@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# `make helm-check`: offline checks of the Helm chart, no cluster needed.
+#   1. helm lint --strict, with the default values and each ci/*-values.yaml
+#   2. helm template of the same, into build/helm/
+#   3. values that must be refused (schema ranges, cross-field checks) are
+#   4. the rendered manifests against the Kubernetes OpenAPI schemas, with
+#      kubernetes-validate (PyPI) when it is installed
+# Skips (exit 0, with the reason) when helm is not installed: the chart is
+# not part of `make test`, and helm is not a build dependency.
+# Env: HELM (helm binary), KUBE_VERSION (default 1.31.0),
+#      KUBERNETES_VALIDATE (kubernetes-validate binary).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+CHART=helm/parley
+OUT=build/helm
+KUBE_VERSION=${KUBE_VERSION:-1.31.0}
+
+HELM=${HELM:-$(command -v helm || true)}
+if [ -z "$HELM" ] && command -v go >/dev/null && [ -x "$(go env GOPATH)/bin/helm" ]; then
+  HELM="$(go env GOPATH)/bin/helm"
+fi
+if [ -z "$HELM" ] || ! [ -x "$HELM" ]; then
+  echo "helm-check: SKIPPED: helm is not installed."
+  echo "  Install it with: GOFLAGS=-modcacherw go install helm.sh/helm/v3/cmd/helm@v3.22.0"
+  echo "  (or put helm on PATH, or set HELM=/path/to/helm)"
+  exit 0
+fi
+KV=${KUBERNETES_VALIDATE:-$(command -v kubernetes-validate || true)}
+
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok   $*"; }
+ko() { fail=$((fail + 1)); echo "FAIL $*"; }
+
+mkdir -p "$OUT"
+echo "helm-check: $("$HELM" version --short 2>/dev/null || "$HELM" version), Kubernetes $KUBE_VERSION"
+
+# Value sets: the defaults, then every ci/*-values.yaml.
+sets=("default:")
+for f in "$CHART"/ci/*-values.yaml; do
+  [ -e "$f" ] && sets+=("$(basename "$f" -values.yaml):$f")
+done
+
+for s in "${sets[@]}"; do
+  name=${s%%:*}
+  file=${s#*:}
+  args=()
+  [ -n "$file" ] && args=(-f "$file")
+  if "$HELM" lint --strict "$CHART" "${args[@]}" --kube-version "$KUBE_VERSION" >"$OUT/lint-$name.log" 2>&1; then
+    ok "lint --strict ($name)"
+  else
+    ko "lint --strict ($name): see $OUT/lint-$name.log"; cat "$OUT/lint-$name.log"
+  fi
+  if "$HELM" template parley "$CHART" --namespace parley "${args[@]}" \
+       --kube-version "$KUBE_VERSION" >"$OUT/$name.yaml" 2>"$OUT/template-$name.log"; then
+    ok "template ($name) -> $OUT/$name.yaml ($(grep -c '^kind:' "$OUT/$name.yaml") objects)"
+  else
+    ko "template ($name): $(cat "$OUT/template-$name.log")"
+  fi
+done
+
+# Values the chart must refuse, each with the message that says why.
+refuse() {
+  local why=$1 expect=$2
+  shift 2
+  local msg
+  if msg=$("$HELM" template parley "$CHART" --kube-version "$KUBE_VERSION" "$@" 2>&1 >/dev/null); then
+    ko "accepted $why ($*)"
+  elif grep -q -- "$expect" <<<"$msg"; then
+    ok "refused $why"
+  else
+    ko "refused $why, but not for the expected reason ($expect): $msg"
+  fi
+}
+refuse "partitions out of range" "partitions" --set config.partitions=0
+refuse "idleMs <= pingMs" "must exceed config.pingMs" --set config.idleMs=30000
+refuse "unknown service type" "type" --set gateway.service.type=Ingress
+refuse "privileged admin port" "adminPort" --set messageStore.adminPort=90
+refuse "HPA min > max" "minReplicas exceeds" --set receipt.autoscaling.enabled=true \
+  --set receipt.autoscaling.minReplicas=9 --set receipt.autoscaling.maxReplicas=3
+refuse "misspelt value" "additional properties" --set gateway.replica=3
+refuse "non-mongodb URI" "uri" --set mongo.uri=postgres://db/parley
+
+# The gateway id must come from the pod name (unique, stable).
+if grep -q 'fieldPath: metadata.name' "$OUT/default.yaml"; then
+  ok "PARLEY_GATEWAY_ID from metadata.name"
+else
+  ko "PARLEY_GATEWAY_ID is not taken from metadata.name"
+fi
+
+if [ -n "$KV" ]; then
+  for s in "${sets[@]}"; do
+    name=${s%%:*}
+    # CRDs (ServiceMonitor) have no schema there: a warning, not a failure.
+    if "$KV" -k "$KUBE_VERSION" --strict --quiet "$OUT/$name.yaml" >"$OUT/validate-$name.log" 2>&1; then
+      ok "kubernetes-validate --strict -k $KUBE_VERSION ($name)$(grep -q WARN "$OUT/validate-$name.log" && echo ": $(grep WARN "$OUT/validate-$name.log" | sed 's/.*WARN [^ ]* //' | tr '\n' ' ')")"
+    else
+      ko "kubernetes-validate ($name)"; cat "$OUT/validate-$name.log"
+    fi
+  done
+else
+  echo "skip kubernetes schema validation: kubernetes-validate is not installed (pip install kubernetes-validate)"
+fi
+
+echo "helm-check: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]
