@@ -182,6 +182,9 @@ Argument: dict "root" $ "jwt" BOOL.
 {{- if le (int64 .Values.config.idleMs) (int64 .Values.config.pingMs) }}
 {{- fail (printf "config.idleMs (%v) must exceed config.pingMs (%v): the gateway refuses to start otherwise" .Values.config.idleMs .Values.config.pingMs) }}
 {{- end }}
+{{- if ge (int .Values.gateway.preStopSleepSeconds) (int .Values.gateway.terminationGracePeriodSeconds) }}
+{{- fail "gateway.preStopSleepSeconds must be shorter than gateway.terminationGracePeriodSeconds, or the gateway is killed before it can close its connections" }}
+{{- end }}
 {{- range $key, $name := include "parley.components" . | fromYaml }}
 {{- $c := index $.Values $key }}
 {{- if and $c.autoscaling.enabled (gt (int64 $c.autoscaling.minReplicas) (int64 $c.autoscaling.maxReplicas)) }}
