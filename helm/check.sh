@@ -82,6 +82,28 @@ refuse "HPA min > max" "minReplicas exceeds" --set receipt.autoscaling.enabled=t
 refuse "misspelt value" "additional properties" --set gateway.replica=3
 refuse "non-mongodb URI" "uri" --set mongo.uri=postgres://db/parley
 
+# NOTES.txt is rendered only by install/upgrade, which want a cluster:
+# render it through a copy of the chart where it is an ordinary template.
+notes_dir=$(mktemp -d)
+trap 'rm -rf "$notes_dir"' EXIT
+cp -r "$CHART" "$notes_dir/parley"
+{ echo '{{- define "parley.notesCheck" -}}'; cat "$CHART/templates/NOTES.txt"; echo '{{- end }}'; } \
+  >"$notes_dir/parley/templates/_notes_check.tpl"
+rm "$notes_dir/parley/templates/NOTES.txt"
+printf 'notes: |\n  {{- include "parley.notesCheck" . | nindent 2 }}\n' >"$notes_dir/parley/templates/notes-check.yaml"
+for s in "${sets[@]}"; do
+  name=${s%%:*}
+  file=${s#*:}
+  args=()
+  [ -n "$file" ] && args=(-f "$file")
+  if "$HELM" template parley "$notes_dir/parley" --kube-version "$KUBE_VERSION" "${args[@]}" \
+       --show-only templates/notes-check.yaml >"$OUT/notes-$name.txt" 2>&1; then
+    ok "NOTES.txt renders ($name) -> $OUT/notes-$name.txt"
+  else
+    ko "NOTES.txt ($name): $(cat "$OUT/notes-$name.txt")"
+  fi
+done
+
 # The gateway id must come from the pod name (unique, stable).
 if grep -q 'fieldPath: metadata.name' "$OUT/default.yaml"; then
   ok "PARLEY_GATEWAY_ID from metadata.name"
