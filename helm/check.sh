@@ -3,12 +3,16 @@
 #   1. helm lint --strict, with the default values and each ci/*-values.yaml
 #   2. helm template of the same, into build/helm/
 #   3. values that must be refused (schema ranges, cross-field checks) are
-#   4. the rendered manifests against the Kubernetes OpenAPI schemas, with
+#   4. NOTES.txt renders
+#   5. when the service binaries are built (build/rel/bin, or PARLEY_BIN):
+#      each service starts with the rendered ConfigMap and env and gets past
+#      its configuration checks (it then fails to reach Kafka, on purpose)
+#   6. the rendered manifests against the Kubernetes OpenAPI schemas, with
 #      kubernetes-validate (PyPI) when it is installed
 # Skips (exit 0, with the reason) when helm is not installed: the chart is
 # not part of `make test`, and helm is not a build dependency.
 # Env: HELM (helm binary), KUBE_VERSION (default 1.31.0),
-#      KUBERNETES_VALIDATE (kubernetes-validate binary).
+#      KUBERNETES_VALIDATE (kubernetes-validate binary), PARLEY_BIN.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -109,6 +113,48 @@ if grep -q 'fieldPath: metadata.name' "$OUT/default.yaml"; then
   ok "PARLEY_GATEWAY_ID from metadata.name"
 else
   ko "PARLEY_GATEWAY_ID is not taken from metadata.name"
+fi
+
+# The services refuse a setting that does not parse (exit 2, "bad
+# configuration"): run each one with exactly the environment the chart
+# gives its pod. Kafka points at a closed local port so nothing gets past
+# start-up (no listener is bound); the run is cut after 3 s.
+BIN=${PARLEY_BIN:-build/rel/bin}
+if [ -x "$BIN/gateway" ] && command -v python3 >/dev/null; then
+  for s in "${sets[@]}"; do
+    name=${s%%:*}
+    for svc in gateway presence message-store receipt group-fanout; do
+      mapfile -t envs < <(python3 - "$OUT/$name.yaml" "$svc" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+cm = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+pod = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
+           and d["metadata"]["labels"]["app.kubernetes.io/component"] == sys.argv[2])
+env = dict(cm)
+for e in pod["spec"]["template"]["spec"]["containers"][0].get("env", []):
+    if "value" in e:
+        env[e["name"]] = e["value"]
+    elif "fieldRef" in e.get("valueFrom", {}):
+        env[e["name"]] = pod["metadata"]["name"] + "-0"   # the pod name
+    else:                                                 # from a Secret
+        env[e["name"]] = {"PARLEY_MONGO_URI": "mongodb://127.0.0.1:1/?retryWrites=false",
+                          "PARLEY_JWT_SECRET": "x" * 48}.get(e["name"], "x")
+env["PARLEY_KAFKA_BROKERS"] = "127.0.0.1:1"
+for k, v in env.items():
+    print(f"{k}={v}")
+PY
+)
+      log=$(timeout 3 env -i "${envs[@]}" "$BIN/$svc" 2>&1)
+      rc=$?
+      if [ "$rc" -eq 2 ] || grep -q '"bad configuration"' <<<"$log"; then
+        ko "$svc refuses the $name configuration: $(grep -m1 'bad configuration' <<<"$log")"
+      else
+        ok "$svc accepts the $name configuration"
+      fi
+    done
+  done
+else
+  echo "skip service configuration check: no service binaries in $BIN (run make, or set PARLEY_BIN)"
 fi
 
 if [ -n "$KV" ]; then
