@@ -120,30 +120,13 @@ fi
 # gives its pod. Kafka points at a closed local port so nothing gets past
 # start-up (no listener is bound); the run is cut after 3 s.
 BIN=${PARLEY_BIN:-build/rel/bin}
-if [ -x "$BIN/gateway" ] && command -v python3 >/dev/null; then
+if [ -x "$BIN/gateway" ] && python3 -c "import yaml" 2>/dev/null; then
   for s in "${sets[@]}"; do
     name=${s%%:*}
     for svc in gateway presence message-store receipt group-fanout; do
-      mapfile -t envs < <(python3 - "$OUT/$name.yaml" "$svc" <<'PY'
-import sys, yaml
-docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-cm = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
-pod = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
-           and d["metadata"]["labels"]["app.kubernetes.io/component"] == sys.argv[2])
-env = dict(cm)
-for e in pod["spec"]["template"]["spec"]["containers"][0].get("env", []):
-    if "value" in e:
-        env[e["name"]] = e["value"]
-    elif "fieldRef" in e.get("valueFrom", {}):
-        env[e["name"]] = pod["metadata"]["name"] + "-0"   # the pod name
-    else:                                                 # from a Secret
-        env[e["name"]] = {"PARLEY_MONGO_URI": "mongodb://127.0.0.1:1/?retryWrites=false",
-                          "PARLEY_JWT_SECRET": "x" * 48}.get(e["name"], "x")
-env["PARLEY_KAFKA_BROKERS"] = "127.0.0.1:1"
-for k, v in env.items():
-    print(f"{k}={v}")
-PY
-)
+      mapfile -t envs < <(python3 helm/podenv.py "$OUT/$name.yaml" "$svc" \
+        PARLEY_KAFKA_BROKERS=127.0.0.1:1 PARLEY_JWT_SECRET="$(printf 'x%.0s' {1..48})" \
+        PARLEY_MONGO_URI='mongodb://127.0.0.1:1/?retryWrites=false')
       log=$(timeout 3 env -i "${envs[@]}" "$BIN/$svc" 2>&1)
       rc=$?
       if [ "$rc" -eq 2 ] || grep -q '"bad configuration"' <<<"$log"; then
@@ -154,7 +137,7 @@ PY
     done
   done
 else
-  echo "skip service configuration check: no service binaries in $BIN (run make, or set PARLEY_BIN)"
+  echo "skip service configuration check: no service binaries in $BIN (run make, or set PARLEY_BIN), or no python3 with PyYAML"
 fi
 
 if [ -n "$KV" ]; then

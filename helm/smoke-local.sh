@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Runs the five services on this machine with exactly the environment the
+# chart renders for their pods (helm/podenv.py), against a private local
+# Kafka + MongoDB-wire stack (deploy/local/stack.sh, own ports and data dir),
+# then checks what Kubernetes would: /healthz and /readyz answer 200 on the
+# probe ports, /metrics serves parley_* series, one message goes from alice
+# to bob through the gateway, and SIGTERM stops each service well inside its
+# terminationGracePeriodSeconds. Stops and deletes everything it started.
+# Only the listen addresses differ from a pod (loopback ports here, since the
+# pods' 8080/9090 cannot all bind on one host), and the topic replication
+# factor is 1 (one broker).
+# Needs: helm (HELM), built binaries (build/rel/bin or PARLEY_BIN), python3
+# with PyYAML, curl. Not part of `make test` or `make helm-check`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+HELM=${HELM:-$(command -v helm || true)}
+BIN=${PARLEY_BIN:-build/rel/bin}
+[ -n "$HELM" ] || { echo "smoke-local: helm not found (set HELM)"; exit 1; }
+[ -x "$BIN/gateway" ] || { echo "smoke-local: no binaries in $BIN (run make)"; exit 1; }
+
+export PARLEY_STACK_DIR=${PARLEY_STACK_DIR:-/tmp/parley-helm-smoke}
+export PARLEY_KAFKA_PORT=${PARLEY_KAFKA_PORT:-39092}
+export PARLEY_KAFKA_CONTROLLER_PORT=${PARLEY_KAFKA_CONTROLLER_PORT:-39093}
+export PARLEY_MONGO_PORT=${PARLEY_MONGO_PORT:-37018}
+export PARLEY_FERRETDB_BACKEND=${PARLEY_FERRETDB_BACKEND:-sqlite}
+BASE=${SMOKE_PORT_BASE:-38080}
+OUT=build/helm-smoke
+mkdir -p "$OUT"
+
+declare -A PORT=([gateway]=$BASE [presence]=$((BASE + 1)) [message-store]=$((BASE + 2))
+                 [receipt]=$((BASE + 3)) [group-fanout]=$((BASE + 4)))
+SERVICES=(presence message-store receipt group-fanout gateway)
+declare -A PID=()
+SECRET=$(printf 'k%.0s' {1..48})
+
+cleanup() {
+  for s in "${!PID[@]}"; do kill -TERM "${PID[$s]}" 2>/dev/null; done
+  wait 2>/dev/null
+  bash deploy/local/stack.sh destroy >/dev/null 2>&1
+}
+trap cleanup EXIT
+
+pass=0; fail=0
+ok() { pass=$((pass + 1)); echo "ok   $*"; }
+ko() { fail=$((fail + 1)); echo "FAIL $*"; }
+
+bash deploy/local/stack.sh start >"$OUT/stack.log" 2>&1 || { cat "$OUT/stack.log"; exit 1; }
+"$HELM" template parley helm/parley --kube-version 1.31.0 "$@" \
+  --set kafka.replicationFactor=1 --set config.topicPrefix="smoke$$." >"$OUT/rendered.yaml" || exit 1
+
+for s in "${SERVICES[@]}"; do
+  mapfile -t envs < <(python3 helm/podenv.py "$OUT/rendered.yaml" "$s" \
+    PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT \
+    PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false" \
+    PARLEY_JWT_SECRET="$SECRET" \
+    PARLEY_LISTEN=127.0.0.1:${PORT[$s]} PARLEY_ADMIN_LISTEN=127.0.0.1:${PORT[$s]})
+  env -i "${envs[@]}" "$BIN/$s" >"$OUT/$s.log" 2>&1 &
+  PID[$s]=$!
+done
+
+for s in "${SERVICES[@]}"; do
+  url=http://127.0.0.1:${PORT[$s]}
+  code=000
+  for _ in $(seq 120); do   # the startup probe allows 60 s
+    code=$(curl -s -m 2 -o /dev/null -w '%{http_code}' "$url/readyz")
+    [ "$code" = 200 ] && break
+    sleep 0.5
+  done
+  if [ "$code" = 200 ] && [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "$url/healthz")" = 200 ]; then
+    ok "$s: /healthz and /readyz 200"
+  else
+    ko "$s: /readyz $code (log: $OUT/$s.log)"
+  fi
+  n=$(curl -s -m 2 "$url/metrics" | grep -c '^parley_')
+  [ "$n" -gt 0 ] && ok "$s: /metrics, $n parley_* lines" || ko "$s: no parley_* metrics"
+done
+
+export PARLEY_JWT_SECRET=$SECRET PARLEY_URL=ws://127.0.0.1:${PORT[gateway]}
+timeout 15 "$BIN/parleyctl" listen --as bob >"$OUT/listen.out" 2>&1 &
+sleep 2
+timeout 10 "$BIN/parleyctl" send --as alice --to bob "smoke $$" >"$OUT/send.out" 2>&1
+for _ in $(seq 20); do grep -q "smoke $$" "$OUT/listen.out" && break; sleep 0.5; done
+grep -q "\"body\":\"smoke $$\"" "$OUT/listen.out" && ok "alice -> bob delivered through the gateway" \
+  || ko "message not delivered (send: $(cat "$OUT/send.out"))"
+
+for s in gateway "${SERVICES[@]:0:4}"; do
+  grace=$(python3 -c "
+import sys, yaml
+d = [x for x in yaml.safe_load_all(open('$OUT/rendered.yaml')) if x and x['kind'] in ('Deployment', 'StatefulSet')
+     and x['metadata']['labels']['app.kubernetes.io/component'] == '$s'][0]
+print(d['spec']['template']['spec']['terminationGracePeriodSeconds'])")
+  t0=$(date +%s%N)
+  kill -TERM "${PID[$s]}"
+  wait "${PID[$s]}"
+  rc=$?
+  ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  unset "PID[$s]"
+  if [ "$rc" -eq 0 ] && [ "$ms" -lt $((grace * 1000)) ]; then
+    ok "$s: SIGTERM -> exit 0 in $ms ms (grace ${grace} s)"
+  else
+    ko "$s: SIGTERM -> exit $rc in $ms ms (grace ${grace} s)"
+  fi
+done
+
+echo "smoke-local: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]
