@@ -223,7 +223,7 @@ static void ss_row_event(sqlite3_stmt *s, store_event *ev)
 }
 
 /* Visits the rows of a prepared, bound query; stops at a callback's
- * non-PX_OK, which is returned. */
+ * non-PX_OK, which is returned. cb may be NULL (an ack nobody watches). */
 static int ss_visit(store *st, sqlite3_stmt *s, store_event_cb cb, void *arg, char *err,
                     size_t errlen)
 {
@@ -231,7 +231,7 @@ static int ss_visit(store *st, sqlite3_stmt *s, store_event_cb cb, void *arg, ch
     while ((step = sqlite3_step(s)) == SQLITE_ROW) {
         store_event ev;
         ss_row_event(s, &ev);
-        int rc = cb(arg, &ev);
+        int rc = cb != NULL ? cb(arg, &ev) : PX_OK;
         if (rc != PX_OK)
             return rc;
     }
@@ -459,7 +459,7 @@ int store_track_get(store *st, const store_track *keys, size_t n, store_track_cb
                               (const char *)sqlite3_column_text(s, 2),
                               (const char *)sqlite3_column_text(s, 3),
                               sqlite3_column_int64(s, 4) };
-            rc = cb(arg, &t);
+            rc = cb != NULL ? cb(arg, &t) : PX_OK;
         } else if (step != SQLITE_DONE) {
             rc = ss_fail(st, "track get", err, errlen);
         }
@@ -654,7 +654,7 @@ static int ss_group_row(sqlite3_stmt *s, store_group_cb cb, void *arg)
                       .admins = admins, .nadmins = ss_list_parse(a, admins, STORE_GROUP_MAX),
                       .applied = sqlite3_column_int64(s, 5),
                       .ts_ms = sqlite3_column_int64(s, 6) };
-    int rc = cb(arg, &g);
+    int rc = cb != NULL ? cb(arg, &g) : PX_OK;
     json_decref(m);
     json_decref(a);
     return rc;

@@ -1,4 +1,5 @@
 /* End-to-end harness: starts the real Parley services as child processes
+ * (or, with PARLEY_E2E_MODE=parleyd, one parleyd standing for all of them)
  * against the real Kafka broker and MongoDB-wire server that tests/run.sh
  * started, each run on its own topic prefix and database so runs never see
  * each other's data; kills and restarts them for crash tests. */
