@@ -54,7 +54,7 @@ BENCH_BINS   := $(patsubst bench/%.c,$(OUT)/bin/%,$(wildcard bench/*.c))
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
 
-.PHONY: all deps test test-unit run run-stack stack-start stack-stop bench clean
+.PHONY: all deps test test-unit test-parleyd run run-stack stack-start stack-stop bench clean
 .DEFAULT_GOAL := all
 
 all: $(SERVICE_BINS) $(OUT)/bin/parleyd $(TOOL_BINS) $(TEST_BINS) $(BENCH_BINS)
@@ -141,6 +141,11 @@ test: deps
 test-unit:
 	$(MAKE) SAN=1 all
 	bash tests/run.sh build/san unit
+
+# Unit tests and the end-to-end suite against parleyd: no Kafka, no MongoDB.
+test-parleyd:
+	$(MAKE) SAN=1 all
+	bash tests/run.sh build/san parleyd
 
 # The embedded default: one process, data in ./data/, no Kafka or MongoDB.
 run: all

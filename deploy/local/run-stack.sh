@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make run`: starts the local Kafka + MongoDB-wire server and every Parley
+# `make run-stack`: starts the local Kafka + MongoDB-wire server and every Parley
 # service in dev mode, gateway on PARLEY_LISTEN (default 0.0.0.0:8080).
 # Ctrl-C stops the services; the stack keeps running for the next start
 # (`make stack-stop` stops it).

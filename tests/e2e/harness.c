@@ -96,6 +96,18 @@ static void e2e_setenv(void)
     e2e_procs[E2E_RECEIPT].port = base + 5;
 }
 
+void e2e_extra_gateway(const char *id, char *bin, size_t binlen)
+{
+    e2e_setenv();
+    const char *build = getenv("PARLEY_BUILD") ? getenv("PARLEY_BUILD") : "build/san";
+    snprintf(bin, binlen, "%s/bin/%s", build, e2e_parleyd ? "parleyd" : "gateway");
+    if (!e2e_parleyd)
+        return;
+    char data[400];
+    snprintf(data, sizeof(data), "%s/data-%s", e2e_logdir, id);
+    setenv("PARLEY_DATA_DIR", data, 1);
+}
+
 static pid_t e2e_spawn(enum e2e_svc s)
 {
     struct e2e_proc *p = &e2e_procs[s];
