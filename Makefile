@@ -119,9 +119,15 @@ $(OUT)/tests/e2e/test_%: $(OUT)/tests/e2e/test_%.o $(OUT)/tests/e2e/harness.o $(
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
-# One store contract test, compiled once per implementation.
-$(OUT)/tests/integration/test_store_sqlite: $(OUT)/tests/integration/test_store_mongo.o \
-                                            $(LIB_EMBED) $(OUT)/libcommon.a
+# One store contract suite (store_contract.c), run by one program per
+# implementation, each linked with its own.
+$(OUT)/tests/integration/test_store_mongo: $(OUT)/tests/integration/test_store_mongo.o \
+        $(OUT)/tests/integration/store_contract.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
+$(OUT)/tests/integration/test_store_sqlite: $(OUT)/tests/integration/test_store_sqlite.o \
+        $(OUT)/tests/integration/store_contract.o $(LIB_EMBED) $(OUT)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 

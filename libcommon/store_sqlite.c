@@ -439,35 +439,43 @@ int store_track_put(store *st, const store_track *t, size_t n, char *err, size_t
     return ss_end(st, rc, err, errlen);
 }
 
+/* The keys go through a temporary table so a pair named twice is visited
+ * once, as a query on a set does in MongoDB. */
 int store_track_get(store *st, const store_track *keys, size_t n, store_track_cb cb,
                     void *arg, char *err, size_t errlen)
 {
     int rc = ss_check_track(keys, n, 0, "track get", err, errlen);
     if (rc != PX_OK || n == 0)
         return rc;
-    pthread_mutex_lock(&st->mu);
-    sqlite3_stmt *s = ss_prep(st, "SELECT reader, msg_id, sender, grp, ts FROM track"
-                              " WHERE reader=? AND msg_id=?", err, errlen);
-    rc = s != NULL ? PX_OK : PX_ERROR;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_exec(st->db, "CREATE TEMP TABLE IF NOT EXISTS ss_keys (reader TEXT, msg_id TEXT,"
+                 " PRIMARY KEY (reader, msg_id)); DELETE FROM ss_keys", NULL, NULL, NULL);
+    sqlite3_stmt *ins = ss_prep(st, "INSERT OR IGNORE INTO ss_keys VALUES (?,?)", err, errlen);
+    rc = ins != NULL ? PX_OK : PX_ERROR;
     for (size_t i = 0; i < n && rc == PX_OK; i++) {
-        ss_text(s, 1, keys[i].reader);
-        ss_text(s, 2, keys[i].msg_id);
-        int step = sqlite3_step(s);
-        if (step == SQLITE_ROW) {
-            store_track t = { (const char *)sqlite3_column_text(s, 0),
-                              (const char *)sqlite3_column_text(s, 1),
-                              (const char *)sqlite3_column_text(s, 2),
-                              (const char *)sqlite3_column_text(s, 3),
-                              sqlite3_column_int64(s, 4) };
-            rc = cb != NULL ? cb(arg, &t) : PX_OK;
-        } else if (step != SQLITE_DONE) {
-            rc = ss_fail(st, "track get", err, errlen);
-        }
-        sqlite3_reset(s);
+        ss_text(ins, 1, keys[i].reader);
+        ss_text(ins, 2, keys[i].msg_id);
+        rc = ss_run(st, ins, "track get", err, errlen);
     }
+    sqlite3_finalize(ins);
+    sqlite3_stmt *s = rc == PX_OK ? ss_prep(st, "SELECT t.reader, t.msg_id, t.sender, t.grp,"
+                                            " t.ts FROM track t JOIN ss_keys k ON"
+                                            " k.reader = t.reader AND k.msg_id = t.msg_id",
+                                            err, errlen) : NULL;
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    int step = SQLITE_DONE;
+    while (rc == PX_OK && (step = sqlite3_step(s)) == SQLITE_ROW) {
+        store_track t = { (const char *)sqlite3_column_text(s, 0),
+                          (const char *)sqlite3_column_text(s, 1),
+                          (const char *)sqlite3_column_text(s, 2),
+                          (const char *)sqlite3_column_text(s, 3), sqlite3_column_int64(s, 4) };
+        rc = cb != NULL ? cb(arg, &t) : PX_OK;
+    }
+    if (rc == PX_OK && step != SQLITE_DONE)
+        rc = ss_fail(st, "track get", err, errlen);
     sqlite3_finalize(s);
-    pthread_mutex_unlock(&st->mu);
-    return rc;
+    return ss_end(st, rc, err, errlen);
 }
 
 int store_track_delete(store *st, const store_track *keys, size_t n, int64_t *removed,
