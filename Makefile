@@ -38,7 +38,7 @@ PROTO_C  := $(patsubst proto/%.proto,$(GEN)/%.pb-c.c,$(PROTOS))
 PROTO_H  := $(PROTO_C:.c=.h)
 
 STACK_SRC := libcommon/bus_kafka.c libcommon/store_mongo.c
-EMBED_SRC := libcommon/bus_sqlite.c libcommon/store_sqlite.c
+EMBED_SRC := libcommon/bus_sqlite.c libcommon/store_sqlite.c libcommon/sqldb.c
 LIB_SRC  := $(filter-out $(STACK_SRC) $(EMBED_SRC),$(wildcard libcommon/*.c))
 LIB_OBJ  := $(patsubst %.c,$(OUT)/%.o,$(LIB_SRC)) $(patsubst $(GEN)/%.c,$(OUT)/gen/%.o,$(PROTO_C))
 LIB_STACK := $(OUT)/libparley-stack.a

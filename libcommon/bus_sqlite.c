@@ -18,6 +18,7 @@
 #include "bus.h"
 #include "common.h"
 #include "config.h"
+#include "sqldb.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -97,7 +98,7 @@ struct bus_hub {
     pthread_mutex_t dbmu;     /* db; never taken while holding mu */
     pthread_cond_t cv_work;   /* writer: records or commits to write */
     pthread_cond_t cv_done;   /* reports posted, records durable, wake-ups */
-    sqlite3 *db;
+    sqldb d;                  /* under dbmu */
     int refs;
     int stop;
     pthread_t writer;
@@ -199,34 +200,12 @@ static const char bus_schema[] =
     " part INTEGER NOT NULL, off INTEGER NOT NULL, PRIMARY KEY (grp, topic, part))"
     " WITHOUT ROWID;";
 
-/* Opens PARLEY_DATA_DIR/parley.db (shared with store_sqlite.c) for the bus. */
-int bus_sqlite_open_db(sqlite3 **db, char *err, size_t errlen)
-{
-    char path[4096];
-    snprintf(path, sizeof(path), "%s/parley.db", config_str("PARLEY_DATA_DIR", "data"));
-    if (sqlite3_open_v2(path, db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
-                        SQLITE_OPEN_FULLMUTEX, NULL) != SQLITE_OK) {
-        px_err(err, errlen, "sqlite open %s: %s", path, *db ? sqlite3_errmsg(*db) : "no memory");
-        sqlite3_close(*db);
-        *db = NULL;
-        return PX_ERROR;
-    }
-    sqlite3_busy_timeout(*db, 10000);
-    if (bus_exec(*db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;", err,
-                 errlen) != PX_OK) {
-        sqlite3_close(*db);
-        *db = NULL;
-        return PX_ERROR;
-    }
-    return PX_OK;
-}
-
 static int bus_hub_load(bus_hub *h, char *err, size_t errlen)
 {
     sqlite3_stmt *s = NULL;
-    if (sqlite3_prepare_v2(h->db, "SELECT topic, part, next FROM bus_parts ORDER BY topic, part",
-                           -1, &s, NULL) != SQLITE_OK)
-        return bus_sql_err(h->db, "load", err, errlen);
+    if ((s = sqldb_stmt(&h->d, "SELECT topic, part, next FROM bus_parts ORDER BY topic, part",
+                        err, errlen)) == NULL)
+        return PX_ERROR;
     int rc;
     while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
         const char *name = (const char *)sqlite3_column_text(s, 0);
@@ -235,14 +214,14 @@ static int bus_hub_load(bus_hub *h, char *err, size_t errlen)
         if (t == NULL)
             t = bus_topic_add(h, name, BUS_MAX_PARTS);
         if (t == NULL || part < 0 || part >= BUS_MAX_PARTS) {
-            sqlite3_finalize(s);
+            sqldb_done(s);
             return px_err(err, errlen, "sqlite bus: bad partition table");
         }
         t->next[part] = t->durable[part] = sqlite3_column_int64(s, 2);
         t->nparts = part + 1;
     }
-    sqlite3_finalize(s);
-    return rc == SQLITE_DONE ? PX_OK : bus_sql_err(h->db, "load", err, errlen);
+    sqldb_done(s);
+    return rc == SQLITE_DONE ? PX_OK : bus_sql_err(h->d.db, "load", err, errlen);
 }
 
 static void *bus_writer_main(void *arg);
@@ -254,7 +233,7 @@ static void bus_hub_free(bus_hub *h)
         free(h->topics[i].next);
         free(h->topics[i].durable);
     }
-    sqlite3_close(h->db);
+    sqldb_close(&h->d);
     pthread_mutex_destroy(&h->mu);
     pthread_mutex_destroy(&h->dbmu);
     pthread_cond_destroy(&h->cv_work);
@@ -269,8 +248,8 @@ static bus_hub *bus_hub_open(char *err, size_t errlen)
     pthread_mutex_init(&h->dbmu, NULL);
     pthread_cond_init(&h->cv_work, NULL);
     pthread_cond_init(&h->cv_done, NULL);
-    if (bus_sqlite_open_db(&h->db, err, errlen) != PX_OK ||
-        bus_exec(h->db, bus_schema, err, errlen) != PX_OK ||
+    if (sqldb_open(&h->d, err, errlen) != PX_OK ||
+        bus_exec(h->d.db, bus_schema, err, errlen) != PX_OK ||
         bus_hub_load(h, err, errlen) != PX_OK)
         goto fail;
     if (pthread_create(&h->writer, NULL, bus_writer_main, h) != 0) {
@@ -319,14 +298,11 @@ static int bus_write_records(bus_hub *h, bus_rec *r, char *err, size_t errlen)
 {
     sqlite3_stmt *ins = NULL, *next = NULL;
     int rc = PX_ERROR;
-    if (sqlite3_prepare_v2(h->db, "INSERT OR REPLACE INTO bus_log VALUES (?,?,?,?,?,?)", -1,
-                           &ins, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v2(h->db, "INSERT INTO bus_parts VALUES (?,?,?) ON CONFLICT DO"
-                           " UPDATE SET next = MAX(next, excluded.next)", -1, &next,
-                           NULL) != SQLITE_OK) {
-        bus_sql_err(h->db, "prepare", err, errlen);
+    if ((ins = sqldb_stmt(&h->d, "INSERT OR REPLACE INTO bus_log VALUES (?,?,?,?,?,?)", err,
+                          errlen)) == NULL ||
+        (next = sqldb_stmt(&h->d, "INSERT INTO bus_parts VALUES (?,?,?) ON CONFLICT DO"
+                           " UPDATE SET next = MAX(next, excluded.next)", err, errlen)) == NULL)
         goto out;
-    }
     for (; r != NULL; r = r->next) {
         sqlite3_reset(ins);
         sqlite3_bind_text(ins, 1, r->t->name, -1, SQLITE_STATIC);
@@ -340,23 +316,23 @@ static int bus_write_records(bus_hub *h, bus_rec *r, char *err, size_t errlen)
         sqlite3_bind_int(next, 2, r->part);
         sqlite3_bind_int64(next, 3, r->off + 1);
         if (sqlite3_step(ins) != SQLITE_DONE || sqlite3_step(next) != SQLITE_DONE) {
-            bus_sql_err(h->db, "insert", err, errlen);
+            bus_sql_err(h->d.db, "insert", err, errlen);
             goto out;
         }
     }
     rc = PX_OK;
 out:
-    sqlite3_finalize(ins);
-    sqlite3_finalize(next);
+    sqldb_done(ins);
+    sqldb_done(next);
     return rc;
 }
 
 static int bus_write_commits(bus_hub *h, const bus_dirty *d, size_t n, char *err, size_t errlen)
 {
     sqlite3_stmt *s = NULL;
-    if (sqlite3_prepare_v2(h->db, "INSERT INTO bus_offsets VALUES (?,?,?,?) ON CONFLICT DO"
-                           " UPDATE SET off = MAX(off, excluded.off)", -1, &s, NULL) != SQLITE_OK)
-        return bus_sql_err(h->db, "prepare", err, errlen);
+    if ((s = sqldb_stmt(&h->d, "INSERT INTO bus_offsets VALUES (?,?,?,?) ON CONFLICT DO"
+                           " UPDATE SET off = MAX(off, excluded.off)", err, errlen)) == NULL)
+        return PX_ERROR;
     int rc = PX_OK;
     for (size_t i = 0; i < n && rc == PX_OK; i++) {
         sqlite3_reset(s);
@@ -365,9 +341,9 @@ static int bus_write_commits(bus_hub *h, const bus_dirty *d, size_t n, char *err
         sqlite3_bind_int(s, 3, d[i].part);
         sqlite3_bind_int64(s, 4, d[i].off);
         if (sqlite3_step(s) != SQLITE_DONE)
-            rc = bus_sql_err(h->db, "commit offsets", err, errlen);
+            rc = bus_sql_err(h->d.db, "commit offsets", err, errlen);
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     return rc;
 }
 
@@ -376,15 +352,13 @@ static int bus_write(bus_hub *h, bus_rec *recs, const bus_dirty *d, size_t nd, c
                      size_t errlen)
 {
     pthread_mutex_lock(&h->dbmu);
-    int rc = bus_exec(h->db, "BEGIN IMMEDIATE", err, errlen);
-    if (rc == PX_OK)
+    int rc = sqldb_begin(&h->d, err, errlen);
+    if (rc == PX_OK) {
         rc = bus_write_records(h, recs, err, errlen);
-    if (rc == PX_OK)
-        rc = bus_write_commits(h, d, nd, err, errlen);
-    if (rc == PX_OK)
-        rc = bus_exec(h->db, "COMMIT", err, errlen);
-    else
-        sqlite3_exec(h->db, "ROLLBACK", NULL, NULL, NULL);
+        if (rc == PX_OK)
+            rc = bus_write_commits(h, d, nd, err, errlen);
+        rc = sqldb_end(&h->d, rc, err, errlen);
+    }
     pthread_mutex_unlock(&h->dbmu);
     return rc;
 }
@@ -395,12 +369,13 @@ static void bus_retain(bus_hub *h)
 {
     sqlite3_stmt *min = NULL, *del = NULL;
     pthread_mutex_lock(&h->dbmu);
-    if (sqlite3_prepare_v2(h->db, "SELECT topic, part, MIN(off) FROM bus_offsets"
-                           " GROUP BY topic, part", -1, &min, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v2(h->db, "DELETE FROM bus_log WHERE topic=? AND part=? AND off<?",
-                           -1, &del, NULL) != SQLITE_OK)
+    if ((min = sqldb_stmt(&h->d, "SELECT topic, part, MIN(off) FROM bus_offsets"
+                          " GROUP BY topic, part", NULL, 0)) == NULL ||
+        (del = sqldb_stmt(&h->d, "DELETE FROM bus_log WHERE topic=? AND part=? AND off<?",
+                          NULL, 0)) == NULL)
         goto out;
-    sqlite3_exec(h->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    if (sqldb_begin(&h->d, NULL, 0) != PX_OK)
+        goto out;
     while (sqlite3_step(min) == SQLITE_ROW) {
         sqlite3_reset(del);
         sqlite3_bind_value(del, 1, sqlite3_column_value(min, 0));
@@ -408,10 +383,10 @@ static void bus_retain(bus_hub *h)
         sqlite3_bind_value(del, 3, sqlite3_column_value(min, 2));
         sqlite3_step(del);
     }
-    sqlite3_exec(h->db, "COMMIT", NULL, NULL, NULL);
+    sqldb_end(&h->d, PX_OK, NULL, 0);
 out:
-    sqlite3_finalize(min);
-    sqlite3_finalize(del);
+    sqldb_done(min);
+    sqldb_done(del);
     pthread_mutex_unlock(&h->dbmu);
 }
 
@@ -447,6 +422,22 @@ static void bus_post(bus_hub *h, bus_rec *recs, int status, const char *err)
     pthread_cond_broadcast(&h->cv_done);
 }
 
+/* An absolute CLOCK_REALTIME deadline (what pthread_cond_timedwait takes)
+ * for a monotonic end time. */
+static void bus_deadline(struct timespec *ts, int64_t end_mono_ms)
+{
+    int64_t left = end_mono_ms - px_mono_ms();
+    clock_gettime(CLOCK_REALTIME, ts);
+    if (left < 0)
+        left = 0;
+    ts->tv_sec += left / 1000;
+    ts->tv_nsec += (left % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
 /* mu held: takes up to BUS_WRITE_BATCH queued records. */
 static bus_rec *bus_take(bus_hub *h)
 {
@@ -476,12 +467,7 @@ static void *bus_writer_main(void *arg)
         while (h->q_head == NULL && h->ndirty == 0 && !h->stop &&
                px_mono_ms() - last_retain < BUS_RETAIN_MS) {
             struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += 200 * 1000000L;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
+            bus_deadline(&ts, px_mono_ms() + 200);
             pthread_cond_timedwait(&h->cv_work, &h->mu, &ts);
         }
         if (h->q_head == NULL && h->ndirty == 0 && h->stop)
@@ -545,6 +531,23 @@ bus *bus_new(const bus_conf *conf, char *err, size_t errlen)
     return b;
 }
 
+/* dbmu held: one bus_parts row per partition, in one transaction. */
+static int bus_persist_topic(bus_hub *h, const bus_topic *t, char *err, size_t errlen)
+{
+    sqlite3_stmt *s = NULL;
+    if (sqldb_begin(&h->d, err, errlen) != PX_OK)
+        return PX_ERROR;
+    int rc = (s = sqldb_stmt(&h->d, "INSERT OR IGNORE INTO bus_parts VALUES (?, ?, 0)", err,
+                             errlen)) != NULL ? PX_OK : PX_ERROR;
+    for (int p = 0; p < t->nparts && rc == PX_OK; p++) {
+        sqlite3_bind_text(s, 1, t->name, -1, SQLITE_STATIC);
+        sqlite3_bind_int(s, 2, p);
+        rc = sqlite3_step(s) == SQLITE_DONE ? PX_OK : bus_sql_err(h->d.db, "topic", err, errlen);
+        sqldb_done(s);
+    }
+    return sqldb_end(&h->d, rc, err, errlen);
+}
+
 int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_ms,
                       char *err, size_t errlen)
 {
@@ -563,15 +566,7 @@ int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_m
         /* Persist the partition count now: a restart must find the topic as
          * it was even if nothing was produced to it. */
         pthread_mutex_lock(&h->dbmu);
-        int rc = PX_OK;
-        for (int p = 0; p < t->nparts && rc == PX_OK; p++) {
-            char sql[512];
-            char *q = sqlite3_mprintf("INSERT OR IGNORE INTO bus_parts VALUES (%Q, %d, 0)",
-                                      t->name, p);
-            snprintf(sql, sizeof(sql), "%s", q ? q : "");
-            sqlite3_free(q);
-            rc = bus_exec(h->db, sql, err, errlen);
-        }
+        int rc = bus_persist_topic(h, t, err, errlen);
         pthread_mutex_unlock(&h->dbmu);
         if (rc != PX_OK)
             return rc;
@@ -651,19 +646,6 @@ static size_t bus_serve(bus *b)
     return n;
 }
 
-static void bus_deadline(struct timespec *ts, int64_t end_mono_ms)
-{
-    int64_t left = end_mono_ms - px_mono_ms();
-    clock_gettime(CLOCK_REALTIME, ts);
-    if (left < 0)
-        left = 0;
-    ts->tv_sec += left / 1000;
-    ts->tv_nsec += (left % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
 
 /* Waits (mu held) until the writer posts something or the deadline. */
 static void bus_wait_done(bus_hub *h, int64_t end)
@@ -711,16 +693,16 @@ static int bus_load_pos(bus *b, bus_pos *p, char *err, size_t errlen)
     sqlite3_stmt *s = NULL;
     pthread_mutex_lock(&h->dbmu);
     int rc = PX_OK;
-    if (sqlite3_prepare_v2(h->db, "SELECT off FROM bus_offsets WHERE grp=? AND topic=? AND part=?",
-                           -1, &s, NULL) != SQLITE_OK) {
-        rc = bus_sql_err(h->db, "offsets", err, errlen);
+    if ((s = sqldb_stmt(&h->d, "SELECT off FROM bus_offsets WHERE grp=? AND topic=? AND part=?",
+                        err, errlen)) == NULL) {
+        rc = PX_ERROR;
     } else {
         sqlite3_bind_text(s, 1, b->group, -1, SQLITE_STATIC);
         sqlite3_bind_text(s, 2, p->t->name, -1, SQLITE_STATIC);
         sqlite3_bind_int(s, 3, p->part);
         p->pos = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : 0;
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     pthread_mutex_unlock(&h->dbmu);
     return rc;
 }
@@ -785,10 +767,9 @@ static int bus_read(bus *b, bus_pos *p, int64_t durable, bus_msg *out, size_t ma
     sqlite3_stmt *s = NULL;
     int n = 0;
     pthread_mutex_lock(&h->dbmu);
-    if (sqlite3_prepare_v2(h->db, "SELECT off, ts, key, value FROM bus_log WHERE topic=? AND"
-                           " part=? AND off>=? AND off<? ORDER BY off LIMIT ?", -1, &s,
-                           NULL) != SQLITE_OK) {
-        n = bus_sql_err(h->db, "read", err, errlen);
+    if ((s = sqldb_stmt(&h->d, "SELECT off, ts, key, value FROM bus_log WHERE topic=? AND"
+                           " part=? AND off>=? AND off<? ORDER BY off LIMIT ?", err, errlen)) == NULL) {
+        n = PX_ERROR;
         goto out;
     }
     sqlite3_bind_text(s, 1, p->t->name, -1, SQLITE_STATIC);
@@ -813,7 +794,7 @@ static int bus_read(bus *b, bus_pos *p, int64_t durable, bus_msg *out, size_t ma
         n++;
     }
 out:
-    sqlite3_finalize(s);
+    sqldb_done(s);
     pthread_mutex_unlock(&h->dbmu);
     return n;
 }

@@ -15,16 +15,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "sqldb.h"
 #include "utf8.h"
 
 #define SS_MAX_BATCH 10000     /* per call, as store_mongo: callers chunk */
 #define SS_MAX_GATEWAY 64
 
-int bus_sqlite_open_db(sqlite3 **db, char *err, size_t errlen);
-
 struct store {
-    sqlite3 *db;
-    pthread_mutex_t mu;
+    sqldb d;
+    pthread_mutex_t mu;    /* d and its cached statements */
 };
 
 static const char ss_schema[] =
@@ -44,11 +43,15 @@ static const char ss_schema[] =
     "CREATE TABLE IF NOT EXISTS gateways (gateway TEXT PRIMARY KEY, epoch INTEGER, ts INTEGER)"
     " WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS groups (id TEXT PRIMARY KEY, name TEXT, creator TEXT,"
-    " members TEXT, admins TEXT, applied INTEGER, ts INTEGER) WITHOUT ROWID;";
+    " members TEXT, admins TEXT, applied INTEGER, ts INTEGER) WITHOUT ROWID;"
+    /* Per connection: the id sets of one ack or lookup. */
+    "CREATE TEMP TABLE IF NOT EXISTS ss_ids (id TEXT PRIMARY KEY);"
+    "CREATE TEMP TABLE IF NOT EXISTS ss_keys (reader TEXT, msg_id TEXT,"
+    " PRIMARY KEY (reader, msg_id));";
 
 static int ss_fail(store *st, const char *what, char *err, size_t errlen)
 {
-    return px_err(err, errlen, "sqlite store %s: %s", what, sqlite3_errmsg(st->db));
+    return px_err(err, errlen, "sqlite store %s: %s", what, sqlite3_errmsg(st->d.db));
 }
 
 static int ss_check_n(size_t n, const char *what, char *err, size_t errlen)
@@ -69,9 +72,9 @@ store *store_open(const char *url, const char *db, char *err, size_t errlen)
     store *st = px_calloc(1, sizeof(*st));
     pthread_mutex_init(&st->mu, NULL);
     char *msg = NULL;
-    if (bus_sqlite_open_db(&st->db, err, errlen) != PX_OK)
+    if (sqldb_open(&st->d, err, errlen) != PX_OK)
         goto fail;
-    if (sqlite3_exec(st->db, ss_schema, NULL, NULL, &msg) != SQLITE_OK) {
+    if (sqlite3_exec(st->d.db, ss_schema, NULL, NULL, &msg) != SQLITE_OK) {
         px_err(err, errlen, "sqlite store schema: %s", msg ? msg : "?");
         sqlite3_free(msg);
         goto fail;
@@ -86,14 +89,14 @@ void store_close(store *st)
 {
     if (st == NULL)
         return;
-    sqlite3_close(st->db);
+    sqldb_close(&st->d);
     pthread_mutex_destroy(&st->mu);
     free(st);
 }
 
 int store_ping(store *st, char *err, size_t errlen)
 {
-    return st->db != NULL ? PX_OK : px_err(err, errlen, "sqlite store closed");
+    return st->d.db != NULL ? PX_OK : px_err(err, errlen, "sqlite store closed");
 }
 
 /* ---- transactions and statements ---- */
@@ -101,9 +104,8 @@ int store_ping(store *st, char *err, size_t errlen)
 static int ss_begin(store *st, char *err, size_t errlen)
 {
     pthread_mutex_lock(&st->mu);
-    if (sqlite3_exec(st->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) == SQLITE_OK)
+    if (sqldb_begin(&st->d, err, errlen) == PX_OK)
         return PX_OK;
-    ss_fail(st, "begin", err, errlen);
     pthread_mutex_unlock(&st->mu);
     return PX_ERROR;
 }
@@ -111,22 +113,15 @@ static int ss_begin(store *st, char *err, size_t errlen)
 /* Commits on PX_OK, else rolls back; returns rc (or the commit failure). */
 static int ss_end(store *st, int rc, char *err, size_t errlen)
 {
-    if (rc == PX_OK && sqlite3_exec(st->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK)
-        rc = ss_fail(st, "commit", err, errlen);
-    if (rc != PX_OK)
-        sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+    rc = sqldb_end(&st->d, rc, err, errlen);
     pthread_mutex_unlock(&st->mu);
     return rc;
 }
 
+/* sql must be a string literal: see sqldb_stmt. */
 static sqlite3_stmt *ss_prep(store *st, const char *sql, char *err, size_t errlen)
 {
-    sqlite3_stmt *s = NULL;
-    if (sqlite3_prepare_v2(st->db, sql, -1, &s, NULL) != SQLITE_OK) {
-        ss_fail(st, "prepare", err, errlen);
-        return NULL;
-    }
-    return s;
+    return sqldb_stmt(&st->d, sql, err, errlen);
 }
 
 static void ss_text(sqlite3_stmt *s, int i, const char *v)
@@ -160,8 +155,8 @@ static int ss_sweep(store *st, const char *sql, int64_t v, int64_t *removed, cha
         rc = ss_run(st, s, "sweep", err, errlen);
     }
     if (rc == PX_OK && removed != NULL)
-        *removed = sqlite3_changes(st->db);
-    sqlite3_finalize(s);
+        *removed = sqlite3_changes(st->d.db);
+    sqldb_done(s);
     return ss_end(st, rc, err, errlen);
 }
 
@@ -203,9 +198,9 @@ int store_inbox_put(store *st, const store_event *ev, size_t n, int *inserted,
         sqlite3_bind_text(s, 7, ev[i].json, (int)ev[i].json_len, SQLITE_STATIC);
         rc = ss_run(st, s, "inbox put", err, errlen);
         if (inserted != NULL)
-            inserted[i] = sqlite3_changes(st->db) > 0;
+            inserted[i] = sqlite3_changes(st->d.db) > 0;
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     return ss_end(st, rc, err, errlen);
 }
 
@@ -255,7 +250,7 @@ int store_inbox_scan(store *st, const char *user, int64_t after_seq, size_t limi
         sqlite3_bind_int64(s, 3, (sqlite3_int64)PX_MIN(limit, (size_t)INT64_MAX));
         rc = ss_visit(st, s, cb, arg, err, errlen);
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     pthread_mutex_unlock(&st->mu);
     return rc;
 }
@@ -283,15 +278,14 @@ static int ss_inbox_ids(store *st, const char *user, const char *const *ids, siz
         return rc;
     if (ss_begin(st, err, errlen) != PX_OK)
         return PX_ERROR;
-    sqlite3_exec(st->db, "CREATE TEMP TABLE IF NOT EXISTS ss_ids (id TEXT PRIMARY KEY);"
-                 "DELETE FROM ss_ids", NULL, NULL, NULL);
+    sqlite3_exec(st->d.db, "DELETE FROM ss_ids", NULL, NULL, NULL);
     sqlite3_stmt *ins = ss_prep(st, "INSERT OR IGNORE INTO ss_ids VALUES (?)", err, errlen);
     rc = ins != NULL ? PX_OK : PX_ERROR;
     for (size_t i = 0; i < n && rc == PX_OK; i++) {
         ss_text(ins, 1, ids[i]);
         rc = ss_run(st, ins, what, err, errlen);
     }
-    sqlite3_finalize(ins);
+    sqldb_done(ins);
     sqlite3_stmt *sel = NULL;
     if (rc == PX_OK)
         sel = ss_prep(st, "SELECT " SS_EVENT_COLS " FROM inbox WHERE user=? AND id IN"
@@ -302,7 +296,7 @@ static int ss_inbox_ids(store *st, const char *user, const char *const *ids, siz
     } else {
         rc = PX_ERROR;
     }
-    sqlite3_finalize(sel);
+    sqldb_done(sel);
     if (rc == PX_OK && del) {
         sqlite3_stmt *d = ss_prep(st, "DELETE FROM inbox WHERE user=? AND id IN"
                                   " (SELECT id FROM ss_ids)", err, errlen);
@@ -311,7 +305,7 @@ static int ss_inbox_ids(store *st, const char *user, const char *const *ids, siz
             ss_text(d, 1, user);
             rc = ss_run(st, d, what, err, errlen);
         }
-        sqlite3_finalize(d);
+        sqldb_done(d);
     }
     return ss_end(st, rc, err, errlen);
 }
@@ -349,7 +343,7 @@ int store_inbox_count(store *st, const char *user, int64_t *count, char *err, si
             rc = ss_fail(st, "inbox count", err, errlen);
         }
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     pthread_mutex_unlock(&st->mu);
     return rc;
 }
@@ -373,7 +367,7 @@ int store_seen_filter(store *st, const char *const *keys, size_t n, int *seen,
             rc = ss_fail(st, "seen filter", err, errlen);
         sqlite3_reset(s);
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     pthread_mutex_unlock(&st->mu);
     return rc;
 }
@@ -393,7 +387,7 @@ int store_seen_mark(store *st, const char *const *keys, size_t n, int64_t ts_ms,
         sqlite3_bind_int64(s, 2, ts_ms);
         rc = ss_run(st, s, "seen mark", err, errlen);
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     return ss_end(st, rc, err, errlen);
 }
 
@@ -435,7 +429,7 @@ int store_track_put(store *st, const store_track *t, size_t n, char *err, size_t
         sqlite3_bind_int64(s, 5, t[i].ts_ms);
         rc = ss_run(st, s, "track put", err, errlen);
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     return ss_end(st, rc, err, errlen);
 }
 
@@ -449,8 +443,7 @@ int store_track_get(store *st, const store_track *keys, size_t n, store_track_cb
         return rc;
     if (ss_begin(st, err, errlen) != PX_OK)
         return PX_ERROR;
-    sqlite3_exec(st->db, "CREATE TEMP TABLE IF NOT EXISTS ss_keys (reader TEXT, msg_id TEXT,"
-                 " PRIMARY KEY (reader, msg_id)); DELETE FROM ss_keys", NULL, NULL, NULL);
+    sqlite3_exec(st->d.db, "DELETE FROM ss_keys", NULL, NULL, NULL);
     sqlite3_stmt *ins = ss_prep(st, "INSERT OR IGNORE INTO ss_keys VALUES (?,?)", err, errlen);
     rc = ins != NULL ? PX_OK : PX_ERROR;
     for (size_t i = 0; i < n && rc == PX_OK; i++) {
@@ -458,7 +451,7 @@ int store_track_get(store *st, const store_track *keys, size_t n, store_track_cb
         ss_text(ins, 2, keys[i].msg_id);
         rc = ss_run(st, ins, "track get", err, errlen);
     }
-    sqlite3_finalize(ins);
+    sqldb_done(ins);
     sqlite3_stmt *s = rc == PX_OK ? ss_prep(st, "SELECT t.reader, t.msg_id, t.sender, t.grp,"
                                             " t.ts FROM track t JOIN ss_keys k ON"
                                             " k.reader = t.reader AND k.msg_id = t.msg_id",
@@ -474,7 +467,7 @@ int store_track_get(store *st, const store_track *keys, size_t n, store_track_cb
     }
     if (rc == PX_OK && step != SQLITE_DONE)
         rc = ss_fail(st, "track get", err, errlen);
-    sqlite3_finalize(s);
+    sqldb_done(s);
     return ss_end(st, rc, err, errlen);
 }
 
@@ -495,9 +488,9 @@ int store_track_delete(store *st, const store_track *keys, size_t n, int64_t *re
         ss_text(s, 1, keys[i].reader);
         ss_text(s, 2, keys[i].msg_id);
         rc = ss_run(st, s, "track delete", err, errlen);
-        total += sqlite3_changes(st->db);
+        total += sqlite3_changes(st->d.db);
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     rc = ss_end(st, rc, err, errlen);
     if (rc == PX_OK && removed != NULL)
         *removed = total;
@@ -551,10 +544,10 @@ int store_presence_apply(store *st, const store_presence *ops, size_t n,
             rc = ss_run(st, s, "presence apply", err, errlen);
         }
     }
-    sqlite3_finalize(up);
-    sqlite3_finalize(down);
-    sqlite3_finalize(old);
-    sqlite3_finalize(zero);
+    sqldb_done(up);
+    sqldb_done(down);
+    sqldb_done(old);
+    sqldb_done(zero);
     return ss_end(st, rc, err, errlen);
 }
 
@@ -577,7 +570,7 @@ int store_gateway_beat(store *st, const char *gateway, int64_t epoch, int64_t ts
         sqlite3_bind_int64(s, 3, ts_ms);
         rc = ss_run(st, s, "gateway beat", err, errlen);
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     s = NULL;
     if (rc == PX_OK && reset) {
         s = ss_prep(st, "DELETE FROM presence WHERE gateway=? AND epoch<?", err, errlen);
@@ -588,7 +581,7 @@ int store_gateway_beat(store *st, const char *gateway, int64_t epoch, int64_t ts
             rc = ss_run(st, s, "gateway beat reset", err, errlen);
         }
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     return ss_end(st, rc, err, errlen);
 }
 
@@ -615,7 +608,7 @@ int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
         if (step != SQLITE_ROW && step != SQLITE_DONE)
             rc = ss_fail(st, "presence lookup", err, errlen);
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     pthread_mutex_unlock(&st->mu);
     return rc;
 }
@@ -687,7 +680,7 @@ int store_group_get(store *st, const char *const *ids, size_t n, store_group_cb 
             rc = ss_fail(st, "group get", err, errlen);
         sqlite3_reset(s);
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     pthread_mutex_unlock(&st->mu);
     return rc;
 }
@@ -734,6 +727,6 @@ int store_group_put(store *st, const store_group *g, size_t n, char *err, size_t
         free(m);
         free(a);
     }
-    sqlite3_finalize(s);
+    sqldb_done(s);
     return ss_end(st, rc, err, errlen);
 }
