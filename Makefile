@@ -54,7 +54,7 @@ BENCH_BINS   := $(patsubst bench/%.c,$(OUT)/bin/%,$(wildcard bench/*.c))
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
 
-.PHONY: all deps test test-unit test-parleyd run run-stack stack-start stack-stop bench clean
+.PHONY: all deps deps-build test test-unit test-parleyd run run-stack stack-start stack-stop bench clean
 .DEFAULT_GOAL := all
 
 all: $(SERVICE_BINS) $(OUT)/bin/parleyd $(TOOL_BINS) $(TEST_BINS) $(BENCH_BINS)
@@ -154,8 +154,12 @@ test-parleyd:
 	bash tests/run.sh build/san parleyd
 
 # The embedded default: one process, data in ./data/, no Kafka or MongoDB.
-run: all
+run: deps-build
+	$(MAKE) all
 	bash deploy/local/run.sh build/rel
+
+deps-build:
+	@bash deploy/local/deps.sh build
 
 # The microservice mode: local Kafka + MongoDB-wire server and five binaries.
 run-stack: deps all
