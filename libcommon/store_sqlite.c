@@ -44,6 +44,14 @@ static const char ss_schema[] =
     " WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS groups (id TEXT PRIMARY KEY, name TEXT, creator TEXT,"
     " members TEXT, admins TEXT, applied INTEGER, ts INTEGER) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS chunks (upload TEXT NOT NULL, n INTEGER NOT NULL, data BLOB,"
+    " ts INTEGER, PRIMARY KEY (upload, n));"
+    "CREATE TABLE IF NOT EXISTS media (id TEXT PRIMARY KEY, sha256 TEXT UNIQUE NOT NULL,"
+    " content_type TEXT, upload TEXT, size INTEGER, ts INTEGER);"
+    "CREATE INDEX IF NOT EXISTS media_ts ON media (ts);"
+    "CREATE INDEX IF NOT EXISTS media_upload ON media (upload);"
+    "CREATE TABLE IF NOT EXISTS grants (id TEXT NOT NULL, user TEXT NOT NULL,"
+    " PRIMARY KEY (id, user)) WITHOUT ROWID;"
     /* Per connection: the id sets of one ack or lookup. */
     "CREATE TEMP TABLE IF NOT EXISTS ss_ids (id TEXT PRIMARY KEY);"
     "CREATE TEMP TABLE IF NOT EXISTS ss_keys (reader TEXT, msg_id TEXT,"
@@ -594,9 +602,11 @@ int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
     if (max == 0)
         return PX_OK;
     pthread_mutex_lock(&st->mu);
-    sqlite3_stmt *s = ss_prep(st, "SELECT DISTINCT p.gateway FROM presence p JOIN gateways g"
-                              " ON g.gateway = p.gateway WHERE p.user=? AND p.count > 0 AND"
-                              " g.ts >= ? AND p.epoch >= g.epoch LIMIT ?", err, errlen);
+    /* alive_after_ms <= 0: every gateway with a record, beats unchecked. */
+    sqlite3_stmt *s = ss_prep(st, "SELECT DISTINCT p.gateway FROM presence p LEFT JOIN gateways g"
+                              " ON g.gateway = p.gateway WHERE p.user=?1 AND p.count > 0 AND"
+                              " (?2 <= 0 OR (g.ts >= ?2 AND p.epoch >= g.epoch)) LIMIT ?3",
+                              err, errlen);
     int rc = s != NULL ? PX_OK : PX_ERROR;
     if (s != NULL) {
         ss_text(s, 1, user);
@@ -729,4 +739,345 @@ int store_group_put(store *st, const store_group *g, size_t n, char *err, size_t
     }
     sqldb_done(s);
     return ss_end(st, rc, err, errlen);
+}
+
+/* ---- media: chunks under an upload id, one record per sha256, grants ---- */
+
+static int ss_media_id_ok(const char *id)
+{
+    size_t n = id != NULL ? strlen(id) : 0;
+    return n >= 1 && n <= STORE_MEDIA_ID_MAX &&
+           strspn(id, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") == n;
+}
+
+int store_chunk_put(store *st, const char *upload, int64_t n, const void *data, size_t len,
+                    int64_t ts_ms, char *err, size_t errlen)
+{
+    if (!ss_media_id_ok(upload) || n < 0 || len > STORE_MEDIA_CHUNK || (data == NULL && len > 0))
+        return px_err(err, errlen, "chunk put: bad upload id, chunk number or length %zu", len);
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "INSERT OR IGNORE INTO chunks VALUES (?,?,?,?)", err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, upload);
+        sqlite3_bind_int64(s, 2, n);
+        sqlite3_bind_blob(s, 3, data, (int)len, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 4, ts_ms);
+        rc = ss_run(st, s, "chunk put", err, errlen);
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+/* A reader asks for one chunk per call (a primary-key lookup on a cached
+ * statement): holding a statement open across calls would pin a read
+ * transaction and the connection's lock for a whole download. */
+struct store_chunk_reader {
+    store *st;
+    char upload[STORE_MEDIA_ID_MAX + 1];
+    int64_t next;
+};
+
+store_chunk_reader *store_chunk_open(store *st, const char *upload, int64_t from_n,
+                                     char *err, size_t errlen)
+{
+    if (!ss_media_id_ok(upload) || from_n < 0) {
+        px_err(err, errlen, "chunk open: bad upload id or chunk number");
+        return NULL;
+    }
+    store_chunk_reader *rd = px_calloc(1, sizeof(*rd));
+    rd->st = st;
+    snprintf(rd->upload, sizeof(rd->upload), "%s", upload);
+    rd->next = from_n;
+    return rd;
+}
+
+int store_chunk_next(store_chunk_reader *rd, int64_t *n, void *buf, size_t cap, size_t *len,
+                     char *err, size_t errlen)
+{
+    store *st = rd->st;
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT n, data FROM chunks WHERE upload=? AND n>=?"
+                              " ORDER BY n LIMIT 1", err, errlen);
+    int rc = s != NULL ? PX_DECLINED : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, rd->upload);
+        sqlite3_bind_int64(s, 2, rd->next);
+        int step = sqlite3_step(s);
+        size_t got = step == SQLITE_ROW ? (size_t)sqlite3_column_bytes(s, 1) : 0;
+        if (step == SQLITE_ROW && got > cap) {
+            rc = px_err(err, errlen, "chunk next: chunk of %zu bytes exceeds %zu", got, cap);
+        } else if (step == SQLITE_ROW) {
+            *n = sqlite3_column_int64(s, 0);
+            if (got > 0)
+                memcpy(buf, sqlite3_column_blob(s, 1), got);
+            *len = got;
+            rd->next = *n + 1;
+            rc = PX_OK;
+        } else if (step != SQLITE_DONE) {
+            rc = ss_fail(st, "chunk next", err, errlen);
+        }
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+void store_chunk_close(store_chunk_reader *rd)
+{
+    free(rd);
+}
+
+int store_chunk_drop(store *st, const char *upload, int64_t *removed, char *err, size_t errlen)
+{
+    if (!ss_media_id_ok(upload))
+        return px_err(err, errlen, "chunk drop: bad upload id");
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "DELETE FROM chunks WHERE upload=?", err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, upload);
+        rc = ss_run(st, s, "chunk drop", err, errlen);
+    }
+    if (rc == PX_OK && removed != NULL)
+        *removed = sqlite3_changes(st->d.db);
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+/* One int64 from a query with up to one text parameter (NULL: unbound). */
+static int ss_scalar(store *st, const char *sql, const char *arg, int64_t *out, char *err,
+                     size_t errlen)
+{
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, sql, err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        if (arg != NULL)
+            ss_text(s, 1, arg);
+        if (sqlite3_step(s) == SQLITE_ROW)
+            *out = sqlite3_column_int64(s, 0);
+        else
+            rc = ss_fail(st, "count", err, errlen);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+int store_chunk_count(store *st, const char *upload, int64_t *count, char *err, size_t errlen)
+{
+    if (upload == NULL)
+        return ss_scalar(st, "SELECT COUNT(*) FROM chunks", NULL, count, err, errlen);
+    return ss_scalar(st, "SELECT COUNT(*) FROM chunks WHERE upload=?", upload, count, err,
+                     errlen);
+}
+
+#define SS_MEDIA_COLS "id, sha256, content_type, upload, size, ts"
+
+static void ss_row_media(sqlite3_stmt *s, store_media *m)
+{
+    memset(m, 0, sizeof(*m));
+    snprintf(m->id, sizeof(m->id), "%s", (const char *)sqlite3_column_text(s, 0));
+    snprintf(m->sha256, sizeof(m->sha256), "%s", (const char *)sqlite3_column_text(s, 1));
+    snprintf(m->content_type, sizeof(m->content_type), "%s",
+             sqlite3_column_text(s, 2) ? (const char *)sqlite3_column_text(s, 2) : "");
+    snprintf(m->upload, sizeof(m->upload), "%s", (const char *)sqlite3_column_text(s, 3));
+    m->size = sqlite3_column_int64(s, 4);
+    m->ts_ms = sqlite3_column_int64(s, 5);
+}
+
+/* In a transaction: the record with sha256 into *m; PX_DECLINED if none. */
+static int ss_media_by_sha(store *st, const char *sha256, store_media *m, char *err,
+                           size_t errlen)
+{
+    sqlite3_stmt *s = ss_prep(st, "SELECT " SS_MEDIA_COLS " FROM media WHERE sha256=?", err,
+                              errlen);
+    if (s == NULL)
+        return PX_ERROR;
+    ss_text(s, 1, sha256);
+    int step = sqlite3_step(s), rc = PX_DECLINED;
+    if (step == SQLITE_ROW) {
+        ss_row_media(s, m);
+        rc = PX_OK;
+    } else if (step != SQLITE_DONE) {
+        rc = ss_fail(st, "media", err, errlen);
+    }
+    sqldb_done(s);
+    return rc;
+}
+
+/* In a transaction: grants users access to id and moves its ts up. */
+static int ss_media_touch(store *st, const char *id, const char *const *users, size_t n,
+                          int64_t ts_ms, char *err, size_t errlen)
+{
+    sqlite3_stmt *g = ss_prep(st, "INSERT OR IGNORE INTO grants VALUES (?,?)", err, errlen);
+    int rc = g != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(g, 1, id);
+        ss_text(g, 2, users[i]);
+        rc = ss_run(st, g, "media grant", err, errlen);
+    }
+    sqldb_done(g);
+    sqlite3_stmt *t = rc == PX_OK ? ss_prep(st, "UPDATE media SET ts = MAX(ts, ?) WHERE id=?",
+                                            err, errlen) : NULL;
+    if (t != NULL) {
+        sqlite3_bind_int64(t, 1, ts_ms);
+        ss_text(t, 2, id);
+        rc = ss_run(st, t, "media touch", err, errlen);
+    } else {
+        rc = PX_ERROR;
+    }
+    sqldb_done(t);
+    return rc;
+}
+
+int store_media_commit(store *st, store_media *m, const char *uploader, int *created,
+                       char *err, size_t errlen)
+{
+    if (!ss_media_id_ok(m->id) || !ss_media_id_ok(m->upload) || strlen(m->sha256) != 64 ||
+        !ss_str_ok(uploader) || m->size < 0)
+        return px_err(err, errlen, "media commit: bad id, upload, sha256, size or uploader");
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    int64_t ts = m->ts_ms;
+    int rc = ss_media_by_sha(st, m->sha256, m, err, errlen);
+    *created = rc == PX_DECLINED;
+    if (rc == PX_DECLINED) {
+        sqlite3_stmt *s = ss_prep(st, "INSERT INTO media VALUES (?,?,?,?,?,?)", err, errlen);
+        rc = s != NULL ? PX_OK : PX_ERROR;
+        if (s != NULL) {
+            ss_text(s, 1, m->id);
+            ss_text(s, 2, m->sha256);
+            ss_text(s, 3, m->content_type);
+            ss_text(s, 4, m->upload);
+            sqlite3_bind_int64(s, 5, m->size);
+            sqlite3_bind_int64(s, 6, m->ts_ms);
+            rc = ss_run(st, s, "media commit", err, errlen);
+        }
+        sqldb_done(s);
+    }
+    if (rc == PX_OK)
+        rc = ss_media_touch(st, m->id, &uploader, 1, ts, err, errlen);
+    m->ts_ms = PX_MAX(m->ts_ms, ts);
+    return ss_end(st, rc, err, errlen);
+}
+
+int store_media_get(store *st, const char *id, store_media *m, char *err, size_t errlen)
+{
+    if (!ss_media_id_ok(id))
+        return px_err(err, errlen, "media get: bad id");
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT " SS_MEDIA_COLS " FROM media WHERE id=?", err, errlen);
+    int rc = s != NULL ? PX_DECLINED : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, id);
+        int step = sqlite3_step(s);
+        if (step == SQLITE_ROW) {
+            ss_row_media(s, m);
+            rc = PX_OK;
+        } else if (step != SQLITE_DONE) {
+            rc = ss_fail(st, "media get", err, errlen);
+        }
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+int store_media_access(store *st, const char *id, const char *user, char *err, size_t errlen)
+{
+    if (!ss_media_id_ok(id) || !ss_str_ok(user))
+        return px_err(err, errlen, "media access: bad id or user");
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT 1 FROM grants g JOIN media m ON m.id = g.id"
+                              " WHERE g.id = ? AND g.user = ?", err, errlen);
+    int rc = s != NULL ? PX_DECLINED : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, id);
+        ss_text(s, 2, user);
+        int step = sqlite3_step(s);
+        if (step == SQLITE_ROW)
+            rc = PX_OK;
+        else if (step != SQLITE_DONE)
+            rc = ss_fail(st, "media access", err, errlen);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+int store_media_grant(store *st, const char *id, const char *const *users, size_t n,
+                      int64_t ts_ms, char *err, size_t errlen)
+{
+    int rc = ss_media_id_ok(id) ? ss_check_ids("", users, n, "media grant", err, errlen)
+                                : px_err(err, errlen, "media grant: bad id");
+    if (rc != PX_OK)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "SELECT 1 FROM media WHERE id=?", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, id);
+        rc = sqlite3_step(s) == SQLITE_ROW ? PX_OK : PX_DECLINED;
+    }
+    sqldb_done(s);
+    if (rc == PX_OK)
+        rc = ss_media_touch(st, id, users, n, ts_ms, err, errlen);
+    if (rc == PX_DECLINED) {
+        ss_end(st, PX_ERROR, NULL, 0); /* nothing written: roll back */
+        return PX_DECLINED;
+    }
+    return ss_end(st, rc, err, errlen);
+}
+
+/* Runs one statement of a sweep inside its transaction; *changed gets the
+ * rows it touched. */
+static int ss_sweep_step(store *st, const char *sql, int64_t v, int64_t *changed, char *err,
+                         size_t errlen)
+{
+    sqlite3_stmt *s = ss_prep(st, sql, err, errlen);
+    if (s == NULL)
+        return PX_ERROR;
+    sqlite3_bind_int64(s, 1, v);
+    int rc = ss_run(st, s, "media sweep", err, errlen);
+    sqldb_done(s);
+    if (changed != NULL)
+        *changed = rc == PX_OK ? sqlite3_changes(st->d.db) : 0;
+    return rc;
+}
+
+/* One transaction: old media (chunks, grants, record), then the chunks of
+ * uploads no media names that began before the orphan cutoff (collected in
+ * ss_ids first, to count uploads rather than chunks). */
+int store_media_sweep(store *st, int64_t cutoff_ms, int64_t orphan_cutoff_ms, int64_t *media,
+                      int64_t *orphans, char *err, size_t errlen)
+{
+    int64_t nm = 0, no = 0;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_exec(st->d.db, "DELETE FROM ss_ids", NULL, NULL, NULL);
+    int rc = ss_sweep_step(st, "DELETE FROM chunks WHERE upload IN (SELECT upload FROM media"
+                           " WHERE ts < ?1)", cutoff_ms, NULL, err, errlen);
+    if (rc == PX_OK)
+        rc = ss_sweep_step(st, "DELETE FROM grants WHERE id IN (SELECT id FROM media"
+                           " WHERE ts < ?1)", cutoff_ms, NULL, err, errlen);
+    if (rc == PX_OK)
+        rc = ss_sweep_step(st, "DELETE FROM media WHERE ts < ?1", cutoff_ms, &nm, err, errlen);
+    if (rc == PX_OK)
+        rc = ss_sweep_step(st, "INSERT INTO ss_ids SELECT upload FROM chunks WHERE upload NOT IN"
+                           " (SELECT upload FROM media) GROUP BY upload HAVING MIN(ts) < ?1",
+                           orphan_cutoff_ms, &no, err, errlen);
+    if (rc == PX_OK)
+        rc = ss_sweep_step(st, "DELETE FROM chunks WHERE upload IN (SELECT id FROM ss_ids)", 0,
+                           NULL, err, errlen); /* no parameter: the bind is a no-op */
+    rc = ss_end(st, rc, err, errlen);
+    if (media != NULL)
+        *media = rc == PX_OK ? nm : 0;
+    if (orphans != NULL)
+        *orphans = rc == PX_OK ? no : 0;
+    return rc;
 }

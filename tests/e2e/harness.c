@@ -58,7 +58,7 @@ int e2e_port(enum e2e_svc gw)
 
 pid_t e2e_pid(enum e2e_svc s)
 {
-    return e2e_procs[s].pid;
+    return e2e_proc(s)->pid;
 }
 
 static void e2e_setenv(void)
