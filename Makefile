@@ -50,6 +50,9 @@ TOOL_BINS    := $(addprefix $(OUT)/bin/,$(TOOLS))
 TEST_SRC     := $(wildcard tests/unit/test_*.c tests/integration/test_*.c tests/e2e/test_*.c)
 TEST_BINS    := $(patsubst %.c,$(OUT)/%,$(TEST_SRC))
 BENCH_BINS   := $(patsubst bench/%.c,$(OUT)/bin/%,$(wildcard bench/*.c))
+# The e2e programs once more, linked with parleyd's store, for the runs
+# against parleyd (a test that looks into the store opens parleyd's file).
+E2E_EMBED_BINS := $(patsubst tests/e2e/%.c,$(OUT)/tests/e2e-parleyd/%,$(wildcard tests/e2e/test_*.c))
 
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
@@ -57,7 +60,7 @@ BENCH_BINS   := $(patsubst bench/%.c,$(OUT)/bin/%,$(wildcard bench/*.c))
 .PHONY: all deps deps-build test test-unit test-parleyd run run-stack stack-start stack-stop bench clean
 .DEFAULT_GOAL := all
 
-all: $(SERVICE_BINS) $(OUT)/bin/parleyd $(TOOL_BINS) $(TEST_BINS) $(BENCH_BINS)
+all: $(SERVICE_BINS) $(OUT)/bin/parleyd $(TOOL_BINS) $(TEST_BINS) $(E2E_EMBED_BINS) $(BENCH_BINS)
 
 $(GEN)/%.pb-c.c $(GEN)/%.pb-c.h: proto/%.proto
 	@mkdir -p $(GEN)
@@ -116,6 +119,11 @@ $(OUT)/bin/%: $(OUT)/bench/%.o $(LIB)
 
 # End-to-end programs share the process harness.
 $(OUT)/tests/e2e/test_%: $(OUT)/tests/e2e/test_%.o $(OUT)/tests/e2e/harness.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
+$(OUT)/tests/e2e-parleyd/test_%: $(OUT)/tests/e2e/test_%.o $(OUT)/tests/e2e/harness.o \
+                                 $(LIB_EMBED) $(OUT)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 

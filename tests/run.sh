@@ -38,9 +38,9 @@ for t in "$build"/tests/unit/test_*; do
   [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
 done
 
-run_e2e() { # label
-  for t in "$build"/tests/e2e/test_*; do
-    [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t" "$1"
+run_e2e() { # folder label
+  for t in "$build/tests/$1"/test_*; do
+    [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t" "$2"
   done
 }
 
@@ -50,7 +50,7 @@ if [[ $what == all || $what == parleyd ]]; then
   done
   export PARLEY_BUILD=$build
   export PARLEY_E2E_MODE=parleyd
-  run_e2e parleyd
+  run_e2e e2e-parleyd parleyd
 fi
 
 if [[ $what == all ]]; then
@@ -72,7 +72,7 @@ if [[ $what == all ]]; then
   done
   export PARLEY_BUILD=$build
   export PARLEY_E2E_MODE=stack
-  run_e2e stack
+  run_e2e e2e stack
 fi
 
 echo

@@ -1,8 +1,7 @@
 /* store_mongo against a real MongoDB-wire server (FerretDB on the local
- * stack): duplicate absorption by the unique index, bulk insert/scan/ack
- * round trips, ack isolation between users, sweeps, seen dedupe, presence,
- * receipt tracking (put/get/delete/sweep) and the read half of an ack.
- *
+ * stack): the store contract (store_contract.c, shared with
+ * test_store_sqlite.c) plus what only a server has (an unreachable one
+ * fails in bounded time). *
  * PARLEY_MONGO_URI names the server (default: the local stack's FerretDB).
  * Every run uses its own database, dropped at the end. Each test opens its
  * own store in the forked child (mongoc's pool threads do not survive fork). */
