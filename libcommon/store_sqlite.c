@@ -149,22 +149,30 @@ static int ss_run(store *st, sqlite3_stmt *s, const char *what, char *err, size_
     return rc == SQLITE_DONE ? PX_OK : ss_fail(st, what, err, errlen);
 }
 
-/* One statement with one int64 bound, in a transaction; *removed (may be
- * NULL) gets the rows changed. For the sweeps. */
+/* Runs one statement with one int64 bound inside the caller's transaction;
+ * *changed (may be NULL) gets the rows it touched. */
+static int ss_sweep_step(store *st, const char *sql, int64_t v, int64_t *changed, char *err,
+                         size_t errlen)
+{
+    sqlite3_stmt *s = ss_prep(st, sql, err, errlen);
+    if (s == NULL)
+        return PX_ERROR;
+    sqlite3_bind_int64(s, 1, v);
+    int rc = ss_run(st, s, "sweep", err, errlen);
+    sqldb_done(s);
+    if (changed != NULL)
+        *changed = rc == PX_OK ? sqlite3_changes(st->d.db) : 0;
+    return rc;
+}
+
+/* One statement with one int64 bound, in a transaction of its own;
+ * *removed (may be NULL) gets the rows changed. For the sweeps. */
 static int ss_sweep(store *st, const char *sql, int64_t v, int64_t *removed, char *err,
                     size_t errlen)
 {
     if (ss_begin(st, err, errlen) != PX_OK)
         return PX_ERROR;
-    sqlite3_stmt *s = ss_prep(st, sql, err, errlen);
-    int rc = PX_ERROR;
-    if (s != NULL) {
-        sqlite3_bind_int64(s, 1, v);
-        rc = ss_run(st, s, "sweep", err, errlen);
-    }
-    if (rc == PX_OK && removed != NULL)
-        *removed = sqlite3_changes(st->d.db);
-    sqldb_done(s);
+    int rc = ss_sweep_step(st, sql, v, removed, err, errlen);
     return ss_end(st, rc, err, errlen);
 }
 
@@ -1032,22 +1040,6 @@ int store_media_grant(store *st, const char *id, const char *const *users, size_
         return PX_DECLINED;
     }
     return ss_end(st, rc, err, errlen);
-}
-
-/* Runs one statement of a sweep inside its transaction; *changed gets the
- * rows it touched. */
-static int ss_sweep_step(store *st, const char *sql, int64_t v, int64_t *changed, char *err,
-                         size_t errlen)
-{
-    sqlite3_stmt *s = ss_prep(st, sql, err, errlen);
-    if (s == NULL)
-        return PX_ERROR;
-    sqlite3_bind_int64(s, 1, v);
-    int rc = ss_run(st, s, "media sweep", err, errlen);
-    sqldb_done(s);
-    if (changed != NULL)
-        *changed = rc == PX_OK ? sqlite3_changes(st->d.db) : 0;
-    return rc;
 }
 
 /* One transaction: old media (chunks, grants, record), then the chunks of

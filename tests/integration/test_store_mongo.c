@@ -1,7 +1,8 @@
 /* store_mongo against a real MongoDB-wire server (FerretDB on the local
  * stack): the store contract (store_contract.c, shared with
  * test_store_sqlite.c) plus what only a server has (an unreachable one
- * fails in bounded time). *
+ * fails in bounded time).
+ *
  * PARLEY_MONGO_URI names the server (default: the local stack's FerretDB).
  * Every run uses its own database, dropped at the end. Each test opens its
  * own store in the forked child (mongoc's pool threads do not survive fork). */
