@@ -408,6 +408,10 @@ static void bus_post(bus_hub *h, bus_rec *recs, int status, const char *err)
         if (status == PX_OK && r->t->durable[r->part] < r->off + 1)
             r->t->durable[r->part] = r->off + 1;
         bus *b = r->b;
+        if (b == NULL) { /* its producer was destroyed before the report */
+            free(r);
+            continue;
+        }
         if (status != PX_OK)
             snprintf(b->err, sizeof(b->err), "%s", err);
         if (b->dr_tail != NULL)
@@ -885,6 +889,28 @@ void bus_wakeup(bus *b)
     bus_signal(b->efd);
 }
 
+/* mu held; after a flush that timed out: b's records still queued lose
+ * their producer (the writer drops their reports), reports already posted
+ * are dropped, and a batch the writer holds now is waited for (its next
+ * post, at most one retention period away). */
+static void bus_detach(bus_hub *h, bus *b)
+{
+    for (bus_rec *r = h->q_head; r != NULL; r = r->next)
+        if (r->b == b)
+            r->b = NULL;
+    uint64_t w = h->written;
+    while (h->written == w) {
+        struct timespec ts;
+        bus_deadline(&ts, px_mono_ms() + BUS_RETAIN_MS + 200);
+        pthread_cond_timedwait(&h->cv_done, &h->mu, &ts);
+    }
+    for (bus_rec *r = b->dr_head, *nx; r != NULL; r = nx) {
+        nx = r->next;
+        free(r);
+    }
+    b->dr_head = b->dr_tail = NULL;
+}
+
 /* Commits already queued are copies the writer writes before the hub
  * closes (the last bus_destroy drains them). */
 void bus_destroy(bus *b)
@@ -900,11 +926,8 @@ void bus_destroy(bus *b)
         h->groups[i] = h->groups[--h->ngroups];
         break;
     }
-    /* Reports not served (a timeout above) still point at b: drop them. */
-    for (bus_rec *r = b->dr_head, *nx; r != NULL; r = nx) {
-        nx = r->next;
-        free(r);
-    }
+    if (b->inflight > 0)
+        bus_detach(h, b);
     pthread_mutex_unlock(&h->mu);
     if (b->efd >= 0)
         close(b->efd);
