@@ -139,6 +139,11 @@ $(OUT)/tests/integration/test_store_sqlite: $(OUT)/tests/integration/test_store_
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
+$(OUT)/tests/integration/test_bus_sqlite: $(OUT)/tests/integration/test_bus_sqlite.o \
+        $(LIB_EMBED) $(OUT)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
 $(OUT)/tests/%: $(OUT)/tests/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
