@@ -194,7 +194,7 @@ mem_kb=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)
 jq -s --arg when "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
   --argjson nproc "$(nproc)" --argjson mem "$mem_kb" --arg kernel "$(uname -r)" \
   --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
-  --arg mongo "$(command -v mongod >/dev/null && echo mongod || echo 'FerretDB 1.24 over SQLite')" \
+  --arg mongo "$(command -v mongod >/dev/null && echo mongod || echo "FerretDB 1.24 over ${PARLEY_FERRETDB_BACKEND:-$(ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 && echo postgresql || echo sqlite)}")" \
   --argjson total "$((SECONDS - t_start))" \
   '{when: $when, commit: $commit, mode: ("microservices: Kafka + " + (if $mongo == "mongod" then "MongoDB" else "FerretDB" end)),
     machine: {nproc: $nproc, mem_total_kb: $mem, kernel: $kernel, cpu: $cpu},

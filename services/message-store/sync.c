@@ -21,8 +21,12 @@
 #include <stdio.h>
 #include <string.h>
 
-#define SYNC_PAGE 500               /* events per page */
-#define SYNC_PAGE_BYTES (256 << 10) /* about this many event bytes per page */
+/* A page costs one scan, and FerretDB sorts and filters a user's whole
+ * inbox for each, so pages are as large as the gateway's 1 MiB send queue
+ * allows: the next page is asked for at a quarter full, so at most
+ * 256 KiB + a page are queued. */
+#define SYNC_PAGE 2000              /* events per page */
+#define SYNC_PAGE_BYTES (512 << 10) /* about this many event bytes per page */
 
 typedef struct sync_ctx {
     msgstore *ms;

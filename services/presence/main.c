@@ -147,8 +147,12 @@ static void main_log_started(const presence *p)
              "heartbeat_ms", (json_int_t)p->cfg.heartbeat_ms);
 }
 
-/* Gateways silent for three beats died without saying so: forget their
- * connections. Silent means silent in what this process has read: while it
+/* Gateways silent for PRESENCE_EXPIRE_BEATS beats died without saying so:
+ * forget their connections. Generous on purpose: expired records are not
+ * restored by a later beat, so a live gateway whose beat came late under
+ * load would leave its users "offline" (their events waiting for the next
+ * sync) until they reconnect, while a dead gateway's records cost only
+ * pushes nobody reads. Silent means silent in what this process has read: while it
  * is behind on its topic by a beat or more, the beats it has not applied
  * yet would make live gateways look dead (under a connect storm that wiped
  * every live user's presence), so it waits until it has caught up. A
@@ -161,7 +165,7 @@ static void main_expire(presence *p)
     p->next_expire_ms = now + p->cfg.heartbeat_ms;
     char err[PX_ERRLEN] = "";
     int64_t removed = 0;
-    int64_t cutoff = px_now_ms() - 3 * p->cfg.heartbeat_ms;
+    int64_t cutoff = px_now_ms() - PRESENCE_EXPIRE_BEATS * p->cfg.heartbeat_ms;
     int64_t t0 = presence_clock_us();
     if (store_presence_expire(p->st, cutoff, &removed, err, sizeof(err)) != PX_OK) {
         log_warn("presence expire failed", "{s:s}", "error", err);

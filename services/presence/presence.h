@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define PRESENCE_EXPIRE_BEATS 10  /* beats of silence before a gateway is dead */
 #define PRESENCE_GROUP "presence"
 #define PRESENCE_BATCH 512
 #define PRESENCE_CONSUME_WAIT_MS 50

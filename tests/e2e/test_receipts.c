@@ -3,8 +3,10 @@
  * service a real process on the real Kafka broker and MongoDB-wire server.
  * Covers the order sent -> delivered -> read, an offline sender, repeats,
  * kill -9 of the receipt service and of message-store, forged reads,
- * read-before-ack and per-member receipts of a group message. */
+ * read-before-ack, per-member receipts of a group message and the expiry
+ * sweep of tracking records. */
 #include "e2e.h"
+#include "store.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -514,6 +516,46 @@ START_TEST(group_message_gets_one_receipt_per_member)
 }
 END_TEST
 
+static int track_seen(void *arg, const store_track *t)
+{
+    (*(int *)arg)++;
+    return PX_OK;
+}
+
+/* How many of the pairs (reader, msg_id) the store still tracks. */
+static int tracked(store *st, const store_track *keys, size_t n)
+{
+    char err[PX_ERRLEN] = "";
+    int found = 0;
+    ck_assert_msg(store_track_get(st, keys, n, track_seen, &found, err, sizeof(err)) == PX_OK,
+                  "track get: %s", err);
+    return found;
+}
+
+/* The receipt service's retention sweep (PARLEY_SWEEP_MS is short here)
+ * drops tracking older than PARLEY_RETENTION_DAYS and keeps the rest. */
+START_TEST(expiry_sweep_removes_old_tracking)
+{
+    char err[PX_ERRLEN] = "", reader[65], sender[65];
+    e2e_user("reader", reader);
+    e2e_user("sender", sender);
+    store *st = store_open(getenv("PARLEY_MONGO_URI"), getenv("PARLEY_MONGO_DB"), err,
+                           sizeof(err));
+    ck_assert_msg(st != NULL, "store: %s", err);
+    int64_t now = px_now_ms(), day = 24LL * 3600 * 1000;
+    store_track old = { reader, "old-msg", sender, NULL, now - 31 * day };
+    store_track fresh = { reader, "fresh-msg", sender, NULL, now - day };
+    ck_assert_int_eq(store_track_put(st, (store_track[]){ old, fresh }, 2, err, sizeof(err)),
+                     PX_OK);
+    int64_t deadline = px_mono_ms() + E2E_WAIT_MS;
+    while (tracked(st, &old, 1) == 1 && px_mono_ms() < deadline)
+        usleep(100 * 1000);
+    ck_assert_msg(tracked(st, &old, 1) == 0, "31-day-old tracking not swept");
+    ck_assert_int_eq(tracked(st, &fresh, 1), 1);
+    store_close(st);
+}
+END_TEST
+
 static Suite *receipts_suite(void)
 {
     Suite *s = suite_create("e2e-receipts");
@@ -525,6 +567,7 @@ static Suite *receipts_suite(void)
     tcase_add_test(tc, forged_read_has_no_effect);
     tcase_add_test(tc, read_before_ack_yields_delivered_and_read);
     tcase_add_test(tc, group_message_gets_one_receipt_per_member);
+    tcase_add_test(tc, expiry_sweep_removes_old_tracking);
     tcase_add_test(tc, kill9_receipt_service_and_store_loses_no_receipt);
     suite_add_tcase(s, tc);
     return s;
@@ -532,5 +575,6 @@ static Suite *receipts_suite(void)
 
 int main(void)
 {
+    setenv("PARLEY_SWEEP_MS", "500", 0);
     return e2e_main(receipts_suite());
 }
