@@ -53,6 +53,8 @@ if [[ $what == all || $what == parleyd ]]; then
   export PARLEY_BUILD=$build
   export PARLEY_E2E_MODE=parleyd
   run_e2e e2e-parleyd parleyd
+  # The web client in headless Chromium, against a parleyd of its own.
+  RUN_LABEL=parleyd PARLEY_BROWSER_MODE=parleyd run_one tests/browser/run.sh "$build"
 fi
 
 if [[ $what == all || $what == browser ]]; then
@@ -75,8 +77,8 @@ if [[ $what == all || $what == browser ]]; then
   export PARLEY_BUILD=$build
   export PARLEY_E2E_MODE=stack
   [[ $what == all ]] && run_e2e e2e stack
-  # The web client in headless Chromium, against services of its own.
-  run_one tests/browser/run.sh "$build"
+  # The web client again, against services of its own on the stack.
+  RUN_LABEL=stack PARLEY_BROWSER_MODE=stack run_one tests/browser/run.sh "$build"
 fi
 
 echo
