@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs Parley's test suites from a build folder: unit tests (no servers), then
+# the end-to-end suite against parleyd (no servers: the fast one), then
 # integration and end-to-end tests against a real Kafka broker and
 # MongoDB-wire server that this script starts on private ports and a private
 # data folder, and stops on exit, pass or fail.
-#   tests/run.sh BUILD_DIR [unit|all]
+#   tests/run.sh BUILD_DIR [unit|parleyd|all]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build=${1:?usage: tests/run.sh BUILD_DIR [unit|all]}
@@ -13,18 +14,18 @@ passed=0
 failed=0
 failures=()
 
-run_one() {
-  local bin=$1 log
+run_one() { # program [mode label]
+  local bin=$1 label=${2:+ [$2]} log
   log=$(mktemp)
   local t0=$SECONDS
   if "$bin" >"$log" 2>&1; then
     passed=$((passed + 1))
-    echo "PASS $bin ($((SECONDS - t0))s): $(grep -E '^[0-9]+%: Checks' "$log" | tail -1)"
+    echo "PASS $bin$label ($((SECONDS - t0))s): $(grep -E '^[0-9]+%: Checks' "$log" | tail -1)"
     grep -E '^report: ' "$log" | sed 's/^/    /' || true
   else
     failed=$((failed + 1))
-    failures+=("$bin")
-    echo "FAIL $bin ($((SECONDS - t0))s)"
+    failures+=("$bin$label")
+    echo "FAIL $bin$label ($((SECONDS - t0))s)"
     tail -n 60 "$log" | sed 's/^/    /'
   fi
   rm -f "$log"
@@ -36,6 +37,21 @@ export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 for t in "$build"/tests/unit/test_*; do
   [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
 done
+
+run_e2e() { # folder label
+  for t in "$build/tests/$1"/test_*; do
+    [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t" "$2"
+  done
+}
+
+if [[ $what == all || $what == parleyd ]]; then
+  for t in "$build"/tests/integration/test_*_sqlite; do
+    [[ -x $t ]] && run_one "$t"
+  done
+  export PARLEY_BUILD=$build
+  export PARLEY_E2E_MODE=parleyd
+  run_e2e e2e-parleyd parleyd
+fi
 
 if [[ $what == all ]]; then
   export PARLEY_STACK_DIR=${PARLEY_TEST_STACK_DIR:-$(mktemp -d /tmp/parley-test-stack.XXXXXX)}
@@ -52,12 +68,11 @@ if [[ $what == all ]]; then
   export PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT
   export PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false"
   for t in "$build"/tests/integration/test_*; do
-    [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
+    [[ -x $t && $t != *.d && $t != *.o && $t != *_sqlite ]] && run_one "$t"
   done
   export PARLEY_BUILD=$build
-  for t in "$build"/tests/e2e/test_*; do
-    [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
-  done
+  export PARLEY_E2E_MODE=stack
+  run_e2e e2e stack
 fi
 
 echo
