@@ -1185,7 +1185,7 @@ static int bench_max(const bench_opts *o)
     json_t *steps = json_array();
     double good = 0, good_p99 = -1, bad = 0, rate = o->rate;
     int k = 0;
-    /* The ladder: double while it holds, halve (down to 1/s) while it fails. */
+    /* The ladder: double while it holds, halve (4 times at most) while it fails. */
     for (; k < 12; k++) {
         double p99 = bench_max_step(o, rate, k, steps);
         if (p99 < o->max_p99_ms) {
@@ -1196,7 +1196,7 @@ static int bench_max(const bench_opts *o)
             rate *= 2;
         } else {
             bad = rate;
-            if (good > 0 || rate / 2 < 1)
+            if (good > 0 || rate / 2 < PX_MAX(1, o->rate / 16))
                 break;
             rate /= 2;
         }
