@@ -37,10 +37,14 @@ PROTOS   := $(wildcard proto/*.proto)
 PROTO_C  := $(patsubst proto/%.proto,$(GEN)/%.pb-c.c,$(PROTOS))
 PROTO_H  := $(PROTO_C:.c=.h)
 
+# The web client, embedded into libcommon (libcommon/web_assets.h).
+WEB_FILES := $(wildcard web/*.html web/*.js web/*.css web/*.svg web/*.png)
+WEB_C    := $(GEN)/web_assets_data.c
+
 STACK_SRC := libcommon/bus_kafka.c libcommon/store_mongo.c
 EMBED_SRC := libcommon/bus_sqlite.c libcommon/store_sqlite.c libcommon/sqldb.c
 LIB_SRC  := $(filter-out $(STACK_SRC) $(EMBED_SRC),$(wildcard libcommon/*.c))
-LIB_OBJ  := $(patsubst %.c,$(OUT)/%.o,$(LIB_SRC)) $(patsubst $(GEN)/%.c,$(OUT)/gen/%.o,$(PROTO_C))
+LIB_OBJ  := $(patsubst %.c,$(OUT)/%.o,$(LIB_SRC)) $(patsubst $(GEN)/%.c,$(OUT)/gen/%.o,$(PROTO_C) $(WEB_C))
 LIB_STACK := $(OUT)/libparley-stack.a
 LIB_EMBED := $(OUT)/libparley-embed.a
 LIB      := $(LIB_STACK) $(OUT)/libcommon.a
@@ -57,7 +61,7 @@ E2E_EMBED_BINS := $(patsubst tests/e2e/%.c,$(OUT)/tests/e2e-parleyd/%,$(wildcard
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
 
-.PHONY: all deps deps-build test test-unit test-parleyd run run-stack stack-start stack-stop bench clean
+.PHONY: all deps deps-build test test-unit test-parleyd test-browser run run-stack stack-start stack-stop bench clean
 .DEFAULT_GOAL := all
 
 all: $(SERVICE_BINS) $(OUT)/bin/parleyd $(TOOL_BINS) $(TEST_BINS) $(E2E_EMBED_BINS) $(BENCH_BINS)
@@ -65,6 +69,11 @@ all: $(SERVICE_BINS) $(OUT)/bin/parleyd $(TOOL_BINS) $(TEST_BINS) $(E2E_EMBED_BI
 $(GEN)/%.pb-c.c $(GEN)/%.pb-c.h: proto/%.proto
 	@mkdir -p $(GEN)
 	protoc-c --proto_path=proto --c_out=$(GEN) $<
+
+# web/ itself is a prerequisite so that removing a file regenerates too.
+$(WEB_C): web/embed.sh web $(WEB_FILES)
+	@mkdir -p $(GEN)
+	bash web/embed.sh $@ $(WEB_FILES)
 
 $(OUT)/gen/%.o: $(GEN)/%.c $(PROTO_H)
 	@mkdir -p $(dir $@)
@@ -165,6 +174,11 @@ test-unit:
 test-parleyd:
 	$(MAKE) SAN=1 all
 	bash tests/run.sh build/san parleyd
+
+# Only the web client's browser tests (with the stack they need).
+test-browser: deps
+	$(MAKE) SAN=1 all
+	bash tests/run.sh build/san browser
 
 # The embedded default: one process, data in ./data/, no Kafka or MongoDB.
 run: deps-build

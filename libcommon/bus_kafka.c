@@ -113,6 +113,11 @@ static rd_kafka_conf_t *bus_common_conf(const bus_conf *c, bus *b, char *err, si
         { "client.id", c->client_id ? c->client_id : "parley" },
         { "socket.nagle.disable", "true" },
         { "log.connection.close", "false" },
+        /* A topic created a moment before subscribing can be missing from
+         * the first metadata answer; librdkafka looks again only at this
+         * interval (5 min by default), and until then the group gets no
+         * partitions of it (seen: message-store without acks and sync). */
+        { "topic.metadata.refresh.interval.ms", "5000" },
     };
     if (bus_set_all(conf, kv, PX_ARRAY_LEN(kv), err, errlen) != PX_OK) {
         rd_kafka_conf_destroy(conf);

@@ -50,18 +50,24 @@ typedef int (*store_event_cb)(void *arg, const store_event *ev);
 int store_inbox_scan(store *st, const char *user, int64_t after_seq, size_t limit,
                      store_event_cb cb, void *arg, char *err, size_t errlen);
 
-/* Deletes the events of user named by ids (an ack). For each event that
- * existed and was deleted, cb is called (before the delete) so the caller
- * learns kind and sender, e.g. to emit a delivered receipt. Ids the user
- * does not hold are ignored: an ack can only ever delete the acker's own. */
-int store_inbox_ack(store *st, const char *user, const char *const *ids, size_t n,
-                    store_event_cb cb, void *arg, char *err, size_t errlen);
+/* One inbox event, named by its owner: (user, event id). */
+typedef struct store_key {
+    const char *user;
+    const char *id;
+} store_key;
 
-/* Visits the events of user named by ids, in seq order, deleting nothing:
- * the first half of an ack whose effects (receipt facts) must be durable
- * before store_inbox_ack deletes. Ids the user does not hold are skipped. */
-int store_inbox_get(store *st, const char *user, const char *const *ids, size_t n,
-                    store_event_cb cb, void *arg, char *err, size_t errlen);
+/* Visits the events named by keys (any mix of users) in one round trip,
+ * deleting nothing: the first half of an ack, whose effects (receipt facts)
+ * must be durable before store_inbox_delete. Keys nobody holds are skipped;
+ * the order is unspecified. */
+int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb cb, void *arg,
+                    char *err, size_t errlen);
+
+/* Deletes the events named by keys in one round trip; *removed (may be
+ * NULL) gets the count. Each key names the event's owner, so an ack (whose
+ * keys all name the acker) can never delete another user's events. */
+int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *removed, char *err,
+                       size_t errlen);
 
 /* Deletes events accepted before cutoff_ms; *removed gets the count. */
 int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed,

@@ -660,15 +660,57 @@ int store_inbox_scan(store *st, const char *user, int64_t after_seq, size_t limi
     return rc;
 }
 
-static void sm_ack_filter(bson_t *filter, const char *user, const char *const *ids, size_t n)
+static int sm_inbox_key_cmp(const void *a, const void *b)
 {
-    bson_t in;
+    const store_key *x = *(const store_key *const *)a, *y = *(const store_key *const *)b;
+    return strcmp(x->user, y->user);
+}
 
+static int sm_check_keys(const store_key *keys, size_t n, const char *what, char *err,
+                         size_t errlen)
+{
+    if (sm_check_n(n, what, err, errlen) != PX_OK)
+        return PX_ERROR;
+    for (size_t i = 0; i < n; i++)
+        if (!sm_str_ok(keys[i].user) || !sm_str_ok(keys[i].id))
+            return px_err(err, errlen, "%s: key %zu: user or id missing or not UTF-8", what, i);
+    return PX_OK;
+}
+
+/* {$or: [{user: u, id: {$in: [...]}}, ...]}, one clause per user: every
+ * clause names its user, so an id matches only that user's event. One
+ * round trip for a whole batch of acks instead of one per user (FerretDB
+ * answers each query in ~14 ms, whatever its size). */
+static void sm_keys_filter(bson_t *filter, const store_key *keys, size_t n)
+{
+    const store_key **by_user = px_malloc(n * sizeof(*by_user));
+    const char **ids = px_malloc(n * sizeof(*ids));
+    bson_t or, clause, in;
+    char buf[16];
+    const char *k;
+    uint32_t nclauses = 0;
+
+    for (size_t i = 0; i < n; i++)
+        by_user[i] = &keys[i];
+    qsort(by_user, n, sizeof(*by_user), sm_inbox_key_cmp);
     bson_init(filter);
-    BSON_APPEND_UTF8(filter, "user", user);
-    BSON_APPEND_DOCUMENT_BEGIN(filter, "id", &in);
-    sm_append_str_array(&in, "$in", ids, n);
-    bson_append_document_end(filter, &in);
+    BSON_APPEND_ARRAY_BEGIN(filter, "$or", &or);
+    for (size_t i = 0; i < n;) {
+        size_t j = i, m = 0;
+        while (j < n && strcmp(by_user[j]->user, by_user[i]->user) == 0)
+            ids[m++] = by_user[j++]->id;
+        bson_uint32_to_string(nclauses++, &k, buf, sizeof(buf));
+        bson_append_document_begin(&or, k, -1, &clause);
+        BSON_APPEND_UTF8(&clause, "user", by_user[i]->user);
+        BSON_APPEND_DOCUMENT_BEGIN(&clause, "id", &in);
+        sm_append_str_array(&in, "$in", ids, m);
+        bson_append_document_end(&clause, &in);
+        bson_append_document_end(&or, &clause);
+        i = j;
+    }
+    bson_append_array_end(filter, &or);
+    free(ids);
+    free(by_user);
 }
 
 static int sm_delete_many(sm_conn *sc, const bson_t *filter, int64_t *removed, const char *what,
@@ -687,71 +729,48 @@ static int sm_delete_many(sm_conn *sc, const bson_t *filter, int64_t *removed, c
     return rc;
 }
 
-/* The filter names the acker as user, so ids of other users' events match
- * nothing. The find-then-delete pair is not atomic (no transactions on
- * FerretDB): two concurrent acks of one id may both call cb, which the
- * callers already tolerate because every effect they emit is idempotent.
- * If cb fails, nothing is deleted, so a redelivered ack tries again. */
-int store_inbox_ack(store *st, const char *user, const char *const *ids, size_t n,
-                    store_event_cb cb, void *arg, char *err, size_t errlen)
-{
-    sm_conn sc = { 0 };
-    mongoc_cursor_t *cur = NULL;
-    bson_t filter, opts = BSON_INITIALIZER, sort;
-    int rc;
-
-    if (user == NULL)
-        return px_err(err, errlen, "inbox ack: user is required");
-    rc = sm_check_n(n, "inbox ack", err, errlen);
-    if (rc == PX_OK)
-        rc = sm_check_strs(ids, n, "inbox ack", err, errlen);
-    if (rc != PX_OK || n == 0)
-        return rc;
-    sm_ack_filter(&filter, user, ids, n);
-    sm_conn_get(st, "inbox", &sc);
-    if (cb != NULL) {
-        BSON_APPEND_DOCUMENT_BEGIN(&opts, "sort", &sort);
-        BSON_APPEND_INT32(&sort, "seq", 1);
-        bson_append_document_end(&opts, &sort);
-        cur = mongoc_collection_find_with_opts(sc.coll, &filter, &opts, NULL);
-        rc = sm_visit(cur, cb, arg, "inbox ack", err, errlen);
-        if (rc != PX_OK)
-            goto out;
-    }
-    rc = sm_delete_many(&sc, &filter, NULL, "inbox ack", err, errlen);
-out:
-    if (cur != NULL)
-        mongoc_cursor_destroy(cur);
-    sm_conn_put(st, &sc);
-    bson_destroy(&filter);
-    bson_destroy(&opts);
-    return rc;
-}
-
-int store_inbox_get(store *st, const char *user, const char *const *ids, size_t n,
-                    store_event_cb cb, void *arg, char *err, size_t errlen)
+int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb cb, void *arg,
+                    char *err, size_t errlen)
 {
     sm_conn sc = { 0 };
     mongoc_cursor_t *cur;
-    bson_t filter, *opts;
+    bson_t filter;
     int rc;
 
-    if (user == NULL || cb == NULL)
-        return px_err(err, errlen, "inbox get: user and cb are required");
-    rc = sm_check_n(n, "inbox get", err, errlen);
-    if (rc == PX_OK)
-        rc = sm_check_strs(ids, n, "inbox get", err, errlen);
+    if (cb == NULL || (keys == NULL && n > 0))
+        return px_err(err, errlen, "inbox get: keys and cb are required");
+    rc = sm_check_keys(keys, n, "inbox get", err, errlen);
     if (rc != PX_OK || n == 0)
         return rc;
-    sm_ack_filter(&filter, user, ids, n);
-    opts = BCON_NEW("sort", "{", "seq", BCON_INT32(1), "}");
+    sm_keys_filter(&filter, keys, n);
     sm_conn_get(st, "inbox", &sc);
-    cur = mongoc_collection_find_with_opts(sc.coll, &filter, opts, NULL);
+    cur = mongoc_collection_find_with_opts(sc.coll, &filter, NULL, NULL);
     rc = sm_visit(cur, cb, arg, "inbox get", err, errlen);
     mongoc_cursor_destroy(cur);
     sm_conn_put(st, &sc);
     bson_destroy(&filter);
-    bson_destroy(opts);
+    return rc;
+}
+
+int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *removed, char *err,
+                       size_t errlen)
+{
+    sm_conn sc = { 0 };
+    bson_t filter;
+    int rc;
+
+    if (removed != NULL)
+        *removed = 0;
+    if (keys == NULL && n > 0)
+        return px_err(err, errlen, "inbox delete: keys are required");
+    rc = sm_check_keys(keys, n, "inbox delete", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    sm_keys_filter(&filter, keys, n);
+    sm_conn_get(st, "inbox", &sc);
+    rc = sm_delete_many(&sc, &filter, removed, "inbox delete", err, errlen);
+    sm_conn_put(st, &sc);
+    bson_destroy(&filter);
     return rc;
 }
 

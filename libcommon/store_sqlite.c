@@ -271,11 +271,9 @@ int store_inbox_scan(store *st, const char *user, int64_t after_seq, size_t limi
     return rc;
 }
 
-static int ss_check_ids(const char *user, const char *const *ids, size_t n, const char *what,
-                        char *err, size_t errlen)
+static int ss_check_ids(const char *const *ids, size_t n, const char *what, char *err,
+                        size_t errlen)
 {
-    if (user == NULL)
-        return px_err(err, errlen, "%s: user is required", what);
     int rc = ss_check_n(n, what, err, errlen);
     for (size_t i = 0; i < n && rc == PX_OK; i++)
         if (!ss_str_ok(ids[i]))
@@ -283,59 +281,75 @@ static int ss_check_ids(const char *user, const char *const *ids, size_t n, cons
     return rc;
 }
 
-/* The events of user named by ids, in seq order, through cb; with del set,
- * each visited event is deleted in the same transaction. */
-static int ss_inbox_ids(store *st, const char *user, const char *const *ids, size_t n,
-                        int del, store_event_cb cb, void *arg, char *err, size_t errlen)
+static int ss_check_keys(const store_key *keys, size_t n, const char *what, char *err,
+                         size_t errlen)
 {
-    const char *what = del ? "inbox ack" : "inbox get";
-    int rc = ss_check_ids(user, ids, n, what, err, errlen);
+    int rc = ss_check_n(n, what, err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        if (!ss_str_ok(keys[i].user) || !ss_str_ok(keys[i].id))
+            rc = px_err(err, errlen, "%s: key %zu: user or id empty or not UTF-8", what, i);
+    return rc;
+}
+
+/* In a transaction: the keys into the temporary table ss_keys (a pair
+ * named twice counts once, as in a query on a set). */
+static int ss_load_keys(store *st, const store_key *keys, size_t n, const char *what,
+                        char *err, size_t errlen)
+{
+    sqlite3_exec(st->d.db, "DELETE FROM ss_keys", NULL, NULL, NULL);
+    sqlite3_stmt *ins = ss_prep(st, "INSERT OR IGNORE INTO ss_keys VALUES (?,?)", err, errlen);
+    int rc = ins != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(ins, 1, keys[i].user);
+        ss_text(ins, 2, keys[i].id);
+        rc = ss_run(st, ins, what, err, errlen);
+    }
+    sqldb_done(ins);
+    return rc;
+}
+
+int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb cb, void *arg,
+                    char *err, size_t errlen)
+{
+    int rc = ss_check_keys(keys, n, "inbox get", err, errlen);
     if (rc != PX_OK || n == 0)
         return rc;
     if (ss_begin(st, err, errlen) != PX_OK)
         return PX_ERROR;
-    sqlite3_exec(st->d.db, "DELETE FROM ss_ids", NULL, NULL, NULL);
-    sqlite3_stmt *ins = ss_prep(st, "INSERT OR IGNORE INTO ss_ids VALUES (?)", err, errlen);
-    rc = ins != NULL ? PX_OK : PX_ERROR;
-    for (size_t i = 0; i < n && rc == PX_OK; i++) {
-        ss_text(ins, 1, ids[i]);
-        rc = ss_run(st, ins, what, err, errlen);
-    }
-    sqldb_done(ins);
-    sqlite3_stmt *sel = NULL;
-    if (rc == PX_OK)
-        sel = ss_prep(st, "SELECT " SS_EVENT_COLS " FROM inbox WHERE user=? AND id IN"
-                      " (SELECT id FROM ss_ids) ORDER BY seq", err, errlen);
-    if (sel != NULL) {
-        ss_text(sel, 1, user);
-        rc = ss_visit(st, sel, cb, arg, err, errlen);
-    } else {
-        rc = PX_ERROR;
-    }
+    rc = ss_load_keys(st, keys, n, "inbox get", err, errlen);
+    sqlite3_stmt *sel = rc == PX_OK ? ss_prep(st, "SELECT i.user, i.id, i.seq, i.ts, i.kind,"
+                                              " i.sender, i.json FROM inbox i JOIN ss_keys k"
+                                              " ON k.reader = i.user AND k.msg_id = i.id"
+                                              " ORDER BY i.user, i.seq", err, errlen) : NULL;
+    rc = sel != NULL ? ss_visit(st, sel, cb, arg, err, errlen) : PX_ERROR;
     sqldb_done(sel);
-    if (rc == PX_OK && del) {
-        sqlite3_stmt *d = ss_prep(st, "DELETE FROM inbox WHERE user=? AND id IN"
-                                  " (SELECT id FROM ss_ids)", err, errlen);
-        rc = d != NULL ? PX_OK : PX_ERROR;
-        if (d != NULL) {
-            ss_text(d, 1, user);
-            rc = ss_run(st, d, what, err, errlen);
-        }
-        sqldb_done(d);
-    }
     return ss_end(st, rc, err, errlen);
 }
 
-int store_inbox_ack(store *st, const char *user, const char *const *ids, size_t n,
-                    store_event_cb cb, void *arg, char *err, size_t errlen)
+int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *removed, char *err,
+                       size_t errlen)
 {
-    return ss_inbox_ids(st, user, ids, n, 1, cb, arg, err, errlen);
-}
-
-int store_inbox_get(store *st, const char *user, const char *const *ids, size_t n,
-                    store_event_cb cb, void *arg, char *err, size_t errlen)
-{
-    return ss_inbox_ids(st, user, ids, n, 0, cb, arg, err, errlen);
+    if (removed != NULL)
+        *removed = 0;
+    int rc = ss_check_keys(keys, n, "inbox delete", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "DELETE FROM inbox WHERE user=? AND id=?", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    int64_t total = 0;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(s, 1, keys[i].user);
+        ss_text(s, 2, keys[i].id);
+        rc = ss_run(st, s, "inbox delete", err, errlen);
+        total += sqlite3_changes(st->d.db);
+    }
+    sqldb_done(s);
+    rc = ss_end(st, rc, err, errlen);
+    if (rc == PX_OK && removed != NULL)
+        *removed = total;
+    return rc;
 }
 
 int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen)
@@ -369,7 +383,7 @@ int store_inbox_count(store *st, const char *user, int64_t *count, char *err, si
 int store_seen_filter(store *st, const char *const *keys, size_t n, int *seen,
                       char *err, size_t errlen)
 {
-    int rc = ss_check_ids("", keys, n, "seen filter", err, errlen);
+    int rc = ss_check_ids(keys, n, "seen filter", err, errlen);
     if (rc != PX_OK || n == 0)
         return rc;
     pthread_mutex_lock(&st->mu);
@@ -391,7 +405,7 @@ int store_seen_filter(store *st, const char *const *keys, size_t n, int *seen,
 int store_seen_mark(store *st, const char *const *keys, size_t n, int64_t ts_ms,
                     char *err, size_t errlen)
 {
-    int rc = ss_check_ids("", keys, n, "seen mark", err, errlen);
+    int rc = ss_check_ids(keys, n, "seen mark", err, errlen);
     if (rc != PX_OK || n == 0)
         return rc;
     if (ss_begin(st, err, errlen) != PX_OK)
@@ -682,7 +696,7 @@ static int ss_group_row(sqlite3_stmt *s, store_group_cb cb, void *arg)
 int store_group_get(store *st, const char *const *ids, size_t n, store_group_cb cb,
                     void *arg, char *err, size_t errlen)
 {
-    int rc = ss_check_ids("", ids, n, "group get", err, errlen);
+    int rc = ss_check_ids(ids, n, "group get", err, errlen);
     if (rc != PX_OK || n == 0)
         return rc;
     pthread_mutex_lock(&st->mu);
@@ -1020,7 +1034,7 @@ int store_media_access(store *st, const char *id, const char *user, char *err, s
 int store_media_grant(store *st, const char *id, const char *const *users, size_t n,
                       int64_t ts_ms, char *err, size_t errlen)
 {
-    int rc = ss_media_id_ok(id) ? ss_check_ids("", users, n, "media grant", err, errlen)
+    int rc = ss_media_id_ok(id) ? ss_check_ids(users, n, "media grant", err, errlen)
                                 : px_err(err, errlen, "media grant: bad id");
     if (rc != PX_OK)
         return rc;

@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # Runs Parley's test suites from a build folder: unit tests (no servers), then
 # the end-to-end suite against parleyd (no servers: the fast one), then
-# integration and end-to-end tests against a real Kafka broker and
+# integration, end-to-end and browser tests against a real Kafka broker and
 # MongoDB-wire server that this script starts on private ports and a private
 # data folder, and stops on exit, pass or fail.
-#   tests/run.sh BUILD_DIR [unit|parleyd|all]
+#   tests/run.sh BUILD_DIR [unit|parleyd|browser|all]   (browser: the stack
+#   and the browser tests only, for iterating on the web client)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-build=${1:?usage: tests/run.sh BUILD_DIR [unit|all]}
+build=${1:?usage: tests/run.sh BUILD_DIR [unit|browser|all]}
 what=${2:-all}
 
 passed=0
 failed=0
 failures=()
 
-run_one() { # program [mode label]
-  local bin=$1 label=${2:+ [$2]} log
+run_one() { # program [args...]; RUN_LABEL (if set) tags the line
+  local bin=$1 label=${RUN_LABEL:+ [$RUN_LABEL]} log
   log=$(mktemp)
   local t0=$SECONDS
-  if "$bin" >"$log" 2>&1; then
+  if "$@" >"$log" 2>&1; then
     passed=$((passed + 1))
     echo "PASS $bin$label ($((SECONDS - t0))s): $(grep -E '^[0-9]+%: Checks' "$log" | tail -1)"
     grep -E '^report: ' "$log" | sed 's/^/    /' || true
@@ -35,12 +36,13 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
 for t in "$build"/tests/unit/test_*; do
-  [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
+  [[ $what != browser && -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
 done
 
 run_e2e() { # folder label
+  local t
   for t in "$build/tests/$1"/test_*; do
-    [[ -x $t && $t != *.d && $t != *.o ]] && run_one "$t" "$2"
+    [[ -x $t && $t != *.d && $t != *.o ]] && RUN_LABEL=$2 run_one "$t"
   done
 }
 
@@ -53,7 +55,7 @@ if [[ $what == all || $what == parleyd ]]; then
   run_e2e e2e-parleyd parleyd
 fi
 
-if [[ $what == all ]]; then
+if [[ $what == all || $what == browser ]]; then
   export PARLEY_STACK_DIR=${PARLEY_TEST_STACK_DIR:-$(mktemp -d /tmp/parley-test-stack.XXXXXX)}
   export PARLEY_KAFKA_PORT=${PARLEY_TEST_KAFKA_PORT:-29092}
   export PARLEY_KAFKA_CONTROLLER_PORT=${PARLEY_TEST_KAFKA_CONTROLLER_PORT:-29093}
@@ -68,11 +70,13 @@ if [[ $what == all ]]; then
   export PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT
   export PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false"
   for t in "$build"/tests/integration/test_*; do
-    [[ -x $t && $t != *.d && $t != *.o && $t != *_sqlite ]] && run_one "$t"
+    [[ $what == all && -x $t && $t != *.d && $t != *.o && $t != *_sqlite ]] && run_one "$t"
   done
   export PARLEY_BUILD=$build
   export PARLEY_E2E_MODE=stack
-  run_e2e e2e stack
+  [[ $what == all ]] && run_e2e e2e stack
+  # The web client in headless Chromium, against services of its own.
+  run_one tests/browser/run.sh "$build"
 fi
 
 echo

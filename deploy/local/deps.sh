@@ -7,19 +7,23 @@ set -euo pipefail
 PKGS=(build-essential pkg-config librdkafka-dev libmicrohttpd-dev libwslay-dev
       libmongoc-dev libbson-dev check libsubunit-dev libprotobuf-c-dev
       protobuf-c-compiler libjansson-dev libsqlite3-dev libssl-dev)
-[ "${1:-all}" = build ] || PKGS+=(kcat jq curl default-jre-headless maven golang-go postgresql)
+[ "${1:-all}" = build ] ||
+  PKGS+=(kcat jq curl default-jre-headless maven golang-go postgresql chromium nodejs npm)
 
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
-# Java, Maven and Go may come from outside Debian on a developer machine.
+# Java, Maven, Go and Node.js may come from outside Debian on a developer
+# machine (Chromium, for the browser tests, comes from Debian).
 filtered=()
 for p in "${missing[@]}"; do
   case "$p" in
     default-jre-headless) command -v java >/dev/null || filtered+=("$p") ;;
     maven) command -v mvn >/dev/null || filtered+=("$p") ;;
     golang-go) command -v go >/dev/null || command -v mongod >/dev/null || filtered+=("$p") ;;
+    nodejs) command -v node >/dev/null || filtered+=("$p") ;;
+    npm) command -v npm >/dev/null || filtered+=("$p") ;;
     *) filtered+=("$p") ;;
   esac
 done

@@ -28,9 +28,10 @@ start() { # name admin-port
 start presence 9091
 start message-store 9092
 start receipt 9093
+start group-fanout 9094
 PARLEY_ADMIN_LISTEN=off "$build/bin/gateway" &
 pids+=($!)
 
-echo "parley: gateway on http://${PARLEY_LISTEN/0.0.0.0/localhost} (dev mode); Ctrl-C stops"
+echo "parley: gateway and web client on http://${PARLEY_LISTEN/0.0.0.0/localhost}/ (dev mode); Ctrl-C stops"
 wait -n || true
 stop

@@ -12,5 +12,5 @@ export PARLEY_DEV=${PARLEY_DEV:-1}
 export PARLEY_LISTEN=${PARLEY_LISTEN:-0.0.0.0:8080}
 export PARLEY_DATA_DIR=${PARLEY_DATA_DIR:-data}
 
-echo "parley: http://${PARLEY_LISTEN/0.0.0.0/localhost} (parleyd, dev mode, data in $PARLEY_DATA_DIR/); Ctrl-C stops"
+echo "parley: parleyd and the web client on http://${PARLEY_LISTEN/0.0.0.0/localhost}/ (dev mode, data in $PARLEY_DATA_DIR/); Ctrl-C stops"
 exec "$build/bin/parleyd"

@@ -1,11 +1,12 @@
 /* Owns the gateway's HTTP surface on libmicrohttpd: health, readiness,
- * metrics, the landing page, the dev token endpoint, and the WebSocket
- * handshake on GET /v1/ws (auth before upgrade; 401 means no upgrade).
- * Upgraded sockets leave MHD's thread for a worker at once. */
+ * metrics, the web client (libcommon/web_assets), the dev token endpoint,
+ * and the WebSocket handshake on GET /v1/ws (auth before upgrade; 401
+ * means no upgrade). Upgraded sockets leave MHD's thread for a worker at once. */
 #include "auth.h"
 #include "common.h"
 #include "gateway.h"
 #include "log.h"
+#include "web_assets.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -36,13 +37,6 @@ typedef struct http_req {
     size_t body_len;
     int body_too_big;
 } http_req;
-
-static const char http_index[] =
-    "<!doctype html><meta charset=utf-8><title>Parley</title>"
-    "<h1>Parley gateway</h1><p>Connect a WebSocket client to <code>/v1/ws</code> "
-    "with <code>Authorization: Bearer &lt;token&gt;</code> or "
-    "<code>?access_token=&lt;token&gt;</code>. Try <code>parleyctl listen --as bob</code> "
-    "and <code>parleyctl send --as alice --to bob hi</code>.</p>";
 
 enum MHD_Result http_text(struct MHD_Connection *mc, unsigned status,
                                  const char *type, const char *body, size_t len)
@@ -212,8 +206,9 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *mc, const c
         return http_ready(g, mc);
     if (get && strcmp(url, "/metrics") == 0)
         return http_metrics(mc);
-    if (get && strcmp(url, "/") == 0)
-        return http_text(mc, 200, "text/html; charset=utf-8", http_index, sizeof(http_index) - 1);
+    const web_asset *wa = get ? web_assets_find(url) : NULL;
+    if (wa != NULL)
+        return (enum MHD_Result)web_assets_respond(mc, wa);
     if (post && g->cfg.dev && strcmp(url, "/v1/dev/token") == 0)
         return http_dev_token(g, mc, req);
     return http_json_error(mc, 404, "not_found", "no such endpoint");

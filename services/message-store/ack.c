@@ -1,19 +1,25 @@
 /* Owns acks and the receipt facts they make. An AckRecord deletes the named
- * events from the acker's own inbox (the store matches on (user, id), so an
- * ack can never touch another user's events). Each acked message with a
- * sender becomes a ReceiptFact on parley.receipts keyed by the acker (the
- * reader): DELIVERED for an `ack`, READ for a `read` (read implies
- * delivered). A `read` id no longer in the inbox (acked earlier) becomes a
- * READ_CLAIM, which the receipt service resolves from its tracking of
- * (reader, msg_id) -> sender; a claim for a message the reader never
- * received resolves to nothing.
+ * events from the acker's own inbox (every store key names the acker as the
+ * owner, so an ack can never touch another user's events). Each acked
+ * message with a sender becomes a ReceiptFact on parley.receipts keyed by
+ * the acker (the reader): DELIVERED for an `ack`, READ for a `read` (read
+ * implies delivered). A `read` id no longer in the inbox (acked earlier)
+ * becomes a READ_CLAIM, which the receipt service resolves from its
+ * tracking of (reader, msg_id) -> sender; a claim for a message the reader
+ * never received resolves to nothing.
  *
- * Order per chunk of ids: read the events (store_inbox_get), produce the
- * facts, wait until Kafka holds them, and only then delete. Gating the
- * AckRecord's commit alone would not be enough: a retry after the delete
- * finds no events, so facts lost with a crash in between would never be
- * made again. A crash before the delete repeats the facts, which the
- * receipt ids (a hash of msg_id, reader, status) make harmless downstream. */
+ * A run of consecutive AckRecords of many users is applied together, in
+ * chunks of ACK_CHUNK (user, id) keys: one store read for the whole chunk,
+ * the facts, one wait until Kafka holds them, one delete. Per-user calls
+ * made the store round trips (~14 ms each on FerretDB), not the work, the
+ * limit on delivered messages per second.
+ *
+ * Order per chunk: read the events, produce the facts, wait until Kafka
+ * holds them, and only then delete. Gating the AckRecords' commit alone
+ * would not be enough: a retry after the delete finds no events, so facts
+ * lost with a crash in between would never be made again. A crash before
+ * the delete repeats the facts, which the receipt ids (a hash of msg_id,
+ * reader, status) make harmless downstream. */
 #include "common.h"
 #include "msgstore.h"
 #include "utf8.h"
@@ -22,28 +28,34 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ACK_CHUNK 1000      /* ids per store call (PROTO_MAX_IDS per command) */
+#define ACK_CHUNK 1000      /* keys per store call */
 #define ACK_ID_MAX 255      /* as for inbox event ids */
 #define ACK_GROUP_MAX 255   /* a group id read back from an event */
 #define ACK_FLUSH_MS 10000  /* facts must be in Kafka before the delete */
 #define ACK_FACT_VERSION 1
 
+/* One acked id: what the user asked and when. */
+typedef struct ack_entry {
+    store_key key;
+    int read;              /* a `read` (any of the run's records) */
+    int64_t ts_ms;         /* the receipts' time: when the user acked */
+    int found;             /* the inbox held it */
+} ack_entry;
+
 typedef struct ack_ctx {
     msgstore *ms;
-    size_t idx;            /* batch record whose commit the facts gate */
-    const char *user;
-    int read;
-    int64_t ts_ms;         /* the receipts' time: when the user acked */
-    const char **ids;      /* the chunk: sorted, no repeats */
+    size_t idx;            /* the run's first record: the facts gate its commit */
+    ack_entry *e;          /* the chunk, sorted by (user, id), no repeats */
     size_t n;
-    char *found;           /* per id: the inbox held it */
     size_t held, facts;
     char err[PX_ERRLEN];   /* a produce error from inside the store callback */
 } ack_ctx;
 
-static int ack_id_cmp(const void *a, const void *b)
+static int ack_entry_cmp(const void *a, const void *b)
 {
-    return strcmp(*(const char *const *)a, *(const char *const *)b);
+    const ack_entry *x = a, *y = b;
+    int c = strcmp(x->key.user, y->key.user);
+    return c != 0 ? c : strcmp(x->key.id, y->key.id);
 }
 
 /* The group of a group message, read from its event text (the inbox keeps
@@ -61,26 +73,26 @@ static char *ack_group_of(const store_event *ev)
     return group;
 }
 
-static int ack_fact(ack_ctx *c, Parley__ReceiptFact__Status status, const char *msg_id,
+static int ack_fact(ack_ctx *c, const ack_entry *e, Parley__ReceiptFact__Status status,
                     const char *sender, const char *group)
 {
     msgstore *ms = c->ms;
     Parley__ReceiptFact f = PARLEY__RECEIPT_FACT__INIT;
     f.version = ACK_FACT_VERSION;
     f.status = status;
-    f.msg_id = (char *)msg_id;
-    f.reader = (char *)c->user;
+    f.msg_id = (char *)e->key.id;
+    f.reader = (char *)e->key.user;
     f.sender = (char *)(sender != NULL ? sender : "");
     f.group = (char *)(group != NULL ? group : "");
-    f.ts_ms = c->ts_ms;
+    f.ts_ms = e->ts_ms;
     size_t len = parley__receipt_fact__get_packed_size(&f);
     if (len > ms->pack_cap) {
         ms->pack_cap = PX_MAX(len, 2 * ms->pack_cap);
         ms->pack = px_realloc(ms->pack, ms->pack_cap);
     }
     parley__receipt_fact__pack(&f, ms->pack);
-    int rc = batch_produce(ms, ms->topic_receipts, c->user, strlen(c->user), ms->pack, len,
-                           batch_tag_for(ms, c->idx), c->err, sizeof(c->err));
+    int rc = batch_produce(ms, ms->topic_receipts, e->key.user, strlen(e->key.user), ms->pack,
+                           len, batch_tag_for(ms, c->idx), c->err, sizeof(c->err));
     if (rc == PX_OK)
         c->facts++;
     return rc;
@@ -91,27 +103,29 @@ static int ack_fact(ack_ctx *c, Parley__ReceiptFact__Status status, const char *
 static int ack_on_held(void *arg, const store_event *ev)
 {
     ack_ctx *c = arg;
-    const char **hit = bsearch(&ev->id, c->ids, c->n, sizeof(*c->ids), ack_id_cmp);
-    if (hit != NULL)
-        c->found[hit - c->ids] = 1;
+    ack_entry probe = { .key = { ev->user, ev->id } };
+    ack_entry *e = bsearch(&probe, c->e, c->n, sizeof(*c->e), ack_entry_cmp);
+    if (e == NULL || e->found)
+        return PX_OK;
+    e->found = 1;
     c->held++;
     if (ev->kind != STORE_MESSAGE || ev->sender == NULL)
         return PX_OK;
     metric_add(c->ms->m.acked_messages, 1);
     char *group = ack_group_of(ev);
-    int rc = ack_fact(c, c->read ? PARLEY__RECEIPT_FACT__STATUS__STATUS_READ
-                                 : PARLEY__RECEIPT_FACT__STATUS__STATUS_DELIVERED,
-                      ev->id, ev->sender, group);
+    int rc = ack_fact(c, e, e->read ? PARLEY__RECEIPT_FACT__STATUS__STATUS_READ
+                                    : PARLEY__RECEIPT_FACT__STATUS__STATUS_DELIVERED,
+                      ev->sender, group);
     free(group);
     return rc;
 }
 
-/* A `read` of ids the inbox no longer holds: claims for the receipt service. */
+/* `read` ids the inbox no longer holds: claims for the receipt service. */
 static int ack_claims(ack_ctx *c)
 {
     for (size_t i = 0; i < c->n; i++)
-        if (!c->found[i] &&
-            ack_fact(c, PARLEY__RECEIPT_FACT__STATUS__STATUS_READ_CLAIM, c->ids[i], NULL, NULL) !=
+        if (c->e[i].read && !c->e[i].found &&
+            ack_fact(c, &c->e[i], PARLEY__RECEIPT_FACT__STATUS__STATUS_READ_CLAIM, NULL, NULL) !=
                 PX_OK)
             return PX_ERROR;
     return PX_OK;
@@ -130,17 +144,36 @@ static int ack_facts_durable(ack_ctx *c, char *err, size_t errlen)
     return PX_OK;
 }
 
+/* Deletes the held events of the chunk. */
+static int ack_delete(ack_ctx *c, char *err, size_t errlen)
+{
+    store_key *keys = px_malloc(c->held * sizeof(*keys));
+    size_t k = 0;
+    for (size_t i = 0; i < c->n; i++)
+        if (c->e[i].found)
+            keys[k++] = c->e[i].key;
+    int64_t t0 = msgstore_clock_us();
+    int rc = store_inbox_delete(c->ms->st, keys, k, NULL, err, errlen);
+    msgstore_observe(c->ms->m.lat_ack, t0);
+    free(keys);
+    return rc;
+}
+
 static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
 {
     msgstore *ms = c->ms;
-    int rc = PX_ERROR;
-    c->found = px_calloc(c->n, 1);
+    store_key *keys = px_malloc(c->n * sizeof(*keys));
+    for (size_t i = 0; i < c->n; i++) {
+        keys[i] = c->e[i].key;
+        c->e[i].found = 0;
+    }
     c->held = c->facts = 0;
     c->err[0] = '\0';
     int64_t t0 = msgstore_clock_us();
-    rc = store_inbox_get(ms->st, c->user, c->ids, c->n, ack_on_held, c, err, errlen);
+    int rc = store_inbox_get(ms->st, keys, c->n, ack_on_held, c, err, errlen);
     msgstore_observe(ms->m.lat_ack, t0);
-    if (rc == PX_OK && c->read)
+    free(keys);
+    if (rc == PX_OK)
         rc = ack_claims(c);
     if (rc != PX_OK && c->err[0] != '\0')
         px_err(err, errlen, "%s", c->err);
@@ -148,95 +181,72 @@ static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
         rc = ack_facts_durable(c, err, errlen);
     /* Nothing held, nothing to delete: duplicate acks and late reads cost
      * one read, not two. */
-    if (rc == PX_OK && c->held > 0) {
-        t0 = msgstore_clock_us();
-        rc = store_inbox_ack(ms->st, c->user, c->ids, c->n, NULL, NULL, err, errlen);
-        msgstore_observe(ms->m.lat_ack, t0);
-    }
+    if (rc == PX_OK && c->held > 0)
+        rc = ack_delete(c, err, errlen);
     if (rc == PX_OK)
         metric_add(ms->m.acked_events, (int64_t)c->held);
-    free(c->found);
-    c->found = NULL;
     return rc;
 }
 
-/* Sorts ids and drops repeats (a client may name an id twice, and merged
- * records often do); returns the new count. */
-static size_t ack_unique(const char **ids, size_t n)
+/* Sorts by (user, id) and merges repeats: a client may name an id twice,
+ * and an id both acked and read is read (read implies delivered), at the
+ * latest time. Returns the new count. */
+static size_t ack_unique(ack_entry *e, size_t n)
 {
     if (n == 0)
         return 0;
-    qsort(ids, n, sizeof(*ids), ack_id_cmp);
+    qsort(e, n, sizeof(*e), ack_entry_cmp);
     size_t k = 1;
-    for (size_t i = 1; i < n; i++)
-        if (strcmp(ids[i], ids[k - 1]) != 0)
-            ids[k++] = ids[i];
+    for (size_t i = 1; i < n; i++) {
+        ack_entry *last = &e[k - 1];
+        if (ack_entry_cmp(&e[i], last) != 0) {
+            e[k++] = e[i];
+            continue;
+        }
+        last->read |= e[i].read;
+        last->ts_ms = PX_MAX(last->ts_ms, e[i].ts_ms);
+    }
     return k;
 }
 
 /* Only ids that could name a stored event go to the store: an empty or
  * non-UTF-8 id matches nothing anyway, and the store would refuse the whole
- * call for it on every retry. Appends to ids; returns the new count. */
-static size_t ack_usable_ids(const Parley__AckRecord *r, const char **ids, size_t n)
+ * call for it on every retry. Appends to e; returns the new count. */
+static size_t ack_entries(const Parley__AckRecord *r, ack_entry *e, size_t n)
 {
+    int64_t ts = r->ts_ms > 0 ? r->ts_ms : px_now_ms();
     for (size_t i = 0; i < r->n_ids; i++) {
         size_t len = strlen(r->ids[i]);
         if (len > 0 && len <= ACK_ID_MAX && utf8_valid((const unsigned char *)r->ids[i], len))
-            ids[n++] = r->ids[i];
+            e[n++] = (ack_entry){ .key = { r->user, r->ids[i] }, .read = r->read != 0,
+                                  .ts_ms = ts };
     }
     return n;
 }
 
-static int ack_same(const Parley__AckRecord *a, const Parley__AckRecord *b)
-{
-    return strcmp(a->user, b->user) == 0 && (a->read != 0) == (b->read != 0);
-}
-
-/* Applies the ids of one (user, read) group in chunks of ACK_CHUNK. */
-static int ack_group(ack_ctx *c, const char **ids, size_t n, char *err, size_t errlen)
-{
-    n = ack_unique(ids, n);
-    for (size_t off = 0; off < n; off += ACK_CHUNK) {
-        c->ids = ids + off;
-        c->n = PX_MIN((size_t)ACK_CHUNK, n - off);
-        if (ack_chunk(c, err, errlen) != PX_OK)
-            return PX_ERROR;
-    }
-    return PX_OK;
-}
-
-/* A run of consecutive AckRecords is applied as one group per (user, read):
- * clients ack one event at a time, and the store's cost is per call, not
- * per id. Every step is idempotent, so a retried run is harmless. */
+/* Every step is idempotent, so a retried run is harmless. The facts of the
+ * whole run gate its first record's commit: nothing from there on commits
+ * until they are durable. */
 int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *err,
                   size_t errlen)
 {
-    int rc = PX_OK;
     size_t total = 0;
     for (size_t i = 0; i < n; i++)
         total += recs[i].u.ack->n_ids;
-    const char **ids = px_calloc(total + 1, sizeof(*ids));
-    char *done = px_calloc(n, 1);
-    for (size_t i = 0; i < n && rc == PX_OK; i++) {
-        if (done[i])
-            continue;
-        const Parley__AckRecord *r = recs[i].u.ack;
-        /* The group's facts gate record idx + i, the group's first: nothing
-         * from there on commits until they are durable. */
-        ack_ctx c = { .ms = ms, .idx = idx + i, .user = r->user, .read = r->read != 0 };
-        size_t k = 0;
-        for (size_t j = i; j < n; j++)
-            if (!done[j] && ack_same(r, recs[j].u.ack)) {
-                k = ack_usable_ids(recs[j].u.ack, ids, k);
-                c.ts_ms = PX_MAX(c.ts_ms, recs[j].u.ack->ts_ms);
-                done[j] = 1;
-                metric_add(ms->m.acks, 1);
-            }
-        if (c.ts_ms <= 0)
-            c.ts_ms = px_now_ms();
-        rc = ack_group(&c, ids, k, err, errlen);
+    ack_entry *e = px_calloc(total + 1, sizeof(*e));
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        k = ack_entries(recs[i].u.ack, e, k);
+        metric_add(ms->m.acks, 1);
     }
-    free(done);
-    free(ids);
+    k = ack_unique(e, k);
+    int rc = PX_OK;
+    ack_ctx c = { .ms = ms, .idx = idx };
+    for (size_t off = 0; off < k && rc == PX_OK; off += ACK_CHUNK) {
+        c.e = e + off;
+        c.n = PX_MIN((size_t)ACK_CHUNK, k - off);
+        rc = ack_chunk(&c, err, errlen);
+    }
+    free(e);
     return rc;
 }

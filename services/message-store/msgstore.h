@@ -180,7 +180,7 @@ int sync_serve(msgstore *ms, size_t idx, const Parley__SyncRequest *r, char *err
 /* ---- ack.c: acks delete inbox events and make receipt facts ---- */
 
 /* Applies n consecutive AckRecords (recs[i].kind == REC_ACK, recs[0] being
- * batch record idx), merged into one group per (user, read). For each
+ * batch record idx) of any users together, as (user, id) keys. For each
  * chunk: the held events are read, their ReceiptFacts (and a `read`'s
  * READ_CLAIMs for ids no longer held) are produced to parley.receipts keyed
  * by the acker and confirmed by Kafka, and only then are the events

@@ -141,6 +141,24 @@ static double rate(size_t n, int64_t ms)
     return ms > 0 ? (double)n * 1000.0 / (double)ms : (double)n * 1000.0;
 }
 
+/* An ack as message-store makes it: read the user's named events, then
+ * delete them; the delete must remove exactly what the read reported. */
+static int ack(const char *user, const char *const *ids, size_t n, seen_log *l, char *err,
+               size_t errlen)
+{
+    store_key keys[2000];
+    int64_t removed = -1;
+    ck_assert_uint_le(n, 2000);
+    for (size_t i = 0; i < n; i++)
+        keys[i] = (store_key){ user, ids[i] };
+    size_t before = l->n;
+    if (store_inbox_get(st, keys, n, log_cb, l, err, errlen) != PX_OK ||
+        store_inbox_delete(st, keys, n, &removed, err, errlen) != PX_OK)
+        return PX_ERROR;
+    ck_assert_int_eq(removed, (int64_t)(l->n - before));
+    return PX_OK;
+}
+
 /* (b) 1000 events in one put come back from scan in seq order with their
  * exact bytes; acking half calls back exactly those with kind/sender and
  * deletes exactly those; after_seq and limit page correctly. */
@@ -181,7 +199,7 @@ START_TEST(bulk_roundtrip)
         ids[i] = t[2 * i].id;
     memset(&l, 0, sizeof(l));
     t0 = px_mono_ms();
-    ck_assert_msg(store_inbox_ack(st, "u_b", ids, N / 2, log_cb, &l, err, sizeof(err)) == PX_OK,
+    ck_assert_msg(ack("u_b", ids, N / 2, &l, err, sizeof(err)) == PX_OK,
                   "ack: %s", err);
     fprintf(stderr, "bulk_roundtrip: ack %d docs in %lld ms (%.0f docs/s)\n", N / 2,
             (long long)(px_mono_ms() - t0), rate(N / 2, px_mono_ms() - t0));
@@ -197,7 +215,7 @@ START_TEST(bulk_roundtrip)
 
     /* Acking again deletes and reports nothing. */
     memset(&l, 0, sizeof(l));
-    ck_assert_int_eq(store_inbox_ack(st, "u_b", ids, N / 2, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(ack("u_b", ids, N / 2, &l, err, sizeof(err)), PX_OK);
     ck_assert_uint_eq(l.n, 0);
     ck_assert_int_eq(count_of("u_b"), N / 2);
 
@@ -238,14 +256,14 @@ START_TEST(ack_other_user_deletes_nothing)
     ids[1] = t[1].id;
 
     memset(&l, 0, sizeof(l));
-    ck_assert_int_eq(store_inbox_ack(st, "bob", ids, 2, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(ack("bob", ids, 2, &l, err, sizeof(err)), PX_OK);
     ck_assert_uint_eq(l.n, 0);
     ck_assert_int_eq(count_of("alice"), 2);
 
     /* bob holding the same id as alice acks only his own copy. */
     make_event(&ev[2], &t[2], "bob", 1, 1, now);
     put_ok(&ev[2], 1, NULL);
-    ck_assert_int_eq(store_inbox_ack(st, "bob", ids, 2, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(ack("bob", ids, 2, &l, err, sizeof(err)), PX_OK);
     ck_assert_uint_eq(l.n, 1);
     ck_assert_str_eq(l.id[0], t[0].id);
     ck_assert_int_eq(count_of("bob"), 0);
@@ -519,14 +537,14 @@ START_TEST(track_bad_input)
 }
 END_TEST
 
-/* The read half of an ack: visits only the user's named events, in seq
- * order, and deletes nothing. */
+/* The two halves of an ack, for several users in one call: get visits
+ * exactly the named (user, id) events and deletes nothing; delete removes
+ * exactly those. */
 START_TEST(inbox_get_reads_without_deleting)
 {
     store_event ev[4];
     tev t[4];
     static seen_log l;
-    const char *ids[4];
     char err[PX_ERRLEN] = "";
     int64_t now = px_now_ms();
 
@@ -535,20 +553,33 @@ START_TEST(inbox_get_reads_without_deleting)
     make_event(&ev[2], &t[2], "g_alice", 3, 7, now);
     make_event(&ev[3], &t[3], "g_bob", 4, 1, now);
     put_ok(ev, 4, NULL);
-    ids[0] = t[0].id;
-    ids[1] = t[1].id;
-    ids[2] = t[3].id; /* bob's */
-    ids[3] = "absent";
+    /* Two users in one call; bob's id under alice's name and an absent id
+     * match nothing. */
+    store_key keys[] = { { "g_alice", t[0].id }, { "g_bob", t[3].id }, { "g_alice", t[1].id },
+                         { "g_alice", t[3].id }, { "g_alice", "absent" } };
     memset(&l, 0, sizeof(l));
-    ck_assert_int_eq(store_inbox_get(st, "g_alice", ids, 4, log_cb, &l, err, sizeof(err)), PX_OK);
-    ck_assert_uint_eq(l.n, 2);
-    ck_assert_str_eq(l.id[0], t[1].id); /* seq 5 before seq 10 */
-    ck_assert_str_eq(l.id[1], t[0].id);
-    ck_assert_int_eq(l.kind[0], STORE_MESSAGE); /* make_event: even i is a message */
-    ck_assert_str_eq(l.sender[0], t[1].sender);
-    ck_assert_int_eq(l.kind[1], STORE_RECEIPT);
+    ck_assert_int_eq(store_inbox_get(st, keys, 5, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(l.n, 3);
+    int seen[4] = { 0 };
+    for (size_t k = 0; k < l.n; k++) {
+        int i = 0;
+        while (i < 4 && strcmp(l.id[k], t[i].id) != 0)
+            i++;
+        ck_assert_msg(i == 0 || i == 1 || i == 3, "unexpected event %s", l.id[k]);
+        seen[i]++;
+        ck_assert_int_eq(l.kind[k], ev[i].kind);
+        ck_assert_int_eq(l.seq[k], ev[i].seq);
+    }
+    ck_assert_int_eq(seen[0] * seen[1] * seen[3], 1);
     ck_assert_int_eq(count_of("g_alice"), 3);
     ck_assert_int_eq(count_of("g_bob"), 1);
+
+    /* Deleting by the same keys removes exactly those three. */
+    int64_t removed = -1;
+    ck_assert_int_eq(store_inbox_delete(st, keys, 5, &removed, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(removed, 3);
+    ck_assert_int_eq(count_of("g_alice"), 1);
+    ck_assert_int_eq(count_of("g_bob"), 0);
 }
 END_TEST
 

@@ -1,0 +1,261 @@
+// Browser tests of the web client against a real gateway and backend
+// (tests/browser/run.sh starts them): alice, bob and carol each in their own
+// browser context. The tests run in order and build on each other's chats.
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import {
+  BASE, PNG, WAIT_MS, devToken, imageLoaded, launch, mine, online, openConv, openPage, send, shot,
+  signIn, startChat, startRelay, theirs, tick, tickNow, unreadBadge, userId, waitUnread,
+} from './lib.mjs';
+
+const A = userId('alice');
+const B = userId('bob');
+const C = userId('carol');
+let browser;
+let alice;
+let bob;
+let carol;
+
+before(async () => {
+  browser = await launch();
+});
+
+after(async () => {
+  await browser?.close();
+});
+
+test('the gateway serves the client with its content types', async () => {
+  const index = await fetch(`${BASE}/`);
+  assert.equal(index.status, 200);
+  assert.match(index.headers.get('content-type'), /^text\/html/);
+  assert.match(index.headers.get('content-security-policy'), /default-src 'self'/);
+  const js = await fetch(`${BASE}/app.js`);
+  assert.match(js.headers.get('content-type'), /^text\/javascript/);
+  const again = await fetch(`${BASE}/app.js`, { headers: { 'If-None-Match': js.headers.get('etag') } });
+  assert.equal(again.status, 304);
+  assert.equal((await fetch(`${BASE}/nope.js`)).status, 404);
+});
+
+test('a bad token is refused with a clear error', async () => {
+  const context = await browser.newContext();
+  const page = await openPage(context);
+  await page.fill('#signin-token', 'not-a-token');
+  await page.click('#signin-form button[type=submit]');
+  await page.locator('#error', { hasText: 'not a token' }).waitFor({ timeout: WAIT_MS });
+  assert.equal(await page.locator('#app').isHidden(), true);
+  await context.close();
+});
+
+test('alice and bob exchange messages and see the ticks change', async () => {
+  alice = await signIn(browser, A);
+  bob = await signIn(browser, B);
+  await startChat(alice.page, B);
+  await send(alice.page, 'hello bob');
+  // bob is online but has not opened the chat: delivered, not read.
+  await tick(alice.page, 'hello bob', 'delivered');
+  await waitUnread(bob.page, `u:${A}`, 1);
+  await shot(bob.page, 'bob-unread');
+  await new Promise((ok) => setTimeout(ok, 1500));
+  assert.equal(await tickNow(alice.page, 'hello bob'), 'delivered');
+  await shot(alice.page, 'alice-delivered');
+
+  await openConv(bob.page, `u:${A}`);
+  await theirs(bob.page, 'hello bob').waitFor({ timeout: WAIT_MS });
+  await tick(alice.page, 'hello bob', 'read');
+  assert.equal(await unreadBadge(bob.page, `u:${A}`), null);
+  assert.equal(await mine(alice.page, 'hello bob').locator('.ticks.read').count(), 1);
+  await shot(alice.page, 'alice-read');
+
+  // alice has the chat open, so bob's reply is read at once.
+  await send(bob.page, 'hi alice, got it');
+  await theirs(alice.page, 'hi alice, got it').waitFor({ timeout: WAIT_MS });
+  await tick(bob.page, 'hi alice, got it', 'read');
+  await shot(bob.page, 'bob-read');
+});
+
+test('bob offline gets the backlog on connect, once, in order', async () => {
+  await bob.page.close();
+  const texts = ['while you were away 1', 'while you were away 2', 'while you were away 3'];
+  for (const t of texts) await send(alice.page, t);
+  for (const t of texts) await tick(alice.page, t, 'sent');
+  await new Promise((ok) => setTimeout(ok, 1500));
+  for (const t of texts) assert.equal(await tickNow(alice.page, t), 'sent', `${t} is only sent`);
+  await shot(alice.page, 'alice-sent-bob-offline');
+
+  // The same browser context: the session and chats come back from storage.
+  bob.page = await openPage(bob.context);
+  await online(bob.page);
+  await waitUnread(bob.page, `u:${A}`, 3);
+  for (const t of texts) await tick(alice.page, t, 'delivered');
+  await openConv(bob.page, `u:${A}`);
+  for (const t of texts) await tick(alice.page, t, 'read');
+  const shown = await bob.page.locator('.msg.theirs .body').allTextContents();
+  assert.deepEqual(shown, ['hello bob', ...texts]);
+  await shot(bob.page, 'bob-backlog');
+
+  // A reload shows the same chat, nothing twice.
+  await bob.page.reload();
+  await online(bob.page);
+  await openConv(bob.page, `u:${A}`);
+  assert.deepEqual(await bob.page.locator('.msg.theirs .body').allTextContents(), ['hello bob', ...texts]);
+  assert.equal(await bob.page.locator('.msg.mine .body').allTextContents().then((l) => l.length), 1);
+
+  // Everything shown was acked: a new device of bob's (empty storage) gets
+  // no backlog from the server.
+  const fresh = await signIn(browser, B);
+  await new Promise((ok) => setTimeout(ok, 500)); // let anything synced be drawn
+  await shot(fresh.page, 'bob-new-device');
+  assert.equal(await fresh.page.locator('.conv').count(), 0, 'nothing left unacked on the server');
+  await fresh.context.close();
+});
+
+test('a lost connection comes back with backoff, and what was sent meanwhile goes out', async () => {
+  const relay = await startRelay();
+  const D = userId('dave');
+  let dave;
+  try {
+    dave = await signIn(browser, D, relay.url);
+    await startChat(dave.page, B);
+    await send(dave.page, 'before the cut');
+    await tick(dave.page, 'before the cut', 'delivered');
+
+    relay.cut();
+    await dave.page.locator('#conn-state[data-state="offline"]').waitFor({ timeout: WAIT_MS });
+    await send(dave.page, 'sent while offline');
+    await new Promise((ok) => setTimeout(ok, 4000));
+    assert.equal(await tickNow(dave.page, 'sent while offline'), 'pending');
+    const tries = relay.refused();
+    assert.ok(tries >= 1 && tries <= 6, `${tries} connection attempts in 4 s: expected a growing backoff`);
+    await shot(dave.page, 'dave-offline');
+
+    relay.restore();
+    await online(dave.page);
+    await tick(dave.page, 'sent while offline', 'delivered');
+    await waitUnread(bob.page, `u:${D}`, 2);
+  } finally {
+    await dave?.context.close();
+    await relay.close();
+  }
+});
+
+test('one window per user and browser; "Use here" moves the chat, state and all', async () => {
+  const second = await openPage(alice.context);
+  await second.locator('#elsewhere').waitFor({ timeout: WAIT_MS });
+  assert.equal(await second.locator('#app').isHidden(), true);
+  await second.click('#use-here');
+  await online(second);
+  await alice.page.locator('#elsewhere').waitFor({ timeout: WAIT_MS });
+  await openConv(second, `u:${B}`);
+  await send(second, 'from the second window');
+  await tick(second, 'from the second window', 'read'); // bob has alice's chat open
+  await shot(alice.page, 'alice-elsewhere');
+
+  await alice.page.click('#use-here');
+  await online(alice.page);
+  await second.locator('#elsewhere').waitFor({ timeout: WAIT_MS });
+  await openConv(alice.page, `u:${B}`);
+  await tick(alice.page, 'from the second window', 'read');
+  await second.close();
+});
+
+test('a group of three: create, send, ticks, remove, add, leave', async () => {
+  carol = await signIn(browser, C);
+  const name = `Trip ${Date.now() % 100000}`;
+
+  // A refused command is shown, not swallowed: a group needs a name.
+  await alice.page.click('#new-group');
+  await alice.page.click('#group-create');
+  await alice.page.locator('#error', { hasText: 'bad_request' }).waitFor({ timeout: WAIT_MS });
+  await shot(alice.page, 'alice-group-error');
+  await alice.page.click('#error-close');
+
+  await alice.page.click('#new-group');
+  await alice.page.fill('#group-name', name);
+  await alice.page.fill('#group-members-input', `${B}, ${C}`);
+  await alice.page.click('#group-create');
+  await alice.page.locator('#chat-title', { hasText: name }).waitFor({ timeout: WAIT_MS });
+  const key = await alice.page.locator('.conv.current').getAttribute('data-key');
+  assert.match(key, /^g:/);
+
+  await send(alice.page, 'hello group');
+  for (const u of [bob, carol]) await waitUnread(u.page, key, 1);
+  await tick(alice.page, 'hello group', 'delivered');
+  await openConv(bob.page, key);
+  await bob.page.locator('#chat-title', { hasText: name }).waitFor({ timeout: WAIT_MS });
+  await new Promise((ok) => setTimeout(ok, 1500));
+  assert.equal(await tickNow(alice.page, 'hello group'), 'delivered', 'carol has not read it');
+  await openConv(carol.page, key);
+  await tick(alice.page, 'hello group', 'read');
+  await shot(alice.page, 'group-read');
+
+  await send(bob.page, 'bob here');
+  for (const u of [alice, carol]) {
+    const msg = theirs(u.page, 'bob here');
+    await msg.waitFor({ timeout: WAIT_MS });
+    assert.equal(await msg.locator('.from').textContent(), B);
+  }
+  await shot(carol.page, 'group-carol');
+
+  await alice.page.click('#group-toggle');
+  await alice.page.locator(`.member[data-user="${C}"] .remove`).click();
+  await carol.page.locator('#chat-sub', { hasText: 'not a member' }).waitFor({ timeout: WAIT_MS });
+  assert.equal(await carol.page.locator('#composer').isHidden(), true);
+  await alice.page.locator('.system', { hasText: `removed ${C}` }).waitFor({ timeout: WAIT_MS });
+
+  await alice.page.fill('#group-add-user', C);
+  await alice.page.press('#group-add-user', 'Enter');
+  await carol.page.locator('#composer').waitFor({ state: 'visible', timeout: WAIT_MS });
+  await alice.page.locator(`.member[data-user="${C}"]`).waitFor({ timeout: WAIT_MS });
+
+  await bob.page.click('#group-toggle');
+  await bob.page.click('#group-leave');
+  await alice.page.locator('.system', { hasText: `${B} left` }).waitFor({ timeout: WAIT_MS });
+  await alice.page.locator(`.member[data-user="${B}"]`).waitFor({ state: 'detached', timeout: WAIT_MS });
+  await shot(alice.page, 'group-after-changes');
+});
+
+test('an image sent, loaded, forwarded with the "Forwarded" label', async (t) => {
+  const probe = await fetch(`${BASE}/v1/media`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${await devToken(A)}`, 'Content-Type': 'image/png' },
+    body: PNG,
+  });
+  if (probe.status === 404) {
+    t.skip('POST /v1/media answered 404: media is not on this gateway yet');
+    return;
+  }
+  assert.equal(probe.status, 201);
+
+  await openConv(alice.page, `u:${B}`);
+  await alice.page.setInputFiles('#file', { name: 'checks.png', mimeType: 'image/png', buffer: PNG });
+  await alice.page.locator('#preview img').waitFor({ timeout: WAIT_MS });
+  await alice.page.fill('#preview-caption', 'a picture');
+  await shot(alice.page, 'image-preview');
+  await alice.page.click('#preview-send');
+  await tick(alice.page, 'a picture', 'delivered');
+  await openConv(bob.page, `u:${A}`);
+  await tick(alice.page, 'a picture', 'read');
+  assert.equal(await imageLoaded(mine(alice.page, 'a picture')), true);
+
+  const got = theirs(bob.page, 'a picture');
+  assert.equal(await imageLoaded(got), true, 'bob sees the image');
+  await got.locator('.fwd').click();
+  await bob.page.fill('#forward-user', C);
+  await bob.page.click('#forward-user-go');
+  await tick(bob.page, 'a picture', 'delivered');
+  assert.equal(await mine(bob.page, 'a picture').locator('.forwarded').textContent(), '↪ Forwarded');
+
+  await openConv(carol.page, `u:${B}`);
+  const fwd = theirs(carol.page, 'a picture');
+  await fwd.waitFor({ timeout: WAIT_MS });
+  assert.match(await fwd.locator('.forwarded').textContent(), /Forwarded/);
+  assert.equal(await imageLoaded(fwd), true, 'carol loads the forwarded image');
+  await shot(carol.page, 'image-forwarded');
+
+  // After the ack and a reload the message comes from storage, and the
+  // image from the server again: access outlives the delivery.
+  await carol.page.reload();
+  await online(carol.page);
+  await openConv(carol.page, `u:${B}`);
+  assert.equal(await imageLoaded(theirs(carol.page, 'a picture')), true, 'the image loads after a reload');
+});
