@@ -4,6 +4,14 @@
 #
 # Sources are found by wildcard: a new file in libcommon/, services/<name>/,
 # tools/<name>/ or tests/<suite>/ needs no edit here.
+#
+# The bus and store implementations are chosen at link time, not at run
+# time: the microservice binaries link bus_kafka.o + store_mongo.o (the
+# "stack" archive), parleyd links bus_sqlite.o + store_sqlite.o (the
+# "embedded" archive). Services see only bus.h / store.h either way, and no
+# binary carries an implementation it can never use. parleyd is the five
+# services' objects, each partially linked (ld -r) with every global symbol
+# but its renamed main localized, so same-named helpers never clash.
 
 CC      ?= cc
 SAN     ?= 0
@@ -23,7 +31,7 @@ CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-re
 LDFLAGS += -fsanitize=address,undefined
 endif
 
-SERVICES := $(patsubst services/%/main.c,%,$(wildcard services/*/main.c))
+SERVICES := $(filter-out parleyd,$(patsubst services/%/main.c,%,$(wildcard services/*/main.c)))
 TOOLS    := $(patsubst tools/%/main.c,%,$(wildcard tools/*/main.c))
 PROTOS   := $(wildcard proto/*.proto)
 PROTO_C  := $(patsubst proto/%.proto,$(GEN)/%.pb-c.c,$(PROTOS))
@@ -33,23 +41,30 @@ PROTO_H  := $(PROTO_C:.c=.h)
 WEB_FILES := $(wildcard web/*.html web/*.js web/*.css web/*.svg web/*.png)
 WEB_C    := $(GEN)/web_assets_data.c
 
-LIB_SRC  := $(wildcard libcommon/*.c)
+STACK_SRC := libcommon/bus_kafka.c libcommon/store_mongo.c
+EMBED_SRC := libcommon/bus_sqlite.c libcommon/store_sqlite.c libcommon/sqldb.c
+LIB_SRC  := $(filter-out $(STACK_SRC) $(EMBED_SRC),$(wildcard libcommon/*.c))
 LIB_OBJ  := $(patsubst %.c,$(OUT)/%.o,$(LIB_SRC)) $(patsubst $(GEN)/%.c,$(OUT)/gen/%.o,$(PROTO_C) $(WEB_C))
-LIB      := $(OUT)/libcommon.a
+LIB_STACK := $(OUT)/libparley-stack.a
+LIB_EMBED := $(OUT)/libparley-embed.a
+LIB      := $(LIB_STACK) $(OUT)/libcommon.a
 
 SERVICE_BINS := $(addprefix $(OUT)/bin/,$(SERVICES))
 TOOL_BINS    := $(addprefix $(OUT)/bin/,$(TOOLS))
 TEST_SRC     := $(wildcard tests/unit/test_*.c tests/integration/test_*.c tests/e2e/test_*.c)
 TEST_BINS    := $(patsubst %.c,$(OUT)/%,$(TEST_SRC))
 BENCH_BINS   := $(patsubst bench/%.c,$(OUT)/bin/%,$(wildcard bench/*.c))
+# The e2e programs once more, linked with parleyd's store, for the runs
+# against parleyd (a test that looks into the store opens parleyd's file).
+E2E_EMBED_BINS := $(patsubst tests/e2e/%.c,$(OUT)/tests/e2e-parleyd/%,$(wildcard tests/e2e/test_*.c))
 
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
 
-.PHONY: all deps test test-unit test-browser run stack-start stack-stop bench clean helm-check
+.PHONY: all deps deps-build test test-unit test-parleyd test-browser run run-stack stack-start stack-stop bench clean helm-check
 .DEFAULT_GOAL := all
 
-all: $(SERVICE_BINS) $(TOOL_BINS) $(TEST_BINS) $(BENCH_BINS)
+all: $(SERVICE_BINS) $(OUT)/bin/parleyd $(TOOL_BINS) $(TEST_BINS) $(E2E_EMBED_BINS) $(BENCH_BINS)
 
 $(GEN)/%.pb-c.c $(GEN)/%.pb-c.h: proto/%.proto
 	@mkdir -p $(GEN)
@@ -68,9 +83,35 @@ $(OUT)/%.o: %.c $(PROTO_H)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
-$(LIB): $(LIB_OBJ)
+$(OUT)/libcommon.a: $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
+
+$(LIB_STACK): $(patsubst %.c,$(OUT)/%.o,$(STACK_SRC))
+	@rm -f $@
+	ar rcs $@ $^
+
+$(LIB_EMBED): $(patsubst %.c,$(OUT)/%.o,$(EMBED_SRC))
+	@rm -f $@
+	ar rcs $@ $^
+
+# parleyd: each service as one relocatable object whose only global is
+# <service>_main (dashes become underscores).
+define embed_rule
+$(OUT)/parleyd/$(1).o: $(patsubst %.c,$(OUT)/%.o,$(wildcard services/$(1)/*.c))
+	@mkdir -p $$(dir $$@)
+	ld -r -o $$@.tmp $$^
+	objcopy --redefine-sym main=$(subst -,_,$(1))_main $$@.tmp $$@.tmp2
+	objcopy --keep-global-symbol=$(subst -,_,$(1))_main $$@.tmp2 $$@
+	@rm -f $$@.tmp $$@.tmp2
+endef
+$(foreach s,$(SERVICES),$(eval $(call embed_rule,$(s))))
+
+$(OUT)/bin/parleyd: $(patsubst %.c,$(OUT)/%.o,$(wildcard services/parleyd/*.c)) \
+                    $(addprefix $(OUT)/parleyd/,$(addsuffix .o,$(SERVICES))) \
+                    $(LIB_EMBED) $(OUT)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
 
 # One binary per folder under services/ and tools/.
 define prog_rule
@@ -87,6 +128,28 @@ $(OUT)/bin/%: $(OUT)/bench/%.o $(LIB)
 
 # End-to-end programs share the process harness.
 $(OUT)/tests/e2e/test_%: $(OUT)/tests/e2e/test_%.o $(OUT)/tests/e2e/harness.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
+$(OUT)/tests/e2e-parleyd/test_%: $(OUT)/tests/e2e/test_%.o $(OUT)/tests/e2e/harness.o \
+                                 $(LIB_EMBED) $(OUT)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
+# One store contract suite (store_contract.c), run by one program per
+# implementation, each linked with its own.
+$(OUT)/tests/integration/test_store_mongo: $(OUT)/tests/integration/test_store_mongo.o \
+        $(OUT)/tests/integration/store_contract.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
+$(OUT)/tests/integration/test_store_sqlite: $(OUT)/tests/integration/test_store_sqlite.o \
+        $(OUT)/tests/integration/store_contract.o $(LIB_EMBED) $(OUT)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
+$(OUT)/tests/integration/test_bus_sqlite: $(OUT)/tests/integration/test_bus_sqlite.o \
+        $(LIB_EMBED) $(OUT)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
@@ -107,13 +170,27 @@ test-unit:
 	$(MAKE) SAN=1 all
 	bash tests/run.sh build/san unit
 
+# Unit tests and the end-to-end suite against parleyd: no Kafka, no MongoDB.
+test-parleyd:
+	$(MAKE) SAN=1 all
+	bash tests/run.sh build/san parleyd
+
 # Only the web client's browser tests (with the stack they need).
 test-browser: deps
 	$(MAKE) SAN=1 all
 	bash tests/run.sh build/san browser
 
-run: deps all
+# The embedded default: one process, data in ./data/, no Kafka or MongoDB.
+run: deps-build
+	$(MAKE) all
 	bash deploy/local/run.sh build/rel
+
+deps-build:
+	@bash deploy/local/deps.sh build
+
+# The microservice mode: local Kafka + MongoDB-wire server and five binaries.
+run-stack: deps all
+	bash deploy/local/run-stack.sh build/rel
 
 stack-start:
 	bash deploy/local/stack.sh start

@@ -14,6 +14,13 @@
  *         and messages still missing after --grace s.
  *   sync  --pending messages to an offline user, then the time from its
  *         connect to `synced` and to the last pending message.
+ *   max   a ladder of short rate runs (fresh users each): from --rate it
+ *         doubles while p99 stays under --max-p99 ms (halves while it does
+ *         not), then bisects --steps times between the best rate that held
+ *         and the first that did not. Reports that rate and its p99.
+ *   group --members users online (one creates the group with the others),
+ *         the creator sends --msgs messages at --rate per second; reports
+ *         send-to-receive percentiles over every member's copy.
  *
  * Each process runs one epoll loop over all its sockets with a small
  * hand-written RFC 6455 client side (handshake, unmasked server frames,
@@ -154,7 +161,8 @@ typedef struct bench_opts {
     int conns, procs, pairs, duration_s, grace_s, hold_s, settle_s, connect_timeout_s;
     int inflight, body_bytes, pending, src_base;
     int upgrade_only;  /* idle: count a connection at its 101, not its `synced` */
-    double rate;
+    int msgs, members, steps; /* group: messages and members; max: bisection steps */
+    double rate, max_p99_ms;
     const char *secret;
     pid_t gw_pids[2];
     int ngw_pids;
@@ -197,6 +205,8 @@ typedef struct bench_proc {
     bench_stats st;
     uint8_t *seen;           /* rate/sync: one bit per sequence number */
     uint64_t nseq;
+    uint32_t fanout;         /* group: seen bits per (seq, member), this many members */
+    char group[96];          /* group: the id the `group` answer named */
     uint32_t mask_state;
     int64_t last_ack_tick;
 } bench_proc;
@@ -487,6 +497,8 @@ static void bench_on_message(bench_proc *p, bench_conn *c, const char *id, const
     char *end;
     unsigned long long seq = strtoull(body, &end, 10);
     long long t = strtoll(end, NULL, 10);
+    if (p->fanout != 0) /* every member gets every seq once */
+        seq = seq * p->fanout + (c->user < p->fanout ? c->user : 0);
     if (p->seen != NULL && seq < p->nseq) {
         if (p->seen[seq >> 3] & (1u << (seq & 7))) {
             p->st.dups++;
@@ -530,6 +542,9 @@ static void bench_on_text(bench_proc *p, bench_conn *c, const char *s, size_t le
         bench_on_synced(p, c);
     else if (strcmp(type, "error") == 0)
         bench_on_error(p, c, j);
+    else if (strcmp(type, "group") == 0)
+        snprintf(p->group, sizeof(p->group), "%s",
+                 json_string_value(json_object_get(json_object_get(j, "group"), "id")) ?: "");
     json_decref(j);
 }
 
@@ -732,7 +747,9 @@ static void bench_proc_wait_cmd(bench_proc *p)
 
 /* ---- sending ---------------------------------------------------------------- */
 
-static void bench_send(bench_proc *p, bench_conn *s, const char *to, uint64_t seq)
+/* field is "to" (1:1) or "group". */
+static void bench_send_to(bench_proc *p, bench_conn *s, const char *field, const char *to,
+                          uint64_t seq)
 {
     char body[4096], cmd[4400];
     int n = snprintf(body, sizeof(body), "%" PRIu64 " %" PRId64 " ", seq, bench_now());
@@ -742,11 +759,16 @@ static void bench_send(bench_proc *p, bench_conn *s, const char *to, uint64_t se
         n = want;
     }
     body[n] = '\0';
-    int len = snprintf(cmd, sizeof(cmd), "{\"type\":\"send\",\"id\":\"m%" PRIu64 "\",\"to\":\"%s\","
-                       "\"body\":\"%s\"}", seq, to, body);
+    int len = snprintf(cmd, sizeof(cmd), "{\"type\":\"send\",\"id\":\"m%" PRIu64 "\",\"%s\":\"%s\","
+                       "\"body\":\"%s\"}", seq, field, to, body);
     p->st.sends++;
     if (s->state == BC_OPEN)
         bench_conn_text(p, s, cmd, (size_t)len);
+}
+
+static void bench_send(bench_proc *p, bench_conn *s, const char *to, uint64_t seq)
+{
+    bench_send_to(p, s, "to", to, seq);
 }
 
 static void bench_seen_alloc(bench_proc *p, uint64_t nseq)
@@ -1067,49 +1089,214 @@ static void bench_rate_child(bench_proc *p, int k, int out_fd)
     bench_write_all(out_fd, &p->st, sizeof(p->st));
 }
 
-static int bench_rate(const bench_opts *o)
+/* One rate run: connects the pairs, sends for o->duration_s, waits out the
+ * grace; *ready holds the connect stats, *st the run's. */
+static int bench_rate_run(const bench_opts *o, bench_stats *ready, bench_stats *st)
 {
-    static bench_stats ready, st;
     bench_kids kids;
     if (bench_fork(o, bench_rate_child, bench_rate_share, &kids) != PX_OK ||
-        bench_gather(&kids, &ready) != PX_OK)
+        bench_gather(&kids, ready) != PX_OK)
         return PX_ERROR;
     /* Presence registration travels through Kafka after `synced`; a lookup
      * before it lands would be cached as offline for PARLEY_PRESENCE_CACHE_MS. */
     sleep((unsigned)o->settle_s);
     bench_tell(&kids, 'G');
-    int rc = bench_gather(&kids, &st);
+    int rc = bench_gather(&kids, st);
     bench_reap(&kids);
-    if (rc != PX_OK)
-        return PX_ERROR;
-    double send_s = (double)(st.t_send_end - st.t_go) / 1e9;
-    double recv_s = st.t_last > st.t_go ? (double)(st.t_last - st.t_go) / 1e9 : 0;
-    double delivered = recv_s > 0 ? (double)st.received / recv_s : 0;
-    uint64_t missing = st.sends - st.received;
+    return rc;
+}
+
+static double bench_rate_delivered(const bench_stats *st)
+{
+    double recv_s = st->t_last > st->t_go ? (double)(st->t_last - st->t_go) / 1e9 : 0;
+    return recv_s > 0 ? (double)st->received / recv_s : 0;
+}
+
+static json_t *bench_rate_json(const bench_opts *o, const bench_stats *ready, const bench_stats *st)
+{
+    double send_s = (double)(st->t_send_end - st->t_go) / 1e9;
     json_t *j = json_pack("{s:s, s:i, s:f, s:i, s:i, s:i, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:I,"
                           " s:f, s:f, s:o}",
                           "scenario", "rate", "pairs", o->pairs, "rate", o->rate, "duration_s",
                           o->duration_s, "procs", o->procs, "body_bytes", o->body_bytes,
-                          "connect_failed", (int)ready.failed, "sends", (json_int_t)st.sends,
-                          "sent_answers", (json_int_t)st.sent_ok, "errors", (json_int_t)st.errors,
-                          "rate_limited", (json_int_t)st.rate_limited, "received",
-                          (json_int_t)st.received, "not_received", (json_int_t)missing,
-                          "duplicates", (json_int_t)st.dups, "send_rate",
-                          send_s > 0 ? (double)st.sends / send_s : 0.0, "delivered_per_s",
-                          delivered, "latency_ms", bench_hist_json(&st.lat));
-    json_object_set_new(j, "acked", json_integer((json_int_t)st.acks));
+                          "connect_failed", (int)ready->failed, "sends", (json_int_t)st->sends,
+                          "sent_answers", (json_int_t)st->sent_ok, "errors", (json_int_t)st->errors,
+                          "rate_limited", (json_int_t)st->rate_limited, "received",
+                          (json_int_t)st->received, "not_received",
+                          (json_int_t)(st->sends - st->received), "duplicates", (json_int_t)st->dups,
+                          "send_rate", send_s > 0 ? (double)st->sends / send_s : 0.0,
+                          "delivered_per_s", bench_rate_delivered(st), "latency_ms",
+                          bench_hist_json(&st->lat));
+    json_object_set_new(j, "acked", json_integer((json_int_t)st->acks));
     json_object_set_new(j, "grace_s", json_integer(o->grace_s));
+    return j;
+}
+
+static int bench_rate(const bench_opts *o)
+{
+    static bench_stats ready, st;
+    if (bench_rate_run(o, &ready, &st) != PX_OK)
+        return PX_ERROR;
+    uint64_t missing = st.sends - st.received;
     char human[512];
     snprintf(human, sizeof(human),
              "rate %.0f/s x %d s, %d pairs: %" PRIu64 " sent, %" PRIu64 " `sent`, %" PRIu64
              " received (%" PRIu64 " missing, %" PRIu64 " dup), %.0f delivered/s, latency ms "
              "p50 %.2f p90 %.2f p99 %.2f p99.9 %.2f max %.2f",
              o->rate, o->duration_s, o->pairs, st.sends, st.sent_ok, st.received, missing, st.dups,
-             delivered, bench_ms(bench_hist_q(&st.lat, .5)), bench_ms(bench_hist_q(&st.lat, .9)),
-             bench_ms(bench_hist_q(&st.lat, .99)), bench_ms(bench_hist_q(&st.lat, .999)),
-             bench_ms(st.lat.max));
-    bench_emit(j, human);
+             bench_rate_delivered(&st), bench_ms(bench_hist_q(&st.lat, .5)),
+             bench_ms(bench_hist_q(&st.lat, .9)), bench_ms(bench_hist_q(&st.lat, .99)),
+             bench_ms(bench_hist_q(&st.lat, .999)), bench_ms(st.lat.max));
+    bench_emit(bench_rate_json(o, &ready, &st), human);
     return missing == 0 && ready.failed == 0 ? PX_OK : PX_ERROR;
+}
+
+/* ---- max ------------------------------------------------------------------- */
+
+/* p99 over every send in ms, a message never received counting as slower
+ * than any that was: infinite when more than 1% never arrived. */
+static double bench_max_p99(const bench_stats *st)
+{
+    if (st->sends == 0 || (double)st->received < 0.99 * (double)st->sends)
+        return INFINITY;
+    return bench_ms(bench_hist_q(&st->lat, 0.99 * (double)st->sends / (double)st->received));
+}
+
+/* One ladder step at `rate` with users of its own; appends it to steps. */
+static double bench_max_step(const bench_opts *o, double rate, int k, json_t *steps)
+{
+    static bench_stats ready, st;
+    bench_opts so = *o;
+    so.rate = rate;
+    snprintf(so.prefix, sizeof(so.prefix), "%.28s%d-", o->prefix, k);
+    if (bench_rate_run(&so, &ready, &st) != PX_OK)
+        return INFINITY;
+    double p99 = bench_max_p99(&st);
+    json_t *j = bench_rate_json(&so, &ready, &st);
+    json_object_set_new(j, "p99_ms_all_sends", isinf(p99) ? json_null() : json_real(p99));
+    json_array_append_new(steps, j);
+    fprintf(stderr, "parley-bench: max: %.0f/s -> p99 %.2f ms (%" PRIu64 " of %" PRIu64
+            " received)\n", rate, p99, st.received, st.sends);
+    return p99;
+}
+
+static int bench_max(const bench_opts *o)
+{
+    json_t *steps = json_array();
+    double good = 0, good_p99 = -1, bad = 0, rate = o->rate;
+    int k = 0;
+    /* The ladder: double while it holds, halve (4 times at most) while it fails. */
+    for (; k < 12; k++) {
+        double p99 = bench_max_step(o, rate, k, steps);
+        if (p99 < o->max_p99_ms) {
+            good = rate;
+            good_p99 = p99;
+            if (bad > 0)
+                break;
+            rate *= 2;
+        } else {
+            bad = rate;
+            if (good > 0 || rate / 2 < PX_MAX(1, o->rate / 16))
+                break;
+            rate /= 2;
+        }
+    }
+    for (int i = 0; i < o->steps && good > 0 && bad > 0; i++) {
+        double mid = round((good + bad) / 2);
+        double p99 = bench_max_step(o, mid, ++k, steps);
+        if (p99 < o->max_p99_ms) {
+            good = mid;
+            good_p99 = p99;
+        } else {
+            bad = mid;
+        }
+    }
+    json_t *j = json_pack("{s:s, s:f, s:f, s:i, s:i, s:o}", "scenario", "max", "max_p99_ms",
+                          o->max_p99_ms, "rate", good, "pairs", o->pairs, "step_s", o->duration_s,
+                          "steps", steps);
+    json_object_set_new(j, "p99_ms", good > 0 ? json_real(good_p99) : json_null());
+    json_object_set_new(j, "first_failing_rate", bad > 0 ? json_real(bad) : json_null());
+    char human[256];
+    snprintf(human, sizeof(human), "max: %.0f/s with p99 %.2f ms (< %.0f ms); %.0f/s did not hold",
+             good, good_p99, o->max_p99_ms, bad);
+    bench_emit(j, human);
+    return good > 0 ? PX_OK : PX_ERROR;
+}
+
+/* ---- group ----------------------------------------------------------------- */
+
+/* The creator (member 0) asks for a group of everyone; waits for its id. */
+static int bench_group_create(bench_proc *p, int64_t deadline)
+{
+    size_t cap = 64 + (size_t)p->n * 100, len = 0;
+    char *cmd = px_malloc(cap);
+    len += (size_t)snprintf(cmd, cap, "{\"type\":\"group_create\",\"id\":\"gc\",\"name\":\"bench\","
+                            "\"members\":[");
+    for (uint32_t i = 1; i < p->n; i++) {
+        char name[96];
+        bench_user_name(p, &p->c[i], name, sizeof(name));
+        len += (size_t)snprintf(cmd + len, cap - len, "%s\"%s\"", i > 1 ? "," : "", name);
+    }
+    len += (size_t)snprintf(cmd + len, cap - len, "]}");
+    bench_conn_text(p, &p->c[0], cmd, len);
+    free(cmd);
+    while (p->group[0] == '\0' && p->c[0].state == BC_OPEN && bench_now() < deadline)
+        bench_proc_step(p, 10);
+    return p->group[0] != '\0' ? PX_OK : PX_ERROR;
+}
+
+/* Sends o->msgs at o->rate from the creator, then waits for every copy. */
+static void bench_group_send(bench_proc *p)
+{
+    const bench_opts *o = p->o;
+    uint64_t want = (uint64_t)o->msgs * (p->n - 1);
+    int64_t t0 = p->st.t_go = bench_now();
+    while (p->st.sends < (uint64_t)o->msgs) {
+        if ((double)(bench_now() - t0) * o->rate / 1e9 >= (double)p->st.sends)
+            bench_send_to(p, &p->c[0], "group", p->group, p->st.sends);
+        bench_proc_step(p, 1);
+    }
+    p->st.t_send_end = bench_now();
+    int64_t grace = p->st.t_send_end + (int64_t)o->grace_s * 1000000000LL;
+    while (bench_now() < grace && p->st.received < want)
+        bench_proc_step(p, 10);
+    for (uint32_t i = 0; i < p->n; i++)
+        bench_ack_flush(p, &p->c[i]);
+    for (int i = 0; i < 20; i++)
+        bench_proc_step(p, 10); /* let the last acks leave */
+}
+
+static int bench_group(const bench_opts *o)
+{
+    static bench_proc p;
+    bench_proc_init(&p, o, (uint32_t)o->members, -1, o->src_base);
+    for (uint32_t i = 0; i < p.n; i++)
+        p.c[i] = (bench_conn){ .fd = -1, .role = 'm', .user = i, .gw = (uint8_t)(i % (uint32_t)o->ngw) };
+    p.fanout = p.n;
+    bench_seen_alloc(&p, (uint64_t)o->msgs * p.n);
+    int64_t deadline = bench_now() + (int64_t)o->connect_timeout_s * 1000000000LL;
+    bench_proc_connect(&p, 0, p.n, deadline);
+    if (p.st.synced < p.n || bench_group_create(&p, deadline) != PX_OK) {
+        fprintf(stderr, "parley-bench: group: %" PRIu64 " of %u synced, group %s\n", p.st.synced,
+                p.n, p.group[0] ? p.group : "not created");
+        return PX_ERROR;
+    }
+    sleep((unsigned)o->settle_s); /* as for rate: presence learns of everyone first */
+    bench_group_send(&p);
+    uint64_t want = (uint64_t)o->msgs * (p.n - 1);
+    json_t *j = json_pack("{s:s, s:i, s:i, s:f, s:I, s:I, s:I, s:I, s:o}", "scenario", "group",
+                          "members", (int)p.n, "msgs", o->msgs, "rate", o->rate,
+                          "sent_answers", (json_int_t)p.st.sent_ok, "copies_expected",
+                          (json_int_t)want, "copies_received", (json_int_t)p.st.received,
+                          "errors", (json_int_t)p.st.errors, "latency_ms", bench_hist_json(&p.st.lat));
+    json_object_set_new(j, "grace_s", json_integer(o->grace_s));
+    char human[256];
+    snprintf(human, sizeof(human), "group: %u members, %d msgs: %" PRIu64 " of %" PRIu64
+             " copies, latency ms p50 %.2f p99 %.2f max %.2f", p.n, o->msgs, p.st.received, want,
+             bench_ms(bench_hist_q(&p.st.lat, .5)), bench_ms(bench_hist_q(&p.st.lat, .99)),
+             bench_ms(p.st.lat.max));
+    bench_emit(j, human);
+    return p.st.received == want ? PX_OK : PX_ERROR;
 }
 
 /* ---- sync ------------------------------------------------------------------ */
@@ -1223,7 +1410,7 @@ static int bench_parse_url(const char *url, bench_addr *a)
 static void bench_usage(void)
 {
     fprintf(stderr,
-            "usage: parley-bench idle|rate|sync [options]\n"
+            "usage: parley-bench idle|rate|sync|max|group [options]\n"
             "  --url ws://IP:PORT      gateway 1 (receivers; idle: even connections)\n"
             "  --url2 ws://IP:PORT     gateway 2 (senders; idle: odd connections)\n"
             "  --secret S              HS256 secret (default $PARLEY_JWT_SECRET)\n"
@@ -1231,7 +1418,8 @@ static void bench_usage(void)
             "  --conns N (10000)  --procs P (2)  --hold S (5)  --inflight N per process (200)\n"
             "  --pairs M (100)  --rate R msgs/s (1000)  --duration S (20)  --grace S (10)\n"
             "  --settle S (3)  --body-bytes B (100)  --pending N (10000)  --src-base B (10)\n"
-            "  --connect-timeout S (120)\n"
+            "  --connect-timeout S (120)  --max-p99 MS (100)  --steps N (3)\n"
+            "  --members N (256)  --msgs N (30): group; --rate is then its send rate\n"
             "  --upgrade-only          idle: count connections at the 101, not at `synced`\n");
 }
 
@@ -1257,11 +1445,13 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         { "rate", 1, 0, 'r' }, { "duration", 1, 0, 'd' }, { "grace", 1, 0, 'g' },
         { "settle", 1, 0, 's' }, { "body-bytes", 1, 0, 'b' }, { "pending", 1, 0, 'p' },
         { "src-base", 1, 0, 'B' }, { "connect-timeout", 1, 0, 'T' },
-        { "upgrade-only", 0, 0, 'O' }, { 0, 0, 0, 0 }
+        { "upgrade-only", 0, 0, 'O' }, { "max-p99", 1, 0, 'X' }, { "steps", 1, 0, 'N' },
+        { "members", 1, 0, 'M' }, { "msgs", 1, 0, 'K' }, { 0, 0, 0, 0 }
     };
     *o = (bench_opts){ .conns = 10000, .procs = 2, .pairs = 100, .duration_s = 20, .grace_s = 10,
                        .hold_s = 5, .settle_s = 3, .connect_timeout_s = 120, .inflight = 200,
                        .body_bytes = 100, .pending = 10000, .src_base = 10, .rate = 1000,
+                       .max_p99_ms = 100, .steps = 3, .members = 256, .msgs = 30,
                        .secret = getenv("PARLEY_JWT_SECRET") };
     const char *url = "ws://127.0.0.1:8080", *url2 = NULL;
     int ch;
@@ -1285,6 +1475,10 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         case 'B': o->src_base = atoi(optarg); break;
         case 'T': o->connect_timeout_s = atoi(optarg); break;
         case 'O': o->upgrade_only = 1; break;
+        case 'X': o->max_p99_ms = atof(optarg); break;
+        case 'N': o->steps = atoi(optarg); break;
+        case 'M': o->members = atoi(optarg); break;
+        case 'K': o->msgs = atoi(optarg); break;
         default: return PX_ERROR;
         }
     }
@@ -1293,6 +1487,8 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
     o->scenario = argv[optind];
     o->ngw = url2 ? 2 : 1;
     if (bench_parse_url(url, &o->gw[0]) != PX_OK || (url2 && bench_parse_url(url2, &o->gw[1]) != PX_OK))
+        return PX_ERROR;
+    if (o->members < 2 || o->members > BENCH_PER_PROC_MAX || o->msgs < 1 || o->steps < 0)
         return PX_ERROR;
     if (o->procs < 1 || o->procs > BENCH_MAX_PROCS || o->inflight < 1 || o->rate <= 0 ||
         o->pairs < o->procs || o->src_base < 1 || o->src_base + o->procs > 254)
@@ -1330,6 +1526,10 @@ int main(int argc, char **argv)
         rc = bench_rate(&o);
     else if (strcmp(o.scenario, "sync") == 0)
         rc = bench_sync(&o);
+    else if (strcmp(o.scenario, "max") == 0)
+        rc = bench_max(&o);
+    else if (strcmp(o.scenario, "group") == 0)
+        rc = bench_group(&o);
     else {
         bench_usage();
         return 2;

@@ -1,42 +1,54 @@
 #!/usr/bin/env bash
-# bench/run.sh BUILD_DIR (`make bench`): Parley's standard benchmark in
-# microservice mode (Kafka + the MongoDB-wire server). Starts a private stack
-# (own ports and data folder, so a running `make run` or `make test` is left
-# alone), presence, message-store and two gateways, runs parley-bench's
-# scenarios, writes bench/results/latest.{json,md} and stops everything it
-# started. Timings are reported, never asserted.
+# bench/run.sh BUILD_DIR (`make bench`): Parley's standard benchmark, a short
+# set of parley-bench scenarios against both deployments:
+#   parleyd  the all-in-one process over its SQLite bus and store (one
+#            listener, fresh data folder per scenario);
+#   stack    the microservices over a private Kafka + MongoDB-wire server
+#            (own ports and data folder, so a running `make run` or
+#            `make test` is left alone): presence, message-store,
+#            group-fanout and two gateways.
+# Writes bench/results/latest.{json,md} (both modes, machine, load average,
+# settings) and stops everything it started. Timings are reported, never
+# asserted. The whole set is sized to finish in under 10 minutes on 2 cores.
 #
 # Environment (defaults):
-#   BENCH_RATES ("50 200 1000")  BENCH_PAIRS (100)  BENCH_DURATION (20)
-#   BENCH_SYNC_PENDING (10000; 0 skips)
+#   BENCH_MODES ("parleyd stack")  BENCH_PAIRS (100)  BENCH_DURATION (10)
+#   BENCH_PD_RATES ("1000 10000")  BENCH_STACK_RATES ("100 1000")
+#   BENCH_PD_MAX_FROM (500)  BENCH_STACK_MAX_FROM (50): where max's ladder starts
+#   BENCH_MAX_STEP_S (4)  BENCH_GROUP_MSGS (30)
+#   BENCH_PD_SYNC_PENDING (10000)  BENCH_STACK_SYNC_PENDING (2000); 0 skips
 #   BENCH_IDLE_SYNCED (1000): idle connections each waiting for `synced`
-#   BENCH_IDLE_CONNS (30000): idle connections counted at the 101 upgrade
-#     (the gateway's own memory and connect rate at the target's scale)
-#   BENCH_IDLE_PROCS (3)  BENCH_IDLE_HOLD (10)  BENCH_OUT (bench/results)
+#   BENCH_PD_IDLE_CONNS (0)  BENCH_STACK_IDLE_CONNS (30000): idle connections
+#     counted at the 101 upgrade (the gateway's own memory and connect rate
+#     at the target's scale; 2 gateways in stack mode)
+#   BENCH_IDLE_PROCS (3)  BENCH_IDLE_HOLD (5)  BENCH_OUT (bench/results)
+#   BENCH_PD_PORT (45600)
+#   BENCH_KAFKA_PORT (39092) BENCH_MONGO_PORT (27048) BENCH_GW_PORT (38481, +1, +10..+12)
 # Every scenario runs against freshly started services with their own topics
-# and database, so none waits behind another's backlog.
-#   BENCH_KAFKA_PORT (39092) BENCH_MONGO_PORT (27048) BENCH_GW_PORT (38481, and +1)
+# and database (or data folder), so none waits behind another's backlog.
 # Needs jq for the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build/rel}
 bench=$build/bin/parley-bench
 
-IDLE_CONNS=${BENCH_IDLE_CONNS:-30000}
+MODES=${BENCH_MODES:-parleyd stack}
 IDLE_SYNCED=${BENCH_IDLE_SYNCED:-1000}
 IDLE_PROCS=${BENCH_IDLE_PROCS:-3}
-IDLE_HOLD=${BENCH_IDLE_HOLD:-10}
-RATES=${BENCH_RATES:-50 200 1000}
+IDLE_HOLD=${BENCH_IDLE_HOLD:-5}
 PAIRS=${BENCH_PAIRS:-100}
-DURATION=${BENCH_DURATION:-20}
-SYNC_PENDING=${BENCH_SYNC_PENDING:-10000}
+DURATION=${BENCH_DURATION:-10}
+MAX_STEP_S=${BENCH_MAX_STEP_S:-4}
+GROUP_MSGS=${BENCH_GROUP_MSGS:-30}
 OUT=${BENCH_OUT:-bench/results}
 GW_PORT=${BENCH_GW_PORT:-38481}
+PD_PORT=${BENCH_PD_PORT:-45600}
 
 say() { echo "bench: $*" >&2; }
 die() { echo "bench: $*" >&2; exit 1; }
 command -v jq >/dev/null || die "jq is needed for the report (apt-get install jq)"
 [ -x "$bench" ] || die "$bench is missing; run make first"
+[ -x "$build/bin/parleyd" ] || [[ $MODES != *parleyd* ]] || die "$build/bin/parleyd is missing"
 
 # Each gateway holds up to 15k sockets and each load process up to 10k.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -62,27 +74,35 @@ stop_pid() { # pid name: TERM, then KILL after 15 s (a backlog must not hold the
   fi
   wait "$1" 2>/dev/null || true
 }
+stack_started=0
 cleanup() {
   trap - EXIT INT TERM
   services_down
-  cp "$PARLEY_STACK_DIR"/*.log "$workdir/" 2>/dev/null || true
-  bash deploy/local/stack.sh destroy >&2 || true
+  if [ "$stack_started" = 1 ]; then
+    cp "$PARLEY_STACK_DIR"/*.log "$workdir/" 2>/dev/null || true
+    bash deploy/local/stack.sh destroy >&2 || true
+  fi
   if [ "$keep_logs" = 1 ]; then say "service logs kept in $workdir"; else rm -rf "$workdir"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 t_start=$SECONDS
-bash deploy/local/stack.sh start all >&2 || die "the local stack did not start"
-
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 stamp=$(date +%s)
-export PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT
-export PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false"
 export PARLEY_JWT_SECRET=bench-$stamp-$RANDOM$RANDOM
 export PARLEY_LOG_LEVEL=${PARLEY_LOG_LEVEL:-warn}
 export PARLEY_MAX_CONNS=${PARLEY_MAX_CONNS:-19000}
-kafka_pid=$(cat "$PARLEY_STACK_DIR/kafka.pid")
-mongo_pid=$(cat "$PARLEY_STACK_DIR/mongo.pid")
+stack_up() {
+  local t0=$SECONDS
+  bash deploy/local/stack.sh start all >&2 || die "the local stack did not start"
+  stack_started=1
+  export PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT
+  export PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false"
+  kafka_pid=$(cat "$PARLEY_STACK_DIR/kafka.pid")
+  mongo_pid=$(cat "$PARLEY_STACK_DIR/mongo.pid")
+  say "stack up in $((SECONDS - t0)) s"
+}
 
 # name port [gateway-id]: gateways listen on port, the others serve admin there.
 start() {
@@ -102,31 +122,52 @@ ready() { # port: /readyz answers 200 within 60 s
   done
   return 1
 }
-
-# Each scenario gets fresh services, topics and database: the MongoDB-wire
-# server here scans whole collections, so whatever one scenario left behind
-# (inbox backlog, dedupe marks, presence churn) would slow the next one.
-declare -A comp
-services_up() { # tag
+ready_all() { # port...
   local port
-  export PARLEY_TOPIC_PREFIX=bench$stamp$1. PARLEY_MONGO_DB=bench_${stamp}_$1
-  pids=()
-  start presence $((GW_PORT + 10))
-  start message-store $((GW_PORT + 11))
-  start gateway "$GW_PORT" gw-1
-  start gateway $((GW_PORT + 1)) gw-2
-  for port in $((GW_PORT + 10)) $((GW_PORT + 11)) "$GW_PORT" $((GW_PORT + 1)); do
+  for port in "$@"; do
     ready "$port" || { tail -n 20 "$workdir"/*.log >&2; die "a service on $port never became ready"; }
   done
+}
+
+# Each scenario gets fresh services, topics and database: whatever one
+# scenario left behind (inbox backlog, dedupe marks, presence churn) would
+# slow the next one. metrics_port: where message-store's /metrics is.
+declare -A comp
+mode=parleyd
+metrics_port=
+urls=()
+services_up() { # tag
+  pids=()
+  # A leftover listener on the port would answer /readyz for a process that never bound it.
+  ! curl -fs -o /dev/null "http://127.0.0.1:$PD_PORT/readyz" || die "port $PD_PORT is taken"
+  if [ "$mode" = parleyd ]; then
+    PARLEY_DATA_DIR=$workdir/pd-$1 PARLEY_LISTEN=127.0.0.1:$PD_PORT \
+      "$build/bin/parleyd" >>"$workdir/parleyd.log" 2>&1 &
+    pids+=($!)
+    ready_all "$PD_PORT"
+    comp=([parleyd]=${pids[0]})
+    metrics_port=$PD_PORT
+    urls=(--url "ws://127.0.0.1:$PD_PORT" --gw-pids "${pids[0]}")
+    return
+  fi
+  export PARLEY_TOPIC_PREFIX=bench$stamp$1. PARLEY_MONGO_DB=bench_${stamp}_$1
+  start presence $((GW_PORT + 10))
+  start message-store $((GW_PORT + 11))
+  start group-fanout $((GW_PORT + 12))
+  start gateway "$GW_PORT" gw-1
+  start gateway $((GW_PORT + 1)) gw-2
+  ready_all $((GW_PORT + 10)) $((GW_PORT + 11)) $((GW_PORT + 12)) "$GW_PORT" $((GW_PORT + 1))
   comp=([kafka]=$kafka_pid [mongo]=$mongo_pid [presence]=${pids[0]} [message_store]=${pids[1]}
-    [gateway_1]=${pids[2]} [gateway_2]=${pids[3]})
+    [group_fanout]=${pids[2]} [gateway_1]=${pids[3]} [gateway_2]=${pids[4]})
+  metrics_port=$((GW_PORT + 11))
+  urls=(--url "ws://127.0.0.1:$GW_PORT" --url2 "ws://127.0.0.1:$((GW_PORT + 1))"
+    --gw-pids "${pids[3]},${pids[4]}")
 }
 services_down() {
   local p
   for p in "${pids[@]}"; do stop_pid "$p" "$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c1-40)"; done
   pids=()
 }
-
 # ---- CPU accounting: what each component burned during a scenario ---------
 
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
@@ -157,95 +198,147 @@ cpu_json() { # percent of one core per component since cpu_mark
     --argjson hz "$(getconf CLK_TCK)" '. + {bench: (($t / $hz / $w * 1000 | round) / 10)}' <<<"$json"
 }
 
+# message-store's own store-call latencies: {op: {count, sum_ms}}.
+store_json() {
+  curl -fs "http://127.0.0.1:$metrics_port/metrics" 2>/dev/null |
+    awk -F'[{}" ]+' '/^parley_msgstore_store_ms_(sum|count)\{/ {
+        k = ($1 ~ /_sum$/) ? "sum_ms" : "count"; print $3, k, $NF }' |
+    jq -Rn '[inputs | split(" ") | {op: .[0], k: .[1], v: (.[2] | tonumber)}]
+            | group_by(.op) | map({(.[0].op): (map({(.k): .v}) | add)}) | add // {}'
+}
+
 results=$workdir/results.jsonl
 : >"$results"
-url1=ws://127.0.0.1:$GW_PORT
-url2=ws://127.0.0.1:$((GW_PORT + 1))
 run() { # tag, then parley-bench arguments; appends its JSON with the CPU split
   local line tag=$1 t0=$SECONDS
   shift
   services_up "$tag"
   cpu_mark
-  if ! line=$("$bench" "$@" --url "$url1" --url2 "$url2" --gw-pids "${comp[gateway_1]},${comp[gateway_2]}"); then
-    say "parley-bench $1 reported a shortfall (kept in the results)"
+  if ! line=$("$bench" "$@" "${urls[@]}"); then
+    say "parley-bench $1 ($mode) reported a shortfall (kept in the results)"
   fi
   bench_ticks_now
   if [ -n "$line" ]; then
-    jq -c --argjson cpu "$(cpu_json)" '. + {cpu_percent: $cpu}' <<<"$line" >>"$results"
+    jq -c --arg mode "$mode" --argjson cpu "$(cpu_json)" --argjson store "$(store_json)" \
+      '. + {mode: $mode, cpu_percent: $cpu, store_ms: $store}' <<<"$line" >>"$results"
   else
-    say "parley-bench $1 produced no result"
+    say "parley-bench $1 ($mode) produced no result"
   fi
   services_down
-  say "$tag done in $((SECONDS - t0)) s"
+  say "$mode $tag done in $((SECONDS - t0)) s"
 }
 
-say "stack up in $((SECONDS - t_start)) s"
-for r in $RATES; do
-  run "rate$r" rate --rate "$r" --pairs "$PAIRS" --duration "$DURATION" --procs 1 --grace 15
+# mode: the standard set for one mode; the per-mode sizes are in the header.
+scenarios() {
+  local r rates max_from pending idle_conns
+  if [ "$mode" = parleyd ]; then
+    rates=${BENCH_PD_RATES:-1000 10000} max_from=${BENCH_PD_MAX_FROM:-500}
+    pending=${BENCH_PD_SYNC_PENDING:-10000} idle_conns=${BENCH_PD_IDLE_CONNS:-0}
+  else
+    stack_up
+    rates=${BENCH_STACK_RATES:-100 1000} max_from=${BENCH_STACK_MAX_FROM:-50}
+    pending=${BENCH_STACK_SYNC_PENDING:-2000} idle_conns=${BENCH_STACK_IDLE_CONNS:-30000}
+  fi
+  for r in $rates; do
+    run "rate$r" rate --rate "$r" --pairs "$PAIRS" --duration "$DURATION" --procs 1 --grace 10
+  done
+  run max max --rate "$max_from" --pairs "$PAIRS" --duration "$MAX_STEP_S" --procs 1 --grace 3 \
+    --settle 2 --steps 2
+  run group group --msgs "$GROUP_MSGS" --rate 10 --grace 20 --settle 2
+  [ "$pending" -le 0 ] || run sync sync --pending "$pending" --grace 60
+  [ "$IDLE_SYNCED" -le 0 ] || run idlesynced idle --conns "$IDLE_SYNCED" --procs "$IDLE_PROCS" --hold "$IDLE_HOLD"
+  [ "$idle_conns" -le 0 ] ||
+    run idle idle --conns "$idle_conns" --procs "$IDLE_PROCS" --hold "$IDLE_HOLD" --upgrade-only
+}
+for mode in $MODES; do
+  scenarios
 done
-[ "$SYNC_PENDING" -le 0 ] || run sync sync --pending "$SYNC_PENDING" --grace 120
-[ "$IDLE_SYNCED" -le 0 ] || run idlesynced idle --conns "$IDLE_SYNCED" --procs "$IDLE_PROCS" --hold "$IDLE_HOLD"
-[ "$IDLE_CONNS" -le 0 ] || run idle idle --conns "$IDLE_CONNS" --procs "$IDLE_PROCS" --hold "$IDLE_HOLD" --upgrade-only
 
 # ---- report ------------------------------------------------------------------
 
 mkdir -p "$OUT"
 mem_kb=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)
+total=$((SECONDS - t_start))
 jq -s --arg when "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
   --argjson nproc "$(nproc)" --argjson mem "$mem_kb" --arg kernel "$(uname -r)" \
   --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
-  --arg mongo "$(command -v mongod >/dev/null && echo mongod || echo "FerretDB 1.24 over ${PARLEY_FERRETDB_BACKEND:-$(ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 && echo postgresql || echo sqlite)}")" \
-  --argjson total "$((SECONDS - t_start))" \
-  '{when: $when, commit: $commit, mode: ("microservices: Kafka + " + (if $mongo == "mongod" then "MongoDB" else "FerretDB" end)),
+  --arg mongo "$(command -v mongod >/dev/null && echo mongod || echo "FerretDB 1.24 over ${PARLEY_FERRETDB_BACKEND:-$(ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 && echo PostgreSQL || echo SQLite)}")" \
+  --arg load0 "$load_start" --arg load1 "$(cut -d' ' -f1-3 /proc/loadavg)" --argjson total "$total" \
+  '{when: $when, commit: $commit, run_seconds: $total,
+    load_average_start: $load0, load_average_end: $load1,
     machine: {nproc: $nproc, mem_total_kb: $mem, kernel: $kernel, cpu: $cpu},
-    settings: {kafka: "Apache Kafka 4.1 KRaft, one node, 8 partitions", store: $mongo,
-               gateways: 2, gateway_workers: 2, presence_cache_ms: 2000,
-               topology: "receivers on gateway 1, senders on gateway 2 (every message crosses gateways)",
-               body_bytes: 100, all_on_one_machine: true},
-    results: .}' "$results" >"$OUT/latest.json.tmp"
-total=$((SECONDS - t_start))
-jq --argjson total "$total" '. + {run_seconds: $total}' "$OUT/latest.json.tmp" >"$OUT/latest.json"
-rm -f "$OUT/latest.json.tmp"
+    modes: {
+      parleyd: {what: "parleyd: every service in one process over its SQLite bus and store",
+                listeners: 1, all_on_one_machine: true},
+      stack: {what: ("microservices: Kafka + " + $mongo + ", presence, message-store, group-fanout, 2 gateways"),
+              kafka: "Apache Kafka 4.1 KRaft, one node, 8 partitions", store: $mongo,
+              gateways: 2, gateway_workers: 2, presence_cache_ms: 2000,
+              topology: "1:1 receivers on gateway 1, senders on gateway 2 (every message crosses gateways); group members alternate",
+              all_on_one_machine: true}},
+    body_bytes: 100,
+    results: .}' "$results" >"$OUT/latest.json"
 
 jq -r '
   def f1: (. * 10 | round) / 10;
   def f2: (. * 100 | round) / 100;
+  def ms: if . == null then "-" else "\(f2) ms" end;
   def cpu: [to_entries[] | select(.value >= 1) | "\(.key) \(.value | round)%"] | join(", ");
-  "# Parley benchmark (\(.mode))",
+  def cpulines: .[] | "CPU, \(.mode) \(.scenario) \(.rate // .conns // .pending // "" | if type == "number" then round else . end): \(.cpu_percent | cpu).";
+  "# Parley benchmark: parleyd and microservices",
   "",
-  "\(.when), commit \(.commit); \(.machine.nproc) cores (\(.machine.cpu)), \(.machine.mem_total_kb / 1048576 | f1) GiB, Linux \(.machine.kernel); whole run \(.run_seconds) s.",
-  "Each scenario runs on freshly started services with their own topics and database. Everything (Kafka, \(.settings.store), presence, message-store, 2 gateways and the load generator) shares these cores. \(.settings.topology).",
+  "\(.when), commit \(.commit); \(.machine.nproc) cores (\(.machine.cpu)), \(.machine.mem_total_kb / 1048576 | f1) GiB, Linux \(.machine.kernel); whole `make bench` run \(.run_seconds) s.",
+  "Load average at the start \(.load_average_start), at the end \(.load_average_end): the 2 cores are shared with other work, so every figure is noisy and a floor, not a capacity.",
   "",
-  ([.results[] | select(.scenario == "idle")] | select(length > 0) |
-    "## Idle connections (2 gateways, held \(.[0].hold_s) s)",
-    "",
-    "| connections | counted at | load processes | ready | failed | connect rate | connect to ready p50 / p99 | gateway RSS growth per connection | dropped while held |",
-    "|---|---|---|---|---|---|---|---|---|",
-    (.[] | "| \(.conns) | `\(.counted_at)` | \(.procs) | \(.synced) | \(.failed) | \(.conns_per_s | round)/s | \(.connect_to_ready_ms.p50 | f1) / \(.connect_to_ready_ms.p99 | f1) ms | \([.gateways[] | "\(.bytes_per_conn / 1024 | f2) KiB (\(.conns))"] | join(", ")) | \(.dropped_while_held) |"),
-    "",
-    "`synced` needs presence and message-store to write and read the database for every connection; `upgrade` is the gateway alone (HTTP upgrade, token check, registration produced to Kafka). Each row starts on fresh gateways.",
-    "",
-    (.[] | "CPU while connecting \(.conns) (`\(.counted_at)`) and holding: \(.cpu_percent | cpu)."),
-    ""),
+  "Modes: **parleyd**: \(.modes.parleyd.what). **stack**: \(.modes.stack.what); \(.modes.stack.topology). Each scenario runs on freshly started services (fresh data folder, or fresh topics and database). The load generator runs on the same cores.",
+  "",
   ([.results[] | select(.scenario == "rate")] | select(length > 0) |
     "## 1:1 messages at a fixed rate (\(.[0].pairs) sender/receiver pairs, \(.[0].body_bytes)-byte bodies, \(.[0].duration_s) s each)",
     "",
-    "| offered rate | delivered/s | `sent` answers | not received | p50 | p90 | p99 | p99.9 | max |",
-    "|---|---|---|---|---|---|---|---|---|",
-    (.[] | "| \(.rate | round)/s | \(.delivered_per_s | round) | \(.sent_answers) of \(.sends) | \(.not_received) | \(.latency_ms.p50 | f2) ms | \(.latency_ms.p90 | f2) ms | \(.latency_ms.p99 | f2) ms | \(.latency_ms.p999 | f2) ms | \(.latency_ms.max | f2) ms |"),
+    "| mode | offered rate | delivered/s | `sent` answers | not received | p50 | p90 | p99 | p99.9 | max |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+    (.[] | "| \(.mode) | \(.rate | round)/s | \(.delivered_per_s | round) | \(.sent_answers) of \(.sends) | \(.not_received) | \(.latency_ms.p50 | ms) | \(.latency_ms.p90 | ms) | \(.latency_ms.p99 | ms) | \(.latency_ms.p999 | ms) | \(.latency_ms.max | ms) |"),
     "",
     "Latency is send to receive (the sender stamps CLOCK_MONOTONIC into the body; one machine, one clock).",
+    "", cpulines, ""),
+  ([.results[] | select(.scenario == "max")] | select(length > 0) |
+    "## Highest rate with p99 under \(.[0].max_p99_ms | round) ms (ladder of \(.[0].step_s) s runs, fresh users each)",
     "",
-    (.[] | "CPU at \(.rate | round)/s: \(.cpu_percent | cpu)."),
-    ""),
-  (.results[] | select(.scenario == "sync") |
+    "| mode | rate found | its p99 | first rate that did not hold | steps (rate: p99 over every send) |",
+    "|---|---|---|---|---|",
+    (.[] | "| \(.mode) | \(if .rate > 0 then "\(.rate | round)/s" else "none" end) | \(.p99_ms | ms) | \(if .first_failing_rate then "\(.first_failing_rate | round)/s" else "-" end) | \([.steps[] | "\(.rate | round)/s: \(.p99_ms_all_sends | ms)"] | join(", ")) |"),
+    "",
+    "A message never received counts as slower than any received; a step with more than 1% missing fails.",
+    "", cpulines, ""),
+  ([.results[] | select(.scenario == "group")] | select(length > 0) |
+    "## Group fan-out (\(.[0].members) members, all online, \(.[0].msgs) messages at \(.[0].rate | round)/s from one member)",
+    "",
+    "| mode | copies received | `sent` answers | p50 | p90 | p99 | max |",
+    "|---|---|---|---|---|---|---|",
+    (.[] | "| \(.mode) | \(.copies_received) of \(.copies_expected) | \(.sent_answers) of \(.msgs) | \(.latency_ms.p50 | ms) | \(.latency_ms.p90 | ms) | \(.latency_ms.p99 | ms) | \(.latency_ms.max | ms) |"),
+    "", cpulines, ""),
+  ([.results[] | select(.scenario == "sync")] | select(length > 0) |
     "## Reconnect with pending messages",
     "",
-    "| pending | connect to `synced` | connect to last message | rate | before `synced` |",
-    "|---|---|---|---|---|",
-    "| \(.pending) | \(if .connect_to_synced_ms < 0 then "none in \(.gave_up_after_s) s" else "\(.connect_to_synced_ms | round) ms" end) | \(if .connect_to_all_ms < 0 then "\(.received) received in \(.gave_up_after_s) s" else "\(.connect_to_all_ms | round) ms" end) | \(if .msgs_per_s > 0 then "\(.msgs_per_s | round)/s" else "\(.received / .gave_up_after_s | round)/s" end) | \(.before_synced) |",
+    "| mode | pending | connect to `synced` | connect to last message | rate | before `synced` | inbox filled in | store caught up after |",
+    "|---|---|---|---|---|---|---|---|",
+    (.[] | "| \(.mode) | \(.pending) | \(if .connect_to_synced_ms < 0 then "none in \(.gave_up_after_s) s" else "\(.connect_to_synced_ms | round) ms" end) | \(if .connect_to_all_ms < 0 then "\(.received) received in \(.gave_up_after_s) s" else "\(.connect_to_all_ms | round) ms" end) | \(if .msgs_per_s > 0 then "\(.msgs_per_s | round)/s" else "\(.received / .gave_up_after_s | round)/s" end) | \(.before_synced) | \(.fill_s | f1) s | \(.store_catch_up_s | f1) s |"),
+    "", cpulines, ""),
+  ([.results[] | select(.scenario == "idle")] | select(length > 0) |
+    "## Idle connections (held \(.[0].hold_s) s)",
     "",
-    "Filling the inbox: \(.fill_s | f1) s for the sends; message-store held all of them \(.store_catch_up_s | f1) s later. CPU during the scenario: \(.cpu_percent | cpu).",
+    "| mode | connections | counted at | load processes | ready | failed | connect rate | connect to ready p50 / p99 | RSS growth per connection (per listener process) | dropped while held |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+    (.[] | "| \(.mode) | \(.conns) | `\(.counted_at)` | \(.procs) | \(.synced) | \(.failed) | \(.conns_per_s | round)/s | \(.connect_to_ready_ms.p50 | f1) / \(.connect_to_ready_ms.p99 | f1) ms | \([.gateways[] | "\(.bytes_per_conn / 1024 | f2) KiB (\(.conns))"] | join(", ")) | \(.dropped_while_held) |"),
+    "",
+    "`synced` needs presence and message-store to write and read the store for every connection; `upgrade` is the gateway alone (HTTP upgrade, token check, registration). In parleyd the RSS is the whole process, every service included.",
+    "", cpulines, ""),
+  ([.results[] | select(.scenario == "rate" and (.store_ms | length) > 0)] | select(length > 0) |
+    "## Where message-store spends its time (its own `parley_msgstore_store_ms` histograms, per rate run)",
+    "",
+    "| mode | offered rate | store call | calls | mean | store ms per delivered message |",
+    "|---|---|---|---|---|---|",
+    (.[] | . as $r | $r.store_ms | to_entries | sort_by(-.value.sum_ms)[] | select(.value.count > 0) |
+      "| \($r.mode) | \($r.rate | round)/s | \(.key) | \(.value.count) | \(.value.sum_ms / .value.count | ms) | \(if $r.received > 0 then (.value.sum_ms / $r.received * 1000 | round / 1000 | tostring) else "-" end) |"),
     "")
 ' "$OUT/latest.json" >"$OUT/latest.md"
 

@@ -7,13 +7,22 @@
 #include <stdio.h>
 #include <string.h>
 
+/* The process-wide name, and a per-thread one: in parleyd each service's
+ * main thread logs under its own name, the threads it starts under the
+ * process name. */
 static char log_service[64] = "parley";
+static __thread char log_thread_service[64];
+static _Atomic int log_service_set;
 static enum log_level log_min = LOG_INFO;
 static const char *const log_names[] = { "debug", "info", "warn", "error" };
 
 void log_init(const char *service, const char *level)
 {
-    snprintf(log_service, sizeof(log_service), "%s", service);
+    if (log_service_set)
+        snprintf(log_thread_service, sizeof(log_thread_service), "%s", service);
+    else
+        snprintf(log_service, sizeof(log_service), "%s", service);
+    log_service_set = 1;
     log_min = LOG_INFO;
     for (size_t i = 0; level != NULL && i < PX_ARRAY_LEN(log_names); i++)
         if (strcmp(level, log_names[i]) == 0)
@@ -41,7 +50,7 @@ void log_write(enum log_level lv, const char *msg, const char *fields, ...)
     int64_t now = px_now_ms();
     json_object_set_new(o, "ts", json_integer(now));
     json_object_set_new(o, "level", json_string(log_names[lv]));
-    json_object_set_new(o, "service", json_string(log_service));
+    json_object_set_new(o, "service", json_string(log_thread_service[0] != '\0' ? log_thread_service : log_service));
     json_object_set_new(o, "msg", json_string(msg));
     char *line = json_dumps(o, JSON_COMPACT);
     json_decref(o);

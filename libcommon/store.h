@@ -56,15 +56,15 @@ typedef struct store_key {
     const char *id;
 } store_key;
 
-/* Visits the events named by keys (any mix of users) in one round trip,
+/* Visits the events named by keys (any mix of users; one query per user),
  * deleting nothing: the first half of an ack, whose effects (receipt facts)
  * must be durable before store_inbox_delete. Keys nobody holds are skipped;
  * the order is unspecified. */
 int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb cb, void *arg,
                     char *err, size_t errlen);
 
-/* Deletes the events named by keys in one round trip; *removed (may be
- * NULL) gets the count. Each key names the event's owner, so an ack (whose
+/* Deletes the events named by keys (one delete per user); *removed (may
+ * be NULL) gets the count. Each key names the event's owner, so an ack (whose
  * keys all name the acker) can never delete another user's events. */
 int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *removed, char *err,
                        size_t errlen);

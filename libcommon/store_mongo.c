@@ -660,15 +660,18 @@ int store_inbox_scan(store *st, const char *user, int64_t after_seq, size_t limi
     return rc;
 }
 
+/* Orders keys by user, so each user's ids are one run. */
 static int sm_inbox_key_cmp(const void *a, const void *b)
 {
-    const store_key *x = *(const store_key *const *)a, *y = *(const store_key *const *)b;
+    const store_key *x = a, *y = b;
     return strcmp(x->user, y->user);
 }
 
 static int sm_check_keys(const store_key *keys, size_t n, const char *what, char *err,
                          size_t errlen)
 {
+    if (keys == NULL && n > 0)
+        return px_err(err, errlen, "%s: keys are required", what);
     if (sm_check_n(n, what, err, errlen) != PX_OK)
         return PX_ERROR;
     for (size_t i = 0; i < n; i++)
@@ -677,40 +680,53 @@ static int sm_check_keys(const store_key *keys, size_t n, const char *what, char
     return PX_OK;
 }
 
-/* {$or: [{user: u, id: {$in: [...]}}, ...]}, one clause per user: every
- * clause names its user, so an id matches only that user's event. One
- * round trip for a whole batch of acks instead of one per user (FerretDB
- * answers each query in ~14 ms, whatever its size). */
-static void sm_keys_filter(bson_t *filter, const store_key *keys, size_t n)
+/* {user: u, id: {$in: [...]}}: the filter names the owner, so an id
+ * matches only that user's event. */
+static void sm_user_ids_filter(bson_t *filter, const char *user, const char *const *ids,
+                               size_t n)
 {
-    const store_key **by_user = px_malloc(n * sizeof(*by_user));
-    const char **ids = px_malloc(n * sizeof(*ids));
-    bson_t or, clause, in;
-    char buf[16];
-    const char *k;
-    uint32_t nclauses = 0;
+    bson_t in;
 
-    for (size_t i = 0; i < n; i++)
-        by_user[i] = &keys[i];
-    qsort(by_user, n, sizeof(*by_user), sm_inbox_key_cmp);
     bson_init(filter);
-    BSON_APPEND_ARRAY_BEGIN(filter, "$or", &or);
-    for (size_t i = 0; i < n;) {
+    BSON_APPEND_UTF8(filter, "user", user);
+    BSON_APPEND_DOCUMENT_BEGIN(filter, "id", &in);
+    sm_append_str_array(&in, "$in", ids, n);
+    bson_append_document_end(filter, &in);
+}
+
+/* The keys sorted by user, as runs: calls fn once per user with that
+ * user's ids. One query per user, not one $or for all: FerretDB hands an
+ * equality on user to PostgreSQL's index but scans the collection for an
+ * $or (measured at 100 users acking: 54 ms per $or call against ~3 ms per
+ * user). MongoDB serves either from the (user, id) index. */
+typedef int (*sm_user_run_fn)(sm_conn *sc, const bson_t *filter, void *arg, char *err,
+                              size_t errlen);
+
+static int sm_by_user(store *st, const store_key *keys, size_t n, sm_user_run_fn fn, void *arg,
+                      char *err, size_t errlen)
+{
+    store_key *sorted = px_malloc(n * sizeof(*sorted));
+    const char **ids = px_malloc(n * sizeof(*ids));
+    sm_conn sc = { 0 };
+    int rc = PX_OK;
+
+    memcpy(sorted, keys, n * sizeof(*sorted));
+    qsort(sorted, n, sizeof(*sorted), sm_inbox_key_cmp);
+    sm_conn_get(st, "inbox", &sc);
+    for (size_t i = 0; i < n && rc == PX_OK;) {
         size_t j = i, m = 0;
-        while (j < n && strcmp(by_user[j]->user, by_user[i]->user) == 0)
-            ids[m++] = by_user[j++]->id;
-        bson_uint32_to_string(nclauses++, &k, buf, sizeof(buf));
-        bson_append_document_begin(&or, k, -1, &clause);
-        BSON_APPEND_UTF8(&clause, "user", by_user[i]->user);
-        BSON_APPEND_DOCUMENT_BEGIN(&clause, "id", &in);
-        sm_append_str_array(&in, "$in", ids, m);
-        bson_append_document_end(&clause, &in);
-        bson_append_document_end(&or, &clause);
+        bson_t filter;
+        while (j < n && strcmp(sorted[j].user, sorted[i].user) == 0)
+            ids[m++] = sorted[j++].id;
+        sm_user_ids_filter(&filter, sorted[i].user, ids, m);
+        rc = fn(&sc, &filter, arg, err, errlen);
+        bson_destroy(&filter);
         i = j;
     }
-    bson_append_array_end(filter, &or);
+    sm_conn_put(st, &sc);
     free(ids);
-    free(by_user);
+    free(sorted);
+    return rc;
 }
 
 static int sm_delete_many(sm_conn *sc, const bson_t *filter, int64_t *removed, const char *what,
@@ -729,48 +745,50 @@ static int sm_delete_many(sm_conn *sc, const bson_t *filter, int64_t *removed, c
     return rc;
 }
 
+typedef struct sm_get_arg {
+    store_event_cb cb;
+    void *arg;
+} sm_get_arg;
+
+static int sm_get_run(sm_conn *sc, const bson_t *filter, void *arg, char *err, size_t errlen)
+{
+    sm_get_arg *g = arg;
+    mongoc_cursor_t *cur = mongoc_collection_find_with_opts(sc->coll, filter, NULL, NULL);
+    int rc = sm_visit(cur, g->cb, g->arg, "inbox get", err, errlen);
+    mongoc_cursor_destroy(cur);
+    return rc;
+}
+
 int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb cb, void *arg,
                     char *err, size_t errlen)
 {
-    sm_conn sc = { 0 };
-    mongoc_cursor_t *cur;
-    bson_t filter;
-    int rc;
+    if (cb == NULL)
+        return px_err(err, errlen, "inbox get: cb is required");
+    if (sm_check_keys(keys, n, "inbox get", err, errlen) != PX_OK)
+        return PX_ERROR;
+    sm_get_arg g = { cb, arg };
+    return n == 0 ? PX_OK : sm_by_user(st, keys, n, sm_get_run, &g, err, errlen);
+}
 
-    if (cb == NULL || (keys == NULL && n > 0))
-        return px_err(err, errlen, "inbox get: keys and cb are required");
-    rc = sm_check_keys(keys, n, "inbox get", err, errlen);
-    if (rc != PX_OK || n == 0)
-        return rc;
-    sm_keys_filter(&filter, keys, n);
-    sm_conn_get(st, "inbox", &sc);
-    cur = mongoc_collection_find_with_opts(sc.coll, &filter, NULL, NULL);
-    rc = sm_visit(cur, cb, arg, "inbox get", err, errlen);
-    mongoc_cursor_destroy(cur);
-    sm_conn_put(st, &sc);
-    bson_destroy(&filter);
+static int sm_delete_run(sm_conn *sc, const bson_t *filter, void *arg, char *err, size_t errlen)
+{
+    int64_t *removed = arg, k = 0;
+    int rc = sm_delete_many(sc, filter, &k, "inbox delete", err, errlen);
+    *removed += k;
     return rc;
 }
 
 int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *removed, char *err,
                        size_t errlen)
 {
-    sm_conn sc = { 0 };
-    bson_t filter;
-    int rc;
-
+    int64_t total = 0;
     if (removed != NULL)
         *removed = 0;
-    if (keys == NULL && n > 0)
-        return px_err(err, errlen, "inbox delete: keys are required");
-    rc = sm_check_keys(keys, n, "inbox delete", err, errlen);
-    if (rc != PX_OK || n == 0)
-        return rc;
-    sm_keys_filter(&filter, keys, n);
-    sm_conn_get(st, "inbox", &sc);
-    rc = sm_delete_many(&sc, &filter, removed, "inbox delete", err, errlen);
-    sm_conn_put(st, &sc);
-    bson_destroy(&filter);
+    if (sm_check_keys(keys, n, "inbox delete", err, errlen) != PX_OK)
+        return PX_ERROR;
+    int rc = n == 0 ? PX_OK : sm_by_user(st, keys, n, sm_delete_run, &total, err, errlen);
+    if (removed != NULL)
+        *removed = total;
     return rc;
 }
 

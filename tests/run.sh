@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs Parley's test suites from a build folder: unit tests (no servers), then
+# the end-to-end suite against parleyd (no servers: the fast one), then
 # integration, end-to-end and browser tests against a real Kafka broker and
 # MongoDB-wire server that this script starts on private ports and a private
 # data folder, and stops on exit, pass or fail.
-#   tests/run.sh BUILD_DIR [unit|browser|all]   (browser: the stack and the
-#   browser tests only, for iterating on the web client)
+#   tests/run.sh BUILD_DIR [unit|parleyd|browser|all]   (browser: the stack
+#   and the browser tests only, for iterating on the web client)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build=${1:?usage: tests/run.sh BUILD_DIR [unit|browser|all]}
@@ -14,18 +15,18 @@ passed=0
 failed=0
 failures=()
 
-run_one() { # program [args...]
-  local bin=$1 log
+run_one() { # program [args...]; RUN_LABEL (if set) tags the line
+  local bin=$1 label=${RUN_LABEL:+ [$RUN_LABEL]} log
   log=$(mktemp)
   local t0=$SECONDS
   if "$@" >"$log" 2>&1; then
     passed=$((passed + 1))
-    echo "PASS $bin ($((SECONDS - t0))s): $(grep -E '^[0-9]+%: Checks' "$log" | tail -1)"
+    echo "PASS $bin$label ($((SECONDS - t0))s): $(grep -E '^[0-9]+%: Checks' "$log" | tail -1)"
     grep -E '^report: ' "$log" | sed 's/^/    /' || true
   else
     failed=$((failed + 1))
-    failures+=("$bin")
-    echo "FAIL $bin ($((SECONDS - t0))s)"
+    failures+=("$bin$label")
+    echo "FAIL $bin$label ($((SECONDS - t0))s)"
     tail -n 60 "$log" | sed 's/^/    /'
   fi
   rm -f "$log"
@@ -37,6 +38,24 @@ export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 for t in "$build"/tests/unit/test_*; do
   [[ $what != browser && -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
 done
+
+run_e2e() { # folder label
+  local t
+  for t in "$build/tests/$1"/test_*; do
+    [[ -x $t && $t != *.d && $t != *.o ]] && RUN_LABEL=$2 run_one "$t"
+  done
+}
+
+if [[ $what == all || $what == parleyd ]]; then
+  for t in "$build"/tests/integration/test_*_sqlite; do
+    [[ -x $t ]] && run_one "$t"
+  done
+  export PARLEY_BUILD=$build
+  export PARLEY_E2E_MODE=parleyd
+  run_e2e e2e-parleyd parleyd
+  # The web client in headless Chromium, against a parleyd of its own.
+  RUN_LABEL=parleyd PARLEY_BROWSER_MODE=parleyd run_one tests/browser/run.sh "$build"
+fi
 
 if [[ $what == all || $what == browser ]]; then
   export PARLEY_STACK_DIR=${PARLEY_TEST_STACK_DIR:-$(mktemp -d /tmp/parley-test-stack.XXXXXX)}
@@ -53,14 +72,13 @@ if [[ $what == all || $what == browser ]]; then
   export PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT
   export PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false"
   for t in "$build"/tests/integration/test_*; do
-    [[ $what == all && -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
+    [[ $what == all && -x $t && $t != *.d && $t != *.o && $t != *_sqlite ]] && run_one "$t"
   done
   export PARLEY_BUILD=$build
-  for t in "$build"/tests/e2e/test_*; do
-    [[ $what == all && -x $t && $t != *.d && $t != *.o ]] && run_one "$t"
-  done
-  # The web client in headless Chromium, against services of its own.
-  run_one tests/browser/run.sh "$build"
+  export PARLEY_E2E_MODE=stack
+  [[ $what == all ]] && run_e2e e2e stack
+  # The web client again, against services of its own on the stack.
+  RUN_LABEL=stack PARLEY_BROWSER_MODE=stack run_one tests/browser/run.sh "$build"
 fi
 
 echo

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Parley builds and tests with, only those missing.
+#   deps.sh        everything (build, tests, the local Kafka + MongoDB-wire stack)
+#   deps.sh build  only what building needs (`make run`: parleyd needs no stack)
 set -euo pipefail
 
 PKGS=(build-essential pkg-config librdkafka-dev libmicrohttpd-dev libwslay-dev
       libmongoc-dev libbson-dev check libsubunit-dev libprotobuf-c-dev
-      protobuf-c-compiler libjansson-dev libsqlite3-dev libssl-dev kcat jq curl
-      default-jre-headless maven golang-go postgresql chromium nodejs npm)
+      protobuf-c-compiler libjansson-dev libsqlite3-dev libssl-dev)
+[ "${1:-all}" = build ] ||
+  PKGS+=(kcat jq curl default-jre-headless maven golang-go postgresql chromium nodejs npm)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -24,13 +24,14 @@
 static volatile sig_atomic_t main_stop;
 
 /* Runs on the lifecycle thread: the consumer may be inside a blocking
- * poll, which the wake-up interrupts. */
+ * poll, which the wake-up interrupts. The flag comes last: once it is set
+ * the main thread may destroy the bus, so the wake-up must be done. */
 static void main_on_stop(void *arg)
 {
     fanout *f = arg;
-    main_stop = 1;
     if (f->b != NULL)
         bus_wakeup(f->b);
+    main_stop = 1;
 }
 
 int64_t fanout_clock_us(void)

@@ -10,9 +10,8 @@
  *
  * A run of consecutive AckRecords of many users is applied together, in
  * chunks of ACK_CHUNK (user, id) keys: one store read for the whole chunk,
- * the facts, one wait until Kafka holds them, one delete. Per-user calls
- * made the store round trips (~14 ms each on FerretDB), not the work, the
- * limit on delivered messages per second.
+ * the facts, one wait until Kafka holds them (instead of one per user),
+ * one delete.
  *
  * Order per chunk: read the events, produce the facts, wait until Kafka
  * holds them, and only then delete. Gating the AckRecords' commit alone

@@ -24,13 +24,14 @@
 static volatile sig_atomic_t main_stop;
 
 /* Runs on the lifecycle thread: the consumer may be inside a blocking
- * poll, which the wake-up interrupts. */
+ * poll, which the wake-up interrupts. The flag comes last: once it is set
+ * the main thread may destroy the bus, so the wake-up must be done. */
 static void main_on_stop(void *arg)
 {
     receipt *rs = arg;
-    main_stop = 1;
     if (rs->b != NULL)
         bus_wakeup(rs->b);
+    main_stop = 1;
 }
 
 int64_t receipt_clock_us(void)

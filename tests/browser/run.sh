@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# Browser tests of the web client: starts Parley's services from a build
-# folder (dev mode, their own topic prefix and database) against the Kafka +
-# MongoDB-wire stack that tests/run.sh started, installs playwright-core
+# Browser tests of the web client: starts Parley from a build folder in dev
+# mode, either parleyd (PARLEY_BROWSER_MODE=parleyd: one process, a data
+# folder of its own) or the services (their own topic prefix and database)
+# against the Kafka + MongoDB-wire stack that tests/run.sh started, installs playwright-core
 # (npm ci) if missing, runs tests/browser/*.test.mjs in headless Chromium
 # against the gateway, stops the services. Screenshots of each step go to
 # $PARLEY_BROWSER_SHOTS (default build/browser-shots).
 #   tests/browser/run.sh BUILD_DIR
-# Needs PARLEY_KAFKA_BROKERS and PARLEY_MONGO_URI (tests/run.sh sets them).
+# The stack mode needs PARLEY_KAFKA_BROKERS and PARLEY_MONGO_URI (tests/run.sh
+# sets them).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 build=${1:?usage: tests/browser/run.sh BUILD_DIR}
 root=$PWD
-: "${PARLEY_KAFKA_BROKERS:?start the stack first (tests/run.sh does)}"
-: "${PARLEY_MONGO_URI:?start the stack first (tests/run.sh does)}"
+mode=${PARLEY_BROWSER_MODE:-stack}
+if [[ $mode == stack ]]; then
+  : "${PARLEY_KAFKA_BROKERS:?start the stack first (tests/run.sh does)}"
+  : "${PARLEY_MONGO_URI:?start the stack first (tests/run.sh does)}"
+fi
 
 base=$(( ${PARLEY_E2E_PORT:-18080} + 20 ))
 # The one address the tests use: the gateway now, parleyd once it serves.
@@ -81,20 +86,26 @@ wave() {
   ports=()
 }
 ports=()
-start gateway $base PARLEY_LISTEN=127.0.0.1:$base PARLEY_GATEWAY_ID=gw-web PARLEY_ADMIN_LISTEN=off
-wave
-start message-store $((base + 2))
-wave
-start presence $((base + 1))
-start receipt $((base + 3))
-start group-fanout $((base + 4))
-wave
+if [[ $mode == parleyd ]]; then
+  # Everything in one process: its /readyz is the gateway's.
+  start parleyd $base PARLEY_LISTEN=127.0.0.1:$base PARLEY_DATA_DIR="$logs/data"
+  wave
+else
+  start gateway $base PARLEY_LISTEN=127.0.0.1:$base PARLEY_GATEWAY_ID=gw-web PARLEY_ADMIN_LISTEN=off
+  wave
+  start message-store $((base + 2))
+  wave
+  start presence $((base + 1))
+  start receipt $((base + 3))
+  start group-fanout $((base + 4))
+  wave
+fi
 
 out=$logs/node-test.out
 timeout 600 node --test --test-concurrency=1 tests/browser/ 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}
 # Summary lines for tests/run.sh: the counts, and why anything was skipped.
-echo "report: browser tests: $(grep -E '^# (pass|fail|skipped) [0-9]+$' "$out" | cut -c3- | paste -sd, - | sed 's/,/, /g')"
+echo "report: browser tests ($mode): $(grep -E '^# (pass|fail|skipped) [0-9]+$' "$out" | cut -c3- | paste -sd, - | sed 's/,/, /g')"
 grep -E '^ok .* # SKIP ' "$out" | sed -E 's/^ok [0-9]+ - (.*) # SKIP (.*)/report: skipped "\1": \2/'
 if ! stop_all; then
   echo "browser: a service did not exit cleanly (sanitizer report?); logs in $logs"

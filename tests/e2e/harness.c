@@ -36,6 +36,16 @@ static struct e2e_proc e2e_procs[E2E_NSVC] = {
 };
 static char e2e_prefix[64], e2e_logdir[256];
 
+/* PARLEY_E2E_MODE=parleyd: one parleyd process stands for every service
+ * (both "gateways" are its one listener); killing or restarting any
+ * service kills or restarts it. Otherwise the microservices. */
+static int e2e_parleyd;
+
+static struct e2e_proc *e2e_proc(enum e2e_svc s)
+{
+    return &e2e_procs[e2e_parleyd ? E2E_GW1 : s];
+}
+
 const char *e2e_secret(void)
 {
     return E2E_SECRET;
@@ -43,12 +53,12 @@ const char *e2e_secret(void)
 
 int e2e_port(enum e2e_svc gw)
 {
-    return e2e_procs[gw].port;
+    return e2e_proc(gw)->port;
 }
 
 pid_t e2e_pid(enum e2e_svc s)
 {
-    return e2e_procs[s].pid;
+    return e2e_proc(s)->pid;
 }
 
 static void e2e_setenv(void)
@@ -60,6 +70,15 @@ static void e2e_setenv(void)
     snprintf(e2e_logdir, sizeof(e2e_logdir), "%s/parley-e2e-%d",
              getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (int)getpid());
     mkdir(e2e_logdir, 0755);
+    const char *mode = getenv("PARLEY_E2E_MODE");
+    e2e_parleyd = mode != NULL && strcmp(mode, "parleyd") == 0;
+    if (e2e_parleyd) {
+        char data[300];
+        snprintf(data, sizeof(data), "%s/data", e2e_logdir);
+        setenv("PARLEY_DATA_DIR", data, 1);
+        e2e_procs[E2E_GW1].bin = "parleyd";
+        e2e_procs[E2E_GW1].gateway_id = "gw-0";
+    }
     char db[64];
     snprintf(db, sizeof(db), "e2e_%ld_%d", (long)time(NULL), (int)getpid());
     setenv("PARLEY_TOPIC_PREFIX", e2e_prefix, 1);
@@ -75,6 +94,18 @@ static void e2e_setenv(void)
     e2e_procs[E2E_STORE].port = base + 4;
     e2e_procs[E2E_FANOUT].port = base + 6;
     e2e_procs[E2E_RECEIPT].port = base + 5;
+}
+
+void e2e_extra_gateway(const char *id, char *bin, size_t binlen)
+{
+    e2e_setenv();
+    const char *build = getenv("PARLEY_BUILD") ? getenv("PARLEY_BUILD") : "build/san";
+    snprintf(bin, binlen, "%s/bin/%s", build, e2e_parleyd ? "parleyd" : "gateway");
+    if (!e2e_parleyd)
+        return;
+    char data[400];
+    snprintf(data, sizeof(data), "%s/data-%s", e2e_logdir, id);
+    setenv("PARLEY_DATA_DIR", data, 1);
 }
 
 static pid_t e2e_spawn(enum e2e_svc s)
@@ -129,27 +160,32 @@ static int e2e_http_status(int port, const char *path)
 
 static int e2e_wait_ready(enum e2e_svc s, int timeout_ms)
 {
+    struct e2e_proc *p = e2e_proc(s);
     int64_t end = px_mono_ms() + timeout_ms;
     while (px_mono_ms() < end) {
-        if (e2e_http_status(e2e_procs[s].port, "/readyz") == 200)
+        if (e2e_http_status(p->port, "/readyz") == 200)
             return 0;
         int st;
-        if (waitpid(e2e_procs[s].pid, &st, WNOHANG) == e2e_procs[s].pid) {
-            fprintf(stderr, "e2e: %s exited early; read %s/\n", e2e_procs[s].bin, e2e_logdir);
-            e2e_procs[s].pid = 0;
+        if (waitpid(p->pid, &st, WNOHANG) == p->pid) {
+            fprintf(stderr, "e2e: %s exited early; read %s/\n", p->bin, e2e_logdir);
+            p->pid = 0;
             return -1;
         }
         usleep(100 * 1000);
     }
-    fprintf(stderr, "e2e: %s not ready in %d ms; read the logs in %s/\n", e2e_procs[s].bin,
+    fprintf(stderr, "e2e: %s not ready in %d ms; read the logs in %s/\n", p->bin,
             timeout_ms, e2e_logdir);
     return -1;
 }
 
+/* In parleyd mode a restart of a service whose process still runs (the
+ * test killed another "service" and restarted it already) only waits. */
 int e2e_restart(enum e2e_svc s)
 {
     e2e_setenv();
-    e2e_procs[s].pid = e2e_spawn(s);
+    struct e2e_proc *p = e2e_proc(s);
+    if (p->pid <= 0)
+        p->pid = e2e_spawn(e2e_parleyd ? E2E_GW1 : s);
     return e2e_wait_ready(s, 60000);
 }
 
@@ -157,7 +193,8 @@ int e2e_start(void)
 {
     e2e_setenv();
     for (int s = 0; s < E2E_NSVC; s++)
-        e2e_procs[s].pid = e2e_spawn((enum e2e_svc)s);
+        if (e2e_proc((enum e2e_svc)s) == &e2e_procs[s])
+            e2e_procs[s].pid = e2e_spawn((enum e2e_svc)s);
     for (int s = 0; s < E2E_NSVC; s++)
         if (e2e_wait_ready((enum e2e_svc)s, 60000) != 0)
             return -1;
@@ -199,8 +236,9 @@ static int e2e_reap(struct e2e_proc *p, int sig, int grace_ms)
 
 void e2e_kill9(enum e2e_svc s)
 {
-    e2e_reap(&e2e_procs[s], SIGKILL, 5000);
+    e2e_reap(e2e_proc(s), SIGKILL, 5000);
 }
+
 
 int e2e_stop(void)
 {

@@ -1,4 +1,5 @@
 /* End-to-end harness: starts the real Parley services as child processes
+ * (or, with PARLEY_E2E_MODE=parleyd, one parleyd standing for all of them)
  * against the real Kafka broker and MongoDB-wire server that tests/run.sh
  * started, each run on its own topic prefix and database so runs never see
  * each other's data; kills and restarts them for crash tests. */
@@ -17,6 +18,12 @@ int e2e_start(void);
 /* Stops every service (SIGTERM, then SIGKILL after 15 s). Returns how many
  * did not exit cleanly with status 0 (sanitizer reports count as unclean). */
 int e2e_stop(void);
+/* For a test's own extra gateway with identity id: writes the binary to
+ * exec to bin (the gateway, or in parleyd mode a parleyd of its own, with a
+ * data folder of its own: an independent Parley, enough for tests of one
+ * gateway's limits). Call in the child before exec. */
+void e2e_extra_gateway(const char *id, char *bin, size_t binlen);
+
 /* kill -9 one service. */
 void e2e_kill9(enum e2e_svc s);
 /* Starts one service again (same config and identity). */

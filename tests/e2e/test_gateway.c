@@ -21,9 +21,7 @@ static pid_t lim_spawn(int n)
     snprintf(id, sizeof(id), "gw-lim%d", n);
     snprintf(listen, sizeof(listen), "127.0.0.1:%d", lim_port);
     snprintf(log, sizeof(log), "/tmp/parley-e2e-gateway-lim%d-%d.log", n, (int)getpid());
-    const char *build = getenv("PARLEY_BUILD") ? getenv("PARLEY_BUILD") : "build/san";
     char bin[512];
-    snprintf(bin, sizeof(bin), "%s/bin/gateway", build);
     pid_t pid = fork();
     if (pid != 0)
         return pid;
@@ -32,6 +30,7 @@ static pid_t lim_spawn(int n)
         dup2(fd, 1);
         dup2(fd, 2);
     }
+    e2e_extra_gateway(id, bin, sizeof(bin));
     setenv("PARLEY_GATEWAY_ID", id, 1);
     setenv("PARLEY_LISTEN", listen, 1);
     setenv("PARLEY_PING_MS", "300", 1);

@@ -1,0 +1,938 @@
+/* The in-process bus of parleyd (bus.h): a durable log in SQLite with Kafka's
+ * semantics. Every bus_new of the process shares one hub: one database
+ * connection (PARLEY_DATA_DIR/parley.db, WAL), the topics and their
+ * partitions, a bounded produce queue and a writer thread.
+ *
+ * Produce assigns the offset at once (per-partition order is produce order)
+ * and queues the record; the writer inserts queued records in one
+ * transaction and only after COMMIT posts their delivery reports, so a
+ * report of PX_OK means the record survives kill -9 (WAL with
+ * synchronous=NORMAL loses nothing on a process crash; only an OS crash or
+ * power loss can take the last transactions, as with Kafka's page cache).
+ * Consumers read committed records from the log at their position; their
+ * group's committed offsets (bus_commit) are written by the writer too, and
+ * a restarted consumer resumes from them: a crash means redelivery, never
+ * loss. Records every subscribed group has committed past are deleted.
+ * A group has one member in one process (parleyd runs one instance of each
+ * service): a second member is refused with a clear error. */
+#include "bus.h"
+#include "common.h"
+#include "config.h"
+#include "sqldb.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BUS_MAX_TOPICS 64
+#define BUS_MAX_PARTS 1024
+#define BUS_MAX_GROUPS 64
+#define BUS_MAX_DIRTY 2048
+#define BUS_MAX_GROUP_NAME 160
+#define BUS_QUEUE_RECORDS 65536        /* produce queue ceiling: PX_AGAIN past it */
+#define BUS_QUEUE_BYTES (64 << 20)
+#define BUS_WRITE_BATCH 4096           /* records per transaction */
+#define BUS_RETAIN_MS 1000             /* how often fully consumed records go */
+
+typedef struct bus_topic {
+    char *name;
+    int nparts;
+    int64_t *next;       /* next offset to assign, per partition */
+    int64_t *durable;    /* offsets below this are committed in SQLite */
+} bus_topic;
+
+typedef struct bus_hub bus_hub;
+
+/* A produced record from bus_produce to its delivery report. */
+typedef struct bus_rec {
+    struct bus_rec *next;
+    bus *b;
+    bus_topic *t;
+    int32_t part;
+    int64_t off;
+    int64_t ts_ms;
+    void *opaque;
+    int status;
+    size_t key_len, len;
+    char data[];         /* key, then value */
+} bus_rec;
+
+/* A committed offset not yet written; a copy of the group's name, so a
+ * member may go while the writer still holds its last commits. */
+typedef struct bus_dirty {
+    char group[BUS_MAX_GROUP_NAME];
+    bus_topic *t;
+    int32_t part;
+    int64_t off;
+} bus_dirty;
+
+/* A consumer's position in one partition. */
+typedef struct bus_pos {
+    bus_topic *t;
+    int32_t part;
+    int64_t pos;
+} bus_pos;
+
+struct bus {
+    bus_hub *h;
+    char *group;
+    bus_dr_cb dr_cb;
+    int partitions;
+    int efd;
+    int woken;
+    size_t inflight;          /* produced, report not yet served */
+    bus_rec *dr_head, *dr_tail;
+    bus_pos *pos;
+    size_t npos, next_pos;    /* next_pos: round-robin start of bus_consume */
+    char err[PX_ERRLEN];      /* a delivery failure's reason, for the report */
+};
+
+struct bus_hub {
+    pthread_mutex_t mu;       /* in-memory state below */
+    pthread_mutex_t dbmu;     /* db; never taken while holding mu */
+    pthread_cond_t cv_work;   /* writer: records or commits to write */
+    pthread_cond_t cv_done;   /* reports posted, records durable, wake-ups */
+    sqldb d;                  /* under dbmu */
+    int refs;
+    int stop;
+    pthread_t writer;
+    bus_topic topics[BUS_MAX_TOPICS];
+    size_t ntopics;
+    bus *groups[BUS_MAX_GROUPS];
+    size_t ngroups;
+    bus_rec *q_head, *q_tail;
+    size_t q_records, q_bytes;
+    bus_dirty dirty[BUS_MAX_DIRTY];
+    size_t ndirty;
+    uint64_t written;         /* writer transactions done */
+};
+
+static pthread_mutex_t bus_hub_mu = PTHREAD_MUTEX_INITIALIZER;
+static bus_hub *bus_the_hub;
+
+static int bus_sql_err(sqlite3 *db, const char *what, char *err, size_t errlen)
+{
+    return px_err(err, errlen, "sqlite bus %s: %s", what, sqlite3_errmsg(db));
+}
+
+static int bus_exec(sqlite3 *db, const char *sql, char *err, size_t errlen)
+{
+    char *msg = NULL;
+    if (sqlite3_exec(db, sql, NULL, NULL, &msg) == SQLITE_OK)
+        return PX_OK;
+    px_err(err, errlen, "sqlite bus: %s: %s", sql, msg ? msg : "?");
+    sqlite3_free(msg);
+    return PX_ERROR;
+}
+
+/* Kafka's default partitioner (murmur2, positive, modulo), so a key lands
+ * in the same partition number in both modes. */
+static uint32_t bus_murmur2(const unsigned char *d, size_t len)
+{
+    const uint32_t m = 0x5bd1e995, seed = 0x9747b28c;
+    uint32_t h = seed ^ (uint32_t)len;
+    size_t i = 0;
+    for (; i + 4 <= len; i += 4) {
+        uint32_t k = (uint32_t)d[i] | (uint32_t)d[i + 1] << 8 | (uint32_t)d[i + 2] << 16 |
+                     (uint32_t)d[i + 3] << 24;
+        k *= m;
+        k ^= k >> 24;
+        k *= m;
+        h *= m;
+        h ^= k;
+    }
+    switch (len - i) {
+    case 3: h ^= (uint32_t)d[i + 2] << 16; /* fall through */
+    case 2: h ^= (uint32_t)d[i + 1] << 8;  /* fall through */
+    case 1: h ^= d[i]; h *= m;
+    }
+    h ^= h >> 13;
+    h *= m;
+    h ^= h >> 15;
+    return h;
+}
+
+static int32_t bus_partition(const char *key, size_t key_len, int nparts)
+{
+    if (key == NULL || key_len == 0)
+        return 0;
+    return (int32_t)((bus_murmur2((const unsigned char *)key, key_len) & 0x7fffffff) %
+                     (uint32_t)nparts);
+}
+
+/* ---- topics (mu held) ---- */
+
+static bus_topic *bus_topic_find(bus_hub *h, const char *name)
+{
+    for (size_t i = 0; i < h->ntopics; i++)
+        if (strcmp(h->topics[i].name, name) == 0)
+            return &h->topics[i];
+    return NULL;
+}
+
+static bus_topic *bus_topic_add(bus_hub *h, const char *name, int nparts)
+{
+    if (h->ntopics == BUS_MAX_TOPICS || nparts < 1 || nparts > BUS_MAX_PARTS)
+        return NULL;
+    bus_topic *t = &h->topics[h->ntopics++];
+    t->name = px_strdup(name);
+    t->nparts = nparts;
+    t->next = px_calloc((size_t)nparts, sizeof(*t->next));
+    t->durable = px_calloc((size_t)nparts, sizeof(*t->durable));
+    return t;
+}
+
+/* ---- opening the hub ---- */
+
+static const char bus_schema[] =
+    "CREATE TABLE IF NOT EXISTS bus_parts (topic TEXT NOT NULL, part INTEGER NOT NULL,"
+    " next INTEGER NOT NULL, PRIMARY KEY (topic, part)) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS bus_log (topic TEXT NOT NULL, part INTEGER NOT NULL,"
+    " off INTEGER NOT NULL, ts INTEGER NOT NULL, key BLOB, value BLOB,"
+    " PRIMARY KEY (topic, part, off)) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS bus_offsets (grp TEXT NOT NULL, topic TEXT NOT NULL,"
+    " part INTEGER NOT NULL, off INTEGER NOT NULL, PRIMARY KEY (grp, topic, part))"
+    " WITHOUT ROWID;";
+
+static int bus_hub_load(bus_hub *h, char *err, size_t errlen)
+{
+    sqlite3_stmt *s = NULL;
+    if ((s = sqldb_stmt(&h->d, "SELECT topic, part, next FROM bus_parts ORDER BY topic, part",
+                        err, errlen)) == NULL)
+        return PX_ERROR;
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        const char *name = (const char *)sqlite3_column_text(s, 0);
+        int part = sqlite3_column_int(s, 1);
+        bus_topic *t = bus_topic_find(h, name);
+        if (t == NULL)
+            t = bus_topic_add(h, name, BUS_MAX_PARTS);
+        if (t == NULL || part < 0 || part >= BUS_MAX_PARTS) {
+            sqldb_done(s);
+            return px_err(err, errlen, "sqlite bus: bad partition table");
+        }
+        t->next[part] = t->durable[part] = sqlite3_column_int64(s, 2);
+        t->nparts = part + 1;
+    }
+    sqldb_done(s);
+    return rc == SQLITE_DONE ? PX_OK : bus_sql_err(h->d.db, "load", err, errlen);
+}
+
+static void *bus_writer_main(void *arg);
+
+static void bus_hub_free(bus_hub *h)
+{
+    for (size_t i = 0; i < h->ntopics; i++) {
+        free(h->topics[i].name);
+        free(h->topics[i].next);
+        free(h->topics[i].durable);
+    }
+    sqldb_close(&h->d);
+    pthread_mutex_destroy(&h->mu);
+    pthread_mutex_destroy(&h->dbmu);
+    pthread_cond_destroy(&h->cv_work);
+    pthread_cond_destroy(&h->cv_done);
+    free(h);
+}
+
+static bus_hub *bus_hub_open(char *err, size_t errlen)
+{
+    bus_hub *h = px_calloc(1, sizeof(*h));
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_mutex_init(&h->dbmu, NULL);
+    pthread_cond_init(&h->cv_work, NULL);
+    pthread_cond_init(&h->cv_done, NULL);
+    if (sqldb_open(&h->d, err, errlen) != PX_OK ||
+        bus_exec(h->d.db, bus_schema, err, errlen) != PX_OK ||
+        bus_hub_load(h, err, errlen) != PX_OK)
+        goto fail;
+    if (pthread_create(&h->writer, NULL, bus_writer_main, h) != 0) {
+        px_err(err, errlen, "sqlite bus: cannot start the writer thread");
+        goto fail;
+    }
+    return h;
+fail:
+    bus_hub_free(h);
+    return NULL;
+}
+
+static bus_hub *bus_hub_ref(char *err, size_t errlen)
+{
+    pthread_mutex_lock(&bus_hub_mu);
+    if (bus_the_hub == NULL)
+        bus_the_hub = bus_hub_open(err, errlen);
+    bus_hub *h = bus_the_hub;
+    if (h != NULL)
+        h->refs++;
+    pthread_mutex_unlock(&bus_hub_mu);
+    return h;
+}
+
+/* The last reference stops the writer, which drains what is queued first. */
+static void bus_hub_unref(bus_hub *h)
+{
+    pthread_mutex_lock(&bus_hub_mu);
+    int last = --h->refs == 0;
+    if (last)
+        bus_the_hub = NULL;
+    pthread_mutex_unlock(&bus_hub_mu);
+    if (!last)
+        return;
+    pthread_mutex_lock(&h->mu);
+    h->stop = 1;
+    pthread_cond_broadcast(&h->cv_work);
+    pthread_mutex_unlock(&h->mu);
+    pthread_join(h->writer, NULL);
+    bus_hub_free(h);
+}
+
+/* ---- the writer ---- */
+
+static int bus_write_records(bus_hub *h, bus_rec *r, char *err, size_t errlen)
+{
+    sqlite3_stmt *ins = NULL, *next = NULL;
+    int rc = PX_ERROR;
+    if ((ins = sqldb_stmt(&h->d, "INSERT OR REPLACE INTO bus_log VALUES (?,?,?,?,?,?)", err,
+                          errlen)) == NULL ||
+        (next = sqldb_stmt(&h->d, "INSERT INTO bus_parts VALUES (?,?,?) ON CONFLICT DO"
+                           " UPDATE SET next = MAX(next, excluded.next)", err, errlen)) == NULL)
+        goto out;
+    for (; r != NULL; r = r->next) {
+        sqlite3_reset(ins);
+        sqlite3_bind_text(ins, 1, r->t->name, -1, SQLITE_STATIC);
+        sqlite3_bind_int(ins, 2, r->part);
+        sqlite3_bind_int64(ins, 3, r->off);
+        sqlite3_bind_int64(ins, 4, r->ts_ms);
+        sqlite3_bind_blob(ins, 5, r->data, (int)r->key_len, SQLITE_STATIC);
+        sqlite3_bind_blob(ins, 6, r->data + r->key_len, (int)r->len, SQLITE_STATIC);
+        sqlite3_reset(next);
+        sqlite3_bind_text(next, 1, r->t->name, -1, SQLITE_STATIC);
+        sqlite3_bind_int(next, 2, r->part);
+        sqlite3_bind_int64(next, 3, r->off + 1);
+        if (sqlite3_step(ins) != SQLITE_DONE || sqlite3_step(next) != SQLITE_DONE) {
+            bus_sql_err(h->d.db, "insert", err, errlen);
+            goto out;
+        }
+    }
+    rc = PX_OK;
+out:
+    sqldb_done(ins);
+    sqldb_done(next);
+    return rc;
+}
+
+static int bus_write_commits(bus_hub *h, const bus_dirty *d, size_t n, char *err, size_t errlen)
+{
+    sqlite3_stmt *s = NULL;
+    if ((s = sqldb_stmt(&h->d, "INSERT INTO bus_offsets VALUES (?,?,?,?) ON CONFLICT DO"
+                           " UPDATE SET off = MAX(off, excluded.off)", err, errlen)) == NULL)
+        return PX_ERROR;
+    int rc = PX_OK;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        sqlite3_reset(s);
+        sqlite3_bind_text(s, 1, d[i].group, -1, SQLITE_STATIC);
+        sqlite3_bind_text(s, 2, d[i].t->name, -1, SQLITE_STATIC);
+        sqlite3_bind_int(s, 3, d[i].part);
+        sqlite3_bind_int64(s, 4, d[i].off);
+        if (sqlite3_step(s) != SQLITE_DONE)
+            rc = bus_sql_err(h->d.db, "commit offsets", err, errlen);
+    }
+    sqldb_done(s);
+    return rc;
+}
+
+/* One transaction: the records, then the committed offsets. */
+static int bus_write(bus_hub *h, bus_rec *recs, const bus_dirty *d, size_t nd, char *err,
+                     size_t errlen)
+{
+    pthread_mutex_lock(&h->dbmu);
+    int rc = sqldb_begin(&h->d, err, errlen);
+    if (rc == PX_OK) {
+        rc = bus_write_records(h, recs, err, errlen);
+        if (rc == PX_OK)
+            rc = bus_write_commits(h, d, nd, err, errlen);
+        rc = sqldb_end(&h->d, rc, err, errlen);
+    }
+    pthread_mutex_unlock(&h->dbmu);
+    return rc;
+}
+
+/* Deletes what every group subscribed to a partition has committed past,
+ * one primary-key range per partition. */
+static void bus_retain(bus_hub *h)
+{
+    sqlite3_stmt *min = NULL, *del = NULL;
+    pthread_mutex_lock(&h->dbmu);
+    if ((min = sqldb_stmt(&h->d, "SELECT topic, part, MIN(off) FROM bus_offsets"
+                          " GROUP BY topic, part", NULL, 0)) == NULL ||
+        (del = sqldb_stmt(&h->d, "DELETE FROM bus_log WHERE topic=? AND part=? AND off<?",
+                          NULL, 0)) == NULL)
+        goto out;
+    if (sqldb_begin(&h->d, NULL, 0) != PX_OK)
+        goto out;
+    while (sqlite3_step(min) == SQLITE_ROW) {
+        sqlite3_reset(del);
+        sqlite3_bind_value(del, 1, sqlite3_column_value(min, 0));
+        sqlite3_bind_value(del, 2, sqlite3_column_value(min, 1));
+        sqlite3_bind_value(del, 3, sqlite3_column_value(min, 2));
+        sqlite3_step(del);
+    }
+    sqldb_end(&h->d, PX_OK, NULL, 0);
+out:
+    sqldb_done(min);
+    sqldb_done(del);
+    pthread_mutex_unlock(&h->dbmu);
+}
+
+static void bus_signal(int efd)
+{
+    uint64_t one = 1;
+    if (efd >= 0 && write(efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        return;
+}
+
+/* mu held: reports go to their producers; the durable marks and the
+ * consumers' eventfds make the records visible. */
+static void bus_post(bus_hub *h, bus_rec *recs, int status, const char *err)
+{
+    for (bus_rec *r = recs, *nx; r != NULL; r = nx) {
+        nx = r->next;
+        r->next = NULL;
+        r->status = status;
+        if (status == PX_OK && r->t->durable[r->part] < r->off + 1)
+            r->t->durable[r->part] = r->off + 1;
+        bus *b = r->b;
+        if (b == NULL) { /* its producer was destroyed before the report */
+            free(r);
+            continue;
+        }
+        if (status != PX_OK)
+            snprintf(b->err, sizeof(b->err), "%s", err);
+        if (b->dr_tail != NULL)
+            b->dr_tail->next = r;
+        else
+            b->dr_head = r;
+        b->dr_tail = r;
+    }
+    for (size_t i = 0; i < h->ngroups; i++)
+        bus_signal(h->groups[i]->efd);
+    h->written++;
+    pthread_cond_broadcast(&h->cv_done);
+}
+
+/* An absolute CLOCK_REALTIME deadline (what pthread_cond_timedwait takes)
+ * for a monotonic end time. */
+static void bus_deadline(struct timespec *ts, int64_t end_mono_ms)
+{
+    int64_t left = end_mono_ms - px_mono_ms();
+    clock_gettime(CLOCK_REALTIME, ts);
+    if (left < 0)
+        left = 0;
+    ts->tv_sec += left / 1000;
+    ts->tv_nsec += (left % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+/* mu held: takes up to BUS_WRITE_BATCH queued records. */
+static bus_rec *bus_take(bus_hub *h)
+{
+    bus_rec *head = h->q_head, *last = NULL;
+    size_t n = 0;
+    for (bus_rec *r = head; r != NULL && n < BUS_WRITE_BATCH; r = r->next, n++) {
+        last = r;
+        h->q_bytes -= r->key_len + r->len;
+    }
+    if (last == NULL)
+        return NULL;
+    h->q_head = last->next;
+    if (h->q_head == NULL)
+        h->q_tail = NULL;
+    last->next = NULL;
+    h->q_records -= n;
+    return head;
+}
+
+static void *bus_writer_main(void *arg)
+{
+    bus_hub *h = arg;
+    bus_dirty *d = px_calloc(BUS_MAX_DIRTY, sizeof(*d));
+    int64_t last_retain = px_mono_ms();
+    pthread_mutex_lock(&h->mu);
+    for (;;) {
+        while (h->q_head == NULL && h->ndirty == 0 && !h->stop &&
+               px_mono_ms() - last_retain < BUS_RETAIN_MS) {
+            struct timespec ts;
+            bus_deadline(&ts, px_mono_ms() + 200);
+            pthread_cond_timedwait(&h->cv_work, &h->mu, &ts);
+        }
+        if (h->q_head == NULL && h->ndirty == 0 && h->stop)
+            break;
+        bus_rec *recs = bus_take(h);
+        size_t nd = h->ndirty;
+        memcpy(d, h->dirty, nd * sizeof(*d));
+        h->ndirty = 0;
+        pthread_mutex_unlock(&h->mu);
+        char err[PX_ERRLEN] = "";
+        int rc = (recs != NULL || nd > 0) ? bus_write(h, recs, d, nd, err, sizeof(err)) : PX_OK;
+        if (px_mono_ms() - last_retain >= BUS_RETAIN_MS) {
+            bus_retain(h);
+            last_retain = px_mono_ms();
+        }
+        pthread_mutex_lock(&h->mu);
+        bus_post(h, recs, rc, err);
+    }
+    pthread_mutex_unlock(&h->mu);
+    free(d);
+    return NULL;
+}
+
+/* ---- the bus.h interface ---- */
+
+bus *bus_new(const bus_conf *conf, char *err, size_t errlen)
+{
+    bus_hub *h = bus_hub_ref(err, errlen);
+    if (h == NULL)
+        return NULL;
+    bus *b = px_calloc(1, sizeof(*b));
+    b->h = h;
+    b->dr_cb = conf->dr_cb;
+    b->partitions = conf->partitions > 0 ? conf->partitions : 1;
+    b->efd = -1;
+    if (conf->group == NULL)
+        return b;
+    if (strlen(conf->group) >= BUS_MAX_GROUP_NAME) {
+        px_err(err, errlen, "in-process bus: group name too long: %s", conf->group);
+        bus_destroy(b);
+        return NULL;
+    }
+    b->group = px_strdup(conf->group);
+    b->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    pthread_mutex_lock(&h->mu);
+    int clash = 0;
+    for (size_t i = 0; i < h->ngroups; i++)
+        clash |= strcmp(h->groups[i]->group, b->group) == 0;
+    int full = h->ngroups == BUS_MAX_GROUPS;
+    if (!clash && !full)
+        h->groups[h->ngroups++] = b;
+    pthread_mutex_unlock(&h->mu);
+    if (clash || full || b->efd < 0) {
+        px_err(err, errlen, clash ? "in-process bus: group %s already has a member" :
+               "in-process bus: too many consumer groups (or no eventfd) for %s", b->group);
+        if (clash || full)
+            b->group[0] = '\0'; /* not registered: bus_destroy must not remove it */
+        bus_destroy(b);
+        return NULL;
+    }
+    return b;
+}
+
+/* dbmu held: one bus_parts row per partition, in one transaction. */
+static int bus_persist_topic(bus_hub *h, const bus_topic *t, char *err, size_t errlen)
+{
+    sqlite3_stmt *s = NULL;
+    if (sqldb_begin(&h->d, err, errlen) != PX_OK)
+        return PX_ERROR;
+    int rc = (s = sqldb_stmt(&h->d, "INSERT OR IGNORE INTO bus_parts VALUES (?, ?, 0)", err,
+                             errlen)) != NULL ? PX_OK : PX_ERROR;
+    for (int p = 0; p < t->nparts && rc == PX_OK; p++) {
+        sqlite3_bind_text(s, 1, t->name, -1, SQLITE_STATIC);
+        sqlite3_bind_int(s, 2, p);
+        rc = sqlite3_step(s) == SQLITE_DONE ? PX_OK : bus_sql_err(h->d.db, "topic", err, errlen);
+        sqldb_done(s);
+    }
+    return sqldb_end(&h->d, rc, err, errlen);
+}
+
+int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_ms,
+                      char *err, size_t errlen)
+{
+    bus_hub *h = b->h;
+    for (size_t i = 0; i < n; i++) {
+        pthread_mutex_lock(&h->mu);
+        bus_topic *t = bus_topic_find(h, topics[i]);
+        int created = t == NULL;
+        if (created)
+            t = bus_topic_add(h, topics[i], b->partitions);
+        pthread_mutex_unlock(&h->mu);
+        if (t == NULL)
+            return px_err(err, errlen, "in-process bus: cannot create topic %s", topics[i]);
+        if (!created)
+            continue;
+        /* Persist the partition count now: a restart must find the topic as
+         * it was even if nothing was produced to it. */
+        pthread_mutex_lock(&h->dbmu);
+        int rc = bus_persist_topic(h, t, err, errlen);
+        pthread_mutex_unlock(&h->dbmu);
+        if (rc != PX_OK)
+            return rc;
+    }
+    return PX_OK;
+}
+
+int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
+                const void *value, size_t len, void *opaque, char *err, size_t errlen)
+{
+    bus_hub *h = b->h;
+    if (len > BUS_QUEUE_BYTES / 4 || key_len > 4096)
+        return px_err(err, errlen, "in-process bus: record too large (%zu bytes)", len);
+    bus_rec *r = px_malloc(sizeof(*r) + key_len + len);
+    memcpy(r->data, key, key_len);
+    memcpy(r->data + key_len, value, len);
+    r->next = NULL;
+    r->b = b;
+    r->key_len = key_len;
+    r->len = len;
+    r->opaque = opaque;
+    r->ts_ms = px_now_ms();
+    pthread_mutex_lock(&h->mu);
+    int rc = PX_OK;
+    bus_topic *t = bus_topic_find(h, topic);
+    if (t == NULL)
+        t = bus_topic_add(h, topic, b->partitions);
+    if (t == NULL)
+        rc = px_err(err, errlen, "in-process bus: cannot create topic %s", topic);
+    else if (h->q_records >= BUS_QUEUE_RECORDS || h->q_bytes + key_len + len > BUS_QUEUE_BYTES) {
+        px_err(err, errlen, "in-process bus: produce queue full");
+        rc = PX_AGAIN;
+    }
+    if (rc == PX_OK) {
+        r->t = t;
+        r->part = bus_partition(key, key_len, t->nparts);
+        r->off = t->next[r->part]++;
+        if (h->q_tail != NULL)
+            h->q_tail->next = r;
+        else
+            h->q_head = r;
+        h->q_tail = r;
+        h->q_records++;
+        h->q_bytes += key_len + len;
+        b->inflight++;
+        pthread_cond_signal(&h->cv_work);
+    }
+    pthread_mutex_unlock(&h->mu);
+    if (rc != PX_OK)
+        free(r);
+    return rc;
+}
+
+/* Serves the delivery reports posted for b (outside mu: a callback may
+ * produce). Returns how many. */
+static size_t bus_serve(bus *b)
+{
+    bus_hub *h = b->h;
+    pthread_mutex_lock(&h->mu);
+    bus_rec *r = b->dr_head;
+    b->dr_head = b->dr_tail = NULL;
+    char err[PX_ERRLEN];
+    snprintf(err, sizeof(err), "%s", b->err);
+    pthread_mutex_unlock(&h->mu);
+    size_t n = 0;
+    for (bus_rec *nx; r != NULL; r = nx, n++) {
+        nx = r->next;
+        if (b->dr_cb != NULL)
+            b->dr_cb(r->opaque, r->status, r->status == PX_OK ? NULL : err, r->part, r->off);
+        free(r);
+    }
+    if (n > 0) {
+        pthread_mutex_lock(&h->mu);
+        b->inflight -= n;
+        pthread_mutex_unlock(&h->mu);
+    }
+    return n;
+}
+
+
+/* Waits (mu held) until the writer posts something or the deadline. */
+static void bus_wait_done(bus_hub *h, int64_t end)
+{
+    struct timespec ts;
+    bus_deadline(&ts, end);
+    pthread_cond_timedwait(&h->cv_done, &h->mu, &ts);
+}
+
+void bus_poll(bus *b, int timeout_ms)
+{
+    int64_t end = px_mono_ms() + timeout_ms;
+    for (;;) {
+        if (bus_serve(b) > 0 || px_mono_ms() >= end)
+            return;
+        pthread_mutex_lock(&b->h->mu);
+        if (b->dr_head == NULL && !b->woken)
+            bus_wait_done(b->h, end);
+        pthread_mutex_unlock(&b->h->mu);
+    }
+}
+
+int bus_flush(bus *b, int timeout_ms)
+{
+    int64_t end = px_mono_ms() + timeout_ms;
+    for (;;) {
+        bus_serve(b);
+        pthread_mutex_lock(&b->h->mu);
+        size_t left = b->inflight;
+        if (left > 0 && b->dr_head == NULL && px_mono_ms() < end)
+            bus_wait_done(b->h, end);
+        pthread_mutex_unlock(&b->h->mu);
+        if (left == 0)
+            return PX_OK;
+        if (px_mono_ms() >= end) {
+            bus_serve(b);
+            return b->inflight == 0 ? PX_OK : PX_AGAIN;
+        }
+    }
+}
+
+static int bus_load_pos(bus *b, bus_pos *p, char *err, size_t errlen)
+{
+    bus_hub *h = b->h;
+    sqlite3_stmt *s = NULL;
+    pthread_mutex_lock(&h->dbmu);
+    int rc = PX_OK;
+    if ((s = sqldb_stmt(&h->d, "SELECT off FROM bus_offsets WHERE grp=? AND topic=? AND part=?",
+                        err, errlen)) == NULL) {
+        rc = PX_ERROR;
+    } else {
+        sqlite3_bind_text(s, 1, b->group, -1, SQLITE_STATIC);
+        sqlite3_bind_text(s, 2, p->t->name, -1, SQLITE_STATIC);
+        sqlite3_bind_int(s, 3, p->part);
+        p->pos = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : 0;
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&h->dbmu);
+    return rc;
+}
+
+/* mu held: queues a committed offset for the writer (max wins). */
+static int bus_mark(bus *b, bus_topic *t, int32_t part, int64_t off)
+{
+    bus_hub *h = b->h;
+    for (size_t i = 0; i < h->ndirty; i++) {
+        bus_dirty *d = &h->dirty[i];
+        if (d->t == t && d->part == part && strcmp(d->group, b->group) == 0) {
+            d->off = PX_MAX(d->off, off);
+            return PX_OK;
+        }
+    }
+    if (h->ndirty == BUS_MAX_DIRTY)
+        return PX_ERROR;
+    bus_dirty *d = &h->dirty[h->ndirty++];
+    snprintf(d->group, sizeof(d->group), "%s", b->group);
+    d->t = t;
+    d->part = part;
+    d->off = off;
+    pthread_cond_signal(&h->cv_work);
+    return PX_OK;
+}
+
+/* Every partition of the topics is this member's (one member per group).
+ * The subscription itself is recorded as an offset, so retention keeps
+ * what this group has not read even before its first commit. */
+int bus_subscribe(bus *b, const char *const *topics, size_t n, char *err, size_t errlen)
+{
+    if (b->group == NULL)
+        return px_err(err, errlen, "in-process bus: subscribe without a group");
+    bus_hub *h = b->h;
+    if (bus_ensure_topics(b, topics, n, 0, err, errlen) != PX_OK)
+        return PX_ERROR;
+    for (size_t i = 0; i < n; i++) {
+        pthread_mutex_lock(&h->mu);
+        bus_topic *t = bus_topic_find(h, topics[i]);
+        pthread_mutex_unlock(&h->mu);
+        for (int p = 0; p < t->nparts; p++) {
+            b->pos = px_realloc(b->pos, (b->npos + 1) * sizeof(*b->pos));
+            bus_pos *bp = &b->pos[b->npos++];
+            *bp = (bus_pos){ t, p, 0 };
+            if (bus_load_pos(b, bp, err, errlen) != PX_OK)
+                return PX_ERROR;
+            pthread_mutex_lock(&h->mu);
+            int rc = bus_mark(b, t, p, bp->pos);
+            pthread_mutex_unlock(&h->mu);
+            if (rc != PX_OK)
+                return px_err(err, errlen, "in-process bus: too many partitions");
+        }
+    }
+    return PX_OK;
+}
+
+/* Reads up to max durable records of one partition from p->pos on. */
+static int bus_read(bus *b, bus_pos *p, int64_t durable, bus_msg *out, size_t max,
+                    char *err, size_t errlen)
+{
+    bus_hub *h = b->h;
+    sqlite3_stmt *s = NULL;
+    int n = 0;
+    pthread_mutex_lock(&h->dbmu);
+    if ((s = sqldb_stmt(&h->d, "SELECT off, ts, key, value FROM bus_log WHERE topic=? AND"
+                           " part=? AND off>=? AND off<? ORDER BY off LIMIT ?", err, errlen)) == NULL) {
+        n = PX_ERROR;
+        goto out;
+    }
+    sqlite3_bind_text(s, 1, p->t->name, -1, SQLITE_STATIC);
+    sqlite3_bind_int(s, 2, p->part);
+    sqlite3_bind_int64(s, 3, p->pos);
+    sqlite3_bind_int64(s, 4, durable);
+    sqlite3_bind_int64(s, 5, (sqlite3_int64)max);
+    while ((size_t)n < max && sqlite3_step(s) == SQLITE_ROW) {
+        size_t kl = (size_t)sqlite3_column_bytes(s, 2), vl = (size_t)sqlite3_column_bytes(s, 3);
+        char *blk = px_malloc(kl + vl + 2);
+        if (kl > 0)
+            memcpy(blk, sqlite3_column_blob(s, 2), kl);
+        blk[kl] = '\0';
+        if (vl > 0)
+            memcpy(blk + kl + 1, sqlite3_column_blob(s, 3), vl);
+        blk[kl + 1 + vl] = '\0';
+        out[n] = (bus_msg){ .topic = p->t->name, .partition = p->part,
+                            .offset = sqlite3_column_int64(s, 0), .key = blk, .key_len = kl,
+                            .value = blk + kl + 1, .len = vl,
+                            .ts_ms = sqlite3_column_int64(s, 1), .impl = blk };
+        p->pos = out[n].offset + 1;
+        n++;
+    }
+out:
+    sqldb_done(s);
+    pthread_mutex_unlock(&h->dbmu);
+    return n;
+}
+
+/* One pass over the partitions, starting after where the last call ended
+ * so that no partition starves the others. */
+static int bus_fetch(bus *b, bus_msg *out, size_t max, char *err, size_t errlen)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < b->npos && n < max; i++) {
+        bus_pos *p = &b->pos[(b->next_pos + i) % b->npos];
+        pthread_mutex_lock(&b->h->mu);
+        int64_t durable = p->t->durable[p->part];
+        pthread_mutex_unlock(&b->h->mu);
+        if (durable <= p->pos)
+            continue;
+        int got = bus_read(b, p, durable, out + n, max - n, err, errlen);
+        if (got < 0) {
+            bus_release(b, out, n);
+            return PX_ERROR;
+        }
+        n += (size_t)got;
+    }
+    if (b->npos > 0)
+        b->next_pos = (b->next_pos + 1) % b->npos;
+    return (int)n;
+}
+
+int bus_consume(bus *b, bus_msg *out, size_t max, int timeout_ms, char *err, size_t errlen)
+{
+    int64_t end = px_mono_ms() + timeout_ms;
+    uint64_t drained;
+    if (b->efd >= 0 && read(b->efd, &drained, sizeof(drained)) < 0 && errno != EAGAIN)
+        return px_err(err, errlen, "in-process bus: eventfd: %s", strerror(errno));
+    for (;;) {
+        pthread_mutex_lock(&b->h->mu);
+        uint64_t seen = b->h->written;
+        pthread_mutex_unlock(&b->h->mu);
+        int n = bus_fetch(b, out, max, err, errlen);
+        if (n != 0) {
+            if ((size_t)n == max)
+                bus_signal(b->efd); /* more may remain: the reactor comes back */
+            return n;
+        }
+        pthread_mutex_lock(&b->h->mu);
+        int woken = b->woken;
+        b->woken = 0;
+        if (!woken && b->h->written == seen && px_mono_ms() < end)
+            bus_wait_done(b->h, end);
+        pthread_mutex_unlock(&b->h->mu);
+        if (woken || px_mono_ms() >= end)
+            return 0;
+    }
+}
+
+int bus_commit(bus *b, const bus_msg *m, size_t n)
+{
+    bus_hub *h = b->h;
+    int rc = PX_OK;
+    pthread_mutex_lock(&h->mu);
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        bus_topic *t = bus_topic_find(h, m[i].topic);
+        rc = t != NULL ? bus_mark(b, t, m[i].partition, m[i].offset + 1) : PX_ERROR;
+    }
+    pthread_mutex_unlock(&h->mu);
+    return rc;
+}
+
+void bus_release(bus *b, bus_msg *m, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(m[i].impl);
+        m[i].impl = NULL;
+    }
+}
+
+int bus_consume_fd(bus *b)
+{
+    return b->efd;
+}
+
+void bus_wakeup(bus *b)
+{
+    pthread_mutex_lock(&b->h->mu);
+    b->woken = 1;
+    pthread_cond_broadcast(&b->h->cv_done);
+    pthread_mutex_unlock(&b->h->mu);
+    bus_signal(b->efd);
+}
+
+/* mu held; after a flush that timed out: b's records still queued lose
+ * their producer (the writer drops their reports), reports already posted
+ * are dropped, and a batch the writer holds now is waited for (its next
+ * post, at most one retention period away). */
+static void bus_detach(bus_hub *h, bus *b)
+{
+    for (bus_rec *r = h->q_head; r != NULL; r = r->next)
+        if (r->b == b)
+            r->b = NULL;
+    uint64_t w = h->written;
+    while (h->written == w) {
+        struct timespec ts;
+        bus_deadline(&ts, px_mono_ms() + BUS_RETAIN_MS + 200);
+        pthread_cond_timedwait(&h->cv_done, &h->mu, &ts);
+    }
+    for (bus_rec *r = b->dr_head, *nx; r != NULL; r = nx) {
+        nx = r->next;
+        free(r);
+    }
+    b->dr_head = b->dr_tail = NULL;
+}
+
+/* Commits already queued are copies the writer writes before the hub
+ * closes (the last bus_destroy drains them). */
+void bus_destroy(bus *b)
+{
+    if (b == NULL)
+        return;
+    bus_hub *h = b->h;
+    bus_flush(b, 5000);
+    pthread_mutex_lock(&h->mu);
+    for (size_t i = 0; i < h->ngroups; i++) {
+        if (h->groups[i] != b)
+            continue;
+        h->groups[i] = h->groups[--h->ngroups];
+        break;
+    }
+    if (b->inflight > 0)
+        bus_detach(h, b);
+    pthread_mutex_unlock(&h->mu);
+    if (b->efd >= 0)
+        close(b->efd);
+    free(b->group);
+    free(b->pos);
+    free(b);
+    bus_hub_unref(h);
+}

@@ -1,0 +1,43 @@
+/* parleyd's SQLite file: opening PARLEY_DATA_DIR/parley.db (shared by the
+ * in-process bus and the store) and a cache of prepared statements, so a
+ * hot path compiles its SQL once per connection, not once per call. */
+#ifndef PARLEY_SQLDB_H
+#define PARLEY_SQLDB_H
+
+#include <sqlite3.h>
+#include <stddef.h>
+
+#define SQLDB_MAX_STMTS 48
+
+typedef struct sqldb {
+    sqlite3 *db;
+    struct { const char *sql; sqlite3_stmt *s; } stmts[SQLDB_MAX_STMTS];
+    size_t nstmts;
+} sqldb;
+
+/* Opens (creating) the file in WAL mode with synchronous=NORMAL and a busy
+ * timeout. PX_OK, or PX_ERROR with err. */
+int sqldb_open(sqldb *d, char *err, size_t errlen);
+
+/* Finalizes the cached statements and closes the connection. */
+void sqldb_close(sqldb *d);
+
+/* The prepared statement for sql, which must be a string literal (the
+ * cache is keyed by its address). NULL with err on a bad statement or a
+ * full cache. The caller holds whatever lock guards d and calls
+ * sqldb_done after use. */
+sqlite3_stmt *sqldb_stmt(sqldb *d, const char *sql, char *err, size_t errlen);
+
+/* Write transactions of every connection of the process take one lock
+ * first: the bus and the store write the same file, and a writer that met
+ * SQLITE_BUSY would sleep in SQLite's busy handler (milliseconds) instead of
+ * queueing here (microseconds). sqldb_begin: lock, BEGIN IMMEDIATE; PX_OK,
+ * or PX_ERROR with err and nothing held. sqldb_end: COMMIT when rc is PX_OK
+ * (else ROLLBACK), unlock; returns rc, or PX_ERROR if the commit failed. */
+int sqldb_begin(sqldb *d, char *err, size_t errlen);
+int sqldb_end(sqldb *d, int rc, char *err, size_t errlen);
+
+/* Resets s and clears its bindings for the next user (NULL is ignored). */
+void sqldb_done(sqlite3_stmt *s);
+
+#endif

@@ -1,0 +1,1089 @@
+/* The SQLite store of parleyd (store.h): the same contract as store_mongo.c
+ * in tables of PARLEY_DATA_DIR/parley.db (the file the in-process bus uses),
+ * WAL mode. Each call is one transaction (a batch is one commit), over one
+ * connection guarded by a mutex: SQLite has one writer at a time anyway.
+ * Idempotence comes from primary keys and INSERT OR IGNORE, as the unique
+ * indexes give it in MongoDB. url and db of store_open are ignored: the
+ * data folder names the database. */
+#include "store.h"
+#include "common.h"
+
+#include <jansson.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sqldb.h"
+#include "utf8.h"
+
+#define SS_MAX_BATCH 10000     /* per call, as store_mongo: callers chunk */
+#define SS_MAX_GATEWAY 64
+
+struct store {
+    sqldb d;
+    pthread_mutex_t mu;    /* d and its cached statements */
+};
+
+static const char ss_schema[] =
+    "CREATE TABLE IF NOT EXISTS inbox (user TEXT NOT NULL, id TEXT NOT NULL, seq INTEGER,"
+    " ts INTEGER, kind INTEGER, sender TEXT, json BLOB, PRIMARY KEY (user, id)) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS inbox_seq ON inbox (user, seq);"
+    "CREATE INDEX IF NOT EXISTS inbox_ts ON inbox (ts);"
+    "CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, ts INTEGER) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts);"
+    "CREATE TABLE IF NOT EXISTS track (reader TEXT NOT NULL, msg_id TEXT NOT NULL,"
+    " sender TEXT, grp TEXT, ts INTEGER, PRIMARY KEY (reader, msg_id)) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS track_ts ON track (ts);"
+    "CREATE TABLE IF NOT EXISTS presence (user TEXT NOT NULL, gateway TEXT NOT NULL,"
+    " epoch INTEGER NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (user, gateway, epoch))"
+    " WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS presence_gw ON presence (gateway, epoch);"
+    "CREATE TABLE IF NOT EXISTS gateways (gateway TEXT PRIMARY KEY, epoch INTEGER, ts INTEGER)"
+    " WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS groups (id TEXT PRIMARY KEY, name TEXT, creator TEXT,"
+    " members TEXT, admins TEXT, applied INTEGER, ts INTEGER) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS chunks (upload TEXT NOT NULL, n INTEGER NOT NULL, data BLOB,"
+    " ts INTEGER, PRIMARY KEY (upload, n));"
+    "CREATE TABLE IF NOT EXISTS media (id TEXT PRIMARY KEY, sha256 TEXT UNIQUE NOT NULL,"
+    " content_type TEXT, upload TEXT, size INTEGER, ts INTEGER);"
+    "CREATE INDEX IF NOT EXISTS media_ts ON media (ts);"
+    "CREATE INDEX IF NOT EXISTS media_upload ON media (upload);"
+    "CREATE TABLE IF NOT EXISTS grants (id TEXT NOT NULL, user TEXT NOT NULL,"
+    " PRIMARY KEY (id, user)) WITHOUT ROWID;"
+    /* Per connection: the id sets of one ack or lookup. */
+    "CREATE TEMP TABLE IF NOT EXISTS ss_ids (id TEXT PRIMARY KEY);"
+    "CREATE TEMP TABLE IF NOT EXISTS ss_keys (reader TEXT, msg_id TEXT,"
+    " PRIMARY KEY (reader, msg_id));";
+
+static int ss_fail(store *st, const char *what, char *err, size_t errlen)
+{
+    return px_err(err, errlen, "sqlite store %s: %s", what, sqlite3_errmsg(st->d.db));
+}
+
+static int ss_check_n(size_t n, const char *what, char *err, size_t errlen)
+{
+    if (n > SS_MAX_BATCH)
+        return px_err(err, errlen, "%s: batch of %zu exceeds the limit of %d; split it",
+                      what, n, SS_MAX_BATCH);
+    return PX_OK;
+}
+
+static int ss_str_ok(const char *s)
+{
+    return s != NULL && *s != '\0' && utf8_valid((const unsigned char *)s, strlen(s));
+}
+
+store *store_open(const char *url, const char *db, char *err, size_t errlen)
+{
+    store *st = px_calloc(1, sizeof(*st));
+    pthread_mutex_init(&st->mu, NULL);
+    char *msg = NULL;
+    if (sqldb_open(&st->d, err, errlen) != PX_OK)
+        goto fail;
+    if (sqlite3_exec(st->d.db, ss_schema, NULL, NULL, &msg) != SQLITE_OK) {
+        px_err(err, errlen, "sqlite store schema: %s", msg ? msg : "?");
+        sqlite3_free(msg);
+        goto fail;
+    }
+    return st;
+fail:
+    store_close(st);
+    return NULL;
+}
+
+void store_close(store *st)
+{
+    if (st == NULL)
+        return;
+    sqldb_close(&st->d);
+    pthread_mutex_destroy(&st->mu);
+    free(st);
+}
+
+int store_ping(store *st, char *err, size_t errlen)
+{
+    return st->d.db != NULL ? PX_OK : px_err(err, errlen, "sqlite store closed");
+}
+
+/* ---- transactions and statements ---- */
+
+static int ss_begin(store *st, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&st->mu);
+    if (sqldb_begin(&st->d, err, errlen) == PX_OK)
+        return PX_OK;
+    pthread_mutex_unlock(&st->mu);
+    return PX_ERROR;
+}
+
+/* Commits on PX_OK, else rolls back; returns rc (or the commit failure). */
+static int ss_end(store *st, int rc, char *err, size_t errlen)
+{
+    rc = sqldb_end(&st->d, rc, err, errlen);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+/* sql must be a string literal: see sqldb_stmt. */
+static sqlite3_stmt *ss_prep(store *st, const char *sql, char *err, size_t errlen)
+{
+    return sqldb_stmt(&st->d, sql, err, errlen);
+}
+
+static void ss_text(sqlite3_stmt *s, int i, const char *v)
+{
+    if (v != NULL)
+        sqlite3_bind_text(s, i, v, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(s, i);
+}
+
+/* Steps a bound statement to its end and resets it. */
+static int ss_run(store *st, sqlite3_stmt *s, const char *what, char *err, size_t errlen)
+{
+    int rc = sqlite3_step(s);
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    return rc == SQLITE_DONE ? PX_OK : ss_fail(st, what, err, errlen);
+}
+
+/* Runs one statement with one int64 bound inside the caller's transaction;
+ * *changed (may be NULL) gets the rows it touched. */
+static int ss_sweep_step(store *st, const char *sql, int64_t v, int64_t *changed, char *err,
+                         size_t errlen)
+{
+    sqlite3_stmt *s = ss_prep(st, sql, err, errlen);
+    if (s == NULL)
+        return PX_ERROR;
+    sqlite3_bind_int64(s, 1, v);
+    int rc = ss_run(st, s, "sweep", err, errlen);
+    sqldb_done(s);
+    if (changed != NULL)
+        *changed = rc == PX_OK ? sqlite3_changes(st->d.db) : 0;
+    return rc;
+}
+
+/* One statement with one int64 bound, in a transaction of its own;
+ * *removed (may be NULL) gets the rows changed. For the sweeps. */
+static int ss_sweep(store *st, const char *sql, int64_t v, int64_t *removed, char *err,
+                    size_t errlen)
+{
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    int rc = ss_sweep_step(st, sql, v, removed, err, errlen);
+    return ss_end(st, rc, err, errlen);
+}
+
+/* ---- inbox ---- */
+
+static int ss_check_event(const store_event *ev, size_t i, char *err, size_t errlen)
+{
+    if (!ss_str_ok(ev->user) || !ss_str_ok(ev->id))
+        return px_err(err, errlen, "inbox put: event %zu: user or id empty or not UTF-8", i);
+    if (ev->kind < STORE_MESSAGE || ev->kind > STORE_GROUP_EVENT)
+        return px_err(err, errlen, "inbox put: event %zu: bad kind %d", i, ev->kind);
+    if (ev->json == NULL || !utf8_valid((const unsigned char *)ev->json, ev->json_len))
+        return px_err(err, errlen, "inbox put: event %zu: json missing or not UTF-8", i);
+    if (ev->sender != NULL && !ss_str_ok(ev->sender))
+        return px_err(err, errlen, "inbox put: event %zu: sender not UTF-8", i);
+    return PX_OK;
+}
+
+int store_inbox_put(store *st, const store_event *ev, size_t n, int *inserted,
+                    char *err, size_t errlen)
+{
+    int rc = ss_check_n(n, "inbox put", err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        rc = ss_check_event(&ev[i], i, err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "INSERT OR IGNORE INTO inbox VALUES (?,?,?,?,?,?,?)", err,
+                              errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(s, 1, ev[i].user);
+        ss_text(s, 2, ev[i].id);
+        sqlite3_bind_int64(s, 3, ev[i].seq);
+        sqlite3_bind_int64(s, 4, ev[i].ts_ms);
+        sqlite3_bind_int(s, 5, ev[i].kind);
+        ss_text(s, 6, ev[i].sender);
+        sqlite3_bind_text(s, 7, ev[i].json, (int)ev[i].json_len, SQLITE_STATIC);
+        rc = ss_run(st, s, "inbox put", err, errlen);
+        if (inserted != NULL)
+            inserted[i] = sqlite3_changes(st->d.db) > 0;
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+/* Columns user, id, seq, ts, kind, sender, json of a row into ev. */
+static void ss_row_event(sqlite3_stmt *s, store_event *ev)
+{
+    *ev = (store_event){ .user = (const char *)sqlite3_column_text(s, 0),
+                         .id = (const char *)sqlite3_column_text(s, 1),
+                         .seq = sqlite3_column_int64(s, 2),
+                         .ts_ms = sqlite3_column_int64(s, 3),
+                         .kind = sqlite3_column_int(s, 4),
+                         .sender = (const char *)sqlite3_column_text(s, 5),
+                         .json = (const char *)sqlite3_column_text(s, 6),
+                         .json_len = (size_t)sqlite3_column_bytes(s, 6) };
+}
+
+/* Visits the rows of a prepared, bound query; stops at a callback's
+ * non-PX_OK, which is returned. cb may be NULL (an ack nobody watches). */
+static int ss_visit(store *st, sqlite3_stmt *s, store_event_cb cb, void *arg, char *err,
+                    size_t errlen)
+{
+    int step;
+    while ((step = sqlite3_step(s)) == SQLITE_ROW) {
+        store_event ev;
+        ss_row_event(s, &ev);
+        int rc = cb != NULL ? cb(arg, &ev) : PX_OK;
+        if (rc != PX_OK)
+            return rc;
+    }
+    return step == SQLITE_DONE ? PX_OK : ss_fail(st, "read", err, errlen);
+}
+
+#define SS_EVENT_COLS "user, id, seq, ts, kind, sender, json"
+
+int store_inbox_scan(store *st, const char *user, int64_t after_seq, size_t limit,
+                     store_event_cb cb, void *arg, char *err, size_t errlen)
+{
+    if (user == NULL)
+        return px_err(err, errlen, "inbox scan: user is required");
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT " SS_EVENT_COLS " FROM inbox WHERE user=? AND seq>?"
+                              " ORDER BY seq LIMIT ?", err, errlen);
+    int rc = PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, user);
+        sqlite3_bind_int64(s, 2, after_seq);
+        sqlite3_bind_int64(s, 3, (sqlite3_int64)PX_MIN(limit, (size_t)INT64_MAX));
+        rc = ss_visit(st, s, cb, arg, err, errlen);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+static int ss_check_ids(const char *const *ids, size_t n, const char *what, char *err,
+                        size_t errlen)
+{
+    int rc = ss_check_n(n, what, err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        if (!ss_str_ok(ids[i]))
+            rc = px_err(err, errlen, "%s: id %zu empty or not UTF-8", what, i);
+    return rc;
+}
+
+static int ss_check_keys(const store_key *keys, size_t n, const char *what, char *err,
+                         size_t errlen)
+{
+    int rc = ss_check_n(n, what, err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        if (!ss_str_ok(keys[i].user) || !ss_str_ok(keys[i].id))
+            rc = px_err(err, errlen, "%s: key %zu: user or id empty or not UTF-8", what, i);
+    return rc;
+}
+
+/* In a transaction: the keys into the temporary table ss_keys (a pair
+ * named twice counts once, as in a query on a set). */
+static int ss_load_keys(store *st, const store_key *keys, size_t n, const char *what,
+                        char *err, size_t errlen)
+{
+    sqlite3_exec(st->d.db, "DELETE FROM ss_keys", NULL, NULL, NULL);
+    sqlite3_stmt *ins = ss_prep(st, "INSERT OR IGNORE INTO ss_keys VALUES (?,?)", err, errlen);
+    int rc = ins != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(ins, 1, keys[i].user);
+        ss_text(ins, 2, keys[i].id);
+        rc = ss_run(st, ins, what, err, errlen);
+    }
+    sqldb_done(ins);
+    return rc;
+}
+
+int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb cb, void *arg,
+                    char *err, size_t errlen)
+{
+    int rc = ss_check_keys(keys, n, "inbox get", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    rc = ss_load_keys(st, keys, n, "inbox get", err, errlen);
+    sqlite3_stmt *sel = rc == PX_OK ? ss_prep(st, "SELECT i.user, i.id, i.seq, i.ts, i.kind,"
+                                              " i.sender, i.json FROM inbox i JOIN ss_keys k"
+                                              " ON k.reader = i.user AND k.msg_id = i.id"
+                                              " ORDER BY i.user, i.seq", err, errlen) : NULL;
+    rc = sel != NULL ? ss_visit(st, sel, cb, arg, err, errlen) : PX_ERROR;
+    sqldb_done(sel);
+    return ss_end(st, rc, err, errlen);
+}
+
+int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *removed, char *err,
+                       size_t errlen)
+{
+    if (removed != NULL)
+        *removed = 0;
+    int rc = ss_check_keys(keys, n, "inbox delete", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "DELETE FROM inbox WHERE user=? AND id=?", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    int64_t total = 0;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(s, 1, keys[i].user);
+        ss_text(s, 2, keys[i].id);
+        rc = ss_run(st, s, "inbox delete", err, errlen);
+        total += sqlite3_changes(st->d.db);
+    }
+    sqldb_done(s);
+    rc = ss_end(st, rc, err, errlen);
+    if (rc == PX_OK && removed != NULL)
+        *removed = total;
+    return rc;
+}
+
+int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen)
+{
+    return ss_sweep(st, "DELETE FROM inbox WHERE ts < ?", cutoff_ms, removed, err, errlen);
+}
+
+int store_inbox_count(store *st, const char *user, int64_t *count, char *err, size_t errlen)
+{
+    if (user == NULL || count == NULL)
+        return px_err(err, errlen, "inbox count: user and count are required");
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT COUNT(*) FROM inbox WHERE user=?", err, errlen);
+    int rc = PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, user);
+        if (sqlite3_step(s) == SQLITE_ROW) {
+            *count = sqlite3_column_int64(s, 0);
+            rc = PX_OK;
+        } else {
+            rc = ss_fail(st, "inbox count", err, errlen);
+        }
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+/* ---- seen ---- */
+
+int store_seen_filter(store *st, const char *const *keys, size_t n, int *seen,
+                      char *err, size_t errlen)
+{
+    int rc = ss_check_ids(keys, n, "seen filter", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT 1 FROM seen WHERE key=?", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(s, 1, keys[i]);
+        int step = sqlite3_step(s);
+        seen[i] = step == SQLITE_ROW;
+        if (step != SQLITE_ROW && step != SQLITE_DONE)
+            rc = ss_fail(st, "seen filter", err, errlen);
+        sqlite3_reset(s);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+int store_seen_mark(store *st, const char *const *keys, size_t n, int64_t ts_ms,
+                    char *err, size_t errlen)
+{
+    int rc = ss_check_ids(keys, n, "seen mark", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "INSERT OR IGNORE INTO seen VALUES (?,?)", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(s, 1, keys[i]);
+        sqlite3_bind_int64(s, 2, ts_ms);
+        rc = ss_run(st, s, "seen mark", err, errlen);
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+int store_seen_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen)
+{
+    return ss_sweep(st, "DELETE FROM seen WHERE ts < ?", cutoff_ms, removed, err, errlen);
+}
+
+/* ---- receipt tracking ---- */
+
+static int ss_check_track(const store_track *t, size_t n, int full, const char *what,
+                          char *err, size_t errlen)
+{
+    int rc = ss_check_n(n, what, err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        if (!ss_str_ok(t[i].reader) || strchr(t[i].reader, '/') != NULL || !ss_str_ok(t[i].msg_id))
+            rc = px_err(err, errlen, "%s: record %zu: reader or msg_id bad", what, i);
+        else if (full && (!ss_str_ok(t[i].sender) ||
+                          (t[i].group != NULL && !ss_str_ok(t[i].group))))
+            rc = px_err(err, errlen, "%s: record %zu: sender or group bad", what, i);
+    }
+    return rc;
+}
+
+int store_track_put(store *st, const store_track *t, size_t n, char *err, size_t errlen)
+{
+    int rc = ss_check_track(t, n, 1, "track put", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "INSERT OR IGNORE INTO track VALUES (?,?,?,?,?)", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(s, 1, t[i].reader);
+        ss_text(s, 2, t[i].msg_id);
+        ss_text(s, 3, t[i].sender);
+        ss_text(s, 4, t[i].group);
+        sqlite3_bind_int64(s, 5, t[i].ts_ms);
+        rc = ss_run(st, s, "track put", err, errlen);
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+/* The keys go through a temporary table so a pair named twice is visited
+ * once, as a query on a set does in MongoDB. */
+int store_track_get(store *st, const store_track *keys, size_t n, store_track_cb cb,
+                    void *arg, char *err, size_t errlen)
+{
+    int rc = ss_check_track(keys, n, 0, "track get", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_exec(st->d.db, "DELETE FROM ss_keys", NULL, NULL, NULL);
+    sqlite3_stmt *ins = ss_prep(st, "INSERT OR IGNORE INTO ss_keys VALUES (?,?)", err, errlen);
+    rc = ins != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(ins, 1, keys[i].reader);
+        ss_text(ins, 2, keys[i].msg_id);
+        rc = ss_run(st, ins, "track get", err, errlen);
+    }
+    sqldb_done(ins);
+    sqlite3_stmt *s = rc == PX_OK ? ss_prep(st, "SELECT t.reader, t.msg_id, t.sender, t.grp,"
+                                            " t.ts FROM track t JOIN ss_keys k ON"
+                                            " k.reader = t.reader AND k.msg_id = t.msg_id",
+                                            err, errlen) : NULL;
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    int step = SQLITE_DONE;
+    while (rc == PX_OK && (step = sqlite3_step(s)) == SQLITE_ROW) {
+        store_track t = { (const char *)sqlite3_column_text(s, 0),
+                          (const char *)sqlite3_column_text(s, 1),
+                          (const char *)sqlite3_column_text(s, 2),
+                          (const char *)sqlite3_column_text(s, 3), sqlite3_column_int64(s, 4) };
+        rc = cb != NULL ? cb(arg, &t) : PX_OK;
+    }
+    if (rc == PX_OK && step != SQLITE_DONE)
+        rc = ss_fail(st, "track get", err, errlen);
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+int store_track_delete(store *st, const store_track *keys, size_t n, int64_t *removed,
+                       char *err, size_t errlen)
+{
+    int rc = ss_check_track(keys, n, 0, "track delete", err, errlen);
+    if (removed != NULL)
+        *removed = 0;
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "DELETE FROM track WHERE reader=? AND msg_id=?", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    int64_t total = 0;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(s, 1, keys[i].reader);
+        ss_text(s, 2, keys[i].msg_id);
+        rc = ss_run(st, s, "track delete", err, errlen);
+        total += sqlite3_changes(st->d.db);
+    }
+    sqldb_done(s);
+    rc = ss_end(st, rc, err, errlen);
+    if (rc == PX_OK && removed != NULL)
+        *removed = total;
+    return rc;
+}
+
+int store_track_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen)
+{
+    return ss_sweep(st, "DELETE FROM track WHERE ts < ?", cutoff_ms, removed, err, errlen);
+}
+
+/* ---- presence ---- */
+
+static int ss_gateway_ok(const char *gw)
+{
+    return ss_str_ok(gw) && strlen(gw) <= SS_MAX_GATEWAY;
+}
+
+/* Same two halves as store_mongo: counts first (a connect upserts and
+ * increments its epoch's record, a disconnect decrements only a positive
+ * count of its own epoch), then cleanups (a connect drops older epochs, a
+ * disconnect drops its record at zero). */
+int store_presence_apply(store *st, const store_presence *ops, size_t n,
+                         char *err, size_t errlen)
+{
+    int rc = ss_check_n(n, "presence apply", err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        if (!ss_str_ok(ops[i].user) || !ss_gateway_ok(ops[i].gateway) ||
+            (ops[i].delta != 1 && ops[i].delta != -1))
+            rc = px_err(err, errlen, "presence apply: op %zu: bad user, gateway or delta", i);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *up = ss_prep(st, "INSERT INTO presence VALUES (?,?,?,1) ON CONFLICT DO UPDATE"
+                               " SET count = count + 1", err, errlen);
+    sqlite3_stmt *down = ss_prep(st, "UPDATE presence SET count = count - 1 WHERE user=? AND"
+                                 " gateway=? AND epoch=? AND count > 0", err, errlen);
+    sqlite3_stmt *old = ss_prep(st, "DELETE FROM presence WHERE user=? AND gateway=? AND"
+                                " epoch<?", err, errlen);
+    sqlite3_stmt *zero = ss_prep(st, "DELETE FROM presence WHERE user=? AND gateway=? AND"
+                                 " epoch=? AND count <= 0", err, errlen);
+    rc = up && down && old && zero ? PX_OK : PX_ERROR;
+    for (int pass = 0; pass < 2; pass++) {
+        for (size_t i = 0; i < n && rc == PX_OK; i++) {
+            sqlite3_stmt *s = pass == 0 ? (ops[i].delta > 0 ? up : down)
+                                        : (ops[i].delta > 0 ? old : zero);
+            ss_text(s, 1, ops[i].user);
+            ss_text(s, 2, ops[i].gateway);
+            sqlite3_bind_int64(s, 3, ops[i].epoch);
+            rc = ss_run(st, s, "presence apply", err, errlen);
+        }
+    }
+    sqldb_done(up);
+    sqldb_done(down);
+    sqldb_done(old);
+    sqldb_done(zero);
+    return ss_end(st, rc, err, errlen);
+}
+
+/* The beat only moves a gateway's record forward: an older epoch's beat
+ * (a zombie of a restarted gateway) leaves the newer record as it is. */
+int store_gateway_beat(store *st, const char *gateway, int64_t epoch, int64_t ts_ms,
+                       int reset, char *err, size_t errlen)
+{
+    if (!ss_gateway_ok(gateway))
+        return px_err(err, errlen, "gateway beat: bad gateway id");
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "INSERT INTO gateways VALUES (?1,?2,?3) ON CONFLICT DO UPDATE"
+                              " SET epoch=excluded.epoch, ts=excluded.ts"
+                              " WHERE excluded.epoch >= epoch", err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, gateway);
+        sqlite3_bind_int64(s, 2, epoch);
+        sqlite3_bind_int64(s, 3, ts_ms);
+        rc = ss_run(st, s, "gateway beat", err, errlen);
+    }
+    sqldb_done(s);
+    s = NULL;
+    if (rc == PX_OK && reset) {
+        s = ss_prep(st, "DELETE FROM presence WHERE gateway=? AND epoch<?", err, errlen);
+        rc = s != NULL ? PX_OK : PX_ERROR;
+        if (s != NULL) {
+            ss_text(s, 1, gateway);
+            sqlite3_bind_int64(s, 2, epoch);
+            rc = ss_run(st, s, "gateway beat reset", err, errlen);
+        }
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
+                          char (*gws)[65], size_t max, size_t *n, char *err, size_t errlen)
+{
+    if (user == NULL || n == NULL || (gws == NULL && max > 0))
+        return px_err(err, errlen, "presence lookup: user, gws and n are required");
+    *n = 0;
+    if (max == 0)
+        return PX_OK;
+    pthread_mutex_lock(&st->mu);
+    /* alive_after_ms <= 0: every gateway with a record, beats unchecked. */
+    sqlite3_stmt *s = ss_prep(st, "SELECT DISTINCT p.gateway FROM presence p LEFT JOIN gateways g"
+                              " ON g.gateway = p.gateway WHERE p.user=?1 AND p.count > 0 AND"
+                              " (?2 <= 0 OR (g.ts >= ?2 AND p.epoch >= g.epoch)) LIMIT ?3",
+                              err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, user);
+        sqlite3_bind_int64(s, 2, alive_after_ms);
+        sqlite3_bind_int64(s, 3, (sqlite3_int64)max);
+        int step;
+        while ((step = sqlite3_step(s)) == SQLITE_ROW && *n < max)
+            snprintf(gws[(*n)++], 65, "%s", (const char *)sqlite3_column_text(s, 0));
+        if (step != SQLITE_ROW && step != SQLITE_DONE)
+            rc = ss_fail(st, "presence lookup", err, errlen);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+int store_presence_expire(store *st, int64_t cutoff_ms, int64_t *removed,
+                          char *err, size_t errlen)
+{
+    return ss_sweep(st, "DELETE FROM presence WHERE EXISTS (SELECT 1 FROM gateways g WHERE"
+                    " g.gateway = presence.gateway AND g.ts < ?1 AND presence.epoch <= g.epoch)",
+                    cutoff_ms, removed, err, errlen);
+}
+
+/* ---- groups: members and admins as JSON arrays of strings ---- */
+
+static char *ss_list_json(const char *const *v, size_t n)
+{
+    json_t *a = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(a, json_string(v[i]));
+    char *s = json_dumps(a, JSON_COMPACT);
+    json_decref(a);
+    return s;
+}
+
+/* Parses a JSON array of strings into v (pointers into a; ceiling max). */
+static size_t ss_list_parse(json_t *a, const char **v, size_t max)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < json_array_size(a) && n < max; i++)
+        if (json_is_string(json_array_get(a, i)))
+            v[n++] = json_string_value(json_array_get(a, i));
+    return n;
+}
+
+static int ss_group_row(sqlite3_stmt *s, store_group_cb cb, void *arg)
+{
+    static __thread const char *members[STORE_GROUP_MAX], *admins[STORE_GROUP_MAX];
+    json_t *m = json_loads((const char *)sqlite3_column_text(s, 3), 0, NULL);
+    json_t *a = json_loads((const char *)sqlite3_column_text(s, 4), 0, NULL);
+    store_group g = { .id = (const char *)sqlite3_column_text(s, 0),
+                      .name = (const char *)sqlite3_column_text(s, 1),
+                      .creator = (const char *)sqlite3_column_text(s, 2),
+                      .members = members, .nmembers = ss_list_parse(m, members, STORE_GROUP_MAX),
+                      .admins = admins, .nadmins = ss_list_parse(a, admins, STORE_GROUP_MAX),
+                      .applied = sqlite3_column_int64(s, 5),
+                      .ts_ms = sqlite3_column_int64(s, 6) };
+    int rc = cb != NULL ? cb(arg, &g) : PX_OK;
+    json_decref(m);
+    json_decref(a);
+    return rc;
+}
+
+int store_group_get(store *st, const char *const *ids, size_t n, store_group_cb cb,
+                    void *arg, char *err, size_t errlen)
+{
+    int rc = ss_check_ids(ids, n, "group get", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT id, name, creator, members, admins, applied, ts"
+                              " FROM groups WHERE id=?", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(s, 1, ids[i]);
+        int step = sqlite3_step(s);
+        if (step == SQLITE_ROW)
+            rc = ss_group_row(s, cb, arg);
+        else if (step != SQLITE_DONE)
+            rc = ss_fail(st, "group get", err, errlen);
+        sqlite3_reset(s);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+static int ss_check_group(const store_group *g, char *err, size_t errlen)
+{
+    if (!ss_str_ok(g->id) || !ss_str_ok(g->name) || !ss_str_ok(g->creator))
+        return px_err(err, errlen, "group put: id, name or creator empty or not UTF-8");
+    if (g->nmembers > STORE_GROUP_MAX || g->nadmins > g->nmembers)
+        return px_err(err, errlen, "group put: %zu members / %zu admins out of bounds",
+                      g->nmembers, g->nadmins);
+    for (size_t i = 0; i < g->nmembers; i++)
+        if (!ss_str_ok(g->members[i]))
+            return px_err(err, errlen, "group put: member %zu empty or not UTF-8", i);
+    for (size_t i = 0; i < g->nadmins; i++)
+        if (!ss_str_ok(g->admins[i]))
+            return px_err(err, errlen, "group put: admin %zu empty or not UTF-8", i);
+    return PX_OK;
+}
+
+int store_group_put(store *st, const store_group *g, size_t n, char *err, size_t errlen)
+{
+    int rc = ss_check_n(n, "group put", err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        rc = ss_check_group(&g[i], err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "INSERT OR REPLACE INTO groups VALUES (?,?,?,?,?,?,?)", err,
+                              errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        char *m = ss_list_json(g[i].members, g[i].nmembers);
+        char *a = ss_list_json(g[i].admins, g[i].nadmins);
+        ss_text(s, 1, g[i].id);
+        ss_text(s, 2, g[i].name);
+        ss_text(s, 3, g[i].creator);
+        ss_text(s, 4, m);
+        ss_text(s, 5, a);
+        sqlite3_bind_int64(s, 6, g[i].applied);
+        sqlite3_bind_int64(s, 7, g[i].ts_ms);
+        rc = ss_run(st, s, "group put", err, errlen);
+        free(m);
+        free(a);
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+/* ---- media: chunks under an upload id, one record per sha256, grants ---- */
+
+static int ss_media_id_ok(const char *id)
+{
+    size_t n = id != NULL ? strlen(id) : 0;
+    return n >= 1 && n <= STORE_MEDIA_ID_MAX &&
+           strspn(id, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") == n;
+}
+
+int store_chunk_put(store *st, const char *upload, int64_t n, const void *data, size_t len,
+                    int64_t ts_ms, char *err, size_t errlen)
+{
+    if (!ss_media_id_ok(upload) || n < 0 || len > STORE_MEDIA_CHUNK || (data == NULL && len > 0))
+        return px_err(err, errlen, "chunk put: bad upload id, chunk number or length %zu", len);
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "INSERT OR IGNORE INTO chunks VALUES (?,?,?,?)", err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, upload);
+        sqlite3_bind_int64(s, 2, n);
+        sqlite3_bind_blob(s, 3, data, (int)len, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 4, ts_ms);
+        rc = ss_run(st, s, "chunk put", err, errlen);
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+/* A reader asks for one chunk per call (a primary-key lookup on a cached
+ * statement): holding a statement open across calls would pin a read
+ * transaction and the connection's lock for a whole download. */
+struct store_chunk_reader {
+    store *st;
+    char upload[STORE_MEDIA_ID_MAX + 1];
+    int64_t next;
+};
+
+store_chunk_reader *store_chunk_open(store *st, const char *upload, int64_t from_n,
+                                     char *err, size_t errlen)
+{
+    if (!ss_media_id_ok(upload) || from_n < 0) {
+        px_err(err, errlen, "chunk open: bad upload id or chunk number");
+        return NULL;
+    }
+    store_chunk_reader *rd = px_calloc(1, sizeof(*rd));
+    rd->st = st;
+    snprintf(rd->upload, sizeof(rd->upload), "%s", upload);
+    rd->next = from_n;
+    return rd;
+}
+
+int store_chunk_next(store_chunk_reader *rd, int64_t *n, void *buf, size_t cap, size_t *len,
+                     char *err, size_t errlen)
+{
+    store *st = rd->st;
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT n, data FROM chunks WHERE upload=? AND n>=?"
+                              " ORDER BY n LIMIT 1", err, errlen);
+    int rc = s != NULL ? PX_DECLINED : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, rd->upload);
+        sqlite3_bind_int64(s, 2, rd->next);
+        int step = sqlite3_step(s);
+        size_t got = step == SQLITE_ROW ? (size_t)sqlite3_column_bytes(s, 1) : 0;
+        if (step == SQLITE_ROW && got > cap) {
+            rc = px_err(err, errlen, "chunk next: chunk of %zu bytes exceeds %zu", got, cap);
+        } else if (step == SQLITE_ROW) {
+            *n = sqlite3_column_int64(s, 0);
+            if (got > 0)
+                memcpy(buf, sqlite3_column_blob(s, 1), got);
+            *len = got;
+            rd->next = *n + 1;
+            rc = PX_OK;
+        } else if (step != SQLITE_DONE) {
+            rc = ss_fail(st, "chunk next", err, errlen);
+        }
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+void store_chunk_close(store_chunk_reader *rd)
+{
+    free(rd);
+}
+
+int store_chunk_drop(store *st, const char *upload, int64_t *removed, char *err, size_t errlen)
+{
+    if (!ss_media_id_ok(upload))
+        return px_err(err, errlen, "chunk drop: bad upload id");
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "DELETE FROM chunks WHERE upload=?", err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, upload);
+        rc = ss_run(st, s, "chunk drop", err, errlen);
+    }
+    if (rc == PX_OK && removed != NULL)
+        *removed = sqlite3_changes(st->d.db);
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+/* One int64 from a query with up to one text parameter (NULL: unbound). */
+static int ss_scalar(store *st, const char *sql, const char *arg, int64_t *out, char *err,
+                     size_t errlen)
+{
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, sql, err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        if (arg != NULL)
+            ss_text(s, 1, arg);
+        if (sqlite3_step(s) == SQLITE_ROW)
+            *out = sqlite3_column_int64(s, 0);
+        else
+            rc = ss_fail(st, "count", err, errlen);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+int store_chunk_count(store *st, const char *upload, int64_t *count, char *err, size_t errlen)
+{
+    if (upload == NULL)
+        return ss_scalar(st, "SELECT COUNT(*) FROM chunks", NULL, count, err, errlen);
+    return ss_scalar(st, "SELECT COUNT(*) FROM chunks WHERE upload=?", upload, count, err,
+                     errlen);
+}
+
+#define SS_MEDIA_COLS "id, sha256, content_type, upload, size, ts"
+
+static void ss_row_media(sqlite3_stmt *s, store_media *m)
+{
+    memset(m, 0, sizeof(*m));
+    snprintf(m->id, sizeof(m->id), "%s", (const char *)sqlite3_column_text(s, 0));
+    snprintf(m->sha256, sizeof(m->sha256), "%s", (const char *)sqlite3_column_text(s, 1));
+    snprintf(m->content_type, sizeof(m->content_type), "%s",
+             sqlite3_column_text(s, 2) ? (const char *)sqlite3_column_text(s, 2) : "");
+    snprintf(m->upload, sizeof(m->upload), "%s", (const char *)sqlite3_column_text(s, 3));
+    m->size = sqlite3_column_int64(s, 4);
+    m->ts_ms = sqlite3_column_int64(s, 5);
+}
+
+/* In a transaction: the record with sha256 into *m; PX_DECLINED if none. */
+static int ss_media_by_sha(store *st, const char *sha256, store_media *m, char *err,
+                           size_t errlen)
+{
+    sqlite3_stmt *s = ss_prep(st, "SELECT " SS_MEDIA_COLS " FROM media WHERE sha256=?", err,
+                              errlen);
+    if (s == NULL)
+        return PX_ERROR;
+    ss_text(s, 1, sha256);
+    int step = sqlite3_step(s), rc = PX_DECLINED;
+    if (step == SQLITE_ROW) {
+        ss_row_media(s, m);
+        rc = PX_OK;
+    } else if (step != SQLITE_DONE) {
+        rc = ss_fail(st, "media", err, errlen);
+    }
+    sqldb_done(s);
+    return rc;
+}
+
+/* In a transaction: grants users access to id and moves its ts up. */
+static int ss_media_touch(store *st, const char *id, const char *const *users, size_t n,
+                          int64_t ts_ms, char *err, size_t errlen)
+{
+    sqlite3_stmt *g = ss_prep(st, "INSERT OR IGNORE INTO grants VALUES (?,?)", err, errlen);
+    int rc = g != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(g, 1, id);
+        ss_text(g, 2, users[i]);
+        rc = ss_run(st, g, "media grant", err, errlen);
+    }
+    sqldb_done(g);
+    sqlite3_stmt *t = rc == PX_OK ? ss_prep(st, "UPDATE media SET ts = MAX(ts, ?) WHERE id=?",
+                                            err, errlen) : NULL;
+    if (t != NULL) {
+        sqlite3_bind_int64(t, 1, ts_ms);
+        ss_text(t, 2, id);
+        rc = ss_run(st, t, "media touch", err, errlen);
+    } else {
+        rc = PX_ERROR;
+    }
+    sqldb_done(t);
+    return rc;
+}
+
+int store_media_commit(store *st, store_media *m, const char *uploader, int *created,
+                       char *err, size_t errlen)
+{
+    if (!ss_media_id_ok(m->id) || !ss_media_id_ok(m->upload) || strlen(m->sha256) != 64 ||
+        !ss_str_ok(uploader) || m->size < 0)
+        return px_err(err, errlen, "media commit: bad id, upload, sha256, size or uploader");
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    int64_t ts = m->ts_ms;
+    int rc = ss_media_by_sha(st, m->sha256, m, err, errlen);
+    *created = rc == PX_DECLINED;
+    if (rc == PX_DECLINED) {
+        sqlite3_stmt *s = ss_prep(st, "INSERT INTO media VALUES (?,?,?,?,?,?)", err, errlen);
+        rc = s != NULL ? PX_OK : PX_ERROR;
+        if (s != NULL) {
+            ss_text(s, 1, m->id);
+            ss_text(s, 2, m->sha256);
+            ss_text(s, 3, m->content_type);
+            ss_text(s, 4, m->upload);
+            sqlite3_bind_int64(s, 5, m->size);
+            sqlite3_bind_int64(s, 6, m->ts_ms);
+            rc = ss_run(st, s, "media commit", err, errlen);
+        }
+        sqldb_done(s);
+    }
+    if (rc == PX_OK)
+        rc = ss_media_touch(st, m->id, &uploader, 1, ts, err, errlen);
+    m->ts_ms = PX_MAX(m->ts_ms, ts);
+    return ss_end(st, rc, err, errlen);
+}
+
+int store_media_get(store *st, const char *id, store_media *m, char *err, size_t errlen)
+{
+    if (!ss_media_id_ok(id))
+        return px_err(err, errlen, "media get: bad id");
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT " SS_MEDIA_COLS " FROM media WHERE id=?", err, errlen);
+    int rc = s != NULL ? PX_DECLINED : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, id);
+        int step = sqlite3_step(s);
+        if (step == SQLITE_ROW) {
+            ss_row_media(s, m);
+            rc = PX_OK;
+        } else if (step != SQLITE_DONE) {
+            rc = ss_fail(st, "media get", err, errlen);
+        }
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+int store_media_access(store *st, const char *id, const char *user, char *err, size_t errlen)
+{
+    if (!ss_media_id_ok(id) || !ss_str_ok(user))
+        return px_err(err, errlen, "media access: bad id or user");
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT 1 FROM grants g JOIN media m ON m.id = g.id"
+                              " WHERE g.id = ? AND g.user = ?", err, errlen);
+    int rc = s != NULL ? PX_DECLINED : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, id);
+        ss_text(s, 2, user);
+        int step = sqlite3_step(s);
+        if (step == SQLITE_ROW)
+            rc = PX_OK;
+        else if (step != SQLITE_DONE)
+            rc = ss_fail(st, "media access", err, errlen);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+int store_media_grant(store *st, const char *id, const char *const *users, size_t n,
+                      int64_t ts_ms, char *err, size_t errlen)
+{
+    int rc = ss_media_id_ok(id) ? ss_check_ids(users, n, "media grant", err, errlen)
+                                : px_err(err, errlen, "media grant: bad id");
+    if (rc != PX_OK)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "SELECT 1 FROM media WHERE id=?", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, id);
+        rc = sqlite3_step(s) == SQLITE_ROW ? PX_OK : PX_DECLINED;
+    }
+    sqldb_done(s);
+    if (rc == PX_OK)
+        rc = ss_media_touch(st, id, users, n, ts_ms, err, errlen);
+    if (rc == PX_DECLINED) {
+        ss_end(st, PX_ERROR, NULL, 0); /* nothing written: roll back */
+        return PX_DECLINED;
+    }
+    return ss_end(st, rc, err, errlen);
+}
+
+/* One transaction: old media (chunks, grants, record), then the chunks of
+ * uploads no media names that began before the orphan cutoff (collected in
+ * ss_ids first, to count uploads rather than chunks). */
+int store_media_sweep(store *st, int64_t cutoff_ms, int64_t orphan_cutoff_ms, int64_t *media,
+                      int64_t *orphans, char *err, size_t errlen)
+{
+    int64_t nm = 0, no = 0;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_exec(st->d.db, "DELETE FROM ss_ids", NULL, NULL, NULL);
+    int rc = ss_sweep_step(st, "DELETE FROM chunks WHERE upload IN (SELECT upload FROM media"
+                           " WHERE ts < ?1)", cutoff_ms, NULL, err, errlen);
+    if (rc == PX_OK)
+        rc = ss_sweep_step(st, "DELETE FROM grants WHERE id IN (SELECT id FROM media"
+                           " WHERE ts < ?1)", cutoff_ms, NULL, err, errlen);
+    if (rc == PX_OK)
+        rc = ss_sweep_step(st, "DELETE FROM media WHERE ts < ?1", cutoff_ms, &nm, err, errlen);
+    if (rc == PX_OK)
+        rc = ss_sweep_step(st, "INSERT INTO ss_ids SELECT upload FROM chunks WHERE upload NOT IN"
+                           " (SELECT upload FROM media) GROUP BY upload HAVING MIN(ts) < ?1",
+                           orphan_cutoff_ms, &no, err, errlen);
+    if (rc == PX_OK)
+        rc = ss_sweep_step(st, "DELETE FROM chunks WHERE upload IN (SELECT id FROM ss_ids)", 0,
+                           NULL, err, errlen); /* no parameter: the bind is a no-op */
+    rc = ss_end(st, rc, err, errlen);
+    if (media != NULL)
+        *media = rc == PX_OK ? nm : 0;
+    if (orphans != NULL)
+        *orphans = rc == PX_OK ? no : 0;
+    return rc;
+}

@@ -1,0 +1,191 @@
+/* bus_sqlite (parleyd's in-process bus) on a real SQLite file: delivery
+ * reports only for durable records, per-key order, redelivery of what was
+ * not committed after a restart (and none of what was), one member per
+ * group, the consume eventfd and bus_wakeup. Each test has its own data
+ * folder. */
+#include "bus.h"
+#include "common.h"
+
+#include <check.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static char test_dir[64];
+
+static void fresh_dir(void)
+{
+    snprintf(test_dir, sizeof(test_dir), "/tmp/parley-bus-test.XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(test_dir));
+    setenv("PARLEY_DATA_DIR", test_dir, 1);
+}
+
+static void remove_dir(void)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", test_dir);
+    ck_assert_int_eq(system(cmd), 0);
+}
+
+typedef struct reports {
+    int ok, failed;
+    int64_t next_off[4];   /* the least offset the next report may carry */
+} reports;
+
+static void on_dr(void *opaque, int status, const char *err, int32_t partition, int64_t offset)
+{
+    reports *r = opaque;
+    if (status != PX_OK) {
+        r->failed++;
+        return;
+    }
+    ck_assert_int_ge(offset, r->next_off[partition]); /* offsets grow per partition */
+    r->next_off[partition] = offset + 1;
+    r->ok++;
+}
+
+static bus *open_bus(const char *group)
+{
+    char err[PX_ERRLEN] = "";
+    bus_conf c = { .client_id = "t", .group = group, .partitions = 4, .dr_cb = on_dr };
+    bus *b = bus_new(&c, err, sizeof(err));
+    ck_assert_msg(b != NULL, "bus_new: %s", err);
+    return b;
+}
+
+static void produce_n(bus *b, reports *r, const char *topic, int n)
+{
+    char err[PX_ERRLEN] = "", key[16], val[32];
+    for (int i = 0; i < n; i++) {
+        snprintf(key, sizeof(key), "u%d", i % 5);
+        snprintf(val, sizeof(val), "%d", i);
+        ck_assert_int_eq(bus_produce(b, topic, key, strlen(key), val, strlen(val), r, err,
+                                     sizeof(err)), PX_OK);
+    }
+    ck_assert_int_eq(bus_flush(b, 10000), PX_OK);
+}
+
+/* Reads up to want records (or until 2 s of silence); checks that the
+ * values of each key arrive in increasing order; commits the first
+ * commit_n. Returns the count. */
+static int consume_all(bus *b, int want, int commit_n)
+{
+    static bus_msg m[64];
+    char err[PX_ERRLEN] = "";
+    int got = 0, last[5] = { -1, -1, -1, -1, -1 };
+    while (got < want) {
+        int n = bus_consume(b, m, 64, 2000, err, sizeof(err));
+        ck_assert_msg(n >= 0, "consume: %s", err);
+        if (n == 0)
+            break;
+        for (int i = 0; i < n; i++) {
+            int k = atoi((const char *)m[i].key + 1), v = atoi((const char *)m[i].value);
+            ck_assert_int_gt(v, last[k]);
+            last[k] = v;
+            if (got + i < commit_n)
+                ck_assert_int_eq(bus_commit(b, &m[i], 1), PX_OK);
+        }
+        got += n;
+        bus_release(b, m, (size_t)n);
+    }
+    return got;
+}
+
+START_TEST(reports_order_and_redelivery_after_restart)
+{
+    const char *topics[] = { "t.inbox" };
+    char err[PX_ERRLEN] = "";
+    static reports r;
+    fresh_dir();
+    bus *p = open_bus(NULL);
+    ck_assert_int_eq(bus_ensure_topics(p, topics, 1, 1000, err, sizeof(err)), PX_OK);
+    produce_n(p, &r, "t.inbox", 500);
+    ck_assert_int_eq(r.ok, 500);
+    ck_assert_int_eq(r.failed, 0);
+    bus *c = open_bus("g1");
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(consume_all(c, 500, 200), 500);
+    bus_destroy(c);
+    bus_destroy(p); /* the last bus: the hub and its file close */
+
+    /* A new "process": what was committed stays consumed, the rest comes
+     * again; offsets continue where they were. */
+    memset(&r, 0, sizeof(r));
+    p = open_bus(NULL);
+    c = open_bus("g1");
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(consume_all(c, 1000, 0), 300);
+    produce_n(p, &r, "t.inbox", 10);
+    /* 10 new records: offsets from 0 again would sum to at most 10. */
+    ck_assert_int_gt(r.next_off[0] + r.next_off[1] + r.next_off[2] + r.next_off[3], 10);
+    bus_destroy(c);
+    bus_destroy(p);
+    remove_dir();
+}
+END_TEST
+
+START_TEST(second_member_of_a_group_is_refused)
+{
+    char err[PX_ERRLEN] = "";
+    fresh_dir();
+    bus *a = open_bus("solo");
+    bus_conf c = { .client_id = "t", .group = "solo", .partitions = 4 };
+    ck_assert_ptr_null(bus_new(&c, err, sizeof(err)));
+    ck_assert_ptr_nonnull(strstr(err, "already has a member"));
+    bus_destroy(a);
+    remove_dir();
+}
+END_TEST
+
+static void *wake_later(void *arg)
+{
+    usleep(200 * 1000);
+    bus_wakeup(arg);
+    return NULL;
+}
+
+START_TEST(consume_fd_and_wakeup)
+{
+    const char *topics[] = { "t.fd" };
+    char err[PX_ERRLEN] = "";
+    static reports r;
+    static bus_msg m[8];
+    fresh_dir();
+    bus *c = open_bus("gfd");
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    pthread_t th;
+    pthread_create(&th, NULL, wake_later, c);
+    int64_t t0 = px_mono_ms();
+    ck_assert_int_eq(bus_consume(c, m, 8, 10000, err, sizeof(err)), 0);
+    ck_assert_int_lt(px_mono_ms() - t0, 5000);
+    pthread_join(th, NULL);
+
+    bus *p = open_bus(NULL);
+    produce_n(p, &r, "t.fd", 3);
+    struct pollfd pfd = { .fd = bus_consume_fd(c), .events = POLLIN };
+    ck_assert_int_eq(poll(&pfd, 1, 5000), 1);
+    ck_assert_int_eq(consume_all(c, 3, 3), 3);
+    bus_destroy(p);
+    bus_destroy(c);
+    remove_dir();
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("bus_sqlite");
+    TCase *tc = tcase_create("bus");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, reports_order_and_redelivery_after_restart);
+    tcase_add_test(tc, second_member_of_a_group_is_refused);
+    tcase_add_test(tc, consume_fd_and_wakeup);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
