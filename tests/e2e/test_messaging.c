@@ -194,12 +194,21 @@ START_TEST(big_backlog_is_synced_in_pages)
         ck_assert_int_eq(atoi(strrchr(text, ':') + 1), i);
     }
     json_decref(got);
-    /* Still open and live after the sync. */
+    /* Still open and live after the sync. Backlog messages message-store
+     * stored only after bob connected were also pushed live and may come
+     * again after `synced` (the client dedupes by id); nothing else may. */
     char mid[64];
     e2e_send(a, "after", bob, "live", mid);
-    json_t *live = e2e_wait_type(b, "message");
-    ck_assert_str_eq(e2e_str(live, "id"), mid);
-    json_decref(live);
+    for (;;) {
+        json_t *live = e2e_wait_type(b, "message");
+        int done = strcmp(e2e_str(live, "id"), mid) == 0;
+        if (!done)
+            ck_assert_msg(e2e_str(live, "body")[0] == 'x', "unexpected message %s",
+                          e2e_str(live, "body"));
+        json_decref(live);
+        if (done)
+            break;
+    }
     free(body);
     client_close(a, 1000);
     client_close(b, 1000);
