@@ -301,8 +301,9 @@ END_TEST
 static void filter_is(const char *const *keys, size_t n, const int *want)
 {
     char err[PX_ERRLEN] = "";
-    int seen[8];
+    int seen[64];
 
+    ck_assert_uint_le(n, 64);
     memset(seen, 0xff, sizeof(seen));
     ck_assert_msg(store_seen_filter(st, keys, n, seen, err, sizeof(err)) == PX_OK, "%s", err);
     for (size_t i = 0; i < n; i++)
@@ -328,6 +329,21 @@ START_TEST(seen_filter_mark_sweep)
     ck_assert_int_eq(store_seen_sweep(st, 2000, &removed, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(removed, 2);
     filter_is(k5, 5, (int[]){ 0, 0, 1, 0, 0 });
+
+    /* A batch too large for point lookups (the Mongo store's $in path). */
+    enum { BIG = 48 };
+    static char names[BIG][16];
+    const char *big[BIG], *even[BIG / 2];
+    int want[BIG];
+    for (int i = 0; i < BIG; i++) {
+        snprintf(names[i], sizeof(names[i]), "carol/b%d", i);
+        big[i] = names[i];
+        want[i] = i % 2 == 0;
+        if (i % 2 == 0)
+            even[i / 2] = names[i];
+    }
+    ck_assert_int_eq(store_seen_mark(st, even, BIG / 2, 9000, err, sizeof(err)), PX_OK);
+    filter_is(big, BIG, want);
 }
 END_TEST
 
