@@ -19,8 +19,14 @@ int sqldb_open(sqldb *d, char *err, size_t errlen)
     char *msg = NULL;
     if (rc == SQLITE_OK) {
         sqlite3_busy_timeout(d->db, 10000);
+        /* Under the process's write lock: switching a new file to WAL while
+         * another connection of this process does the same answered
+         * "database is locked" at once (the busy handler is not asked),
+         * which stopped parleyd on about one fresh start in three. */
+        pthread_mutex_lock(&sqldb_write_mu);
         rc = sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;", NULL,
                           NULL, &msg);
+        pthread_mutex_unlock(&sqldb_write_mu);
     }
     if (rc == SQLITE_OK)
         return PX_OK;

@@ -22,7 +22,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define HTTP_MEMORY_LIMIT (8 * 1024)  /* per connection; holds the handshake */
+/* Per connection, and kept by MHD for the life of an upgraded socket. It
+ * holds the request line and headers of the handshake (a browser's fit in
+ * 4 KiB; media bodies stream through it in pieces). Measured on parleyd,
+ * 6,000 idle upgraded connections: 20.0 KiB each at 8 KiB, 16.0 at 4 KiB,
+ * 14.0 at 2 KiB (too tight for browsers carrying cookies). */
+#define HTTP_MEMORY_LIMIT (4 * 1024)
 #define HTTP_BODY_MAX 1024            /* small JSON bodies (dev token) */
 #define HTTP_TOKEN_TTL_S 86400
 /* MHD threads: media transfers make blocking store calls on them (one
