@@ -81,6 +81,17 @@ int bus_consume_fd(bus *b);
  * shutdown). Thread-safe. */
 void bus_wakeup(bus *b);
 
+/* ---- bus_util.c: on top of the calls above, for either implementation ---- */
+
+/* bus_produce that rides out a full local queue for up to wait_ms by
+ * serving delivery reports (which make room); PX_ERROR after that. */
+int bus_produce_wait(bus *b, const char *topic, const char *key, size_t key_len,
+                     const void *value, size_t len, void *opaque, int wait_ms, char *err,
+                     size_t errlen);
+
+/* 1 if m's key is exactly the string s. */
+int bus_key_is(const bus_msg *m, const char *s);
+
 /* Leaves the group (committing what bus_commit marked), flushes the producer
  * for up to 5 s, frees everything. */
 void bus_destroy(bus *b);

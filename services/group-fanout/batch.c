@@ -36,26 +36,11 @@ void batch_on_delivery(void *opaque, int status, const char *err, int32_t partit
 int batch_produce(fanout *f, const char *topic, const char *key, size_t key_len,
                   const void *value, size_t len, char *err, size_t errlen)
 {
-    int64_t deadline = px_mono_ms() + BATCH_QUEUE_WAIT_MS;
-    int rc;
-    for (;;) {
-        rc = bus_produce(f->b, topic, key, key_len, value, len, f, err, errlen);
-        if (rc != PX_AGAIN || px_mono_ms() >= deadline)
-            break;
-        bus_poll(f->b, 10);
-    }
-    if (rc == PX_AGAIN)
-        rc = px_err(err, errlen, "producer queue to %s full for %d ms", topic, BATCH_QUEUE_WAIT_MS);
-    return rc;
+    return bus_produce_wait(f->b, topic, key, key_len, value, len, f, BATCH_QUEUE_WAIT_MS, err,
+                            errlen);
 }
 
 /* ---- decoding ---- */
-
-static int batch_key_is(const bus_msg *m, const char *s)
-{
-    size_t n = strlen(s);
-    return m->key != NULL && m->key_len == n && memcmp(m->key, s, n) == 0;
-}
 
 static void batch_dead(fanout_rec *r, const char *why)
 {
@@ -97,7 +82,7 @@ static void batch_validate(fanout_rec *r)
         batch_dead(r, "unknown type");
     else if (!id_valid_user(x->group))
         batch_dead(r, "bad group id");
-    else if (!batch_key_is(r->m, x->group))
+    else if (!bus_key_is(r->m, x->group))
         batch_dead(r, "key is not the group"); /* order per group needs one partition */
     else if (!id_valid_user(x->user) || !id_valid_user(x->gateway))
         batch_dead(r, "bad user or gateway");

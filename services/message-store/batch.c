@@ -70,26 +70,11 @@ void batch_on_delivery(void *opaque, int status, const char *err, int32_t partit
 int batch_produce(msgstore *ms, const char *topic, const char *key, size_t key_len,
                   const void *value, size_t len, void *opaque, char *err, size_t errlen)
 {
-    int64_t deadline = px_mono_ms() + BATCH_QUEUE_WAIT_MS;
-    int rc;
-    for (;;) {
-        rc = bus_produce(ms->b, topic, key, key_len, value, len, opaque, err, errlen);
-        if (rc != PX_AGAIN || px_mono_ms() >= deadline)
-            break;
-        bus_poll(ms->b, 10);
-    }
-    if (rc == PX_AGAIN)
-        rc = px_err(err, errlen, "producer queue to %s full for %d ms", topic, BATCH_QUEUE_WAIT_MS);
-    return rc;
+    return bus_produce_wait(ms->b, topic, key, key_len, value, len, opaque, BATCH_QUEUE_WAIT_MS, err,
+                            errlen);
 }
 
 /* ---- decoding ---- */
-
-static int batch_key_is(const bus_msg *m, const char *s)
-{
-    size_t n = strlen(s);
-    return m->key != NULL && m->key_len == n && memcmp(m->key, s, n) == 0;
-}
 
 static void batch_dead(msgstore_rec *r, const char *fmt, const char *what)
 {
@@ -118,7 +103,7 @@ static void batch_decode_inbox(msgstore_rec *r)
         batch_dead(r, "%s: unknown version", "InboxRecord");
     else if (!id_valid_user(x->user))
         batch_dead(r, "%s: bad user", "InboxRecord");
-    else if (!batch_key_is(m, x->user))
+    else if (!bus_key_is(m, x->user))
         batch_dead(r, "%s: key is not the user", "InboxRecord");
     else if (x->id[0] == '\0' || strlen(x->id) > BATCH_EVENT_ID_MAX ||
              !batch_text_ok(x->id, strlen(x->id)))
@@ -146,7 +131,7 @@ static void batch_decode_ack(msgstore_rec *r)
         batch_dead(r, "%s: unknown version", "AckRecord");
     else if (!id_valid_user(x->user))
         batch_dead(r, "%s: bad user", "AckRecord");
-    else if (!batch_key_is(m, x->user))
+    else if (!bus_key_is(m, x->user))
         batch_dead(r, "%s: key is not the user", "AckRecord");
 }
 
@@ -170,7 +155,7 @@ static void batch_decode_sync(msgstore_rec *r)
         batch_dead(r, "%s: unknown version", "SyncRequest");
     else if (!id_valid_user(x->user))
         batch_dead(r, "%s: bad user", "SyncRequest");
-    else if (!batch_key_is(m, x->user))
+    else if (!bus_key_is(m, x->user))
         batch_dead(r, "%s: key is not the user", "SyncRequest");
     else if (!batch_valid_gateway(x->gateway))
         batch_dead(r, "%s: bad gateway id", "SyncRequest");

@@ -61,12 +61,6 @@ void batch_on_delivery(void *opaque, int status, const char *err, int32_t partit
 
 /* ---- decoding ---- */
 
-static int batch_key_is(const bus_msg *m, const char *s)
-{
-    size_t n = strlen(s);
-    return m->key != NULL && m->key_len == n && memcmp(m->key, s, n) == 0;
-}
-
 static void batch_dead(batch_rec *r, const char *why)
 {
     r->kind = REC_DEAD;
@@ -83,7 +77,7 @@ static void batch_classify(batch_rec *r)
          * the key puts them in one partition. */
         if (!id_valid_user(x->user)) {
             batch_dead(r, "bad user");
-        } else if (!batch_key_is(r->m, x->user)) {
+        } else if (!bus_key_is(r->m, x->user)) {
             batch_dead(r, "key is not the user");
         } else {
             r->kind = REC_OP;
@@ -135,20 +129,10 @@ static void batch_decode(presence *p, const bus_msg *m, batch_rec *r)
 static int batch_send_dead(presence *p, size_t idx, const batch_rec *r, char *err, size_t errlen)
 {
     const bus_msg *m = r->m;
-    int64_t deadline = px_mono_ms() + BATCH_QUEUE_WAIT_MS;
-    int rc;
     if (idx < p->first_durable)
         p->first_durable = idx;
-    for (;;) {
-        rc = bus_produce(p->b, p->topic_dead, m->key, m->key_len, m->value, m->len,
-                         &p->tags[idx], err, errlen);
-        if (rc != PX_AGAIN || px_mono_ms() >= deadline)
-            break;
-        bus_poll(p->b, 10);
-    }
-    if (rc == PX_AGAIN)
-        rc = px_err(err, errlen, "producer queue full");
-    return rc;
+    return bus_produce_wait(p->b, p->topic_dead, m->key, m->key_len, m->value, m->len,
+                            &p->tags[idx], BATCH_QUEUE_WAIT_MS, err, errlen);
 }
 
 static int batch_apply_ops(presence *p, const batch_rec *recs, size_t n, char *err, size_t errlen)

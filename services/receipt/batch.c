@@ -35,26 +35,11 @@ void batch_on_delivery(void *opaque, int status, const char *err, int32_t partit
 int batch_produce(receipt *rs, const char *topic, const char *key, size_t key_len,
                   const void *value, size_t len, char *err, size_t errlen)
 {
-    int64_t deadline = px_mono_ms() + BATCH_QUEUE_WAIT_MS;
-    int rc;
-    for (;;) {
-        rc = bus_produce(rs->b, topic, key, key_len, value, len, rs, err, errlen);
-        if (rc != PX_AGAIN || px_mono_ms() >= deadline)
-            break;
-        bus_poll(rs->b, 10);
-    }
-    if (rc == PX_AGAIN)
-        rc = px_err(err, errlen, "producer queue to %s full for %d ms", topic, BATCH_QUEUE_WAIT_MS);
-    return rc;
+    return bus_produce_wait(rs->b, topic, key, key_len, value, len, rs, BATCH_QUEUE_WAIT_MS, err,
+                            errlen);
 }
 
 /* ---- decoding ---- */
-
-static int batch_key_is(const bus_msg *m, const char *s)
-{
-    size_t n = strlen(s);
-    return m->key != NULL && m->key_len == n && memcmp(m->key, s, n) == 0;
-}
 
 static void batch_dead(receipt_rec *r, const char *why)
 {
@@ -81,7 +66,7 @@ static void batch_validate(receipt_rec *r)
         batch_dead(r, "unknown version");
     else if (!id_valid_user(f->reader))
         batch_dead(r, "bad reader");
-    else if (!batch_key_is(r->m, f->reader))
+    else if (!bus_key_is(r->m, f->reader))
         batch_dead(r, "key is not the reader"); /* tracking lives with the reader's partition */
     else if (!batch_id_ok(f->msg_id, 0))
         batch_dead(r, "bad msg_id");
