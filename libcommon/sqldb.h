@@ -13,10 +13,12 @@ typedef struct sqldb {
     sqlite3 *db;
     struct { const char *sql; sqlite3_stmt *s; } stmts[SQLDB_MAX_STMTS];
     size_t nstmts;
+    int ckpt_ref;      /* holds a reference on the process checkpointer */
 } sqldb;
 
 /* Opens (creating) the file in WAL mode with synchronous=NORMAL and a busy
- * timeout. PX_OK, or PX_ERROR with err. */
+ * timeout; its commits leave checkpoints to the process checkpointer.
+ * PX_OK, or PX_ERROR with err. */
 int sqldb_open(sqldb *d, char *err, size_t errlen);
 
 /* Finalizes the cached statements and closes the connection. */
@@ -36,6 +38,12 @@ sqlite3_stmt *sqldb_stmt(sqldb *d, const char *sql, char *err, size_t errlen);
  * (else ROLLBACK), unlock; returns rc, or PX_ERROR if the commit failed. */
 int sqldb_begin(sqldb *d, char *err, size_t errlen);
 int sqldb_end(sqldb *d, int rc, char *err, size_t errlen);
+
+/* A read transaction that writes at most this connection's TEMP tables (a
+ * key set to join against): no process write lock and, in WAL, no wait
+ * behind writers. Same contract as sqldb_begin/sqldb_end otherwise. */
+int sqldb_begin_read(sqldb *d, char *err, size_t errlen);
+int sqldb_end_read(sqldb *d, int rc, char *err, size_t errlen);
 
 /* Resets s and clears its bindings for the next user (NULL is ignored). */
 void sqldb_done(sqlite3_stmt *s);
