@@ -148,8 +148,8 @@ $(OUT)/tests/integration/test_store_sqlite: $(OUT)/tests/integration/test_store_
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
-$(OUT)/tests/integration/test_bus_sqlite: $(OUT)/tests/integration/test_bus_sqlite.o \
-        $(LIB_EMBED) $(OUT)/libcommon.a
+$(OUT)/tests/integration/test_bus_sqlite $(OUT)/tests/integration/test_wal_sqlite: \
+        $(OUT)/tests/integration/%: $(OUT)/tests/integration/%.o $(LIB_EMBED) $(OUT)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
