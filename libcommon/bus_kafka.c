@@ -13,6 +13,7 @@
  * (bus_consume_drain / bus_consume_signal). */
 #include "bus.h"
 #include "common.h"
+#include "config.h"
 #include "log.h"
 
 #include <errno.h>
@@ -46,6 +47,29 @@ static int bus_set_all(rd_kafka_conf_t *conf, const char *const kv[][2], size_t 
     for (size_t i = 0; i < n; i++)
         if (bus_set(conf, kv[i][0], kv[i][1], err, errlen) != PX_OK)
             return PX_ERROR;
+    return PX_OK;
+}
+
+/* Operator overrides, applied after Parley's own settings: env names a
+ * comma-separated list of librdkafka key=value pairs (e.g.
+ * PARLEY_KAFKA_PRODUCER_CONFIG="linger.ms=5,compression.codec=lz4"), so a
+ * deployment tunes the client without a rebuild. A bad pair fails start. */
+static int bus_set_env(rd_kafka_conf_t *conf, const char *env, char *err, size_t errlen)
+{
+    const char *list = config_str(env, "");
+    if (strlen(list) >= 1024)
+        return px_err(err, errlen, "%s: longer than 1023 bytes", env);
+    char buf[1024];
+    snprintf(buf, sizeof(buf), "%s", list);
+    char *save = NULL;
+    for (char *kv = strtok_r(buf, ",", &save); kv != NULL; kv = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(kv, '=');
+        if (eq == NULL || eq == kv)
+            return px_err(err, errlen, "%s: \"%s\" is not key=value", env, kv);
+        *eq = '\0';
+        if (bus_set(conf, kv, eq + 1, err, errlen) != PX_OK)
+            return PX_ERROR;
+    }
     return PX_OK;
 }
 
@@ -144,7 +168,8 @@ static int bus_new_producer(bus *b, const bus_conf *c, char *err, size_t errlen)
         { "partitioner", "murmur2_random" },
         { "message.timeout.ms", "30000" },
     };
-    if (bus_set_all(conf, kv, PX_ARRAY_LEN(kv), err, errlen) != PX_OK) {
+    if (bus_set_all(conf, kv, PX_ARRAY_LEN(kv), err, errlen) != PX_OK ||
+        bus_set_env(conf, "PARLEY_KAFKA_PRODUCER_CONFIG", err, errlen) != PX_OK) {
         rd_kafka_conf_destroy(conf);
         return PX_ERROR;
     }
@@ -181,7 +206,8 @@ static int bus_new_consumer(bus *b, const bus_conf *c, char *err, size_t errlen)
         { "partition.assignment.strategy", "range" },
         { "max.poll.interval.ms", "600000" },
     };
-    if (bus_set_all(conf, kv, PX_ARRAY_LEN(kv), err, errlen) != PX_OK) {
+    if (bus_set_all(conf, kv, PX_ARRAY_LEN(kv), err, errlen) != PX_OK ||
+        bus_set_env(conf, "PARLEY_KAFKA_CONSUMER_CONFIG", err, errlen) != PX_OK) {
         rd_kafka_conf_destroy(conf);
         return PX_ERROR;
     }

@@ -77,13 +77,16 @@ int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed,
 int store_inbox_count(store *st, const char *user, int64_t *count, char *err, size_t errlen);
 
 /* Dedupe of processed records, keyed by caller-chosen strings (e.g.
- * "bob/<msg_id>"): kept for the retention period so a resend after the
- * inbox copy was acked and deleted is still recognised. Crash-safe order for
- * callers: filter, apply the effect, then mark. */
-int store_seen_filter(store *st, const char *const *keys, size_t n, int *seen,
-                      char *err, size_t errlen);
-int store_seen_mark(store *st, const char *const *keys, size_t n, int64_t ts_ms,
-                    char *err, size_t errlen);
+ * "bob/<msg_id>") and kept for the retention period, so a resend after the
+ * inbox copy was acked and deleted is still recognised. A caller claims a
+ * key for one record, named by tag (e.g. its bus position "partition/
+ * offset"), before applying the record's effects, in one round trip.
+ * fresh[i] is 1 when key i was free, or is held by the same tag: the same
+ * record delivered again after a crash, whose effects may be unfinished and
+ * are applied again (they must be idempotent). It is 0 when another record
+ * holds the key: a resend, to be dropped. A claim keeps its first ts_ms. */
+int store_seen_claim(store *st, const char *const *keys, const char *const *tags, size_t n,
+                     int64_t ts_ms, int *fresh, char *err, size_t errlen);
 int store_seen_sweep(store *st, int64_t cutoff_ms, int64_t *removed,
                      char *err, size_t errlen);
 

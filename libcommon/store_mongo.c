@@ -48,7 +48,6 @@
 #include <time.h>
 
 #define SM_MAX_BATCH 10000      /* per call; callers chunk bigger work */
-#define SM_SEEN_POINTS_MAX 32   /* seen filter: point lookups up to this many keys */
 #define SM_SELECT_MS 3000       /* serverSelectionTimeoutMS unless the URI says */
 #define SM_WTIMEOUT_MS 10000    /* majority write concern wait */
 #define SM_RETRY_SLEEP_MS 200   /* between readiness pings in store_open */
@@ -74,12 +73,6 @@ typedef struct sm_gw {
     char name[SM_MAX_GATEWAY + 1];
     int64_t epoch;
 } sm_gw;
-
-/* A caller's key and its position, sorted by key for store_seen_filter. */
-typedef struct sm_key {
-    const char *key;
-    size_t i;
-} sm_key;
 
 static pthread_once_t sm_once = PTHREAD_ONCE_INIT;
 
@@ -848,121 +841,37 @@ int store_inbox_count(store *st, const char *user, int64_t *count, char *err, si
 
 /* ---- seen (dedupe) ------------------------------------------------------ */
 
-static int sm_key_cmp(const void *a, const void *b)
+/* Whether the claim on key is held by tag: one find by _id alone, which
+ * FerretDB hands to PostgreSQL's primary key (an `_id $in` scans the whole
+ * collection: every key of the retention period). */
+static int sm_seen_held_by(sm_conn *sc, const char *key, const char *tag, int *same,
+                           char *err, size_t errlen)
 {
-    return strcmp(((const sm_key *)a)->key, ((const sm_key *)b)->key);
-}
-
-/* Marks seen[i] for every i whose key equals k (keys may repeat). */
-static void sm_mark_found(const sm_key *sorted, size_t n, const char *k, int *seen)
-{
-    sm_key probe = { k, 0 };
-    const sm_key *hit = bsearch(&probe, sorted, n, sizeof(*sorted), sm_key_cmp);
-
-    if (hit == NULL)
-        return;
-    while (hit > sorted && strcmp(hit[-1].key, k) == 0)
-        hit--;
-    for (; hit < sorted + n && strcmp(hit->key, k) == 0; hit++)
-        seen[hit->i] = 1;
-}
-
-/* One find per distinct key, by _id alone: FerretDB hands that to
- * PostgreSQL's primary key, while an `_id $in` scans the whole collection,
- * which holds every key of the retention period (35 ms per batch with 2,000
- * keys stored, and growing with traffic). */
-static int sm_seen_points(store *st, const sm_key *sorted, size_t n, int *seen, char *err,
-                          size_t errlen)
-{
-    sm_conn sc = { 0 };
-    bson_t *opts = BCON_NEW("projection", "{", "_id", BCON_INT32(1), "}", "limit", BCON_INT64(1),
-                            "singleBatch", BCON_BOOL(true));
-    bson_error_t error;
-    const bson_t *doc;
-    int rc = PX_OK;
-
-    sm_conn_get(st, "seen", &sc);
-    for (size_t i = 0; i < n && rc == PX_OK; i++) {
-        if (i > 0 && strcmp(sorted[i].key, sorted[i - 1].key) == 0)
-            continue;
-        bson_t *filter = BCON_NEW("_id", BCON_UTF8(sorted[i].key));
-        mongoc_cursor_t *cur = mongoc_collection_find_with_opts(sc.coll, filter, opts, NULL);
-        if (mongoc_cursor_next(cur, &doc))
-            sm_mark_found(sorted, n, sorted[i].key, seen);
-        if (mongoc_cursor_error(cur, &error))
-            rc = sm_fail(err, errlen, "seen filter", &error);
-        mongoc_cursor_destroy(cur);
-        bson_destroy(filter);
-    }
-    sm_conn_put(st, &sc);
-    bson_destroy(opts);
-    return rc;
-}
-
-/* One find of all keys; marks seen[] from the _ids that come back. */
-static int sm_seen_find(store *st, const char *const *keys, const sm_key *sorted, size_t n,
-                        int *seen, char *err, size_t errlen)
-{
-    sm_conn sc = { 0 };
-    mongoc_cursor_t *cur;
-    bson_t filter = BSON_INITIALIZER, in;
-    bson_t *opts = BCON_NEW("projection", "{", "_id", BCON_INT32(1), "}");
+    bson_t *filter = BCON_NEW("_id", BCON_UTF8(key));
+    bson_t *opts = BCON_NEW("projection", "{", "tag", BCON_INT32(1), "}", "limit",
+                            BCON_INT64(1), "singleBatch", BCON_BOOL(true));
+    mongoc_cursor_t *cur = mongoc_collection_find_with_opts(sc->coll, filter, opts, NULL);
     const bson_t *doc;
     bson_error_t error;
     bson_iter_t it;
     int rc = PX_OK;
 
-    BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &in);
-    sm_append_str_array(&in, "$in", keys, n);
-    bson_append_document_end(&filter, &in);
-    sm_conn_get(st, "seen", &sc);
-    cur = mongoc_collection_find_with_opts(sc.coll, &filter, opts, NULL);
-    while (mongoc_cursor_next(cur, &doc))
-        if (bson_iter_init_find(&it, doc, "_id") && BSON_ITER_HOLDS_UTF8(&it))
-            sm_mark_found(sorted, n, bson_iter_utf8(&it, NULL), seen);
+    *same = 0;
+    if (mongoc_cursor_next(cur, &doc) && bson_iter_init_find(&it, doc, "tag") &&
+        BSON_ITER_HOLDS_UTF8(&it))
+        *same = strcmp(bson_iter_utf8(&it, NULL), tag) == 0;
     if (mongoc_cursor_error(cur, &error))
-        rc = sm_fail(err, errlen, "seen filter", &error);
+        rc = sm_fail(err, errlen, "seen claim", &error);
     mongoc_cursor_destroy(cur);
-    sm_conn_put(st, &sc);
-    bson_destroy(&filter);
     bson_destroy(opts);
+    bson_destroy(filter);
     return rc;
 }
 
-int store_seen_filter(store *st, const char *const *keys, size_t n, int *seen,
-                      char *err, size_t errlen)
-{
-    sm_key *sorted;
-    int rc;
-
-    rc = sm_check_n(n, "seen filter", err, errlen);
-    if (rc == PX_OK)
-        rc = sm_check_strs(keys, n, "seen filter", err, errlen);
-    if (rc != PX_OK || n == 0)
-        return rc;
-    if (seen == NULL)
-        return px_err(err, errlen, "seen filter: seen is required");
-    /* Sorted (key, position) pairs map each returned _id back to every
-     * position holding it in O(log n). */
-    sorted = px_malloc(n * sizeof(*sorted));
-    for (size_t i = 0; i < n; i++) {
-        seen[i] = 0;
-        sorted[i] = (sm_key){ keys[i], i };
-    }
-    qsort(sorted, n, sizeof(*sorted), sm_key_cmp);
-    /* A large batch goes as one $in: that many round trips cost more. */
-    if (n <= SM_SEEN_POINTS_MAX)
-        rc = sm_seen_points(st, sorted, n, seen, err, errlen);
-    else
-        rc = sm_seen_find(st, keys, sorted, n, seen, err, errlen);
-    free(sorted);
-    return rc;
-}
-
-/* A key already marked keeps its first ts: retention counts from the first
- * time the record was processed. */
-int store_seen_mark(store *st, const char *const *keys, size_t n, int64_t ts_ms,
-                    char *err, size_t errlen)
+/* One unordered insert of every claim; only keys already held (resends and
+ * redeliveries: rare) cost a lookup each. */
+int store_seen_claim(store *st, const char *const *keys, const char *const *tags, size_t n,
+                     int64_t ts_ms, int *fresh, char *err, size_t errlen)
 {
     sm_conn sc = { 0 };
     mongoc_bulk_operation_t *bulk = NULL;
@@ -970,25 +879,31 @@ int store_seen_mark(store *st, const char *const *keys, size_t n, int64_t ts_ms,
     bson_t doc;
     int rc;
 
-    rc = sm_check_n(n, "seen mark", err, errlen);
+    rc = sm_check_n(n, "seen claim", err, errlen);
     if (rc == PX_OK)
-        rc = sm_check_strs(keys, n, "seen mark", err, errlen);
+        rc = sm_check_strs(keys, n, "seen claim", err, errlen);
+    if (rc == PX_OK)
+        rc = sm_check_strs(tags, n, "seen claim", err, errlen);
     if (rc != PX_OK || n == 0)
         return rc;
+    if (fresh == NULL)
+        return px_err(err, errlen, "seen claim: fresh is required");
     sm_conn_get(st, "seen", &sc);
     bulk = sm_bulk_new(&sc, false);
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
         bson_init(&doc);
         BSON_APPEND_UTF8(&doc, "_id", keys[i]);
         BSON_APPEND_DATE_TIME(&doc, "ts", ts_ms);
+        BSON_APPEND_UTF8(&doc, "tag", tags[i]);
         if (!mongoc_bulk_operation_insert_with_opts(bulk, &doc, NULL, &error))
-            rc = sm_fail(err, errlen, "seen mark", &error);
+            rc = sm_fail(err, errlen, "seen claim", &error);
         bson_destroy(&doc);
-        if (rc != PX_OK)
-            goto out;
     }
-    rc = sm_bulk_insert_run(bulk, n, NULL, "seen mark", err, errlen);
-out:
+    if (rc == PX_OK)
+        rc = sm_bulk_insert_run(bulk, n, fresh, "seen claim", err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        if (!fresh[i])
+            rc = sm_seen_held_by(&sc, keys[i], tags[i], &fresh[i], err, errlen);
     mongoc_bulk_operation_destroy(bulk);
     sm_conn_put(st, &sc);
     return rc;

@@ -32,7 +32,7 @@ static const char ss_schema[] =
     " ts INTEGER, kind INTEGER, sender TEXT, json BLOB, PRIMARY KEY (user, id)) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS inbox_seq ON inbox (user, seq);"
     "CREATE INDEX IF NOT EXISTS inbox_ts ON inbox (ts);"
-    "CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, ts INTEGER) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, ts INTEGER, tag TEXT) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts);"
     "CREATE TABLE IF NOT EXISTS track (reader TEXT NOT NULL, msg_id TEXT NOT NULL,"
     " sender TEXT, grp TEXT, ts INTEGER, PRIMARY KEY (reader, msg_id)) WITHOUT ROWID;"
@@ -76,6 +76,30 @@ static int ss_str_ok(const char *s)
     return s != NULL && *s != '\0' && utf8_valid((const unsigned char *)s, strlen(s));
 }
 
+/* Data folders written before seen claims had no tag column; their old
+ * keys read as held by another record, i.e. still duplicates. */
+static int ss_has_tag(store *st)
+{
+    sqlite3_stmt *probe = NULL;
+    int rc = sqlite3_prepare_v2(st->d.db, "SELECT tag FROM seen LIMIT 0", -1, &probe, NULL);
+    sqlite3_finalize(probe);
+    return rc == SQLITE_OK;
+}
+
+static int ss_migrate(store *st, char **msg)
+{
+    if (ss_has_tag(st))
+        return SQLITE_OK;
+    int rc = sqlite3_exec(st->d.db, "ALTER TABLE seen ADD COLUMN tag TEXT", NULL, NULL, msg);
+    /* parleyd opens a store per service at once: another may have won. */
+    if (rc != SQLITE_OK && ss_has_tag(st)) {
+        sqlite3_free(*msg);
+        *msg = NULL;
+        rc = SQLITE_OK;
+    }
+    return rc;
+}
+
 store *store_open(const char *url, const char *db, char *err, size_t errlen)
 {
     store *st = px_calloc(1, sizeof(*st));
@@ -83,7 +107,8 @@ store *store_open(const char *url, const char *db, char *err, size_t errlen)
     char *msg = NULL;
     if (sqldb_open(&st->d, err, errlen) != PX_OK)
         goto fail;
-    if (sqlite3_exec(st->d.db, ss_schema, NULL, NULL, &msg) != SQLITE_OK) {
+    if (sqlite3_exec(st->d.db, ss_schema, NULL, NULL, &msg) != SQLITE_OK ||
+        ss_migrate(st, &msg) != SQLITE_OK) {
         px_err(err, errlen, "sqlite store schema: %s", msg ? msg : "?");
         sqlite3_free(msg);
         goto fail;
@@ -412,44 +437,41 @@ int store_inbox_count(store *st, const char *user, int64_t *count, char *err, si
 
 /* ---- seen ---- */
 
-int store_seen_filter(store *st, const char *const *keys, size_t n, int *seen,
-                      char *err, size_t errlen)
+int store_seen_claim(store *st, const char *const *keys, const char *const *tags, size_t n,
+                     int64_t ts_ms, int *fresh, char *err, size_t errlen)
 {
-    int rc = ss_check_ids(keys, n, "seen filter", err, errlen);
+    int rc = ss_check_ids(keys, n, "seen claim", err, errlen);
+    if (rc == PX_OK)
+        rc = ss_check_ids(tags, n, "seen claim", err, errlen);
     if (rc != PX_OK || n == 0)
         return rc;
-    pthread_mutex_lock(&st->mu);
-    sqlite3_stmt *s = ss_prep(st, "SELECT 1 FROM seen WHERE key=?", err, errlen);
-    rc = s != NULL ? PX_OK : PX_ERROR;
-    for (size_t i = 0; i < n && rc == PX_OK; i++) {
-        ss_text(s, 1, keys[i]);
-        int step = sqlite3_step(s);
-        seen[i] = step == SQLITE_ROW;
-        if (step != SQLITE_ROW && step != SQLITE_DONE)
-            rc = ss_fail(st, "seen filter", err, errlen);
-        sqlite3_reset(s);
-    }
-    sqldb_done(s);
-    pthread_mutex_unlock(&st->mu);
-    return rc;
-}
-
-int store_seen_mark(store *st, const char *const *keys, size_t n, int64_t ts_ms,
-                    char *err, size_t errlen)
-{
-    int rc = ss_check_ids(keys, n, "seen mark", err, errlen);
-    if (rc != PX_OK || n == 0)
-        return rc;
+    if (fresh == NULL)
+        return px_err(err, errlen, "seen claim: fresh is required");
     if (ss_begin(st, err, errlen) != PX_OK)
         return PX_ERROR;
-    sqlite3_stmt *s = ss_prep(st, "INSERT OR IGNORE INTO seen VALUES (?,?)", err, errlen);
-    rc = s != NULL ? PX_OK : PX_ERROR;
+    sqlite3_stmt *ins = ss_prep(st, "INSERT OR IGNORE INTO seen (key, ts, tag) VALUES (?,?,?)",
+                                err, errlen);
+    sqlite3_stmt *sel = ins != NULL ? ss_prep(st, "SELECT tag FROM seen WHERE key=?", err,
+                                              errlen) : NULL;
+    rc = sel != NULL ? PX_OK : PX_ERROR;
     for (size_t i = 0; i < n && rc == PX_OK; i++) {
-        ss_text(s, 1, keys[i]);
-        sqlite3_bind_int64(s, 2, ts_ms);
-        rc = ss_run(st, s, "seen mark", err, errlen);
+        ss_text(ins, 1, keys[i]);
+        sqlite3_bind_int64(ins, 2, ts_ms);
+        ss_text(ins, 3, tags[i]);
+        rc = ss_run(st, ins, "seen claim", err, errlen);
+        fresh[i] = sqlite3_changes(st->d.db) > 0;
+        if (rc != PX_OK || fresh[i])
+            continue;
+        ss_text(sel, 1, keys[i]);
+        int step = sqlite3_step(sel);
+        const char *held = step == SQLITE_ROW ? (const char *)sqlite3_column_text(sel, 0) : NULL;
+        fresh[i] = held != NULL && strcmp(held, tags[i]) == 0;
+        if (step != SQLITE_ROW && step != SQLITE_DONE)
+            rc = ss_fail(st, "seen claim", err, errlen);
+        sqlite3_reset(sel);
     }
-    sqldb_done(s);
+    sqldb_done(ins);
+    sqldb_done(sel);
     return ss_end(st, rc, err, errlen);
 }
 

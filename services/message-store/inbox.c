@@ -1,10 +1,12 @@
-/* Owns storing runs of InboxRecords with crash-safe dedupe. Order of the
- * steps: seen filter, inbox put, live push (confirmed by Kafka), seen mark,
- * so a crash between any two repeats work on redelivery instead of losing
- * it: a record is marked seen only once its inbox copy is durable and its
- * push is on its way. The "seen" keys outlive the inbox
- * copy (kept for the retention period), which is what absorbs a resend after
- * the recipient already acked and deleted the first copy. */
+/* Owns storing runs of InboxRecords with crash-safe dedupe. Steps: seen
+ * claim, inbox put, live push (confirmed by the bus before the batch
+ * commits). The claim names the record by its bus position, so a crash
+ * anywhere after it brings the same record back still fresh, and its put
+ * (idempotent) and push are done again; a resend of the same id is another
+ * record and is dropped. The claims outlive the inbox copy (kept for the
+ * retention period), which is what absorbs a resend after the recipient
+ * already acked and deleted the first copy. One round trip (the claim)
+ * replaces the filter-before and mark-after pair this used to make. */
 #include "common.h"
 #include "msgstore.h"
 
@@ -15,11 +17,12 @@
 /* Per-run scratch, sized by the run (at most MSGSTORE_BATCH records). */
 typedef struct inbox_run {
     char **keys;           /* "user/id" per record */
+    char **tags;           /* "partition/offset" per record */
     int *dup;              /* 1: same key earlier in this run */
     const char **ckeys;    /* keys of the candidates (not dup) */
+    const char **ctags;    /* their tags */
     size_t *cidx;          /* record index of each candidate */
-    int *seen;             /* per candidate */
-    const char **fkeys;    /* keys of the fresh ones (candidates not seen) */
+    int *fresh;            /* per candidate: its claim is this record's */
     store_event *fev;      /* the fresh events, in batch order */
     int *inserted;         /* per fresh event */
     size_t n, nc, nf;
@@ -57,10 +60,11 @@ static void inbox_run_init(inbox_run *ir, const msgstore_rec *recs, size_t n)
     ir->n = n;
     ir->keys = px_calloc(n, sizeof(*ir->keys));
     ir->dup = px_calloc(n, sizeof(*ir->dup));
+    ir->tags = px_calloc(n, sizeof(*ir->tags));
     ir->ckeys = px_calloc(n, sizeof(*ir->ckeys));
+    ir->ctags = px_calloc(n, sizeof(*ir->ctags));
     ir->cidx = px_calloc(n, sizeof(*ir->cidx));
-    ir->seen = px_calloc(n, sizeof(*ir->seen));
-    ir->fkeys = px_calloc(n, sizeof(*ir->fkeys));
+    ir->fresh = px_calloc(n, sizeof(*ir->fresh));
     ir->fev = px_calloc(n, sizeof(*ir->fev));
     ir->inserted = px_calloc(n, sizeof(*ir->inserted));
     for (size_t i = 0; i < n; i++) {
@@ -68,25 +72,32 @@ static void inbox_run_init(inbox_run *ir, const msgstore_rec *recs, size_t n)
         size_t len = strlen(x->user) + 1 + strlen(x->id) + 1;
         ir->keys[i] = px_malloc(len);
         snprintf(ir->keys[i], len, "%s/%s", x->user, x->id);
+        ir->tags[i] = px_malloc(32);
+        snprintf(ir->tags[i], 32, "%d/%lld", (int)recs[i].m->partition,
+                 (long long)recs[i].m->offset);
     }
     inbox_mark_dups(ir);
     for (size_t i = 0; i < n; i++)
         if (!ir->dup[i]) {
             ir->ckeys[ir->nc] = ir->keys[i];
+            ir->ctags[ir->nc] = ir->tags[i];
             ir->cidx[ir->nc++] = i;
         }
 }
 
 static void inbox_run_free(inbox_run *ir)
 {
-    for (size_t i = 0; i < ir->n; i++)
+    for (size_t i = 0; i < ir->n; i++) {
         free(ir->keys[i]);
+        free(ir->tags[i]);
+    }
     free(ir->keys);
+    free(ir->tags);
     free(ir->dup);
     free(ir->ckeys);
+    free(ir->ctags);
     free(ir->cidx);
-    free(ir->seen);
-    free(ir->fkeys);
+    free(ir->fresh);
     free(ir->fev);
     free(ir->inserted);
 }
@@ -108,13 +119,9 @@ static void inbox_event(store_event *ev, const msgstore_rec *r)
 
 static void inbox_pick_fresh(inbox_run *ir, const msgstore_rec *recs)
 {
-    for (size_t c = 0; c < ir->nc; c++) {
-        if (ir->seen[c])
-            continue;
-        size_t i = ir->cidx[c];
-        ir->fkeys[ir->nf] = ir->keys[i];
-        inbox_event(&ir->fev[ir->nf++], &recs[i]);
-    }
+    for (size_t c = 0; c < ir->nc; c++)
+        if (ir->fresh[c])
+            inbox_event(&ir->fev[ir->nf++], &recs[ir->cidx[c]]);
 }
 
 int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_t errlen)
@@ -124,9 +131,10 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
     inbox_run_init(&ir, recs, n);
 
     int64_t t0 = msgstore_clock_us();
-    if (store_seen_filter(ms->st, ir.ckeys, ir.nc, ir.seen, err, errlen) != PX_OK)
+    if (store_seen_claim(ms->st, ir.ckeys, ir.ctags, ir.nc, px_now_ms(), ir.fresh, err,
+                         errlen) != PX_OK)
         goto out;
-    msgstore_observe(ms->m.lat_seen_filter, t0);
+    msgstore_observe(ms->m.lat_seen_claim, t0);
     inbox_pick_fresh(&ir, recs);
 
     if (ir.nf > 0) {
@@ -136,9 +144,8 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
         msgstore_observe(ms->m.lat_put, t0);
     }
 
-    /* Fresh = not marked seen, so never pushed by a finished attempt. A put
-     * that reports a duplicate here is our own earlier, unfinished attempt:
-     * push it anyway; clients dedupe. */
+    /* A put that reports a duplicate of a fresh claim is this record's own
+     * earlier, unfinished attempt: push it anyway; clients dedupe. */
     size_t inserted = 0;
     for (size_t i = 0; i < ir.nf; i++)
         inserted += ir.inserted[i] != 0;
@@ -146,18 +153,11 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
     metric_add(ms->m.duplicates, (int64_t)(n - inserted));
     route_live(ms, ir.fev, ir.nf);
 
-    /* Mark seen only once the pushes are in Kafka: a crash before this
-     * point redelivers the records, which are pushed again; a crash after
-     * it finds them seen, and their pushes already on their way. */
-    if (ir.nf > 0) {
-        if (bus_flush(ms->b, 10000) != PX_OK) {
-            px_err(err, errlen, "live deliveries not confirmed by Kafka in 10 s");
-            goto out;
-        }
-        t0 = msgstore_clock_us();
-        if (store_seen_mark(ms->st, ir.fkeys, ir.nf, px_now_ms(), err, errlen) != PX_OK)
-            goto out;
-        msgstore_observe(ms->m.lat_seen_mark, t0);
+    /* The pushes are in the bus before the batch commits: a crash before
+     * that brings the records back, still fresh, and pushes them again. */
+    if (ir.nf > 0 && bus_flush(ms->b, 10000) != PX_OK) {
+        px_err(err, errlen, "live deliveries not confirmed by the bus in 10 s");
+        goto out;
     }
     rc = PX_OK;
 out:

@@ -84,8 +84,7 @@ static void main_metrics(msgstore *ms)
                                      "Records removed by the retention sweep");
 #define LAT(op) metrics_histogram("parley_msgstore_store_ms{op=\"" op "\"}", \
                                   "Store call latency, ms", b, PX_ARRAY_LEN(b))
-    m->lat_seen_filter = LAT("seen_filter");
-    m->lat_seen_mark = LAT("seen_mark");
+    m->lat_seen_claim = LAT("seen_claim");
     m->lat_put = LAT("inbox_put");
     m->lat_scan = LAT("inbox_scan");
     m->lat_ack = LAT("inbox_ack");

@@ -38,7 +38,7 @@ typedef struct msgstore_metrics {
         *sync_events, *acks, *acked_events, *acked_messages, *dead, *retries,
         *cache_hits, *cache_misses, *lookup_failures, *swept_inbox, *swept_seen,
         *swept_media;
-    metric *lat_seen_filter, *lat_seen_mark, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
+    metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
         *lat_sweep;
 } msgstore_metrics;
 

@@ -298,52 +298,66 @@ START_TEST(inbox_sweep_cutoff)
 }
 END_TEST
 
-static void filter_is(const char *const *keys, size_t n, const int *want)
+static void claim_is(const char *const *keys, const char *const *tags, size_t n, int64_t ts,
+                     const int *want)
 {
     char err[PX_ERRLEN] = "";
-    int seen[64];
+    int fresh[64];
 
     ck_assert_uint_le(n, 64);
-    memset(seen, 0xff, sizeof(seen));
-    ck_assert_msg(store_seen_filter(st, keys, n, seen, err, sizeof(err)) == PX_OK, "%s", err);
+    memset(fresh, 0xff, sizeof(fresh));
+    ck_assert_msg(store_seen_claim(st, keys, tags, n, ts, fresh, err, sizeof(err)) == PX_OK,
+                  "%s", err);
     for (size_t i = 0; i < n; i++)
-        ck_assert_msg(seen[i] == want[i], "key %s: seen %d, want %d", keys[i], seen[i], want[i]);
+        ck_assert_msg(fresh[i] == want[i], "key %s tag %s: fresh %d, want %d", keys[i], tags[i],
+                      fresh[i], want[i]);
 }
 
-/* (d) seen: unseen keys filter to 0, marked ones to 1 (repeats included),
- * re-marking is absorbed, and the sweep forgets only old marks. */
-START_TEST(seen_filter_mark_sweep)
+/* (d) seen: a free key is claimed, the same record (tag) claiming again is
+ * still fresh (a redelivery), another record is not (a resend); a claim
+ * keeps its first time, and the sweep forgets only old claims. */
+START_TEST(seen_claim_sweep)
 {
     const char *k3[] = { "bob/k1", "bob/k2", "bob/k3" };
-    const char *k12[] = { "bob/k1", "bob/k2" };
-    const char *k23[] = { "bob/k2", "bob/k3" };
-    const char *k5[] = { "bob/k1", "bob/k2", "bob/k3", "bob/k4", "bob/k1" };
+    const char *t3[] = { "0/1", "0/2", "0/3" };
+    const char *other3[] = { "0/7", "0/8", "0/9" };
+    const char *kmix[] = { "bob/k1", "bob/k4", "bob/k2" };
+    const char *tmix[] = { "0/1", "0/4", "0/9" };
     char err[PX_ERRLEN] = "";
     int64_t removed = -1;
 
-    filter_is(k3, 3, (int[]){ 0, 0, 0 });
-    ck_assert_int_eq(store_seen_mark(st, k12, 2, 1000, err, sizeof(err)), PX_OK);
-    ck_assert_msg(store_seen_mark(st, k23, 2, 5000, err, sizeof(err)) == PX_OK, "%s", err);
-    filter_is(k5, 5, (int[]){ 1, 1, 1, 0, 1 });
-    /* k2 keeps its first mark (1000), so it goes with k1. */
+    claim_is(k3, t3, 3, 1000, (int[]){ 1, 1, 1 });
+    claim_is(k3, t3, 3, 5000, (int[]){ 1, 1, 1 });
+    claim_is(k3, other3, 3, 5000, (int[]){ 0, 0, 0 });
+    claim_is(kmix, tmix, 3, 6000, (int[]){ 1, 1, 0 });
+    /* k1-k3 keep their first claim (1000); k4 (6000) stays. */
     ck_assert_int_eq(store_seen_sweep(st, 2000, &removed, err, sizeof(err)), PX_OK);
-    ck_assert_int_eq(removed, 2);
-    filter_is(k5, 5, (int[]){ 0, 0, 1, 0, 0 });
+    ck_assert_int_eq(removed, 3);
+    claim_is(k3, other3, 3, 7000, (int[]){ 1, 1, 1 });
+    claim_is(kmix, other3, 3, 7000, (int[]){ 1, 0, 0 });
 
-    /* A batch too large for point lookups (the Mongo store's $in path). */
+    /* A batch larger than one round of lookups would suggest. */
     enum { BIG = 48 };
-    static char names[BIG][16];
-    const char *big[BIG], *even[BIG / 2];
+    static char names[BIG][16], first[BIG][16], second[BIG][16];
+    const char *big[BIG], *even[BIG / 2], *even_tags[BIG / 2], *tags[BIG];
     int want[BIG];
     for (int i = 0; i < BIG; i++) {
         snprintf(names[i], sizeof(names[i]), "carol/b%d", i);
+        snprintf(first[i], sizeof(first[i]), "1/%d", i);
+        snprintf(second[i], sizeof(second[i]), "2/%d", i);
         big[i] = names[i];
-        want[i] = i % 2 == 0;
-        if (i % 2 == 0)
+        tags[i] = second[i];
+        want[i] = i % 2 != 0;
+        if (i % 2 == 0) {
             even[i / 2] = names[i];
+            even_tags[i / 2] = first[i];
+        }
     }
-    ck_assert_int_eq(store_seen_mark(st, even, BIG / 2, 9000, err, sizeof(err)), PX_OK);
-    filter_is(big, BIG, want);
+    int all[BIG / 2];
+    for (int i = 0; i < BIG / 2; i++)
+        all[i] = 1;
+    claim_is(even, even_tags, BIG / 2, 9000, all);
+    claim_is(big, tags, BIG, 9000, want);
 }
 END_TEST
 
@@ -353,13 +367,14 @@ START_TEST(batch_limits)
     static store_event ev[10001];
     static const char *keys[10001];
     char err[PX_ERRLEN] = "";
-    int seen[1];
+    int fresh[1];
 
     ck_assert_int_eq(store_inbox_put(st, ev, 10001, NULL, err, sizeof(err)), PX_ERROR);
     ck_assert_ptr_nonnull(strstr(err, "exceeds the limit"));
-    ck_assert_int_eq(store_seen_mark(st, keys, 10001, 1, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(store_seen_claim(st, keys, keys, 10001, 1, fresh, err, sizeof(err)),
+                     PX_ERROR);
     ck_assert_int_eq(store_inbox_put(st, ev, 0, NULL, err, sizeof(err)), PX_OK);
-    ck_assert_int_eq(store_seen_filter(st, keys, 0, seen, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_seen_claim(st, keys, keys, 0, 1, fresh, err, sizeof(err)), PX_OK);
     ev[0] = (store_event){ .user = "u_l", .id = "x", .kind = 9, .json = "{}", .json_len = 2 };
     ck_assert_int_eq(store_inbox_put(st, ev, 1, NULL, err, sizeof(err)), PX_ERROR);
     ck_assert_ptr_nonnull(strstr(err, "bad kind"));
@@ -804,7 +819,7 @@ Suite *store_contract_suite(const char *name)
     tcase_add_test(tc, bulk_roundtrip);
     tcase_add_test(tc, ack_other_user_deletes_nothing);
     tcase_add_test(tc, inbox_sweep_cutoff);
-    tcase_add_test(tc, seen_filter_mark_sweep);
+    tcase_add_test(tc, seen_claim_sweep);
     tcase_add_test(tc, batch_limits);
     tcase_add_test(tc, presence_counts_and_epochs);
     tcase_add_test(tc, track_put_get_delete);
