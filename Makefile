@@ -153,6 +153,13 @@ $(OUT)/tests/integration/test_bus_sqlite $(OUT)/tests/integration/test_wal_sqlit
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
+# presence's own code (its parleyd object: the unchanged main as
+# presence_main) driven by the test over the embedded bus and store.
+$(OUT)/tests/integration/test_presence_sqlite: $(OUT)/tests/integration/test_presence_sqlite.o \
+        $(OUT)/parleyd/presence.o $(LIB_EMBED) $(OUT)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
 $(OUT)/tests/%: $(OUT)/tests/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
