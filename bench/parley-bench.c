@@ -536,6 +536,10 @@ static void bench_on_text(bench_proc *p, bench_conn *c, const char *s, size_t le
     else if (strcmp(type, "message") == 0)
         bench_on_message(p, c, json_string_value(json_object_get(j, "id")),
                          json_string_value(json_object_get(j, "body")) ?: "");
+    else if (strcmp(type, "receipt") == 0 && !c->no_ack && json_is_string(json_object_get(j, "id")))
+        /* As a real client does: an unacked receipt stays in the server's
+         * inbox for 30 days, and the bench would measure a growing backlog. */
+        bench_ack_add(p, c, json_string_value(json_object_get(j, "id")));
     else if (strcmp(type, "sent") == 0)
         p->st.sent_ok++;
     else if (strcmp(type, "synced") == 0)

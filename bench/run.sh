@@ -5,7 +5,7 @@
 #            listener, fresh data folder per scenario);
 #   stack    the microservices over a private Kafka + MongoDB-wire server
 #            (own ports and data folder, so a running `make run` or
-#            `make test` is left alone): presence, message-store,
+#            `make test` is left alone): presence, message-store, receipt,
 #            group-fanout and two gateways.
 # Writes bench/results/latest.{json,md} (both modes, machine, load average,
 # settings) and stops everything it started. Timings are reported, never
@@ -23,7 +23,7 @@
 #     at the target's scale; 2 gateways in stack mode)
 #   BENCH_IDLE_PROCS (3)  BENCH_IDLE_HOLD (5)  BENCH_OUT (bench/results)
 #   BENCH_PD_PORT (45600)
-#   BENCH_KAFKA_PORT (39092) BENCH_MONGO_PORT (27048) BENCH_GW_PORT (38481, +1, +10..+12)
+#   BENCH_KAFKA_PORT (39092) BENCH_MONGO_PORT (27048) BENCH_GW_PORT (38481, +1, +10..+13)
 # Every scenario runs against freshly started services with their own topics
 # and database (or data folder), so none waits behind another's backlog.
 # Needs jq for the report.
@@ -101,6 +101,8 @@ stack_up() {
   export PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false"
   kafka_pid=$(cat "$PARLEY_STACK_DIR/kafka.pid")
   mongo_pid=$(cat "$PARLEY_STACK_DIR/mongo.pid")
+  # FerretDB's PostgreSQL, when it has one: its backends do the queries.
+  pg_pid=$(pgrep -o -f -- "postgres -D .* -p ${PARLEY_PG_PORT:-$((PARLEY_MONGO_PORT - 1000))} " || true)
   say "stack up in $((SECONDS - t0)) s"
 }
 
@@ -156,9 +158,12 @@ services_up() { # tag
   start group-fanout $((GW_PORT + 12))
   start gateway "$GW_PORT" gw-1
   start gateway $((GW_PORT + 1)) gw-2
-  ready_all $((GW_PORT + 10)) $((GW_PORT + 11)) $((GW_PORT + 12)) "$GW_PORT" $((GW_PORT + 1))
+  start receipt $((GW_PORT + 13))
+  ready_all $((GW_PORT + 10)) $((GW_PORT + 11)) $((GW_PORT + 12)) "$GW_PORT" $((GW_PORT + 1)) \
+    $((GW_PORT + 13))
   comp=([kafka]=$kafka_pid [mongo]=$mongo_pid [presence]=${pids[0]} [message_store]=${pids[1]}
-    [group_fanout]=${pids[2]} [gateway_1]=${pids[3]} [gateway_2]=${pids[4]})
+    [group_fanout]=${pids[2]} [gateway_1]=${pids[3]} [gateway_2]=${pids[4]} [receipt]=${pids[5]})
+  [ -z "${pg_pid:-}" ] || comp[postgres]=pg:$pg_pid
   metrics_port=$((GW_PORT + 11))
   urls=(--url "ws://127.0.0.1:$GW_PORT" --url2 "ws://127.0.0.1:$((GW_PORT + 1))"
     --gw-pids "${pids[3]},${pids[4]}")
@@ -170,7 +175,15 @@ services_down() {
 }
 # ---- CPU accounting: what each component burned during a scenario ---------
 
-ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+ticks() { # pid, or pg:PID for a PostgreSQL server and its live backends
+  local p
+  if [[ $1 == pg:* ]]; then
+    for p in ${1#pg:} $(pgrep -P "${1#pg:}"); do awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null; done |
+      awk '{ s += $1 } END { print s + 0 }'
+    return
+  fi
+  awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
 # CPU of this shell's reaped children, i.e. parley-bench and its load
 # processes, into $bench_ticks. `times` must run in this shell, not in a
 # subshell, which would start with no children of its own.
@@ -270,7 +283,7 @@ jq -s --arg when "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg commit "$(git rev-parse 
     modes: {
       parleyd: {what: "parleyd: every service in one process over its SQLite bus and store",
                 listeners: 1, all_on_one_machine: true},
-      stack: {what: ("microservices: Kafka + " + $mongo + ", presence, message-store, group-fanout, 2 gateways"),
+      stack: {what: ("microservices: Kafka + " + $mongo + ", presence, message-store, group-fanout, receipt, 2 gateways"),
               kafka: "Apache Kafka 4.1 KRaft, one node, 8 partitions", store: $mongo,
               gateways: 2, gateway_workers: 2, presence_cache_ms: 2000,
               topology: "1:1 receivers on gateway 1, senders on gateway 2 (every message crosses gateways); group members alternate",

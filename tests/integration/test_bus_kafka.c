@@ -484,6 +484,54 @@ START_TEST(unreachable_broker_fails_cleanly)
 }
 END_TEST
 
+/* Operator overrides reach librdkafka: a good pair is applied (a consumer
+ * whose fetch.wait.max.ms came from the variable works end to end), a bad
+ * key or a pair without '=' stops bus_new with the variable's name. */
+static bus *bus_with_env(const char *env, const char *value, const char *group, char *err,
+                         size_t errlen)
+{
+    setenv(env, value, 1);
+    bus_conf c = { .brokers = brokers(), .client_id = "it", .group = group, .partitions = 1,
+                   .dr_cb = on_dr };
+    bus *b = bus_new(&c, err, errlen);
+    unsetenv(env);
+    return b;
+}
+
+START_TEST(config_overrides_apply_or_fail_start)
+{
+    char err[PX_ERRLEN] = "";
+    ck_assert_ptr_null(bus_with_env("PARLEY_KAFKA_PRODUCER_CONFIG", "linger.ms=1,no.such.key=1",
+                                    NULL, err, sizeof(err)));
+    ck_assert_msg(strstr(err, "no.such.key") != NULL, "%s", err);
+    ck_assert_ptr_null(bus_with_env("PARLEY_KAFKA_CONSUMER_CONFIG", "fetch.wait.max.ms",
+                                    "it.cfg", err, sizeof(err)));
+    ck_assert_msg(strstr(err, "PARLEY_KAFKA_CONSUMER_CONFIG") != NULL, "%s", err);
+
+    char topic[96], group[96];
+    unique_name(topic, sizeof(topic), "cfg");
+    unique_name(group, sizeof(group), "cfg-g");
+    bus *b = bus_with_env("PARLEY_KAFKA_CONSUMER_CONFIG", "fetch.wait.max.ms=20", group, err,
+                          sizeof(err));
+    ck_assert_msg(b != NULL, "bus_new: %s", err);
+    bus *p = bus_with_env("PARLEY_KAFKA_PRODUCER_CONFIG", "linger.ms=5", NULL, err, sizeof(err));
+    ck_assert_msg(p != NULL, "bus_new: %s", err);
+    create_topic(p, topic);
+    subscribe(b, topic);
+    ck_assert_int_eq(bus_produce(p, topic, "k", 1, "v", 1, NULL, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
+    bus_msg m;
+    int n = 0;
+    for (int i = 0; i < 150 && n == 0; i++)
+        n = bus_consume(b, &m, 1, 100, err, sizeof(err));
+    ck_assert_int_eq(n, 1);
+    ck_assert_int_eq((int)m.len, 1);
+    bus_release(b, &m, 1);
+    bus_destroy(p);
+    bus_destroy(b);
+}
+END_TEST
+
 static Suite *bus_suite(void)
 {
     Suite *s = suite_create("bus_kafka");
@@ -496,6 +544,7 @@ static Suite *bus_suite(void)
     tcase_add_test(tc, consume_fd_signals_records);
     tcase_add_test(tc, wakeup_ends_a_blocked_consume);
     tcase_add_test(tc, unreachable_broker_fails_cleanly);
+    tcase_add_test(tc, config_overrides_apply_or_fail_start);
     suite_add_tcase(s, tc);
     return s;
 }
