@@ -74,6 +74,7 @@ static const struct config_num config_nums[] = {
     NUM("PARLEY_SEND_RATE", send_rate, 200, 1, 1000000),
     NUM("PARLEY_SEND_BURST", send_burst, 1000, 1, 1000000),
     NUM("PARLEY_HTTP_TIMEOUT_S", http_timeout_s, 30, 1, 3600),
+    NUM("PARLEY_WS_PARK_MS", ws_park_ms, 2000, 0, 3600000),
 };
 #undef NUM
 

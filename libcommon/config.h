@@ -31,6 +31,8 @@ typedef struct config {
     long send_burst;             /* PARLEY_SEND_BURST sends above the rate */
     long http_timeout_s;         /* PARLEY_HTTP_TIMEOUT_S: an HTTP request (e.g. an
                                     upload) silent this long is dropped */
+    long ws_park_ms;             /* PARLEY_WS_PARK_MS: a connection quiet this
+                                    long gives back its WebSocket context */
     int dev;                     /* PARLEY_DEV=1 enables dev token endpoint */
 } config;
 

@@ -34,6 +34,9 @@ run_one() { # program [args...]; RUN_LABEL (if set) tags the line
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+# Gateways free a quiet connection's WebSocket context at every chance
+# (production waits 2 s), so every test runs through park and unpark.
+export PARLEY_WS_PARK_MS=${PARLEY_WS_PARK_MS:-0}
 
 for t in "$build"/tests/unit/test_*; do
   [[ $what != browser && -x $t && $t != *.d && $t != *.o ]] && run_one "$t"

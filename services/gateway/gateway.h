@@ -25,7 +25,8 @@ typedef struct media_req media_req;
 
 typedef struct gw_metrics {
     metric *conns, *accepted, *refused_auth, *closed, *frames_in, *sent_ok,
-        *sent_fail, *delivered, *dropped, *slow_closed, *held_dropped, *errors, *send_latency;
+        *sent_fail, *delivered, *dropped, *slow_closed, *held_dropped, *errors, *send_latency,
+        *parked, *unparked;
     metric *media_stored, *media_deduped, *media_uploads, *media_downloads,
         *media_bytes_out, *media_refused;
 } gw_metrics;
@@ -112,6 +113,10 @@ int ws_conn_is_synced(const conn *c);
 int ws_conn_flush(conn *c);
 /* Ping / idle timers; called about once a second. */
 void ws_conn_tick(conn *c, int64_t now_ms);
+/* Frees the wslay context (8.8 KiB) of a connection quiet for
+ * PARLEY_WS_PARK_MS with nothing in flight either way; it is made again on
+ * the next byte in or out. Returns 1 if it freed one. Call after a flush. */
+int ws_conn_park(conn *c, int64_t now_ms);
 int ws_conn_dead(const conn *c);
 /* Token bucket for sends (PARLEY_SEND_RATE, PARLEY_SEND_BURST): 1 if this
  * send may go, 0 if the client is over its rate. */

@@ -23,6 +23,8 @@ static void main_metrics(gw *g)
     g->m.closed = metrics_counter("parley_gateway_connections_closed_total", "WebSocket connections closed");
     g->m.slow_closed = metrics_counter("parley_gateway_slow_client_closed_total", "Connections closed for a full send queue");
     g->m.held_dropped = metrics_counter("parley_gateway_sync_held_overflow_total", "Syncs whose held live pushes passed the ceiling and were left to the sync");
+    g->m.parked = metrics_counter("parley_gateway_ws_parked_total", "WebSocket contexts freed on quiet connections");
+    g->m.unparked = metrics_counter("parley_gateway_ws_unparked_total", "WebSocket contexts made again for parked connections");
     g->m.frames_in = metrics_counter("parley_gateway_frames_received_total", "Text frames received");
     g->m.sent_ok = metrics_counter("parley_gateway_sends_stored_total", "Sends acknowledged by Kafka");
     g->m.sent_fail = metrics_counter("parley_gateway_sends_failed_total", "Sends Kafka did not accept");

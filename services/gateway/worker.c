@@ -7,6 +7,7 @@
 #include "log.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,7 @@
 
 struct worker {
     gw *g;
+    size_t parked;             /* contexts freed since the last trim */
     int idx;
     pthread_t th;
     int epfd, evfd;
@@ -209,17 +211,24 @@ static void worker_drain_mail(worker *w)
 /* Flushes connections touched in this iteration, then reaps those that
  * died: one send per connection per loop however many events it got, and
  * every way to die (I/O, queue ceiling, timers) goes through this list. */
-static void worker_before_sleep(worker *w)
+static void worker_before_sleep(worker *w, int ticked)
 {
+    int64_t now = px_mono_ms();
     for (size_t i = 0; i < w->ndirty; i++) {
         conn *c = w->dirty[i];
         ws_conn_set_dirty(c, 0);
-        if (!ws_conn_dead(c))
-            ws_conn_flush(c);
+        if (!ws_conn_dead(c) && ws_conn_flush(c) == PX_OK)
+            w->parked += (size_t)ws_conn_park(c, now);
         if (ws_conn_dead(c))
             worker_reap(w, c);
     }
     w->ndirty = 0;
+    /* Freed contexts sit in malloc's free lists until trimmed; once a
+     * second is enough to hand a quiet crowd's memory back to the OS. */
+    if (ticked && w->parked > 0) {
+        malloc_trim(0);
+        w->parked = 0;
+    }
 }
 
 static void worker_tick(worker *w)
@@ -253,11 +262,12 @@ static void *worker_main(void *arg)
             ws_conn_on_io(c, evs[i].events);
             worker_mark_dirty(w, c);
         }
-        if (px_mono_ms() >= next_tick) {
+        int ticked = px_mono_ms() >= next_tick;
+        if (ticked) {
             worker_tick(w);
             next_tick = px_mono_ms() + 1000;
         }
-        worker_before_sleep(w);
+        worker_before_sleep(w, ticked);
     }
     /* Shutdown: tell every client we are going away, then release. */
     worker_drain_mail(w);

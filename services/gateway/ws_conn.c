@@ -1,7 +1,16 @@
 /* Owns one upgraded WebSocket connection: its wslay context, the bytes MHD
  * read past the handshake, the frame rules of PROTOCOL.md (1003 binary,
  * 1007 invalid UTF-8, 1009 too big), the send-queue ceiling, ping and idle
- * timers. Runs only on its worker's thread. */
+ * timers. Runs only on its worker's thread.
+ *
+ * The wslay context is 8.8 KiB of fixed buffers, more than the whole
+ * per-connection budget, and an idle connection needs none of it: it is
+ * made on the first byte in or out and freed ("parked") once the
+ * connection has been quiet for PARLEY_WS_PARK_MS with no frame part-read
+ * or part-written. Part-read is known by counting: every byte handed to
+ * wslay belongs to a frame whose header and payload lengths its frame
+ * callbacks report, so when the bytes handed in equal the bytes of the
+ * frames ended, wslay holds none of the next frame. */
 #include "common.h"
 #include "gateway.h"
 #include "log.h"
@@ -25,7 +34,12 @@ struct conn {
     int fd, epfd;
     uint32_t mask;                   /* events registered with epoll */
     struct MHD_UpgradeResponseHandle *urh;
-    wslay_event_context_ptr ctx;
+    wslay_event_context_ptr ctx;     /* NULL while parked */
+    uint64_t in_bytes, framed_bytes; /* handed to wslay / in frames ended */
+    uint64_t frame_bytes;            /* header + payload of the current frame */
+    int frag_open;                   /* a fragmented data message is unfinished */
+    int parked;                      /* its context was freed at least once */
+    int64_t last_io_ms;
     char *extra;                     /* MHD's extra_in, fed to wslay first */
     size_t extra_len, extra_off;
     int64_t last_recv_ms, last_ping_ms, close_deadline_ms;
@@ -53,6 +67,7 @@ static ssize_t ws_recv_cb(wslay_event_context_ptr ctx, uint8_t *buf, size_t len,
             c->extra_len = c->extra_off = 0;
         }
         c->last_recv_ms = px_mono_ms();
+        c->in_bytes += n;
         return (ssize_t)n;
     }
     ssize_t r;
@@ -60,6 +75,7 @@ static ssize_t ws_recv_cb(wslay_event_context_ptr ctx, uint8_t *buf, size_t len,
         ;
     if (r > 0) {
         c->last_recv_ms = px_mono_ms();
+        c->in_bytes += (uint64_t)r;
         return r;
     }
     if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
@@ -77,13 +93,37 @@ static ssize_t ws_send_cb(wslay_event_context_ptr ctx, const uint8_t *data, size
     ssize_t r;
     while ((r = send(c->fd, data, len, sflags)) < 0 && errno == EINTR)
         ;
-    if (r >= 0)
+    if (r >= 0) {
+        c->last_io_ms = px_mono_ms();
         return r;
+    }
     if (errno == EAGAIN || errno == EWOULDBLOCK)
         wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
     else
         wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
     return -1;
+}
+
+/* Client frames are masked (wslay refuses others): 2 bytes, the extended
+ * length, the 4-byte key. A count that disagrees with the wire (say a
+ * non-minimal length) only keeps the connection from parking. */
+static void ws_on_frame_start(wslay_event_context_ptr ctx,
+                              const struct wslay_event_on_frame_recv_start_arg *arg,
+                              void *user_data)
+{
+    conn *c = user_data;
+    uint64_t len = arg->payload_length;
+    c->frame_bytes = 2 + (len < 126 ? 0 : len <= 0xffff ? 2 : 8) + 4 + len;
+    if (arg->opcode == WSLAY_TEXT_FRAME || arg->opcode == WSLAY_BINARY_FRAME ||
+        arg->opcode == WSLAY_CONTINUATION_FRAME)
+        c->frag_open = !arg->fin;
+}
+
+static void ws_on_frame_end(wslay_event_context_ptr ctx, void *user_data)
+{
+    conn *c = user_data;
+    c->framed_bytes += c->frame_bytes;
+    c->frame_bytes = 0;
 }
 
 static void ws_on_msg(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_recv_arg *arg,
@@ -118,23 +158,42 @@ conn *ws_conn_new(gw *g, int fd, struct MHD_UpgradeResponseHandle *urh,
         memcpy(c->extra, extra_in, extra_len);
         c->extra_len = extra_len;
     }
-    c->last_recv_ms = c->last_ping_ms = c->bucket_ms = px_mono_ms();
+    c->last_recv_ms = c->last_ping_ms = c->bucket_ms = c->last_io_ms = px_mono_ms();
     c->tokens = (double)g->cfg.send_burst;
     return c;
 }
 
-int ws_conn_attach(conn *c, worker *w, uint64_t id, int epfd, char *err, size_t errlen)
+/* The context for this connection, made if parked; NULL (connection
+ * killed) when memory is short. */
+static wslay_event_context_ptr ws_ctx(conn *c)
 {
     static const struct wslay_event_callbacks cbs = {
         .recv_callback = ws_recv_cb,
         .send_callback = ws_send_cb,
+        .on_frame_recv_start_callback = ws_on_frame_start,
+        .on_frame_recv_end_callback = ws_on_frame_end,
         .on_msg_recv_callback = ws_on_msg,
     };
+    if (c->ctx != NULL)
+        return c->ctx;
+    if (wslay_event_context_server_init(&c->ctx, &cbs, c) != 0) {
+        c->ctx = NULL;
+        c->dead = 1;
+        log_warn("wslay context: out of memory", "{s:s}", "user", c->user);
+        return NULL;
+    }
+    wslay_event_config_set_max_recv_msg_length(c->ctx, (uint64_t)c->g->cfg.max_frame_bytes);
+    c->in_bytes = c->framed_bytes = c->frame_bytes = 0;
+    c->frag_open = 0;
+    if (c->parked)
+        metric_add(c->g->m.unparked, 1);
+    return c->ctx;
+}
+
+int ws_conn_attach(conn *c, worker *w, uint64_t id, int epfd, char *err, size_t errlen)
+{
     c->w = w;
     c->id = id;
-    if (wslay_event_context_server_init(&c->ctx, &cbs, c) != 0)
-        return px_err(err, errlen, "wslay context: out of memory");
-    wslay_event_config_set_max_recv_msg_length(c->ctx, (uint64_t)c->g->cfg.max_frame_bytes);
     struct epoll_event ev = { .events = EPOLLIN, .data.ptr = c };
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0)
         return px_err(err, errlen, "epoll_ctl add: %s", strerror(errno));
@@ -158,22 +217,26 @@ void ws_conn_on_io(conn *c, uint32_t events)
         ws_conn_kill(c, "socket error or hangup");
         return;
     }
-    if ((events & EPOLLIN) && wslay_event_want_read(c->ctx) && wslay_event_recv(c->ctx) != 0) {
+    c->last_io_ms = px_mono_ms();
+    if ((events & EPOLLIN) && ws_ctx(c) != NULL && wslay_event_want_read(c->ctx) &&
+        wslay_event_recv(c->ctx) != 0) {
         ws_conn_kill(c, "read failed or protocol error");
         return;
     }
-    if ((events & EPOLLOUT) && wslay_event_want_write(c->ctx) && wslay_event_send(c->ctx) != 0)
+    /* Parked means nothing was left to write. */
+    if ((events & EPOLLOUT) && c->ctx != NULL && wslay_event_want_write(c->ctx) &&
+        wslay_event_send(c->ctx) != 0)
         ws_conn_kill(c, "write failed");
 }
 
 static size_t ws_conn_queued(conn *c)
 {
-    return wslay_event_get_queued_msg_length(c->ctx);
+    return c->ctx != NULL ? wslay_event_get_queued_msg_length(c->ctx) : 0;
 }
 
 void ws_conn_queue_text(conn *c, const char *s, size_t len)
 {
-    if (c->dead || c->close_deadline_ms != 0)
+    if (c->dead || c->close_deadline_ms != 0 || ws_ctx(c) == NULL)
         return;
     struct wslay_event_msg msg = { WSLAY_TEXT_FRAME, (const uint8_t *)s, len };
     if (wslay_event_queue_msg(c->ctx, &msg) != 0) {
@@ -193,7 +256,7 @@ void ws_conn_queue_text(conn *c, const char *s, size_t len)
 
 void ws_conn_close(conn *c, uint16_t code, const char *reason)
 {
-    if (c->dead || c->close_deadline_ms != 0)
+    if (c->dead || c->close_deadline_ms != 0 || ws_ctx(c) == NULL)
         return;
     wslay_event_queue_close(c->ctx, code, (const uint8_t *)reason, strlen(reason));
     c->close_deadline_ms = px_mono_ms() + CONN_CLOSE_GRACE_MS;
@@ -274,12 +337,15 @@ int ws_conn_flush(conn *c)
 {
     if (c->dead)
         return PX_ERROR;
-    if (wslay_event_want_write(c->ctx) && wslay_event_send(c->ctx) != 0) {
+    if (c->ctx != NULL && wslay_event_want_write(c->ctx) && wslay_event_send(c->ctx) != 0) {
         ws_conn_kill(c, "write failed");
         return PX_ERROR;
     }
     ws_conn_sync_pump(c);
-    int rd = wslay_event_want_read(c->ctx), wr = wslay_event_want_write(c->ctx);
+    if (c->dead)
+        return PX_ERROR;
+    int rd = c->ctx == NULL || wslay_event_want_read(c->ctx);
+    int wr = c->ctx != NULL && wslay_event_want_write(c->ctx);
     if (!rd && !wr) {
         ws_conn_kill(c, "closed");
         return PX_ERROR;
@@ -308,11 +374,27 @@ void ws_conn_tick(conn *c, int64_t now)
         ws_conn_close(c, WSLAY_CODE_GOING_AWAY, "idle");
         return;
     }
-    if (now - c->last_ping_ms >= c->g->cfg.ping_ms) {
+    if (now - c->last_ping_ms >= c->g->cfg.ping_ms && ws_ctx(c) != NULL) {
         struct wslay_event_msg ping = { WSLAY_PING, NULL, 0 };
         wslay_event_queue_msg(c->ctx, &ping);
         c->last_ping_ms = now;
     }
+}
+
+int ws_conn_park(conn *c, int64_t now)
+{
+    if (c->ctx == NULL || c->dead || c->close_deadline_ms != 0 || c->extra != NULL ||
+        now - c->last_io_ms < c->g->cfg.ws_park_ms)
+        return 0;
+    if (c->in_bytes != c->framed_bytes || c->frag_open ||
+        !wslay_event_get_read_enabled(c->ctx) || !wslay_event_get_write_enabled(c->ctx) ||
+        wslay_event_want_write(c->ctx) || wslay_event_get_queued_msg_count(c->ctx) != 0)
+        return 0;
+    wslay_event_context_free(c->ctx);
+    c->ctx = NULL;
+    c->parked = 1;
+    metric_add(c->g->m.parked, 1);
+    return 1;
 }
 
 int ws_conn_take_send(conn *c)

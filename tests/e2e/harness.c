@@ -137,25 +137,48 @@ static pid_t e2e_spawn(enum e2e_svc s)
     _exit(127);
 }
 
-/* GET path on port; returns the HTTP status or -1. */
-static int e2e_http_status(int port, const char *path)
+/* GET path on port into buf (headers and body, NUL-terminated, cut at
+ * cap - 1 bytes); returns the HTTP status or -1. */
+static int e2e_http_get(int port, const char *path, char *buf, size_t cap)
 {
     int fd = socket(AF_INET, SOCK_STREAM, 0), status = -1;
     struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
     inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
     struct timeval tv = { 2, 0 };
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    char req[256], resp[256];
+    char req[256];
+    size_t got = 0;
     int n = snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", path);
     if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 && write(fd, req, (size_t)n) == n) {
-        ssize_t r = read(fd, resp, sizeof(resp) - 1);
-        if (r > 12) {
-            resp[r] = '\0';
-            status = atoi(resp + 9);
-        }
+        ssize_t r;
+        while (got + 1 < cap && (r = read(fd, buf + got, cap - 1 - got)) > 0)
+            got += (size_t)r;
     }
+    buf[got] = '\0';
+    if (got > 12)
+        status = atoi(buf + 9);
     close(fd);
     return status;
+}
+
+static int e2e_http_status(int port, const char *path)
+{
+    char resp[256];
+    return e2e_http_get(port, path, resp, sizeof(resp));
+}
+
+long long e2e_metric(enum e2e_svc s, const char *name)
+{
+    static char buf[256 << 10];
+    if (e2e_http_get(e2e_port(s), "/metrics", buf, sizeof(buf)) != 200)
+        return -1;
+    size_t len = strlen(name);
+    for (const char *line = buf; line != NULL; line = strchr(line, '\n')) {
+        line += *line == '\n';
+        if (strncmp(line, name, len) == 0 && line[len] == ' ')
+            return atoll(line + len + 1);
+    }
+    return -1;
 }
 
 static int e2e_wait_ready(enum e2e_svc s, int timeout_ms)

@@ -34,6 +34,8 @@ int e2e_restart(enum e2e_svc s);
 pid_t e2e_pid(enum e2e_svc s);
 /* Gateway port of E2E_GW1 or E2E_GW2; admin port of the others. */
 int e2e_port(enum e2e_svc gw);
+/* The value of a counter or gauge (no labels) on s's /metrics, or -1. */
+long long e2e_metric(enum e2e_svc s, const char *name);
 /* A fresh token for user, valid for an hour (or expired if ttl < 0). */
 void e2e_token(const char *user, long ttl_s, char *out, size_t outlen);
 /* A user id unique to this run: prefix + counter. */

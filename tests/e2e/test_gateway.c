@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -167,6 +168,62 @@ START_TEST(sends_over_the_rate_are_refused)
 }
 END_TEST
 
+/* Waits until the gateway's counter passes from; returns its value. */
+static long long park_wait_above(const char *name, long long from)
+{
+    long long v = -1;
+    for (int i = 0; i < 80 && (v = e2e_metric(E2E_GW1, name)) <= from; i++)
+        usleep(100 * 1000);
+    ck_assert_msg(v > from, "%s stayed at %lld", name, v);
+    return v;
+}
+
+static void park_expect_pong(client *cl, const char *id)
+{
+    json_t *r = client_wait_ref(cl, id, E2E_WAIT_MS);
+    ck_assert_msg(r != NULL, "no pong for %s: %s", id, client_errstr(cl));
+    ck_assert_str_eq(e2e_str(r, "type"), "pong");
+    json_decref(r);
+}
+
+/* A quiet connection gives back its wslay context (PARLEY_WS_PARK_MS: 0
+ * under tests/run.sh, 2 s by default) and gets one again on its next
+ * frame. A frame cut across the gateway's 1 s tick, and a fragmented
+ * message whose fragments straddle it, must not be parked in the middle:
+ * a fresh context would take the rest for garbage and close with 1002. */
+START_TEST(quiet_connections_park_and_wake)
+{
+    char u[65];
+    e2e_user("park", u);
+    long long parked = e2e_metric(E2E_GW1, "parley_gateway_ws_parked_total");
+    ck_assert_int_ge(parked, 0);
+    client *cl = e2e_connect(u, E2E_GW1);
+    json_decref(e2e_wait_type(cl, "synced"));
+    parked = park_wait_above("parley_gateway_ws_parked_total", parked);
+    long long woken = e2e_metric(E2E_GW1, "parley_gateway_ws_unparked_total");
+    e2e_send_text(cl, "{\"type\":\"ping\",\"id\":\"woken\"}");
+    park_expect_pong(cl, "woken");
+    park_wait_above("parley_gateway_ws_unparked_total", woken);
+
+    static const char part1[] = "{\"type\":\"ping\",", part2[] = "\"id\":\"fragments\"}";
+    ck_assert_int_eq(client_send_frame(cl, CLIENT_OP_TEXT, part1, sizeof(part1) - 1, 0), 0);
+    usleep(1300 * 1000); /* a tick passes: the gateway looks at parking */
+    ck_assert_int_eq(client_send_frame(cl, CLIENT_OP_CONT, part2, sizeof(part2) - 1, 1), 0);
+    park_expect_pong(cl, "fragments");
+
+    /* One masked frame (key 0: payload as is) written in two pieces. */
+    static const char cmd[] = "{\"type\":\"ping\",\"id\":\"split\"}";
+    unsigned char frame[64] = { 0x81, 0x80 | (unsigned char)(sizeof(cmd) - 1), 0, 0, 0, 0 };
+    memcpy(frame + 6, cmd, sizeof(cmd) - 1);
+    size_t total = 6 + sizeof(cmd) - 1;
+    ck_assert_int_eq(write(client_fd(cl), frame, 3), 3);
+    usleep(1300 * 1000);
+    ck_assert_int_eq(write(client_fd(cl), frame + 3, total - 3), (ssize_t)(total - 3));
+    park_expect_pong(cl, "split");
+    client_close(cl, 1000);
+}
+END_TEST
+
 static Suite *gateway_suite(void)
 {
     Suite *s = suite_create("e2e-gateway");
@@ -177,6 +234,7 @@ static Suite *gateway_suite(void)
     tcase_add_test(tc, client_that_stops_reading_is_closed_at_the_ceiling);
     tcase_add_test(tc, two_gateways_share_one_port);
     tcase_add_test(tc, sends_over_the_rate_are_refused);
+    tcase_add_test(tc, quiet_connections_park_and_wake);
     suite_add_tcase(s, tc);
     return s;
 }
