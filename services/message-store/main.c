@@ -145,8 +145,9 @@ static int main_start(msgstore *ms, char *err, size_t errlen)
                           ms->topic_receipts, ms->topic_groups, ms->topic_dead };
     if (bus_ensure_topics(ms->b, all, PX_ARRAY_LEN(all), 15000, err, errlen) != PX_OK)
         return PX_ERROR;
-    const char *mine[] = { ms->topic_inbox, ms->topic_acks, ms->topic_sync };
-    if (bus_subscribe(ms->b, mine, PX_ARRAY_LEN(mine), err, errlen) != PX_OK)
+    const char *mine[] = { ms->topic_inbox, ms->topic_sync };
+    if (bus_subscribe(ms->b, mine, PX_ARRAY_LEN(mine), err, errlen) != PX_OK ||
+        acker_start(ms, err, errlen) != PX_OK)
         return PX_ERROR;
     ms->cache = route_cache_new();
     if (sweep_start(ms, err, errlen) != PX_OK)
@@ -206,6 +207,7 @@ static int main_loop(msgstore *ms, bus_msg *msgs)
 static void main_shutdown(msgstore *ms)
 {
     atomic_store(&ms->draining, 1);
+    acker_stop(ms);
     sweep_stop(ms);
     if (ms->b != NULL)
         bus_destroy(ms->b);

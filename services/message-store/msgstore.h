@@ -1,9 +1,11 @@
 /* Internal interfaces of message-store: the process state and the contracts
- * between its modules. Threads: the main thread runs the consume loop and
- * owns everything below; delivery reports arrive on it too (from inside
- * bus_poll/bus_flush, which only the main thread calls). The sweep thread
- * uses only st (thread-safe), cfg and metrics; the admin thread's ready
- * callback reads only draining and st. */
+ * between its modules. Threads: the main thread runs the inbox and sync
+ * consume loop and owns everything below; delivery reports arrive on it too
+ * (from inside bus_poll/bus_flush, which only the main thread calls). The
+ * ack thread (acker.c) runs the same batch code on a msgstore of its own
+ * that shares st, cfg, metrics and the stop flag. The sweep thread uses
+ * only st (thread-safe), cfg and metrics; the admin thread's ready callback
+ * reads only draining and st. */
 #ifndef PARLEY_MSGSTORE_H
 #define PARLEY_MSGSTORE_H
 
@@ -86,6 +88,8 @@ struct msgstore {
 
     uint8_t *pack;                  /* reusable protobuf encode buffer */
     size_t pack_cap;
+    msgstore *acker;                /* acker.c: the ack consumer's own msgstore */
+    pthread_t acker_th;
     pthread_t sweeper;              /* sweep.c */
     pthread_mutex_t sweep_mu;
     pthread_cond_t sweep_cv;
@@ -187,6 +191,15 @@ int sync_serve(msgstore *ms, size_t idx, const Parley__SyncRequest *r, char *err
  * deleted. PX_OK when every chunk got that far. */
 int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *err,
                   size_t errlen);
+
+/* ---- acker.c: acks on their own consumer ---- */
+
+/* Starts a thread consuming parley.acks in group "<prefix>message-store-acks"
+ * with its own bus, sharing ms's store, configuration, metrics and stop
+ * flag; the main consumer then takes only inbox and sync. acker_stop (after
+ * *ms->stop is set) joins it and leaves its group. */
+int acker_start(msgstore *ms, char *err, size_t errlen);
+void acker_stop(msgstore *ms);
 
 /* ---- sweep.c: retention ---- */
 
