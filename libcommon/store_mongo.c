@@ -43,6 +43,7 @@
 #include <ctype.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -688,41 +689,6 @@ static void sm_user_ids_filter(bson_t *filter, const char *user, const char *con
     bson_append_document_end(filter, &in);
 }
 
-/* The keys sorted by user, as runs: calls fn once per user with that
- * user's ids. One query per user, not one $or for all: FerretDB hands an
- * equality on user to PostgreSQL's index but scans the collection for an
- * $or (measured at 100 users acking: 54 ms per $or call against ~3 ms per
- * user). MongoDB serves either from the (user, id) index. */
-typedef int (*sm_user_run_fn)(sm_conn *sc, const bson_t *filter, void *arg, char *err,
-                              size_t errlen);
-
-static int sm_by_user(store *st, const store_key *keys, size_t n, sm_user_run_fn fn, void *arg,
-                      char *err, size_t errlen)
-{
-    store_key *sorted = px_malloc(n * sizeof(*sorted));
-    const char **ids = px_malloc(n * sizeof(*ids));
-    sm_conn sc = { 0 };
-    int rc = PX_OK;
-
-    memcpy(sorted, keys, n * sizeof(*sorted));
-    qsort(sorted, n, sizeof(*sorted), sm_inbox_key_cmp);
-    sm_conn_get(st, "inbox", &sc);
-    for (size_t i = 0; i < n && rc == PX_OK;) {
-        size_t j = i, m = 0;
-        bson_t filter;
-        while (j < n && strcmp(sorted[j].user, sorted[i].user) == 0)
-            ids[m++] = sorted[j++].id;
-        sm_user_ids_filter(&filter, sorted[i].user, ids, m);
-        rc = fn(&sc, &filter, arg, err, errlen);
-        bson_destroy(&filter);
-        i = j;
-    }
-    sm_conn_put(st, &sc);
-    free(ids);
-    free(sorted);
-    return rc;
-}
-
 static int sm_delete_many(sm_conn *sc, const bson_t *filter, int64_t *removed, const char *what,
                           char *err, size_t errlen)
 {
@@ -739,48 +705,164 @@ static int sm_delete_many(sm_conn *sc, const bson_t *filter, int64_t *removed, c
     return rc;
 }
 
-typedef struct sm_get_arg {
-    store_event_cb cb;
-    void *arg;
-} sm_get_arg;
+/* The keys sorted by user, as runs: one query per user, not one $or for
+ * all. FerretDB 1.24 turns the equality on user into a JSONB containment
+ * that PostgreSQL answers with a sequential scan (milliseconds per user),
+ * and it does not push an $or down at all (54 ms per $or call at 100
+ * users against ~3 ms per user). So the users' queries run side by side,
+ * SM_BY_USER_THREADS at a time, each on a client of the pool; their
+ * answers are kept per user and handed to the caller in user order on its
+ * own thread. MongoDB serves any of these from the (user, id) index. */
+#define SM_BY_USER_THREADS 4
 
-static int sm_get_run(sm_conn *sc, const bson_t *filter, void *arg, char *err, size_t errlen)
+typedef struct sm_user_op {
+    bson_t filter;
+    bson_t **docs;          /* get: copies of the documents found */
+    size_t ndocs, cap;
+    int64_t removed;        /* delete: documents removed */
+    int rc;
+    char err[PX_ERRLEN];
+} sm_user_op;
+
+typedef struct sm_by_user_job {
+    store *st;
+    sm_user_op *ops;
+    size_t nops;
+    int del;                /* delete_many, else find */
+    atomic_size_t next;
+} sm_by_user_job;
+
+static void sm_user_find(sm_conn *sc, sm_user_op *op)
 {
-    sm_get_arg *g = arg;
-    mongoc_cursor_t *cur = mongoc_collection_find_with_opts(sc->coll, filter, NULL, NULL);
-    int rc = sm_visit(cur, g->cb, g->arg, "inbox get", err, errlen);
+    mongoc_cursor_t *cur = mongoc_collection_find_with_opts(sc->coll, &op->filter, NULL, NULL);
+    const bson_t *doc;
+    bson_error_t error;
+
+    while (mongoc_cursor_next(cur, &doc)) {
+        if (op->ndocs == op->cap) {
+            op->cap = op->cap ? 2 * op->cap : 4;
+            op->docs = px_realloc(op->docs, op->cap * sizeof(*op->docs));
+        }
+        op->docs[op->ndocs++] = bson_copy(doc);
+    }
+    if (mongoc_cursor_error(cur, &error))
+        op->rc = sm_fail(op->err, sizeof(op->err), "inbox get", &error);
     mongoc_cursor_destroy(cur);
-    return rc;
+}
+
+static void *sm_by_user_worker(void *arg)
+{
+    sm_by_user_job *job = arg;
+    sm_conn sc = { 0 };
+    size_t i;
+
+    sm_conn_get(job->st, "inbox", &sc);
+    while ((i = atomic_fetch_add(&job->next, 1)) < job->nops) {
+        sm_user_op *op = &job->ops[i];
+        if (job->del)
+            op->rc = sm_delete_many(&sc, &op->filter, &op->removed, "inbox delete", op->err,
+                                    sizeof(op->err));
+        else
+            sm_user_find(&sc, op);
+    }
+    sm_conn_put(job->st, &sc);
+    return NULL;
+}
+
+/* Fills *ops (one per user, in user order) and runs them; the caller
+ * reads the answers and calls sm_user_ops_free. */
+static int sm_by_user(store *st, const store_key *keys, size_t n, int del, sm_user_op **ops_out,
+                      size_t *nops_out, char *err, size_t errlen)
+{
+    store_key *sorted = px_malloc(n * sizeof(*sorted));
+    const char **ids = px_malloc(n * sizeof(*ids));
+    sm_user_op *ops = px_calloc(n, sizeof(*ops));
+    size_t nops = 0;
+
+    memcpy(sorted, keys, n * sizeof(*sorted));
+    qsort(sorted, n, sizeof(*sorted), sm_inbox_key_cmp);
+    for (size_t i = 0; i < n;) {
+        size_t j = i, m = 0;
+        while (j < n && strcmp(sorted[j].user, sorted[i].user) == 0)
+            ids[m++] = sorted[j++].id;
+        sm_user_ids_filter(&ops[nops++].filter, sorted[i].user, ids, m);
+        i = j;
+    }
+    free(ids);
+    free(sorted);
+
+    sm_by_user_job job = { .st = st, .ops = ops, .nops = nops, .del = del };
+    atomic_init(&job.next, 0);
+    pthread_t th[SM_BY_USER_THREADS - 1];
+    size_t nth = 0;
+    while (nth + 1 < PX_MIN((size_t)SM_BY_USER_THREADS, nops) &&
+           pthread_create(&th[nth], NULL, sm_by_user_worker, &job) == 0)
+        nth++;
+    sm_by_user_worker(&job);
+    for (size_t t = 0; t < nth; t++)
+        pthread_join(th[t], NULL);
+
+    *ops_out = ops;
+    *nops_out = nops;
+    for (size_t i = 0; i < nops; i++)
+        if (ops[i].rc != PX_OK)
+            return px_err(err, errlen, "%s", ops[i].err);
+    return PX_OK;
+}
+
+static void sm_user_ops_free(sm_user_op *ops, size_t nops)
+{
+    for (size_t i = 0; i < nops; i++) {
+        bson_destroy(&ops[i].filter);
+        for (size_t d = 0; d < ops[i].ndocs; d++)
+            bson_destroy(ops[i].docs[d]);
+        free(ops[i].docs);
+    }
+    free(ops);
 }
 
 int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb cb, void *arg,
                     char *err, size_t errlen)
 {
+    sm_user_op *ops = NULL;
+    size_t nops = 0;
+    store_event ev;
+
     if (cb == NULL)
         return px_err(err, errlen, "inbox get: cb is required");
     if (sm_check_keys(keys, n, "inbox get", err, errlen) != PX_OK)
         return PX_ERROR;
-    sm_get_arg g = { cb, arg };
-    return n == 0 ? PX_OK : sm_by_user(st, keys, n, sm_get_run, &g, err, errlen);
-}
-
-static int sm_delete_run(sm_conn *sc, const bson_t *filter, void *arg, char *err, size_t errlen)
-{
-    int64_t *removed = arg, k = 0;
-    int rc = sm_delete_many(sc, filter, &k, "inbox delete", err, errlen);
-    *removed += k;
+    if (n == 0)
+        return PX_OK;
+    int rc = sm_by_user(st, keys, n, 0, &ops, &nops, err, errlen);
+    for (size_t i = 0; i < nops && rc == PX_OK; i++)
+        for (size_t d = 0; d < ops[i].ndocs && rc == PX_OK; d++) {
+            if (sm_event_parse(ops[i].docs[d], &ev) != PX_OK)
+                rc = px_err(err, errlen, "inbox get: malformed inbox document");
+            else
+                rc = cb(arg, &ev);
+        }
+    sm_user_ops_free(ops, nops);
     return rc;
 }
 
 int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *removed, char *err,
                        size_t errlen)
 {
+    sm_user_op *ops = NULL;
+    size_t nops = 0;
     int64_t total = 0;
+
     if (removed != NULL)
         *removed = 0;
     if (sm_check_keys(keys, n, "inbox delete", err, errlen) != PX_OK)
         return PX_ERROR;
-    int rc = n == 0 ? PX_OK : sm_by_user(st, keys, n, sm_delete_run, &total, err, errlen);
+    if (n == 0)
+        return PX_OK;
+    int rc = sm_by_user(st, keys, n, 1, &ops, &nops, err, errlen);
+    for (size_t i = 0; i < nops; i++)
+        total += ops[i].removed;
+    sm_user_ops_free(ops, nops);
     if (removed != NULL)
         *removed = total;
     return rc;
