@@ -2,21 +2,18 @@
  * between its modules. Threads: the main thread runs the consume loop and
  * owns everything below; delivery reports arrive on it too (from inside
  * bus_poll/bus_flush, which only the main thread calls). The sweep thread
- * uses only st (thread-safe), cfg and metrics; the admin thread's ready
- * callback reads only draining and st. */
+ * uses only svc.st (thread-safe), svc.cfg and metrics. main.c holds what is
+ * message-store's own in its life; service.c runs the rest. */
 #ifndef PARLEY_MSGSTORE_H
 #define PARLEY_MSGSTORE_H
 
-#include "admin_http.h"
 #include "bus.h"
-#include "config.h"
 #include "metrics.h"
+#include "service.h"
 #include "store.h"
 #include "parley.pb-c.h"
 
 #include <pthread.h>
-#include <signal.h>
-#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -66,15 +63,10 @@ typedef struct batch_tag {
 } batch_tag;
 
 struct msgstore {
-    config cfg;
-    store *st;
-    bus *b;
-    char topic_inbox[96], topic_acks[96], topic_sync[96], topic_presence[96],
-        topic_receipts[96], topic_groups[96], topic_dead[96];
+    service svc;
+    const char *topic_inbox, *topic_acks, *topic_sync, *topic_presence, *topic_receipts,
+        *topic_groups, *topic_dead;
     route_cache *cache;
-    admin *admin;
-    volatile sig_atomic_t *stop;    /* set by the signal handler */
-    atomic_int draining;            /* /readyz answers 503 from here on */
 
     /* Delivery-report bookkeeping for the batch in flight (batch.c). */
     batch_tag tags[MSGSTORE_BATCH];
@@ -97,7 +89,7 @@ struct msgstore {
 
 /* Processes n consumed records (decode, dispatch in order, commit, retry
  * with backoff on store errors) and releases them. Returns after every
- * record is committed, or early when *ms->stop is set (the rest is then
+ * record is committed, or early when ms->svc.stop is set (the rest is then
  * left uncommitted and is consumed again by whoever owns the partition
  * next). */
 void batch_process(msgstore *ms, bus_msg *msgs, size_t n);
@@ -194,12 +186,5 @@ int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *
  * consume loop so a long delete never stalls deliveries. */
 int sweep_start(msgstore *ms, char *err, size_t errlen);
 void sweep_stop(msgstore *ms);
-
-/* ---- main.c ---- */
-
-/* Store call latency: msgstore_observe(m, t0) puts the milliseconds since
- * t0 = msgstore_clock_us() into histogram m (sub-millisecond precision). */
-int64_t msgstore_clock_us(void);
-void msgstore_observe(metric *m, int64_t t0_us);
 
 #endif
