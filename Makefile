@@ -160,6 +160,13 @@ $(OUT)/tests/integration/test_presence_sqlite: $(OUT)/tests/integration/test_pre
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
+# service.o (in libcommon.a) calls the bus and the store, whose archive
+# comes first in $(LIB): this test, which reaches them only through it,
+# names libcommon.a before them too ($+ keeps the repeat).
+$(OUT)/tests/unit/test_service: $(OUT)/tests/unit/test_service.o $(OUT)/libcommon.a $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $+ $(CHECK_LIBS) $(PKG_LIBS)
+
 $(OUT)/tests/%: $(OUT)/tests/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)

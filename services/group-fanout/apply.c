@@ -124,9 +124,9 @@ static int apply_load(apply_ctx *a, const fanout_rec *recs, size_t n)
             continue;
         ids[nids++] = apply_add_group(a, recs[i].x->group)->id;
     }
-    int64_t t0 = fanout_clock_us();
-    int rc = store_group_get(a->f->st, ids, nids, apply_loaded, a, a->err, a->errlen);
-    fanout_observe(a->f->m.lat_get, t0);
+    int64_t t0 = service_clock_us();
+    int rc = store_group_get(a->f->svc.st, ids, nids, apply_loaded, a, a->err, a->errlen);
+    service_observe(a->f->m.lat_get, t0);
     free(ids);
     return rc;
 }
@@ -225,7 +225,7 @@ static void apply_answer_json(apply_ctx *a, const Parley__GroupCommand *x, char 
     d.events_json = &ev;
     d.n_events_json = 1;
     apply_answer *an = &a->answers[a->nanswers++];
-    snprintf(an->topic, sizeof(an->topic), "%sgw.%s", a->f->cfg.topic_prefix, x->gateway);
+    snprintf(an->topic, sizeof(an->topic), "%sgw.%s", a->f->svc.cfg.topic_prefix, x->gateway);
     an->key = px_strdup(x->user);
     an->len = parley__delivery__get_packed_size(&d);
     an->buf = px_malloc(an->len);
@@ -353,7 +353,7 @@ static int apply_grant_media(apply_ctx *a, const Parley__GroupCommand *x, const 
     for (size_t i = 0; i < g->nmembers; i++)
         if (strcmp(g->members[i], x->user) != 0)
             who[n++] = g->members[i];
-    int rc = store_media_grant(a->f->st, x->media_id, who, n, x->ts_ms, a->err, a->errlen);
+    int rc = store_media_grant(a->f->svc.st, x->media_id, who, n, x->ts_ms, a->err, a->errlen);
     if (rc == PX_DECLINED)
         log_warn("group message names media that is gone", "{s:s, s:s}", "group", g->id,
                  "media", x->media_id);
@@ -453,7 +453,7 @@ static int apply_records(apply_ctx *a, fanout_rec *recs, size_t n)
 static int apply_confirm(apply_ctx *a, const char *what)
 {
     long failures = a->f->dr_failures;
-    if (bus_flush(a->f->b, APPLY_FLUSH_MS) != PX_OK)
+    if (bus_flush(a->f->svc.b, APPLY_FLUSH_MS) != PX_OK)
         return px_err(a->err, a->errlen, "%s not confirmed by Kafka in %d ms", what,
                       APPLY_FLUSH_MS);
     if (a->f->dr_failures != failures)
@@ -487,9 +487,9 @@ static int apply_write(apply_ctx *a)
                                  .nadmins = g->nadmins, .applied = g->last_off,
                                  .ts_ms = g->ts_ms };
     }
-    int64_t t0 = fanout_clock_us();
-    int rc = store_group_put(a->f->st, sg, n, a->err, a->errlen);
-    fanout_observe(a->f->m.lat_put, t0);
+    int64_t t0 = service_clock_us();
+    int rc = store_group_put(a->f->svc.st, sg, n, a->err, a->errlen);
+    service_observe(a->f->m.lat_put, t0);
     free(sg);
     return rc;
 }

@@ -16,9 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BATCH_BACKOFF_MIN_MS 100
-#define BATCH_BACKOFF_MAX_MS 5000
-#define BATCH_SLEEP_SLICE_MS 50
 #define BATCH_QUEUE_WAIT_MS 5000
 
 /* A stale report (outliving a flush timeout) only costs one needless retry. */
@@ -36,7 +33,7 @@ void batch_on_delivery(void *opaque, int status, const char *err, int32_t partit
 int batch_produce(fanout *f, const char *topic, const char *key, size_t key_len,
                   const void *value, size_t len, char *err, size_t errlen)
 {
-    return bus_produce_wait(f->b, topic, key, key_len, value, len, f, BATCH_QUEUE_WAIT_MS, err,
+    return bus_produce_wait(f->svc.b, topic, key, key_len, value, len, f, BATCH_QUEUE_WAIT_MS, err,
                             errlen);
 }
 
@@ -122,11 +119,16 @@ static void batch_decode(fanout *f, const bus_msg *m, fanout_rec *r)
 
 /* ---- running ---- */
 
-static void batch_sleep(fanout *f, int64_t ms_total)
+typedef struct batch_job {
+    fanout *f;
+    fanout_rec *recs;
+    size_t n;
+} batch_job;
+
+static int batch_attempt(void *arg, char *err, size_t errlen)
 {
-    int64_t end = px_mono_ms() + ms_total;
-    while (!*f->stop && px_mono_ms() < end)
-        bus_poll(f->b, BATCH_SLEEP_SLICE_MS);
+    batch_job *j = arg;
+    return apply_batch(j->f, j->recs, j->n, err, errlen);
 }
 
 void batch_process(fanout *f, bus_msg *msgs, size_t n)
@@ -134,27 +136,9 @@ void batch_process(fanout *f, bus_msg *msgs, size_t n)
     fanout_rec *recs = px_calloc(n, sizeof(*recs));
     for (size_t i = 0; i < n; i++)
         batch_decode(f, &msgs[i], &recs[i]);
-
-    int64_t backoff = BATCH_BACKOFF_MIN_MS;
-    for (;;) {
-        char err[PX_ERRLEN] = "";
-        if (apply_batch(f, recs, n, err, sizeof(err)) == PX_OK) {
-            bus_commit(f->b, msgs, n);
-            break;
-        }
-        metric_add(f->m.retries, 1);
-        log_warn("batch failed; retrying", "{s:s, s:i, s:I, s:I, s:I}", "error", err,
-                 "partition", (int)msgs[0].partition, "offset", (json_int_t)msgs[0].offset,
-                 "records", (json_int_t)n, "backoff_ms", (json_int_t)backoff);
-        batch_sleep(f, backoff);
-        if (*f->stop) {
-            log_warn("stopping with uncommitted records; they will be consumed again",
-                     "{s:I}", "records", (json_int_t)n);
-            break;
-        }
-        backoff = PX_MIN(backoff * 2, BATCH_BACKOFF_MAX_MS);
-    }
-    bus_release(f->b, msgs, n);
+    batch_job j = { f, recs, n };
+    service_retry_batch(&f->svc, msgs, n, f->m.retries, batch_attempt, &j);
+    bus_release(f->svc.b, msgs, n);
     for (size_t i = 0; i < n; i++)
         if (recs[i].x != NULL)
             parley__group_command__free_unpacked(recs[i].x, NULL);

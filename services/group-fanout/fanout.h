@@ -1,21 +1,18 @@
 /* Internal interfaces of group-fanout: the process state and the contracts
- * between main.c (configuration, loop, shutdown), batch.c (one consumed
- * batch: decode, dead letters, retry, commit) and apply.c (group state,
- * membership checks, fan-out, answers). The main thread owns everything;
- * delivery reports arrive on it (inside bus_poll and bus_flush). The admin
- * thread's ready callback reads only draining and st (thread-safe). */
+ * between main.c (topics, metrics; service.c runs the rest), batch.c (one
+ * consumed batch: decode, dead letters, retry, commit) and apply.c (group
+ * state, membership checks, fan-out, answers). The main thread owns
+ * everything; delivery reports arrive on it (inside bus_poll and
+ * bus_flush). */
 #ifndef PARLEY_FANOUT_H
 #define PARLEY_FANOUT_H
 
-#include "admin_http.h"
 #include "bus.h"
-#include "config.h"
 #include "metrics.h"
+#include "service.h"
 #include "store.h"
 #include "parley.pb-c.h"
 
-#include <signal.h>
-#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -32,13 +29,8 @@ typedef struct fanout_metrics {
 } fanout_metrics;
 
 typedef struct fanout {
-    config cfg;
-    store *st;
-    bus *b;
-    admin *admin;
-    char topic_groups[96], topic_inbox[96], topic_dead[96];
-    volatile sig_atomic_t *stop;    /* set by the signal handler */
-    atomic_int draining;            /* /readyz answers 503 from here on */
+    service svc;
+    const char *topic_groups, *topic_inbox, *topic_dead;
     long dr_failures;               /* produces the bus refused, ever */
     fanout_metrics m;
 } fanout;
@@ -56,7 +48,7 @@ typedef struct fanout_rec {
 
 /* Decodes n consumed records, applies them (apply_batch) until that
  * succeeds, retrying with backoff without consuming anything new, commits
- * and releases them. Returns early, uncommitted, when *f->stop is set
+ * and releases them. Returns early, uncommitted, when f->svc.stop is set
  * during a retry: everything is then consumed again. */
 void batch_process(fanout *f, bus_msg *msgs, size_t n);
 
@@ -80,10 +72,5 @@ int batch_produce(fanout *f, const char *topic, const char *key, size_t key_len,
  * the whole batch is applied again from the stored state, yielding the same
  * records (ids derive from the commands), which the inbox dedupe absorbs. */
 int apply_batch(fanout *f, fanout_rec *recs, size_t n, char *err, size_t errlen);
-
-/* ---- main.c ---- */
-
-int64_t fanout_clock_us(void);
-void fanout_observe(metric *m, int64_t t0_us);
 
 #endif

@@ -136,7 +136,7 @@ static int ack_facts_durable(ack_ctx *c, char *err, size_t errlen)
     msgstore *ms = c->ms;
     if (c->facts == 0)
         return PX_OK;
-    if (bus_flush(ms->b, ACK_FLUSH_MS) != PX_OK)
+    if (bus_flush(ms->svc.b, ACK_FLUSH_MS) != PX_OK)
         return px_err(err, errlen, "receipt facts not acknowledged within %d ms", ACK_FLUSH_MS);
     if (ms->failed_at <= c->idx)
         return px_err(err, errlen, "receipt facts not accepted by the bus");
@@ -151,9 +151,9 @@ static int ack_delete(ack_ctx *c, char *err, size_t errlen)
     for (size_t i = 0; i < c->n; i++)
         if (c->e[i].found)
             keys[k++] = c->e[i].key;
-    int64_t t0 = msgstore_clock_us();
-    int rc = store_inbox_delete(c->ms->st, keys, k, NULL, err, errlen);
-    msgstore_observe(c->ms->m.lat_ack, t0);
+    int64_t t0 = service_clock_us();
+    int rc = store_inbox_delete(c->ms->svc.st, keys, k, NULL, err, errlen);
+    service_observe(c->ms->m.lat_ack, t0);
     free(keys);
     return rc;
 }
@@ -168,9 +168,9 @@ static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
     }
     c->held = c->facts = 0;
     c->err[0] = '\0';
-    int64_t t0 = msgstore_clock_us();
-    int rc = store_inbox_get(ms->st, keys, c->n, ack_on_held, c, err, errlen);
-    msgstore_observe(ms->m.lat_ack, t0);
+    int64_t t0 = service_clock_us();
+    int rc = store_inbox_get(ms->svc.st, keys, c->n, ack_on_held, c, err, errlen);
+    service_observe(ms->m.lat_ack, t0);
     free(keys);
     if (rc == PX_OK)
         rc = ack_claims(c);

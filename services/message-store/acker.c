@@ -6,8 +6,8 @@
  * acks held its fan-out for seconds). Acks need no order against the
  * inbox: an ack names an event its client received, which was stored
  * before it was pushed. The acker is a second msgstore that shares the
- * store, the configuration, the metrics and the stop flag and has its own
- * bus and batch bookkeeping, so batch.c and ack.c run unchanged on it. */
+ * store, the configuration and the metrics and has its own bus, stop flag
+ * and batch bookkeeping, so batch.c and ack.c run unchanged on it. */
 #include "common.h"
 #include "log.h"
 #include "msgstore.h"
@@ -19,13 +19,15 @@
 
 #define ACKER_GROUP_SUFFIX "-acks"
 
+/* Runs until acker_stop; a stop signal ends the main loop, whose drain
+ * calls acker_stop, so the ack consumer stops right after it. */
 static void *acker_main(void *arg)
 {
     msgstore *a = arg;
     bus_msg *msgs = px_calloc(MSGSTORE_BATCH, sizeof(*msgs));
     char err[PX_ERRLEN];
-    while (!*a->stop) {
-        int n = bus_consume(a->b, msgs, MSGSTORE_BATCH, MSGSTORE_CONSUME_WAIT_MS, err,
+    while (!a->svc.stop) {
+        int n = bus_consume(a->svc.b, msgs, MSGSTORE_BATCH, MSGSTORE_CONSUME_WAIT_MS, err,
                             sizeof(err));
         if (n < 0) {
             /* The main loop's consumer fails the same way and ends the
@@ -35,7 +37,7 @@ static void *acker_main(void *arg)
         }
         if (n > 0)
             batch_process(a, msgs, (size_t)n);
-        bus_poll(a->b, 0);
+        bus_poll(a->svc.b, 0);
     }
     free(msgs);
     return NULL;
@@ -44,32 +46,32 @@ static void *acker_main(void *arg)
 int acker_start(msgstore *ms, char *err, size_t errlen)
 {
     char host[64] = "local", client[128], group[160];
+    const config *cfg = &ms->svc.cfg;
     gethostname(host, sizeof(host) - 1);
-    snprintf(group, sizeof(group), "%s%s%s", ms->cfg.topic_prefix, MSGSTORE_GROUP,
+    snprintf(group, sizeof(group), "%s%s%s", cfg->topic_prefix, MSGSTORE_GROUP,
              ACKER_GROUP_SUFFIX);
     snprintf(client, sizeof(client), "message-store-acks-%s", host);
     msgstore *a = px_calloc(1, sizeof(*a));
-    a->cfg = ms->cfg;
-    a->st = ms->st;
-    a->stop = ms->stop;
+    a->svc.cfg = *cfg;
+    a->svc.st = ms->svc.st;
     a->m = ms->m;
-    memcpy(a->topic_inbox, ms->topic_inbox, sizeof(a->topic_inbox));
-    memcpy(a->topic_acks, ms->topic_acks, sizeof(a->topic_acks));
-    memcpy(a->topic_sync, ms->topic_sync, sizeof(a->topic_sync));
-    memcpy(a->topic_receipts, ms->topic_receipts, sizeof(a->topic_receipts));
-    memcpy(a->topic_dead, ms->topic_dead, sizeof(a->topic_dead));
+    a->topic_inbox = ms->topic_inbox;
+    a->topic_acks = ms->topic_acks;
+    a->topic_sync = ms->topic_sync;
+    a->topic_receipts = ms->topic_receipts;
+    a->topic_dead = ms->topic_dead;
     batch_init(a);
-    bus_conf bc = { .brokers = ms->cfg.kafka_brokers, .client_id = client, .group = group,
-                    .partitions = (int)ms->cfg.partitions, .dr_cb = batch_on_delivery };
-    a->b = bus_new(&bc, err, errlen);
+    bus_conf bc = { .brokers = cfg->kafka_brokers, .client_id = client, .group = group,
+                    .partitions = (int)cfg->partitions, .dr_cb = batch_on_delivery };
+    a->svc.b = bus_new(&bc, err, errlen);
     const char *mine[] = { a->topic_acks };
-    int rc = a->b != NULL ? bus_subscribe(a->b, mine, 1, err, errlen) : PX_ERROR;
+    int rc = a->svc.b != NULL ? bus_subscribe(a->svc.b, mine, 1, err, errlen) : PX_ERROR;
     int e = rc == PX_OK ? pthread_create(&ms->acker_th, NULL, acker_main, a) : 0;
     if (rc != PX_OK || e != 0) {
         if (e != 0)
             px_err(err, errlen, "ack consumer thread: %s", strerror(e));
-        if (a->b != NULL)
-            bus_destroy(a->b);
+        if (a->svc.b != NULL)
+            bus_destroy(a->svc.b);
         free(a);
         return PX_ERROR;
     }
@@ -82,10 +84,10 @@ void acker_stop(msgstore *ms)
     msgstore *a = ms->acker;
     if (a == NULL)
         return;
-    *ms->stop = 1; /* already so after a signal; not after a failed start */
-    bus_wakeup(a->b);
+    a->svc.stop = 1;
+    bus_wakeup(a->svc.b);
     pthread_join(ms->acker_th, NULL);
-    bus_destroy(a->b); /* commits what was marked, leaves the group */
+    bus_destroy(a->svc.b); /* commits what was marked, leaves the group */
     free(a->pack);
     free(a);
     ms->acker = NULL;

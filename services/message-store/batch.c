@@ -15,9 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BATCH_BACKOFF_MIN_MS 100
-#define BATCH_BACKOFF_MAX_MS 5000
-#define BATCH_SLEEP_SLICE_MS 50
 #define BATCH_FLUSH_MS 10000       /* wait for gating produces before a commit */
 #define BATCH_QUEUE_WAIT_MS 5000   /* ride out a full producer queue this long */
 #define BATCH_EVENT_ID_MAX 255
@@ -70,8 +67,8 @@ void batch_on_delivery(void *opaque, int status, const char *err, int32_t partit
 int batch_produce(msgstore *ms, const char *topic, const char *key, size_t key_len,
                   const void *value, size_t len, void *opaque, char *err, size_t errlen)
 {
-    return bus_produce_wait(ms->b, topic, key, key_len, value, len, opaque, BATCH_QUEUE_WAIT_MS, err,
-                            errlen);
+    return bus_produce_wait(ms->svc.b, topic, key, key_len, value, len, opaque,
+                            BATCH_QUEUE_WAIT_MS, err, errlen);
 }
 
 /* ---- decoding ---- */
@@ -245,7 +242,7 @@ static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_
  * records in it and stops before the first one that failed. */
 static size_t batch_settle(msgstore *ms, size_t upto, char *err, size_t errlen)
 {
-    if (ms->first_durable < upto && bus_flush(ms->b, BATCH_FLUSH_MS) != PX_OK) {
+    if (ms->first_durable < upto && bus_flush(ms->svc.b, BATCH_FLUSH_MS) != PX_OK) {
         px_err(err, errlen, "deliveries not acknowledged within %d ms", BATCH_FLUSH_MS);
         if (ms->first_durable < ms->failed_at)
             ms->failed_at = ms->first_durable;
@@ -258,14 +255,6 @@ static size_t batch_settle(msgstore *ms, size_t upto, char *err, size_t errlen)
     return upto;
 }
 
-/* Sleeps up to ms_total, serving delivery reports; returns early on stop. */
-static void batch_sleep(msgstore *ms, int64_t ms_total)
-{
-    int64_t end = px_mono_ms() + ms_total;
-    while (!*ms->stop && px_mono_ms() < end)
-        bus_poll(ms->b, BATCH_SLEEP_SLICE_MS);
-}
-
 void batch_process(msgstore *ms, bus_msg *msgs, size_t n)
 {
     msgstore_rec *recs = px_calloc(n, sizeof(*recs));
@@ -273,7 +262,7 @@ void batch_process(msgstore *ms, bus_msg *msgs, size_t n)
         batch_decode(ms, &msgs[i], &recs[i]);
 
     size_t done = 0;
-    int64_t backoff = BATCH_BACKOFF_MIN_MS;
+    int64_t backoff = SERVICE_BACKOFF_MIN_MS;
     while (done < n) {
         char err[PX_ERRLEN] = "";
         ms->first_durable = SIZE_MAX;
@@ -281,9 +270,9 @@ void batch_process(msgstore *ms, bus_msg *msgs, size_t n)
         size_t upto = batch_attempt(ms, recs, done, n, err, sizeof(err));
         upto = batch_settle(ms, upto, err, sizeof(err));
         if (upto > done) {
-            bus_commit(ms->b, msgs + done, upto - done);
+            bus_commit(ms->svc.b, msgs + done, upto - done);
             done = upto;
-            backoff = BATCH_BACKOFF_MIN_MS;
+            backoff = SERVICE_BACKOFF_MIN_MS;
         }
         if (done == n)
             break;
@@ -293,15 +282,15 @@ void batch_process(msgstore *ms, bus_msg *msgs, size_t n)
                  "topic", m->topic, "partition", (int)m->partition, "offset",
                  (json_int_t)m->offset, "pending", (json_int_t)(n - done), "backoff_ms",
                  (json_int_t)backoff);
-        batch_sleep(ms, backoff);
-        if (*ms->stop) {
+        service_sleep(&ms->svc, backoff);
+        if (ms->svc.stop) {
             log_warn("stopping with uncommitted records; they will be consumed again",
                      "{s:I}", "records", (json_int_t)(n - done));
             break;
         }
-        backoff = PX_MIN(backoff * 2, BATCH_BACKOFF_MAX_MS);
+        backoff = PX_MIN(backoff * 2, SERVICE_BACKOFF_MAX_MS);
     }
-    bus_release(ms->b, msgs, n);
+    bus_release(ms->svc.b, msgs, n);
     for (size_t i = 0; i < n; i++)
         batch_free_rec(ms, &recs[i]);
     free(recs);

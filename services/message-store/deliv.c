@@ -71,7 +71,7 @@ int deliv_send(msgstore *ms, const deliv *d, const char (*gws)[65], size_t ngws,
             rc = px_err(err, errlen, "gateway id \"%.64s\" is not a valid topic suffix", gws[i]);
             continue;
         }
-        snprintf(topic, sizeof(topic), "%sgw.%s", ms->cfg.topic_prefix, gws[i]);
+        snprintf(topic, sizeof(topic), "%sgw.%s", ms->svc.cfg.topic_prefix, gws[i]);
         if (batch_produce(ms, topic, user, strlen(user), ms->pack, len, opaque, err, errlen) !=
             PX_OK) {
             rc = PX_ERROR;

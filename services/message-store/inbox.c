@@ -130,18 +130,18 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
     inbox_run ir = { 0 };
     inbox_run_init(&ir, recs, n);
 
-    int64_t t0 = msgstore_clock_us();
-    if (store_seen_claim(ms->st, ir.ckeys, ir.ctags, ir.nc, px_now_ms(), ir.fresh, err,
+    int64_t t0 = service_clock_us();
+    if (store_seen_claim(ms->svc.st, ir.ckeys, ir.ctags, ir.nc, px_now_ms(), ir.fresh, err,
                          errlen) != PX_OK)
         goto out;
-    msgstore_observe(ms->m.lat_seen_claim, t0);
+    service_observe(ms->m.lat_seen_claim, t0);
     inbox_pick_fresh(&ir, recs);
 
     if (ir.nf > 0) {
-        t0 = msgstore_clock_us();
-        if (store_inbox_put(ms->st, ir.fev, ir.nf, ir.inserted, err, errlen) != PX_OK)
+        t0 = service_clock_us();
+        if (store_inbox_put(ms->svc.st, ir.fev, ir.nf, ir.inserted, err, errlen) != PX_OK)
             goto out;
-        msgstore_observe(ms->m.lat_put, t0);
+        service_observe(ms->m.lat_put, t0);
     }
 
     /* A put that reports a duplicate of a fresh claim is this record's own
@@ -155,7 +155,7 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
 
     /* The pushes are in the bus before the batch commits: a crash before
      * that brings the records back, still fresh, and pushes them again. */
-    if (ir.nf > 0 && bus_flush(ms->b, 10000) != PX_OK) {
+    if (ir.nf > 0 && bus_flush(ms->svc.b, 10000) != PX_OK) {
         px_err(err, errlen, "live deliveries not confirmed by the bus in 10 s");
         goto out;
     }

@@ -3,22 +3,19 @@
  * consume loop and owns everything below; delivery reports arrive on it too
  * (from inside bus_poll/bus_flush, which only the main thread calls). The
  * ack thread (acker.c) runs the same batch code on a msgstore of its own
- * that shares st, cfg, metrics and the stop flag. The sweep thread uses
- * only st (thread-safe), cfg and metrics; the admin thread's ready callback
- * reads only draining and st. */
+ * that shares svc.st, svc.cfg and the metrics. The sweep thread uses only
+ * svc.st (thread-safe), svc.cfg and metrics. main.c holds what is
+ * message-store's own in its life; service.c runs the rest. */
 #ifndef PARLEY_MSGSTORE_H
 #define PARLEY_MSGSTORE_H
 
-#include "admin_http.h"
 #include "bus.h"
-#include "config.h"
 #include "metrics.h"
+#include "service.h"
 #include "store.h"
 #include "parley.pb-c.h"
 
 #include <pthread.h>
-#include <signal.h>
-#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -68,15 +65,10 @@ typedef struct batch_tag {
 } batch_tag;
 
 struct msgstore {
-    config cfg;
-    store *st;
-    bus *b;
-    char topic_inbox[96], topic_acks[96], topic_sync[96], topic_presence[96],
-        topic_receipts[96], topic_groups[96], topic_dead[96];
+    service svc;
+    const char *topic_inbox, *topic_acks, *topic_sync, *topic_presence, *topic_receipts,
+        *topic_groups, *topic_dead;
     route_cache *cache;
-    admin *admin;
-    volatile sig_atomic_t *stop;    /* set by the signal handler */
-    atomic_int draining;            /* /readyz answers 503 from here on */
 
     /* Delivery-report bookkeeping for the batch in flight (batch.c). */
     batch_tag tags[MSGSTORE_BATCH];
@@ -101,7 +93,7 @@ struct msgstore {
 
 /* Processes n consumed records (decode, dispatch in order, commit, retry
  * with backoff on store errors) and releases them. Returns after every
- * record is committed, or early when *ms->stop is set (the rest is then
+ * record is committed, or early when ms->svc.stop is set (the rest is then
  * left uncommitted and is consumed again by whoever owns the partition
  * next). */
 void batch_process(msgstore *ms, bus_msg *msgs, size_t n);
@@ -195,9 +187,9 @@ int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *
 /* ---- acker.c: acks on their own consumer ---- */
 
 /* Starts a thread consuming parley.acks in group "<prefix>message-store-acks"
- * with its own bus, sharing ms's store, configuration, metrics and stop
- * flag; the main consumer then takes only inbox and sync. acker_stop (after
- * *ms->stop is set) joins it and leaves its group. */
+ * with a bus and a stop flag of its own, sharing ms's store, configuration
+ * and metrics; the main consumer takes only inbox and sync. acker_stop
+ * stops and joins it and leaves its group. */
 int acker_start(msgstore *ms, char *err, size_t errlen);
 void acker_stop(msgstore *ms);
 
@@ -207,12 +199,5 @@ void acker_stop(msgstore *ms);
  * consume loop so a long delete never stalls deliveries. */
 int sweep_start(msgstore *ms, char *err, size_t errlen);
 void sweep_stop(msgstore *ms);
-
-/* ---- main.c ---- */
-
-/* Store call latency: msgstore_observe(m, t0) puts the milliseconds since
- * t0 = msgstore_clock_us() into histogram m (sub-millisecond precision). */
-int64_t msgstore_clock_us(void);
-void msgstore_observe(metric *m, int64_t t0_us);
 
 #endif

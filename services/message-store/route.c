@@ -88,10 +88,10 @@ static const route_entry *route_get(route_cache *rc, const char *user, int64_t n
 static int route_lookup(msgstore *ms, const char *user, char (*gws)[65], size_t *n)
 {
     char err[PX_ERRLEN] = "";
-    int64_t t0 = msgstore_clock_us();
+    int64_t t0 = service_clock_us();
     *n = 0;
-    int rc = store_presence_lookup(ms->st, user, 0, gws, ROUTE_MAX_GWS, n, err, sizeof(err));
-    msgstore_observe(ms->m.lat_lookup, t0);
+    int rc = store_presence_lookup(ms->svc.st, user, 0, gws, ROUTE_MAX_GWS, n, err, sizeof(err));
+    service_observe(ms->m.lat_lookup, t0);
     if (rc != PX_OK) {
         *n = 0;
         metric_add(ms->m.lookup_failures, 1);
@@ -112,8 +112,8 @@ static size_t route_gateways(msgstore *ms, const char *user, char (*gws)[65])
     }
     metric_add(ms->m.cache_misses, 1);
     size_t n = 0;
-    if (route_lookup(ms, user, gws, &n) == PX_OK && ms->cfg.presence_ttl_ms > 0)
-        route_put(ms->cache, user, (const char (*)[65])gws, n, now + ms->cfg.presence_ttl_ms);
+    if (route_lookup(ms, user, gws, &n) == PX_OK && ms->svc.cfg.presence_ttl_ms > 0)
+        route_put(ms->cache, user, (const char (*)[65])gws, n, now + ms->svc.cfg.presence_ttl_ms);
     return n;
 }
 
@@ -138,7 +138,7 @@ void route_note_gateway(msgstore *ms, const char *user, const char *gateway)
             n--; /* the newest connection wins the last place */
         snprintf(gws[n++], sizeof(gws[0]), "%s", gateway);
     }
-    int64_t ttl = PX_MAX(ms->cfg.presence_ttl_ms, ROUTE_NOTE_MIN_MS);
+    int64_t ttl = PX_MAX(ms->svc.cfg.presence_ttl_ms, ROUTE_NOTE_MIN_MS);
     route_put(ms->cache, user, (const char (*)[65])gws, n, now + ttl);
 }
 

@@ -25,22 +25,22 @@
 static void sweep_once(msgstore *ms)
 {
     char err[PX_ERRLEN] = "";
-    int64_t cutoff = px_now_ms() - ms->cfg.retention_days * 86400000LL;
+    int64_t cutoff = px_now_ms() - ms->svc.cfg.retention_days * 86400000LL;
     int64_t inbox = 0, seen = 0;
-    int64_t t0 = msgstore_clock_us();
-    int irc = store_inbox_sweep(ms->st, cutoff, &inbox, err, sizeof(err));
+    int64_t t0 = service_clock_us();
+    int irc = store_inbox_sweep(ms->svc.st, cutoff, &inbox, err, sizeof(err));
     if (irc != PX_OK)
         log_warn("inbox sweep failed", "{s:s}", "error", err);
-    int src = store_seen_sweep(ms->st, cutoff, &seen, err, sizeof(err));
+    int src = store_seen_sweep(ms->svc.st, cutoff, &seen, err, sizeof(err));
     if (src != PX_OK)
         log_warn("seen sweep failed", "{s:s}", "error", err);
     int64_t media = 0, orphans = 0;
-    int mrc = store_media_sweep(ms->st, cutoff - 86400000LL,
+    int mrc = store_media_sweep(ms->svc.st, cutoff - 86400000LL,
                                 px_now_ms() - 2 * STORE_MEDIA_UPLOAD_MAX_MS, &media, &orphans,
                                 err, sizeof(err));
     if (mrc != PX_OK)
         log_warn("media sweep failed", "{s:s}", "error", err);
-    msgstore_observe(ms->m.lat_sweep, t0);
+    service_observe(ms->m.lat_sweep, t0);
     metric_add(ms->m.swept_media, media + orphans);
     metric_add(ms->m.swept_inbox, inbox);
     metric_add(ms->m.swept_seen, seen);
@@ -67,7 +67,7 @@ static void *sweep_main(void *arg)
     pthread_mutex_lock(&ms->sweep_mu);
     while (!ms->sweep_stop) {
         struct timespec until;
-        sweep_deadline(&until, ms->cfg.sweep_ms);
+        sweep_deadline(&until, ms->svc.cfg.sweep_ms);
         int rc = 0;
         while (!ms->sweep_stop && rc != ETIMEDOUT)
             rc = pthread_cond_timedwait(&ms->sweep_cv, &ms->sweep_mu, &until);

@@ -84,16 +84,16 @@ int sync_serve(msgstore *ms, size_t idx, const Parley__SyncRequest *r, char *err
     int64_t started = px_mono_ms();
 
     route_note_gateway(ms, r->user, r->gateway);
-    int64_t t0 = msgstore_clock_us();
+    int64_t t0 = service_clock_us();
     /* seq is a bus offset (>= 0): from_seq 0 and "after -1" both start at
      * the oldest event. */
-    if (store_inbox_scan(ms->st, r->user, r->from_seq - 1, SYNC_PAGE, sync_on_event, &c, err,
+    if (store_inbox_scan(ms->svc.st, r->user, r->from_seq - 1, SYNC_PAGE, sync_on_event, &c, err,
                          errlen) != PX_OK) {
         if (c.err[0] != '\0')
             px_err(err, errlen, "sync delivery: %s", c.err);
         goto out;
     }
-    msgstore_observe(ms->m.lat_scan, t0);
+    service_observe(ms->m.lat_scan, t0);
     int more = c.full || c.events + c.d.n == SYNC_PAGE;
     if (more)
         c.d.more_from_seq = c.last_seq + 1;

@@ -21,9 +21,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BATCH_BACKOFF_MIN_MS 100
-#define BATCH_BACKOFF_MAX_MS 5000
-#define BATCH_SLEEP_SLICE_MS 50
 #define BATCH_FLUSH_MS 10000
 #define BATCH_QUEUE_WAIT_MS 5000
 
@@ -131,7 +128,7 @@ static int batch_send_dead(presence *p, size_t idx, const batch_rec *r, char *er
     const bus_msg *m = r->m;
     if (idx < p->first_durable)
         p->first_durable = idx;
-    return bus_produce_wait(p->b, p->topic_dead, m->key, m->key_len, m->value, m->len,
+    return bus_produce_wait(p->svc.b, p->topic_dead, m->key, m->key_len, m->value, m->len,
                             &p->tags[idx], BATCH_QUEUE_WAIT_MS, err, errlen);
 }
 
@@ -143,9 +140,9 @@ static int batch_apply_ops(presence *p, const batch_rec *recs, size_t n, char *e
         ops[i] = recs[i].op;
         connects += ops[i].delta > 0;
     }
-    int64_t t0 = presence_clock_us();
-    int rc = store_presence_apply(p->st, ops, n, err, errlen);
-    presence_observe(p->m.lat_apply, t0);
+    int64_t t0 = service_clock_us();
+    int rc = store_presence_apply(p->svc.st, ops, n, err, errlen);
+    service_observe(p->m.lat_apply, t0);
     if (rc == PX_OK) {
         metric_add(p->m.connects, (int64_t)connects);
         metric_add(p->m.disconnects, (int64_t)(n - connects));
@@ -156,10 +153,10 @@ static int batch_apply_ops(presence *p, const batch_rec *recs, size_t n, char *e
 
 static int batch_apply_beat(presence *p, const batch_rec *r, char *err, size_t errlen)
 {
-    int64_t t0 = presence_clock_us();
-    int rc = store_gateway_beat(p->st, r->x->gateway, r->x->epoch, r->ts_ms, r->reset, err,
+    int64_t t0 = service_clock_us();
+    int rc = store_gateway_beat(p->svc.st, r->x->gateway, r->x->epoch, r->ts_ms, r->reset, err,
                                 errlen);
-    presence_observe(p->m.lat_beat, t0);
+    service_observe(p->m.lat_beat, t0);
     if (rc == PX_OK)
         metric_add(r->reset ? p->m.resets : p->m.beats, 1);
     if (rc == PX_OK && r->reset)
@@ -196,7 +193,7 @@ static size_t batch_attempt(presence *p, const batch_rec *recs, size_t from, siz
 /* Dead letters are committed only once the bus holds them. */
 static size_t batch_settle(presence *p, size_t upto, char *err, size_t errlen)
 {
-    if (p->first_durable < upto && bus_flush(p->b, BATCH_FLUSH_MS) != PX_OK) {
+    if (p->first_durable < upto && bus_flush(p->svc.b, BATCH_FLUSH_MS) != PX_OK) {
         px_err(err, errlen, "dead letters not acknowledged within %d ms", BATCH_FLUSH_MS);
         if (p->first_durable < p->failed_at)
             p->failed_at = p->first_durable;
@@ -209,13 +206,6 @@ static size_t batch_settle(presence *p, size_t upto, char *err, size_t errlen)
     return upto;
 }
 
-static void batch_sleep(presence *p, int64_t ms_total)
-{
-    int64_t end = px_mono_ms() + ms_total;
-    while (!*p->stop && px_mono_ms() < end)
-        bus_poll(p->b, BATCH_SLEEP_SLICE_MS);
-}
-
 void batch_process(presence *p, bus_msg *msgs, size_t n)
 {
     batch_rec *recs = px_calloc(n, sizeof(*recs));
@@ -223,7 +213,7 @@ void batch_process(presence *p, bus_msg *msgs, size_t n)
         batch_decode(p, &msgs[i], &recs[i]);
 
     size_t done = 0;
-    int64_t backoff = BATCH_BACKOFF_MIN_MS;
+    int64_t backoff = SERVICE_BACKOFF_MIN_MS;
     while (done < n) {
         char err[PX_ERRLEN] = "";
         p->first_durable = SIZE_MAX;
@@ -231,9 +221,9 @@ void batch_process(presence *p, bus_msg *msgs, size_t n)
         size_t upto = batch_attempt(p, recs, done, n, err, sizeof(err));
         upto = batch_settle(p, upto, err, sizeof(err));
         if (upto > done) {
-            bus_commit(p->b, msgs + done, upto - done);
+            bus_commit(p->svc.b, msgs + done, upto - done);
             done = upto;
-            backoff = BATCH_BACKOFF_MIN_MS;
+            backoff = SERVICE_BACKOFF_MIN_MS;
         }
         if (done == n)
             break;
@@ -242,15 +232,15 @@ void batch_process(presence *p, bus_msg *msgs, size_t n)
         log_warn("store failed; retrying", "{s:s, s:i, s:I, s:I, s:I}", "error", err,
                  "partition", (int)m->partition, "offset", (json_int_t)m->offset, "pending",
                  (json_int_t)(n - done), "backoff_ms", (json_int_t)backoff);
-        batch_sleep(p, backoff);
-        if (*p->stop) {
+        service_sleep(&p->svc, backoff);
+        if (p->svc.stop) {
             log_warn("stopping with uncommitted records; they will be consumed again",
                      "{s:I}", "records", (json_int_t)(n - done));
             break;
         }
-        backoff = PX_MIN(backoff * 2, BATCH_BACKOFF_MAX_MS);
+        backoff = PX_MIN(backoff * 2, SERVICE_BACKOFF_MAX_MS);
     }
-    bus_release(p->b, msgs, n);
+    bus_release(p->svc.b, msgs, n);
     for (size_t i = 0; i < n; i++)
         if (recs[i].x != NULL)
             parley__presence_record__free_unpacked(recs[i].x, NULL);

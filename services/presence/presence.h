@@ -1,19 +1,15 @@
 /* Internal interfaces of presence: the process state and the contract
- * between main.c (configuration, loop, shutdown, expiry timer) and batch.c
- * (applying one consumed batch). The main thread owns everything; delivery
- * reports arrive on it (inside bus_poll/bus_flush). The admin thread's ready
- * callback reads only draining and st (thread-safe). */
+ * between main.c (topics, metrics, expiry timer; service.c runs the rest)
+ * and batch.c (applying one consumed batch). The main thread owns
+ * everything; delivery reports arrive on it (inside bus_poll/bus_flush). */
 #ifndef PARLEY_PRESENCE_H
 #define PARLEY_PRESENCE_H
 
-#include "admin_http.h"
 #include "bus.h"
-#include "config.h"
 #include "metrics.h"
+#include "service.h"
 #include "store.h"
 
-#include <signal.h>
-#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -39,18 +35,12 @@ typedef struct presence_metrics {
 } presence_metrics;
 
 struct presence {
-    config cfg;
-    store *st;
-    bus *b;
-    admin *admin;
-    char topic_presence[96], topic_dead[96];
-    volatile sig_atomic_t *stop;    /* set by the signal handler */
-    atomic_int draining;            /* /readyz answers 503 from here on */
+    service svc;
+    const char *topic_presence, *topic_dead;
     presence_tag tags[PRESENCE_BATCH];
     size_t first_durable;           /* lowest record index with a gating produce */
     size_t failed_at;               /* lowest record index whose gating produce failed */
     int64_t next_expire_ms;         /* monotonic */
-    int64_t behind_ms;              /* age of the oldest record of the last batch */
     presence_metrics m;
 };
 
@@ -62,16 +52,11 @@ void batch_init(presence *p);
  * connect/disconnects in one store_presence_apply, beats one by one),
  * commits each prefix once its store calls succeeded, retries the rest with
  * backoff without consuming anything new, and releases the records. Returns
- * early, uncommitted, when *p->stop is set during a retry. */
+ * early, uncommitted, when p->svc.stop is set during a retry. */
 void batch_process(presence *p, bus_msg *msgs, size_t n);
 
 /* bus_conf.dr_cb: opaque is a presence_tag. */
 void batch_on_delivery(void *opaque, int status, const char *err, int32_t partition,
                        int64_t offset);
-
-/* ---- main.c ---- */
-
-int64_t presence_clock_us(void);
-void presence_observe(metric *m, int64_t t0_us);
 
 #endif

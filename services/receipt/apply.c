@@ -65,9 +65,9 @@ static int apply_track_put(receipt *rs, const receipt_rec *recs, size_t n, apply
     }
     int rc = PX_OK;
     if (k > 0) {
-        int64_t t0 = receipt_clock_us();
-        rc = store_track_put(rs->st, t, k, err, errlen);
-        receipt_observe(rs->m.lat_put, t0);
+        int64_t t0 = service_clock_us();
+        rc = store_track_put(rs->svc.st, t, k, err, errlen);
+        service_observe(rs->m.lat_put, t0);
     }
     ct->tracked = (int64_t)k;
     free(t);
@@ -112,9 +112,9 @@ static int apply_claims(receipt *rs, receipt_rec *recs, size_t n, apply_counts *
     int rc = PX_OK;
     if (k > 0) {
         apply_lookup lk = { recs, n };
-        int64_t t0 = receipt_clock_us();
-        rc = store_track_get(rs->st, keys, k, apply_on_tracked, &lk, err, errlen);
-        receipt_observe(rs->m.lat_get, t0);
+        int64_t t0 = service_clock_us();
+        rc = store_track_get(rs->svc.st, keys, k, apply_on_tracked, &lk, err, errlen);
+        service_observe(rs->m.lat_get, t0);
     }
     ct->claims = (int64_t)k;
     free(keys);
@@ -192,7 +192,7 @@ static int apply_produce_all(receipt *rs, const receipt_rec *recs, size_t n, app
     for (size_t i = 0; i < n; i++)
         if (apply_record(rs, &recs[i], ct, err, errlen) != PX_OK)
             return PX_ERROR;
-    if (bus_flush(rs->b, APPLY_FLUSH_MS) != PX_OK)
+    if (bus_flush(rs->svc.b, APPLY_FLUSH_MS) != PX_OK)
         return px_err(err, errlen, "receipts not acknowledged within %d ms", APPLY_FLUSH_MS);
     if (rs->dr_failures != failures)
         return px_err(err, errlen, "a receipt or dead letter was not accepted by the bus");
@@ -213,9 +213,9 @@ static int apply_untrack(receipt *rs, const receipt_rec *recs, size_t n, apply_c
     int rc = PX_OK;
     int64_t removed = 0;
     if (k > 0) {
-        int64_t t0 = receipt_clock_us();
-        rc = store_track_delete(rs->st, keys, k, &removed, err, errlen);
-        receipt_observe(rs->m.lat_delete, t0);
+        int64_t t0 = service_clock_us();
+        rc = store_track_delete(rs->svc.st, keys, k, &removed, err, errlen);
+        service_observe(rs->m.lat_delete, t0);
     }
     ct->untracked = removed;
     free(keys);

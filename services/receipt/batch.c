@@ -15,9 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BATCH_BACKOFF_MIN_MS 100
-#define BATCH_BACKOFF_MAX_MS 5000
-#define BATCH_SLEEP_SLICE_MS 50
 #define BATCH_QUEUE_WAIT_MS 5000
 
 /* A stale report (outliving a flush timeout) only costs one needless retry. */
@@ -35,8 +32,8 @@ void batch_on_delivery(void *opaque, int status, const char *err, int32_t partit
 int batch_produce(receipt *rs, const char *topic, const char *key, size_t key_len,
                   const void *value, size_t len, char *err, size_t errlen)
 {
-    return bus_produce_wait(rs->b, topic, key, key_len, value, len, rs, BATCH_QUEUE_WAIT_MS, err,
-                            errlen);
+    return bus_produce_wait(rs->svc.b, topic, key, key_len, value, len, rs, BATCH_QUEUE_WAIT_MS,
+                            err, errlen);
 }
 
 /* ---- decoding ---- */
@@ -102,11 +99,16 @@ static void batch_decode(receipt *rs, const bus_msg *m, receipt_rec *r)
 
 /* ---- running ---- */
 
-static void batch_sleep(receipt *rs, int64_t ms_total)
+typedef struct batch_job {
+    receipt *rs;
+    receipt_rec *recs;
+    size_t n;
+} batch_job;
+
+static int batch_attempt(void *arg, char *err, size_t errlen)
 {
-    int64_t end = px_mono_ms() + ms_total;
-    while (!*rs->stop && px_mono_ms() < end)
-        bus_poll(rs->b, BATCH_SLEEP_SLICE_MS);
+    batch_job *j = arg;
+    return apply_batch(j->rs, j->recs, j->n, err, errlen);
 }
 
 void batch_process(receipt *rs, bus_msg *msgs, size_t n)
@@ -114,27 +116,9 @@ void batch_process(receipt *rs, bus_msg *msgs, size_t n)
     receipt_rec *recs = px_calloc(n, sizeof(*recs));
     for (size_t i = 0; i < n; i++)
         batch_decode(rs, &msgs[i], &recs[i]);
-
-    int64_t backoff = BATCH_BACKOFF_MIN_MS;
-    for (;;) {
-        char err[PX_ERRLEN] = "";
-        if (apply_batch(rs, recs, n, err, sizeof(err)) == PX_OK) {
-            bus_commit(rs->b, msgs, n);
-            break;
-        }
-        metric_add(rs->m.retries, 1);
-        log_warn("batch failed; retrying", "{s:s, s:i, s:I, s:I, s:I}", "error", err,
-                 "partition", (int)msgs[0].partition, "offset", (json_int_t)msgs[0].offset,
-                 "records", (json_int_t)n, "backoff_ms", (json_int_t)backoff);
-        batch_sleep(rs, backoff);
-        if (*rs->stop) {
-            log_warn("stopping with uncommitted records; they will be consumed again",
-                     "{s:I}", "records", (json_int_t)n);
-            break;
-        }
-        backoff = PX_MIN(backoff * 2, BATCH_BACKOFF_MAX_MS);
-    }
-    bus_release(rs->b, msgs, n);
+    batch_job j = { rs, recs, n };
+    service_retry_batch(&rs->svc, msgs, n, rs->m.retries, batch_attempt, &j);
+    bus_release(rs->svc.b, msgs, n);
     for (size_t i = 0; i < n; i++) {
         free(recs[i].sender);
         free(recs[i].group);

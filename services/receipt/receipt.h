@@ -1,22 +1,18 @@
 /* Internal interfaces of the receipt service: the process state and the
- * contracts between main.c (configuration, loop, retention sweep, shutdown),
- * batch.c (one consumed batch: decode, dead letters, commit, retry) and
- * apply.c (tracking and the receipt events a batch makes). The main thread
- * owns everything; delivery reports arrive on it (inside bus_poll and
- * bus_flush). The admin thread's ready callback reads only draining and st
- * (thread-safe). */
+ * contracts between main.c (topics, metrics, retention sweep; service.c
+ * runs the rest), batch.c (one consumed batch: decode, dead letters, commit,
+ * retry) and apply.c (tracking and the receipt events a batch makes). The
+ * main thread owns everything; delivery reports arrive on it (inside
+ * bus_poll and bus_flush). */
 #ifndef PARLEY_RECEIPT_H
 #define PARLEY_RECEIPT_H
 
-#include "admin_http.h"
 #include "bus.h"
-#include "config.h"
 #include "metrics.h"
+#include "service.h"
 #include "store.h"
 #include "parley.pb-c.h"
 
-#include <signal.h>
-#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -33,13 +29,8 @@ typedef struct receipt_metrics {
 } receipt_metrics;
 
 typedef struct receipt {
-    config cfg;
-    store *st;
-    bus *b;
-    admin *admin;
-    char topic_receipts[96], topic_inbox[96], topic_dead[96];
-    volatile sig_atomic_t *stop;    /* set by the signal handler */
-    atomic_int draining;            /* /readyz answers 503 from here on */
+    service svc;
+    const char *topic_receipts, *topic_inbox, *topic_dead;
     long dr_failures;               /* produces the bus refused, ever */
     int64_t next_sweep_ms;          /* monotonic */
     receipt_metrics m;
@@ -60,7 +51,7 @@ typedef struct receipt_rec {
 
 /* Decodes n consumed records, applies them (apply_batch) until that
  * succeeds, retrying with backoff without consuming anything new, commits
- * them and releases them. Returns early, uncommitted, when *rs->stop is set
+ * them and releases them. Returns early, uncommitted, when rs->svc.stop is set
  * during a retry: everything is then consumed again. */
 void batch_process(receipt *rs, bus_msg *msgs, size_t n);
 
@@ -81,10 +72,5 @@ int batch_produce(receipt *rs, const char *topic, const char *key, size_t key_le
  * durable, so the batch may be committed; on error the whole batch is
  * applied again (receipt ids are deterministic, so repeats are absorbed). */
 int apply_batch(receipt *rs, receipt_rec *recs, size_t n, char *err, size_t errlen);
-
-/* ---- main.c ---- */
-
-int64_t receipt_clock_us(void);
-void receipt_observe(metric *m, int64_t t0_us);
 
 #endif

@@ -186,11 +186,19 @@ static void park_expect_pong(client *cl, const char *id)
     json_decref(r);
 }
 
-/* A quiet connection gives back its wslay context (PARLEY_WS_PARK_MS: 0
- * under tests/run.sh, 2 s by default) and gets one again on its next
- * frame. A frame cut across the gateway's 1 s tick, and a fragmented
- * message whose fragments straddle it, must not be parked in the middle:
- * a fresh context would take the rest for garbage and close with 1002. */
+/* A tick passes, so a quiet connection has parked (PARLEY_WS_PARK_MS: 0
+ * under tests/run.sh, 2 s by default). */
+static void park_quiet_spell(void)
+{
+    const char *ms = getenv("PARLEY_WS_PARK_MS");
+    usleep((useconds_t)((ms != NULL ? atol(ms) : 2000) + 1300) * 1000);
+}
+
+/* A quiet connection gives back its wslay context and gets one again on
+ * its next frame. A frame cut across the gateway's 1 s tick, and a
+ * fragmented message whose fragments straddle it, must not be parked in
+ * the middle: a fresh context would take the rest for garbage and close
+ * with 1002. */
 START_TEST(quiet_connections_park_and_wake)
 {
     char u[65];
@@ -199,7 +207,8 @@ START_TEST(quiet_connections_park_and_wake)
     ck_assert_int_ge(parked, 0);
     client *cl = e2e_connect(u, E2E_GW1);
     json_decref(e2e_wait_type(cl, "synced"));
-    parked = park_wait_above("parley_gateway_ws_parked_total", parked);
+    park_wait_above("parley_gateway_ws_parked_total", parked);
+    park_quiet_spell();
     long long woken = e2e_metric(E2E_GW1, "parley_gateway_ws_unparked_total");
     e2e_send_text(cl, "{\"type\":\"ping\",\"id\":\"woken\"}");
     park_expect_pong(cl, "woken");
@@ -207,7 +216,7 @@ START_TEST(quiet_connections_park_and_wake)
 
     static const char part1[] = "{\"type\":\"ping\",", part2[] = "\"id\":\"fragments\"}";
     ck_assert_int_eq(client_send_frame(cl, CLIENT_OP_TEXT, part1, sizeof(part1) - 1, 0), 0);
-    usleep(1300 * 1000); /* a tick passes: the gateway looks at parking */
+    park_quiet_spell();
     ck_assert_int_eq(client_send_frame(cl, CLIENT_OP_CONT, part2, sizeof(part2) - 1, 1), 0);
     park_expect_pong(cl, "fragments");
 
@@ -217,7 +226,7 @@ START_TEST(quiet_connections_park_and_wake)
     memcpy(frame + 6, cmd, sizeof(cmd) - 1);
     size_t total = 6 + sizeof(cmd) - 1;
     ck_assert_int_eq(write(client_fd(cl), frame, 3), 3);
-    usleep(1300 * 1000);
+    park_quiet_spell();
     ck_assert_int_eq(write(client_fd(cl), frame + 3, total - 3), (ssize_t)(total - 3));
     park_expect_pong(cl, "split");
     client_close(cl, 1000);
