@@ -1,7 +1,9 @@
 /* Allocation that cannot fail for internal sizes, error formatting, clocks. */
 #include "common.h"
 
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,4 +83,35 @@ int64_t px_now_ms(void)
 int64_t px_mono_ms(void)
 {
     return px_clock_ms(CLOCK_MONOTONIC);
+}
+
+typedef struct px_par {
+    void (*fn)(void *arg, size_t i);
+    void *arg;
+    size_t n;
+    atomic_size_t next;
+} px_par;
+
+static void *px_par_worker(void *p_)
+{
+    px_par *p = p_;
+    size_t i;
+    while ((i = atomic_fetch_add(&p->next, 1)) < p->n)
+        p->fn(p->arg, i);
+    return NULL;
+}
+
+#define PX_PARALLEL_MAX 16
+
+void px_parallel(size_t n, size_t threads, void (*fn)(void *arg, size_t i), void *arg)
+{
+    px_par p = { .fn = fn, .arg = arg, .n = n };
+    atomic_init(&p.next, 0);
+    pthread_t th[PX_PARALLEL_MAX - 1];
+    size_t want = PX_MIN(PX_MIN(threads, n), (size_t)PX_PARALLEL_MAX), nth = 0;
+    while (nth + 1 < want && pthread_create(&th[nth], NULL, px_par_worker, &p) == 0)
+        nth++;
+    px_par_worker(&p);
+    for (size_t t = 0; t < nth; t++)
+        pthread_join(th[t], NULL);
 }

@@ -23,6 +23,13 @@
 void *px_malloc(size_t n);
 void *px_calloc(size_t n, size_t size);
 void *px_realloc(void *p, size_t n);
+
+/* Calls fn(arg, i) once for every i < n, on up to `threads` threads (the
+ * caller's among them), each taking the next index; returns when all are
+ * done. For independent round trips to a store that answers slowly but
+ * can serve several at once. Falls back to fewer threads if one cannot be
+ * made. */
+void px_parallel(size_t n, size_t threads, void (*fn)(void *arg, size_t i), void *arg);
 char *px_strdup(const char *s);
 char *px_strndup(const char *s, size_t n);
 void *px_try_malloc(size_t n);

@@ -43,7 +43,6 @@
 #include <ctype.h>
 #include <limits.h>
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -727,9 +726,7 @@ typedef struct sm_user_op {
 typedef struct sm_by_user_job {
     store *st;
     sm_user_op *ops;
-    size_t nops;
     int del;                /* delete_many, else find */
-    atomic_size_t next;
 } sm_by_user_job;
 
 static void sm_user_find(sm_conn *sc, sm_user_op *op)
@@ -750,23 +747,19 @@ static void sm_user_find(sm_conn *sc, sm_user_op *op)
     mongoc_cursor_destroy(cur);
 }
 
-static void *sm_by_user_worker(void *arg)
+static void sm_user_run(void *arg, size_t i)
 {
     sm_by_user_job *job = arg;
+    sm_user_op *op = &job->ops[i];
     sm_conn sc = { 0 };
-    size_t i;
 
     sm_conn_get(job->st, "inbox", &sc);
-    while ((i = atomic_fetch_add(&job->next, 1)) < job->nops) {
-        sm_user_op *op = &job->ops[i];
-        if (job->del)
-            op->rc = sm_delete_many(&sc, &op->filter, &op->removed, "inbox delete", op->err,
-                                    sizeof(op->err));
-        else
-            sm_user_find(&sc, op);
-    }
+    if (job->del)
+        op->rc = sm_delete_many(&sc, &op->filter, &op->removed, "inbox delete", op->err,
+                                sizeof(op->err));
+    else
+        sm_user_find(&sc, op);
     sm_conn_put(job->st, &sc);
-    return NULL;
 }
 
 /* Fills *ops (one per user, in user order) and runs them; the caller
@@ -791,16 +784,8 @@ static int sm_by_user(store *st, const store_key *keys, size_t n, int del, sm_us
     free(ids);
     free(sorted);
 
-    sm_by_user_job job = { .st = st, .ops = ops, .nops = nops, .del = del };
-    atomic_init(&job.next, 0);
-    pthread_t th[SM_BY_USER_THREADS - 1];
-    size_t nth = 0;
-    while (nth + 1 < PX_MIN((size_t)SM_BY_USER_THREADS, nops) &&
-           pthread_create(&th[nth], NULL, sm_by_user_worker, &job) == 0)
-        nth++;
-    sm_by_user_worker(&job);
-    for (size_t t = 0; t < nth; t++)
-        pthread_join(th[t], NULL);
+    sm_by_user_job job = { .st = st, .ops = ops, .del = del };
+    px_parallel(nops, SM_BY_USER_THREADS, sm_user_run, &job);
 
     *ops_out = ops;
     *nops_out = nops;
