@@ -35,6 +35,11 @@ void store_close(store *st);
 /* Pings the server; PX_OK when reachable (for /readyz). */
 int store_ping(store *st, char *err, size_t errlen);
 
+/* How many calls are worth running side by side: 1 when the store
+ * serializes them anyway (parleyd's SQLite connection), more for a server
+ * with a connection pool. Callers skip their threads at 1. */
+size_t store_concurrency(const store *st);
+
 /* Inserts n events in one round trip. Duplicates of (user, id) are absorbed,
  * not errors; if inserted is non-NULL, inserted[i] is 1 for a new record and
  * 0 for a duplicate. PX_OK only when every record is durable. */

@@ -54,6 +54,7 @@
 #define SM_SCAN_BATCH 1000      /* cursor batch size: few round trips per sync */
 #define SM_DUP_KEY 11000        /* server code for a unique index violation */
 #define SM_MAX_GATEWAY 64       /* store_presence_lookup writes char[65] */
+#define SM_CONCURRENCY 4        /* calls worth running side by side (pool clients) */
 #define SM_MAX_PRESENCE 4096    /* ceiling on one user's presence records read */
 #define SM_MAX_DB_NAME 63
 
@@ -379,6 +380,12 @@ void store_close(store *st)
         mongoc_client_pool_destroy(st->pool);
     free(st->db);
     free(st);
+}
+
+size_t store_concurrency(const store *st)
+{
+    (void)st;
+    return SM_CONCURRENCY;
 }
 
 int store_ping(store *st, char *err, size_t errlen)
@@ -709,10 +716,9 @@ static int sm_delete_many(sm_conn *sc, const bson_t *filter, int64_t *removed, c
  * that PostgreSQL answers with a sequential scan (milliseconds per user),
  * and it does not push an $or down at all (54 ms per $or call at 100
  * users against ~3 ms per user). So the users' queries run side by side,
- * SM_BY_USER_THREADS at a time, each on a client of the pool; their
+ * SM_CONCURRENCY at a time, each on a client of the pool; their
  * answers are kept per user and handed to the caller in user order on its
  * own thread. MongoDB serves any of these from the (user, id) index. */
-#define SM_BY_USER_THREADS 4
 
 typedef struct sm_user_op {
     bson_t filter;
@@ -785,7 +791,7 @@ static int sm_by_user(store *st, const store_key *keys, size_t n, int del, sm_us
     free(sorted);
 
     sm_by_user_job job = { .st = st, .ops = ops, .del = del };
-    px_parallel(nops, SM_BY_USER_THREADS, sm_user_run, &job);
+    px_parallel(nops, SM_CONCURRENCY, sm_user_run, &job);
 
     *ops_out = ops;
     *nops_out = nops;

@@ -128,6 +128,12 @@ void store_close(store *st)
     free(st);
 }
 
+size_t store_concurrency(const store *st)
+{
+    (void)st;
+    return 1; /* one connection under st->mu */
+}
+
 int store_ping(store *st, char *err, size_t errlen)
 {
     return st->d.db != NULL ? PX_OK : px_err(err, errlen, "sqlite store closed");

@@ -265,6 +265,11 @@ static size_t batch_settle(msgstore *ms, size_t upto, char *err, size_t errlen)
  * records keep their order. */
 static void batch_inbox_first(const msgstore *ms, bus_msg *msgs, size_t n)
 {
+    size_t first_sync = 0;
+    while (first_sync < n && strcmp(msgs[first_sync].topic, ms->topic_sync) != 0)
+        first_sync++;
+    if (first_sync == n)
+        return; /* no sync in the batch (the usual case): nothing to move */
     bus_msg *tmp = px_malloc(n * sizeof(*tmp));
     size_t k = 0;
     for (int pass = 0; pass < 2; pass++)
