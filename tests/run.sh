@@ -31,11 +31,21 @@ child=0
 # started.
 trap 'echo "tests/run.sh: interrupted"; [[ $child -gt 0 ]] && kill -TERM "$child" 2>/dev/null; exit 130' INT TERM
 
+logs=$build/test-logs
+rm -rf "$logs"
+
 fail() { # line why [log]
   failed=$((failed + 1))
   failures+=("$1")
   echo "FAIL $1 ($2)"
-  [[ -n ${3:-} ]] && tail -n 60 "$3" | sed 's/^/    /'
+  [[ -n ${3:-} ]] || return
+  # check's failure lines first (a sanitizer's leak report after an
+  # aborted test can fill the tail), then the tail; the whole log is kept.
+  grep -E '^[^ ]+:[0-9]+:[EF]:' "$3" | head -n 20 | sed 's/^/    /'
+  tail -n 60 "$3" | sed 's/^/    /'
+  mkdir -p "$logs"
+  local keep=$logs/$(echo "${1#"$build"/tests/}" | tr -c 'A-Za-z0-9_.-' '_').log
+  cp "$3" "$keep" && echo "    (all of its output: $keep)"
 }
 
 run_one() { # line limit program [args...]

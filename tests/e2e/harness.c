@@ -108,14 +108,38 @@ void e2e_extra_gateway(const char *id, char *bin, size_t binlen)
     setenv("PARLEY_DATA_DIR", data, 1);
 }
 
+static void e2e_logpath(const struct e2e_proc *p, char *log, size_t len)
+{
+    snprintf(log, len, "%s/%s%s%s.log", e2e_logdir, p->bin, p->gateway_id ? "-" : "",
+             p->gateway_id ? p->gateway_id : "");
+}
+
+/* p ended with wait status st when it should not have (a crash, a
+ * sanitizer report, a bad exit): says how, with the end of its log, on
+ * stderr, which tests/run.sh shows for a failed program. */
+static void e2e_report_end(const struct e2e_proc *p, int st, const char *what)
+{
+    char log[512], cmd[600];
+    e2e_logpath(p, log, sizeof(log));
+    if (WIFSIGNALED(st))
+        fprintf(stderr, "e2e: %s %s %s, killed by signal %d; the end of %s:\n", p->bin,
+                p->gateway_id ? p->gateway_id : "", what, WTERMSIG(st), log);
+    else
+        fprintf(stderr, "e2e: %s %s %s, exit status %d; the end of %s:\n", p->bin,
+                p->gateway_id ? p->gateway_id : "", what, WEXITSTATUS(st), log);
+    fflush(stderr);
+    snprintf(cmd, sizeof(cmd), "tail -n 40 '%s' >&2", log);
+    if (system(cmd) != 0)
+        fprintf(stderr, "e2e: (no log)\n");
+}
+
 static pid_t e2e_spawn(enum e2e_svc s)
 {
     struct e2e_proc *p = &e2e_procs[s];
     char bin[512], log[512], listen[64];
     const char *build = getenv("PARLEY_BUILD") ? getenv("PARLEY_BUILD") : "build/san";
     snprintf(bin, sizeof(bin), "%s/bin/%s", build, p->bin);
-    snprintf(log, sizeof(log), "%s/%s%s%s.log", e2e_logdir, p->bin, p->gateway_id ? "-" : "",
-             p->gateway_id ? p->gateway_id : "");
+    e2e_logpath(p, log, sizeof(log));
     snprintf(listen, sizeof(listen), "127.0.0.1:%d", p->port);
     pid_t pid = fork();
     if (pid != 0)
@@ -190,7 +214,7 @@ static int e2e_wait_ready(enum e2e_svc s, int timeout_ms)
             return 0;
         int st;
         if (waitpid(p->pid, &st, WNOHANG) == p->pid) {
-            fprintf(stderr, "e2e: %s exited early; read %s/\n", p->bin, e2e_logdir);
+            e2e_report_end(p, st, "exited before it was ready");
             p->pid = 0;
             return -1;
         }
@@ -225,14 +249,23 @@ int e2e_start(void)
 }
 
 /* Signals p and waits; returns 0 if it exited with status 0 (after SIGTERM
- * that means a clean drain, and no sanitizer or leak report). */
+ * that means a clean drain, and no sanitizer or leak report), or died of
+ * the SIGKILL sent. A process that had already ended before the signal
+ * (a crash, a sanitizer error) is reported and returns -1, never reaped
+ * silently. */
 static int e2e_reap(struct e2e_proc *p, int sig, int grace_ms)
 {
     if (p->pid <= 0)
         return 0;
+    int st = 0, rc = 0;
+    if (waitpid(p->pid, &st, WNOHANG) == p->pid) {
+        e2e_report_end(p, st, sig == SIGKILL ? "had already ended before kill -9"
+                                             : "had already ended before SIGTERM");
+        p->pid = 0;
+        return -1;
+    }
     kill(p->pid, sig);
     int64_t end = px_mono_ms() + grace_ms;
-    int st = 0, rc = 0;
     while (waitpid(p->pid, &st, WNOHANG) == 0) {
         if (px_mono_ms() > end) {
             fprintf(stderr, "e2e: %s did not stop in %d ms; its threads:\n", p->bin, grace_ms);
@@ -249,8 +282,7 @@ static int e2e_reap(struct e2e_proc *p, int sig, int grace_ms)
         usleep(20 * 1000);
     }
     if (sig != SIGKILL && rc == 0 && !(WIFEXITED(st) && WEXITSTATUS(st) == 0)) {
-        fprintf(stderr, "e2e: %s %s exited badly (status %d); read %s/\n", p->bin,
-                p->gateway_id ? p->gateway_id : "", st, e2e_logdir);
+        e2e_report_end(p, st, "did not drain cleanly");
         rc = -1;
     }
     p->pid = 0;
@@ -259,7 +291,9 @@ static int e2e_reap(struct e2e_proc *p, int sig, int grace_ms)
 
 void e2e_kill9(enum e2e_svc s)
 {
-    e2e_reap(e2e_proc(s), SIGKILL, 5000);
+    struct e2e_proc *p = e2e_proc(s);
+    ck_assert_msg(e2e_reap(p, SIGKILL, 5000) == 0, "kill -9 of %s: it had ended already, or did not end (above)",
+                  p->bin);
 }
 
 

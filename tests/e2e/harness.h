@@ -24,7 +24,8 @@ int e2e_stop(void);
  * gateway's limits). Call in the child before exec. */
 void e2e_extra_gateway(const char *id, char *bin, size_t binlen);
 
-/* kill -9 one service. */
+/* kill -9 one service. Fails the test if it had already ended (its exit
+ * status and the end of its log are printed). */
 void e2e_kill9(enum e2e_svc s);
 /* Starts one service again (same config and identity). */
 int e2e_restart(enum e2e_svc s);

@@ -789,8 +789,8 @@ START_TEST(media_sweep_old_and_orphans)
 }
 END_TEST
 
-/* Chunk throughput on this server: informs the chunk size and the read
- * path (a report line, plus a floor that catches a pathological path). */
+/* Chunk throughput on this server, as a report line (speed is measured,
+ * not asserted: bench/ owns it); the chunks read back are checked. */
 START_TEST(media_chunk_rate)
 {
     const int n = 32;
@@ -804,7 +804,6 @@ START_TEST(media_chunk_rate)
     printf("report: chunk put %.1f MB/s, read %.1f MB/s (%d x %d KiB)\n",
            mb * 1000.0 / (double)PX_MAX(t1 - t0, 1), mb * 1000.0 / (double)PX_MAX(t2 - t1, 1), n,
            STORE_MEDIA_CHUNK / 1024);
-    ck_assert_msg(t2 - t1 < 30000, "reading %.1f MB took %lld ms", mb, (long long)(t2 - t1));
 }
 END_TEST
 

@@ -544,9 +544,9 @@ START_TEST(oversized_frame_refused_on_header)
     client_frame f;
     srv_start(&s, script_oversized_header, _i == 0 ? 1025 : CLIENT_MAX_MSG + 1ull);
     client *cl = connect_to(&s, _i == 0 ? 1024 : 0);
-    int64_t t0 = px_mono_ms();
+    /* The payload is never sent: a client that waited for it would run out
+     * of time (PX_AGAIN), not fail on the ceiling. */
     ck_assert_int_eq(client_recv(cl, 2000, &f), PX_ERROR);
-    ck_assert_int_lt(px_mono_ms() - t0, 1000);   /* refused at once, not after a wait */
     ck_assert_ptr_nonnull(strstr(client_errstr(cl), "ceiling"));
     ck_assert_int_eq(client_recv(cl, 0, &f), PX_ERROR);  /* and stays failed */
     srv_join(&s);
