@@ -185,12 +185,12 @@ admin *admin_start(const char *listen, admin_ready_cb ready, void *arg,
     a->mhd = MHD_start_daemon(flags, 0, NULL, NULL, admin_access, a,
                               MHD_OPTION_EXTERNAL_LOGGER, admin_mhd_log, NULL,
                               MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&a->addr,
-                              MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
                               MHD_OPTION_CONNECTION_LIMIT, (unsigned)ADMIN_CONN_LIMIT,
                               MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)ADMIN_CONN_TIMEOUT_S,
                               MHD_OPTION_END);
     if (a->mhd == NULL) {
-        px_err(err, errlen, "admin HTTP could not listen on %s (address in use?)", listen);
+        px_err(err, errlen, "PARLEY_ADMIN_LISTEN=%s: admin HTTP could not listen (address "
+               "in use?)", listen);
         goto out;
     }
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(a->mhd, MHD_DAEMON_INFO_BIND_PORT);

@@ -41,6 +41,11 @@ typedef struct bus_conf {
 
 bus *bus_new(const bus_conf *conf, char *err, size_t errlen);
 
+/* For the start-up log: where this implementation keeps records, given the
+ * brokers setting (Kafka: the brokers; parleyd: its database file, the
+ * brokers being ignored there). */
+void bus_where(const char *brokers, char *out, size_t outlen);
+
 /* Creates the topics that do not exist yet with conf->partitions partitions
  * (existing topics are left as they are). Blocks up to timeout_ms. */
 int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_ms,

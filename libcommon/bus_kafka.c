@@ -223,6 +223,11 @@ static int bus_new_consumer(bus *b, const bus_conf *c, char *err, size_t errlen)
     return PX_OK;
 }
 
+void bus_where(const char *brokers, char *out, size_t outlen)
+{
+    snprintf(out, outlen, "kafka %s", brokers);
+}
+
 bus *bus_new(const bus_conf *c, char *err, size_t errlen)
 {
     bus *b = px_calloc(1, sizeof(*b));

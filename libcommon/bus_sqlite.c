@@ -21,6 +21,7 @@
 #include "sqldb.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
@@ -496,6 +497,13 @@ static void *bus_writer_main(void *arg)
 }
 
 /* ---- the bus.h interface ---- */
+
+void bus_where(const char *brokers, char *out, size_t outlen)
+{
+    char path[PATH_MAX];
+    sqldb_path(path, sizeof(path));
+    snprintf(out, outlen, "sqlite %s", path);
+}
 
 bus *bus_new(const bus_conf *conf, char *err, size_t errlen)
 {

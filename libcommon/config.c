@@ -96,7 +96,8 @@ int config_load(config *cfg, char *err, size_t errlen)
         if (config_long(n->name, n->def, n->min, n->max, dst, err, errlen) != PX_OK)
             return PX_ERROR;
     }
-    if (config_bool("PARLEY_DEV", 0, &cfg->dev, err, errlen) != PX_OK)
+    if (config_bool("PARLEY_DEV", 0, &cfg->dev, err, errlen) != PX_OK ||
+        config_bool("PARLEY_LISTEN_SHARED", 0, &cfg->listen_shared, err, errlen) != PX_OK)
         return PX_ERROR;
     if (cfg->idle_ms <= cfg->ping_ms)
         return px_err(err, errlen, "PARLEY_IDLE_MS=%ld must exceed PARLEY_PING_MS=%ld",

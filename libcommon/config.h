@@ -34,6 +34,9 @@ typedef struct config {
     long ws_park_ms;             /* PARLEY_WS_PARK_MS: a connection quiet this
                                     long gives back its WebSocket context */
     int dev;                     /* PARLEY_DEV=1 enables dev token endpoint */
+    int listen_shared;           /* PARLEY_LISTEN_SHARED=1: gateways may share
+                                    PARLEY_LISTEN (SO_REUSEPORT); else a port
+                                    in use is an error at start */
 } config;
 
 /* Fills cfg from the environment. The strings point into the environment

@@ -90,28 +90,19 @@ static int service_start(service *s, const service_def *d, void *arg, char *err,
     return s->admin != NULL ? PX_OK : PX_ERROR;
 }
 
-void service_redact(const char *uri, char *out, size_t outlen)
-{
-    const char *scheme = strstr(uri, "://");
-    const char *at = scheme ? strchr(scheme + 3, '@') : NULL;
-    const char *slash = scheme ? strchr(scheme + 3, '/') : NULL;
-    if (at != NULL && (slash == NULL || at < slash))
-        snprintf(out, outlen, "%.*s***%s", (int)(scheme + 3 - uri), uri, at);
-    else
-        snprintf(out, outlen, "%s", uri);
-}
-
-/* The URI may carry credentials: it is logged without its userinfo. */
+/* Logs what this build uses (bus_where/store_where: parleyd's file, not
+ * the Kafka and MongoDB settings it ignores); the admin address only when
+ * an admin server runs. */
 static void service_log_started(const service *s, const service_def *d, void *arg)
 {
-    char mongo[512];
-    service_redact(s->cfg.mongo_uri, mongo, sizeof(mongo));
-    json_t *fields = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:I, s:I}", "group", d->group,
-                               "kafka", s->cfg.kafka_brokers, "mongo", mongo, "mongo_db",
-                               s->cfg.mongo_db, "topic_prefix", s->cfg.topic_prefix, "admin",
-                               admin_listen_config(), "admin_port",
-                               (json_int_t)admin_port(s->admin), "partitions",
-                               (json_int_t)s->cfg.partitions);
+    char bus_at[512], store_at[600];
+    bus_where(s->cfg.kafka_brokers, bus_at, sizeof(bus_at));
+    store_where(s->cfg.mongo_uri, s->cfg.mongo_db, store_at, sizeof(store_at));
+    json_t *fields = json_pack("{s:s, s:s, s:s, s:s, s:I}", "group", d->group, "bus", bus_at,
+                               "store", store_at, "topic_prefix", s->cfg.topic_prefix,
+                               "partitions", (json_int_t)s->cfg.partitions);
+    if (admin_port(s->admin) != 0)
+        json_object_set_new(fields, "admin_port", json_integer(admin_port(s->admin)));
     if (d->started != NULL)
         d->started(arg, fields);
     log_info("started", "o", fields); /* takes fields */

@@ -99,10 +99,6 @@ typedef int (*service_attempt_fn)(void *arg, char *err, size_t errlen);
 void service_retry_batch(service *s, bus_msg *msgs, size_t n, metric *retries,
                          service_attempt_fn attempt, void *arg);
 
-/* uri with its userinfo (user:password) replaced by "***", for logs: the
- * URI may carry credentials. */
-void service_redact(const char *uri, char *out, size_t outlen);
-
 /* Store call latency: service_observe(m, t0) puts the milliseconds since
  * t0 = service_clock_us() into histogram m (sub-millisecond precision). */
 int64_t service_clock_us(void);

@@ -35,7 +35,7 @@ static struct {
     sqlite3 *db;
 } sqldb_ckpt = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL };
 
-static void sqldb_path(char *path, size_t len)
+void sqldb_path(char *path, size_t len)
 {
     snprintf(path, len, "%s/parley.db", config_str("PARLEY_DATA_DIR", "data"));
 }

@@ -21,6 +21,9 @@ typedef struct sqldb {
  * PX_OK, or PX_ERROR with err. */
 int sqldb_open(sqldb *d, char *err, size_t errlen);
 
+/* PARLEY_DATA_DIR/parley.db into path. */
+void sqldb_path(char *path, size_t len);
+
 /* Finalizes the cached statements and closes the connection. */
 void sqldb_close(sqldb *d);
 

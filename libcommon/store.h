@@ -32,6 +32,11 @@ typedef struct store_event {
 store *store_open(const char *url, const char *db, char *err, size_t errlen);
 void store_close(store *st);
 
+/* For the start-up log: where this implementation keeps data, given
+ * store_open's url and db (MongoDB: "<url> db <db>", the url's userinfo
+ * replaced by "***"; parleyd: its database file, url and db ignored). */
+void store_where(const char *url, const char *db, char *out, size_t outlen);
+
 /* Pings the server; PX_OK when reachable (for /readyz). */
 int store_ping(store *st, char *err, size_t errlen);
 

@@ -326,6 +326,18 @@ static int sm_create_indexes(store *st, char *err, size_t errlen)
     return rc;
 }
 
+/* The URI may carry credentials (user:password@): logged as "***". */
+void store_where(const char *url, const char *db, char *out, size_t outlen)
+{
+    const char *scheme = strstr(url, "://");
+    const char *at = scheme ? strchr(scheme + 3, '@') : NULL;
+    const char *slash = scheme ? strchr(scheme + 3, '/') : NULL;
+    if (at != NULL && (slash == NULL || at < slash))
+        snprintf(out, outlen, "%.*s***%s db %s", (int)(scheme + 3 - url), url, at, db);
+    else
+        snprintf(out, outlen, "%s db %s", url, db);
+}
+
 store *store_open(const char *url, const char *db, char *err, size_t errlen)
 {
     store *st = NULL;

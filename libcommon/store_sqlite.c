@@ -9,6 +9,7 @@
 #include "common.h"
 
 #include <jansson.h>
+#include <limits.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
@@ -98,6 +99,13 @@ static int ss_migrate(store *st, char **msg)
         rc = SQLITE_OK;
     }
     return rc;
+}
+
+void store_where(const char *url, const char *db, char *out, size_t outlen)
+{
+    char path[PATH_MAX];
+    sqldb_path(path, sizeof(path));
+    snprintf(out, outlen, "sqlite %s", path);
 }
 
 store *store_open(const char *url, const char *db, char *err, size_t errlen)

@@ -45,7 +45,7 @@ typedef struct gw {
     store *st;                   /* media only (media.c) */
     media *md;
     struct MHD_Daemon *mhd;
-    int listen_fd;
+    int listen_fd;               /* -1 until http_bind */
     _Atomic int64_t last_beat_ok; /* ms of the last heartbeat Kafka accepted */
     volatile sig_atomic_t stopping;
     gw_metrics m;
@@ -195,6 +195,10 @@ enum MHD_Result http_text(struct MHD_Connection *mc, unsigned status, const char
 /* {"code","message"} with status. */
 enum MHD_Result http_json_error(struct MHD_Connection *mc, unsigned status, const char *code,
                                 const char *msg);
+/* Binds and listens on PARLEY_LISTEN first thing at start, so a port in
+ * use stops the gateway before it touches the bus; connections wait in the
+ * backlog until http_start. */
+int http_bind(gw *g, char *err, size_t errlen);
 int http_start(gw *g, char *err, size_t errlen);
 /* Stops accepting connections; those open stay until the workers close
  * them, which must happen before http_stop. */

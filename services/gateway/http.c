@@ -229,8 +229,11 @@ static void http_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
     *con_cls = NULL;
 }
 
-/* Our own listening socket so several gateways can share a port. */
-static int http_listen(const char *listen_addr, char *err, size_t errlen)
+/* Our own listening socket: exclusive unless PARLEY_LISTEN_SHARED asks for
+ * SO_REUSEPORT (then the kernel spreads new connections over every process
+ * that asked too). Exclusive by default because a second parleyd or
+ * gateway left running by mistake would silently take half the clients. */
+static int http_listen(const char *listen_addr, int shared, char *err, size_t errlen)
 {
     char host[64];
     const char *colon = strrchr(listen_addr, ':');
@@ -242,9 +245,14 @@ static int http_listen(const char *listen_addr, char *err, size_t errlen)
         return px_err(err, errlen, "PARLEY_LISTEN host \"%s\" is not an IPv4 address", host);
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
     if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
-        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0 ||
+        (shared && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0) ||
         bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 4096) < 0) {
-        px_err(err, errlen, "listen on %s: %s", listen_addr, strerror(errno));
+        if (errno == EADDRINUSE)
+            px_err(err, errlen, "PARLEY_LISTEN=%s: address already in use (another parleyd "
+                   "or gateway? PARLEY_LISTEN_SHARED=1 on every process shares it)",
+                   listen_addr);
+        else
+            px_err(err, errlen, "PARLEY_LISTEN=%s: %s", listen_addr, strerror(errno));
         if (fd >= 0)
             close(fd);
         return -1;
@@ -252,11 +260,14 @@ static int http_listen(const char *listen_addr, char *err, size_t errlen)
     return fd;
 }
 
+int http_bind(gw *g, char *err, size_t errlen)
+{
+    g->listen_fd = http_listen(g->cfg.listen, g->cfg.listen_shared, err, errlen);
+    return g->listen_fd >= 0 ? PX_OK : PX_ERROR;
+}
+
 int http_start(gw *g, char *err, size_t errlen)
 {
-    g->listen_fd = http_listen(g->cfg.listen, err, errlen);
-    if (g->listen_fd < 0)
-        return PX_ERROR;
     g->mhd = MHD_start_daemon(
         MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_UPGRADE | MHD_USE_ITC |
             MHD_USE_ERROR_LOG,
@@ -268,18 +279,17 @@ int http_start(gw *g, char *err, size_t errlen)
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)g->cfg.http_timeout_s,
         MHD_OPTION_NOTIFY_COMPLETED, http_completed, g,
         MHD_OPTION_END);
-    if (g->mhd == NULL) {
-        close(g->listen_fd);
+    if (g->mhd == NULL)
         return px_err(err, errlen, "libmicrohttpd did not start on %s", g->cfg.listen);
-    }
     return PX_OK;
 }
 
 void http_quiesce(gw *g)
 {
-    if (g->mhd == NULL || g->listen_fd < 0)
+    if (g->listen_fd < 0)
         return;
-    MHD_quiesce_daemon(g->mhd);
+    if (g->mhd != NULL)
+        MHD_quiesce_daemon(g->mhd);
     close(g->listen_fd);
     g->listen_fd = -1;
 }

@@ -61,6 +61,7 @@ static int main_setup(gw *g, char *err, size_t errlen)
     snprintf(g->topic_presence, sizeof(g->topic_presence), "%spresence", p);
     snprintf(g->topic_groups, sizeof(g->topic_groups), "%sgroups", p);
     snprintf(g->topic_deliver, sizeof(g->topic_deliver), "%sgw.%s", p, g->cfg.gateway_id);
+    g->listen_fd = -1;
     main_metrics(g);
     return PX_OK;
 }
@@ -70,6 +71,8 @@ static int main_start(gw *g, char *err, size_t errlen)
     char group[128], client[128];
     snprintf(group, sizeof(group), "%sgateway-%s", g->cfg.topic_prefix, g->cfg.gateway_id);
     snprintf(client, sizeof(client), "gateway-%s", g->cfg.gateway_id);
+    if (http_bind(g, err, errlen) != PX_OK)
+        return PX_ERROR;
     bus_conf bc = { .brokers = g->cfg.kafka_brokers, .client_id = client, .group = group,
                     .partitions = (int)g->cfg.partitions, .dr_cb = commands_on_delivery };
     g->b = bus_new(&bc, err, errlen);
@@ -129,8 +132,12 @@ int main(void)
         rc = 1;
         goto out;
     }
-    log_info("started", "{s:s, s:s, s:s, s:i}", "listen", g.cfg.listen, "gateway_id",
-             g.cfg.gateway_id, "kafka", g.cfg.kafka_brokers, "workers", (int)g.cfg.workers);
+    char bus_at[512], store_at[600];
+    bus_where(g.cfg.kafka_brokers, bus_at, sizeof(bus_at));
+    store_where(g.cfg.mongo_uri, g.cfg.mongo_db, store_at, sizeof(store_at));
+    log_info("started", "{s:s, s:b, s:s, s:s, s:s, s:i}", "listen", g.cfg.listen,
+             "listen_shared", g.cfg.listen_shared, "gateway_id", g.cfg.gateway_id, "bus",
+             bus_at, "store", store_at, "workers", (int)g.cfg.workers);
     int sig = lifecycle_wait();
     log_info("stopping", "{s:i}", "signal", sig);
 out:

@@ -3,19 +3,23 @@
  * a thread of its own calling that service's unchanged main (renamed
  * <service>_main at link time), over the SQLite bus and store
  * (bus_sqlite.c, store_sqlite.c: one database file under PARLEY_DATA_DIR).
- * This file owns the process: the defaults that make the services share one
- * listener, the threads, and stopping all of them when one fails. */
+ * This file owns the process: the data folder's lock, the defaults that
+ * make the services share one listener, the threads, and stopping all of
+ * them when one fails. */
 #include "common.h"
 #include "config.h"
 #include "lifecycle.h"
 #include "log.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -57,6 +61,36 @@ static void *parleyd_thread(void *arg)
     return NULL;
 }
 
+/* The bus and the store assume they are the only process on the file (one
+ * consumer per group, offsets, pushes): a second parleyd on the same folder
+ * must not start. The lock is held by the open file for the life of the
+ * process (kill -9 included, the kernel drops it), never closed here. The
+ * file is emptied only once locked, so a refused start cannot erase the
+ * holder's pid. */
+static int parleyd_lock(const char *dir, char *err, size_t errlen)
+{
+    char path[PATH_MAX], pid[32] = "";
+    snprintf(path, sizeof(path), "%s/parley.lock", dir);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return px_err(err, errlen, "PARLEY_DATA_DIR=\"%s\": %s: %s", dir, path, strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        int e = errno;
+        ssize_t n = read(fd, pid, sizeof(pid) - 1);
+        pid[n > 0 ? n : 0] = '\0';
+        pid[strcspn(pid, "\n")] = '\0';
+        close(fd);
+        if (e == EWOULDBLOCK)
+            return px_err(err, errlen, "PARLEY_DATA_DIR=\"%s\" is in use by another parleyd "
+                          "(pid %s): stop it, or give this one another folder", dir,
+                          pid[0] ? pid : "unknown");
+        return px_err(err, errlen, "PARLEY_DATA_DIR=\"%s\": lock %s: %s", dir, path, strerror(e));
+    }
+    if (ftruncate(fd, 0) != 0 || dprintf(fd, "%d\n", (int)getpid()) < 0)
+        log_warn("could not write the pid into the lock file", "{s:s}", "path", path);
+    return PX_OK;
+}
+
 /* Every service reads the same environment: one admin listener would be
  * bound five times, so the services' admin servers are off and the
  * gateway's own /readyz and /metrics (one registry for the process) serve. */
@@ -78,6 +112,10 @@ int main(void)
     if (parleyd_env(err, sizeof(err)) != PX_OK) {
         log_error("bad configuration", "{s:s}", "error", err);
         return 2;
+    }
+    if (parleyd_lock(config_str("PARLEY_DATA_DIR", "data"), err, sizeof(err)) != PX_OK) {
+        log_error("start refused", "{s:s}", "error", err);
+        return 1;
     }
     log_info("starting", "{s:s, s:s}", "data_dir", config_str("PARLEY_DATA_DIR", "data"),
              "listen", config_str("PARLEY_LISTEN", "0.0.0.0:8080"));

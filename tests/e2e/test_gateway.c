@@ -1,6 +1,7 @@
 /* Gateway limits end to end: idle close, server pings, the send-queue
- * ceiling for a client that stops reading, and two gateways sharing one port
- * (SO_REUSEPORT). Runs extra gateways with short timers and a small queue. */
+ * ceiling for a client that stops reading; one port per process unless
+ * PARLEY_LISTEN_SHARED asks to share it, one parleyd per data folder. Runs
+ * extra gateways with short timers and a small queue. */
 #include "e2e.h"
 
 #include <errno.h>
@@ -15,14 +16,16 @@
 static int lim_port;
 static pid_t lim_pids[2];
 
-/* Starts gateway gw-limN on lim_port with the short limits. */
-static pid_t lim_spawn(int n)
+/* Starts an extra gateway (parleyd mode: a parleyd) named id on port, its
+ * output in /tmp/parley-e2e-<id>-<pid>.log. shared sets
+ * PARLEY_LISTEN_SHARED; data_dir, if not NULL, replaces the process's own
+ * data folder; env: NULL-terminated name, value pairs. */
+static pid_t extra_spawn(const char *id, int port, int shared, const char *data_dir,
+                         const char *const *env)
 {
-    char id[16], listen[32], log[256];
-    snprintf(id, sizeof(id), "gw-lim%d", n);
-    snprintf(listen, sizeof(listen), "127.0.0.1:%d", lim_port);
-    snprintf(log, sizeof(log), "/tmp/parley-e2e-gateway-lim%d-%d.log", n, (int)getpid());
-    char bin[512];
+    char listen[32], log[256], bin[512];
+    snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
+    snprintf(log, sizeof(log), "/tmp/parley-e2e-%s-%d.log", id, (int)getpid());
     pid_t pid = fork();
     if (pid != 0)
         return pid;
@@ -32,15 +35,73 @@ static pid_t lim_spawn(int n)
         dup2(fd, 2);
     }
     e2e_extra_gateway(id, bin, sizeof(bin));
+    if (data_dir != NULL)
+        setenv("PARLEY_DATA_DIR", data_dir, 1);
     setenv("PARLEY_GATEWAY_ID", id, 1);
     setenv("PARLEY_LISTEN", listen, 1);
-    setenv("PARLEY_PING_MS", "300", 1);
-    setenv("PARLEY_IDLE_MS", "1500", 1);
-    setenv("PARLEY_SEND_QUEUE_BYTES", "65536", 1);
-    setenv("PARLEY_SEND_RATE", "5", 1);
-    setenv("PARLEY_SEND_BURST", "10", 1);
+    setenv("PARLEY_LISTEN_SHARED", shared ? "1" : "0", 1);
+    for (; env != NULL && env[0] != NULL; env += 2)
+        setenv(env[0], env[1], 1);
     execl(bin, bin, (char *)NULL);
     _exit(127);
+}
+
+/* Starts gateway gw-limN on lim_port (shared by both) with the short limits. */
+static pid_t lim_spawn(int n)
+{
+    static const char *const env[] = {
+        "PARLEY_PING_MS", "300", "PARLEY_IDLE_MS", "1500", "PARLEY_SEND_QUEUE_BYTES", "65536",
+        "PARLEY_SEND_RATE", "5", "PARLEY_SEND_BURST", "10", NULL,
+    };
+    char id[16];
+    snprintf(id, sizeof(id), "gw-lim%d", n);
+    return extra_spawn(id, lim_port, 1, NULL, env);
+}
+
+/* Waits (bounded) for pid to exit; its wait status, or -1 if it still runs
+ * (then it is killed). */
+static int extra_exit_status(pid_t pid)
+{
+    int st = 0;
+    for (int i = 0; i < 300; i++) {
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return st;
+        usleep(100 * 1000);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &st, 0);
+    return -1;
+}
+
+/* 1 if the log of extra process id holds every one of the NULL-ended needles. */
+static int extra_log_has(const char *id, const char *const *needles)
+{
+    char path[256], buf[16384];
+    snprintf(path, sizeof(path), "/tmp/parley-e2e-%s-%d.log", id, (int)getpid());
+    FILE *f = fopen(path, "r");
+    size_t n = f != NULL ? fread(buf, 1, sizeof(buf) - 1, f) : 0;
+    if (f != NULL)
+        fclose(f);
+    buf[n] = '\0';
+    for (; *needles != NULL; needles++)
+        if (strstr(buf, *needles) == NULL) {
+            fprintf(stderr, "%s: no \"%s\" in:\n%s\n", path, *needles, buf);
+            return 0;
+        }
+    return 1;
+}
+
+/* The service on gw still answers: a ping, and a send that is stored. */
+static void still_serving(enum e2e_svc gw)
+{
+    char u[65], to[65], msg_id[64];
+    e2e_user("alive", u);
+    e2e_user("alive_to", to);
+    client *cl = e2e_connect(u, gw);
+    e2e_send_text(cl, "{\"type\":\"ping\",\"id\":\"p\"}");
+    json_decref(client_wait_ref(cl, "p", E2E_WAIT_MS));
+    e2e_send(cl, "s1", to, "still here", msg_id);
+    client_close(cl, 1000);
 }
 
 static client *lim_connect(const char *user)
@@ -134,6 +195,50 @@ START_TEST(two_gateways_share_one_port)
     int st;
     ck_assert_int_eq(waitpid(lim_pids[0], &st, WNOHANG), 0);
     ck_assert_int_eq(waitpid(lim_pids[1], &st, WNOHANG), 0);
+}
+END_TEST
+
+/* A second gateway (or parleyd) on a port in use stops at once, naming the
+ * setting, and the first keeps serving; so does one that does not ask to
+ * share a port that others share. */
+START_TEST(second_process_on_a_used_port_fails)
+{
+    char used[64];
+    snprintf(used, sizeof(used), "PARLEY_LISTEN=127.0.0.1:%d", e2e_port(E2E_GW1));
+    pid_t pid = extra_spawn("gw-dup", e2e_port(E2E_GW1), 0, NULL, NULL);
+    int st = extra_exit_status(pid);
+    ck_assert_msg(st != -1, "a second process on a used port kept running");
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) != 0, "exit status %d", st);
+    ck_assert(extra_log_has("gw-dup", (const char *const[]){ used, "already in use", NULL }));
+    still_serving(E2E_GW1);
+
+    snprintf(used, sizeof(used), "PARLEY_LISTEN=127.0.0.1:%d", lim_port);
+    pid = extra_spawn("gw-dup2", lim_port, 0, NULL, NULL);
+    st = extra_exit_status(pid);
+    ck_assert_msg(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) != 0, "exit status %d", st);
+    ck_assert(extra_log_has("gw-dup2", (const char *const[]){ used, "already in use", NULL }));
+}
+END_TEST
+
+/* parleyd only: a second parleyd on the first one's data folder (on a port
+ * of its own) stops at once, naming the folder and the holder's pid; the
+ * first keeps serving. */
+START_TEST(second_parleyd_on_the_same_folder_fails)
+{
+    const char *mode = getenv("PARLEY_E2E_MODE");
+    if (mode == NULL || strcmp(mode, "parleyd") != 0)
+        return;
+    const char *dir = getenv("PARLEY_DATA_DIR");
+    ck_assert_ptr_nonnull(dir);
+    char folder[400], holder[32];
+    snprintf(folder, sizeof(folder), "PARLEY_DATA_DIR=\\\"%s\\\"", dir);
+    snprintf(holder, sizeof(holder), "(pid %d)", (int)e2e_pid(E2E_GW1));
+    pid_t pid = extra_spawn("pd-dup", lim_port + 1, 0, dir, NULL);
+    int st = extra_exit_status(pid);
+    ck_assert_msg(st != -1, "a second parleyd on the same folder kept running");
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) != 0, "exit status %d", st);
+    ck_assert(extra_log_has("pd-dup", (const char *const[]){ folder, holder, NULL }));
+    still_serving(E2E_GW1);
 }
 END_TEST
 
@@ -242,6 +347,8 @@ static Suite *gateway_suite(void)
     tcase_add_test(tc, client_answering_pings_stays_open);
     tcase_add_test(tc, client_that_stops_reading_is_closed_at_the_ceiling);
     tcase_add_test(tc, two_gateways_share_one_port);
+    tcase_add_test(tc, second_process_on_a_used_port_fails);
+    tcase_add_test(tc, second_parleyd_on_the_same_folder_fails);
     tcase_add_test(tc, sends_over_the_rate_are_refused);
     tcase_add_test(tc, quiet_connections_park_and_wake);
     suite_add_tcase(s, tc);
@@ -278,7 +385,7 @@ int main(void)
     srunner_free(sr);
     int bad = (lim_stop(lim_pids[0]) != 0) + (lim_stop(lim_pids[1]) != 0);
     if (bad)
-        fprintf(stderr, "limits gateway exited badly; read /tmp/parley-e2e-gateway-lim*-%d.log\n",
+        fprintf(stderr, "limits gateway exited badly; read /tmp/parley-e2e-gw-lim*-%d.log\n",
                 (int)getpid());
     bad += e2e_stop();
     return failed == 0 && bad == 0 ? EXIT_SUCCESS : EXIT_FAILURE;

@@ -1,4 +1,5 @@
-/* service: the URI redaction for logs and the topic list a service builds
+/* service: what its start-up log says of the store (the MongoDB store's
+ * store_where, credentials redacted) and the topic list a service builds
  * (service_run itself is exercised by every e2e test, through the four
  * consumer services). */
 #include "check_main.h"
@@ -9,34 +10,34 @@
 static const char *redact(const char *uri)
 {
     static char out[256];
-    service_redact(uri, out, sizeof(out));
+    store_where(uri, "d", out, sizeof(out));
     return out;
 }
 
 START_TEST(redact_userinfo)
 {
     ck_assert_str_eq(redact("mongodb://user:secret@db:27017/parley"),
-                     "mongodb://***@db:27017/parley");
+                     "mongodb://***@db:27017/parley db d");
     ck_assert_str_eq(redact("mongodb://user:secret@a,b/?authSource=admin"),
-                     "mongodb://***@a,b/?authSource=admin");
-    ck_assert_str_eq(redact("mongodb://user@db"), "mongodb://***@db");
+                     "mongodb://***@a,b/?authSource=admin db d");
+    ck_assert_str_eq(redact("mongodb://user@db"), "mongodb://***@db db d");
 }
 END_TEST
 
 START_TEST(redact_keeps_the_rest)
 {
-    ck_assert_str_eq(redact("mongodb://db:27017/parley"), "mongodb://db:27017/parley");
+    ck_assert_str_eq(redact("mongodb://db:27017/parley"), "mongodb://db:27017/parley db d");
     /* An @ after the host is not userinfo. */
-    ck_assert_str_eq(redact("mongodb://db/parley?tag=a@b"), "mongodb://db/parley?tag=a@b");
-    ck_assert_str_eq(redact("not a uri @ all"), "not a uri @ all");
-    ck_assert_str_eq(redact(""), "");
+    ck_assert_str_eq(redact("mongodb://db/parley?tag=a@b"), "mongodb://db/parley?tag=a@b db d");
+    ck_assert_str_eq(redact("not a uri @ all"), "not a uri @ all db d");
+    ck_assert_str_eq(redact(""), " db d");
 }
 END_TEST
 
 START_TEST(redact_truncates)
 {
     char out[12];
-    service_redact("mongodb://u:p@longhost/", out, sizeof(out));
+    store_where("mongodb://u:p@longhost/", "d", out, sizeof(out));
     ck_assert_str_eq(out, "mongodb://*");
 }
 END_TEST
