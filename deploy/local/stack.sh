@@ -6,7 +6,9 @@
 # FerretDB's SQLite backend scans a whole collection for every query that is
 # not by _id, which made presence lag 20 s behind 254 connects and left group
 # fan-out "offline"; over PostgreSQL the same test syncs 254 connections in
-# 2.5 s instead of 25 s and every live copy arrives.
+# 2.5 s instead of 25 s and every live copy arrives. Over PostgreSQL, every
+# start applies ferretdb-pg.sql (indexes FerretDB's queries can use; a
+# property of this local stack only, see that file).
 #
 #   stack.sh fetch                      fetch/build into the cache, start nothing
 #   stack.sh start [kafka|mongo|all]    fetch if needed, start, wait until ready
@@ -241,6 +243,11 @@ start_pg() {
     "SELECT 1 FROM pg_database WHERE datname = 'ferretdb'" | grep -q 1 \
     || "${PG_AS[@]}" psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "CREATE DATABASE ferretdb" \
     || die "could not create the ferretdb database"
+  # Indexes FerretDB's queries can use, and the plan mode they need
+  # (ferretdb-pg.sql says why); before FerretDB opens its connections.
+  "${PG_AS[@]}" psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d ferretdb -qAt -v ON_ERROR_STOP=1 \
+    -f - <"$HERE/ferretdb-pg.sql" >>"$RUN/pg.log" 2>&1 \
+    || die "could not set up the ferretdb database (deploy/local/ferretdb-pg.sql); read $RUN/pg.log"
 }
 
 stop_pg() {
