@@ -202,7 +202,7 @@ static int bus_new_consumer(bus *b, const bus_conf *c, char *err, size_t errlen)
         { "session.timeout.ms", "10000" },
         { "heartbeat.interval.ms", "1000" },
         /* Co-partitioned topics must be assigned alike: partition p of
-         * inbox and sync to the same member (acks have a group of their own). */
+         * each user-keyed topic a group reads to the same member. */
         { "partition.assignment.strategy", "range" },
         { "max.poll.interval.ms", "600000" },
     };

@@ -1,5 +1,6 @@
 /* Owns what a client command turns into: validation through the protocol
- * codec, the bus records a command produces (inbox, acks, presence, sync),
+ * codec, the bus records a command produces (inbox, acks, presence, and
+ * sync requests on the inbox topic),
  * and the answer a client gets once Kafka has, or has not, accepted a send.
  * A send naming media is first checked by media.c, which then produces it
  * through commands_produce_send. */
@@ -254,14 +255,20 @@ static int commands_presence(gw *g, const char *user, Parley__PresenceRecord__Ty
 void commands_sync(gw *g, conn *c, int64_t from_seq)
 {
     size_t len;
-    Parley__SyncRequest rec = PARLEY__SYNC_REQUEST__INIT;
+    Parley__SyncRequest req = PARLEY__SYNC_REQUEST__INIT;
+    req.version = 1;
+    req.user = (char *)ws_conn_user(c);
+    req.gateway = (char *)g->cfg.gateway_id;
+    req.conn = ws_conn_id(c);
+    req.from_seq = from_seq;
+    /* On the user's inbox partition, behind every event already produced
+     * there (proto/parley.proto, InboxRecord.sync). */
+    Parley__InboxRecord rec = PARLEY__INBOX_RECORD__INIT;
     rec.version = 1;
-    rec.user = (char *)ws_conn_user(c);
-    rec.gateway = (char *)g->cfg.gateway_id;
-    rec.conn = ws_conn_id(c);
-    rec.from_seq = from_seq;
-    uint8_t *buf = COMMANDS_PACK(sync_request, &rec, &len);
-    if (commands_produce(g, g->topic_sync, rec.user, buf, len, &commands_record_tag) != PX_OK)
+    rec.user = req.user;
+    rec.sync = &req;
+    uint8_t *buf = COMMANDS_PACK(inbox_record, &rec, &len);
+    if (commands_produce(g, g->topic_inbox, rec.user, buf, len, &commands_record_tag) != PX_OK)
         ws_conn_close(c, 1013, "try again later");
 }
 

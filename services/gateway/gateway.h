@@ -36,7 +36,7 @@ typedef struct gw {
     const char *secret;
     int64_t epoch;               /* boot time in ms: orders our restarts */
     bus *b;
-    char topic_inbox[96], topic_acks[96], topic_sync[96], topic_presence[96],
+    char topic_inbox[96], topic_acks[96], topic_presence[96],
         topic_groups[96], topic_deliver[160];
     worker **workers;
     size_t nworkers;

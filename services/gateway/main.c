@@ -57,7 +57,6 @@ static int main_setup(gw *g, char *err, size_t errlen)
     const char *p = g->cfg.topic_prefix;
     snprintf(g->topic_inbox, sizeof(g->topic_inbox), "%sinbox", p);
     snprintf(g->topic_acks, sizeof(g->topic_acks), "%sacks", p);
-    snprintf(g->topic_sync, sizeof(g->topic_sync), "%ssync", p);
     snprintf(g->topic_presence, sizeof(g->topic_presence), "%spresence", p);
     snprintf(g->topic_groups, sizeof(g->topic_groups), "%sgroups", p);
     snprintf(g->topic_deliver, sizeof(g->topic_deliver), "%sgw.%s", p, g->cfg.gateway_id);
@@ -78,7 +77,7 @@ static int main_start(gw *g, char *err, size_t errlen)
     g->b = bus_new(&bc, err, errlen);
     if (g->b == NULL)
         return PX_ERROR;
-    const char *topics[] = { g->topic_inbox, g->topic_acks, g->topic_sync, g->topic_presence,
+    const char *topics[] = { g->topic_inbox, g->topic_acks, g->topic_presence,
                              g->topic_groups, g->topic_deliver };
     if (bus_ensure_topics(g->b, topics, PX_ARRAY_LEN(topics), 15000, err, errlen) != PX_OK)
         return PX_ERROR;

@@ -57,7 +57,6 @@ int acker_start(msgstore *ms, char *err, size_t errlen)
     a->m = ms->m;
     a->topic_inbox = ms->topic_inbox;
     a->topic_acks = ms->topic_acks;
-    a->topic_sync = ms->topic_sync;
     a->topic_receipts = ms->topic_receipts;
     a->topic_dead = ms->topic_dead;
     batch_init(a);

@@ -86,6 +86,27 @@ static int batch_text_ok(const void *s, size_t n)
     return memchr(s, '\0', n) == NULL && utf8_valid(s, n);
 }
 
+static int batch_valid_gateway(const char *g)
+{
+    /* The id becomes part of a topic name: same alphabet as a user id. */
+    return id_valid_user(g);
+}
+
+/* A sync request rides the user's inbox partition (InboxRecord.sync), so
+ * it runs after every event produced before it. */
+static void batch_check_sync(msgstore_rec *r, const Parley__SyncRequest *x)
+{
+    r->kind = REC_SYNC;
+    if (x->version != MSGSTORE_RECORD_VERSION)
+        batch_dead(r, "%s: unknown version", "SyncRequest");
+    else if (strcmp(x->user, r->u.inbox->user) != 0)
+        batch_dead(r, "%s: user is not the record's", "SyncRequest");
+    else if (!batch_valid_gateway(x->gateway))
+        batch_dead(r, "%s: bad gateway id", "SyncRequest");
+    else if (x->conn == 0)
+        batch_dead(r, "%s: conn 0 (would sync every connection)", "SyncRequest");
+}
+
 static void batch_decode_inbox(msgstore_rec *r)
 {
     const bus_msg *m = r->m;
@@ -102,6 +123,8 @@ static void batch_decode_inbox(msgstore_rec *r)
         batch_dead(r, "%s: bad user", "InboxRecord");
     else if (!bus_key_is(m, x->user))
         batch_dead(r, "%s: key is not the user", "InboxRecord");
+    else if (x->sync != NULL)
+        batch_check_sync(r, x->sync);
     else if (x->id[0] == '\0' || strlen(x->id) > BATCH_EVENT_ID_MAX ||
              !batch_text_ok(x->id, strlen(x->id)))
         batch_dead(r, "%s: bad event id", "InboxRecord");
@@ -132,34 +155,6 @@ static void batch_decode_ack(msgstore_rec *r)
         batch_dead(r, "%s: key is not the user", "AckRecord");
 }
 
-static int batch_valid_gateway(const char *g)
-{
-    /* The id becomes part of a topic name: same alphabet as a user id. */
-    return id_valid_user(g);
-}
-
-static void batch_decode_sync(msgstore_rec *r)
-{
-    const bus_msg *m = r->m;
-    Parley__SyncRequest *x = parley__sync_request__unpack(NULL, m->len, m->value);
-    if (x == NULL) {
-        batch_dead(r, "%s: not a protobuf", "SyncRequest");
-        return;
-    }
-    r->u.sync = x;
-    r->kind = REC_SYNC;
-    if (x->version != MSGSTORE_RECORD_VERSION)
-        batch_dead(r, "%s: unknown version", "SyncRequest");
-    else if (!id_valid_user(x->user))
-        batch_dead(r, "%s: bad user", "SyncRequest");
-    else if (!bus_key_is(m, x->user))
-        batch_dead(r, "%s: key is not the user", "SyncRequest");
-    else if (!batch_valid_gateway(x->gateway))
-        batch_dead(r, "%s: bad gateway id", "SyncRequest");
-    else if (x->conn == 0)
-        batch_dead(r, "%s: conn 0 (would sync every connection)", "SyncRequest");
-}
-
 static void batch_decode(msgstore *ms, bus_msg *m, msgstore_rec *r)
 {
     memset(r, 0, sizeof(*r));
@@ -168,8 +163,6 @@ static void batch_decode(msgstore *ms, bus_msg *m, msgstore_rec *r)
         batch_decode_inbox(r);
     else if (strcmp(m->topic, ms->topic_acks) == 0)
         batch_decode_ack(r);
-    else if (strcmp(m->topic, ms->topic_sync) == 0)
-        batch_decode_sync(r);
     else
         batch_dead(r, "unexpected topic %s", m->topic);
     if (r->kind == REC_DEAD) {
@@ -188,8 +181,6 @@ static void batch_free_rec(msgstore *ms, msgstore_rec *r)
         parley__inbox_record__free_unpacked(r->u.inbox, NULL);
     else if (r->u.ack != NULL && strcmp(t, ms->topic_acks) == 0)
         parley__ack_record__free_unpacked(r->u.ack, NULL);
-    else if (r->u.sync != NULL && strcmp(t, ms->topic_sync) == 0)
-        parley__sync_request__free_unpacked(r->u.sync, NULL);
 }
 
 /* ---- running ---- */
@@ -220,7 +211,7 @@ static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_
             rc = inbox_store_run(ms, recs + i, j - i, err, errlen);
             break;
         case REC_SYNC:
-            rc = sync_serve(ms, i, recs[i].u.sync, err, errlen);
+            rc = sync_serve(ms, i, recs[i].u.inbox->sync, err, errlen);
             break;
         case REC_ACK:
             while (j < n && recs[j].kind == REC_ACK)
@@ -255,34 +246,8 @@ static size_t batch_settle(msgstore *ms, size_t upto, char *err, size_t errlen)
     return upto;
 }
 
-/* Inbox records before sync requests, each topic's records (so each
- * partition's) in their order. Nothing orders the two topics, but a sync
- * that runs after the inbox records consumed with it serves those too:
- * a message sent just before its recipient connected then arrives in the
- * sync, before `synced`, rather than right after it (seen as a rare e2e
- * failure once acks left this consumer and the batches got smaller). The
- * commit logic is unaffected: it commits prefixes, and each partition's
- * records keep their order. */
-static void batch_inbox_first(const msgstore *ms, bus_msg *msgs, size_t n)
-{
-    size_t first_sync = 0;
-    while (first_sync < n && strcmp(msgs[first_sync].topic, ms->topic_sync) != 0)
-        first_sync++;
-    if (first_sync == n)
-        return; /* no sync in the batch (the usual case): nothing to move */
-    bus_msg *tmp = px_malloc(n * sizeof(*tmp));
-    size_t k = 0;
-    for (int pass = 0; pass < 2; pass++)
-        for (size_t i = 0; i < n; i++)
-            if ((strcmp(msgs[i].topic, ms->topic_sync) != 0) == (pass == 0))
-                tmp[k++] = msgs[i];
-    memcpy(msgs, tmp, n * sizeof(*tmp));
-    free(tmp);
-}
-
 void batch_process(msgstore *ms, bus_msg *msgs, size_t n)
 {
-    batch_inbox_first(ms, msgs, n);
     msgstore_rec *recs = px_calloc(n, sizeof(*recs));
     for (size_t i = 0; i < n; i++)
         batch_decode(ms, &msgs[i], &recs[i]);

@@ -1,5 +1,5 @@
-/* message-store: every user's inbox. Consumes parley.inbox and parley.sync
- * in the consumer group parley-message-store, and parley.acks in
+/* message-store: every user's inbox. Consumes parley.inbox (events and
+ * sync requests) in the consumer group parley-message-store, and parley.acks in
  * parley-message-store-acks on a thread of its own (acker.c); stores inbox
  * events, pushes them to the gateways holding the recipient, serves the
  * backlog on connect and deletes on ack. This file owns what is
@@ -68,7 +68,6 @@ static void main_setup(void *arg)
     service *s = &ms->svc;
     ms->topic_inbox = service_topic(s, "inbox", SERVICE_SUBSCRIBE);
     ms->topic_acks = service_topic(s, "acks", SERVICE_ENSURE); /* acker.c's */
-    ms->topic_sync = service_topic(s, "sync", SERVICE_SUBSCRIBE);
     ms->topic_presence = service_topic(s, "presence", SERVICE_ENSURE);
     ms->topic_receipts = service_topic(s, "receipts", SERVICE_ENSURE);
     ms->topic_groups = service_topic(s, "groups", SERVICE_ENSURE);

@@ -48,9 +48,8 @@ typedef struct msgstore_rec {
     enum msgstore_rec_kind kind;
     bus_msg *m;
     union {
-        Parley__InboxRecord *inbox;
+        Parley__InboxRecord *inbox; /* REC_INBOX, and REC_SYNC (its sync is set) */
         Parley__AckRecord *ack;
-        Parley__SyncRequest *sync;
     } u;
     char reason[160];               /* REC_DEAD: why */
 } msgstore_rec;
@@ -66,7 +65,7 @@ typedef struct batch_tag {
 
 struct msgstore {
     service svc;
-    const char *topic_inbox, *topic_acks, *topic_sync, *topic_presence, *topic_receipts,
+    const char *topic_inbox, *topic_acks, *topic_presence, *topic_receipts,
         *topic_groups, *topic_dead;
     route_cache *cache;
 
