@@ -14,7 +14,7 @@
  *   gateways  {_id: gateway, epoch, ts}, {ts:1}
  *   tracking  {_id: "reader/msg_id", reader, msg_id, sender, group?, ts},
  *             {ts:1}; the composite _id is the unique (reader, msg_id)
- *             key, and exact-pair lookups are one {_id: {$in}} find
+ *             key, and exact pairs are looked up by _id, one find each
  *   media     {_id: media id, sha256, content_type, upload, size, ts},
  *             unique {sha256:1} (the dedupe), {ts:1}, {upload:1}
  *   chunks    {_id: "upload/n", upload, n, ts, data: binary}, {upload:1};
@@ -26,12 +26,14 @@
  *             abandoned), so the orphan sweep reads small documents only
  * Times are BSON dates, so a real mongod could use a TTL index later.
  *
- * Cost model on FerretDB 1.24 over SQLite: indexes enforce uniqueness on
- * insert, but no query uses them (only a lone {_id: string} filter reaches
- * SQL, and even that misses the index: "->'$._id'" vs the index's "->'_id'").
- * Every find, count and delete therefore scans the whole collection, so each
- * call here is one command per batch (one find, one delete_many), never one
- * per document. Over PostgreSQL, FerretDB pushes equality ({user: u}) down.
+ * Cost model on FerretDB 1.24 over PostgreSQL (the local stack): only a
+ * filter's equalities reach PostgreSQL, as JSONB containment that the GIN
+ * indexes deploy/local/ferretdb-pg.sql adds serve; ranges, $in and $or are
+ * evaluated by FerretDB over what those equalities match. So every query
+ * on a hot path keeps an equality on an indexed field (user, _id, gateway,
+ * sha256, upload, media), and an $in or $or becomes one query per owner or
+ * key (sm_each); tests/integration/test_store_mongo_index.c fails on a
+ * sequential scan. Over SQLite, no query uses an index at all.
  *
  * Internal names carry the sm_ (store_mongo) prefix. */
 #include "store.h"
@@ -723,31 +725,34 @@ static int sm_delete_many(sm_conn *sc, const bson_t *filter, int64_t *removed, c
     return rc;
 }
 
-/* The keys sorted by user, as runs: one query per user, not one $or for
- * all. FerretDB 1.24 turns the equality on user into a JSONB containment
- * that PostgreSQL answers with a sequential scan (milliseconds per user),
- * and it does not push an $or down at all (54 ms per $or call at 100
- * users against ~3 ms per user). So the users' queries run side by side,
- * SM_CONCURRENCY at a time, each on a client of the pool; their
- * answers are kept per user and handed to the caller in user order on its
- * own thread. MongoDB serves any of these from the (user, id) index. */
+/* Query shapes FerretDB cannot push down become one query per owner or
+ * per key. FerretDB 1.24 hands PostgreSQL only a filter's equalities (JSONB
+ * containment, which the local stack's GIN indexes serve:
+ * deploy/local/ferretdb-pg.sql) and evaluates the rest itself over every
+ * document they match; an $in or $or alone matches the whole collection,
+ * all of it read into FerretDB (~400 ms per call at 5,000 documents, where
+ * a find by _id takes ~2 ms). The queries run side by side,
+ * SM_CONCURRENCY at a time, each on a client of the pool; their answers
+ * are kept per query and handed to the caller in query order on its own
+ * thread. MongoDB serves either shape from its indexes. */
 
-typedef struct sm_user_op {
+typedef struct sm_op {
     bson_t filter;
-    bson_t **docs;          /* get: copies of the documents found */
+    bson_t **docs;          /* find: copies of the documents found */
     size_t ndocs, cap;
     int64_t removed;        /* delete: documents removed */
     int rc;
     char err[PX_ERRLEN];
-} sm_user_op;
+} sm_op;
 
-typedef struct sm_by_user_job {
+typedef struct sm_each_job {
     store *st;
-    sm_user_op *ops;
+    const char *coll, *what;
+    sm_op *ops;
     int del;                /* delete_many, else find */
-} sm_by_user_job;
+} sm_each_job;
 
-static void sm_user_find(sm_conn *sc, sm_user_op *op)
+static void sm_op_find(sm_conn *sc, sm_op *op, const char *what)
 {
     mongoc_cursor_t *cur = mongoc_collection_find_with_opts(sc->coll, &op->filter, NULL, NULL);
     const bson_t *doc;
@@ -761,33 +766,83 @@ static void sm_user_find(sm_conn *sc, sm_user_op *op)
         op->docs[op->ndocs++] = bson_copy(doc);
     }
     if (mongoc_cursor_error(cur, &error))
-        op->rc = sm_fail(op->err, sizeof(op->err), "inbox get", &error);
+        op->rc = sm_fail(op->err, sizeof(op->err), what, &error);
     mongoc_cursor_destroy(cur);
 }
 
-static void sm_user_run(void *arg, size_t i)
+static void sm_each_run(void *arg, size_t i)
 {
-    sm_by_user_job *job = arg;
-    sm_user_op *op = &job->ops[i];
+    sm_each_job *job = arg;
+    sm_op *op = &job->ops[i];
     sm_conn sc = { 0 };
 
-    sm_conn_get(job->st, "inbox", &sc);
+    sm_conn_get(job->st, job->coll, &sc);
     if (job->del)
-        op->rc = sm_delete_many(&sc, &op->filter, &op->removed, "inbox delete", op->err,
+        op->rc = sm_delete_many(&sc, &op->filter, &op->removed, job->what, op->err,
                                 sizeof(op->err));
     else
-        sm_user_find(&sc, op);
+        sm_op_find(&sc, op, job->what);
     sm_conn_put(job->st, &sc);
 }
 
-/* Fills *ops (one per user, in user order) and runs them; the caller
- * reads the answers and calls sm_user_ops_free. */
-static int sm_by_user(store *st, const store_key *keys, size_t n, int del, sm_user_op **ops_out,
+/* Runs the n finds (or deletes) of ops on coll; the caller reads the
+ * answers and calls sm_ops_free. */
+static int sm_each(store *st, const char *coll, sm_op *ops, size_t n, int del,
+                   const char *what, char *err, size_t errlen)
+{
+    sm_each_job job = { .st = st, .coll = coll, .what = what, .ops = ops, .del = del };
+
+    px_parallel(n, SM_CONCURRENCY, sm_each_run, &job);
+    for (size_t i = 0; i < n; i++)
+        if (ops[i].rc != PX_OK)
+            return px_err(err, errlen, "%s", ops[i].err);
+    return PX_OK;
+}
+
+static void sm_ops_free(sm_op *ops, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        bson_destroy(&ops[i].filter);
+        for (size_t d = 0; d < ops[i].ndocs; d++)
+            bson_destroy(ops[i].docs[d]);
+        free(ops[i].docs);
+    }
+    free(ops);
+}
+
+static int sm_strp_cmp(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* One {_id: v[i]} op per distinct string of v, in sorted order. */
+static sm_op *sm_ops_by_id(const char *const *v, size_t n, size_t *nops)
+{
+    const char **sorted = px_malloc(n * sizeof(*sorted));
+    sm_op *ops = px_calloc(n, sizeof(*ops));
+
+    memcpy(sorted, v, n * sizeof(*sorted));
+    qsort(sorted, n, sizeof(*sorted), sm_strp_cmp);
+    *nops = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i > 0 && strcmp(sorted[i], sorted[i - 1]) == 0)
+            continue;
+        bson_init(&ops[*nops].filter);
+        BSON_APPEND_UTF8(&ops[*nops].filter, "_id", sorted[i]);
+        (*nops)++;
+    }
+    free(sorted);
+    return ops;
+}
+
+/* Fills *ops (one per user, in user order: the inbox's (user, id) index
+ * serves each) and runs them. */
+static int sm_by_user(store *st, const store_key *keys, size_t n, int del, sm_op **ops_out,
                       size_t *nops_out, char *err, size_t errlen)
 {
     store_key *sorted = px_malloc(n * sizeof(*sorted));
     const char **ids = px_malloc(n * sizeof(*ids));
-    sm_user_op *ops = px_calloc(n, sizeof(*ops));
+    sm_op *ops = px_calloc(n, sizeof(*ops));
     size_t nops = 0;
 
     memcpy(sorted, keys, n * sizeof(*sorted));
@@ -801,33 +856,15 @@ static int sm_by_user(store *st, const store_key *keys, size_t n, int del, sm_us
     }
     free(ids);
     free(sorted);
-
-    sm_by_user_job job = { .st = st, .ops = ops, .del = del };
-    px_parallel(nops, SM_CONCURRENCY, sm_user_run, &job);
-
     *ops_out = ops;
     *nops_out = nops;
-    for (size_t i = 0; i < nops; i++)
-        if (ops[i].rc != PX_OK)
-            return px_err(err, errlen, "%s", ops[i].err);
-    return PX_OK;
-}
-
-static void sm_user_ops_free(sm_user_op *ops, size_t nops)
-{
-    for (size_t i = 0; i < nops; i++) {
-        bson_destroy(&ops[i].filter);
-        for (size_t d = 0; d < ops[i].ndocs; d++)
-            bson_destroy(ops[i].docs[d]);
-        free(ops[i].docs);
-    }
-    free(ops);
+    return sm_each(st, "inbox", ops, nops, del, del ? "inbox delete" : "inbox get", err, errlen);
 }
 
 int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb cb, void *arg,
                     char *err, size_t errlen)
 {
-    sm_user_op *ops = NULL;
+    sm_op *ops = NULL;
     size_t nops = 0;
     store_event ev;
 
@@ -845,14 +882,14 @@ int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb c
             else
                 rc = cb(arg, &ev);
         }
-    sm_user_ops_free(ops, nops);
+    sm_ops_free(ops, nops);
     return rc;
 }
 
 int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *removed, char *err,
                        size_t errlen)
 {
-    sm_user_op *ops = NULL;
+    sm_op *ops = NULL;
     size_t nops = 0;
     int64_t total = 0;
 
@@ -865,7 +902,7 @@ int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *remo
     int rc = sm_by_user(st, keys, n, 1, &ops, &nops, err, errlen);
     for (size_t i = 0; i < nops; i++)
         total += ops[i].removed;
-    sm_user_ops_free(ops, nops);
+    sm_ops_free(ops, nops);
     if (removed != NULL)
         *removed = total;
     return rc;
@@ -1032,21 +1069,19 @@ static int sm_check_track(const store_track *t, size_t n, int full, const char *
     return rc;
 }
 
-/* {_id: {$in: ["reader/msg_id", ...]}} for the n pairs of keys. */
-static void sm_track_filter(bson_t *filter, const store_track *keys, size_t n)
+/* One {_id: "reader/msg_id"} op per distinct pair of keys. */
+static sm_op *sm_track_ops(const store_track *keys, size_t n, size_t *nops)
 {
     char **ids = px_malloc(n * sizeof(*ids));
-    bson_t in;
+    sm_op *ops;
 
     for (size_t i = 0; i < n; i++)
         ids[i] = sm_track_id(&keys[i]);
-    bson_init(filter);
-    BSON_APPEND_DOCUMENT_BEGIN(filter, "_id", &in);
-    sm_append_str_array(&in, "$in", (const char *const *)ids, n);
-    bson_append_document_end(filter, &in);
+    ops = sm_ops_by_id((const char *const *)ids, n, nops);
     for (size_t i = 0; i < n; i++)
         free(ids[i]);
     free(ids);
+    return ops;
 }
 
 int store_track_put(store *st, const store_track *t, size_t n, char *err, size_t errlen)
@@ -1115,11 +1150,8 @@ static int sm_track_parse(const bson_t *doc, store_track *t)
 int store_track_get(store *st, const store_track *keys, size_t n, store_track_cb cb,
                     void *arg, char *err, size_t errlen)
 {
-    sm_conn sc = { 0 };
-    mongoc_cursor_t *cur;
-    const bson_t *doc;
-    bson_error_t error;
-    bson_t filter;
+    sm_op *ops;
+    size_t nops = 0;
     store_track t;
     int rc;
 
@@ -1128,28 +1160,24 @@ int store_track_get(store *st, const store_track *keys, size_t n, store_track_cb
     rc = sm_check_track(keys, n, 0, "track get", err, errlen);
     if (rc != PX_OK || n == 0)
         return rc;
-    sm_track_filter(&filter, keys, n);
-    sm_conn_get(st, "tracking", &sc);
-    cur = mongoc_collection_find_with_opts(sc.coll, &filter, NULL, NULL);
-    while (rc == PX_OK && mongoc_cursor_next(cur, &doc)) {
-        if (sm_track_parse(doc, &t) != PX_OK)
-            rc = px_err(err, errlen, "track get: malformed tracking document");
-        else
-            rc = cb(arg, &t);
-    }
-    if (rc == PX_OK && mongoc_cursor_error(cur, &error))
-        rc = sm_fail(err, errlen, "track get", &error);
-    mongoc_cursor_destroy(cur);
-    sm_conn_put(st, &sc);
-    bson_destroy(&filter);
+    ops = sm_track_ops(keys, n, &nops);
+    rc = sm_each(st, "tracking", ops, nops, 0, "track get", err, errlen);
+    for (size_t i = 0; i < nops && rc == PX_OK; i++)
+        for (size_t d = 0; d < ops[i].ndocs && rc == PX_OK; d++) {
+            if (sm_track_parse(ops[i].docs[d], &t) != PX_OK)
+                rc = px_err(err, errlen, "track get: malformed tracking document");
+            else
+                rc = cb(arg, &t);
+        }
+    sm_ops_free(ops, nops);
     return rc;
 }
 
 int store_track_delete(store *st, const store_track *keys, size_t n, int64_t *removed,
                        char *err, size_t errlen)
 {
-    sm_conn sc = { 0 };
-    bson_t filter;
+    sm_op *ops;
+    size_t nops = 0;
     int64_t count = 0;
     int rc;
 
@@ -1159,11 +1187,11 @@ int store_track_delete(store *st, const store_track *keys, size_t n, int64_t *re
             *removed = 0;
         return rc;
     }
-    sm_track_filter(&filter, keys, n);
-    sm_conn_get(st, "tracking", &sc);
-    rc = sm_delete_many(&sc, &filter, &count, "track delete", err, errlen);
-    sm_conn_put(st, &sc);
-    bson_destroy(&filter);
+    ops = sm_track_ops(keys, n, &nops);
+    rc = sm_each(st, "tracking", ops, nops, 1, "track delete", err, errlen);
+    for (size_t i = 0; i < nops; i++)
+        count += ops[i].removed;
+    sm_ops_free(ops, nops);
     if (rc == PX_OK && removed != NULL)
         *removed = count;
     return rc;
@@ -1468,28 +1496,27 @@ out:
 }
 
 /* Deletes the presence records of the dead gateways up to each one's last
- * known epoch, so a gateway that restarted meanwhile keeps its new records,
- * then the gateway records themselves unless a beat arrived in between. */
+ * known epoch (one delete per gateway, not an $or: see sm_each), so a
+ * gateway that restarted meanwhile keeps its new records, then the gateway
+ * records themselves unless a beat arrived in between. */
 static int sm_expire_dead(store *st, const sm_gw *dead, size_t n, int64_t cutoff_ms,
                           int64_t *removed, char *err, size_t errlen)
 {
     sm_conn sc = { 0 };
-    bson_t filter = BSON_INITIALIZER, arr;
-    char buf[16];
-    const char *k;
+    sm_op *ops = px_calloc(n, sizeof(*ops));
+    bson_t filter = BSON_INITIALIZER;
     int rc;
 
-    BSON_APPEND_ARRAY_BEGIN(&filter, "$or", &arr);
+    *removed = 0;
     for (size_t i = 0; i < n; i++) {
-        bson_uint32_to_string((uint32_t)i, &k, buf, sizeof(buf));
-        BCON_APPEND(&arr, k, "{", "gateway", BCON_UTF8(dead[i].name),
-                    "epoch", "{", "$lte", BCON_INT64(dead[i].epoch), "}", "}");
+        bson_init(&ops[i].filter);
+        BCON_APPEND(&ops[i].filter, "gateway", BCON_UTF8(dead[i].name),
+                    "epoch", "{", "$lte", BCON_INT64(dead[i].epoch), "}");
     }
-    bson_append_array_end(&filter, &arr);
-    sm_conn_get(st, "presence", &sc);
-    rc = sm_delete_many(&sc, &filter, removed, "presence expire", err, errlen);
-    sm_conn_put(st, &sc);
-    bson_reinit(&filter);
+    rc = sm_each(st, "presence", ops, n, 1, "presence expire", err, errlen);
+    for (size_t i = 0; i < n; i++)
+        *removed += ops[i].removed;
+    sm_ops_free(ops, n);
     if (rc != PX_OK)
         goto out;
     sm_filter_names(&filter, "_id", dead, n);
@@ -1661,38 +1688,29 @@ static int sm_group_parse(const bson_t *doc, store_group *g, sm_group_buf *b)
 int store_group_get(store *st, const char *const *ids, size_t n, store_group_cb cb,
                     void *arg, char *err, size_t errlen)
 {
-    sm_conn sc = { 0 };
-    bson_t filter = BSON_INITIALIZER, in;
-    const bson_t *doc;
-    bson_error_t error;
-    mongoc_cursor_t *cur = NULL;
-    sm_group_buf *b = NULL;
-    int rc = PX_OK;
+    sm_op *ops;
+    size_t nops = 0;
+    sm_group_buf *b;
+    int rc;
 
     if (n == 0)
         return PX_OK;
     if (sm_check_n(n, "group get", err, errlen) != PX_OK ||
         sm_check_strs(ids, n, "group get", err, errlen) != PX_OK)
         return PX_ERROR;
-    BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &in);
-    sm_append_str_array(&in, "$in", ids, n);
-    bson_append_document_end(&filter, &in);
+    ops = sm_ops_by_id(ids, n, &nops);
+    rc = sm_each(st, "groups", ops, nops, 0, "group get", err, errlen);
     b = px_malloc(sizeof(*b));
-    sm_conn_get(st, "groups", &sc);
-    cur = mongoc_collection_find_with_opts(sc.coll, &filter, NULL, NULL);
-    while (rc == PX_OK && mongoc_cursor_next(cur, &doc)) {
-        store_group g;
-        if (sm_group_parse(doc, &g, b) != PX_OK)
-            rc = px_err(err, errlen, "group get: malformed group document");
-        else
-            rc = cb(arg, &g);
-    }
-    if (rc == PX_OK && mongoc_cursor_error(cur, &error))
-        rc = sm_fail(err, errlen, "group get", &error);
-    mongoc_cursor_destroy(cur);
-    sm_conn_put(st, &sc);
-    bson_destroy(&filter);
+    for (size_t i = 0; i < nops && rc == PX_OK; i++)
+        for (size_t d = 0; d < ops[i].ndocs && rc == PX_OK; d++) {
+            store_group g;
+            if (sm_group_parse(ops[i].docs[d], &g, b) != PX_OK)
+                rc = px_err(err, errlen, "group get: malformed group document");
+            else
+                rc = cb(arg, &g);
+        }
     free(b);
+    sm_ops_free(ops, nops);
     return rc;
 }
 
