@@ -20,6 +20,7 @@
  * the delete repeats the facts, which the receipt ids (a hash of msg_id,
  * reader, status) make harmless downstream. */
 #include "common.h"
+#include "log.h"
 #include "msgstore.h"
 #include "utf8.h"
 
@@ -32,6 +33,7 @@
 #define ACK_GROUP_MAX 255   /* a group id read back from an event */
 #define ACK_FLUSH_MS 10000  /* facts must be in Kafka before the delete */
 #define ACK_FACT_VERSION 1
+#define ACK_GATE_MS 5000    /* longest wait for the puts of pushed events */
 
 /* One acked id: what the user asked and when. */
 typedef struct ack_entry {
@@ -239,6 +241,15 @@ int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *
         metric_add(ms->m.acks, 1);
     }
     k = ack_unique(e, k);
+    /* The events acked here were pushed before their puts; wait for those
+     * (one store round trip at most, off the delivery path). A gate that
+     * does not open in time means the inbox consumer is retrying a failing
+     * store: go on, an event not found yet comes again at the next sync. */
+    int64_t t0 = service_clock_us();
+    if (putgate_wait(ms->gate, ACK_GATE_MS) != PX_OK)
+        log_warn("acks applied before the inbox puts they follow", "{s:i}", "waited_ms",
+                 ACK_GATE_MS);
+    service_observe(ms->m.lat_gate, t0);
     int rc = PX_OK;
     ack_ctx c = { .ms = ms, .idx = idx };
     for (size_t off = 0; off < k && rc == PX_OK; off += ACK_CHUNK) {

@@ -3,11 +3,12 @@
  * messages. On FerretDB every acking user costs a find and a delete that
  * each scan the inbox (milliseconds apiece); behind the one consume loop
  * they delayed every delivery queued after them (a 256-member group's
- * acks held its fan-out for seconds). Acks need no order against the
- * inbox: an ack names an event its client received, which was stored
- * before it was pushed. The acker is a second msgstore that shares the
- * store, the configuration and the metrics and has its own bus, stop flag
- * and batch bookkeeping, so batch.c and ack.c run unchanged on it. */
+ * acks held its fan-out for seconds). An ack names an event its client
+ * received, which was pushed before it was stored: ack.c waits on the
+ * write-behind gate (putgate.c) until what was pushed is in the store. The
+ * acker is a second msgstore that shares the store, the gate, the
+ * configuration and the metrics and has its own bus, stop flag and batch
+ * bookkeeping, so batch.c and ack.c run unchanged on it. */
 #include "common.h"
 #include "log.h"
 #include "msgstore.h"
@@ -54,6 +55,7 @@ int acker_start(msgstore *ms, char *err, size_t errlen)
     msgstore *a = px_calloc(1, sizeof(*a));
     a->svc.cfg = *cfg;
     a->svc.st = ms->svc.st;
+    a->gate = ms->gate;
     a->m = ms->m;
     a->topic_inbox = ms->topic_inbox;
     a->topic_acks = ms->topic_acks;

@@ -1,12 +1,28 @@
-/* Owns storing runs of InboxRecords with crash-safe dedupe. Steps: seen
- * claim, inbox put, live push (confirmed by the bus before the batch
- * commits). The claim names the record by its bus position, so a crash
- * anywhere after it brings the same record back still fresh, and its put
- * (idempotent) and push are done again; a resend of the same id is another
- * record and is dropped. The claims outlive the inbox copy (kept for the
- * retention period), which is what absorbs a resend after the recipient
- * already acked and deleted the first copy. One round trip (the claim)
- * replaces the filter-before and mark-after pair this used to make. */
+/* Owns storing runs of InboxRecords with crash-safe dedupe, behind the
+ * live push. Steps: push to the online recipients (route.c), seen claim,
+ * inbox put, then wait until the bus holds the pushes; the batch commits
+ * after. The push goes first because a recipient who is online needs
+ * nothing from the store: the store is for what is not yet delivered, and
+ * its round trips (a claim and a put, milliseconds each on FerretDB) no
+ * longer sit between a message and its reader. A crash anywhere before the
+ * commit brings the records back; the claim names each record by its bus
+ * position, so a redelivered record is still fresh and its put (idempotent)
+ * and push are done again (clients dedupe by id). A resend of the same id
+ * is another record: its claim is refused and it is not stored again. The
+ * claims outlive the inbox copy (kept for the retention period), which is
+ * what absorbs a resend after the recipient already acked and deleted the
+ * first copy.
+ *
+ * The push cannot wait for the claim, so what keeps a resend off the wire
+ * is a memory of the keys this process pushed lately (inbox_recent: a
+ * direct-mapped table of key hashes): a key pushed lately is not pushed
+ * again, whether the record is a resend or this run's retry after a failed
+ * store step (its first push stands; if the bus lost it, the event is in
+ * the inbox for the next sync, as for any best-effort push). A resend the
+ * memory no longer holds (older than its reach, or first consumed by
+ * another process) is pushed once more with the same msg_id, which clients
+ * already drop by id (at-least-once on the wire); it is never stored or
+ * synced again. Acks that overtake the put wait for it (putgate.c). */
 #include "common.h"
 #include "msgstore.h"
 
@@ -25,8 +41,27 @@ typedef struct inbox_run {
     int *fresh;            /* per candidate: its claim is this record's */
     store_event *fev;      /* the fresh events, in batch order */
     int *inserted;         /* per fresh event */
-    size_t n, nc, nf;
+    store_event *pev;      /* the events to push, in batch order */
+    size_t n, nc, nf, np;
 } inbox_run;
+
+/* ---- the memory of recent pushes ---- */
+
+#define INBOX_RECENT_SLOTS (1u << 17)   /* 1 MiB; about a minute of traffic at 1k/s */
+
+struct inbox_recent {
+    uint64_t hash[INBOX_RECENT_SLOTS];  /* of "user/id"; 0: empty */
+};
+
+inbox_recent *inbox_recent_new(void)
+{
+    return px_calloc(1, sizeof(inbox_recent));
+}
+
+void inbox_recent_free(inbox_recent *r)
+{
+    free(r);
+}
 
 static uint64_t inbox_hash(const char *s)
 {
@@ -38,6 +73,20 @@ static uint64_t inbox_hash(const char *s)
 
 /* Marks keys repeated within the run: the store would absorb the second
  * copy anyway, but routing both would push the event twice. */
+/* 1 when the record should be pushed: its key was not pushed lately (a
+ * colliding key evicts, which can only let a resend through, never keep a
+ * new record back). 0 for a resend or a retry of a pushed record. */
+static int inbox_recent_note(inbox_recent *r, const char *key)
+{
+    uint64_t h = inbox_hash(key);
+    h += h == 0;
+    uint64_t *slot = &r->hash[h & (INBOX_RECENT_SLOTS - 1)];
+    if (*slot == h)
+        return 0;
+    *slot = h;
+    return 1;
+}
+
 static void inbox_mark_dups(inbox_run *ir)
 {
     size_t cap = 16;
@@ -67,6 +116,7 @@ static void inbox_run_init(inbox_run *ir, const msgstore_rec *recs, size_t n)
     ir->fresh = px_calloc(n, sizeof(*ir->fresh));
     ir->fev = px_calloc(n, sizeof(*ir->fev));
     ir->inserted = px_calloc(n, sizeof(*ir->inserted));
+    ir->pev = px_calloc(n, sizeof(*ir->pev));
     for (size_t i = 0; i < n; i++) {
         const Parley__InboxRecord *x = recs[i].u.inbox;
         size_t len = strlen(x->user) + 1 + strlen(x->id) + 1;
@@ -100,6 +150,7 @@ static void inbox_run_free(inbox_run *ir)
     free(ir->fresh);
     free(ir->fev);
     free(ir->inserted);
+    free(ir->pev);
 }
 
 /* seq is the bus offset: all of one user's records come from one partition
@@ -124,11 +175,27 @@ static void inbox_pick_fresh(inbox_run *ir, const msgstore_rec *recs)
             inbox_event(&ir->fev[ir->nf++], &recs[ir->cidx[c]]);
 }
 
+/* The candidates this process has not pushed yet, in batch order. */
+static void inbox_pick_push(msgstore *ms, inbox_run *ir, const msgstore_rec *recs)
+{
+    for (size_t c = 0; c < ir->nc; c++) {
+        const msgstore_rec *r = &recs[ir->cidx[c]];
+        if (inbox_recent_note(ms->recent, ir->ckeys[c]))
+            inbox_event(&ir->pev[ir->np++], r);
+    }
+}
+
 int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_t errlen)
 {
     int rc = PX_ERROR;
     inbox_run ir = { 0 };
     inbox_run_init(&ir, recs, n);
+
+    /* Numbered before the push: an ack of any of these events is consumed
+     * after it, and waits until this run is durable. */
+    uint64_t run = putgate_pushed(ms->gate);
+    inbox_pick_push(ms, &ir, recs);
+    route_live(ms, ir.pev, ir.np);
 
     int64_t t0 = service_clock_us();
     if (store_seen_claim(ms->svc.st, ir.ckeys, ir.ctags, ir.nc, px_now_ms(), ir.fresh, err,
@@ -143,19 +210,18 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
             goto out;
         service_observe(ms->m.lat_put, t0);
     }
+    putgate_durable(ms->gate, run);
 
-    /* A put that reports a duplicate of a fresh claim is this record's own
-     * earlier, unfinished attempt: push it anyway; clients dedupe. */
     size_t inserted = 0;
     for (size_t i = 0; i < ir.nf; i++)
         inserted += ir.inserted[i] != 0;
     metric_add(ms->m.stored, (int64_t)inserted);
     metric_add(ms->m.duplicates, (int64_t)(n - inserted));
-    route_live(ms, ir.fev, ir.nf);
 
-    /* The pushes are in the bus before the batch commits: a crash before
-     * that brings the records back, still fresh, and pushes them again. */
-    if (ir.nf > 0 && bus_flush(ms->svc.b, 10000) != PX_OK) {
+    /* The pushes are in the bus before the batch commits, so a commit never
+     * outruns a live delivery that a crash could still lose; by now they
+     * have had the store's round trips to get there. */
+    if (ir.np > 0 && bus_flush(ms->svc.b, 10000) != PX_OK) {
         px_err(err, errlen, "live deliveries not confirmed by the bus in 10 s");
         goto out;
     }

@@ -60,6 +60,9 @@ static void main_metrics(msgstore *ms)
     m->lat_lookup = LAT("presence_lookup");
     m->lat_sweep = LAT("sweep");
 #undef LAT
+    m->lat_gate = metrics_histogram("parley_msgstore_ack_gate_ms",
+                                    "Wait of an ack run for the inbox puts of pushed events, ms",
+                                    b, PX_ARRAY_LEN(b));
 }
 
 static void main_setup(void *arg)
@@ -80,6 +83,8 @@ static int main_start(void *arg, char *err, size_t errlen)
 {
     msgstore *ms = arg;
     ms->cache = route_cache_new();
+    ms->recent = inbox_recent_new();
+    ms->gate = putgate_new();
     if (sweep_start(ms, err, errlen) != PX_OK)
         return PX_ERROR;
     return acker_start(ms, err, errlen);
@@ -117,6 +122,8 @@ int main(void)
     static msgstore ms;
     int rc = service_run(&ms.svc, &def, &ms);
     route_cache_free(ms.cache);
+    inbox_recent_free(ms.recent);
+    putgate_free(ms.gate);
     free(ms.pack);
     return rc;
 }

@@ -31,6 +31,8 @@
 #define DELIV_MAX_BYTES (256 * 1024)
 
 typedef struct route_cache route_cache;
+typedef struct putgate putgate;
+typedef struct inbox_recent inbox_recent;
 
 typedef struct msgstore_metrics {
     metric *stored, *duplicates, *deliveries, *produce_failures, *offline, *syncs,
@@ -38,7 +40,7 @@ typedef struct msgstore_metrics {
         *cache_hits, *cache_misses, *lookup_failures, *swept_inbox, *swept_seen,
         *swept_media;
     metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
-        *lat_sweep;
+        *lat_sweep, *lat_gate;
 } msgstore_metrics;
 
 /* What batch.c made of one consumed record. */
@@ -68,6 +70,8 @@ struct msgstore {
     const char *topic_inbox, *topic_acks, *topic_presence, *topic_receipts,
         *topic_groups, *topic_dead;
     route_cache *cache;
+    inbox_recent *recent;           /* inbox.c: keys pushed lately (main thread) */
+    putgate *gate;                  /* putgate.c: shared with the acker */
 
     /* Delivery-report bookkeeping for the batch in flight (batch.c). */
     batch_tag tags[MSGSTORE_BATCH];
@@ -119,19 +123,37 @@ int batch_produce(msgstore *ms, const char *topic, const char *key, size_t key_l
 
 /* ---- inbox.c: runs of InboxRecords ---- */
 
-/* Stores n consecutive InboxRecords with crash-safe dedupe (seen filter,
- * inbox put, seen mark), then routes the ones not seen before. PX_OK when
- * every record's store effect is durable; a retry repeats it harmlessly. */
+/* Pushes n consecutive InboxRecords to their online recipients first (all
+ * but the ones this process knows as resends or already pushed), then
+ * stores them with crash-safe dedupe (seen claim, inbox put) and waits
+ * until the bus holds the pushes. PX_OK when every record's store effect
+ * is durable; a retry repeats the store steps harmlessly and pushes
+ * nothing again. */
 int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_t errlen);
+
+inbox_recent *inbox_recent_new(void);
+void inbox_recent_free(inbox_recent *r);
+
+/* ---- putgate.c: acks wait for the puts of what was pushed ---- */
+
+putgate *putgate_new(void);
+void putgate_free(putgate *g);
+/* A run is about to be pushed: returns its number. */
+uint64_t putgate_pushed(putgate *g);
+/* Run number run (and every one before it) has its store effects durable. */
+void putgate_durable(putgate *g, uint64_t run);
+/* Waits until every run pushed so far is durable: PX_OK, or PX_AGAIN after
+ * timeout_ms (the inbox consumer is retrying a failing store). */
+int putgate_wait(putgate *g, int64_t timeout_ms);
 
 /* ---- route.c: presence cache and live pushes ---- */
 
 route_cache *route_cache_new(void);
 void route_cache_free(route_cache *rc);
 
-/* Pushes freshly stored events to their recipients' gateways, several
+/* Pushes freshly consumed events to their recipients' gateways, several
  * events of one user per Delivery. Best effort: an event that cannot be
- * pushed now stays in the inbox and goes out with the user's next sync. */
+ * pushed now is stored and goes out with the user's next sync. */
 void route_live(msgstore *ms, const store_event *ev, size_t n);
 
 /* The sync path's hint: gateway now holds a connection of user, whatever

@@ -1,10 +1,12 @@
 /* Owns "where is this user connected": a per-process cache in front of the
- * presence registry (store_presence_lookup), and pushing freshly stored
- * events to those gateways. The cache may be stale for up to its TTL: that
- * can only delay an event until the user's next sync (the inbox keeps it
- * until acked), never lose it. It is also what closes the connect race: a
- * SyncRequest notes its gateway here before the registry write lands, so an
- * event stored right after the sync scan is still pushed live.
+ * presence registry (store_presence_lookup), and pushing freshly consumed
+ * events to those gateways (before they are stored: inbox.c). The cache
+ * may be stale for up to its TTL: that can only delay an event until the
+ * user's next sync (the inbox keeps it until acked), never lose it. It is
+ * also what closes the connect race: a SyncRequest notes its gateway here
+ * before the registry write lands, so an event consumed right after the
+ * sync scan is still pushed live. A miss is a registry lookup, the one
+ * store call left on the live path (one per user per TTL).
  *
  * The cache is direct-mapped (one entry per hash slot, a colliding user
  * evicts): bounded memory, O(1), and a miss costs only one lookup. Offline

@@ -7,12 +7,17 @@
  * reader never received finds nothing and does nothing, which is what
  * makes a forged read a no-op.
  *
- * The steps run in an order that survives a crash between any two: the
- * tracking put precedes the lookups (a claim may follow its DELIVERED in the
- * same batch), the receipts are in Kafka before the tracking of a read is
- * deleted, and the caller commits only after all of it. Receipts go to
- * parley.inbox keyed by the sender, in record order, so a sender sees
- * "delivered" before "read". */
+ * The receipts that need no lookup (those of DELIVERED and READ facts) go
+ * out first: their delivery does not wait on the store, and the tracking
+ * put runs while Kafka takes them. Then the lookups of the claims (after the
+ * put: a claim may follow its DELIVERED in the same batch), their "read"
+ * receipts, one wait until Kafka holds every receipt, and only then the
+ * tracking of a read is deleted; the caller commits after all of it, so a
+ * crash between any two steps repeats them (receipt ids and the tracking
+ * put absorb the repeats). Receipts go to parley.inbox keyed by the
+ * sender; a claim's "read" always follows its message's "delivered"
+ * (the DELIVERED fact came first, in this batch or an earlier one), so a
+ * sender sees "delivered" before "read". */
 #include "common.h"
 #include "ids.h"
 #include "log.h"
@@ -184,14 +189,22 @@ static int apply_record(receipt *rs, const receipt_rec *r, apply_counts *ct, cha
     return rc;
 }
 
-/* Everything produced for this batch is acknowledged by Kafka. */
-static int apply_produce_all(receipt *rs, const receipt_rec *recs, size_t n, apply_counts *ct,
-                             char *err, size_t errlen)
+/* Produces the receipts (and dead letters) of the records that are
+ * (claims) or are not (!claims) READ_CLAIMs, in record order. */
+static int apply_produce(receipt *rs, const receipt_rec *recs, size_t n, int claims,
+                         apply_counts *ct, char *err, size_t errlen)
 {
-    long failures = rs->dr_failures;
     for (size_t i = 0; i < n; i++)
-        if (apply_record(rs, &recs[i], ct, err, errlen) != PX_OK)
+        if (apply_status_is(&recs[i], PARLEY__RECEIPT_FACT__STATUS__STATUS_READ_CLAIM) ==
+                claims &&
+            apply_record(rs, &recs[i], ct, err, errlen) != PX_OK)
             return PX_ERROR;
+    return PX_OK;
+}
+
+/* Everything produced for this batch is acknowledged by Kafka. */
+static int apply_confirm(receipt *rs, long failures, char *err, size_t errlen)
+{
     if (bus_flush(rs->svc.b, APPLY_FLUSH_MS) != PX_OK)
         return px_err(err, errlen, "receipts not acknowledged within %d ms", APPLY_FLUSH_MS);
     if (rs->dr_failures != failures)
@@ -241,10 +254,13 @@ static void apply_count(receipt *rs, const receipt_rec *recs, size_t n, const ap
 int apply_batch(receipt *rs, receipt_rec *recs, size_t n, char *err, size_t errlen)
 {
     apply_counts ct = { 0 };
+    long failures = rs->dr_failures;
     apply_reset(recs, n);
-    if (apply_track_put(rs, recs, n, &ct, err, errlen) != PX_OK ||
+    if (apply_produce(rs, recs, n, 0, &ct, err, errlen) != PX_OK ||
+        apply_track_put(rs, recs, n, &ct, err, errlen) != PX_OK ||
         apply_claims(rs, recs, n, &ct, err, errlen) != PX_OK ||
-        apply_produce_all(rs, recs, n, &ct, err, errlen) != PX_OK ||
+        apply_produce(rs, recs, n, 1, &ct, err, errlen) != PX_OK ||
+        apply_confirm(rs, failures, err, errlen) != PX_OK ||
         apply_untrack(rs, recs, n, &ct, err, errlen) != PX_OK)
         return PX_ERROR;
     apply_count(rs, recs, n, &ct);

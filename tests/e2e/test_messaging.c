@@ -109,6 +109,35 @@ START_TEST(ack_stops_redelivery_and_no_ack_redelivers)
 }
 END_TEST
 
+/* Live pushes go out before the dedupe claim is stored: a resend to an
+ * online recipient must still not be pushed again (message-store's memory
+ * of recent pushes), acked or not. The sentinel, sent after the resend's
+ * `sent` to the same recipient (one partition, in order), bounds the wait. */
+START_TEST(resend_to_online_recipient_is_pushed_once)
+{
+    char alice[65], bob[65], m1[64], again[64], sentinel[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(until_synced(b));
+    client *a = e2e_connect(alice, E2E_GW1);
+    e2e_send(a, "twice", bob, "once only", m1);
+    json_t *m = e2e_wait_type(b, "message");
+    ck_assert_str_eq(e2e_str(m, "id"), m1);
+    json_decref(m);
+    e2e_ack(b, m1);
+    e2e_send(a, "twice", bob, "once only", again);
+    ck_assert_str_eq(m1, again);
+    e2e_send(a, "after", bob, "sentinel", sentinel);
+    m = e2e_wait_type(b, "message");
+    ck_assert_msg(strcmp(e2e_str(m, "id"), sentinel) == 0, "got %s again before the sentinel",
+                  e2e_str(m, "id"));
+    json_decref(m);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
 START_TEST(resend_is_idempotent)
 {
     char alice[65], bob[65], m1[64], m1b[64];
@@ -366,6 +395,7 @@ static Suite *messaging_suite(void)
     tcase_add_test(tc, offline_delivery_on_connect_before_synced);
     tcase_add_test(tc, ack_stops_redelivery_and_no_ack_redelivers);
     tcase_add_test(tc, resend_is_idempotent);
+    tcase_add_test(tc, resend_to_online_recipient_is_pushed_once);
     tcase_add_test(tc, thousand_messages_in_order);
     tcase_add_test(tc, two_connections_of_one_user_both_receive);
     tcase_add_test(tc, big_backlog_is_synced_in_pages);
