@@ -12,6 +12,9 @@
  *         time (one machine, one clock); receivers ack in batches. Reports
  *         delivered/s, send-to-receive latency percentiles, `sent` answers
  *         and messages still missing after --grace s.
+ *   latency  a rate run at a low fixed --rate (100/s unless given): nothing
+ *         queues, so its p50 is the floor, what a message takes through an
+ *         idle system (reported as scenario "latency"; min is the fastest).
  *   sync  --pending messages to an offline user, then the time from its
  *         connect to `synced` and to the last pending message.
  *   max   a ladder of short rate runs (fresh users each): from --rate it
@@ -114,14 +117,15 @@ static void bench_hist_merge(bench_hist *to, const bench_hist *from)
     to->max = PX_MAX(to->max, from->max);
 }
 
-/* Value at quantile q (0..1], in ns; the exact max for q == 1. */
+/* Value at quantile q [0..1], in ns: the smallest value's bucket for 0,
+ * the exact max for 1. */
 static uint64_t bench_hist_q(const bench_hist *h, double q)
 {
     if (h->count == 0)
         return 0;
     if (q >= 1.0)
         return h->max;
-    uint64_t want = (uint64_t)ceil(q * (double)h->count), seen = 0;
+    uint64_t want = PX_MAX((uint64_t)ceil(q * (double)h->count), 1), seen = 0;
     for (size_t i = 0; i < BENCH_HIST_N; i++) {
         seen += h->n[i];
         if (seen >= want)
@@ -138,7 +142,8 @@ static double bench_ms(uint64_t ns)
 /* {"p50":..,"p90":..,"p99":..,"p999":..,"max":..,"mean":..,"count":..} in ms. */
 static json_t *bench_hist_json(const bench_hist *h)
 {
-    return json_pack("{s:f, s:f, s:f, s:f, s:f, s:f, s:I}",
+    return json_pack("{s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:I}", "min",
+                     bench_ms(bench_hist_q(h, 0.0)),
                      "p50", bench_ms(bench_hist_q(h, 0.50)), "p90", bench_ms(bench_hist_q(h, 0.90)),
                      "p99", bench_ms(bench_hist_q(h, 0.99)), "p999", bench_ms(bench_hist_q(h, 0.999)),
                      "max", bench_ms(h->max),
@@ -1136,7 +1141,10 @@ static json_t *bench_rate_json(const bench_opts *o, const bench_stats *ready, co
     return j;
 }
 
-static int bench_rate(const bench_opts *o)
+/* rate, and latency: the same run at a low fixed rate (100/s unless
+ * --rate says otherwise), where nothing queues, so its p50 is the floor:
+ * the time a message takes through an idle system. */
+static int bench_rate(const bench_opts *o, const char *scenario)
 {
     static bench_stats ready, st;
     if (bench_rate_run(o, &ready, &st) != PX_OK)
@@ -1144,14 +1152,17 @@ static int bench_rate(const bench_opts *o)
     uint64_t missing = st.sends - st.received;
     char human[512];
     snprintf(human, sizeof(human),
-             "rate %.0f/s x %d s, %d pairs: %" PRIu64 " sent, %" PRIu64 " `sent`, %" PRIu64
+             "%s %.0f/s x %d s, %d pairs: %" PRIu64 " sent, %" PRIu64 " `sent`, %" PRIu64
              " received (%" PRIu64 " missing, %" PRIu64 " dup), %.0f delivered/s, latency ms "
-             "p50 %.2f p90 %.2f p99 %.2f p99.9 %.2f max %.2f",
-             o->rate, o->duration_s, o->pairs, st.sends, st.sent_ok, st.received, missing, st.dups,
-             bench_rate_delivered(&st), bench_ms(bench_hist_q(&st.lat, .5)),
-             bench_ms(bench_hist_q(&st.lat, .9)), bench_ms(bench_hist_q(&st.lat, .99)),
-             bench_ms(bench_hist_q(&st.lat, .999)), bench_ms(st.lat.max));
-    bench_emit(bench_rate_json(o, &ready, &st), human);
+             "min %.2f p50 %.2f p90 %.2f p99 %.2f p99.9 %.2f max %.2f",
+             scenario, o->rate, o->duration_s, o->pairs, st.sends, st.sent_ok, st.received,
+             missing, st.dups, bench_rate_delivered(&st), bench_ms(bench_hist_q(&st.lat, 0)),
+             bench_ms(bench_hist_q(&st.lat, .5)), bench_ms(bench_hist_q(&st.lat, .9)),
+             bench_ms(bench_hist_q(&st.lat, .99)), bench_ms(bench_hist_q(&st.lat, .999)),
+             bench_ms(st.lat.max));
+    json_t *j = bench_rate_json(o, &ready, &st);
+    json_object_set_new(j, "scenario", json_string(scenario));
+    bench_emit(j, human);
     return missing == 0 && ready.failed == 0 ? PX_OK : PX_ERROR;
 }
 
@@ -1414,7 +1425,7 @@ static int bench_parse_url(const char *url, bench_addr *a)
 static void bench_usage(void)
 {
     fprintf(stderr,
-            "usage: parley-bench idle|rate|sync|max|group [options]\n"
+            "usage: parley-bench idle|rate|latency|sync|max|group [options]\n"
             "  --url ws://IP:PORT      gateway 1 (receivers; idle: even connections)\n"
             "  --url2 ws://IP:PORT     gateway 2 (senders; idle: odd connections)\n"
             "  --secret S              HS256 secret (default $PARLEY_JWT_SECRET)\n"
@@ -1458,7 +1469,7 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
                        .max_p99_ms = 100, .steps = 3, .members = 256, .msgs = 30,
                        .secret = getenv("PARLEY_JWT_SECRET") };
     const char *url = "ws://127.0.0.1:8080", *url2 = NULL;
-    int ch;
+    int ch, rate_set = 0;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (ch) {
         case 'u': url = optarg; break;
@@ -1470,7 +1481,7 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         case 'h': o->hold_s = atoi(optarg); break;
         case 'i': o->inflight = atoi(optarg); break;
         case 'm': o->pairs = atoi(optarg); break;
-        case 'r': o->rate = atof(optarg); break;
+        case 'r': o->rate = atof(optarg); rate_set = 1; break;
         case 'd': o->duration_s = atoi(optarg); break;
         case 'g': o->grace_s = atoi(optarg); break;
         case 's': o->settle_s = atoi(optarg); break;
@@ -1489,6 +1500,8 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
     if (optind != argc - 1 || o->secret == NULL)
         return PX_ERROR;
     o->scenario = argv[optind];
+    if (strcmp(o->scenario, "latency") == 0 && !rate_set)
+        o->rate = 100;
     o->ngw = url2 ? 2 : 1;
     if (bench_parse_url(url, &o->gw[0]) != PX_OK || (url2 && bench_parse_url(url2, &o->gw[1]) != PX_OK))
         return PX_ERROR;
@@ -1526,8 +1539,8 @@ int main(int argc, char **argv)
     int rc;
     if (strcmp(o.scenario, "idle") == 0)
         rc = bench_idle(&o);
-    else if (strcmp(o.scenario, "rate") == 0)
-        rc = bench_rate(&o);
+    else if (strcmp(o.scenario, "rate") == 0 || strcmp(o.scenario, "latency") == 0)
+        rc = bench_rate(&o, o.scenario);
     else if (strcmp(o.scenario, "sync") == 0)
         rc = bench_sync(&o);
     else if (strcmp(o.scenario, "max") == 0)

@@ -22,8 +22,12 @@
 #     counted at the 101 upgrade (the gateway's own memory and connect rate
 #     at the target's scale; 2 gateways in stack mode)
 #   BENCH_IDLE_PROCS (3)  BENCH_IDLE_HOLD (5)  BENCH_OUT (bench/results)
-#   BENCH_PD_PORT (45600)
-#   BENCH_KAFKA_PORT (39092) BENCH_MONGO_PORT (27048) BENCH_GW_PORT (38481, +1, +10..+13)
+#   BENCH_LATENCY_RATE (100): the latency scenario's fixed rate; 0 skips it
+#   BENCH_PD_PORT (28600)
+#   BENCH_KAFKA_PORT (29492, +1) BENCH_MONGO_PORT (27048; its PostgreSQL -1000)
+#   BENCH_GW_PORT (28481, +1, +10..+13): every default port sits below the
+#   ephemeral range (32768-60999), where an outgoing connection could hold it
+# Every failure says why on stderr (a failing command names its line).
 # Every scenario runs against freshly started services with their own topics
 # and database (or data folder), so none waits behind another's backlog.
 # Needs jq for the report.
@@ -41,11 +45,16 @@ DURATION=${BENCH_DURATION:-10}
 MAX_STEP_S=${BENCH_MAX_STEP_S:-4}
 GROUP_MSGS=${BENCH_GROUP_MSGS:-30}
 OUT=${BENCH_OUT:-bench/results}
-GW_PORT=${BENCH_GW_PORT:-38481}
-PD_PORT=${BENCH_PD_PORT:-45600}
+GW_PORT=${BENCH_GW_PORT:-28481}
+PD_PORT=${BENCH_PD_PORT:-28600}
+LATENCY_RATE=${BENCH_LATENCY_RATE:-100}
 
 say() { echo "bench: $*" >&2; }
-die() { echo "bench: $*" >&2; exit 1; }
+said=0
+die() { echo "bench: $*" >&2; said=1; exit 1; }
+# What the run was doing, for the exit message: set -e alone ends a run
+# silently (a fresh-clone `make bench` once said only "Error 2").
+step="checking the setup"
 command -v jq >/dev/null || die "jq is needed for the report (apt-get install jq)"
 [ -x "$bench" ] || die "$bench is missing; run make first"
 [ -x "$build/bin/parleyd" ] || [[ $MODES != *parleyd* ]] || die "$build/bin/parleyd is missing"
@@ -55,7 +64,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 [ "$(ulimit -n)" -ge 16000 ] || say "warning: ulimit -n is $(ulimit -n); large idle runs will fail"
 
 export PARLEY_STACK_DIR=${BENCH_STACK_DIR:-$(mktemp -d /tmp/parley-bench-stack.XXXXXX)}
-export PARLEY_KAFKA_PORT=${BENCH_KAFKA_PORT:-39092}
+export PARLEY_KAFKA_PORT=${BENCH_KAFKA_PORT:-29492}
 export PARLEY_KAFKA_CONTROLLER_PORT=$((PARLEY_KAFKA_PORT + 1))
 export PARLEY_MONGO_PORT=${BENCH_MONGO_PORT:-27048}
 export PARLEY_STACK_FRESH=1
@@ -76,7 +85,12 @@ stop_pid() { # pid name: TERM, then KILL after 15 s (a backlog must not hold the
 }
 stack_started=0
 cleanup() {
+  local rc=$? cmd=$BASH_COMMAND
   trap - EXIT INT TERM
+  if [ "$rc" -ne 0 ]; then
+    keep_logs=1
+    [ "$said" = 1 ] || say "stopped with exit $rc during $step; last command: $cmd"
+  fi
   services_down
   if [ "$stack_started" = 1 ]; then
     cp "$PARLEY_STACK_DIR"/*.log "$workdir/" 2>/dev/null || true
@@ -95,6 +109,7 @@ export PARLEY_LOG_LEVEL=${PARLEY_LOG_LEVEL:-warn}
 export PARLEY_MAX_CONNS=${PARLEY_MAX_CONNS:-19000}
 stack_up() {
   local t0=$SECONDS
+  step="starting the stack"
   bash deploy/local/stack.sh start all >&2 || die "the local stack did not start"
   stack_started=1
   export PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT
@@ -225,6 +240,7 @@ results=$workdir/results.jsonl
 run() { # tag, then parley-bench arguments; appends its JSON with the CPU split
   local line tag=$1 t0=$SECONDS
   shift
+  step="$mode $tag"
   services_up "$tag"
   cpu_mark
   if ! line=$("$bench" "$@" "${urls[@]}"); then
@@ -252,6 +268,8 @@ scenarios() {
     rates=${BENCH_STACK_RATES:-100 1000} max_from=${BENCH_STACK_MAX_FROM:-50}
     pending=${BENCH_STACK_SYNC_PENDING:-2000} idle_conns=${BENCH_STACK_IDLE_CONNS:-30000}
   fi
+  [ "$LATENCY_RATE" -le 0 ] ||
+    run latency latency --rate "$LATENCY_RATE" --pairs "$PAIRS" --duration "$DURATION" --procs 1 --grace 10
   for r in $rates; do
     run "rate$r" rate --rate "$r" --pairs "$PAIRS" --duration "$DURATION" --procs 1 --grace 10
   done
@@ -266,6 +284,7 @@ scenarios() {
 for mode in $MODES; do
   scenarios
 done
+step="writing the report"
 
 # ---- report ------------------------------------------------------------------
 
@@ -304,6 +323,13 @@ jq -r '
   "",
   "Modes: **parleyd**: \(.modes.parleyd.what). **stack**: \(.modes.stack.what); \(.modes.stack.topology). Each scenario runs on freshly started services (fresh data folder, or fresh topics and database). The load generator runs on the same cores.",
   "",
+  ([.results[] | select(.scenario == "latency")] | select(length > 0) |
+    "## Latency floor: 1:1 at a low fixed rate (\(.[0].pairs) pairs, \(.[0].duration_s) s), where nothing queues",
+    "",
+    "| mode | offered rate | not received | min | p50 (the floor) | p90 | p99 | max |",
+    "|---|---|---|---|---|---|---|---|",
+    (.[] | "| \(.mode) | \(.rate | round)/s | \(.not_received) | \(.latency_ms.min | ms) | \(.latency_ms.p50 | ms) | \(.latency_ms.p90 | ms) | \(.latency_ms.p99 | ms) | \(.latency_ms.max | ms) |"),
+    "", cpulines, ""),
   ([.results[] | select(.scenario == "rate")] | select(length > 0) |
     "## 1:1 messages at a fixed rate (\(.[0].pairs) sender/receiver pairs, \(.[0].body_bytes)-byte bodies, \(.[0].duration_s) s each)",
     "",
