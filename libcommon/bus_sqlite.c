@@ -4,18 +4,31 @@
  * partitions, a bounded produce queue and a writer thread.
  *
  * Produce assigns the offset at once (per-partition order is produce order)
- * and queues the record; the writer inserts queued records in one
- * transaction and only after COMMIT posts their delivery reports, so a
+ * and queues the record; the writer inserts everything queued in one
+ * transaction (group commit: producers that arrive while a commit runs join
+ * the next one) and only after COMMIT posts their delivery reports, so a
  * report of PX_OK means the record survives kill -9 (WAL with
  * synchronous=NORMAL loses nothing on a process crash; only an OS crash or
  * power loss can take the last transactions, as with Kafka's page cache).
- * Consumers read committed records from the log at their position; their
- * group's committed offsets (bus_commit) are written by the writer too, and
- * a restarted consumer resumes from them: a crash means redelivery, never
- * loss. Records every subscribed group has committed past are deleted.
+ *
+ * A record made durable also stays in memory, in its partition's ring, for
+ * the groups subscribed to that topic: a consumer that is caught up takes
+ * it from there (a reference, no copy, no read back); one that is behind
+ * the ring (after a restart, or when the rings outgrew BUS_MEM_BYTES) reads
+ * the log. The ring keeps a record until every subscribed group's position
+ * is past it. Their group's committed offsets (bus_commit) are written by
+ * the writer too, and a restarted consumer resumes from them: a crash means
+ * redelivery, never loss. Records every subscribed group has committed past
+ * are deleted from the log.
+ *
+ * Volatile topics (bus_sqlite.h: parleyd's deliveries to its own gateway,
+ * which die with the process anyway) skip the log: a record is in its ring
+ * and reported at once, and consumers' commits are not written.
+ *
  * A group has one member in one process (parleyd runs one instance of each
  * service): a second member is refused with a clear error. */
 #include "bus.h"
+#include "bus_sqlite.h"
 #include "common.h"
 #include "config.h"
 #include "sqldb.h"
@@ -37,22 +50,45 @@
 #define BUS_MAX_DIRTY 2048
 #define BUS_MAX_GROUP_NAME 160
 #define BUS_QUEUE_RECORDS 65536        /* produce queue ceiling: PX_AGAIN past it */
-#define BUS_QUEUE_BYTES (64 << 20)
+#define BUS_QUEUE_BYTES (64 << 20)     /* also the ceiling of unconsumed volatile records */
+#define BUS_MEM_BYTES (32 << 20)       /* durable records kept in rings for consumers */
 #define BUS_WRITE_BATCH 4096           /* records per transaction */
 #define BUS_RETAIN_MS 1000             /* how often fully consumed records go */
+
+typedef struct bus_hub bus_hub;
+typedef struct bus_rec bus_rec;
+
+/* The records of one partition held in memory: offsets [lo, lo + n), the
+ * oldest at slot[head]; cap is 0 or a power of two. */
+typedef struct bus_ring {
+    int64_t lo;
+    size_t n, cap, head, bytes;
+    bus_rec **slot;
+} bus_ring;
+
+/* A group reading a topic: its position in partition p is b->pos[base + p]. */
+typedef struct bus_sub {
+    bus *b;
+    size_t base;
+} bus_sub;
 
 typedef struct bus_topic {
     char *name;
     int nparts;
+    int vol;             /* volatile: no log, records only in the rings */
     int64_t *next;       /* next offset to assign, per partition */
-    int64_t *durable;    /* offsets below this are committed in SQLite */
+    int64_t *durable;    /* offsets below this are visible to consumers */
+    bus_ring *ring;      /* per partition */
+    bus_sub subs[BUS_MAX_GROUPS];
+    size_t nsubs;
 } bus_topic;
 
-typedef struct bus_hub bus_hub;
-
-/* A produced record from bus_produce to its delivery report. */
-typedef struct bus_rec {
-    struct bus_rec *next;
+/* A record from bus_produce to its last user. refs (under mu) counts the
+ * delivery report not yet served, the ring holding it and every consumer
+ * holding it (bus_msg.impl); records read back from the log have only the
+ * consumer's. */
+struct bus_rec {
+    bus_rec *next;       /* the produce queue, then the producer's reports */
     bus *b;
     bus_topic *t;
     int32_t part;
@@ -60,9 +96,10 @@ typedef struct bus_rec {
     int64_t ts_ms;
     void *opaque;
     int status;
+    int refs;
     size_t key_len, len;
-    char data[];         /* key, then value */
-} bus_rec;
+    char data[];         /* key, NUL, value, NUL */
+};
 
 /* A committed offset not yet written; a copy of the group's name, so a
  * member may go while the writer still holds its last commits. */
@@ -73,7 +110,8 @@ typedef struct bus_dirty {
     int64_t off;
 } bus_dirty;
 
-/* A consumer's position in one partition. */
+/* A consumer's position in one partition (written under mu: the rings'
+ * trimming reads every group's). */
 typedef struct bus_pos {
     bus_topic *t;
     int32_t part;
@@ -98,7 +136,7 @@ struct bus_hub {
     pthread_mutex_t mu;       /* in-memory state below */
     pthread_mutex_t dbmu;     /* db; never taken while holding mu */
     pthread_cond_t cv_work;   /* writer: records or commits to write */
-    pthread_cond_t cv_done;   /* reports posted, records durable, wake-ups */
+    pthread_cond_t cv_done;   /* reports posted, records visible, wake-ups */
     sqldb d;                  /* under dbmu */
     int refs;
     int stop;
@@ -109,13 +147,16 @@ struct bus_hub {
     size_t ngroups;
     bus_rec *q_head, *q_tail;
     size_t q_records, q_bytes;
+    size_t mem_bytes;         /* durable records in rings */
+    size_t vol_bytes;         /* volatile records in rings */
     bus_dirty dirty[BUS_MAX_DIRTY];
     size_t ndirty;
-    uint64_t written;         /* writer transactions done */
+    uint64_t written;         /* posts done: writer transactions, volatile records */
 };
 
 static pthread_mutex_t bus_hub_mu = PTHREAD_MUTEX_INITIALIZER;
 static bus_hub *bus_the_hub;
+static char bus_vol_prefix[128]; /* under bus_hub_mu until the hub opens */
 
 static int bus_sql_err(sqlite3 *db, const char *what, char *err, size_t errlen)
 {
@@ -167,6 +208,117 @@ static int32_t bus_partition(const char *key, size_t key_len, int nparts)
                      (uint32_t)nparts);
 }
 
+/* ---- records and rings (mu held) ---- */
+
+static bus_rec *bus_rec_new(const char *key, size_t key_len, const void *value, size_t len)
+{
+    bus_rec *r = px_malloc(sizeof(*r) + key_len + len + 2);
+    if (key_len > 0)
+        memcpy(r->data, key, key_len);
+    r->data[key_len] = '\0';
+    if (len > 0)
+        memcpy(r->data + key_len + 1, value, len);
+    r->data[key_len + 1 + len] = '\0';
+    r->next = NULL;
+    r->b = NULL;
+    r->opaque = NULL;
+    r->status = PX_OK;
+    r->refs = 1;
+    r->key_len = key_len;
+    r->len = len;
+    return r;
+}
+
+static void bus_rec_unref(bus_rec *r)
+{
+    if (--r->refs == 0)
+        free(r);
+}
+
+static size_t bus_rec_size(const bus_rec *r)
+{
+    return sizeof(*r) + r->key_len + r->len;
+}
+
+static size_t *bus_ring_account(bus_hub *h, const bus_topic *t)
+{
+    return t->vol ? &h->vol_bytes : &h->mem_bytes;
+}
+
+static void bus_ring_pop(bus_hub *h, bus_topic *t, bus_ring *rg)
+{
+    bus_rec *r = rg->slot[rg->head];
+    rg->head = (rg->head + 1) & (rg->cap - 1);
+    rg->n--;
+    rg->lo++;
+    rg->bytes -= bus_rec_size(r);
+    *bus_ring_account(h, t) -= bus_rec_size(r);
+    bus_rec_unref(r);
+}
+
+static void bus_ring_clear(bus_hub *h, bus_topic *t, bus_ring *rg)
+{
+    while (rg->n > 0)
+        bus_ring_pop(h, t, rg);
+}
+
+/* Durable records beyond the budget: the largest ring goes (its
+ * consumers, being behind, read the log). */
+static void bus_ring_budget(bus_hub *h)
+{
+    while (h->mem_bytes > BUS_MEM_BYTES) {
+        bus_topic *bt = NULL;
+        bus_ring *big = NULL;
+        for (size_t i = 0; i < h->ntopics; i++)
+            for (int p = 0; p < h->topics[i].nparts && !h->topics[i].vol; p++)
+                if (big == NULL || h->topics[i].ring[p].bytes > big->bytes) {
+                    bt = &h->topics[i];
+                    big = &bt->ring[p];
+                }
+        bus_ring_clear(h, bt, big);
+    }
+}
+
+/* Appends r (the next offset of its partition, else the ring starts over
+ * at r) and takes a reference. */
+static void bus_ring_push(bus_hub *h, bus_rec *r)
+{
+    bus_topic *t = r->t;
+    bus_ring *rg = &t->ring[r->part];
+    if (rg->n > 0 && r->off != rg->lo + (int64_t)rg->n)
+        bus_ring_clear(h, t, rg);
+    if (rg->n == 0)
+        rg->lo = r->off;
+    if (rg->n == rg->cap) {
+        size_t cap = rg->cap ? rg->cap * 2 : 16;
+        bus_rec **slot = px_malloc(cap * sizeof(*slot));
+        for (size_t i = 0; i < rg->n; i++)
+            slot[i] = rg->slot[(rg->head + i) & (rg->cap - 1)];
+        free(rg->slot);
+        rg->slot = slot;
+        rg->cap = cap;
+        rg->head = 0;
+    }
+    rg->slot[(rg->head + rg->n) & (rg->cap - 1)] = r;
+    rg->n++;
+    r->refs++;
+    rg->bytes += bus_rec_size(r);
+    *bus_ring_account(h, t) += bus_rec_size(r);
+    if (!t->vol)
+        bus_ring_budget(h);
+}
+
+/* Drops what every subscribed group has read (everything if none is). */
+static void bus_ring_trim(bus_hub *h, bus_topic *t, int32_t part)
+{
+    bus_ring *rg = &t->ring[part];
+    int64_t min = rg->lo + (int64_t)rg->n;
+    for (size_t i = 0; i < t->nsubs; i++)
+        min = PX_MIN(min, t->subs[i].b->pos[t->subs[i].base + (size_t)part].pos);
+    while (rg->n > 0 && rg->lo < min)
+        bus_ring_pop(h, t, rg);
+}
+
 /* ---- topics (mu held) ---- */
 
 static bus_topic *bus_topic_find(bus_hub *h, const char *name)
@@ -177,6 +329,12 @@ static bus_topic *bus_topic_find(bus_hub *h, const char *name)
     return NULL;
 }
 
+static int bus_is_volatile(const char *name)
+{
+    size_t n = strlen(bus_vol_prefix);
+    return n > 0 && strncmp(name, bus_vol_prefix, n) == 0;
+}
+
 static bus_topic *bus_topic_add(bus_hub *h, const char *name, int nparts)
 {
     if (h->ntopics == BUS_MAX_TOPICS || nparts < 1 || nparts > BUS_MAX_PARTS)
@@ -184,8 +342,10 @@ static bus_topic *bus_topic_add(bus_hub *h, const char *name, int nparts)
     bus_topic *t = &h->topics[h->ntopics++];
     t->name = px_strdup(name);
     t->nparts = nparts;
+    t->vol = bus_is_volatile(name);
     t->next = px_calloc((size_t)nparts, sizeof(*t->next));
     t->durable = px_calloc((size_t)nparts, sizeof(*t->durable));
+    t->ring = px_calloc((size_t)nparts, sizeof(*t->ring));
     return t;
 }
 
@@ -201,9 +361,39 @@ static const char bus_schema[] =
     " part INTEGER NOT NULL, off INTEGER NOT NULL, PRIMARY KEY (grp, topic, part))"
     " WITHOUT ROWID;";
 
+/* What an older parleyd logged for topics now volatile is of no use to
+ * this process (a lost delivery is served again by the sync). */
+static int bus_hub_forget_volatile(bus_hub *h, char *err, size_t errlen)
+{
+    static const char *const sql[] = {
+        "DELETE FROM bus_log WHERE substr(topic, 1, length(?1)) = ?1",
+        "DELETE FROM bus_parts WHERE substr(topic, 1, length(?1)) = ?1",
+        "DELETE FROM bus_offsets WHERE substr(topic, 1, length(?1)) = ?1",
+    };
+    if (bus_vol_prefix[0] == '\0')
+        return PX_OK;
+    if (sqldb_begin(&h->d, err, errlen) != PX_OK)
+        return PX_ERROR;
+    int rc = PX_OK;
+    for (size_t i = 0; i < PX_ARRAY_LEN(sql) && rc == PX_OK; i++) {
+        sqlite3_stmt *s = NULL;
+        if (sqlite3_prepare_v2(h->d.db, sql[i], -1, &s, NULL) != SQLITE_OK) {
+            rc = bus_sql_err(h->d.db, "forget volatile", err, errlen);
+            break;
+        }
+        sqlite3_bind_text(s, 1, bus_vol_prefix, -1, SQLITE_STATIC);
+        if (sqlite3_step(s) != SQLITE_DONE)
+            rc = bus_sql_err(h->d.db, "forget volatile", err, errlen);
+        sqlite3_finalize(s);
+    }
+    return sqldb_end(&h->d, rc, err, errlen);
+}
+
 static int bus_hub_load(bus_hub *h, char *err, size_t errlen)
 {
     sqlite3_stmt *s = NULL;
+    if (bus_hub_forget_volatile(h, err, errlen) != PX_OK)
+        return PX_ERROR;
     if ((s = sqldb_stmt(&h->d, "SELECT topic, part, next FROM bus_parts ORDER BY topic, part",
                         err, errlen)) == NULL)
         return PX_ERROR;
@@ -230,9 +420,15 @@ static void *bus_writer_main(void *arg);
 static void bus_hub_free(bus_hub *h)
 {
     for (size_t i = 0; i < h->ntopics; i++) {
-        free(h->topics[i].name);
-        free(h->topics[i].next);
-        free(h->topics[i].durable);
+        bus_topic *t = &h->topics[i];
+        for (int p = 0; p < t->nparts; p++) {
+            bus_ring_clear(h, t, &t->ring[p]);
+            free(t->ring[p].slot);
+        }
+        free(t->name);
+        free(t->next);
+        free(t->durable);
+        free(t->ring);
     }
     sqldb_close(&h->d);
     pthread_mutex_destroy(&h->mu);
@@ -241,7 +437,6 @@ static void bus_hub_free(bus_hub *h)
     pthread_cond_destroy(&h->cv_done);
     free(h);
 }
-
 static bus_hub *bus_hub_open(char *err, size_t errlen)
 {
     bus_hub *h = px_calloc(1, sizeof(*h));
@@ -311,7 +506,7 @@ static int bus_write_records(bus_hub *h, bus_rec *r, char *err, size_t errlen)
         sqlite3_bind_int64(ins, 3, r->off);
         sqlite3_bind_int64(ins, 4, r->ts_ms);
         sqlite3_bind_blob(ins, 5, r->data, (int)r->key_len, SQLITE_STATIC);
-        sqlite3_bind_blob(ins, 6, r->data + r->key_len, (int)r->len, SQLITE_STATIC);
+        sqlite3_bind_blob(ins, 6, r->data + r->key_len + 1, (int)r->len, SQLITE_STATIC);
         sqlite3_reset(next);
         sqlite3_bind_text(next, 1, r->t->name, -1, SQLITE_STATIC);
         sqlite3_bind_int(next, 2, r->part);
@@ -398,33 +593,54 @@ static void bus_signal(int efd)
         return;
 }
 
-/* mu held: reports go to their producers; the durable marks and the
- * consumers' eventfds make the records visible. */
-static void bus_post(bus_hub *h, bus_rec *recs, int status, const char *err)
+/* mu held: r's report goes to its producer (or r goes, when its producer
+ * was destroyed before the report). */
+static void bus_report(bus_rec *r, int status, const char *err)
 {
-    for (bus_rec *r = recs, *nx; r != NULL; r = nx) {
-        nx = r->next;
-        r->next = NULL;
-        r->status = status;
-        if (status == PX_OK && r->t->durable[r->part] < r->off + 1)
-            r->t->durable[r->part] = r->off + 1;
-        bus *b = r->b;
-        if (b == NULL) { /* its producer was destroyed before the report */
-            free(r);
-            continue;
-        }
-        if (status != PX_OK)
-            snprintf(b->err, sizeof(b->err), "%s", err);
-        if (b->dr_tail != NULL)
-            b->dr_tail->next = r;
-        else
-            b->dr_head = r;
-        b->dr_tail = r;
+    bus *b = r->b;
+    r->next = NULL;
+    r->status = status;
+    if (b == NULL) {
+        bus_rec_unref(r);
+        return;
     }
+    if (status != PX_OK)
+        snprintf(b->err, sizeof(b->err), "%s", err);
+    if (b->dr_tail != NULL)
+        b->dr_tail->next = r;
+    else
+        b->dr_head = r;
+    b->dr_tail = r;
+}
+
+/* mu held: the consumers and pollers look again. */
+static void bus_wake(bus_hub *h)
+{
     for (size_t i = 0; i < h->ngroups; i++)
         bus_signal(h->groups[i]->efd);
     h->written++;
     pthread_cond_broadcast(&h->cv_done);
+}
+
+/* mu held: a durable record is visible to its consumers (from its ring
+ * when some group reads the topic). */
+static void bus_visible(bus_hub *h, bus_rec *r)
+{
+    r->t->durable[r->part] = PX_MAX(r->t->durable[r->part], r->off + 1);
+    if (r->t->nsubs > 0)
+        bus_ring_push(h, r);
+}
+
+/* mu held: after a transaction, its records' reports and visibility. */
+static void bus_post(bus_hub *h, bus_rec *recs, int status, const char *err)
+{
+    for (bus_rec *r = recs, *nx; r != NULL; r = nx) {
+        nx = r->next;
+        if (status == PX_OK)
+            bus_visible(h, r);
+        bus_report(r, status, err);
+    }
+    bus_wake(h);
 }
 
 /* An absolute CLOCK_REALTIME deadline (what pthread_cond_timedwait takes)
@@ -462,6 +678,8 @@ static bus_rec *bus_take(bus_hub *h)
     return head;
 }
 
+/* Group commit: whatever was queued while the last transaction ran goes
+ * into the next one. */
 static void *bus_writer_main(void *arg)
 {
     bus_hub *h = arg;
@@ -503,6 +721,20 @@ void bus_where(const char *brokers, char *out, size_t outlen)
     char path[PATH_MAX];
     sqldb_path(path, sizeof(path));
     snprintf(out, outlen, "sqlite %s", path);
+}
+
+int bus_sqlite_volatile(const char *prefix, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&bus_hub_mu);
+    int open = bus_the_hub != NULL;
+    if (!open)
+        snprintf(bus_vol_prefix, sizeof(bus_vol_prefix), "%s", prefix);
+    pthread_mutex_unlock(&bus_hub_mu);
+    if (open)
+        return px_err(err, errlen, "in-process bus: volatile topics are set before the first bus");
+    if (strlen(prefix) >= sizeof(bus_vol_prefix))
+        return px_err(err, errlen, "in-process bus: volatile prefix too long");
+    return PX_OK;
 }
 
 bus *bus_new(const bus_conf *conf, char *err, size_t errlen)
@@ -573,7 +805,7 @@ int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_m
         pthread_mutex_unlock(&h->mu);
         if (t == NULL)
             return px_err(err, errlen, "in-process bus: cannot create topic %s", topics[i]);
-        if (!created)
+        if (!created || t->vol)
             continue;
         /* Persist the partition count now: a restart must find the topic as
          * it was even if nothing was produced to it. */
@@ -586,19 +818,26 @@ int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_m
     return PX_OK;
 }
 
+/* mu held: a volatile record is visible and reported at once. */
+static void bus_produce_volatile(bus *b, bus_rec *r)
+{
+    bus_topic *t = r->t;
+    t->durable[r->part] = r->off + 1;
+    if (t->nsubs > 0)
+        bus_ring_push(b->h, r);
+    bus_report(r, PX_OK, NULL);
+    b->inflight++;
+    bus_wake(b->h);
+}
+
 int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
                 const void *value, size_t len, void *opaque, char *err, size_t errlen)
 {
     bus_hub *h = b->h;
     if (len > BUS_QUEUE_BYTES / 4 || key_len > 4096)
         return px_err(err, errlen, "in-process bus: record too large (%zu bytes)", len);
-    bus_rec *r = px_malloc(sizeof(*r) + key_len + len);
-    memcpy(r->data, key, key_len);
-    memcpy(r->data + key_len, value, len);
-    r->next = NULL;
+    bus_rec *r = bus_rec_new(key, key_len, value, len);
     r->b = b;
-    r->key_len = key_len;
-    r->len = len;
     r->opaque = opaque;
     r->ts_ms = px_now_ms();
     pthread_mutex_lock(&h->mu);
@@ -606,9 +845,10 @@ int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
     bus_topic *t = bus_topic_find(h, topic);
     if (t == NULL)
         t = bus_topic_add(h, topic, b->partitions);
-    if (t == NULL)
+    if (t == NULL) {
         rc = px_err(err, errlen, "in-process bus: cannot create topic %s", topic);
-    else if (h->q_records >= BUS_QUEUE_RECORDS || h->q_bytes + key_len + len > BUS_QUEUE_BYTES) {
+    } else if (t->vol ? h->vol_bytes + key_len + len > BUS_QUEUE_BYTES :
+               h->q_records >= BUS_QUEUE_RECORDS || h->q_bytes + key_len + len > BUS_QUEUE_BYTES) {
         px_err(err, errlen, "in-process bus: produce queue full");
         rc = PX_AGAIN;
     }
@@ -616,6 +856,10 @@ int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
         r->t = t;
         r->part = bus_partition(key, key_len, t->nparts);
         r->off = t->next[r->part]++;
+    }
+    if (rc == PX_OK && t->vol) {
+        bus_produce_volatile(b, r);
+    } else if (rc == PX_OK) {
         if (h->q_tail != NULL)
             h->q_tail->next = r;
         else
@@ -638,26 +882,26 @@ static size_t bus_serve(bus *b)
 {
     bus_hub *h = b->h;
     pthread_mutex_lock(&h->mu);
-    bus_rec *r = b->dr_head;
+    bus_rec *head = b->dr_head;
     b->dr_head = b->dr_tail = NULL;
     char err[PX_ERRLEN];
     snprintf(err, sizeof(err), "%s", b->err);
     pthread_mutex_unlock(&h->mu);
     size_t n = 0;
-    for (bus_rec *nx; r != NULL; r = nx, n++) {
-        nx = r->next;
+    for (bus_rec *r = head; r != NULL; r = r->next, n++)
         if (b->dr_cb != NULL)
             b->dr_cb(r->opaque, r->status, r->status == PX_OK ? NULL : err, r->part, r->off);
-        free(r);
-    }
     if (n > 0) {
         pthread_mutex_lock(&h->mu);
         b->inflight -= n;
+        for (bus_rec *r = head, *nx; r != NULL; r = nx) {
+            nx = r->next;
+            bus_rec_unref(r);
+        }
         pthread_mutex_unlock(&h->mu);
     }
     return n;
 }
-
 
 /* Waits (mu held) until the writer posts something or the deadline. */
 static void bus_wait_done(bus_hub *h, int64_t end)
@@ -723,6 +967,8 @@ static int bus_load_pos(bus *b, bus_pos *p, char *err, size_t errlen)
 static int bus_mark(bus *b, bus_topic *t, int32_t part, int64_t off)
 {
     bus_hub *h = b->h;
+    if (t->vol)
+        return PX_OK;
     for (size_t i = 0; i < h->ndirty; i++) {
         bus_dirty *d = &h->dirty[i];
         if (d->t == t && d->part == part && strcmp(d->group, b->group) == 0) {
@@ -741,9 +987,45 @@ static int bus_mark(bus *b, bus_topic *t, int32_t part, int64_t off)
     return PX_OK;
 }
 
-/* Every partition of the topics is this member's (one member per group).
- * The subscription itself is recorded as an offset, so retention keeps
- * what this group has not read even before its first commit. */
+/* Positions in t for b: the committed offsets (a volatile topic starts at
+ * what its rings hold). The subscription itself is recorded as an offset,
+ * so retention keeps what this group has not read even before its first
+ * commit. Then b is one of t's readers, whose rings keep what it has not
+ * read. */
+static int bus_subscribe_topic(bus *b, bus_topic *t, char *err, size_t errlen)
+{
+    bus_hub *h = b->h;
+    pthread_mutex_lock(&h->mu);
+    size_t base = b->npos;
+    int full = t->nsubs == BUS_MAX_GROUPS;
+    if (!full) { /* under mu: the rings' trimming reads b->pos once b reads t */
+        b->pos = px_realloc(b->pos, (b->npos + (size_t)t->nparts) * sizeof(*b->pos));
+        for (int p = 0; p < t->nparts; p++) {
+            const bus_ring *rg = &t->ring[p];
+            b->pos[b->npos++] = (bus_pos){ t, p, rg->n > 0 ? rg->lo : t->durable[p] };
+        }
+    }
+    pthread_mutex_unlock(&h->mu);
+    if (full)
+        return px_err(err, errlen, "in-process bus: too many groups read %s", t->name);
+    for (int p = 0; p < t->nparts && !t->vol; p++) {
+        bus_pos bp = { t, p, 0 };
+        if (bus_load_pos(b, &bp, err, errlen) != PX_OK)
+            return PX_ERROR;
+        pthread_mutex_lock(&h->mu);
+        b->pos[base + (size_t)p].pos = bp.pos;
+        int rc = bus_mark(b, t, p, bp.pos);
+        pthread_mutex_unlock(&h->mu);
+        if (rc != PX_OK)
+            return px_err(err, errlen, "in-process bus: too many partitions");
+    }
+    pthread_mutex_lock(&h->mu);
+    t->subs[t->nsubs++] = (bus_sub){ b, base };
+    pthread_mutex_unlock(&h->mu);
+    return PX_OK;
+}
+
+/* Every partition of the topics is this member's (one member per group). */
 int bus_subscribe(bus *b, const char *const *topics, size_t n, char *err, size_t errlen)
 {
     if (b->group == NULL)
@@ -755,23 +1037,41 @@ int bus_subscribe(bus *b, const char *const *topics, size_t n, char *err, size_t
         pthread_mutex_lock(&h->mu);
         bus_topic *t = bus_topic_find(h, topics[i]);
         pthread_mutex_unlock(&h->mu);
-        for (int p = 0; p < t->nparts; p++) {
-            b->pos = px_realloc(b->pos, (b->npos + 1) * sizeof(*b->pos));
-            bus_pos *bp = &b->pos[b->npos++];
-            *bp = (bus_pos){ t, p, 0 };
-            if (bus_load_pos(b, bp, err, errlen) != PX_OK)
-                return PX_ERROR;
-            pthread_mutex_lock(&h->mu);
-            int rc = bus_mark(b, t, p, bp->pos);
-            pthread_mutex_unlock(&h->mu);
-            if (rc != PX_OK)
-                return px_err(err, errlen, "in-process bus: too many partitions");
-        }
+        if (bus_subscribe_topic(b, t, err, errlen) != PX_OK)
+            return PX_ERROR;
     }
     return PX_OK;
 }
 
-/* Reads up to max durable records of one partition from p->pos on. */
+static bus_msg bus_msg_of(bus_rec *r)
+{
+    return (bus_msg){ .topic = r->t->name, .partition = r->part, .offset = r->off,
+                      .key = r->data, .key_len = r->key_len, .value = r->data + r->key_len + 1,
+                      .len = r->len, .ts_ms = r->ts_ms, .impl = r };
+}
+
+/* mu held: up to max records of p's partition from its ring, from p->pos
+ * on (a volatile topic has nothing before its ring: what the ring dropped
+ * while no group read it is skipped). */
+static size_t bus_take_ring(bus_hub *h, bus_pos *p, bus_msg *out, size_t max)
+{
+    bus_ring *rg = &p->t->ring[p->part];
+    if (p->t->vol)
+        p->pos = PX_MAX(p->pos, rg->n > 0 ? rg->lo : p->t->durable[p->part]);
+    size_t k = 0;
+    for (; k < max && rg->n > 0 && p->pos >= rg->lo && p->pos < rg->lo + (int64_t)rg->n; k++) {
+        bus_rec *r = rg->slot[(rg->head + (size_t)(p->pos - rg->lo)) & (rg->cap - 1)];
+        r->refs++;
+        out[k] = bus_msg_of(r);
+        p->pos++;
+    }
+    if (k > 0)
+        bus_ring_trim(h, p->t, p->part);
+    return k;
+}
+
+/* Reads up to max durable records of one partition from the log, from
+ * p->pos on (a consumer behind its ring). */
 static int bus_read(bus *b, bus_pos *p, int64_t durable, bus_msg *out, size_t max,
                     char *err, size_t errlen)
 {
@@ -790,45 +1090,48 @@ static int bus_read(bus *b, bus_pos *p, int64_t durable, bus_msg *out, size_t ma
     sqlite3_bind_int64(s, 4, durable);
     sqlite3_bind_int64(s, 5, (sqlite3_int64)max);
     while ((size_t)n < max && sqlite3_step(s) == SQLITE_ROW) {
-        size_t kl = (size_t)sqlite3_column_bytes(s, 2), vl = (size_t)sqlite3_column_bytes(s, 3);
-        char *blk = px_malloc(kl + vl + 2);
-        if (kl > 0)
-            memcpy(blk, sqlite3_column_blob(s, 2), kl);
-        blk[kl] = '\0';
-        if (vl > 0)
-            memcpy(blk + kl + 1, sqlite3_column_blob(s, 3), vl);
-        blk[kl + 1 + vl] = '\0';
-        out[n] = (bus_msg){ .topic = p->t->name, .partition = p->part,
-                            .offset = sqlite3_column_int64(s, 0), .key = blk, .key_len = kl,
-                            .value = blk + kl + 1, .len = vl,
-                            .ts_ms = sqlite3_column_int64(s, 1), .impl = blk };
-        p->pos = out[n].offset + 1;
-        n++;
+        bus_rec *r = bus_rec_new(sqlite3_column_blob(s, 2), (size_t)sqlite3_column_bytes(s, 2),
+                                 sqlite3_column_blob(s, 3), (size_t)sqlite3_column_bytes(s, 3));
+        r->t = p->t;
+        r->part = p->part;
+        r->off = sqlite3_column_int64(s, 0);
+        r->ts_ms = sqlite3_column_int64(s, 1);
+        out[n++] = bus_msg_of(r);
     }
 out:
     sqldb_done(s);
     pthread_mutex_unlock(&h->dbmu);
+    if (n > 0) {
+        pthread_mutex_lock(&h->mu);
+        p->pos = out[n - 1].offset + 1;
+        bus_ring_trim(h, p->t, p->part);
+        pthread_mutex_unlock(&h->mu);
+    }
     return n;
 }
 
 /* One pass over the partitions, starting after where the last call ended
- * so that no partition starves the others. */
+ * so that no partition starves the others: the ring when it holds the
+ * position, else the log. */
 static int bus_fetch(bus *b, bus_msg *out, size_t max, char *err, size_t errlen)
 {
+    bus_hub *h = b->h;
     size_t n = 0;
     for (size_t i = 0; i < b->npos && n < max; i++) {
         bus_pos *p = &b->pos[(b->next_pos + i) % b->npos];
-        pthread_mutex_lock(&b->h->mu);
+        pthread_mutex_lock(&h->mu);
         int64_t durable = p->t->durable[p->part];
-        pthread_mutex_unlock(&b->h->mu);
-        if (durable <= p->pos)
-            continue;
-        int got = bus_read(b, p, durable, out + n, max - n, err, errlen);
-        if (got < 0) {
-            bus_release(b, out, n);
-            return PX_ERROR;
+        size_t got = durable > p->pos ? bus_take_ring(h, p, out + n, max - n) : 0;
+        pthread_mutex_unlock(&h->mu);
+        if (got == 0 && durable > p->pos && !p->t->vol) {
+            int r = bus_read(b, p, durable, out + n, max - n, err, errlen);
+            if (r < 0) {
+                bus_release(b, out, n);
+                return PX_ERROR;
+            }
+            got = (size_t)r;
         }
-        n += (size_t)got;
+        n += got;
     }
     if (b->npos > 0)
         b->next_pos = (b->next_pos + 1) % b->npos;
@@ -877,10 +1180,15 @@ int bus_commit(bus *b, const bus_msg *m, size_t n)
 
 void bus_release(bus *b, bus_msg *m, size_t n)
 {
+    if (n == 0)
+        return;
+    pthread_mutex_lock(&b->h->mu);
     for (size_t i = 0; i < n; i++) {
-        free(m[i].impl);
+        if (m[i].impl != NULL)
+            bus_rec_unref(m[i].impl);
         m[i].impl = NULL;
     }
+    pthread_mutex_unlock(&b->h->mu);
 }
 
 int bus_consume_fd(bus *b)
@@ -914,9 +1222,25 @@ static void bus_detach(bus_hub *h, bus *b)
     }
     for (bus_rec *r = b->dr_head, *nx; r != NULL; r = nx) {
         nx = r->next;
-        free(r);
+        bus_rec_unref(r);
     }
     b->dr_head = b->dr_tail = NULL;
+}
+
+/* mu held: b no longer reads any topic; the rings it held back let go. */
+static void bus_unsubscribe(bus_hub *h, bus *b)
+{
+    for (size_t i = 0; i < h->ntopics; i++) {
+        bus_topic *t = &h->topics[i];
+        for (size_t k = 0; k < t->nsubs; k++) {
+            if (t->subs[k].b != b)
+                continue;
+            t->subs[k] = t->subs[--t->nsubs];
+            for (int p = 0; p < t->nparts; p++)
+                bus_ring_trim(h, t, p);
+            break;
+        }
+    }
 }
 
 /* Commits already queued are copies the writer writes before the hub
@@ -934,6 +1258,7 @@ void bus_destroy(bus *b)
         h->groups[i] = h->groups[--h->ngroups];
         break;
     }
+    bus_unsubscribe(h, b);
     if (b->inflight > 0)
         bus_detach(h, b);
     pthread_mutex_unlock(&h->mu);

@@ -6,6 +6,7 @@
  * This file owns the process: the data folder's lock, the defaults that
  * make the services share one listener, the threads, and stopping all of
  * them when one fails. */
+#include "bus_sqlite.h"
 #include "common.h"
 #include "config.h"
 #include "lifecycle.h"
@@ -103,13 +104,26 @@ static int parleyd_env(char *err, size_t errlen)
     return PX_OK;
 }
 
+/* Deliveries to the gateway topics (<prefix>gw.<id>) go from one thread of
+ * this process to another and die with it anyway: they need no log (a lost
+ * one is served again by the sync, as when a gateway dies). */
+static int parleyd_bus(char *err, size_t errlen)
+{
+    config cfg;
+    char prefix[128];
+    if (config_load(&cfg, err, errlen) != PX_OK)
+        return PX_ERROR;
+    snprintf(prefix, sizeof(prefix), "%sgw.", cfg.topic_prefix);
+    return bus_sqlite_volatile(prefix, err, errlen);
+}
+
 int main(void)
 {
     char err[PX_ERRLEN];
     if (lifecycle_init(NULL, NULL) != PX_OK)
         return 1;
     log_init("parleyd", config_str("PARLEY_LOG_LEVEL", "info"));
-    if (parleyd_env(err, sizeof(err)) != PX_OK) {
+    if (parleyd_env(err, sizeof(err)) != PX_OK || parleyd_bus(err, sizeof(err)) != PX_OK) {
         log_error("bad configuration", "{s:s}", "error", err);
         return 2;
     }

@@ -1,10 +1,17 @@
 /* bus_sqlite (parleyd's in-process bus) on a real SQLite file: delivery
  * reports only for durable records, per-key order, redelivery of what was
  * not committed after a restart (and none of what was), one member per
- * group, the consume eventfd and bus_wakeup. Each test has its own data
- * folder. */
+ * group, the consume eventfd and bus_wakeup; a caught-up consumer served
+ * from memory, volatile topics, and kill -9 in the middle of group commits.
+ * Each test has its own data folder. */
 #include "bus.h"
+#include "bus_sqlite.h"
 #include "common.h"
+
+#include <signal.h>
+#include <stdint.h>
+#include <sqlite3.h>
+#include <sys/wait.h>
 
 #include <check.h>
 #include <poll.h>
@@ -174,6 +181,165 @@ START_TEST(consume_fd_and_wakeup)
 }
 END_TEST
 
+
+/* Runs sql on the bus's file through a connection of its own; returns the
+ * first column of the first row (0 if none). */
+static long sql_on_file(const char *sql)
+{
+    char path[128];
+    sqlite3 *db = NULL;
+    sqlite3_stmt *s = NULL;
+    snprintf(path, sizeof(path), "%s/parley.db", test_dir);
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    sqlite3_busy_timeout(db, 10000);
+    ck_assert_int_eq(sqlite3_prepare_v2(db, sql, -1, &s, NULL), SQLITE_OK);
+    int rc = sqlite3_step(s);
+    ck_assert(rc == SQLITE_ROW || rc == SQLITE_DONE);
+    long v = rc == SQLITE_ROW ? (long)sqlite3_column_int64(s, 0) : 0;
+    sqlite3_finalize(s);
+    sqlite3_close(db);
+    return v;
+}
+
+/* Records are in the log when reported, and a consumer that was caught up
+ * gets them from memory: taking them out of the log behind the bus's back
+ * changes nothing for it. A consumer that is behind (a new process) reads
+ * the log. */
+START_TEST(caught_up_consumer_gets_records_without_a_read_back)
+{
+    const char *topics[] = { "t.mem" };
+    char err[PX_ERRLEN] = "";
+    static reports r;
+    fresh_dir();
+    bus *c = open_bus("gmem");
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    bus *p = open_bus(NULL);
+    produce_n(p, &r, "t.mem", 200);
+    ck_assert_int_eq(r.ok, 200);
+    ck_assert_int_eq(sql_on_file("SELECT count(*) FROM bus_log WHERE topic='t.mem'"), 200);
+    sql_on_file("DELETE FROM bus_log WHERE topic='t.mem' AND off >= 10");
+    ck_assert_int_eq(consume_all(c, 200, 0), 200);
+    bus_destroy(c);
+    bus_destroy(p);
+
+    c = open_bus("gmem");
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(consume_all(c, 200, 0), sql_on_file("SELECT count(*) FROM bus_log"));
+    bus_destroy(c);
+    remove_dir();
+}
+END_TEST
+
+/* A volatile topic: reported at once, never in the log, consumed from
+ * memory in order, forgotten by the next process; other topics unchanged. */
+START_TEST(volatile_topic_skips_the_log)
+{
+    const char *topics[] = { "v.gw.1" };
+    char err[PX_ERRLEN] = "";
+    static reports r, rd;
+    fresh_dir();
+    ck_assert_int_eq(bus_sqlite_volatile("v.gw.", err, sizeof(err)), PX_OK);
+    bus *c = open_bus("gvol");
+    ck_assert_int_eq(bus_sqlite_volatile("x.", err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    bus *p = open_bus(NULL);
+    produce_n(p, &r, "v.gw.1", 300);
+    produce_n(p, &rd, "t.durable", 5);
+    ck_assert_int_eq(r.ok + rd.ok, 305);
+    ck_assert_int_eq(sql_on_file("SELECT count(*) FROM bus_log WHERE topic='v.gw.1'"), 0);
+    ck_assert_int_eq(sql_on_file("SELECT count(*) FROM bus_log WHERE topic='t.durable'"), 5);
+    ck_assert_int_eq(consume_all(c, 300, 300), 300);
+    produce_n(p, &r, "v.gw.1", 7); /* left unconsumed: gone with the process */
+    bus_destroy(c);
+    bus_destroy(p);
+
+    c = open_bus("gvol");
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    static bus_msg m[8];
+    ck_assert_int_eq(bus_consume(c, m, 8, 300, err, sizeof(err)), 0);
+    bus_destroy(c);
+    remove_dir();
+}
+END_TEST
+
+/* kill -9 while the writer commits group after group: every record
+ * reported PX_OK before the kill is in the log for the next process. The
+ * child produces as fast as it can and writes each reported value to a
+ * pipe. */
+#define CRASH_VALUES (1 << 22)
+static int crash_fd = -1;
+
+static void on_crash_dr(void *opaque, int status, const char *err, int32_t partition,
+                        int64_t offset)
+{
+    int v = (int)(intptr_t)opaque;
+    if (status == PX_OK && write(crash_fd, &v, sizeof(v)) != sizeof(v))
+        _exit(3);
+}
+
+static void produce_until_killed(void)
+{
+    char err[PX_ERRLEN] = "", key[16], val[16];
+    bus_conf conf = { .client_id = "t", .partitions = 4, .dr_cb = on_crash_dr };
+    bus *b = bus_new(&conf, err, sizeof(err));
+    if (b == NULL)
+        _exit(2);
+    for (int i = 0; i < CRASH_VALUES; i++) {
+        snprintf(key, sizeof(key), "u%d", i % 5);
+        snprintf(val, sizeof(val), "%d", i);
+        while (bus_produce(b, "t.crash", key, strlen(key), val, strlen(val), (void *)(intptr_t)i,
+                           err, sizeof(err)) == PX_AGAIN)
+            bus_poll(b, 1);
+        bus_poll(b, 0);
+    }
+    _exit(4);
+}
+
+START_TEST(crash_mid_group_commit_loses_nothing_reported)
+{
+    const char *topics[] = { "t.crash" };
+    static unsigned char reported[CRASH_VALUES], logged[CRASH_VALUES];
+    static bus_msg m[256];
+    char err[PX_ERRLEN] = "";
+    int fds[2], v, nreported = 0, status;
+    fresh_dir();
+    ck_assert_int_eq(pipe(fds), 0);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        close(fds[0]);
+        crash_fd = fds[1];
+        produce_until_killed();
+    }
+    close(fds[1]);
+    for (int killed = 0; read(fds[0], &v, sizeof(v)) == sizeof(v);) {
+        ck_assert(v >= 0 && v < CRASH_VALUES);
+        reported[v] = 1;
+        if (++nreported == 20000 && !killed) /* commits now run back to back */
+            killed = kill(pid, SIGKILL) == 0;
+    }
+    close(fds[0]);
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert(WIFSIGNALED(status));
+
+    bus *c = open_bus("gcrash");
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    int n;
+    while ((n = bus_consume(c, m, 256, 2000, err, sizeof(err))) > 0) {
+        for (int i = 0; i < n; i++)
+            logged[atoi(m[i].value)] = 1;
+        bus_release(c, m, (size_t)n);
+    }
+    ck_assert_int_eq(n, 0);
+    int lost = -1;
+    for (int i = 0; i < CRASH_VALUES && lost < 0; i++)
+        lost = reported[i] && !logged[i] ? i : -1;
+    ck_assert_msg(lost < 0, "record %d was reported, then lost", lost);
+    bus_destroy(c);
+    remove_dir();
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("bus_sqlite");
@@ -182,6 +348,9 @@ int main(void)
     tcase_add_test(tc, reports_order_and_redelivery_after_restart);
     tcase_add_test(tc, second_member_of_a_group_is_refused);
     tcase_add_test(tc, consume_fd_and_wakeup);
+    tcase_add_test(tc, caught_up_consumer_gets_records_without_a_read_back);
+    tcase_add_test(tc, volatile_topic_skips_the_log);
+    tcase_add_test(tc, crash_mid_group_commit_loses_nothing_reported);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
