@@ -26,7 +26,7 @@ typedef struct media_req media_req;
 typedef struct gw_metrics {
     metric *conns, *accepted, *refused_auth, *closed, *frames_in, *sent_ok,
         *sent_fail, *delivered, *dropped, *slow_closed, *held_dropped, *errors, *send_latency,
-        *parked, *unparked;
+        *parked, *unparked, *park_deferred;
     metric *media_stored, *media_deduped, *media_uploads, *media_downloads,
         *media_bytes_out, *media_refused;
 } gw_metrics;

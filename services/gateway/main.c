@@ -25,6 +25,7 @@ static void main_metrics(gw *g)
     g->m.held_dropped = metrics_counter("parley_gateway_sync_held_overflow_total", "Syncs whose held live pushes passed the ceiling and were left to the sync");
     g->m.parked = metrics_counter("parley_gateway_ws_parked_total", "WebSocket contexts freed on quiet connections");
     g->m.unparked = metrics_counter("parley_gateway_ws_unparked_total", "WebSocket contexts made again for parked connections");
+    g->m.park_deferred = metrics_counter("parley_gateway_ws_park_deferred_total", "Quiet connections left unparked: a frame or a fragmented message was cut");
     g->m.frames_in = metrics_counter("parley_gateway_frames_received_total", "Text frames received");
     g->m.sent_ok = metrics_counter("parley_gateway_sends_stored_total", "Sends acknowledged by Kafka");
     g->m.sent_fail = metrics_counter("parley_gateway_sends_failed_total", "Sends Kafka did not accept");

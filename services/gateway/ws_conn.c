@@ -386,8 +386,13 @@ int ws_conn_park(conn *c, int64_t now)
     if (c->ctx == NULL || c->dead || c->close_deadline_ms != 0 || c->extra != NULL ||
         now - c->last_io_ms < c->g->cfg.ws_park_ms)
         return 0;
-    if (c->in_bytes != c->framed_bytes || c->frag_open ||
-        !wslay_event_get_read_enabled(c->ctx) || !wslay_event_get_write_enabled(c->ctx) ||
+    if (c->in_bytes != c->framed_bytes || c->frag_open) {
+        /* A fresh context would take the rest for garbage. Counted, so a
+         * test tells a refused park from one never tried. */
+        metric_add(c->g->m.park_deferred, 1);
+        return 0;
+    }
+    if (!wslay_event_get_read_enabled(c->ctx) || !wslay_event_get_write_enabled(c->ctx) ||
         wslay_event_want_write(c->ctx) || wslay_event_get_queued_msg_count(c->ctx) != 0)
         return 0;
     wslay_event_context_free(c->ctx);

