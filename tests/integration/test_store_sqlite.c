@@ -1,10 +1,12 @@
 /* store_sqlite (parleyd's store) against the store contract
- * (store_contract.c), in a data folder of its own, removed at the end. */
+ * (store_contract.c), in a data folder of its own, removed at the end; and
+ * the migration of a data folder written by an earlier build. */
 #include "common.h"
 #include "store.h"
 #include "store_contract.h"
 
 #include <check.h>
+#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +16,41 @@ store *store_contract_open(char *err, size_t errlen)
     return store_open("sqlite", "parley", err, errlen);
 }
 
+/* A data folder from before seen claims (453f65d): its seen table has no
+ * tag column (the other tables are made as they are missing). Opened by
+ * this build, the column is added; keys marked back then read as held by
+ * another record, so still duplicates; new keys are claimed as usual. */
+START_TEST(seen_table_of_an_old_data_folder_is_migrated)
+{
+    char dir[] = "/tmp/parley-store-old.XXXXXX", path[128], err[PX_ERRLEN] = "";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/parley.db", dir);
+    sqlite3 *db = NULL;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_exec(db, "CREATE TABLE seen (key TEXT PRIMARY KEY, ts INTEGER) "
+                                  "WITHOUT ROWID; CREATE INDEX seen_ts ON seen (ts);"
+                                  "INSERT INTO seen VALUES ('k-old', 1000);", NULL, NULL, NULL),
+                     SQLITE_OK);
+    sqlite3_close(db);
+    setenv("PARLEY_DATA_DIR", dir, 1);
+    for (int round = 0; round < 2; round++) { /* the second open finds it migrated */
+        store *st = store_open("sqlite", "parley", err, sizeof(err));
+        ck_assert_msg(st != NULL, "open #%d: %s", round + 1, err);
+        const char *keys[] = { "k-old", "k-new", "k-new" }, *tags[] = { "t1", "t1", "t2" };
+        int fresh[3] = { -1, -1, -1 };
+        ck_assert_msg(store_seen_claim(st, keys, tags, 3, 2000, fresh, err, sizeof(err)) == PX_OK,
+                      "claim: %s", err);
+        ck_assert_int_eq(fresh[0], 0); /* marked by the old build: a duplicate */
+        ck_assert_int_eq(fresh[1], 1); /* claimed by t1 (again in round 2: a redelivery) */
+        ck_assert_int_eq(fresh[2], 0); /* a resend under another tag */
+        store_close(st);
+    }
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(cmd), 0);
+}
+END_TEST
+
 int main(void)
 {
     char dir[] = "/tmp/parley-store-test.XXXXXX";
@@ -22,7 +59,11 @@ int main(void)
         return EXIT_FAILURE;
     }
     setenv("PARLEY_DATA_DIR", dir, 1);
-    SRunner *sr = srunner_create(store_contract_suite("store_sqlite"));
+    Suite *s = store_contract_suite("store_sqlite");
+    TCase *tc = tcase_create("migration");
+    tcase_add_test(tc, seen_table_of_an_old_data_folder_is_migrated);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
