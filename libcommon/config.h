@@ -17,6 +17,7 @@ typedef struct config {
     long max_frame_bytes;        /* PARLEY_MAX_FRAME_BYTES */
     long max_body_bytes;         /* PARLEY_MAX_BODY_BYTES */
     long max_media_bytes;        /* PARLEY_MAX_MEDIA_BYTES */
+    long max_fragments;          /* PARLEY_MAX_FRAGMENTS frames per message */
     long max_conns;              /* PARLEY_MAX_CONNS per gateway */
     long send_queue_bytes;       /* PARLEY_SEND_QUEUE_BYTES per connection */
     long retention_days;         /* PARLEY_RETENTION_DAYS */
@@ -27,8 +28,16 @@ typedef struct config {
     long workers;                /* PARLEY_WORKERS gateway epoll threads */
     long partitions;             /* PARLEY_PARTITIONS for user-keyed topics */
     long sweep_ms;               /* PARLEY_SWEEP_MS retention sweep period */
-    long send_rate;              /* PARLEY_SEND_RATE sends/s per connection */
+    long send_rate;              /* PARLEY_SEND_RATE sends/s per user */
     long send_burst;             /* PARLEY_SEND_BURST sends above the rate */
+    long cmd_rate;               /* PARLEY_CMD_RATE: acks, reads, group commands,
+                                    pings per second per user, each kind its own */
+    long cmd_burst;              /* PARLEY_CMD_BURST: each of those above the rate */
+    long user_conns;             /* PARLEY_USER_CONNS per user per gateway */
+    long http_head_timeout_s;    /* PARLEY_HTTP_HEAD_TIMEOUT_S: a request head not
+                                    complete this long after connect is dropped */
+    long http_per_address;       /* PARLEY_HTTP_PER_ADDRESS: connections from one
+                                    source address still sending their head */
     long http_timeout_s;         /* PARLEY_HTTP_TIMEOUT_S: an HTTP request (e.g. an
                                     upload) silent this long is dropped */
     long ws_park_ms;             /* PARLEY_WS_PARK_MS: a connection quiet this

@@ -3,6 +3,7 @@
 #include "common.h"
 
 #include <jansson.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -61,4 +62,17 @@ void log_write(enum log_level lv, const char *msg, const char *fields, ...)
     fputc('\n', stderr);
     funlockfile(stderr);
     free(line);
+}
+
+void log_tally_add(log_tally *t, const char *detail)
+{
+    atomic_fetch_add(&t->count, 1);
+    long long now = px_mono_ms(), last = atomic_load(&t->last_ms);
+    if (last != 0 && now - last < LOG_TALLY_MS)
+        return;
+    if (!atomic_compare_exchange_strong(&t->last_ms, &last, now))
+        return; /* another thread writes this interval's line */
+    long long n = atomic_exchange(&t->count, 0);
+    log_warn(t->msg, "{s:I, s:i, s:s}", "count", (json_int_t)n, "interval_s",
+             LOG_TALLY_MS / 1000, "last", detail != NULL ? detail : "");
 }

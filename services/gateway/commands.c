@@ -35,6 +35,17 @@ typedef struct pending_send {
 
 static dr_tag commands_beat_tag, commands_record_tag;
 
+const char *const gw_rate_names[GW_RATE_N] = { "send", "ack", "read", "group", "ping" };
+
+/* One summary line per interval, whatever the flood. */
+static log_tally commands_produce_tally = LOG_TALLY_INIT("produce refused");
+static log_tally commands_limited_tally[GW_RATE_N] = {
+    LOG_TALLY_INIT("sends refused: rate limited"), LOG_TALLY_INIT("acks refused: rate limited"),
+    LOG_TALLY_INIT("reads refused: rate limited"),
+    LOG_TALLY_INIT("group commands refused: rate limited"),
+    LOG_TALLY_INIT("pings refused: rate limited"),
+};
+
 /* Queues a rendered event and frees it; the length is taken here because
  * argument evaluation order would not guarantee it was set. */
 static void commands_reply(conn *c, char *json)
@@ -65,9 +76,11 @@ static int commands_produce(gw *g, const char *topic, const char *key, uint8_t *
 {
     char err[PX_ERRLEN];
     int rc = bus_produce(g->b, topic, key, strlen(key), buf, len, opaque, err, sizeof(err));
-    if (rc != PX_OK)
-        log_warn("produce refused", "{s:s, s:s, s:i}", "topic", topic, "error",
-                 rc == PX_AGAIN ? "local queue full" : err, "rc", rc);
+    if (rc != PX_OK) {
+        char detail[PX_ERRLEN + 128];
+        snprintf(detail, sizeof(detail), "%s: %s", topic, rc == PX_AGAIN ? "local queue full" : err);
+        log_tally_add(&commands_produce_tally, detail);
+    }
     free(buf);
     return rc;
 }
@@ -204,6 +217,38 @@ static void commands_ack(gw *g, conn *c, const proto_cmd *cmd)
     commands_produce(g, g->topic_acks, rec.user, buf, len, &commands_record_tag);
 }
 
+static enum gw_rate commands_rate_kind(enum proto_type t)
+{
+    switch (t) {
+    case PROTO_SEND:
+        return GW_RATE_SEND;
+    case PROTO_ACK:
+        return GW_RATE_ACK;
+    case PROTO_READ:
+        return GW_RATE_READ;
+    case PROTO_PING:
+        return GW_RATE_PING;
+    default:
+        return GW_RATE_GROUP;
+    }
+}
+
+/* Every kind of command has a rate (registry_take); a refusal is answered
+ * rate_limited (with the command's id when it has one), counted by kind
+ * and logged as a counted summary. */
+static int commands_admit(gw *g, conn *c, const proto_cmd *cmd)
+{
+    enum gw_rate k = commands_rate_kind(cmd->type);
+    if (registry_take(g->reg, ws_conn_user(c), k))
+        return 1;
+    metric_add(g->m.rate_limited[k], 1);
+    log_tally_add(&commands_limited_tally[k], ws_conn_user(c));
+    commands_error(g, c, cmd->id, PROTO_RATE_LIMITED,
+                   k == GW_RATE_SEND ? "over PARLEY_SEND_RATE, slow down"
+                                     : "over PARLEY_CMD_RATE, slow down");
+    return 0;
+}
+
 void commands_handle(gw *g, conn *c, const char *text, size_t len)
 {
     proto_cmd cmd;
@@ -214,12 +259,13 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
         commands_error(g, c, cmd.id, code, msg);
         return;
     }
+    if (!commands_admit(g, c, &cmd)) {
+        proto_cmd_free(&cmd);
+        return;
+    }
     switch (cmd.type) {
     case PROTO_SEND:
-        if (ws_conn_take_send(c))
-            commands_send(g, c, &cmd);
-        else
-            commands_error(g, c, cmd.id, PROTO_RATE_LIMITED, "over PARLEY_SEND_RATE, slow down");
+        commands_send(g, c, &cmd);
         break;
     case PROTO_ACK:
     case PROTO_READ:

@@ -22,11 +22,21 @@ typedef struct conn conn;
 typedef struct registry registry;
 typedef struct media media;
 typedef struct media_req media_req;
+typedef struct http_guard http_guard;
+
+/* Command kinds with a rate limit of their own (registry_take). */
+enum gw_rate { GW_RATE_SEND, GW_RATE_ACK, GW_RATE_READ, GW_RATE_GROUP, GW_RATE_PING, GW_RATE_N };
+/* "send", "ack", ...: the kind label of metrics and logs (commands.c). */
+extern const char *const gw_rate_names[GW_RATE_N];
 
 typedef struct gw_metrics {
     metric *conns, *accepted, *refused_auth, *closed, *frames_in, *sent_ok,
         *sent_fail, *delivered, *dropped, *slow_closed, *held_dropped, *errors, *send_latency,
         *parked, *unparked, *park_deferred;
+    metric *rate_limited[GW_RATE_N];  /* commands refused rate_limited, by kind */
+    metric *user_conns_refused;       /* upgrades refused: PARLEY_USER_CONNS */
+    metric *frag_closed;              /* closed 1009: PARLEY_MAX_FRAGMENTS */
+    metric *max_conns;                /* the connection cap in force (RLIMIT_NOFILE) */
     metric *media_stored, *media_deduped, *media_uploads, *media_downloads,
         *media_bytes_out, *media_refused;
 } gw_metrics;
@@ -45,6 +55,7 @@ typedef struct gw {
     store *st;                   /* media only (media.c) */
     media *md;
     struct MHD_Daemon *mhd;
+    http_guard *guard;
     int listen_fd;               /* -1 until http_bind */
     _Atomic int64_t last_beat_ok; /* ms of the last heartbeat Kafka accepted */
     volatile sig_atomic_t stopping;
@@ -118,9 +129,6 @@ void ws_conn_tick(conn *c, int64_t now_ms);
  * the next byte in or out. Returns 1 if it freed one. Call after a flush. */
 int ws_conn_park(conn *c, int64_t now_ms);
 int ws_conn_dead(const conn *c);
-/* Token bucket for sends (PARLEY_SEND_RATE, PARLEY_SEND_BURST): 1 if this
- * send may go, 0 if the client is over its rate. */
-int ws_conn_take_send(conn *c);
 /* The worker's "touched this iteration" mark; returns the previous value. */
 int ws_conn_set_dirty(conn *c, int on);
 uint64_t ws_conn_id(const conn *c);
@@ -152,13 +160,21 @@ void commands_post_error(gw *g, uint64_t conn_id, const char *ref, enum proto_co
 void commands_on_delivery(void *opaque, int status, const char *err,
                           int32_t partition, int64_t offset);
 
-/* ---- registry.c: user -> connection ids on this gateway ---- */
-registry *registry_new(void);
+/* ---- registry.c: user -> connection ids and rate limits on this gateway ---- */
+/* rate[k] per second and burst[k] above it, for each kind of gw_rate. */
+registry *registry_new(const double rate[GW_RATE_N], const double burst[GW_RATE_N]);
 void registry_free(registry *r);
 void registry_add(registry *r, const char *user, uint64_t conn_id);
 void registry_remove(registry *r, const char *user, uint64_t conn_id);
 /* Copies up to max ids of user's connections; returns how many. */
 size_t registry_get(registry *r, const char *user, uint64_t *ids, size_t max);
+/* How many connections user holds here. */
+size_t registry_count(registry *r, const char *user);
+/* Token bucket of user's kind of command, shared by all of the user's
+ * connections on this gateway (a new connection brings no fresh burst):
+ * 1 if this command may go, 0 if the user is over its rate. A user with no
+ * connection here (a race with its last close) is let through. */
+int registry_take(registry *r, const char *user, enum gw_rate kind);
 
 /* ---- deliver.c: Kafka-facing threads ---- */
 int deliver_start(gw *g, char *err, size_t errlen);
@@ -186,6 +202,23 @@ void media_req_done(gw *g, media_req *mr, enum MHD_RequestTerminationCode toe);
  * the job (cmd->root is NULL). PX_AGAIN: the queue is full, cmd untouched,
  * the caller answers. Worker threads call it. */
 int media_send(gw *g, const char *user, uint64_t conn_id, proto_cmd *cmd);
+
+/* ---- http_guard.c: connections still sending their request head ---- */
+/* Starts the sweeper thread that drops heads older than
+ * PARLEY_HTTP_HEAD_TIMEOUT_S. */
+http_guard *http_guard_new(gw *g, char *err, size_t errlen);
+/* Stops the sweeper; call after MHD stopped. */
+void http_guard_free(http_guard *hg);
+/* MHD_OPTION_NOTIFY_CONNECTION callback (cls: the guard): lists a new
+ * connection, shutting it at once if its address is over
+ * PARLEY_HTTP_PER_ADDRESS; forgets a closed one. */
+void http_guard_notify(void *cls, struct MHD_Connection *mc, void **socket_context,
+                       enum MHD_ConnectionNotificationCode code);
+/* mc's request head is complete (the access handler's first call). */
+void http_guard_head_done(http_guard *hg, struct MHD_Connection *mc);
+/* A request ended on mc, which stays open for the next (keep-alive): the
+ * next head has a deadline too. Not for an upgraded connection. */
+void http_guard_rearm(http_guard *hg, struct MHD_Connection *mc);
 
 /* ---- http.c: HTTP endpoints and the WebSocket upgrade ---- */
 /* The bearer token of a request (header, else access_token), or NULL. */

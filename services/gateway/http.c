@@ -16,6 +16,7 @@
 #include <netinet/in.h>
 #include <openssl/evp.h>
 #include <openssl/sha.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -41,7 +42,20 @@ typedef struct http_req {
     char body[HTTP_BODY_MAX];
     size_t body_len;
     int body_too_big;
+    int upgraded;                /* answered 101: the socket is a worker's now */
 } http_req;
+
+/* libmicrohttpd's own errors (accept failures at the file limit, the
+ * connection limit) can come thousands a second: counted summaries. */
+static log_tally http_mhd_tally = LOG_TALLY_INIT("http server errors");
+
+static void http_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    char line[512];
+    vsnprintf(line, sizeof(line), fmt, ap);
+    line[strcspn(line, "\n")] = '\0';
+    log_tally_add(&http_mhd_tally, line);
+}
 
 enum MHD_Result http_text(struct MHD_Connection *mc, unsigned status,
                                  const char *type, const char *body, size_t len)
@@ -137,6 +151,12 @@ static enum MHD_Result http_ws(gw *g, struct MHD_Connection *mc, http_req *req)
         metric_add(g->m.refused_auth, 1);
         return http_json_error(mc, 401, "unauthorized", tok ? err : "no token");
     }
+    /* Counted at adoption, so handshakes in flight can pass it by a few. */
+    if (registry_count(g->reg, req->user) >= (size_t)g->cfg.user_conns) {
+        metric_add(g->m.user_conns_refused, 1);
+        return http_json_error(mc, 429, "rate_limited",
+                               "this user holds PARLEY_USER_CONNS connections here already");
+    }
     const char *key = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Sec-WebSocket-Key");
     const char *ver = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Sec-WebSocket-Version");
     if (!http_header_has(mc, MHD_HTTP_HEADER_UPGRADE, "websocket") ||
@@ -150,6 +170,7 @@ static enum MHD_Result http_ws(gw *g, struct MHD_Connection *mc, http_req *req)
     MHD_add_response_header(r, "Sec-WebSocket-Accept", accept);
     enum MHD_Result ret = MHD_queue_response(mc, MHD_HTTP_SWITCHING_PROTOCOLS, r);
     MHD_destroy_response(r);
+    req->upgraded = ret == MHD_YES;
     return ret;
 }
 
@@ -183,6 +204,7 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *mc, const c
 {
     gw *g = cls;
     if (*con_cls == NULL) {
+        http_guard_head_done(g->guard, mc);
         *con_cls = px_calloc(1, sizeof(http_req));
         /* media.c sees the first call too: it refuses a bad upload from the
          * headers alone, before the body is sent. */
@@ -222,9 +244,12 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *mc, const c
 static void http_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
                            enum MHD_RequestTerminationCode toe)
 {
+    gw *g = cls;
     http_req *req = *con_cls;
     if (req != NULL && req->media != NULL)
-        media_req_done(cls, req->media, toe);
+        media_req_done(g, req->media, toe);
+    if (req != NULL && !req->upgraded && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK)
+        http_guard_rearm(g->guard, mc);
     free(*con_cls);
     *con_cls = NULL;
 }
@@ -268,11 +293,17 @@ int http_bind(gw *g, char *err, size_t errlen)
 
 int http_start(gw *g, char *err, size_t errlen)
 {
+    g->guard = http_guard_new(g, err, errlen);
+    if (g->guard == NULL)
+        return PX_ERROR;
+    /* The logger must come first or MHD logs its own way until it sees it. */
     g->mhd = MHD_start_daemon(
         MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_UPGRADE | MHD_USE_ITC |
             MHD_USE_ERROR_LOG,
         0, NULL, NULL, http_access, g,
+        MHD_OPTION_EXTERNAL_LOGGER, http_mhd_log, NULL,
         MHD_OPTION_LISTEN_SOCKET, g->listen_fd,
+        MHD_OPTION_NOTIFY_CONNECTION, http_guard_notify, g->guard,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTP_MEMORY_LIMIT,
         MHD_OPTION_CONNECTION_LIMIT, (unsigned int)(g->cfg.max_conns + 64),
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)HTTP_THREADS,
@@ -300,4 +331,6 @@ void http_stop(gw *g)
     if (g->mhd != NULL)
         MHD_stop_daemon(g->mhd);
     g->mhd = NULL;
+    http_guard_free(g->guard);
+    g->guard = NULL;
 }

@@ -9,8 +9,10 @@
 #include "log.h"
 
 #include <signal.h>
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <errno.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -26,6 +28,15 @@ static void main_metrics(gw *g)
     g->m.parked = metrics_counter("parley_gateway_ws_parked_total", "WebSocket contexts freed on quiet connections");
     g->m.unparked = metrics_counter("parley_gateway_ws_unparked_total", "WebSocket contexts made again for parked connections");
     g->m.park_deferred = metrics_counter("parley_gateway_ws_park_deferred_total", "Quiet connections left unparked: a frame or a fragmented message was cut");
+    for (size_t k = 0; k < GW_RATE_N; k++) {
+        char name[96];
+        snprintf(name, sizeof(name), "parley_gateway_rate_limited_total{kind=\"%s\"}",
+                 gw_rate_names[k]);
+        g->m.rate_limited[k] = metrics_counter(name, "Commands refused with rate_limited, by kind");
+    }
+    g->m.user_conns_refused = metrics_counter("parley_gateway_user_conns_refused_total", "Upgrades refused with 429: the user holds PARLEY_USER_CONNS connections here");
+    g->m.frag_closed = metrics_counter("parley_gateway_fragments_closed_total", "Connections closed 1009: a message in more than PARLEY_MAX_FRAGMENTS frames");
+    g->m.max_conns = metrics_gauge("parley_gateway_max_connections", "PARLEY_MAX_CONNS in force (lowered to fit RLIMIT_NOFILE)");
     g->m.frames_in = metrics_counter("parley_gateway_frames_received_total", "Text frames received");
     g->m.sent_ok = metrics_counter("parley_gateway_sends_stored_total", "Sends acknowledged by Kafka");
     g->m.sent_fail = metrics_counter("parley_gateway_sends_failed_total", "Sends Kafka did not accept");
@@ -40,6 +51,38 @@ static void main_metrics(gw *g)
     g->m.media_refused = metrics_counter("parley_gateway_media_too_large_total", "Uploads refused with 413");
     g->m.send_latency = metrics_histogram("parley_gateway_send_ack_ms", "Send to Kafka acknowledgement, ms",
                                           ms_buckets, PX_ARRAY_LEN(ms_buckets));
+}
+
+/* Every connection is a socket; MHD, epoll, eventfds, Kafka, the store
+ * (and parleyd's other services) need more besides. */
+#define MAIN_FD_RESERVE 256
+
+/* At the file-descriptor limit accept() fails over and over (MHD then spins
+ * and logs each failure): make PARLEY_MAX_CONNS fit RLIMIT_NOFILE, raising
+ * the soft limit as far as the hard one allows, else lowering the cap. */
+static int main_fd_limit(gw *g, char *err, size_t errlen)
+{
+    struct rlimit rl;
+    rlim_t need = (rlim_t)g->cfg.max_conns + MAIN_FD_RESERVE;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return px_err(err, errlen, "getrlimit(RLIMIT_NOFILE): %s", strerror(errno));
+    if (rl.rlim_cur < need && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = PX_MIN(need, rl.rlim_max);
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+            getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    if (rl.rlim_cur < need) {
+        if (rl.rlim_cur < 2 * MAIN_FD_RESERVE)
+            return px_err(err, errlen, "RLIMIT_NOFILE is %ld: too few files for any connection "
+                          "(PARLEY_MAX_CONNS=%ld needs %ld)", (long)rl.rlim_cur,
+                          g->cfg.max_conns, (long)need);
+        log_warn("PARLEY_MAX_CONNS lowered to fit RLIMIT_NOFILE", "{s:i, s:i, s:i}",
+                 "max_conns", (int)g->cfg.max_conns, "nofile", (int)rl.rlim_cur, "lowered_to",
+                 (int)(rl.rlim_cur - MAIN_FD_RESERVE));
+        g->cfg.max_conns = (long)(rl.rlim_cur - MAIN_FD_RESERVE);
+    }
+    metric_set(g->m.max_conns, g->cfg.max_conns);
+    return PX_OK;
 }
 
 static int main_setup(gw *g, char *err, size_t errlen)
@@ -63,7 +106,7 @@ static int main_setup(gw *g, char *err, size_t errlen)
     snprintf(g->topic_deliver, sizeof(g->topic_deliver), "%sgw.%s", p, g->cfg.gateway_id);
     g->listen_fd = -1;
     main_metrics(g);
-    return PX_OK;
+    return main_fd_limit(g, err, errlen);
 }
 
 static int main_start(gw *g, char *err, size_t errlen)
@@ -84,7 +127,12 @@ static int main_start(gw *g, char *err, size_t errlen)
         return PX_ERROR;
     if (media_start(g, err, errlen) != PX_OK)
         return PX_ERROR;
-    g->reg = registry_new();
+    double rate[GW_RATE_N], burst[GW_RATE_N];
+    for (size_t k = 0; k < GW_RATE_N; k++) {
+        rate[k] = (double)(k == GW_RATE_SEND ? g->cfg.send_rate : g->cfg.cmd_rate);
+        burst[k] = (double)(k == GW_RATE_SEND ? g->cfg.send_burst : g->cfg.cmd_burst);
+    }
+    g->reg = registry_new(rate, burst);
     g->nworkers = (size_t)g->cfg.workers;
     g->workers = px_calloc(g->nworkers, sizeof(*g->workers));
     for (size_t i = 0; i < g->nworkers; i++) {

@@ -1,6 +1,8 @@
-/* Owns the map user -> connection ids of this gateway. Sharded by a string
- * hash so the delivery thread and the workers rarely contend; a user's entry
- * is removed with its last connection, so memory follows live users. */
+/* Owns the map user -> connection ids of this gateway, and each user's
+ * command rate buckets (per user, not per connection, so that opening more
+ * connections buys no more burst). Sharded by a string hash so the delivery
+ * thread and the workers rarely contend; a user's entry is removed with its
+ * last connection, so memory follows live users. */
 #include "common.h"
 #include "gateway.h"
 
@@ -14,6 +16,8 @@ typedef struct reg_entry {
     struct reg_entry *next;
     uint64_t *ids;
     uint32_t n, cap;
+    int64_t refill_ms;             /* tokens are counted up to this time */
+    float tokens[GW_RATE_N];
     char user[];
 } reg_entry;
 
@@ -23,6 +27,7 @@ typedef struct reg_shard {
 } reg_shard;
 
 struct registry {
+    double rate[GW_RATE_N], burst[GW_RATE_N];
     reg_shard shards[REG_SHARDS];
 };
 
@@ -49,9 +54,11 @@ static reg_entry **registry_slot(reg_shard *sh, const char *user)
     return pp;
 }
 
-registry *registry_new(void)
+registry *registry_new(const double rate[GW_RATE_N], const double burst[GW_RATE_N])
 {
     registry *r = px_calloc(1, sizeof(*r));
+    memcpy(r->rate, rate, sizeof(r->rate));
+    memcpy(r->burst, burst, sizeof(r->burst));
     for (size_t i = 0; i < REG_SHARDS; i++)
         pthread_mutex_init(&r->shards[i].mu, NULL);
     return r;
@@ -85,6 +92,9 @@ void registry_add(registry *r, const char *user, uint64_t conn_id)
         size_t n = strlen(user);
         reg_entry *e = px_calloc(1, sizeof(*e) + n + 1);
         memcpy(e->user, user, n + 1);
+        e->refill_ms = px_mono_ms();
+        for (size_t k = 0; k < GW_RATE_N; k++)
+            e->tokens[k] = (float)r->burst[k];
         *pp = e;
     }
     reg_entry *e = *pp;
@@ -126,4 +136,34 @@ size_t registry_get(registry *r, const char *user, uint64_t *ids, size_t max)
         ids[n] = e->ids[n];
     pthread_mutex_unlock(&sh->mu);
     return n;
+}
+
+size_t registry_count(registry *r, const char *user)
+{
+    reg_shard *sh = registry_shard(r, user);
+    pthread_mutex_lock(&sh->mu);
+    reg_entry *e = *registry_slot(sh, user);
+    size_t n = e != NULL ? e->n : 0;
+    pthread_mutex_unlock(&sh->mu);
+    return n;
+}
+
+int registry_take(registry *r, const char *user, enum gw_rate kind)
+{
+    reg_shard *sh = registry_shard(r, user);
+    int ok = 1;
+    pthread_mutex_lock(&sh->mu);
+    reg_entry *e = *registry_slot(sh, user);
+    if (e != NULL) {
+        int64_t now = px_mono_ms();
+        double dt = (double)(now - e->refill_ms) / 1000.0;
+        for (size_t k = 0; k < GW_RATE_N; k++)
+            e->tokens[k] = (float)PX_MIN((double)e->tokens[k] + dt * r->rate[k], r->burst[k]);
+        e->refill_ms = now;
+        ok = e->tokens[kind] >= 1.0f;
+        if (ok)
+            e->tokens[kind] -= 1.0f;
+    }
+    pthread_mutex_unlock(&sh->mu);
+    return ok;
 }

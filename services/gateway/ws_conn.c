@@ -26,6 +26,15 @@
 #include <wslay/wslay.h>
 
 #define CONN_CLOSE_GRACE_MS 2000 /* wait this long for the peer's close */
+/* Bytes read from one socket per reactor turn: the socket is level
+ * triggered, so what is left is read on the next turn, after every other
+ * ready connection of the worker had its turn (a flooding client must not
+ * starve its neighbours). 64 KiB is a few hundred small commands. */
+#define CONN_READ_BUDGET (64u * 1024)
+/* What a queued message costs beyond its payload (wslay's message struct
+ * and malloc's overhead): a pong to an empty ping is 0 payload bytes but
+ * not free, so the send-queue ceiling counts messages too. */
+#define CONN_MSG_COST 64
 
 struct conn {
     gw *g;
@@ -37,14 +46,14 @@ struct conn {
     wslay_event_context_ptr ctx;     /* NULL while parked */
     uint64_t in_bytes, framed_bytes; /* handed to wslay / in frames ended */
     uint64_t frame_bytes;            /* header + payload of the current frame */
+    uint32_t turn_read;              /* bytes read this turn (CONN_READ_BUDGET) */
     int frag_open;                   /* a fragmented data message is unfinished */
+    uint32_t frags;                  /* frames of the current data message */
     int parked;                      /* its context was freed at least once */
     int64_t last_io_ms;
     char *extra;                     /* MHD's extra_in, fed to wslay first */
     size_t extra_len, extra_off;
     int64_t last_recv_ms, last_ping_ms, close_deadline_ms;
-    int64_t bucket_ms;               /* send rate limit: refilled up to here */
-    double tokens;
     int dead, dirty, synced;
     int held_overflow;               /* held events dropped: the sync has them */
     int64_t sync_from;               /* > 0: the next sync page, not asked yet */
@@ -70,12 +79,18 @@ static ssize_t ws_recv_cb(wslay_event_context_ptr ctx, uint8_t *buf, size_t len,
         c->in_bytes += n;
         return (ssize_t)n;
     }
+    if (c->turn_read >= CONN_READ_BUDGET) {
+        wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
+        return -1;
+    }
     ssize_t r;
+    len = PX_MIN(len, (size_t)(CONN_READ_BUDGET - c->turn_read));
     while ((r = recv(c->fd, buf, len, 0)) < 0 && errno == EINTR)
         ;
     if (r > 0) {
         c->last_recv_ms = px_mono_ms();
         c->in_bytes += (uint64_t)r;
+        c->turn_read += (uint32_t)r;
         return r;
     }
     if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
@@ -117,6 +132,17 @@ static void ws_on_frame_start(wslay_event_context_ptr ctx,
     if (arg->opcode == WSLAY_TEXT_FRAME || arg->opcode == WSLAY_BINARY_FRAME ||
         arg->opcode == WSLAY_CONTINUATION_FRAME)
         c->frag_open = !arg->fin;
+    /* wslay keeps each fragment as a chunk of its own (~90 bytes for one
+     * byte of payload): the frame count bounds that overhead as
+     * PARLEY_MAX_FRAME_BYTES bounds the payload. */
+    if (arg->opcode > WSLAY_BINARY_FRAME)
+        return; /* control frames may come between fragments */
+    c->frags = arg->opcode == WSLAY_CONTINUATION_FRAME ? c->frags + 1 : 1;
+    if (c->frags > (uint32_t)c->g->cfg.max_fragments && c->close_deadline_ms == 0) {
+        metric_add(c->g->m.frag_closed, 1);
+        ws_conn_close(c, WSLAY_CODE_MESSAGE_TOO_BIG, "too many fragments");
+        wslay_event_shutdown_read(ctx);
+    }
 }
 
 static void ws_on_frame_end(wslay_event_context_ptr ctx, void *user_data)
@@ -158,8 +184,7 @@ conn *ws_conn_new(gw *g, int fd, struct MHD_UpgradeResponseHandle *urh,
         memcpy(c->extra, extra_in, extra_len);
         c->extra_len = extra_len;
     }
-    c->last_recv_ms = c->last_ping_ms = c->bucket_ms = c->last_io_ms = px_mono_ms();
-    c->tokens = (double)g->cfg.send_burst;
+    c->last_recv_ms = c->last_ping_ms = c->last_io_ms = px_mono_ms();
     return c;
 }
 
@@ -202,6 +227,8 @@ int ws_conn_attach(conn *c, worker *w, uint64_t id, int epfd, char *err, size_t 
     return PX_OK;
 }
 
+static int ws_conn_over_ceiling(conn *c);
+
 static void ws_conn_kill(conn *c, const char *why)
 {
     if (!c->dead)
@@ -218,20 +245,42 @@ void ws_conn_on_io(conn *c, uint32_t events)
         return;
     }
     c->last_io_ms = px_mono_ms();
+    c->turn_read = 0;
     if ((events & EPOLLIN) && ws_ctx(c) != NULL && wslay_event_want_read(c->ctx) &&
         wslay_event_recv(c->ctx) != 0) {
         ws_conn_kill(c, "read failed or protocol error");
         return;
     }
+    /* wslay answers pings by itself: a client that pings and never reads
+     * fills the queue as surely as one that never reads its messages. */
+    if (ws_conn_over_ceiling(c))
+        return;
     /* Parked means nothing was left to write. */
     if ((events & EPOLLOUT) && c->ctx != NULL && wslay_event_want_write(c->ctx) &&
         wslay_event_send(c->ctx) != 0)
         ws_conn_kill(c, "write failed");
 }
 
+/* Bytes the send queue holds, control frames (pongs, pings) included. */
 static size_t ws_conn_queued(conn *c)
 {
-    return c->ctx != NULL ? wslay_event_get_queued_msg_length(c->ctx) : 0;
+    return c->ctx != NULL ? wslay_event_get_queued_msg_length(c->ctx) +
+                                wslay_event_get_queued_msg_count(c->ctx) * CONN_MSG_COST
+                          : 0;
+}
+
+/* Past PARLEY_SEND_QUEUE_BYTES the client stopped reading (a sync comes
+ * in pages far below the ceiling): say why if the socket takes it, and
+ * drop the connection now rather than hold more for it. 1 if it did. */
+static int ws_conn_over_ceiling(conn *c)
+{
+    if (ws_conn_queued(c) <= (size_t)c->g->cfg.send_queue_bytes)
+        return 0;
+    metric_add(c->g->m.slow_closed, 1);
+    wslay_event_queue_close(c->ctx, 1013, (const uint8_t *)"send queue full", 15);
+    wslay_event_send(c->ctx);
+    ws_conn_kill(c, "send queue over its ceiling");
+    return 1;
 }
 
 void ws_conn_queue_text(conn *c, const char *s, size_t len)
@@ -243,15 +292,7 @@ void ws_conn_queue_text(conn *c, const char *s, size_t len)
         ws_conn_kill(c, "queue failed");
         return;
     }
-    if (ws_conn_queued(c) > (size_t)c->g->cfg.send_queue_bytes) {
-        /* The client stopped reading (a sync comes in pages far below the
-         * ceiling): say why if the socket takes it, and drop the
-         * connection now rather than hold more for it. */
-        metric_add(c->g->m.slow_closed, 1);
-        wslay_event_queue_close(c->ctx, 1013, (const uint8_t *)"send queue full", 15);
-        wslay_event_send(c->ctx);
-        ws_conn_kill(c, "send queue over its ceiling");
-    }
+    ws_conn_over_ceiling(c);
 }
 
 void ws_conn_close(conn *c, uint16_t code, const char *reason)
@@ -399,20 +440,6 @@ int ws_conn_park(conn *c, int64_t now)
     c->ctx = NULL;
     c->parked = 1;
     metric_add(c->g->m.parked, 1);
-    return 1;
-}
-
-int ws_conn_take_send(conn *c)
-{
-    int64_t now = px_mono_ms();
-    double burst = (double)c->g->cfg.send_burst;
-    c->tokens += (double)(now - c->bucket_ms) * (double)c->g->cfg.send_rate / 1000.0;
-    if (c->tokens > burst)
-        c->tokens = burst;
-    c->bucket_ms = now;
-    if (c->tokens < 1.0)
-        return 0;
-    c->tokens -= 1.0;
     return 1;
 }
 

@@ -1,6 +1,7 @@
 /* Owns the service processes of an end-to-end run and their environment. */
 #include "harness.h"
 #include "auth.h"
+#include "client.h"
 #include "common.h"
 
 #include <arpa/inet.h>
@@ -11,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -133,6 +135,21 @@ static void e2e_report_end(const struct e2e_proc *p, int st, const char *what)
         fprintf(stderr, "e2e: (no log)\n");
 }
 
+/* fork(); in the child (0 returned) stdout and stderr go to log, opened
+ * with O_APPEND or O_TRUNC (mode). */
+static pid_t e2e_fork_logged(const char *log, int mode)
+{
+    pid_t pid = fork();
+    if (pid != 0)
+        return pid;
+    int fd = open(log, O_WRONLY | O_CREAT | mode, 0644);
+    if (fd >= 0) {
+        dup2(fd, 1);
+        dup2(fd, 2);
+    }
+    return 0;
+}
+
 static pid_t e2e_spawn(enum e2e_svc s)
 {
     struct e2e_proc *p = &e2e_procs[s];
@@ -141,14 +158,9 @@ static pid_t e2e_spawn(enum e2e_svc s)
     snprintf(bin, sizeof(bin), "%s/bin/%s", build, p->bin);
     e2e_logpath(p, log, sizeof(log));
     snprintf(listen, sizeof(listen), "127.0.0.1:%d", p->port);
-    pid_t pid = fork();
+    pid_t pid = e2e_fork_logged(log, O_APPEND);
     if (pid != 0)
         return pid;
-    int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-    if (fd >= 0) {
-        dup2(fd, 1);
-        dup2(fd, 2);
-    }
     if (p->gateway_id != NULL) {
         setenv("PARLEY_GATEWAY_ID", p->gateway_id, 1);
         setenv("PARLEY_LISTEN", listen, 1);
@@ -161,19 +173,21 @@ static pid_t e2e_spawn(enum e2e_svc s)
     _exit(127);
 }
 
-/* GET path on port into buf (headers and body, NUL-terminated, cut at
- * cap - 1 bytes); returns the HTTP status or -1. */
-static int e2e_http_get(int port, const char *path, char *buf, size_t cap)
+int e2e_http_get_from(const char *src, int port, const char *path, char *buf, size_t cap)
 {
     int fd = socket(AF_INET, SOCK_STREAM, 0), status = -1;
     struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+    struct sockaddr_in from = { .sin_family = AF_INET };
     inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
     struct timeval tv = { 2, 0 };
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     char req[256];
     size_t got = 0;
     int n = snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", path);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 && write(fd, req, (size_t)n) == n) {
+    int bound = src == NULL || (inet_pton(AF_INET, src, &from.sin_addr) == 1 &&
+                                bind(fd, (struct sockaddr *)&from, sizeof(from)) == 0);
+    if (bound && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 &&
+        write(fd, req, (size_t)n) == n) {
         ssize_t r;
         while (got + 1 < cap && (r = read(fd, buf + got, cap - 1 - got)) > 0)
             got += (size_t)r;
@@ -188,13 +202,18 @@ static int e2e_http_get(int port, const char *path, char *buf, size_t cap)
 static int e2e_http_status(int port, const char *path)
 {
     char resp[256];
-    return e2e_http_get(port, path, resp, sizeof(resp));
+    return e2e_http_get_from(NULL, port, path, resp, sizeof(resp));
 }
 
 long long e2e_metric(enum e2e_svc s, const char *name)
 {
+    return e2e_metric_at(e2e_port(s), name);
+}
+
+long long e2e_metric_at(int port, const char *name)
+{
     static char buf[256 << 10];
-    if (e2e_http_get(e2e_port(s), "/metrics", buf, sizeof(buf)) != 200)
+    if (e2e_http_get_from(NULL, port, "/metrics", buf, sizeof(buf)) != 200)
         return -1;
     size_t len = strlen(name);
     for (const char *line = buf; line != NULL; line = strchr(line, '\n')) {
@@ -331,4 +350,102 @@ int e2e_main(Suite *suite)
     srunner_free(sr);
     int bad = e2e_stop();
     return failed == 0 && bad == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
+
+pid_t e2e_spawn_extra(const char *id, int port, int shared, const char *data_dir,
+                      const char *const *env, long nofile)
+{
+    char listen[32], log[512], bin[512];
+    e2e_setenv();
+    snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
+    snprintf(log, sizeof(log), "%s/%s.log", e2e_logdir, id);
+    pid_t pid = e2e_fork_logged(log, O_TRUNC);
+    if (pid != 0)
+        return pid;
+    e2e_extra_gateway(id, bin, sizeof(bin));
+    if (data_dir != NULL)
+        setenv("PARLEY_DATA_DIR", data_dir, 1);
+    setenv("PARLEY_GATEWAY_ID", id, 1);
+    setenv("PARLEY_LISTEN", listen, 1);
+    setenv("PARLEY_LISTEN_SHARED", shared ? "1" : "0", 1);
+    for (; env != NULL && env[0] != NULL; env += 2)
+        setenv(env[0], env[1], 1);
+    struct rlimit rl = { (rlim_t)nofile, (rlim_t)nofile };
+    if (nofile > 0 && setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        _exit(126);
+    execl(bin, bin, (char *)NULL);
+    _exit(127);
+}
+
+int e2e_extra_exit_status(pid_t pid)
+{
+    int st = 0;
+    for (int i = 0; i < 300; i++) {
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return st;
+        usleep(100 * 1000);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &st, 0);
+    return -1;
+}
+
+int e2e_extra_log_has(const char *id, const char *const *needles)
+{
+    char path[512];
+    static char buf[64 << 10];
+    snprintf(path, sizeof(path), "%s/%s.log", e2e_logdir, id);
+    FILE *f = fopen(path, "r");
+    size_t n = f != NULL ? fread(buf, 1, sizeof(buf) - 1, f) : 0;
+    if (f != NULL)
+        fclose(f);
+    buf[n] = '\0';
+    for (; *needles != NULL; needles++)
+        if (strstr(buf, *needles) == NULL) {
+            fprintf(stderr, "%s: no \"%s\" in:\n%s\n", path, *needles, buf);
+            return 0;
+        }
+    return 1;
+}
+
+int e2e_extra_log_count(const char *id, const char *needle)
+{
+    char path[512], line[8192];
+    snprintf(path, sizeof(path), "%s/%s.log", e2e_logdir, id);
+    FILE *f = fopen(path, "r");
+    int n = 0;
+    while (f != NULL && fgets(line, sizeof(line), f) != NULL)
+        n += strstr(line, needle) != NULL;
+    if (f != NULL)
+        fclose(f);
+    return n;
+}
+
+int e2e_stop_extra(pid_t pid)
+{
+    int st = 0;
+    kill(pid, SIGTERM);
+    for (int i = 0; i < 150 && waitpid(pid, &st, WNOHANG) == 0; i++)
+        usleep(100 * 1000);
+    if (waitpid(pid, &st, WNOHANG) == 0) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &st, 0);
+        return -1;
+    }
+    return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
+}
+
+client *e2e_connect_port(int port, const char *user, int *status)
+{
+    char tok[2048], err[256];
+    e2e_token(user, 3600, tok, sizeof(tok));
+    client *cl = NULL;
+    *status = 0;
+    /* Retried while nothing answers: the process may still be starting. */
+    for (int i = 0; i < 100 && cl == NULL && *status == 0; i++) {
+        cl = client_connect("127.0.0.1", port, tok, NULL, 5000, status, err, sizeof(err));
+        if (cl == NULL && *status == 0)
+            usleep(100 * 1000);
+    }
+    return cl;
 }

@@ -24,6 +24,29 @@ int e2e_stop(void);
  * gateway's limits). Call in the child before exec. */
 void e2e_extra_gateway(const char *id, char *bin, size_t binlen);
 
+/* A test's own extra gateway (parleyd mode: a parleyd, with a data folder
+ * of its own unless data_dir names one) called id on 127.0.0.1:port, its
+ * output in the run's log folder as <id>.log. shared sets
+ * PARLEY_LISTEN_SHARED; env: NULL-ended name, value pairs set after the
+ * run's; nofile > 0 sets RLIMIT_NOFILE (soft and hard) before exec. */
+pid_t e2e_spawn_extra(const char *id, int port, int shared, const char *data_dir,
+                      const char *const *env, long nofile);
+/* Waits up to 30 s for pid to exit: its wait status, or -1 if it still ran
+ * (it is killed then). */
+int e2e_extra_exit_status(pid_t pid);
+/* 1 if extra process id's log holds every one of the NULL-ended needles
+ * (else prints the log and returns 0). */
+int e2e_extra_log_has(const char *id, const char *const *needles);
+/* Lines of extra process id's log that contain needle. */
+int e2e_extra_log_count(const char *id, const char *needle);
+/* SIGTERM, then SIGKILL after 15 s; 0 if it exited cleanly with status 0. */
+int e2e_stop_extra(pid_t pid);
+/* Connects as user to 127.0.0.1:port, retrying for up to 10 s while nothing
+ * answers (a process still starting); NULL with *status the HTTP status
+ * when the server refused (0: no answer). */
+struct client;
+struct client *e2e_connect_port(int port, const char *user, int *status);
+
 /* kill -9 one service. Fails the test if it had already ended (its exit
  * status and the end of its log are printed). */
 void e2e_kill9(enum e2e_svc s);
@@ -35,8 +58,15 @@ int e2e_restart(enum e2e_svc s);
 pid_t e2e_pid(enum e2e_svc s);
 /* Gateway port of E2E_GW1 or E2E_GW2; admin port of the others. */
 int e2e_port(enum e2e_svc gw);
-/* The value of a counter or gauge (no labels) on s's /metrics, or -1. */
+/* The value of a counter or gauge on s's /metrics, or -1; name is the
+ * whole series name, labels included ("x_total{kind=\"ack\"}"). */
 long long e2e_metric(enum e2e_svc s, const char *name);
+/* The same from whatever serves /metrics on 127.0.0.1:port. */
+long long e2e_metric_at(int port, const char *name);
+/* GET path from 127.0.0.1:port into buf (headers and body, NUL-terminated,
+ * cut at cap - 1 bytes), from source address src (NULL: any; e.g.
+ * "127.0.0.2" to come from another address); the HTTP status or -1. */
+int e2e_http_get_from(const char *src, int port, const char *path, char *buf, size_t cap);
 /* A fresh token for user, valid for an hour (or expired if ttl < 0). */
 void e2e_token(const char *user, long ttl_s, char *out, size_t outlen);
 /* A user id unique to this run: prefix + counter. */

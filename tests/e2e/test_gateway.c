@@ -17,36 +17,6 @@
 static int lim_port;
 static pid_t lim_pids[2];
 
-/* Starts an extra gateway (parleyd mode: a parleyd) named id on port, its
- * output in /tmp/parley-e2e-<id>-<pid>.log. shared sets
- * PARLEY_LISTEN_SHARED; data_dir, if not NULL, replaces the process's own
- * data folder; env: NULL-terminated name, value pairs. */
-static pid_t extra_spawn(const char *id, int port, int shared, const char *data_dir,
-                         const char *const *env)
-{
-    char listen[32], log[256], bin[512];
-    snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
-    snprintf(log, sizeof(log), "/tmp/parley-e2e-%s-%d.log", id, (int)getpid());
-    pid_t pid = fork();
-    if (pid != 0)
-        return pid;
-    int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd >= 0) {
-        dup2(fd, 1);
-        dup2(fd, 2);
-    }
-    e2e_extra_gateway(id, bin, sizeof(bin));
-    if (data_dir != NULL)
-        setenv("PARLEY_DATA_DIR", data_dir, 1);
-    setenv("PARLEY_GATEWAY_ID", id, 1);
-    setenv("PARLEY_LISTEN", listen, 1);
-    setenv("PARLEY_LISTEN_SHARED", shared ? "1" : "0", 1);
-    for (; env != NULL && env[0] != NULL; env += 2)
-        setenv(env[0], env[1], 1);
-    execl(bin, bin, (char *)NULL);
-    _exit(127);
-}
-
 /* Starts gateway gw-limN on lim_port (shared by both) with the short limits. */
 static pid_t lim_spawn(int n)
 {
@@ -56,40 +26,7 @@ static pid_t lim_spawn(int n)
     };
     char id[16];
     snprintf(id, sizeof(id), "gw-lim%d", n);
-    return extra_spawn(id, lim_port, 1, NULL, env);
-}
-
-/* Waits (bounded) for pid to exit; its wait status, or -1 if it still runs
- * (then it is killed). */
-static int extra_exit_status(pid_t pid)
-{
-    int st = 0;
-    for (int i = 0; i < 300; i++) {
-        if (waitpid(pid, &st, WNOHANG) == pid)
-            return st;
-        usleep(100 * 1000);
-    }
-    kill(pid, SIGKILL);
-    waitpid(pid, &st, 0);
-    return -1;
-}
-
-/* 1 if the log of extra process id holds every one of the NULL-ended needles. */
-static int extra_log_has(const char *id, const char *const *needles)
-{
-    char path[256], buf[16384];
-    snprintf(path, sizeof(path), "/tmp/parley-e2e-%s-%d.log", id, (int)getpid());
-    FILE *f = fopen(path, "r");
-    size_t n = f != NULL ? fread(buf, 1, sizeof(buf) - 1, f) : 0;
-    if (f != NULL)
-        fclose(f);
-    buf[n] = '\0';
-    for (; *needles != NULL; needles++)
-        if (strstr(buf, *needles) == NULL) {
-            fprintf(stderr, "%s: no \"%s\" in:\n%s\n", path, *needles, buf);
-            return 0;
-        }
-    return 1;
+    return e2e_spawn_extra(id, lim_port, 1, NULL, env, 0);
 }
 
 /* The service on gw still answers: a ping, and a send that is stored. */
@@ -107,16 +44,9 @@ static void still_serving(enum e2e_svc gw)
 
 static client *lim_connect(const char *user)
 {
-    char tok[2048], err[256];
-    int status = 0;
-    e2e_token(user, 3600, tok, sizeof(tok));
-    client *cl = NULL;
-    for (int i = 0; i < 100 && cl == NULL; i++) {
-        cl = client_connect("127.0.0.1", lim_port, tok, NULL, 5000, &status, err, sizeof(err));
-        if (cl == NULL)
-            usleep(100 * 1000);
-    }
-    ck_assert_msg(cl != NULL, "connect to limits gateway: %s", err);
+    int status;
+    client *cl = e2e_connect_port(lim_port, user, &status);
+    ck_assert_msg(cl != NULL, "connect to limits gateway: HTTP %d", status);
     return cl;
 }
 
@@ -211,18 +141,18 @@ START_TEST(second_process_on_a_used_port_fails)
 {
     char used[64];
     snprintf(used, sizeof(used), "PARLEY_LISTEN=127.0.0.1:%d", e2e_port(E2E_GW1));
-    pid_t pid = extra_spawn("gw-dup", e2e_port(E2E_GW1), 0, NULL, NULL);
-    int st = extra_exit_status(pid);
+    pid_t pid = e2e_spawn_extra("gw-dup", e2e_port(E2E_GW1), 0, NULL, NULL, 0);
+    int st = e2e_extra_exit_status(pid);
     ck_assert_msg(st != -1, "a second process on a used port kept running");
     ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) != 0, "exit status %d", st);
-    ck_assert(extra_log_has("gw-dup", (const char *const[]){ used, "already in use", NULL }));
+    ck_assert(e2e_extra_log_has("gw-dup", (const char *const[]){ used, "already in use", NULL }));
     still_serving(E2E_GW1);
 
     snprintf(used, sizeof(used), "PARLEY_LISTEN=127.0.0.1:%d", lim_port);
-    pid = extra_spawn("gw-dup2", lim_port, 0, NULL, NULL);
-    st = extra_exit_status(pid);
+    pid = e2e_spawn_extra("gw-dup2", lim_port, 0, NULL, NULL, 0);
+    st = e2e_extra_exit_status(pid);
     ck_assert_msg(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) != 0, "exit status %d", st);
-    ck_assert(extra_log_has("gw-dup2", (const char *const[]){ used, "already in use", NULL }));
+    ck_assert(e2e_extra_log_has("gw-dup2", (const char *const[]){ used, "already in use", NULL }));
 }
 END_TEST
 
@@ -239,11 +169,11 @@ START_TEST(second_parleyd_on_the_same_folder_fails)
     char folder[400], holder[32];
     snprintf(folder, sizeof(folder), "PARLEY_DATA_DIR=\\\"%s\\\"", dir);
     snprintf(holder, sizeof(holder), "(pid %d)", (int)e2e_pid(E2E_GW1));
-    pid_t pid = extra_spawn("pd-dup", lim_port + 1, 0, dir, NULL);
-    int st = extra_exit_status(pid);
+    pid_t pid = e2e_spawn_extra("pd-dup", lim_port + 1, 0, dir, NULL, 0);
+    int st = e2e_extra_exit_status(pid);
     ck_assert_msg(st != -1, "a second parleyd on the same folder kept running");
     ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) != 0, "exit status %d", st);
-    ck_assert(extra_log_has("pd-dup", (const char *const[]){ folder, holder, NULL }));
+    ck_assert(e2e_extra_log_has("pd-dup", (const char *const[]){ folder, holder, NULL }));
     still_serving(E2E_GW1);
 }
 END_TEST
@@ -382,20 +312,6 @@ static Suite *gateway_suite(void)
     return s;
 }
 
-static int lim_stop(pid_t pid)
-{
-    int st = 0;
-    kill(pid, SIGTERM);
-    for (int i = 0; i < 150 && waitpid(pid, &st, WNOHANG) == 0; i++)
-        usleep(100 * 1000);
-    if (waitpid(pid, &st, WNOHANG) == 0) {
-        kill(pid, SIGKILL);
-        waitpid(pid, &st, 0);
-        return -1;
-    }
-    return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
-}
-
 int main(void)
 {
     if (e2e_start() != 0) {
@@ -410,10 +326,9 @@ int main(void)
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
-    int bad = (lim_stop(lim_pids[0]) != 0) + (lim_stop(lim_pids[1]) != 0);
+    int bad = (e2e_stop_extra(lim_pids[0]) != 0) + (e2e_stop_extra(lim_pids[1]) != 0);
     if (bad)
-        fprintf(stderr, "limits gateway exited badly; read /tmp/parley-e2e-gw-lim*-%d.log\n",
-                (int)getpid());
+        fprintf(stderr, "a limits gateway exited badly; read its log (gw-lim*.log)\n");
     bad += e2e_stop();
     return failed == 0 && bad == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

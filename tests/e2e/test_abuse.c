@@ -1,0 +1,441 @@
+/* Abuse resistance end to end (issue 22): what one token, or no token at
+ * all, can do to a gateway. Each test meets one limit of an extra gateway
+ * ("gw-abuse": one worker, so every connection shares one reactor, and
+ * small limits) and checks the refusal, its metric, or that another
+ * connection is still served. Loopback only; counts and deadlines bound
+ * every loop. */
+#include "e2e.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static int abuse_port;
+static pid_t abuse_pid;
+
+static client *abuse_connect(const char *user)
+{
+    int status;
+    client *cl = e2e_connect_port(abuse_port, user, &status);
+    ck_assert_msg(cl != NULL, "connect %s to gw-abuse: HTTP %d", user, status);
+    json_decref(e2e_wait_type(cl, "synced"));
+    return cl;
+}
+
+static long long abuse_metric(const char *name)
+{
+    return e2e_metric_at(abuse_port, name);
+}
+
+/* Sends n commands made from fmt (%d: 0..n-1) in a row and counts those
+ * refused rate_limited. With an id (id_prefix: the id is id_prefix and
+ * the number), each answer is waited for; without (ack and read have no
+ * answer), a ping sent after them marks the end. */
+static int rate_burst(client *cl, const char *fmt, const char *id_prefix, int n)
+{
+    char cmd[160], ref[32];
+    for (int i = 0; i < n; i++) {
+        int len = snprintf(cmd, sizeof(cmd), fmt, i);
+        ck_assert_int_eq(client_send_text(cl, cmd, (size_t)len), 0);
+    }
+    int limited = 0;
+    for (int i = 0; id_prefix != NULL && i < n; i++) {
+        snprintf(ref, sizeof(ref), "%s%d", id_prefix, i);
+        json_t *r = client_wait_ref(cl, ref, E2E_WAIT_MS);
+        ck_assert_msg(r != NULL, "no answer to %s: %s", ref, client_errstr(cl));
+        limited += strcmp(e2e_str(r, "code"), "rate_limited") == 0;
+        json_decref(r);
+    }
+    if (id_prefix != NULL)
+        return limited;
+    static int sentinels;
+    snprintf(ref, sizeof(ref), "end%d", ++sentinels);
+    int len = snprintf(cmd, sizeof(cmd), "{\"type\":\"ping\",\"id\":\"%s\"}", ref);
+    ck_assert_int_eq(client_send_text(cl, cmd, (size_t)len), 0);
+    for (;;) {
+        json_t *m = client_recv_json(cl, E2E_WAIT_MS);
+        ck_assert_msg(m != NULL, "no answer to %s: %s", ref, client_errstr(cl));
+        int end = strcmp(e2e_str(m, "ref"), ref) == 0;
+        limited += !end && strcmp(e2e_str(m, "code"), "rate_limited") == 0;
+        json_decref(m);
+        if (end)
+            return limited;
+    }
+}
+
+/* gw-abuse runs PARLEY_CMD_RATE=5, PARLEY_CMD_BURST=10: of 30 commands of
+ * one kind in a row about 10-14 pass, whatever the kind; each kind has a
+ * bucket of its own (pings first: later kinds end with a ping). */
+START_TEST(every_command_kind_is_rate_limited)
+{
+    static const struct { const char *kind, *fmt, *id; } kinds[] = {
+        { "ping", "{\"type\":\"ping\",\"id\":\"p%d\"}", "p" },
+        { "group", "{\"type\":\"group_info\",\"id\":\"g%d\",\"group\":\"g_none\"}", "g" },
+        { "ack", "{\"type\":\"ack\",\"ids\":[\"x%d\"]}", NULL },
+        { "read", "{\"type\":\"read\",\"ids\":[\"x%d\"]}", NULL },
+    };
+    char u[65], name[96];
+    e2e_user("kinds", u);
+    client *cl = abuse_connect(u);
+    for (size_t k = 0; k < PX_ARRAY_LEN(kinds); k++) {
+        int limited = rate_burst(cl, kinds[k].fmt, kinds[k].id, 30);
+        fprintf(stderr, "report: %s: %d of 30 refused rate_limited\n", kinds[k].kind, limited);
+        ck_assert_msg(limited >= 10 && limited <= 22, "%s: %d of 30 refused", kinds[k].kind,
+                      limited);
+        snprintf(name, sizeof(name), "parley_gateway_rate_limited_total{kind=\"%s\"}",
+                 kinds[k].kind);
+        ck_assert_int_ge(abuse_metric(name), limited);
+    }
+    client_close(cl, 1000);
+}
+END_TEST
+
+/* Three connections of one user share one send bucket (burst 10, 5/s):
+ * a new connection brings no fresh burst. */
+START_TEST(send_rate_is_per_user)
+{
+    char u[65], to[65], cid[16];
+    e2e_user("peruser", u);
+    e2e_user("peruser_to", to);
+    client *cl[3];
+    for (int j = 0; j < 3; j++)
+        cl[j] = abuse_connect(u);
+    for (int j = 0; j < 3; j++)
+        for (int i = 0; i < 10; i++) {
+            snprintf(cid, sizeof(cid), "s%d_%d", j, i);
+            e2e_send_async(cl[j], cid, to, "x");
+        }
+    int sent = 0, limited = 0;
+    for (int j = 0; j < 3; j++)
+        for (int i = 0; i < 10; i++) {
+            snprintf(cid, sizeof(cid), "s%d_%d", j, i);
+            json_t *r = client_wait_ref(cl[j], cid, E2E_WAIT_MS);
+            ck_assert_msg(r != NULL, "no answer to %s", cid);
+            sent += strcmp(e2e_str(r, "type"), "sent") == 0;
+            limited += strcmp(e2e_str(r, "code"), "rate_limited") == 0;
+            json_decref(r);
+        }
+    fprintf(stderr, "report: one user, 3 connections, 30 sends: %d sent, %d rate_limited\n",
+            sent, limited);
+    ck_assert_int_eq(sent + limited, 30);
+    ck_assert_int_le(sent, 20);
+    for (int j = 0; j < 3; j++)
+        client_close(cl[j], 1000);
+}
+END_TEST
+
+/* PARLEY_USER_CONNS=3: a fourth connection of the user is refused 429. */
+START_TEST(a_user_holds_at_most_its_connection_cap)
+{
+    char u[65];
+    e2e_user("conncap", u);
+    long long before = abuse_metric("parley_gateway_user_conns_refused_total");
+    client *cl[3];
+    for (int j = 0; j < 3; j++)
+        cl[j] = abuse_connect(u);
+    int status;
+    client *extra = e2e_connect_port(abuse_port, u, &status);
+    ck_assert_msg(extra == NULL, "a fourth connection was accepted");
+    ck_assert_int_eq(status, 429);
+    ck_assert_int_gt(abuse_metric("parley_gateway_user_conns_refused_total"), before);
+    for (int j = 0; j < 3; j++)
+        client_close(cl[j], 1000);
+}
+END_TEST
+
+/* One flooding connection: acks of 1000 long ids (~64 KiB each, masked
+ * with a zero key), written as fast as the socket takes them; what comes
+ * back (rate_limited answers) is read and dropped so the flood is never
+ * closed as a slow reader. Runs until told to stop, 20 s at most. */
+typedef struct flood {
+    int fd;
+    atomic_int stop, running;
+    atomic_llong written;
+} flood;
+
+static size_t flood_frame(unsigned char **out)
+{
+    size_t cap = 70000, len = 0;
+    char *p = px_malloc(cap);
+    len += (size_t)snprintf(p, cap, "{\"type\":\"ack\",\"ids\":[");
+    for (int i = 0; i < 1000; i++)
+        len += (size_t)snprintf(p + len, cap - len, "%s\"%060d\"", i ? "," : "", i);
+    len += (size_t)snprintf(p + len, cap - len, "]}");
+    unsigned char *f = px_malloc(len + 8);
+    ck_assert_uint_lt(len, 65536); /* a 16-bit length, as RFC 6455 wants it minimal */
+    f[0] = 0x81;
+    f[1] = 0x80 | 126;
+    f[2] = (unsigned char)(len >> 8);
+    f[3] = (unsigned char)len;
+    memset(f + 4, 0, 4);
+    memcpy(f + 8, p, len);
+    free(p);
+    *out = f;
+    return len + 8;
+}
+
+static void *flood_main(void *arg)
+{
+    flood *fl = arg;
+    unsigned char *frame, sink[65536];
+    size_t n = flood_frame(&frame), off = 0;
+    int64_t end = px_mono_ms() + 20000;
+    while (!atomic_load(&fl->stop) && px_mono_ms() < end) {
+        struct pollfd pfd = { fl->fd, POLLIN | POLLOUT, 0 };
+        if (poll(&pfd, 1, 100) < 0 && errno != EINTR)
+            break;
+        if ((pfd.revents & POLLIN) && recv(fl->fd, sink, sizeof(sink), MSG_DONTWAIT) == 0)
+            break;
+        if (!(pfd.revents & POLLOUT))
+            continue;
+        ssize_t w = send(fl->fd, frame + off, n - off, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (w < 0 && errno != EAGAIN && errno != EINTR)
+            break;
+        if (w > 0) {
+            off = (off + (size_t)w) % n;
+            atomic_fetch_add(&fl->written, w);
+        }
+    }
+    free(frame);
+    atomic_store(&fl->running, 0);
+    return NULL;
+}
+
+/* The gateway reads at most a budget from one socket per turn of its
+ * reactor: another connection on the same worker gets its pong while the
+ * flood is still going, not after it. */
+START_TEST(a_flooding_connection_does_not_starve_its_neighbour)
+{
+    char a[65], b[65];
+    e2e_user("flooder", a);
+    e2e_user("neighbour", b);
+    client *fc = abuse_connect(a), *nc = abuse_connect(b);
+    flood fl = { .fd = client_fd(fc) };
+    atomic_store(&fl.running, 1);
+    pthread_t th;
+    ck_assert_int_eq(pthread_create(&th, NULL, flood_main, &fl), 0);
+    /* The flood is under way once some MiB went out (bounded: it stops by itself). */
+    while (atomic_load(&fl.running) && atomic_load(&fl.written) < (4 << 20))
+        usleep(10 * 1000);
+    e2e_send_text(nc, "{\"type\":\"ping\",\"id\":\"neighbour\"}");
+    json_t *r = client_wait_ref(nc, "neighbour", E2E_WAIT_MS);
+    int flooding = atomic_load(&fl.running);
+    atomic_store(&fl.stop, 1);
+    pthread_join(th, NULL);
+    fprintf(stderr, "report: flood wrote %lld bytes; neighbour's pong %s\n",
+            (long long)atomic_load(&fl.written), r ? "came" : "never came");
+    ck_assert_msg(r != NULL, "the neighbour's ping was not answered: %s", client_errstr(nc));
+    ck_assert_msg(flooding, "the neighbour's pong came only once the flood had ended");
+    json_decref(r);
+    client_free(fc);
+    client_close(nc, 1000);
+}
+END_TEST
+
+/* Control pings, never reading: the gateway's pongs count against its send
+ * queue (64 KiB here) like any message, and the connection is dropped
+ * (close 1013 if it still fits, else the socket just ends). */
+START_TEST(pings_never_read_are_dropped_at_the_ceiling)
+{
+    char u[65], payload[125];
+    e2e_user("pinger", u);
+    memset(payload, 'p', sizeof(payload));
+    long long before = abuse_metric("parley_gateway_slow_client_closed_total");
+    client *cl = abuse_connect(u);
+    int sent = 0;
+    for (; sent < 200000; sent++)
+        if (client_send_frame(cl, CLIENT_OP_PING, payload, sizeof(payload), 1) != 0)
+            break;
+    client_frame f;
+    int code = 0, ended = 0;
+    int64_t end = px_mono_ms() + 20000;
+    while (!ended && px_mono_ms() < end) {
+        int rc = client_recv(cl, 1000, &f);
+        if (rc == PX_OK && f.opcode == CLIENT_OP_CLOSE)
+            code = f.close_code, ended = 1;
+        else if (rc == PX_ERROR)
+            ended = 1;
+    }
+    fprintf(stderr, "report: %d pings sent unread; connection %s (close code %d)\n", sent,
+            ended ? "dropped" : "kept", code);
+    ck_assert_msg(ended, "a client that pings and never reads was kept");
+    ck_assert_msg(code == 0 || code == 1013, "close code %d", code);
+    ck_assert_int_gt(abuse_metric("parley_gateway_slow_client_closed_total"), before);
+    client_free(cl);
+}
+END_TEST
+
+/* PARLEY_MAX_FRAGMENTS=8: a message in 20 one-byte fragments is closed
+ * 1009 instead of being held chunk by chunk. */
+START_TEST(too_many_fragments_close_1009)
+{
+    char u[65];
+    e2e_user("frags", u);
+    long long before = abuse_metric("parley_gateway_fragments_closed_total");
+    client *cl = abuse_connect(u);
+    ck_assert_int_eq(client_send_frame(cl, CLIENT_OP_TEXT, "{", 1, 0), 0);
+    for (int i = 0; i < 20 && client_send_frame(cl, CLIENT_OP_CONT, " ", 1, 0) == 0; i++)
+        ;
+    ck_assert_int_eq(client_wait_close(cl, E2E_WAIT_MS), 1009);
+    ck_assert_int_gt(abuse_metric("parley_gateway_fragments_closed_total"), before);
+    client_free(cl);
+}
+END_TEST
+
+/* A TCP connection to 127.0.0.1:port from src; -1 on failure. */
+static int raw_connect(const char *src, int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in from = { .sin_family = AF_INET }, to = { .sin_family = AF_INET,
+                                                               .sin_port = htons((uint16_t)port) };
+    inet_pton(AF_INET, src, &from.sin_addr);
+    inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&from, sizeof(from)) != 0 ||
+        connect(fd, (struct sockaddr *)&to, sizeof(to)) != 0) {
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* 1 once the server has closed fd (EOF or reset). */
+static int raw_closed(int fd)
+{
+    char c;
+    ssize_t r = recv(fd, &c, 1, MSG_DONTWAIT);
+    return r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK);
+}
+
+/* Slowloris: a header byte every 300 ms never lets libmicrohttpd's silence
+ * timeout fire; PARLEY_HTTP_HEAD_TIMEOUT_S=2 drops the connection anyway. */
+START_TEST(a_slow_request_head_is_dropped)
+{
+    static const char start[] = "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    const char *name = "parley_gateway_http_refused_total{reason=\"head_timeout\"}";
+    long long before = abuse_metric(name);
+    int fd = raw_connect("127.0.0.1", abuse_port);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(send(fd, start, sizeof(start) - 1, MSG_NOSIGNAL), (ssize_t)(sizeof(start) - 1));
+    int closed = 0, trickled = 0;
+    for (; trickled < 50 && !closed; trickled++) { /* 15 s of trickle at most */
+        usleep(300 * 1000);
+        closed = send(fd, "a", 1, MSG_NOSIGNAL) != 1 || raw_closed(fd);
+    }
+    close(fd);
+    fprintf(stderr, "report: slow head: %s after %d trickled bytes\n",
+            closed ? "dropped" : "still open", trickled);
+    ck_assert_msg(closed, "a request head trickled for 15 s was kept");
+    ck_assert_int_gt(abuse_metric(name), before);
+}
+END_TEST
+
+/* 100 silent connections from one address against a gateway whose
+ * connection limit is 84 (PARLEY_MAX_CONNS=20 + 64): past
+ * PARLEY_HTTP_PER_ADDRESS=16 unfinished heads that address is refused, so
+ * a health probe from another address is still answered. */
+START_TEST(one_address_cannot_fill_the_server)
+{
+    const char *name = "parley_gateway_http_refused_total{reason=\"per_address\"}";
+    long long before = abuse_metric(name);
+    int fds[100], opened = 0;
+    for (int i = 0; i < 100; i++) {
+        fds[i] = raw_connect("127.0.0.1", abuse_port);
+        opened += fds[i] >= 0;
+        if (fds[i] >= 0) /* a refused one may fail the send: fine */
+            (void)!send(fds[i], "GET / HTTP/1.1\r\n", 16, MSG_NOSIGNAL);
+    }
+    char resp[512];
+    int status = -1;
+    for (int i = 0; i < 30 && status != 200; i++) {
+        status = e2e_http_get_from("127.0.0.2", abuse_port, "/healthz", resp, sizeof(resp));
+        if (status != 200)
+            usleep(100 * 1000);
+    }
+    for (int i = 0; i < 100; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    /* /metrics is asked from 127.0.0.1 too: polled until its own slot is free. */
+    long long refused = -1;
+    for (int i = 0; i < 50 && refused <= before; i++)
+        if ((refused = abuse_metric(name)) <= before)
+            usleep(100 * 1000);
+    fprintf(stderr, "report: %d connections from one address: %lld refused; probe answered %d\n",
+            opened, refused - before, status);
+    ck_assert_int_eq(status, 200);
+    ck_assert_int_gt(refused, before);
+}
+END_TEST
+
+/* RLIMIT_NOFILE 600 with PARLEY_MAX_CONNS=20000: the gateway starts with
+ * the cap lowered to fit (600 - 256 reserved) and says so, instead of
+ * meeting the file limit in accept() once it is busy. */
+START_TEST(max_conns_fits_the_file_limit)
+{
+    static const char *const env[] = { "PARLEY_MAX_CONNS", "20000", NULL };
+    int port = abuse_port + 1;
+    pid_t pid = e2e_spawn_extra("gw-nofile", port, 0, NULL, env, 600);
+    long long cap = -1;
+    for (int i = 0; i < 300 && cap < 0; i++) {
+        cap = e2e_metric_at(port, "parley_gateway_max_connections");
+        if (cap < 0)
+            usleep(100 * 1000);
+    }
+    ck_assert_int_eq(cap, 600 - 256);
+    ck_assert(e2e_extra_log_has("gw-nofile", (const char *const[]){ "lowered", NULL }));
+    ck_assert_int_eq(e2e_stop_extra(pid), 0);
+}
+END_TEST
+
+static Suite *abuse_suite(void)
+{
+    Suite *s = suite_create("e2e-abuse");
+    TCase *tc = tcase_create("abuse");
+    tcase_set_timeout(tc, 90);
+    tcase_add_test(tc, every_command_kind_is_rate_limited);
+    tcase_add_test(tc, send_rate_is_per_user);
+    tcase_add_test(tc, a_user_holds_at_most_its_connection_cap);
+    tcase_add_test(tc, a_flooding_connection_does_not_starve_its_neighbour);
+    tcase_add_test(tc, pings_never_read_are_dropped_at_the_ceiling);
+    tcase_add_test(tc, too_many_fragments_close_1009);
+    tcase_add_test(tc, a_slow_request_head_is_dropped);
+    tcase_add_test(tc, one_address_cannot_fill_the_server);
+    tcase_add_test(tc, max_conns_fits_the_file_limit);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    static const char *const env[] = {
+        "PARLEY_WORKERS", "1", "PARLEY_MAX_CONNS", "20", "PARLEY_CMD_RATE", "5",
+        "PARLEY_CMD_BURST", "10", "PARLEY_SEND_RATE", "5", "PARLEY_SEND_BURST", "10",
+        "PARLEY_USER_CONNS", "3", "PARLEY_SEND_QUEUE_BYTES", "65536",
+        "PARLEY_HTTP_HEAD_TIMEOUT_S", "2", "PARLEY_HTTP_PER_ADDRESS", "16",
+        "PARLEY_MAX_FRAGMENTS", "8", NULL,
+    };
+    if (e2e_start() != 0) {
+        e2e_stop();
+        return EXIT_FAILURE;
+    }
+    abuse_port = e2e_port(E2E_GW2) + 20;
+    abuse_pid = e2e_spawn_extra("gw-abuse", abuse_port, 0, NULL, env, 0);
+    SRunner *sr = srunner_create(abuse_suite());
+    srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    int bad = e2e_stop_extra(abuse_pid) != 0;
+    if (bad)
+        fprintf(stderr, "gw-abuse exited badly; read its log (gw-abuse.log)\n");
+    bad += e2e_stop();
+    return failed == 0 && bad == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
