@@ -195,15 +195,17 @@ test-browser: deps
 	bash tests/run.sh build/san browser
 
 # The embedded default: one process, data in ./data/, no Kafka or MongoDB.
+# Builds parleyd and the tools (parleyctl), not the tests and benchmarks.
 run: deps-build
-	$(MAKE) all
+	$(MAKE) $(OUT)/bin/parleyd $(TOOL_BINS)
 	bash deploy/local/run.sh build/rel
 
 deps-build:
 	@bash deploy/local/deps.sh build
 
 # The microservice mode: local Kafka + MongoDB-wire server and five binaries.
-run-stack: deps all
+run-stack: deps
+	$(MAKE) $(SERVICE_BINS) $(TOOL_BINS)
 	bash deploy/local/run-stack.sh build/rel
 
 stack-start:
