@@ -12,8 +12,6 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-#define QUIET_MS 1500   /* how long "nothing arrives" is watched for */
-
 typedef struct want {
     const char *msg_id;
     const char *status;   /* NULL: any */
@@ -39,16 +37,26 @@ static json_t *wait_receipt(client *cl, const char *msg_id, const char *status)
     return m;
 }
 
-/* 1 if a receipt (any, or for msg_id) arrives within ms. */
-static int receipt_within(client *cl, const char *msg_id, int ms)
+/* Reads cl's receipts (acking each) until n_sentinel of them are for
+ * sentinel, a message acked after everything whose effects are counted;
+ * counts the delivered and read receipts for msg_id met on the way. */
+static void receipts_until_sentinel(client *cl, const char *msg_id, const char *sentinel,
+                                    int n_sentinel, int *delivered, int *read)
 {
-    want w = { msg_id, NULL };
-    json_t *m = NULL;
-    if (client_next(cl, is_receipt, &w, ms, &m) != PX_OK)
-        return 0;
-    fprintf(stderr, "unexpected receipt: %s\n", json_dumps(m, JSON_COMPACT));
-    json_decref(m);
-    return 1;
+    want any = { NULL, NULL };
+    *delivered = *read = 0;
+    while (n_sentinel > 0) {
+        json_t *m = NULL;
+        ck_assert_msg(client_next(cl, is_receipt, &any, E2E_WAIT_MS, &m) == PX_OK,
+                      "no receipt for the sentinel %s: %s", sentinel, client_errstr(cl));
+        n_sentinel -= strcmp(e2e_str(m, "msg_id"), sentinel) == 0;
+        if (strcmp(e2e_str(m, "msg_id"), msg_id) == 0) {
+            *delivered += strcmp(e2e_str(m, "status"), "delivered") == 0;
+            *read += strcmp(e2e_str(m, "status"), "read") == 0;
+        }
+        e2e_ack(cl, e2e_str(m, "id"));
+        json_decref(m);
+    }
 }
 
 static void send_read(client *cl, const char *id)
@@ -256,21 +264,20 @@ START_TEST(duplicate_acks_and_reads_give_one_receipt_each)
     json_t *r = wait_receipt(a, mid, "read");
     e2e_ack(a, e2e_str(r, "id"));
     json_decref(r);
-    /* Again, after the first ones were applied. */
+    /* Again, after the first ones were applied; then a sentinel acked from
+     * b1 and read from b2, each behind its connection's repeat. */
+    char sentinel[64];
+    e2e_send(a, "c2", bob, "sentinel", sentinel);
+    json_decref(e2e_wait_type(b1, "message"));
+    json_decref(e2e_wait_type(b2, "message"));
     e2e_ack(b1, mid);
     send_read(b2, mid);
-    usleep(QUIET_MS * 1000);
-    int delivered = 0, read = 0;
-    json_t *m;
-    want w = { mid, NULL };
+    e2e_ack(b1, sentinel);
+    send_read(b2, sentinel);
     /* The read waited for above left the rest of the wire in the backlog:
      * count every receipt for mid that came besides it. */
-    while (client_next(a, is_receipt, &w, 500, &m) == PX_OK) {
-        delivered += strcmp(e2e_str(m, "status"), "delivered") == 0;
-        read += strcmp(e2e_str(m, "status"), "read") == 0;
-        e2e_ack(a, e2e_str(m, "id"));
-        json_decref(m);
-    }
+    int delivered, read;
+    receipts_until_sentinel(a, mid, sentinel, 2, &delivered, &read);
     ck_assert_int_eq(delivered, 1);
     ck_assert_int_eq(read, 0);
     client_close(a, 1000);
@@ -395,10 +402,17 @@ START_TEST(forged_read_has_no_effect)
     e2e_send(a, "c1", bob, "for bob only", mid);
     json_decref(e2e_wait_type(b, "message"));
 
-    /* Before bob acks: mallory's read and ack name an id she never had. */
+    /* Before bob acks: mallory's read and ack name an id she never had.
+     * Her ack of a sentinel from alice comes after them on the same path. */
     send_read(x, mid);
     e2e_ack(x, mid);
-    ck_assert_msg(!receipt_within(a, mid, QUIET_MS), "forged read before delivery told alice");
+    int delivered, read;
+    char sentinel[64];
+    e2e_send(a, "s1", mallory, "sentinel", sentinel);
+    json_decref(e2e_wait_type(x, "message"));
+    e2e_ack(x, sentinel);
+    receipts_until_sentinel(a, mid, sentinel, 1, &delivered, &read);
+    ck_assert_msg(delivered + read == 0, "forged read before delivery told alice");
 
     /* Bob's inbox still holds it: his ack gives the one delivered receipt. */
     e2e_ack(b, mid);
@@ -409,7 +423,11 @@ START_TEST(forged_read_has_no_effect)
 
     /* After bob's ack the pair (bob, mid) is tracked; (mallory, mid) is not. */
     send_read(x, mid);
-    ck_assert_msg(!receipt_within(a, mid, QUIET_MS), "forged read after delivery told alice");
+    e2e_send(a, "s2", mallory, "sentinel", sentinel);
+    json_decref(e2e_wait_type(x, "message"));
+    e2e_ack(x, sentinel);
+    receipts_until_sentinel(a, mid, sentinel, 1, &delivered, &read);
+    ck_assert_msg(delivered + read == 0, "forged read after delivery told alice");
 
     send_read(b, mid);
     json_t *r = wait_receipt(a, mid, NULL);
@@ -509,7 +527,27 @@ START_TEST(group_message_gets_one_receipt_per_member)
     check_group_receipt(r, mid, "read", carol, gid);
     e2e_ack(a, e2e_str(r, "id"));
     json_decref(r);
-    ck_assert_msg(!receipt_within(a, mid, QUIET_MS), "a receipt more than one per member");
+    /* A second group message, acked by both after all of the above: no
+     * receipt for the first may come before both of its receipts. */
+    o = json_pack("{s:s, s:s, s:s, s:s}", "type", "send", "id", "m2", "group", gid, "body",
+                  "sentinel");
+    ck_assert_int_eq(client_send_json(a, o), 0);
+    json_decref(o);
+    s = client_wait_ref(a, "m2", E2E_WAIT_MS);
+    ck_assert_msg(s != NULL && strcmp(e2e_str(s, "type"), "sent") == 0, "sentinel not sent");
+    char sentinel[64];
+    snprintf(sentinel, sizeof(sentinel), "%s", e2e_str(s, "msg_id"));
+    json_decref(s);
+    for (int i = 0; i < 2; i++) {
+        json_t *m = e2e_wait_type(members[i], "message");
+        ck_assert_str_eq(e2e_str(m, "id"), sentinel);
+        e2e_ack(members[i], sentinel);
+        json_decref(m);
+    }
+    int delivered, read;
+    receipts_until_sentinel(a, mid, sentinel, 2, &delivered, &read);
+    ck_assert_msg(delivered + read == 0, "%d delivered and %d read receipts more than one per "
+                  "member", delivered, read);
     client_close(a, 1000);
     client_close(b, 1000);
     client_close(c, 1000);
