@@ -178,8 +178,8 @@ START_TEST(bulk_roundtrip)
         make_event(&ev[i], &t[i], "u_b", i, 10000 - 2 * (int64_t)i, now);
     t0 = px_mono_ms();
     put_ok(ev, N, ins);
-    fprintf(stderr, "bulk_roundtrip: put %d docs in %lld ms (%.0f docs/s)\n", N,
-            (long long)(px_mono_ms() - t0), rate(N, px_mono_ms() - t0));
+    printf("report: bulk put %d docs in one call: %lld ms (%.0f docs/s)\n", N,
+           (long long)(px_mono_ms() - t0), rate(N, px_mono_ms() - t0));
     for (int i = 0; i < N; i++)
         ck_assert_int_eq(ins[i], 1);
     ck_assert_int_eq(count_of("u_b"), N);
@@ -201,8 +201,8 @@ START_TEST(bulk_roundtrip)
     t0 = px_mono_ms();
     ck_assert_msg(ack("u_b", ids, N / 2, &l, err, sizeof(err)) == PX_OK,
                   "ack: %s", err);
-    fprintf(stderr, "bulk_roundtrip: ack %d docs in %lld ms (%.0f docs/s)\n", N / 2,
-            (long long)(px_mono_ms() - t0), rate(N / 2, px_mono_ms() - t0));
+    printf("report: ack (read + delete) of %d named docs: %lld ms (%.0f docs/s)\n", N / 2,
+           (long long)(px_mono_ms() - t0), rate(N / 2, px_mono_ms() - t0));
     ck_assert_uint_eq(l.n, N / 2);
     for (size_t k = 0; k < l.n; k++) {
         int i = atoi(l.id[k] + 1);
