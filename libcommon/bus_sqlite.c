@@ -76,6 +76,7 @@ typedef struct bus_topic {
     char *name;
     int nparts;
     int vol;             /* volatile: no log, records only in the rings */
+    int touched;         /* bus_post: has new records, its readers are woken */
     int64_t *next;       /* next offset to assign, per partition */
     int64_t *durable;    /* offsets below this are visible to consumers */
     bus_ring *ring;      /* per partition */
@@ -124,6 +125,8 @@ struct bus {
     bus_dr_cb dr_cb;
     int partitions;
     int efd;
+    int fd_used;              /* bus_consume_fd was called: keep efd current */
+    pthread_cond_t cv;        /* (h->mu) its reports, its topics' records, wake-ups */
     int woken;
     size_t inflight;          /* produced, report not yet served */
     bus_rec *dr_head, *dr_tail;
@@ -136,7 +139,7 @@ struct bus_hub {
     pthread_mutex_t mu;       /* in-memory state below */
     pthread_mutex_t dbmu;     /* db; never taken while holding mu */
     pthread_cond_t cv_work;   /* writer: records or commits to write */
-    pthread_cond_t cv_done;   /* reports posted, records visible, wake-ups */
+    pthread_cond_t cv_done;   /* each post (written) */
     sqldb d;                  /* under dbmu */
     int refs;
     int stop;
@@ -611,13 +614,24 @@ static void bus_report(bus_rec *r, int status, const char *err)
     else
         b->dr_head = r;
     b->dr_tail = r;
+    pthread_cond_signal(&b->cv);
 }
 
-/* mu held: the consumers and pollers look again. */
+/* mu held: the groups reading t look again (only they: waking every
+ * thread of the process on each post cost more than the posts). */
+static void bus_wake_readers(bus_topic *t)
+{
+    for (size_t i = 0; i < t->nsubs; i++) {
+        bus *b = t->subs[i].b;
+        pthread_cond_signal(&b->cv);
+        if (b->fd_used)
+            bus_signal(b->efd);
+    }
+}
+
+/* mu held: one more post (what bus_consume and bus_detach watch). */
 static void bus_wake(bus_hub *h)
 {
-    for (size_t i = 0; i < h->ngroups; i++)
-        bus_signal(h->groups[i]->efd);
     h->written++;
     pthread_cond_broadcast(&h->cv_done);
 }
@@ -634,8 +648,15 @@ static void bus_visible(bus_hub *h, bus_rec *r)
 /* mu held: after a transaction, its records' reports and visibility. */
 static void bus_post(bus_hub *h, bus_rec *recs, int status, const char *err)
 {
+    for (bus_rec *r = recs; r != NULL; r = r->next)
+        if (status == PX_OK)
+            r->t->touched = 1;
     for (bus_rec *r = recs, *nx; r != NULL; r = nx) {
         nx = r->next;
+        if (r->t->touched) {
+            r->t->touched = 0;
+            bus_wake_readers(r->t);
+        }
         if (status == PX_OK)
             bus_visible(h, r);
         bus_report(r, status, err);
@@ -744,6 +765,7 @@ bus *bus_new(const bus_conf *conf, char *err, size_t errlen)
         return NULL;
     bus *b = px_calloc(1, sizeof(*b));
     b->h = h;
+    pthread_cond_init(&b->cv, NULL);
     b->dr_cb = conf->dr_cb;
     b->partitions = conf->partitions > 0 ? conf->partitions : 1;
     b->efd = -1;
@@ -827,6 +849,7 @@ static void bus_produce_volatile(bus *b, bus_rec *r)
         bus_ring_push(b->h, r);
     bus_report(r, PX_OK, NULL);
     b->inflight++;
+    bus_wake_readers(t);
     bus_wake(b->h);
 }
 
@@ -903,12 +926,12 @@ static size_t bus_serve(bus *b)
     return n;
 }
 
-/* Waits (mu held) until the writer posts something or the deadline. */
-static void bus_wait_done(bus_hub *h, int64_t end)
+/* Waits (mu held) until b has news (reports, records) or the deadline. */
+static void bus_wait(bus *b, int64_t end)
 {
     struct timespec ts;
     bus_deadline(&ts, end);
-    pthread_cond_timedwait(&h->cv_done, &h->mu, &ts);
+    pthread_cond_timedwait(&b->cv, &b->h->mu, &ts);
 }
 
 void bus_poll(bus *b, int timeout_ms)
@@ -919,7 +942,7 @@ void bus_poll(bus *b, int timeout_ms)
             return;
         pthread_mutex_lock(&b->h->mu);
         if (b->dr_head == NULL && !b->woken)
-            bus_wait_done(b->h, end);
+            bus_wait(b, end);
         pthread_mutex_unlock(&b->h->mu);
     }
 }
@@ -932,7 +955,7 @@ int bus_flush(bus *b, int timeout_ms)
         pthread_mutex_lock(&b->h->mu);
         size_t left = b->inflight;
         if (left > 0 && b->dr_head == NULL && px_mono_ms() < end)
-            bus_wait_done(b->h, end);
+            bus_wait(b, end);
         pthread_mutex_unlock(&b->h->mu);
         if (left == 0)
             return PX_OK;
@@ -1142,7 +1165,7 @@ int bus_consume(bus *b, bus_msg *out, size_t max, int timeout_ms, char *err, siz
 {
     int64_t end = px_mono_ms() + timeout_ms;
     uint64_t drained;
-    if (b->efd >= 0 && read(b->efd, &drained, sizeof(drained)) < 0 && errno != EAGAIN)
+    if (b->fd_used && read(b->efd, &drained, sizeof(drained)) < 0 && errno != EAGAIN)
         return px_err(err, errlen, "in-process bus: eventfd: %s", strerror(errno));
     for (;;) {
         pthread_mutex_lock(&b->h->mu);
@@ -1151,14 +1174,14 @@ int bus_consume(bus *b, bus_msg *out, size_t max, int timeout_ms, char *err, siz
         int n = bus_fetch(b, out, max, err, errlen);
         if (n != 0) {
             if ((size_t)n == max)
-                bus_signal(b->efd); /* more may remain: the reactor comes back */
+                bus_signal(b->fd_used ? b->efd : -1); /* more may remain: the reactor comes back */
             return n;
         }
         pthread_mutex_lock(&b->h->mu);
         int woken = b->woken;
         b->woken = 0;
         if (!woken && b->h->written == seen && px_mono_ms() < end)
-            bus_wait_done(b->h, end);
+            bus_wait(b, end);
         pthread_mutex_unlock(&b->h->mu);
         if (woken || px_mono_ms() >= end)
             return 0;
@@ -1193,6 +1216,11 @@ void bus_release(bus *b, bus_msg *m, size_t n)
 
 int bus_consume_fd(bus *b)
 {
+    pthread_mutex_lock(&b->h->mu);
+    b->fd_used = b->efd >= 0;
+    pthread_mutex_unlock(&b->h->mu);
+    if (b->fd_used)
+        bus_signal(b->efd); /* records may be waiting already */
     return b->efd;
 }
 
@@ -1200,7 +1228,7 @@ void bus_wakeup(bus *b)
 {
     pthread_mutex_lock(&b->h->mu);
     b->woken = 1;
-    pthread_cond_broadcast(&b->h->cv_done);
+    pthread_cond_signal(&b->cv);
     pthread_mutex_unlock(&b->h->mu);
     bus_signal(b->efd);
 }
@@ -1264,6 +1292,7 @@ void bus_destroy(bus *b)
     pthread_mutex_unlock(&h->mu);
     if (b->efd >= 0)
         close(b->efd);
+    pthread_cond_destroy(&b->cv);
     free(b->group);
     free(b->pos);
     free(b);

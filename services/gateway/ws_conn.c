@@ -10,7 +10,12 @@
  * or part-written. Part-read is known by counting: every byte handed to
  * wslay belongs to a frame whose header and payload lengths its frame
  * callbacks report, so when the bytes handed in equal the bytes of the
- * frames ended, wslay holds none of the next frame. */
+ * frames ended, wslay holds none of the next frame.
+ *
+ * Writes: wslay's send callback only appends to the connection's output
+ * buffer (made on demand, freed once drained); ws_conn_write sends it, so
+ * all frames queued in one reactor turn leave in one send() instead of two
+ * per frame (wslay hands over header and payload separately). */
 #include "common.h"
 #include "gateway.h"
 #include "log.h"
@@ -35,6 +40,8 @@
  * and malloc's overhead): a pong to an empty ping is 0 payload bytes but
  * not free, so the send-queue ceiling counts messages too. */
 #define CONN_MSG_COST 64
+#define CONN_OBUF_MIN 1024       /* output buffer: first size, doubling */
+#define CONN_OBUF_MAX (64 << 10) /* ... up to this; wslay waits beyond it */
 
 struct conn {
     gw *g;
@@ -51,6 +58,8 @@ struct conn {
     uint32_t frags;                  /* frames of the current data message */
     int parked;                      /* its context was freed at least once */
     int64_t last_io_ms;
+    char *obuf;                      /* framed bytes not yet sent: [ooff, olen) */
+    size_t ooff, olen, ocap;
     char *extra;                     /* MHD's extra_in, fed to wslay first */
     size_t extra_len, extra_off;
     int64_t last_recv_ms, last_ping_ms, close_deadline_ms;
@@ -100,23 +109,65 @@ static ssize_t ws_recv_cb(wslay_event_context_ptr ctx, uint8_t *buf, size_t len,
     return -1;
 }
 
+/* Takes what fits of wslay's bytes into the output buffer; when it is
+ * full, wslay keeps the rest until ws_conn_write has sent some. */
 static ssize_t ws_send_cb(wslay_event_context_ptr ctx, const uint8_t *data, size_t len,
                           int flags, void *user_data)
 {
     conn *c = user_data;
-    int sflags = MSG_NOSIGNAL | ((flags & WSLAY_MSG_MORE) ? MSG_MORE : 0);
-    ssize_t r;
-    while ((r = send(c->fd, data, len, sflags)) < 0 && errno == EINTR)
-        ;
-    if (r >= 0) {
-        c->last_io_ms = px_mono_ms();
-        return r;
+    if (c->ooff > 0 && c->olen == c->ocap) {
+        memmove(c->obuf, c->obuf + c->ooff, c->olen - c->ooff);
+        c->olen -= c->ooff;
+        c->ooff = 0;
     }
-    if (errno == EAGAIN || errno == EWOULDBLOCK)
+    if (c->olen + len > c->ocap && c->ocap < CONN_OBUF_MAX) {
+        size_t cap = c->ocap ? c->ocap : CONN_OBUF_MIN;
+        while (cap < c->olen + len && cap < CONN_OBUF_MAX)
+            cap *= 2;
+        c->obuf = px_realloc(c->obuf, cap);
+        c->ocap = cap;
+    }
+    size_t n = PX_MIN(len, c->ocap - c->olen);
+    if (n == 0) {
         wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
-    else
-        wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
-    return -1;
+        return -1;
+    }
+    memcpy(c->obuf + c->olen, data, n);
+    c->olen += n;
+    return (ssize_t)n;
+}
+
+static int ws_conn_has_output(const conn *c)
+{
+    return c->olen > c->ooff || (c->ctx != NULL && wslay_event_want_write(c->ctx));
+}
+
+/* Frames what wslay has queued into the output buffer and sends it, one
+ * send() per buffer-full, until both are empty or the socket is full.
+ * PX_ERROR when the connection broke. */
+static int ws_conn_write(conn *c)
+{
+    while (ws_conn_has_output(c)) {
+        if (c->ctx != NULL && wslay_event_want_write(c->ctx) && wslay_event_send(c->ctx) != 0)
+            return PX_ERROR;
+        if (c->olen == c->ooff)
+            break; /* wslay wants to write but produced nothing: write disabled */
+        ssize_t r;
+        while ((r = send(c->fd, c->obuf + c->ooff, c->olen - c->ooff, MSG_NOSIGNAL)) < 0 &&
+               errno == EINTR)
+            ;
+        if (r < 0)
+            return errno == EAGAIN || errno == EWOULDBLOCK ? PX_OK : PX_ERROR;
+        c->last_io_ms = px_mono_ms();
+        c->ooff += (size_t)r;
+        if (c->ooff < c->olen)
+            return PX_OK; /* the socket is full: EPOLLOUT brings us back */
+        c->ooff = c->olen = 0;
+    }
+    free(c->obuf); /* drained: an idle connection holds no buffer */
+    c->obuf = NULL;
+    c->ocap = 0;
+    return PX_OK;
 }
 
 /* Client frames are masked (wslay refuses others): 2 bytes, the extended
@@ -255,18 +306,16 @@ void ws_conn_on_io(conn *c, uint32_t events)
      * fills the queue as surely as one that never reads its messages. */
     if (ws_conn_over_ceiling(c))
         return;
-    /* Parked means nothing was left to write. */
-    if ((events & EPOLLOUT) && c->ctx != NULL && wslay_event_want_write(c->ctx) &&
-        wslay_event_send(c->ctx) != 0)
+    if ((events & EPOLLOUT) && ws_conn_write(c) != PX_OK)
         ws_conn_kill(c, "write failed");
 }
 
 /* Bytes the send queue holds, control frames (pongs, pings) included. */
 static size_t ws_conn_queued(conn *c)
 {
-    return c->ctx != NULL ? wslay_event_get_queued_msg_length(c->ctx) +
-                                wslay_event_get_queued_msg_count(c->ctx) * CONN_MSG_COST
-                          : 0;
+    return (c->ctx != NULL ? wslay_event_get_queued_msg_length(c->ctx) +
+                                 wslay_event_get_queued_msg_count(c->ctx) * CONN_MSG_COST
+                           : 0) + c->olen - c->ooff;
 }
 
 /* Past PARLEY_SEND_QUEUE_BYTES the client stopped reading (a sync comes
@@ -278,7 +327,7 @@ static int ws_conn_over_ceiling(conn *c)
         return 0;
     metric_add(c->g->m.slow_closed, 1);
     wslay_event_queue_close(c->ctx, 1013, (const uint8_t *)"send queue full", 15);
-    wslay_event_send(c->ctx);
+    ws_conn_write(c);
     ws_conn_kill(c, "send queue over its ceiling");
     return 1;
 }
@@ -378,7 +427,7 @@ int ws_conn_flush(conn *c)
 {
     if (c->dead)
         return PX_ERROR;
-    if (c->ctx != NULL && wslay_event_want_write(c->ctx) && wslay_event_send(c->ctx) != 0) {
+    if (ws_conn_write(c) != PX_OK) {
         ws_conn_kill(c, "write failed");
         return PX_ERROR;
     }
@@ -386,7 +435,7 @@ int ws_conn_flush(conn *c)
     if (c->dead)
         return PX_ERROR;
     int rd = c->ctx == NULL || wslay_event_want_read(c->ctx);
-    int wr = c->ctx != NULL && wslay_event_want_write(c->ctx);
+    int wr = ws_conn_has_output(c);
     if (!rd && !wr) {
         ws_conn_kill(c, "closed");
         return PX_ERROR;
@@ -425,6 +474,7 @@ void ws_conn_tick(conn *c, int64_t now)
 int ws_conn_park(conn *c, int64_t now)
 {
     if (c->ctx == NULL || c->dead || c->close_deadline_ms != 0 || c->extra != NULL ||
+        c->olen > c->ooff ||
         now - c->last_io_ms < c->g->cfg.ws_park_ms)
         return 0;
     if (c->in_bytes != c->framed_bytes || c->frag_open) {
@@ -476,6 +526,7 @@ void ws_conn_free(conn *c)
     /* MHD owns the socket: it closes it; we must not. */
     MHD_upgrade_action(c->urh, MHD_UPGRADE_ACTION_CLOSE);
     ws_conn_free_held(c);
+    free(c->obuf);
     free(c->extra);
     free(c);
 }
