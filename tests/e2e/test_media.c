@@ -6,8 +6,11 @@
  * the store); forwarding to a third user and to a group uploads nothing and
  * grants access; 401/403/404 and the send errors; 17 MiB refused with 413
  * while the gateway's RSS stays flat; an upload cut off half way leaves no
- * chunk behind. Upload and download rates are reported. */
+ * chunk behind; message-store's retention sweep (every 300 ms here) takes
+ * media, inbox events and dedupe marks past PARLEY_RETENTION_DAYS. Upload
+ * and download rates are reported. */
 #include "e2e.h"
+#include "ids.h"
 #include "store.h"
 
 #include <arpa/inet.h>
@@ -553,6 +556,107 @@ START_TEST(stalled_upload_timed_out_leaves_nothing)
 }
 END_TEST
 
+/* Records as old as the retention period cannot be made through the
+ * protocol (it stamps them now), so the test writes them into the store
+ * with old timestamps, beside fresh ones, lets message-store's own sweep
+ * run, and checks the outcome through the protocol: the old media answers
+ * 404, the old event is not in the sync, and a resend of the id whose
+ * dedupe mark is old is stored again while the fresh mark still holds (the
+ * recipient is offline: what the sync shows is what was stored). */
+START_TEST(retention_sweep_removes_old_media_inbox_and_dedupe_marks)
+{
+    char alice[65], bob[65], carol[65], err[PX_ERRLEN] = "", sha[65], old_media[65], fresh_media[65];
+    char old_mid[ID_BUF], fresh_mid[ID_BUF], old_key[200], fresh_key[200], upload[65];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    e2e_user("carol", carol);
+    unsigned char *data = make_bytes(1000, 8);
+    upload_ok(alice, data, 1000, "image/png", fresh_media);
+    free(data);
+    data = make_bytes(1000, 9);
+    sha_hex(data, 1000, sha);
+    snprintf(old_media, sizeof(old_media), "Mold%d", (int)getpid());
+    snprintf(upload, sizeof(upload), "Uold%d", (int)getpid());
+    int64_t now = px_now_ms(), day = 86400000LL, old = now - 40 * day;
+    long long swept0[3];
+    const char *const swept[3] = { "parley_msgstore_swept_total{what=\"media\"}",
+                                   "parley_msgstore_swept_total{what=\"seen\"}",
+                                   "parley_msgstore_swept_total{what=\"inbox\"}" };
+    for (int i = 0; i < 3; i++)
+        swept0[i] = e2e_metric(E2E_STORE, swept[i]);
+
+    store *st = store_open(getenv("PARLEY_MONGO_URI"), getenv("PARLEY_MONGO_DB"), err,
+                           sizeof(err));
+    ck_assert_msg(st != NULL, "store: %s", err);
+    store_media m = { .size = 1000, .ts_ms = old };
+    snprintf(m.id, sizeof(m.id), "%s", old_media);
+    snprintf(m.sha256, sizeof(m.sha256), "%s", sha);
+    snprintf(m.content_type, sizeof(m.content_type), "image/png");
+    snprintf(m.upload, sizeof(m.upload), "%s", upload);
+    int created = 0;
+    ck_assert_msg(store_chunk_put(st, upload, 0, data, 1000, old, err, sizeof(err)) == PX_OK &&
+                      store_media_commit(st, &m, alice, &created, err, sizeof(err)) == PX_OK &&
+                      created, "old media: %s", err);
+    free(data);
+    id_for_send(alice, "old-c", old_mid);
+    id_for_send(alice, "fresh-c", fresh_mid);
+    snprintf(old_key, sizeof(old_key), "%s/%s", carol, old_mid);
+    snprintf(fresh_key, sizeof(fresh_key), "%s/%s", carol, fresh_mid);
+    const char *tag[] = { "0/0" };
+    int fresh = 0;
+    ck_assert_msg(store_seen_claim(st, (const char *[]){ old_key }, tag, 1, old, &fresh, err,
+                                   sizeof(err)) == PX_OK &&
+                      store_seen_claim(st, (const char *[]){ fresh_key }, tag, 1, now, &fresh,
+                                       err, sizeof(err)) == PX_OK, "seen: %s", err);
+    static const char ev_old[] = "{\"type\":\"message\",\"id\":\"old-ev\",\"body\":\"old\"}";
+    static const char ev_new[] = "{\"type\":\"message\",\"id\":\"fresh-ev\",\"body\":\"new\"}";
+    store_event ev[2] = {
+        { bob, "old-ev", 1, now - 31 * day, STORE_MESSAGE, alice, ev_old, sizeof(ev_old) - 1 },
+        { bob, "fresh-ev", 2, now, STORE_MESSAGE, alice, ev_new, sizeof(ev_new) - 1 },
+    };
+    ck_assert_msg(store_inbox_put(st, ev, 2, NULL, err, sizeof(err)) == PX_OK, "inbox: %s", err);
+    store_close(st);
+
+    /* One sweep pass took each kind of record (nothing else here is old). */
+    int64_t end = px_mono_ms() + 2 * E2E_WAIT_MS;
+    int done = 0;
+    while (!done && px_mono_ms() < end) {
+        done = 1;
+        for (int i = 0; i < 3; i++)
+            done &= e2e_metric(E2E_STORE, swept[i]) > swept0[i];
+        if (!done)
+            usleep(100 * 1000);
+    }
+    ck_assert_msg(done, "the sweep did not remove the old records within %d ms",
+                  2 * E2E_WAIT_MS);
+
+    expect_status(alice, old_media, 404);
+    expect_status(alice, fresh_media, 200);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_t *m1 = e2e_wait_type(b, "message");
+    ck_assert_str_eq(e2e_str(m1, "id"), "fresh-ev");
+    json_decref(m1);
+    json_decref(e2e_wait_type(b, "synced"));
+    client_close(b, 1000);
+    client *a = e2e_connect(alice, E2E_GW1);
+    char mid[64];
+    e2e_send(a, "old-c", carol, "its mark was swept", mid);
+    e2e_send(a, "fresh-c", carol, "its mark holds", mid);
+    e2e_send(a, "end", carol, "sentinel", mid);
+    client *c = e2e_connect(carol, E2E_GW2);
+    const char *want[] = { old_mid, mid };
+    for (int i = 0; i < 2; i++) {
+        json_t *got = e2e_wait_type(c, "message");
+        ck_assert_msg(strcmp(e2e_str(got, "id"), want[i]) == 0, "got %s, wanted %s",
+                      e2e_str(got, "id"), want[i]);
+        json_decref(got);
+    }
+    json_decref(e2e_wait_type(c, "synced"));
+    client_close(a, 1000);
+    client_close(c, 1000);
+}
+END_TEST
+
 static Suite *media_suite(void)
 {
     Suite *s = suite_create("e2e-media");
@@ -565,6 +669,7 @@ static Suite *media_suite(void)
     tcase_add_test(tc, too_large_refused_without_buffering);
     tcase_add_test(tc, cut_off_upload_leaves_nothing);
     tcase_add_test(tc, stalled_upload_timed_out_leaves_nothing);
+    tcase_add_test(tc, retention_sweep_removes_old_media_inbox_and_dedupe_marks);
     suite_add_tcase(s, tc);
     return s;
 }
@@ -580,5 +685,6 @@ int main(void)
     snprintf(asan, sizeof(asan), "%s%squarantine_size_mb=4", cur ? cur : "", cur && *cur ? ":" : "");
     setenv("ASAN_OPTIONS", asan, 1);
     setenv("PARLEY_HTTP_TIMEOUT_S", "3", 0);
+    setenv("PARLEY_SWEEP_MS", "300", 0);
     return e2e_main(media_suite());
 }
