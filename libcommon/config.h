@@ -37,7 +37,8 @@ typedef struct config {
     long http_head_timeout_s;    /* PARLEY_HTTP_HEAD_TIMEOUT_S: a request head not
                                     complete this long after connect is dropped */
     long http_per_address;       /* PARLEY_HTTP_PER_ADDRESS: connections from one
-                                    source address still sending their head */
+                                    source address still sending their head (a
+                                    burst of honest handshakes counts too) */
     long http_timeout_s;         /* PARLEY_HTTP_TIMEOUT_S: an HTTP request (e.g. an
                                     upload) silent this long is dropped */
     long ws_park_ms;             /* PARLEY_WS_PARK_MS: a connection quiet this
