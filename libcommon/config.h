@@ -17,6 +17,10 @@ typedef struct config {
     long max_frame_bytes;        /* PARLEY_MAX_FRAME_BYTES */
     long max_body_bytes;         /* PARLEY_MAX_BODY_BYTES */
     long max_media_bytes;        /* PARLEY_MAX_MEDIA_BYTES */
+    long media_user_slots;       /* PARLEY_MEDIA_USER_SLOTS: uploads, and downloads,
+                                    one user may run at once per gateway */
+    long media_min_rate;         /* PARLEY_MEDIA_MIN_RATE: bytes/s an upload must
+                                    average after its first 10 s (0: off) */
     long max_fragments;          /* PARLEY_MAX_FRAGMENTS frames per message */
     long max_conns;              /* PARLEY_MAX_CONNS per gateway */
     long send_queue_bytes;       /* PARLEY_SEND_QUEUE_BYTES per connection */

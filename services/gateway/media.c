@@ -9,7 +9,11 @@
  * chunk, whatever the file size; at most MEDIA_MAX_TRANSFERS of each run at
  * once (503 beyond), so transfers never take more than 2 x 64 x 255 KiB;
  * queued media checks hold a parsed command each (~10 KiB), at most
- * MEDIA_MAX_QUEUE of them. MHD's threads run the store calls of uploads and
+ * MEDIA_MAX_QUEUE of them. One user may hold PARLEY_MEDIA_USER_SLOTS of
+ * each (429 beyond), so one token cannot take every slot, and an upload
+ * must average PARLEY_MEDIA_MIN_RATE after MEDIA_RATE_GRACE_MS, so a
+ * trickle cannot hold one for the hour an upload may last.
+ * MHD's threads run the store calls of uploads and
  * downloads; that delays only other HTTP requests (handshakes) on the same
  * MHD thread, never upgraded sockets, which live on the workers.
  *
@@ -35,6 +39,8 @@
 #define MEDIA_MAX_TRANSFERS 64      /* concurrent uploads; and downloads */
 #define MEDIA_MAX_QUEUE 256         /* sends waiting for their media check */
 #define MEDIA_BLOCK (64 * 1024)     /* MHD's copy buffer for a download */
+#define MEDIA_RATE_GRACE_MS 10000   /* before PARLEY_MEDIA_MIN_RATE applies */
+#define MEDIA_USER_BUCKETS 256
 #define MEDIA_DEFAULT_TYPE "application/octet-stream"
 
 enum media_kind { MEDIA_UPLOAD = 1, MEDIA_DOWNLOAD };
@@ -49,13 +55,14 @@ struct media_req {
     EVP_MD_CTX *md;
     unsigned char *chunk;       /* STORE_MEDIA_CHUNK bytes */
     size_t fill;
-    int64_t nchunks, size, ts;
+    int64_t nchunks, size, ts, t0_mono;
     int too_big, failed, committed;
 };
 
 /* One download: the response's reader state, freed by MHD with it. */
 typedef struct media_dl {
     gw *g;
+    char user[65];              /* holds one of its download slots */
     store_media m;
     uint64_t start, len;
     store_chunk_reader *rd;     /* open from the first read on */
@@ -72,6 +79,13 @@ typedef struct media_job {
     proto_cmd cmd;
 } media_job;
 
+/* Transfers one user runs here, by direction (MEDIA_UPLOAD - 1, ...). */
+typedef struct media_user {
+    struct media_user *next;
+    int n[2];
+    char user[65];
+} media_user;
+
 struct media {
     pthread_t thread;
     pthread_mutex_t mu;
@@ -80,6 +94,9 @@ struct media {
     size_t queued;
     int stop, started;
     _Atomic int uploads, downloads;
+    pthread_mutex_t umu;        /* users */
+    media_user *users[MEDIA_USER_BUCKETS];
+    metric *user_refused, *slow_refused;
 };
 
 /* ---- helpers ---- */
@@ -107,6 +124,66 @@ static int media_slot_take(_Atomic int *counter)
         return 1;
     atomic_fetch_sub(counter, 1);
     return 0;
+}
+
+static media_user **media_user_slot(media *md, const char *user)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    for (const char *s = user; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    media_user **pp = &md->users[h % MEDIA_USER_BUCKETS];
+    while (*pp != NULL && strcmp((*pp)->user, user) != 0)
+        pp = &(*pp)->next;
+    return pp;
+}
+
+/* Adds d (+1 or -1) to user's transfers of kind; with +1, 0 (and nothing
+ * added) when the user holds PARLEY_MEDIA_USER_SLOTS already. */
+static int media_user_add(gw *g, const char *user, enum media_kind kind, int d)
+{
+    media *md = g->md;
+    int ok = 1;
+    pthread_mutex_lock(&md->umu);
+    media_user **pp = media_user_slot(md, user);
+    if (*pp == NULL && d > 0) {
+        *pp = px_calloc(1, sizeof(**pp));
+        snprintf((*pp)->user, sizeof((*pp)->user), "%s", user);
+    }
+    media_user *u = *pp;
+    if (u != NULL && d > 0 && u->n[kind - 1] >= g->cfg.media_user_slots)
+        ok = 0;
+    else if (u != NULL)
+        u->n[kind - 1] += d;
+    if (u != NULL && u->n[0] == 0 && u->n[1] == 0) {
+        *pp = u->next;
+        free(u);
+    }
+    pthread_mutex_unlock(&md->umu);
+    return ok;
+}
+
+/* A slot of the gateway's and one of the user's, or the refusal answered. */
+static enum MHD_Result media_slots_take(gw *g, struct MHD_Connection *mc, const char *user,
+                                        enum media_kind kind, int *ok)
+{
+    _Atomic int *counter = kind == MEDIA_UPLOAD ? &g->md->uploads : &g->md->downloads;
+    *ok = 0;
+    if (!media_slot_take(counter))
+        return http_json_error(mc, 503, "unavailable", "too many transfers in progress, retry");
+    if (!media_user_add(g, user, kind, 1)) {
+        atomic_fetch_sub(counter, 1);
+        metric_add(g->md->user_refused, 1);
+        return http_json_error(mc, 429, "rate_limited",
+                               "you run PARLEY_MEDIA_USER_SLOTS transfers already, retry");
+    }
+    *ok = 1;
+    return MHD_YES;
+}
+
+static void media_slots_put(gw *g, const char *user, enum media_kind kind)
+{
+    atomic_fetch_sub(kind == MEDIA_UPLOAD ? &g->md->uploads : &g->md->downloads, 1);
+    media_user_add(g, user, kind, -1);
 }
 
 static void media_hex(const unsigned char *md, size_t n, char *out)
@@ -152,7 +229,7 @@ static int media_content_type(struct MHD_Connection *mc, char out[STORE_MEDIA_TY
 static void media_req_free(gw *g, media_req *r)
 {
     if (r->kind == MEDIA_UPLOAD)
-        atomic_fetch_sub(&g->md->uploads, 1);
+        media_slots_put(g, r->user, MEDIA_UPLOAD);
     if (r->md != NULL)
         EVP_MD_CTX_free(r->md);
     free(r->chunk);
@@ -175,14 +252,17 @@ static enum MHD_Result media_upload_begin(gw *g, struct MHD_Connection *mc, medi
     if (media_content_type(mc, type) != PX_OK)
         return http_json_error(mc, 400, "bad_request",
                                "Content-Type must be 1-127 printable ASCII characters");
-    if (!media_slot_take(&g->md->uploads))
-        return http_json_error(mc, 503, "unavailable", "too many uploads in progress, retry");
+    int ok;
+    enum MHD_Result refused = media_slots_take(g, mc, user, MEDIA_UPLOAD, &ok);
+    if (!ok)
+        return refused;
     media_req *r = px_calloc(1, sizeof(*r));
     r->kind = MEDIA_UPLOAD;
     memcpy(r->user, user, sizeof(r->user));
     memcpy(r->content_type, type, sizeof(type));
     id_new(r->upload);
     r->ts = px_now_ms();
+    r->t0_mono = px_mono_ms();
     r->md = EVP_MD_CTX_new();
     r->chunk = px_malloc(STORE_MEDIA_CHUNK);
     if (r->md == NULL || EVP_DigestInit_ex(r->md, EVP_sha256(), NULL) != 1)
@@ -275,6 +355,8 @@ static enum MHD_Result media_upload_end(gw *g, struct MHD_Connection *mc, media_
     return media_answer_upload(g, mc, &m, created);
 }
 
+static log_tally media_slow_tally = LOG_TALLY_INIT("uploads under PARLEY_MEDIA_MIN_RATE dropped");
+
 static enum MHD_Result media_upload(gw *g, struct MHD_Connection *mc, const char *upload_data,
                                     size_t *upload_data_size, media_req **mr)
 {
@@ -285,6 +367,13 @@ static enum MHD_Result media_upload(gw *g, struct MHD_Connection *mc, const char
          * counts on no upload outliving STORE_MEDIA_UPLOAD_MAX_MS. */
         if (px_now_ms() - (*mr)->ts > STORE_MEDIA_UPLOAD_MAX_MS)
             return MHD_NO;
+        /* So does one that keeps under the idle timeout byte by byte. */
+        int64_t ms = px_mono_ms() - (*mr)->t0_mono;
+        if (ms > MEDIA_RATE_GRACE_MS && (*mr)->size * 1000 / ms < g->cfg.media_min_rate) {
+            metric_add(g->md->slow_refused, 1);
+            log_tally_add(&media_slow_tally, (*mr)->user);
+            return MHD_NO;
+        }
         media_upload_data(g, *mr, upload_data, *upload_data_size);
         *upload_data_size = 0;
         return MHD_YES;
@@ -369,7 +458,7 @@ static void media_dl_free(void *cls)
 {
     media_dl *d = cls;
     store_chunk_close(d->rd);
-    atomic_fetch_sub(&d->g->md->downloads, 1);
+    media_slots_put(d->g, d->user, MEDIA_DOWNLOAD);
     free(d);
 }
 
@@ -410,7 +499,8 @@ static int media_range(const char *h, uint64_t size, uint64_t *start, uint64_t *
     return PX_OK;
 }
 
-static enum MHD_Result media_send_file(gw *g, struct MHD_Connection *mc, const store_media *m)
+static enum MHD_Result media_send_file(gw *g, struct MHD_Connection *mc, const char *user,
+                                       const store_media *m)
 {
     uint64_t size = (uint64_t)m->size, start = 0, len = size;
     char cr[96];
@@ -424,10 +514,13 @@ static enum MHD_Result media_send_file(gw *g, struct MHD_Connection *mc, const s
         MHD_destroy_response(r);
         return ret;
     }
-    if (!media_slot_take(&g->md->downloads))
-        return http_json_error(mc, 503, "unavailable", "too many downloads in progress, retry");
+    int ok;
+    enum MHD_Result refused = media_slots_take(g, mc, user, MEDIA_DOWNLOAD, &ok);
+    if (!ok)
+        return refused;
     media_dl *d = px_malloc(sizeof(*d) + STORE_MEDIA_CHUNK);
     *d = (media_dl){ .g = g, .m = *m, .start = start, .len = len, .cached = -1 };
+    snprintf(d->user, sizeof(d->user), "%s", user);
     struct MHD_Response *r = MHD_create_response_from_callback(len, MEDIA_BLOCK, media_read, d,
                                                                media_dl_free);
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, m->content_type);
@@ -468,7 +561,7 @@ static enum MHD_Result media_download(gw *g, struct MHD_Connection *mc, const ch
         log_warn("media lookup failed", "{s:s, s:s}", "media", id, "error", err);
         return http_json_error(mc, 503, "unavailable", "media store unavailable, retry");
     }
-    return media_send_file(g, mc, &m);
+    return media_send_file(g, mc, user, &m);
 }
 
 enum MHD_Result media_access(gw *g, struct MHD_Connection *mc, const char *url,
@@ -602,7 +695,12 @@ int media_start(gw *g, char *err, size_t errlen)
         return PX_ERROR;
     media *md = px_calloc(1, sizeof(*md));
     pthread_mutex_init(&md->mu, NULL);
+    pthread_mutex_init(&md->umu, NULL);
     pthread_cond_init(&md->cv, NULL);
+    md->user_refused = metrics_counter("parley_gateway_media_refused_total{reason=\"user_slots\"}",
+                                       "Media transfers refused or dropped, by reason");
+    md->slow_refused = metrics_counter("parley_gateway_media_refused_total{reason=\"too_slow\"}",
+                                       "Media transfers refused or dropped, by reason");
     g->md = md;
     int rc = pthread_create(&md->thread, NULL, media_main, g);
     if (rc != 0)
@@ -626,7 +724,14 @@ void media_stop(gw *g)
         md->head = j->next;
         media_job_free(j);
     }
+    for (size_t i = 0; md != NULL && i < MEDIA_USER_BUCKETS; i++)
+        while (md->users[i] != NULL) { /* none once MHD stopped; kept tidy */
+            media_user *next = md->users[i]->next;
+            free(md->users[i]);
+            md->users[i] = next;
+        }
     if (md != NULL) {
+        pthread_mutex_destroy(&md->umu);
         pthread_mutex_destroy(&md->mu);
         pthread_cond_destroy(&md->cv);
         free(md);

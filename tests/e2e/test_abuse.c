@@ -375,6 +375,85 @@ START_TEST(one_address_cannot_fill_the_server)
 }
 END_TEST
 
+/* Starts an upload of 100,000 bytes as user on a raw connection: the
+ * headers and the first body bytes. -1 if the connection failed. */
+static int upload_start(const char *user)
+{
+    char tok[2048], head[2400];
+    e2e_token(user, 3600, tok, sizeof(tok));
+    int n = snprintf(head, sizeof(head),
+                     "POST /v1/media HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                     "Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\nab",
+                     tok);
+    int fd = raw_connect("127.0.0.1", abuse_port);
+    if (fd >= 0 && send(fd, head, (size_t)n, MSG_NOSIGNAL) != n) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+/* The HTTP status the server answered on fd within 2 s, or -1. */
+static int upload_status(int fd)
+{
+    char buf[512];
+    struct pollfd pfd = { fd, POLLIN, 0 };
+    if (poll(&pfd, 1, 2000) != 1)
+        return -1;
+    ssize_t r = recv(fd, buf, sizeof(buf) - 1, 0);
+    if (r < 13)
+        return -1;
+    buf[r] = '\0';
+    return atoi(buf + 9);
+}
+
+/* PARLEY_MEDIA_USER_SLOTS=2: a user's third upload at once is refused 429
+ * (the gateway's 64 slots are not one user's to take). */
+START_TEST(a_user_holds_at_most_its_media_slots)
+{
+    char u[65];
+    e2e_user("uploader", u);
+    const char *name = "parley_gateway_media_refused_total{reason=\"user_slots\"}";
+    long long before = abuse_metric(name);
+    int a = upload_start(u), b = upload_start(u), status = -1;
+    ck_assert(a >= 0 && b >= 0);
+    /* The first two may still be on their way through the server: retried. */
+    for (int i = 0; i < 10 && status != 429; i++) {
+        int c = upload_start(u);
+        ck_assert_int_ge(c, 0);
+        status = upload_status(c);
+        close(c);
+    }
+    close(a);
+    close(b);
+    ck_assert_int_eq(status, 429);
+    ck_assert_int_gt(abuse_metric(name), before);
+}
+END_TEST
+
+/* An upload trickling a byte every 500 ms (never silent long enough for
+ * the idle timeout) is dropped once PARLEY_MEDIA_MIN_RATE (1 KiB/s) fails
+ * after its first 10 s. */
+START_TEST(a_trickled_upload_is_dropped)
+{
+    char u[65];
+    e2e_user("trickler", u);
+    const char *name = "parley_gateway_media_refused_total{reason=\"too_slow\"}";
+    long long before = abuse_metric(name);
+    int fd = upload_start(u), closed = 0, trickled = 0;
+    ck_assert_int_ge(fd, 0);
+    for (; trickled < 50 && !closed; trickled++) { /* 25 s at most */
+        usleep(500 * 1000);
+        closed = send(fd, "c", 1, MSG_NOSIGNAL) != 1 || raw_closed(fd);
+    }
+    close(fd);
+    fprintf(stderr, "report: trickled upload: %s after %d bytes\n", closed ? "dropped" : "kept",
+            trickled);
+    ck_assert_msg(closed, "an upload trickled for 25 s was kept");
+    ck_assert_int_gt(abuse_metric(name), before);
+}
+END_TEST
+
 /* RLIMIT_NOFILE 600 with PARLEY_MAX_CONNS=20000: the gateway starts with
  * the cap lowered to fit (600 - 256 reserved) and says so, instead of
  * meeting the file limit in accept() once it is busy. */
@@ -408,6 +487,8 @@ static Suite *abuse_suite(void)
     tcase_add_test(tc, too_many_fragments_close_1009);
     tcase_add_test(tc, a_slow_request_head_is_dropped);
     tcase_add_test(tc, one_address_cannot_fill_the_server);
+    tcase_add_test(tc, a_user_holds_at_most_its_media_slots);
+    tcase_add_test(tc, a_trickled_upload_is_dropped);
     tcase_add_test(tc, max_conns_fits_the_file_limit);
     suite_add_tcase(s, tc);
     return s;
@@ -420,7 +501,7 @@ int main(void)
         "PARLEY_CMD_BURST", "10", "PARLEY_SEND_RATE", "5", "PARLEY_SEND_BURST", "10",
         "PARLEY_USER_CONNS", "3", "PARLEY_SEND_QUEUE_BYTES", "65536",
         "PARLEY_HTTP_HEAD_TIMEOUT_S", "2", "PARLEY_HTTP_PER_ADDRESS", "16",
-        "PARLEY_MAX_FRAGMENTS", "8", NULL,
+        "PARLEY_MAX_FRAGMENTS", "8", "PARLEY_MEDIA_USER_SLOTS", "2", NULL,
     };
     if (e2e_start() != 0) {
         e2e_stop();
