@@ -80,6 +80,7 @@ typedef struct bus_topic {
     int64_t *next;       /* next offset to assign, per partition */
     int64_t *durable;    /* offsets below this are visible to consumers */
     bus_ring *ring;      /* per partition */
+    int64_t *wnext;      /* writer only: next offset to persist, 0 if none */
     bus_sub subs[BUS_MAX_GROUPS];
     size_t nsubs;
 } bus_topic;
@@ -349,6 +350,7 @@ static bus_topic *bus_topic_add(bus_hub *h, const char *name, int nparts)
     t->next = px_calloc((size_t)nparts, sizeof(*t->next));
     t->durable = px_calloc((size_t)nparts, sizeof(*t->durable));
     t->ring = px_calloc((size_t)nparts, sizeof(*t->ring));
+    t->wnext = px_calloc((size_t)nparts, sizeof(*t->wnext));
     return t;
 }
 
@@ -432,6 +434,7 @@ static void bus_hub_free(bus_hub *h)
         free(t->next);
         free(t->durable);
         free(t->ring);
+        free(t->wnext);
     }
     sqldb_close(&h->d);
     pthread_mutex_destroy(&h->mu);
@@ -493,7 +496,9 @@ static void bus_hub_unref(bus_hub *h)
 
 /* ---- the writer ---- */
 
-static int bus_write_records(bus_hub *h, bus_rec *r, char *err, size_t errlen)
+/* The records, then each partition's next offset once per transaction
+ * (not once per record: half the statements of a busy batch). */
+static int bus_write_records(bus_hub *h, bus_rec *recs, char *err, size_t errlen)
 {
     sqlite3_stmt *ins = NULL, *next = NULL;
     int rc = PX_ERROR;
@@ -502,7 +507,7 @@ static int bus_write_records(bus_hub *h, bus_rec *r, char *err, size_t errlen)
         (next = sqldb_stmt(&h->d, "INSERT INTO bus_parts VALUES (?,?,?) ON CONFLICT DO"
                            " UPDATE SET next = MAX(next, excluded.next)", err, errlen)) == NULL)
         goto out;
-    for (; r != NULL; r = r->next) {
+    for (bus_rec *r = recs; r != NULL; r = r->next) {
         sqlite3_reset(ins);
         sqlite3_bind_text(ins, 1, r->t->name, -1, SQLITE_STATIC);
         sqlite3_bind_int(ins, 2, r->part);
@@ -510,17 +515,29 @@ static int bus_write_records(bus_hub *h, bus_rec *r, char *err, size_t errlen)
         sqlite3_bind_int64(ins, 4, r->ts_ms);
         sqlite3_bind_blob(ins, 5, r->data, (int)r->key_len, SQLITE_STATIC);
         sqlite3_bind_blob(ins, 6, r->data + r->key_len + 1, (int)r->len, SQLITE_STATIC);
+        r->t->wnext[r->part] = PX_MAX(r->t->wnext[r->part], r->off + 1);
+        if (sqlite3_step(ins) != SQLITE_DONE) {
+            bus_sql_err(h->d.db, "insert", err, errlen);
+            goto out;
+        }
+    }
+    for (bus_rec *r = recs; r != NULL; r = r->next) {
+        if (r->t->wnext[r->part] == 0)
+            continue;
         sqlite3_reset(next);
         sqlite3_bind_text(next, 1, r->t->name, -1, SQLITE_STATIC);
         sqlite3_bind_int(next, 2, r->part);
-        sqlite3_bind_int64(next, 3, r->off + 1);
-        if (sqlite3_step(ins) != SQLITE_DONE || sqlite3_step(next) != SQLITE_DONE) {
-            bus_sql_err(h->d.db, "insert", err, errlen);
+        sqlite3_bind_int64(next, 3, r->t->wnext[r->part]);
+        r->t->wnext[r->part] = 0;
+        if (sqlite3_step(next) != SQLITE_DONE) {
+            bus_sql_err(h->d.db, "next offset", err, errlen);
             goto out;
         }
     }
     rc = PX_OK;
 out:
+    for (bus_rec *r = recs; rc != PX_OK && r != NULL; r = r->next)
+        r->t->wnext[r->part] = 0;
     sqldb_done(ins);
     sqldb_done(next);
     return rc;

@@ -1,7 +1,8 @@
 /* Owns the gateway's two Kafka-facing threads: the poll thread serves
  * delivery reports (which answer `sent`) and beats presence; the consume
  * thread reads this gateway's delivery topic and hands each event to the
- * worker that holds the connection. Deliveries are pushes of inbox state
+ * worker that holds the connection (a consumed batch's mails to one worker
+ * in one hand-over). Deliveries are pushes of inbox state
  * that message-store keeps until acked, so they are committed once handed
  * over: a lost push is repaired by the next sync, never lost. */
 #include "common.h"
@@ -34,23 +35,37 @@ static void *deliver_poll_main(void *arg)
     return NULL;
 }
 
-static void deliver_to_conn(gw *g, uint64_t conn_id, const Parley__Delivery *d)
+/* The mails of one consumed batch, per worker, handed over together. */
+typedef struct deliver_out {
+    mail **head, **tail;
+} deliver_out;
+
+static void deliver_add(gw *g, deliver_out *o, mail *m)
 {
-    worker *w = g->workers[CONN_WORKER(conn_id) % g->nworkers];
+    size_t i = CONN_WORKER(m->conn_id) % g->nworkers;
+    if (o->tail[i] != NULL)
+        o->tail[i]->next = m;
+    else
+        o->head[i] = m;
+    o->tail[i] = m;
+}
+
+static void deliver_to_conn(gw *g, deliver_out *o, uint64_t conn_id, const Parley__Delivery *d)
+{
     enum mail_kind kind = d->conn != 0 ? MAIL_EVENT : MAIL_LIVE;
     for (size_t i = 0; i < d->n_events_json; i++)
-        worker_post(w, mail_new(kind, conn_id, d->events_json[i].data,
-                                d->events_json[i].len));
+        deliver_add(g, o, mail_new(kind, conn_id, d->events_json[i].data,
+                                   d->events_json[i].len));
     if (d->synced)
-        worker_post(w, mail_new(MAIL_SYNCED, conn_id, NULL, 0));
+        deliver_add(g, o, mail_new(MAIL_SYNCED, conn_id, NULL, 0));
     if (d->more_from_seq > 0) {
         mail *m = mail_new(MAIL_SYNC_MORE, conn_id, NULL, 0);
         m->from_seq = d->more_from_seq;
-        worker_post(w, m);
+        deliver_add(g, o, m);
     }
 }
 
-static void deliver_one(gw *g, const bus_msg *bm)
+static void deliver_one(gw *g, deliver_out *o, const bus_msg *bm)
 {
     Parley__Delivery *d = parley__delivery__unpack(NULL, bm->len, bm->value);
     if (d == NULL || d->version != 1 || d->user == NULL) {
@@ -60,12 +75,12 @@ static void deliver_one(gw *g, const bus_msg *bm)
         return;
     }
     if (d->conn != 0) {
-        deliver_to_conn(g, d->conn, d);
+        deliver_to_conn(g, o, d->conn, d);
     } else {
         uint64_t ids[DELIVER_MAX_CONNS];
         size_t n = registry_get(g->reg, d->user, ids, DELIVER_MAX_CONNS);
         for (size_t i = 0; i < n; i++)
-            deliver_to_conn(g, ids[i], d);
+            deliver_to_conn(g, o, ids[i], d);
     }
     parley__delivery__free_unpacked(d, NULL);
 }
@@ -75,6 +90,8 @@ static void *deliver_consume_main(void *arg)
     gw *g = arg;
     bus_msg msgs[DELIVER_BATCH];
     char err[PX_ERRLEN];
+    deliver_out o = { px_calloc(g->nworkers, sizeof(mail *)),
+                      px_calloc(g->nworkers, sizeof(mail *)) };
     while (!g->stopping) {
         int n = bus_consume(g->b, msgs, DELIVER_BATCH, 100, err, sizeof(err));
         if (n < 0) {
@@ -82,12 +99,18 @@ static void *deliver_consume_main(void *arg)
             continue;
         }
         for (int i = 0; i < n; i++)
-            deliver_one(g, &msgs[i]);
+            deliver_one(g, &o, &msgs[i]);
+        for (size_t i = 0; i < g->nworkers; i++) {
+            worker_post_chain(g->workers[i], o.head[i]);
+            o.head[i] = o.tail[i] = NULL;
+        }
         if (n > 0) {
             bus_commit(g->b, msgs, (size_t)n);
             bus_release(g->b, msgs, (size_t)n);
         }
     }
+    free(o.head);
+    free(o.tail);
     return NULL;
 }
 

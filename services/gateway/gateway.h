@@ -89,6 +89,8 @@ void worker_free(worker *w);
 /* Takes ownership of m. Blocks while the worker's mailbox is over its byte
  * ceiling (backpressure onto the Kafka consumer), unless the worker stops. */
 void worker_post(worker *w, mail *m);
+/* The same for a chain of mails linked by next, in order. */
+void worker_post_chain(worker *w, mail *head);
 mail *mail_new(enum mail_kind kind, uint64_t conn_id, const void *data, size_t len);
 
 /* conn ids: worker index (8 bits) | generation (32) | slot (24). Stale ids

@@ -80,15 +80,29 @@ worker *worker_new(gw *g, int idx, char *err, size_t errlen)
 
 void worker_post(worker *w, mail *m)
 {
+    m->next = NULL;
+    worker_post_chain(w, m);
+}
+
+/* One lock and one eventfd write for the whole chain: the delivery thread
+ * hands over a consumed batch at once. */
+void worker_post_chain(worker *w, mail *head)
+{
+    if (head == NULL)
+        return;
+    mail *tail = head;
+    size_t bytes = 0;
+    for (mail *m = head; m != NULL; tail = m, m = m->next)
+        bytes += sizeof(*m) + m->len;
     pthread_mutex_lock(&w->mu);
     while (w->mail_bytes > WORKER_MAIL_CEILING && !w->stop)
         pthread_cond_wait(&w->room, &w->mu);
     if (w->tail != NULL)
-        w->tail->next = m;
+        w->tail->next = head;
     else
-        w->head = m;
-    w->tail = m;
-    w->mail_bytes += sizeof(*m) + m->len;
+        w->head = head;
+    w->tail = tail;
+    w->mail_bytes += bytes;
     pthread_mutex_unlock(&w->mu);
     uint64_t one = 1;
     if (write(w->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
