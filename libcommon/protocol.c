@@ -4,6 +4,7 @@
 #include "protocol.h"
 #include "common.h"
 #include "ids.h"
+#include "utf8.h"
 
 #include <jansson.h>
 #include <string.h>
@@ -102,7 +103,9 @@ static int proto_parse_group(json_t *o, proto_cmd *c, enum proto_code *code,
 {
     if (c->type == PROTO_GROUP_CREATE) {
         json_t *name = json_object_get(o, "name");
-        size_t n = json_is_string(name) ? json_string_length(name) : 0;
+        /* Characters, not bytes: jansson's strings are valid UTF-8. */
+        size_t n = json_is_string(name) ? utf8_chars((const unsigned char *)json_string_value(name),
+                                                     json_string_length(name)) : 0;
         if (n < 1 || n > PROTO_MAX_NAME)
             return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "name must be 1-100 characters");
         c->name = json_string_value(name);

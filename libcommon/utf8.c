@@ -1,5 +1,5 @@
-/* Owns UTF-8 validation for text frames (close 1007 on failure): wslay
- * checks framing only, not the text inside. */
+/* Owns UTF-8 validation for text frames (close 1007 on failure; wslay
+ * checks framing only, not the text inside) and counting characters. */
 #include "utf8.h"
 
 /* Length of the sequence starting with lead byte b, or 0 if b cannot lead. */
@@ -32,4 +32,12 @@ int utf8_valid(const unsigned char *s, size_t n)
         i += (size_t)len;
     }
     return 1;
+}
+
+size_t utf8_chars(const unsigned char *s, size_t n)
+{
+    size_t chars = 0;
+    for (size_t i = 0; i < n; i++)
+        chars += (s[i] & 0xC0) != 0x80; /* every byte but a continuation starts one */
+    return chars;
 }

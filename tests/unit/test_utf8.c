@@ -33,12 +33,22 @@ START_TEST(invalid_text)
 }
 END_TEST
 
+START_TEST(counts_characters)
+{
+    ck_assert_uint_eq(utf8_chars((const unsigned char *)"", 0), 0);
+    ck_assert_uint_eq(utf8_chars((const unsigned char *)"abc", 3), 3);
+    ck_assert_uint_eq(utf8_chars((const unsigned char *)"\xc3\xa9t\xc3\xa9", 5), 3); /* été */
+    ck_assert_uint_eq(utf8_chars((const unsigned char *)"\xf0\x9f\x98\x80\xe2\x82\xac", 7), 2);
+}
+END_TEST
+
 static Suite *utf8_suite(void)
 {
     Suite *s = suite_create("utf8");
     TCase *tc = tcase_create("utf8");
     tcase_add_test(tc, valid_text);
     tcase_add_test(tc, invalid_text);
+    tcase_add_test(tc, counts_characters);
     suite_add_tcase(s, tc);
     return s;
 }

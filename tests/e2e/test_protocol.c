@@ -1,0 +1,280 @@
+/* PROTOCOL.md's promises that no other program checks, end to end on the
+ * real services (or parleyd): a forged `from` is ignored, the 1000-id and
+ * 100-character limits, the group edge cases (the last admin removed, a
+ * member removed and added again, group events waiting for an offline
+ * member, no earlier messages for a member added later), and a gateway's
+ * drain on SIGTERM (close 1001, clean exit). */
+#include "e2e.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+
+/* Sends a command object (takes o) and returns its answer. */
+static json_t *cmd(client *cl, json_t *o)
+{
+    char ref[65];
+    snprintf(ref, sizeof(ref), "%s", e2e_str(o, "id"));
+    ck_assert_int_eq(client_send_json(cl, o), 0);
+    json_decref(o);
+    json_t *a = client_wait_ref(cl, ref, E2E_WAIT_MS);
+    ck_assert_msg(a != NULL, "no answer to %s: %s", ref, client_errstr(cl));
+    return a;
+}
+
+static void expect_type(json_t *a, const char *type, const char *code)
+{
+    ck_assert_msg(strcmp(e2e_str(a, "type"), type) == 0 &&
+                      (code == NULL || strcmp(e2e_str(a, "code"), code) == 0),
+                  "wanted %s %s, got %s", type, code ? code : "", json_dumps(a, 0));
+    json_decref(a);
+}
+
+/* The next frame after everything sent so far is the answer to a ping: a
+ * sentinel saying no error (or anything else) came for what went before. */
+static void expect_nothing_before_pong(client *cl, const char *ref)
+{
+    json_t *o = json_pack("{s:s, s:s}", "type", "ping", "id", ref);
+    ck_assert_int_eq(client_send_json(cl, o), 0);
+    json_decref(o);
+    json_t *m = client_recv_json(cl, E2E_WAIT_MS);
+    ck_assert_msg(m != NULL && strcmp(e2e_str(m, "type"), "pong") == 0 &&
+                      strcmp(e2e_str(m, "ref"), ref) == 0,
+                  "wanted pong %s first, got %s", ref, m ? json_dumps(m, 0) : client_errstr(cl));
+    json_decref(m);
+}
+
+static json_t *group_of(client *cl, const char *ref, const char *name, json_t *members)
+{
+    return cmd(cl, json_pack("{s:s, s:s, s:s, s:o}", "type", "group_create", "id", ref, "name",
+                             name, "members", members));
+}
+
+static json_t *members_cmd(client *cl, const char *type, const char *ref, const char *gid,
+                           const char *who)
+{
+    return cmd(cl, json_pack("{s:s, s:s, s:s, s:[s]}", "type", type, "id", ref, "group", gid,
+                             "members", who));
+}
+
+static void gsend_ok(client *cl, const char *ref, const char *gid, char msg_id[64])
+{
+    json_t *a = cmd(cl, json_pack("{s:s, s:s, s:s, s:s}", "type", "send", "id", ref, "group",
+                                  gid, "body", ref));
+    ck_assert_msg(strcmp(e2e_str(a, "type"), "sent") == 0, "send: %s", json_dumps(a, 0));
+    snprintf(msg_id, 64, "%s", e2e_str(a, "msg_id"));
+    json_decref(a);
+}
+
+START_TEST(forged_from_is_ignored)
+{
+    char alice[65], bob[65], gid[80];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(e2e_wait_type(b, "synced"));
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:s}", "type", "send", "id", "f2", "to", bob,
+                          "body", "who am I", "from", "mallory");
+    ck_assert_int_eq(client_send_json(a, o), 0);
+    json_decref(o);
+    json_t *s = client_wait_ref(a, "f2", E2E_WAIT_MS);
+    ck_assert_msg(s != NULL && strcmp(e2e_str(s, "type"), "sent") == 0, "f2 not sent");
+    json_decref(s);
+    json_t *m = e2e_wait_type(b, "message");
+    ck_assert_str_eq(e2e_str(m, "from"), alice);
+    json_decref(m);
+
+    json_t *g = group_of(a, "g1", "forgers", json_pack("[s]", bob));
+    snprintf(gid, sizeof(gid), "%s", e2e_str(json_object_get(g, "group"), "id"));
+    json_decref(g);
+    o = json_pack("{s:s, s:s, s:s, s:s, s:s}", "type", "send", "id", "f3", "group", gid, "body",
+                  "who am I", "from", bob);
+    expect_type(cmd(a, o), "sent", NULL);
+    m = e2e_wait_type(b, "message");
+    ck_assert_str_eq(e2e_str(m, "from"), alice);
+    ck_assert_str_eq(e2e_str(m, "group"), gid);
+    json_decref(m);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
+/* An ack or read of n ids (x0 .. x<n-1>). */
+static void send_ids(client *cl, const char *type, int n)
+{
+    json_t *ids = json_array();
+    char id[16];
+    for (int i = 0; i < n; i++) {
+        snprintf(id, sizeof(id), "x%d", i);
+        json_array_append_new(ids, json_string(id));
+    }
+    json_t *o = json_pack("{s:s, s:o}", "type", type, "ids", ids);
+    ck_assert_int_eq(client_send_json(cl, o), 0);
+    json_decref(o);
+}
+
+START_TEST(limits_of_ids_and_names)
+{
+    char u[65], name[512];
+    e2e_user("lim", u);
+    client *cl = e2e_connect(u, E2E_GW1);
+    json_decref(e2e_wait_type(cl, "synced"));
+    send_ids(cl, "ack", 1000);
+    send_ids(cl, "read", 1000);
+    expect_nothing_before_pong(cl, "p1");
+    const char *types[] = { "ack", "read" };
+    for (int i = 0; i < 2; i++) {
+        send_ids(cl, types[i], 1001);
+        json_t *e = client_recv_json(cl, E2E_WAIT_MS);
+        ck_assert_msg(e != NULL, "no answer to %s of 1001 ids", types[i]);
+        expect_type(e, "error", "bad_request");
+    }
+    /* 100 characters, in ASCII and in two-byte UTF-8; then 101. */
+    memset(name, 'n', 100);
+    name[100] = '\0';
+    expect_type(group_of(cl, "n1", name, json_array()), "group", NULL);
+    for (int i = 0; i < 100; i++)
+        memcpy(name + 2 * i, "\xc3\xa9", 2); /* é */
+    name[200] = '\0';
+    expect_type(group_of(cl, "n2", name, json_array()), "group", NULL);
+    memcpy(name + 200, "\xc3\xa9", 3);
+    expect_type(group_of(cl, "n3", name, json_array()), "error", "bad_request");
+    memset(name, 'n', 101);
+    name[101] = '\0';
+    expect_type(group_of(cl, "n4", name, json_array()), "error", "bad_request");
+    client_close(cl, 1000);
+}
+END_TEST
+
+/* Message ids (and group_event kinds, as "event:<kind>") cl receives until
+ * and with the message stop_id, as a JSON array. */
+static json_t *events_until(client *cl, const char *stop_id)
+{
+    json_t *got = json_array();
+    for (;;) {
+        json_t *m = client_recv_json(cl, E2E_WAIT_MS);
+        ck_assert_msg(m != NULL, "nothing more before %s: %s", stop_id, client_errstr(cl));
+        char item[96];
+        if (strcmp(e2e_str(m, "type"), "group_event") == 0)
+            snprintf(item, sizeof(item), "event:%s", e2e_str(m, "event"));
+        else
+            snprintf(item, sizeof(item), "%s:%s", e2e_str(m, "type"), e2e_str(m, "id"));
+        json_array_append_new(got, json_string(item));
+        int done = strcmp(e2e_str(m, "type"), "message") == 0 &&
+                   strcmp(e2e_str(m, "id"), stop_id) == 0;
+        json_decref(m);
+        if (done)
+            return got;
+    }
+}
+
+static void expect_items(json_t *got, const char *const *want, size_t n)
+{
+    char *dump = json_dumps(got, JSON_COMPACT);
+    ck_assert_msg(json_array_size(got) == n, "got %s", dump);
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(strcmp(json_string_value(json_array_get(got, i)), want[i]) == 0,
+                      "item %zu of %s is not %s", i, dump, want[i]);
+    free(dump);
+    json_decref(got);
+}
+
+START_TEST(group_edge_cases)
+{
+    char alice[65], bob[65], carol[65], dave[65], gid[80], m1[64], m2[64], m3[64];
+    char want_m2[80], want_m3[80];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    e2e_user("carol", carol);
+    e2e_user("dave", dave);
+    client *a = e2e_connect(alice, E2E_GW1);
+    client *b = e2e_connect(bob, E2E_GW2);
+    client *c = e2e_connect(carol, E2E_GW1);
+    json_decref(e2e_wait_type(c, "synced"));
+    json_t *g = group_of(a, "e1", "edges", json_pack("[s,s]", bob, carol));
+    snprintf(gid, sizeof(gid), "%s", e2e_str(json_object_get(g, "group"), "id"));
+    json_decref(g);
+
+    /* The last admin removes herself: bob, first in join order, takes over. */
+    g = members_cmd(a, "group_remove", "e2", gid, alice);
+    ck_assert_msg(strcmp(e2e_str(g, "type"), "group") == 0, "%s", json_dumps(g, 0));
+    json_t *admins = json_object_get(json_object_get(g, "group"), "admins");
+    ck_assert_int_eq(json_array_size(admins), 1);
+    ck_assert_str_eq(json_string_value(json_array_get(admins, 0)), bob);
+    json_decref(g);
+    expect_type(members_cmd(a, "group_add", "e3", gid, alice), "error", "forbidden");
+
+    /* carol removed, a message without her, carol added again, and one
+     * with her: she gets the two events and only the second message. dave
+     * is added while offline, after both messages. */
+    expect_type(members_cmd(b, "group_remove", "e4", gid, carol), "group", NULL);
+    gsend_ok(b, "e5", gid, m1);
+    expect_type(members_cmd(b, "group_add", "e6", gid, carol), "group", NULL);
+    expect_type(members_cmd(b, "group_add", "e7", gid, dave), "group", NULL);
+    gsend_ok(b, "e8", gid, m2);
+    snprintf(want_m2, sizeof(want_m2), "message:%s", m2);
+    const char *carol_saw[] = { "event:created", "event:removed", "event:removed", "event:added",
+                                "event:added", want_m2 };
+    expect_items(events_until(c, m2), carol_saw, 6);
+
+    /* dave's first connection: the event that added him, before synced,
+     * and nothing sent before it; then the group live. */
+    client *d = e2e_connect(dave, E2E_GW2);
+    json_t *ev = e2e_wait_type(d, "group_event");
+    ck_assert_str_eq(e2e_str(ev, "event"), "added");
+    ck_assert_str_eq(e2e_str(ev, "group"), gid);
+    json_decref(ev);
+    json_t *m = e2e_wait_type(d, "message");
+    ck_assert_str_eq(e2e_str(m, "id"), m2);
+    json_decref(m);
+    json_decref(e2e_wait_type(d, "synced"));
+    gsend_ok(b, "e9", gid, m3);
+    snprintf(want_m3, sizeof(want_m3), "message:%s", m3);
+    const char *dave_saw[] = { want_m3 };
+    expect_items(events_until(d, m3), dave_saw, 1);
+    ck_assert(strcmp(m1, m2) != 0);
+    client_close(a, 1000);
+    client_close(b, 1000);
+    client_close(c, 1000);
+    client_close(d, 1000);
+}
+END_TEST
+
+/* A gateway (parleyd) told to stop closes its connections with 1001 and
+ * exits cleanly. */
+START_TEST(sigterm_drains_with_1001)
+{
+    char u[65];
+    int status = 0, port = e2e_port(E2E_GW2) + 13;
+    e2e_user("drain", u);
+    pid_t pid = e2e_spawn_extra("gw-drain", port, 0, NULL, NULL, 0);
+    client *cl = e2e_connect_port(port, u, &status);
+    ck_assert_msg(cl != NULL, "connect to the draining gateway: HTTP %d", status);
+    json_decref(e2e_wait_type(cl, "synced"));
+    ck_assert_int_eq(kill(pid, SIGTERM), 0);
+    ck_assert_int_eq(client_wait_close(cl, E2E_WAIT_MS), 1001);
+    client_free(cl);
+    int st = e2e_extra_exit_status(pid);
+    ck_assert_msg(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status %d", st);
+}
+END_TEST
+
+static Suite *protocol_suite(void)
+{
+    Suite *s = suite_create("e2e-protocol");
+    TCase *tc = tcase_create("protocol");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, forged_from_is_ignored);
+    tcase_add_test(tc, limits_of_ids_and_names);
+    tcase_add_test(tc, group_edge_cases);
+    tcase_add_test(tc, sigterm_drains_with_1001);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return e2e_main(protocol_suite());
+}
