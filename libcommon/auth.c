@@ -29,8 +29,9 @@ static size_t auth_b64_encode(const uint8_t *in, size_t n, char *out)
     return o;
 }
 
-/* Decodes unpadded base64url; returns the length or -1 on a bad character or
- * impossible length. out must hold n * 3 / 4 + 1 bytes. */
+/* Decodes unpadded base64url; returns the length or -1 on a bad character,
+ * an impossible length or a non-canonical last character. out must hold
+ * n * 3 / 4 + 1 bytes. */
 static long auth_b64_decode(const char *in, size_t n, uint8_t *out)
 {
     if (n % 4 == 1)
@@ -49,6 +50,8 @@ static long auth_b64_decode(const char *in, size_t n, uint8_t *out)
             out[o++] = (uint8_t)(acc >> bits);
         }
     }
+    if ((acc & ((1u << bits) - 1)) != 0)
+        return -1; /* non-canonical: the last character's unused bits are set */
     return (long)o;
 }
 
@@ -67,7 +70,21 @@ static void auth_hmac(const char *secret, const char *data, size_t n, uint8_t ma
     HMAC(EVP_sha256(), secret, (int)strlen(secret), (const unsigned char *)data, n, mac, &maclen);
 }
 
-static int auth_check_claims(json_t *claims, int64_t now_s, char user[65],
+/* An optional time claim: PX_OK when absent or not after now + leeway. */
+static int auth_not_after_now(json_t *claims, const char *name, int64_t now_s, char *err,
+                              size_t errlen)
+{
+    json_t *v = json_object_get(claims, name);
+    if (v == NULL)
+        return PX_OK;
+    if (!json_is_number(v))
+        return px_err(err, errlen, "token %s is not a number", name);
+    if (json_number_value(v) > (double)(now_s + AUTH_LEEWAY_S))
+        return px_err(err, errlen, "token %s is in the future", name);
+    return PX_OK;
+}
+
+static int auth_check_claims(json_t *claims, int64_t now_s, int64_t max_ttl_s, char user[65],
                              char *err, size_t errlen)
 {
     json_t *sub = json_object_get(claims, "sub");
@@ -78,11 +95,16 @@ static int auth_check_claims(json_t *claims, int64_t now_s, char user[65],
         return px_err(err, errlen, "token exp is missing");
     if (json_number_value(exp) <= (double)now_s)
         return px_err(err, errlen, "token expired");
+    if (json_number_value(exp) > (double)(now_s + max_ttl_s))
+        return px_err(err, errlen, "token exp is more than PARLEY_TOKEN_MAX_TTL_S ahead");
+    if (auth_not_after_now(claims, "nbf", now_s, err, errlen) != PX_OK ||
+        auth_not_after_now(claims, "iat", now_s, err, errlen) != PX_OK)
+        return PX_ERROR;
     snprintf(user, 65, "%s", json_string_value(sub));
     return PX_OK;
 }
 
-int auth_verify(const char *secret, const char *token, int64_t now_s,
+int auth_verify(const char *secret, const char *token, int64_t now_s, int64_t max_ttl_s,
                 char user[65], char *err, size_t errlen)
 {
     int rc = PX_ERROR;
@@ -116,7 +138,7 @@ int auth_verify(const char *secret, const char *token, int64_t now_s,
         px_err(err, errlen, "token signature does not match");
         goto out;
     }
-    rc = auth_check_claims(claims, now_s, user, err, errlen);
+    rc = auth_check_claims(claims, now_s, max_ttl_s, user, err, errlen);
 out:
     json_decref(hdr);
     json_decref(claims);

@@ -75,6 +75,7 @@ static const struct config_num config_nums[] = {
     NUM("PARLEY_SEND_BURST", send_burst, 1000, 1, 1000000),
     NUM("PARLEY_HTTP_TIMEOUT_S", http_timeout_s, 30, 1, 3600),
     NUM("PARLEY_WS_PARK_MS", ws_park_ms, 2000, 0, 3600000),
+    NUM("PARLEY_TOKEN_MAX_TTL_S", token_max_ttl_s, 30L * 86400, 60, 10L * 366 * 86400),
     NUM("PARLEY_MEDIA_USER_SLOTS", media_user_slots, 4, 1, 1000000),
     NUM("PARLEY_MEDIA_MIN_RATE", media_min_rate, 1024, 0, 1L << 30),
     NUM("PARLEY_MAX_FRAGMENTS", max_fragments, 64, 1, 1000000),

@@ -17,6 +17,8 @@ typedef struct config {
     long max_frame_bytes;        /* PARLEY_MAX_FRAME_BYTES */
     long max_body_bytes;         /* PARLEY_MAX_BODY_BYTES */
     long max_media_bytes;        /* PARLEY_MAX_MEDIA_BYTES */
+    long token_max_ttl_s;        /* PARLEY_TOKEN_MAX_TTL_S: a token whose exp is
+                                    further ahead is refused */
     long media_user_slots;       /* PARLEY_MEDIA_USER_SLOTS: uploads, and downloads,
                                     one user may run at once per gateway */
     long media_min_rate;         /* PARLEY_MEDIA_MIN_RATE: bytes/s an upload must
