@@ -6,7 +6,10 @@
  * the store); forwarding to a third user and to a group uploads nothing and
  * grants access; 401/403/404 and the send errors; 17 MiB refused with 413
  * while the gateway's RSS stays flat; an upload cut off half way leaves no
- * chunk behind; message-store's retention sweep (every 300 ms here) takes
+ * chunk behind; several ranges get the whole file; a member added after a
+ * send gets no access; ?access_token= works like the header (and on
+ * /v1/ws, whose plain GET is 400); no /v1/dev/token outside dev mode;
+ * message-store's retention sweep (every 300 ms here) takes
  * media, inbox events and dedupe marks past PARLEY_RETENTION_DAYS. Upload
  * and download rates are reported. */
 #include "e2e.h"
@@ -328,6 +331,11 @@ START_TEST(upload_send_download_same_bytes)
     r = download(bob, id, range);
     ck_assert_int_eq(r.status, 416);
     hresp_free(&r);
+    /* Several ranges get the whole file. */
+    r = download(bob, id, "bytes=0-9,20-29");
+    ck_assert_int_eq(r.status, 200);
+    ck_assert(r.len == len && memcmp(r.body, data, len) == 0);
+    hresp_free(&r);
 
     /* The uploader reads it too; the message with media and no body works. */
     expect_status(alice, id, 200);
@@ -400,6 +408,17 @@ START_TEST(forward_to_user_and_group_uploads_nothing)
     expect_status(frank, id, 200);
     expect_status(grace, id, 200);    /* offline, still a member at the send */
     ck_assert_int_eq(chunks_stored(), before);
+    /* A member added after the send gains nothing. */
+    char henry[65];
+    e2e_user("henry", henry);
+    o = json_pack("{s:s, s:s, s:s, s:[s]}", "type", "group_add", "id", "g3", "group", gid,
+                  "members", henry);
+    ck_assert_int_eq(client_send_json(b, o), 0);
+    json_decref(o);
+    g = client_wait_ref(b, "g3", E2E_WAIT_MS);
+    ck_assert_msg(g != NULL && strcmp(e2e_str(g, "type"), "group") == 0, "group_add");
+    json_decref(g);
+    expect_status(henry, id, 403);
 
     client_free(a);
     client_free(b);
@@ -657,6 +676,71 @@ START_TEST(retention_sweep_removes_old_media_inbox_and_dedupe_marks)
 }
 END_TEST
 
+/* A request with the token in ?access_token= (no Authorization header);
+ * returns the answer. body may be NULL (then no body is sent). */
+static hresp query_token_request(const char *method, const char *path, const char *user,
+                                 const char *body)
+{
+    char tok[2048], full[2300], extra[128] = "";
+    hresp r = { 0 };
+    e2e_token(user, 3600, tok, sizeof(tok));
+    snprintf(full, sizeof(full), "%s%caccess_token=%s", path, strchr(path, '?') ? '&' : '?',
+             user[0] == '!' ? "not-a-token" : tok);
+    if (body != NULL)
+        snprintf(extra, sizeof(extra), "Content-Type: text/plain\r\nContent-Length: %zu\r\n",
+                 strlen(body));
+    int fd = http_connect();
+    send_head(fd, method, full, NULL, extra);
+    if (body != NULL)
+        ck_assert_int_eq(write_all(fd, body, strlen(body)), 0);
+    read_resp(fd, &r);
+    close(fd);
+    return r;
+}
+
+static void expect_http(hresp r, int status, const char *what)
+{
+    ck_assert_msg(r.status == status, "%s: %d, wanted %d (%s)", what, r.status, status, r.body);
+    hresp_free(&r);
+}
+
+/* The token in the query works like the header, for media and the
+ * WebSocket path; a plain GET of /v1/ws (no upgrade) is 400; the dev token
+ * endpoint does not exist outside dev mode (the harness never sets it). */
+START_TEST(query_token_plain_ws_get_and_no_dev_token)
+{
+    char alice[65], id[65];
+    e2e_user("alice", alice);
+    hresp r = query_token_request("POST", "/v1/media", alice, "by query token");
+    ck_assert_msg(r.status == 201, "upload with ?access_token=: %d %s", r.status, r.body);
+    json_t *o = json_loads((const char *)r.body, 0, NULL);
+    snprintf(id, sizeof(id), "%s", e2e_str(o, "media_id"));
+    json_decref(o);
+    hresp_free(&r);
+    char path[128];
+    snprintf(path, sizeof(path), "/v1/media/%s", id);
+    r = query_token_request("GET", path, alice, NULL);
+    ck_assert_msg(r.status == 200 && r.len == 14 && memcmp(r.body, "by query token", 14) == 0,
+                  "download with ?access_token=: %d %s", r.status, r.body);
+    hresp_free(&r);
+    expect_http(query_token_request("GET", path, "!bad", NULL), 401, "bad query token");
+    expect_http(query_token_request("GET", "/v1/ws", alice, NULL), 400, "plain GET /v1/ws");
+    expect_http(query_token_request("GET", "/v1/ws", "!bad", NULL), 401, "bad token on /v1/ws");
+    int fd = http_connect();
+    send_head(fd, "GET", "/v1/ws", alice, NULL);
+    read_resp(fd, &r);
+    close(fd);
+    expect_http(r, 400, "plain GET /v1/ws, header token");
+    fd = http_connect();
+    send_head(fd, "POST", "/v1/dev/token", NULL, "Content-Length: 16\r\n");
+    ck_assert_int_eq(write_all(fd, "{\"user\":\"alice\"}", 16), 0);
+    read_resp(fd, &r);
+    close(fd);
+    ck_assert_msg(strstr((const char *)r.body, "token") == NULL, "a token outside dev mode");
+    expect_http(r, 404, "POST /v1/dev/token outside dev mode");
+}
+END_TEST
+
 static Suite *media_suite(void)
 {
     Suite *s = suite_create("e2e-media");
@@ -666,6 +750,7 @@ static Suite *media_suite(void)
     tcase_add_test(tc, equal_bytes_from_two_users_stored_once);
     tcase_add_test(tc, forward_to_user_and_group_uploads_nothing);
     tcase_add_test(tc, access_errors);
+    tcase_add_test(tc, query_token_plain_ws_get_and_no_dev_token);
     tcase_add_test(tc, too_large_refused_without_buffering);
     tcase_add_test(tc, cut_off_upload_leaves_nothing);
     tcase_add_test(tc, stalled_upload_timed_out_leaves_nothing);
