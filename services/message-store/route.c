@@ -5,8 +5,9 @@
  * user's next sync (the inbox keeps it until acked), never lose it. It is
  * also what closes the connect race: a SyncRequest notes its gateway here
  * before the registry write lands, so an event consumed right after the
- * sync scan is still pushed live. A miss is a registry lookup, the one
- * store call left on the live path (one per user per TTL).
+ * sync scan is still pushed live. An expired entry is still used for the
+ * push and refreshed right after it (route_refresh), so the live path asks
+ * the registry only for a user the cache has never seen.
  *
  * The cache is direct-mapped (one entry per hash slot, a colliding user
  * evicts): bounded memory, O(1), and a miss costs only one lookup. Offline
@@ -72,13 +73,18 @@ static void route_put(route_cache *rc, const char *user, const char (*gws)[65], 
     *slot = e;
 }
 
+/* The cached entry of user, fresh or expired, or NULL. */
+static const route_entry *route_find(route_cache *rc, const char *user)
+{
+    const route_entry *e = *route_slot(rc, user);
+    return e != NULL && strcmp(e->user, user) == 0 ? e : NULL;
+}
+
 /* The fresh cached entry of user, or NULL. */
 static const route_entry *route_get(route_cache *rc, const char *user, int64_t now_ms)
 {
-    const route_entry *e = *route_slot(rc, user);
-    if (e == NULL || e->expires_ms <= now_ms || strcmp(e->user, user) != 0)
-        return NULL;
-    return e;
+    const route_entry *e = route_find(rc, user);
+    return e != NULL && e->expires_ms > now_ms ? e : NULL;
 }
 
 /* Asks the registry; PX_ERROR leaves *n = 0 (the caller treats the user as
@@ -102,14 +108,18 @@ static int route_lookup(msgstore *ms, const char *user, char (*gws)[65], size_t 
     return rc;
 }
 
-/* The user's gateways, from the cache or the registry (then cached). */
-static size_t route_gateways(msgstore *ms, const char *user, char (*gws)[65])
+/* The user's gateways, from the cache or the registry (then cached). An
+ * expired entry is used as it is, *stale set: the caller pushes at once
+ * and asks the registry after (route_live). */
+static size_t route_gateways(msgstore *ms, const char *user, char (*gws)[65], int *stale)
 {
     int64_t now = px_mono_ms();
-    const route_entry *e = route_get(ms->cache, user, now);
+    const route_entry *e = route_find(ms->cache, user);
+    *stale = 0;
     if (e != NULL) {
         metric_add(ms->m.cache_hits, 1);
         memcpy(gws, e->gws, e->n * sizeof(e->gws[0]));
+        *stale = e->expires_ms <= now;
         return e->n;
     }
     metric_add(ms->m.cache_misses, 1);
@@ -160,13 +170,12 @@ static int route_ref_cmp(const void *a, const void *b)
     return x->i < y->i ? -1 : x->i > y->i;
 }
 
-/* Pushes one user's events (refs, in offset order) in as few Deliveries as
- * the ceilings allow. */
-static void route_user(msgstore *ms, const store_event *ev, const route_ref *refs, size_t n)
+/* Pushes one user's events (refs, in offset order) to ngws gateways in as
+ * few Deliveries as the ceilings allow. */
+static void route_user(msgstore *ms, const store_event *ev, const route_ref *refs, size_t n,
+                       const char (*gws)[65], size_t ngws)
 {
-    char gws[ROUTE_MAX_GWS][65];
     const char *user = refs[0].user;
-    size_t ngws = route_gateways(ms, user, gws);
     if (ngws == 0) {
         metric_add(ms->m.offline, (int64_t)n);
         return;
@@ -178,8 +187,8 @@ static void route_user(msgstore *ms, const store_event *ev, const route_ref *ref
         size_t len = last ? 0 : ev[refs[k].i].json_len;
         if (d.n > 0 && (last || deliv_full(&d, len))) {
             char err[PX_ERRLEN] = "";
-            if (deliv_send(ms, &d, (const char (*)[65])gws, ngws, user, 0,
-                           batch_tag_best_effort(ms), err, sizeof(err)) != PX_OK)
+            if (deliv_send(ms, &d, gws, ngws, user, 0, batch_tag_best_effort(ms), err,
+                           sizeof(err)) != PX_OK)
                 log_warn("live delivery not produced; it waits for the next sync",
                          "{s:s, s:s, s:I}", "user", user, "error", err, "events", (json_int_t)d.n);
             deliv_reset(&d);
@@ -189,14 +198,12 @@ static void route_user(msgstore *ms, const store_event *ev, const route_ref *ref
     }
 }
 
-/* The users of a run of new events that the cache does not know, looked
- * up side by side: each lookup is a collection scan on FerretDB (2-9 ms
- * under load), and one after another they were the largest cost of
- * storing a run (1.7 ms per message at 1,000/s). The answers go into the
- * cache, where route_user then finds them (and counts a hit: the metric
- * then shows each prefetched user as one miss and one hit). Skipped when
- * the store runs one call at a time (parleyd: 0.02 ms lookups, where the
- * threads would cost more than they save). */
+/* Registry lookups of many users, side by side when the store serves calls
+ * in parallel: each lookup is a collection scan on FerretDB (2-9 ms under
+ * load), and one after another they were the largest cost of storing a
+ * run (1.7 ms per message at 1,000/s). One after another otherwise
+ * (parleyd: 0.02 ms lookups, where threads would cost more than they
+ * save). The answers go into the cache. */
 typedef struct route_miss {
     const char *user;
     char gws[ROUTE_MAX_GWS][65];
@@ -216,28 +223,75 @@ static void route_prefetch_one(void *arg, size_t i)
     m->rc = route_lookup(p->ms, m->user, m->gws, &m->n);
 }
 
+static void route_lookup_all(msgstore *ms, route_miss *miss, size_t nm)
+{
+    route_prefetch p = { ms, miss };
+    size_t threads = store_concurrency(ms->svc.st);
+    if (nm >= 2 && threads >= 2)
+        px_parallel(nm, threads, route_prefetch_one, &p);
+    else
+        for (size_t i = 0; i < nm; i++)
+            route_prefetch_one(&p, i);
+    metric_add(ms->m.cache_misses, (int64_t)nm);
+    int64_t expires = px_mono_ms() + ms->svc.cfg.presence_ttl_ms;
+    for (size_t i = 0; i < nm; i++)
+        if (miss[i].rc == PX_OK && ms->svc.cfg.presence_ttl_ms > 0)
+            route_put(ms->cache, miss[i].user, (const char (*)[65])miss[i].gws, miss[i].n,
+                      expires);
+}
+
+/* The users of a run that the cache does not know at all, looked up side
+ * by side before anything is pushed (route_user then finds them and counts
+ * a hit: the metric shows each as one miss and one hit). */
 static void route_prefetch_misses(msgstore *ms, const route_ref *refs, size_t n)
 {
-    size_t threads = store_concurrency(ms->svc.st);
-    if (ms->svc.cfg.presence_ttl_ms <= 0 || threads < 2)
+    if (ms->svc.cfg.presence_ttl_ms <= 0 || store_concurrency(ms->svc.st) < 2)
         return;
-    int64_t now = px_mono_ms();
     route_miss *miss = px_malloc(n * sizeof(*miss));
     size_t nm = 0;
     for (size_t a = 0; a < n; a++)
         if ((a == 0 || strcmp(refs[a].user, refs[a - 1].user) != 0) &&
-            route_get(ms->cache, refs[a].user, now) == NULL)
+            route_find(ms->cache, refs[a].user) == NULL)
             miss[nm++] = (route_miss){ .user = refs[a].user };
-    if (nm >= 2) {
-        route_prefetch p = { ms, miss };
-        px_parallel(nm, threads, route_prefetch_one, &p);
-        metric_add(ms->m.cache_misses, (int64_t)nm);
-        for (size_t i = 0; i < nm; i++)
-            if (miss[i].rc == PX_OK)
-                route_put(ms->cache, miss[i].user, (const char (*)[65])miss[i].gws, miss[i].n,
-                          now + ms->svc.cfg.presence_ttl_ms);
-    }
+    if (nm >= 2)
+        route_lookup_all(ms, miss, nm);
     free(miss);
+}
+
+/* A user pushed to from an expired entry: its refs and the gateways used. */
+typedef struct route_stale {
+    size_t a, b;
+    route_miss old;
+} route_stale;
+
+/* Stale-while-revalidate: the users pushed to from expired entries are
+ * looked up now, after their pushes left, and a gateway the registry
+ * names that the old entry did not gets the same events at once. So an
+ * expired entry costs a live event no registry round trip, and is never
+ * worse than waiting for the lookup: a user who moved is reached right
+ * after, one who left only costs a wasted push (the event is stored). */
+static void route_refresh(msgstore *ms, const store_event *ev, const route_ref *refs,
+                          route_stale *st, size_t ns)
+{
+    route_miss *now = px_malloc(ns * sizeof(*now));
+    for (size_t k = 0; k < ns; k++)
+        now[k] = (route_miss){ .user = st[k].old.user };
+    route_lookup_all(ms, now, ns);
+    for (size_t k = 0; k < ns; k++) {
+        char add[ROUTE_MAX_GWS][65];
+        size_t nadd = 0;
+        for (size_t g = 0; now[k].rc == PX_OK && g < now[k].n; g++) {
+            size_t o = 0;
+            while (o < st[k].old.n && strcmp(st[k].old.gws[o], now[k].gws[g]) != 0)
+                o++;
+            if (o == st[k].old.n)
+                memcpy(add[nadd++], now[k].gws[g], sizeof(add[0]));
+        }
+        if (nadd > 0)
+            route_user(ms, ev, refs + st[k].a, st[k].b - st[k].a, (const char (*)[65])add,
+                       nadd);
+    }
+    free(now);
 }
 
 void route_live(msgstore *ms, const store_event *ev, size_t n)
@@ -251,13 +305,25 @@ void route_live(msgstore *ms, const store_event *ev, size_t n)
      * which is offset order. */
     qsort(refs, n, sizeof(*refs), route_ref_cmp);
     route_prefetch_misses(ms, refs, n);
-    size_t a = 0;
+    route_stale *st = NULL;
+    size_t ns = 0, a = 0;
     while (a < n) {
         size_t b = a + 1;
         while (b < n && strcmp(refs[b].user, refs[a].user) == 0)
             b++;
-        route_user(ms, ev, refs + a, b - a);
+        route_miss used = { .user = refs[a].user };
+        int stale;
+        used.n = route_gateways(ms, used.user, used.gws, &stale);
+        route_user(ms, ev, refs + a, b - a, (const char (*)[65])used.gws, used.n);
+        if (stale) {
+            if (st == NULL)
+                st = px_malloc(n * sizeof(*st));
+            st[ns++] = (route_stale){ .a = a, .b = b, .old = used };
+        }
         a = b;
     }
+    if (ns > 0)
+        route_refresh(ms, ev, refs, st, ns);
+    free(st);
     free(refs);
 }
