@@ -13,6 +13,7 @@
 #
 # Environment (defaults):
 #   BENCH_MODES ("parleyd stack")  BENCH_PAIRS (100)  BENCH_DURATION (10)
+#   BENCH_SCENARIOS ("latency rate max group sync idle"): which to run
 #   BENCH_PD_RATES ("1000 10000")  BENCH_STACK_RATES ("100 1000")
 #   BENCH_PD_MAX_FROM (500)  BENCH_STACK_MAX_FROM (50): where max's ladder starts
 #   BENCH_MAX_STEP_S (4)  BENCH_GROUP_MSGS (30)
@@ -21,7 +22,7 @@
 #   BENCH_PD_IDLE_CONNS (0)  BENCH_STACK_IDLE_CONNS (30000): idle connections
 #     counted at the 101 upgrade (the gateway's own memory and connect rate
 #     at the target's scale; 2 gateways in stack mode)
-#   BENCH_IDLE_PROCS (3)  BENCH_IDLE_HOLD (5)  BENCH_OUT (bench/results)
+#   BENCH_IDLE_PROCS (3)  BENCH_IDLE_HOLD (5)  BENCH_OUT (bench/results)  BENCH_KEEP_LOGS (0)
 #   BENCH_LATENCY_RATE (100): the latency scenario's fixed rate; 0 skips it
 #   BENCH_PD_PORT (28600)
 #   BENCH_KAFKA_PORT (29492, +1) BENCH_MONGO_PORT (27048; its PostgreSQL -1000)
@@ -71,7 +72,7 @@ export PARLEY_STACK_FRESH=1
 
 pids=()
 workdir=$(mktemp -d /tmp/parley-bench.XXXXXX)
-keep_logs=0
+keep_logs=${BENCH_KEEP_LOGS:-0} # 1: keep the services' logs even when all went well
 stop_pid() { # pid name: TERM, then KILL after 15 s (a backlog must not hold the run)
   local i
   kill -TERM "$1" 2>/dev/null || return 0
@@ -257,6 +258,8 @@ run() { # tag, then parley-bench arguments; appends its JSON with the CPU split
   say "$mode $tag done in $((SECONDS - t0)) s"
 }
 
+SCENARIOS=" ${BENCH_SCENARIOS:-latency rate max group sync idle} "
+want() { [[ $SCENARIOS == *" $1 "* ]]; }
 # mode: the standard set for one mode; the per-mode sizes are in the header.
 scenarios() {
   local r rates max_from pending idle_conns
@@ -268,17 +271,20 @@ scenarios() {
     rates=${BENCH_STACK_RATES:-100 1000} max_from=${BENCH_STACK_MAX_FROM:-50}
     pending=${BENCH_STACK_SYNC_PENDING:-2000} idle_conns=${BENCH_STACK_IDLE_CONNS:-30000}
   fi
-  [ "$LATENCY_RATE" -le 0 ] ||
+  [ "$LATENCY_RATE" -le 0 ] || ! want latency ||
     run latency latency --rate "$LATENCY_RATE" --pairs "$PAIRS" --duration "$DURATION" --procs 1 --grace 10
   for r in $rates; do
+    want rate || break
     run "rate$r" rate --rate "$r" --pairs "$PAIRS" --duration "$DURATION" --procs 1 --grace 10
   done
-  run max max --rate "$max_from" --pairs "$PAIRS" --duration "$MAX_STEP_S" --procs 1 --grace 3 \
-    --settle 2 --steps 2
-  run group group --msgs "$GROUP_MSGS" --rate 10 --grace 20 --settle 2
-  [ "$pending" -le 0 ] || run sync sync --pending "$pending" --grace 60
-  [ "$IDLE_SYNCED" -le 0 ] || run idlesynced idle --conns "$IDLE_SYNCED" --procs "$IDLE_PROCS" --hold "$IDLE_HOLD"
-  [ "$idle_conns" -le 0 ] ||
+  ! want max ||
+    run max max --rate "$max_from" --pairs "$PAIRS" --duration "$MAX_STEP_S" --procs 1 --grace 3 \
+      --settle 2 --steps 2
+  ! want group || run group group --msgs "$GROUP_MSGS" --rate 10 --grace 20 --settle 2
+  [ "$pending" -le 0 ] || ! want sync || run sync sync --pending "$pending" --grace 60
+  [ "$IDLE_SYNCED" -le 0 ] || ! want idle ||
+    run idlesynced idle --conns "$IDLE_SYNCED" --procs "$IDLE_PROCS" --hold "$IDLE_HOLD"
+  [ "$idle_conns" -le 0 ] || ! want idle ||
     run idle idle --conns "$idle_conns" --procs "$IDLE_PROCS" --hold "$IDLE_HOLD" --upgrade-only
 }
 for mode in $MODES; do
