@@ -162,8 +162,10 @@ if [[ $need_stack -eq 1 ]]; then
   stop_stack() { bash deploy/local/stack.sh destroy || true; }
   trap stop_stack EXIT
   # The first start on a machine fetches Kafka and builds FerretDB (~2 min).
-  if ! timeout -k 10 600 bash deploy/local/stack.sh start all; then
-    echo "FAIL: the local stack did not start in 600 s (logs above)"
+  timeout -k 10 600 bash deploy/local/stack.sh start all
+  rc=$?
+  if [[ $rc -ne 0 ]]; then
+    echo "FAIL: the local stack did not start (exit status $rc; 124: not in 600 s; logs above)"
     exit 1
   fi
   export PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT
