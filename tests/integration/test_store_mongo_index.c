@@ -27,7 +27,7 @@
 #define DEFAULT_URI "mongodb://127.0.0.1:27018/?retryWrites=false"
 #define N_DOCS 5000      /* documents per collection: "more than a few thousand" */
 #define N_USERS 100      /* inbox owners, N_DOCS / N_USERS events each */
-#define N_CALLS 20       /* calls of each kind in the burst */
+#define N_CALLS 30       /* calls of each kind in the burst */
 #define STATS_WAIT_MS 30000 /* PostgreSQL publishes a backend's counters within ~1 s of idle */
 
 static const char *test_uri;
@@ -51,8 +51,10 @@ static int pg_run(const char *sql, char *out, size_t cap)
         return -1;
     }
     close(fd);
-    snprintf(cmd, sizeof(cmd), "psql -h 127.0.0.1 -p %d -U postgres -d ferretdb -qAtX "
-             "-v ON_ERROR_STOP=1 -f %s 2>&1", pg_port, path);
+    /* A connect timeout: whatever else listens on the port must not hang us. */
+    snprintf(cmd, sizeof(cmd), "timeout -k 5 60 psql 'host=127.0.0.1 port=%d user=postgres "
+             "dbname=ferretdb connect_timeout=10' -qAtX -v ON_ERROR_STOP=1 -f %s 2>&1",
+             pg_port, path);
     p = popen(cmd, "r");
     if (p != NULL)
         while (len + 1 < cap && (got = fread(out + len, 1, cap - 1 - len, p)) > 0)
