@@ -14,6 +14,7 @@ typedef struct config {
     const char *gateway_id;      /* PARLEY_GATEWAY_ID: stable, e.g. pod ordinal */
     const char *topic_prefix;    /* PARLEY_TOPIC_PREFIX, default "parley." */
     const char *log_level;       /* PARLEY_LOG_LEVEL debug|info|warn|error */
+    const char *allowed_origins; /* PARLEY_ALLOWED_ORIGINS: comma list, or NULL: any */
     long max_frame_bytes;        /* PARLEY_MAX_FRAME_BYTES */
     long max_body_bytes;         /* PARLEY_MAX_BODY_BYTES */
     long max_media_bytes;        /* PARLEY_MAX_MEDIA_BYTES */

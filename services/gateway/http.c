@@ -108,10 +108,80 @@ const char *http_token(struct MHD_Connection *mc)
     return MHD_lookup_connection_value(mc, MHD_GET_ARGUMENT_KIND, "access_token");
 }
 
+/* 1 if header name is a comma-separated list holding token (any case):
+ * "keep-alive, Upgrade" holds "upgrade", "not-upgrade" does not. */
 static int http_header_has(struct MHD_Connection *mc, const char *name, const char *token)
 {
     const char *v = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, name);
-    return v != NULL && strcasestr(v, token) != NULL;
+    size_t n = strlen(token);
+    while (v != NULL && *v != '\0') {
+        v += strspn(v, " \t,");
+        size_t len = strcspn(v, ",");
+        while (len > 0 && (v[len - 1] == ' ' || v[len - 1] == '\t'))
+            len--;
+        if (len == n && strncasecmp(v, token, n) == 0)
+            return 1;
+        v += strcspn(v, ",");
+    }
+    return 0;
+}
+
+/* Sec-WebSocket-Key must be the base64 of 16 bytes: 22 characters and "==". */
+static int http_ws_key_ok(const char *key)
+{
+    static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    return key != NULL && strlen(key) == 24 && strspn(key, b64) == 22 &&
+           strcmp(key + 22, "==") == 0 && strchr("AQgw", key[21]) != NULL;
+}
+
+/* A browser's Origin must be listed in PARLEY_ALLOWED_ORIGINS when that is
+ * set (comma-separated, exact); clients that send none (apps) pass. */
+static int http_origin_ok(gw *g, struct MHD_Connection *mc)
+{
+    const char *o = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Origin");
+    const char *list = g->cfg.allowed_origins;
+    if (o == NULL || list == NULL || *list == '\0')
+        return 1;
+    size_t n = strlen(o);
+    for (const char *p = list; *p != '\0'; p += strcspn(p, ",")) {
+        p += strspn(p, " ,");
+        size_t len = strcspn(p, ",");
+        while (len > 0 && p[len - 1] == ' ')
+            len--;
+        if (len == n && strncmp(p, o, n) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+struct http_framing {
+    int lengths, chunked;
+    const char *first_length;
+    int lengths_differ;
+};
+
+static enum MHD_Result http_framing_header(void *cls, enum MHD_ValueKind kind, const char *key,
+                                           const char *value)
+{
+    struct http_framing *f = cls;
+    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0) {
+        if (f->lengths++ > 0 && strcmp(f->first_length, value) != 0)
+            f->lengths_differ = 1;
+        f->first_length = value;
+    } else if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
+        f->chunked = 1;
+    }
+    return MHD_YES;
+}
+
+/* Request smuggling shapes a proxy in front could read otherwise than we
+ * do: two different Content-Length values, or Content-Length beside
+ * Transfer-Encoding (RFC 9112 6.3). */
+static int http_framing_ok(struct MHD_Connection *mc)
+{
+    struct http_framing f = { 0, 0, NULL, 0 };
+    MHD_get_connection_values(mc, MHD_HEADER_KIND, http_framing_header, &f);
+    return !f.lengths_differ && !(f.lengths > 0 && f.chunked);
 }
 
 static void http_ws_accept(const char *key, char out[29])
@@ -160,9 +230,11 @@ static enum MHD_Result http_ws(gw *g, struct MHD_Connection *mc, http_req *req)
     const char *key = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Sec-WebSocket-Key");
     const char *ver = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Sec-WebSocket-Version");
     if (!http_header_has(mc, MHD_HTTP_HEADER_UPGRADE, "websocket") ||
-        !http_header_has(mc, MHD_HTTP_HEADER_CONNECTION, "upgrade") || key == NULL ||
-        strlen(key) != 24 || ver == NULL || strcmp(ver, "13") != 0)
+        !http_header_has(mc, MHD_HTTP_HEADER_CONNECTION, "upgrade") || !http_ws_key_ok(key) ||
+        ver == NULL || strcmp(ver, "13") != 0)
         return http_json_error(mc, 400, "bad_request", "not a WebSocket version 13 handshake");
+    if (!http_origin_ok(g, mc))
+        return http_json_error(mc, 403, "forbidden", "Origin not in PARLEY_ALLOWED_ORIGINS");
     char accept[29];
     http_ws_accept(key, accept);
     struct MHD_Response *r = MHD_create_response_for_upgrade(http_upgraded, g);
@@ -205,6 +277,9 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *mc, const c
     gw *g = cls;
     if (*con_cls == NULL) {
         http_guard_head_done(g->guard, mc);
+        if (!http_framing_ok(mc))
+            return http_json_error(mc, 400, "bad_request",
+                                   "conflicting Content-Length / Transfer-Encoding headers");
         *con_cls = px_calloc(1, sizeof(http_req));
         /* media.c sees the first call too: it refuses a bad upload from the
          * headers alone, before the body is sent. */

@@ -454,6 +454,61 @@ START_TEST(a_trickled_upload_is_dropped)
 }
 END_TEST
 
+/* The status of one raw request to gw-abuse (head as given, then a blank
+ * line), or -1. */
+static int raw_request(const char *head)
+{
+    char req[4096];
+    int n = snprintf(req, sizeof(req), "%s\r\n", head);
+    int fd = raw_connect("127.0.0.1", abuse_port), status = -1;
+    if (fd >= 0 && send(fd, req, (size_t)n, MSG_NOSIGNAL) == n)
+        status = upload_status(fd);
+    if (fd >= 0)
+        close(fd);
+    return status;
+}
+
+/* The WebSocket handshake is checked as RFC 6455 says, not by substrings:
+ * Connection and Upgrade are token lists, the key is 16 bytes of base64,
+ * and with PARLEY_ALLOWED_ORIGINS set a browser's Origin must be listed. */
+START_TEST(handshakes_are_checked_strictly)
+{
+    static const struct { const char *connection, *key, *origin; int status; } cases[] = {
+        { "keep-alive, Upgrade", "dGhlIHNhbXBsZSBub25jZQ==", "https://app.example", 101 },
+        { "Upgrade", "dGhlIHNhbXBsZSBub25jZQ==", NULL, 101 },
+        { "not-upgrade", "dGhlIHNhbXBsZSBub25jZQ==", NULL, 400 },
+        { "Upgrade", "AAAAAAAAAAAAAAAAAAAAAAAA", NULL, 400 },
+        { "Upgrade", "dGhlIHNhbXBsZSBub25jZR==", NULL, 400 },
+        { "Upgrade", "dGhlIHNhbXBsZSBub25jZQ==", "https://evil.example", 403 },
+    };
+    char u[65], tok[2048], head[3072], origin[128];
+    e2e_user("handshake", u);
+    e2e_token(u, 3600, tok, sizeof(tok));
+    for (size_t i = 0; i < PX_ARRAY_LEN(cases); i++) {
+        snprintf(origin, sizeof(origin), "Origin: %s\r\n", cases[i].origin);
+        snprintf(head, sizeof(head),
+                 "GET /v1/ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                 "Upgrade: websocket\r\nConnection: %s\r\nSec-WebSocket-Key: %s\r\n"
+                 "Sec-WebSocket-Version: 13\r\n%s",
+                 tok, cases[i].connection, cases[i].key, cases[i].origin ? origin : "");
+        ck_assert_msg(raw_request(head) == cases[i].status, "case %zu: not %d", i,
+                      cases[i].status);
+    }
+}
+END_TEST
+
+/* Two different Content-Length values, or one beside Transfer-Encoding,
+ * are refused 400 (a proxy in front could frame the request otherwise). */
+START_TEST(conflicting_lengths_are_refused)
+{
+    ck_assert_int_eq(raw_request("GET /healthz HTTP/1.1\r\nHost: x\r\n"), 200);
+    ck_assert_int_eq(raw_request("GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                                 "Content-Length: 0\r\nContent-Length: 5\r\n"), 400);
+    ck_assert_int_eq(raw_request("GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                                 "Transfer-Encoding: chunked\r\n"), 400);
+}
+END_TEST
+
 /* RLIMIT_NOFILE 600 with PARLEY_MAX_CONNS=20000: the gateway starts with
  * the cap lowered to fit (600 - 256 reserved) and says so, instead of
  * meeting the file limit in accept() once it is busy. */
@@ -489,6 +544,8 @@ static Suite *abuse_suite(void)
     tcase_add_test(tc, one_address_cannot_fill_the_server);
     tcase_add_test(tc, a_user_holds_at_most_its_media_slots);
     tcase_add_test(tc, a_trickled_upload_is_dropped);
+    tcase_add_test(tc, handshakes_are_checked_strictly);
+    tcase_add_test(tc, conflicting_lengths_are_refused);
     tcase_add_test(tc, max_conns_fits_the_file_limit);
     suite_add_tcase(s, tc);
     return s;
@@ -501,7 +558,8 @@ int main(void)
         "PARLEY_CMD_BURST", "10", "PARLEY_SEND_RATE", "5", "PARLEY_SEND_BURST", "10",
         "PARLEY_USER_CONNS", "3", "PARLEY_SEND_QUEUE_BYTES", "65536",
         "PARLEY_HTTP_HEAD_TIMEOUT_S", "2", "PARLEY_HTTP_PER_ADDRESS", "16",
-        "PARLEY_MAX_FRAGMENTS", "8", "PARLEY_MEDIA_USER_SLOTS", "2", NULL,
+        "PARLEY_MAX_FRAGMENTS", "8", "PARLEY_MEDIA_USER_SLOTS", "2",
+        "PARLEY_ALLOWED_ORIGINS", "https://other.example, https://app.example", NULL,
     };
     if (e2e_start() != 0) {
         e2e_stop();
