@@ -79,7 +79,11 @@ static void bus_on_dr(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
     bus *b = opaque;
     if (b->dr_cb == NULL)
         return;
-    b->dr_cb(m->_private, m->err ? PX_ERROR : PX_OK, m->err ? rd_kafka_message_errstr(m) : NULL,
+    /* rd_kafka_err2str, not rd_kafka_message_errstr: the latter returns the
+     * payload when there is one (a consumer error's text), which for a
+     * produced record is its value, not NUL-terminated: an e2e test with
+     * Kafka stopped saw ASan catch the overflow in the gateway's log line. */
+    b->dr_cb(m->_private, m->err ? PX_ERROR : PX_OK, m->err ? rd_kafka_err2str(m->err) : NULL,
              m->partition, m->offset);
 }
 

@@ -2,14 +2,17 @@
  * real services (or parleyd): a forged `from` is ignored, the 1000-id and
  * 100-character limits, the group edge cases (the last admin removed, a
  * member removed and added again, group events waiting for an offline
- * member, no earlier messages for a member added later), and a gateway's
- * drain on SIGTERM (close 1001, clean exit). */
+ * member, no earlier messages for a member added later), a gateway's
+ * drain on SIGTERM (close 1001, clean exit), and, against the stack, a
+ * send while Kafka is stopped: `unavailable`, /readyz 503, then the retry
+ * with the same id goes through once. */
 #include "e2e.h"
 
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 /* Sends a command object (takes o) and returns its answer. */
 static json_t *cmd(client *cl, json_t *o)
@@ -261,6 +264,99 @@ START_TEST(sigterm_drains_with_1001)
 }
 END_TEST
 
+/* The pid of the stack's Kafka broker (tests/run.sh exports the stack's
+ * folder), or 0 against parleyd. */
+static pid_t kafka_pid(void)
+{
+    const char *mode = getenv("PARLEY_E2E_MODE"), *dir = getenv("PARLEY_STACK_DIR");
+    if (mode != NULL && strcmp(mode, "parleyd") == 0)
+        return 0;
+    ck_assert_msg(dir != NULL, "PARLEY_STACK_DIR is not set (tests/run.sh sets it)");
+    char path[512];
+    long pid = 0;
+    snprintf(path, sizeof(path), "%s/kafka.pid", dir);
+    FILE *f = fopen(path, "r");
+    ck_assert_msg(f != NULL && fscanf(f, "%ld", &pid) == 1, "no pid in %s", path);
+    fclose(f);
+    return (pid_t)pid;
+}
+
+/* Polls port's /readyz until its status is (want_ok: 200, else not 200);
+ * returns 1 if it got there within E2E_WAIT_MS. No assertion: the caller
+ * may have a broker to wake first. */
+static int readyz_becomes(int port, int want_ok)
+{
+    char buf[512];
+    int64_t end = px_mono_ms() + E2E_WAIT_MS;
+    while (px_mono_ms() < end) {
+        if ((e2e_http_get_from(NULL, port, "/readyz", buf, sizeof(buf)) == 200) == want_ok)
+            return 1;
+        usleep(100 * 1000);
+    }
+    return 0;
+}
+
+/* Kafka stopped (SIGSTOP, for a few seconds: under the consumers' session
+ * timeout): a send on a gateway whose produces time out after 3 s is
+ * answered `unavailable` and its /readyz turns 503; Kafka back, /readyz is
+ * 200 again and the same send (same id) is delivered, once: the next
+ * message bob gets after it is a later one. Against parleyd there is no
+ * Kafka: nothing to do. */
+START_TEST(kafka_down_unavailable_then_retry_same_id)
+{
+    pid_t kpid = kafka_pid();
+    if (kpid == 0)
+        return;
+    char alice[65], bob[65], mid[64], next[64];
+    int status = 0, port = e2e_port(E2E_GW2) + 14;
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    const char *env[] = { "PARLEY_KAFKA_PRODUCER_CONFIG", "message.timeout.ms=3000", NULL };
+    pid_t gw = e2e_spawn_extra("gw-nokafka", port, 0, NULL, env, 0);
+    client *a = e2e_connect_port(port, alice, &status);
+    ck_assert_msg(a != NULL, "connect: HTTP %d", status);
+    json_decref(e2e_wait_type(a, "synced"));
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(e2e_wait_type(b, "synced"));
+
+    /* Nothing may fail the test while Kafka is stopped: look, wake it, then
+     * assert. */
+    ck_assert_int_eq(kill(kpid, SIGSTOP), 0);
+    e2e_send_async(a, "k1", bob, "through the outage");
+    json_t *r = client_wait_ref(a, "k1", E2E_WAIT_MS);
+    int not_ready = readyz_becomes(port, 0);
+    ck_assert_int_eq(kill(kpid, SIGCONT), 0);
+    ck_assert_msg(r != NULL, "no answer while Kafka was stopped: %s", client_errstr(a));
+    ck_assert_msg(strcmp(e2e_str(r, "type"), "error") == 0 &&
+                      strcmp(e2e_str(r, "code"), "unavailable") == 0,
+                  "answer while Kafka was stopped: %s", json_dumps(r, 0));
+    json_decref(r);
+    ck_assert_msg(not_ready, "/readyz stayed 200 with Kafka stopped");
+    ck_assert_msg(readyz_becomes(port, 1), "/readyz not 200 again with Kafka back");
+
+    e2e_send(a, "k1", bob, "through the outage", mid);
+    e2e_send(a, "k2", bob, "after it", next);
+    /* The timed-out produce may have reached the broker after all (it was
+     * stopped, not gone): bob may see k1's id twice on the wire, never
+     * another id before k2. */
+    int got = 0;
+    for (;;) {
+        json_t *m = e2e_wait_type(b, "message");
+        int done = strcmp(e2e_str(m, "id"), next) == 0;
+        ck_assert_msg(done || strcmp(e2e_str(m, "id"), mid) == 0, "unexpected %s",
+                      json_dumps(m, 0));
+        got += !done;
+        json_decref(m);
+        if (done)
+            break;
+    }
+    ck_assert_msg(got >= 1, "the retried send never reached bob");
+    client_close(a, 1000);
+    client_close(b, 1000);
+    ck_assert_int_eq(e2e_stop_extra(gw), 0);
+}
+END_TEST
+
 static Suite *protocol_suite(void)
 {
     Suite *s = suite_create("e2e-protocol");
@@ -270,6 +366,7 @@ static Suite *protocol_suite(void)
     tcase_add_test(tc, limits_of_ids_and_names);
     tcase_add_test(tc, group_edge_cases);
     tcase_add_test(tc, sigterm_drains_with_1001);
+    tcase_add_test(tc, kafka_down_unavailable_then_retry_same_id);
     suite_add_tcase(s, tc);
     return s;
 }
