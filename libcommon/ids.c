@@ -3,7 +3,10 @@
 #include "ids.h"
 #include "common.h"
 
+#include <errno.h>
 #include <openssl/sha.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -55,6 +58,19 @@ void id_new(char out[ID_BUF])
         b[6 + i] = (uint8_t)(id_seed >> (8 * (3 - i)));
     for (int i = 0; i < 6; i++)
         b[10 + i] = (uint8_t)(ctr >> (8 * (5 - i)));
+    id_encode(b, out);
+}
+
+void id_secret(char out[ID_BUF])
+{
+    uint8_t b[16];
+    ssize_t n;
+    while ((n = getrandom(b, sizeof(b), 0)) < 0 && errno == EINTR)
+        ;
+    if (n != (ssize_t)sizeof(b)) {
+        fprintf(stderr, "id_secret: getrandom failed: %s\n", strerror(errno));
+        abort();
+    }
     id_encode(b, out);
 }
 

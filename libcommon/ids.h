@@ -12,6 +12,11 @@
  * processes to the millisecond, and never repeat. Thread-safe. */
 void id_new(char out[ID_BUF]);
 
+/* An id that cannot be guessed: 128 bits from getrandom(), no time, no
+ * counter (media ids, which name what a user may fetch). Aborts if the
+ * kernel has no randomness to give. Thread-safe. */
+void id_secret(char out[ID_BUF]);
+
 /* The msg_id of a send: a function of (sender, client id) only, so a resend
  * of the same command by any gateway yields the same msg_id with no lookup. */
 void id_for_send(const char *sender, const char *client_id, char out[ID_BUF]);

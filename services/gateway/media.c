@@ -340,7 +340,7 @@ static enum MHD_Result media_upload_end(gw *g, struct MHD_Connection *mc, media_
     if (r->failed || EVP_DigestFinal_ex(r->md, md, &mdlen) != 1 || mdlen != 32)
         return http_json_error(mc, 503, "unavailable", "media not stored, retry");
     store_media m = { .size = r->size, .ts_ms = r->ts };
-    id_new(m.id);
+    id_secret(m.id); /* ids name what one may fetch: none guessable */
     media_hex(md, mdlen, m.sha256);
     memcpy(m.content_type, r->content_type, sizeof(m.content_type));
     memcpy(m.upload, r->upload, sizeof(r->upload));

@@ -509,6 +509,48 @@ START_TEST(conflicting_lengths_are_refused)
 }
 END_TEST
 
+/* Uploads body as user; copies the answer's media_id into id. */
+static void upload_small(const char *user, const char *body, char id[64])
+{
+    char tok[2048], req[3072], resp[2048];
+    e2e_token(user, 3600, tok, sizeof(tok));
+    int n = snprintf(req, sizeof(req),
+                     "POST /v1/media HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                     "Content-Type: text/plain\r\nContent-Length: %zu\r\nConnection: close\r\n"
+                     "\r\n%s", tok, strlen(body), body);
+    int fd = raw_connect("127.0.0.1", abuse_port);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(send(fd, req, (size_t)n, MSG_NOSIGNAL), n);
+    size_t got = 0;
+    ssize_t r;
+    struct pollfd pfd = { fd, POLLIN, 0 };
+    while (got + 1 < sizeof(resp) && poll(&pfd, 1, E2E_WAIT_MS) == 1 &&
+           (r = recv(fd, resp + got, sizeof(resp) - 1 - got, 0)) > 0)
+        got += (size_t)r;
+    resp[got] = '\0';
+    close(fd);
+    const char *at = strstr(resp, "\"media_id\":\"");
+    ck_assert_msg(at != NULL, "no media_id in: %s", resp);
+    snprintf(id, 64, "%.*s", (int)strcspn(at + 12, "\""), at + 12);
+}
+
+/* Media ids are 128 random bits: two uploads in a row share no prefix
+ * (time-ordered ids shared their first characters for minutes), so the
+ * 403 (exists) / 404 (unknown) answers of a download tell nothing of ids
+ * nobody gave you. */
+START_TEST(media_ids_are_unguessable)
+{
+    char u[65], a[64], b[64], body[96];
+    e2e_user("mediaid", u);
+    snprintf(body, sizeof(body), "first %s", u);
+    upload_small(u, body, a);
+    snprintf(body, sizeof(body), "second %s", u);
+    upload_small(u, body, b);
+    fprintf(stderr, "report: media ids in a row: %s %s\n", a, b);
+    ck_assert_int_ne(strncmp(a, b, 6), 0);
+}
+END_TEST
+
 /* RLIMIT_NOFILE 600 with PARLEY_MAX_CONNS=20000: the gateway starts with
  * the cap lowered to fit (600 - 256 reserved) and says so, instead of
  * meeting the file limit in accept() once it is busy. */
@@ -546,6 +588,7 @@ static Suite *abuse_suite(void)
     tcase_add_test(tc, a_trickled_upload_is_dropped);
     tcase_add_test(tc, handshakes_are_checked_strictly);
     tcase_add_test(tc, conflicting_lengths_are_refused);
+    tcase_add_test(tc, media_ids_are_unguessable);
     tcase_add_test(tc, max_conns_fits_the_file_limit);
     suite_add_tcase(s, tc);
     return s;

@@ -116,6 +116,22 @@ START_TEST(user_id_rules)
 }
 END_TEST
 
+/* Secret ids share no time prefix: two taken in a row differ from their
+ * first characters on (time-ordered ids keep the first 6 for ~17 min). */
+START_TEST(secret_ids_have_no_time_prefix)
+{
+    char a[ID_BUF], b[ID_BUF];
+    int alike = 0;
+    for (int i = 0; i < 8; i++) {
+        id_secret(a);
+        id_secret(b);
+        ck_assert_int_eq(strlen(a), ID_LEN);
+        alike += strncmp(a, b, 6) == 0;
+    }
+    ck_assert_int_eq(alike, 0);
+}
+END_TEST
+
 static Suite *ids_suite(void)
 {
     Suite *s = suite_create("ids");
@@ -126,6 +142,7 @@ static Suite *ids_suite(void)
     tcase_add_test(tc, send_id_deterministic);
     tcase_add_test(tc, receipt_id_deterministic);
     tcase_add_test(tc, user_id_rules);
+    tcase_add_test(tc, secret_ids_have_no_time_prefix);
     suite_add_tcase(s, tc);
     return s;
 }
