@@ -6,7 +6,7 @@
 # tools/<name>/ or tests/<suite>/ needs no edit here.
 #
 # The bus and store implementations are chosen at link time, not at run
-# time: the microservice binaries link bus_kafka.o + store_mongo.o (the
+# time: the microservice binaries link bus_kafka.o + store_mongo*.o (the
 # "stack" archive), parleyd links bus_sqlite.o + store_sqlite.o (the
 # "embedded" archive). Services see only bus.h / store.h either way, and no
 # binary carries an implementation it can never use. parleyd is the five
@@ -41,7 +41,7 @@ PROTO_H  := $(PROTO_C:.c=.h)
 WEB_FILES := $(wildcard web/*.html web/*.js web/*.css web/*.svg web/*.png)
 WEB_C    := $(GEN)/web_assets_data.c
 
-STACK_SRC := libcommon/bus_kafka.c libcommon/store_mongo.c
+STACK_SRC := libcommon/bus_kafka.c $(wildcard libcommon/store_mongo*.c)
 EMBED_SRC := libcommon/bus_sqlite.c libcommon/store_sqlite.c libcommon/sqldb.c
 LIB_SRC  := $(filter-out $(STACK_SRC) $(EMBED_SRC),$(wildcard libcommon/*.c))
 LIB_OBJ  := $(patsubst %.c,$(OUT)/%.o,$(LIB_SRC)) $(patsubst $(GEN)/%.c,$(OUT)/gen/%.o,$(PROTO_C) $(WEB_C))

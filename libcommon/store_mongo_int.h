@@ -1,0 +1,77 @@
+/* What store_mongo*.c share (not part of store.h): the store handle and its
+ * pooled connections, argument checks, bulk inserts that absorb duplicate
+ * keys, and queries run side by side on the pool (sm_each, store_mongo.c).
+ * Internal names carry the sm_ (store_mongo) prefix. */
+#ifndef PARLEY_STORE_MONGO_INT_H
+#define PARLEY_STORE_MONGO_INT_H
+
+#include "store.h"
+#include "common.h"
+
+#include <mongoc/mongoc.h>
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#define SM_MAX_BATCH 10000      /* per call; callers chunk bigger work */
+#define SM_SELECT_MS 3000       /* serverSelectionTimeoutMS unless the URI says */
+#define SM_WTIMEOUT_MS 10000    /* majority write concern wait */
+#define SM_RETRY_SLEEP_MS 200   /* between readiness pings in store_open */
+#define SM_SCAN_BATCH 1000      /* cursor batch size: few round trips per sync */
+#define SM_DUP_KEY 11000        /* server code for a unique index violation */
+#define SM_MAX_GATEWAY 64       /* store_presence_lookup writes char[65] */
+#define SM_CONCURRENCY 4        /* calls worth running side by side (pool clients) */
+#define SM_MAX_PRESENCE 4096    /* ceiling on one user's presence records read */
+#define SM_MAX_DB_NAME 63
+
+struct store {
+    mongoc_client_pool_t *pool;
+    char *db;
+};
+
+/* A pooled client and one of its collections, for the length of one call. */
+typedef struct sm_conn {
+    mongoc_client_t *c;
+    mongoc_collection_t *coll;
+} sm_conn;
+
+/* One query of a set run by sm_each: a find (copies of the documents kept)
+ * or a delete_many. */
+typedef struct sm_op {
+    bson_t filter;
+    bson_t **docs;          /* find: copies of the documents found */
+    size_t ndocs, cap;
+    int64_t removed;        /* delete: documents removed */
+    int rc;
+    char err[PX_ERRLEN];
+} sm_op;
+
+int sm_fail(char *err, size_t errlen, const char *what, const bson_error_t *e);
+void sm_conn_get(store *st, const char *coll, sm_conn *sc);
+void sm_conn_put(store *st, sm_conn *sc);
+int sm_text_ok(const char *s, size_t len);
+int sm_str_ok(const char *s);
+int sm_check_n(size_t n, const char *what, char *err, size_t errlen);
+int sm_check_strs(const char *const *v, size_t n, const char *what,
+                  char *err, size_t errlen);
+void sm_append_str_array(bson_t *parent, const char *key, const char *const *v, size_t n);
+int sm_iter_int64(const bson_iter_t *it, int64_t *out);
+void sm_append_lt_date(bson_t *filter, const char *field, int64_t cutoff_ms);
+mongoc_bulk_operation_t *sm_bulk_new(sm_conn *sc, bool ordered);
+int sm_bulk_write_errors(const bson_t *reply, size_t n, int *inserted, size_t *dups,
+                         const char *what, char *err, size_t errlen);
+int sm_bulk_wc_errors(const bson_t *reply, const char *what, char *err, size_t errlen);
+int sm_bulk_insert_run(mongoc_bulk_operation_t *bulk, size_t n, int *inserted,
+                       const char *what, char *err, size_t errlen);
+int sm_delete_many(sm_conn *sc, const bson_t *filter, int64_t *removed, const char *what,
+                   char *err, size_t errlen);
+int sm_each(store *st, const char *coll, sm_op *ops, size_t n, int del,
+            const char *what, char *err, size_t errlen);
+void sm_ops_free(sm_op *ops, size_t n);
+sm_op *sm_ops_by_id(const char *const *v, size_t n, size_t *nops);
+int sm_sweep(store *st, const char *coll, int64_t cutoff_ms, int64_t *removed,
+             const char *what, char *err, size_t errlen);
+int sm_count(store *st, const char *coll, const bson_t *filter, int64_t *count,
+             const char *what, char *err, size_t errlen);
+
+#endif

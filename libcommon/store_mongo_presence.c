@@ -1,0 +1,362 @@
+/* store.h's presence registry over the MongoDB wire protocol: per-user
+ * connection counts by (gateway, epoch), gateway beats, lookups and the
+ * expiry of dead gateways; see store_mongo.c. */
+#include "store_mongo_int.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* A (gateway, epoch) pair read back from presence or gateways. */
+typedef struct sm_gw {
+    char name[SM_MAX_GATEWAY + 1];
+    int64_t epoch;
+} sm_gw;
+
+/* ---- presence ----------------------------------------------------------- */
+
+/* One record per (user, gateway, epoch) holding a connection count. Counts
+ * move by $inc, the only atomic read-modify-write FerretDB offers without
+ * transactions. Deltas are not idempotent: a redelivered batch counts twice
+ * (a stale extra count only routes a delivery to a gateway that no longer
+ * holds the user, which the inbox survives; gateway expiry clears it). */
+
+static int sm_check_gateway(const char *g, const char *what, char *err, size_t errlen)
+{
+    if (!sm_str_ok(g) || strlen(g) > SM_MAX_GATEWAY)
+        return px_err(err, errlen, "%s: gateway id must be 1-%d UTF-8 bytes", what, SM_MAX_GATEWAY);
+    return PX_OK;
+}
+
+static int sm_check_presence(const store_presence *ops, size_t n, char *err, size_t errlen)
+{
+    int rc = sm_check_n(n, "presence apply", err, errlen);
+
+    for (size_t i = 0; rc == PX_OK && i < n; i++) {
+        if (!sm_str_ok(ops[i].user))
+            rc = px_err(err, errlen, "presence apply: op %zu: user missing or not UTF-8", i);
+        else if (ops[i].delta != 1 && ops[i].delta != -1)
+            rc = px_err(err, errlen, "presence apply: op %zu has delta %d", i, ops[i].delta);
+        else
+            rc = sm_check_gateway(ops[i].gateway, "presence apply", err, errlen);
+    }
+    return rc;
+}
+
+static void sm_presence_key(bson_t *b, const store_presence *op)
+{
+    bson_init(b);
+    BSON_APPEND_UTF8(b, "user", op->user);
+    BSON_APPEND_UTF8(b, "gateway", op->gateway);
+}
+
+/* The counting half: a connect upserts and increments the record of its
+ * epoch; a disconnect decrements only a positive count of its own epoch, so
+ * one for an older (replaced) epoch matches nothing and is ignored. */
+static int sm_presence_count_op(mongoc_bulk_operation_t *bulk, const store_presence *op,
+                                bson_error_t *error)
+{
+    bson_t sel, upd, inc, cond, opts = BSON_INITIALIZER;
+    bool ok;
+
+    sm_presence_key(&sel, op);
+    BSON_APPEND_INT64(&sel, "epoch", op->epoch);
+    if (op->delta < 0) {
+        BSON_APPEND_DOCUMENT_BEGIN(&sel, "count", &cond);
+        BSON_APPEND_INT32(&cond, "$gt", 0);
+        bson_append_document_end(&sel, &cond);
+    }
+    bson_init(&upd);
+    BSON_APPEND_DOCUMENT_BEGIN(&upd, "$inc", &inc);
+    BSON_APPEND_INT32(&inc, "count", op->delta);
+    bson_append_document_end(&upd, &inc);
+    BSON_APPEND_BOOL(&opts, "upsert", op->delta > 0);
+    /* update_many on a key that is unique anyway: FerretDB 1.24 over
+     * PostgreSQL never releases the pool connection of an update_one that
+     * filters on other fields than _id, and 50 of them hung every client. */
+    ok = mongoc_bulk_operation_update_many_with_opts(bulk, &sel, &upd, &opts, error);
+    bson_destroy(&sel);
+    bson_destroy(&upd);
+    bson_destroy(&opts);
+    return ok ? PX_OK : PX_ERROR;
+}
+
+/* The cleanup half, queued after all counts: a connect drops the records of
+ * older epochs (dead connections of a restarted gateway); a disconnect drops
+ * its record once the count reached zero. Running cleanups after the counts
+ * gives the same result as interleaving them (a zero-count record behaves
+ * like an absent one) in two round trips instead of 2n. */
+static int sm_presence_cleanup_op(mongoc_bulk_operation_t *bulk, const store_presence *op,
+                                  bson_error_t *error)
+{
+    bson_t sel, cond;
+    bool ok;
+
+    sm_presence_key(&sel, op);
+    if (op->delta > 0) {
+        BSON_APPEND_DOCUMENT_BEGIN(&sel, "epoch", &cond);
+        BSON_APPEND_INT64(&cond, "$lt", op->epoch);
+        bson_append_document_end(&sel, &cond);
+    } else {
+        BSON_APPEND_INT64(&sel, "epoch", op->epoch);
+        BSON_APPEND_DOCUMENT_BEGIN(&sel, "count", &cond);
+        BSON_APPEND_INT32(&cond, "$lte", 0);
+        bson_append_document_end(&sel, &cond);
+    }
+    ok = mongoc_bulk_operation_remove_many_with_opts(bulk, &sel, NULL, error);
+    bson_destroy(&sel);
+    return ok ? PX_OK : PX_ERROR;
+}
+
+int store_presence_apply(store *st, const store_presence *ops, size_t n,
+                         char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_bulk_operation_t *bulk = NULL;
+    bson_error_t error;
+    bson_t reply;
+    int rc;
+
+    rc = sm_check_presence(ops, n, err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    sm_conn_get(st, "presence", &sc);
+    bulk = sm_bulk_new(&sc, true);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        rc = sm_presence_count_op(bulk, &ops[i], &error);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        rc = sm_presence_cleanup_op(bulk, &ops[i], &error);
+    if (rc != PX_OK) {
+        sm_fail(err, errlen, "presence apply", &error);
+        goto out;
+    }
+    if (!mongoc_bulk_operation_execute(bulk, &reply, &error))
+        rc = sm_fail(err, errlen, "presence apply", &error);
+    bson_destroy(&reply);
+out:
+    mongoc_bulk_operation_destroy(bulk);
+    sm_conn_put(st, &sc);
+    return rc;
+}
+
+/* The beat only moves a gateway's record forward: a beat from an older
+ * epoch (a zombie of a restarted gateway) finds no record to update, its
+ * upsert collides with the newer record's _id, and that duplicate is
+ * absorbed, so the newer epoch stands. */
+static int sm_beat_upsert(store *st, const char *gateway, int64_t epoch, int64_t ts_ms,
+                          char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    bson_t *sel, *upd, *opts;
+    bson_error_t error;
+    int rc = PX_OK;
+
+    sel = BCON_NEW("_id", BCON_UTF8(gateway), "epoch", "{", "$lte", BCON_INT64(epoch), "}");
+    upd = BCON_NEW("$set", "{", "epoch", BCON_INT64(epoch), "ts", BCON_DATE_TIME(ts_ms), "}");
+    opts = BCON_NEW("upsert", BCON_BOOL(true));
+    sm_conn_get(st, "gateways", &sc);
+    if (!mongoc_collection_update_one(sc.coll, sel, upd, opts, NULL, &error) &&
+        error.code != SM_DUP_KEY)
+        rc = sm_fail(err, errlen, "gateway beat", &error);
+    sm_conn_put(st, &sc);
+    bson_destroy(sel);
+    bson_destroy(upd);
+    bson_destroy(opts);
+    return rc;
+}
+
+int store_gateway_beat(store *st, const char *gateway, int64_t epoch, int64_t ts_ms,
+                       int reset, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    bson_t *filter;
+    int rc;
+
+    rc = sm_check_gateway(gateway, "gateway beat", err, errlen);
+    if (rc == PX_OK)
+        rc = sm_beat_upsert(st, gateway, epoch, ts_ms, err, errlen);
+    if (rc != PX_OK || !reset)
+        return rc;
+    filter = BCON_NEW("gateway", BCON_UTF8(gateway), "epoch", "{", "$lt", BCON_INT64(epoch), "}");
+    sm_conn_get(st, "presence", &sc);
+    rc = sm_delete_many(&sc, filter, NULL, "gateway beat reset", err, errlen);
+    sm_conn_put(st, &sc);
+    bson_destroy(filter);
+    return rc;
+}
+
+/* Appends (name, epoch) of each document of cur, reading the gateway name
+ * from name_key; stops at max entries (the caller's ceiling). */
+static int sm_read_gws(mongoc_cursor_t *cur, const char *name_key, sm_gw *gw, size_t max,
+                       size_t *n, const char *what, char *err, size_t errlen)
+{
+    const bson_t *doc;
+    bson_error_t error;
+    bson_iter_t it;
+    uint32_t len;
+    const char *name;
+
+    *n = 0;
+    while (*n < max && mongoc_cursor_next(cur, &doc)) {
+        if (!bson_iter_init_find(&it, doc, name_key) || !BSON_ITER_HOLDS_UTF8(&it))
+            continue;
+        name = bson_iter_utf8(&it, &len);
+        if (len > SM_MAX_GATEWAY)
+            continue;
+        memcpy(gw[*n].name, name, len + 1);
+        if (!bson_iter_init_find(&it, doc, "epoch") || sm_iter_int64(&it, &gw[*n].epoch) != PX_OK)
+            continue;
+        (*n)++;
+    }
+    if (mongoc_cursor_error(cur, &error))
+        return sm_fail(err, errlen, what, &error);
+    return PX_OK;
+}
+
+static int sm_find_gws(store *st, const char *coll, const bson_t *filter, const char *name_key,
+                       sm_gw *gw, size_t max, size_t *n, const char *what,
+                       char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_cursor_t *cur;
+    /* singleBatch: the reader may stop at max, and a cursor FerretDB over
+     * PostgreSQL keeps open holds one of its pool's connections (leaked
+     * ones starved the pool and hung every client). */
+    bson_t *opts = BCON_NEW("projection", "{", name_key, BCON_INT32(1), "epoch", BCON_INT32(1), "}",
+                            "limit", BCON_INT64((int64_t)max), "singleBatch", BCON_BOOL(true));
+    int rc;
+
+    sm_conn_get(st, coll, &sc);
+    cur = mongoc_collection_find_with_opts(sc.coll, filter, opts, NULL);
+    rc = sm_read_gws(cur, name_key, gw, max, n, what, err, errlen);
+    mongoc_cursor_destroy(cur);
+    sm_conn_put(st, &sc);
+    bson_destroy(opts);
+    return rc;
+}
+
+static void sm_filter_names(bson_t *filter, const char *key, const sm_gw *gw, size_t n)
+{
+    bson_t in, arr;
+    char buf[16];
+    const char *k;
+
+    BSON_APPEND_DOCUMENT_BEGIN(filter, key, &in);
+    BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
+    for (size_t i = 0; i < n; i++) {
+        bson_uint32_to_string((uint32_t)i, &k, buf, sizeof(buf));
+        bson_append_utf8(&arr, k, -1, gw[i].name, -1);
+    }
+    bson_append_array_end(&in, &arr);
+    bson_append_document_end(filter, &in);
+}
+
+/* Adds name to gws unless present or full. */
+static void sm_add_unique(char (*gws)[65], size_t max, size_t *n, const char *name)
+{
+    for (size_t i = 0; i < *n; i++)
+        if (strcmp(gws[i], name) == 0)
+            return;
+    if (*n < max)
+        memcpy(gws[(*n)++], name, strlen(name) + 1);
+}
+
+/* Two reads: the user's records, then which of those gateways beat recently.
+ * A record counts when its epoch is the gateway's current one or newer (a
+ * restarted gateway that has not beaten yet); older epochs are dead. */
+int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
+                          char (*gws)[65], size_t max, size_t *n, char *err, size_t errlen)
+{
+    sm_gw *rec = NULL, *live = NULL;
+    size_t nrec = 0, nlive = 0;
+    bson_t *filter = NULL;
+    int rc;
+
+    if (user == NULL || n == NULL || (gws == NULL && max > 0))
+        return px_err(err, errlen, "presence lookup: user, gws and n are required");
+    *n = 0;
+    rec = px_malloc(SM_MAX_PRESENCE * sizeof(*rec));
+    filter = BCON_NEW("user", BCON_UTF8(user), "count", "{", "$gt", BCON_INT32(0), "}");
+    rc = sm_find_gws(st, "presence", filter, "gateway", rec, SM_MAX_PRESENCE, &nrec,
+                     "presence lookup", err, errlen);
+    bson_destroy(filter);
+    filter = NULL;
+    if (rc != PX_OK || nrec == 0 || max == 0)
+        goto out;
+    if (alive_after_ms <= 0) {
+        for (size_t i = 0; i < nrec; i++)
+            sm_add_unique(gws, max, n, rec[i].name);
+        goto out;
+    }
+    live = px_malloc(nrec * sizeof(*live));
+    filter = bson_new();
+    sm_filter_names(filter, "_id", rec, nrec);
+    BCON_APPEND(filter, "ts", "{", "$gte", BCON_DATE_TIME(alive_after_ms), "}");
+    rc = sm_find_gws(st, "gateways", filter, "_id", live, nrec, &nlive, "presence lookup",
+                     err, errlen);
+    for (size_t i = 0; rc == PX_OK && i < nrec; i++)
+        for (size_t j = 0; j < nlive; j++)
+            if (strcmp(rec[i].name, live[j].name) == 0 && rec[i].epoch >= live[j].epoch)
+                sm_add_unique(gws, max, n, rec[i].name);
+out:
+    if (filter != NULL)
+        bson_destroy(filter);
+    free(rec);
+    free(live);
+    return rc;
+}
+
+/* Deletes the presence records of the dead gateways up to each one's last
+ * known epoch (one delete per gateway, not an $or: see sm_each), so a
+ * gateway that restarted meanwhile keeps its new records, then the gateway
+ * records themselves unless a beat arrived in between. */
+static int sm_expire_dead(store *st, const sm_gw *dead, size_t n, int64_t cutoff_ms,
+                          int64_t *removed, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    sm_op *ops = px_calloc(n, sizeof(*ops));
+    bson_t filter = BSON_INITIALIZER;
+    int rc;
+
+    *removed = 0;
+    for (size_t i = 0; i < n; i++) {
+        bson_init(&ops[i].filter);
+        BCON_APPEND(&ops[i].filter, "gateway", BCON_UTF8(dead[i].name),
+                    "epoch", "{", "$lte", BCON_INT64(dead[i].epoch), "}");
+    }
+    rc = sm_each(st, "presence", ops, n, 1, "presence expire", err, errlen);
+    for (size_t i = 0; i < n; i++)
+        *removed += ops[i].removed;
+    sm_ops_free(ops, n);
+    if (rc != PX_OK)
+        goto out;
+    sm_filter_names(&filter, "_id", dead, n);
+    sm_append_lt_date(&filter, "ts", cutoff_ms);
+    sm_conn_get(st, "gateways", &sc);
+    rc = sm_delete_many(&sc, &filter, NULL, "presence expire", err, errlen);
+    sm_conn_put(st, &sc);
+out:
+    bson_destroy(&filter);
+    return rc;
+}
+
+int store_presence_expire(store *st, int64_t cutoff_ms, int64_t *removed,
+                          char *err, size_t errlen)
+{
+    sm_gw *dead = px_malloc(SM_MAX_BATCH * sizeof(*dead));
+    bson_t filter = BSON_INITIALIZER;
+    size_t n = 0;
+    int64_t count = 0;
+    int rc;
+
+    sm_append_lt_date(&filter, "ts", cutoff_ms);
+    rc = sm_find_gws(st, "gateways", &filter, "_id", dead, SM_MAX_BATCH, &n, "presence expire",
+                     err, errlen);
+    if (rc == PX_OK && n > 0)
+        rc = sm_expire_dead(st, dead, n, cutoff_ms, &count, err, errlen);
+    if (rc == PX_OK && removed != NULL)
+        *removed = count;
+    bson_destroy(&filter);
+    free(dead);
+    return rc;
+}
+
