@@ -127,7 +127,8 @@ export class Connection {
     this.retryTimer = null;
     if (this.stopped) return;
     this.onState('connecting');
-    const ws = new WebSocket(`${this.url}?access_token=${encodeURIComponent(this.token)}`);
+    // The token rides as a subprotocol, not in the URL, where proxies log it.
+    const ws = new WebSocket(this.url, ['parley.v1', `bearer.${this.token}`]);
     this.ws = ws;
     ws.onopen = () => {
       this.open = true;

@@ -126,6 +126,29 @@ static int http_header_has(struct MHD_Connection *mc, const char *name, const ch
     return 0;
 }
 
+/* Browsers cannot set headers on a WebSocket, and a token in the URL ends
+ * up in proxies' logs: the web client offers the subprotocols "parley.v1"
+ * and "bearer.<token>" instead (a JWT's characters are all legal there).
+ * Copies the token into buf and returns 1 when both are offered. */
+#define HTTP_WS_PROTOCOL "parley.v1"
+static int http_ws_protocol_token(struct MHD_Connection *mc, char *buf, size_t cap)
+{
+    const char *v = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Sec-WebSocket-Protocol");
+    int named = 0, found = 0;
+    while (v != NULL && *v != '\0') {
+        v += strspn(v, " \t,");
+        size_t len = strcspn(v, ", \t");
+        if (len == sizeof(HTTP_WS_PROTOCOL) - 1 && strncmp(v, HTTP_WS_PROTOCOL, len) == 0)
+            named = 1;
+        else if (len > 7 && len - 7 < cap && strncmp(v, "bearer.", 7) == 0) {
+            snprintf(buf, cap, "%.*s", (int)(len - 7), v + 7);
+            found = 1;
+        }
+        v += len;
+    }
+    return named && found;
+}
+
 /* Sec-WebSocket-Key must be the base64 of 16 bytes: 22 characters and "==". */
 static int http_ws_key_ok(const char *key)
 {
@@ -214,8 +237,9 @@ static void http_upgraded(void *cls, struct MHD_Connection *mc, void *con_cls,
 
 static enum MHD_Result http_ws(gw *g, struct MHD_Connection *mc, http_req *req)
 {
-    char err[PX_ERRLEN];
-    const char *tok = http_token(mc);
+    char err[PX_ERRLEN], ptok[AUTH_TOKEN_MAX + 1];
+    int via_protocol = http_ws_protocol_token(mc, ptok, sizeof(ptok));
+    const char *tok = via_protocol ? ptok : http_token(mc);
     if (tok == NULL || auth_verify(g->secret, tok, px_now_ms() / 1000, g->cfg.token_max_ttl_s, req->user, err,
                                    sizeof(err)) != PX_OK) {
         metric_add(g->m.refused_auth, 1);
@@ -240,6 +264,8 @@ static enum MHD_Result http_ws(gw *g, struct MHD_Connection *mc, http_req *req)
     struct MHD_Response *r = MHD_create_response_for_upgrade(http_upgraded, g);
     MHD_add_response_header(r, MHD_HTTP_HEADER_UPGRADE, "websocket");
     MHD_add_response_header(r, "Sec-WebSocket-Accept", accept);
+    if (via_protocol) /* a browser fails a handshake that picks none of its offers */
+        MHD_add_response_header(r, "Sec-WebSocket-Protocol", HTTP_WS_PROTOCOL);
     enum MHD_Result ret = MHD_queue_response(mc, MHD_HTTP_SWITCHING_PROTOCOLS, r);
     MHD_destroy_response(r);
     req->upgraded = ret == MHD_YES;

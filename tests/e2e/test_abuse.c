@@ -497,6 +497,28 @@ START_TEST(handshakes_are_checked_strictly)
 }
 END_TEST
 
+/* A browser's token rides as the subprotocol "bearer.<token>" beside
+ * "parley.v1" (not in the URL, where proxies log it); the server picks
+ * "parley.v1". Without "parley.v1" offered the entry is not read. */
+START_TEST(the_token_may_come_as_a_subprotocol)
+{
+    char u[65], tok[2048], head[3072];
+    e2e_user("subproto", u);
+    e2e_token(u, 3600, tok, sizeof(tok));
+    static const char *const offers[] = { "parley.v1, bearer.%s", "bearer.%s" };
+    static const int want[] = { 101, 401 };
+    for (int i = 0; i < 2; i++) {
+        char offer[2200];
+        snprintf(offer, sizeof(offer), offers[i], tok);
+        snprintf(head, sizeof(head),
+                 "GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: %s\r\n", offer);
+        ck_assert_int_eq(raw_request(head), want[i]);
+    }
+}
+END_TEST
+
 /* Two different Content-Length values, or one beside Transfer-Encoding,
  * are refused 400 (a proxy in front could frame the request otherwise). */
 START_TEST(conflicting_lengths_are_refused)
@@ -587,6 +609,7 @@ static Suite *abuse_suite(void)
     tcase_add_test(tc, a_user_holds_at_most_its_media_slots);
     tcase_add_test(tc, a_trickled_upload_is_dropped);
     tcase_add_test(tc, handshakes_are_checked_strictly);
+    tcase_add_test(tc, the_token_may_come_as_a_subprotocol);
     tcase_add_test(tc, conflicting_lengths_are_refused);
     tcase_add_test(tc, media_ids_are_unguessable);
     tcase_add_test(tc, max_conns_fits_the_file_limit);
@@ -608,7 +631,7 @@ int main(void)
         e2e_stop();
         return EXIT_FAILURE;
     }
-    abuse_port = e2e_port(E2E_GW2) + 20;
+    abuse_port = e2e_port(E2E_GW2) + 30; /* +10: test_gateway's, +20: the browser tests' */
     abuse_pid = e2e_spawn_extra("gw-abuse", abuse_port, 0, NULL, env, 0);
     SRunner *sr = srunner_create(abuse_suite());
     srunner_set_fork_status(sr, CK_NOFORK);
