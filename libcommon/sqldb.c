@@ -1,5 +1,5 @@
-/* Owns parleyd's database connections' setup, their statement caches, the
- * process write lock and the WAL checkpointer thread. */
+/* Owns parleyd's database connections' setup, their statement caches, and
+ * per file the process write lock and the WAL checkpointer thread. */
 #include "sqldb.h"
 #include "common.h"
 #include "config.h"
@@ -14,9 +14,9 @@
  * into the database. */
 #define SQLDB_CKPT_FRAMES 8000
 
-static pthread_mutex_t sqldb_write_mu = PTHREAD_MUTEX_INITIALIZER;
-
-/* One checkpointer per process, alive while any connection is open. In
+/* One file's process-wide state: its write lock and its checkpointer.
+ *
+ * One checkpointer per file, alive while any connection to it is open. In
  * SQLite's default setup the commit that crosses the threshold runs the
  * checkpoint (copy plus fsync) itself, inside our write lock: the profile
  * of parleyd under load put 12% of all samples there, every writer waiting
@@ -27,17 +27,31 @@ static pthread_mutex_t sqldb_write_mu = PTHREAD_MUTEX_INITIALIZER;
  * its beginning. PASSIVE alone never got that moment under steady load,
  * since some consumer is always reading: the WAL grew past 160 MB in a
  * 10 s run. */
-static struct {
-    pthread_mutex_t mu;
+struct sqldb_file {
+    const char *name;
+    pthread_mutex_t write_mu;
+    pthread_mutex_t mu;       /* the checkpointer's fields below */
     pthread_cond_t cv;
     int refs, stop, wanted;
     pthread_t th;
     sqlite3 *db;
-} sqldb_ckpt = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL };
+};
+
+#define SQLDB_FILE_INIT(n) { n, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, \
+                             PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL }
+static struct sqldb_file sqldb_files[] = {
+    [SQLDB_MAIN] = SQLDB_FILE_INIT("parley.db"),
+    [SQLDB_BUS] = SQLDB_FILE_INIT("bus.db"),
+};
+
+void sqldb_file_path(enum sqldb_which w, char *path, size_t len)
+{
+    snprintf(path, len, "%s/%s", config_str("PARLEY_DATA_DIR", "data"), sqldb_files[w].name);
+}
 
 void sqldb_path(char *path, size_t len)
 {
-    snprintf(path, len, "%s/parley.db", config_str("PARLEY_DATA_DIR", "data"));
+    sqldb_file_path(SQLDB_MAIN, path, len);
 }
 
 static sqlite3 *sqldb_connect(const char *path)
@@ -51,108 +65,111 @@ static sqlite3 *sqldb_connect(const char *path)
 
 static int sqldb_wal_hook(void *arg, sqlite3 *db, const char *name, int frames)
 {
-    (void)arg, (void)db, (void)name;
+    struct sqldb_file *f = arg;
+    (void)db, (void)name;
     if (frames >= SQLDB_CKPT_FRAMES) {
-        pthread_mutex_lock(&sqldb_ckpt.mu);
-        sqldb_ckpt.wanted = 1;
-        pthread_cond_signal(&sqldb_ckpt.cv);
-        pthread_mutex_unlock(&sqldb_ckpt.mu);
+        pthread_mutex_lock(&f->mu);
+        f->wanted = 1;
+        pthread_cond_signal(&f->cv);
+        pthread_mutex_unlock(&f->mu);
     }
     return SQLITE_OK;
 }
 
-static void sqldb_checkpoint(sqlite3 *db)
+static void sqldb_checkpoint(struct sqldb_file *f)
 {
-    int rc = sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    int rc = sqlite3_wal_checkpoint_v2(f->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
     if (rc == SQLITE_OK) {
-        pthread_mutex_lock(&sqldb_write_mu);
-        rc = sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_RESTART, NULL, NULL);
-        pthread_mutex_unlock(&sqldb_write_mu);
+        pthread_mutex_lock(&f->write_mu);
+        rc = sqlite3_wal_checkpoint_v2(f->db, NULL, SQLITE_CHECKPOINT_RESTART, NULL, NULL);
+        pthread_mutex_unlock(&f->write_mu);
     }
     if (rc != SQLITE_OK && rc != SQLITE_BUSY)
-        log_warn("sqlite checkpoint: %s", sqlite3_errmsg(db));
+        log_warn("sqlite checkpoint: %s", sqlite3_errmsg(f->db));
 }
 
 static void *sqldb_ckpt_main(void *arg)
 {
-    (void)arg;
-    pthread_mutex_lock(&sqldb_ckpt.mu);
-    while (!sqldb_ckpt.stop) {
-        if (!sqldb_ckpt.wanted) {
+    struct sqldb_file *f = arg;
+    pthread_mutex_lock(&f->mu);
+    while (!f->stop) {
+        if (!f->wanted) {
             struct timespec until;
             clock_gettime(CLOCK_REALTIME, &until);
             until.tv_sec += 1;
-            pthread_cond_timedwait(&sqldb_ckpt.cv, &sqldb_ckpt.mu, &until);
+            pthread_cond_timedwait(&f->cv, &f->mu, &until);
             continue;
         }
-        sqldb_ckpt.wanted = 0;
-        pthread_mutex_unlock(&sqldb_ckpt.mu);
-        sqldb_checkpoint(sqldb_ckpt.db);
-        pthread_mutex_lock(&sqldb_ckpt.mu);
+        f->wanted = 0;
+        pthread_mutex_unlock(&f->mu);
+        sqldb_checkpoint(f);
+        pthread_mutex_lock(&f->mu);
     }
-    pthread_mutex_unlock(&sqldb_ckpt.mu);
+    pthread_mutex_unlock(&f->mu);
     return NULL;
 }
 
 /* Called with a connection just opened: the first one starts the thread. */
-static int sqldb_ckpt_ref(const char *path)
+static int sqldb_ckpt_ref(struct sqldb_file *f, const char *path)
 {
-    pthread_mutex_lock(&sqldb_ckpt.mu);
+    pthread_mutex_lock(&f->mu);
     int rc = PX_OK;
-    if (sqldb_ckpt.refs == 0) {
-        sqldb_ckpt.db = sqldb_connect(path);
-        sqldb_ckpt.stop = 0;
+    if (f->refs == 0) {
+        f->db = sqldb_connect(path);
+        f->stop = 0;
         /* A connection opens its file lazily; until it has, a checkpoint
          * on it sees no WAL and does nothing. */
-        if (sqldb_ckpt.db == NULL ||
-            sqlite3_exec(sqldb_ckpt.db, "PRAGMA journal_mode=WAL", NULL, NULL, NULL) != SQLITE_OK ||
-            pthread_create(&sqldb_ckpt.th, NULL, sqldb_ckpt_main, NULL) != 0) {
-            sqlite3_close(sqldb_ckpt.db);
-            sqldb_ckpt.db = NULL;
+        if (f->db == NULL ||
+            sqlite3_exec(f->db, "PRAGMA journal_mode=WAL", NULL, NULL, NULL) != SQLITE_OK ||
+            pthread_create(&f->th, NULL, sqldb_ckpt_main, f) != 0) {
+            sqlite3_close(f->db);
+            f->db = NULL;
             rc = PX_ERROR;
         }
     }
     if (rc == PX_OK)
-        sqldb_ckpt.refs++;
-    pthread_mutex_unlock(&sqldb_ckpt.mu);
+        f->refs++;
+    pthread_mutex_unlock(&f->mu);
     return rc;
 }
 
-static void sqldb_ckpt_unref(void)
+static void sqldb_ckpt_unref(struct sqldb_file *f)
 {
-    pthread_mutex_lock(&sqldb_ckpt.mu);
-    if (--sqldb_ckpt.refs > 0) {
-        pthread_mutex_unlock(&sqldb_ckpt.mu);
+    pthread_mutex_lock(&f->mu);
+    if (--f->refs > 0) {
+        pthread_mutex_unlock(&f->mu);
         return;
     }
-    sqldb_ckpt.stop = 1;
-    pthread_cond_signal(&sqldb_ckpt.cv);
-    pthread_mutex_unlock(&sqldb_ckpt.mu);
-    pthread_join(sqldb_ckpt.th, NULL);
-    sqlite3_close(sqldb_ckpt.db);
-    sqldb_ckpt.db = NULL;
+    f->stop = 1;
+    pthread_cond_signal(&f->cv);
+    pthread_mutex_unlock(&f->mu);
+    pthread_join(f->th, NULL);
+    sqlite3_close(f->db);
+    f->db = NULL;
 }
 
-int sqldb_open(sqldb *d, char *err, size_t errlen)
+int sqldb_open_file(sqldb *d, enum sqldb_which w, char *err, size_t errlen)
 {
     char path[4096];
+    struct sqldb_file *f = &sqldb_files[w];
     memset(d, 0, sizeof(*d));
-    sqldb_path(path, sizeof(path));
+    sqldb_file_path(w, path, sizeof(path));
+    d->f = f;
     d->db = sqldb_connect(path);
     char *msg = NULL;
     int rc = d->db != NULL ? SQLITE_OK : SQLITE_NOMEM;
     if (rc == SQLITE_OK) {
-        /* Under the process's write lock: switching a new file to WAL while
+        /* Under the file's write lock: switching a new file to WAL while
          * another connection of this process does the same answered
          * "database is locked" at once (the busy handler is not asked),
          * which stopped parleyd on about one fresh start in three. */
-        pthread_mutex_lock(&sqldb_write_mu);
+        pthread_mutex_lock(&f->write_mu);
         rc = sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
                           " PRAGMA temp_store=MEMORY;", NULL, NULL, &msg);
-        pthread_mutex_unlock(&sqldb_write_mu);
+        pthread_mutex_unlock(&f->write_mu);
     }
-    if (rc == SQLITE_OK && sqldb_ckpt_ref(path) == PX_OK) {
-        sqlite3_wal_hook(d->db, sqldb_wal_hook, NULL);
+    if (rc == SQLITE_OK && sqldb_ckpt_ref(f, path) == PX_OK) {
+        sqlite3_wal_hook(d->db, sqldb_wal_hook, f);
         d->ckpt_ref = 1;
         return PX_OK;
     }
@@ -164,6 +181,11 @@ int sqldb_open(sqldb *d, char *err, size_t errlen)
     return PX_ERROR;
 }
 
+int sqldb_open(sqldb *d, char *err, size_t errlen)
+{
+    return sqldb_open_file(d, SQLDB_MAIN, err, errlen);
+}
+
 void sqldb_close(sqldb *d)
 {
     for (size_t i = 0; i < d->nstmts; i++)
@@ -172,7 +194,7 @@ void sqldb_close(sqldb *d)
     sqlite3_close(d->db);
     d->db = NULL;
     if (d->ckpt_ref)
-        sqldb_ckpt_unref();
+        sqldb_ckpt_unref(d->f);
     d->ckpt_ref = 0;
 }
 
@@ -229,12 +251,12 @@ static int sqldb_end_as(sqldb *d, int rc, pthread_mutex_t *mu, char *err, size_t
 
 int sqldb_begin(sqldb *d, char *err, size_t errlen)
 {
-    return sqldb_begin_as(d, "BEGIN IMMEDIATE", &sqldb_write_mu, err, errlen);
+    return sqldb_begin_as(d, "BEGIN IMMEDIATE", &d->f->write_mu, err, errlen);
 }
 
 int sqldb_end(sqldb *d, int rc, char *err, size_t errlen)
 {
-    return sqldb_end_as(d, rc, &sqldb_write_mu, err, errlen);
+    return sqldb_end_as(d, rc, &d->f->write_mu, err, errlen);
 }
 
 int sqldb_begin_read(sqldb *d, char *err, size_t errlen)

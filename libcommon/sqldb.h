@@ -1,6 +1,8 @@
-/* parleyd's SQLite file: opening PARLEY_DATA_DIR/parley.db (shared by the
- * in-process bus and the store) and a cache of prepared statements, so a
- * hot path compiles its SQL once per connection, not once per call. */
+/* parleyd's SQLite files under PARLEY_DATA_DIR: parley.db (the store) and
+ * bus.db (the in-process bus, whose connection is its only writer, so it
+ * keeps its page cache and never queues behind a store transaction);
+ * opening them, and a cache of prepared statements, so a hot path compiles
+ * its SQL once per connection, not once per call. */
 #ifndef PARLEY_SQLDB_H
 #define PARLEY_SQLDB_H
 
@@ -9,8 +11,11 @@
 
 #define SQLDB_MAX_STMTS 48
 
+enum sqldb_which { SQLDB_MAIN, SQLDB_BUS };
+
 typedef struct sqldb {
     sqlite3 *db;
+    struct sqldb_file *f;  /* the file's write lock and checkpointer */
     struct { const char *sql; sqlite3_stmt *s; } stmts[SQLDB_MAX_STMTS];
     size_t nstmts;
     int ckpt_ref;      /* holds a reference on the process checkpointer */
@@ -20,9 +25,12 @@ typedef struct sqldb {
  * timeout; its commits leave checkpoints to the process checkpointer.
  * PX_OK, or PX_ERROR with err. */
 int sqldb_open(sqldb *d, char *err, size_t errlen);
+/* The same for either file (sqldb_open is SQLDB_MAIN). */
+int sqldb_open_file(sqldb *d, enum sqldb_which w, char *err, size_t errlen);
 
-/* PARLEY_DATA_DIR/parley.db into path. */
+/* PARLEY_DATA_DIR/parley.db (or the named file) into path. */
 void sqldb_path(char *path, size_t len);
+void sqldb_file_path(enum sqldb_which w, char *path, size_t len);
 
 /* Finalizes the cached statements and closes the connection. */
 void sqldb_close(sqldb *d);
@@ -33,10 +41,10 @@ void sqldb_close(sqldb *d);
  * sqldb_done after use. */
 sqlite3_stmt *sqldb_stmt(sqldb *d, const char *sql, char *err, size_t errlen);
 
-/* Write transactions of every connection of the process take one lock
- * first: the bus and the store write the same file, and a writer that met
- * SQLITE_BUSY would sleep in SQLite's busy handler (milliseconds) instead of
- * queueing here (microseconds). sqldb_begin: lock, BEGIN IMMEDIATE; PX_OK,
+/* Write transactions of every connection of the process to one file take
+ * that file's lock first: the services' stores write the same file, and a
+ * writer that met SQLITE_BUSY would sleep in SQLite's busy handler
+ * (milliseconds) instead of queueing here (microseconds). sqldb_begin: lock, BEGIN IMMEDIATE; PX_OK,
  * or PX_ERROR with err and nothing held. sqldb_end: COMMIT when rc is PX_OK
  * (else ROLLBACK), unlock; returns rc, or PX_ERROR if the commit failed. */
 int sqldb_begin(sqldb *d, char *err, size_t errlen);

@@ -1,5 +1,5 @@
 /* The SQLite store of parleyd (store.h): the same contract as store_mongo.c
- * in tables of PARLEY_DATA_DIR/parley.db (the file the in-process bus uses),
+ * in tables of PARLEY_DATA_DIR/parley.db (the in-process bus has bus.db),
  * WAL mode. Each call is one transaction (a batch is one commit), over one
  * connection guarded by a mutex: SQLite has one writer at a time anyway.
  * Idempotence comes from primary keys and INSERT OR IGNORE, as the unique

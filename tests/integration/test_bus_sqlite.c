@@ -182,14 +182,14 @@ START_TEST(consume_fd_and_wakeup)
 END_TEST
 
 
-/* Runs sql on the bus's file through a connection of its own; returns the
- * first column of the first row (0 if none). */
-static long sql_on_file(const char *sql)
+/* Runs sql on a file of the data folder through a connection of its own;
+ * returns the first column of the first row (0 if none). */
+static long sql_on(const char *file, const char *sql)
 {
     char path[128];
     sqlite3 *db = NULL;
     sqlite3_stmt *s = NULL;
-    snprintf(path, sizeof(path), "%s/parley.db", test_dir);
+    snprintf(path, sizeof(path), "%s/%s", test_dir, file);
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     sqlite3_busy_timeout(db, 10000);
     ck_assert_int_eq(sqlite3_prepare_v2(db, sql, -1, &s, NULL), SQLITE_OK);
@@ -199,6 +199,11 @@ static long sql_on_file(const char *sql)
     sqlite3_finalize(s);
     sqlite3_close(db);
     return v;
+}
+
+static long sql_on_file(const char *sql)
+{
+    return sql_on("bus.db", sql);
 }
 
 /* Records are in the log when reported, and a consumer that was caught up
@@ -340,6 +345,45 @@ START_TEST(crash_mid_group_commit_loses_nothing_reported)
 }
 END_TEST
 
+/* A data folder of an older parleyd keeps the bus's tables in parley.db:
+ * the first open moves them to bus.db (the committed offset and the next
+ * offset hold) and drops them from parley.db. */
+START_TEST(bus_tables_move_out_of_the_store_file)
+{
+    const char *topics[] = { "t.old" };
+    char err[PX_ERRLEN] = "";
+    static reports r;
+    fresh_dir();
+    sql_on("parley.db", "CREATE TABLE bus_parts (topic TEXT NOT NULL, part INTEGER NOT NULL,"
+           " next INTEGER NOT NULL, PRIMARY KEY (topic, part)) WITHOUT ROWID");
+    sql_on("parley.db", "CREATE TABLE bus_log (topic TEXT NOT NULL, part INTEGER NOT NULL,"
+           " off INTEGER NOT NULL, ts INTEGER NOT NULL, key BLOB, value BLOB,"
+           " PRIMARY KEY (topic, part, off)) WITHOUT ROWID");
+    sql_on("parley.db", "CREATE TABLE bus_offsets (grp TEXT NOT NULL, topic TEXT NOT NULL,"
+           " part INTEGER NOT NULL, off INTEGER NOT NULL, PRIMARY KEY (grp, topic, part))"
+           " WITHOUT ROWID");
+    /* "u0" is in partition 2 of 4 (murmur2, as Kafka). */
+    sql_on("parley.db", "INSERT INTO bus_parts VALUES ('t.old',0,0),('t.old',1,0),"
+           "('t.old',2,3),('t.old',3,0)");
+    sql_on("parley.db", "INSERT INTO bus_log VALUES ('t.old',2,0,1,'u0','0'),"
+           "('t.old',2,1,1,'u0','1'),('t.old',2,2,1,'u0','2')");
+    sql_on("parley.db", "INSERT INTO bus_offsets VALUES ('gold','t.old',2,1)");
+    bus *c = open_bus("gold");
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(consume_all(c, 2, 0), 2);
+    ck_assert_int_eq(sql_on("parley.db", "SELECT count(*) FROM sqlite_master"
+                            " WHERE name LIKE 'bus_%'"), 0);
+    bus_destroy(c);
+    bus *p = open_bus(NULL);
+    const char key[] = "u0";
+    ck_assert_int_eq(bus_produce(p, "t.old", key, 2, "3", 1, &r, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
+    ck_assert_int_eq(r.next_off[2], 4);
+    bus_destroy(p);
+    remove_dir();
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("bus_sqlite");
@@ -351,6 +395,7 @@ int main(void)
     tcase_add_test(tc, caught_up_consumer_gets_records_without_a_read_back);
     tcase_add_test(tc, volatile_topic_skips_the_log);
     tcase_add_test(tc, crash_mid_group_commit_loses_nothing_reported);
+    tcase_add_test(tc, bus_tables_move_out_of_the_store_file);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
