@@ -5,14 +5,30 @@
  * member, no earlier messages for a member added later), a gateway's
  * drain on SIGTERM (close 1001, clean exit), and, against the stack, a
  * send while Kafka is stopped: `unavailable`, /readyz 503, then the retry
- * with the same id goes through once. */
+ * with the same id goes through once; and the database stopped: /readyz
+ * 503, sends still `sent`, and what was sent meanwhile is stored once it
+ * is back. */
 #include "e2e.h"
 
+#include <dirent.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+/* What a test started that must not outlive it, even when it fails (check
+ * runs the teardown below after a failed test too). */
+static pid_t proto_extra, proto_stopped;
+
+static void proto_teardown(void)
+{
+    if (proto_stopped > 0)
+        kill(proto_stopped, SIGCONT);
+    if (proto_extra > 0)
+        e2e_stop_extra(proto_extra);
+    proto_stopped = proto_extra = 0;
+}
 
 /* Sends a command object (takes o) and returns its answer. */
 static json_t *cmd(client *cl, json_t *o)
@@ -252,7 +268,7 @@ START_TEST(sigterm_drains_with_1001)
     char u[65];
     int status = 0, port = e2e_port(E2E_GW2) + 13;
     e2e_user("drain", u);
-    pid_t pid = e2e_spawn_extra("gw-drain", port, 0, NULL, NULL, 0);
+    pid_t pid = proto_extra = e2e_spawn_extra("gw-drain", port, 0, NULL, NULL, 0);
     client *cl = e2e_connect_port(port, u, &status);
     ck_assert_msg(cl != NULL, "connect to the draining gateway: HTTP %d", status);
     json_decref(e2e_wait_type(cl, "synced"));
@@ -260,6 +276,7 @@ START_TEST(sigterm_drains_with_1001)
     ck_assert_int_eq(client_wait_close(cl, E2E_WAIT_MS), 1001);
     client_free(cl);
     int st = e2e_extra_exit_status(pid);
+    proto_extra = 0;
     ck_assert_msg(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status %d", st);
 }
 END_TEST
@@ -279,6 +296,43 @@ static pid_t kafka_pid(void)
     ck_assert_msg(f != NULL && fscanf(f, "%ld", &pid) == 1, "no pid in %s", path);
     fclose(f);
     return (pid_t)pid;
+}
+
+/* 1 if every thread of pid is in state T (stopped). */
+static int all_threads_stopped(pid_t pid)
+{
+    char path[300], line[256];
+    snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+    DIR *d = opendir(path);
+    int all = d != NULL;
+    struct dirent *e;
+    while (all && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof(path), "/proc/%d/task/%s/status", (int)pid, e->d_name);
+        FILE *f = fopen(path, "r");
+        int stopped = 0;
+        while (f != NULL && fgets(line, sizeof(line), f) != NULL)
+            if (strncmp(line, "State:", 6) == 0)
+                stopped = strstr(line, "T (stopped)") != NULL;
+        if (f != NULL)
+            fclose(f);
+        all = stopped;
+    }
+    if (d != NULL)
+        closedir(d);
+    return all;
+}
+
+/* SIGSTOP takes effect asynchronously: polls for up to 5 s. */
+static int stopped_within(pid_t pid)
+{
+    for (int tries = 0; tries < 500; tries++) {
+        if (all_threads_stopped(pid))
+            return 1;
+        usleep(10 * 1000);
+    }
+    return 0;
 }
 
 /* Polls port's /readyz until its status is (want_ok: 200, else not 200);
@@ -312,7 +366,7 @@ START_TEST(kafka_down_unavailable_then_retry_same_id)
     e2e_user("alice", alice);
     e2e_user("bob", bob);
     const char *env[] = { "PARLEY_KAFKA_PRODUCER_CONFIG", "message.timeout.ms=3000", NULL };
-    pid_t gw = e2e_spawn_extra("gw-nokafka", port, 0, NULL, env, 0);
+    pid_t gw = proto_extra = e2e_spawn_extra("gw-nokafka", port, 0, NULL, env, 0);
     client *a = e2e_connect_port(port, alice, &status);
     ck_assert_msg(a != NULL, "connect: HTTP %d", status);
     json_decref(e2e_wait_type(a, "synced"));
@@ -322,10 +376,14 @@ START_TEST(kafka_down_unavailable_then_retry_same_id)
     /* Nothing may fail the test while Kafka is stopped: look, wake it, then
      * assert. */
     ck_assert_int_eq(kill(kpid, SIGSTOP), 0);
+    proto_stopped = kpid;
+    int was_stopped = stopped_within(kpid);
     e2e_send_async(a, "k1", bob, "through the outage");
     json_t *r = client_wait_ref(a, "k1", E2E_WAIT_MS);
     int not_ready = readyz_becomes(port, 0);
     ck_assert_int_eq(kill(kpid, SIGCONT), 0);
+    proto_stopped = 0;
+    ck_assert_msg(was_stopped, "Kafka (pid %d) not stopped after SIGSTOP", (int)kpid);
     ck_assert_msg(r != NULL, "no answer while Kafka was stopped: %s", client_errstr(a));
     ck_assert_msg(strcmp(e2e_str(r, "type"), "error") == 0 &&
                       strcmp(e2e_str(r, "code"), "unavailable") == 0,
@@ -341,7 +399,10 @@ START_TEST(kafka_down_unavailable_then_retry_same_id)
      * another id before k2. */
     int got = 0;
     for (;;) {
-        json_t *m = e2e_wait_type(b, "message");
+        /* Consumers rejoin their groups after the pause first: a bound
+         * for a loaded box. */
+        json_t *m = client_wait_type(b, "message", 4 * E2E_WAIT_MS);
+        ck_assert_msg(m != NULL, "bob got nothing after the outage: %s", client_errstr(b));
         int done = strcmp(e2e_str(m, "id"), next) == 0;
         ck_assert_msg(done || strcmp(e2e_str(m, "id"), mid) == 0, "unexpected %s",
                       json_dumps(m, 0));
@@ -353,7 +414,48 @@ START_TEST(kafka_down_unavailable_then_retry_same_id)
     ck_assert_msg(got >= 1, "the retried send never reached bob");
     client_close(a, 1000);
     client_close(b, 1000);
+    proto_extra = 0;
     ck_assert_int_eq(e2e_stop_extra(gw), 0);
+}
+END_TEST
+
+/* The database (FerretDB and its PostgreSQL) stopped and started again
+ * with the stack's own script: the gateways' /readyz is 503 meanwhile, a
+ * send is still `sent` (it only needs Kafka), message-store retries until
+ * it can store it, and the offline recipient finds it in his sync. */
+START_TEST(store_down_readyz_then_nothing_lost)
+{
+    if (kafka_pid() == 0)
+        return;
+    char alice[65], bob[65], mid[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(e2e_wait_type(a, "synced"));
+    /* Nothing may fail the test while the database is down: look, start it
+     * again, then assert. */
+    int stopped = system("bash deploy/local/stack.sh stop mongo >/dev/null 2>&1");
+    int not_ready = readyz_becomes(e2e_port(E2E_GW1), 0);
+    e2e_send_async(a, "d1", bob, "while the database is down");
+    json_t *r = client_wait_ref(a, "d1", E2E_WAIT_MS);
+    int started = system("PARLEY_STACK_FRESH=0 bash deploy/local/stack.sh start mongo "
+                         ">/dev/null 2>&1");
+    ck_assert_msg(stopped == 0 && started == 0, "stack.sh stop/start mongo: %d/%d", stopped,
+                  started);
+    ck_assert_msg(not_ready, "/readyz stayed 200 with the database stopped");
+    ck_assert_msg(r != NULL && strcmp(e2e_str(r, "type"), "sent") == 0,
+                  "send with the database down: %s", r ? json_dumps(r, 0) : client_errstr(a));
+    snprintf(mid, sizeof(mid), "%s", e2e_str(r, "msg_id"));
+    json_decref(r);
+    ck_assert_msg(readyz_becomes(e2e_port(E2E_GW1), 1), "/readyz not 200 again");
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_t *m = client_wait_type(b, "message", 4 * E2E_WAIT_MS);
+    ck_assert_msg(m != NULL, "the message sent meanwhile never came: %s", client_errstr(b));
+    ck_assert_str_eq(e2e_str(m, "id"), mid);
+    json_decref(m);
+    json_decref(e2e_wait_type(b, "synced"));
+    client_close(a, 1000);
+    client_close(b, 1000);
 }
 END_TEST
 
@@ -362,11 +464,13 @@ static Suite *protocol_suite(void)
     Suite *s = suite_create("e2e-protocol");
     TCase *tc = tcase_create("protocol");
     tcase_set_timeout(tc, 120);
+    tcase_add_checked_fixture(tc, NULL, proto_teardown);
     tcase_add_test(tc, forged_from_is_ignored);
     tcase_add_test(tc, limits_of_ids_and_names);
     tcase_add_test(tc, group_edge_cases);
     tcase_add_test(tc, sigterm_drains_with_1001);
     tcase_add_test(tc, kafka_down_unavailable_then_retry_same_id);
+    tcase_add_test(tc, store_down_readyz_then_nothing_lost);
     suite_add_tcase(s, tc);
     return s;
 }
