@@ -99,6 +99,7 @@ int config_load(config *cfg, char *err, size_t errlen)
     cfg->topic_prefix = config_str("PARLEY_TOPIC_PREFIX", "parley.");
     cfg->log_level = config_str("PARLEY_LOG_LEVEL", "info");
     cfg->allowed_origins = config_str("PARLEY_ALLOWED_ORIGINS", NULL);
+    cfg->metrics_listen = config_str("PARLEY_METRICS_LISTEN", NULL);
 
     for (size_t i = 0; i < PX_ARRAY_LEN(config_nums); i++) {
         const struct config_num *n = &config_nums[i];

@@ -15,6 +15,8 @@ typedef struct config {
     const char *topic_prefix;    /* PARLEY_TOPIC_PREFIX, default "parley." */
     const char *log_level;       /* PARLEY_LOG_LEVEL debug|info|warn|error */
     const char *allowed_origins; /* PARLEY_ALLOWED_ORIGINS: comma list, or NULL: any */
+    const char *metrics_listen;  /* PARLEY_METRICS_LISTEN: the gateway's /metrics
+                                    there instead of the client port; NULL: there */
     long max_frame_bytes;        /* PARLEY_MAX_FRAME_BYTES */
     long max_body_bytes;         /* PARLEY_MAX_BODY_BYTES */
     long max_media_bytes;        /* PARLEY_MAX_MEDIA_BYTES */

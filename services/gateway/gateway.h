@@ -4,6 +4,7 @@
 #ifndef PARLEY_GATEWAY_H
 #define PARLEY_GATEWAY_H
 
+#include "admin_http.h"
 #include "bus.h"
 #include "config.h"
 #include "metrics.h"
@@ -56,6 +57,7 @@ typedef struct gw {
     media *md;
     struct MHD_Daemon *mhd;
     http_guard *guard;
+    admin *metrics;              /* PARLEY_METRICS_LISTEN's server, if set */
     int listen_fd;               /* -1 until http_bind */
     _Atomic int64_t last_beat_ok; /* ms of the last heartbeat Kafka accepted */
     volatile sig_atomic_t stopping;
@@ -234,6 +236,9 @@ enum MHD_Result http_json_error(struct MHD_Connection *mc, unsigned status, cons
  * use stops the gateway before it touches the bus; connections wait in the
  * backlog until http_start. */
 int http_bind(gw *g, char *err, size_t errlen);
+/* The gateway's readiness (heartbeats acknowledged, store reachable), an
+ * admin_ready_cb (arg: the gw) for PARLEY_METRICS_LISTEN's server too. */
+int http_readiness(void *arg, char *err, size_t errlen);
 int http_start(gw *g, char *err, size_t errlen);
 /* Stops accepting connections; those open stay until the workers close
  * them, which must happen before http_stop. */

@@ -88,15 +88,25 @@ static enum MHD_Result http_metrics(struct MHD_Connection *mc)
     return ret;
 }
 
+int http_readiness(void *arg, char *err, size_t errlen)
+{
+    gw *g = arg;
+    int64_t last = atomic_load(&g->last_beat_ok);
+    char why[PX_ERRLEN];
+    if (last == 0 || px_now_ms() - last > 3 * g->cfg.heartbeat_ms)
+        return px_err(err, errlen, "kafka not acknowledging heartbeats");
+    if (store_ping(g->st, why, sizeof(why)) != PX_OK)
+        return px_err(err, errlen, "database unreachable");
+    return PX_OK;
+}
+
 static enum MHD_Result http_ready(gw *g, struct MHD_Connection *mc)
 {
-    int64_t last = atomic_load(&g->last_beat_ok);
-    char err[PX_ERRLEN];
-    if (last == 0 || px_now_ms() - last > 3 * g->cfg.heartbeat_ms)
-        return http_text(mc, 503, "text/plain", "kafka not acknowledging heartbeats\n", 35);
-    if (store_ping(g->st, err, sizeof(err)) != PX_OK)
-        return http_text(mc, 503, "text/plain", "database unreachable\n", 21);
-    return http_text(mc, 200, "text/plain", "ready\n", 6);
+    char err[PX_ERRLEN], body[PX_ERRLEN + 2];
+    if (http_readiness(g, err, sizeof(err)) == PX_OK)
+        return http_text(mc, 200, "text/plain", "ready\n", 6);
+    int n = snprintf(body, sizeof(body), "%s\n", err);
+    return http_text(mc, 503, "text/plain", body, (size_t)n);
 }
 
 /* The token from "Authorization: Bearer X", else the access_token query. */
@@ -332,7 +342,7 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *mc, const c
         return http_text(mc, 200, "text/plain", "ok\n", 3);
     if (get && strcmp(url, "/readyz") == 0)
         return http_ready(g, mc);
-    if (get && strcmp(url, "/metrics") == 0)
+    if (get && strcmp(url, "/metrics") == 0 && g->cfg.metrics_listen == NULL)
         return http_metrics(mc);
     const web_asset *wa = get ? web_assets_find(url) : NULL;
     if (wa != NULL)

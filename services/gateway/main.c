@@ -97,6 +97,9 @@ static int main_setup(gw *g, char *err, size_t errlen)
     }
     if (g->secret == NULL)
         return px_err(err, errlen, "PARLEY_JWT_SECRET is required (or PARLEY_DEV=1)");
+    if (g->cfg.metrics_listen != NULL &&
+        admin_check_listen(g->cfg.metrics_listen, err, errlen) != PX_OK)
+        return PX_ERROR;
     g->epoch = px_now_ms();
     const char *p = g->cfg.topic_prefix;
     snprintf(g->topic_inbox, sizeof(g->topic_inbox), "%sinbox", p);
@@ -116,6 +119,12 @@ static int main_start(gw *g, char *err, size_t errlen)
     snprintf(client, sizeof(client), "gateway-%s", g->cfg.gateway_id);
     if (http_bind(g, err, errlen) != PX_OK)
         return PX_ERROR;
+    /* /metrics (with /healthz, /readyz) on an address of its own, off the
+     * public port, when asked for. */
+    if (g->cfg.metrics_listen != NULL &&
+        (g->metrics = admin_start(g->cfg.metrics_listen, http_readiness, g, err, errlen)) == NULL)
+        return px_err(err, errlen, "PARLEY_METRICS_LISTEN=%s: cannot listen there (in use?)",
+                      g->cfg.metrics_listen);
     bus_conf bc = { .brokers = g->cfg.kafka_brokers, .client_id = client, .group = group,
                     .partitions = (int)g->cfg.partitions, .dr_cb = commands_on_delivery };
     g->b = bus_new(&bc, err, errlen);
@@ -152,6 +161,7 @@ static void main_shutdown(gw *g)
         if (g->workers[i] != NULL)
             worker_stop(g->workers[i]);
     http_stop(g);
+    admin_stop(g->metrics);
     g->stopping = 1;
     media_stop(g);
     deliver_stop(g);

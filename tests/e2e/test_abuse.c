@@ -30,9 +30,10 @@ static client *abuse_connect(const char *user)
     return cl;
 }
 
+/* gw-abuse serves /metrics on PARLEY_METRICS_LISTEN, port abuse_port + 2. */
 static long long abuse_metric(const char *name)
 {
-    return e2e_metric_at(abuse_port, name);
+    return e2e_metric_at(abuse_port + 2, name);
 }
 
 /* Sends n commands made from fmt (%d: 0..n-1) in a row and counts those
@@ -573,6 +574,17 @@ START_TEST(media_ids_are_unguessable)
 }
 END_TEST
 
+/* With PARLEY_METRICS_LISTEN set, /metrics leaves the public port (404
+ * there) for its own address, which answers /readyz too. */
+START_TEST(metrics_are_off_the_client_port)
+{
+    char buf[4096];
+    ck_assert_int_eq(e2e_http_get_from(NULL, abuse_port, "/metrics", buf, sizeof(buf)), 404);
+    ck_assert_int_eq(e2e_http_get_from(NULL, abuse_port + 2, "/readyz", buf, sizeof(buf)), 200);
+    ck_assert_int_ge(abuse_metric("parley_gateway_connections"), 0);
+}
+END_TEST
+
 /* RLIMIT_NOFILE 600 with PARLEY_MAX_CONNS=20000: the gateway starts with
  * the cap lowered to fit (600 - 256 reserved) and says so, instead of
  * meeting the file limit in accept() once it is busy. */
@@ -612,6 +624,7 @@ static Suite *abuse_suite(void)
     tcase_add_test(tc, the_token_may_come_as_a_subprotocol);
     tcase_add_test(tc, conflicting_lengths_are_refused);
     tcase_add_test(tc, media_ids_are_unguessable);
+    tcase_add_test(tc, metrics_are_off_the_client_port);
     tcase_add_test(tc, max_conns_fits_the_file_limit);
     suite_add_tcase(s, tc);
     return s;
@@ -619,19 +632,22 @@ static Suite *abuse_suite(void)
 
 int main(void)
 {
-    static const char *const env[] = {
+    static char metrics_listen[32];
+    static const char *env[] = {
         "PARLEY_WORKERS", "1", "PARLEY_MAX_CONNS", "20", "PARLEY_CMD_RATE", "5",
         "PARLEY_CMD_BURST", "10", "PARLEY_SEND_RATE", "5", "PARLEY_SEND_BURST", "10",
         "PARLEY_USER_CONNS", "3", "PARLEY_SEND_QUEUE_BYTES", "65536",
         "PARLEY_HTTP_HEAD_TIMEOUT_S", "2", "PARLEY_HTTP_PER_ADDRESS", "16",
         "PARLEY_MAX_FRAGMENTS", "8", "PARLEY_MEDIA_USER_SLOTS", "2",
-        "PARLEY_ALLOWED_ORIGINS", "https://other.example, https://app.example", NULL,
+        "PARLEY_ALLOWED_ORIGINS", "https://other.example, https://app.example",
+        "PARLEY_METRICS_LISTEN", metrics_listen, NULL,
     };
     if (e2e_start() != 0) {
         e2e_stop();
         return EXIT_FAILURE;
     }
     abuse_port = e2e_port(E2E_GW2) + 30; /* +10: test_gateway's, +20: the browser tests' */
+    snprintf(metrics_listen, sizeof(metrics_listen), "127.0.0.1:%d", abuse_port + 2);
     abuse_pid = e2e_spawn_extra("gw-abuse", abuse_port, 0, NULL, env, 0);
     SRunner *sr = srunner_create(abuse_suite());
     srunner_set_fork_status(sr, CK_NOFORK);
