@@ -35,7 +35,7 @@ SET client_min_messages = warning;
 ALTER DATABASE ferretdb SET plan_cache_mode = force_custom_plan;
 
 -- The GIN twin of one btree index of a FerretDB collection (no-op for any
--- other index). Named after the table and the field, so it is made once.
+-- other index, and when the table has a GIN index on that field already).
 CREATE OR REPLACE FUNCTION public.parley_gin_twin(idx oid) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -58,12 +58,17 @@ BEGIN
                     WHERE a.attrelid = t.oid AND a.attname = '_jsonb' AND NOT a.attisdropped);
     -- Parley's {ts: 1} indexes serve the expiry sweeps' ranges ($lt), which
     -- FerretDB never pushes down: a twin would only slow inserts.
-    IF tbl IS NULL OR col = '((_jsonb -> ''ts''::text))' THEN
+    IF tbl IS NULL OR col = '((_jsonb -> ''ts''::text))' OR EXISTS (
+        SELECT 1 FROM pg_index g
+          JOIN pg_class gc ON gc.oid = g.indexrelid
+          JOIN pg_am gam ON gam.oid = gc.relam
+         WHERE g.indrelid = tbl AND gam.amname = 'gin'
+           AND pg_get_indexdef(g.indexrelid, 1, false) = col) THEN
         RETURN;
     END IF;
-    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s USING gin (%s)',
-                   left((SELECT relname FROM pg_class WHERE oid = tbl), 50)
-                       || '_' || left(md5(col), 8) || '_gin',
+    EXECUTE format('CREATE INDEX %I ON %s USING gin (%s)',
+                   left((SELECT relname FROM pg_class WHERE oid = tbl), 40) || '_'
+                       || left(md5(tbl::regclass::text || col), 12) || '_gin',
                    tbl::regclass, col);
 END
 $$;
