@@ -1,6 +1,7 @@
 /* Owns storing runs of InboxRecords with crash-safe dedupe, behind the
  * live push. Steps: push to the online recipients (route.c), seen claim,
- * inbox put, then wait until the bus holds the pushes; the batch commits
+ * inbox put (registry lookups of expired presence-cache entries run beside
+ * them), then wait until the bus holds the pushes; the batch commits
  * after. The push goes first because a recipient who is online needs
  * nothing from the store: the store is for what is not yet delivered, and
  * its round trips (a claim and a put, milliseconds each on FerretDB) no
@@ -195,7 +196,7 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
      * after it, and waits until this run is durable. */
     uint64_t run = putgate_pushed(ms->gate);
     inbox_pick_push(ms, &ir, recs);
-    route_live(ms, ir.pev, ir.np);
+    route_refresh *refresh = route_live(ms, ir.pev, ir.np);
 
     int64_t t0 = service_clock_us();
     if (store_seen_claim(ms->svc.st, ir.ckeys, ir.ctags, ir.nc, px_now_ms(), ir.fresh, err,
@@ -211,6 +212,8 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
         service_observe(ms->m.lat_put, t0);
     }
     putgate_durable(ms->gate, run);
+    route_refresh_end(refresh);
+    refresh = NULL;
 
     size_t inserted = 0;
     for (size_t i = 0; i < ir.nf; i++)
@@ -227,6 +230,7 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
     }
     rc = PX_OK;
 out:
+    route_refresh_end(refresh); /* a failed store step: the lookups still end */
     inbox_run_free(&ir);
     return rc;
 }

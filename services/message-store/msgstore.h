@@ -153,8 +153,14 @@ void route_cache_free(route_cache *rc);
 
 /* Pushes freshly consumed events to their recipients' gateways, several
  * events of one user per Delivery. Best effort: an event that cannot be
- * pushed now is stored and goes out with the user's next sync. */
-void route_live(msgstore *ms, const store_event *ev, size_t n);
+ * pushed now is stored and goes out with the user's next sync. Users
+ * pushed to from expired cache entries are looked up again meanwhile:
+ * the returned refresh (NULL: none) must be ended with route_refresh_end
+ * while ev is still valid, on the main thread; it may push ev again to
+ * gateways the registry adds. */
+typedef struct route_refresh route_refresh;
+route_refresh *route_live(msgstore *ms, const store_event *ev, size_t n);
+void route_refresh_end(route_refresh *r);
 
 /* The sync path's hint: gateway now holds a connection of user, whatever
  * the registry says yet. */

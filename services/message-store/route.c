@@ -203,7 +203,8 @@ static void route_user(msgstore *ms, const store_event *ev, const route_ref *ref
  * load), and one after another they were the largest cost of storing a
  * run (1.7 ms per message at 1,000/s). One after another otherwise
  * (parleyd: 0.02 ms lookups, where threads would cost more than they
- * save). The answers go into the cache. */
+ * save). route_lookup_run only asks (any thread); route_lookup_keep puts
+ * the answers into the cache (main thread). */
 typedef struct route_miss {
     const char *user;
     char gws[ROUTE_MAX_GWS][65];
@@ -223,7 +224,7 @@ static void route_prefetch_one(void *arg, size_t i)
     m->rc = route_lookup(p->ms, m->user, m->gws, &m->n);
 }
 
-static void route_lookup_all(msgstore *ms, route_miss *miss, size_t nm)
+static void route_lookup_run(msgstore *ms, route_miss *miss, size_t nm)
 {
     route_prefetch p = { ms, miss };
     size_t threads = store_concurrency(ms->svc.st);
@@ -232,6 +233,10 @@ static void route_lookup_all(msgstore *ms, route_miss *miss, size_t nm)
     else
         for (size_t i = 0; i < nm; i++)
             route_prefetch_one(&p, i);
+}
+
+static void route_lookup_keep(msgstore *ms, const route_miss *miss, size_t nm)
+{
     metric_add(ms->m.cache_misses, (int64_t)nm);
     int64_t expires = px_mono_ms() + ms->svc.cfg.presence_ttl_ms;
     for (size_t i = 0; i < nm; i++)
@@ -253,8 +258,10 @@ static void route_prefetch_misses(msgstore *ms, const route_ref *refs, size_t n)
         if ((a == 0 || strcmp(refs[a].user, refs[a - 1].user) != 0) &&
             route_find(ms->cache, refs[a].user) == NULL)
             miss[nm++] = (route_miss){ .user = refs[a].user };
-    if (nm >= 2)
-        route_lookup_all(ms, miss, nm);
+    if (nm >= 2) {
+        route_lookup_run(ms, miss, nm);
+        route_lookup_keep(ms, miss, nm);
+    }
     free(miss);
 }
 
@@ -265,39 +272,75 @@ typedef struct route_stale {
 } route_stale;
 
 /* Stale-while-revalidate: the users pushed to from expired entries are
- * looked up now, after their pushes left, and a gateway the registry
- * names that the old entry did not gets the same events at once. So an
- * expired entry costs a live event no registry round trip, and is never
- * worse than waiting for the lookup: a user who moved is reached right
- * after, one who left only costs a wasted push (the event is stored). */
-static void route_refresh(msgstore *ms, const store_event *ev, const route_ref *refs,
-                          route_stale *st, size_t ns)
+ * looked up after their pushes left, beside the run's store calls (on a
+ * thread of their own when the store serves calls in parallel), and a
+ * gateway the registry names that the old entry did not gets the same
+ * events when the run ends. So an expired entry costs a live event no
+ * registry round trip, and is never worse than waiting for the lookup: a
+ * user who moved is reached within the run, one who left only costs a
+ * wasted push (the event is stored). */
+struct route_refresh {
+    msgstore *ms;
+    const store_event *ev;
+    route_ref *refs;
+    route_stale *st;
+    route_miss *now;
+    size_t ns;
+    pthread_t th;
+    int threaded;
+};
+
+static void *route_refresh_main(void *arg)
 {
-    route_miss *now = px_malloc(ns * sizeof(*now));
-    for (size_t k = 0; k < ns; k++)
-        now[k] = (route_miss){ .user = st[k].old.user };
-    route_lookup_all(ms, now, ns);
-    for (size_t k = 0; k < ns; k++) {
-        char add[ROUTE_MAX_GWS][65];
-        size_t nadd = 0;
-        for (size_t g = 0; now[k].rc == PX_OK && g < now[k].n; g++) {
-            size_t o = 0;
-            while (o < st[k].old.n && strcmp(st[k].old.gws[o], now[k].gws[g]) != 0)
-                o++;
-            if (o == st[k].old.n)
-                memcpy(add[nadd++], now[k].gws[g], sizeof(add[0]));
-        }
-        if (nadd > 0)
-            route_user(ms, ev, refs + st[k].a, st[k].b - st[k].a, (const char (*)[65])add,
-                       nadd);
-    }
-    free(now);
+    route_refresh *r = arg;
+    route_lookup_run(r->ms, r->now, r->ns);
+    return NULL;
 }
 
-void route_live(msgstore *ms, const store_event *ev, size_t n)
+static void route_refresh_start(route_refresh *r)
+{
+    r->now = px_malloc(r->ns * sizeof(*r->now));
+    for (size_t k = 0; k < r->ns; k++)
+        r->now[k] = (route_miss){ .user = r->st[k].old.user };
+    r->threaded = store_concurrency(r->ms->svc.st) >= 2 &&
+                  pthread_create(&r->th, NULL, route_refresh_main, r) == 0;
+}
+
+void route_refresh_end(route_refresh *r)
+{
+    if (r == NULL)
+        return;
+    msgstore *ms = r->ms;
+    if (r->threaded)
+        pthread_join(r->th, NULL);
+    else
+        route_lookup_run(ms, r->now, r->ns);
+    route_lookup_keep(ms, r->now, r->ns);
+    for (size_t k = 0; k < r->ns; k++) {
+        const route_miss *old = &r->st[k].old, *now = &r->now[k];
+        char add[ROUTE_MAX_GWS][65];
+        size_t nadd = 0;
+        for (size_t g = 0; now->rc == PX_OK && g < now->n; g++) {
+            size_t o = 0;
+            while (o < old->n && strcmp(old->gws[o], now->gws[g]) != 0)
+                o++;
+            if (o == old->n)
+                memcpy(add[nadd++], now->gws[g], sizeof(add[0]));
+        }
+        if (nadd > 0)
+            route_user(ms, r->ev, r->refs + r->st[k].a, r->st[k].b - r->st[k].a,
+                       (const char (*)[65])add, nadd);
+    }
+    free(r->now);
+    free(r->st);
+    free(r->refs);
+    free(r);
+}
+
+route_refresh *route_live(msgstore *ms, const store_event *ev, size_t n)
 {
     if (n == 0)
-        return;
+        return NULL;
     route_ref *refs = px_malloc(n * sizeof(*refs));
     for (size_t i = 0; i < n; i++)
         refs[i] = (route_ref){ .user = ev[i].user, .i = i };
@@ -322,8 +365,12 @@ void route_live(msgstore *ms, const store_event *ev, size_t n)
         }
         a = b;
     }
-    if (ns > 0)
-        route_refresh(ms, ev, refs, st, ns);
-    free(st);
-    free(refs);
+    if (ns == 0) {
+        free(refs);
+        return NULL;
+    }
+    route_refresh *r = px_malloc(sizeof(*r));
+    *r = (route_refresh){ .ms = ms, .ev = ev, .refs = refs, .st = st, .ns = ns };
+    route_refresh_start(r);
+    return r;
 }
