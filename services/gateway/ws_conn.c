@@ -38,8 +38,11 @@
 #define CONN_READ_BUDGET (64u * 1024)
 /* What a queued message costs beyond its payload (wslay's message struct
  * and malloc's overhead): a pong to an empty ping is 0 payload bytes but
- * not free, so the send-queue ceiling counts messages too. */
+ * not free, so the send-queue ceiling counts messages too, past the first
+ * CONN_MSG_FREE (two sync pages of events: a sync written slowly must not
+ * meet the ceiling for its message count; a pong flood runs far past it). */
 #define CONN_MSG_COST 64
+#define CONN_MSG_FREE 4096
 #define CONN_OBUF_MIN 1024       /* output buffer: first size, doubling */
 #define CONN_OBUF_MAX (64 << 10) /* ... up to this; wslay waits beyond it */
 
@@ -313,9 +316,9 @@ void ws_conn_on_io(conn *c, uint32_t events)
 /* Bytes the send queue holds, control frames (pongs, pings) included. */
 static size_t ws_conn_queued(conn *c)
 {
-    return (c->ctx != NULL ? wslay_event_get_queued_msg_length(c->ctx) +
-                                 wslay_event_get_queued_msg_count(c->ctx) * CONN_MSG_COST
-                           : 0) + c->olen - c->ooff;
+    size_t n = c->ctx != NULL ? wslay_event_get_queued_msg_count(c->ctx) : 0;
+    return (c->ctx != NULL ? wslay_event_get_queued_msg_length(c->ctx) : 0) +
+           (n > CONN_MSG_FREE ? (n - CONN_MSG_FREE) * CONN_MSG_COST : 0) + c->olen - c->ooff;
 }
 
 /* Past PARLEY_SEND_QUEUE_BYTES the client stopped reading (a sync comes
