@@ -70,4 +70,13 @@ static inline const char *e2e_str(const json_t *o, const char *key)
     return s ? s : "";
 }
 
+/* Checks an answer's type (and error code, if given) and frees it. */
+static inline void e2e_expect_type(json_t *a, const char *type, const char *code)
+{
+    ck_assert_msg(strcmp(e2e_str(a, "type"), type) == 0 &&
+                      (code == NULL || strcmp(e2e_str(a, "code"), code) == 0),
+                  "wanted %s %s, got %s", type, code ? code : "", json_dumps(a, 0));
+    json_decref(a);
+}
+
 #endif

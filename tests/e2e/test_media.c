@@ -250,14 +250,6 @@ static json_t *send_media(client *cl, const char *ref, const char *key, const ch
     return a;
 }
 
-static void expect_type(json_t *a, const char *type, const char *code)
-{
-    ck_assert_msg(strcmp(e2e_str(a, "type"), type) == 0 &&
-                      (code == NULL || strcmp(e2e_str(a, "code"), code) == 0),
-                  "wanted %s %s, got %s", type, code ? code : "", json_dumps(a, 0));
-    json_decref(a);
-}
-
 /* Waits for the `message` carrying media id and checks its media object. */
 static void expect_media_message(client *cl, const char *id, size_t size, const char *sha,
                                  int forwarded)
@@ -291,7 +283,7 @@ START_TEST(upload_send_download_same_bytes)
     upload_ok(alice, data, len, "image/jpeg", id);
     int64_t t1 = px_mono_ms();
     client *a = e2e_connect(alice, E2E_GW1), *b = e2e_connect(bob, E2E_GW2);
-    expect_type(send_media(a, "c1", "to", bob, id, "look", 0), "sent", NULL);
+    e2e_expect_type(send_media(a, "c1", "to", bob, id, "look", 0), "sent", NULL);
     expect_media_message(b, id, len, sha, 0);
 
     int64_t t2 = px_mono_ms();
@@ -383,14 +375,14 @@ START_TEST(forward_to_user_and_group_uploads_nothing)
     upload_ok(alice, data, len, "application/pdf", id);
     client *a = e2e_connect(alice, E2E_GW1), *b = e2e_connect(bob, E2E_GW2);
     client *e = e2e_connect(erin, E2E_GW1), *f = e2e_connect(frank, E2E_GW2);
-    expect_type(send_media(a, "s1", "to", bob, id, "the contract", 0), "sent", NULL);
+    e2e_expect_type(send_media(a, "s1", "to", bob, id, "the contract", 0), "sent", NULL);
     expect_media_message(b, id, len, sha, 0);
     expect_status(erin, id, 403);
     expect_status(frank, id, 403);
 
     int64_t before = chunks_stored();
     /* 1:1 forward without a body. */
-    expect_type(send_media(b, "f1", "to", erin, id, NULL, 1), "sent", NULL);
+    e2e_expect_type(send_media(b, "f1", "to", erin, id, NULL, 1), "sent", NULL);
     expect_media_message(e, id, len, sha, 1);
     expect_status(erin, id, 200);
     /* Group forward: members at the time of the send gain access. */
@@ -403,7 +395,7 @@ START_TEST(forward_to_user_and_group_uploads_nothing)
     char gid[96];
     snprintf(gid, sizeof(gid), "%s", e2e_str(json_object_get(g, "group"), "id"));
     json_decref(g);
-    expect_type(send_media(b, "f2", "group", gid, id, "fyi", 1), "sent", NULL);
+    e2e_expect_type(send_media(b, "f2", "group", gid, id, "fyi", 1), "sent", NULL);
     expect_media_message(f, id, len, sha, 1);
     expect_status(frank, id, 200);
     expect_status(grace, id, 200);    /* offline, still a member at the send */
@@ -449,8 +441,8 @@ START_TEST(access_errors)
     hresp_free(&r);
 
     client *m = e2e_connect(mallory, E2E_GW1);
-    expect_type(send_media(m, "x1", "to", bob, id, "stolen", 1), "error", "forbidden");
-    expect_type(send_media(m, "x2", "to", bob, "NOSUCHMEDIA0000000000000000", NULL, 1), "error",
+    e2e_expect_type(send_media(m, "x1", "to", bob, id, "stolen", 1), "error", "forbidden");
+    e2e_expect_type(send_media(m, "x2", "to", bob, "NOSUCHMEDIA0000000000000000", NULL, 1), "error",
                 "not_found");
     expect_status(bob, id, 403);      /* the refused forward granted nothing */
     client_free(m);

@@ -42,14 +42,6 @@ static json_t *cmd(client *cl, json_t *o)
     return a;
 }
 
-static void expect_type(json_t *a, const char *type, const char *code)
-{
-    ck_assert_msg(strcmp(e2e_str(a, "type"), type) == 0 &&
-                      (code == NULL || strcmp(e2e_str(a, "code"), code) == 0),
-                  "wanted %s %s, got %s", type, code ? code : "", json_dumps(a, 0));
-    json_decref(a);
-}
-
 /* The next frame after everything sent so far is the answer to a ping: a
  * sentinel saying no error (or anything else) came for what went before. */
 static void expect_nothing_before_pong(client *cl, const char *ref)
@@ -110,7 +102,7 @@ START_TEST(forged_from_is_ignored)
     json_decref(g);
     o = json_pack("{s:s, s:s, s:s, s:s, s:s}", "type", "send", "id", "f3", "group", gid, "body",
                   "who am I", "from", bob);
-    expect_type(cmd(a, o), "sent", NULL);
+    e2e_expect_type(cmd(a, o), "sent", NULL);
     m = e2e_wait_type(b, "message");
     ck_assert_str_eq(e2e_str(m, "from"), alice);
     ck_assert_str_eq(e2e_str(m, "group"), gid);
@@ -148,21 +140,21 @@ START_TEST(limits_of_ids_and_names)
         send_ids(cl, types[i], 1001);
         json_t *e = client_recv_json(cl, E2E_WAIT_MS);
         ck_assert_msg(e != NULL, "no answer to %s of 1001 ids", types[i]);
-        expect_type(e, "error", "bad_request");
+        e2e_expect_type(e, "error", "bad_request");
     }
     /* 100 characters, in ASCII and in two-byte UTF-8; then 101. */
     memset(name, 'n', 100);
     name[100] = '\0';
-    expect_type(group_of(cl, "n1", name, json_array()), "group", NULL);
+    e2e_expect_type(group_of(cl, "n1", name, json_array()), "group", NULL);
     for (int i = 0; i < 100; i++)
         memcpy(name + 2 * i, "\xc3\xa9", 2); /* é */
     name[200] = '\0';
-    expect_type(group_of(cl, "n2", name, json_array()), "group", NULL);
+    e2e_expect_type(group_of(cl, "n2", name, json_array()), "group", NULL);
     memcpy(name + 200, "\xc3\xa9", 3);
-    expect_type(group_of(cl, "n3", name, json_array()), "error", "bad_request");
+    e2e_expect_type(group_of(cl, "n3", name, json_array()), "error", "bad_request");
     memset(name, 'n', 101);
     name[101] = '\0';
-    expect_type(group_of(cl, "n4", name, json_array()), "error", "bad_request");
+    e2e_expect_type(group_of(cl, "n4", name, json_array()), "error", "bad_request");
     client_close(cl, 1000);
 }
 END_TEST
@@ -223,15 +215,15 @@ START_TEST(group_edge_cases)
     ck_assert_int_eq(json_array_size(admins), 1);
     ck_assert_str_eq(json_string_value(json_array_get(admins, 0)), bob);
     json_decref(g);
-    expect_type(members_cmd(a, "group_add", "e3", gid, alice), "error", "forbidden");
+    e2e_expect_type(members_cmd(a, "group_add", "e3", gid, alice), "error", "forbidden");
 
     /* carol removed, a message without her, carol added again, and one
      * with her: she gets the two events and only the second message. dave
      * is added while offline, after both messages. */
-    expect_type(members_cmd(b, "group_remove", "e4", gid, carol), "group", NULL);
+    e2e_expect_type(members_cmd(b, "group_remove", "e4", gid, carol), "group", NULL);
     gsend_ok(b, "e5", gid, m1);
-    expect_type(members_cmd(b, "group_add", "e6", gid, carol), "group", NULL);
-    expect_type(members_cmd(b, "group_add", "e7", gid, dave), "group", NULL);
+    e2e_expect_type(members_cmd(b, "group_add", "e6", gid, carol), "group", NULL);
+    e2e_expect_type(members_cmd(b, "group_add", "e7", gid, dave), "group", NULL);
     gsend_ok(b, "e8", gid, m2);
     snprintf(want_m2, sizeof(want_m2), "message:%s", m2);
     const char *carol_saw[] = { "event:created", "event:removed", "event:removed", "event:added",
