@@ -132,19 +132,25 @@ int store_track_delete(store *st, const store_track *keys, size_t n, int64_t *re
 /* Deletes records whose tracking began before cutoff_ms. */
 int store_track_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen);
 
-/* Presence registry: which gateways hold connections of which user.
- * A gateway's boot epoch (ms) orders its restarts: records of an older epoch
- * are dead connections. */
+/* Presence registry: which gateways hold connections of which user, one
+ * record per connection, so every operation is idempotent: a batch applied
+ * twice (redelivery after a crash before the offset commit) leaves the same
+ * records as once. A gateway's boot epoch (ms) orders its restarts: records
+ * of an older epoch than the gateway's current one are dead connections. */
 typedef struct store_presence {
     const char *user;
     const char *gateway;
     int64_t epoch;
     int delta;             /* +1 connect, -1 disconnect */
+    uint64_t conn;         /* connection id, unique within (gateway, epoch) */
 } store_presence;
 
-/* Applies connect/disconnect deltas in order. A connect with a newer epoch
- * replaces an older-epoch record; a record whose count reaches 0 is removed;
- * a disconnect for an older epoch is ignored. */
+/* Applies connects (afterwards the record of (gateway, epoch, conn) names
+ * user; records of the user on that gateway with an older epoch are
+ * dropped: dead connections of its previous life) and disconnects (the
+ * record is gone). Each connection connects once and then disconnects
+ * once, so the outcome depends neither on the order of ops nor on how
+ * often each is applied. */
 int store_presence_apply(store *st, const store_presence *ops, size_t n,
                          char *err, size_t errlen);
 
@@ -156,14 +162,18 @@ int store_gateway_beat(store *st, const char *gateway, int64_t epoch, int64_t ts
 
 /* Gateways holding a connection of user whose last beat is at or after
  * alive_after_ms (<= 0: every gateway with a record, beats unchecked).
- * Writes up to max ids (each < 65 chars) to gws. */
+ * Writes up to max distinct ids (each < 65 chars) to gws. */
 int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
                           char (*gws)[65], size_t max, size_t *n, char *err, size_t errlen);
 
 /* Removes presence records of gateways whose last beat is before cutoff_ms
- * (they died without saying so). */
+ * (they died without saying so); *removed gets the count. */
 int store_presence_expire(store *st, int64_t cutoff_ms, int64_t *removed,
                           char *err, size_t errlen);
+
+/* Number of presence records (connections) of user on any gateway and
+ * epoch (tests, metrics). */
+int store_presence_count(store *st, const char *user, int64_t *count, char *err, size_t errlen);
 
 /* Groups (issue 5): one record per group, written only by the group-fanout
  * instance that owns the group's parley.groups partition. applied is the

@@ -9,8 +9,10 @@
  *             unique {user:1, id:1} (the idempotence of put), {user:1, seq:1}
  *             (scan order), {ts:1} (sweep)
  *   seen      {_id: key, ts}, {ts:1}
- *   presence  {user, gateway, epoch, count}, unique {user:1, gateway:1,
- *             epoch:1}, {gateway:1, epoch:1}
+ *   connections {_id: "gateway/epoch/conn", user, gateway, epoch, conn}:
+ *             the presence registry, one document per connection;
+ *             {user:1, gateway:1, epoch:1}, {gateway:1, epoch:1}. (The
+ *             "presence" collection of counts that came before is unused.)
  *   gateways  {_id: gateway, epoch, ts}, {ts:1}
  *   tracking  {_id: "reader/msg_id", reader, msg_id, sender, group?, ts},
  *             {ts:1}; the composite _id is the unique (reader, msg_id)
@@ -248,8 +250,8 @@ static const sm_index sm_indexes[] = {
     { "inbox", "user_seq", { "user", "seq" }, false },   /* scan order */
     { "inbox", "ts", { "ts" }, false },                  /* sweep */
     { "seen", "ts", { "ts" }, false },
-    { "presence", "user_gateway_epoch", { "user", "gateway", "epoch" }, true },
-    { "presence", "gateway_epoch", { "gateway", "epoch" }, false },
+    { "connections", "user_gateway_epoch", { "user", "gateway", "epoch" }, false },
+    { "connections", "gateway_epoch", { "gateway", "epoch" }, false },
     { "gateways", "ts", { "ts" }, false },
     { "tracking", "ts", { "ts" }, false },
     { "media", "sha256", { "sha256" }, true },           /* one record per content */
@@ -648,6 +650,21 @@ int sm_count(store *st, const char *coll, const bson_t *filter, int64_t *count,
     else
         *count = c;
     sm_conn_put(st, &sc);
+    return rc;
+}
+
+/* Counts the documents of coll whose user field is user. */
+int sm_count_user(store *st, const char *coll, const char *user, int64_t *count,
+                  const char *what, char *err, size_t errlen)
+{
+    bson_t filter = BSON_INITIALIZER;
+    int rc;
+
+    if (user == NULL || count == NULL)
+        return px_err(err, errlen, "%s: user and count are required", what);
+    BSON_APPEND_UTF8(&filter, "user", user);
+    rc = sm_count(st, coll, &filter, count, what, err, errlen);
+    bson_destroy(&filter);
     return rc;
 }
 

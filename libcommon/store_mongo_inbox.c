@@ -265,15 +265,7 @@ int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err,
 
 int store_inbox_count(store *st, const char *user, int64_t *count, char *err, size_t errlen)
 {
-    bson_t filter = BSON_INITIALIZER;
-    int rc;
-
-    if (user == NULL || count == NULL)
-        return px_err(err, errlen, "inbox count: user and count are required");
-    BSON_APPEND_UTF8(&filter, "user", user);
-    rc = sm_count(st, "inbox", &filter, count, "inbox count", err, errlen);
-    bson_destroy(&filter);
-    return rc;
+    return sm_count_user(st, "inbox", user, count, "inbox count", err, errlen);
 }
 
 /* ---- seen (dedupe) ------------------------------------------------------ */

@@ -21,7 +21,7 @@
 #define SM_DUP_KEY 11000        /* server code for a unique index violation */
 #define SM_MAX_GATEWAY 64       /* store_presence_lookup writes char[65] */
 #define SM_CONCURRENCY 4        /* calls worth running side by side (pool clients) */
-#define SM_MAX_PRESENCE 4096    /* ceiling on one user's presence records read */
+#define SM_MAX_PRESENCE 4096    /* ceiling on one user's connection records read */
 #define SM_MAX_DB_NAME 63
 
 struct store {
@@ -73,5 +73,7 @@ int sm_sweep(store *st, const char *coll, int64_t cutoff_ms, int64_t *removed,
              const char *what, char *err, size_t errlen);
 int sm_count(store *st, const char *coll, const bson_t *filter, int64_t *count,
              const char *what, char *err, size_t errlen);
+int sm_count_user(store *st, const char *coll, const char *user, int64_t *count,
+                  const char *what, char *err, size_t errlen);
 
 #endif

@@ -1,6 +1,6 @@
-/* store.h's presence registry over the MongoDB wire protocol: per-user
- * connection counts by (gateway, epoch), gateway beats, lookups and the
- * expiry of dead gateways; see store_mongo.c. */
+/* store.h's presence registry over the MongoDB wire protocol: one document
+ * per connection, gateway beats, lookups and the expiry of dead gateways;
+ * see store_mongo.c. */
 #include "store_mongo_int.h"
 
 #include <stdlib.h>
@@ -14,11 +14,10 @@ typedef struct sm_gw {
 
 /* ---- presence ----------------------------------------------------------- */
 
-/* One record per (user, gateway, epoch) holding a connection count. Counts
- * move by $inc, the only atomic read-modify-write FerretDB offers without
- * transactions. Deltas are not idempotent: a redelivered batch counts twice
- * (a stale extra count only routes a delivery to a gateway that no longer
- * holds the user, which the inbox survives; gateway expiry clears it). */
+/* One document per connection, named by _id = "gateway/epoch/conn" (the
+ * last two parts are numbers, so the name is unambiguous whatever the
+ * gateway id holds): a connect is an upsert of it, a disconnect a delete,
+ * both idempotent, so a redelivered batch leaves the registry exact. */
 
 static int sm_check_gateway(const char *g, const char *what, char *err, size_t errlen)
 {
@@ -42,64 +41,54 @@ static int sm_check_presence(const store_presence *ops, size_t n, char *err, siz
     return rc;
 }
 
-static void sm_presence_key(bson_t *b, const store_presence *op)
+static void sm_presence_id(bson_t *b, const store_presence *op)
 {
+    char id[SM_MAX_GATEWAY + 48];
+
+    snprintf(id, sizeof(id), "%s/%lld/%llu", op->gateway, (long long)op->epoch,
+             (unsigned long long)op->conn);
     bson_init(b);
-    BSON_APPEND_UTF8(b, "user", op->user);
-    BSON_APPEND_UTF8(b, "gateway", op->gateway);
+    BSON_APPEND_UTF8(b, "_id", id);
 }
 
-/* The counting half: a connect upserts and increments the record of its
- * epoch; a disconnect decrements only a positive count of its own epoch, so
- * one for an older (replaced) epoch matches nothing and is ignored. */
-static int sm_presence_count_op(mongoc_bulk_operation_t *bulk, const store_presence *op,
-                                bson_error_t *error)
+/* A connect's document, upserted by _id. An update_one filtering on _id
+ * alone: FerretDB 1.24 over PostgreSQL never releases the pool connection
+ * of an update_one that filters on other fields. */
+static int sm_presence_connect_op(mongoc_bulk_operation_t *bulk, const store_presence *op,
+                                  bson_error_t *error)
 {
-    bson_t sel, upd, inc, cond, opts = BSON_INITIALIZER;
+    bson_t sel, *upd, *opts;
     bool ok;
 
-    sm_presence_key(&sel, op);
-    BSON_APPEND_INT64(&sel, "epoch", op->epoch);
-    if (op->delta < 0) {
-        BSON_APPEND_DOCUMENT_BEGIN(&sel, "count", &cond);
-        BSON_APPEND_INT32(&cond, "$gt", 0);
-        bson_append_document_end(&sel, &cond);
-    }
-    bson_init(&upd);
-    BSON_APPEND_DOCUMENT_BEGIN(&upd, "$inc", &inc);
-    BSON_APPEND_INT32(&inc, "count", op->delta);
-    bson_append_document_end(&upd, &inc);
-    BSON_APPEND_BOOL(&opts, "upsert", op->delta > 0);
-    /* update_many on a key that is unique anyway: FerretDB 1.24 over
-     * PostgreSQL never releases the pool connection of an update_one that
-     * filters on other fields than _id, and 50 of them hung every client. */
-    ok = mongoc_bulk_operation_update_many_with_opts(bulk, &sel, &upd, &opts, error);
+    sm_presence_id(&sel, op);
+    upd = BCON_NEW("$set", "{", "user", BCON_UTF8(op->user), "gateway", BCON_UTF8(op->gateway),
+                   "epoch", BCON_INT64(op->epoch), "conn", BCON_INT64((int64_t)op->conn), "}");
+    opts = BCON_NEW("upsert", BCON_BOOL(true));
+    ok = mongoc_bulk_operation_update_one_with_opts(bulk, &sel, upd, opts, error);
     bson_destroy(&sel);
-    bson_destroy(&upd);
-    bson_destroy(&opts);
+    bson_destroy(upd);
+    bson_destroy(opts);
     return ok ? PX_OK : PX_ERROR;
 }
 
-/* The cleanup half, queued after all counts: a connect drops the records of
- * older epochs (dead connections of a restarted gateway); a disconnect drops
- * its record once the count reached zero. Running cleanups after the counts
- * gives the same result as interleaving them (a zero-count record behaves
- * like an absent one) in two round trips instead of 2n. */
-static int sm_presence_cleanup_op(mongoc_bulk_operation_t *bulk, const store_presence *op,
-                                  bson_error_t *error)
+/* The deleting half, queued after every upsert: a disconnect drops its
+ * connection's document; a connect drops the user's documents of older
+ * epochs on that gateway (dead connections of its previous life), which
+ * never match a document of this batch's epoch. */
+static int sm_presence_delete_op(mongoc_bulk_operation_t *bulk, const store_presence *op,
+                                 bson_error_t *error)
 {
     bson_t sel, cond;
     bool ok;
 
-    sm_presence_key(&sel, op);
-    if (op->delta > 0) {
+    if (op->delta < 0) {
+        sm_presence_id(&sel, op);
+    } else {
+        bson_init(&sel);
+        BSON_APPEND_UTF8(&sel, "user", op->user);
+        BSON_APPEND_UTF8(&sel, "gateway", op->gateway);
         BSON_APPEND_DOCUMENT_BEGIN(&sel, "epoch", &cond);
         BSON_APPEND_INT64(&cond, "$lt", op->epoch);
-        bson_append_document_end(&sel, &cond);
-    } else {
-        BSON_APPEND_INT64(&sel, "epoch", op->epoch);
-        BSON_APPEND_DOCUMENT_BEGIN(&sel, "count", &cond);
-        BSON_APPEND_INT32(&cond, "$lte", 0);
         bson_append_document_end(&sel, &cond);
     }
     ok = mongoc_bulk_operation_remove_many_with_opts(bulk, &sel, NULL, error);
@@ -107,6 +96,8 @@ static int sm_presence_cleanup_op(mongoc_bulk_operation_t *bulk, const store_pre
     return ok ? PX_OK : PX_ERROR;
 }
 
+/* Two round trips in one ordered bulk: the upserts, then the deletes
+ * (store.h: the order of ops does not matter). */
 int store_presence_apply(store *st, const store_presence *ops, size_t n,
                          char *err, size_t errlen)
 {
@@ -119,12 +110,13 @@ int store_presence_apply(store *st, const store_presence *ops, size_t n,
     rc = sm_check_presence(ops, n, err, errlen);
     if (rc != PX_OK || n == 0)
         return rc;
-    sm_conn_get(st, "presence", &sc);
+    sm_conn_get(st, "connections", &sc);
     bulk = sm_bulk_new(&sc, true);
     for (size_t i = 0; i < n && rc == PX_OK; i++)
-        rc = sm_presence_count_op(bulk, &ops[i], &error);
+        if (ops[i].delta > 0)
+            rc = sm_presence_connect_op(bulk, &ops[i], &error);
     for (size_t i = 0; i < n && rc == PX_OK; i++)
-        rc = sm_presence_cleanup_op(bulk, &ops[i], &error);
+        rc = sm_presence_delete_op(bulk, &ops[i], &error);
     if (rc != PX_OK) {
         sm_fail(err, errlen, "presence apply", &error);
         goto out;
@@ -177,7 +169,7 @@ int store_gateway_beat(store *st, const char *gateway, int64_t epoch, int64_t ts
     if (rc != PX_OK || !reset)
         return rc;
     filter = BCON_NEW("gateway", BCON_UTF8(gateway), "epoch", "{", "$lt", BCON_INT64(epoch), "}");
-    sm_conn_get(st, "presence", &sc);
+    sm_conn_get(st, "connections", &sc);
     rc = sm_delete_many(&sc, filter, NULL, "gateway beat reset", err, errlen);
     sm_conn_put(st, &sc);
     bson_destroy(filter);
@@ -275,8 +267,8 @@ int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
         return px_err(err, errlen, "presence lookup: user, gws and n are required");
     *n = 0;
     rec = px_malloc(SM_MAX_PRESENCE * sizeof(*rec));
-    filter = BCON_NEW("user", BCON_UTF8(user), "count", "{", "$gt", BCON_INT32(0), "}");
-    rc = sm_find_gws(st, "presence", filter, "gateway", rec, SM_MAX_PRESENCE, &nrec,
+    filter = BCON_NEW("user", BCON_UTF8(user));
+    rc = sm_find_gws(st, "connections", filter, "gateway", rec, SM_MAX_PRESENCE, &nrec,
                      "presence lookup", err, errlen);
     bson_destroy(filter);
     filter = NULL;
@@ -323,7 +315,7 @@ static int sm_expire_dead(store *st, const sm_gw *dead, size_t n, int64_t cutoff
         BCON_APPEND(&ops[i].filter, "gateway", BCON_UTF8(dead[i].name),
                     "epoch", "{", "$lte", BCON_INT64(dead[i].epoch), "}");
     }
-    rc = sm_each(st, "presence", ops, n, 1, "presence expire", err, errlen);
+    rc = sm_each(st, "connections", ops, n, 1, "presence expire", err, errlen);
     for (size_t i = 0; i < n; i++)
         *removed += ops[i].removed;
     sm_ops_free(ops, n);
@@ -360,3 +352,7 @@ int store_presence_expire(store *st, int64_t cutoff_ms, int64_t *removed,
     return rc;
 }
 
+int store_presence_count(store *st, const char *user, int64_t *count, char *err, size_t errlen)
+{
+    return sm_count_user(st, "connections", user, count, "presence count", err, errlen);
+}

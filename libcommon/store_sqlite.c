@@ -38,10 +38,14 @@ static const char ss_schema[] =
     "CREATE TABLE IF NOT EXISTS track (reader TEXT NOT NULL, msg_id TEXT NOT NULL,"
     " sender TEXT, grp TEXT, ts INTEGER, PRIMARY KEY (reader, msg_id)) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS track_ts ON track (ts);"
-    "CREATE TABLE IF NOT EXISTS presence (user TEXT NOT NULL, gateway TEXT NOT NULL,"
-    " epoch INTEGER NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (user, gateway, epoch))"
+    /* One record per connection; "presence" held counts per (user,
+     * gateway, epoch) before, which redelivery doubled. Its rows are
+     * connections of gateways that have restarted since: dropped. */
+    "DROP TABLE IF EXISTS presence;"
+    "CREATE TABLE IF NOT EXISTS connections (gateway TEXT NOT NULL, epoch INTEGER NOT NULL,"
+    " conn INTEGER NOT NULL, user TEXT NOT NULL, PRIMARY KEY (gateway, epoch, conn))"
     " WITHOUT ROWID;"
-    "CREATE INDEX IF NOT EXISTS presence_gw ON presence (gateway, epoch);"
+    "CREATE INDEX IF NOT EXISTS connections_user ON connections (user, gateway, epoch);"
     "CREATE TABLE IF NOT EXISTS gateways (gateway TEXT PRIMARY KEY, epoch INTEGER, ts INTEGER)"
     " WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS groups (id TEXT PRIMARY KEY, name TEXT, creator TEXT,"
@@ -428,12 +432,14 @@ int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err,
     return ss_sweep(st, "DELETE FROM inbox WHERE ts < ?", cutoff_ms, removed, err, errlen);
 }
 
-int store_inbox_count(store *st, const char *user, int64_t *count, char *err, size_t errlen)
+/* Runs sql, a COUNT(*) with user as its one parameter. */
+static int ss_count_user(store *st, const char *sql, const char *user, int64_t *count,
+                         const char *what, char *err, size_t errlen)
 {
     if (user == NULL || count == NULL)
-        return px_err(err, errlen, "inbox count: user and count are required");
+        return px_err(err, errlen, "%s: user and count are required", what);
     pthread_mutex_lock(&st->mu);
-    sqlite3_stmt *s = ss_prep(st, "SELECT COUNT(*) FROM inbox WHERE user=?", err, errlen);
+    sqlite3_stmt *s = ss_prep(st, sql, err, errlen);
     int rc = PX_ERROR;
     if (s != NULL) {
         ss_text(s, 1, user);
@@ -441,12 +447,18 @@ int store_inbox_count(store *st, const char *user, int64_t *count, char *err, si
             *count = sqlite3_column_int64(s, 0);
             rc = PX_OK;
         } else {
-            rc = ss_fail(st, "inbox count", err, errlen);
+            rc = ss_fail(st, what, err, errlen);
         }
     }
     sqldb_done(s);
     pthread_mutex_unlock(&st->mu);
     return rc;
+}
+
+int store_inbox_count(store *st, const char *user, int64_t *count, char *err, size_t errlen)
+{
+    return ss_count_user(st, "SELECT COUNT(*) FROM inbox WHERE user=?", user, count,
+                         "inbox count", err, errlen);
 }
 
 /* ---- seen ---- */
@@ -599,10 +611,8 @@ static int ss_gateway_ok(const char *gw)
     return ss_str_ok(gw) && strlen(gw) <= SS_MAX_GATEWAY;
 }
 
-/* Same two halves as store_mongo: counts first (a connect upserts and
- * increments its epoch's record, a disconnect decrements only a positive
- * count of its own epoch), then cleanups (a connect drops older epochs, a
- * disconnect drops its record at zero). */
+/* Connects first, then deletes (store.h: the order of ops does not
+ * matter), in one transaction. */
 int store_presence_apply(store *st, const store_presence *ops, size_t n,
                          char *err, size_t errlen)
 {
@@ -615,29 +625,30 @@ int store_presence_apply(store *st, const store_presence *ops, size_t n,
         return rc;
     if (ss_begin(st, err, errlen) != PX_OK)
         return PX_ERROR;
-    sqlite3_stmt *up = ss_prep(st, "INSERT INTO presence VALUES (?,?,?,1) ON CONFLICT DO UPDATE"
-                               " SET count = count + 1", err, errlen);
-    sqlite3_stmt *down = ss_prep(st, "UPDATE presence SET count = count - 1 WHERE user=? AND"
-                                 " gateway=? AND epoch=? AND count > 0", err, errlen);
-    sqlite3_stmt *old = ss_prep(st, "DELETE FROM presence WHERE user=? AND gateway=? AND"
-                                " epoch<?", err, errlen);
-    sqlite3_stmt *zero = ss_prep(st, "DELETE FROM presence WHERE user=? AND gateway=? AND"
-                                 " epoch=? AND count <= 0", err, errlen);
-    rc = up && down && old && zero ? PX_OK : PX_ERROR;
+    sqlite3_stmt *up = ss_prep(st, "INSERT INTO connections VALUES (?2,?3,?4,?1) ON CONFLICT"
+                               " DO UPDATE SET user=excluded.user", err, errlen);
+    sqlite3_stmt *old = ss_prep(st, "DELETE FROM connections WHERE user=?1 AND gateway=?2 AND"
+                                " epoch<?3", err, errlen);
+    sqlite3_stmt *down = ss_prep(st, "DELETE FROM connections WHERE gateway=?2 AND epoch=?3"
+                                 " AND conn=?4 AND user=?1", err, errlen);
+    rc = up && old && down ? PX_OK : PX_ERROR;
     for (int pass = 0; pass < 2; pass++) {
         for (size_t i = 0; i < n && rc == PX_OK; i++) {
-            sqlite3_stmt *s = pass == 0 ? (ops[i].delta > 0 ? up : down)
-                                        : (ops[i].delta > 0 ? old : zero);
+            sqlite3_stmt *s = pass == 0 ? (ops[i].delta > 0 ? up : NULL)
+                                        : (ops[i].delta > 0 ? old : down);
+            if (s == NULL)
+                continue;
             ss_text(s, 1, ops[i].user);
             ss_text(s, 2, ops[i].gateway);
             sqlite3_bind_int64(s, 3, ops[i].epoch);
+            if (s != old)
+                sqlite3_bind_int64(s, 4, (sqlite3_int64)ops[i].conn);
             rc = ss_run(st, s, "presence apply", err, errlen);
         }
     }
     sqldb_done(up);
-    sqldb_done(down);
     sqldb_done(old);
-    sqldb_done(zero);
+    sqldb_done(down);
     return ss_end(st, rc, err, errlen);
 }
 
@@ -663,7 +674,7 @@ int store_gateway_beat(store *st, const char *gateway, int64_t epoch, int64_t ts
     sqldb_done(s);
     s = NULL;
     if (rc == PX_OK && reset) {
-        s = ss_prep(st, "DELETE FROM presence WHERE gateway=? AND epoch<?", err, errlen);
+        s = ss_prep(st, "DELETE FROM connections WHERE gateway=? AND epoch<?", err, errlen);
         rc = s != NULL ? PX_OK : PX_ERROR;
         if (s != NULL) {
             ss_text(s, 1, gateway);
@@ -685,9 +696,9 @@ int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
         return PX_OK;
     pthread_mutex_lock(&st->mu);
     /* alive_after_ms <= 0: every gateway with a record, beats unchecked. */
-    sqlite3_stmt *s = ss_prep(st, "SELECT DISTINCT p.gateway FROM presence p LEFT JOIN gateways g"
-                              " ON g.gateway = p.gateway WHERE p.user=?1 AND p.count > 0 AND"
-                              " (?2 <= 0 OR (g.ts >= ?2 AND p.epoch >= g.epoch)) LIMIT ?3",
+    sqlite3_stmt *s = ss_prep(st, "SELECT DISTINCT c.gateway FROM connections c LEFT JOIN"
+                              " gateways g ON g.gateway = c.gateway WHERE c.user=?1 AND"
+                              " (?2 <= 0 OR (g.ts >= ?2 AND c.epoch >= g.epoch)) LIMIT ?3",
                               err, errlen);
     int rc = s != NULL ? PX_OK : PX_ERROR;
     if (s != NULL) {
@@ -708,9 +719,15 @@ int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
 int store_presence_expire(store *st, int64_t cutoff_ms, int64_t *removed,
                           char *err, size_t errlen)
 {
-    return ss_sweep(st, "DELETE FROM presence WHERE EXISTS (SELECT 1 FROM gateways g WHERE"
-                    " g.gateway = presence.gateway AND g.ts < ?1 AND presence.epoch <= g.epoch)",
-                    cutoff_ms, removed, err, errlen);
+    return ss_sweep(st, "DELETE FROM connections WHERE EXISTS (SELECT 1 FROM gateways g WHERE"
+                    " g.gateway = connections.gateway AND g.ts < ?1 AND"
+                    " connections.epoch <= g.epoch)", cutoff_ms, removed, err, errlen);
+}
+
+int store_presence_count(store *st, const char *user, int64_t *count, char *err, size_t errlen)
+{
+    return ss_count_user(st, "SELECT COUNT(*) FROM connections WHERE user=?", user, count,
+                         "presence count", err, errlen);
 }
 
 /* ---- groups: members and admins as JSON arrays of strings ---- */

@@ -282,8 +282,10 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
     proto_cmd_free(&cmd);
 }
 
-static int commands_presence(gw *g, const char *user, Parley__PresenceRecord__Type type,
-                             dr_tag *tag)
+/* user and conn_id name the connection of a connect/disconnect; NULL and 0
+ * for the gateway's own beat or reset. */
+static int commands_presence(gw *g, const char *user, uint64_t conn_id,
+                             Parley__PresenceRecord__Type type, dr_tag *tag)
 {
     size_t len;
     Parley__PresenceRecord rec = PARLEY__PRESENCE_RECORD__INIT;
@@ -293,6 +295,7 @@ static int commands_presence(gw *g, const char *user, Parley__PresenceRecord__Ty
     rec.gateway = (char *)g->cfg.gateway_id;
     rec.epoch = g->epoch;
     rec.ts_ms = px_now_ms();
+    rec.conn = conn_id;
     uint8_t *buf = COMMANDS_PACK(presence_record, &rec, &len);
     const char *key = user ? user : g->cfg.gateway_id;
     return commands_produce(g, g->topic_presence, key, buf, len, tag);
@@ -320,15 +323,16 @@ void commands_sync(gw *g, conn *c, int64_t from_seq)
 
 void commands_connected(gw *g, conn *c)
 {
-    commands_presence(g, ws_conn_user(c), PARLEY__PRESENCE_RECORD__TYPE__TYPE_CONNECT,
-                      &commands_record_tag);
+    commands_presence(g, ws_conn_user(c), ws_conn_id(c),
+                      PARLEY__PRESENCE_RECORD__TYPE__TYPE_CONNECT, &commands_record_tag);
     commands_sync(g, c, 0);
     metric_add(g->m.accepted, 1);
 }
 
 void commands_disconnected(gw *g, conn *c)
 {
-    commands_presence(g, ws_conn_user(c), PARLEY__PRESENCE_RECORD__TYPE__TYPE_DISCONNECT,
+    commands_presence(g, ws_conn_user(c), ws_conn_id(c),
+                      PARLEY__PRESENCE_RECORD__TYPE__TYPE_DISCONNECT,
                       &commands_record_tag);
 }
 
@@ -336,8 +340,9 @@ int commands_heartbeat(gw *g, int reset)
 {
     commands_beat_tag = (dr_tag){ DR_BEAT, g };
     commands_record_tag = (dr_tag){ DR_RECORD, g };
-    return commands_presence(g, NULL, reset ? PARLEY__PRESENCE_RECORD__TYPE__TYPE_RESET
-                                            : PARLEY__PRESENCE_RECORD__TYPE__TYPE_HEARTBEAT,
+    return commands_presence(g, NULL, 0,
+                             reset ? PARLEY__PRESENCE_RECORD__TYPE__TYPE_RESET
+                                   : PARLEY__PRESENCE_RECORD__TYPE__TYPE_HEARTBEAT,
                              &commands_beat_tag);
 }
 

@@ -4,12 +4,11 @@
  * beats and resets in between, committing what succeeded and retrying the
  * rest.
  *
- * Retries restart at the first record not yet applied, never at the batch
- * start: connect/disconnect deltas are counts, not idempotent, so replaying
- * an applied prefix would count it twice. (A store call that fails halfway
- * can still have applied part of its bulk; see the store's note. Stale
- * counts only send deliveries to a gateway that drops them, and gateway
- * reset/expiry clears them.) */
+ * Retries restart at the first record not yet applied. Replaying an
+ * applied prefix would be harmless as well: the registry holds one record
+ * per connection, so a connect or disconnect applied twice (a retry after a
+ * bulk that failed halfway, a batch redelivered after a crash) leaves the
+ * same state as once. */
 #include "common.h"
 #include "ids.h"
 #include "log.h"
@@ -80,7 +79,8 @@ static void batch_classify(batch_rec *r)
             r->kind = REC_OP;
             r->op = (store_presence){ .user = x->user, .gateway = x->gateway, .epoch = x->epoch,
                                       .delta = x->type == PARLEY__PRESENCE_RECORD__TYPE__TYPE_CONNECT
-                                                   ? 1 : -1 };
+                                                   ? 1 : -1,
+                                      .conn = x->conn };
         }
         break;
     case PARLEY__PRESENCE_RECORD__TYPE__TYPE_HEARTBEAT:

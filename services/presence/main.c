@@ -64,13 +64,16 @@ static void main_started(void *arg, json_t *fields)
  * pushes nobody reads. Silent means silent in what this process has read: while it
  * is behind on its topic by a beat or more, the beats it has not applied
  * yet would make live gateways look dead (under a connect storm that wiped
- * every live user's presence), so it waits until it has caught up. A
- * failure only postpones this to the next period. */
+ * every live user's presence), so it waits until it has caught up. Caught
+ * up needs a record read: a restarted presence waits for its partitions
+ * (up to the session timeout of its killed predecessor) reading nothing,
+ * and expiring then wiped every live user's presence. A failure only
+ * postpones this to the next period. */
 static void main_expire(void *arg)
 {
     presence *p = arg;
     int64_t now = px_mono_ms();
-    if (now < p->next_expire_ms || p->svc.behind_ms >= p->svc.cfg.heartbeat_ms)
+    if (now < p->next_expire_ms || !p->caught_up || p->svc.behind_ms >= p->svc.cfg.heartbeat_ms)
         return;
     p->next_expire_ms = now + p->svc.cfg.heartbeat_ms;
     char err[PX_ERRLEN] = "";
@@ -90,7 +93,10 @@ static void main_expire(void *arg)
 
 static void main_process(void *arg, bus_msg *msgs, size_t n)
 {
-    batch_process(arg, msgs, n);
+    presence *p = arg;
+    if (p->svc.behind_ms < p->svc.cfg.heartbeat_ms)
+        p->caught_up = 1;
+    batch_process(p, msgs, n);
 }
 
 int main(void)

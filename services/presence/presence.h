@@ -41,6 +41,7 @@ struct presence {
     size_t first_durable;           /* lowest record index with a gating produce */
     size_t failed_at;               /* lowest record index whose gating produce failed */
     int64_t next_expire_ms;         /* monotonic */
+    int caught_up;                  /* read a record under a beat old since start */
     presence_metrics m;
 };
 

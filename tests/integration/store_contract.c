@@ -413,50 +413,90 @@ static void beat(const char *gw, int64_t epoch, int64_t ts, int reset)
                   "beat: %s", err);
 }
 
-/* Presence: counts per connection, epochs replace, stale beats and
+static int64_t conns_of(const char *user)
+{
+    char err[PX_ERRLEN] = "";
+    int64_t c = -1;
+
+    ck_assert_msg(store_presence_count(st, user, &c, err, sizeof(err)) == PX_OK, "count: %s",
+                  err);
+    return c;
+}
+
+#define CONNECT(u, g, e, c) { u, g, e, 1, c }
+#define DISCONNECT(u, g, e, c) { u, g, e, -1, c }
+
+/* Presence: one record per connection, so a batch applied again (a
+ * redelivery) leaves the registry exact; epochs replace, stale beats and
  * disconnects are ignored, expiry removes dead gateways' records. */
-START_TEST(presence_counts_and_epochs)
+START_TEST(presence_connections_and_epochs)
 {
     char gws[4][65];
     char err[PX_ERRLEN] = "";
     int64_t removed = -1;
+    const store_presence opened[] = { CONNECT("p1", "gw1", 10, 1), CONNECT("p1", "gw1", 10, 2),
+                                      CONNECT("p1", "gw2", 20, 3) };
+    const store_presence closed[] = { DISCONNECT("p1", "gw1", 10, 1) };
 
     beat("gw1", 10, 5000, 1);
     beat("gw2", 20, 5000, 1);
-    apply((store_presence[]){ { "p1", "gw1", 10, 1 }, { "p1", "gw1", 10, 1 },
-                              { "p1", "gw2", 20, 1 }, { "p1", "gw1", 10, -1 } }, 4);
-    ck_assert_uint_eq(lookup("p1", 4000, gws), 2);
+    apply(opened, 3);
+    ck_assert_int_eq(conns_of("p1"), 3);
+    ck_assert_uint_eq(lookup("p1", 4000, gws), 2); /* distinct gateways */
     ck_assert_uint_eq(lookup("p1", 6000, gws), 0); /* no recent beat */
     ck_assert_uint_eq(lookup("p1", 0, gws), 2);    /* beats unchecked */
 
-    /* One gw1 connection is left; closing it removes gw1. */
-    apply((store_presence[]){ { "p1", "gw1", 10, -1 }, { "p1", "gw1", 10, -1 } }, 2);
+    /* Redelivered: the same batch again, then the next one twice. */
+    apply(opened, 3);
+    ck_assert_int_eq(conns_of("p1"), 3);
+    apply(closed, 1);
+    apply(closed, 1);
+    ck_assert_int_eq(conns_of("p1"), 2);
+
+    /* Closing the last gw1 connection removes gw1, however often it is
+     * applied, and a replay of the whole history changes nothing. */
+    apply((store_presence[]){ DISCONNECT("p1", "gw1", 10, 2), DISCONNECT("p1", "gw1", 10, 2) },
+          2);
     ck_assert_uint_eq(lookup("p1", 4000, gws), 1);
     ck_assert_str_eq(gws[0], "gw2");
+    apply((store_presence[]){ CONNECT("p1", "gw1", 10, 1), CONNECT("p1", "gw1", 10, 2),
+                              CONNECT("p1", "gw2", 20, 3), DISCONNECT("p1", "gw1", 10, 1),
+                              DISCONNECT("p1", "gw1", 10, 2) }, 5);
+    ck_assert_int_eq(conns_of("p1"), 1);
+    ck_assert_uint_eq(lookup("p1", 4000, gws), 1);
+
+    /* A connection that opened and closed within one batch leaves nothing,
+     * in whichever order the batch names them. */
+    apply((store_presence[]){ DISCONNECT("p4", "gw1", 10, 5), CONNECT("p4", "gw1", 10, 5),
+                              CONNECT("p4", "gw1", 10, 6), DISCONNECT("p4", "gw1", 10, 6) }, 4);
+    ck_assert_int_eq(conns_of("p4"), 0);
 
     /* gw2 restarts (epoch 21) without resetting: its old record is dead
      * until a connect of the new epoch replaces it; an old-epoch disconnect
-     * is then ignored. */
+     * of another connection leaves the new one. */
     beat("gw2", 21, 6000, 0);
     ck_assert_uint_eq(lookup("p1", 4000, gws), 0);
-    apply((store_presence[]){ { "p1", "gw2", 21, 1 }, { "p1", "gw2", 20, -1 } }, 2);
+    apply((store_presence[]){ CONNECT("p1", "gw2", 21, 3), DISCONNECT("p1", "gw2", 20, 4) }, 2);
     ck_assert_uint_eq(lookup("p1", 4000, gws), 1);
     ck_assert_str_eq(gws[0], "gw2");
+    ck_assert_int_eq(conns_of("p1"), 1);
 
     /* A zombie beat from epoch 20 does not move gw2 back. */
     beat("gw2", 20, 7000, 0);
     ck_assert_uint_eq(lookup("p1", 4000, gws), 1);
 
     /* A reset beat drops older-epoch records of that gateway. */
-    apply((store_presence[]){ { "p2", "gw1", 10, 1 } }, 1);
+    apply((store_presence[]){ CONNECT("p2", "gw1", 10, 7) }, 1);
     beat("gw1", 11, 8000, 1);
     ck_assert_uint_eq(lookup("p2", 0, gws), 0);
+    ck_assert_int_eq(conns_of("p2"), 0);
 
     /* gw2 stops beating: expire removes its records, not gw1's. */
-    apply((store_presence[]){ { "p3", "gw1", 11, 1 } }, 1);
+    apply((store_presence[]){ CONNECT("p3", "gw1", 11, 8) }, 1);
     ck_assert_int_eq(store_presence_expire(st, 7500, &removed, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(removed, 1);
     ck_assert_uint_eq(lookup("p1", 0, gws), 0);
+    ck_assert_int_eq(conns_of("p1"), 0);
     ck_assert_uint_eq(lookup("p3", 0, gws), 1);
     ck_assert_str_eq(gws[0], "gw1");
 }
@@ -820,7 +860,7 @@ Suite *store_contract_suite(const char *name)
     tcase_add_test(tc, inbox_sweep_cutoff);
     tcase_add_test(tc, seen_claim_sweep);
     tcase_add_test(tc, batch_limits);
-    tcase_add_test(tc, presence_counts_and_epochs);
+    tcase_add_test(tc, presence_connections_and_epochs);
     tcase_add_test(tc, track_put_get_delete);
     tcase_add_test(tc, track_sweep_cutoff);
     tcase_add_test(tc, track_bad_input);

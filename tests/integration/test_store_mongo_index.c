@@ -171,8 +171,11 @@ static void presence_doc(bson_t *doc, int i, int64_t now)
     (void)now;
     snprintf(user, sizeof(user), "p%d", i);
     snprintf(gw, sizeof(gw), "gw%d", i % 4);
-    BCON_APPEND(doc, "user", BCON_UTF8(user), "gateway", BCON_UTF8(gw), "epoch", BCON_INT64(1),
-                "count", BCON_INT32(1));
+    char id[48];
+
+    snprintf(id, sizeof(id), "%s/1/%d", gw, i);
+    BCON_APPEND(doc, "_id", BCON_UTF8(id), "user", BCON_UTF8(user), "gateway", BCON_UTF8(gw),
+                "epoch", BCON_INT64(1), "conn", BCON_INT64(i));
 }
 
 static void group_doc(bson_t *doc, int i, int64_t now)
@@ -203,7 +206,7 @@ static void fill_raw(int64_t now)
     mongoc_client_t *c = mongoc_client_new(test_uri);
     mongoc_database_t *db = mongoc_client_get_database(c, test_db);
 
-    insert_raw(db, "presence", presence_doc, now);
+    insert_raw(db, "connections", presence_doc, now);
     insert_raw(db, "groups", group_doc, now);
     insert_raw(db, "media", media_doc, now);
     mongoc_database_destroy(db);
@@ -281,8 +284,8 @@ static kind kinds[K_N] = {
     [K_SEEN] = { "seen claim (resend)", "seen", 0, 0 },
     [K_TGET] = { "track get", "tracking", 0, 0 },
     [K_TDEL] = { "track delete", "tracking", 0, 0 },
-    [K_LOOKUP] = { "presence lookup", "presence", 0, 0 },
-    [K_APPLY] = { "presence apply", "presence", 0, 0 },
+    [K_LOOKUP] = { "presence lookup", "connections", 0, 0 },
+    [K_APPLY] = { "presence apply", "connections", 0, 0 },
     [K_GROUP] = { "group get (1)", "groups", 0, 0 },
     [K_GROUPS] = { "group get (5)", "groups", 0, 0 },
     [K_MGET] = { "media get", "media", 0, 0 },
@@ -349,7 +352,8 @@ static void burst_presence(void)
         snprintf(gw, sizeof(gw), "gw%d", i % 4);
         TIMED(&kinds[K_LOOKUP], store_presence_lookup(st, user, 0, gws, 4, &n, err, sizeof(err)));
         ck_assert_int_eq(n, 1);
-        store_presence ops[2] = { { user, gw, 1, +1 }, { user, gw, 1, -1 } };
+        /* A connection other than the filled one (conn i), opened and closed. */
+        store_presence ops[2] = { { user, gw, 1, +1, 1u << 20 }, { user, gw, 1, -1, 1u << 20 } };
         TIMED(&kinds[K_APPLY], store_presence_apply(st, ops, 2, err, sizeof(err)));
     }
 }
