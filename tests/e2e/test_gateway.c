@@ -88,7 +88,12 @@ START_TEST(client_answering_pings_stays_open)
 END_TEST
 
 /* The client floods pings and never reads the pongs: the server's queue for
- * it passes 64 KiB and the server closes with 1013 instead of buffering. */
+ * it passes 64 KiB and the server drops it instead of buffering, with a
+ * 1013 close frame when the socket still takes one. A worker reads at most
+ * 64 KiB of one socket per turn and sends what it queued after each, so
+ * the queue mostly grows once the socket is full, and then the close frame
+ * cannot get through either (PROTOCOL.md says so): the connection just
+ * ends. Either way it must end, not stay open. */
 START_TEST(client_that_stops_reading_is_closed_at_the_ceiling)
 {
     char u[65];
@@ -101,18 +106,19 @@ START_TEST(client_that_stops_reading_is_closed_at_the_ceiling)
         if (client_send_text(cl, cmd, (size_t)n) != 0)
             break;
     client_frame f;
-    int code = 0;
+    int code = 0, ended = 0;
     int64_t end = px_mono_ms() + 20000;
-    while (code == 0 && px_mono_ms() < end) {
+    while (!ended && px_mono_ms() < end) {
         int rc = client_recv(cl, 1000, &f);
         if (rc == PX_OK && f.opcode == CLIENT_OP_CLOSE)
-            code = f.close_code;
+            code = f.close_code, ended = 1;
         else if (rc == PX_ERROR)
-            break;
+            ended = 1;
     }
     fprintf(stderr, "report: slow reader: %d pings sent before the close, close code %d\n", sent,
             code);
-    ck_assert_int_eq(code, 1013);
+    ck_assert_msg(ended, "a client that never reads was kept");
+    ck_assert_msg(code == 0 || code == 1013, "close code %d", code);
     client_free(cl);
 }
 END_TEST
