@@ -2,7 +2,8 @@
  * real services (or parleyd): a forged `from` is ignored, the 1000-id and
  * 100-character limits, the group edge cases (the last admin removed, a
  * member removed and added again, group events waiting for an offline
- * member, no earlier messages for a member added later), a gateway's
+ * member, no earlier messages for a member added later, no way back for a
+ * group everyone left, not even a redelivered create), a gateway's
  * drain on SIGTERM (close 1001, clean exit), and, against the stack, a
  * send while Kafka is stopped: `unavailable`, /readyz 503, then the retry
  * with the same id goes through once; and the database stopped: /readyz
@@ -246,6 +247,19 @@ START_TEST(group_edge_cases)
     const char *dave_saw[] = { want_m3 };
     expect_items(events_until(d, m3), dave_saw, 1);
     ck_assert(strcmp(m1, m2) != 0);
+
+    /* Everyone leaves: the group stays gone, even for the creator's create
+     * sent again with the same id (a redelivered create). */
+    client *who[] = { b, c, d };
+    for (int i = 0; i < 3; i++)
+        e2e_expect_type(cmd(who[i], json_pack("{s:s, s:s, s:s}", "type", "group_leave", "id",
+                                              "bye", "group", gid)), "group", NULL);
+    json_t *again = group_of(a, "e1", "edges", json_pack("[s,s]", bob, carol));
+    ck_assert_msg(strcmp(e2e_str(again, "type"), "error") == 0, "the group came back: %s",
+                  json_dumps(again, 0));
+    json_decref(again);
+    e2e_expect_type(cmd(b, json_pack("{s:s, s:s, s:s}", "type", "group_info", "id", "gone",
+                                     "group", gid)), "error", "not_found");
     client_close(a, 1000);
     client_close(b, 1000);
     client_close(c, 1000);
