@@ -277,6 +277,59 @@ START_TEST(big_backlog_is_synced_in_pages)
 }
 END_TEST
 
+/* A reader slower than the sync: bob reads one event every 2 ms while a
+ * 2.4 MB backlog is synced to him and alice sends 1.6 MB more live (past
+ * the gateway's 1 MiB ceiling for live events held until `synced`). No
+ * 1013 close, and every message arrives (by id: the held ones the gateway
+ * dropped come in the sync's pages instead). */
+START_TEST(slow_reader_gets_everything_without_1013)
+{
+    enum { BACKLOG = 300, LIVE = 200, BODY = 8000 };
+    char alice[65], bob[65], cid[32];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    char *body = malloc(BODY + 1);
+    memset(body, 'y', BODY);
+    body[BODY] = '\0';
+    for (int i = 0; i < BACKLOG; i++) {
+        snprintf(cid, sizeof(cid), "b%d", i);
+        e2e_send_async(a, cid, bob, body);
+    }
+    for (int i = 0; i < BACKLOG; i++)
+        json_decref(e2e_wait_type(a, "sent"));
+    long long dropped0 = e2e_metric(E2E_GW2, "parley_gateway_sync_held_overflow_total");
+    client *b = e2e_connect(bob, E2E_GW2);
+    for (int i = 0; i < LIVE; i++) {
+        snprintf(cid, sizeof(cid), "l%d", i);
+        e2e_send_async(a, cid, bob, body);
+    }
+    free(body);
+    json_t *ids = json_object();
+    int synced = 0;
+    while (json_object_size(ids) < BACKLOG + LIVE) {
+        json_t *m = client_recv_json(b, E2E_WAIT_MS);
+        ck_assert_msg(m != NULL, "%zu of %d messages, then: %s (close %d)",
+                      json_object_size(ids), BACKLOG + LIVE, client_errstr(b),
+                      client_close_code(b));
+        if (strcmp(e2e_str(m, "type"), "message") == 0)
+            json_object_set_new(ids, e2e_str(m, "id"), json_true());
+        synced |= strcmp(e2e_str(m, "type"), "synced") == 0;
+        json_decref(m);
+        usleep(2000);
+    }
+    json_decref(ids);
+    /* Still open: a ping is answered. */
+    e2e_send_text(b, "{\"type\":\"ping\",\"id\":\"p\"}");
+    json_decref(e2e_wait_type(b, "pong"));
+    fprintf(stderr, "report: slow reader: %d messages, synced %s, held live events dropped for "
+            "the sync %lld time(s)\n", BACKLOG + LIVE, synced ? "seen" : "not yet seen",
+            e2e_metric(E2E_GW2, "parley_gateway_sync_held_overflow_total") - dropped0);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
 START_TEST(two_connections_of_one_user_both_receive)
 {
     char alice[65], bob[65], mid[64];
@@ -413,6 +466,7 @@ static Suite *messaging_suite(void)
     tcase_add_test(tc, thousand_messages_in_order);
     tcase_add_test(tc, two_connections_of_one_user_both_receive);
     tcase_add_test(tc, big_backlog_is_synced_in_pages);
+    tcase_add_test(tc, slow_reader_gets_everything_without_1013);
     tcase_add_test(tc, unauthorized_upgrades_get_401);
     tcase_add_test(tc, frame_faults_close_with_the_right_code);
     tcase_add_test(tc, bad_commands_get_errors_and_keep_the_connection);
