@@ -4,7 +4,7 @@
 // display, forwarding, and wiring the page's controls.
 import { Connection, ServerError, devToken, fetchMedia, newCommandId, tokenClaims, uploadMedia } from './net.js';
 import { Store, loadSession, saveSession } from './store.js';
-import { $, convTitle, el, renderConvList, renderGroupPanel, renderMessages, sizeText } from './ui.js';
+import { $, convTitle, el, focusConv, renderConvList, renderGroupPanel, renderMessages, sizeText } from './ui.js';
 
 const USER_RE = /^[A-Za-z0-9._-]{1,64}$/;
 const IDS_PER_COMMAND = 1000; // the server's cap on `ack` / `read` ids
@@ -13,6 +13,9 @@ const CHANGE_BATCH_MS = 15;
 // Worth resending with the same id (the server dedupes it); anything else
 // is final for that message.
 const RETRYABLE = new Set(['disconnected', 'timeout', 'rate_limited', 'unavailable']);
+// Below style.css's breakpoint one pane shows at a time: the list, or the
+// open chat with a back control.
+const narrow = window.matchMedia('(max-width: 700px)');
 
 let session = null; // {user, token, dev}
 let store = null;
@@ -22,6 +25,7 @@ let acks = [];
 let inFlight = new Set(); // command ids of sends awaiting their answer
 let changeQueued = false;
 let scrollNext = false;
+let focusChat = false;
 let pendingFile = null;
 let forwarding = null;
 const mediaUrls = new Map(); // media id -> Promise of an object URL
@@ -384,6 +388,17 @@ function openConv(key) {
   $('group-panel').hidden = true;
   closePreview();
   changed();
+  focusChat = narrow.matches; // the list that had focus is hidden now
+}
+
+// Back to the list (narrow screens): nothing is open, so nothing more is
+// marked read, and focus returns to the conversation left.
+function closeConv() {
+  const left = current;
+  current = null;
+  closePreview();
+  render();
+  if (left) focusConv($('convs'), left);
 }
 
 function render() {
@@ -392,6 +407,7 @@ function render() {
   const unread = convs.reduce((n, c) => n + c.unread, 0);
   document.title = unread > 0 ? `(${unread}) Parley · ${session.user}` : `Parley · ${session.user}`;
   const c = current ? store.conv(current) : null;
+  $('app').dataset.pane = c ? 'chat' : 'list';
   $('chat-empty').hidden = !!c;
   $('chat-open').hidden = !c;
   if (!c) return;
@@ -404,6 +420,8 @@ function render() {
   if (c.kind === 'group') renderGroupPanel($('group-members'), c, session.user, (u) => groupCommand({ type: 'group_remove', group: c.group, members: [u] }));
   renderMessages($('msgs'), c, { mediaView, onForward: openForward, scroll: scrollNext });
   scrollNext = false;
+  if (focusChat) $('chat-title').focus();
+  focusChat = false;
 }
 
 // ---- controls -------------------------------------------------------------
@@ -439,6 +457,10 @@ function wire() {
     if (!body.trim() || !current) return;
     $('text').value = '';
     sendMessage(store.conv(current), { body });
+  });
+  on('back', 'click', closeConv);
+  on('chat', 'keydown', (e) => {
+    if (e.key === 'Escape' && narrow.matches && current && !$('preview').contains(e.target)) closeConv();
   });
   on('file', 'change', () => $('file').files[0] && showPreview($('file').files[0]));
   on('preview-send', 'click', sendPreview);

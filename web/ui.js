@@ -46,23 +46,33 @@ function preview(m) {
   return who;
 }
 
+// Text only a screen reader reads (style.css hides it from view).
+function spoken(text) {
+  return el('span', { class: 'vh' }, text);
+}
+
+// Each conversation is a button inside its list item, so the list is
+// reachable and opened from the keyboard and announced as a list.
 export function renderConvList(ul, convs, currentKey, onOpen) {
+  const focused = ul.contains(document.activeElement) ? document.activeElement.closest('.conv')?.dataset.key : null;
   ul.replaceChildren(
     ...convs.map((c) =>
       el(
         'li',
-        {
-          class: `conv${c.key === currentKey ? ' current' : ''}`,
-          'data-key': c.key,
-          onclick: () => onOpen(c.key),
-        },
-        el('div', { class: 'conv-top' },
-          el('span', { class: 'conv-name' }, convTitle(c)),
-          c.unread > 0 ? el('span', { class: 'unread', 'aria-label': `${c.unread} unread` }, String(c.unread)) : null),
-        el('div', { class: 'conv-last' }, preview(c.msgs[c.msgs.length - 1])),
+        { class: `conv${c.key === currentKey ? ' current' : ''}`, 'data-key': c.key },
+        el('button', { type: 'button', class: 'conv-open', 'aria-current': c.key === currentKey ? 'true' : null, onclick: () => onOpen(c.key) },
+          el('span', { class: 'conv-top' },
+            el('span', { class: 'conv-name' }, convTitle(c)),
+            c.unread > 0 ? [el('span', { class: 'unread' }, String(c.unread)), spoken(' unread')] : null),
+          el('span', { class: 'conv-last' }, preview(c.msgs[c.msgs.length - 1]))),
       ),
     ),
   );
+  if (focused) focusConv(ul, focused); // redrawing must not drop keyboard focus
+}
+
+export function focusConv(ul, key) {
+  for (const li of ul.children) if (li.dataset.key === key) li.querySelector('button').focus();
 }
 
 function systemText(m) {
@@ -86,7 +96,8 @@ const TICKS = {
 
 function ticks(m) {
   const [mark, label] = TICKS[m.status] || TICKS.pending;
-  return el('span', { class: `ticks ${m.status}`, 'data-status': m.status, title: m.error || label, 'aria-label': label }, mark);
+  return el('span', { class: `ticks ${m.status}`, 'data-status': m.status, title: m.error || label },
+    el('span', { 'aria-hidden': 'true' }, mark), spoken(label));
 }
 
 // mediaView(media, mine) returns the element that shows an attachment.
@@ -101,7 +112,7 @@ function bubble(m, c, { mediaView, onForward }) {
     m.body ? el('div', { class: 'body' }, m.body) : null,
     m.status === 'failed' ? el('div', { class: 'failed-why' }, `Not sent: ${m.error}`) : null,
     el('div', { class: 'meta' },
-      m.id ? el('button', { type: 'button', class: 'fwd', title: 'Forward', onclick: () => onForward(m) }, '↪') : null,
+      m.id ? el('button', { type: 'button', class: 'fwd', title: 'Forward', 'aria-label': 'Forward', onclick: () => onForward(m) }, '↪') : null,
       el('span', { class: 'time' }, clock(m.ts)),
       m.mine ? ticks(m) : null),
   );

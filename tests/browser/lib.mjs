@@ -45,9 +45,13 @@ export async function online(page) {
   await page.locator('#conn-state[data-state="online"]').waitFor({ timeout: WAIT_MS });
 }
 
+export const DESKTOP = { viewport: { width: 1000, height: 620 } };
+// A phone: its viewport, and the viewport meta tag honoured as on a phone.
+export const PHONE = { viewport: { width: 390, height: 780 }, isMobile: true, hasTouch: true };
+
 // A fresh "device" for user: new context, sign in with a dev token.
-export async function signIn(browser, user, base = BASE) {
-  const context = await browser.newContext({ viewport: { width: 1000, height: 620 } });
+export async function signIn(browser, user, base = BASE, device = DESKTOP) {
+  const context = await browser.newContext(device);
   context.parleyUser = user;
   const page = await openPage(context, base);
   await page.fill('#signin-user', user);
@@ -172,4 +176,25 @@ export async function startRelay() {
       server.close(ok);
     }),
   };
+}
+
+// What is wrong with the page's layout at its viewport: a page that
+// scrolls sideways, and visible controls cut off at the edges or smaller
+// than minTouch px (0: not checked). An empty list when all is well.
+export function layoutProblems(page, minTouch = 0) {
+  return page.evaluate((min) => {
+    const out = [];
+    const doc = document.documentElement;
+    if (doc.scrollWidth > doc.clientWidth) out.push(`the page scrolls sideways: ${doc.scrollWidth} > ${doc.clientWidth} px`);
+    const name = (el) => `${el.tagName.toLowerCase()}${el.id ? `#${el.id}` : ''}${el.className && typeof el.className === 'string' ? `.${el.className.split(' ')[0]}` : ''}`;
+    for (const el of document.querySelectorAll('button, input:not([type=file]), textarea, .attach, .msg, .time')) {
+      const r = el.getBoundingClientRect();
+      if (r.width === 0 && r.height === 0) continue; // not shown
+      if (r.left < 0 || r.right > doc.clientWidth) out.push(`${name(el)} cut off: ${Math.round(r.left)}..${Math.round(r.right)} px`);
+      if (r.bottom > window.innerHeight && !el.closest('.msgs, .convs')) out.push(`${name(el)} below the screen: bottom ${Math.round(r.bottom)} px`);
+      const control = el.matches('button, input, textarea, .attach');
+      if (min && control && (r.width < min || r.height < min)) out.push(`${name(el)} is ${Math.round(r.width)}x${Math.round(r.height)} px, under ${min}`);
+    }
+    return out;
+  }, minTouch);
 }
