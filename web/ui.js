@@ -120,6 +120,7 @@ function bubble(m, c, { mediaView, onForward }) {
 
 export function renderMessages(ol, c, handlers) {
   const atBottom = ol.scrollHeight - ol.scrollTop - ol.clientHeight < 40;
+  const focused = ol.contains(document.activeElement) ? document.activeElement.closest('.msg')?.dataset.id : null;
   ol.replaceChildren(
     ...c.msgs.map((m) =>
       m.system
@@ -127,6 +128,8 @@ export function renderMessages(ol, c, handlers) {
         : bubble(m, c, handlers)),
   );
   if (atBottom || handlers.scroll) ol.scrollTop = ol.scrollHeight;
+  // A receipt redraws the chat: a keyboard user's Forward button keeps focus.
+  if (focused) [...ol.children].find((li) => li.dataset.id === focused)?.querySelector('.fwd')?.focus();
 }
 
 export function renderGroupPanel(ul, c, me, onRemove) {

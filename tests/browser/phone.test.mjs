@@ -95,6 +95,13 @@ test('on a phone: list, chat with back, unread badge, media preview, all within 
   await assertLayout(page, 'image sent');
   await shot(page, 'phone-image');
 
+  // A message arriving redraws the chat; keyboard focus stays where it was.
+  await mine(page, 'hello from a phone').locator('.fwd').focus();
+  await send(quinn.page, 'one more');
+  await theirs(page, 'one more').waitFor({ timeout: WAIT_MS });
+  assert.equal(await page.evaluate(() => document.activeElement.closest('.msg')?.textContent ?? null)
+    .then((t) => t?.startsWith('hello from a phone')), true, 'focus kept on the Forward button');
+
   // Escape, as well as the back button, returns to the list.
   await page.focus('#text');
   await page.keyboard.press('Escape');
