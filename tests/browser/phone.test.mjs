@@ -107,6 +107,14 @@ test('on a phone: list, chat with back, unread badge, media preview, all within 
   await page.keyboard.press('Escape');
   assert.equal(await panes(page), 'list');
 
+  // The new-group dialog fits the screen too.
+  await page.tap('#new-group');
+  await page.locator('#group-dlg').waitFor({ timeout: WAIT_MS });
+  await assertLayout(page, 'new-group dialog');
+  await shot(page, 'phone-new-group');
+  await page.tap('#group-dlg button[value=cancel]');
+  await page.locator('#group-dlg').waitFor({ state: 'hidden', timeout: WAIT_MS });
+
   await pia.context.close();
   await quinn.context.close();
 });
