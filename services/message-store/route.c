@@ -24,9 +24,18 @@
 #define ROUTE_SLOTS (1u << 17)   /* 1 MiB of pointers; entries ~100 B each */
 #define ROUTE_MAX_GWS 16         /* gateways of one user we push to */
 #define ROUTE_NOTE_MIN_MS 1000   /* a sync's note outlives even a tiny TTL */
+/* How long a sync's gateway is kept in the user's entry although the
+ * registry does not name it yet: presence consumes the connect on its own
+ * topic and lags under load (seconds), and a refresh that read the lagging
+ * registry used to overwrite the note with "offline", so members who had
+ * just synced missed live group messages until they reconnected. A wrong
+ * note costs only wasted pushes (the events are stored). */
+#define ROUTE_NOTE_GRACE_MS 30000
 
 typedef struct route_entry {
     int64_t expires_ms;          /* monotonic */
+    int64_t note_until_ms;       /* note is kept until then, or until the registry names it */
+    char note[65];               /* the gateway of the user's latest sync, or "" */
     size_t n;
     char *user;                  /* points after gws */
     char gws[][65];
@@ -58,19 +67,51 @@ static route_entry **route_slot(route_cache *rc, const char *user)
     return &rc->slots[h & (ROUTE_SLOTS - 1)];
 }
 
+static int route_has(const char (*gws)[65], size_t n, const char *gateway)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(gws[i], gateway) == 0)
+            return 1;
+    return 0;
+}
+
+/* Replaces user's entry. With a note (route_note_gateway: gws already
+ * hold it) the note is kept for its grace. Without one, gws are the
+ * registry's answer, and the replaced entry's note carries over while in
+ * its grace and missing from them (added to gws); once the registry names
+ * the gateway, the note is done. */
+static void route_put_noted(route_cache *rc, const char *user, const char (*gws)[65], size_t n,
+                            int64_t expires_ms, const char *note, int64_t note_until_ms)
+{
+    size_t ulen = strlen(user);
+    route_entry **slot = route_slot(rc, user);
+    const route_entry *old = *slot;
+    int from_registry = note == NULL;
+    if (from_registry && old != NULL && strcmp(old->user, user) == 0 && old->note[0] != '\0') {
+        note = old->note;
+        note_until_ms = old->note_until_ms;
+    }
+    int keep = note != NULL && note_until_ms > px_mono_ms() &&
+               !(from_registry && route_has(gws, n, note));
+    size_t extra = keep && !route_has(gws, n, note) && n < ROUTE_MAX_GWS;
+    route_entry *e = px_malloc(sizeof(*e) + (n + extra) * sizeof(e->gws[0]) + ulen + 1);
+    e->expires_ms = expires_ms;
+    e->note_until_ms = keep ? note_until_ms : 0;
+    snprintf(e->note, sizeof(e->note), "%s", keep ? note : "");
+    e->n = n + extra;
+    memcpy(e->gws, gws, n * sizeof(e->gws[0]));
+    if (extra)
+        memcpy(e->gws[n], e->note, sizeof(e->gws[0]));
+    e->user = (char *)&e->gws[e->n];
+    memcpy(e->user, user, ulen + 1);
+    free(*slot);
+    *slot = e;
+}
+
 static void route_put(route_cache *rc, const char *user, const char (*gws)[65], size_t n,
                       int64_t expires_ms)
 {
-    size_t ulen = strlen(user);
-    route_entry *e = px_malloc(sizeof(*e) + n * sizeof(e->gws[0]) + ulen + 1);
-    e->expires_ms = expires_ms;
-    e->n = n;
-    memcpy(e->gws, gws, n * sizeof(e->gws[0]));
-    e->user = (char *)&e->gws[n];
-    memcpy(e->user, user, ulen + 1);
-    route_entry **slot = route_slot(rc, user);
-    free(*slot);
-    *slot = e;
+    route_put_noted(rc, user, gws, n, expires_ms, NULL, 0);
 }
 
 /* The cached entry of user, fresh or expired, or NULL. */
@@ -151,7 +192,8 @@ void route_note_gateway(msgstore *ms, const char *user, const char *gateway)
         snprintf(gws[n++], sizeof(gws[0]), "%s", gateway);
     }
     int64_t ttl = PX_MAX(ms->svc.cfg.presence_ttl_ms, ROUTE_NOTE_MIN_MS);
-    route_put(ms->cache, user, (const char (*)[65])gws, n, now + ttl);
+    route_put_noted(ms->cache, user, (const char (*)[65])gws, n, now + ttl, gateway,
+                    now + ROUTE_NOTE_GRACE_MS);
 }
 
 /* ---- live routing ---- */

@@ -330,6 +330,44 @@ START_TEST(slow_reader_gets_everything_without_1013)
 }
 END_TEST
 
+/* A connection is reached live while the presence registry lags behind
+ * it (presence stopped from before bob connects): message-store keeps the
+ * gateway of bob's sync although the registry does not name it yet. It
+ * used to forget it after one cache period (a refresh read the registry's
+ * "offline"), and the rest waited for bob's next connection: online
+ * members of a 256-member group missed live messages on a loaded box.
+ * Sends are spread over several cache periods (200 ms in the harness,
+ * 1 s for a sync's note). Microservices only: parleyd's presence cannot
+ * lag on its own. */
+START_TEST(live_while_the_registry_lags)
+{
+    enum { N = 10, GAP_MS = 300 };
+    char alice[65], bob[65], cid[16], mid[64];
+    pid_t presence = e2e_pid(E2E_PRESENCE);
+    if (presence == e2e_pid(E2E_GW1))
+        return;
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(until_synced(a));
+    ck_assert_int_eq(kill(presence, SIGSTOP), 0);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(until_synced(b));
+    for (int i = 0; i < N; i++) {
+        snprintf(cid, sizeof(cid), "lag%d", i);
+        e2e_send(a, cid, bob, "while presence lags", mid);
+        json_t *m = client_wait_type(b, "message", E2E_WAIT_MS);
+        ck_assert_msg(m != NULL, "message %d of %d not live: %s", i + 1, N, client_errstr(b));
+        ck_assert_str_eq(e2e_str(m, "id"), mid);
+        json_decref(m);
+        usleep(GAP_MS * 1000);
+    }
+    ck_assert_int_eq(kill(presence, SIGCONT), 0);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
 START_TEST(two_connections_of_one_user_both_receive)
 {
     char alice[65], bob[65], mid[64];
@@ -464,6 +502,7 @@ static Suite *messaging_suite(void)
     tcase_add_test(tc, resend_is_idempotent);
     tcase_add_test(tc, resend_to_online_recipient_is_pushed_once);
     tcase_add_test(tc, thousand_messages_in_order);
+    tcase_add_test(tc, live_while_the_registry_lags);
     tcase_add_test(tc, two_connections_of_one_user_both_receive);
     tcase_add_test(tc, big_backlog_is_synced_in_pages);
     tcase_add_test(tc, slow_reader_gets_everything_without_1013);
