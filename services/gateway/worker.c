@@ -97,6 +97,9 @@ void worker_post_chain(worker *w, mail *head)
     pthread_mutex_lock(&w->mu);
     while (w->mail_bytes > WORKER_MAIL_CEILING && !w->stop)
         pthread_cond_wait(&w->room, &w->mu);
+    /* A mailbox that was not empty has a wake-up pending: the worker reads
+     * the eventfd before it takes the list, so it takes this chain too. */
+    int was_empty = w->head == NULL;
     if (w->tail != NULL)
         w->tail->next = head;
     else
@@ -105,7 +108,7 @@ void worker_post_chain(worker *w, mail *head)
     w->mail_bytes += bytes;
     pthread_mutex_unlock(&w->mu);
     uint64_t one = 1;
-    if (write(w->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+    if (was_empty && write(w->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
         log_error("worker eventfd write failed", "{s:s}", "error", strerror(errno));
 }
 

@@ -322,16 +322,23 @@ static size_t ws_conn_queued(conn *c)
 }
 
 /* Past PARLEY_SEND_QUEUE_BYTES the client stopped reading (a sync comes
- * in pages far below the ceiling): say why if the socket takes it, and
- * drop the connection now rather than hold more for it. 1 if it did. */
+ * in pages far below the ceiling): accept nothing more for it (wslay
+ * queues no pongs once a close is queued) and close with 1013 behind what
+ * is queued, as any close: the close grace bounds how long that is held
+ * (a peer that never reads is dropped then). Dropping the socket at once
+ * lost the close frame whenever the socket was full, and closing it with
+ * the peer's frames unread answered them with a reset that could overtake
+ * the close frame. 1 if it started the close now. */
 static int ws_conn_over_ceiling(conn *c)
 {
-    if (ws_conn_queued(c) <= (size_t)c->g->cfg.send_queue_bytes)
+    if (c->close_deadline_ms != 0 || c->ctx == NULL ||
+        ws_conn_queued(c) <= (size_t)c->g->cfg.send_queue_bytes)
         return 0;
     metric_add(c->g->m.slow_closed, 1);
-    wslay_event_queue_close(c->ctx, 1013, (const uint8_t *)"send queue full", 15);
-    ws_conn_write(c);
-    ws_conn_kill(c, "send queue over its ceiling");
+    log_debug("closing", "{s:s, s:s}", "user", c->user, "why", "send queue over its ceiling");
+    ws_conn_close(c, 1013, "send queue full");
+    if (ws_conn_write(c) != PX_OK)
+        ws_conn_kill(c, "write failed");
     return 1;
 }
 
