@@ -406,6 +406,15 @@ void ws_conn_synced(conn *c)
         return;
     c->synced = 1;
     ws_conn_queue_text(c, synced, sizeof(synced) - 1);
+    /* Held events up to the ceiling, on top of a last page still queued
+     * (a quarter of the ceiling plus up to 512 KiB), passed the ceiling and
+     * closed a client that was reading (1013): drop them instead, for the
+     * reason ws_conn_hold gives (this sync's pages carried each of them). */
+    if (ws_conn_queued(c) + c->held_bytes > (size_t)c->g->cfg.send_queue_bytes) {
+        metric_add(c->g->m.held_dropped, 1);
+        ws_conn_free_held(c);
+        return;
+    }
     for (mail *m = c->held; m != NULL; m = m->next)
         ws_conn_queue_text(c, m->data, m->len);
     ws_conn_free_held(c);
