@@ -16,6 +16,15 @@
 #   stack.sh status                     exit 0 only if everything is up and ready
 #   stack.sh destroy                    stop all, delete the run dir and its data
 #   stack.sh wait  [kafka|mongo|all]    wait until ready (PARLEY_STACK_TIMEOUT)
+#   stack.sh start --ha [...]           the same with PARLEY_KAFKA_NODES=3
+#
+# High availability (docs/high-availability.md): PARLEY_KAFKA_NODES=3 (or
+# --ha) runs three Kafka nodes, each broker and controller of one static
+# KRaft quorum, node n on PARLEY_KAFKA_PORT + 10(n-1) (controller likewise),
+# topics with 3 replicas and min.insync.replicas=2, heaps of 384 MiB. Node 1
+# is the component "kafka", nodes 2 and 3 "kafka2" and "kafka3" (stop
+# kafka2 alone to lose one broker). stop/status/destroy find the nodes of
+# the run dir by themselves.
 #
 # Environment (defaults):
 #   PARLEY_CACHE ($HOME/.cache/parley)  jars, ferretdb, maven/go caches
@@ -23,11 +32,18 @@
 #   PARLEY_KAFKA_PORT (19092), PARLEY_KAFKA_CONTROLLER_PORT (19093),
 #   PARLEY_MONGO_PORT (27018), PARLEY_PG_PORT (PARLEY_MONGO_PORT - 1000),
 #   PARLEY_FERRETDB_BACKEND (postgresql if installed, else sqlite),
-#   PARLEY_KAFKA_PARTITIONS (8),
+#   PARLEY_KAFKA_PARTITIONS (8), PARLEY_KAFKA_NODES (1, or 3 as the run dir
+#   was started with),
 #   PARLEY_STACK_TIMEOUT (90 s), PARLEY_STACK_FRESH=1 wipes data on start.
-# After start, "$PARLEY_STACK_DIR/stack.env" holds PARLEY_KAFKA_BROKERS and
-# PARLEY_MONGO_URI for the services (source it).
+# After start, "$PARLEY_STACK_DIR/stack.env" holds PARLEY_KAFKA_BROKERS,
+# PARLEY_KAFKA_REPLICATION and PARLEY_MONGO_URI for the services (source it).
 set -euo pipefail
+
+args=()
+for a in "$@"; do
+  if [ "$a" = --ha ]; then export PARLEY_KAFKA_NODES=3; else args+=("$a"); fi
+done
+set -- "${args[@]+"${args[@]}"}"
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=$(realpath -m "${PARLEY_CACHE:-$HOME/.cache/parley}")
@@ -45,7 +61,19 @@ FERRETDB=$CACHE/bin/ferretdb
 JAVA=${JAVA_HOME:+$JAVA_HOME/bin/}java
 # Class-data archive of this JVM build (a JDK update makes a new one): halves Kafka's startup.
 KAFKA_CDS=$CACHE/kafka-$KAFKA_VERSION/classes-$(stat -L -c %Y "$(command -v "$JAVA")" 2>/dev/null || echo 0).jsa
-KAFKA_ADDR=127.0.0.1:$KAFKA_PORT
+# How many Kafka nodes: as asked, else as this run dir was started.
+NODES=${PARLEY_KAFKA_NODES:-$(cat "$RUN/kafka.nodes" 2>/dev/null || echo 1)}
+[[ "$NODES" =~ ^[13]$ ]] || { echo "stack: PARLEY_KAFKA_NODES=$NODES: 1 or 3" >&2; exit 1; }
+# Node n (1-based) of component kafka, kafka2, kafka3 and its ports.
+knode() { local n=${1#kafka}; echo "${n:-1}"; }
+kport() { echo $((KAFKA_PORT + 10 * ($(knode "$1") - 1))); }
+kcport() { echo $((KAFKA_CPORT + 10 * ($(knode "$1") - 1))); }
+kafka_nodes() { local n; echo kafka; for ((n = 2; n <= NODES; n++)); do echo "kafka$n"; done; }
+KAFKA_ADDR=$(for c in $(kafka_nodes); do printf '127.0.0.1:%s,' "$(kport "$c")"; done)
+KAFKA_ADDR=${KAFKA_ADDR%,}
+# With three nodes a write is acknowledged once two replicas hold it, so
+# one node may die without losing an acknowledged record or stopping writes.
+KAFKA_MIN_ISR=$((NODES > 1 ? 2 : 1))
 MONGO_URI="mongodb://127.0.0.1:$MONGO_PORT/?retryWrites=false"
 PG_PORT=${PARLEY_PG_PORT:-$((MONGO_PORT - 1000))}
 PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
@@ -65,7 +93,7 @@ say() { echo "stack: $*"; }
 die() { echo "stack: $*" >&2; exit 1; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-log_of() { if [ "$1" = kafka ]; then echo "$RUN/kafka.log (JVM output: $RUN/kafka.out)"; else echo "$RUN/mongo.log"; fi; }
+log_of() { if [[ "$1" == kafka* ]]; then echo "$RUN/$1.log (JVM output: $RUN/$1.out)"; else echo "$RUN/mongo.log"; fi; }
 have_mongod() { command -v mongod >/dev/null; }
 
 # ---- fetch --------------------------------------------------------------
@@ -129,9 +157,12 @@ need_free_port() {
   return 0
 }
 
-kafka_ready() {
-  port_open "$KAFKA_PORT" || return 1 # kcat would sit out its whole timeout
-  if command -v kcat >/dev/null; then kcat -b "$KAFKA_ADDR" -L -m 5 >/dev/null 2>&1; fi
+kafka_ready() { kafka_node_ready kafka; }
+kafka2_ready() { kafka_node_ready kafka2; }
+kafka3_ready() { kafka_node_ready kafka3; }
+kafka_node_ready() {
+  port_open "$(kport "$1")" || return 1 # kcat would sit out its whole timeout
+  if command -v kcat >/dev/null; then kcat -b "127.0.0.1:$(kport "$1")" -L -m 5 >/dev/null 2>&1; fi
 }
 
 # A real OP_MSG {hello: 1} round trip; a TCP connect where python3 is missing.
@@ -156,36 +187,54 @@ sys.exit(0 if any(o in data for o in ok) else 1)
 EOF
 }
 
+# Three nodes: the controller fences a broker that stopped heartbeating
+# after broker.session.timeout.ms (9 s by default) and only then moves its
+# partition leaders; 4 s (beats every 1 s) cuts the time producers and
+# consumers wait after a kill -9 of a broker.
+kafka_ha_config() {
+  [ "$NODES" = 1 ] || printf 'broker.session.timeout.ms=4000\nbroker.heartbeat.interval.ms=1000\n'
+}
+
+# The static quorum: every node is a voter.
+kafka_voters() {
+  local c v=
+  for c in $(kafka_nodes); do v+="$(knode "$c")@127.0.0.1:$(kcport "$c"),"; done
+  echo "${v%,}"
+}
+
 write_kafka_config() {
-  cat >"$RUN/kafka.properties" <<EOF
+  local c=$1
+  cat >"$RUN/$c.properties" <<EOF
 # Generated by deploy/local/stack.sh on every start; edits are lost.
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:$KAFKA_CPORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CPORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+node.id=$(knode "$c")
+controller.quorum.voters=$(kafka_voters)
+listeners=PLAINTEXT://127.0.0.1:$(kport "$c"),CONTROLLER://127.0.0.1:$(kcport "$c")
+advertised.listeners=PLAINTEXT://127.0.0.1:$(kport "$c")
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-log.dirs=$RUN/kafka-data
+log.dirs=$RUN/$c-data
 num.partitions=$PARTITIONS
 auto.create.topics.enable=true
-default.replication.factor=1
-offsets.topic.replication.factor=1
+default.replication.factor=$NODES
+min.insync.replicas=$KAFKA_MIN_ISR
+offsets.topic.replication.factor=$NODES
 offsets.topic.num.partitions=4
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor=$NODES
+transaction.state.log.min.isr=$KAFKA_MIN_ISR
 transaction.state.log.num.partitions=4
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.replication.factor=$NODES
+share.coordinator.state.topic.min.isr=$KAFKA_MIN_ISR
 group.initial.rebalance.delay.ms=0
+$(kafka_ha_config)
 log.segment.bytes=16777216
 log.retention.ms=21600000
 log.retention.bytes=268435456
 log.retention.check.interval.ms=60000
 log.cleaner.dedupe.buffer.size=16777216
 EOF
-  cat >"$RUN/kafka-log4j2.xml" <<EOF
+  cat >"$RUN/$c-log4j2.xml" <<EOF
 <?xml version="1.0" encoding="UTF-8"?>
 <!-- Generated by deploy/local/stack.sh on every start; edits are lost. -->
 <Configuration status="warn">
@@ -194,7 +243,7 @@ EOF
       <ThresholdFilter level="ERROR"/>
       <PatternLayout pattern="[%d] %p %m (%c)%n"/>
     </Console>
-    <File name="file" fileName="$RUN/kafka.log" append="true">
+    <File name="file" fileName="$RUN/$c.log" append="true">
       <PatternLayout pattern="[%d] %p %m (%c)%n"/>
     </File>
   </Appenders>
@@ -207,22 +256,36 @@ EOF
 EOF
 }
 
-KAFKA_JVM=("$JAVA" -Xms256m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError
-  -Djava.awt.headless=true -Dlog4j2.shutdownHookEnabled=false -Dlog4j2.configurationFile="$RUN/kafka-log4j2.xml" -cp "$KAFKA_LIBS/*")
+# Three nodes share the box with the tests: smaller heaps each.
+KAFKA_HEAP=(-Xms256m -Xmx512m)
+[ "$NODES" = 1 ] || KAFKA_HEAP=(-Xms128m -Xmx384m)
+kafka_jvm() {
+  KAFKA_JVM=("$JAVA" "${KAFKA_HEAP[@]}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError
+    -Djava.awt.headless=true -Dlog4j2.shutdownHookEnabled=false -Dlog4j2.configurationFile="$RUN/$1-log4j2.xml" -cp "$KAFKA_LIBS/*")
+}
 
-start_kafka() {
-  local id cds=-XX:SharedArchiveFile="$KAFKA_CDS"
-  write_kafka_config
-  : >"$RUN/kafka.out"
-  if [ ! -f "$RUN/kafka-data/meta.properties" ]; then
-    id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
-    "${KAFKA_JVM[@]}" -Xshare:auto "$cds" kafka.tools.StorageTool format -t "$id" -c "$RUN/kafka.properties" >>"$RUN/kafka.out" 2>&1 \
-      || die "kafka storage format failed; read $RUN/kafka.out"
+start_kafka() { start_kafka_node kafka; }
+start_kafka2() { start_kafka_node kafka2; }
+start_kafka3() { start_kafka_node kafka3; }
+start_kafka_node() {
+  local c=$1 id cds=-XX:SharedArchiveFile="$KAFKA_CDS"
+  write_kafka_config "$c"
+  kafka_jvm "$c"
+  : >"$RUN/$c.out"
+  # Every node of one cluster is formatted with the same cluster id (given
+  # as --cluster-id=: one that starts with "-" would read as an option).
+  [ -s "$RUN/kafka.cluster-id" ] || head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=' >"$RUN/kafka.cluster-id"
+  id=$(cat "$RUN/kafka.cluster-id")
+  if [ ! -f "$RUN/$c-data/meta.properties" ]; then
+    "${KAFKA_JVM[@]}" -Xshare:auto "$cds" kafka.tools.StorageTool format --cluster-id="$id" -c "$RUN/$c.properties" >>"$RUN/$c.out" 2>&1 \
+      || die "kafka storage format failed; read $RUN/$c.out"
   fi
-  # No archive yet: this JVM writes one when it exits cleanly, and stop keeps it.
-  [ -f "$KAFKA_CDS" ] || cds=-XX:ArchiveClassesAtExit="$RUN/kafka.jsa.tmp"
-  nohup "${KAFKA_JVM[@]}" "$cds" kafka.Kafka "$RUN/kafka.properties" >>"$RUN/kafka.out" 2>&1 </dev/null 8>&- 9>&- &
-  echo $! >"$RUN/kafka.pid"
+  # No archive yet: node 1 writes one when it exits cleanly, and stop keeps it.
+  if [ ! -f "$KAFKA_CDS" ]; then
+    if [ "$c" = kafka ]; then cds=-XX:ArchiveClassesAtExit="$RUN/kafka.jsa.tmp"; else cds=-Xshare:auto; fi
+  fi
+  nohup "${KAFKA_JVM[@]}" "$cds" kafka.Kafka "$RUN/$c.properties" >>"$RUN/$c.out" 2>&1 </dev/null 8>&- 9>&- &
+  echo $! >"$RUN/$c.pid"
 }
 
 # A private cluster on loopback only, trust auth (nothing else can reach it),
@@ -290,16 +353,19 @@ wait_ready() {
 }
 
 write_env() {
-  printf 'PARLEY_KAFKA_BROKERS=%s\nPARLEY_MONGO_URI=%s\n' "$KAFKA_ADDR" "$MONGO_URI" >"$RUN/stack.env"
+  printf 'PARLEY_KAFKA_BROKERS=%s\nPARLEY_KAFKA_REPLICATION=%s\nPARLEY_MONGO_URI=%s\n' \
+    "$KAFKA_ADDR" "$NODES" "$MONGO_URI" >"$RUN/stack.env"
 }
 
 # ---- subcommands -----------------------------------------------------------
 
 components() {
   case "${1:-all}" in
-    kafka | mongo) echo "$1" ;;
-    all) echo mongo kafka ;;
-    *) die "unknown component '$1' (kafka, mongo or all)" ;;
+    mongo) echo mongo ;;
+    kafka) kafka_nodes ;;
+    kafka2 | kafka3) [ "$(knode "$1")" -le "$NODES" ] || die "no $1: PARLEY_KAFKA_NODES=$NODES"; echo "$1" ;;
+    all) echo mongo; kafka_nodes ;;
+    *) die "unknown component '$1' (kafka, kafka2, kafka3, mongo or all)" ;;
   esac
 }
 
@@ -317,10 +383,11 @@ cmd_start() {
       continue
     fi
     rm -f "$RUN/$c.pid"
-    if [ "$c" = kafka ]; then
-      need_free_port "$KAFKA_PORT" "kafka" PARLEY_KAFKA_PORT
-      need_free_port "$KAFKA_CPORT" "kafka controller" PARLEY_KAFKA_CONTROLLER_PORT
-      [ "${PARLEY_STACK_FRESH:-0}" != 1 ] || rm -rf "$RUN/kafka-data" "$RUN/kafka.log"
+    if [[ "$c" == kafka* ]]; then
+      need_free_port "$(kport "$c")" "$c" PARLEY_KAFKA_PORT
+      need_free_port "$(kcport "$c")" "$c controller" PARLEY_KAFKA_CONTROLLER_PORT
+      [ "${PARLEY_STACK_FRESH:-0}" != 1 ] || rm -rf "$RUN/$c-data" "$RUN/$c.log"
+      [ "$c" != kafka ] || echo "$NODES" >"$RUN/kafka.nodes"
     else
       need_free_port "$MONGO_PORT" "mongo" PARLEY_MONGO_PORT
       if [ "$BACKEND" = postgresql ] && ! have_mongod; then
@@ -332,7 +399,7 @@ cmd_start() {
     "start_$c"
     started+=("$c")
   done
-  for c in mongo kafka; do # mongo first: it is up sooner, so both times are right
+  for c in mongo $(kafka_nodes); do # mongo first: it is up sooner, so the times are right
     [[ " ${started[*]} " == *" $c "* ]] || continue
     if ! wait_ready "$c"; then
       stop_all "${started[@]}" >/dev/null # leave nothing half-started behind
@@ -343,7 +410,7 @@ cmd_start() {
   write_env
   for c in "$@"; do
     if [ "$c" = kafka ]; then say "kafka: PARLEY_KAFKA_BROKERS=$KAFKA_ADDR"
-    else say "mongo: PARLEY_MONGO_URI=$MONGO_URI"; fi
+    elif [ "$c" = mongo ]; then say "mongo: PARLEY_MONGO_URI=$MONGO_URI"; fi
   done
 }
 
@@ -354,14 +421,20 @@ cmd_stop() {
 
 stop_all() {
   local c p i
+  local -A pids=()
+  # TERM to all first: Kafka nodes stopped one by one would leave the last
+  # ones without a controller quorum, each waiting out its shutdown.
   for c in "$@"; do
-    if ! p=$(pid_of "$c"); then
+    if p=$(pid_of "$c"); then pids[$c]=$p; kill -TERM "$p" 2>/dev/null || true; fi
+  done
+  for c in "$@"; do
+    p=${pids[$c]:-}
+    if [ -z "$p" ]; then
       rm -f "$RUN/$c.pid"
       say "$c not running"
       [ "$c" != mongo ] || stop_pg
       continue
     fi
-    kill -TERM "$p" 2>/dev/null || true
     for ((i = 0; i < 100; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
     if kill -0 "$p" 2>/dev/null; then
       say "$c (pid $p) still up after 20s, killing"
@@ -380,7 +453,7 @@ stop_all() {
 
 cmd_status() {
   local c p rc=0
-  for c in kafka mongo; do
+  for c in $(kafka_nodes) mongo; do
     if p=$(pid_of "$c") && "${c}_ready"; then say "$c: running, pid $p, ready"
     elif [ -n "${p:-}" ]; then say "$c: running, pid $p, NOT ready (read $(log_of "$c"))"; rc=1
     else say "$c: stopped"; rc=1; fi
@@ -400,7 +473,8 @@ cmd_wait() {
 }
 
 cmd_destroy() {
-  cmd_stop kafka mongo
+  # shellcheck disable=SC2046 # component names are single words
+  cmd_stop $(kafka_nodes) mongo
   rm -rf "$PG_DATA" "$RUN"
 }
 
