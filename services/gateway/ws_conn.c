@@ -67,6 +67,7 @@ struct conn {
     size_t extra_len, extra_off;
     int64_t last_recv_ms, last_ping_ms, close_deadline_ms;
     int dead, dirty, synced;
+    int lingering;                   /* close sent, write side shut: draining */
     int held_overflow;               /* held events dropped: the sync has them */
     int64_t sync_from;               /* > 0: the next sync page, not asked yet */
     mail *held, *held_tail;          /* live events waiting for the sync */
@@ -290,12 +291,36 @@ static void ws_conn_kill(conn *c, const char *why)
     c->dead = 1;
 }
 
+/* Reads and drops what the peer still sends after our close, until it
+ * closes too (or the close grace ends, ws_conn_tick). */
+static void ws_conn_drain(conn *c)
+{
+    char buf[4096];
+    ssize_t r;
+    uint32_t budget = CONN_READ_BUDGET;
+    while (budget > 0) {
+        while ((r = recv(c->fd, buf, sizeof(buf), 0)) < 0 && errno == EINTR)
+            ;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        if (r <= 0) {
+            ws_conn_kill(c, "closed");
+            return;
+        }
+        budget = (uint32_t)r >= budget ? 0 : budget - (uint32_t)r;
+    }
+}
+
 void ws_conn_on_io(conn *c, uint32_t events)
 {
     if (c->dead)
         return;
     if (events & (EPOLLERR | EPOLLHUP)) {
         ws_conn_kill(c, "socket error or hangup");
+        return;
+    }
+    if (c->lingering) {
+        ws_conn_drain(c);
         return;
     }
     c->last_io_ms = px_mono_ms();
@@ -455,10 +480,17 @@ int ws_conn_flush(conn *c)
         return PX_ERROR;
     int rd = c->ctx == NULL || wslay_event_want_read(c->ctx);
     int wr = ws_conn_has_output(c);
-    if (!rd && !wr) {
-        ws_conn_kill(c, "closed");
-        return PX_ERROR;
+    if (!rd && !wr && !c->lingering) {
+        /* Closing a socket with unread bytes (the rest of an oversized
+         * frame, say) makes the kernel send a reset, which can overtake
+         * the close frame just written: the client then saw no 1009 or
+         * 1007. So shut the write side and drain until the peer closes. */
+        c->lingering = 1;
+        shutdown(c->fd, SHUT_WR);
+        if (c->close_deadline_ms == 0)
+            c->close_deadline_ms = px_mono_ms() + CONN_CLOSE_GRACE_MS;
     }
+    rd |= c->lingering;
     uint32_t mask = (rd ? EPOLLIN : 0) | (wr ? EPOLLOUT : 0);
     if (mask != c->mask) {
         struct epoll_event ev = { .events = mask, .data.ptr = c };
