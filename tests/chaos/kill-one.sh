@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
-# tests/chaos/broker-kill.sh BUILD_DIR: the first fault of issue 16's chaos
+# tests/chaos/kill-one.sh BUILD_DIR: the first faults of issue 16's chaos
 # set, run by hand (not part of make test). Starts a private HA stack
 # (deploy/local/stack.sh --ha: three Kafka nodes, replication 3,
-# min.insync.replicas 2), the microservices against it (two gateways), and
+# min.insync.replicas 2), the microservices against it (two gateways,
+# CHAOS_REPLICAS of each other service in one consumer group), and
 # parley-bench's rate scenario (pairs crossing the gateways); kill -9 of one
-# Kafka node CHAOS_KILL_AT seconds in. Prints the bench's counts (sends,
+# Kafka node, or of the first replica of one service (not restarted: the
+# others take its partitions over), CHAOS_KILL_AT seconds in. Prints the bench's counts (sends,
 # `sent` answers, received, not received after the grace period,
 # duplicates) and its send-to-receive latency: the longest one bounds how
 # long deliveries stopped. Stops everything it started.
 #
-# Environment (defaults): CHAOS_VICTIM (kafka2; kafka, kafka2 or kafka3;
-#   none for the same run without a fault, the baseline),
+# Environment (defaults): CHAOS_VICTIM (kafka2; kafka, kafka2, kafka3,
+#   presence, message-store, receipt or group-fanout; none for the same run
+#   without a fault, the baseline), CHAOS_REPLICAS (2),
 #   CHAOS_KILL_AT (10 s), CHAOS_PAIRS (50), CHAOS_RATE (200 msg/s),
 #   CHAOS_DURATION (40 s), CHAOS_GRACE (30 s),
 #   CHAOS_KAFKA_PORT (29700; nodes +0, +10, +20; controllers +1),
-#   CHAOS_MONGO_PORT (29750; its PostgreSQL 29760), CHAOS_GW_PORT (29780..29793),
+#   CHAOS_MONGO_PORT (29750; its PostgreSQL 29760), CHAOS_GW_PORT (29780: gateways +0, +1; replica r of the services +10r..+10r+3),
 #   CHAOS_KEEP (0; 1 keeps the work folder with every log).
 set -euo pipefail
 
-build=${1:?usage: tests/chaos/broker-kill.sh BUILD_DIR (e.g. build/rel)}
+build=${1:?usage: tests/chaos/kill-one.sh BUILD_DIR (e.g. build/rel)}
 victim=${CHAOS_VICTIM:-kafka2}
+replicas=${CHAOS_REPLICAS:-2}
 kill_at=${CHAOS_KILL_AT:-10}
 pairs=${CHAOS_PAIRS:-50}
 rate=${CHAOS_RATE:-200}
@@ -59,12 +63,14 @@ set -a
 . "$PARLEY_STACK_DIR/stack.env"
 set +a
 
-start() { # name port [gateway id]
-  if [ -n "${3:-}" ]; then
+declare -A first # service -> pid of its first replica
+start() { # name port [gateway id | replica number]
+  if [[ "${3:-}" == gw-* ]]; then
     PARLEY_GATEWAY_ID=$3 PARLEY_LISTEN=127.0.0.1:$2 PARLEY_ADMIN_LISTEN=off \
       "$build/bin/$1" >>"$work/$1-$3.log" 2>&1 &
   else
-    PARLEY_ADMIN_LISTEN=127.0.0.1:$2 "$build/bin/$1" >>"$work/$1.log" 2>&1 &
+    PARLEY_ADMIN_LISTEN=127.0.0.1:$2 "$build/bin/$1" >>"$work/$1-$3.log" 2>&1 &
+    [ "$3" != 1 ] || first[$1]=$!
   fi
   pids+=($!)
 }
@@ -78,14 +84,18 @@ ready() { # port: /readyz answers 200 within 90 s
   die "the service on port $1 never became ready"
 }
 
-start presence $((gw_port + 10))
-start message-store $((gw_port + 11))
-start group-fanout $((gw_port + 12))
-start receipt $((gw_port + 13))
+ports=("$gw_port" $((gw_port + 1)))
+for ((r = 1; r <= replicas; r++)); do # admin ports gw_port + 10r .. + 10r + 3
+  i=0
+  for svc in presence message-store group-fanout receipt; do
+    start "$svc" $((gw_port + 10 * r + i)) "$r"
+    ports+=($((gw_port + 10 * r + i)))
+    i=$((i + 1))
+  done
+done
 start gateway "$gw_port" gw-1
 start gateway $((gw_port + 1)) gw-2
-for p in $((gw_port + 10)) $((gw_port + 11)) $((gw_port + 12)) $((gw_port + 13)) "$gw_port" \
-  $((gw_port + 1)); do ready "$p"; done
+for p in "${ports[@]}"; do ready "$p"; done
 say "services ready; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 "$build/bin/parley-bench" rate --url "ws://127.0.0.1:$gw_port" --url2 "ws://127.0.0.1:$((gw_port + 1))" \
@@ -93,7 +103,8 @@ say "services ready; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 bench=$!
 if [ "$victim" != none ]; then
   sleep "$kill_at"
-  vpid=$(cat "$PARLEY_STACK_DIR/$victim.pid")
+  if [[ "$victim" == kafka* ]]; then vpid=$(cat "$PARLEY_STACK_DIR/$victim.pid")
+  else vpid=${first[$victim]:?no service $victim}; fi
   kill -KILL "$vpid"
   say "kill -9 $victim (pid $vpid) at $(date -u +%T.%N | cut -c1-12)"
 fi
