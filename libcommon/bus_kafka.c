@@ -139,7 +139,7 @@ static void bus_on_log(const rd_kafka_t *rk, int level, const char *fac, const c
  * statistics.interval.ms (0, the default, emits nothing; set it through
  * PARLEY_KAFKA_PRODUCER_CONFIG / PARLEY_KAFKA_CONSUMER_CONFIG). Summed
  * over a deployment's clients, the change in tx over a steady run divided
- * by the messages sent is the broker requests per message (README). */
+ * by the messages sent is the broker requests per message (docs/benchmarks.md). */
 static int bus_on_stats(rd_kafka_t *rk, char *json, size_t len, void *opaque)
 {
     json_t *j = json_loadb(json, len, 0, NULL);
