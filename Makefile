@@ -61,7 +61,7 @@ E2E_EMBED_BINS := $(patsubst tests/e2e/%.c,$(OUT)/tests/e2e-parleyd/%,$(wildcard
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
 
-.PHONY: all deps deps-build test test-unit test-parleyd test-browser run run-stack stack-start stack-stop bench clean helm-check
+.PHONY: all deps deps-build test test-unit test-parleyd test-browser test-chaos run run-stack stack-start stack-stop bench clean helm-check
 .DEFAULT_GOAL := all
 
 all: $(SERVICE_BINS) $(OUT)/bin/parleyd $(TOOL_BINS) $(TEST_BINS) $(E2E_EMBED_BINS) $(BENCH_BINS)
@@ -212,6 +212,14 @@ stack-start:
 	bash deploy/local/stack.sh start
 stack-stop:
 	bash deploy/local/stack.sh stop
+
+# Faults under load on the three-broker stack, one run of
+# tests/chaos/kill-one.sh per fault in CHAOS_FAULTS (none = the baseline);
+# by hand, not part of `make test` (docs/high-availability.md).
+test-chaos: deps
+	$(MAKE) $(SERVICE_BINS) $(BENCH_BINS)
+	for v in $${CHAOS_FAULTS:-none kafka2 message-store}; do \
+	  CHAOS_VICTIM=$$v bash tests/chaos/kill-one.sh $(OUT) || exit 1; done
 
 bench: deps all
 	bash bench/run.sh build/rel
