@@ -11,7 +11,9 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-enum { USERS = 30, REGISTRY_WAIT_MS = 30000 };
+/* Generous: after the kill the restarted presence waits out its killed
+ * predecessor's session (10 s) before it reads, on a box that may be busy. */
+enum { USERS = 30, REGISTRY_WAIT_MS = 60000 };
 #define CONNECTS "parley_presence_records_total{type=\"connect\"}"
 
 static store *registry_open(void)
