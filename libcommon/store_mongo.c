@@ -195,6 +195,8 @@ static void sm_uri_defaults(mongoc_uri_t *uri)
 
     if (!mongoc_uri_has_option(uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS))
         mongoc_uri_set_option_as_int32(uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, SM_SELECT_MS);
+    if (!mongoc_uri_has_option(uri, MONGOC_URI_SOCKETTIMEOUTMS))
+        mongoc_uri_set_option_as_int32(uri, MONGOC_URI_SOCKETTIMEOUTMS, SM_SOCKET_MS);
     if (!mongoc_write_concern_is_default(mongoc_uri_get_write_concern(uri)))
         return;
     wc = mongoc_write_concern_new();
@@ -204,9 +206,33 @@ static void sm_uri_defaults(mongoc_uri_t *uri)
     mongoc_write_concern_destroy(wc);
 }
 
+/* The pool store_ping uses: a copy of uri whose every wait is at most
+ * SM_PING_MS, and its own connections, so a ping neither waits SM_SOCKET_MS
+ * on a hung server nor queues behind store calls that hold the main pool's
+ * clients. */
+static mongoc_client_pool_t *sm_ping_pool(const mongoc_uri_t *uri, bson_error_t *error)
+{
+    mongoc_uri_t *u = mongoc_uri_copy(uri);
+    mongoc_client_pool_t *pool;
+    int32_t select_ms = mongoc_uri_get_option_as_int32(uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS,
+                                                       SM_SELECT_MS);
+
+    mongoc_uri_set_option_as_int32(u, MONGOC_URI_SOCKETTIMEOUTMS, SM_PING_MS);
+    mongoc_uri_set_option_as_int32(u, MONGOC_URI_CONNECTTIMEOUTMS, SM_PING_MS);
+    mongoc_uri_set_option_as_int32(u, MONGOC_URI_SERVERSELECTIONTIMEOUTMS,
+                                   PX_MIN(select_ms, SM_PING_MS));
+    pool = mongoc_client_pool_new_with_error(u, error);
+    mongoc_uri_destroy(u);
+    if (pool != NULL) {
+        mongoc_client_pool_set_error_api(pool, MONGOC_ERROR_API_VERSION_2);
+        mongoc_client_pool_set_appname(pool, "parley-ping");
+    }
+    return pool;
+}
+
 /* A server that was just started may refuse connections or fail commands
  * for a moment; ping until budget_ms has passed. Each ping itself waits up
- * to serverSelectionTimeoutMS for a reachable server. */
+ * to SM_PING_MS. */
 static int sm_wait_ready(store *st, int32_t budget_ms, char *err, size_t errlen)
 {
     int64_t t0 = px_mono_ms();
@@ -342,6 +368,11 @@ store *store_open(const char *url, const char *db, char *err, size_t errlen)
     }
     mongoc_client_pool_set_error_api(st->pool, MONGOC_ERROR_API_VERSION_2);
     mongoc_client_pool_set_appname(st->pool, "parley");
+    st->ping = sm_ping_pool(uri, &error);
+    if (st->ping == NULL) {
+        sm_fail(err, errlen, "store open: ping pool", &error);
+        goto out;
+    }
     rc = sm_wait_ready(st, mongoc_uri_get_option_as_int32(uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS,
                                                           SM_SELECT_MS),
                        err, errlen);
@@ -361,6 +392,8 @@ void store_close(store *st)
 {
     if (st == NULL)
         return;
+    if (st->ping != NULL)
+        mongoc_client_pool_destroy(st->ping);
     if (st->pool != NULL)
         mongoc_client_pool_destroy(st->pool);
     free(st->db);
@@ -373,9 +406,11 @@ size_t store_concurrency(const store *st)
     return SM_CONCURRENCY;
 }
 
+/* Bounded by SM_PING_MS per wait (sm_ping_pool): /readyz calls it on an
+ * HTTP thread. */
 int store_ping(store *st, char *err, size_t errlen)
 {
-    mongoc_client_t *c = mongoc_client_pool_pop(st->pool);
+    mongoc_client_t *c = mongoc_client_pool_pop(st->ping);
     bson_t *cmd = BCON_NEW("ping", BCON_INT32(1));
     bson_error_t error;
     int rc = PX_OK;
@@ -383,7 +418,7 @@ int store_ping(store *st, char *err, size_t errlen)
     if (!mongoc_client_command_simple(c, "admin", cmd, NULL, NULL, &error))
         rc = sm_fail(err, errlen, "ping", &error);
     bson_destroy(cmd);
-    mongoc_client_pool_push(st->pool, c);
+    mongoc_client_pool_push(st->ping, c);
     return rc;
 }
 

@@ -15,6 +15,18 @@
 
 #define SM_MAX_BATCH 10000      /* per call; callers chunk bigger work */
 #define SM_SELECT_MS 3000       /* serverSelectionTimeoutMS unless the URI says */
+/* socketTimeoutMS unless the URI says (mongoc's own is 300 s): a server
+ * that hangs (stopped, network black hole) turns every call into an error
+ * the caller's batch retries after this long, not after 5 minutes. Long
+ * enough for the longest legitimate round trip: the retention sweeps'
+ * unbounded delete_many and 10,000-document bulk puts under a majority,
+ * journaled write concern take seconds on FerretDB over PostgreSQL. */
+#define SM_SOCKET_MS 30000
+/* Bound on a ping (/readyz, store_open's readiness loop): socket, connect
+ * and server selection timeouts of the ping's own pool, under the 2 s a
+ * probe commonly waits, so a hung server answers "not ready" quickly
+ * instead of holding the HTTP thread for SM_SOCKET_MS. */
+#define SM_PING_MS 1500
 #define SM_WTIMEOUT_MS 10000    /* majority write concern wait */
 #define SM_RETRY_SLEEP_MS 200   /* between readiness pings in store_open */
 #define SM_SCAN_BATCH 1000      /* cursor batch size: few round trips per sync */
@@ -26,6 +38,7 @@
 
 struct store {
     mongoc_client_pool_t *pool;
+    mongoc_client_pool_t *ping;   /* store_ping only: short timeouts, own connections */
     char *db;
 };
 

@@ -8,7 +8,7 @@
  * send while Kafka is stopped: `unavailable`, /readyz 503, then the retry
  * with the same id goes through once; and the database stopped: /readyz
  * 503, sends still `sent`, and what was sent meanwhile is stored once it
- * is back. */
+ * is back; the same with the database hung (SIGSTOP) rather than gone. */
 #include "e2e.h"
 
 #include <dirent.h>
@@ -287,9 +287,10 @@ START_TEST(sigterm_drains_with_1001)
 }
 END_TEST
 
-/* The pid of the stack's Kafka broker (tests/run.sh exports the stack's
- * folder), or 0 against parleyd. */
-static pid_t kafka_pid(void)
+/* The pid of the stack's `name` process (kafka, mongo: FerretDB) from its
+ * pid file in the stack's folder (tests/run.sh exports it), or 0 against
+ * parleyd. */
+static pid_t stack_pid(const char *name)
 {
     const char *mode = getenv("PARLEY_E2E_MODE"), *dir = getenv("PARLEY_STACK_DIR");
     if (mode != NULL && strcmp(mode, "parleyd") == 0)
@@ -297,7 +298,7 @@ static pid_t kafka_pid(void)
     ck_assert_msg(dir != NULL, "PARLEY_STACK_DIR is not set (tests/run.sh sets it)");
     char path[512];
     long pid = 0;
-    snprintf(path, sizeof(path), "%s/kafka.pid", dir);
+    snprintf(path, sizeof(path), "%s/%s.pid", dir, name);
     FILE *f = fopen(path, "r");
     ck_assert_msg(f != NULL && fscanf(f, "%ld", &pid) == 1, "no pid in %s", path);
     fclose(f);
@@ -341,15 +342,17 @@ static int stopped_within(pid_t pid)
     return 0;
 }
 
-/* Polls port's /readyz until its status is (want_ok: 200, else not 200);
- * returns 1 if it got there within E2E_WAIT_MS. No assertion: the caller
- * may have a broker to wake first. */
+/* Polls port's /readyz until its status is (want_ok: 200, else an answer
+ * of 500 or more: a probe that times out (2 s) is no answer); returns 1 if
+ * it got there within E2E_WAIT_MS. No assertion: the caller may have a
+ * broker to wake first. */
 static int readyz_becomes(int port, int want_ok)
 {
     char buf[512];
     int64_t end = px_mono_ms() + E2E_WAIT_MS;
     while (px_mono_ms() < end) {
-        if ((e2e_http_get_from(NULL, port, "/readyz", buf, sizeof(buf)) == 200) == want_ok)
+        int status = e2e_http_get_from(NULL, port, "/readyz", buf, sizeof(buf));
+        if (want_ok ? status == 200 : status >= 500)
             return 1;
         usleep(100 * 1000);
     }
@@ -364,7 +367,7 @@ static int readyz_becomes(int port, int want_ok)
  * Kafka: nothing to do. */
 START_TEST(kafka_down_unavailable_then_retry_same_id)
 {
-    pid_t kpid = kafka_pid();
+    pid_t kpid = stack_pid("kafka");
     if (kpid == 0)
         return;
     char alice[65], bob[65], mid[64], next[64];
@@ -431,7 +434,7 @@ END_TEST
  * it can store it, and the offline recipient finds it in his sync. */
 START_TEST(store_down_readyz_then_nothing_lost)
 {
-    if (kafka_pid() == 0)
+    if (stack_pid("kafka") == 0)
         return;
     char alice[65], bob[65], mid[64];
     e2e_user("alice", alice);
@@ -465,6 +468,50 @@ START_TEST(store_down_readyz_then_nothing_lost)
 }
 END_TEST
 
+/* The database hanging rather than refusing (FerretDB stopped with
+ * SIGSTOP: connections stay open, nothing answers): the gateway's /readyz
+ * answers 503 within a few seconds (not after the socket timeout), a send
+ * is still `sent`, and once the database answers again /readyz is 200 and
+ * the offline recipient finds the message. */
+START_TEST(store_hangs_readyz_then_nothing_lost)
+{
+    pid_t mpid = stack_pid("mongo");
+    if (mpid == 0)
+        return;
+    char alice[65], bob[65], mid[64];
+    int port = e2e_port(E2E_GW1);
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(e2e_wait_type(a, "synced"));
+    /* Nothing may fail the test while the database is stopped: look, wake
+     * it, then assert. */
+    ck_assert_int_eq(kill(mpid, SIGSTOP), 0);
+    proto_stopped = mpid;
+    int was_stopped = stopped_within(mpid);
+    int not_ready = readyz_becomes(port, 0);
+    e2e_send_async(a, "h1", bob, "while the database hangs");
+    json_t *r = client_wait_ref(a, "h1", E2E_WAIT_MS);
+    ck_assert_int_eq(kill(mpid, SIGCONT), 0);
+    proto_stopped = 0;
+    ck_assert_msg(was_stopped, "FerretDB (pid %d) not stopped after SIGSTOP", (int)mpid);
+    ck_assert_msg(not_ready, "/readyz never answered non-200 with the database hung");
+    ck_assert_msg(r != NULL && strcmp(e2e_str(r, "type"), "sent") == 0,
+                  "send with the database hung: %s", r ? json_dumps(r, 0) : client_errstr(a));
+    snprintf(mid, sizeof(mid), "%s", e2e_str(r, "msg_id"));
+    json_decref(r);
+    ck_assert_msg(readyz_becomes(port, 1), "/readyz not 200 again");
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_t *m = client_wait_type(b, "message", 4 * E2E_WAIT_MS);
+    ck_assert_msg(m != NULL, "the message sent meanwhile never came: %s", client_errstr(b));
+    ck_assert_str_eq(e2e_str(m, "id"), mid);
+    json_decref(m);
+    json_decref(e2e_wait_type(b, "synced"));
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
 static Suite *protocol_suite(void)
 {
     Suite *s = suite_create("e2e-protocol");
@@ -477,6 +524,7 @@ static Suite *protocol_suite(void)
     tcase_add_test(tc, sigterm_drains_with_1001);
     tcase_add_test(tc, kafka_down_unavailable_then_retry_same_id);
     tcase_add_test(tc, store_down_readyz_then_nothing_lost);
+    tcase_add_test(tc, store_hangs_readyz_then_nothing_lost);
     suite_add_tcase(s, tc);
     return s;
 }
