@@ -428,6 +428,27 @@ START_TEST(kafka_down_unavailable_then_retry_same_id)
 }
 END_TEST
 
+/* After the database came back: r (taken), the answer to the send a made
+ * to bob meanwhile, is `sent`; GW1's /readyz is 200 again and bob,
+ * connecting now, gets the message from the store. Closes a. */
+static void db_back_nothing_lost(client *a, json_t *r, const char *bob)
+{
+    char mid[64];
+    ck_assert_msg(r != NULL && strcmp(e2e_str(r, "type"), "sent") == 0,
+                  "send with the database out: %s", r ? json_dumps(r, 0) : client_errstr(a));
+    snprintf(mid, sizeof(mid), "%s", e2e_str(r, "msg_id"));
+    json_decref(r);
+    ck_assert_msg(readyz_becomes(e2e_port(E2E_GW1), 1), "/readyz not 200 again");
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_t *m = client_wait_type(b, "message", 4 * E2E_WAIT_MS);
+    ck_assert_msg(m != NULL, "the message sent meanwhile never came: %s", client_errstr(b));
+    ck_assert_str_eq(e2e_str(m, "id"), mid);
+    json_decref(m);
+    json_decref(e2e_wait_type(b, "synced"));
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+
 /* The database (FerretDB and its PostgreSQL) stopped and started again
  * with the stack's own script: the gateways' /readyz is 503 meanwhile, a
  * send is still `sent` (it only needs Kafka), message-store retries until
@@ -436,7 +457,7 @@ START_TEST(store_down_readyz_then_nothing_lost)
 {
     if (stack_pid("kafka") == 0)
         return;
-    char alice[65], bob[65], mid[64];
+    char alice[65], bob[65];
     e2e_user("alice", alice);
     e2e_user("bob", bob);
     client *a = e2e_connect(alice, E2E_GW1);
@@ -452,19 +473,7 @@ START_TEST(store_down_readyz_then_nothing_lost)
     ck_assert_msg(stopped == 0 && started == 0, "stack.sh stop/start mongo: %d/%d", stopped,
                   started);
     ck_assert_msg(not_ready, "/readyz stayed 200 with the database stopped");
-    ck_assert_msg(r != NULL && strcmp(e2e_str(r, "type"), "sent") == 0,
-                  "send with the database down: %s", r ? json_dumps(r, 0) : client_errstr(a));
-    snprintf(mid, sizeof(mid), "%s", e2e_str(r, "msg_id"));
-    json_decref(r);
-    ck_assert_msg(readyz_becomes(e2e_port(E2E_GW1), 1), "/readyz not 200 again");
-    client *b = e2e_connect(bob, E2E_GW2);
-    json_t *m = client_wait_type(b, "message", 4 * E2E_WAIT_MS);
-    ck_assert_msg(m != NULL, "the message sent meanwhile never came: %s", client_errstr(b));
-    ck_assert_str_eq(e2e_str(m, "id"), mid);
-    json_decref(m);
-    json_decref(e2e_wait_type(b, "synced"));
-    client_close(a, 1000);
-    client_close(b, 1000);
+    db_back_nothing_lost(a, r, bob);
 }
 END_TEST
 
@@ -478,8 +487,7 @@ START_TEST(store_hangs_readyz_then_nothing_lost)
     pid_t mpid = stack_pid("mongo");
     if (mpid == 0)
         return;
-    char alice[65], bob[65], mid[64];
-    int port = e2e_port(E2E_GW1);
+    char alice[65], bob[65];
     e2e_user("alice", alice);
     e2e_user("bob", bob);
     client *a = e2e_connect(alice, E2E_GW1);
@@ -489,26 +497,14 @@ START_TEST(store_hangs_readyz_then_nothing_lost)
     ck_assert_int_eq(kill(mpid, SIGSTOP), 0);
     proto_stopped = mpid;
     int was_stopped = stopped_within(mpid);
-    int not_ready = readyz_becomes(port, 0);
+    int not_ready = readyz_becomes(e2e_port(E2E_GW1), 0);
     e2e_send_async(a, "h1", bob, "while the database hangs");
     json_t *r = client_wait_ref(a, "h1", E2E_WAIT_MS);
     ck_assert_int_eq(kill(mpid, SIGCONT), 0);
     proto_stopped = 0;
     ck_assert_msg(was_stopped, "FerretDB (pid %d) not stopped after SIGSTOP", (int)mpid);
     ck_assert_msg(not_ready, "/readyz never answered non-200 with the database hung");
-    ck_assert_msg(r != NULL && strcmp(e2e_str(r, "type"), "sent") == 0,
-                  "send with the database hung: %s", r ? json_dumps(r, 0) : client_errstr(a));
-    snprintf(mid, sizeof(mid), "%s", e2e_str(r, "msg_id"));
-    json_decref(r);
-    ck_assert_msg(readyz_becomes(port, 1), "/readyz not 200 again");
-    client *b = e2e_connect(bob, E2E_GW2);
-    json_t *m = client_wait_type(b, "message", 4 * E2E_WAIT_MS);
-    ck_assert_msg(m != NULL, "the message sent meanwhile never came: %s", client_errstr(b));
-    ck_assert_str_eq(e2e_str(m, "id"), mid);
-    json_decref(m);
-    json_decref(e2e_wait_type(b, "synced"));
-    client_close(a, 1000);
-    client_close(b, 1000);
+    db_back_nothing_lost(a, r, bob);
 }
 END_TEST
 
