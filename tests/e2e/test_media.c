@@ -65,11 +65,24 @@ static void sha_hex(const void *data, size_t n, char out[65])
         snprintf(out + 2 * i, 3, "%02x", md[i]);
 }
 
+/* The gateway the HTTP helpers talk to: E2E_GW1 unless a test points them
+ * at a gateway of its own (the teardown points them back). */
+static int media_port;
+static pid_t media_extra;
+
+static void media_teardown(void)
+{
+    media_port = 0;
+    if (media_extra > 0)
+        e2e_stop_extra(media_extra);
+    media_extra = 0;
+}
+
 static int http_connect(void)
 {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in sa = { .sin_family = AF_INET,
-                              .sin_port = htons((uint16_t)e2e_port(E2E_GW1)) };
+    int port = media_port > 0 ? media_port : e2e_port(E2E_GW1);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
     struct timeval tv = { 30, 0 };
     inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
@@ -733,11 +746,84 @@ START_TEST(query_token_plain_ws_get_and_no_dev_token)
 }
 END_TEST
 
+/* 64 uploads in progress on a gateway (each user's own, under the per-user
+ * slots) and the next one is 503 unavailable; once they are cut off, an
+ * upload goes through again. The uploads are registered asynchronously,
+ * so the 65th is retried until refused, within a bound. A gateway of the
+ * test's own, whose idle timeout (30 s) outlasts opening the 64 on a
+ * loaded box (this program's gateways drop a silent upload after 3 s). */
+/* Opens a half upload (a user's own) in every slot of fds that is -1 or
+ * whose connection the gateway ended; the number opened. */
+static int top_up_uploads(int *fds, int n, const unsigned char *data)
+{
+    char user[65], tmp[256];
+    int opened = 0;
+    for (int i = 0; i < n; i++) {
+        if (fds[i] >= 0 && recv(fds[i], tmp, sizeof(tmp), MSG_DONTWAIT) < 0 &&
+            (errno == EAGAIN || errno == EWOULDBLOCK))
+            continue; /* still in progress: nothing answered, not closed */
+        if (fds[i] >= 0)
+            close(fds[i]);
+        e2e_user("up", user);
+        fds[i] = upload_half(user, data, 500);
+        opened++;
+    }
+    return opened;
+}
+
+START_TEST(sixty_four_uploads_in_progress_then_503)
+{
+    enum { SLOTS = 64 };
+    int fds[SLOTS];
+    char user[65], buf[256];
+    unsigned char *data = make_bytes(1000, 10);
+    const char *env[] = { "PARLEY_HTTP_TIMEOUT_S", "30", NULL };
+    int port = e2e_port(E2E_GW2) + 15;
+    media_extra = e2e_spawn_extra("gw-slots", port, 0, NULL, env, 0);
+    int64_t end = px_mono_ms() + 4 * E2E_WAIT_MS;
+    while (e2e_http_get_from(NULL, port, "/readyz", buf, sizeof(buf)) != 200 &&
+           px_mono_ms() < end)
+        usleep(100 * 1000);
+    media_port = port;
+    for (int i = 0; i < SLOTS; i++)
+        fds[i] = -1;
+    e2e_user("late", user);
+    int refused = 0, topped_up = -SLOTS;
+    end = px_mono_ms() + E2E_WAIT_MS;
+    while (!refused && px_mono_ms() < end) {
+        /* Every upload in progress, again: on a loaded box the gateway may
+         * drop one (its request-head guard), which frees its slot. */
+        topped_up += top_up_uploads(fds, SLOTS, data);
+        hresp r = upload_raw(user, data, 1000, "text/plain");
+        refused = r.status == 503;
+        ck_assert_msg(refused || r.status == 201, "upload answered %d: %s", r.status, r.body);
+        hresp_free(&r);
+    }
+    for (int i = 0; i < SLOTS; i++)
+        close(fds[i]);
+    ck_assert_msg(refused, "no 503 with %d uploads in progress", SLOTS);
+    printf("report: media: 503 with %d uploads in progress (%d reopened after the gateway "
+           "dropped them)\n", SLOTS, topped_up);
+    int ok = 0;
+    end = px_mono_ms() + E2E_WAIT_MS;
+    while (!ok && px_mono_ms() < end) {
+        hresp r = upload_raw(user, data, 1000, "text/plain");
+        ok = r.status == 201;
+        hresp_free(&r);
+        if (!ok)
+            usleep(50 * 1000);
+    }
+    ck_assert_msg(ok, "uploads still refused after the %d were cut off", SLOTS);
+    free(data);
+}
+END_TEST
+
 static Suite *media_suite(void)
 {
     Suite *s = suite_create("e2e-media");
     TCase *tc = tcase_create("media");
     tcase_set_timeout(tc, 180);
+    tcase_add_checked_fixture(tc, NULL, media_teardown);
     tcase_add_test(tc, upload_send_download_same_bytes);
     tcase_add_test(tc, equal_bytes_from_two_users_stored_once);
     tcase_add_test(tc, forward_to_user_and_group_uploads_nothing);
@@ -746,6 +832,7 @@ static Suite *media_suite(void)
     tcase_add_test(tc, too_large_refused_without_buffering);
     tcase_add_test(tc, cut_off_upload_leaves_nothing);
     tcase_add_test(tc, stalled_upload_timed_out_leaves_nothing);
+    tcase_add_test(tc, sixty_four_uploads_in_progress_then_503);
     tcase_add_test(tc, retention_sweep_removes_old_media_inbox_and_dedupe_marks);
     suite_add_tcase(s, tc);
     return s;
