@@ -9,6 +9,7 @@
 
 #include <check.h>
 #include <jansson.h>
+#include <stdio.h>
 #include <string.h>
 
 #define E2E_WAIT_MS 15000
@@ -48,6 +49,37 @@ static inline void e2e_send(client *cl, const char *cid, const char *to, const c
                   "send %s answered %s", cid, json_dumps(r, 0));
     snprintf(msg_id, 64, "%s", json_string_value(json_object_get(r, "msg_id")));
     json_decref(r);
+}
+
+/* Sends a command object (takes o) and returns its answer (by its id). */
+static inline json_t *e2e_cmd(client *cl, json_t *o)
+{
+    char ref[65];
+    snprintf(ref, sizeof(ref), "%s", json_string_value(json_object_get(o, "id")));
+    ck_assert_int_eq(client_send_json(cl, o), 0);
+    json_decref(o);
+    json_t *a = client_wait_ref(cl, ref, E2E_WAIT_MS);
+    ck_assert_msg(a != NULL, "no answer to %s: %s", ref, client_errstr(cl));
+    return a;
+}
+
+/* Reads until the server ends the connection (a close frame, or the
+ * socket ends) or ms pass; 1 if it ended, with the close code (0: none). */
+static inline int e2e_wait_end(client *cl, int64_t ms, int *code)
+{
+    client_frame f;
+    int64_t end = px_mono_ms() + ms;
+    *code = 0;
+    while (px_mono_ms() < end) {
+        int rc = client_recv(cl, 1000, &f);
+        if (rc == PX_OK && f.opcode == CLIENT_OP_CLOSE) {
+            *code = f.close_code;
+            return 1;
+        }
+        if (rc == PX_ERROR)
+            return 1;
+    }
+    return 0;
 }
 
 static inline json_t *e2e_wait_type(client *cl, const char *type)

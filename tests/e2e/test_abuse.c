@@ -255,16 +255,8 @@ START_TEST(pings_never_read_are_dropped_at_the_ceiling)
     for (; sent < 200000; sent++)
         if (client_send_frame(cl, CLIENT_OP_PING, payload, sizeof(payload), 1) != 0)
             break;
-    client_frame f;
-    int code = 0, ended = 0;
-    int64_t end = px_mono_ms() + 20000;
-    while (!ended && px_mono_ms() < end) {
-        int rc = client_recv(cl, 1000, &f);
-        if (rc == PX_OK && f.opcode == CLIENT_OP_CLOSE)
-            code = f.close_code, ended = 1;
-        else if (rc == PX_ERROR)
-            ended = 1;
-    }
+    int code;
+    int ended = e2e_wait_end(cl, 20000, &code);
     fprintf(stderr, "report: %d pings sent unread; connection %s (close code %d)\n", sent,
             ended ? "dropped" : "kept", code);
     ck_assert_msg(ended, "a client that pings and never reads was kept");

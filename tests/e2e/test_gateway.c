@@ -105,16 +105,8 @@ START_TEST(client_that_stops_reading_is_closed_at_the_ceiling)
     for (; sent < 400000; sent++)
         if (client_send_text(cl, cmd, (size_t)n) != 0)
             break;
-    client_frame f;
-    int code = 0, ended = 0;
-    int64_t end = px_mono_ms() + 20000;
-    while (!ended && px_mono_ms() < end) {
-        int rc = client_recv(cl, 1000, &f);
-        if (rc == PX_OK && f.opcode == CLIENT_OP_CLOSE)
-            code = f.close_code, ended = 1;
-        else if (rc == PX_ERROR)
-            ended = 1;
-    }
+    int code;
+    int ended = e2e_wait_end(cl, 20000, &code);
     fprintf(stderr, "report: slow reader: %d pings sent before the close, close code %d\n", sent,
             code);
     ck_assert_msg(ended, "a client that never reads was kept");

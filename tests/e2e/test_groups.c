@@ -18,19 +18,6 @@
  * fast is a report, not an assertion. */
 #define BIG_WAIT_MS (2 * E2E_WAIT_MS)
 
-/* Sends a command object (takes o) and returns its answer. */
-static json_t *cmd(client *cl, json_t *o)
-{
-    const char *ref = json_string_value(json_object_get(o, "id"));
-    char r[65];
-    snprintf(r, sizeof(r), "%s", ref);
-    ck_assert_int_eq(client_send_json(cl, o), 0);
-    json_decref(o);
-    json_t *a = client_wait_ref(cl, r, E2E_WAIT_MS);
-    ck_assert_msg(a != NULL, "no answer to %s: %s", r, client_errstr(cl));
-    return a;
-}
-
 static void expect_error(json_t *a, const char *code)
 {
     ck_assert_msg(strcmp(e2e_str(a, "type"), "error") == 0 &&
@@ -50,7 +37,7 @@ static json_t *str_list(const char *const *v, size_t n)
 /* group_create; returns the answer's group object (caller decrefs). */
 static json_t *create(client *cl, const char *ref, const char *const *members, size_t n)
 {
-    json_t *a = cmd(cl, json_pack("{s:s, s:s, s:s, s:o}", "type", "group_create", "id", ref,
+    json_t *a = e2e_cmd(cl, json_pack("{s:s, s:s, s:s, s:o}", "type", "group_create", "id", ref,
                                   "name", "friends", "members", str_list(members, n)));
     ck_assert_msg(strcmp(e2e_str(a, "type"), "group") == 0, "create: %s", json_dumps(a, 0));
     json_t *g = json_incref(json_object_get(a, "group"));
@@ -61,18 +48,18 @@ static json_t *create(client *cl, const char *ref, const char *const *members, s
 static json_t *members_cmd(client *cl, const char *type, const char *ref, const char *gid,
                            const char *const *members, size_t n)
 {
-    return cmd(cl, json_pack("{s:s, s:s, s:s, s:o}", "type", type, "id", ref, "group", gid,
+    return e2e_cmd(cl, json_pack("{s:s, s:s, s:s, s:o}", "type", type, "id", ref, "group", gid,
                              "members", str_list(members, n)));
 }
 
 static json_t *group_cmd(client *cl, const char *type, const char *ref, const char *gid)
 {
-    return cmd(cl, json_pack("{s:s, s:s, s:s}", "type", type, "id", ref, "group", gid));
+    return e2e_cmd(cl, json_pack("{s:s, s:s, s:s}", "type", type, "id", ref, "group", gid));
 }
 
 static json_t *gsend(client *cl, const char *ref, const char *gid, const char *body)
 {
-    return cmd(cl, json_pack("{s:s, s:s, s:s, s:s}", "type", "send", "id", ref, "group", gid,
+    return e2e_cmd(cl, json_pack("{s:s, s:s, s:s, s:s}", "type", "send", "id", ref, "group", gid,
                              "body", body));
 }
 
@@ -192,17 +179,17 @@ START_TEST(commands_rules_and_errors)
     expect_error(members_cmd(a, "group_add", "a3", "g_nosuchgroup", dl, 1), "not_found");
 
     /* bad_request shapes, answered by the gateway. */
-    expect_error(cmd(a, json_pack("{s:s, s:s, s:[]}", "type", "group_create", "id", "x1",
+    expect_error(e2e_cmd(a, json_pack("{s:s, s:s, s:[]}", "type", "group_create", "id", "x1",
                                   "members")), "bad_request");
-    expect_error(cmd(a, json_pack("{s:s, s:s, s:s, s:[s]}", "type", "group_create", "id", "x2",
+    expect_error(e2e_cmd(a, json_pack("{s:s, s:s, s:s, s:[s]}", "type", "group_create", "id", "x2",
                                   "name", "", "members", bob)), "bad_request");
-    expect_error(cmd(a, json_pack("{s:s, s:s, s:[s]}", "type", "group_add", "id", "x3",
+    expect_error(e2e_cmd(a, json_pack("{s:s, s:s, s:[s]}", "type", "group_add", "id", "x3",
                                   "members", bob)), "bad_request");
-    expect_error(cmd(a, json_pack("{s:s, s:s, s:s, s:[s]}", "type", "group_add", "id", "x4",
+    expect_error(e2e_cmd(a, json_pack("{s:s, s:s, s:s, s:[s]}", "type", "group_add", "id", "x4",
                                   "group", gid, "members", "not a user!")), "bad_request");
-    expect_error(cmd(a, json_pack("{s:s, s:s, s:s, s:s, s:s}", "type", "send", "id", "x5",
+    expect_error(e2e_cmd(a, json_pack("{s:s, s:s, s:s, s:s, s:s}", "type", "send", "id", "x5",
                                   "group", gid, "to", bob, "body", "both")), "bad_request");
-    expect_error(cmd(a, json_pack("{s:s, s:s, s:s}", "type", "group_info", "id", "x6",
+    expect_error(e2e_cmd(a, json_pack("{s:s, s:s, s:s}", "type", "group_info", "id", "x6",
                                   "group", "bad/id")), "bad_request");
 
     /* Removed: carol hears it, then is refused. */
@@ -288,7 +275,7 @@ START_TEST(big_group_fanout_and_group_full)
     }
     /* users[0] creates; 1..254 online; 255 offline; 256 is the 257th. */
     client *owner = e2e_connect(users[0], E2E_GW1);
-    expect_error(cmd(owner, json_pack("{s:s, s:s, s:s, s:o}", "type", "group_create", "id",
+    expect_error(e2e_cmd(owner, json_pack("{s:s, s:s, s:s, s:o}", "type", "group_create", "id",
                                       "full1", "name", "too many", "members",
                                       str_list(names + 1, BIG))), "group_full");
     char full_id[ID_BUF], full_gid[80];

@@ -31,18 +31,6 @@ static void proto_teardown(void)
     proto_stopped = proto_extra = 0;
 }
 
-/* Sends a command object (takes o) and returns its answer. */
-static json_t *cmd(client *cl, json_t *o)
-{
-    char ref[65];
-    snprintf(ref, sizeof(ref), "%s", e2e_str(o, "id"));
-    ck_assert_int_eq(client_send_json(cl, o), 0);
-    json_decref(o);
-    json_t *a = client_wait_ref(cl, ref, E2E_WAIT_MS);
-    ck_assert_msg(a != NULL, "no answer to %s: %s", ref, client_errstr(cl));
-    return a;
-}
-
 /* The next frame after everything sent so far is the answer to a ping: a
  * sentinel saying no error (or anything else) came for what went before. */
 static void expect_nothing_before_pong(client *cl, const char *ref)
@@ -59,20 +47,20 @@ static void expect_nothing_before_pong(client *cl, const char *ref)
 
 static json_t *group_of(client *cl, const char *ref, const char *name, json_t *members)
 {
-    return cmd(cl, json_pack("{s:s, s:s, s:s, s:o}", "type", "group_create", "id", ref, "name",
+    return e2e_cmd(cl, json_pack("{s:s, s:s, s:s, s:o}", "type", "group_create", "id", ref, "name",
                              name, "members", members));
 }
 
 static json_t *members_cmd(client *cl, const char *type, const char *ref, const char *gid,
                            const char *who)
 {
-    return cmd(cl, json_pack("{s:s, s:s, s:s, s:[s]}", "type", type, "id", ref, "group", gid,
+    return e2e_cmd(cl, json_pack("{s:s, s:s, s:s, s:[s]}", "type", type, "id", ref, "group", gid,
                              "members", who));
 }
 
 static void gsend_ok(client *cl, const char *ref, const char *gid, char msg_id[64])
 {
-    json_t *a = cmd(cl, json_pack("{s:s, s:s, s:s, s:s}", "type", "send", "id", ref, "group",
+    json_t *a = e2e_cmd(cl, json_pack("{s:s, s:s, s:s, s:s}", "type", "send", "id", ref, "group",
                                   gid, "body", ref));
     ck_assert_msg(strcmp(e2e_str(a, "type"), "sent") == 0, "send: %s", json_dumps(a, 0));
     snprintf(msg_id, 64, "%s", e2e_str(a, "msg_id"));
@@ -103,7 +91,7 @@ START_TEST(forged_from_is_ignored)
     json_decref(g);
     o = json_pack("{s:s, s:s, s:s, s:s, s:s}", "type", "send", "id", "f3", "group", gid, "body",
                   "who am I", "from", bob);
-    e2e_expect_type(cmd(a, o), "sent", NULL);
+    e2e_expect_type(e2e_cmd(a, o), "sent", NULL);
     m = e2e_wait_type(b, "message");
     ck_assert_str_eq(e2e_str(m, "from"), alice);
     ck_assert_str_eq(e2e_str(m, "group"), gid);
@@ -252,13 +240,13 @@ START_TEST(group_edge_cases)
      * sent again with the same id (a redelivered create). */
     client *who[] = { b, c, d };
     for (int i = 0; i < 3; i++)
-        e2e_expect_type(cmd(who[i], json_pack("{s:s, s:s, s:s}", "type", "group_leave", "id",
+        e2e_expect_type(e2e_cmd(who[i], json_pack("{s:s, s:s, s:s}", "type", "group_leave", "id",
                                               "bye", "group", gid)), "group", NULL);
     json_t *again = group_of(a, "e1", "edges", json_pack("[s,s]", bob, carol));
     ck_assert_msg(strcmp(e2e_str(again, "type"), "error") == 0, "the group came back: %s",
                   json_dumps(again, 0));
     json_decref(again);
-    e2e_expect_type(cmd(b, json_pack("{s:s, s:s, s:s}", "type", "group_info", "id", "gone",
+    e2e_expect_type(e2e_cmd(b, json_pack("{s:s, s:s, s:s}", "type", "group_info", "id", "gone",
                                      "group", gid)), "error", "not_found");
     client_close(a, 1000);
     client_close(b, 1000);
