@@ -290,12 +290,14 @@ start_kafka_node() {
 
 # A private cluster on loopback only, trust auth (nothing else can reach it),
 # fsync on: the stack is for tests and benchmarks, which must measure a
-# durable store.
+# durable store. UTF8 whatever the caller's locale: FerretDB refuses any
+# other client encoding, and initdb under an unset LANG picks SQL_ASCII.
 start_pg() {
   if [ ! -f "$PG_DATA/PG_VERSION" ]; then
     mkdir -p "$PG_DATA"
     [ "$(id -u)" != 0 ] || chown postgres: "$PG_DATA" "$(dirname "$PG_DATA")"
-    "${PG_AS[@]}" "$PG_BIN/initdb" -D "$PG_DATA" -A trust -U postgres >"$RUN/pg.log" 2>&1 \
+    "${PG_AS[@]}" "$PG_BIN/initdb" -D "$PG_DATA" -A trust -U postgres -E UTF8 --locale=C \
+      >"$RUN/pg.log" 2>&1 \
       || die "initdb failed; read $RUN/pg.log"
   fi
   # 8>&- 9>&-: the server must not inherit (and hold) the stack's locks.
