@@ -108,6 +108,9 @@ test('bob offline gets the backlog on connect, once, in order', async () => {
   await bob.page.reload();
   await online(bob.page);
   await openConv(bob.page, `u:${A}`);
+  // The chat is drawn from storage after the click: wait for its last message.
+  await bob.page.locator('.msg.theirs .body', { hasText: texts[texts.length - 1] })
+    .waitFor({ timeout: WAIT_MS });
   assert.deepEqual(await bob.page.locator('.msg.theirs .body').allTextContents(),
     ['hello bob', 'are you there?', ...texts]);
   assert.equal(await bob.page.locator('.msg.mine .body').allTextContents().then((l) => l.length), 1);
