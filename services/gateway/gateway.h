@@ -232,6 +232,11 @@ enum MHD_Result http_text(struct MHD_Connection *mc, unsigned status, const char
 /* {"code","message"} with status. */
 enum MHD_Result http_json_error(struct MHD_Connection *mc, unsigned status, const char *code,
                                 const char *msg);
+/* Answers status (reason its phrase) with {code, message} written straight
+ * to the socket and returns MHD_NO so MHD drops the connection: for a
+ * refusal in mid-body, where MHD cannot queue a response. */
+enum MHD_Result http_json_refuse_now(struct MHD_Connection *mc, unsigned status,
+                                     const char *reason, const char *code, const char *msg);
 /* Binds and listens on PARLEY_LISTEN first thing at start, so a port in
  * use stops the gateway before it touches the bus; connections wait in the
  * backlog until http_start. */

@@ -79,6 +79,32 @@ enum MHD_Result http_json_error(struct MHD_Connection *mc, unsigned status,
     return ret;
 }
 
+/* MHD 0.9.75 queues a response only before a request's body or after its
+ * end, so a refusal in mid-body (a chunked upload past its limit) would
+ * mean reading the rest first, 40 MiB if the client likes. Instead the
+ * answer goes straight to the socket (nothing else has been written on it
+ * for this request but an interim 100) and the caller returns MHD_NO,
+ * which makes MHD close the connection. Best effort: a full send buffer
+ * drops the answer, never blocks. */
+enum MHD_Result http_json_refuse_now(struct MHD_Connection *mc, unsigned status,
+                                     const char *reason, const char *code, const char *msg)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CONNECTION_FD);
+    json_t *o = json_pack("{s:s, s:s}", "code", code, "message", msg);
+    char *body = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    char out[512];
+    int n = snprintf(out, sizeof(out),
+                     "HTTP/1.1 %u %s\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                     "Content-Length: %zu\r\n\r\n%s",
+                     status, reason, strlen(body), body);
+    if (ci != NULL && n > 0 && (size_t)n < sizeof(out))
+        (void)!send(ci->connect_fd, out, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    free(body);
+    return MHD_NO;
+}
+
 static enum MHD_Result http_metrics(struct MHD_Connection *mc)
 {
     size_t len;

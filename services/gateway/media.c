@@ -288,8 +288,8 @@ static void media_flush_chunk(gw *g, media_req *r)
 }
 
 /* Body bytes: hashed, gathered into one chunk, written as each fills.
- * Past the limit (a chunked body, whose size no header announced) the rest
- * is read and dropped so the client gets its 413. */
+ * Past the limit (a chunked body, whose size no header announced) only
+ * too_big is set: the caller refuses at once. */
 static void media_upload_data(gw *g, media_req *r, const char *data, size_t n)
 {
     if (r->too_big || r->failed)
@@ -330,10 +330,6 @@ static enum MHD_Result media_upload_end(gw *g, struct MHD_Connection *mc, media_
     char err[PX_ERRLEN];
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int mdlen = 0;
-    if (r->too_big) {
-        metric_add(g->m.media_refused, 1);
-        return http_json_error(mc, 413, "too_large", "over PARLEY_MAX_MEDIA_BYTES");
-    }
     if (r->size == 0)
         return http_json_error(mc, 400, "bad_request", "empty body: nothing to upload");
     media_flush_chunk(g, r);
@@ -377,6 +373,13 @@ static enum MHD_Result media_upload(gw *g, struct MHD_Connection *mc, const char
         }
         media_upload_data(g, *mr, upload_data, *upload_data_size);
         *upload_data_size = 0;
+        if ((*mr)->too_big) {
+            /* The rest is never read: answered and dropped here, its
+             * chunks deleted by media_req_done. */
+            metric_add(g->m.media_refused, 1);
+            return http_json_refuse_now(mc, 413, "Content Too Large", "too_large",
+                                        "over PARLEY_MAX_MEDIA_BYTES");
+        }
         return MHD_YES;
     }
     return media_upload_end(g, mc, *mr);
