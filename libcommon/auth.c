@@ -1,64 +1,112 @@
-/* Owns token checks. Only HS256 is accepted whatever the header says, so an
- * attacker cannot choose the algorithm; comparison is constant-time. */
+/* Owns token checks. The key decides the algorithm: HS256 only with the
+ * configured secret, the others only with a JWKS key of their type, so an
+ * attacker cannot choose how a token is checked; HMAC comparison is
+ * constant-time. Owns the JWKS file's rotation too: the file is stat'ed
+ * before each asymmetric check and re-read when it changed. */
 #include "auth.h"
+#include "b64url.h"
 #include "common.h"
 #include "ids.h"
+#include "jwks.h"
+#include "log.h"
 
 #include <jansson.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
-static const char b64url[] =
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+struct auth {
+    char *secret, *jwks_file, *issuer, *audience;
+    long leeway_s, max_ttl_s;
+    pthread_mutex_t mu; /* guards keys and seen */
+    jwks *keys;         /* the last set that parsed */
+    struct stat seen;   /* the file as last read, parsed or not */
+};
 
-static size_t auth_b64_encode(const uint8_t *in, size_t n, char *out)
+static char *auth_dup(const char *s)
 {
-    size_t o = 0;
-    for (size_t i = 0; i < n; i += 3) {
-        uint32_t v = (uint32_t)in[i] << 16;
-        if (i + 1 < n) v |= (uint32_t)in[i + 1] << 8;
-        if (i + 2 < n) v |= in[i + 2];
-        out[o++] = b64url[(v >> 18) & 63];
-        out[o++] = b64url[(v >> 12) & 63];
-        if (i + 1 < n) out[o++] = b64url[(v >> 6) & 63];
-        if (i + 2 < n) out[o++] = b64url[v & 63];
-    }
-    out[o] = '\0';
-    return o;
+    return s != NULL ? px_strdup(s) : NULL;
 }
 
-/* Decodes unpadded base64url; returns the length or -1 on a bad character,
- * an impossible length or a non-canonical last character. out must hold
- * n * 3 / 4 + 1 bytes. */
-static long auth_b64_decode(const char *in, size_t n, uint8_t *out)
+auth *auth_new(const auth_opts *o, char *err, size_t errlen)
 {
-    if (n % 4 == 1)
-        return -1;
-    size_t o = 0;
-    uint32_t acc = 0;
-    int bits = 0;
-    for (size_t i = 0; i < n; i++) {
-        const char *p = memchr(b64url, in[i], 64);
-        if (p == NULL || in[i] == '\0')
-            return -1;
-        acc = (acc << 6) | (uint32_t)(p - b64url);
-        bits += 6;
-        if (bits >= 8) {
-            bits -= 8;
-            out[o++] = (uint8_t)(acc >> bits);
+    if ((o->secret == NULL || *o->secret == '\0') && o->jwks_file == NULL) {
+        px_err(err, errlen, "no token key: set PARLEY_JWT_SECRET or PARLEY_JWT_JWKS_FILE");
+        return NULL;
+    }
+    auth *a = px_calloc(1, sizeof(*a));
+    a->secret = o->secret != NULL && *o->secret != '\0' ? px_strdup(o->secret) : NULL;
+    a->jwks_file = auth_dup(o->jwks_file);
+    a->issuer = auth_dup(o->issuer);
+    a->audience = auth_dup(o->audience);
+    a->leeway_s = o->leeway_s;
+    a->max_ttl_s = o->max_ttl_s;
+    pthread_mutex_init(&a->mu, NULL);
+    if (a->jwks_file == NULL)
+        return a;
+    if (stat(a->jwks_file, &a->seen) != 0) {
+        px_err(err, errlen, "PARLEY_JWT_JWKS_FILE: cannot stat %s: %m", a->jwks_file);
+    } else if (jwks_load_file(a->jwks_file, &a->keys, err, errlen) == PX_OK) {
+        return a;
+    }
+    auth_free(a);
+    return NULL;
+}
+
+void auth_free(auth *a)
+{
+    if (a == NULL)
+        return;
+    jwks_unref(a->keys);
+    pthread_mutex_destroy(&a->mu);
+    free(a->secret);
+    free(a->jwks_file);
+    free(a->issuer);
+    free(a->audience);
+    free(a);
+}
+
+static int auth_file_changed(const struct stat *was, const struct stat *now)
+{
+    return was->st_ino != now->st_ino || was->st_dev != now->st_dev ||
+           was->st_size != now->st_size || was->st_mtim.tv_sec != now->st_mtim.tv_sec ||
+           was->st_mtim.tv_nsec != now->st_mtim.tv_nsec;
+}
+
+/* The current key set, re-read first if the file changed; the caller
+ * unrefs it. A change that does not parse keeps the previous keys: a
+ * half-written file must not lock every user out. */
+static jwks *auth_keys(auth *a)
+{
+    struct stat st;
+    pthread_mutex_lock(&a->mu);
+    if (stat(a->jwks_file, &st) == 0 && auth_file_changed(&a->seen, &st)) {
+        char err[PX_ERRLEN] = "";
+        jwks *ks = NULL;
+        a->seen = st;
+        if (jwks_load_file(a->jwks_file, &ks, err, sizeof(err)) == PX_OK) {
+            jwks_unref(a->keys);
+            a->keys = ks;
+            log_info("JWKS file re-read", "{s:s, s:i}", "file", a->jwks_file, "keys",
+                     (int)jwks_count(ks));
+        } else {
+            log_warn("JWKS file changed but was refused: the previous keys stay",
+                     "{s:s, s:s}", "file", a->jwks_file, "error", err);
         }
     }
-    if ((acc & ((1u << bits) - 1)) != 0)
-        return -1; /* non-canonical: the last character's unused bits are set */
-    return (long)o;
+    jwks *ks = jwks_ref(a->keys);
+    pthread_mutex_unlock(&a->mu);
+    return ks;
 }
 
 static json_t *auth_json_part(const char *s, size_t n)
 {
     uint8_t buf[AUTH_TOKEN_MAX];
-    long len = auth_b64_decode(s, n, buf);
+    long len = b64url_decode(s, n, buf);
     if (len < 0)
         return NULL;
     return json_loadb((const char *)buf, (size_t)len, JSON_REJECT_DUPLICATES, NULL);
@@ -71,47 +119,96 @@ static void auth_hmac(const char *secret, const char *data, size_t n, uint8_t ma
 }
 
 /* An optional time claim: PX_OK when absent or not after now + leeway. */
-static int auth_not_after_now(json_t *claims, const char *name, int64_t now_s, char *err,
-                              size_t errlen)
+static int auth_not_after_now(const auth *a, json_t *claims, const char *name, int64_t now_s,
+                              char *err, size_t errlen)
 {
     json_t *v = json_object_get(claims, name);
     if (v == NULL)
         return PX_OK;
     if (!json_is_number(v))
         return px_err(err, errlen, "token %s is not a number", name);
-    if (json_number_value(v) > (double)(now_s + AUTH_LEEWAY_S))
+    if (json_number_value(v) > (double)(now_s + a->leeway_s))
         return px_err(err, errlen, "token %s is in the future", name);
     return PX_OK;
 }
 
-static int auth_check_claims(json_t *claims, int64_t now_s, int64_t max_ttl_s, char user[65],
+static int auth_audience_ok(const char *want, json_t *aud)
+{
+    if (json_is_string(aud))
+        return strcmp(json_string_value(aud), want) == 0;
+    size_t i;
+    json_t *v;
+    json_array_foreach(aud, i, v)
+        if (json_is_string(v) && strcmp(json_string_value(v), want) == 0)
+            return 1;
+    return 0;
+}
+
+static int auth_check_claims(const auth *a, json_t *claims, int64_t now_s, char user[65],
                              char *err, size_t errlen)
 {
     json_t *sub = json_object_get(claims, "sub");
     json_t *exp = json_object_get(claims, "exp");
+    const char *iss = json_string_value(json_object_get(claims, "iss"));
     if (!json_is_string(sub) || !id_valid_user(json_string_value(sub)))
         return px_err(err, errlen, "token sub is missing or not a valid user id");
     if (!json_is_number(exp))
         return px_err(err, errlen, "token exp is missing");
-    if (json_number_value(exp) <= (double)now_s)
+    if (json_number_value(exp) + (double)a->leeway_s <= (double)now_s)
         return px_err(err, errlen, "token expired");
-    if (json_number_value(exp) > (double)(now_s + max_ttl_s))
+    if (json_number_value(exp) > (double)(now_s + a->max_ttl_s))
         return px_err(err, errlen, "token exp is more than PARLEY_TOKEN_MAX_TTL_S ahead");
-    if (auth_not_after_now(claims, "nbf", now_s, err, errlen) != PX_OK ||
-        auth_not_after_now(claims, "iat", now_s, err, errlen) != PX_OK)
+    if (auth_not_after_now(a, claims, "nbf", now_s, err, errlen) != PX_OK ||
+        auth_not_after_now(a, claims, "iat", now_s, err, errlen) != PX_OK)
         return PX_ERROR;
+    if (a->issuer != NULL && (iss == NULL || strcmp(iss, a->issuer) != 0))
+        return px_err(err, errlen, "token iss is not PARLEY_JWT_ISSUER");
+    if (a->audience != NULL && !auth_audience_ok(a->audience, json_object_get(claims, "aud")))
+        return px_err(err, errlen, "token aud does not hold PARLEY_JWT_AUDIENCE");
     snprintf(user, 65, "%s", json_string_value(sub));
     return PX_OK;
 }
 
-int auth_verify(const char *secret, const char *token, int64_t now_s, int64_t max_ttl_s,
-                char user[65], char *err, size_t errlen)
+/* The signature check for the header's alg over data (header.claims). */
+static int auth_check_signature(auth *a, json_t *hdr, const char *data, size_t n,
+                                const uint8_t *sig, long siglen, char *err, size_t errlen)
+{
+    const char *alg = json_string_value(json_object_get(hdr, "alg"));
+    json_t *kidv = json_object_get(hdr, "kid");
+    if (json_object_get(hdr, "crit") != NULL)
+        return px_err(err, errlen, "token has a crit header (no extension is understood)");
+    if (alg == NULL)
+        return px_err(err, errlen, "token alg is missing");
+    if (kidv != NULL && !json_is_string(kidv))
+        return px_err(err, errlen, "token kid is not a string");
+    if (strcmp(alg, "HS256") == 0) {
+        uint8_t mac[32];
+        if (a->secret == NULL)
+            return px_err(err, errlen, "token alg HS256 but no PARLEY_JWT_SECRET is set");
+        auth_hmac(a->secret, data, n, mac);
+        if (siglen != 32 || CRYPTO_memcmp(mac, sig, 32) != 0)
+            return px_err(err, errlen, "token signature does not match");
+        return PX_OK;
+    }
+    if (strcmp(alg, "RS256") != 0 && strcmp(alg, "ES256") != 0 && strcmp(alg, "EdDSA") != 0)
+        return px_err(err, errlen, "token alg must be HS256, RS256, ES256 or EdDSA");
+    if (a->jwks_file == NULL)
+        return px_err(err, errlen, "token alg %s but no PARLEY_JWT_JWKS_FILE is set", alg);
+    if (siglen < 0)
+        return px_err(err, errlen, "token signature does not match");
+    jwks *ks = auth_keys(a);
+    int rc = jwks_verify(ks, json_string_value(kidv), alg, (const uint8_t *)data, n, sig,
+                         (size_t)siglen, err, errlen);
+    jwks_unref(ks);
+    return rc == PX_OK ? PX_OK : PX_ERROR;
+}
+
+int auth_verify(auth *a, const char *token, int64_t now_s, char user[65], char *err,
+                size_t errlen)
 {
     int rc = PX_ERROR;
     json_t *hdr = NULL, *claims = NULL;
     size_t n = strnlen(token, AUTH_TOKEN_MAX + 1);
-    if (secret == NULL || *secret == '\0')
-        return px_err(err, errlen, "no secret configured");
     if (n == 0 || n > AUTH_TOKEN_MAX)
         return px_err(err, errlen, "token empty or longer than %d bytes", AUTH_TOKEN_MAX);
     const char *d1 = memchr(token, '.', n);
@@ -126,19 +223,12 @@ int auth_verify(const char *secret, const char *token, int64_t now_s, int64_t ma
         px_err(err, errlen, "token header or claims are not base64url JSON objects");
         goto out;
     }
-    const char *alg = json_string_value(json_object_get(hdr, "alg"));
-    if (alg == NULL || strcmp(alg, "HS256") != 0) {
-        px_err(err, errlen, "token alg must be HS256");
+    uint8_t sig[AUTH_TOKEN_MAX];
+    long siglen = b64url_decode(d2 + 1, n - (size_t)(d2 + 1 - token), sig);
+    if (auth_check_signature(a, hdr, token, (size_t)(d2 - token), sig, siglen, err, errlen) !=
+        PX_OK)
         goto out;
-    }
-    uint8_t mac[32], sig[AUTH_TOKEN_MAX];
-    long siglen = auth_b64_decode(d2 + 1, n - (size_t)(d2 + 1 - token), sig);
-    auth_hmac(secret, token, (size_t)(d2 - token), mac);
-    if (siglen != 32 || CRYPTO_memcmp(mac, sig, 32) != 0) {
-        px_err(err, errlen, "token signature does not match");
-        goto out;
-    }
-    rc = auth_check_claims(claims, now_s, max_ttl_s, user, err, errlen);
+    rc = auth_check_claims(a, claims, now_s, user, err, errlen);
 out:
     json_decref(hdr);
     json_decref(claims);
@@ -156,13 +246,13 @@ int auth_sign(const char *secret, const char *user, int64_t iat_s, int64_t exp_s
                       user, (long long)iat_s, (long long)exp_s);
     if (cl < 0 || (size_t)cl >= sizeof(claims))
         return PX_ERROR;
-    size_t o = auth_b64_encode((const uint8_t *)hdr, sizeof(hdr) - 1, buf);
+    size_t o = b64url_encode((const uint8_t *)hdr, sizeof(hdr) - 1, buf);
     buf[o++] = '.';
-    o += auth_b64_encode((const uint8_t *)claims, (size_t)cl, buf + o);
+    o += b64url_encode((const uint8_t *)claims, (size_t)cl, buf + o);
     uint8_t mac[32];
     auth_hmac(secret, buf, o, mac);
     buf[o++] = '.';
-    o += auth_b64_encode(mac, 32, buf + o);
+    o += b64url_encode(mac, 32, buf + o);
     if (o + 1 > outlen)
         return PX_ERROR;
     memcpy(out, buf, o + 1);

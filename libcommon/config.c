@@ -75,6 +75,7 @@ static const struct config_num config_nums[] = {
     NUM("PARLEY_SEND_BURST", send_burst, 1000, 1, 1000000),
     NUM("PARLEY_HTTP_TIMEOUT_S", http_timeout_s, 30, 1, 3600),
     NUM("PARLEY_WS_PARK_MS", ws_park_ms, 2000, 0, 3600000),
+    NUM("PARLEY_JWT_LEEWAY_S", jwt_leeway_s, 60, 0, 600),
     NUM("PARLEY_TOKEN_MAX_TTL_S", token_max_ttl_s, 30L * 86400, 60, 10L * 366 * 86400),
     NUM("PARLEY_MEDIA_USER_SLOTS", media_user_slots, 4, 1, 1000000),
     NUM("PARLEY_MEDIA_MIN_RATE", media_min_rate, 1024, 0, 1L << 30),
@@ -95,6 +96,9 @@ int config_load(config *cfg, char *err, size_t errlen)
     cfg->mongo_uri = config_str("PARLEY_MONGO_URI", "mongodb://127.0.0.1:27018/?retryWrites=false");
     cfg->mongo_db = config_str("PARLEY_MONGO_DB", "parley");
     cfg->jwt_secret = config_str("PARLEY_JWT_SECRET", NULL);
+    cfg->jwt_jwks_file = config_str("PARLEY_JWT_JWKS_FILE", NULL);
+    cfg->jwt_issuer = config_str("PARLEY_JWT_ISSUER", NULL);
+    cfg->jwt_audience = config_str("PARLEY_JWT_AUDIENCE", NULL);
     cfg->gateway_id = config_str("PARLEY_GATEWAY_ID", "gw-0");
     cfg->topic_prefix = config_str("PARLEY_TOPIC_PREFIX", "parley.");
     cfg->log_level = config_str("PARLEY_LOG_LEVEL", "info");

@@ -10,7 +10,11 @@ typedef struct config {
     const char *kafka_brokers;   /* PARLEY_KAFKA_BROKERS */
     const char *mongo_uri;       /* PARLEY_MONGO_URI */
     const char *mongo_db;        /* PARLEY_MONGO_DB */
-    const char *jwt_secret;      /* PARLEY_JWT_SECRET */
+    const char *jwt_secret;      /* PARLEY_JWT_SECRET: HS256 key, or NULL */
+    const char *jwt_jwks_file;   /* PARLEY_JWT_JWKS_FILE: RS256/ES256/EdDSA keys,
+                                    re-read when it changes; or NULL */
+    const char *jwt_issuer;      /* PARLEY_JWT_ISSUER: required iss, or NULL */
+    const char *jwt_audience;    /* PARLEY_JWT_AUDIENCE: required aud, or NULL */
     const char *gateway_id;      /* PARLEY_GATEWAY_ID: stable, e.g. pod ordinal */
     const char *topic_prefix;    /* PARLEY_TOPIC_PREFIX, default "parley." */
     const char *log_level;       /* PARLEY_LOG_LEVEL debug|info|warn|error */
@@ -20,6 +24,8 @@ typedef struct config {
     long max_frame_bytes;        /* PARLEY_MAX_FRAME_BYTES */
     long max_body_bytes;         /* PARLEY_MAX_BODY_BYTES */
     long max_media_bytes;        /* PARLEY_MAX_MEDIA_BYTES */
+    long jwt_leeway_s;           /* PARLEY_JWT_LEEWAY_S: clock skew allowed for
+                                    exp, nbf and iat */
     long token_max_ttl_s;        /* PARLEY_TOKEN_MAX_TTL_S: a token whose exp is
                                     further ahead is refused */
     long media_user_slots;       /* PARLEY_MEDIA_USER_SLOTS: uploads, and downloads,

@@ -8,7 +8,8 @@ PKGS=(build-essential pkg-config librdkafka-dev libmicrohttpd-dev libwslay-dev
       libmongoc-dev libbson-dev check libsubunit-dev libprotobuf-c-dev
       protobuf-c-compiler libjansson-dev libsqlite3-dev libssl-dev)
 [ "${1:-all}" = build ] ||
-  PKGS+=(kcat jq curl default-jre-headless maven golang-go postgresql chromium nodejs npm)
+  PKGS+=(kcat jq curl default-jre-headless maven golang-go postgresql chromium nodejs npm
+         python3-jwt python3-cryptography)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -5,6 +5,7 @@
 #define PARLEY_GATEWAY_H
 
 #include "admin_http.h"
+#include "auth.h"
 #include "bus.h"
 #include "config.h"
 #include "metrics.h"
@@ -44,7 +45,8 @@ typedef struct gw_metrics {
 
 typedef struct gw {
     config cfg;
-    const char *secret;
+    const char *secret;          /* HS256 key for dev tokens, or NULL */
+    auth *auth;                  /* checks every client's token */
     int64_t epoch;               /* boot time in ms: orders our restarts */
     bus *b;
     char topic_inbox[96], topic_acks[96], topic_presence[96],

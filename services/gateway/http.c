@@ -276,8 +276,8 @@ static enum MHD_Result http_ws(gw *g, struct MHD_Connection *mc, http_req *req)
     char err[PX_ERRLEN], ptok[AUTH_TOKEN_MAX + 1];
     int via_protocol = http_ws_protocol_token(mc, ptok, sizeof(ptok));
     const char *tok = via_protocol ? ptok : http_token(mc);
-    if (tok == NULL || auth_verify(g->secret, tok, px_now_ms() / 1000, g->cfg.token_max_ttl_s, req->user, err,
-                                   sizeof(err)) != PX_OK) {
+    if (tok == NULL ||
+        auth_verify(g->auth, tok, px_now_ms() / 1000, req->user, err, sizeof(err)) != PX_OK) {
         metric_add(g->m.refused_auth, 1);
         return http_json_error(mc, 401, "unauthorized", tok ? err : "no token");
     }

@@ -95,8 +95,13 @@ static int main_setup(gw *g, char *err, size_t errlen)
         g->secret = "parley-dev-secret";
         log_warn("PARLEY_DEV=1 and no PARLEY_JWT_SECRET: using the public dev secret", NULL);
     }
-    if (g->secret == NULL)
-        return px_err(err, errlen, "PARLEY_JWT_SECRET is required (or PARLEY_DEV=1)");
+    if (g->secret == NULL && g->cfg.jwt_jwks_file == NULL)
+        return px_err(err, errlen,
+                      "PARLEY_JWT_SECRET or PARLEY_JWT_JWKS_FILE is required (or PARLEY_DEV=1)");
+    auth_opts ao = { g->secret, g->cfg.jwt_jwks_file, g->cfg.jwt_issuer, g->cfg.jwt_audience,
+                     g->cfg.jwt_leeway_s, g->cfg.token_max_ttl_s };
+    if ((g->auth = auth_new(&ao, err, errlen)) == NULL)
+        return PX_ERROR;
     if (g->cfg.metrics_listen != NULL &&
         admin_check_listen(g->cfg.metrics_listen, err, errlen) != PX_OK)
         return PX_ERROR;
@@ -171,6 +176,7 @@ static void main_shutdown(gw *g)
         worker_free(g->workers[i]);
     free(g->workers);
     registry_free(g->reg);
+    auth_free(g->auth);
 }
 
 int main(void)

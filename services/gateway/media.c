@@ -113,8 +113,7 @@ static int media_auth(gw *g, struct MHD_Connection *mc, char user[65], char *err
     const char *tok = http_token(mc);
     if (tok == NULL)
         return px_err(err, errlen, "no token");
-    return auth_verify(g->secret, tok, px_now_ms() / 1000, g->cfg.token_max_ttl_s, user, err,
-                       errlen);
+    return auth_verify(g->auth, tok, px_now_ms() / 1000, user, err, errlen);
 }
 
 /* Takes a transfer slot from counter; 0 when all MEDIA_MAX_TRANSFERS are

@@ -1,6 +1,7 @@
 /* Gateway limits end to end: idle close, server pings, the send-queue
  * ceiling for a client that stops reading; one port per process unless
- * PARLEY_LISTEN_SHARED asks to share it, one parleyd per data folder. Runs
+ * PARLEY_LISTEN_SHARED asks to share it, one parleyd per data folder;
+ * identity-provider tokens and key rotation through a JWKS file. Runs
  * extra gateways with short timers and a small queue. */
 #include "e2e.h"
 
@@ -176,6 +177,77 @@ START_TEST(second_parleyd_on_the_same_folder_fails)
 }
 END_TEST
 
+/* The token named name in the fixture file (tests/unit/jwt_fixtures.py). */
+static void idp_token(const char *dir, const char *name, char *out, size_t outlen)
+{
+    char tsv[300], line[4096];
+    snprintf(tsv, sizeof(tsv), "%s/tokens.tsv", dir);
+    FILE *f = fopen(tsv, "r");
+    ck_assert_ptr_nonnull(f);
+    out[0] = '\0';
+    while (out[0] == '\0' && fgets(line, sizeof(line), f) != NULL) {
+        line[strcspn(line, "\n")] = '\0';
+        char *tab = strchr(line, '\t'), *tok = strrchr(line, '\t');
+        if (tab != NULL && (size_t)(tab - line) == strlen(name) &&
+            strncmp(line, name, strlen(name)) == 0)
+            snprintf(out, outlen, "%s", tok + 1);
+    }
+    fclose(f);
+    ck_assert_msg(out[0] != '\0', "no fixture token %s", name);
+}
+
+/* The HTTP status of an upgrade with fixture token name (101: it opened),
+ * retried while nothing answers (the gateway may still be starting). */
+static int idp_connect(int port, const char *dir, const char *name)
+{
+    char tok[4096], err[256];
+    int status = 0;
+    idp_token(dir, name, tok, sizeof(tok));
+    for (int i = 0; i < 100 && status == 0; i++) {
+        client *cl = client_connect("127.0.0.1", port, tok, NULL, 5000, &status, err, sizeof(err));
+        if (cl != NULL) {
+            client_close(cl, 1000);
+            return 101;
+        }
+        if (status == 0)
+            usleep(100 * 1000);
+    }
+    return status;
+}
+
+/* A gateway given only a JWKS file (PARLEY_JWT_JWKS_FILE, issuer and
+ * audience) admits RS256 tokens made by PyJWT, refuses a wrong audience,
+ * and takes a rotated key set at once, without a restart. */
+START_TEST(identity_provider_tokens_and_key_rotation)
+{
+    char dir[] = "/tmp/parley-e2e-idp.XXXXXX", cmd[1024], live[64], next[64];
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(cmd, sizeof(cmd), "/usr/bin/python3 tests/unit/jwt_fixtures.py %s %lld", dir,
+             (long long)(px_now_ms() / 1000));
+    ck_assert_msg(system(cmd) == 0, "%s failed", cmd);
+    snprintf(live, sizeof(live), "%s/live.json", dir);
+    snprintf(next, sizeof(next), "%s/next.json", dir);
+    snprintf(cmd, sizeof(cmd), "cp %s/jwks-1.json %s && cp %s/jwks-2.json %s", dir, live, dir,
+             next);
+    ck_assert_int_eq(system(cmd), 0);
+    const char *const env[] = { "PARLEY_JWT_SECRET", "", "PARLEY_JWT_JWKS_FILE", live,
+                                "PARLEY_JWT_ISSUER", "https://idp.example.test/",
+                                "PARLEY_JWT_AUDIENCE", "parley", NULL };
+    int port = lim_port + 6;
+    pid_t pid = e2e_spawn_extra("gw-idp", port, 0, NULL, env, 0);
+    ck_assert_int_eq(idp_connect(port, dir, "rs256"), 101);
+    ck_assert_int_eq(idp_connect(port, dir, "eddsa"), 101);
+    ck_assert_int_eq(idp_connect(port, dir, "wrong_aud"), 401);
+    ck_assert_int_eq(idp_connect(port, dir, "new_kid_after_rotation"), 401);
+    ck_assert_int_eq(rename(next, live), 0);
+    ck_assert_int_eq(idp_connect(port, dir, "new_kid_after_rotation"), 101);
+    ck_assert_int_eq(idp_connect(port, dir, "rs256"), 401);
+    ck_assert_int_eq(e2e_stop_extra(pid), 0);
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    ck_assert_int_eq(system(cmd), 0);
+}
+END_TEST
+
 /* Burst 10 at 5/s: of 30 sends in a row the burst passes, plus what the
  * rate refilled while they came in; the rest are refused with
  * rate_limited (and nothing else is lost: every send gets an answer). */
@@ -306,6 +378,7 @@ static Suite *gateway_suite(void)
     tcase_add_test(tc, second_parleyd_on_the_same_folder_fails);
     tcase_add_test(tc, sends_over_the_rate_are_refused);
     tcase_add_test(tc, quiet_connections_park_and_wake);
+    tcase_add_test(tc, identity_provider_tokens_and_key_rotation);
     suite_add_tcase(s, tc);
     return s;
 }

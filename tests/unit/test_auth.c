@@ -1,4 +1,5 @@
-/* auth: HS256 tokens accepted and every kind of bad token refused. */
+/* auth: HS256 tokens accepted and every kind of bad token refused (the
+ * asymmetric algorithms and the JWKS file: test_jwks.c). */
 #include "check_main.h"
 #include "auth.h"
 #include "common.h"
@@ -11,12 +12,13 @@
 static const char *secret = "test-secret";
 static const int64_t now = 1800000000;
 static const int64_t TTL = 30 * 86400;
+static auth *hs; /* HS256 with secret, made before the tests fork */
 
 START_TEST(valid_token)
 {
     char tok[AUTH_TOKEN_MAX], user[65], err[PX_ERRLEN];
     ck_assert_int_eq(auth_sign(secret, "alice", now, now + 60, tok, sizeof(tok)), PX_OK);
-    ck_assert_int_eq(auth_verify(secret, tok, now, TTL, user, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(auth_verify(hs, tok, now, user, err, sizeof(err)), PX_OK);
     ck_assert_str_eq(user, "alice");
 }
 END_TEST
@@ -25,7 +27,7 @@ START_TEST(expired_token)
 {
     char tok[AUTH_TOKEN_MAX], user[65], err[PX_ERRLEN];
     auth_sign(secret, "alice", now - 120, now - 60, tok, sizeof(tok));
-    ck_assert_int_eq(auth_verify(secret, tok, now, TTL, user, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(auth_verify(hs, tok, now, user, err, sizeof(err)), PX_ERROR);
     ck_assert_ptr_nonnull(strstr(err, "expired"));
 }
 END_TEST
@@ -36,7 +38,7 @@ START_TEST(alg_none_refused)
     const char *tok = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0."
                       "eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0.";
     char user[65], err[PX_ERRLEN];
-    ck_assert_int_eq(auth_verify(secret, tok, now, TTL, user, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(auth_verify(hs, tok, now, user, err, sizeof(err)), PX_ERROR);
     ck_assert_ptr_nonnull(strstr(err, "HS256"));
 }
 END_TEST
@@ -45,13 +47,13 @@ START_TEST(bad_signature_refused)
 {
     char tok[AUTH_TOKEN_MAX], user[65], err[PX_ERRLEN];
     auth_sign("other-secret", "alice", now, now + 60, tok, sizeof(tok));
-    ck_assert_int_eq(auth_verify(secret, tok, now, TTL, user, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(auth_verify(hs, tok, now, user, err, sizeof(err)), PX_ERROR);
     ck_assert_ptr_nonnull(strstr(err, "signature"));
     /* A changed claim with the old signature fails too. */
     auth_sign(secret, "alice", now, now + 60, tok, sizeof(tok));
     char *dot = strchr(tok, '.');
     dot[3] = dot[3] == 'A' ? 'B' : 'A';
-    ck_assert_int_eq(auth_verify(secret, tok, now, TTL, user, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(auth_verify(hs, tok, now, user, err, sizeof(err)), PX_ERROR);
 }
 END_TEST
 
@@ -61,11 +63,11 @@ START_TEST(malformed_refused)
                           "eyJhbGciOiJIUzI1NiJ9.bm90IGpzb24.c2ln" };
     char user[65], err[PX_ERRLEN];
     for (size_t i = 0; i < PX_ARRAY_LEN(bad); i++)
-        ck_assert_int_eq(auth_verify(secret, bad[i], now, TTL, user, err, sizeof(err)), PX_ERROR);
+        ck_assert_int_eq(auth_verify(hs, bad[i], now, user, err, sizeof(err)), PX_ERROR);
     char huge[AUTH_TOKEN_MAX + 10];
     memset(huge, 'a', sizeof(huge) - 1);
     huge[sizeof(huge) - 1] = '\0';
-    ck_assert_int_eq(auth_verify(secret, huge, now, TTL, user, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(auth_verify(hs, huge, now, user, err, sizeof(err)), PX_ERROR);
 }
 END_TEST
 
@@ -108,11 +110,11 @@ START_TEST(exp_beyond_the_max_lifetime_refused)
 {
     char tok[AUTH_TOKEN_MAX], user[65], err[PX_ERRLEN];
     ck_assert_int_eq(auth_sign(secret, "alice", now, now + TTL, tok, sizeof(tok)), PX_OK);
-    ck_assert_int_eq(auth_verify(secret, tok, now, TTL, user, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(auth_verify(hs, tok, now, user, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(auth_sign(secret, "alice", now, now + TTL + 1, tok, sizeof(tok)), PX_OK);
-    ck_assert_int_eq(auth_verify(secret, tok, now, TTL, user, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(auth_verify(hs, tok, now, user, err, sizeof(err)), PX_ERROR);
     sign_claims("{\"sub\":\"alice\",\"exp\":1e300}", tok);
-    ck_assert_int_eq(auth_verify(secret, tok, now, TTL, user, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(auth_verify(hs, tok, now, user, err, sizeof(err)), PX_ERROR);
 }
 END_TEST
 
@@ -127,12 +129,12 @@ START_TEST(nbf_and_iat_are_honoured)
         snprintf(claims, sizeof(claims), "{\"sub\":\"alice\",\"exp\":%lld,\"%s\":%lld}",
                  (long long)now + 60, cases[i].name, cases[i].at);
         sign_claims(claims, tok);
-        ck_assert_msg(auth_verify(secret, tok, now, TTL, user, err, sizeof(err)) ==
+        ck_assert_msg(auth_verify(hs, tok, now, user, err, sizeof(err)) ==
                           (cases[i].ok ? PX_OK : PX_ERROR),
                       "%s=%lld: %s", cases[i].name, cases[i].at, err);
     }
     sign_claims("{\"sub\":\"alice\",\"exp\":1800000060,\"nbf\":\"soon\"}", tok);
-    ck_assert_int_eq(auth_verify(secret, tok, now, TTL, user, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(auth_verify(hs, tok, now, user, err, sizeof(err)), PX_ERROR);
 }
 END_TEST
 
@@ -148,12 +150,14 @@ START_TEST(non_canonical_signature_refused)
     size_t v = (size_t)(strchr(alphabet, tok[last]) - alphabet);
     ck_assert_uint_eq(v & 3, 0);
     tok[last] = alphabet[v | 1];
-    ck_assert_int_eq(auth_verify(secret, tok, now, TTL, user, err, sizeof(err)), PX_ERROR);
+    ck_assert_int_eq(auth_verify(hs, tok, now, user, err, sizeof(err)), PX_ERROR);
 }
 END_TEST
 
 static Suite *auth_suite(void)
 {
+    auth_opts o = { .secret = secret, .leeway_s = AUTH_LEEWAY_S, .max_ttl_s = TTL };
+    hs = auth_new(&o, NULL, 0);
     Suite *s = suite_create("auth");
     TCase *tc = tcase_create("jwt");
     tcase_add_test(tc, valid_token);
