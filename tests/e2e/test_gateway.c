@@ -17,6 +17,7 @@
 
 static int lim_port;
 static pid_t lim_pids[2];
+static pid_t idp_pid; /* stopped by main if its test failed before it could */
 
 /* Starts gateway gw-limN on lim_port (shared by both) with the short limits. */
 static pid_t lim_spawn(int n)
@@ -234,7 +235,7 @@ START_TEST(identity_provider_tokens_and_key_rotation)
                                 "PARLEY_JWT_ISSUER", "https://idp.example.test/",
                                 "PARLEY_JWT_AUDIENCE", "parley", NULL };
     int port = lim_port + 6;
-    pid_t pid = e2e_spawn_extra("gw-idp", port, 0, NULL, env, 0);
+    idp_pid = e2e_spawn_extra("gw-idp", port, 0, NULL, env, 0);
     ck_assert_int_eq(idp_connect(port, dir, "rs256"), 101);
     ck_assert_int_eq(idp_connect(port, dir, "eddsa"), 101);
     ck_assert_int_eq(idp_connect(port, dir, "wrong_aud"), 401);
@@ -242,6 +243,8 @@ START_TEST(identity_provider_tokens_and_key_rotation)
     ck_assert_int_eq(rename(next, live), 0);
     ck_assert_int_eq(idp_connect(port, dir, "new_kid_after_rotation"), 101);
     ck_assert_int_eq(idp_connect(port, dir, "rs256"), 401);
+    pid_t pid = idp_pid;
+    idp_pid = 0;
     ck_assert_int_eq(e2e_stop_extra(pid), 0);
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
     ck_assert_int_eq(system(cmd), 0);
@@ -397,6 +400,8 @@ int main(void)
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
+    if (idp_pid > 0)
+        e2e_stop_extra(idp_pid);
     int bad = (e2e_stop_extra(lim_pids[0]) != 0) + (e2e_stop_extra(lim_pids[1]) != 0);
     if (bad)
         fprintf(stderr, "a limits gateway exited badly; read its log (gw-lim*.log)\n");
