@@ -63,8 +63,11 @@ run_one() { # line limit program [args...]
   fi
   [[ $left -lt $max ]] && max=$left
   log=$(mktemp)
-  local t0=$SECONDS
-  timeout -k 10 "$max" "$@" >"$log" 2>&1 </dev/null &
+  # Each program's services write their logs and data under a TMPDIR of its
+  # own: removed when it passes, kept (and named) when it fails.
+  local tmp t0=$SECONDS
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/parley-test.XXXXXX")
+  TMPDIR=$tmp timeout -k 10 "$max" "$@" >"$log" 2>&1 </dev/null &
   child=$!
   wait "$child"
   rc=$?
@@ -77,6 +80,11 @@ run_one() { # line limit program [args...]
     fail "$line" "TIMEOUT: killed after ${max}s, the limit (PARLEY_TEST_TIMEOUT=$limit, budget left ${left}s)" "$log"
   else
     fail "$line" "exit status $rc, $((SECONDS - t0))s" "$log"
+  fi
+  if [[ $rc -eq 0 ]]; then
+    rm -rf "$tmp"
+  else
+    echo "    (its services' logs and data: $tmp)"
   fi
   rm -f "$log"
 }

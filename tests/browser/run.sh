@@ -26,7 +26,7 @@ export PARLEY_BROWSER_SHOTS=${PARLEY_BROWSER_SHOTS:-$root/build/browser-shots}
 export PARLEY_CHROMIUM=${PARLEY_CHROMIUM:-/usr/bin/chromium}
 mkdir -p "$PARLEY_BROWSER_SHOTS" && rm -f "$PARLEY_BROWSER_SHOTS"/*.png
 
-logs=$(mktemp -d /tmp/parley-browser.XXXXXX)
+logs=$(mktemp -d "${TMPDIR:-/tmp}/parley-browser.XXXXXX")
 run_id=web$(date +%s).$$
 export PARLEY_TOPIC_PREFIX=$run_id.
 export PARLEY_MONGO_DB=${run_id//./_}

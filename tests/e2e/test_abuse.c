@@ -368,30 +368,12 @@ START_TEST(one_address_cannot_fill_the_server)
 }
 END_TEST
 
-/* Starts an upload of 100,000 bytes as user on a raw connection: the
- * headers and the first body bytes. -1 if the connection failed. */
-static int upload_start(const char *user)
-{
-    char tok[2048], head[2400];
-    e2e_token(user, 3600, tok, sizeof(tok));
-    int n = snprintf(head, sizeof(head),
-                     "POST /v1/media HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                     "Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\nab",
-                     tok);
-    int fd = raw_connect("127.0.0.1", abuse_port);
-    if (fd >= 0 && send(fd, head, (size_t)n, MSG_NOSIGNAL) != n) {
-        close(fd);
-        fd = -1;
-    }
-    return fd;
-}
-
-/* The HTTP status the server answered on fd within 2 s, or -1. */
+/* The HTTP status the server answered on fd, or -1 if none came in time. */
 static int upload_status(int fd)
 {
     char buf[512];
     struct pollfd pfd = { fd, POLLIN, 0 };
-    if (poll(&pfd, 1, 2000) != 1)
+    if (poll(&pfd, 1, E2E_WAIT_MS) != 1)
         return -1;
     ssize_t r = recv(fd, buf, sizeof(buf) - 1, 0);
     if (r < 13)
@@ -400,26 +382,49 @@ static int upload_status(int fd)
     return atoi(buf + 9);
 }
 
+/* Starts an upload of 100,000 bytes as user on a raw connection. It asks
+ * `Expect: 100-continue`, so the server answers the head alone: 100 once
+ * the upload holds its slots, or the refusal; *status gets it (-1: none).
+ * After a 100 the first body bytes are sent. -1 if the connection failed. */
+static int upload_start(const char *user, int *status)
+{
+    char tok[2048], head[2400];
+    e2e_token(user, 3600, tok, sizeof(tok));
+    int n = snprintf(head, sizeof(head),
+                     "POST /v1/media HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                     "Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n"
+                     "Expect: 100-continue\r\n\r\n",
+                     tok);
+    *status = -1;
+    int fd = raw_connect("127.0.0.1", abuse_port);
+    if (fd >= 0 && send(fd, head, (size_t)n, MSG_NOSIGNAL) != n) {
+        close(fd);
+        return -1;
+    }
+    if (fd >= 0 && (*status = upload_status(fd)) == 100)
+        (void)!send(fd, "ab", 2, MSG_NOSIGNAL);
+    return fd;
+}
+
 /* PARLEY_MEDIA_USER_SLOTS=2: a user's third upload at once is refused 429
- * (the gateway's 64 slots are not one user's to take). */
+ * (the gateway's 64 slots are not one user's to take). Each upload is
+ * opened only once the one before holds its slots (its 100 came), so the
+ * server sees them in this order whatever its load. */
 START_TEST(a_user_holds_at_most_its_media_slots)
 {
     char u[65];
     e2e_user("uploader", u);
     const char *name = "parley_gateway_media_refused_total{reason=\"user_slots\"}";
     long long before = abuse_metric(name);
-    int a = upload_start(u), b = upload_start(u), status = -1;
-    ck_assert(a >= 0 && b >= 0);
-    /* The first two may still be on their way through the server: retried. */
-    for (int i = 0; i < 10 && status != 429; i++) {
-        int c = upload_start(u);
-        ck_assert_int_ge(c, 0);
-        status = upload_status(c);
-        close(c);
-    }
+    int sa, sb, sc;
+    int a = upload_start(u, &sa), b = upload_start(u, &sb), c = upload_start(u, &sc);
+    ck_assert(a >= 0 && b >= 0 && c >= 0);
     close(a);
     close(b);
-    ck_assert_int_eq(status, 429);
+    close(c);
+    ck_assert_int_eq(sa, 100);
+    ck_assert_int_eq(sb, 100);
+    ck_assert_int_eq(sc, 429);
     ck_assert_int_gt(abuse_metric(name), before);
 }
 END_TEST
@@ -433,8 +438,9 @@ START_TEST(a_trickled_upload_is_dropped)
     e2e_user("trickler", u);
     const char *name = "parley_gateway_media_refused_total{reason=\"too_slow\"}";
     long long before = abuse_metric(name);
-    int fd = upload_start(u), closed = 0, trickled = 0;
+    int status, fd = upload_start(u, &status), closed = 0, trickled = 0;
     ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(status, 100);
     for (; trickled < 50 && !closed; trickled++) { /* 25 s at most */
         usleep(500 * 1000);
         closed = send(fd, "c", 1, MSG_NOSIGNAL) != 1 || raw_closed(fd);
