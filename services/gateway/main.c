@@ -76,9 +76,12 @@ static int main_fd_limit(gw *g, char *err, size_t errlen)
             return px_err(err, errlen, "RLIMIT_NOFILE is %ld: too few files for any connection "
                           "(PARLEY_MAX_CONNS=%ld needs %ld)", (long)rl.rlim_cur,
                           g->cfg.max_conns, (long)need);
-        log_warn("PARLEY_MAX_CONNS lowered to fit RLIMIT_NOFILE", "{s:i, s:i, s:i}",
-                 "max_conns", (int)g->cfg.max_conns, "nofile", (int)rl.rlim_cur, "lowered_to",
-                 (int)(rl.rlim_cur - MAIN_FD_RESERVE));
+        /* Only a cap someone asked for is worth a warning: the default is
+         * lowered on every box with the common 20,000-file limit. */
+        log_write(getenv("PARLEY_MAX_CONNS") != NULL ? LOG_WARN : LOG_INFO,
+                  "PARLEY_MAX_CONNS lowered to fit RLIMIT_NOFILE", "{s:i, s:i, s:i}",
+                  "max_conns", (int)g->cfg.max_conns, "nofile", (int)rl.rlim_cur, "lowered_to",
+                  (int)(rl.rlim_cur - MAIN_FD_RESERVE));
         g->cfg.max_conns = (long)(rl.rlim_cur - MAIN_FD_RESERVE);
     }
     metric_set(g->m.max_conns, g->cfg.max_conns);
