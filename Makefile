@@ -58,10 +58,19 @@ BENCH_BINS   := $(patsubst bench/%.c,$(OUT)/bin/%,$(wildcard bench/*.c))
 # against parleyd (a test that looks into the store opens parleyd's file).
 E2E_EMBED_BINS := $(patsubst tests/e2e/%.c,$(OUT)/tests/e2e-parleyd/%,$(wildcard tests/e2e/test_*.c))
 
+# libFuzzer targets (fuzz/fuzz_<name>.c): clang, ASan+UBSan, coverage over
+# all of libcommon; `make fuzz-build` builds them into build/fuzz with
+# FUZZ=1 (docs/testing.md).
+FUZZ_SECONDS ?= 60
+ifeq ($(FUZZ),1)
+CFLAGS  += -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer \
+           -fno-sanitize-recover=undefined
+endif
+
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
 
-.PHONY: all deps deps-build test test-unit test-parleyd test-browser test-chaos run run-stack stack-start stack-stop bench clean helm-check
+.PHONY: all deps deps-build test test-unit test-parleyd test-browser test-chaos run run-stack stack-start stack-stop bench clean helm-check fuzz fuzz-build
 .DEFAULT_GOAL := all
 
 all: $(SERVICE_BINS) $(OUT)/bin/parleyd $(TOOL_BINS) $(TEST_BINS) $(E2E_EMBED_BINS) $(BENCH_BINS)
@@ -122,6 +131,10 @@ endef
 $(foreach s,$(SERVICES),$(eval $(call prog_rule,$(s),services)))
 $(foreach t,$(TOOLS),$(eval $(call prog_rule,$(t),tools)))
 
+$(OUT)/bin/fuzz_%: $(OUT)/fuzz/fuzz_%.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) -fsanitize=fuzzer,address,undefined -o $@ $^ $(PKG_LIBS)
+
 $(OUT)/bin/%: $(OUT)/bench/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
@@ -178,15 +191,26 @@ deps:
 # and stopped by tests/run.sh (also on failure).
 test: deps
 	$(MAKE) SAN=1 all
+	$(MAKE) fuzz-build
 	bash tests/run.sh build/san
 
 test-unit:
 	$(MAKE) SAN=1 all
+	$(MAKE) fuzz-build
 	bash tests/run.sh build/san unit
+
+# Every fuzz target for FUZZ_SECONDS (60) each; `make test` runs each for a
+# few seconds (PARLEY_FUZZ_SECONDS, 4).
+fuzz: deps fuzz-build
+	bash fuzz/run.sh build/fuzz $(FUZZ_SECONDS)
+
+fuzz-build:
+	$(MAKE) CC=clang FUZZ=1 OUT=build/fuzz $(patsubst fuzz/%.c,build/fuzz/bin/%,$(wildcard fuzz/fuzz_*.c))
 
 # Unit tests and the end-to-end suite against parleyd: no Kafka, no MongoDB.
 test-parleyd:
 	$(MAKE) SAN=1 all
+	$(MAKE) fuzz-build
 	bash tests/run.sh build/san parleyd
 
 # Only the web client's browser tests (with the stack they need).

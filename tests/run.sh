@@ -74,7 +74,7 @@ run_one() { # line limit program [args...]
   child=0
   if [[ $rc -eq 0 ]]; then
     passed=$((passed + 1))
-    echo "PASS $line ($((SECONDS - t0))s): $(grep -E '^[0-9]+%: Checks' "$log" | tail -1)"
+    echo "PASS $line ($((SECONDS - t0))s): $(grep -E '^[0-9]+%: Checks|^fuzz ' "$log" | tail -1)"
     grep -E '^report: ' "$log" | sed 's/^/    /' || true
   elif [[ $rc -eq 124 || ($rc -eq 137 && $((SECONDS - t0)) -ge $max) ]]; then
     fail "$line" "TIMEOUT: killed after ${max}s, the limit (PARLEY_TEST_TIMEOUT=$limit, budget left ${left}s)" "$log"
@@ -101,6 +101,12 @@ names() { # suite: its test programs' names
   done
 }
 for n in $(names unit); do plan+=("unit|$build/tests/unit/$n|"); done
+# Each libFuzzer target (fuzz/fuzz_<name>.c, built into build/fuzz by
+# `make fuzz-build`) for PARLEY_FUZZ_SECONDS from its corpus in the tree.
+for f in fuzz/fuzz_*.c; do
+  f=${f##*/fuzz_}
+  plan+=("unit|fuzz/run.sh|${f%.c}")
+done
 for n in $(names integration); do
   [[ $n == *_sqlite ]] && plan+=("parleyd|$build/tests/integration/$n|")
 done
@@ -148,7 +154,10 @@ run_phase() { # phase
     [[ $phase == "$1" ]] || continue
     max=$limit
     [[ $bin == tests/browser/* ]] && max=$((2 * limit))
-    if [[ $bin == tests/browser/* ]]; then
+    if [[ $bin == fuzz/run.sh ]]; then
+      run_one "$bin [$label]" "$max" bash "$bin" "$(dirname "$build")/fuzz" \
+        "${PARLEY_FUZZ_SECONDS:-4}" "$label"
+    elif [[ $bin == tests/browser/* ]]; then
       PARLEY_BROWSER_MODE=$label run_one "$bin [$label]" "$max" "$bin" "$build"
     elif [[ -n $label ]]; then
       PARLEY_E2E_MODE=$label run_one "$bin [$label]" "$max" "$bin"

@@ -9,7 +9,7 @@ PKGS=(build-essential pkg-config librdkafka-dev libmicrohttpd-dev libwslay-dev
       protobuf-c-compiler libjansson-dev libsqlite3-dev libssl-dev)
 [ "${1:-all}" = build ] ||
   PKGS+=(kcat jq curl default-jre-headless maven golang-go postgresql chromium nodejs npm
-         python3-jwt python3-cryptography)
+         python3-jwt python3-cryptography clang libclang-rt-dev)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -22,13 +22,13 @@
  * and a sandboxing CSP so an uploaded HTML page or SVG cannot run script
  * with the web client's origin (and its token). */
 #include "auth.h"
+#include "httprange.h"
 #include "common.h"
 #include "gateway.h"
 #include "ids.h"
 #include "log.h"
 
 #include <ctype.h>
-#include <errno.h>
 #include <jansson.h>
 #include <openssl/evp.h>
 #include <stdio.h>
@@ -465,50 +465,13 @@ static void media_dl_free(void *cls)
     free(d);
 }
 
-/* One range "bytes=a-b", "bytes=a-" or "bytes=-n" of a file of size bytes.
- * PX_OK: *start, *len set; PX_DECLINED: unsatisfiable; PX_AGAIN: absent or a
- * form we do not serve (several ranges), so the whole file goes out. */
-static int media_range(const char *h, uint64_t size, uint64_t *start, uint64_t *len)
-{
-    char *end;
-    unsigned long long a, b;
-    if (h == NULL || strncmp(h, "bytes=", 6) != 0 || strchr(h, ',') != NULL)
-        return PX_AGAIN;
-    h += 6;
-    if (*h == '-') {
-        b = strtoull(h + 1, &end, 10);
-        if (end == h + 1 || *end != '\0' || b == 0)
-            return PX_DECLINED;
-        *len = PX_MIN(b, size);
-        *start = size - *len;
-        return PX_OK;
-    }
-    errno = 0;
-    a = strtoull(h, &end, 10);
-    if (end == h || *end != '-' || errno != 0)
-        return PX_AGAIN;
-    if (a >= size)
-        return PX_DECLINED;
-    b = size - 1;
-    if (end[1] != '\0') {
-        char *e2;
-        b = strtoull(end + 1, &e2, 10);
-        if (*e2 != '\0' || b < a)
-            return PX_AGAIN;
-        b = PX_MIN(b, size - 1);
-    }
-    *start = a;
-    *len = b - a + 1;
-    return PX_OK;
-}
-
 static enum MHD_Result media_send_file(gw *g, struct MHD_Connection *mc, const char *user,
                                        const store_media *m)
 {
     uint64_t size = (uint64_t)m->size, start = 0, len = size;
     char cr[96];
     const char *rh = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, MHD_HTTP_HEADER_RANGE);
-    int rr = media_range(rh, size, &start, &len);
+    int rr = httprange_parse(rh, size, &start, &len);
     if (rr == PX_DECLINED) {
         snprintf(cr, sizeof(cr), "bytes */%llu", (unsigned long long)size);
         struct MHD_Response *r = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
