@@ -115,6 +115,53 @@ else
   ko "PARLEY_GATEWAY_ID is not taken from metadata.name"
 fi
 
+# Chart faults a real cluster found (issue 19), one check each.
+# 1. A ServiceMonitor only where its CRD is: prod values ask for one; a
+#    cluster without the Prometheus Operator refused the whole install.
+count_kind() { grep -c "^kind: $1\$" || true; }
+n=$("$HELM" template parley "$CHART" -f "$CHART/ci/prod-values.yaml" --kube-version "$KUBE_VERSION" | count_kind ServiceMonitor)
+m=$("$HELM" template parley "$CHART" -f "$CHART/ci/prod-values.yaml" --kube-version "$KUBE_VERSION" \
+      --api-versions monitoring.coreos.com/v1/ServiceMonitor | count_kind ServiceMonitor)
+if [ "$n" = 0 ] && [ "$m" = 1 ]; then
+  ok "ServiceMonitor rendered only with its CRD (without: $n, with: $m)"
+else
+  ko "ServiceMonitor without the CRD: $n object(s), with it: $m (want 0 and 1)"
+fi
+# 2. Every ci value set installs on its own: each serviceAccountName a pod
+#    names is created by the same render.
+if python3 -c "import yaml" 2>/dev/null; then
+  for s in "${sets[@]}"; do
+    name=${s%%:*}
+    if why=$(python3 - "$OUT/$name.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+have = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+for d in docs:
+    spec = d.get("spec", {}).get("template", {}).get("spec", {})
+    sa = spec.get("serviceAccountName")
+    if sa and sa not in have:
+        print(f'{d["kind"]} {d["metadata"]["name"]} runs as ServiceAccount {sa}, which nothing creates')
+        sys.exit(1)
+PY
+    ); then
+      ok "every ServiceAccount the pods use is created ($name)"
+    else
+      ko "ServiceAccount ($name): $why"
+    fi
+  done
+fi
+
+# An existing ServiceAccount (serviceAccount.create=false): none rendered,
+# every pod runs as the one named.
+ext=$("$HELM" template parley "$CHART" --kube-version "$KUBE_VERSION" \
+        --set serviceAccount.create=false --set serviceAccount.name=corp-sa)
+if [ "$(count_kind ServiceAccount <<<"$ext")" = 0 ] &&
+   [ "$(grep -c 'serviceAccountName: corp-sa' <<<"$ext")" = "$(grep -c 'serviceAccountName:' <<<"$ext")" ]; then
+  ok "an existing ServiceAccount is used, not created"
+else
+  ko "serviceAccount.create=false still renders a ServiceAccount, or a pod runs as another"
+fi
+
 # The services refuse a setting that does not parse (exit 2, "bad
 # configuration"): run each one with exactly the environment the chart
 # gives its pod. Kafka points at a closed local port so nothing gets past
