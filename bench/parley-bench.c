@@ -212,6 +212,8 @@ typedef struct bench_proc {
     uint64_t nseq;
     uint32_t fanout;         /* group: seen bits per (seq, member), this many members */
     char group[96];          /* group: the id the `group` answer named */
+    uint32_t joined;         /* group: members whose group_join was answered */
+    uint64_t group_events;   /* group: group_events received, all members */
     uint32_t mask_state;
     int64_t last_ack_tick;
 } bench_proc;
@@ -551,9 +553,12 @@ static void bench_on_text(bench_proc *p, bench_conn *c, const char *s, size_t le
         bench_on_synced(p, c);
     else if (strcmp(type, "error") == 0)
         bench_on_error(p, c, j);
-    else if (strcmp(type, "group") == 0)
+    else if (strcmp(type, "group") == 0) {
         snprintf(p->group, sizeof(p->group), "%s",
                  json_string_value(json_object_get(json_object_get(j, "group"), "id")) ?: "");
+        p->joined += c != &p->c[0]; /* the others' answers are to their joins */
+    } else if (strcmp(type, "group_event") == 0)
+        p->group_events++;
     json_decref(j);
 }
 
@@ -1240,7 +1245,12 @@ static int bench_max(const bench_opts *o)
 
 /* ---- group ----------------------------------------------------------------- */
 
-/* The creator (member 0) asks for a group of everyone; waits for its id. */
+/* The creator (member 0) asks for a group of everyone, which invites them;
+ * waits for its id, then for every member to have joined and for every
+ * event that made to be delivered, so the measured sends do not queue
+ * behind them: `created` (1) and `invited` (to all n), then the k-th join
+ * goes to the creator and the k joined so far, (n-1)(n+2)/2 in all (33,152
+ * events for 256 members). */
 static int bench_group_create(bench_proc *p, int64_t deadline)
 {
     size_t cap = 64 + (size_t)p->n * 100, len = 0;
@@ -1257,7 +1267,17 @@ static int bench_group_create(bench_proc *p, int64_t deadline)
     free(cmd);
     while (p->group[0] == '\0' && p->c[0].state == BC_OPEN && bench_now() < deadline)
         bench_proc_step(p, 10);
-    return p->group[0] != '\0' ? PX_OK : PX_ERROR;
+    if (p->group[0] == '\0')
+        return PX_ERROR;
+    char join[160];
+    int jl = snprintf(join, sizeof(join), "{\"type\":\"group_join\",\"id\":\"gj\",\"group\":\"%s\"}",
+                      p->group);
+    for (uint32_t i = 1; i < p->n; i++)
+        bench_conn_text(p, &p->c[i], join, (size_t)jl);
+    uint64_t n = p->n, events = 1 + n + (n - 1) * (n + 2) / 2;
+    while ((p->joined < p->n - 1 || p->group_events < events) && bench_now() < deadline)
+        bench_proc_step(p, 10);
+    return p->joined == p->n - 1 && p->group_events == events ? PX_OK : PX_ERROR;
 }
 
 /* Sends o->msgs at o->rate from the creator, then waits for every copy. */
@@ -1292,8 +1312,9 @@ static int bench_group(const bench_opts *o)
     int64_t deadline = bench_now() + (int64_t)o->connect_timeout_s * 1000000000LL;
     bench_proc_connect(&p, 0, p.n, deadline);
     if (p.st.synced < p.n || bench_group_create(&p, deadline) != PX_OK) {
-        fprintf(stderr, "parley-bench: group: %" PRIu64 " of %u synced, group %s\n", p.st.synced,
-                p.n, p.group[0] ? p.group : "not created");
+        fprintf(stderr, "parley-bench: group: %" PRIu64 " of %u synced, group %s, %u joined, "
+                "%" PRIu64 " group events\n", p.st.synced, p.n, p.group[0] ? p.group : "not created",
+                p.joined, p.group_events);
         return PX_ERROR;
     }
     sleep((unsigned)o->settle_s); /* as for rate: presence learns of everyone first */

@@ -22,6 +22,7 @@ static const struct { const char *name; enum proto_type type; } proto_types[] = 
     { "ping", PROTO_PING }, { "group_create", PROTO_GROUP_CREATE },
     { "group_add", PROTO_GROUP_ADD }, { "group_remove", PROTO_GROUP_REMOVE },
     { "group_leave", PROTO_GROUP_LEAVE }, { "group_info", PROTO_GROUP_INFO },
+    { "group_join", PROTO_GROUP_JOIN },
 };
 
 const char *proto_code_name(enum proto_code code)
@@ -253,9 +254,10 @@ static json_t *proto_str_list(const char *const *v, size_t n)
 char *proto_render_group(const char *ref, const proto_group *g, size_t *len)
 {
     json_t *o = json_pack("{s:s, s:s, s:o}", "type", "group", "ref", ref, "group",
-                          json_pack("{s:s, s:s, s:o, s:o}", "id", g->id, "name", g->name,
+                          json_pack("{s:s, s:s, s:o, s:o, s:o}", "id", g->id, "name", g->name,
                                     "members", proto_str_list(g->members, g->nmembers),
-                                    "admins", proto_str_list(g->admins, g->nadmins)));
+                                    "admins", proto_str_list(g->admins, g->nadmins),
+                                    "invited", proto_str_list(g->invited, g->ninvited)));
     return proto_dump(o, len);
 }
 

@@ -13,7 +13,7 @@
 enum proto_type {
     PROTO_SEND = 1, PROTO_ACK, PROTO_READ, PROTO_PING,
     PROTO_GROUP_CREATE, PROTO_GROUP_ADD, PROTO_GROUP_REMOVE,
-    PROTO_GROUP_LEAVE, PROTO_GROUP_INFO
+    PROTO_GROUP_LEAVE, PROTO_GROUP_INFO, PROTO_GROUP_JOIN
 };
 
 /* Error codes of PROTOCOL.md; proto_code_name() gives the wire string. */
@@ -68,18 +68,20 @@ typedef struct proto_message {
 char *proto_render_message(const proto_message *m, size_t *len);
 
 /* The answer to a group command:
- * {"type":"group","ref","group":{"id","name","members","admins"}}. */
+ * {"type":"group","ref","group":{"id","name","members","admins","invited"}}. */
 typedef struct proto_group {
     const char *id, *name;
     const char *const *members;
     size_t nmembers;
     const char *const *admins;
     size_t nadmins;
+    const char *const *invited;
+    size_t ninvited;
 } proto_group;
 char *proto_render_group(const char *ref, const proto_group *g, size_t *len);
 
 /* {"type":"group_event","id","group","event","actor","members","ts"};
- * event is "created", "added", "removed" or "left". */
+ * event is "created", "invited", "joined", "declined", "removed" or "left". */
 typedef struct proto_group_event {
     const char *id, *group, *event, *actor;
     const char *const *members;

@@ -180,7 +180,10 @@ int store_presence_count(store *st, const char *user, int64_t *count, char *err,
  * bus offset of the last command whose effects (events, fan-out, answers)
  * are durable; a redelivered command at or below it is skipped, which is
  * what makes every group change idempotent. members are in join order
- * (longest-standing first); admins is a subset of members. A group whose
+ * (longest-standing first); admins is a subset of members; invited are
+ * users asked to join who have not answered (issue 22: nobody becomes a
+ * member without saying so), never members, and members + invited <=
+ * STORE_GROUP_MAX. A group whose
  * last member left stays as an inert record (no members, no admins) so a
  * redelivered create cannot bring it back. */
 #define STORE_GROUP_MAX 256
@@ -193,6 +196,8 @@ typedef struct store_group {
     size_t nmembers;       /* <= STORE_GROUP_MAX */
     const char *const *admins;
     size_t nadmins;        /* <= nmembers */
+    const char *const *invited;
+    size_t ninvited;       /* <= STORE_GROUP_MAX - nmembers; absent in older records: 0 */
     int64_t applied;       /* bus offset of the last applied command */
     int64_t ts_ms;         /* created at */
 } store_group;

@@ -8,17 +8,18 @@
 /* ---- groups ------------------------------------------------------------- */
 
 /* groups {_id: group id, name, creator, members: [join order], admins,
- * applied, ts}. Looked up by _id only; one document per group, replaced
+ * invited, applied, ts} (invited is missing in records older than it). Looked up by _id only; one document per group, replaced
  * whole, so each change is single-document atomic. */
 
 static int sm_check_group(const store_group *g, char *err, size_t errlen)
 {
     if (!sm_str_ok(g->id) || !sm_str_ok(g->name) || !sm_str_ok(g->creator))
         return px_err(err, errlen, "group put: id, name or creator empty or not UTF-8");
-    if (g->nmembers > STORE_GROUP_MAX || g->nadmins > g->nmembers)
-        return px_err(err, errlen, "group put: %zu members, %zu admins", g->nmembers,
-                      g->nadmins);
-    if (sm_check_strs(g->members, g->nmembers, "group put: members", err, errlen) != PX_OK)
+    if (g->nmembers + g->ninvited > STORE_GROUP_MAX || g->nadmins > g->nmembers)
+        return px_err(err, errlen, "group put: %zu members, %zu admins, %zu invited",
+                      g->nmembers, g->nadmins, g->ninvited);
+    if (sm_check_strs(g->members, g->nmembers, "group put: members", err, errlen) != PX_OK ||
+        sm_check_strs(g->invited, g->ninvited, "group put: invited", err, errlen) != PX_OK)
         return PX_ERROR;
     return sm_check_strs(g->admins, g->nadmins, "group put: admins", err, errlen);
 }
@@ -31,6 +32,7 @@ static void sm_group_doc(bson_t *doc, const store_group *g)
     BSON_APPEND_UTF8(doc, "creator", g->creator);
     sm_append_str_array(doc, "members", g->members, g->nmembers);
     sm_append_str_array(doc, "admins", g->admins, g->nadmins);
+    sm_append_str_array(doc, "invited", g->invited, g->ninvited);
     BSON_APPEND_INT64(doc, "applied", g->applied);
     BSON_APPEND_DATE_TIME(doc, "ts", g->ts_ms);
 }
@@ -103,12 +105,13 @@ static int sm_iter_strs(const bson_iter_t *it, const char **v, size_t max, size_
 typedef struct sm_group_buf {
     const char *members[STORE_GROUP_MAX];
     const char *admins[STORE_GROUP_MAX];
+    const char *invited[STORE_GROUP_MAX];
 } sm_group_buf;
 
 static int sm_group_parse(const bson_t *doc, store_group *g, sm_group_buf *b)
 {
     bson_iter_t it;
-    size_t nm = 0, na = 0;
+    size_t nm = 0, na = 0, ni = 0;
     int rc = PX_OK;
 
     memset(g, 0, sizeof(*g));
@@ -126,6 +129,8 @@ static int sm_group_parse(const bson_t *doc, store_group *g, sm_group_buf *b)
             rc = sm_iter_strs(&it, b->members, STORE_GROUP_MAX, &nm);
         else if (strcmp(k, "admins") == 0)
             rc = sm_iter_strs(&it, b->admins, STORE_GROUP_MAX, &na);
+        else if (strcmp(k, "invited") == 0)
+            rc = sm_iter_strs(&it, b->invited, STORE_GROUP_MAX, &ni);
         else if (strcmp(k, "applied") == 0)
             rc = sm_iter_int64(&it, &g->applied);
         else if (strcmp(k, "ts") == 0)
@@ -135,6 +140,8 @@ static int sm_group_parse(const bson_t *doc, store_group *g, sm_group_buf *b)
     g->nmembers = nm;
     g->admins = b->admins;
     g->nadmins = na;
+    g->invited = b->invited;
+    g->ninvited = ni;
     if (g->id == NULL || g->name == NULL || g->creator == NULL)
         rc = PX_ERROR;
     return rc;

@@ -49,7 +49,7 @@ static const char ss_schema[] =
     "CREATE TABLE IF NOT EXISTS gateways (gateway TEXT PRIMARY KEY, epoch INTEGER, ts INTEGER)"
     " WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS groups (id TEXT PRIMARY KEY, name TEXT, creator TEXT,"
-    " members TEXT, admins TEXT, applied INTEGER, ts INTEGER) WITHOUT ROWID;"
+    " members TEXT, admins TEXT, applied INTEGER, ts INTEGER, invited TEXT) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS chunks (upload TEXT NOT NULL, n INTEGER NOT NULL, data BLOB,"
     " ts INTEGER, PRIMARY KEY (upload, n));"
     "CREATE TABLE IF NOT EXISTS media (id TEXT PRIMARY KEY, sha256 TEXT UNIQUE NOT NULL,"
@@ -81,28 +81,39 @@ static int ss_str_ok(const char *s)
     return s != NULL && *s != '\0' && utf8_valid((const unsigned char *)s, strlen(s));
 }
 
-/* Data folders written before seen claims had no tag column; their old
- * keys read as held by another record, i.e. still duplicates. */
-static int ss_has_tag(store *st)
+static int ss_has_column(store *st, const char *table, const char *column)
 {
+    char sql[128];
     sqlite3_stmt *probe = NULL;
-    int rc = sqlite3_prepare_v2(st->d.db, "SELECT tag FROM seen LIMIT 0", -1, &probe, NULL);
+    snprintf(sql, sizeof(sql), "SELECT %s FROM %s LIMIT 0", column, table);
+    int rc = sqlite3_prepare_v2(st->d.db, sql, -1, &probe, NULL);
     sqlite3_finalize(probe);
     return rc == SQLITE_OK;
 }
 
-static int ss_migrate(store *st, char **msg)
+static int ss_add_column(store *st, const char *table, const char *column, char **msg)
 {
-    if (ss_has_tag(st))
+    char sql[128];
+    if (ss_has_column(st, table, column))
         return SQLITE_OK;
-    int rc = sqlite3_exec(st->d.db, "ALTER TABLE seen ADD COLUMN tag TEXT", NULL, NULL, msg);
+    snprintf(sql, sizeof(sql), "ALTER TABLE %s ADD COLUMN %s TEXT", table, column);
+    int rc = sqlite3_exec(st->d.db, sql, NULL, NULL, msg);
     /* parleyd opens a store per service at once: another may have won. */
-    if (rc != SQLITE_OK && ss_has_tag(st)) {
+    if (rc != SQLITE_OK && ss_has_column(st, table, column)) {
         sqlite3_free(*msg);
         *msg = NULL;
         rc = SQLITE_OK;
     }
     return rc;
+}
+
+/* Data folders written before seen claims had no tag column (their old
+ * keys read as held by another record, i.e. still duplicates), and before
+ * group invitations no invited column (NULL reads as none). */
+static int ss_migrate(store *st, char **msg)
+{
+    int rc = ss_add_column(st, "seen", "tag", msg);
+    return rc == SQLITE_OK ? ss_add_column(st, "groups", "invited", msg) : rc;
 }
 
 void store_where(const char *url, const char *db, char *out, size_t outlen)
@@ -754,19 +765,25 @@ static size_t ss_list_parse(json_t *a, const char **v, size_t max)
 
 static int ss_group_row(sqlite3_stmt *s, store_group_cb cb, void *arg)
 {
-    static __thread const char *members[STORE_GROUP_MAX], *admins[STORE_GROUP_MAX];
+    static __thread const char *members[STORE_GROUP_MAX], *admins[STORE_GROUP_MAX],
+        *invited[STORE_GROUP_MAX];
+    const char *inv = (const char *)sqlite3_column_text(s, 7);
     json_t *m = json_loads((const char *)sqlite3_column_text(s, 3), 0, NULL);
     json_t *a = json_loads((const char *)sqlite3_column_text(s, 4), 0, NULL);
+    json_t *iv = inv != NULL ? json_loads(inv, 0, NULL) : NULL;
     store_group g = { .id = (const char *)sqlite3_column_text(s, 0),
                       .name = (const char *)sqlite3_column_text(s, 1),
                       .creator = (const char *)sqlite3_column_text(s, 2),
                       .members = members, .nmembers = ss_list_parse(m, members, STORE_GROUP_MAX),
                       .admins = admins, .nadmins = ss_list_parse(a, admins, STORE_GROUP_MAX),
+                      .invited = invited,
+                      .ninvited = ss_list_parse(iv, invited, STORE_GROUP_MAX),
                       .applied = sqlite3_column_int64(s, 5),
                       .ts_ms = sqlite3_column_int64(s, 6) };
     int rc = cb != NULL ? cb(arg, &g) : PX_OK;
     json_decref(m);
     json_decref(a);
+    json_decref(iv);
     return rc;
 }
 
@@ -777,7 +794,7 @@ int store_group_get(store *st, const char *const *ids, size_t n, store_group_cb 
     if (rc != PX_OK || n == 0)
         return rc;
     pthread_mutex_lock(&st->mu);
-    sqlite3_stmt *s = ss_prep(st, "SELECT id, name, creator, members, admins, applied, ts"
+    sqlite3_stmt *s = ss_prep(st, "SELECT id, name, creator, members, admins, applied, ts, invited"
                               " FROM groups WHERE id=?", err, errlen);
     rc = s != NULL ? PX_OK : PX_ERROR;
     for (size_t i = 0; i < n && rc == PX_OK; i++) {
@@ -798,15 +815,18 @@ static int ss_check_group(const store_group *g, char *err, size_t errlen)
 {
     if (!ss_str_ok(g->id) || !ss_str_ok(g->name) || !ss_str_ok(g->creator))
         return px_err(err, errlen, "group put: id, name or creator empty or not UTF-8");
-    if (g->nmembers > STORE_GROUP_MAX || g->nadmins > g->nmembers)
-        return px_err(err, errlen, "group put: %zu members / %zu admins out of bounds",
-                      g->nmembers, g->nadmins);
+    if (g->nmembers + g->ninvited > STORE_GROUP_MAX || g->nadmins > g->nmembers)
+        return px_err(err, errlen, "group put: %zu members / %zu admins / %zu invited out of bounds",
+                      g->nmembers, g->nadmins, g->ninvited);
     for (size_t i = 0; i < g->nmembers; i++)
         if (!ss_str_ok(g->members[i]))
             return px_err(err, errlen, "group put: member %zu empty or not UTF-8", i);
     for (size_t i = 0; i < g->nadmins; i++)
         if (!ss_str_ok(g->admins[i]))
             return px_err(err, errlen, "group put: admin %zu empty or not UTF-8", i);
+    for (size_t i = 0; i < g->ninvited; i++)
+        if (!ss_str_ok(g->invited[i]))
+            return px_err(err, errlen, "group put: invited %zu empty or not UTF-8", i);
     return PX_OK;
 }
 
@@ -819,12 +839,14 @@ int store_group_put(store *st, const store_group *g, size_t n, char *err, size_t
         return rc;
     if (ss_begin(st, err, errlen) != PX_OK)
         return PX_ERROR;
-    sqlite3_stmt *s = ss_prep(st, "INSERT OR REPLACE INTO groups VALUES (?,?,?,?,?,?,?)", err,
+    sqlite3_stmt *s = ss_prep(st, "INSERT OR REPLACE INTO groups (id, name, creator, members, admins,"
+                              " applied, ts, invited) VALUES (?,?,?,?,?,?,?,?)", err,
                               errlen);
     rc = s != NULL ? PX_OK : PX_ERROR;
     for (size_t i = 0; i < n && rc == PX_OK; i++) {
         char *m = ss_list_json(g[i].members, g[i].nmembers);
         char *a = ss_list_json(g[i].admins, g[i].nadmins);
+        char *iv = ss_list_json(g[i].invited, g[i].ninvited);
         ss_text(s, 1, g[i].id);
         ss_text(s, 2, g[i].name);
         ss_text(s, 3, g[i].creator);
@@ -832,9 +854,11 @@ int store_group_put(store *st, const store_group *g, size_t n, char *err, size_t
         ss_text(s, 5, a);
         sqlite3_bind_int64(s, 6, g[i].applied);
         sqlite3_bind_int64(s, 7, g[i].ts_ms);
+        ss_text(s, 8, iv);
         rc = ss_run(st, s, "group put", err, errlen);
         free(m);
         free(a);
+        free(iv);
     }
     sqldb_done(s);
     return ss_end(st, rc, err, errlen);

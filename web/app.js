@@ -364,7 +364,7 @@ async function sendPreview() {
 function openForward(m) {
   forwarding = m;
   $('forward-list').replaceChildren(
-    ...store.convList().filter((c) => !c.left).map((c) =>
+    ...store.convList().filter((c) => !c.left && !c.invited).map((c) =>
       el('li', {}, el('button', { type: 'button', 'data-key': c.key, onclick: () => forwardTo(c.key) }, convTitle(c)))),
   );
   $('forward-user').value = '';
@@ -413,10 +413,12 @@ function render() {
   if (!c) return;
   $('chat-title').textContent = convTitle(c);
   $('chat-sub').textContent = c.kind === 'dm' ? ''
-    : c.left ? 'You are not a member of this group' : c.members.join(', ');
+    : c.left ? 'You are not a member of this group'
+    : c.invited ? 'You are invited: join to see its messages' : c.members.join(', ');
+  $('group-join').hidden = !c.invited;
   $('group-toggle').hidden = c.kind !== 'group' || c.left;
   $('group-add').hidden = !c.admins.includes(session.user);
-  $('composer').hidden = c.left;
+  $('composer').hidden = c.left || c.invited;
   if (c.kind === 'group') renderGroupPanel($('group-members'), c, session.user, (u) => groupCommand({ type: 'group_remove', group: c.group, members: [u] }));
   renderMessages($('msgs'), c, { mediaView, onForward: openForward, scroll: scrollNext });
   scrollNext = false;
@@ -491,6 +493,7 @@ function wire() {
     if (members.length > 0) groupCommand({ type: 'group_add', group: store.conv(current).group, members });
   });
   on('group-leave', 'click', () => groupCommand({ type: 'group_leave', group: store.conv(current).group }));
+  on('group-join', 'click', () => groupCommand({ type: 'group_join', group: store.conv(current).group }));
   document.addEventListener('visibilitychange', readIfVisible);
   window.addEventListener('online', () => conn && conn.retryNow());
 }

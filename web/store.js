@@ -77,6 +77,8 @@ export class Store {
         name: group ? null : key.slice(2),
         members: [],
         admins: [],
+        invitees: [],
+        invited: false, // this user is invited, not yet a member
         left: false,
         msgs: [],
         unread: 0,
@@ -234,19 +236,28 @@ export class Store {
     c.name = g.name;
     c.members = g.members || [];
     c.admins = g.admins || [];
-    c.left = !c.members.includes(this.user);
+    c.invitees = g.invited || [];
+    c.invited = c.invitees.includes(this.user);
+    c.left = !c.members.includes(this.user) && !c.invited;
     return c;
   }
 
-  // A `group_event`: membership changes and a line in the chat.
+  // A `group_event`: membership changes and a line in the chat. A create
+  // or an add only invites; the invitee is a member once it joins.
   applyGroupEvent(ev) {
     const c = this.ensureConv(`g:${ev.group}`);
     const who = ev.members || [];
+    const me = who.includes(this.user);
+    const gone = ['removed', 'left', 'declined'].includes(ev.event);
+    c.invitees ||= []; // saved before invitations existed
     if (ev.event === 'created') c.members = [...new Set([ev.actor, ...who])];
-    if (ev.event === 'added') c.members = [...new Set([...c.members, ...who])];
-    if (ev.event === 'removed' || ev.event === 'left') c.members = c.members.filter((u) => !who.includes(u));
-    if ((ev.event === 'removed' || ev.event === 'left') && who.includes(this.user)) c.left = true;
-    if ((ev.event === 'created' || ev.event === 'added') && who.includes(this.user)) c.left = false;
+    if (ev.event === 'invited') c.invitees = [...new Set([...c.invitees, ...who])];
+    if (ev.event === 'joined' || ev.event === 'added') c.members = [...new Set([...c.members, ...who])];
+    if (ev.event === 'joined' || gone) c.invitees = c.invitees.filter((u) => !who.includes(u));
+    if (gone) c.members = c.members.filter((u) => !who.includes(u));
+    if (me && gone) [c.left, c.invited] = [true, false];
+    if (me && ev.event === 'invited') [c.left, c.invited] = [false, true];
+    if (me && ['created', 'added', 'joined'].includes(ev.event)) [c.left, c.invited] = [false, false];
     this.push(c, { id: ev.id, system: true, event: ev.event, actor: ev.actor, members: who, ts: ev.ts || Date.now() });
     return c;
   }

@@ -78,8 +78,14 @@ export function focusConv(ul, key) {
 function systemText(m) {
   const who = m.members.join(', ');
   switch (m.event) {
-    case 'created': return `${m.actor} created the group with ${m.members.filter((u) => u !== m.actor).join(', ')}`;
+    case 'created': {
+      const others = m.members.filter((u) => u !== m.actor);
+      return others.length ? `${m.actor} created the group with ${others.join(', ')}` : `${m.actor} created the group`;
+    }
     case 'added': return `${m.actor} added ${who}`;
+    case 'invited': return `${m.actor} invited ${who}`;
+    case 'joined': return `${who} joined`;
+    case 'declined': return `${who} declined the invitation`;
     case 'removed': return `${m.actor} removed ${who}`;
     case 'left': return `${who} left`;
     default: return `${m.actor}: ${m.event}`;

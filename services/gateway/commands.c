@@ -92,6 +92,7 @@ static const Parley__GroupCommand__Type commands_group_types[] = {
     [PROTO_GROUP_REMOVE] = PARLEY__GROUP_COMMAND__TYPE__TYPE_REMOVE,
     [PROTO_GROUP_LEAVE] = PARLEY__GROUP_COMMAND__TYPE__TYPE_LEAVE,
     [PROTO_GROUP_INFO] = PARLEY__GROUP_COMMAND__TYPE__TYPE_INFO,
+    [PROTO_GROUP_JOIN] = PARLEY__GROUP_COMMAND__TYPE__TYPE_JOIN,
 };
 
 /* Group commands and group sends go to parley.groups keyed by the group.

@@ -4,8 +4,14 @@
  * change, and the answers to the requesting connections.
  *
  * Rules: the creator is the first admin; only admins add or remove; only
- * members send, ask for info or leave; at most STORE_GROUP_MAX members, and
- * a command that would pass it changes nothing (group_full). When the last
+ * members send. Nobody becomes a member without saying so (issue 22: anyone
+ * could put 255 strangers into a group): the users a create or an add
+ * names are invited, and join with group_join or decline with group_leave;
+ * an invited user may also ask for info, an admin may withdraw the
+ * invitation with group_remove, and only members see the group's messages
+ * and events (an invitee sees those about its own invitation). At most
+ * STORE_GROUP_MAX members and invited together, and a command that would
+ * pass it changes nothing (group_full). When the last
  * admin leaves or is removed, the longest-standing remaining member (the
  * first in join order) becomes admin, as WhatsApp does. A group whose last
  * member left is kept inert (no members) and answers not_found.
@@ -41,6 +47,8 @@ typedef struct apply_group {
     size_t nmembers;
     char *admins[STORE_GROUP_MAX];
     size_t nadmins;
+    char *invited[STORE_GROUP_MAX];
+    size_t ninvited;
     int64_t applied, ts_ms;
     int exists, dirty;
     int64_t last_off;          /* offset of this batch's last record applied to it */
@@ -93,6 +101,8 @@ static void apply_group_free(apply_group *g)
         free(g->members[i]);
     for (size_t i = 0; i < g->nadmins; i++)
         free(g->admins[i]);
+    for (size_t i = 0; i < g->ninvited; i++)
+        free(g->invited[i]);
     free(g);
 }
 
@@ -109,6 +119,8 @@ static int apply_loaded(void *arg, const store_group *sg)
         g->members[g->nmembers++] = px_strdup(sg->members[i]);
     for (size_t i = 0; i < sg->nadmins && i < STORE_GROUP_MAX; i++)
         g->admins[g->nadmins++] = px_strdup(sg->admins[i]);
+    for (size_t i = 0; i < sg->ninvited && g->nmembers + i < STORE_GROUP_MAX; i++)
+        g->invited[g->ninvited++] = px_strdup(sg->invited[i]);
     g->applied = sg->applied;
     g->ts_ms = sg->ts_ms;
     return PX_OK;
@@ -147,6 +159,11 @@ static int apply_is_member(const apply_group *g, const char *u)
 static int apply_is_admin(const apply_group *g, const char *u)
 {
     return apply_index(g->admins, g->nadmins, u) >= 0;
+}
+
+static int apply_is_invited(const apply_group *g, const char *u)
+{
+    return apply_index(g->invited, g->ninvited, u) >= 0;
 }
 
 /* Removes s from v keeping the order of the rest. */
@@ -190,14 +207,16 @@ static int apply_inbox(apply_ctx *a, Parley__EventKind kind, const char *user, c
 }
 
 /* A group_event for each of recipients (the group's members at the time
- * of the change, and those it removed). */
-static int apply_event(apply_ctx *a, const Parley__GroupCommand *x, const char *event,
-                       char *const *recipients, size_t nrec, char *const *members,
-                       size_t nmembers)
+ * of the change, and the users it is about who are not members). Its id is
+ * idp + "_" + the command's id: a command making two events (a create
+ * that invites) gives each its own prefix. */
+static int apply_event(apply_ctx *a, const Parley__GroupCommand *x, const char *idp,
+                       const char *event, char *const *recipients, size_t nrec,
+                       char *const *members, size_t nmembers)
 {
     char id[FANOUT_ID_MAX + 8];
     size_t len;
-    snprintf(id, sizeof(id), "ge_%s", x->cmd_id);
+    snprintf(id, sizeof(id), "%s_%s", idp, x->cmd_id);
     proto_group_event e = { .id = id, .group = x->group, .event = event, .actor = x->user,
                             .members = (const char *const *)members, .nmembers = nmembers,
                             .ts = x->ts_ms };
@@ -245,25 +264,52 @@ static void apply_answer_group(apply_ctx *a, const Parley__GroupCommand *x,
 {
     proto_group pg = { .id = g->id, .name = g->name,
                        .members = (const char *const *)g->members, .nmembers = g->nmembers,
-                       .admins = (const char *const *)g->admins, .nadmins = g->nadmins };
+                       .admins = (const char *const *)g->admins, .nadmins = g->nadmins,
+                       .invited = (const char *const *)g->invited, .ninvited = g->ninvited };
     apply_answer_json(a, x, proto_render_group(x->ref, &pg, NULL));
 }
 
 /* ---- commands ---- */
 
-/* Collects the distinct names of the command whose membership equals
- * members (1: those in the group, 0: those not in it). */
-static size_t apply_pick(const Parley__GroupCommand *x, const apply_group *g, int members,
-                         char **out)
+/* Where a user stands in a group. */
+enum apply_standing { APPLY_STRANGER, APPLY_INVITED, APPLY_MEMBER };
+
+static enum apply_standing apply_standing_of(const apply_group *g, const char *u)
+{
+    return apply_is_member(g, u) ? APPLY_MEMBER
+         : apply_is_invited(g, u) ? APPLY_INVITED : APPLY_STRANGER;
+}
+
+/* Collects the distinct names of the command that stand as want (a create's
+ * requester is a stranger to its new group, but not one to invite). */
+static size_t apply_pick(const Parley__GroupCommand *x, const apply_group *g,
+                         enum apply_standing want, char **out)
 {
     size_t n = 0;
     for (size_t i = 0; i < x->n_members; i++) {
         const char *u = x->members[i];
-        if (apply_is_member(g, u) != members || apply_index(out, n, u) >= 0)
+        if (apply_standing_of(g, u) != want || apply_index(out, n, u) >= 0 ||
+            (want == APPLY_STRANGER && strcmp(u, x->user) == 0))
             continue;
         out[n++] = x->members[i];
     }
     return n;
+}
+
+/* Invites fresh (strangers to g) and tells the members and them. */
+static int apply_invite(apply_ctx *a, const Parley__GroupCommand *x, apply_group *g,
+                        const char *idp, char **fresh, size_t n)
+{
+    char *to[STORE_GROUP_MAX];
+    size_t nto = 0;
+    for (size_t i = 0; i < g->nmembers; i++)
+        to[nto++] = g->members[i];
+    for (size_t i = 0; i < n; i++) {
+        g->invited[g->ninvited++] = px_strdup(fresh[i]);
+        to[nto++] = fresh[i];
+    }
+    g->dirty = 1;
+    return n == 0 ? PX_OK : apply_event(a, x, idp, "invited", to, nto, fresh, n);
 }
 
 static int apply_create(apply_ctx *a, const Parley__GroupCommand *x, apply_group *g)
@@ -277,10 +323,7 @@ static int apply_create(apply_ctx *a, const Parley__GroupCommand *x, apply_group
         return PX_OK;
     }
     char *fresh[PROTO_MAX_MEMBERS];
-    size_t n = 0;
-    for (size_t i = 0; i < x->n_members; i++)
-        if (strcmp(x->members[i], x->user) != 0 && apply_index(fresh, n, x->members[i]) < 0)
-            fresh[n++] = x->members[i];
+    size_t n = apply_pick(x, g, APPLY_STRANGER, fresh);
     if (n + 1 > STORE_GROUP_MAX) {
         apply_refuse(a, x, PROTO_GROUP_FULL, "a group has at most 256 members");
         return PX_OK;
@@ -291,37 +334,59 @@ static int apply_create(apply_ctx *a, const Parley__GroupCommand *x, apply_group
     g->ts_ms = x->ts_ms;
     g->members[g->nmembers++] = px_strdup(x->user);
     g->admins[g->nadmins++] = px_strdup(x->user);
-    for (size_t i = 0; i < n; i++)
-        g->members[g->nmembers++] = px_strdup(fresh[i]);
+    int rc = apply_event(a, x, "ge", "created", g->members, g->nmembers, g->members,
+                         g->nmembers);
+    if (rc == PX_OK)
+        rc = apply_invite(a, x, g, "gi", fresh, n);
     apply_answer_group(a, x, g);
-    return apply_event(a, x, "created", g->members, g->nmembers, g->members, g->nmembers);
+    return rc;
 }
 
 static int apply_add(apply_ctx *a, const Parley__GroupCommand *x, apply_group *g)
 {
     char *fresh[PROTO_MAX_MEMBERS];
-    size_t n = apply_pick(x, g, 0, fresh);
-    if (g->nmembers + n > STORE_GROUP_MAX) {
+    size_t n = apply_pick(x, g, APPLY_STRANGER, fresh);
+    if (g->nmembers + g->ninvited + n > STORE_GROUP_MAX) {
         apply_refuse(a, x, PROTO_GROUP_FULL, "a group has at most 256 members");
         return PX_OK;
     }
-    for (size_t i = 0; i < n; i++)
-        g->members[g->nmembers++] = px_strdup(fresh[i]);
-    g->dirty = 1;
+    int rc = apply_invite(a, x, g, "ge", fresh, n);
     apply_answer_group(a, x, g);
-    if (n == 0)
-        return PX_OK;
-    return apply_event(a, x, "added", g->members, g->nmembers, fresh, n);
+    return rc;
 }
 
-/* Removes who from g after telling everyone who was a member. */
+/* An invited user becomes a member; a member's join is a retry. */
+static int apply_join(apply_ctx *a, const Parley__GroupCommand *x, apply_group *g)
+{
+    int rc = PX_OK;
+    if (!apply_is_member(g, x->user)) {
+        apply_drop(g->invited, &g->ninvited, x->user);
+        g->members[g->nmembers++] = px_strdup(x->user);
+        g->dirty = 1;
+        char *who[1] = { x->user };
+        rc = apply_event(a, x, "ge", "joined", g->members, g->nmembers, who, 1);
+    }
+    apply_answer_group(a, x, g);
+    return rc;
+}
+
+/* Removes who (members or invited) from g after telling every member and
+ * the invited among who. */
 static int apply_remove_users(apply_ctx *a, const Parley__GroupCommand *x, apply_group *g,
                               const char *event, char **who, size_t n)
 {
-    int rc = apply_event(a, x, event, g->members, g->nmembers, who, n);
+    char *to[2 * STORE_GROUP_MAX];
+    size_t nto = 0;
+    for (size_t i = 0; i < g->nmembers; i++)
+        to[nto++] = g->members[i];
+    for (size_t i = 0; i < n; i++)
+        if (apply_is_invited(g, who[i]))
+            to[nto++] = who[i];
+    int rc = apply_event(a, x, "ge", event, to, nto, who, n);
     for (size_t i = 0; i < n; i++) {
         apply_drop(g->admins, &g->nadmins, who[i]);
         apply_drop(g->members, &g->nmembers, who[i]);
+        apply_drop(g->invited, &g->ninvited, who[i]);
     }
     apply_promote(g);
     g->dirty = 1;
@@ -330,8 +395,9 @@ static int apply_remove_users(apply_ctx *a, const Parley__GroupCommand *x, apply
 
 static int apply_remove(apply_ctx *a, const Parley__GroupCommand *x, apply_group *g)
 {
-    char *gone[PROTO_MAX_MEMBERS];
-    size_t n = apply_pick(x, g, 1, gone);
+    char *gone[2 * PROTO_MAX_MEMBERS];
+    size_t n = apply_pick(x, g, APPLY_MEMBER, gone);
+    n += apply_pick(x, g, APPLY_INVITED, gone + n);
     int rc = PX_OK;
     if (n > 0)
         rc = apply_remove_users(a, x, g, "removed", gone, n);
@@ -389,12 +455,18 @@ static int apply_one(apply_ctx *a, const Parley__GroupCommand *x, apply_group *g
         apply_refuse(a, x, PROTO_NOT_FOUND, "no such group");
         return PX_OK;
     }
-    int member = apply_is_member(g, x->user);
+    enum apply_standing st = apply_standing_of(g, x->user);
     int needs_admin = t == PARLEY__GROUP_COMMAND__TYPE__TYPE_ADD ||
                       t == PARLEY__GROUP_COMMAND__TYPE__TYPE_REMOVE;
-    if (!member || (needs_admin && !apply_is_admin(g, x->user))) {
+    int invitee_may = t == PARLEY__GROUP_COMMAND__TYPE__TYPE_JOIN ||
+                      t == PARLEY__GROUP_COMMAND__TYPE__TYPE_LEAVE ||
+                      t == PARLEY__GROUP_COMMAND__TYPE__TYPE_INFO;
+    int ok = st == APPLY_MEMBER || (st == APPLY_INVITED && invitee_may);
+    if (!ok || (needs_admin && !apply_is_admin(g, x->user))) {
         apply_refuse(a, x, PROTO_FORBIDDEN,
-                     member ? "only admins add or remove members" : "not a member of this group");
+                     ok ? "only admins add or remove members"
+                     : t == PARLEY__GROUP_COMMAND__TYPE__TYPE_JOIN ? "you are not invited to this group"
+                     : "not a member of this group");
         return PX_OK;
     }
     if (t != PARLEY__GROUP_COMMAND__TYPE__TYPE_SEND)
@@ -404,9 +476,11 @@ static int apply_one(apply_ctx *a, const Parley__GroupCommand *x, apply_group *g
         return apply_add(a, x, g);
     case PARLEY__GROUP_COMMAND__TYPE__TYPE_REMOVE:
         return apply_remove(a, x, g);
+    case PARLEY__GROUP_COMMAND__TYPE__TYPE_JOIN:
+        return apply_join(a, x, g);
     case PARLEY__GROUP_COMMAND__TYPE__TYPE_LEAVE: {
         char *who[1] = { x->user };
-        int rc = apply_remove_users(a, x, g, "left", who, 1);
+        int rc = apply_remove_users(a, x, g, st == APPLY_MEMBER ? "left" : "declined", who, 1);
         apply_answer_group(a, x, g);
         return rc;
     }
@@ -484,7 +558,9 @@ static int apply_write(apply_ctx *a)
                                  .members = (const char *const *)g->members,
                                  .nmembers = g->nmembers,
                                  .admins = (const char *const *)g->admins,
-                                 .nadmins = g->nadmins, .applied = g->last_off,
+                                 .nadmins = g->nadmins,
+                                 .invited = (const char *const *)g->invited,
+                                 .ninvited = g->ninvited, .applied = g->last_off,
                                  .ts_ms = g->ts_ms };
     }
     int64_t t0 = service_clock_us();

@@ -75,7 +75,7 @@ static void batch_validate(fanout_rec *r)
     if (x->version != FANOUT_RECORD_VERSION)
         batch_dead(r, "unknown version");
     else if (x->type < PARLEY__GROUP_COMMAND__TYPE__TYPE_CREATE ||
-             x->type > PARLEY__GROUP_COMMAND__TYPE__TYPE_SEND)
+             x->type > PARLEY__GROUP_COMMAND__TYPE__TYPE_JOIN)
         batch_dead(r, "unknown type");
     else if (!id_valid_user(x->group))
         batch_dead(r, "bad group id");

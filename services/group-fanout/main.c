@@ -16,7 +16,7 @@ static void main_metrics(fanout *f)
     static const double sizes[] = { 1, 2, 5, 10, 25, 50, 100, 150, 200, 256 };
     fanout_metrics *m = &f->m;
     m->commands = metrics_counter("parley_fanout_commands_total",
-                                  "Group commands applied (create, add, remove, leave, info)");
+                                  "Group commands applied (create, add, join, remove, leave, info)");
     m->sends = metrics_counter("parley_fanout_sends_total", "Group messages fanned out");
     m->refused = metrics_counter("parley_fanout_refused_total",
                                  "Commands and sends answered with an error");

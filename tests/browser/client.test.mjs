@@ -194,6 +194,18 @@ test('a group of three: create, send, ticks, remove, add, leave', async () => {
   const key = await alice.page.locator('.conv.current').getAttribute('data-key');
   assert.match(key, /^g:/);
 
+  // The create only invited them (issue 22): each joins, then looks at
+  // another chat so the group's messages count as unread.
+  for (const u of [bob, carol]) {
+    await openConv(u.page, key);
+    await u.page.locator('#chat-sub', { hasText: 'invited' }).waitFor({ timeout: WAIT_MS });
+    assert.equal(await u.page.locator('#composer').isHidden(), true);
+    await u.page.click('#group-join');
+    await u.page.locator('#composer').waitFor({ state: 'visible', timeout: WAIT_MS });
+    await startChat(u.page, A);
+  }
+  await alice.page.locator('.system', { hasText: `${C} joined` }).waitFor({ timeout: WAIT_MS });
+
   await send(alice.page, 'hello group');
   for (const u of [bob, carol]) await waitUnread(u.page, key, 1);
   await tick(alice.page, 'hello group', 'delivered');
@@ -224,6 +236,8 @@ test('a group of three: create, send, ticks, remove, add, leave', async () => {
 
   await alice.page.fill('#group-add-user', C);
   await alice.page.press('#group-add-user', 'Enter');
+  await carol.page.locator('#group-join').waitFor({ state: 'visible', timeout: WAIT_MS });
+  await carol.page.click('#group-join');
   await carol.page.locator('#composer').waitFor({ state: 'visible', timeout: WAIT_MS });
   await alice.page.locator(`.member[data-user="${C}"]`).waitFor({ timeout: WAIT_MS });
 

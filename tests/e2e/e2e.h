@@ -63,6 +63,17 @@ static inline json_t *e2e_cmd(client *cl, json_t *o)
     return a;
 }
 
+/* cl's user accepts its invitation to group gid (a create or an add only
+ * invites: issue 22) and is a member once this returns. */
+static inline void e2e_join(client *cl, const char *gid)
+{
+    json_t *a = e2e_cmd(cl, json_pack("{s:s, s:s, s:s}", "type", "group_join", "id", "join",
+                                      "group", gid));
+    ck_assert_msg(strcmp(json_string_value(json_object_get(a, "type")), "group") == 0,
+                  "join %s: %s", gid, json_dumps(a, 0));
+    json_decref(a);
+}
+
 /* Reads until the server ends the connection (a close frame, or the
  * socket ends) or ms pass; 1 if it ended, with the close code (0: none). */
 static inline int e2e_wait_end(client *cl, int64_t ms, int *code)

@@ -408,12 +408,16 @@ START_TEST(forward_to_user_and_group_uploads_nothing)
     char gid[96];
     snprintf(gid, sizeof(gid), "%s", e2e_str(json_object_get(g, "group"), "id"));
     json_decref(g);
+    e2e_join(f, gid);
+    client *gr = e2e_connect(grace, E2E_GW2);
+    e2e_join(gr, gid);
+    client_free(gr);
     e2e_expect_type(send_media(b, "f2", "group", gid, id, "fyi", 1), "sent", NULL);
     expect_media_message(f, id, len, sha, 1);
     expect_status(frank, id, 200);
     expect_status(grace, id, 200);    /* offline, still a member at the send */
     ck_assert_int_eq(chunks_stored(), before);
-    /* A member added after the send gains nothing. */
+    /* A user invited after the send gains nothing. */
     char henry[65];
     e2e_user("henry", henry);
     o = json_pack("{s:s, s:s, s:s, s:[s]}", "type", "group_add", "id", "g3", "group", gid,

@@ -1,8 +1,8 @@
 /* PROTOCOL.md's promises that no other program checks, end to end on the
  * real services (or parleyd): a forged `from` is ignored, the 1000-id and
  * 100-character limits, the group edge cases (the last admin removed, a
- * member removed and added again, group events waiting for an offline
- * member, no earlier messages for a member added later, no way back for a
+ * member removed, invited again and back, group events waiting for an
+ * offline invitee, no earlier messages for a member who joins later, no way back for a
  * group everyone left, not even a redelivered create), a gateway's
  * drain on SIGTERM (close 1001, clean exit), and, against the stack, a
  * send while Kafka is stopped: `unavailable`, /readyz 503, then the retry
@@ -89,6 +89,7 @@ START_TEST(forged_from_is_ignored)
     json_t *g = group_of(a, "g1", "forgers", json_pack("[s]", bob));
     snprintf(gid, sizeof(gid), "%s", e2e_str(json_object_get(g, "group"), "id"));
     json_decref(g);
+    e2e_join(b, gid);
     o = json_pack("{s:s, s:s, s:s, s:s, s:s}", "type", "send", "id", "f3", "group", gid, "body",
                   "who am I", "from", bob);
     e2e_expect_type(e2e_cmd(a, o), "sent", NULL);
@@ -196,6 +197,8 @@ START_TEST(group_edge_cases)
     json_t *g = group_of(a, "e1", "edges", json_pack("[s,s]", bob, carol));
     snprintf(gid, sizeof(gid), "%s", e2e_str(json_object_get(g, "group"), "id"));
     json_decref(g);
+    e2e_join(b, gid);
+    e2e_join(c, gid);
 
     /* The last admin removes herself: bob, first in join order, takes over. */
     g = members_cmd(a, "group_remove", "e2", gid, alice);
@@ -206,34 +209,34 @@ START_TEST(group_edge_cases)
     json_decref(g);
     e2e_expect_type(members_cmd(a, "group_add", "e3", gid, alice), "error", "forbidden");
 
-    /* carol removed, a message without her, carol added again, and one
-     * with her: she gets the two events and only the second message. dave
-     * is added while offline, after both messages. */
+    /* carol removed, a message without her, carol invited again and back,
+     * and one with her: she gets the events (as a member, or about her own
+     * invitation: not dave's) and only the second message. dave is invited
+     * while offline, before the second message. */
     e2e_expect_type(members_cmd(b, "group_remove", "e4", gid, carol), "group", NULL);
     gsend_ok(b, "e5", gid, m1);
     e2e_expect_type(members_cmd(b, "group_add", "e6", gid, carol), "group", NULL);
     e2e_expect_type(members_cmd(b, "group_add", "e7", gid, dave), "group", NULL);
+    e2e_join(c, gid);
     gsend_ok(b, "e8", gid, m2);
     snprintf(want_m2, sizeof(want_m2), "message:%s", m2);
-    const char *carol_saw[] = { "event:created", "event:removed", "event:removed", "event:added",
-                                "event:added", want_m2 };
-    expect_items(events_until(c, m2), carol_saw, 6);
+    const char *carol_saw[] = { "event:invited", "event:joined", "event:removed", "event:removed",
+                                "event:invited", "event:joined", want_m2 };
+    expect_items(events_until(c, m2), carol_saw, 7);
 
-    /* dave's first connection: the event that added him, before synced,
-     * and nothing sent before it; then the group live. */
+    /* dave's first connection: his invitation, before synced, and no
+     * message (he is not a member); he joins, then gets the group live. */
     client *d = e2e_connect(dave, E2E_GW2);
     json_t *ev = e2e_wait_type(d, "group_event");
-    ck_assert_str_eq(e2e_str(ev, "event"), "added");
+    ck_assert_str_eq(e2e_str(ev, "event"), "invited");
     ck_assert_str_eq(e2e_str(ev, "group"), gid);
     json_decref(ev);
-    json_t *m = e2e_wait_type(d, "message");
-    ck_assert_str_eq(e2e_str(m, "id"), m2);
-    json_decref(m);
     json_decref(e2e_wait_type(d, "synced"));
+    e2e_join(d, gid);
     gsend_ok(b, "e9", gid, m3);
     snprintf(want_m3, sizeof(want_m3), "message:%s", m3);
-    const char *dave_saw[] = { want_m3 };
-    expect_items(events_until(d, m3), dave_saw, 1);
+    const char *dave_saw[] = { "event:joined", want_m3 };
+    expect_items(events_until(d, m3), dave_saw, 2);
     ck_assert(strcmp(m1, m2) != 0);
 
     /* Everyone leaves: the group stays gone, even for the creator's create

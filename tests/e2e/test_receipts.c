@@ -491,6 +491,8 @@ START_TEST(group_message_gets_one_receipt_per_member)
     ck_assert_msg(g != NULL && strcmp(e2e_str(g, "type"), "group") == 0, "no group");
     snprintf(gid, sizeof(gid), "%s", e2e_str(json_object_get(g, "group"), "id"));
     json_decref(g);
+    e2e_join(b, gid);
+    e2e_join(c, gid);
 
     o = json_pack("{s:s, s:s, s:s, s:s}", "type", "send", "id", "m1", "group", gid, "body", "hi");
     ck_assert_int_eq(client_send_json(a, o), 0);

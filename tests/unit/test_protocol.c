@@ -55,6 +55,12 @@ START_TEST(group_commands_ok)
     ck_assert_int_eq(parse("{\"type\":\"group_leave\",\"id\":\"g\",\"group\":\"g_1\"}", &c, &code), PX_OK);
     ck_assert_str_eq(c.group, "g_1");
     proto_cmd_free(&c);
+    ck_assert_int_eq(parse("{\"type\":\"group_join\",\"id\":\"j\",\"group\":\"g_1\"}", &c, &code), PX_OK);
+    ck_assert_int_eq(c.type, PROTO_GROUP_JOIN);
+    ck_assert_str_eq(c.group, "g_1");
+    proto_cmd_free(&c);
+    ck_assert_int_eq(parse("{\"type\":\"group_join\",\"id\":\"j\"}", &c, &code), PX_DECLINED);
+    ck_assert_int_eq(code, PROTO_BAD_REQUEST);
 }
 END_TEST
 
