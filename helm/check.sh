@@ -85,6 +85,9 @@ refuse "HPA min > max" "minReplicas exceeds" --set receipt.autoscaling.enabled=t
   --set receipt.autoscaling.minReplicas=9 --set receipt.autoscaling.maxReplicas=3
 refuse "misspelt value" "additional properties" --set gateway.replica=3
 refuse "non-mongodb URI" "uri" --set mongo.uri=postgres://db/parley
+refuse "no token key at all" "no auth.jwks" --set auth.hs256=false
+refuse "JWKS from two places" "not both" --set auth.jwks.existingSecret=a \
+  --set auth.jwks.existingConfigMap=b
 
 # NOTES.txt is rendered only by install/upgrade, which want a cluster:
 # render it through a copy of the chart where it is an ordinary template.
@@ -164,8 +167,9 @@ fi
 
 # The services refuse a setting that does not parse (exit 2, "bad
 # configuration"): run each one with exactly the environment the chart
-# gives its pod. Kafka points at a closed local port so nothing gets past
-# start-up (no listener is bound); the run is cut after 3 s.
+# gives its pod (a JWKS in the tree stands for the mounted one). Kafka
+# points at a closed local port so nothing gets past start-up (no listener
+# is bound); the run is cut after 3 s.
 BIN=${PARLEY_BIN:-build/rel/bin}
 if [ -x "$BIN/gateway" ] && python3 -c "import yaml" 2>/dev/null; then
   for s in "${sets[@]}"; do
@@ -173,6 +177,7 @@ if [ -x "$BIN/gateway" ] && python3 -c "import yaml" 2>/dev/null; then
     for svc in gateway presence message-store receipt group-fanout; do
       mapfile -t envs < <(python3 helm/podenv.py "$OUT/$name.yaml" "$svc" \
         PARLEY_KAFKA_BROKERS=127.0.0.1:1 PARLEY_JWT_SECRET="$(printf 'x%.0s' {1..48})" \
+        PARLEY_JWT_JWKS_FILE=fuzz/jwt.jwks.json \
         PARLEY_MONGO_URI='mongodb://127.0.0.1:1/?retryWrites=false')
       log=$(timeout 3 env -i "${envs[@]}" "$BIN/$svc" 2>&1)
       rc=$?

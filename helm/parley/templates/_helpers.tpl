@@ -156,6 +156,9 @@ volumes:
   - name: tmp
     emptyDir:
       sizeLimit: 16Mi
+{{- if and (eq .component "gateway") (include "parley.jwksSource" .root) }}
+{{- include "parley.jwksVolume" .root | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -168,17 +171,66 @@ Argument: dict "root" $ "jwt" BOOL.
     secretKeyRef:
       name: {{ default (include "parley.secretName" .root) .root.Values.mongo.existingSecret }}
       key: {{ ternary .root.Values.mongo.existingSecretKey "PARLEY_MONGO_URI" (not (empty .root.Values.mongo.existingSecret)) }}
-{{- if .jwt }}
+{{- if and .jwt .root.Values.auth.hs256 }}
 - name: PARLEY_JWT_SECRET
   valueFrom:
     secretKeyRef:
       name: {{ default (include "parley.secretName" .root) .root.Values.auth.existingSecret }}
       key: {{ ternary .root.Values.auth.existingSecretKey "PARLEY_JWT_SECRET" (not (empty .root.Values.auth.existingSecret)) }}
 {{- end }}
+{{- if .jwt }}
+{{- with .root.Values.auth }}
+{{- if include "parley.jwksSource" $.root }}
+- name: PARLEY_JWT_JWKS_FILE
+  value: {{ printf "/etc/parley/jwks/%s" .jwks.key | quote }}
+{{- end }}
+{{- if .issuer }}
+- name: PARLEY_JWT_ISSUER
+  value: {{ .issuer | quote }}
+{{- end }}
+{{- if .audience }}
+- name: PARLEY_JWT_AUDIENCE
+  value: {{ .audience | quote }}
+{{- end }}
+- name: PARLEY_JWT_LEEWAY_S
+  value: {{ .leewaySeconds | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "secret" or "configMap" when a JWKS is configured, else empty. */}}
+{{- define "parley.jwksSource" -}}
+{{- if .Values.auth.jwks.existingSecret }}secret{{ else if .Values.auth.jwks.existingConfigMap }}configMap{{ end }}
+{{- end }}
+
+{{/* The gateway's JWKS volume (a directory: updates reach it in place). */}}
+{{- define "parley.jwksVolume" -}}
+{{- $src := include "parley.jwksSource" . }}
+{{- if eq $src "secret" -}}
+- name: jwks
+  secret:
+    secretName: {{ .Values.auth.jwks.existingSecret }}
+    items:
+      - key: {{ .Values.auth.jwks.key }}
+        path: {{ .Values.auth.jwks.key }}
+{{- else if eq $src "configMap" -}}
+- name: jwks
+  configMap:
+    name: {{ .Values.auth.jwks.existingConfigMap }}
+    items:
+      - key: {{ .Values.auth.jwks.key }}
+        path: {{ .Values.auth.jwks.key }}
+{{- end }}
 {{- end }}
 
 {{/* Cross-field checks the schema cannot express. */}}
 {{- define "parley.validate" -}}
+{{- if and (not .Values.auth.hs256) (not (include "parley.jwksSource" .)) }}
+{{- fail "auth.hs256 is false but no auth.jwks.existingSecret or existingConfigMap is set: the gateway would have no key to check tokens with" }}
+{{- end }}
+{{- if and .Values.auth.jwks.existingSecret .Values.auth.jwks.existingConfigMap }}
+{{- fail "set auth.jwks.existingSecret or auth.jwks.existingConfigMap, not both" }}
+{{- end }}
 {{- if le (int64 .Values.config.idleMs) (int64 .Values.config.pingMs) }}
 {{- fail (printf "config.idleMs (%v) must exceed config.pingMs (%v): the gateway refuses to start otherwise" .Values.config.idleMs .Values.config.pingMs) }}
 {{- end }}
