@@ -145,13 +145,16 @@ static int auth_audience_ok(const char *want, json_t *aud)
 }
 
 static int auth_check_claims(const auth *a, json_t *claims, int64_t now_s, char user[65],
-                             char *err, size_t errlen)
+                             char dev[65], char *err, size_t errlen)
 {
     json_t *sub = json_object_get(claims, "sub");
     json_t *exp = json_object_get(claims, "exp");
+    json_t *d = json_object_get(claims, "dev");
     const char *iss = json_string_value(json_object_get(claims, "iss"));
     if (!json_is_string(sub) || !id_valid_user(json_string_value(sub)))
         return px_err(err, errlen, "token sub is missing or not a valid user id");
+    if (d != NULL && (!json_is_string(d) || !id_valid_user(json_string_value(d))))
+        return px_err(err, errlen, "token dev is not a valid device id");
     if (!json_is_number(exp))
         return px_err(err, errlen, "token exp is missing");
     if (json_number_value(exp) + (double)a->leeway_s <= (double)now_s)
@@ -166,6 +169,8 @@ static int auth_check_claims(const auth *a, json_t *claims, int64_t now_s, char 
     if (a->audience != NULL && !auth_audience_ok(a->audience, json_object_get(claims, "aud")))
         return px_err(err, errlen, "token aud does not hold PARLEY_JWT_AUDIENCE");
     snprintf(user, 65, "%s", json_string_value(sub));
+    if (dev != NULL)
+        snprintf(dev, 65, "%s", d != NULL ? json_string_value(d) : AUTH_DEFAULT_DEVICE);
     return PX_OK;
 }
 
@@ -206,6 +211,12 @@ static int auth_check_signature(auth *a, json_t *hdr, const char *data, size_t n
 int auth_verify(auth *a, const char *token, int64_t now_s, char user[65], char *err,
                 size_t errlen)
 {
+    return auth_verify_device(a, token, now_s, user, NULL, err, errlen);
+}
+
+int auth_verify_device(auth *a, const char *token, int64_t now_s, char user[65], char dev[65],
+                       char *err, size_t errlen)
+{
     int rc = PX_ERROR;
     json_t *hdr = NULL, *claims = NULL;
     size_t n = strnlen(token, AUTH_TOKEN_MAX + 1);
@@ -228,7 +239,7 @@ int auth_verify(auth *a, const char *token, int64_t now_s, char user[65], char *
     if (auth_check_signature(a, hdr, token, (size_t)(d2 - token), sig, siglen, err, errlen) !=
         PX_OK)
         goto out;
-    rc = auth_check_claims(a, claims, now_s, user, err, errlen);
+    rc = auth_check_claims(a, claims, now_s, user, dev, err, errlen);
 out:
     json_decref(hdr);
     json_decref(claims);
@@ -238,12 +249,22 @@ out:
 int auth_sign(const char *secret, const char *user, int64_t iat_s, int64_t exp_s,
               char *out, size_t outlen)
 {
-    if (!id_valid_user(user) || secret == NULL)
+    return auth_sign_device(secret, user, NULL, iat_s, exp_s, out, outlen);
+}
+
+int auth_sign_device(const char *secret, const char *user, const char *dev, int64_t iat_s,
+                     int64_t exp_s, char *out, size_t outlen)
+{
+    if (!id_valid_user(user) || (dev != NULL && !id_valid_user(dev)) || secret == NULL)
         return PX_ERROR;
     static const char hdr[] = "{\"alg\":\"HS256\",\"typ\":\"JWT\"}";
-    char claims[160], buf[512];
-    int cl = snprintf(claims, sizeof(claims), "{\"sub\":\"%s\",\"iat\":%lld,\"exp\":%lld}",
-                      user, (long long)iat_s, (long long)exp_s);
+    char claims[256], buf[640];
+    int cl = dev == NULL
+                 ? snprintf(claims, sizeof(claims), "{\"sub\":\"%s\",\"iat\":%lld,\"exp\":%lld}",
+                            user, (long long)iat_s, (long long)exp_s)
+                 : snprintf(claims, sizeof(claims),
+                            "{\"sub\":\"%s\",\"dev\":\"%s\",\"iat\":%lld,\"exp\":%lld}", user,
+                            dev, (long long)iat_s, (long long)exp_s);
     if (cl < 0 || (size_t)cl >= sizeof(claims))
         return PX_ERROR;
     size_t o = b64url_encode((const uint8_t *)hdr, sizeof(hdr) - 1, buf);

@@ -9,6 +9,9 @@
 
 #define AUTH_TOKEN_MAX 2048  /* longer tokens are refused unread */
 #define AUTH_LEEWAY_S 60     /* default clock skew allowed for exp, nbf and iat */
+/* The device of a token without a `dev` claim: every client that predates
+ * devices is this one device of its user. */
+#define AUTH_DEFAULT_DEVICE "default"
 
 typedef struct auth auth;
 
@@ -42,10 +45,18 @@ void auth_free(auth *a);
  * if it changed. */
 int auth_verify(auth *a, const char *token, int64_t now_s, char user[65], char *err,
                 size_t errlen);
+/* The same, and the optional `dev` claim (issue 17): refused when it is not
+ * a valid id (the user id charset); dev receives it, or AUTH_DEFAULT_DEVICE
+ * for a token without one. */
+int auth_verify_device(auth *a, const char *token, int64_t now_s, char user[65], char dev[65],
+                       char *err, size_t errlen);
 
 /* Writes an HS256 token for user expiring at exp_s into out. PX_ERROR if
  * it does not fit or user is invalid. */
 int auth_sign(const char *secret, const char *user, int64_t iat_s, int64_t exp_s,
               char *out, size_t outlen);
+/* The same with a `dev` claim (dev NULL: none); PX_ERROR if dev is invalid. */
+int auth_sign_device(const char *secret, const char *user, const char *dev, int64_t iat_s,
+                     int64_t exp_s, char *out, size_t outlen);
 
 #endif

@@ -14,8 +14,13 @@ typedef struct store store;
 
 enum store_kind { STORE_MESSAGE = 1, STORE_RECEIPT = 2, STORE_GROUP_EVENT = 3 };
 
-/* One pending inbox event for one user. json is the event exactly as the
- * client receives it. (user, id) is unique: a second put is absorbed. */
+/* One pending inbox event for one user, stored once for all of the user's
+ * devices. json is the event exactly as the client receives it. (user, id)
+ * is unique: a second put is absorbed. Which devices have acked it is kept
+ * with it (store_inbox_mark); the event is deleted once every device that
+ * needs it has (message-store decides, from the device records). */
+#define STORE_ACKED_MAX 16     /* acked devices read back per event */
+
 typedef struct store_event {
     const char *user;      /* recipient */
     const char *id;        /* event id: msg_id, receipt id or group event id */
@@ -25,6 +30,12 @@ typedef struct store_event {
     const char *sender;    /* for STORE_MESSAGE: who to tell on ack; else NULL */
     const char *json;
     size_t json_len;
+    /* Read back by scan and get (ignored by put): devices that acked it,
+     * at most STORE_ACKED_MAX of them (an event acked by more reads as
+     * acked by the first STORE_ACKED_MAX: it may be kept longer, never
+     * dropped early). */
+    const char *acked[STORE_ACKED_MAX];
+    size_t nacked;
 } store_event;
 
 /* Opens the store named by url: "mongodb://..." (db is the database name).
@@ -56,9 +67,10 @@ int store_inbox_put(store *st, const store_event *ev, size_t n, int *inserted,
  * strings are valid only during the call. */
 typedef int (*store_event_cb)(void *arg, const store_event *ev);
 
-/* Visits up to limit events of user with seq > after_seq, in seq order. */
-int store_inbox_scan(store *st, const char *user, int64_t after_seq, size_t limit,
-                     store_event_cb cb, void *arg, char *err, size_t errlen);
+/* Visits up to limit events of user with seq > after_seq, in seq order;
+ * with dev non-NULL only those dev has not acked (store_inbox_mark). */
+int store_inbox_scan(store *st, const char *user, const char *dev, int64_t after_seq,
+                     size_t limit, store_event_cb cb, void *arg, char *err, size_t errlen);
 
 /* One inbox event, named by its owner: (user, event id). */
 typedef struct store_key {
@@ -78,6 +90,17 @@ int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb c
  * keys all name the acker) can never delete another user's events. */
 int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *removed, char *err,
                        size_t errlen);
+
+/* Records that dev acked the n events named by ev[i].user, .id (with
+ * their .seq and .ts_ms as stored; other fields ignored), which stay
+ * stored for the user's other devices. Idempotent. A mark of an event
+ * nobody holds is harmless: the retention sweep takes it. */
+int store_inbox_mark(store *st, const store_event *ev, size_t n, const char *dev, char *err,
+                     size_t errlen);
+
+/* Drops every device's marks of the events named by keys (after their
+ * store_inbox_delete; the caller knows which had marks). */
+int store_inbox_unmark(store *st, const store_key *keys, size_t n, char *err, size_t errlen);
 
 /* Deletes events accepted before cutoff_ms; *removed gets the count. */
 int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed,
@@ -174,6 +197,48 @@ int store_presence_expire(store *st, int64_t cutoff_ms, int64_t *removed,
 /* Number of presence records (connections) of user on any gateway and
  * epoch (tests, metrics). */
 int store_presence_count(store *st, const char *user, int64_t *count, char *err, size_t errlen);
+
+/* Devices (issue 17): one record per (user, device id), made by the
+ * gateway at the device's first connection. since orders the device's
+ * link into the user's inbox: the device needs the events with seq >
+ * since. It is STORE_DEVICE_UNSYNCED until message-store serves the
+ * device's first sync (store_device_link), so nothing consumed before that
+ * waits for it. An unlinked device keeps its record (its tokens stay
+ * refused) and needs nothing. Device ids have the user id charset. */
+#define STORE_DEVICE_UNSYNCED INT64_MAX
+
+typedef struct store_device {
+    const char *user;
+    const char *dev;
+    int64_t first_ms;      /* registered (first connection) */
+    int64_t last_ms;       /* latest connection */
+    int64_t since;         /* needs events with seq > since */
+    int unlinked;
+} store_device;
+
+enum store_device_status { STORE_DEVICE_OK, STORE_DEVICE_FULL, STORE_DEVICE_UNLINKED };
+
+/* A connection of (user, dev) at now_ms: registers the device when it is
+ * new and the user has fewer than max linked (not unlinked) devices, and
+ * moves last_ms up for a known one. *status: STORE_DEVICE_OK, _FULL (new,
+ * and max are linked already: nothing written) or _UNLINKED (the device
+ * was unlinked: nothing written). Two new devices registering at once may
+ * both be refused when only one place was left, never both admitted. */
+int store_device_touch(store *st, const char *user, const char *dev, int64_t now_ms, long max,
+                       int *status, char *err, size_t errlen);
+
+typedef int (*store_device_cb)(void *arg, const store_device *d);
+
+/* Visits every device record of user (unlinked ones too), in no
+ * particular order. Strings are valid only during the call. */
+int store_device_list(store *st, const char *user, store_device_cb cb, void *arg, char *err,
+                      size_t errlen);
+
+/* Moves the since of (user, dev) down to since (never up): message-store
+ * links a device once, while it is STORE_DEVICE_UNSYNCED, and a repeat of
+ * that link is absorbed. */
+int store_device_link(store *st, const char *user, const char *dev, int64_t since, char *err,
+                      size_t errlen);
 
 /* Groups (issue 5): one record per group, written only by the group-fanout
  * instance that owns the group's parley.groups partition. applied is the

@@ -8,6 +8,10 @@
  *   inbox     {user, id, seq, ts, kind, sender?, json}
  *             unique {user:1, id:1} (the idempotence of put), {user:1, seq:1}
  *             (scan order), {ts:1} (sweep)
+ *   inbox_acks {_id: "user/id/dev", user, id, dev, seq, ts}: the devices
+ *             that acked an event others still need; {user:1}, {ts:1}
+ *   devices   {_id: "user/dev", user, dev, first, last, since, unlinked},
+ *             {user:1} (store_mongo_devices.c)
  *   seen      {_id: key, ts}, {ts:1}
  *   connections {_id: "gateway/epoch/conn", user, gateway, epoch, conn}:
  *             the presence registry, one document per connection;
@@ -286,6 +290,9 @@ static const sm_index sm_indexes[] = {
     { "chunks", "upload_n", { "upload", "n" }, true },
     { "media_access", "media", { "media" }, false },
     { "uploads", "ts", { "ts" }, false },
+    { "devices", "user", { "user" }, false },
+    { "inbox_acks", "user", { "user" }, false },
+    { "inbox_acks", "ts", { "ts" }, false },
 };
 
 static void sm_index_cmd(bson_t *cmd, const sm_index *ix)

@@ -98,56 +98,153 @@ static int sm_event_parse(const bson_t *doc, store_event *ev)
     return PX_OK;
 }
 
-/* Calls cb per document of cur; stops at the first non-PX_OK. */
-static int sm_visit(mongoc_cursor_t *cur, store_event_cb cb, void *arg, const char *what,
-                    char *err, size_t errlen)
+/* A user's ack marks, read once per scan or get: id -> the devices that
+ * acked it. Sorted for bsearch; strings copied (the documents die with
+ * their cursor step). */
+typedef struct sm_mark {
+    char *id;
+    char *dev;
+} sm_mark;
+
+typedef struct sm_marks {
+    sm_mark *m;
+    size_t n, cap;
+} sm_marks;
+
+static int sm_mark_cmp(const void *a, const void *b)
 {
+    const sm_mark *x = a, *y = b;
+    int c = strcmp(x->id, y->id);
+    return c != 0 ? c : strcmp(x->dev, y->dev);
+}
+
+static void sm_marks_free(sm_marks *ms)
+{
+    for (size_t i = 0; i < ms->n; i++) {
+        free(ms->m[i].id);
+        free(ms->m[i].dev);
+    }
+    free(ms->m);
+    memset(ms, 0, sizeof(*ms));
+}
+
+static void sm_marks_add(sm_marks *ms, const bson_t *doc)
+{
+    bson_iter_t it;
+    const char *id = NULL, *dev = NULL;
+    if (bson_iter_init_find(&it, doc, "id") && BSON_ITER_HOLDS_UTF8(&it))
+        id = bson_iter_utf8(&it, NULL);
+    if (bson_iter_init_find(&it, doc, "dev") && BSON_ITER_HOLDS_UTF8(&it))
+        dev = bson_iter_utf8(&it, NULL);
+    if (id == NULL || dev == NULL)
+        return;
+    if (ms->n == ms->cap) {
+        ms->cap = ms->cap ? 2 * ms->cap : 16;
+        ms->m = px_realloc(ms->m, ms->cap * sizeof(*ms->m));
+    }
+    ms->m[ms->n++] = (sm_mark){ px_strdup(id), px_strdup(dev) };
+}
+
+/* The marks matching filter, sorted by (id, dev). */
+static int sm_marks_read(store *st, const bson_t *filter, sm_marks *ms, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    const bson_t *doc;
+    bson_error_t error;
+    int rc = PX_OK;
+
+    sm_conn_get(st, "inbox_acks", &sc);
+    mongoc_cursor_t *cur = mongoc_collection_find_with_opts(sc.coll, filter, NULL, NULL);
+    while (mongoc_cursor_next(cur, &doc))
+        sm_marks_add(ms, doc);
+    if (mongoc_cursor_error(cur, &error))
+        rc = sm_fail(err, errlen, "inbox marks", &error);
+    mongoc_cursor_destroy(cur);
+    sm_conn_put(st, &sc);
+    if (ms->n > 1)
+        qsort(ms->m, ms->n, sizeof(*ms->m), sm_mark_cmp);
+    return rc;
+}
+
+/* Fills ev->acked from the marks of ev->id; 1 if dev (may be NULL) is
+ * among them. */
+static int sm_marks_attach(const sm_marks *ms, store_event *ev, const char *dev)
+{
+    sm_mark probe = { (char *)ev->id, "" };
+    size_t lo = 0, hi = ms->n;
+    int mine = 0;
+    while (lo < hi) { /* the first mark with id >= ev->id */
+        size_t mid = lo + (hi - lo) / 2;
+        if (sm_mark_cmp(&ms->m[mid], &probe) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    for (size_t i = lo; i < ms->n && strcmp(ms->m[i].id, ev->id) == 0; i++) {
+        if (ev->nacked < STORE_ACKED_MAX)
+            ev->acked[ev->nacked++] = ms->m[i].dev;
+        mine |= dev != NULL && strcmp(ms->m[i].dev, dev) == 0;
+    }
+    return mine;
+}
+
+/* The scan's marks: those of user on events past after_seq. */
+static int sm_scan_marks(store *st, const char *user, int64_t after_seq, sm_marks *ms,
+                         char *err, size_t errlen)
+{
+    bson_t *filter = BCON_NEW("user", BCON_UTF8(user), "seq", "{", "$gt", BCON_INT64(after_seq),
+                              "}");
+    int rc = sm_marks_read(st, filter, ms, err, errlen);
+    bson_destroy(filter);
+    return rc;
+}
+
+/* Events dev acked are skipped here, not in the query (FerretDB would
+ * evaluate that filter itself anyway), so the query has no limit: the
+ * cursor stops after limit visits. */
+int store_inbox_scan(store *st, const char *user, const char *dev, int64_t after_seq,
+                     size_t limit, store_event_cb cb, void *arg, char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    sm_marks ms = { 0 };
+    mongoc_cursor_t *cur = NULL;
     const bson_t *doc;
     bson_error_t error;
     store_event ev;
-    int rc;
-
-    while (mongoc_cursor_next(cur, &doc)) {
-        if (sm_event_parse(doc, &ev) != PX_OK)
-            return px_err(err, errlen, "%s: malformed inbox document", what);
-        rc = cb(arg, &ev);
-        if (rc != PX_OK)
-            return rc;
-    }
-    if (mongoc_cursor_error(cur, &error))
-        return sm_fail(err, errlen, what, &error);
-    return PX_OK;
-}
-
-int store_inbox_scan(store *st, const char *user, int64_t after_seq, size_t limit,
-                     store_event_cb cb, void *arg, char *err, size_t errlen)
-{
-    sm_conn sc = { 0 };
-    mongoc_cursor_t *cur = NULL;
-    bson_t filter = BSON_INITIALIZER, opts = BSON_INITIALIZER, gt, sort;
+    size_t visited = 0;
     int rc;
 
     if (user == NULL || cb == NULL)
         return px_err(err, errlen, "inbox scan: user and cb are required");
     if (limit == 0)
         return PX_OK;
-    BSON_APPEND_UTF8(&filter, "user", user);
-    BSON_APPEND_DOCUMENT_BEGIN(&filter, "seq", &gt);
-    BSON_APPEND_INT64(&gt, "$gt", after_seq);
-    bson_append_document_end(&filter, &gt);
-    BSON_APPEND_DOCUMENT_BEGIN(&opts, "sort", &sort);
-    BSON_APPEND_INT32(&sort, "seq", 1);
-    bson_append_document_end(&opts, &sort);
-    BSON_APPEND_INT64(&opts, "limit", (int64_t)PX_MIN(limit, (size_t)INT64_MAX));
-    BSON_APPEND_INT32(&opts, "batchSize", (int32_t)PX_MIN(limit, (size_t)SM_SCAN_BATCH));
-
+    rc = sm_scan_marks(st, user, after_seq, &ms, err, errlen);
+    if (rc != PX_OK)
+        goto out;
+    bson_t *filter = BCON_NEW("user", BCON_UTF8(user), "seq", "{", "$gt", BCON_INT64(after_seq),
+                              "}");
+    bson_t *opts = BCON_NEW("sort", "{", "seq", BCON_INT32(1), "}", "batchSize",
+                            BCON_INT32((int32_t)PX_MIN(limit, (size_t)SM_SCAN_BATCH)));
     sm_conn_get(st, "inbox", &sc);
-    cur = mongoc_collection_find_with_opts(sc.coll, &filter, &opts, NULL);
-    rc = sm_visit(cur, cb, arg, "inbox scan", err, errlen);
+    cur = mongoc_collection_find_with_opts(sc.coll, filter, opts, NULL);
+    while (rc == PX_OK && visited < limit && mongoc_cursor_next(cur, &doc)) {
+        if (sm_event_parse(doc, &ev) != PX_OK) {
+            rc = px_err(err, errlen, "inbox scan: malformed inbox document");
+            break;
+        }
+        if (sm_marks_attach(&ms, &ev, dev))
+            continue;
+        visited++;
+        rc = cb(arg, &ev);
+    }
+    if (rc == PX_OK && mongoc_cursor_error(cur, &error))
+        rc = sm_fail(err, errlen, "inbox scan", &error);
     mongoc_cursor_destroy(cur);
     sm_conn_put(st, &sc);
-    bson_destroy(&filter);
-    bson_destroy(&opts);
+    bson_destroy(filter);
+    bson_destroy(opts);
+out:
+    sm_marks_free(&ms);
     return rc;
 }
 
@@ -187,8 +284,8 @@ static void sm_user_ids_filter(bson_t *filter, const char *user, const char *con
 
 /* Fills *ops (one per user, in user order: the inbox's (user, id) index
  * serves each) and runs them. */
-static int sm_by_user(store *st, const store_key *keys, size_t n, int del, sm_op **ops_out,
-                      size_t *nops_out, char *err, size_t errlen)
+static int sm_by_user(store *st, const char *coll, const store_key *keys, size_t n, int del,
+                      sm_op **ops_out, size_t *nops_out, char *err, size_t errlen)
 {
     store_key *sorted = px_malloc(n * sizeof(*sorted));
     const char **ids = px_malloc(n * sizeof(*ids));
@@ -208,7 +305,7 @@ static int sm_by_user(store *st, const store_key *keys, size_t n, int del, sm_op
     free(sorted);
     *ops_out = ops;
     *nops_out = nops;
-    return sm_each(st, "inbox", ops, nops, del, del ? "inbox delete" : "inbox get", err, errlen);
+    return sm_each(st, coll, ops, nops, del, del ? "inbox delete" : "inbox get", err, errlen);
 }
 
 int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb cb, void *arg,
@@ -224,14 +321,21 @@ int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb c
         return PX_ERROR;
     if (n == 0)
         return PX_OK;
-    int rc = sm_by_user(st, keys, n, 0, &ops, &nops, err, errlen);
-    for (size_t i = 0; i < nops && rc == PX_OK; i++)
+    int rc = sm_by_user(st, "inbox", keys, n, 0, &ops, &nops, err, errlen);
+    for (size_t i = 0; i < nops && rc == PX_OK; i++) {
+        sm_marks ms = { 0 };
+        if (ops[i].ndocs > 0) /* the marks of this user's events found */
+            rc = sm_marks_read(st, &ops[i].filter, &ms, err, errlen);
         for (size_t d = 0; d < ops[i].ndocs && rc == PX_OK; d++) {
-            if (sm_event_parse(ops[i].docs[d], &ev) != PX_OK)
+            if (sm_event_parse(ops[i].docs[d], &ev) != PX_OK) {
                 rc = px_err(err, errlen, "inbox get: malformed inbox document");
-            else
-                rc = cb(arg, &ev);
+                break;
+            }
+            sm_marks_attach(&ms, &ev, NULL);
+            rc = cb(arg, &ev);
         }
+        sm_marks_free(&ms);
+    }
     sm_ops_free(ops, nops);
     return rc;
 }
@@ -249,7 +353,7 @@ int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *remo
         return PX_ERROR;
     if (n == 0)
         return PX_OK;
-    int rc = sm_by_user(st, keys, n, 1, &ops, &nops, err, errlen);
+    int rc = sm_by_user(st, "inbox", keys, n, 1, &ops, &nops, err, errlen);
     for (size_t i = 0; i < nops; i++)
         total += ops[i].removed;
     sm_ops_free(ops, nops);
@@ -258,9 +362,80 @@ int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *remo
     return rc;
 }
 
+int store_inbox_unmark(store *st, const store_key *keys, size_t n, char *err, size_t errlen)
+{
+    sm_op *ops = NULL;
+    size_t nops = 0;
+
+    if (sm_check_keys(keys, n, "inbox unmark", err, errlen) != PX_OK)
+        return PX_ERROR;
+    if (n == 0)
+        return PX_OK;
+    int rc = sm_by_user(st, "inbox_acks", keys, n, 1, &ops, &nops, err, errlen);
+    sm_ops_free(ops, nops);
+    return rc;
+}
+
+/* inbox_acks {_id: "user/id/dev", user, id, dev, seq, ts}: inserts only (a
+ * repeat is a duplicate _id, absorbed). FerretDB 1.24 over PostgreSQL
+ * never gave back the pool connections of updates of inbox documents
+ * ($addToSet by _id wedged the whole server), so marks are documents of
+ * their own, and the inbox document is never updated. seq and ts are the
+ * event's: a scan reads the marks past its start, the sweep takes them
+ * with their events. */
+static int sm_mark_doc(bson_t *doc, const store_event *ev, const char *dev)
+{
+    size_t len = strlen(ev->user) + strlen(ev->id) + strlen(dev) + 3;
+    char *id = px_malloc(len);
+    snprintf(id, len, "%s/%s/%s", ev->user, ev->id, dev);
+    bson_init(doc);
+    BSON_APPEND_UTF8(doc, "_id", id);
+    BSON_APPEND_UTF8(doc, "user", ev->user);
+    BSON_APPEND_UTF8(doc, "id", ev->id);
+    BSON_APPEND_UTF8(doc, "dev", dev);
+    BSON_APPEND_INT64(doc, "seq", ev->seq);
+    BSON_APPEND_DATE_TIME(doc, "ts", ev->ts_ms);
+    free(id);
+    return PX_OK;
+}
+
+int store_inbox_mark(store *st, const store_event *ev, size_t n, const char *dev, char *err,
+                     size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_bulk_operation_t *bulk = NULL;
+    bson_error_t error;
+    bson_t doc;
+    int rc = sm_check_n(n, "inbox mark", err, errlen);
+
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (!sm_str_ok(dev))
+        return px_err(err, errlen, "inbox mark: dev missing or not UTF-8");
+    for (size_t i = 0; i < n; i++)
+        if (!sm_str_ok(ev[i].user) || !sm_str_ok(ev[i].id))
+            return px_err(err, errlen, "inbox mark: event %zu: user or id missing", i);
+    sm_conn_get(st, "inbox_acks", &sc);
+    bulk = sm_bulk_new(&sc, false);
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        sm_mark_doc(&doc, &ev[i], dev);
+        if (!mongoc_bulk_operation_insert_with_opts(bulk, &doc, NULL, &error))
+            rc = sm_fail(err, errlen, "inbox mark", &error);
+        bson_destroy(&doc);
+    }
+    if (rc == PX_OK)
+        rc = sm_bulk_insert_run(bulk, n, NULL, "inbox mark", err, errlen);
+    mongoc_bulk_operation_destroy(bulk);
+    sm_conn_put(st, &sc);
+    return rc;
+}
+
 int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen)
 {
-    return sm_sweep(st, "inbox", cutoff_ms, removed, "inbox sweep", err, errlen);
+    int rc = sm_sweep(st, "inbox", cutoff_ms, removed, "inbox sweep", err, errlen);
+    if (rc == PX_OK)
+        rc = sm_sweep(st, "inbox_acks", cutoff_ms, NULL, "inbox sweep", err, errlen);
+    return rc;
 }
 
 int store_inbox_count(store *st, const char *user, int64_t *count, char *err, size_t errlen)

@@ -33,6 +33,15 @@ static const char ss_schema[] =
     " ts INTEGER, kind INTEGER, sender TEXT, json BLOB, PRIMARY KEY (user, id)) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS inbox_seq ON inbox (user, seq);"
     "CREATE INDEX IF NOT EXISTS inbox_ts ON inbox (ts);"
+    /* Which devices acked an event still pending for others; ts is the
+     * event's, so the retention sweep takes both together. A mark of an
+     * event nobody holds (any more) is never read. */
+    "CREATE TABLE IF NOT EXISTS inbox_acked (user TEXT NOT NULL, id TEXT NOT NULL,"
+    " dev TEXT NOT NULL, ts INTEGER, PRIMARY KEY (user, id, dev)) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS inbox_acked_ts ON inbox_acked (ts);"
+    "CREATE TABLE IF NOT EXISTS devices (user TEXT NOT NULL, dev TEXT NOT NULL,"
+    " first_ms INTEGER, last_ms INTEGER, since INTEGER, unlinked INTEGER,"
+    " PRIMARY KEY (user, dev)) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, ts INTEGER, tag TEXT) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts);"
     "CREATE TABLE IF NOT EXISTS track (reader TEXT NOT NULL, msg_id TEXT NOT NULL,"
@@ -293,8 +302,15 @@ int store_inbox_put(store *st, const store_event *ev, size_t n, int *inserted,
     return ss_end(st, rc, err, errlen);
 }
 
-/* Columns user, id, seq, ts, kind, sender, json of a row into ev. */
-static void ss_row_event(sqlite3_stmt *s, store_event *ev)
+/* The acked devices of an event as one column: ids joined by spaces
+ * (device ids have none). */
+#define SS_ACKED_COL "(SELECT group_concat(a.dev, ' ') FROM inbox_acked a" \
+                     " WHERE a.user = i.user AND a.id = i.id)"
+#define SS_ACKED_BUF (STORE_ACKED_MAX * 65)
+
+/* Columns user, id, seq, ts, kind, sender, json, acked of a row into ev;
+ * the acked ids are copied into buf, which ev points into. */
+static void ss_row_event(sqlite3_stmt *s, store_event *ev, char buf[SS_ACKED_BUF])
 {
     *ev = (store_event){ .user = (const char *)sqlite3_column_text(s, 0),
                          .id = (const char *)sqlite3_column_text(s, 1),
@@ -304,6 +320,11 @@ static void ss_row_event(sqlite3_stmt *s, store_event *ev)
                          .sender = (const char *)sqlite3_column_text(s, 5),
                          .json = (const char *)sqlite3_column_text(s, 6),
                          .json_len = (size_t)sqlite3_column_bytes(s, 6) };
+    const char *acked = (const char *)sqlite3_column_text(s, 7);
+    snprintf(buf, SS_ACKED_BUF, "%s", acked != NULL ? acked : "");
+    for (char *save = NULL, *d = strtok_r(buf, " ", &save);
+         d != NULL && ev->nacked < STORE_ACKED_MAX; d = strtok_r(NULL, " ", &save))
+        ev->acked[ev->nacked++] = d;
 }
 
 /* Visits the rows of a prepared, bound query; stops at a callback's
@@ -312,9 +333,10 @@ static int ss_visit(store *st, sqlite3_stmt *s, store_event_cb cb, void *arg, ch
                     size_t errlen)
 {
     int step;
+    char buf[SS_ACKED_BUF];
     while ((step = sqlite3_step(s)) == SQLITE_ROW) {
         store_event ev;
-        ss_row_event(s, &ev);
+        ss_row_event(s, &ev, buf);
         int rc = cb != NULL ? cb(arg, &ev) : PX_OK;
         if (rc != PX_OK)
             return rc;
@@ -322,21 +344,25 @@ static int ss_visit(store *st, sqlite3_stmt *s, store_event_cb cb, void *arg, ch
     return step == SQLITE_DONE ? PX_OK : ss_fail(st, "read", err, errlen);
 }
 
-#define SS_EVENT_COLS "user, id, seq, ts, kind, sender, json"
+#define SS_EVENT_COLS "i.user, i.id, i.seq, i.ts, i.kind, i.sender, i.json, " SS_ACKED_COL
 
-int store_inbox_scan(store *st, const char *user, int64_t after_seq, size_t limit,
-                     store_event_cb cb, void *arg, char *err, size_t errlen)
+int store_inbox_scan(store *st, const char *user, const char *dev, int64_t after_seq,
+                     size_t limit, store_event_cb cb, void *arg, char *err, size_t errlen)
 {
     if (user == NULL)
         return px_err(err, errlen, "inbox scan: user is required");
     pthread_mutex_lock(&st->mu);
-    sqlite3_stmt *s = ss_prep(st, "SELECT " SS_EVENT_COLS " FROM inbox WHERE user=? AND seq>?"
-                              " ORDER BY seq LIMIT ?", err, errlen);
+    /* dev NULL matches no acked row, so every event is visited. */
+    sqlite3_stmt *s = ss_prep(st, "SELECT " SS_EVENT_COLS " FROM inbox i WHERE i.user=?"
+                              " AND i.seq>? AND NOT EXISTS (SELECT 1 FROM inbox_acked a"
+                              " WHERE a.user = i.user AND a.id = i.id AND a.dev = ?)"
+                              " ORDER BY i.seq LIMIT ?", err, errlen);
     int rc = PX_ERROR;
     if (s != NULL) {
         ss_text(s, 1, user);
         sqlite3_bind_int64(s, 2, after_seq);
-        sqlite3_bind_int64(s, 3, (sqlite3_int64)PX_MIN(limit, (size_t)INT64_MAX));
+        ss_text(s, 3, dev);
+        sqlite3_bind_int64(s, 4, (sqlite3_int64)PX_MIN(limit, (size_t)INT64_MAX));
         rc = ss_visit(st, s, cb, arg, err, errlen);
     }
     sqldb_done(s);
@@ -403,10 +429,10 @@ int store_inbox_get(store *st, const store_key *keys, size_t n, store_event_cb c
     if (ss_begin_read(st, err, errlen) != PX_OK)
         return PX_ERROR;
     rc = ss_load_pairs(st, keys, sizeof(*keys), n, "inbox get", err, errlen);
-    sqlite3_stmt *sel = rc == PX_OK ? ss_prep(st, "SELECT i.user, i.id, i.seq, i.ts, i.kind,"
-                                              " i.sender, i.json FROM ss_keys k CROSS JOIN"
-                                              " inbox i ON i.user = k.reader AND i.id = k.msg_id"
-                                              " ORDER BY i.user, i.seq", err, errlen) : NULL;
+    sqlite3_stmt *sel = rc == PX_OK ? ss_prep(st, "SELECT " SS_EVENT_COLS " FROM ss_keys k"
+                                              " CROSS JOIN inbox i ON i.user = k.reader"
+                                              " AND i.id = k.msg_id ORDER BY i.user, i.seq",
+                                              err, errlen) : NULL;
     rc = sel != NULL ? ss_visit(st, sel, cb, arg, err, errlen) : PX_ERROR;
     sqldb_done(sel);
     return ss_end_read(st, rc, err, errlen);
@@ -438,9 +464,60 @@ int store_inbox_delete(store *st, const store_key *keys, size_t n, int64_t *remo
     return rc;
 }
 
+int store_inbox_mark(store *st, const store_event *ev, size_t n, const char *dev, char *err,
+                     size_t errlen)
+{
+    int rc = ss_check_n(n, "inbox mark", err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        if (!ss_str_ok(ev[i].user) || !ss_str_ok(ev[i].id))
+            rc = px_err(err, errlen, "inbox mark: event %zu: user or id empty or not UTF-8", i);
+    if (rc == PX_OK && !ss_str_ok(dev))
+        rc = px_err(err, errlen, "inbox mark: dev empty or not UTF-8");
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "INSERT OR IGNORE INTO inbox_acked VALUES (?,?,?,?)", err,
+                              errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(s, 1, ev[i].user);
+        ss_text(s, 2, ev[i].id);
+        ss_text(s, 3, dev);
+        sqlite3_bind_int64(s, 4, ev[i].ts_ms);
+        rc = ss_run(st, s, "inbox mark", err, errlen);
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+int store_inbox_unmark(store *st, const store_key *keys, size_t n, char *err, size_t errlen)
+{
+    int rc = ss_check_keys(keys, n, "inbox unmark", err, errlen);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "DELETE FROM inbox_acked WHERE user=? AND id=?", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(s, 1, keys[i].user);
+        ss_text(s, 2, keys[i].id);
+        rc = ss_run(st, s, "inbox unmark", err, errlen);
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
 int store_inbox_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen)
 {
-    return ss_sweep(st, "DELETE FROM inbox WHERE ts < ?", cutoff_ms, removed, err, errlen);
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    int rc = ss_sweep_step(st, "DELETE FROM inbox WHERE ts < ?", cutoff_ms, removed, err, errlen);
+    if (rc == PX_OK)
+        rc = ss_sweep_step(st, "DELETE FROM inbox_acked WHERE ts < ?", cutoff_ms, NULL, err,
+                           errlen);
+    return ss_end(st, rc, err, errlen);
 }
 
 /* Runs sql, a COUNT(*) with user as its one parameter. */
@@ -739,6 +816,124 @@ int store_presence_count(store *st, const char *user, int64_t *count, char *err,
 {
     return ss_count_user(st, "SELECT COUNT(*) FROM connections WHERE user=?", user, count,
                          "presence count", err, errlen);
+}
+
+/* ---- devices ---- */
+
+/* Runs a bound statement expected to give one int64 (COUNT, a column):
+ * PX_OK with *v, PX_DECLINED when it gives no row. Resets it. */
+static int ss_one_int(store *st, sqlite3_stmt *s, int64_t *v, const char *what, char *err,
+                      size_t errlen)
+{
+    int step = sqlite3_step(s);
+    int rc = step == SQLITE_ROW ? PX_OK : step == SQLITE_DONE ? PX_DECLINED
+                                                              : ss_fail(st, what, err, errlen);
+    if (rc == PX_OK)
+        *v = sqlite3_column_int64(s, 0);
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    return rc;
+}
+
+/* In the caller's transaction: the touch of a device, as store.h says. */
+static int ss_device_touch(store *st, const char *user, const char *dev, int64_t now_ms,
+                           long max, int *status, char *err, size_t errlen)
+{
+    static const char what[] = "device touch";
+    sqlite3_stmt *get = ss_prep(st, "SELECT unlinked FROM devices WHERE user=? AND dev=?", err,
+                                errlen);
+    sqlite3_stmt *count = ss_prep(st, "SELECT COUNT(*) FROM devices WHERE user=? AND unlinked=0",
+                                  err, errlen);
+    sqlite3_stmt *put = ss_prep(st, "INSERT INTO devices VALUES (?,?,?,?,?,0) ON CONFLICT"
+                                " (user, dev) DO UPDATE SET last_ms = MAX(last_ms, excluded.last_ms)",
+                                err, errlen);
+    int rc = get != NULL && count != NULL && put != NULL ? PX_OK : PX_ERROR;
+    int64_t unlinked = 0, linked = 0;
+    if (rc == PX_OK) {
+        ss_text(get, 1, user);
+        ss_text(get, 2, dev);
+        rc = ss_one_int(st, get, &unlinked, what, err, errlen);
+    }
+    if (rc == PX_DECLINED) { /* a new device: is there room? */
+        ss_text(count, 1, user);
+        rc = ss_one_int(st, count, &linked, what, err, errlen);
+        if (rc == PX_OK && linked >= max)
+            *status = STORE_DEVICE_FULL;
+    } else if (rc == PX_OK && unlinked) {
+        *status = STORE_DEVICE_UNLINKED;
+    }
+    if (rc == PX_OK && *status == STORE_DEVICE_OK) {
+        ss_text(put, 1, user);
+        ss_text(put, 2, dev);
+        sqlite3_bind_int64(put, 3, now_ms);
+        sqlite3_bind_int64(put, 4, now_ms);
+        sqlite3_bind_int64(put, 5, STORE_DEVICE_UNSYNCED);
+        rc = ss_run(st, put, what, err, errlen);
+    }
+    sqldb_done(get);
+    sqldb_done(count);
+    sqldb_done(put);
+    return rc;
+}
+
+int store_device_touch(store *st, const char *user, const char *dev, int64_t now_ms, long max,
+                       int *status, char *err, size_t errlen)
+{
+    *status = STORE_DEVICE_OK;
+    if (!ss_str_ok(user) || !ss_str_ok(dev))
+        return px_err(err, errlen, "device touch: user or dev empty or not UTF-8");
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    int rc = ss_device_touch(st, user, dev, now_ms, max, status, err, errlen);
+    return ss_end(st, rc, err, errlen);
+}
+
+int store_device_list(store *st, const char *user, store_device_cb cb, void *arg, char *err,
+                      size_t errlen)
+{
+    if (user == NULL || cb == NULL)
+        return px_err(err, errlen, "device list: user and cb are required");
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT user, dev, first_ms, last_ms, since, unlinked"
+                              " FROM devices WHERE user=?", err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR, step = SQLITE_DONE;
+    if (s != NULL) {
+        ss_text(s, 1, user);
+        while (rc == PX_OK && (step = sqlite3_step(s)) == SQLITE_ROW) {
+            store_device d = { .user = (const char *)sqlite3_column_text(s, 0),
+                               .dev = (const char *)sqlite3_column_text(s, 1),
+                               .first_ms = sqlite3_column_int64(s, 2),
+                               .last_ms = sqlite3_column_int64(s, 3),
+                               .since = sqlite3_column_int64(s, 4),
+                               .unlinked = sqlite3_column_int(s, 5) != 0 };
+            rc = cb(arg, &d);
+        }
+        if (rc == PX_OK && step != SQLITE_DONE)
+            rc = ss_fail(st, "device list", err, errlen);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+int store_device_link(store *st, const char *user, const char *dev, int64_t since, char *err,
+                      size_t errlen)
+{
+    if (!ss_str_ok(user) || !ss_str_ok(dev))
+        return px_err(err, errlen, "device link: user or dev empty or not UTF-8");
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "UPDATE devices SET since=MIN(since, ?) WHERE user=?"
+                              " AND dev=?", err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        sqlite3_bind_int64(s, 1, since);
+        ss_text(s, 2, user);
+        ss_text(s, 3, dev);
+        rc = ss_run(st, s, "device link", err, errlen);
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
 }
 
 /* ---- groups: members and admins as JSON arrays of strings ---- */

@@ -208,6 +208,7 @@ static void commands_ack(gw *g, conn *c, const proto_cmd *cmd)
     Parley__AckRecord rec = PARLEY__ACK_RECORD__INIT;
     rec.version = 1;
     rec.user = (char *)ws_conn_user(c);
+    rec.device = (char *)ws_conn_device(c);
     rec.ids = (char **)cmd->ids;
     rec.n_ids = cmd->nids;
     rec.read = cmd->type == PROTO_READ;
@@ -311,6 +312,7 @@ void commands_sync(gw *g, conn *c, int64_t from_seq)
     req.gateway = (char *)g->cfg.gateway_id;
     req.conn = ws_conn_id(c);
     req.from_seq = from_seq;
+    req.device = (char *)ws_conn_device(c);
     /* On the user's inbox partition, behind every event already produced
      * there (proto/parley.proto, InboxRecord.sync). */
     Parley__InboxRecord rec = PARLEY__INBOX_RECORD__INIT;

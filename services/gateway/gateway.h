@@ -37,6 +37,7 @@ typedef struct gw_metrics {
         *parked, *unparked, *park_deferred;
     metric *rate_limited[GW_RATE_N];  /* commands refused rate_limited, by kind */
     metric *user_conns_refused;       /* upgrades refused: PARLEY_USER_CONNS */
+    metric *devices_refused;          /* upgrades refused: device limit or unlinked */
     metric *frag_closed;              /* closed 1009: PARLEY_MAX_FRAGMENTS */
     metric *max_conns;                /* the connection cap in force (RLIMIT_NOFILE) */
     metric *media_stored, *media_deduped, *media_uploads, *media_downloads,
@@ -55,7 +56,7 @@ typedef struct gw {
     size_t nworkers;
     _Atomic size_t next_worker;
     registry *reg;
-    store *st;                   /* media only (media.c) */
+    store *st;                   /* media (media.c) and device registration (http.c) */
     media *md;
     struct MHD_Daemon *mhd;
     http_guard *guard;
@@ -105,8 +106,8 @@ mail *mail_new(enum mail_kind kind, uint64_t conn_id, const void *data, size_t l
 
 /* Creates a connection for an upgraded socket; copies extra_in. The worker
  * adopts it with ws_conn_attach. */
-conn *ws_conn_new(gw *g, int fd, struct MHD_UpgradeResponseHandle *urh,
-                  const char *user, const char *extra_in, size_t extra_len);
+conn *ws_conn_new(gw *g, int fd, struct MHD_UpgradeResponseHandle *urh, const char *user,
+                  const char *dev, const char *extra_in, size_t extra_len);
 int ws_conn_attach(conn *c, worker *w, uint64_t id, int epfd, char *err, size_t errlen);
 /* Socket readiness: runs wslay; may mark the connection dead. */
 void ws_conn_on_io(conn *c, uint32_t events);
@@ -139,6 +140,7 @@ int ws_conn_dead(const conn *c);
 int ws_conn_set_dirty(conn *c, int on);
 uint64_t ws_conn_id(const conn *c);
 const char *ws_conn_user(const conn *c);
+const char *ws_conn_device(const conn *c);
 /* Releases everything; the worker calls it outside wslay callbacks. */
 void ws_conn_free(conn *c);
 

@@ -38,6 +38,7 @@
 /* Per-request state (MHD's con_cls); freed by http_completed. */
 typedef struct http_req {
     char user[65];
+    char dev[65];                /* the token's device */
     media_req *media;            /* media.c's state for /v1/media requests */
     char body[HTTP_BODY_MAX];
     size_t body_len;
@@ -264,11 +265,40 @@ static void http_upgraded(void *cls, struct MHD_Connection *mc, void *con_cls,
         MHD_upgrade_action(urh, MHD_UPGRADE_ACTION_CLOSE);
         return;
     }
-    conn *c = ws_conn_new(g, sock, urh, req->user, extra_in, extra_in_size);
+    conn *c = ws_conn_new(g, sock, urh, req->user, req->dev, extra_in, extra_in_size);
     size_t i = atomic_fetch_add(&g->next_worker, 1) % g->nworkers;
     mail *m = mail_new(MAIL_CONN, 0, NULL, 0);
     m->c = c;
     worker_post(g->workers[i], m);
+}
+
+/* Registers the connection's device (its first connection links it), last
+ * of the checks so a refused handshake registers nothing. PX_OK, or the
+ * refusal queued in *refused: 403 device_limit when the user already has
+ * PARLEY_MAX_DEVICES linked, 403 device_unlinked for an unlinked device,
+ * 503 when the store does not answer (the client retries). A blocking
+ * store call on an MHD thread, as media's are (HTTP_THREADS of them). */
+static int http_ws_device(gw *g, struct MHD_Connection *mc, const http_req *req,
+                          enum MHD_Result *refused)
+{
+    char err[PX_ERRLEN];
+    int status;
+    if (store_device_touch(g->st, req->user, req->dev, px_now_ms(), g->cfg.max_devices, &status,
+                           err, sizeof(err)) != PX_OK) {
+        log_warn("device registration failed", "{s:s, s:s, s:s}", "user", req->user, "device",
+                 req->dev, "error", err);
+        *refused = http_json_error(mc, 503, "unavailable", "device registry unavailable, retry");
+        return PX_ERROR;
+    }
+    if (status == STORE_DEVICE_OK)
+        return PX_OK;
+    metric_add(g->m.devices_refused, 1);
+    *refused = status == STORE_DEVICE_FULL
+                   ? http_json_error(mc, 403, "device_limit",
+                                     "this user has PARLEY_MAX_DEVICES linked devices already;"
+                                     " unlink one first")
+                   : http_json_error(mc, 403, "device_unlinked", "this device was unlinked");
+    return PX_ERROR;
 }
 
 static enum MHD_Result http_ws(gw *g, struct MHD_Connection *mc, http_req *req)
@@ -277,7 +307,8 @@ static enum MHD_Result http_ws(gw *g, struct MHD_Connection *mc, http_req *req)
     int via_protocol = http_ws_protocol_token(mc, ptok, sizeof(ptok));
     const char *tok = via_protocol ? ptok : http_token(mc);
     if (tok == NULL ||
-        auth_verify(g->auth, tok, px_now_ms() / 1000, req->user, err, sizeof(err)) != PX_OK) {
+        auth_verify_device(g->auth, tok, px_now_ms() / 1000, req->user, req->dev, err,
+                           sizeof(err)) != PX_OK) {
         metric_add(g->m.refused_auth, 1);
         return http_json_error(mc, 401, "unauthorized", tok ? err : "no token");
     }
@@ -295,6 +326,9 @@ static enum MHD_Result http_ws(gw *g, struct MHD_Connection *mc, http_req *req)
         return http_json_error(mc, 400, "bad_request", "not a WebSocket version 13 handshake");
     if (!http_origin_ok(g, mc))
         return http_json_error(mc, 403, "forbidden", "Origin not in PARLEY_ALLOWED_ORIGINS");
+    enum MHD_Result refused;
+    if (http_ws_device(g, mc, req, &refused) != PX_OK)
+        return refused;
     char accept[29];
     http_ws_accept(key, accept);
     struct MHD_Response *r = MHD_create_response_for_upgrade(http_upgraded, g);

@@ -35,6 +35,7 @@ static void main_metrics(gw *g)
         g->m.rate_limited[k] = metrics_counter(name, "Commands refused with rate_limited, by kind");
     }
     g->m.user_conns_refused = metrics_counter("parley_gateway_user_conns_refused_total", "Upgrades refused with 429: the user holds PARLEY_USER_CONNS connections here");
+    g->m.devices_refused = metrics_counter("parley_gateway_devices_refused_total", "Upgrades refused with 403: a new device past PARLEY_MAX_DEVICES, or an unlinked device");
     g->m.frag_closed = metrics_counter("parley_gateway_fragments_closed_total", "Connections closed 1009: a message in more than PARLEY_MAX_FRAGMENTS frames");
     g->m.max_conns = metrics_gauge("parley_gateway_max_connections", "PARLEY_MAX_CONNS in force (lowered to fit RLIMIT_NOFILE)");
     g->m.frames_in = metrics_counter("parley_gateway_frames_received_total", "Text frames received");

@@ -73,6 +73,7 @@ struct conn {
     mail *held, *held_tail;          /* live events waiting for the sync */
     size_t held_bytes;
     char user[65];
+    char dev[65];                /* the token's device */
 };
 
 static ssize_t ws_recv_cb(wslay_event_context_ptr ctx, uint8_t *buf, size_t len,
@@ -225,8 +226,8 @@ static void ws_on_msg(wslay_event_context_ptr ctx, const struct wslay_event_on_m
     commands_handle(c->g, c, (const char *)arg->msg, arg->msg_length);
 }
 
-conn *ws_conn_new(gw *g, int fd, struct MHD_UpgradeResponseHandle *urh,
-                  const char *user, const char *extra_in, size_t extra_len)
+conn *ws_conn_new(gw *g, int fd, struct MHD_UpgradeResponseHandle *urh, const char *user,
+                  const char *dev, const char *extra_in, size_t extra_len)
 {
     conn *c = px_calloc(1, sizeof(*c));
     c->g = g;
@@ -234,6 +235,7 @@ conn *ws_conn_new(gw *g, int fd, struct MHD_UpgradeResponseHandle *urh,
     c->epfd = -1;
     c->urh = urh;
     snprintf(c->user, sizeof(c->user), "%s", user);
+    snprintf(c->dev, sizeof(c->dev), "%s", dev);
     if (extra_len > 0) {
         c->extra = px_malloc(extra_len);
         memcpy(c->extra, extra_in, extra_len);
@@ -564,6 +566,11 @@ uint64_t ws_conn_id(const conn *c)
 const char *ws_conn_user(const conn *c)
 {
     return c->user;
+}
+
+const char *ws_conn_device(const conn *c)
+{
+    return c->dev;
 }
 
 void ws_conn_free(conn *c)

@@ -1,24 +1,29 @@
-/* Owns acks and the receipt facts they make. An AckRecord deletes the named
- * events from the acker's own inbox (every store key names the acker as the
- * owner, so an ack can never touch another user's events). Each acked
+/* Owns acks and the receipt facts they make. An AckRecord acks the named
+ * events for the acking device in the acker's own inbox (every store key
+ * names the acker as the owner, so an ack can never touch another user's
+ * events): an event every device that needs it has acked is deleted, else
+ * the device is marked on it (devices.c says who needs what). Each acked
  * message with a sender becomes a ReceiptFact on parley.receipts keyed by
- * the acker (the reader): DELIVERED for an `ack`, READ for a `read` (read
- * implies delivered). A `read` id no longer in the inbox (acked earlier)
- * becomes a READ_CLAIM, which the receipt service resolves from its
- * tracking of (reader, msg_id) -> sender; a claim for a message the reader
- * never received resolves to nothing.
+ * the acker (the reader): DELIVERED for the first device's `ack`, READ for
+ * any device's `read` (read implies delivered). A `read` id no longer in
+ * the inbox (acked earlier) becomes a READ_CLAIM, which the receipt
+ * service resolves from its tracking of (reader, msg_id) -> sender; a
+ * claim for a message the reader never received resolves to nothing.
  *
  * A run of consecutive AckRecords of many users is applied together, in
  * chunks of ACK_CHUNK (user, id) keys: one store read for the whole chunk,
  * the facts, one wait until Kafka holds them (instead of one per user),
  * one delete.
  *
- * Order per chunk: read the events, produce the facts, wait until Kafka
- * holds them, and only then delete. Gating the AckRecords' commit alone
- * would not be enough: a retry after the delete finds no events, so facts
- * lost with a crash in between would never be made again. A crash before
- * the delete repeats the facts, which the receipt ids (a hash of msg_id,
- * reader, status) make harmless downstream. */
+ * Order per chunk: read the users' devices and the events with their
+ * marks, produce the facts, wait until Kafka holds them, and only then
+ * delete (and unmark) the events every device has acked and mark the
+ * others. Gating the AckRecords' commit alone would not be enough: a retry
+ * after the delete finds no events, so facts lost with a crash in between
+ * would never be made again. A crash before the delete repeats the facts,
+ * which the receipt ids (a hash of msg_id, reader, status) make harmless
+ * downstream; a crash after a mark finds it on the retry, which then makes
+ * no second `delivered` fact (there would be no harm if it did). */
 #include "common.h"
 #include "log.h"
 #include "msgstore.h"
@@ -34,29 +39,48 @@
 #define ACK_FLUSH_MS 10000  /* facts must be in Kafka before the delete */
 #define ACK_FACT_VERSION 1
 #define ACK_GATE_MS 5000    /* longest wait for the puts of pushed events */
+#define ACK_DEVS_MAX 32     /* devices acking one event in one chunk, counted */
 
-/* One acked id: what the user asked and when. */
+/* One acked id of one device: what the user asked and when. */
 typedef struct ack_entry {
     store_key key;
+    const char *dev;       /* the acking device */
     int read;              /* a `read` (any of the run's records) */
     int64_t ts_ms;         /* the receipts' time: when the user acked */
     int found;             /* the inbox held it */
+    int gone;              /* every device that needs it has acked: delete it */
+    int marked;            /* some device had acked it before */
+    int64_t seq, ev_ts;    /* the held event's, for its marks */
 } ack_entry;
 
 typedef struct ack_ctx {
     msgstore *ms;
     size_t idx;            /* the run's first record: the facts gate its commit */
-    ack_entry *e;          /* the chunk, sorted by (user, id), no repeats */
+    ack_entry *e;          /* the chunk, sorted by (user, id, dev), no repeats */
     size_t n;
+    devices_list *devs;    /* the devices of the chunk's users, in user order */
+    size_t ndevs;
     size_t held, facts;
     char err[PX_ERRLEN];   /* a produce error from inside the store callback */
 } ack_ctx;
 
-static int ack_entry_cmp(const void *a, const void *b)
+/* By (user, id): the entries of one event, whichever device. */
+static int ack_event_cmp(const void *a, const void *b)
 {
     const ack_entry *x = a, *y = b;
     int c = strcmp(x->key.user, y->key.user);
     return c != 0 ? c : strcmp(x->key.id, y->key.id);
+}
+
+static int ack_entry_cmp(const void *a, const void *b)
+{
+    int c = ack_event_cmp(a, b);
+    return c != 0 ? c : strcmp(((const ack_entry *)a)->dev, ((const ack_entry *)b)->dev);
+}
+
+static int ack_devs_cmp(const void *a, const void *b)
+{
+    return strcmp(((const devices_list *)a)->user, ((const devices_list *)b)->user);
 }
 
 /* The group of a group message, read from its event text (the inbox keeps
@@ -99,26 +123,70 @@ static int ack_fact(ack_ctx *c, const ack_entry *e, Parley__ReceiptFact__Status 
     return rc;
 }
 
-/* One held event of the chunk: remember it was there, and make the fact
- * of an acked message. */
-static int ack_on_held(void *arg, const store_event *ev)
+/* The chunk's entries of the event (user, id): [*lo, *hi), or 0. */
+static int ack_range(ack_ctx *c, const char *user, const char *id, size_t *lo, size_t *hi)
 {
-    ack_ctx *c = arg;
-    ack_entry probe = { .key = { ev->user, ev->id } };
-    ack_entry *e = bsearch(&probe, c->e, c->n, sizeof(*c->e), ack_entry_cmp);
-    if (e == NULL || e->found)
-        return PX_OK;
-    e->found = 1;
-    c->held++;
-    if (ev->kind != STORE_MESSAGE || ev->sender == NULL)
+    ack_entry probe = { .key = { user, id } };
+    const ack_entry *e = bsearch(&probe, c->e, c->n, sizeof(*c->e), ack_event_cmp);
+    if (e == NULL)
+        return 0;
+    size_t a = (size_t)(e - c->e), b = a + 1;
+    while (a > 0 && ack_event_cmp(&c->e[a - 1], e) == 0)
+        a--;
+    while (b < c->n && ack_event_cmp(&c->e[b], e) == 0)
+        b++;
+    *lo = a;
+    *hi = b;
+    return 1;
+}
+
+/* The fact of an acked message: READ if any of its entries reads, else
+ * DELIVERED when no device had acked it before (the first one's ack is
+ * the delivery; later ones repeat nothing). */
+static int ack_message_fact(ack_ctx *c, const store_event *ev, size_t lo, size_t hi)
+{
+    const ack_entry *r = NULL;
+    for (size_t i = lo; i < hi && r == NULL; i++)
+        if (c->e[i].read)
+            r = &c->e[i];
+    if (r == NULL && ev->nacked > 0)
         return PX_OK;
     metric_add(c->ms->m.acked_messages, 1);
     char *group = ack_group_of(ev);
-    int rc = ack_fact(c, e, e->read ? PARLEY__RECEIPT_FACT__STATUS__STATUS_READ
-                                    : PARLEY__RECEIPT_FACT__STATUS__STATUS_DELIVERED,
+    int rc = ack_fact(c, r != NULL ? r : &c->e[lo],
+                      r != NULL ? PARLEY__RECEIPT_FACT__STATUS__STATUS_READ
+                                : PARLEY__RECEIPT_FACT__STATUS__STATUS_DELIVERED,
                       ev->sender, group);
     free(group);
     return rc;
+}
+
+/* One held event of the chunk: remember it was there, whether this ack
+ * completes it, and make the fact of an acked message. */
+static int ack_on_held(void *arg, const store_event *ev)
+{
+    ack_ctx *c = arg;
+    size_t lo, hi;
+    if (!ack_range(c, ev->user, ev->id, &lo, &hi) || c->e[lo].found)
+        return PX_OK;
+    devices_list probe = { .user = ev->user };
+    const devices_list *l = bsearch(&probe, c->devs, c->ndevs, sizeof(*c->devs), ack_devs_cmp);
+    const char *now[ACK_DEVS_MAX];
+    size_t nnow = 0;
+    for (size_t i = lo; i < hi && nnow < ACK_DEVS_MAX; i++)
+        now[nnow++] = c->e[i].dev;
+    int gone = l == NULL || devices_covered(l, ev->seq, ev->acked, ev->nacked, now, nnow);
+    for (size_t i = lo; i < hi; i++) {
+        c->e[i].found = 1;
+        c->e[i].gone = gone;
+        c->e[i].marked = ev->nacked > 0;
+        c->e[i].seq = ev->seq;
+        c->e[i].ev_ts = ev->ts_ms;
+    }
+    c->held++;
+    if (ev->kind != STORE_MESSAGE || ev->sender == NULL)
+        return PX_OK;
+    return ack_message_fact(c, ev, lo, hi);
 }
 
 /* `read` ids the inbox no longer holds: claims for the receipt service. */
@@ -145,19 +213,70 @@ static int ack_facts_durable(ack_ctx *c, char *err, size_t errlen)
     return PX_OK;
 }
 
-/* Deletes the held events of the chunk. */
+/* Deletes the held events of the chunk that every device has acked now,
+ * then the marks of those that had some. */
 static int ack_delete(ack_ctx *c, char *err, size_t errlen)
 {
-    store_key *keys = px_malloc(c->held * sizeof(*keys));
-    size_t k = 0;
+    store_key *keys = px_malloc(c->n * sizeof(*keys));
+    store_key *marked = px_malloc(c->n * sizeof(*marked));
+    size_t k = 0, km = 0;
     for (size_t i = 0; i < c->n; i++)
-        if (c->e[i].found)
+        if (c->e[i].found && c->e[i].gone &&
+            (i == 0 || ack_event_cmp(&c->e[i - 1], &c->e[i]) != 0)) {
             keys[k++] = c->e[i].key;
+            if (c->e[i].marked)
+                marked[km++] = c->e[i].key;
+        }
     int64_t t0 = service_clock_us();
-    int rc = store_inbox_delete(c->ms->svc.st, keys, k, NULL, err, errlen);
+    int rc = k > 0 ? store_inbox_delete(c->ms->svc.st, keys, k, NULL, err, errlen) : PX_OK;
+    if (rc == PX_OK && km > 0)
+        rc = store_inbox_unmark(c->ms->svc.st, marked, km, err, errlen);
     service_observe(c->ms->m.lat_ack, t0);
     free(keys);
+    free(marked);
     return rc;
+}
+
+static int ack_mark_cmp(const void *a, const void *b)
+{
+    return strcmp(((const ack_entry *const *)a)[0]->dev, ((const ack_entry *const *)b)[0]->dev);
+}
+
+/* Marks the acking devices on the held events other devices still need:
+ * one store call per device. */
+static int ack_mark(ack_ctx *c, char *err, size_t errlen)
+{
+    const ack_entry **m = px_malloc(c->n * sizeof(*m));
+    store_event *ev = px_calloc(c->n, sizeof(*ev));
+    size_t nm = 0;
+    int rc = PX_OK;
+    for (size_t i = 0; i < c->n; i++)
+        if (c->e[i].found && !c->e[i].gone)
+            m[nm++] = &c->e[i];
+    qsort(m, nm, sizeof(*m), ack_mark_cmp);
+    for (size_t a = 0; a < nm && rc == PX_OK;) {
+        size_t b = a;
+        while (b < nm && strcmp(m[b]->dev, m[a]->dev) == 0) {
+            ev[b - a] = (store_event){ .user = m[b]->key.user, .id = m[b]->key.id,
+                                       .seq = m[b]->seq, .ts_ms = m[b]->ev_ts };
+            b++;
+        }
+        rc = store_inbox_mark(c->ms->svc.st, ev, b - a, m[a]->dev, err, errlen);
+        a = b;
+    }
+    free(ev);
+    free(m);
+    return rc;
+}
+
+/* The devices of the chunk's users (entries are in user order). */
+static int ack_load_devices(ack_ctx *c, char *err, size_t errlen)
+{
+    c->ndevs = 0;
+    for (size_t i = 0; i < c->n; i++)
+        if (i == 0 || strcmp(c->e[i - 1].key.user, c->e[i].key.user) != 0)
+            c->devs[c->ndevs++].user = c->e[i].key.user;
+    return devices_load(c->ms, c->devs, c->ndevs, err, errlen);
 }
 
 static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
@@ -166,12 +285,14 @@ static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
     store_key *keys = px_malloc(c->n * sizeof(*keys));
     for (size_t i = 0; i < c->n; i++) {
         keys[i] = c->e[i].key;
-        c->e[i].found = 0;
+        c->e[i].found = c->e[i].gone = 0;
     }
     c->held = c->facts = 0;
     c->err[0] = '\0';
     int64_t t0 = service_clock_us();
-    int rc = store_inbox_get(ms->svc.st, keys, c->n, ack_on_held, c, err, errlen);
+    int rc = ack_load_devices(c, err, errlen);
+    if (rc == PX_OK)
+        rc = store_inbox_get(ms->svc.st, keys, c->n, ack_on_held, c, err, errlen);
     service_observe(ms->m.lat_ack, t0);
     free(keys);
     if (rc == PX_OK)
@@ -184,12 +305,14 @@ static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
      * one read, not two. */
     if (rc == PX_OK && c->held > 0)
         rc = ack_delete(c, err, errlen);
+    if (rc == PX_OK && c->held > 0)
+        rc = ack_mark(c, err, errlen);
     if (rc == PX_OK)
         metric_add(ms->m.acked_events, (int64_t)c->held);
     return rc;
 }
 
-/* Sorts by (user, id) and merges repeats: a client may name an id twice,
+/* Sorts by (user, id, dev) and merges repeats: a client may name an id twice,
  * and an id both acked and read is read (read implies delivered), at the
  * latest time. Returns the new count. */
 static size_t ack_unique(ack_entry *e, size_t n)
@@ -219,8 +342,8 @@ static size_t ack_entries(const Parley__AckRecord *r, ack_entry *e, size_t n)
     for (size_t i = 0; i < r->n_ids; i++) {
         size_t len = strlen(r->ids[i]);
         if (len > 0 && len <= ACK_ID_MAX && utf8_valid((const unsigned char *)r->ids[i], len))
-            e[n++] = (ack_entry){ .key = { r->user, r->ids[i] }, .read = r->read != 0,
-                                  .ts_ms = ts };
+            e[n++] = (ack_entry){ .key = { r->user, r->ids[i] }, .dev = devices_name(r->device),
+                                  .read = r->read != 0, .ts_ms = ts };
     }
     return n;
 }
@@ -252,11 +375,13 @@ int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *
     service_observe(ms->m.lat_gate, t0);
     int rc = PX_OK;
     ack_ctx c = { .ms = ms, .idx = idx };
+    c.devs = px_calloc(PX_MIN((size_t)ACK_CHUNK, k) + 1, sizeof(*c.devs));
     for (size_t off = 0; off < k && rc == PX_OK; off += ACK_CHUNK) {
         c.e = e + off;
         c.n = PX_MIN((size_t)ACK_CHUNK, k - off);
         rc = ack_chunk(&c, err, errlen);
     }
+    free(c.devs);
     free(e);
     return rc;
 }

@@ -211,7 +211,7 @@ static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_
             rc = inbox_store_run(ms, recs + i, j - i, err, errlen);
             break;
         case REC_SYNC:
-            rc = sync_serve(ms, i, recs[i].u.inbox->sync, err, errlen);
+            rc = sync_serve(ms, i, recs[i].m->offset, recs[i].u.inbox->sync, err, errlen);
             break;
         case REC_ACK:
             while (j < n && recs[j].kind == REC_ACK)

@@ -193,23 +193,61 @@ int deliv_send(msgstore *ms, const deliv *d, const char (*gws)[65], size_t ngws,
 
 /* ---- sync.c: the backlog for a new connection ---- */
 
-/* Serves one SyncRequest (batch record idx): notes the gateway in the
- * presence cache and pushes one page of the inbox from r->from_seq in seq
- * order (at most SYNC_PAGE events and about SYNC_PAGE_BYTES). The page's
- * last Delivery carries synced=true when the inbox is exhausted, else
- * more_from_seq for the gateway's next SyncRequest. */
-int sync_serve(msgstore *ms, size_t idx, const Parley__SyncRequest *r, char *err, size_t errlen);
+/* Serves one SyncRequest (batch record idx, at bus offset): notes the
+ * gateway in the presence cache, links the connection's device on its
+ * first sync (devices_link) and pushes one page of what the device still
+ * needs from r->from_seq in seq order (at most SYNC_PAGE events and about
+ * SYNC_PAGE_BYTES). The page's last Delivery carries synced=true when the
+ * inbox is exhausted, else more_from_seq for the gateway's next
+ * SyncRequest. */
+int sync_serve(msgstore *ms, size_t idx, int64_t offset, const Parley__SyncRequest *r,
+               char *err, size_t errlen);
 
 /* ---- ack.c: acks delete inbox events and make receipt facts ---- */
 
 /* Applies n consecutive AckRecords (recs[i].kind == REC_ACK, recs[0] being
- * batch record idx) of any users together, as (user, id) keys. For each
- * chunk: the held events are read, their ReceiptFacts (and a `read`'s
- * READ_CLAIMs for ids no longer held) are produced to parley.receipts keyed
- * by the acker and confirmed by Kafka, and only then are the events
- * deleted. PX_OK when every chunk got that far. */
+ * batch record idx) of any users and devices together, as (user, id, device)
+ * keys. For each chunk: the users' devices and the held events are read,
+ * their ReceiptFacts (and a `read`'s READ_CLAIMs for ids no longer held)
+ * are produced to parley.receipts keyed by the acker and confirmed by
+ * Kafka, and only then are the events every device has acked deleted and
+ * the others marked for the acking devices. PX_OK when every chunk got
+ * that far. */
 int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *err,
                   size_t errlen);
+
+/* ---- devices.c: which of a user's devices need which events ---- */
+
+#define DEVICES_MAX 32   /* linked devices of one user read (PARLEY_MAX_DEVICES <= 16) */
+
+/* A user's linked devices, as devices_load reads them. */
+typedef struct devices_list {
+    const char *user;          /* set by the caller */
+    struct {
+        char dev[65];
+        int64_t since;         /* needs events with seq > since */
+    } d[DEVICES_MAX];
+    size_t n;
+    int overflow;              /* more than DEVICES_MAX: no event counts as covered */
+    msgstore *ms;
+    int rc;
+    char err[PX_ERRLEN];
+} devices_list;
+
+/* dev, or the default device for an empty one (an older gateway's record). */
+const char *devices_name(const char *dev);
+/* Reads the linked devices of each lists[i].user, side by side when the
+ * store serves calls in parallel. */
+int devices_load(msgstore *ms, devices_list *lists, size_t n, char *err, size_t errlen);
+/* 1 when every device of l that needs an event of seq is among acked (the
+ * stored acks) or now (this ack's devices): the event can go. */
+int devices_covered(const devices_list *l, int64_t seq, const char *const *acked, size_t nacked,
+                    const char *const *now, size_t nnow);
+/* The sync of (user, dev), whose SyncRequest is at offset: links the device
+ * on its first sync (since -1 for the user's first device, else offset)
+ * and gives its since. An unknown device reads STORE_DEVICE_UNSYNCED. */
+int devices_link(msgstore *ms, const char *user, const char *dev, int64_t offset,
+                 int64_t *since, char *err, size_t errlen);
 
 /* ---- acker.c: acks on their own consumer ---- */
 

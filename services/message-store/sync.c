@@ -1,5 +1,6 @@
 /* Owns serving a SyncRequest: a connection opened (or wrote the previous
- * page), so push it the next page of the user's inbox in seq order, then
+ * page), so push it the next page of what its device still needs (the
+ * user's inbox past the device's link, minus what it acked) in seq order, then
  * tell it "synced" or where the next page starts. Pages keep a slow client
  * from costing the gateway more than a page: the gateway asks for the next
  * one only when the connection has written this one out, so a 10k backlog
@@ -72,7 +73,8 @@ static int sync_on_event(void *arg, const store_event *ev)
     return PX_OK;
 }
 
-int sync_serve(msgstore *ms, size_t idx, const Parley__SyncRequest *r, char *err, size_t errlen)
+int sync_serve(msgstore *ms, size_t idx, int64_t offset, const Parley__SyncRequest *r,
+               char *err, size_t errlen)
 {
     int rc = PX_ERROR;
     sync_ctx c;
@@ -84,11 +86,16 @@ int sync_serve(msgstore *ms, size_t idx, const Parley__SyncRequest *r, char *err
     int64_t started = px_mono_ms();
 
     route_note_gateway(ms, r->user, r->gateway);
+    const char *dev = devices_name(r->device);
+    int64_t since;
+    if (devices_link(ms, r->user, dev, offset, &since, err, errlen) != PX_OK)
+        goto out;
     int64_t t0 = service_clock_us();
     /* seq is a bus offset (>= 0): from_seq 0 and "after -1" both start at
-     * the oldest event. */
-    if (store_inbox_scan(ms->svc.st, r->user, r->from_seq - 1, SYNC_PAGE, sync_on_event, &c, err,
-                         errlen) != PX_OK) {
+     * the oldest event; the device's since moves the start past what came
+     * before its link. */
+    if (store_inbox_scan(ms->svc.st, r->user, dev, PX_MAX(r->from_seq - 1, since), SYNC_PAGE,
+                         sync_on_event, &c, err, errlen) != PX_OK) {
         if (c.err[0] != '\0')
             px_err(err, errlen, "sync delivery: %s", c.err);
         goto out;

@@ -186,7 +186,7 @@ START_TEST(bulk_roundtrip)
 
     memset(&l, 0, sizeof(l));
     l.expect = t;
-    ck_assert_int_eq(store_inbox_scan(st, "u_b", 0, 5000, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_inbox_scan(st, "u_b", NULL, 0, 5000, log_cb, &l, err, sizeof(err)), PX_OK);
     ck_assert_uint_eq(l.n, N);
     ck_assert_int_eq(l.bad_json, 0);
     for (int i = 0; i < N; i++) {
@@ -222,7 +222,7 @@ START_TEST(bulk_roundtrip)
     /* What remains are the odd ones (receipts, no sender), seq 8002, 8006,
      * ...; after_seq 8003 with limit 10 gives the next ten. */
     memset(&l, 0, sizeof(l));
-    ck_assert_int_eq(store_inbox_scan(st, "u_b", 8003, 10, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_inbox_scan(st, "u_b", NULL, 8003, 10, log_cb, &l, err, sizeof(err)), PX_OK);
     ck_assert_uint_eq(l.n, 10);
     for (int k = 0; k < 10; k++) {
         ck_assert_int_eq(l.seq[k], 8006 + 4 * k);
@@ -233,7 +233,7 @@ START_TEST(bulk_roundtrip)
     /* A callback's non-OK stops the scan and is returned. */
     memset(&l, 0, sizeof(l));
     l.stop_after = 3;
-    ck_assert_int_eq(store_inbox_scan(st, "u_b", 0, 100, log_cb, &l, err, sizeof(err)),
+    ck_assert_int_eq(store_inbox_scan(st, "u_b", NULL, 0, 100, log_cb, &l, err, sizeof(err)),
                      PX_DECLINED);
     ck_assert_uint_eq(l.n, 3);
 }
@@ -290,7 +290,7 @@ START_TEST(inbox_sweep_cutoff)
     ck_assert_int_eq(removed, 3);
     ck_assert_int_eq(count_of("u_d"), 1);
     memset(&l, 0, sizeof(l));
-    ck_assert_int_eq(store_inbox_scan(st, "u_d", 0, 10, log_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_inbox_scan(st, "u_d", NULL, 0, 10, log_cb, &l, err, sizeof(err)), PX_OK);
     ck_assert_uint_eq(l.n, 1);
     ck_assert_str_eq(l.id[0], t[3].id);
     ck_assert_int_eq(store_inbox_sweep(st, 2500, &removed, err, sizeof(err)), PX_OK);
@@ -847,6 +847,170 @@ START_TEST(media_chunk_rate)
 }
 END_TEST
 
+/* Ack marks per device (issue 17): a scan for a device skips what it
+ * marked, a plain scan sees everything, get reads the marks back, a repeat
+ * mark is absorbed, unmark drops every device's marks of an event. */
+typedef struct acked_log {
+    char id[8][32];
+    char acked[8][64];        /* the devices, sorted, joined by ',' */
+    size_t n;
+} acked_log;
+
+static int acked_cb(void *arg, const store_event *ev)
+{
+    acked_log *l = arg;
+    ck_assert_uint_lt(l->n, 8);
+    const char *d[STORE_ACKED_MAX];
+    memcpy(d, ev->acked, ev->nacked * sizeof(d[0]));
+    for (size_t i = 1; i < ev->nacked; i++) /* a few: insertion sort */
+        for (size_t j = i; j > 0 && strcmp(d[j - 1], d[j]) > 0; j--) {
+            const char *x = d[j];
+            d[j] = d[j - 1];
+            d[j - 1] = x;
+        }
+    snprintf(l->id[l->n], sizeof(l->id[0]), "%s", ev->id);
+    l->acked[l->n][0] = '\0';
+    for (size_t i = 0; i < ev->nacked; i++) {
+        size_t len = strlen(l->acked[l->n]);
+        snprintf(l->acked[l->n] + len, sizeof(l->acked[0]) - len, "%s%s", i ? "," : "", d[i]);
+    }
+    l->n++;
+    return PX_OK;
+}
+
+static const char *acked_of(const acked_log *l, const char *id)
+{
+    for (size_t i = 0; i < l->n; i++)
+        if (strcmp(l->id[i], id) == 0)
+            return l->acked[i];
+    return NULL;
+}
+
+START_TEST(inbox_marks_per_device)
+{
+    store_event ev[3];
+    tev t[3];
+    static seen_log l;
+    acked_log al;
+    char err[PX_ERRLEN] = "";
+    store_key keys[3];
+
+    for (int i = 0; i < 3; i++) {
+        make_event(&ev[i], &t[i], "u_m", i, 10 + i, 5000 + i);
+        keys[i] = (store_key){ "u_m", t[i].id };
+    }
+    put_ok(ev, 3, NULL);
+    ck_assert_msg(store_inbox_mark(st, ev, 2, "phone", err, sizeof(err)) == PX_OK, "mark: %s",
+                  err);
+    ck_assert_int_eq(store_inbox_mark(st, ev, 1, "phone", err, sizeof(err)), PX_OK);
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_inbox_scan(st, "u_m", "phone", 0, 10, log_cb, &l, err, sizeof(err)),
+                     PX_OK);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_str_eq(l.id[0], t[2].id);
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_inbox_scan(st, "u_m", "laptop", 0, 10, log_cb, &l, err, sizeof(err)),
+                     PX_OK);
+    ck_assert_uint_eq(l.n, 3);
+    /* The limit counts what the device is given, not what it skipped. */
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_inbox_scan(st, "u_m", "phone", 0, 1, log_cb, &l, err, sizeof(err)),
+                     PX_OK);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_str_eq(l.id[0], t[2].id);
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_inbox_scan(st, "u_m", NULL, 0, 10, log_cb, &l, err, sizeof(err)),
+                     PX_OK);
+    ck_assert_uint_eq(l.n, 3);
+
+    ck_assert_int_eq(store_inbox_mark(st, ev, 1, "laptop", err, sizeof(err)), PX_OK);
+    memset(&al, 0, sizeof(al));
+    ck_assert_int_eq(store_inbox_get(st, keys, 3, acked_cb, &al, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(al.n, 3);
+    ck_assert_str_eq(acked_of(&al, t[0].id), "laptop,phone");
+    ck_assert_str_eq(acked_of(&al, t[1].id), "phone");
+    ck_assert_str_eq(acked_of(&al, t[2].id), "");
+
+    ck_assert_int_eq(store_inbox_delete(st, keys, 1, NULL, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_inbox_unmark(st, keys, 2, err, sizeof(err)), PX_OK);
+    memset(&al, 0, sizeof(al));
+    ck_assert_int_eq(store_inbox_get(st, keys, 3, acked_cb, &al, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(al.n, 2);
+    ck_assert_str_eq(acked_of(&al, t[1].id), "");
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_inbox_scan(st, "u_m", "phone", 0, 10, log_cb, &l, err, sizeof(err)),
+                     PX_OK);
+    ck_assert_uint_eq(l.n, 2);
+}
+END_TEST
+
+typedef struct dev_log {
+    char dev[8][16];
+    int64_t first[8], last[8], since[8];
+    size_t n;
+} dev_log;
+
+static int dev_cb(void *arg, const store_device *d)
+{
+    dev_log *l = arg;
+    ck_assert_uint_lt(l->n, 8);
+    snprintf(l->dev[l->n], sizeof(l->dev[0]), "%s", d->dev);
+    l->first[l->n] = d->first_ms;
+    l->last[l->n] = d->last_ms;
+    l->since[l->n] = d->since;
+    l->n++;
+    return PX_OK;
+}
+
+static size_t dev_find(const dev_log *l, const char *dev)
+{
+    for (size_t i = 0; i < l->n; i++)
+        if (strcmp(l->dev[i], dev) == 0)
+            return i;
+    ck_abort_msg("device %s not listed", dev);
+    return 0;
+}
+
+static int touch(const char *dev, int64_t now, long max)
+{
+    char err[PX_ERRLEN] = "";
+    int status = -1;
+    ck_assert_msg(store_device_touch(st, "u_v", dev, now, max, &status, err, sizeof(err)) ==
+                      PX_OK, "touch: %s", err);
+    return status;
+}
+
+/* Devices (issue 17): registered up to the limit, a known one always
+ * comes back, first and last seen kept, since moves down once. */
+START_TEST(devices_limit_and_link)
+{
+    char err[PX_ERRLEN] = "";
+    dev_log l;
+
+    ck_assert_int_eq(touch("a", 1000, 2), STORE_DEVICE_OK);
+    ck_assert_int_eq(touch("b", 1100, 2), STORE_DEVICE_OK);
+    ck_assert_int_eq(touch("c", 1200, 2), STORE_DEVICE_FULL);
+    ck_assert_int_eq(touch("a", 1300, 2), STORE_DEVICE_OK);
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_device_list(st, "u_v", dev_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(l.n, 2);
+    size_t a = dev_find(&l, "a"), b = dev_find(&l, "b");
+    ck_assert_int_eq(l.first[a], 1000);
+    ck_assert_int_eq(l.last[a], 1300);
+    ck_assert_int_eq(l.since[a], STORE_DEVICE_UNSYNCED);
+    ck_assert_int_eq(store_device_link(st, "u_v", "a", -1, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_device_link(st, "u_v", "a", 50, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_device_link(st, "u_v", "b", 70, err, sizeof(err)), PX_OK);
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_device_list(st, "u_v", dev_cb, &l, err, sizeof(err)), PX_OK);
+    a = dev_find(&l, "a");
+    b = dev_find(&l, "b");
+    ck_assert_int_eq(l.since[a], -1);
+    ck_assert_int_eq(l.since[b], 70);
+    ck_assert_int_eq(touch("c", 1400, 3), STORE_DEVICE_OK);
+}
+END_TEST
+
 Suite *store_contract_suite(const char *name)
 {
     Suite *s = suite_create(name);
@@ -869,6 +1033,8 @@ Suite *store_contract_suite(const char *name)
     tcase_add_test(tc, media_commit_dedupe_and_access);
     tcase_add_test(tc, media_sweep_old_and_orphans);
     tcase_add_test(tc, media_chunk_rate);
+    tcase_add_test(tc, inbox_marks_per_device);
+    tcase_add_test(tc, devices_limit_and_link);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -302,7 +302,7 @@ static void burst_inbox(void)
 
     for (int i = 0; i < N_CALLS; i++) {
         snprintf(user, sizeof(user), "u%d", i);
-        TIMED(&kinds[K_SCAN], store_inbox_scan(st, user, 1000, 10, count_event, &seen, err,
+        TIMED(&kinds[K_SCAN], store_inbox_scan(st, user, NULL, 1000, 10, count_event, &seen, err,
                                                sizeof(err)));
         int64_t c = 0;
         TIMED(&kinds[K_COUNT], store_inbox_count(st, user, &c, err, sizeof(err)));

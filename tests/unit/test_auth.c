@@ -154,6 +154,27 @@ START_TEST(non_canonical_signature_refused)
 }
 END_TEST
 
+/* A device claim comes back as it was signed; without one the token is the
+ * default device; one outside the user id charset is refused. */
+START_TEST(device_claim)
+{
+    char tok[AUTH_TOKEN_MAX], user[65], dev[65], err[PX_ERRLEN];
+    ck_assert_int_eq(auth_sign_device(secret, "alice", "phone-1", now, now + 60, tok,
+                                      sizeof(tok)), PX_OK);
+    ck_assert_int_eq(auth_verify_device(hs, tok, now, user, dev, err, sizeof(err)), PX_OK);
+    ck_assert_str_eq(dev, "phone-1");
+    ck_assert_int_eq(auth_sign(secret, "alice", now, now + 60, tok, sizeof(tok)), PX_OK);
+    ck_assert_int_eq(auth_verify_device(hs, tok, now, user, dev, err, sizeof(err)), PX_OK);
+    ck_assert_str_eq(dev, AUTH_DEFAULT_DEVICE);
+    ck_assert_int_eq(auth_sign_device(secret, "alice", "a/b", now, now + 60, tok, sizeof(tok)),
+                     PX_ERROR);
+    sign_claims("{\"sub\":\"alice\",\"exp\":1800000060,\"dev\":\"a b\"}", tok);
+    ck_assert_int_eq(auth_verify_device(hs, tok, now, user, dev, err, sizeof(err)), PX_ERROR);
+    sign_claims("{\"sub\":\"alice\",\"exp\":1800000060,\"dev\":7}", tok);
+    ck_assert_int_eq(auth_verify_device(hs, tok, now, user, dev, err, sizeof(err)), PX_ERROR);
+}
+END_TEST
+
 static Suite *auth_suite(void)
 {
     auth_opts o = { .secret = secret, .leeway_s = AUTH_LEEWAY_S, .max_ttl_s = TTL };
@@ -169,6 +190,7 @@ static Suite *auth_suite(void)
     tcase_add_test(tc, exp_beyond_the_max_lifetime_refused);
     tcase_add_test(tc, nbf_and_iat_are_honoured);
     tcase_add_test(tc, non_canonical_signature_refused);
+    tcase_add_test(tc, device_claim);
     suite_add_tcase(s, tc);
     return s;
 }

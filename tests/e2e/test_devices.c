@@ -1,0 +1,440 @@
+/* Multi-device delivery end to end (issue 17): a token's `dev` claim names
+ * the connection's device; every device of a user gets every event and
+ * keeps it pending until that device acks it; a device linked later gets
+ * nothing older than its link; at most PARLEY_MAX_DEVICES per user; the
+ * sender gets one `delivered` receipt per message whatever the number of
+ * devices; kill -9 of message-store between two devices' acks loses
+ * nothing. Runs against the services and against parleyd. */
+#include "auth.h"
+#include "e2e.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+/* Connects as (user, dev) to gw; NULL with *status the HTTP status when
+ * the server refused. */
+static client *dev_try(const char *user, const char *dev, enum e2e_svc gw, int *status)
+{
+    char tok[AUTH_TOKEN_MAX], err[256];
+    int64_t now = px_now_ms() / 1000;
+    ck_assert_int_eq(auth_sign_device(e2e_secret(), user, dev, now - 10, now + 3600, tok,
+                                      sizeof(tok)), PX_OK);
+    *status = 0;
+    return client_connect("127.0.0.1", e2e_port(gw), tok, NULL, 5000, status, err, sizeof(err));
+}
+
+static client *dev_connect(const char *user, const char *dev, enum e2e_svc gw)
+{
+    int status;
+    client *cl = dev_try(user, dev, gw, &status);
+    ck_assert_msg(cl != NULL, "connect %s/%s: HTTP %d", user, dev, status);
+    return cl;
+}
+
+/* The ids of the events before `synced`, as a JSON array of strings. */
+static json_t *backlog_ids(client *cl)
+{
+    json_t *ids = json_array();
+    for (;;) {
+        json_t *m = client_recv_json(cl, E2E_WAIT_MS);
+        ck_assert_msg(m != NULL, "no synced: %s", client_errstr(cl));
+        if (strcmp(e2e_str(m, "type"), "synced") == 0) {
+            json_decref(m);
+            return ids;
+        }
+        json_array_append_new(ids, json_string(e2e_str(m, "id")));
+        json_decref(m);
+    }
+}
+
+static int has_id(const json_t *ids, const char *id)
+{
+    size_t i;
+    json_t *v;
+    json_array_foreach(ids, i, v)
+        if (strcmp(json_string_value(v), id) == 0)
+            return 1;
+    return 0;
+}
+
+/* Connects (user, dev), reads its backlog and closes: the ids it held. */
+static json_t *dev_backlog(const char *user, const char *dev, enum e2e_svc gw)
+{
+    client *cl = dev_connect(user, dev, gw);
+    json_t *ids = backlog_ids(cl);
+    client_close(cl, 1000);
+    return ids;
+}
+
+/* A first connection of (user, dev) that reads its (empty or not) backlog
+ * and leaves: the device is linked from here on. */
+static void dev_link(const char *user, const char *dev, enum e2e_svc gw)
+{
+    json_decref(dev_backlog(user, dev, gw));
+}
+
+static int message_with_id(const json_t *m, void *arg)
+{
+    return strcmp(e2e_str(m, "type"), "message") == 0 && strcmp(e2e_str(m, "id"), arg) == 0;
+}
+
+static void wait_message(client *cl, const char *mid)
+{
+    json_t *m = NULL;
+    ck_assert_msg(client_next(cl, message_with_id, (void *)mid, E2E_WAIT_MS, &m) == PX_OK,
+                  "message %s not received: %s", mid, client_errstr(cl));
+    json_decref(m);
+}
+
+static int is_receipt(const json_t *m, void *arg)
+{
+    return strcmp(e2e_str(m, "type"), "receipt") == 0;
+}
+
+/* Reads the sender's receipts (acking each) until one for sentinel with
+ * status sentinel_status; counts those for mid (or mid2, may be NULL) of
+ * status on the way. */
+static int receipts_before2(client *a, const char *mid, const char *mid2, const char *status,
+                            const char *sentinel, const char *sentinel_status)
+{
+    int n = 0;
+    for (;;) {
+        json_t *r = NULL;
+        ck_assert_msg(client_next(a, is_receipt, NULL, E2E_WAIT_MS, &r) == PX_OK,
+                      "no %s receipt for the sentinel: %s", sentinel_status, client_errstr(a));
+        e2e_ack(a, e2e_str(r, "id"));
+        int done = strcmp(e2e_str(r, "msg_id"), sentinel) == 0 &&
+                   strcmp(e2e_str(r, "status"), sentinel_status) == 0;
+        const char *m = e2e_str(r, "msg_id");
+        n += (strcmp(m, mid) == 0 || (mid2 != NULL && strcmp(m, mid2) == 0)) &&
+             strcmp(e2e_str(r, "status"), status) == 0;
+        json_decref(r);
+        if (done)
+            return n;
+    }
+}
+
+static int receipts_before(client *a, const char *mid, const char *status, const char *sentinel,
+                           const char *sentinel_status)
+{
+    return receipts_before2(a, mid, NULL, status, sentinel, sentinel_status);
+}
+
+/* Bob's phone (connected, synced, on gw1) and laptop (linked, offline),
+ * and alice connected on agw: the start of the tests of two devices. */
+static void phone_laptop_alice(const char *bob, const char *alice, enum e2e_svc agw,
+                               client **phone, client **a)
+{
+    *phone = dev_connect(bob, "phone", E2E_GW1);
+    json_decref(e2e_wait_type(*phone, "synced"));
+    dev_link(bob, "laptop", E2E_GW2);
+    *a = e2e_connect(alice, agw);
+    json_decref(e2e_wait_type(*a, "synced"));
+}
+
+/* Bob's phone and laptop are linked; the laptop is offline while the
+ * phone gets and acks two messages. The laptop still gets both on its next
+ * connection, the phone gets neither again, and alice gets one delivered
+ * receipt per message, when the phone acked, none when the laptop does. */
+START_TEST(offline_device_keeps_what_the_other_acked)
+{
+    char alice[65], bob[65], m1[64], m2[64], sentinel[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *phone, *a;
+    phone_laptop_alice(bob, alice, E2E_GW1, &phone, &a);
+    e2e_send(a, "c1", bob, "one", m1);
+    e2e_send(a, "c2", bob, "two", m2);
+    wait_message(phone, m1);
+    wait_message(phone, m2);
+    e2e_ack(phone, m1);
+    e2e_ack(phone, m2);
+    /* m2's receipt follows m1's (one reader, in order). */
+    ck_assert_int_eq(receipts_before(a, m1, "delivered", m2, "delivered"), 1);
+    client_close(phone, 1000);
+
+    json_t *ids = dev_backlog(bob, "phone", E2E_GW2);
+    ck_assert_msg(!has_id(ids, m1) && !has_id(ids, m2), "the phone got what it acked again");
+    json_decref(ids);
+    client *laptop = dev_connect(bob, "laptop", E2E_GW1);
+    ids = backlog_ids(laptop);
+    ck_assert_msg(has_id(ids, m1) && has_id(ids, m2), "the laptop lost what the phone acked: %s",
+                  json_dumps(ids, 0));
+    json_decref(ids);
+    e2e_ack(laptop, m1);
+    e2e_ack(laptop, m2);
+    /* A sentinel acked by the laptop after those acks: its receipt comes
+     * after any receipt they could have made. */
+    e2e_send(a, "c3", bob, "sentinel", sentinel);
+    wait_message(laptop, sentinel);
+    e2e_ack(laptop, sentinel);
+    ck_assert_int_eq(receipts_before2(a, m1, m2, "delivered", sentinel, "delivered"), 0);
+    client_close(laptop, 1000);
+    ids = dev_backlog(bob, "laptop", E2E_GW2);
+    ck_assert_msg(json_array_size(ids) == 0, "acked events came again: %s", json_dumps(ids, 0));
+    json_decref(ids);
+    client_close(a, 1000);
+}
+END_TEST
+
+/* Three devices; each acks in turn. The event stays for those that have
+ * not acked, and is gone for all once the third did. One delivered
+ * receipt in all. */
+START_TEST(three_devices_each_ack_their_own)
+{
+    static const char *const devs[3] = { "phone", "tablet", "web" };
+    char alice[65], bob[65], mid[64], sentinel[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    for (int i = 0; i < 3; i++)
+        dev_link(bob, devs[i], i % 2 ? E2E_GW2 : E2E_GW1);
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(e2e_wait_type(a, "synced"));
+    e2e_send(a, "c1", bob, "to every device", mid);
+    for (int i = 0; i < 3; i++) {
+        for (int j = i; j < 3; j++) {
+            json_t *ids = dev_backlog(bob, devs[j], E2E_GW2);
+            ck_assert_msg(has_id(ids, mid), "%s lost it after %d acks", devs[j], i);
+            json_decref(ids);
+        }
+        client *cl = dev_connect(bob, devs[i], E2E_GW1);
+        json_decref(backlog_ids(cl));
+        e2e_ack(cl, mid);
+        /* The ack is applied once a sentinel acked after it is. */
+        char cid[8];
+        snprintf(cid, sizeof(cid), "s%d", i);
+        e2e_send(a, cid, bob, "sentinel", sentinel);
+        wait_message(cl, sentinel);
+        e2e_ack(cl, sentinel);
+        client_close(cl, 1000);
+        int d = receipts_before(a, mid, "delivered", sentinel, "delivered");
+        ck_assert_msg(d == (i == 0), "%d delivered receipts after the ack of %s", d, devs[i]);
+        for (int j = 0; j <= i; j++) {
+            json_t *ids = dev_backlog(bob, devs[j], E2E_GW1);
+            ck_assert_msg(!has_id(ids, mid), "%s got what it acked again", devs[j]);
+            json_decref(ids);
+        }
+    }
+    client_close(a, 1000);
+}
+END_TEST
+
+/* A user's first device gets what was sent before it (store-and-forward);
+ * a device linked after a message was sent does not get it, and gets what
+ * comes after its link. */
+START_TEST(device_linked_later_gets_nothing_older)
+{
+    char alice[65], bob[65], m1[64], m2[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(e2e_wait_type(a, "synced"));
+    e2e_send(a, "c1", bob, "before any device", m1);
+    json_t *ids = dev_backlog(bob, "phone", E2E_GW2);
+    ck_assert_msg(has_id(ids, m1), "the first device missed what was pending");
+    json_decref(ids);
+    ids = dev_backlog(bob, "laptop", E2E_GW1);
+    ck_assert_msg(!has_id(ids, m1), "a device linked later got an older message");
+    json_decref(ids);
+    e2e_send(a, "c2", bob, "after the link", m2);
+    ids = dev_backlog(bob, "laptop", E2E_GW2);
+    ck_assert_msg(has_id(ids, m2) && !has_id(ids, m1), "laptop backlog %s", json_dumps(ids, 0));
+    json_decref(ids);
+    ids = dev_backlog(bob, "phone", E2E_GW1);
+    ck_assert_msg(has_id(ids, m1) && has_id(ids, m2), "phone backlog %s", json_dumps(ids, 0));
+    json_decref(ids);
+    client_close(a, 1000);
+}
+END_TEST
+
+/* PARLEY_MAX_DEVICES (5 by default) linked devices, the default device
+ * (no claim) among them; a sixth is refused with 403 at the upgrade; the
+ * linked ones still connect. */
+START_TEST(device_limit_refuses_the_sixth)
+{
+    char bob[65];
+    e2e_user("bob", bob);
+    client *def = e2e_connect(bob, E2E_GW1);
+    json_decref(e2e_wait_type(def, "synced"));
+    char dev[16];
+    for (int i = 1; i < 5; i++) {
+        snprintf(dev, sizeof(dev), "d%d", i);
+        dev_link(bob, dev, i % 2 ? E2E_GW2 : E2E_GW1);
+    }
+    int status = 0;
+    client *sixth = dev_try(bob, "d5", E2E_GW2, &status);
+    ck_assert_msg(sixth == NULL && status == 403, "sixth device: HTTP %d", status);
+    sixth = dev_try(bob, "d5", E2E_GW1, &status);
+    ck_assert_msg(sixth == NULL && status == 403, "sixth device on gw1: HTTP %d", status);
+    dev_link(bob, "d4", E2E_GW1);
+    client_close(def, 1000);
+    def = e2e_connect(bob, E2E_GW2);
+    json_decref(e2e_wait_type(def, "synced"));
+    client_close(def, 1000);
+}
+END_TEST
+
+static void group_send(client *a, const char *cid, const char *gid, char mid[64])
+{
+    json_t *s = e2e_cmd(a, json_pack("{s:s, s:s, s:s, s:s}", "type", "send", "id", cid, "group",
+                                     gid, "body", "to the group"));
+    ck_assert_msg(strcmp(e2e_str(s, "type"), "sent") == 0, "group send: %s", json_dumps(s, 0));
+    snprintf(mid, 64, "%s", e2e_str(s, "msg_id"));
+    json_decref(s);
+}
+
+/* A group message reaches each of a member's devices, stays for the one
+ * that has not acked it, and the sender gets one delivered receipt per
+ * member. */
+START_TEST(group_message_reaches_every_device)
+{
+    char alice[65], bob[65], carol[65], gid[80], mid[64], sentinel[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    e2e_user("carol", carol);
+    client *phone = dev_connect(bob, "phone", E2E_GW1);
+    client *laptop = dev_connect(bob, "laptop", E2E_GW2);
+    client *c = e2e_connect(carol, E2E_GW1);
+    json_decref(e2e_wait_type(phone, "synced"));
+    json_decref(e2e_wait_type(laptop, "synced"));
+    json_decref(e2e_wait_type(c, "synced"));
+    client *a = e2e_connect(alice, E2E_GW2);
+    json_decref(e2e_wait_type(a, "synced"));
+    json_t *g = e2e_cmd(a, json_pack("{s:s, s:s, s:s, s:[s, s]}", "type", "group_create", "id",
+                                     "g1", "name", "trio", "members", bob, carol));
+    snprintf(gid, sizeof(gid), "%s", e2e_str(json_object_get(g, "group"), "id"));
+    json_decref(g);
+    e2e_join(phone, gid);
+    e2e_join(c, gid);
+    group_send(a, "m1", gid, mid);
+    wait_message(phone, mid);
+    wait_message(laptop, mid);
+    wait_message(c, mid);
+    e2e_ack(phone, mid);
+    e2e_ack(c, mid);
+    client_free(laptop);
+    group_send(a, "m2", gid, sentinel);
+    wait_message(phone, sentinel);
+    wait_message(c, sentinel);
+    e2e_ack(phone, sentinel);
+    e2e_ack(c, sentinel);
+    int d = receipts_before(a, mid, "delivered", sentinel, "delivered");
+    d += receipts_before(a, mid, "delivered", sentinel, "delivered");
+    ck_assert_msg(d == 2, "%d delivered receipts for 2 members", d);
+    json_t *ids = dev_backlog(bob, "laptop", E2E_GW1);
+    ck_assert_msg(has_id(ids, mid) && has_id(ids, sentinel), "laptop lost the group messages");
+    json_decref(ids);
+    client_close(phone, 1000);
+    ids = dev_backlog(bob, "phone", E2E_GW2);
+    ck_assert_msg(!has_id(ids, mid), "the phone got what it acked again");
+    json_decref(ids);
+    client_close(c, 1000);
+    client_close(a, 1000);
+}
+END_TEST
+
+enum { KILL_N = 100 };
+
+/* The phone acks every message; message-store is killed -9 while those
+ * acks are applied (parleyd: the whole process); the laptop still gets
+ * every message, then acks them, and afterwards neither device gets any
+ * of them again. Alice gets a delivered receipt for every message. */
+START_TEST(kill9_store_between_two_devices_acks)
+{
+    static char mid[KILL_N][64];
+    char alice[65], bob[65], cid[16];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *phone, *a;
+    phone_laptop_alice(bob, alice, E2E_GW2, &phone, &a);
+    for (int i = 0; i < KILL_N; i++) {
+        snprintf(cid, sizeof(cid), "k%d", i);
+        e2e_send(a, cid, bob, "kill test", mid[i]);
+    }
+    for (int i = 0; i < KILL_N; i++)
+        wait_message(phone, mid[i]);
+    for (int i = 0; i < KILL_N; i++)
+        e2e_ack(phone, mid[i]);
+    usleep(50 * 1000);
+    e2e_kill9(E2E_STORE);
+    ck_assert_int_eq(e2e_restart(E2E_STORE), 0);
+    client_free(phone);
+    client_free(a);
+    /* The phone repeats its acks, as a client whose connection died does. */
+    phone = dev_connect(bob, "phone", E2E_GW1);
+    json_decref(backlog_ids(phone));
+    for (int i = 0; i < KILL_N; i++)
+        e2e_ack(phone, mid[i]);
+    client *laptop = dev_connect(bob, "laptop", E2E_GW2);
+    json_t *ids = backlog_ids(laptop);
+    int missing = 0;
+    for (int i = 0; i < KILL_N; i++)
+        missing += !has_id(ids, mid[i]);
+    json_decref(ids);
+    ck_assert_msg(missing == 0, "the laptop lost %d of %d messages", missing, KILL_N);
+    for (int i = 0; i < KILL_N; i++)
+        e2e_ack(laptop, mid[i]);
+    /* Both devices' acks are applied once a sentinel acked by both is. */
+    char sentinel[64];
+    a = e2e_connect(alice, E2E_GW2);
+    e2e_send(a, "sentinel", bob, "sentinel", sentinel);
+    wait_message(laptop, sentinel);
+    wait_message(phone, sentinel);
+    e2e_ack(laptop, sentinel);
+    e2e_ack(phone, sentinel);
+    client_close(laptop, 1000);
+    client_close(phone, 1000);
+    /* Every message has its delivered receipt (repeats share an id). */
+    static int delivered[KILL_N];
+    int got = 0;
+    int64_t deadline = px_mono_ms() + 60000;
+    while (got < KILL_N && px_mono_ms() < deadline) {
+        json_t *r = NULL;
+        if (client_next(a, is_receipt, NULL, 1000, &r) != PX_OK)
+            continue;
+        for (int i = 0; i < KILL_N; i++)
+            if (strcmp(e2e_str(r, "msg_id"), mid[i]) == 0 && !delivered[i]) {
+                delivered[i] = 1;
+                got++;
+            }
+        e2e_ack(a, e2e_str(r, "id"));
+        json_decref(r);
+    }
+    ck_assert_msg(got == KILL_N, "%d of %d delivered receipts", got, KILL_N);
+    /* The receipts came from the phone's acks; the laptop's are applied
+     * some time later (its sentinel ack names nothing the test can see). */
+    for (int d = 0; d < 2; d++) {
+        int again = KILL_N;
+        for (int64_t end = px_mono_ms() + 30000; again > 0 && px_mono_ms() < end;) {
+            ids = dev_backlog(bob, d ? "laptop" : "phone", E2E_GW1);
+            again = 0;
+            for (int i = 0; i < KILL_N; i++)
+                again += has_id(ids, mid[i]);
+            json_decref(ids);
+        }
+        ck_assert_msg(again == 0, "%s got %d acked messages again", d ? "laptop" : "phone", again);
+    }
+    client_close(a, 1000);
+}
+END_TEST
+
+static Suite *devices_suite(void)
+{
+    Suite *s = suite_create("e2e-devices");
+    TCase *tc = tcase_create("devices");
+    tcase_set_timeout(tc, 240);
+    tcase_add_test(tc, offline_device_keeps_what_the_other_acked);
+    tcase_add_test(tc, three_devices_each_ack_their_own);
+    tcase_add_test(tc, device_linked_later_gets_nothing_older);
+    tcase_add_test(tc, device_limit_refuses_the_sixth);
+    tcase_add_test(tc, group_message_reaches_every_device);
+    tcase_add_test(tc, kill9_store_between_two_devices_acks);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return e2e_main(devices_suite());
+}
