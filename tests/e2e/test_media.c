@@ -651,8 +651,10 @@ START_TEST(retention_sweep_removes_old_media_inbox_and_dedupe_marks)
     static const char ev_old[] = "{\"type\":\"message\",\"id\":\"old-ev\",\"body\":\"old\"}";
     static const char ev_new[] = "{\"type\":\"message\",\"id\":\"fresh-ev\",\"body\":\"new\"}";
     store_event ev[2] = {
-        { bob, "old-ev", 1, now - 31 * day, STORE_MESSAGE, alice, ev_old, sizeof(ev_old) - 1 },
-        { bob, "fresh-ev", 2, now, STORE_MESSAGE, alice, ev_new, sizeof(ev_new) - 1 },
+        { .user = bob, .id = "old-ev", .seq = 1, .ts_ms = now - 31 * day, .kind = STORE_MESSAGE,
+          .sender = alice, .json = ev_old, .json_len = sizeof(ev_old) - 1 },
+        { .user = bob, .id = "fresh-ev", .seq = 2, .ts_ms = now, .kind = STORE_MESSAGE,
+          .sender = alice, .json = ev_new, .json_len = sizeof(ev_new) - 1 },
     };
     ck_assert_msg(store_inbox_put(st, ev, 2, NULL, err, sizeof(err)) == PX_OK, "inbox: %s", err);
     store_close(st);
