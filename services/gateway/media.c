@@ -10,9 +10,15 @@
  * once (503 beyond), so transfers never take more than 2 x 64 x 255 KiB;
  * queued media checks hold a parsed command each (~10 KiB), at most
  * MEDIA_MAX_QUEUE of them. One user may hold PARLEY_MEDIA_USER_SLOTS of
- * each (429 beyond), so one token cannot take every slot, and an upload
+ * each (429 beyond), so one token cannot take every slot, and a transfer
  * must average PARLEY_MEDIA_MIN_RATE after MEDIA_RATE_GRACE_MS, so a
- * trickle cannot hold one for the hour an upload may last.
+ * trickle cannot hold a slot for the hour an upload may last, nor a
+ * download's slow reader for good. An upload is checked as its bytes come;
+ * a download by the media thread once a second, on the bytes the peer
+ * acknowledged (handed to MHD, less what still waits in the socket's send
+ * queue: a send buffer of megabytes would otherwise pass for progress),
+ * and a slow one is shut down (shutdown(2): MHD then closes it and frees
+ * the download, whose list entry keeps its fd valid until then).
  * MHD's threads run the store calls of uploads and
  * downloads; that delays only other HTTP requests (handshakes) on the same
  * MHD thread, never upgraded sockets, which live on the workers.
@@ -34,6 +40,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <time.h>
 
 #define MEDIA_PREFIX "/v1/media"
 #define MEDIA_MAX_TRANSFERS 64      /* concurrent uploads; and downloads */
@@ -59,9 +68,15 @@ struct media_req {
     int too_big, failed, committed;
 };
 
-/* One download: the response's reader state, freed by MHD with it. */
+/* One download: the response's reader state, freed by MHD with it, and
+ * listed in md->dls (under md->mu) meanwhile for the rate check. */
 typedef struct media_dl {
+    struct media_dl *prev, *next;
     gw *g;
+    int fd;                     /* MHD's socket, valid while listed */
+    int dropped;
+    int64_t t0_mono;
+    _Atomic int64_t sent;       /* bytes handed to MHD */
     char user[65];              /* holds one of its download slots */
     store_media m;
     uint64_t start, len;
@@ -88,15 +103,16 @@ typedef struct media_user {
 
 struct media {
     pthread_t thread;
-    pthread_mutex_t mu;
+    pthread_mutex_t mu;         /* the job queue and dls */
     pthread_cond_t cv;
     media_job *head, *tail;
+    media_dl *dls;              /* downloads in progress */
     size_t queued;
     int stop, started;
     _Atomic int uploads, downloads;
     pthread_mutex_t umu;        /* users */
     media_user *users[MEDIA_USER_BUCKETS];
-    metric *user_refused, *slow_refused;
+    metric *user_refused, *slow_refused, *slow_dl_refused;
 };
 
 /* ---- helpers ---- */
@@ -454,12 +470,42 @@ static ssize_t media_read(void *cls, uint64_t pos, char *buf, size_t max)
     n = (size_t)PX_MIN((uint64_t)n, d->len - pos);
     memcpy(buf, d->buf + off, n);
     metric_add(d->g->m.media_bytes_out, (int64_t)n);
+    atomic_fetch_add(&d->sent, (int64_t)n);
     return (ssize_t)n;
+}
+
+static void media_dl_list(media_dl *d, struct MHD_Connection *mc)
+{
+    media *md = d->g->md;
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CONNECTION_FD);
+    d->fd = ci != NULL ? ci->connect_fd : -1;
+    d->t0_mono = px_mono_ms();
+    pthread_mutex_lock(&md->mu);
+    d->next = md->dls;
+    if (md->dls != NULL)
+        md->dls->prev = d;
+    md->dls = d;
+    pthread_mutex_unlock(&md->mu);
+}
+
+static void media_dl_unlist(media_dl *d)
+{
+    media *md = d->g->md;
+    pthread_mutex_lock(&md->mu);
+    if (d->prev != NULL)
+        d->prev->next = d->next;
+    else
+        md->dls = d->next;
+    if (d->next != NULL)
+        d->next->prev = d->prev;
+    pthread_mutex_unlock(&md->mu);
 }
 
 static void media_dl_free(void *cls)
 {
     media_dl *d = cls;
+    media_dl_unlist(d);
     store_chunk_close(d->rd);
     media_slots_put(d->g, d->user, MEDIA_DOWNLOAD);
     free(d);
@@ -489,6 +535,7 @@ static enum MHD_Result media_send_file(gw *g, struct MHD_Connection *mc, const c
     snprintf(d->user, sizeof(d->user), "%s", user);
     struct MHD_Response *r = MHD_create_response_from_callback(len, MEDIA_BLOCK, media_read, d,
                                                                media_dl_free);
+    media_dl_list(d, mc);
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, m->content_type);
     MHD_add_response_header(r, MHD_HTTP_HEADER_ACCEPT_RANGES, "bytes");
     MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "private, max-age=31536000, immutable");
@@ -605,16 +652,52 @@ static void media_job_free(media_job *j)
     free(j);
 }
 
+static log_tally media_slow_dl_tally =
+    LOG_TALLY_INIT("downloads under PARLEY_MEDIA_MIN_RATE dropped");
+
+/* Under md->mu: shuts down the downloads whose peer, past the grace, has
+ * averaged under PARLEY_MEDIA_MIN_RATE. */
+static void media_dl_sweep(gw *g)
+{
+    int64_t now = px_mono_ms();
+    for (media_dl *d = g->md->dls; d != NULL; d = d->next) {
+        int64_t ms = now - d->t0_mono;
+        int queued = 0;
+        if (d->dropped || d->fd < 0 || ms <= MEDIA_RATE_GRACE_MS ||
+            ioctl(d->fd, TIOCOUTQ, &queued) != 0)
+            continue;
+        int64_t acked = atomic_load(&d->sent) - queued;
+        if (acked * 1000 / ms >= g->cfg.media_min_rate)
+            continue;
+        d->dropped = 1;
+        metric_add(g->md->slow_dl_refused, 1);
+        log_tally_add(&media_slow_dl_tally, d->user);
+        shutdown(d->fd, SHUT_RDWR);
+    }
+}
+
 static void *media_main(void *arg)
 {
     gw *g = arg;
     media *md = g->md;
+    int64_t swept = px_mono_ms();
     pthread_mutex_lock(&md->mu);
     for (;;) {
-        while (!md->stop && md->head == NULL)
-            pthread_cond_wait(&md->cv, &md->mu);
+        while (!md->stop && md->head == NULL && px_mono_ms() - swept < 1000) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            ts.tv_sec += 1;
+            pthread_cond_timedwait(&md->cv, &md->mu, &ts);
+        }
         if (md->stop)
             break;
+        if (px_mono_ms() - swept >= 1000) {
+            if (g->cfg.media_min_rate > 0)
+                media_dl_sweep(g);
+            swept = px_mono_ms();
+        }
+        if (md->head == NULL)
+            continue;
         media_job *j = md->head;
         md->head = j->next;
         if (md->head == NULL)
@@ -662,11 +745,18 @@ int media_start(gw *g, char *err, size_t errlen)
     media *md = px_calloc(1, sizeof(*md));
     pthread_mutex_init(&md->mu, NULL);
     pthread_mutex_init(&md->umu, NULL);
-    pthread_cond_init(&md->cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&md->cv, &ca);
+    pthread_condattr_destroy(&ca);
     md->user_refused = metrics_counter("parley_gateway_media_refused_total{reason=\"user_slots\"}",
                                        "Media transfers refused or dropped, by reason");
     md->slow_refused = metrics_counter("parley_gateway_media_refused_total{reason=\"too_slow\"}",
                                        "Media transfers refused or dropped, by reason");
+    md->slow_dl_refused = metrics_counter(
+        "parley_gateway_media_refused_total{reason=\"too_slow_download\"}",
+        "Media transfers refused or dropped, by reason");
     g->md = md;
     int rc = pthread_create(&md->thread, NULL, media_main, g);
     if (rc != 0)

@@ -430,8 +430,8 @@ START_TEST(a_user_holds_at_most_its_media_slots)
 END_TEST
 
 /* An upload trickling a byte every 500 ms (never silent long enough for
- * the idle timeout) is dropped once PARLEY_MEDIA_MIN_RATE (1 KiB/s) fails
- * after its first 10 s. */
+ * the idle timeout) is dropped once PARLEY_MEDIA_MIN_RATE (64 KiB/s here)
+ * fails after its first 10 s. */
 START_TEST(a_trickled_upload_is_dropped)
 {
     char u[65];
@@ -450,6 +450,120 @@ START_TEST(a_trickled_upload_is_dropped)
             trickled);
     ck_assert_msg(closed, "an upload trickled for 25 s was kept");
     ck_assert_int_gt(abuse_metric(name), before);
+}
+END_TEST
+
+/* Uploads len bytes as user to gw-abuse; copies the media id out. */
+static void upload_file(const char *user, size_t len, char id[65])
+{
+    char tok[2048], head[2400], resp[1024];
+    e2e_token(user, 3600, tok, sizeof(tok));
+    int n = snprintf(head, sizeof(head),
+                     "POST /v1/media HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                     "Connection: close\r\nContent-Length: %zu\r\n\r\n", tok, len);
+    unsigned char *body = malloc(len);
+    for (size_t i = 0; i < len; i++)
+        body[i] = (unsigned char)(i * 7 + len);
+    int fd = raw_connect("127.0.0.1", abuse_port);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(send(fd, head, (size_t)n, MSG_NOSIGNAL), n);
+    for (size_t off = 0; off < len;) {
+        ssize_t w = send(fd, body + off, len - off, MSG_NOSIGNAL);
+        ck_assert_int_gt(w, 0);
+        off += (size_t)w;
+    }
+    size_t got = 0;
+    ssize_t r;
+    while (got < sizeof(resp) - 1 && (r = recv(fd, resp + got, sizeof(resp) - 1 - got, 0)) > 0)
+        got += (size_t)r;
+    resp[got] = '\0';
+    close(fd);
+    free(body);
+    const char *json = strstr(resp, "\r\n\r\n");
+    json_t *o = json != NULL ? json_loads(json + 4, 0, NULL) : NULL;
+    ck_assert_msg(o != NULL && json_is_string(json_object_get(o, "media_id")), "upload: %s", resp);
+    snprintf(id, 65, "%s", json_string_value(json_object_get(o, "media_id")));
+    json_decref(o);
+}
+
+/* Starts a download of media id as user on a raw connection whose receive
+ * buffer is 4 KiB, and reads nothing of the body: the file (larger than
+ * both sockets' buffers) cannot be handed over whole, so the download
+ * holds its slots. *status gets the answer's status (-1: none). */
+static int download_start(const char *user, const char *id, int *status)
+{
+    char tok[2048], head[2400];
+    int small = 4096;
+    struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons((uint16_t)abuse_port) };
+    inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
+    e2e_token(user, 3600, tok, sizeof(tok));
+    int n = snprintf(head, sizeof(head),
+                     "GET /v1/media/%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n",
+                     id, tok);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    *status = -1;
+    ck_assert_int_ge(fd, 0);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    ck_assert_int_eq(connect(fd, (struct sockaddr *)&to, sizeof(to)), 0);
+    ck_assert_int_eq(send(fd, head, (size_t)n, MSG_NOSIGNAL), n);
+    *status = upload_status(fd);
+    return fd;
+}
+
+/* PARLEY_MEDIA_USER_SLOTS=2 holds for downloads too: a user's third
+ * download at once is refused 429. Each download holds its slot before its
+ * 200 is sent, so the order is the one the test makes. */
+START_TEST(a_user_holds_at_most_its_download_slots)
+{
+    char u[65], id[65];
+    e2e_user("downloader", u);
+    upload_file(u, 8 << 20, id);
+    const char *name = "parley_gateway_media_refused_total{reason=\"user_slots\"}";
+    long long before = abuse_metric(name);
+    int sa, sb, sc;
+    int a = download_start(u, id, &sa), b = download_start(u, id, &sb);
+    int c = download_start(u, id, &sc);
+    close(a);
+    close(b);
+    close(c);
+    ck_assert_int_eq(sa, 200);
+    ck_assert_int_eq(sb, 200);
+    ck_assert_int_eq(sc, 429);
+    ck_assert_int_gt(abuse_metric(name), before);
+}
+END_TEST
+
+/* A download whose reader takes nothing is dropped once it averages under
+ * PARLEY_MEDIA_MIN_RATE (64 KiB/s here) past its first 10 s, counting
+ * only what the reader acknowledged: well before the 30 s silence timeout
+ * would end it. */
+START_TEST(a_slow_download_is_dropped)
+{
+    char u[65], id[65], buf[65536];
+    e2e_user("slowreader", u);
+    upload_file(u, 8 << 20, id);
+    const char *name = "parley_gateway_media_refused_total{reason=\"too_slow_download\"}";
+    long long before = abuse_metric(name);
+    int status, fd = download_start(u, id, &status);
+    ck_assert_int_eq(status, 200);
+    int64_t t0 = px_mono_ms();
+    while (abuse_metric(name) == before && px_mono_ms() - t0 < 25000)
+        usleep(200 * 1000);
+    int64_t dropped_ms = px_mono_ms() - t0;
+    ck_assert_msg(abuse_metric(name) > before, "a download read by nobody was kept 25 s");
+    /* What the sockets held still comes, then the end, short of the file. */
+    struct timeval tv = { 5, 0 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    ssize_t r;
+    size_t got = 0;
+    while ((r = recv(fd, buf, sizeof(buf), 0)) > 0)
+        got += (size_t)r;
+    ck_assert_msg(r == 0 || errno == ECONNRESET, "download still open after the drop (%s)",
+                  strerror(errno));
+    ck_assert_msg(got < (8 << 20), "the whole file was served (%zu bytes)", got);
+    close(fd);
+    fprintf(stderr, "report: a download read by nobody was dropped after %lld ms (%zu bytes "
+            "had reached the reader's side)\n", (long long)dropped_ms, got);
 }
 END_TEST
 
@@ -617,6 +731,8 @@ static Suite *abuse_suite(void)
     tcase_add_test(tc, a_slow_request_head_is_dropped);
     tcase_add_test(tc, one_address_cannot_fill_the_server);
     tcase_add_test(tc, a_user_holds_at_most_its_media_slots);
+    tcase_add_test(tc, a_user_holds_at_most_its_download_slots);
+    tcase_add_test(tc, a_slow_download_is_dropped);
     tcase_add_test(tc, a_trickled_upload_is_dropped);
     tcase_add_test(tc, handshakes_are_checked_strictly);
     tcase_add_test(tc, the_token_may_come_as_a_subprotocol);
@@ -637,6 +753,7 @@ int main(void)
         "PARLEY_USER_CONNS", "3", "PARLEY_SEND_QUEUE_BYTES", "65536",
         "PARLEY_HTTP_HEAD_TIMEOUT_S", "2", "PARLEY_HTTP_PER_ADDRESS", "16",
         "PARLEY_MAX_FRAGMENTS", "8", "PARLEY_MEDIA_USER_SLOTS", "2",
+        "PARLEY_MEDIA_MIN_RATE", "65536",
         "PARLEY_ALLOWED_ORIGINS", "https://other.example, https://app.example",
         "PARLEY_METRICS_LISTEN", metrics_listen, NULL,
     };
