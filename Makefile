@@ -70,7 +70,7 @@ endif
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
 
-.PHONY: all deps deps-build test test-unit test-parleyd test-browser test-chaos run run-stack stack-start stack-stop bench clean helm-check fuzz fuzz-build
+.PHONY: all deps deps-build test test-unit test-parleyd test-browser test-chaos run run-stack stack-start stack-stop bench clean helm-check image fuzz fuzz-build
 .DEFAULT_GOAL := all
 
 all: $(SERVICE_BINS) $(OUT)/bin/parleyd $(TOOL_BINS) $(TEST_BINS) $(E2E_EMBED_BINS) $(BENCH_BINS)
@@ -247,6 +247,11 @@ test-chaos: deps
 
 bench: deps all
 	bash bench/run.sh build/rel
+
+# The container image (deploy/docker/Dockerfile) with podman or docker; the
+# Debian base images are made locally when no registry serves them.
+image:
+	bash deploy/docker/image.sh
 
 # Offline checks of the Helm chart (lint, template, refused values, and the
 # Kubernetes schemas when kubernetes-validate is installed). Not part of

@@ -2,12 +2,15 @@
 # Installs the Debian packages Parley builds and tests with, only those missing.
 #   deps.sh        everything (build, tests, the local Kafka + MongoDB-wire stack)
 #   deps.sh build  only what building needs (`make run`: parleyd needs no stack)
+#   deps.sh image  a container engine and what makes a base image (`make image`)
 set -euo pipefail
 
 PKGS=(build-essential pkg-config librdkafka-dev libmicrohttpd-dev libwslay-dev
       libmongoc-dev libbson-dev check libsubunit-dev libprotobuf-c-dev
       protobuf-c-compiler libjansson-dev libsqlite3-dev libssl-dev)
-[ "${1:-all}" = build ] ||
+[ "${1:-all}" = image ] &&
+  PKGS=(podman buildah runc containernetworking-plugins fuse-overlayfs uidmap debootstrap)
+[ "${1:-all}" = build ] || [ "${1:-all}" = image ] ||
   PKGS+=(kcat jq curl default-jre-headless maven golang-go postgresql chromium nodejs npm
          python3-jwt python3-cryptography clang libclang-rt-dev)
 
