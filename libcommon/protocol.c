@@ -287,6 +287,16 @@ char *proto_render_message(const proto_message *m, size_t *len)
     return proto_dump(o, len);
 }
 
+char *proto_render_read_state(const char *id, const char *const *ids, size_t n, int64_t ts,
+                              size_t *len)
+{
+    json_t *a = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(a, json_string(ids[i]));
+    return proto_dump(json_pack("{s:s, s:s, s:o, s:I}", "type", "read_state", "id", id, "ids", a,
+                                "ts", (json_int_t)ts), len);
+}
+
 char *proto_render_receipt(const proto_receipt *r, size_t *len)
 {
     json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:s}", "type", "receipt", "id", r->id, "msg_id",

@@ -98,4 +98,9 @@ typedef struct proto_receipt {
 } proto_receipt;
 char *proto_render_receipt(const proto_receipt *r, size_t *len);
 
+/* {"type":"read_state","id","ids":[...],"ts"}: the user read ids on another
+ * of its devices (issue 17). */
+char *proto_render_read_state(const char *id, const char *const *ids, size_t n, int64_t ts,
+                              size_t *len);
+
 #endif

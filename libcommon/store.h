@@ -12,7 +12,13 @@
 
 typedef struct store store;
 
-enum store_kind { STORE_MESSAGE = 1, STORE_RECEIPT = 2, STORE_GROUP_EVENT = 3 };
+enum store_kind {
+    STORE_MESSAGE = 1,
+    STORE_RECEIPT = 2,
+    STORE_GROUP_EVENT = 3,
+    STORE_READ_STATE = 4,     /* issue 17: read on another device */
+    STORE_KIND_MAX = STORE_READ_STATE
+};
 
 /* One pending inbox event for one user, stored once for all of the user's
  * devices. json is the event exactly as the client receives it. (user, id)
@@ -30,6 +36,9 @@ typedef struct store_event {
     const char *sender;    /* for STORE_MESSAGE: who to tell on ack; else NULL */
     const char *json;
     size_t json_len;
+    /* The device it came from, which does not get it (message-store's
+     * routing; not stored: that device's ack mark stands for it). */
+    const char *origin;
     /* Read back by scan and get (ignored by put): devices that acked it,
      * at most STORE_ACKED_MAX of them (an event acked by more reads as
      * acked by the first STORE_ACKED_MAX: it may be kept longer, never

@@ -10,7 +10,7 @@ static int sm_inbox_doc(bson_t *doc, const store_event *ev, size_t i, char *err,
 {
     if (!sm_str_ok(ev->user) || !sm_str_ok(ev->id))
         return px_err(err, errlen, "inbox put: event %zu: user or id missing or not UTF-8", i);
-    if (ev->kind < STORE_MESSAGE || ev->kind > STORE_GROUP_EVENT)
+    if (ev->kind < STORE_MESSAGE || ev->kind > STORE_KIND_MAX)
         return px_err(err, errlen, "inbox put: event %zu has bad kind %d", i, ev->kind);
     if (ev->sender != NULL && !sm_text_ok(ev->sender, strlen(ev->sender)))
         return px_err(err, errlen, "inbox put: event %zu: sender is not UTF-8", i);
@@ -93,7 +93,7 @@ static int sm_event_parse(const bson_t *doc, store_event *ev)
         }
     }
     if (ev->user == NULL || ev->id == NULL || ev->json == NULL || !have_seq || !have_ts ||
-        ev->kind < STORE_MESSAGE || ev->kind > STORE_GROUP_EVENT)
+        ev->kind < STORE_MESSAGE || ev->kind > STORE_KIND_MAX)
         return PX_ERROR;
     return PX_OK;
 }

@@ -264,7 +264,7 @@ static int ss_check_event(const store_event *ev, size_t i, char *err, size_t err
 {
     if (!ss_str_ok(ev->user) || !ss_str_ok(ev->id))
         return px_err(err, errlen, "inbox put: event %zu: user or id empty or not UTF-8", i);
-    if (ev->kind < STORE_MESSAGE || ev->kind > STORE_GROUP_EVENT)
+    if (ev->kind < STORE_MESSAGE || ev->kind > STORE_KIND_MAX)
         return px_err(err, errlen, "inbox put: event %zu: bad kind %d", i, ev->kind);
     if (ev->json == NULL || !utf8_valid((const unsigned char *)ev->json, ev->json_len))
         return px_err(err, errlen, "inbox put: event %zu: json missing or not UTF-8", i);

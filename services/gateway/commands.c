@@ -31,6 +31,9 @@ typedef struct pending_send {
     char ref[65];
     char msg_id[ID_BUF];
     int group;         /* group-fanout answers it: report only a refusal */
+    int reports;       /* delivery reports still to come (a 1:1 send and its own copy) */
+    int failed;        /* one of them failed */
+    char err[PX_ERRLEN];
 } pending_send;
 
 static dr_tag commands_beat_tag, commands_record_tag;
@@ -101,12 +104,13 @@ static const Parley__GroupCommand__Type commands_group_types[] = {
  * here only a produce Kafka refused is answered (`unavailable`). The id of
  * a new group is a function of (creator, client id), like a msg_id, so a
  * retried group_create names the same group instead of making a second. */
-static int commands_group(gw *g, const char *user, uint64_t conn_id, const proto_cmd *cmd,
-                          const char *media_json)
+static int commands_group(gw *g, const char *user, const char *dev, uint64_t conn_id,
+                          const proto_cmd *cmd, const char *media_json)
 {
     pending_send *p = px_calloc(1, sizeof(*p));
     p->tag = (dr_tag){ DR_SEND, g };
     p->group = 1;
+    p->reports = 1;
     p->conn_id = conn_id;
     p->ts = px_now_ms();
     snprintf(p->ref, sizeof(p->ref), "%s", cmd->id);
@@ -140,6 +144,7 @@ static int commands_group(gw *g, const char *user, uint64_t conn_id, const proto
         rec.msg_id = p->msg_id;
         rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
         rec.media_id = (char *)(media_json != NULL ? cmd->media : "");
+        rec.device = (char *)dev;
     }
     uint8_t *buf = COMMANDS_PACK(group_command, &rec, &len);
     free(json);
@@ -149,11 +154,19 @@ static int commands_group(gw *g, const char *user, uint64_t conn_id, const proto
     return rc;
 }
 
-static int commands_direct(gw *g, const char *user, uint64_t conn_id, const proto_cmd *cmd,
-                           const char *media_json)
+/* A 1:1 send is two records: the message for the recipient, and its copy
+ * for the sender's other devices (origin_device: message-store drops it
+ * when the sender has no other device, and never gives it to this one),
+ * produced first. `sent` waits for both reports, so a message answered
+ * `sent` is on every device of both users; a resend after a failure
+ * produces both again, and the (user, id) dedupe absorbs what was there. */
+static int commands_direct(gw *g, const char *user, const char *dev, uint64_t conn_id,
+                           const proto_cmd *cmd, const char *media_json)
 {
     pending_send *p = px_calloc(1, sizeof(*p));
     p->tag = (dr_tag){ DR_SEND, g };
+    int own = strcmp(cmd->to, user) != 0; /* a note to self is the message itself */
+    p->reports = 1 + own;
     p->conn_id = conn_id;
     p->t0_mono = px_mono_ms();
     p->ts = px_now_ms();
@@ -172,20 +185,39 @@ static int commands_direct(gw *g, const char *user, uint64_t conn_id, const prot
     rec.sender = (char *)user;
     rec.ts_ms = p->ts;
     rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
-    uint8_t *buf = COMMANDS_PACK(inbox_record, &rec, &len);
+    Parley__InboxRecord copy = rec;
+    copy.user = (char *)user;
+    copy.sender = "";          /* no receipts for one's own copy */
+    copy.origin_device = (char *)dev;
+    int rc = PX_OK;
+    if (own) {
+        uint8_t *obuf = COMMANDS_PACK(inbox_record, &copy, &len);
+        rc = commands_produce(g, g->topic_inbox, user, obuf, len, p);
+    }
+    if (rc == PX_OK) {
+        uint8_t *buf = COMMANDS_PACK(inbox_record, &rec, &len);
+        rc = commands_produce(g, g->topic_inbox, cmd->to, buf, len, p);
+        /* The copy's report is still to come and frees p; report this
+         * refusal through it. */
+        if (rc != PX_OK && own) {
+            p->failed = 1;
+            snprintf(p->err, sizeof(p->err), "recipient's record refused by the bus");
+            p->reports--;
+            rc = PX_OK;
+        }
+    }
     free(json);
-    int rc = commands_produce(g, g->topic_inbox, cmd->to, buf, len, p);
     if (rc != PX_OK)
         free(p);
     return rc;
 }
 
-int commands_produce_send(gw *g, const char *user, uint64_t conn_id, const proto_cmd *cmd,
-                          const char *media_json)
+int commands_produce_send(gw *g, const char *user, const char *dev, uint64_t conn_id,
+                          const proto_cmd *cmd, const char *media_json)
 {
     if (cmd->group != NULL)
-        return commands_group(g, user, conn_id, cmd, media_json);
-    return commands_direct(g, user, conn_id, cmd, media_json);
+        return commands_group(g, user, dev, conn_id, cmd, media_json);
+    return commands_direct(g, user, dev, conn_id, cmd, media_json);
 }
 
 /* A send naming media goes through media.c's checker thread first (access
@@ -194,12 +226,38 @@ int commands_produce_send(gw *g, const char *user, uint64_t conn_id, const proto
 static void commands_send(gw *g, conn *c, proto_cmd *cmd)
 {
     if (cmd->media != NULL) {
-        if (media_send(g, ws_conn_user(c), ws_conn_id(c), cmd) != PX_OK)
+        if (media_send(g, ws_conn_user(c), ws_conn_device(c), ws_conn_id(c), cmd) != PX_OK)
             commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "media checks backlogged, retry");
         return;
     }
-    if (commands_produce_send(g, ws_conn_user(c), ws_conn_id(c), cmd, NULL) != PX_OK)
+    if (commands_produce_send(g, ws_conn_user(c), ws_conn_device(c), ws_conn_id(c), cmd, NULL) !=
+        PX_OK)
         commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
+}
+
+/* A `read` also tells the user's other devices (so their unread counts
+ * clear): a read_state event in the user's own inbox that this device
+ * does not get (origin_device), dropped by message-store when the user
+ * has no other device. Best effort, like the read itself. */
+static void commands_read_state(gw *g, conn *c, const proto_cmd *cmd)
+{
+    char id[ID_BUF + 3] = "rs_";
+    size_t json_len, len;
+    id_new(id + 3);
+    int64_t ts = px_now_ms();
+    char *json = proto_render_read_state(id, (const char *const *)cmd->ids, cmd->nids, ts,
+                                         &json_len);
+    Parley__InboxRecord rec = PARLEY__INBOX_RECORD__INIT;
+    rec.version = 1;
+    rec.kind = PARLEY__EVENT_KIND__EVENT_KIND_READ_STATE;
+    rec.user = (char *)ws_conn_user(c);
+    rec.id = id;
+    rec.ts_ms = ts;
+    rec.origin_device = (char *)ws_conn_device(c);
+    rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
+    uint8_t *buf = COMMANDS_PACK(inbox_record, &rec, &len);
+    free(json);
+    commands_produce(g, g->topic_inbox, rec.user, buf, len, &commands_record_tag);
 }
 
 static void commands_ack(gw *g, conn *c, const proto_cmd *cmd)
@@ -217,6 +275,8 @@ static void commands_ack(gw *g, conn *c, const proto_cmd *cmd)
     /* An ack has no answer; if it is lost the events come again on the next
      * connection and the client acks them again. */
     commands_produce(g, g->topic_acks, rec.user, buf, len, &commands_record_tag);
+    if (cmd->type == PROTO_READ)
+        commands_read_state(g, c, cmd);
 }
 
 static enum gw_rate commands_rate_kind(enum proto_type t)
@@ -277,7 +337,8 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
         commands_reply(c, proto_render_pong(cmd.id, NULL));
         break;
     default:
-        if (commands_group(g, ws_conn_user(c), ws_conn_id(c), &cmd, NULL) != PX_OK)
+        if (commands_group(g, ws_conn_user(c), ws_conn_device(c), ws_conn_id(c), &cmd, NULL) !=
+            PX_OK)
             commands_error(g, c, cmd.id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
         break;
     }
@@ -367,11 +428,21 @@ void commands_post_error(gw *g, uint64_t conn_id, const char *ref, enum proto_co
     commands_post(g, conn_id, json, len);
 }
 
+/* Called once per delivery report of the send's records; answers after
+ * the last: `sent` only when every one is in Kafka. */
 static void commands_send_done(pending_send *p, int status, const char *err)
 {
     gw *g = p->tag.g;
     size_t len;
     char *json;
+    if (status != PX_OK && !p->failed) {
+        p->failed = 1;
+        snprintf(p->err, sizeof(p->err), "%s", err ? err : "");
+    }
+    if (--p->reports > 0)
+        return;
+    status = p->failed ? PX_ERROR : PX_OK;
+    err = p->err;
     if (status == PX_OK && p->group) {
         free(p);
         return;

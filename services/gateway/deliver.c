@@ -54,8 +54,9 @@ static void deliver_to_conn(gw *g, deliver_out *o, uint64_t conn_id, const Parle
 {
     enum mail_kind kind = d->conn != 0 ? MAIL_EVENT : MAIL_LIVE;
     for (size_t i = 0; i < d->n_events_json; i++)
-        deliver_add(g, o, mail_new(kind, conn_id, d->events_json[i].data,
-                                   d->events_json[i].len));
+        deliver_add(g, o, mail_new_skip(kind, conn_id, d->events_json[i].data,
+                                        d->events_json[i].len,
+                                        i < d->n_skip_devices ? d->skip_devices[i] : NULL));
     if (d->synced)
         deliver_add(g, o, mail_new(MAIL_SYNCED, conn_id, NULL, 0));
     if (d->more_from_seq > 0) {

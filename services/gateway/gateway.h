@@ -82,6 +82,7 @@ typedef struct mail {
     uint64_t conn_id;
     conn *c;                     /* MAIL_CONN only */
     int64_t from_seq;            /* MAIL_SYNC_MORE only */
+    const char *skip;            /* MAIL_LIVE: a device whose connections drop it, or NULL */
     size_t len;
     char data[];                 /* MAIL_EVENT: one JSON text frame */
 } mail;
@@ -97,6 +98,10 @@ void worker_post(worker *w, mail *m);
 /* The same for a chain of mails linked by next, in order. */
 void worker_post_chain(worker *w, mail *head);
 mail *mail_new(enum mail_kind kind, uint64_t conn_id, const void *data, size_t len);
+/* The same with skip (copied; NULL or "": none): a connection of that
+ * device does not get it (the event came from that device). */
+mail *mail_new_skip(enum mail_kind kind, uint64_t conn_id, const void *data, size_t len,
+                    const char *skip);
 
 /* conn ids: worker index (8 bits) | generation (32) | slot (24). Stale ids
  * (a closed connection's) never match a live connection. */
@@ -158,7 +163,8 @@ int commands_heartbeat(gw *g, int reset);
 /* Produces a send (1:1 or group) for user's connection conn_id, with the
  * rendered media object or NULL; any thread. PX_OK once queued for Kafka,
  * which then answers `sent` (or group-fanout does); else the caller answers. */
-int commands_produce_send(gw *g, const char *user, uint64_t conn_id, const proto_cmd *cmd,
+int commands_produce_send(gw *g, const char *user, const char *dev, uint64_t conn_id,
+                          const proto_cmd *cmd,
                           const char *media_json);
 /* Answers an error to connection conn_id from a thread other than its
  * worker's (through the worker's mailbox). */
@@ -209,7 +215,7 @@ void media_req_done(gw *g, media_req *mr, enum MHD_RequestTerminationCode toe);
  * and answers errors itself. PX_OK: queued, and cmd's strings now belong to
  * the job (cmd->root is NULL). PX_AGAIN: the queue is full, cmd untouched,
  * the caller answers. Worker threads call it. */
-int media_send(gw *g, const char *user, uint64_t conn_id, proto_cmd *cmd);
+int media_send(gw *g, const char *user, const char *dev, uint64_t conn_id, proto_cmd *cmd);
 
 /* ---- http_guard.c: connections still sending their request head ---- */
 /* Starts the sweeper thread that drops heads older than

@@ -90,6 +90,7 @@ typedef struct media_dl {
 typedef struct media_job {
     struct media_job *next;
     char user[65];
+    char dev[65];               /* the sending connection's device */
     uint64_t conn_id;
     proto_cmd cmd;
 } media_job;
@@ -640,7 +641,7 @@ static void media_check_and_send(gw *g, const media_job *j)
         return;
     }
     char *json = media_json(&m, "id");
-    if (commands_produce_send(g, j->user, j->conn_id, &j->cmd, json) != PX_OK)
+    if (commands_produce_send(g, j->user, j->dev, j->conn_id, &j->cmd, json) != PX_OK)
         commands_post_error(g, j->conn_id, j->cmd.id, PROTO_UNAVAILABLE,
                             "message bus unavailable, retry");
     free(json);
@@ -712,7 +713,7 @@ static void *media_main(void *arg)
     return NULL;
 }
 
-int media_send(gw *g, const char *user, uint64_t conn_id, proto_cmd *cmd)
+int media_send(gw *g, const char *user, const char *dev, uint64_t conn_id, proto_cmd *cmd)
 {
     media *md = g->md;
     pthread_mutex_lock(&md->mu);
@@ -723,6 +724,7 @@ int media_send(gw *g, const char *user, uint64_t conn_id, proto_cmd *cmd)
     media_job *j = px_malloc(sizeof(*j));
     j->next = NULL;
     snprintf(j->user, sizeof(j->user), "%s", user);
+    snprintf(j->dev, sizeof(j->dev), "%s", dev);
     j->conn_id = conn_id;
     j->cmd = *cmd;
     cmd->root = NULL;                 /* the job owns the strings now */

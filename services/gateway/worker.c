@@ -42,7 +42,14 @@ struct worker {
 
 mail *mail_new(enum mail_kind kind, uint64_t conn_id, const void *data, size_t len)
 {
-    mail *m = px_malloc(sizeof(*m) + len + 1);
+    return mail_new_skip(kind, conn_id, data, len, NULL);
+}
+
+mail *mail_new_skip(enum mail_kind kind, uint64_t conn_id, const void *data, size_t len,
+                    const char *skip)
+{
+    size_t slen = skip != NULL ? strlen(skip) : 0;
+    mail *m = px_malloc(sizeof(*m) + len + 1 + (slen > 0 ? slen + 1 : 0));
     m->next = NULL;
     m->kind = kind;
     m->conn_id = conn_id;
@@ -52,6 +59,11 @@ mail *mail_new(enum mail_kind kind, uint64_t conn_id, const void *data, size_t l
     if (len > 0)
         memcpy(m->data, data, len);
     m->data[len] = '\0';
+    m->skip = NULL;
+    if (slen > 0) {
+        memcpy(m->data + len + 1, skip, slen + 1);
+        m->skip = m->data + len + 1;
+    }
     return m;
 }
 
@@ -192,6 +204,8 @@ static int worker_deliver(worker *w, mail *m)
         ws_conn_sync_more(c, m->from_seq);
         return 0;
     }
+    if (m->skip != NULL && strcmp(m->skip, ws_conn_device(c)) == 0)
+        return 0; /* it came from this device */
     metric_add(w->g->m.delivered, 1);
     if (m->kind == MAIL_LIVE && !ws_conn_is_synced(c)) {
         ws_conn_hold(c, m);

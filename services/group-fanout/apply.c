@@ -186,8 +186,10 @@ static void apply_promote(apply_group *g)
 
 /* ---- producing ---- */
 
+/* origin (NULL: none): the sender's device, for the sender's own copy. */
 static int apply_inbox(apply_ctx *a, Parley__EventKind kind, const char *user, const char *id,
-                       const char *sender, int64_t ts, const char *json, size_t json_len)
+                       const char *sender, int64_t ts, const char *json, size_t json_len,
+                       const char *origin)
 {
     Parley__InboxRecord rec = PARLEY__INBOX_RECORD__INIT;
     rec.version = APPLY_VERSION;
@@ -197,6 +199,7 @@ static int apply_inbox(apply_ctx *a, Parley__EventKind kind, const char *user, c
     rec.sender = (char *)sender;
     rec.ts_ms = ts;
     rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
+    rec.origin_device = (char *)(origin != NULL ? origin : "");
     size_t len = parley__inbox_record__get_packed_size(&rec);
     uint8_t *buf = px_malloc(len);
     parley__inbox_record__pack(&rec, buf);
@@ -224,7 +227,7 @@ static int apply_event(apply_ctx *a, const Parley__GroupCommand *x, const char *
     int rc = PX_OK;
     for (size_t i = 0; i < nrec && rc == PX_OK; i++)
         rc = apply_inbox(a, PARLEY__EVENT_KIND__EVENT_KIND_GROUP_EVENT, recipients[i], id, "",
-                         x->ts_ms, json, len);
+                         x->ts_ms, json, len, NULL);
     free(json);
     metric_add(a->f->m.events, (int64_t)nrec);
     return rc;
@@ -434,9 +437,16 @@ static int apply_send(apply_ctx *a, const Parley__GroupCommand *x, const apply_g
         if (strcmp(g->members[i], x->user) == 0)
             continue;
         rc = apply_inbox(a, PARLEY__EVENT_KIND__EVENT_KIND_MESSAGE, g->members[i], x->msg_id,
-                         x->user, x->ts_ms, (const char *)x->event_json.data, x->event_json.len);
+                         x->user, x->ts_ms, (const char *)x->event_json.data, x->event_json.len,
+                         NULL);
         copies++;
     }
+    /* The sender's other devices get it too (message-store drops the copy
+     * when there is none); a gateway older than devices names none. */
+    if (rc == PX_OK && x->device[0] != '\0')
+        rc = apply_inbox(a, PARLEY__EVENT_KIND__EVENT_KIND_MESSAGE, x->user, x->msg_id, "",
+                         x->ts_ms, (const char *)x->event_json.data, x->event_json.len,
+                         x->device);
     metric_add(a->f->m.inbox, (int64_t)copies);
     metric_add(a->f->m.sends, 1);
     metric_observe(a->f->m.fanout_size, (double)copies);

@@ -78,10 +78,6 @@ static int ack_entry_cmp(const void *a, const void *b)
     return c != 0 ? c : strcmp(((const ack_entry *)a)->dev, ((const ack_entry *)b)->dev);
 }
 
-static int ack_devs_cmp(const void *a, const void *b)
-{
-    return strcmp(((const devices_list *)a)->user, ((const devices_list *)b)->user);
-}
 
 /* The group of a group message, read from its event text (the inbox keeps
  * no separate field); NULL for a 1:1 message. Caller frees. */
@@ -169,8 +165,7 @@ static int ack_on_held(void *arg, const store_event *ev)
     size_t lo, hi;
     if (!ack_range(c, ev->user, ev->id, &lo, &hi) || c->e[lo].found)
         return PX_OK;
-    devices_list probe = { .user = ev->user };
-    const devices_list *l = bsearch(&probe, c->devs, c->ndevs, sizeof(*c->devs), ack_devs_cmp);
+    const devices_list *l = devices_find(c->devs, c->ndevs, ev->user);
     const char *now[ACK_DEVS_MAX];
     size_t nnow = 0;
     for (size_t i = lo; i < hi && nnow < ACK_DEVS_MAX; i++)

@@ -131,8 +131,10 @@ static void batch_decode_inbox(msgstore_rec *r)
     else if (x->sender[0] != '\0' && !id_valid_user(x->sender))
         batch_dead(r, "%s: bad sender", "InboxRecord");
     else if (x->kind < PARLEY__EVENT_KIND__EVENT_KIND_MESSAGE ||
-             x->kind > PARLEY__EVENT_KIND__EVENT_KIND_GROUP_EVENT)
+             x->kind > PARLEY__EVENT_KIND__EVENT_KIND_READ_STATE)
         batch_dead(r, "%s: unknown kind", "InboxRecord");
+    else if (x->origin_device[0] != '\0' && !id_valid_user(x->origin_device))
+        batch_dead(r, "%s: bad origin device", "InboxRecord");
     else if (x->event_json.len == 0 || !batch_text_ok(x->event_json.data, x->event_json.len))
         batch_dead(r, "%s: event_json empty or not UTF-8", "InboxRecord");
 }

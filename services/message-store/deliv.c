@@ -15,8 +15,10 @@ int deliv_full(const deliv *d, size_t len)
     return d->n > 0 && (d->n == DELIV_MAX_EVENTS || d->bytes + len > DELIV_MAX_BYTES);
 }
 
-void deliv_add(deliv *d, const void *json, size_t len, int copy)
+void deliv_add(deliv *d, const void *json, size_t len, int copy, const char *skip)
 {
+    d->skip[d->n] = (char *)(skip != NULL ? skip : "");
+    d->nskip += skip != NULL;
     uint8_t *data = (uint8_t *)json;
     if (copy) {
         data = px_malloc(len);
@@ -34,6 +36,7 @@ void deliv_reset(deliv *d)
     for (size_t i = 0; i < d->n; i++)
         free(d->owned[i]);
     d->n = 0;
+    d->nskip = 0;
     d->bytes = 0;
     d->synced = 0;
     d->more_from_seq = 0;
@@ -50,6 +53,10 @@ static size_t deliv_encode(msgstore *ms, const deliv *d, const char *user, uint6
     msg.events_json = (ProtobufCBinaryData *)d->ev;
     msg.synced = d->synced != 0;
     msg.more_from_seq = d->more_from_seq;
+    if (d->nskip > 0) {
+        msg.n_skip_devices = d->n;
+        msg.skip_devices = (char **)d->skip;
+    }
     size_t len = parley__delivery__get_packed_size(&msg);
     if (len > ms->pack_cap) {
         ms->pack_cap = PX_MAX(len, 2 * ms->pack_cap);

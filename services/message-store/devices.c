@@ -113,3 +113,82 @@ int devices_link(msgstore *ms, const char *user, const char *dev, int64_t offset
                  (json_int_t)s);
     return PX_OK;
 }
+
+/* ---- events that come from a device ---- */
+
+static int devices_user_cmp(const void *a, const void *b)
+{
+    return strcmp(((const devices_list *)a)->user, ((const devices_list *)b)->user);
+}
+
+const devices_list *devices_find(const devices_list *l, size_t n, const char *user)
+{
+    devices_list probe = { .user = user };
+    return n > 0 ? bsearch(&probe, l, n, sizeof(*l), devices_user_cmp) : NULL;
+}
+
+/* Only records with an origin cost a device read (one per distinct user):
+ * everything else passes untouched, so the common path reads nothing. */
+int devices_unneeded(msgstore *ms, const msgstore_rec *recs, size_t n, int *skip, char *err,
+                     size_t errlen)
+{
+    size_t with_origin = 0, nl = 0;
+    int rc = PX_OK;
+    for (size_t i = 0; i < n; i++)
+        with_origin += recs[i].u.inbox->origin_device[0] != '\0';
+    if (with_origin == 0)
+        return PX_OK;
+    devices_list *l = px_calloc(with_origin, sizeof(*l));
+    for (size_t i = 0; i < n; i++) {
+        const Parley__InboxRecord *x = recs[i].u.inbox;
+        if (x->origin_device[0] == '\0')
+            continue;
+        size_t k = 0;
+        while (k < nl && strcmp(l[k].user, x->user) != 0)
+            k++;
+        if (k == nl)
+            l[nl++].user = x->user;
+    }
+    qsort(l, nl, sizeof(*l), devices_user_cmp);
+    rc = devices_load(ms, l, nl, err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        const Parley__InboxRecord *x = recs[i].u.inbox;
+        if (x->origin_device[0] == '\0')
+            continue;
+        const devices_list *u = devices_find(l, nl, x->user);
+        const char *origin = x->origin_device;
+        skip[i] = u != NULL && devices_covered(u, recs[i].m->offset, NULL, 0, &origin, 1);
+    }
+    free(l);
+    return rc;
+}
+
+static int devices_origin_cmp(const void *a, const void *b)
+{
+    return strcmp(((const store_event *)a)->origin, ((const store_event *)b)->origin);
+}
+
+int devices_mark_origins(msgstore *ms, const store_event *ev, size_t n, char *err, size_t errlen)
+{
+    store_event *o = NULL;
+    size_t no = 0;
+    int rc = PX_OK;
+    for (size_t i = 0; i < n; i++)
+        if (ev[i].origin != NULL) {
+            if (o == NULL)
+                o = px_malloc(n * sizeof(*o));
+            o[no++] = ev[i];
+        }
+    if (no == 0)
+        return PX_OK;
+    qsort(o, no, sizeof(*o), devices_origin_cmp);
+    for (size_t a = 0; a < no && rc == PX_OK;) {
+        size_t b = a;
+        while (b < no && strcmp(o[b].origin, o[a].origin) == 0)
+            b++;
+        rc = store_inbox_mark(ms->svc.st, o + a, b - a, o[a].origin, err, errlen);
+        a = b;
+    }
+    free(o);
+    return rc;
+}

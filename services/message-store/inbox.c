@@ -105,7 +105,8 @@ static void inbox_mark_dups(inbox_run *ir)
     free(slots);
 }
 
-static void inbox_run_init(inbox_run *ir, const msgstore_rec *recs, size_t n)
+/* skip[i]: record i is left out (devices_unneeded). */
+static void inbox_run_init(inbox_run *ir, const msgstore_rec *recs, size_t n, const int *skip)
 {
     ir->n = n;
     ir->keys = px_calloc(n, sizeof(*ir->keys));
@@ -129,7 +130,7 @@ static void inbox_run_init(inbox_run *ir, const msgstore_rec *recs, size_t n)
     }
     inbox_mark_dups(ir);
     for (size_t i = 0; i < n; i++)
-        if (!ir->dup[i]) {
+        if (!ir->dup[i] && !skip[i]) {
             ir->ckeys[ir->nc] = ir->keys[i];
             ir->ctags[ir->nc] = ir->tags[i];
             ir->cidx[ir->nc++] = i;
@@ -167,6 +168,7 @@ static void inbox_event(store_event *ev, const msgstore_rec *r)
     ev->sender = x->sender[0] != '\0' ? x->sender : NULL;
     ev->json = (const char *)x->event_json.data;
     ev->json_len = x->event_json.len;
+    ev->origin = x->origin_device[0] != '\0' ? x->origin_device : NULL;
 }
 
 static void inbox_pick_fresh(inbox_run *ir, const msgstore_rec *recs)
@@ -190,13 +192,20 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
 {
     int rc = PX_ERROR;
     inbox_run ir = { 0 };
-    inbox_run_init(&ir, recs, n);
+    route_refresh *refresh = NULL;
+    int *skip = px_calloc(n, sizeof(*skip));
+    if (devices_unneeded(ms, recs, n, skip, err, errlen) != PX_OK) {
+        free(skip);
+        return PX_ERROR;
+    }
+    inbox_run_init(&ir, recs, n, skip);
+    free(skip);
 
     /* Numbered before the push: an ack of any of these events is consumed
      * after it, and waits until this run is durable. */
     uint64_t run = putgate_pushed(ms->gate);
     inbox_pick_push(ms, &ir, recs);
-    route_refresh *refresh = route_live(ms, ir.pev, ir.np);
+    refresh = route_live(ms, ir.pev, ir.np);
 
     int64_t t0 = service_clock_us();
     if (store_seen_claim(ms->svc.st, ir.ckeys, ir.ctags, ir.nc, px_now_ms(), ir.fresh, err,
@@ -211,6 +220,10 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
             goto out;
         service_observe(ms->m.lat_put, t0);
     }
+    /* Before the gate opens: an ack by another device must find the
+     * origin's mark, or it would wait for the origin forever. */
+    if (devices_mark_origins(ms, ir.fev, ir.nf, err, errlen) != PX_OK)
+        goto out;
     putgate_durable(ms->gate, run);
     route_refresh_end(refresh);
     refresh = NULL;

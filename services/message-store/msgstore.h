@@ -172,6 +172,8 @@ void route_note_gateway(msgstore *ms, const char *user, const char *gateway);
 typedef struct deliv {
     ProtobufCBinaryData ev[DELIV_MAX_EVENTS];
     uint8_t *owned[DELIV_MAX_EVENTS];   /* non-NULL: ev[i].data is ours to free */
+    char *skip[DELIV_MAX_EVENTS];       /* the origin device of event i, or "" */
+    size_t nskip;                       /* events with a skip */
     size_t n, bytes;
     int synced;                /* the connection's sync ends with this one */
     int64_t more_from_seq;     /* > 0: a sync page ends; more from this seq */
@@ -180,8 +182,10 @@ typedef struct deliv {
 /* 1 if adding an event of len bytes would pass a ceiling (an empty deliv is
  * never full, so an oversized event travels alone). */
 int deliv_full(const deliv *d, size_t len);
-/* Adds an event; copy: keep a private copy (the text dies after the call). */
-void deliv_add(deliv *d, const void *json, size_t len, int copy);
+/* Adds an event; copy: keep a private copy (the text dies after the call).
+ * skip (may be NULL; borrowed until the send) names the device whose
+ * connections do not get it. */
+void deliv_add(deliv *d, const void *json, size_t len, int copy, const char *skip);
 /* Frees copies and clears events and the end marks. */
 void deliv_reset(deliv *d);
 /* Encodes d once as Delivery{user, conn, events, synced, more_from_seq} and
@@ -234,6 +238,8 @@ typedef struct devices_list {
     char err[PX_ERRLEN];
 } devices_list;
 
+/* The list of user among n lists sorted by user, or NULL. */
+const devices_list *devices_find(const devices_list *l, size_t n, const char *user);
 /* dev, or the default device for an empty one (an older gateway's record). */
 const char *devices_name(const char *dev);
 /* Reads the linked devices of each lists[i].user, side by side when the
@@ -243,6 +249,14 @@ int devices_load(msgstore *ms, devices_list *lists, size_t n, char *err, size_t 
  * stored acks) or now (this ack's devices): the event can go. */
 int devices_covered(const devices_list *l, int64_t seq, const char *const *acked, size_t nacked,
                     const char *const *now, size_t nnow);
+/* Sets skip[i] for the InboxRecords among recs[0..n) that come from a
+ * device (origin_device: an own message, a read state) and that no other
+ * device of their user needs: they are neither pushed nor stored. */
+int devices_unneeded(msgstore *ms, const msgstore_rec *recs, size_t n, int *skip, char *err,
+                     size_t errlen);
+/* Marks each of the n stored events that has an origin as acked by it. */
+int devices_mark_origins(msgstore *ms, const store_event *ev, size_t n, char *err,
+                         size_t errlen);
 /* The sync of (user, dev), whose SyncRequest is at offset: links the device
  * on its first sync (since -1 for the user's first device, else offset)
  * and gives its since. An unknown device reads STORE_DEVICE_UNSYNCED. */

@@ -69,7 +69,7 @@ static int sync_on_event(void *arg, const store_event *ev)
      * the one that says how the page ends. */
     if (deliv_full(&c->d, ev->json_len) && sync_flush(c) != PX_OK)
         return PX_ERROR;
-    deliv_add(&c->d, ev->json, ev->json_len, 1);
+    deliv_add(&c->d, ev->json, ev->json_len, 1, NULL);
     return PX_OK;
 }
 

@@ -7,6 +7,7 @@
  * nothing. Runs against the services and against parleyd. */
 #include "auth.h"
 #include "e2e.h"
+#include "store.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -121,15 +122,15 @@ static int receipts_before(client *a, const char *mid, const char *status, const
     return receipts_before2(a, mid, NULL, status, sentinel, sentinel_status);
 }
 
-/* Bob's phone (connected, synced, on gw1) and laptop (linked, offline),
- * and alice connected on agw: the start of the tests of two devices. */
-static void phone_laptop_alice(const char *bob, const char *alice, enum e2e_svc agw,
+/* owner's phone (connected, synced, on gw1) and laptop (linked, offline),
+ * and other connected on agw: the start of the tests of two devices. */
+static void phone_laptop_alice(const char *owner, const char *other, enum e2e_svc agw,
                                client **phone, client **a)
 {
-    *phone = dev_connect(bob, "phone", E2E_GW1);
+    *phone = dev_connect(owner, "phone", E2E_GW1);
     json_decref(e2e_wait_type(*phone, "synced"));
-    dev_link(bob, "laptop", E2E_GW2);
-    *a = e2e_connect(alice, agw);
+    dev_link(owner, "laptop", E2E_GW2);
+    *a = e2e_connect(other, agw);
     json_decref(e2e_wait_type(*a, "synced"));
 }
 
@@ -419,6 +420,206 @@ START_TEST(kill9_store_between_two_devices_acks)
 }
 END_TEST
 
+static int type_with_id(const json_t *m, const char *type, const char *id)
+{
+    return strcmp(e2e_str(m, "type"), type) == 0 && strcmp(e2e_str(m, "id"), id) == 0;
+}
+
+/* Reads cl until a message with id sentinel; 1 if an event of type with
+ * id came before it. */
+static int seen_before(client *cl, const char *type, const char *id, const char *sentinel)
+{
+    int seen = 0;
+    for (;;) {
+        json_t *m = client_recv_json(cl, E2E_WAIT_MS);
+        ck_assert_msg(m != NULL, "no sentinel %s: %s", sentinel, client_errstr(cl));
+        seen |= type_with_id(m, type, id);
+        int done = type_with_id(m, "message", sentinel);
+        json_decref(m);
+        if (done)
+            return seen;
+    }
+}
+
+/* What alice sends from her phone reaches her laptop as a `message` (from
+ * alice, to bob), live and, when the laptop was offline, on its next
+ * connection; the phone itself gets only `sent`. The receipts reach both
+ * of alice's devices. */
+START_TEST(own_messages_reach_the_other_devices)
+{
+    char alice[65], bob[65], m1[64], m2[64], s1[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *phone, *b;
+    phone_laptop_alice(alice, bob, E2E_GW2, &phone, &b); /* alice's devices, bob on gw2 */
+    client *laptop = dev_connect(alice, "laptop", E2E_GW2);
+    json_decref(e2e_wait_type(laptop, "synced"));
+    e2e_send(phone, "c1", bob, "from the phone", m1);
+    json_t *m = NULL;
+    ck_assert_msg(client_next(laptop, message_with_id, m1, E2E_WAIT_MS, &m) == PX_OK,
+                  "the laptop did not get alice's own message: %s", client_errstr(laptop));
+    ck_assert_str_eq(e2e_str(m, "from"), alice);
+    ck_assert_str_eq(e2e_str(m, "to"), bob);
+    json_decref(m);
+    e2e_ack(laptop, m1);
+    wait_message(b, m1);
+    e2e_ack(b, m1);
+    /* Both of alice's devices get bob's delivered receipt. */
+    json_t *r1 = e2e_wait_type(phone, "receipt"), *r2 = e2e_wait_type(laptop, "receipt");
+    ck_assert_str_eq(e2e_str(r1, "msg_id"), m1);
+    ck_assert_str_eq(e2e_str(r2, "msg_id"), m1);
+    json_decref(r1);
+    json_decref(r2);
+    /* The phone got no copy of m1: bob's answer comes after it would. */
+    e2e_send(b, "s1", alice, "answer", s1);
+    ck_assert_msg(!seen_before(phone, "message", m1, s1), "the sending phone got its own copy");
+
+    client_close(laptop, 1000);
+    e2e_send(phone, "c2", bob, "laptop offline", m2);
+    json_t *ids = dev_backlog(alice, "laptop", E2E_GW1);
+    ck_assert_msg(has_id(ids, m2) && !has_id(ids, m1), "laptop backlog %s", json_dumps(ids, 0));
+    json_decref(ids);
+    client_close(phone, 1000);
+    ids = dev_backlog(alice, "phone", E2E_GW2);
+    ck_assert_msg(!has_id(ids, m2), "the phone got its own message in its sync");
+    json_decref(ids);
+    client_close(b, 1000);
+}
+END_TEST
+
+static int64_t inbox_count(const char *user)
+{
+    char err[PX_ERRLEN] = "";
+    int64_t n = -1;
+    store *st = store_open(getenv("PARLEY_MONGO_URI"), getenv("PARLEY_MONGO_DB"), err,
+                           sizeof(err));
+    ck_assert_msg(st != NULL, "store_open: %s", err);
+    ck_assert_msg(store_inbox_count(st, user, &n, err, sizeof(err)) == PX_OK, "count: %s", err);
+    store_close(st);
+    return n;
+}
+
+/* A user with one device stores no copy of what it sends (nobody would
+ * ever ack it): after bob's answer, alice's inbox holds only that. */
+START_TEST(single_device_sender_stores_no_copy)
+{
+    char alice[65], bob[65], m1[64], s1[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(e2e_wait_type(a, "synced"));
+    json_decref(e2e_wait_type(b, "synced"));
+    e2e_send(a, "c1", bob, "hi", m1);
+    wait_message(b, m1);
+    e2e_send(b, "s1", alice, "answer", s1);
+    wait_message(a, s1);
+    ck_assert_int_eq(inbox_count(alice), 1);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
+/* A group message alice sends from her phone reaches her laptop too. */
+START_TEST(own_group_message_reaches_the_other_devices)
+{
+    char alice[65], bob[65], gid[80], mid[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *phone = dev_connect(alice, "phone", E2E_GW1);
+    client *laptop = dev_connect(alice, "laptop", E2E_GW2);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(e2e_wait_type(phone, "synced"));
+    json_decref(e2e_wait_type(laptop, "synced"));
+    json_decref(e2e_wait_type(b, "synced"));
+    json_t *g = e2e_cmd(phone, json_pack("{s:s, s:s, s:s, s:[s]}", "type", "group_create", "id",
+                                         "g1", "name", "pair", "members", bob));
+    snprintf(gid, sizeof(gid), "%s", e2e_str(json_object_get(g, "group"), "id"));
+    json_decref(g);
+    e2e_join(b, gid);
+    group_send(phone, "m1", gid, mid);
+    wait_message(b, mid);
+    json_t *m = NULL;
+    ck_assert_msg(client_next(laptop, message_with_id, mid, E2E_WAIT_MS, &m) == PX_OK,
+                  "the laptop did not get alice's group message: %s", client_errstr(laptop));
+    ck_assert_str_eq(e2e_str(m, "group"), gid);
+    json_decref(m);
+    client_close(phone, 1000);
+    client_close(laptop, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
+static int read_state_of(const json_t *m, void *arg)
+{
+    if (strcmp(e2e_str(m, "type"), "read_state") != 0)
+        return 0;
+    const json_t *ids = json_object_get(m, "ids");
+    return has_id(ids, arg);
+}
+
+/* bob reads on his phone: his laptop is told (read_state naming the id),
+ * live and, when offline, on its next connection; the phone is not. */
+START_TEST(read_state_reaches_the_other_devices)
+{
+    char alice[65], bob[65], m1[64], m2[64], s1[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *phone, *a;
+    phone_laptop_alice(bob, alice, E2E_GW1, &phone, &a);
+    client *laptop = dev_connect(bob, "laptop", E2E_GW2);
+    json_decref(e2e_wait_type(laptop, "synced"));
+    e2e_send(a, "c1", bob, "read me", m1);
+    wait_message(phone, m1);
+    wait_message(laptop, m1);
+    json_t *o = json_pack("{s:s, s:[s]}", "type", "read", "ids", m1);
+    ck_assert_int_eq(client_send_json(phone, o), 0);
+    json_decref(o);
+    json_t *rs = NULL;
+    ck_assert_msg(client_next(laptop, read_state_of, m1, E2E_WAIT_MS, &rs) == PX_OK,
+                  "no read_state on the laptop: %s", client_errstr(laptop));
+    ck_assert(strncmp(e2e_str(rs, "id"), "rs_", 3) == 0);
+    e2e_ack(laptop, e2e_str(rs, "id"));
+    json_decref(rs);
+    e2e_send(a, "s1", bob, "sentinel", s1);
+    int phone_told = 0;
+    for (;;) {
+        json_t *m = client_recv_json(phone, E2E_WAIT_MS);
+        ck_assert_msg(m != NULL, "no sentinel: %s", client_errstr(phone));
+        phone_told |= read_state_of(m, m1);
+        int done = type_with_id(m, "message", s1);
+        json_decref(m);
+        if (done)
+            break;
+    }
+    ck_assert_msg(!phone_told, "the reading phone got its own read_state");
+
+    client_close(laptop, 1000);
+    e2e_send(a, "c2", bob, "read me too", m2);
+    wait_message(phone, m2);
+    o = json_pack("{s:s, s:[s]}", "type", "read", "ids", m2);
+    ck_assert_int_eq(client_send_json(phone, o), 0);
+    json_decref(o);
+    int told = 0;
+    for (int64_t end = px_mono_ms() + 30000; !told && px_mono_ms() < end;) {
+        laptop = dev_connect(bob, "laptop", E2E_GW1);
+        for (;;) {
+            json_t *m = client_recv_json(laptop, E2E_WAIT_MS);
+            ck_assert_msg(m != NULL, "no synced: %s", client_errstr(laptop));
+            told |= read_state_of(m, m2);
+            int done = strcmp(e2e_str(m, "type"), "synced") == 0;
+            json_decref(m);
+            if (done)
+                break;
+        }
+        client_close(laptop, 1000);
+    }
+    ck_assert_msg(told, "the offline laptop was not told of the read");
+    client_close(phone, 1000);
+    client_close(a, 1000);
+}
+END_TEST
+
 static Suite *devices_suite(void)
 {
     Suite *s = suite_create("e2e-devices");
@@ -429,6 +630,10 @@ static Suite *devices_suite(void)
     tcase_add_test(tc, device_linked_later_gets_nothing_older);
     tcase_add_test(tc, device_limit_refuses_the_sixth);
     tcase_add_test(tc, group_message_reaches_every_device);
+    tcase_add_test(tc, own_messages_reach_the_other_devices);
+    tcase_add_test(tc, single_device_sender_stores_no_copy);
+    tcase_add_test(tc, own_group_message_reaches_the_other_devices);
+    tcase_add_test(tc, read_state_reaches_the_other_devices);
     tcase_add_test(tc, kill9_store_between_two_devices_acks);
     suite_add_tcase(s, tc);
     return s;
