@@ -292,8 +292,11 @@ int store_group_put(store *st, const store_group *g, size_t n, char *err, size_t
 /* Media (issue 6): bytes stored once per sha256, in fixed-size chunks kept
  * under an upload id, plus access grants. An upload writes its chunks under
  * a fresh upload id while the hash is still unknown, then commits: the
- * first commit of a sha256 makes the media record; a later one of the same
- * bytes finds it and the caller drops its own chunks. Chunks of an upload
+ * first commit of a sha256 makes the media record, which holds the bytes;
+ * a later one of the same bytes makes a record of its own over them (an
+ * alias: its own id, content type, ts and grants) and the caller drops its
+ * own chunks, so an uploader learns nothing of the other records (issue
+ * 22). An alias is swept no later than the bytes it names. Chunks of an upload
  * that never committed (cut off, crashed) are orphans the sweep removes.
  * Ids (media and upload) are 1-64 characters of [A-Za-z0-9._-]. */
 #define STORE_MEDIA_CHUNK (255 * 1024)  /* bytes per chunk; the last may be shorter */
@@ -338,20 +341,24 @@ int store_chunk_count(store *st, const char *upload, int64_t *count, char *err, 
 
 /* Commits an upload whose chunks are written: m names id, sha256,
  * content_type, upload, size and ts_ms. If no media has m->sha256, m becomes
- * the record and *created = 1. Otherwise *m is overwritten with the existing
- * record (its ts moved up to m->ts_ms) and *created = 0: the caller drops
- * its own chunks. Either way uploader is granted access to m->id. */
+ * the record and *created = 1. Otherwise m becomes an alias of the stored
+ * bytes: m->id and m->content_type stay, m->upload and m->size become the
+ * stored copy's (whose ts moves up to m->ts_ms), *created = 0, and the
+ * caller drops its own chunks. Either way uploader is granted access to
+ * m->id. */
 int store_media_commit(store *st, store_media *m, const char *uploader, int *created,
                        char *err, size_t errlen);
 
-/* Reads the media record of id into *m; PX_DECLINED when unknown. */
+/* Reads the media record (or alias) of id into *m; PX_DECLINED when
+ * unknown. */
 int store_media_get(store *st, const char *id, store_media *m, char *err, size_t errlen);
 
 /* PX_OK if user may read media id, PX_DECLINED if not. */
 int store_media_access(store *st, const char *id, const char *user, char *err, size_t errlen);
 
 /* Grants n users access to media id (idempotent) and moves the media's ts
- * up to ts_ms, so media referenced by a recent message is kept. */
+ * up to ts_ms (an alias's and its bytes'), so media referenced by a recent
+ * message is kept. */
 int store_media_grant(store *st, const char *id, const char *const *users, size_t n,
                       int64_t ts_ms, char *err, size_t errlen);
 

@@ -22,7 +22,10 @@
  *             {ts:1}; the composite _id is the unique (reader, msg_id)
  *             key, and exact pairs are looked up by _id, one find each
  *   media     {_id: media id, sha256, content_type, upload, size, ts},
- *             unique {sha256:1} (the dedupe), {ts:1}, {upload:1}
+ *             unique {sha256:1} (the dedupe: the first uploader's record,
+ *             which holds the bytes), {ts:1}, {upload:1}
+ *   media_alias {_id: media id, content: a media _id, content_type, ts},
+ *             {ts:1}: each later uploader's own record of stored bytes
  *   chunks    {_id: "upload/n", upload, n, ts, data: binary}, {upload:1};
  *             plain documents, not GridFS: FerretDB 1.24 does not promise
  *             GridFS, and per-upload chunks before the hash is known do not
@@ -289,6 +292,7 @@ static const sm_index sm_indexes[] = {
     { "media", "upload", { "upload" }, false },
     { "chunks", "upload_n", { "upload", "n" }, true },
     { "media_access", "media", { "media" }, false },
+    { "media_alias", "ts", { "ts" }, false },
     { "uploads", "ts", { "ts" }, false },
     { "devices", "user", { "user" }, false },
     { "inbox_acks", "user", { "user" }, false },

@@ -264,11 +264,61 @@ static int sm_media_find(store *st, const char *field, const char *value, store_
     return rc;
 }
 
+/* media_alias {_id: media id, content: the media id holding the bytes,
+ * content_type, ts}: the record of a later uploader of stored bytes. Its
+ * ts never passes its content's (every touch of an alias touches the
+ * content first), so the sweep takes an alias no later than its bytes. */
+static int sm_alias_find(store *st, const char *id, char content[STORE_MEDIA_ID_MAX + 1],
+                         char type[STORE_MEDIA_TYPE_MAX + 1], int64_t *ts, const char *what,
+                         char *err, size_t errlen)
+{
+    sm_conn sc = { 0 };
+    mongoc_cursor_t *cur;
+    const bson_t *doc;
+    bson_error_t error;
+    bson_iter_t it;
+    bson_t filter = BSON_INITIALIZER;
+    int rc = PX_DECLINED;
+
+    BSON_APPEND_UTF8(&filter, "_id", id);
+    sm_conn_get(st, "media_alias", &sc);
+    cur = mongoc_collection_find_with_opts(sc.coll, &filter, NULL, NULL);
+    if (mongoc_cursor_next(cur, &doc)) {
+        rc = bson_iter_init_find(&it, doc, "content") &&
+                     sm_copy_str(content, STORE_MEDIA_ID_MAX + 1, &it) == PX_OK &&
+                     bson_iter_init_find(&it, doc, "content_type") &&
+                     sm_copy_str(type, STORE_MEDIA_TYPE_MAX + 1, &it) == PX_OK &&
+                     bson_iter_init_find(&it, doc, "ts") && sm_iter_int64(&it, ts) == PX_OK
+                 ? PX_OK : px_err(err, errlen, "%s: malformed alias document", what);
+    } else if (mongoc_cursor_error(cur, &error)) {
+        rc = sm_fail(err, errlen, what, &error);
+    }
+    mongoc_cursor_destroy(cur);
+    sm_conn_put(st, &sc);
+    bson_destroy(&filter);
+    return rc;
+}
+
 int store_media_get(store *st, const char *id, store_media *m, char *err, size_t errlen)
 {
+    char content[STORE_MEDIA_ID_MAX + 1], type[STORE_MEDIA_TYPE_MAX + 1];
+    int64_t ts = 0;
+
     if (m == NULL || sm_check_media_id(id, "media get", err, errlen) != PX_OK)
         return px_err(err, errlen, "media get: bad id or NULL record");
-    return sm_media_find(st, "_id", id, m, "media get", err, errlen);
+    int rc = sm_media_find(st, "_id", id, m, "media get", err, errlen);
+    if (rc == PX_DECLINED)
+        rc = sm_alias_find(st, id, content, type, &ts, "media get", err, errlen);
+    else
+        return rc;
+    if (rc == PX_OK)
+        rc = sm_media_find(st, "_id", content, m, "media get", err, errlen);
+    if (rc == PX_OK) {
+        snprintf(m->id, sizeof(m->id), "%s", id);
+        memcpy(m->content_type, type, sizeof(type));
+        m->ts_ms = ts;
+    }
+    return rc;
 }
 
 static int sm_check_media(const store_media *m, char *err, size_t errlen)
@@ -285,9 +335,10 @@ static int sm_check_media(const store_media *m, char *err, size_t errlen)
     return PX_OK;
 }
 
-/* Moves the media's ts up to ts_ms ($max: never back). PX_DECLINED when
- * the record is gone (never existed, or swept). */
-static int sm_media_touch(store *st, const char *id, int64_t ts_ms, char *err, size_t errlen)
+/* Moves the ts of coll's document id up to ts_ms ($max: never back).
+ * PX_DECLINED when the document is gone (never existed, or swept). */
+static int sm_touch(store *st, const char *coll, const char *id, int64_t ts_ms, char *err,
+                    size_t errlen)
 {
     sm_conn sc = { 0 };
     bson_t *sel = BCON_NEW("_id", BCON_UTF8(id));
@@ -297,7 +348,7 @@ static int sm_media_touch(store *st, const char *id, int64_t ts_ms, char *err, s
     bson_error_t error;
     int rc = PX_OK;
 
-    sm_conn_get(st, "media", &sc);
+    sm_conn_get(st, coll, &sc);
     if (!mongoc_collection_update_one(sc.coll, sel, upd, NULL, &reply, &error))
         rc = sm_fail(err, errlen, "media touch", &error);
     else if (!bson_iter_init_find(&it, &reply, "matchedCount") || bson_iter_as_int64(&it) == 0)
@@ -306,6 +357,24 @@ static int sm_media_touch(store *st, const char *id, int64_t ts_ms, char *err, s
     sm_conn_put(st, &sc);
     bson_destroy(sel);
     bson_destroy(upd);
+    return rc;
+}
+
+/* Moves a media's ts up to ts_ms: a record of the bytes' own, or an alias
+ * and (first) its content. PX_DECLINED when gone. */
+static int sm_media_touch(store *st, const char *id, int64_t ts_ms, char *err, size_t errlen)
+{
+    char content[STORE_MEDIA_ID_MAX + 1], type[STORE_MEDIA_TYPE_MAX + 1];
+    int64_t ts;
+    int rc = sm_touch(st, "media", id, ts_ms, err, errlen);
+    if (rc == PX_DECLINED)
+        rc = sm_alias_find(st, id, content, type, &ts, "media touch", err, errlen);
+    else
+        return rc;
+    if (rc == PX_OK)
+        rc = sm_touch(st, "media", content, ts_ms, err, errlen);
+    if (rc == PX_OK)
+        rc = sm_touch(st, "media_alias", id, ts_ms, err, errlen);
     return rc;
 }
 
@@ -331,6 +400,36 @@ static int sm_media_insert(store *st, const store_media *m, char *err, size_t er
     return rc;
 }
 
+/* Equal bytes were committed first (maybe concurrently): m becomes an
+ * alias of that record, keeping its own id and content type, with the
+ * content's upload and size. The content's ts moves up first, so the sweep
+ * (which re-checks ts as it deletes) keeps the bytes. The caller drops its
+ * own chunks. */
+static int sm_media_alias(store *st, store_media *m, char *err, size_t errlen)
+{
+    store_media c;
+    sm_conn sc = { 0 };
+    bson_error_t error;
+    int rc = sm_media_find(st, "sha256", m->sha256, &c, "media commit", err, errlen);
+    if (rc == PX_OK)
+        rc = sm_touch(st, "media", c.id, m->ts_ms, err, errlen);
+    if (rc == PX_DECLINED)
+        return px_err(err, errlen, "media commit: duplicate of %s but no record found "
+                      "(swept meanwhile?); retry", m->sha256);
+    if (rc != PX_OK)
+        return rc;
+    bson_t *doc = BCON_NEW("_id", BCON_UTF8(m->id), "content", BCON_UTF8(c.id), "content_type",
+                           BCON_UTF8(m->content_type), "ts", BCON_DATE_TIME(m->ts_ms));
+    sm_conn_get(st, "media_alias", &sc);
+    if (!mongoc_collection_insert_one(sc.coll, doc, NULL, NULL, &error))
+        rc = sm_fail(err, errlen, "media commit", &error);
+    sm_conn_put(st, &sc);
+    bson_destroy(doc);
+    memcpy(m->upload, c.upload, sizeof(m->upload));
+    m->size = c.size;
+    return rc;
+}
+
 int store_media_commit(store *st, store_media *m, const char *uploader, int *created,
                        char *err, size_t errlen)
 {
@@ -343,16 +442,8 @@ int store_media_commit(store *st, store_media *m, const char *uploader, int *cre
         return PX_ERROR;
     rc = sm_media_insert(st, m, err, errlen);
     *created = rc == PX_OK;
-    if (rc == PX_DECLINED) {
-        /* Equal bytes were committed first (maybe concurrently): adopt that
-         * record. Its chunks stay; the caller drops ours. */
-        char sha[65];
-        memcpy(sha, m->sha256, sizeof(sha));
-        rc = sm_media_find(st, "sha256", sha, m, "media commit", err, errlen);
-        if (rc == PX_DECLINED)
-            rc = px_err(err, errlen, "media commit: duplicate of %s but no record found "
-                        "(swept meanwhile?); retry", sha);
-    }
+    if (rc == PX_DECLINED)
+        rc = sm_media_alias(st, m, err, errlen);
     if (rc == PX_OK)
         rc = store_media_grant(st, m->id, &uploader, 1, ts, err, errlen);
     /* The chunks belong to the media now: no longer an upload in progress.
@@ -510,6 +601,37 @@ static int sm_media_sweep_old(store *st, int64_t cutoff_ms, int64_t *gone, char 
     return rc;
 }
 
+/* Aliases untouched since the cutoff, each deleted only if its ts is still
+ * old (a grant since keeps it), then its grants. */
+static int sm_alias_sweep(store *st, int64_t cutoff_ms, int64_t *gone, char *err, size_t errlen)
+{
+    char (*ids)[STORE_MEDIA_ID_MAX + 1] = px_malloc(SM_MAX_BATCH * sizeof(*ids));
+    bson_t filter = BSON_INITIALIZER;
+    size_t n = 0;
+
+    sm_append_lt_date(&filter, "ts", cutoff_ms);
+    int rc = sm_collect_ids(st, "media_alias", &filter, "_id", ids, SM_MAX_BATCH, &n,
+                            "media sweep", err, errlen);
+    for (size_t i = 0; rc == PX_OK && i < n; i++) {
+        sm_conn sc = { 0 };
+        int64_t deleted = 0;
+        bson_reinit(&filter);
+        BSON_APPEND_UTF8(&filter, "_id", ids[i]);
+        sm_append_lt_date(&filter, "ts", cutoff_ms);
+        sm_conn_get(st, "media_alias", &sc);
+        rc = sm_delete_many(&sc, &filter, &deleted, "media sweep", err, errlen);
+        sm_conn_put(st, &sc);
+        if (rc == PX_OK && deleted > 0) {
+            (*gone)++;
+            rc = sm_delete_by(st, "media_access", "media", ids[i], NULL, "media sweep", err,
+                              errlen);
+        }
+    }
+    bson_destroy(&filter);
+    free(ids);
+    return rc;
+}
+
 /* Upload records older than the cutoff: those no media names never
  * committed (their uploader is long gone), so their chunks go; those a
  * media names committed but crashed before dropping the record. */
@@ -560,8 +682,10 @@ int store_media_sweep(store *st, int64_t cutoff_ms, int64_t orphan_cutoff_ms, in
                       int64_t *orphans, char *err, size_t errlen)
 {
     int64_t nm = 0, no = 0;
-    int rc = sm_media_sweep_old(st, cutoff_ms, &nm, err, errlen);
+    int rc = sm_alias_sweep(st, cutoff_ms, &nm, err, errlen);
 
+    if (rc == PX_OK)
+        rc = sm_media_sweep_old(st, cutoff_ms, &nm, err, errlen);
     if (rc == PX_OK)
         rc = sm_media_sweep_orphans(st, orphan_cutoff_ms, &no, err, errlen);
     if (media != NULL)

@@ -65,6 +65,11 @@ static const char ss_schema[] =
     " content_type TEXT, upload TEXT, size INTEGER, ts INTEGER);"
     "CREATE INDEX IF NOT EXISTS media_ts ON media (ts);"
     "CREATE INDEX IF NOT EXISTS media_upload ON media (upload);"
+    /* A later uploader's own record of stored bytes (content: the media
+     * row that holds them); its ts never passes its content's. */
+    "CREATE TABLE IF NOT EXISTS media_alias (id TEXT PRIMARY KEY, content TEXT NOT NULL,"
+    " content_type TEXT, ts INTEGER);"
+    "CREATE INDEX IF NOT EXISTS media_alias_ts ON media_alias (ts);"
     "CREATE TABLE IF NOT EXISTS grants (id TEXT NOT NULL, user TEXT NOT NULL,"
     " PRIMARY KEY (id, user)) WITHOUT ROWID;"
     /* Per connection: the id sets of one ack or lookup. */
@@ -1227,7 +1232,8 @@ static int ss_media_by_sha(store *st, const char *sha256, store_media *m, char *
     return rc;
 }
 
-/* In a transaction: grants users access to id and moves its ts up. */
+/* In a transaction: grants users access to id (a media or an alias) and
+ * moves its ts up, and its content's for an alias. */
 static int ss_media_touch(store *st, const char *id, const char *const *users, size_t n,
                           int64_t ts_ms, char *err, size_t errlen)
 {
@@ -1239,16 +1245,21 @@ static int ss_media_touch(store *st, const char *id, const char *const *users, s
         rc = ss_run(st, g, "media grant", err, errlen);
     }
     sqldb_done(g);
-    sqlite3_stmt *t = rc == PX_OK ? ss_prep(st, "UPDATE media SET ts = MAX(ts, ?) WHERE id=?",
-                                            err, errlen) : NULL;
-    if (t != NULL) {
-        sqlite3_bind_int64(t, 1, ts_ms);
-        ss_text(t, 2, id);
-        rc = ss_run(st, t, "media touch", err, errlen);
-    } else {
-        rc = PX_ERROR;
+    static const char *const touch[] = {
+        "UPDATE media SET ts = MAX(ts, ?1) WHERE id = ?2"
+        " OR id = (SELECT content FROM media_alias WHERE id = ?2)",
+        "UPDATE media_alias SET ts = MAX(ts, ?1) WHERE id = ?2",
+    };
+    for (size_t i = 0; i < PX_ARRAY_LEN(touch) && rc == PX_OK; i++) {
+        sqlite3_stmt *t = ss_prep(st, touch[i], err, errlen);
+        rc = t != NULL ? PX_OK : PX_ERROR;
+        if (t != NULL) {
+            sqlite3_bind_int64(t, 1, ts_ms);
+            ss_text(t, 2, id);
+            rc = ss_run(st, t, "media touch", err, errlen);
+        }
+        sqldb_done(t);
     }
-    sqldb_done(t);
     return rc;
 }
 
@@ -1261,9 +1272,25 @@ int store_media_commit(store *st, store_media *m, const char *uploader, int *cre
     if (ss_begin(st, err, errlen) != PX_OK)
         return PX_ERROR;
     int64_t ts = m->ts_ms;
-    int rc = ss_media_by_sha(st, m->sha256, m, err, errlen);
+    store_media c;
+    int rc = ss_media_by_sha(st, m->sha256, &c, err, errlen);
     *created = rc == PX_DECLINED;
-    if (rc == PX_DECLINED) {
+    if (rc == PX_OK) {
+        /* Stored already: m is this uploader's own record of those bytes
+         * (its id, its type); nothing of the first record is handed back. */
+        sqlite3_stmt *s = ss_prep(st, "INSERT INTO media_alias VALUES (?,?,?,?)", err, errlen);
+        rc = s != NULL ? PX_OK : PX_ERROR;
+        if (s != NULL) {
+            ss_text(s, 1, m->id);
+            ss_text(s, 2, c.id);
+            ss_text(s, 3, m->content_type);
+            sqlite3_bind_int64(s, 4, ts);
+            rc = ss_run(st, s, "media commit", err, errlen);
+        }
+        sqldb_done(s);
+        memcpy(m->upload, c.upload, sizeof(m->upload));
+        m->size = c.size;
+    } else if (rc == PX_DECLINED) {
         sqlite3_stmt *s = ss_prep(st, "INSERT INTO media VALUES (?,?,?,?,?,?)", err, errlen);
         rc = s != NULL ? PX_OK : PX_ERROR;
         if (s != NULL) {
@@ -1279,7 +1306,6 @@ int store_media_commit(store *st, store_media *m, const char *uploader, int *cre
     }
     if (rc == PX_OK)
         rc = ss_media_touch(st, m->id, &uploader, 1, ts, err, errlen);
-    m->ts_ms = PX_MAX(m->ts_ms, ts);
     return ss_end(st, rc, err, errlen);
 }
 
@@ -1288,7 +1314,12 @@ int store_media_get(store *st, const char *id, store_media *m, char *err, size_t
     if (!ss_media_id_ok(id))
         return px_err(err, errlen, "media get: bad id");
     pthread_mutex_lock(&st->mu);
-    sqlite3_stmt *s = ss_prep(st, "SELECT " SS_MEDIA_COLS " FROM media WHERE id=?", err, errlen);
+    /* A media row, or an alias with its own id, type and ts over its
+     * content's bytes. */
+    sqlite3_stmt *s = ss_prep(st, "SELECT " SS_MEDIA_COLS " FROM media WHERE id = ?1"
+                              " UNION ALL SELECT a.id, m.sha256, a.content_type, m.upload, m.size,"
+                              " a.ts FROM media_alias a JOIN media m ON m.id = a.content"
+                              " WHERE a.id = ?1", err, errlen);
     int rc = s != NULL ? PX_DECLINED : PX_ERROR;
     if (s != NULL) {
         ss_text(s, 1, id);
@@ -1310,8 +1341,9 @@ int store_media_access(store *st, const char *id, const char *user, char *err, s
     if (!ss_media_id_ok(id) || !ss_str_ok(user))
         return px_err(err, errlen, "media access: bad id or user");
     pthread_mutex_lock(&st->mu);
-    sqlite3_stmt *s = ss_prep(st, "SELECT 1 FROM grants g JOIN media m ON m.id = g.id"
-                              " WHERE g.id = ? AND g.user = ?", err, errlen);
+    sqlite3_stmt *s = ss_prep(st, "SELECT 1 FROM grants WHERE id = ?1 AND user = ?2 AND"
+                              " (EXISTS (SELECT 1 FROM media WHERE id = ?1) OR"
+                              " EXISTS (SELECT 1 FROM media_alias WHERE id = ?1))", err, errlen);
     int rc = s != NULL ? PX_DECLINED : PX_ERROR;
     if (s != NULL) {
         ss_text(s, 1, id);
@@ -1336,7 +1368,8 @@ int store_media_grant(store *st, const char *id, const char *const *users, size_
         return rc;
     if (ss_begin(st, err, errlen) != PX_OK)
         return PX_ERROR;
-    sqlite3_stmt *s = ss_prep(st, "SELECT 1 FROM media WHERE id=?", err, errlen);
+    sqlite3_stmt *s = ss_prep(st, "SELECT 1 FROM media WHERE id = ?1"
+                              " UNION ALL SELECT 1 FROM media_alias WHERE id = ?1", err, errlen);
     rc = s != NULL ? PX_OK : PX_ERROR;
     if (s != NULL) {
         ss_text(s, 1, id);
@@ -1352,7 +1385,8 @@ int store_media_grant(store *st, const char *id, const char *const *users, size_
     return ss_end(st, rc, err, errlen);
 }
 
-/* One transaction: old media (chunks, grants, record), then the chunks of
+/* One transaction: old aliases (grants, record; an alias is never newer
+ * than its content), old media (chunks, grants, record), then the chunks of
  * uploads no media names that began before the orphan cutoff (collected in
  * ss_ids first, to count uploads rather than chunks). */
 int store_media_sweep(store *st, int64_t cutoff_ms, int64_t orphan_cutoff_ms, int64_t *media,
@@ -1362,7 +1396,14 @@ int store_media_sweep(store *st, int64_t cutoff_ms, int64_t orphan_cutoff_ms, in
     if (ss_begin(st, err, errlen) != PX_OK)
         return PX_ERROR;
     sqlite3_exec(st->d.db, "DELETE FROM ss_ids", NULL, NULL, NULL);
-    int rc = ss_sweep_step(st, "DELETE FROM chunks WHERE upload IN (SELECT upload FROM media"
+    int64_t na = 0;
+    int rc = ss_sweep_step(st, "DELETE FROM grants WHERE id IN (SELECT id FROM media_alias"
+                           " WHERE ts < ?1)", cutoff_ms, NULL, err, errlen);
+    if (rc == PX_OK)
+        rc = ss_sweep_step(st, "DELETE FROM media_alias WHERE ts < ?1", cutoff_ms, &na, err,
+                           errlen);
+    if (rc == PX_OK)
+        rc = ss_sweep_step(st, "DELETE FROM chunks WHERE upload IN (SELECT upload FROM media"
                            " WHERE ts < ?1)", cutoff_ms, NULL, err, errlen);
     if (rc == PX_OK)
         rc = ss_sweep_step(st, "DELETE FROM grants WHERE id IN (SELECT id FROM media"
@@ -1378,7 +1419,7 @@ int store_media_sweep(store *st, int64_t cutoff_ms, int64_t orphan_cutoff_ms, in
                            NULL, err, errlen); /* no parameter: the bind is a no-op */
     rc = ss_end(st, rc, err, errlen);
     if (media != NULL)
-        *media = rc == PX_OK ? nm : 0;
+        *media = rc == PX_OK ? nm + na : 0;
     if (orphans != NULL)
         *orphans = rc == PX_OK ? no : 0;
     return rc;

@@ -1,5 +1,6 @@
 /* Owns the gateway's media: POST /v1/media (streamed into chunk documents
- * while sha256 is computed, deduplicated by hash at commit), GET
+ * while sha256 is computed, the bytes deduplicated by hash at commit, each
+ * upload still getting a record and id of its own), GET
  * /v1/media/<id> (streamed back chunk by chunk, one Range), and the media
  * check of a `send` (exists, the sender may read it, grant the recipient),
  * which runs on its own thread so store round trips never stall a worker's
@@ -339,8 +340,9 @@ static enum MHD_Result media_answer_upload(gw *g, struct MHD_Connection *mc,
     return ret;
 }
 
-/* The body is complete: hash known, so commit (or adopt the equal bytes
- * already stored and drop ours). */
+/* The body is complete: hash known, so commit (over the equal bytes
+ * already stored, if any, dropping ours: the record and id are this
+ * upload's own either way). */
 static enum MHD_Result media_upload_end(gw *g, struct MHD_Connection *mc, media_req *r)
 {
     char err[PX_ERRLEN];

@@ -351,9 +351,12 @@ START_TEST(upload_send_download_same_bytes)
 }
 END_TEST
 
+/* Equal bytes are stored once, but each upload gets a media id and record
+ * of its own (issue 22): the second uploader learns nothing of the first's
+ * id, type or access, and neither may read the other's id. */
 START_TEST(equal_bytes_from_two_users_stored_once)
 {
-    char carol[65], dave[65], id1[65], id2[65];
+    char carol[65], dave[65], id1[65], id2[65], id3[65], ct[128];
     const size_t len = 3 * STORE_MEDIA_CHUNK + 777;   /* 4 chunks */
     unsigned char *data = make_bytes(len, 2);
     e2e_user("carol", carol);
@@ -362,13 +365,23 @@ START_TEST(equal_bytes_from_two_users_stored_once)
     int64_t before = chunks_stored();
     upload_ok(carol, data, len, "video/mp4", id1);
     int64_t after_first = chunks_stored();
-    upload_ok(dave, data, len, "video/mp4", id2);
-    upload_ok(carol, data, len, "video/mp4", id2);
+    upload_ok(dave, data, len, "application/x-dave", id2);
+    upload_ok(carol, data, len, "video/mp4", id3);
     int64_t after_all = chunks_stored();
     ck_assert_int_eq(after_first - before, 4);
     ck_assert_int_eq(after_all, after_first);
-    ck_assert_str_eq(id1, id2);
-    expect_status(dave, id1, 200);     /* uploading the bytes grants them */
+    ck_assert_str_ne(id1, id2);
+    ck_assert_str_ne(id1, id3);
+    ck_assert_str_ne(id2, id3);
+    expect_status(dave, id1, 403);
+    expect_status(carol, id2, 403);
+    hresp r = download(dave, id2, NULL);
+    ck_assert_int_eq(r.status, 200);
+    ck_assert_uint_eq(r.len, len);
+    ck_assert_int_eq(memcmp(r.body, data, len), 0);
+    head_value(&r, "Content-Type", ct, sizeof(ct));
+    ck_assert_str_eq(ct, "application/x-dave");
+    hresp_free(&r);
     free(data);
 }
 END_TEST

@@ -753,8 +753,8 @@ START_TEST(media_chunks_roundtrip)
 END_TEST
 
 /* The first commit of a sha256 creates the record; a second upload of the
- * same bytes gets the first record back (and its uploader a grant); access
- * is exactly the grants. */
+ * same bytes gets a record of its own over the stored bytes (its id, its
+ * type, its grants: nothing of the first); access is exactly the grants. */
 START_TEST(media_commit_dedupe_and_access)
 {
     char err[PX_ERRLEN] = "";
@@ -766,18 +766,32 @@ START_TEST(media_commit_dedupe_and_access)
     ck_assert_int_eq(store_media_commit(st, &m1, "alice", &created, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(created, 1);
     m2 = media_rec("med2", "up_m2", 'a', 300000, 8000);
+    snprintf(m2.content_type, sizeof(m2.content_type), "text/plain");
     ck_assert_int_eq(store_media_commit(st, &m2, "dave", &created, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(created, 0);
-    ck_assert_str_eq(m2.id, "med1");
+    ck_assert_str_eq(m2.id, "med2");
     ck_assert_str_eq(m2.upload, "up_m1");
-    ck_assert_int_eq(m2.ts_ms, 8000);
+    ck_assert_str_eq(m2.content_type, "text/plain");
     ck_assert_int_eq(store_media_get(st, "med1", &got, err, sizeof(err)), PX_OK);
     ck_assert_str_eq(got.content_type, "image/png");
     ck_assert_int_eq(got.size, 300000);
+    ck_assert_int_eq(got.ts_ms, 8000);         /* the bytes' ts moved up */
+    ck_assert_int_eq(store_media_get(st, "med2", &got, err, sizeof(err)), PX_OK);
+    ck_assert_str_eq(got.id, "med2");
+    ck_assert_str_eq(got.content_type, "text/plain");
+    ck_assert_str_eq(got.upload, "up_m1");
+    ck_assert_int_eq(got.size, 300000);
     ck_assert_int_eq(got.ts_ms, 8000);
-    ck_assert_int_eq(store_media_get(st, "med2", &got, err, sizeof(err)), PX_DECLINED);
     ck_assert_int_eq(store_media_access(st, "med1", "alice", err, sizeof(err)), PX_OK);
-    ck_assert_int_eq(store_media_access(st, "med1", "dave", err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_access(st, "med1", "dave", err, sizeof(err)), PX_DECLINED);
+    ck_assert_int_eq(store_media_access(st, "med2", "dave", err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_access(st, "med2", "alice", err, sizeof(err)), PX_DECLINED);
+    /* A grant of the alias keeps the bytes too. */
+    const char *erin[] = { "erin" };
+    ck_assert_int_eq(store_media_grant(st, "med2", erin, 1, 8500, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_access(st, "med2", "erin", err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_get(st, "med1", &got, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(got.ts_ms, 8500);
     ck_assert_int_eq(store_media_access(st, "med1", "bob", err, sizeof(err)), PX_DECLINED);
     ck_assert_int_eq(store_media_grant(st, "med1", bob, 3, 9000, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(store_media_grant(st, "med1", bob, 1, 9000, err, sizeof(err)), PX_OK);
@@ -791,9 +805,9 @@ START_TEST(media_commit_dedupe_and_access)
 }
 END_TEST
 
-/* The sweep removes media (record, chunks, grants) untouched since the
- * cutoff, and uncommitted uploads older than the orphan cutoff; it keeps
- * everything newer. */
+/* The sweep removes media (record, chunks, grants) and aliases untouched
+ * since the cutoff, and uncommitted uploads older than the orphan cutoff;
+ * it keeps everything newer, and the bytes of a recently granted alias. */
 START_TEST(media_sweep_old_and_orphans)
 {
     char err[PX_ERRLEN] = "";
@@ -810,13 +824,26 @@ START_TEST(media_sweep_old_and_orphans)
     ck_assert_int_eq(store_media_commit(st, &old, "alice", &created, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(store_media_commit(st, &kept, "alice", &created, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(store_media_grant(st, "sw_new", bob, 1, 2600, err, sizeof(err)), PX_OK);
+    store_media alias = media_rec("sw_alias", "up_sw_alias", 'c', 10, 1000);
+    store_media d = media_rec("sw_d", "up_sw_d", 'd', 10, 1000);
+    store_media d2 = media_rec("sw_d2", "up_sw_d2", 'd', 10, 1000);
+    put_chunks("up_sw_d", 1, 10, 1000);
+    ck_assert_int_eq(store_media_commit(st, &alias, "erin", &created, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_commit(st, &d, "alice", &created, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_commit(st, &d2, "erin", &created, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_grant(st, "sw_d2", bob, 1, 2600, err, sizeof(err)), PX_OK);
     /* Writing chunk 0 again re-creates sw_new's upload record, as a crash
      * between commit and the record's delete would leave it: the sweep
      * must see the upload is committed and keep its chunks. */
     put_chunks("up_sw_new", 1, 10, 1000);
     ck_assert_int_eq(store_media_sweep(st, 2500, 2500, &nm, &no, err, sizeof(err)), PX_OK);
-    ck_assert_int_eq(nm, 1);
+    ck_assert_int_eq(nm, 2);                     /* sw_old, sw_alias */
     ck_assert_int_eq(no, 1);
+    ck_assert_int_eq(store_media_get(st, "sw_alias", &alias, err, sizeof(err)), PX_DECLINED);
+    ck_assert_int_eq(store_media_access(st, "sw_alias", "erin", err, sizeof(err)), PX_DECLINED);
+    ck_assert_int_eq(store_media_get(st, "sw_d2", &d2, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_media_get(st, "sw_d", &d, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(chunks_of("up_sw_d"), 1);   /* its alias was granted recently */
     ck_assert_int_eq(store_media_get(st, "sw_old", &old, err, sizeof(err)), PX_DECLINED);
     ck_assert_int_eq(store_media_access(st, "sw_old", "alice", err, sizeof(err)), PX_DECLINED);
     ck_assert_int_eq(chunks_of("up_sw_old"), 0);
