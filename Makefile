@@ -70,7 +70,7 @@ endif
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
 
-.PHONY: all deps deps-build test test-unit test-parleyd test-browser test-chaos run run-stack stack-start stack-stop bench clean helm-check image fuzz fuzz-build
+.PHONY: all deps deps-build test test-unit test-parleyd test-browser test-chaos test-tls run run-stack stack-start stack-stop bench clean helm-check image fuzz fuzz-build
 .DEFAULT_GOAL := all
 
 all: $(SERVICE_BINS) $(OUT)/bin/parleyd $(TOOL_BINS) $(TEST_BINS) $(E2E_EMBED_BINS) $(BENCH_BINS)
@@ -198,6 +198,16 @@ test-unit:
 	$(MAKE) SAN=1 all
 	$(MAKE) fuzz-build
 	bash tests/run.sh build/san unit
+
+# The MongoDB store's integration tests and the end-to-end suite with every
+# service reaching Kafka through SASL_SSL and FerretDB through TLS
+# (certificates from a throwaway CA: stack.sh --tls); by hand, not in make
+# test. test_bus_kafka is left out: its own raw librdkafka clients (offset
+# checks) speak plaintext.
+test-tls: deps
+	$(MAKE) SAN=1 all
+	PARLEY_TEST_TLS=1 PARLEY_TEST_ONLY='tests/(integration/test_store_mongo[a-z_]*|e2e/test_[a-z_]+ \[stack\])$$' \
+	  bash tests/run.sh build/san
 
 # Every fuzz target for FUZZ_SECONDS (60) each; `make test` runs each for a
 # few seconds (PARLEY_FUZZ_SECONDS, 4).

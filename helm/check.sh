@@ -86,6 +86,9 @@ refuse "HPA min > max" "minReplicas exceeds" --set receipt.autoscaling.enabled=t
 refuse "misspelt value" "additional properties" --set gateway.replica=3
 refuse "non-mongodb URI" "uri" --set mongo.uri=postgres://db/parley
 refuse "no token key at all" "no auth.jwks" --set auth.hs256=false
+refuse "SASL without a password" "needs saslMechanism" --set kafka.security.protocol=sasl_ssl \
+  --set kafka.security.saslMechanism=PLAIN --set kafka.security.username=parley
+refuse "unknown Kafka protocol" "protocol" --set kafka.security.protocol=tls
 refuse "JWKS from two places" "not both" --set auth.jwks.existingSecret=a \
   --set auth.jwks.existingConfigMap=b
 

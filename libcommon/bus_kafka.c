@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -155,6 +156,61 @@ static int bus_on_stats(rd_kafka_t *rk, char *json, size_t len, void *opaque)
     return 0; /* librdkafka frees json */
 }
 
+/* The password in file path (a mounted Secret: never the environment, which
+ * leaks into process listings and crash reports), without its line end. */
+static int bus_read_secret(const char *path, char *out, size_t outlen, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return px_err(err, errlen, "PARLEY_KAFKA_SASL_PASSWORD_FILE: cannot open %s: %m", path);
+    size_t n = fread(out, 1, outlen - 1, f);
+    int full = n == outlen - 1 && fgetc(f) != EOF;
+    fclose(f);
+    out[n] = '\0';
+    out[strcspn(out, "\r\n")] = '\0';
+    if (full || out[0] == '\0')
+        return px_err(err, errlen, "PARLEY_KAFKA_SASL_PASSWORD_FILE: %s is empty or over %zu bytes",
+                      path, outlen - 2);
+    return PX_OK;
+}
+
+/* TLS and SASL to the brokers (docs/operations.md, "Kafka security"): each
+ * variable sets one librdkafka property; SASL needs a mechanism, a user
+ * and a password file. librdkafka checks the certificate's host name
+ * (ssl.endpoint.identification.algorithm=https is its default). */
+static int bus_set_security(rd_kafka_conf_t *conf, char *err, size_t errlen)
+{
+    static const char *const map[][2] = {
+        { "PARLEY_KAFKA_SECURITY_PROTOCOL", "security.protocol" },
+        { "PARLEY_KAFKA_SASL_MECHANISM", "sasl.mechanisms" },
+        { "PARLEY_KAFKA_SASL_USERNAME", "sasl.username" },
+        { "PARLEY_KAFKA_SSL_CA_FILE", "ssl.ca.location" },
+        { "PARLEY_KAFKA_SSL_CERT_FILE", "ssl.certificate.location" },
+        { "PARLEY_KAFKA_SSL_KEY_FILE", "ssl.key.location" },
+    };
+    for (size_t i = 0; i < PX_ARRAY_LEN(map); i++) {
+        const char *v = config_str(map[i][0], NULL);
+        if (v != NULL && bus_set(conf, map[i][1], v, err, errlen) != PX_OK)
+            return px_err(err, errlen, "%s=\"%s\" refused by librdkafka (%s)", map[i][0], v,
+                          map[i][1]);
+    }
+    const char *proto = config_str("PARLEY_KAFKA_SECURITY_PROTOCOL", "plaintext");
+    const char *pwfile = config_str("PARLEY_KAFKA_SASL_PASSWORD_FILE", NULL);
+    if (strncasecmp(proto, "sasl_", 5) != 0)
+        return PX_OK;
+    if (config_str("PARLEY_KAFKA_SASL_MECHANISM", NULL) == NULL ||
+        config_str("PARLEY_KAFKA_SASL_USERNAME", NULL) == NULL || pwfile == NULL)
+        return px_err(err, errlen, "PARLEY_KAFKA_SECURITY_PROTOCOL=%s needs "
+                      "PARLEY_KAFKA_SASL_MECHANISM, _USERNAME and _PASSWORD_FILE", proto);
+    char pw[1024], e[256];
+    int rc = bus_read_secret(pwfile, pw, sizeof(pw), err, errlen);
+    if (rc == PX_OK && rd_kafka_conf_set(conf, "sasl.password", pw, e, sizeof(e)) !=
+                           RD_KAFKA_CONF_OK)
+        rc = px_err(err, errlen, "kafka setting sasl.password: %s", e); /* e names no value */
+    explicit_bzero(pw, sizeof(pw));
+    return rc;
+}
+
 static rd_kafka_conf_t *bus_common_conf(const bus_conf *c, bus *b, char *err, size_t errlen)
 {
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
@@ -169,7 +225,8 @@ static rd_kafka_conf_t *bus_common_conf(const bus_conf *c, bus *b, char *err, si
          * partitions of it (seen: message-store without acks and sync). */
         { "topic.metadata.refresh.interval.ms", "5000" },
     };
-    if (bus_set_all(conf, kv, PX_ARRAY_LEN(kv), err, errlen) != PX_OK) {
+    if (bus_set_all(conf, kv, PX_ARRAY_LEN(kv), err, errlen) != PX_OK ||
+        bus_set_security(conf, err, errlen) != PX_OK) {
         rd_kafka_conf_destroy(conf);
         return NULL;
     }

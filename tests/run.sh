@@ -179,14 +179,25 @@ if [[ $need_stack -eq 1 ]]; then
   stop_stack() { bash deploy/local/stack.sh destroy || true; }
   trap stop_stack EXIT
   # The first start on a machine fetches Kafka and builds FerretDB (~2 min).
-  timeout -k 10 600 bash deploy/local/stack.sh start all
+  # PARLEY_TEST_TLS=1 (make test-tls): everything reaches Kafka through a
+  # SASL_SSL listener and FerretDB through TLS (stack.sh --tls).
+  tls=()
+  [[ ${PARLEY_TEST_TLS:-0} == 1 ]] && tls=(--tls)
+  timeout -k 10 600 bash deploy/local/stack.sh start "${tls[@]}" all
   rc=$?
   if [[ $rc -ne 0 ]]; then
     echo "FAIL: the local stack did not start (exit status $rc; 124: not in 600 s; logs above)"
     exit 1
   fi
-  export PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT
-  export PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false"
+  if [[ ${#tls[@]} -gt 0 ]]; then
+    set -a
+    . "$PARLEY_STACK_DIR/stack-tls.env"
+    set +a
+    echo "tests/run.sh: over TLS: Kafka $PARLEY_KAFKA_BROKERS ($PARLEY_KAFKA_SECURITY_PROTOCOL), $PARLEY_MONGO_URI"
+  else
+    export PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT
+    export PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false"
+  fi
   run_phase stack
 fi
 

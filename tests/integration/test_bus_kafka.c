@@ -581,6 +581,62 @@ START_TEST(config_overrides_apply_or_fail_start)
 }
 END_TEST
 
+/* The security settings are checked at start and name the variable at
+ * fault; the password comes from its file and is in no error. (Under make
+ * test-tls every other test here runs over SASL_SSL.) */
+static bus *bus_with_security(const char *const *kv, char *err, size_t errlen)
+{
+    static const char *const vars[] = {
+        "PARLEY_KAFKA_SECURITY_PROTOCOL", "PARLEY_KAFKA_SASL_MECHANISM",
+        "PARLEY_KAFKA_SASL_USERNAME", "PARLEY_KAFKA_SASL_PASSWORD_FILE",
+        "PARLEY_KAFKA_SSL_CA_FILE", "PARLEY_KAFKA_SSL_CERT_FILE", "PARLEY_KAFKA_SSL_KEY_FILE",
+    };
+    for (size_t i = 0; i < PX_ARRAY_LEN(vars); i++)
+        unsetenv(vars[i]); /* this test runs in a process of its own */
+    for (; kv[0] != NULL; kv += 2)
+        setenv(kv[0], kv[1], 1);
+    bus_conf c = { .brokers = "127.0.0.1:1", .client_id = "it", .partitions = 1,
+                   .dr_cb = on_dr };
+    err[0] = '\0';
+    return bus_new(&c, err, errlen);
+}
+
+START_TEST(security_settings_checked_at_start)
+{
+    char err[PX_ERRLEN], pw[] = "/tmp/parley-it-pw.XXXXXX";
+    int fd = mkstemp(pw);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(write(fd, "s3cret-never-logged\n", 20), 20);
+    close(fd);
+#define P "PARLEY_KAFKA_SECURITY_PROTOCOL"
+#define M "PARLEY_KAFKA_SASL_MECHANISM"
+#define U "PARLEY_KAFKA_SASL_USERNAME", "parley"
+#define F "PARLEY_KAFKA_SASL_PASSWORD_FILE"
+    const struct { const char *kv[9]; const char *want; } bad[] = {
+        { { P, "sasl_tls", NULL }, P },
+        { { P, "sasl_ssl", M, "PLAIN", U, NULL }, "_PASSWORD_FILE" },
+        { { P, "sasl_ssl", M, "PLAIN", U, F, "/nonexistent/pw", NULL }, "cannot open" },
+        { { P, "sasl_plaintext", M, "NOPE", U, F, pw, NULL }, "NOPE" },
+        { { P, "ssl", "PARLEY_KAFKA_SSL_CA_FILE", "/nonexistent/ca.pem", NULL }, "ssl.ca.location" },
+    };
+    for (size_t i = 0; i < PX_ARRAY_LEN(bad); i++) {
+        bus *b = bus_with_security(bad[i].kv, err, sizeof(err));
+        ck_assert_msg(b == NULL, "case %zu started", i);
+        ck_assert_msg(strstr(err, bad[i].want) != NULL, "case %zu: %s", i, err);
+        ck_assert_msg(strstr(err, "s3cret") == NULL, "case %zu: %s", i, err);
+    }
+    const char *const good[] = { P, "sasl_plaintext", M, "PLAIN", U, F, pw, NULL };
+#undef P
+#undef M
+#undef U
+#undef F
+    bus *b = bus_with_security(good, err, sizeof(err));
+    ck_assert_msg(b != NULL, "bus_new: %s", err);
+    bus_destroy(b);
+    unlink(pw);
+}
+END_TEST
+
 static Suite *bus_suite(void)
 {
     Suite *s = suite_create("bus_kafka");
@@ -594,6 +650,7 @@ static Suite *bus_suite(void)
     tcase_add_test(tc, wakeup_ends_a_blocked_consume);
     tcase_add_test(tc, unreachable_broker_fails_cleanly);
     tcase_add_test(tc, config_overrides_apply_or_fail_start);
+    tcase_add_test(tc, security_settings_checked_at_start);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -159,6 +159,46 @@ volumes:
 {{- if and (eq .component "gateway") (include "parley.jwksSource" .root) }}
 {{- include "parley.jwksVolume" .root | nindent 2 }}
 {{- end }}
+{{- with .root.Values.kafka.security }}
+{{- if .passwordSecret }}
+  - name: kafka-sasl
+    secret:
+      secretName: {{ .passwordSecret }}
+      items:
+        - key: {{ .passwordKey }}
+          path: password
+{{- end }}
+{{- if .tlsSecret }}
+  - name: kafka-tls
+    secret:
+      secretName: {{ .tlsSecret }}
+{{- end }}
+{{- end }}
+{{- if .root.Values.mongo.tlsSecret }}
+  - name: mongo-tls
+    secret:
+      secretName: {{ .root.Values.mongo.tlsSecret }}
+{{- end }}
+{{- end }}
+
+{{/* Every container's mounts of the Kafka and MongoDB credentials (as
+directories, so a rotated Secret reaches the pod). Argument: the root. */}}
+{{- define "parley.secretMounts" -}}
+{{- if .Values.kafka.security.passwordSecret }}
+- name: kafka-sasl
+  mountPath: /etc/parley/kafka-sasl
+  readOnly: true
+{{- end }}
+{{- if .Values.kafka.security.tlsSecret }}
+- name: kafka-tls
+  mountPath: /etc/parley/kafka-tls
+  readOnly: true
+{{- end }}
+{{- if .Values.mongo.tlsSecret }}
+- name: mongo-tls
+  mountPath: /etc/parley/mongo-tls
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{/*
@@ -225,6 +265,11 @@ Argument: dict "root" $ "jwt" BOOL.
 
 {{/* Cross-field checks the schema cannot express. */}}
 {{- define "parley.validate" -}}
+{{- with .Values.kafka.security }}
+{{- if and (hasPrefix "sasl_" .protocol) (not (and .saslMechanism .username .passwordSecret)) }}
+{{- fail (printf "kafka.security.protocol %s needs saslMechanism, username and passwordSecret: the services refuse to start otherwise" .protocol) }}
+{{- end }}
+{{- end }}
 {{- if and (not .Values.auth.hs256) (not (include "parley.jwksSource" .)) }}
 {{- fail "auth.hs256 is false but no auth.jwks.existingSecret or existingConfigMap is set: the gateway would have no key to check tokens with" }}
 {{- end }}
