@@ -377,6 +377,22 @@ pid_t e2e_spawn_extra(const char *id, int port, int shared, const char *data_dir
     _exit(127);
 }
 
+pid_t e2e_spawn_replica(enum e2e_svc s, const char *id, int port)
+{
+    char listen[32], log[512], bin[512];
+    const char *build = getenv("PARLEY_BUILD") ? getenv("PARLEY_BUILD") : "build/san";
+    e2e_setenv();
+    snprintf(bin, sizeof(bin), "%s/bin/%s", build, e2e_procs[s].bin);
+    snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
+    snprintf(log, sizeof(log), "%s/%s.log", e2e_logdir, id);
+    pid_t pid = e2e_fork_logged(log, O_TRUNC);
+    if (pid != 0)
+        return pid;
+    setenv("PARLEY_ADMIN_LISTEN", listen, 1);
+    execl(bin, bin, (char *)NULL);
+    _exit(127);
+}
+
 int e2e_extra_exit_status(pid_t pid)
 {
     int st = 0;

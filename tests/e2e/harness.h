@@ -31,6 +31,11 @@ void e2e_extra_gateway(const char *id, char *bin, size_t binlen);
  * run's; nofile > 0 sets RLIMIT_NOFILE (soft and hard) before exec. */
 pid_t e2e_spawn_extra(const char *id, int port, int shared, const char *data_dir,
                       const char *const *env, long nofile);
+/* Another replica of service s (presence, message-store, receipt or
+ * group-fanout; stack mode): the same binary and configuration, so the same
+ * consumer group, its admin port at port, its output in <id>.log. Stop it
+ * with e2e_stop_extra. */
+pid_t e2e_spawn_replica(enum e2e_svc s, const char *id, int port);
 /* Waits up to 30 s for pid to exit: its wait status, or -1 if it still ran
  * (it is killed then). */
 int e2e_extra_exit_status(pid_t pid);

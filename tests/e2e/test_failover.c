@@ -1,0 +1,203 @@
+/* Failover end to end (issue 16): a second replica of message-store and of
+ * receipt joins each consumer group; pairs of users exchange messages over
+ * both gateways at a steady rate while the first replica of each is killed
+ * (-9) and, later, started again, so partitions move to the survivor and
+ * back while messages flow (two rebalances per group). Every message
+ * answered `sent` must reach its recipient, and every sender must get its
+ * `delivered` receipt. Reported: duplicates on the wire (clients dedupe by
+ * id), and the longest send-to-receive time, which bounds how long
+ * deliveries stopped. parleyd runs one instance of everything: no replica to
+ * fail over to (its kill -9 is test_crash's). */
+#include "e2e.h"
+
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+
+enum { PAIRS = 8, N = 2800, GAP_MS = 12 };
+
+typedef struct run {
+    client *senders[PAIRS], *receivers[PAIRS];
+    char users[2 * PAIRS][65];
+    char msg_id[N][32];     /* "" until `sent` */
+    int64_t sent_at[N];     /* when it was first sent, ms */
+    unsigned char got[N], delivered[N];
+    int nsent, ngot, ndelivered, dups, dup_receipts, retries;
+    int64_t worst_ms;
+} run;
+
+/* The index of msg_id among the `sent` ones, or -1 (linear: N is small). */
+static int run_index(const run *r, const char *msg_id)
+{
+    for (int i = 0; i < N; i++)
+        if (strcmp(r->msg_id[i], msg_id) == 0)
+            return i;
+    return -1;
+}
+
+static void run_send(run *r, int i, int first)
+{
+    char cid[16], body[16];
+    int p = i % PAIRS;
+    snprintf(cid, sizeof(cid), "f%d", i);
+    snprintf(body, sizeof(body), "fo %d", i);
+    if (first)
+        r->sent_at[i] = px_mono_ms();
+    e2e_send_async(r->senders[p], cid, r->users[PAIRS + p], body);
+}
+
+static void sender_event(run *r, json_t *m)
+{
+    const char *type = e2e_str(m, "type");
+    if (strcmp(type, "sent") == 0) {
+        int i = atoi(e2e_str(m, "ref") + 1);
+        if (i >= 0 && i < N && r->msg_id[i][0] == '\0') {
+            snprintf(r->msg_id[i], sizeof(r->msg_id[i]), "%s", e2e_str(m, "msg_id"));
+            r->nsent++;
+        }
+    } else if (strcmp(type, "error") == 0 && e2e_str(m, "ref")[0] == 'f') {
+        r->retries++; /* unavailable while Kafka moves: sent again, same id */
+        run_send(r, atoi(e2e_str(m, "ref") + 1), 0);
+    } else if (strcmp(type, "receipt") == 0 && strcmp(e2e_str(m, "status"), "delivered") == 0) {
+        int i = run_index(r, e2e_str(m, "msg_id"));
+        if (i >= 0 && r->delivered[i])
+            r->dup_receipts++;
+        else if (i >= 0)
+            r->ndelivered += r->delivered[i] = 1;
+    }
+}
+
+/* bob's side: "fo <i>" bodies, acked (acks make the `delivered` receipts). */
+static void receiver_event(run *r, client *cl, json_t *m)
+{
+    if (strcmp(e2e_str(m, "type"), "message") != 0)
+        return;
+    int i = atoi(e2e_str(m, "body") + 3);
+    ck_assert_msg(i >= 0 && i < N, "stray message %s", json_dumps(m, 0));
+    if (r->got[i]) {
+        r->dups++;
+    } else {
+        r->got[i] = 1;
+        r->ngot++;
+        int64_t ms = px_mono_ms() - r->sent_at[i];
+        r->worst_ms = ms > r->worst_ms ? ms : r->worst_ms;
+    }
+    e2e_ack(cl, e2e_str(m, "id"));
+}
+
+/* Reads what every client has now; waits up to wait_ms on the first. */
+static void run_drain(run *r, int wait_ms)
+{
+    json_t *m;
+    for (int p = 0; p < PAIRS; p++) {
+        while (client_next(r->senders[p], NULL, NULL, wait_ms, &m) == PX_OK) {
+            sender_event(r, m);
+            json_decref(m);
+            wait_ms = 0;
+        }
+        while (client_next(r->receivers[p], NULL, NULL, 0, &m) == PX_OK) {
+            receiver_event(r, r->receivers[p], m);
+            json_decref(m);
+        }
+    }
+}
+
+/* Waits for a replica's /readyz (it has joined its group). */
+static void wait_ready(int port)
+{
+    char buf[256];
+    for (int i = 0; i < 300; i++) {
+        if (e2e_http_get_from(NULL, port, "/readyz", buf, sizeof(buf)) == 200)
+            return;
+        usleep(100 * 1000);
+    }
+    ck_abort_msg("a replica on port %d was not ready in 30 s", port);
+}
+
+START_TEST(partitions_move_under_load_and_nothing_is_lost)
+{
+    if (strcmp(getenv("PARLEY_E2E_MODE") ? getenv("PARLEY_E2E_MODE") : "", "parleyd") == 0) {
+        fprintf(stderr, "report: failover: parleyd has no replicas; its kill -9 is test_crash's\n");
+        return;
+    }
+    static run r;
+    int base = e2e_port(E2E_GW1) - 1;
+    pid_t store2 = e2e_spawn_replica(E2E_STORE, "message-store-2", base + 40);
+    pid_t receipt2 = e2e_spawn_replica(E2E_RECEIPT, "receipt-2", base + 41);
+    wait_ready(base + 40);
+    wait_ready(base + 41);
+    for (int p = 0; p < PAIRS; p++) {
+        e2e_user("fa", r.users[p]);
+        e2e_user("fb", r.users[PAIRS + p]);
+        r.receivers[p] = e2e_connect(r.users[PAIRS + p], E2E_GW2);
+        json_decref(e2e_wait_type(r.receivers[p], "synced"));
+        r.senders[p] = e2e_connect(r.users[p], E2E_GW1);
+        json_decref(e2e_wait_type(r.senders[p], "synced"));
+    }
+    /* The faults, by messages sent (one per GAP_MS): kill the first
+     * replicas at ~3 s, bring them back at ~24 s (each join is a rebalance
+     * too). In between, past the session timeout (10 s), the survivors
+     * must hold every partition: what was sent 5 s or more before the
+     * restart must have arrived by then. */
+    int at_kill_store = 240, at_kill_receipt = 300, at_back = 2000, stuck = -1;
+    int64_t next = px_mono_ms();
+    for (int i = 0; i < N; i++) {
+        while (px_mono_ms() < next)
+            run_drain(&r, (int)(next - px_mono_ms()));
+        next += GAP_MS;
+        run_send(&r, i, 1);
+        if (i == at_kill_store)
+            e2e_kill9(E2E_STORE);
+        if (i == at_kill_receipt)
+            e2e_kill9(E2E_RECEIPT);
+        if (i == at_back) {
+            stuck = 0;
+            for (int j = 0; j < i; j++)
+                stuck += r.msg_id[j][0] != '\0' && !r.got[j] &&
+                         r.sent_at[j] < px_mono_ms() - 5000;
+            ck_assert_int_eq(e2e_restart(E2E_STORE), 0);
+            ck_assert_int_eq(e2e_restart(E2E_RECEIPT), 0);
+        }
+    }
+    /* A session timeout (10 s) and two rebalances lie behind: 60 s. */
+    int64_t deadline = px_mono_ms() + 60000;
+    while ((r.nsent < N || r.ngot < r.nsent || r.ndelivered < r.nsent) && px_mono_ms() < deadline)
+        run_drain(&r, 200);
+    int lost = 0;
+    for (int i = 0; i < N; i++)
+        lost += r.msg_id[i][0] != '\0' && !r.got[i];
+    fprintf(stderr,
+            "report: failover: %d sent at %d/s over %d pairs, message-store and receipt each "
+            "killed -9 and restarted beside a second replica: %d answered, %d received, "
+            "%d lost, %d duplicates on the wire, %d sends answered unavailable and sent again; "
+            "%d of %d delivered receipts (%d repeated); longest send to receive %lld ms; "
+            "%d sent 5 s or more before the restart had not arrived by then\n",
+            N, 1000 / GAP_MS, PAIRS, r.nsent, r.ngot, lost, r.dups, r.retries, r.ndelivered,
+            r.nsent, r.dup_receipts, (long long)r.worst_ms, stuck);
+    for (int p = 0; p < PAIRS; p++) {
+        client_free(r.senders[p]);
+        client_free(r.receivers[p]);
+    }
+    ck_assert_int_eq(e2e_stop_extra(store2), 0);
+    ck_assert_int_eq(e2e_stop_extra(receipt2), 0);
+    ck_assert_int_eq(r.nsent, N);
+    ck_assert_int_eq(lost, 0);
+    ck_assert_msg(stuck == 0, "the survivors did not take the dead replica's partitions over");
+    ck_assert_int_eq(r.ndelivered, r.nsent);
+}
+END_TEST
+
+static Suite *failover_suite(void)
+{
+    Suite *s = suite_create("e2e-failover");
+    TCase *tc = tcase_create("failover");
+    tcase_set_timeout(tc, 180);
+    tcase_add_test(tc, partitions_move_under_load_and_nothing_is_lost);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return e2e_main(failover_suite());
+}
