@@ -23,7 +23,12 @@
  * would never be made again. A crash before the delete repeats the facts,
  * which the receipt ids (a hash of msg_id, reader, status) make harmless
  * downstream; a crash after a mark finds it on the retry, which then makes
- * no second `delivered` fact (there would be no harm if it did). */
+ * no second `delivered` fact (there would be no harm if it did).
+ *
+ * An ack whose event is not in the store yet (another message-store
+ * process, or a takeover, is still storing it: putgate.c covers only this
+ * process's puts) waits in the acker's ackwait.c and is applied the same
+ * way, on a retry, once the event is there (ack_retry_due). */
 #include "common.h"
 #include "log.h"
 #include "msgstore.h"
@@ -46,6 +51,7 @@ typedef struct ack_entry {
     store_key key;
     const char *dev;       /* the acking device */
     int read;              /* a `read` (any of the run's records) */
+    int acked;             /* an `ack` (any of the run's records) */
     int64_t ts_ms;         /* the receipts' time: when the user acked */
     int found;             /* the inbox held it */
     int gone;              /* every device that needs it has acked: delete it */
@@ -56,6 +62,7 @@ typedef struct ack_entry {
 typedef struct ack_ctx {
     msgstore *ms;
     size_t idx;            /* the run's first record: the facts gate its commit */
+    int retry;             /* a retry of waiting acks: their claims went out before */
     ack_entry *e;          /* the chunk, sorted by (user, id, dev), no repeats */
     size_t n;
     devices_list *devs;    /* the devices of the chunk's users, in user order */
@@ -290,7 +297,7 @@ static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
         rc = store_inbox_get(ms->svc.st, keys, c->n, ack_on_held, c, err, errlen);
     service_observe(ms->m.lat_ack, t0);
     free(keys);
-    if (rc == PX_OK)
+    if (rc == PX_OK && !c->retry)
         rc = ack_claims(c);
     if (rc != PX_OK && c->err[0] != '\0')
         px_err(err, errlen, "%s", c->err);
@@ -304,6 +311,43 @@ static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
         rc = ack_mark(c, err, errlen);
     if (rc == PX_OK)
         metric_add(ms->m.acked_events, (int64_t)c->held);
+    for (size_t i = 0; i < c->n && rc != PX_OK; i++)
+        c->e[i].found = 0; /* not applied: nothing counts as found */
+    return rc;
+}
+
+/* Ids this chunk did not find: an ack waits (ackwait.c) for the event to
+ * be stored by whoever is storing it; a `read` alone already made its
+ * claim, which resolves when the event was acked before (the usual case,
+ * not worth a wait), and marks an ack of the same id waiting here read. */
+static void ack_wait_missing(ack_ctx *c)
+{
+    for (size_t i = 0; i < c->n; i++) {
+        const ack_entry *x = &c->e[i];
+        if (x->found || c->ms->waits == NULL)
+            continue;
+        if (x->acked)
+            ackwait_add(c->ms->waits, x->key.user, x->key.id, x->dev, x->read, x->ts_ms);
+        else
+            ackwait_note_read(c->ms->waits, x->key.user, x->key.id, x->ts_ms);
+    }
+}
+
+/* Applies the sorted, unique entries e[0..k) chunk by chunk; on a first
+ * attempt, what was not found waits. On failure the entries of the chunk
+ * that failed and of those after it read as not found. */
+static int ack_chunks(ack_ctx *c, ack_entry *e, size_t k, char *err, size_t errlen)
+{
+    int rc = PX_OK;
+    c->devs = px_calloc(PX_MIN((size_t)ACK_CHUNK, k) + 1, sizeof(*c->devs));
+    for (size_t off = 0; off < k && rc == PX_OK; off += ACK_CHUNK) {
+        c->e = e + off;
+        c->n = PX_MIN((size_t)ACK_CHUNK, k - off);
+        rc = ack_chunk(c, err, errlen);
+        if (rc == PX_OK && !c->retry)
+            ack_wait_missing(c);
+    }
+    free(c->devs);
     return rc;
 }
 
@@ -323,6 +367,7 @@ static size_t ack_unique(ack_entry *e, size_t n)
             continue;
         }
         last->read |= e[i].read;
+        last->acked |= e[i].acked;
         last->ts_ms = PX_MAX(last->ts_ms, e[i].ts_ms);
     }
     return k;
@@ -338,7 +383,7 @@ static size_t ack_entries(const Parley__AckRecord *r, ack_entry *e, size_t n)
         size_t len = strlen(r->ids[i]);
         if (len > 0 && len <= ACK_ID_MAX && utf8_valid((const unsigned char *)r->ids[i], len))
             e[n++] = (ack_entry){ .key = { r->user, r->ids[i] }, .dev = devices_name(r->device),
-                                  .read = r->read != 0, .ts_ms = ts };
+                                  .read = r->read != 0, .acked = r->read == 0, .ts_ms = ts };
     }
     return n;
 }
@@ -362,21 +407,40 @@ int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *
     /* The events acked here were pushed before their puts; wait for those
      * (one store round trip at most, off the delivery path). A gate that
      * does not open in time means the inbox consumer is retrying a failing
-     * store: go on, an event not found yet comes again at the next sync. */
+     * store: go on, an ack whose event is not found yet waits (ackwait.c). */
     int64_t t0 = service_clock_us();
     if (putgate_wait(ms->gate, ACK_GATE_MS) != PX_OK)
         log_warn("acks applied before the inbox puts they follow", "{s:i}", "waited_ms",
                  ACK_GATE_MS);
     service_observe(ms->m.lat_gate, t0);
-    int rc = PX_OK;
     ack_ctx c = { .ms = ms, .idx = idx };
-    c.devs = px_calloc(PX_MIN((size_t)ACK_CHUNK, k) + 1, sizeof(*c.devs));
-    for (size_t off = 0; off < k && rc == PX_OK; off += ACK_CHUNK) {
-        c.e = e + off;
-        c.n = PX_MIN((size_t)ACK_CHUNK, k - off);
-        rc = ack_chunk(&c, err, errlen);
-    }
-    free(c.devs);
+    int rc = ack_chunks(&c, e, k, err, errlen);
     free(e);
     return rc;
+}
+
+void ack_retry_due(msgstore *ms)
+{
+    int64_t now = px_mono_ms();
+    size_t n;
+    const ackwait_entry *const *due = ackwait_due(ms->waits, now, &n);
+    if (n == 0)
+        return;
+    ack_entry *e = px_calloc(n, sizeof(*e));
+    int *found = px_calloc(n, sizeof(*found));
+    for (size_t i = 0; i < n; i++)
+        e[i] = (ack_entry){ .key = { due[i]->user, due[i]->id }, .dev = due[i]->dev,
+                            .read = due[i]->read, .acked = 1, .ts_ms = due[i]->ts_ms };
+    /* Outside any batch: record 0's tags only carry the facts' reports. */
+    ms->first_durable = ms->failed_at = SIZE_MAX;
+    ack_ctx c = { .ms = ms, .idx = 0, .retry = 1 };
+    char err[PX_ERRLEN] = "";
+    if (ack_chunks(&c, e, n, err, sizeof(err)) != PX_OK)
+        log_warn("retry of waiting acks failed; trying again later", "{s:s, s:I}", "error", err,
+                 "waiting", (json_int_t)n);
+    for (size_t i = 0; i < n; i++)
+        found[i] = e[i].found;
+    ackwait_settle(ms->waits, found, now);
+    free(found);
+    free(e);
 }

@@ -38,6 +38,7 @@ static void *acker_main(void *arg)
         }
         if (n > 0)
             batch_process(a, msgs, (size_t)n);
+        ack_retry_due(a);
         bus_poll(a->svc.b, 0);
     }
     free(msgs);
@@ -57,6 +58,7 @@ int acker_start(msgstore *ms, char *err, size_t errlen)
     a->svc.st = ms->svc.st;
     a->gate = ms->gate;
     a->m = ms->m;
+    a->waits = ackwait_new(&a->m);
     a->topic_inbox = ms->topic_inbox;
     a->topic_acks = ms->topic_acks;
     a->topic_receipts = ms->topic_receipts;
@@ -73,6 +75,7 @@ int acker_start(msgstore *ms, char *err, size_t errlen)
             px_err(err, errlen, "ack consumer thread: %s", strerror(e));
         if (a->svc.b != NULL)
             bus_destroy(a->svc.b);
+        ackwait_free(a->waits);
         free(a);
         return PX_ERROR;
     }
@@ -90,6 +93,7 @@ void acker_stop(msgstore *ms)
     pthread_join(ms->acker_th, NULL);
     bus_destroy(a->svc.b); /* commits what was marked, leaves the group */
     free(a->pack);
+    ackwait_free(a->waits); /* their records are committed: they come again at the next sync */
     free(a);
     ms->acker = NULL;
 }

@@ -51,6 +51,14 @@ static void main_metrics(msgstore *ms)
                                     "Records removed by the retention sweep");
     m->swept_media = metrics_counter("parley_msgstore_swept_total{what=\"media\"}",
                                      "Records removed by the retention sweep");
+#define WAITS(r) metrics_counter("parley_msgstore_ack_waits_total{result=\"" r "\"}", \
+                                "Acks that found nothing yet (ackwait.c): kept to retry, then " \
+                                "found, expired, or refused when full")
+    m->ack_waits = WAITS("waiting");
+    m->ack_waits_found = WAITS("found");
+    m->ack_waits_expired = WAITS("expired");
+    m->ack_waits_full = WAITS("full");
+#undef WAITS
 #define LAT(op) metrics_histogram("parley_msgstore_store_ms{op=\"" op "\"}", \
                                   "Store call latency, ms", b, PX_ARRAY_LEN(b))
     m->lat_seen_claim = LAT("seen_claim");

@@ -33,12 +33,13 @@
 typedef struct route_cache route_cache;
 typedef struct putgate putgate;
 typedef struct inbox_recent inbox_recent;
+typedef struct ackwait ackwait;
 
 typedef struct msgstore_metrics {
     metric *stored, *duplicates, *deliveries, *produce_failures, *offline, *syncs,
         *sync_events, *acks, *acked_events, *acked_messages, *dead, *retries,
         *cache_hits, *cache_misses, *lookup_failures, *swept_inbox, *swept_seen,
-        *swept_media;
+        *swept_media, *ack_waits, *ack_waits_found, *ack_waits_expired, *ack_waits_full;
     metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
         *lat_sweep, *lat_gate;
 } msgstore_metrics;
@@ -72,6 +73,7 @@ struct msgstore {
     route_cache *cache;
     inbox_recent *recent;           /* inbox.c: keys pushed lately (main thread) */
     putgate *gate;                  /* putgate.c: shared with the acker */
+    ackwait *waits;                 /* ackwait.c: the acker's acks that found nothing yet */
 
     /* Delivery-report bookkeeping for the batch in flight (batch.c). */
     batch_tag tags[MSGSTORE_BATCH];
@@ -219,6 +221,43 @@ int sync_serve(msgstore *ms, size_t idx, int64_t offset, const Parley__SyncReque
  * that far. */
 int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *err,
                   size_t errlen);
+
+/* Tries the acks waiting in ms->waits whose time has come (ackwait.c), on
+ * the acker thread between batches: those whose event is stored now are
+ * applied as ack_apply_run applies them (facts durable, then delete or
+ * mark); the others wait longer or expire. */
+void ack_retry_due(msgstore *ms);
+
+/* ---- ackwait.c: acks whose event is not stored yet ---- */
+
+#define ACKWAIT_MAX 4096              /* entries; about 1.6 MiB at most */
+#define ACKWAIT_MS 30000              /* covers a takeover: 10 s session timeout, rebalance, re-store */
+#define ACKWAIT_FIRST_MS 250          /* first retry; doubles up to the next */
+#define ACKWAIT_MAX_BACKOFF_MS 4000
+
+/* One waiting ack of one device; user, id and dev share one allocation. */
+typedef struct ackwait_entry {
+    char *user, *id, *dev;
+    int read;                  /* a `read` (or an ack later read) */
+    int64_t ts_ms;             /* the receipts' time */
+    int64_t until_ms, next_ms, backoff_ms; /* monotonic */
+} ackwait_entry;
+
+ackwait *ackwait_new(const msgstore_metrics *m);
+void ackwait_free(ackwait *w);
+/* Keeps an ack that found nothing: PX_OK, or PX_AGAIN when full (counted). */
+int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, int read,
+                int64_t ts_ms);
+/* A `read` of (user, id) that found nothing: marks its waiting acks read;
+ * 1 if there were any. */
+int ackwait_note_read(ackwait *w, const char *user, const char *id, int64_t ts_ms);
+/* The *n entries due at now_ms, sorted by (user, id, dev), unique; valid
+ * until ackwait_settle, the next call on w. */
+const ackwait_entry *const *ackwait_due(ackwait *w, int64_t now_ms, size_t *n);
+/* After a try of the due entries (found[i] for the i-th): found ones and
+ * those past their time leave, the others are tried again later, with a
+ * doubled backoff. */
+void ackwait_settle(ackwait *w, const int *found, int64_t now_ms);
 
 /* ---- devices.c: which of a user's devices need which events ---- */
 

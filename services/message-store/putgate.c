@@ -9,10 +9,13 @@
  * `durable` reaches the `pushed` seen when the ack run starts, every event
  * it can name is in the store. Runs are stored in order on one thread, so
  * one pair of counters says it all. Both msgstores of a process share one
- * gate; with several message-store processes an ack may be consumed by
- * another process's acker (the two groups assign partitions on their own),
- * where the gate cannot help: that ack finds nothing, and the event comes
- * again at the next sync and is acked then (a redelivery, never a loss). */
+ * gate. It only covers puts of this process: with several message-store
+ * processes an ack may be consumed by another process's acker (the two
+ * groups assign partitions on their own), or during a takeover before the
+ * new owner has stored the dead one's uncommitted records again. Such an
+ * ack finds nothing here; ack.c then keeps it in the acker's wait list
+ * (ackwait.c) and tries again with backoff for up to 30 s, which makes its
+ * fact and deletes the event once the other process has stored it. */
 #include "common.h"
 #include "msgstore.h"
 

@@ -174,6 +174,12 @@ START_TEST(partitions_move_under_load_and_nothing_is_lost)
             "%d sent 5 s or more before the restart had not arrived by then\n",
             N, 1000 / GAP_MS, PAIRS, r.nsent, r.ngot, lost, r.dups, r.retries, r.ndelivered,
             r.nsent, r.dup_receipts, (long long)r.worst_ms, stuck);
+    /* Acks that found their event not stored yet and were applied on a
+     * retry (ackwait.c), by the two message-stores alive now: a count of
+     * the race this test provokes, not a condition (it may not happen). */
+    const char *found = "parley_msgstore_ack_waits_total{result=\"found\"}";
+    fprintf(stderr, "report: failover: acks applied once their event was stored: %lld + %lld\n",
+            e2e_metric(E2E_STORE, found), e2e_metric_at(base + 40, found));
     for (int p = 0; p < PAIRS; p++) {
         client_free(r.senders[p]);
         client_free(r.receivers[p]);

@@ -1,0 +1,168 @@
+/* Owns the acks that found nothing yet. An ack names an event its client
+ * received, which message-store pushes before it stores it; the putgate
+ * (putgate.c) covers a put under way in this process, but with several
+ * message-store processes the ack may be consumed here while another
+ * process is still storing the event (the ack and inbox consumer groups
+ * assign partitions independently), or while a takeover is under way (the
+ * new owner of a dead process's inbox partitions stores their uncommitted
+ * records again, a session timeout later). Such an ack is kept here and
+ * tried again (ack.c, on the acker thread) with backoff until the event
+ * appears or ACKWAIT_MS has passed; a `read` of an id waiting here marks
+ * the waiting ack read, so its fact becomes READ when the event appears.
+ *
+ * Bounded: at most ACKWAIT_MAX entries (an ack past it is refused and
+ * counted, and behaves as before: the event comes again at the next sync
+ * and is acked then), each kept at most ACKWAIT_MS. The ack records were
+ * committed when they were first applied, so a crash or a stop forgets
+ * what waits here: the same redelivery at the next sync. Kept sorted by
+ * (user, id, dev) without repeats, the order ack.c works in. */
+#include "common.h"
+#include "msgstore.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct ackwait {
+    ackwait_entry *e;      /* sorted and unique unless dirty */
+    size_t n;
+    ackwait_entry **due;   /* ackwait_due's answer, until ackwait_settle */
+    size_t ndue;
+    int dirty;             /* entries appended since the last sort */
+    const msgstore_metrics *m;
+};
+
+ackwait *ackwait_new(const msgstore_metrics *m)
+{
+    ackwait *w = px_calloc(1, sizeof(*w));
+    w->e = px_calloc(ACKWAIT_MAX, sizeof(*w->e));
+    w->due = px_calloc(ACKWAIT_MAX, sizeof(*w->due));
+    w->m = m;
+    return w;
+}
+
+void ackwait_free(ackwait *w)
+{
+    if (w == NULL)
+        return;
+    for (size_t i = 0; i < w->n; i++)
+        free(w->e[i].user);
+    free(w->e);
+    free(w->due);
+    free(w);
+}
+
+static int ackwait_event_cmp(const ackwait_entry *x, const char *user, const char *id)
+{
+    int c = strcmp(x->user, user);
+    return c != 0 ? c : strcmp(x->id, id);
+}
+
+static int ackwait_cmp(const void *a, const void *b)
+{
+    const ackwait_entry *x = a, *y = b;
+    int c = ackwait_event_cmp(x, y->user, y->id);
+    return c != 0 ? c : strcmp(x->dev, y->dev);
+}
+
+/* Sorts and merges repeats (the same ack consumed again, or sent twice):
+ * the earliest deadline and schedule stay, read and the latest time win. */
+static void ackwait_sort(ackwait *w)
+{
+    if (!w->dirty || w->n == 0)
+        return;
+    w->dirty = 0;
+    qsort(w->e, w->n, sizeof(*w->e), ackwait_cmp);
+    size_t k = 1;
+    for (size_t i = 1; i < w->n; i++) {
+        ackwait_entry *last = &w->e[k - 1], *x = &w->e[i];
+        if (ackwait_cmp(last, x) != 0) {
+            w->e[k++] = *x;
+            continue;
+        }
+        last->read |= x->read;
+        last->ts_ms = PX_MAX(last->ts_ms, x->ts_ms);
+        last->until_ms = PX_MIN(last->until_ms, x->until_ms);
+        last->next_ms = PX_MIN(last->next_ms, x->next_ms);
+        free(x->user);
+    }
+    w->n = k;
+}
+
+int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, int read,
+                int64_t ts_ms)
+{
+    if (w->n == ACKWAIT_MAX) {
+        ackwait_sort(w); /* repeats may free room */
+        if (w->n == ACKWAIT_MAX) {
+            metric_add(w->m->ack_waits_full, 1);
+            return PX_AGAIN;
+        }
+    }
+    size_t lu = strlen(user) + 1, li = strlen(id) + 1, ld = strlen(dev) + 1;
+    char *s = px_malloc(lu + li + ld);
+    memcpy(s, user, lu);
+    memcpy(s + lu, id, li);
+    memcpy(s + lu + li, dev, ld);
+    int64_t now = px_mono_ms();
+    w->e[w->n++] = (ackwait_entry){ .user = s, .id = s + lu, .dev = s + lu + li, .read = read,
+                                    .ts_ms = ts_ms, .until_ms = now + ACKWAIT_MS,
+                                    .next_ms = now + ACKWAIT_FIRST_MS,
+                                    .backoff_ms = ACKWAIT_FIRST_MS };
+    w->dirty = 1;
+    metric_add(w->m->ack_waits, 1);
+    return PX_OK;
+}
+
+int ackwait_note_read(ackwait *w, const char *user, const char *id, int64_t ts_ms)
+{
+    ackwait_sort(w);
+    int hit = 0;
+    ackwait_entry probe = { .user = (char *)user, .id = (char *)id, .dev = (char *)"" };
+    /* The first entry of (user, id): dev "" sorts before any device name. */
+    size_t lo = 0, hi = w->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (ackwait_cmp(&w->e[mid], &probe) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    for (; lo < w->n && ackwait_event_cmp(&w->e[lo], user, id) == 0; lo++) {
+        w->e[lo].read = 1;
+        w->e[lo].ts_ms = PX_MAX(w->e[lo].ts_ms, ts_ms);
+        hit = 1;
+    }
+    return hit;
+}
+
+const ackwait_entry *const *ackwait_due(ackwait *w, int64_t now_ms, size_t *n)
+{
+    ackwait_sort(w);
+    w->ndue = 0;
+    for (size_t i = 0; i < w->n; i++)
+        if (w->e[i].next_ms <= now_ms)
+            w->due[w->ndue++] = &w->e[i];
+    *n = w->ndue;
+    return (const ackwait_entry *const *)w->due;
+}
+
+void ackwait_settle(ackwait *w, const int *found, int64_t now_ms)
+{
+    for (size_t i = 0; i < w->ndue; i++) {
+        ackwait_entry *x = w->due[i];
+        if (found[i] || now_ms >= x->until_ms) {
+            metric_add(found[i] ? w->m->ack_waits_found : w->m->ack_waits_expired, 1);
+            free(x->user);
+            x->user = NULL;
+            continue;
+        }
+        x->backoff_ms = PX_MIN(2 * x->backoff_ms, ACKWAIT_MAX_BACKOFF_MS);
+        x->next_ms = PX_MIN(now_ms + x->backoff_ms, x->until_ms);
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < w->n; i++)
+        if (w->e[i].user != NULL)
+            w->e[k++] = w->e[i];
+    w->n = k;
+    w->ndue = 0;
+}
