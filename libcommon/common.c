@@ -85,6 +85,17 @@ int64_t px_mono_ms(void)
     return px_clock_ms(CLOCK_MONOTONIC);
 }
 
+void px_mono_deadline(struct timespec *ts, int64_t ms)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
 typedef struct px_par {
     void (*fn)(void *arg, size_t i);
     void *arg;

@@ -42,4 +42,9 @@ int px_err(char *err, size_t errlen, const char *fmt, ...)
 int64_t px_now_ms(void);
 int64_t px_mono_ms(void);
 
+/* ms from now on CLOCK_MONOTONIC, as pthread_cond_timedwait takes it for a
+ * condition variable whose clock attribute is CLOCK_MONOTONIC. */
+struct timespec;
+void px_mono_deadline(struct timespec *ts, int64_t ms);
+
 #endif

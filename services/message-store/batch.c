@@ -35,7 +35,7 @@ void *batch_tag_for(msgstore *ms, size_t idx)
 
 void *batch_tag_best_effort(msgstore *ms)
 {
-    return &ms->best_effort;
+    return ms->live_tag != NULL ? ms->live_tag : &ms->best_effort;
 }
 
 /* A report can be stale (a produce of an earlier attempt that outlived a
@@ -45,7 +45,11 @@ void batch_on_delivery(void *opaque, int status, const char *err, int32_t partit
                        int64_t offset)
 {
     batch_tag *t = opaque;
-    if (status == PX_OK || t == NULL)
+    if (t == NULL)
+        return;
+    if (t->pending > 0)
+        t->pending--;
+    if (status == PX_OK)
         return;
     msgstore *ms = t->ms;
     metric_add(ms->m.produce_failures, 1);
@@ -67,8 +71,11 @@ void batch_on_delivery(void *opaque, int status, const char *err, int32_t partit
 int batch_produce(msgstore *ms, const char *topic, const char *key, size_t key_len,
                   const void *value, size_t len, void *opaque, char *err, size_t errlen)
 {
-    return bus_produce_wait(ms->svc.b, topic, key, key_len, value, len, opaque,
-                            BATCH_QUEUE_WAIT_MS, err, errlen);
+    int rc = bus_produce_wait(ms->svc.b, topic, key, key_len, value, len, opaque,
+                              BATCH_QUEUE_WAIT_MS, err, errlen);
+    if (rc == PX_OK && opaque != NULL)
+        ((batch_tag *)opaque)->pending++;
+    return rc;
 }
 
 /* ---- decoding ---- */
@@ -248,12 +255,42 @@ static size_t batch_settle(msgstore *ms, size_t upto, char *err, size_t errlen)
     return upto;
 }
 
+void batch_release(msgstore *ms, bus_msg *msgs, msgstore_rec *recs, size_t n)
+{
+    bus_release(ms->svc.b, msgs, n);
+    for (size_t i = 0; i < n; i++)
+        batch_free_rec(ms, &recs[i]);
+    free(recs);
+}
+
+/* 1 when every record is an InboxRecord event: the batch can go through
+ * the write-behind pipeline (writer.c). */
+static int batch_only_events(const msgstore_rec *recs, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (recs[i].kind != REC_INBOX)
+            return 0;
+    return 1;
+}
+
 void batch_process(msgstore *ms, bus_msg *msgs, size_t n)
 {
     msgstore_rec *recs = px_calloc(n, sizeof(*recs));
     for (size_t i = 0; i < n; i++)
         batch_decode(ms, &msgs[i], &recs[i]);
 
+    if (ms->writer != NULL) {
+        if (batch_only_events(recs, n)) {
+            writer_add(ms, msgs, recs, n); /* takes recs */
+            return;
+        }
+        /* A sync's scan must see every event consumed before it, and no
+         * commit may pass a batch still queued. */
+        if (!writer_drain(ms)) {
+            batch_release(ms, msgs, recs, n);
+            return;
+        }
+    }
     size_t done = 0;
     int64_t backoff = SERVICE_BACKOFF_MIN_MS;
     while (done < n) {
@@ -283,8 +320,5 @@ void batch_process(msgstore *ms, bus_msg *msgs, size_t n)
         }
         backoff = PX_MIN(backoff * 2, SERVICE_BACKOFF_MAX_MS);
     }
-    bus_release(ms->svc.b, msgs, n);
-    for (size_t i = 0; i < n; i++)
-        batch_free_rec(ms, &recs[i]);
-    free(recs);
+    batch_release(ms, msgs, recs, n);
 }

@@ -1,8 +1,11 @@
 /* Owns storing runs of InboxRecords with crash-safe dedupe, behind the
- * live push. Steps: push to the online recipients (route.c), seen claim,
- * inbox put (registry lookups of expired presence-cache entries run beside
- * them), then wait until the bus holds the pushes; the batch commits
- * after. The push goes first because a recipient who is online needs
+ * live push, in two stages. The push stage (inbox_push, consume thread):
+ * push to the online recipients (route.c; registry lookups of expired
+ * presence-cache entries start beside it). The store stage (inbox_store,
+ * the writer thread of pipe.c, or inline in inbox_store_run): one seen
+ * claim and one inbox put for the candidates of every run it is given.
+ * The batch commits once both stages are done and the bus holds the
+ * pushes. The push goes first because a recipient who is online needs
  * nothing from the store: the store is for what is not yet delivered, and
  * its round trips (a claim and a put, milliseconds each on FerretDB) no
  * longer sit between a message and its reader. A crash anywhere before the
@@ -23,7 +26,16 @@
  * memory no longer holds (older than its reach, or first consumed by
  * another process) is pushed once more with the same msg_id, which clients
  * already drop by id (at-least-once on the wire); it is never stored or
- * synced again. Acks that overtake the put wait for it (putgate.c). */
+ * synced again. Acks that overtake the put wait for it (putgate.c).
+ *
+ * A sender's own copy (origin_device, issue 17) is pushed like any event
+ * (its Delivery names the origin, which the gateway skips), and only the
+ * store stage reads the user's devices to drop the copies no other device
+ * needs (devices_unneeded): a device read on the push path would put a
+ * store round trip before every batch's push again. A wasted push costs
+ * nothing: the gateway gives it to no one. The one difference it makes is
+ * a device linking in the instant between a copy's consumption and its own
+ * first sync: it may get that copy live, never from the store. */
 #include "common.h"
 #include "msgstore.h"
 
@@ -31,20 +43,20 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Per-run scratch, sized by the run (at most MSGSTORE_BATCH records). */
-typedef struct inbox_run {
+/* One run's push stage (inbox_push) and what its store stage needs: per
+ * record its key and tag, the candidates (first of their key in the run)
+ * and the events pushed. Freed by inbox_push_end. */
+struct inbox_run {
+    msgstore_rec *recs;
     char **keys;           /* "user/id" per record */
     char **tags;           /* "partition/offset" per record */
-    int *dup;              /* 1: same key earlier in this run */
-    const char **ckeys;    /* keys of the candidates (not dup) */
-    const char **ctags;    /* their tags */
-    size_t *cidx;          /* record index of each candidate */
-    int *fresh;            /* per candidate: its claim is this record's */
-    store_event *fev;      /* the fresh events, in batch order */
-    int *inserted;         /* per fresh event */
-    store_event *pev;      /* the events to push, in batch order */
-    size_t n, nc, nf, np;
-} inbox_run;
+    size_t *cidx;          /* record index of each candidate (not dup) */
+    int *skip;             /* store stage: record i is left out (devices_unneeded) */
+    store_event *pev;      /* the events pushed, in batch order */
+    size_t n, nc, np;
+    uint64_t gate_run;     /* putgate number */
+    route_refresh *refresh;
+};
 
 /* ---- the memory of recent pushes ---- */
 
@@ -72,8 +84,6 @@ static uint64_t inbox_hash(const char *s)
     return h;
 }
 
-/* Marks keys repeated within the run: the store would absorb the second
- * copy anyway, but routing both would push the event twice. */
 /* 1 when the record should be pushed: its key was not pushed lately (a
  * colliding key evicts, which can only let a resend through, never keep a
  * new record back). 0 for a resend or a retry of a pushed record. */
@@ -88,36 +98,35 @@ static int inbox_recent_note(inbox_recent *r, const char *key)
     return 1;
 }
 
-static void inbox_mark_dups(inbox_run *ir)
+/* dup[i] = 1 when keys[i] came earlier in the list: the store would absorb
+ * the second copy anyway, but one bulk claim must not name a key twice and
+ * routing both would push the event twice. */
+static void inbox_mark_dups(char *const *keys, size_t n, int *dup)
 {
     size_t cap = 16;
-    while (cap < 2 * ir->n)
+    while (cap < 2 * n)
         cap *= 2;
-    size_t *slots = px_calloc(cap, sizeof(*slots)); /* record index + 1 */
-    for (size_t i = 0; i < ir->n; i++) {
-        size_t s = inbox_hash(ir->keys[i]) & (cap - 1);
-        while (slots[s] != 0 && strcmp(ir->keys[slots[s] - 1], ir->keys[i]) != 0)
+    size_t *slots = px_calloc(cap, sizeof(*slots)); /* index + 1 */
+    for (size_t i = 0; i < n; i++) {
+        size_t s = inbox_hash(keys[i]) & (cap - 1);
+        while (slots[s] != 0 && strcmp(keys[slots[s] - 1], keys[i]) != 0)
             s = (s + 1) & (cap - 1);
-        ir->dup[i] = slots[s] != 0;
+        dup[i] = slots[s] != 0;
         if (slots[s] == 0)
             slots[s] = i + 1;
     }
     free(slots);
 }
 
-/* skip[i]: record i is left out (devices_unneeded). */
-static void inbox_run_init(inbox_run *ir, const msgstore_rec *recs, size_t n, const int *skip)
+static inbox_run *inbox_run_new(msgstore_rec *recs, size_t n)
 {
+    inbox_run *ir = px_calloc(1, sizeof(*ir));
+    ir->recs = recs;
     ir->n = n;
     ir->keys = px_calloc(n, sizeof(*ir->keys));
-    ir->dup = px_calloc(n, sizeof(*ir->dup));
     ir->tags = px_calloc(n, sizeof(*ir->tags));
-    ir->ckeys = px_calloc(n, sizeof(*ir->ckeys));
-    ir->ctags = px_calloc(n, sizeof(*ir->ctags));
     ir->cidx = px_calloc(n, sizeof(*ir->cidx));
-    ir->fresh = px_calloc(n, sizeof(*ir->fresh));
-    ir->fev = px_calloc(n, sizeof(*ir->fev));
-    ir->inserted = px_calloc(n, sizeof(*ir->inserted));
+    ir->skip = px_calloc(n, sizeof(*ir->skip));
     ir->pev = px_calloc(n, sizeof(*ir->pev));
     for (size_t i = 0; i < n; i++) {
         const Parley__InboxRecord *x = recs[i].u.inbox;
@@ -128,31 +137,13 @@ static void inbox_run_init(inbox_run *ir, const msgstore_rec *recs, size_t n, co
         snprintf(ir->tags[i], 32, "%d/%lld", (int)recs[i].m->partition,
                  (long long)recs[i].m->offset);
     }
-    inbox_mark_dups(ir);
+    int *dup = px_calloc(n, sizeof(*dup));
+    inbox_mark_dups(ir->keys, n, dup);
     for (size_t i = 0; i < n; i++)
-        if (!ir->dup[i] && !skip[i]) {
-            ir->ckeys[ir->nc] = ir->keys[i];
-            ir->ctags[ir->nc] = ir->tags[i];
+        if (!dup[i])
             ir->cidx[ir->nc++] = i;
-        }
-}
-
-static void inbox_run_free(inbox_run *ir)
-{
-    for (size_t i = 0; i < ir->n; i++) {
-        free(ir->keys[i]);
-        free(ir->tags[i]);
-    }
-    free(ir->keys);
-    free(ir->tags);
-    free(ir->dup);
-    free(ir->ckeys);
-    free(ir->ctags);
-    free(ir->cidx);
-    free(ir->fresh);
-    free(ir->fev);
-    free(ir->inserted);
-    free(ir->pev);
+    free(dup);
+    return ir;
 }
 
 /* seq is the bus offset: all of one user's records come from one partition
@@ -171,79 +162,152 @@ static void inbox_event(store_event *ev, const msgstore_rec *r)
     ev->origin = x->origin_device[0] != '\0' ? x->origin_device : NULL;
 }
 
-static void inbox_pick_fresh(inbox_run *ir, const msgstore_rec *recs)
+inbox_run *inbox_push(msgstore *ms, msgstore_rec *recs, size_t n)
 {
-    for (size_t c = 0; c < ir->nc; c++)
-        if (ir->fresh[c])
-            inbox_event(&ir->fev[ir->nf++], &recs[ir->cidx[c]]);
-}
-
-/* The candidates this process has not pushed yet, in batch order. */
-static void inbox_pick_push(msgstore *ms, inbox_run *ir, const msgstore_rec *recs)
-{
-    for (size_t c = 0; c < ir->nc; c++) {
-        const msgstore_rec *r = &recs[ir->cidx[c]];
-        if (inbox_recent_note(ms->recent, ir->ckeys[c]))
-            inbox_event(&ir->pev[ir->np++], r);
-    }
-}
-
-int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_t errlen)
-{
-    int rc = PX_ERROR;
-    inbox_run ir = { 0 };
-    route_refresh *refresh = NULL;
-    int *skip = px_calloc(n, sizeof(*skip));
-    if (devices_unneeded(ms, recs, n, skip, err, errlen) != PX_OK) {
-        free(skip);
-        return PX_ERROR;
-    }
-    inbox_run_init(&ir, recs, n, skip);
-    free(skip);
-
+    inbox_run *ir = inbox_run_new(recs, n);
     /* Numbered before the push: an ack of any of these events is consumed
      * after it, and waits until this run is durable. */
-    uint64_t run = putgate_pushed(ms->gate);
-    inbox_pick_push(ms, &ir, recs);
-    refresh = route_live(ms, ir.pev, ir.np);
+    ir->gate_run = putgate_pushed(ms->gate);
+    for (size_t c = 0; c < ir->nc; c++)
+        if (inbox_recent_note(ms->recent, ir->keys[ir->cidx[c]]))
+            inbox_event(&ir->pev[ir->np++], &recs[ir->cidx[c]]);
+    ir->refresh = route_live(ms, ir->pev, ir->np);
+    return ir;
+}
+
+void inbox_push_end(inbox_run *ir)
+{
+    if (ir == NULL)
+        return;
+    route_refresh_end(ir->refresh);
+    for (size_t i = 0; i < ir->n; i++) {
+        free(ir->keys[i]);
+        free(ir->tags[i]);
+    }
+    free(ir->keys);
+    free(ir->tags);
+    free(ir->cidx);
+    free(ir->skip);
+    free(ir->pev);
+    free(ir);
+}
+
+/* The candidates of several runs as one list for one claim and one put. */
+typedef struct inbox_all {
+    char **keys;
+    const char **tags;
+    const msgstore_rec **recs;
+    int *dup, *fresh, *inserted;
+    const char **ckeys, **ctags;   /* the claim's (not dup) */
+    const msgstore_rec **crecs;
+    store_event *fev;
+    size_t n, nc, nf;
+} inbox_all;
+
+static void inbox_all_init(inbox_all *a, inbox_run *const *runs, size_t nruns)
+{
+    size_t n = 0;
+    for (size_t r = 0; r < nruns; r++)
+        n += runs[r]->nc;
+    memset(a, 0, sizeof(*a));
+    a->keys = px_calloc(n + 1, sizeof(*a->keys));
+    a->tags = px_calloc(n + 1, sizeof(*a->tags));
+    a->recs = px_calloc(n + 1, sizeof(*a->recs));
+    a->dup = px_calloc(n + 1, sizeof(*a->dup));
+    a->fresh = px_calloc(n + 1, sizeof(*a->fresh));
+    a->inserted = px_calloc(n + 1, sizeof(*a->inserted));
+    a->ckeys = px_calloc(n + 1, sizeof(*a->ckeys));
+    a->ctags = px_calloc(n + 1, sizeof(*a->ctags));
+    a->crecs = px_calloc(n + 1, sizeof(*a->crecs));
+    a->fev = px_calloc(n + 1, sizeof(*a->fev));
+    for (size_t r = 0; r < nruns; r++)
+        for (size_t c = 0; c < runs[r]->nc; c++) {
+            size_t i = runs[r]->cidx[c];
+            if (runs[r]->skip[i])
+                continue;
+            a->keys[a->n] = runs[r]->keys[i];
+            a->tags[a->n] = runs[r]->tags[i];
+            a->recs[a->n++] = &runs[r]->recs[i];
+        }
+    /* A key in two runs (a resend consumed a moment later) is claimed once. */
+    if (nruns > 1)
+        inbox_mark_dups(a->keys, a->n, a->dup);
+    for (size_t i = 0; i < a->n; i++)
+        if (!a->dup[i]) {
+            a->ckeys[a->nc] = a->keys[i];
+            a->ctags[a->nc] = a->tags[i];
+            a->crecs[a->nc++] = a->recs[i];
+        }
+}
+
+static void inbox_all_free(inbox_all *a)
+{
+    free(a->keys);
+    free(a->tags);
+    free(a->recs);
+    free(a->dup);
+    free(a->fresh);
+    free(a->inserted);
+    free(a->ckeys);
+    free(a->ctags);
+    free(a->crecs);
+    free(a->fev);
+}
+
+int inbox_store(msgstore *ms, inbox_run *const *runs, size_t nruns, char *err, size_t errlen)
+{
+    int rc = PX_ERROR;
+    inbox_all a;
+    for (size_t r = 0; r < nruns; r++) {
+        memset(runs[r]->skip, 0, runs[r]->n * sizeof(*runs[r]->skip));
+        if (devices_unneeded(ms, runs[r]->recs, runs[r]->n, runs[r]->skip, err, errlen) != PX_OK)
+            return PX_ERROR;
+    }
+    inbox_all_init(&a, runs, nruns);
+    size_t records = 0;
+    for (size_t r = 0; r < nruns; r++)
+        records += runs[r]->n;
 
     int64_t t0 = service_clock_us();
-    if (store_seen_claim(ms->svc.st, ir.ckeys, ir.ctags, ir.nc, px_now_ms(), ir.fresh, err,
+    if (store_seen_claim(ms->svc.st, a.ckeys, a.ctags, a.nc, px_now_ms(), a.fresh, err,
                          errlen) != PX_OK)
         goto out;
     service_observe(ms->m.lat_seen_claim, t0);
-    inbox_pick_fresh(&ir, recs);
-
-    if (ir.nf > 0) {
+    for (size_t c = 0; c < a.nc; c++)
+        if (a.fresh[c])
+            inbox_event(&a.fev[a.nf++], a.crecs[c]);
+    if (a.nf > 0) {
         t0 = service_clock_us();
-        if (store_inbox_put(ms->svc.st, ir.fev, ir.nf, ir.inserted, err, errlen) != PX_OK)
+        if (store_inbox_put(ms->svc.st, a.fev, a.nf, a.inserted, err, errlen) != PX_OK)
             goto out;
         service_observe(ms->m.lat_put, t0);
     }
     /* Before the gate opens: an ack by another device must find the
      * origin's mark, or it would wait for the origin forever. */
-    if (devices_mark_origins(ms, ir.fev, ir.nf, err, errlen) != PX_OK)
+    if (devices_mark_origins(ms, a.fev, a.nf, err, errlen) != PX_OK)
         goto out;
-    putgate_durable(ms->gate, run);
-    route_refresh_end(refresh);
-    refresh = NULL;
-
+    putgate_durable(ms->gate, runs[nruns - 1]->gate_run);
     size_t inserted = 0;
-    for (size_t i = 0; i < ir.nf; i++)
-        inserted += ir.inserted[i] != 0;
+    for (size_t i = 0; i < a.nf; i++)
+        inserted += a.inserted[i] != 0;
     metric_add(ms->m.stored, (int64_t)inserted);
-    metric_add(ms->m.duplicates, (int64_t)(n - inserted));
+    metric_add(ms->m.duplicates, (int64_t)(records - inserted));
+    rc = PX_OK;
+out:
+    inbox_all_free(&a);
+    return rc;
+}
 
+int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_t errlen)
+{
+    inbox_run *ir = inbox_push(ms, recs, n);
+    int rc = inbox_store(ms, &ir, 1, err, errlen);
+    size_t np = ir->np;
+    inbox_push_end(ir); /* a failed store step: the lookups still end */
     /* The pushes are in the bus before the batch commits, so a commit never
      * outruns a live delivery that a crash could still lose; by now they
      * have had the store's round trips to get there. */
-    if (ir.np > 0 && bus_flush(ms->svc.b, 10000) != PX_OK) {
-        px_err(err, errlen, "live deliveries not confirmed by the bus in 10 s");
-        goto out;
-    }
-    rc = PX_OK;
-out:
-    route_refresh_end(refresh); /* a failed store step: the lookups still end */
-    inbox_run_free(&ir);
+    if (rc == PX_OK && np > 0 && bus_flush(ms->svc.b, 10000) != PX_OK)
+        rc = px_err(err, errlen, "live deliveries not confirmed by the bus in 10 s");
     return rc;
 }

@@ -93,7 +93,7 @@ static int main_start(void *arg, char *err, size_t errlen)
     ms->cache = route_cache_new();
     ms->recent = inbox_recent_new();
     ms->gate = putgate_new();
-    if (sweep_start(ms, err, errlen) != PX_OK)
+    if (sweep_start(ms, err, errlen) != PX_OK || writer_start(ms, err, errlen) != PX_OK)
         return PX_ERROR;
     return acker_start(ms, err, errlen);
 }
@@ -112,9 +112,17 @@ static void main_process(void *arg, bus_msg *msgs, size_t n)
     batch_process(arg, msgs, n);
 }
 
-/* The ack and sweep threads use the store: they stop before it closes. */
+/* Commits what the store writer has finished since the last consume. */
+static void main_tick(void *arg)
+{
+    writer_reap(arg);
+}
+
+/* The writer, ack and sweep threads use the store: they stop before it
+ * closes; the writer commits what it finished before the bus goes. */
 static void main_drain(void *arg)
 {
+    writer_stop(arg);
     acker_stop(arg);
     sweep_stop(arg);
 }
@@ -125,10 +133,11 @@ int main(void)
         .name = "message-store", .group = MSGSTORE_GROUP, .batch = MSGSTORE_BATCH,
         .consume_wait_ms = MSGSTORE_CONSUME_WAIT_MS, .dr_cb = batch_on_delivery,
         .setup = main_setup, .start = main_start, .started = main_started,
-        .process = main_process, .drain = main_drain,
+        .process = main_process, .tick = main_tick, .drain = main_drain,
     };
     static msgstore ms;
     int rc = service_run(&ms.svc, &def, &ms);
+    writer_free(&ms);
     route_cache_free(ms.cache);
     inbox_recent_free(ms.recent);
     putgate_free(ms.gate);

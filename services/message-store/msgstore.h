@@ -34,6 +34,7 @@ typedef struct route_cache route_cache;
 typedef struct putgate putgate;
 typedef struct inbox_recent inbox_recent;
 typedef struct ackwait ackwait;
+typedef struct writer writer;
 
 typedef struct msgstore_metrics {
     metric *stored, *duplicates, *deliveries, *produce_failures, *offline, *syncs,
@@ -64,6 +65,7 @@ typedef struct msgstore msgstore;
 typedef struct batch_tag {
     msgstore *ms;
     size_t idx;
+    size_t pending;     /* produces with this tag not reported yet */
 } batch_tag;
 
 struct msgstore {
@@ -78,6 +80,7 @@ struct msgstore {
     /* Delivery-report bookkeeping for the batch in flight (batch.c). */
     batch_tag tags[MSGSTORE_BATCH];
     batch_tag best_effort;
+    batch_tag *live_tag;            /* writer.c: its batch's tag while it pushes, or NULL */
     size_t first_durable;           /* lowest record index with a gating produce */
     size_t failed_at;               /* lowest record index whose gating produce failed */
     int64_t dr_log_ms;              /* rate limit for produce-failure logs */
@@ -85,6 +88,7 @@ struct msgstore {
 
     uint8_t *pack;                  /* reusable protobuf encode buffer */
     size_t pack_cap;
+    writer *writer;                 /* writer.c: the store stage's thread (main msgstore) */
     msgstore *acker;                /* acker.c: the ack consumer's own msgstore */
     pthread_t acker_th;
     pthread_t sweeper;              /* sweep.c */
@@ -115,22 +119,62 @@ void batch_on_delivery(void *opaque, int status, const char *err, int32_t partit
  * idx (sync deliveries, dead letters): the batch commits nothing from idx on
  * until the record is acknowledged, and retries from idx if it fails. */
 void *batch_tag_for(msgstore *ms, size_t idx);
-/* The opaque for a produce nobody waits for (live deliveries). */
+/* The opaque for a produce nobody waits for (live deliveries); while
+ * writer.c pushes a batch, that batch's tag, whose reports it counts. */
 void *batch_tag_best_effort(msgstore *ms);
+
+/* Releases n consumed records and frees their decoded forms (recs). */
+void batch_release(msgstore *ms, bus_msg *msgs, msgstore_rec *recs, size_t n);
 
 /* bus_produce that rides out a full local queue (PX_AGAIN) by polling for
  * up to a few seconds. */
 int batch_produce(msgstore *ms, const char *topic, const char *key, size_t key_len,
                   const void *value, size_t len, void *opaque, char *err, size_t errlen);
 
+/* ---- writer.c: the store stage behind the consume thread ---- */
+
+/* Starts the writer thread (main msgstore only). */
+int writer_start(msgstore *ms, char *err, size_t errlen);
+/* Consume thread: pushes a batch of only InboxRecords (inbox_push) and
+ * queues its store stage; it commits later, in order, from writer_reap.
+ * Takes recs; copies msgs (their records are released at the commit).
+ * Waits first while the pipeline is full. */
+void writer_add(msgstore *ms, const bus_msg *msgs, msgstore_rec *recs, size_t n);
+/* Consume thread: commits, in order, the batches that are stored and whose
+ * pushes the bus has reported. Call often (after every consume). */
+void writer_reap(msgstore *ms);
+/* Consume thread: waits until every queued batch is committed. 1 when the
+ * pipeline is empty, 0 when ms is told to stop first (nothing may commit
+ * past what is still queued then). */
+int writer_drain(msgstore *ms);
+/* Stops the thread, commits what is done, releases the rest uncommitted
+ * (consumed again). Before the bus is destroyed; writer_free after it. */
+void writer_stop(msgstore *ms);
+void writer_free(msgstore *ms);
+
 /* ---- inbox.c: runs of InboxRecords ---- */
 
-/* Pushes n consecutive InboxRecords to their online recipients first (all
- * but the ones this process knows as resends or already pushed), then
- * stores them with crash-safe dedupe (seen claim, inbox put) and waits
- * until the bus holds the pushes. PX_OK when every record's store effect
- * is durable; a retry repeats the store steps harmlessly and pushes
- * nothing again. */
+typedef struct inbox_run inbox_run;
+
+/* Push stage (consume thread): pushes n consecutive InboxRecords to their
+ * online recipients (all but the ones this process knows as resends or
+ * already pushed) and numbers the run in the putgate. recs must outlive
+ * the run; end it with inbox_push_end. */
+inbox_run *inbox_push(msgstore *ms, msgstore_rec *recs, size_t n);
+/* Store stage (any thread; the store is thread-safe): stores the runs'
+ * records with crash-safe dedupe (one seen claim and one inbox put for
+ * all of them) and marks the last run durable in the putgate. PX_OK when
+ * every record's store effect is durable; a retry repeats the store steps
+ * harmlessly. Runs must be given in push order. */
+int inbox_store(msgstore *ms, inbox_run *const *runs, size_t nruns, char *err, size_t errlen);
+/* Consume thread: ends the run's registry refresh (which may push to
+ * gateways the registry adds, with the current best-effort tag) and frees
+ * it. NULL is a no-op. */
+void inbox_push_end(inbox_run *ir);
+
+/* Both stages in a row, then waits until the bus holds the pushes (the
+ * batch path for batches that carry more than InboxRecords). PX_OK when
+ * every record's store effect is durable; a retry pushes nothing again. */
 int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_t errlen);
 
 inbox_recent *inbox_recent_new(void);

@@ -71,13 +71,7 @@ void putgate_durable(putgate *g, uint64_t run)
 int putgate_wait(putgate *g, int64_t timeout_ms)
 {
     struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (timeout_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    px_mono_deadline(&until, timeout_ms);
     int rc = PX_OK;
     pthread_mutex_lock(&g->mu);
     uint64_t want = g->pushed;

@@ -36,6 +36,7 @@ typedef struct route_entry {
     int64_t expires_ms;          /* monotonic */
     int64_t note_until_ms;       /* note is kept until then, or until the registry names it */
     char note[65];               /* the gateway of the user's latest sync, or "" */
+    int refreshing;              /* a registry lookup of the user is under way */
     size_t n;
     char *user;                  /* points after gws */
     char gws[][65];
@@ -96,6 +97,7 @@ static void route_put_noted(route_cache *rc, const char *user, const char (*gws)
     size_t extra = keep && !route_has(gws, n, note) && n < ROUTE_MAX_GWS;
     route_entry *e = px_malloc(sizeof(*e) + (n + extra) * sizeof(e->gws[0]) + ulen + 1);
     e->expires_ms = expires_ms;
+    e->refreshing = 0;
     e->note_until_ms = keep ? note_until_ms : 0;
     snprintf(e->note, sizeof(e->note), "%s", keep ? note : "");
     e->n = n + extra;
@@ -281,10 +283,14 @@ static void route_lookup_keep(msgstore *ms, const route_miss *miss, size_t nm)
 {
     metric_add(ms->m.cache_misses, (int64_t)nm);
     int64_t expires = px_mono_ms() + ms->svc.cfg.presence_ttl_ms;
-    for (size_t i = 0; i < nm; i++)
+    for (size_t i = 0; i < nm; i++) {
+        route_entry *e = *route_slot(ms->cache, miss[i].user);
         if (miss[i].rc == PX_OK && ms->svc.cfg.presence_ttl_ms > 0)
             route_put(ms->cache, miss[i].user, (const char (*)[65])miss[i].gws, miss[i].n,
                       expires);
+        else if (e != NULL && strcmp(e->user, miss[i].user) == 0)
+            e->refreshing = 0; /* the next push of the user asks again */
+    }
 }
 
 /* The users of a run that the cache does not know at all, looked up side
@@ -307,11 +313,28 @@ static void route_prefetch_misses(msgstore *ms, const route_ref *refs, size_t n)
     free(miss);
 }
 
-/* A user pushed to from an expired entry: its refs and the gateways used. */
+/* A user pushed to from an expired entry: its refs and the gateways used.
+ * follow: another run's lookup of the user was under way, so this run
+ * compares with the cache once that one has ended (runs end in order)
+ * instead of asking the registry again: with the write-behind pipeline
+ * (writer.c) many runs are pushed before the first one ends, and each
+ * would have looked the same user up. */
 typedef struct route_stale {
     size_t a, b;
     route_miss old;
+    int follow;
 } route_stale;
+
+/* 1 if a lookup of user is under way; else marks one as started. */
+static int route_refreshing(route_cache *rc, const char *user)
+{
+    route_entry *e = *route_slot(rc, user);
+    if (e == NULL || strcmp(e->user, user) != 0)
+        return 0;
+    int was = e->refreshing;
+    e->refreshing = 1;
+    return was;
+}
 
 /* Stale-while-revalidate: the users pushed to from expired entries are
  * looked up after their pushes left, beside the run's store calls (on a
@@ -326,8 +349,8 @@ struct route_refresh {
     const store_event *ev;
     route_ref *refs;
     route_stale *st;
-    route_miss *now;
-    size_t ns;
+    route_miss *now;           /* the lookups: the users not following */
+    size_t ns, nlook;
     pthread_t th;
     int threaded;
 };
@@ -335,17 +358,30 @@ struct route_refresh {
 static void *route_refresh_main(void *arg)
 {
     route_refresh *r = arg;
-    route_lookup_run(r->ms, r->now, r->ns);
+    route_lookup_run(r->ms, r->now, r->nlook);
     return NULL;
 }
 
 static void route_refresh_start(route_refresh *r)
 {
     r->now = px_malloc(r->ns * sizeof(*r->now));
+    r->nlook = 0;
     for (size_t k = 0; k < r->ns; k++)
-        r->now[k] = (route_miss){ .user = r->st[k].old.user };
-    r->threaded = store_concurrency(r->ms->svc.st) >= 2 &&
+        if (!r->st[k].follow)
+            r->now[r->nlook++] = (route_miss){ .user = r->st[k].old.user };
+    r->threaded = r->nlook > 0 && store_concurrency(r->ms->svc.st) >= 2 &&
                   pthread_create(&r->th, NULL, route_refresh_main, r) == 0;
+}
+
+/* What a following user's gateways are now: the cache, which the lookup
+ * it followed has refreshed (or left as it was, if that lookup failed). */
+static void route_follow(msgstore *ms, route_miss *now)
+{
+    const route_entry *e = route_find(ms->cache, now->user);
+    now->rc = e != NULL ? PX_OK : PX_ERROR;
+    now->n = e != NULL ? e->n : 0;
+    if (e != NULL)
+        memcpy(now->gws, e->gws, e->n * sizeof(e->gws[0]));
 }
 
 void route_refresh_end(route_refresh *r)
@@ -356,10 +392,17 @@ void route_refresh_end(route_refresh *r)
     if (r->threaded)
         pthread_join(r->th, NULL);
     else
-        route_lookup_run(ms, r->now, r->ns);
-    route_lookup_keep(ms, r->now, r->ns);
+        route_lookup_run(ms, r->now, r->nlook);
+    route_lookup_keep(ms, r->now, r->nlook);
+    size_t look = 0;
     for (size_t k = 0; k < r->ns; k++) {
-        const route_miss *old = &r->st[k].old, *now = &r->now[k];
+        const route_miss *old = &r->st[k].old;
+        route_miss followed = { .user = old->user };
+        const route_miss *now = &followed;
+        if (r->st[k].follow)
+            route_follow(ms, &followed);
+        else
+            now = &r->now[look++];
         char add[ROUTE_MAX_GWS][65];
         size_t nadd = 0;
         for (size_t g = 0; now->rc == PX_OK && g < now->n; g++) {
@@ -403,7 +446,8 @@ route_refresh *route_live(msgstore *ms, const store_event *ev, size_t n)
         if (stale) {
             if (st == NULL)
                 st = px_malloc(n * sizeof(*st));
-            st[ns++] = (route_stale){ .a = a, .b = b, .old = used };
+            st[ns++] = (route_stale){ .a = a, .b = b, .old = used,
+                                      .follow = route_refreshing(ms->cache, used.user) };
         }
         a = b;
     }

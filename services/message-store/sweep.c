@@ -50,24 +50,13 @@ static void sweep_once(msgstore *ms)
              (json_int_t)orphans, "ok", irc == PX_OK && src == PX_OK && mrc == PX_OK);
 }
 
-static void sweep_deadline(struct timespec *ts, long ms)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += ms / 1000;
-    ts->tv_nsec += (ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
-
 static void *sweep_main(void *arg)
 {
     msgstore *ms = arg;
     pthread_mutex_lock(&ms->sweep_mu);
     while (!ms->sweep_stop) {
         struct timespec until;
-        sweep_deadline(&until, ms->svc.cfg.sweep_ms);
+        px_mono_deadline(&until, ms->svc.cfg.sweep_ms);
         int rc = 0;
         while (!ms->sweep_stop && rc != ETIMEDOUT)
             rc = pthread_cond_timedwait(&ms->sweep_cv, &ms->sweep_mu, &until);

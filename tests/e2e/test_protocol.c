@@ -8,7 +8,8 @@
  * send while Kafka is stopped: `unavailable`, /readyz 503, then the retry
  * with the same id goes through once; and the database stopped: /readyz
  * 503, sends still `sent`, and what was sent meanwhile is stored once it
- * is back; the same with the database hung (SIGSTOP) rather than gone. */
+ * is back; the same with the database hung (SIGSTOP) rather than gone,
+ * where an online recipient still gets every message live. */
 #include "e2e.h"
 
 #include <dirent.h>
@@ -468,6 +469,22 @@ START_TEST(store_down_readyz_then_nothing_lost)
 }
 END_TEST
 
+/* FerretDB hung with SIGSTOP (the teardown wakes it if a test fails
+ * first); 1 once every thread of it is stopped. */
+static int db_hang(pid_t mpid)
+{
+    ck_assert_int_eq(kill(mpid, SIGSTOP), 0);
+    proto_stopped = mpid;
+    return stopped_within(mpid);
+}
+
+static void db_wake(pid_t mpid, int was_stopped)
+{
+    ck_assert_int_eq(kill(mpid, SIGCONT), 0);
+    proto_stopped = 0;
+    ck_assert_msg(was_stopped, "FerretDB (pid %d) not stopped after SIGSTOP", (int)mpid);
+}
+
 /* The database hanging rather than refusing (FerretDB stopped with
  * SIGSTOP: connections stay open, nothing answers): the gateway's /readyz
  * answers 503 within a few seconds (not after the socket timeout), a send
@@ -485,17 +502,56 @@ START_TEST(store_hangs_readyz_then_nothing_lost)
     json_decref(e2e_wait_type(a, "synced"));
     /* Nothing may fail the test while the database is stopped: look, wake
      * it, then assert. */
-    ck_assert_int_eq(kill(mpid, SIGSTOP), 0);
-    proto_stopped = mpid;
-    int was_stopped = stopped_within(mpid);
+    int was_stopped = db_hang(mpid);
     int not_ready = readyz_becomes(e2e_port(E2E_GW1), 0);
     e2e_send_async(a, "h1", bob, "while the database hangs");
     json_t *r = client_wait_ref(a, "h1", E2E_WAIT_MS);
-    ck_assert_int_eq(kill(mpid, SIGCONT), 0);
-    proto_stopped = 0;
-    ck_assert_msg(was_stopped, "FerretDB (pid %d) not stopped after SIGSTOP", (int)mpid);
+    db_wake(mpid, was_stopped);
     ck_assert_msg(not_ready, "/readyz never answered non-200 with the database hung");
     db_back_nothing_lost(a, r, bob);
+}
+END_TEST
+
+/* The live path never waits for the store (message-store's write-behind
+ * pipeline, services/message-store/writer.c): with the database hung, an
+ * online recipient still gets each message as it is sent, not only the
+ * first one (whose store step then hangs). Sent one after another, each
+ * after the previous one arrived, so each is its own consumed batch. */
+START_TEST(store_hangs_online_recipient_gets_each_message)
+{
+    enum { LIVE_N = 3 };
+    pid_t mpid = stack_pid("mongo");
+    if (mpid == 0)
+        return;
+    char alice[65], bob[65];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(e2e_wait_type(b, "synced"));
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(e2e_wait_type(a, "synced"));
+    /* Nothing may fail the test while the database is stopped: look, wake
+     * it, then assert. */
+    int was_stopped = db_hang(mpid), got = 0;
+    char want[LIVE_N][32], body[LIVE_N][64];
+    for (int i = 0; i < LIVE_N && got == i; i++) {
+        char cid[16];
+        snprintf(cid, sizeof(cid), "l%d", i);
+        snprintf(want[i], sizeof(want[i]), "live %d", i);
+        e2e_send_async(a, cid, bob, want[i]);
+        json_t *m = client_wait_type(b, "message", E2E_WAIT_MS);
+        snprintf(body[i], sizeof(body[i]), "%s", m != NULL ? e2e_str(m, "body") : "");
+        got += m != NULL;
+        json_decref(m);
+    }
+    db_wake(mpid, was_stopped);
+    ck_assert_msg(got == LIVE_N, "with the database hung bob got %d of %d messages live", got,
+                  LIVE_N);
+    for (int i = 0; i < LIVE_N; i++)
+        ck_assert_str_eq(body[i], want[i]);
+    ck_assert_msg(readyz_becomes(e2e_port(E2E_GW1), 1), "/readyz not 200 again");
+    client_close(a, 1000);
+    client_close(b, 1000);
 }
 END_TEST
 
@@ -512,6 +568,7 @@ static Suite *protocol_suite(void)
     tcase_add_test(tc, kafka_down_unavailable_then_retry_same_id);
     tcase_add_test(tc, store_down_readyz_then_nothing_lost);
     tcase_add_test(tc, store_hangs_readyz_then_nothing_lost);
+    tcase_add_test(tc, store_hangs_online_recipient_gets_each_message);
     suite_add_tcase(s, tc);
     return s;
 }
