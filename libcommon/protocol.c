@@ -22,7 +22,7 @@ static const struct { const char *name; enum proto_type type; } proto_types[] = 
     { "ping", PROTO_PING }, { "group_create", PROTO_GROUP_CREATE },
     { "group_add", PROTO_GROUP_ADD }, { "group_remove", PROTO_GROUP_REMOVE },
     { "group_leave", PROTO_GROUP_LEAVE }, { "group_info", PROTO_GROUP_INFO },
-    { "group_join", PROTO_GROUP_JOIN },
+    { "group_join", PROTO_GROUP_JOIN }, { "typing", PROTO_TYPING },
 };
 
 const char *proto_code_name(enum proto_code code)
@@ -99,6 +99,24 @@ static int proto_parse_send(json_t *o, const proto_limits *lim, proto_cmd *c,
     return PX_OK;
 }
 
+/* {"type":"typing","to"|"group","state":"composing"|"paused"}; no id needed. */
+static int proto_parse_typing(json_t *o, proto_cmd *c, enum proto_code *code, char *msg,
+                              size_t msglen)
+{
+    const char *state;
+    if (proto_opt_str(o, "to", &c->to) || proto_opt_str(o, "group", &c->group) ||
+        (c->to == NULL) == (c->group == NULL) || (c->to != NULL && !id_valid_user(c->to)) ||
+        (c->group != NULL && !id_valid_user(c->group)))
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen,
+                          "typing needs exactly one of to (a user id) or group (a group id)");
+    if (proto_opt_str(o, "state", &state) || state == NULL ||
+        (strcmp(state, "composing") != 0 && strcmp(state, "paused") != 0))
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen,
+                          "state must be composing or paused");
+    c->composing = strcmp(state, "composing") == 0;
+    return PX_OK;
+}
+
 static int proto_parse_group(json_t *o, proto_cmd *c, enum proto_code *code,
                              char *msg, size_t msglen)
 {
@@ -150,7 +168,7 @@ static int proto_parse_id(json_t *o, proto_cmd *c, enum proto_code *code,
     json_t *id = json_object_get(o, "id");
     if (id != NULL && json_is_string(id) && id_valid_client(json_string_value(id)))
         snprintf(c->id, sizeof(c->id), "%s", json_string_value(id));
-    int needs_id = c->type != PROTO_ACK && c->type != PROTO_READ;
+    int needs_id = c->type != PROTO_ACK && c->type != PROTO_READ && c->type != PROTO_TYPING;
     if (needs_id && c->id[0] == '\0')
         return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "id must be a string of 1-64 printable characters");
     return PX_OK;
@@ -186,6 +204,9 @@ int proto_parse(const char *buf, size_t len, const proto_limits *lim,
         break;
     case PROTO_PING:
         rc = PX_OK;
+        break;
+    case PROTO_TYPING:
+        rc = proto_parse_typing(o, c, code, msg, msglen);
         break;
     default:
         rc = proto_parse_group(o, c, code, msg, msglen);
@@ -249,6 +270,16 @@ static json_t *proto_str_list(const char *const *v, size_t n)
     for (size_t i = 0; i < n; i++)
         json_array_append_new(a, json_string(v[i]));
     return a;
+}
+
+char *proto_render_typing(const char *from, const char *to, const char *group, int composing,
+                          int64_t ts, size_t *len)
+{
+    json_t *o = json_pack("{s:s, s:s, s:s, s:i, s:I}", "type", "typing", "from", from, "state",
+                          composing ? "composing" : "paused", "ttl_ms", PROTO_TYPING_TTL_MS,
+                          "ts", (json_int_t)ts);
+    json_object_set_new(o, group != NULL ? "group" : "to", json_string(group != NULL ? group : to));
+    return proto_dump(o, len);
 }
 
 char *proto_render_group(const char *ref, const proto_group *g, size_t *len)

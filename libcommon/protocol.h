@@ -13,7 +13,7 @@
 enum proto_type {
     PROTO_SEND = 1, PROTO_ACK, PROTO_READ, PROTO_PING,
     PROTO_GROUP_CREATE, PROTO_GROUP_ADD, PROTO_GROUP_REMOVE,
-    PROTO_GROUP_LEAVE, PROTO_GROUP_INFO, PROTO_GROUP_JOIN
+    PROTO_GROUP_LEAVE, PROTO_GROUP_INFO, PROTO_GROUP_JOIN, PROTO_TYPING
 };
 
 /* Error codes of PROTOCOL.md; proto_code_name() gives the wire string. */
@@ -37,6 +37,7 @@ typedef struct proto_cmd {
     size_t nids;
     const char *members[PROTO_MAX_MEMBERS];  /* group_create/add/remove */
     size_t nmembers;
+    int composing;            /* typing: 1 composing, 0 paused */
     void *root;               /* owns every string above (a json_t) */
 } proto_cmd;
 
@@ -97,6 +98,16 @@ typedef struct proto_receipt {
     int64_t ts;
 } proto_receipt;
 char *proto_render_receipt(const proto_receipt *r, size_t *len);
+
+/* How long a client shows "typing..." after a `typing` event unless another
+ * comes (the event says so in ttl_ms): a lost `paused` costs only this. */
+#define PROTO_TYPING_TTL_MS 6000
+
+/* {"type":"typing","from","to" or "group","state","ttl_ms","ts"}: from is
+ * typing (state "composing") or stopped ("paused") in the 1:1 chat with to,
+ * or in group. */
+char *proto_render_typing(const char *from, const char *to, const char *group, int composing,
+                          int64_t ts, size_t *len);
 
 /* {"type":"read_state","id","ids":[...],"ts"}: the user read ids on another
  * of its devices (issue 17). */

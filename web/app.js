@@ -9,6 +9,7 @@ import { $, convTitle, el, focusConv, renderConvList, renderGroupPanel, renderMe
 const USER_RE = /^[A-Za-z0-9._-]{1,64}$/;
 const IDS_PER_COMMAND = 1000; // the server's cap on `ack` / `read` ids
 const RETRY_SEND_MS = 2000;
+const TYPING_EVERY_MS = 3000; // `composing` at most this often while typing
 const CHANGE_BATCH_MS = 15;
 // Worth resending with the same id (the server dedupes it); anything else
 // is final for that message.
@@ -30,6 +31,11 @@ let pendingFile = null;
 let forwarding = null;
 const mediaUrls = new Map(); // media id -> Promise of an object URL
 const groupInfoAsked = new Set();
+// Who is typing where: conversation key -> Map(user -> until ms). Never
+// saved: typing lives only as long as its ttl_ms.
+const typingIn = new Map();
+let typingSentAt = 0;
+let typingTimer = null;
 
 // ---- errors ---------------------------------------------------------------
 
@@ -170,7 +176,11 @@ function onState(state, detail) {
 
 function onEvent(ev) {
   switch (ev.type) {
+    case 'typing':
+      noteTyping(ev);
+      break;
     case 'message':
+      typingIn.get(ev.group ? `g:${ev.group}` : `u:${ev.from}`)?.delete(ev.from);
       if (store.firstSight(ev.id)) {
         const c = store.addIncoming(ev);
         if (c.kind === 'group' && !c.name) askGroupInfo(c.group);
@@ -230,6 +240,38 @@ function readIfVisible() {
   const ids = store.takeUnread(c);
   for (let i = 0; i < ids.length; i += IDS_PER_COMMAND) conn.post({ type: 'read', ids: ids.slice(i, i + IDS_PER_COMMAND) });
   if (ids.length > 0 || hadUnread) changed();
+}
+
+// ---- typing ---------------------------------------------------------------
+
+function noteTyping(ev) {
+  const key = ev.group ? `g:${ev.group}` : `u:${ev.from}`;
+  if (!typingIn.has(key)) typingIn.set(key, new Map());
+  if (ev.state === 'composing') typingIn.get(key).set(ev.from, Date.now() + (ev.ttl_ms || 6000));
+  else typingIn.get(key).delete(ev.from);
+  clearTimeout(typingTimer);
+  typingTimer = setTimeout(changed, (ev.ttl_ms || 6000) + 50); // redraw when it lapses
+}
+
+// "bob is typing…" for the open chat, or '' (lapsed entries are dropped).
+function typingText(key) {
+  const now = Date.now();
+  const who = [...(typingIn.get(key) || [])].filter(([u, until]) => until > now && u !== session.user).map(([u]) => u);
+  if (who.length === 0) return '';
+  return key.startsWith('u:') ? 'typing…' : `${who.join(', ')} ${who.length > 1 ? 'are' : 'is'} typing…`;
+}
+
+// While the user types: `composing` at most every TYPING_EVERY_MS;
+// `paused` when the field empties or the message goes.
+function sendTyping(composing) {
+  const c = current && store.conv(current);
+  if (!c || c.left || c.invited || !conn.open) return;
+  const now = Date.now();
+  if (composing && now - typingSentAt < TYPING_EVERY_MS) return;
+  if (!composing && typingSentAt === 0) return;
+  typingSentAt = composing ? now : 0;
+  const where = c.kind === 'group' ? { group: c.group } : { to: c.peer };
+  conn.post({ type: 'typing', ...where, state: composing ? 'composing' : 'paused' });
 }
 
 // ---- sending --------------------------------------------------------------
@@ -412,9 +454,9 @@ function render() {
   $('chat-open').hidden = !c;
   if (!c) return;
   $('chat-title').textContent = convTitle(c);
-  $('chat-sub').textContent = c.kind === 'dm' ? ''
+  $('chat-sub').textContent = typingText(c.key) || (c.kind === 'dm' ? ''
     : c.left ? 'You are not a member of this group'
-    : c.invited ? 'You are invited: join to see its messages' : c.members.join(', ');
+    : c.invited ? 'You are invited: join to see its messages' : c.members.join(', '));
   $('group-join').hidden = !c.invited;
   $('group-toggle').hidden = c.kind !== 'group' || c.left;
   $('group-add').hidden = !c.admins.includes(session.user);
@@ -458,8 +500,11 @@ function wire() {
     const body = $('text').value;
     if (!body.trim() || !current) return;
     $('text').value = '';
+    sendTyping(false);
     sendMessage(store.conv(current), { body });
   });
+  on('text', 'input', () => sendTyping($('text').value.trim() !== ''));
+  on('text', 'blur', () => sendTyping(false));
   on('back', 'click', closeConv);
   on('chat', 'keydown', (e) => {
     if (e.key === 'Escape' && narrow.matches && current && !$('preview').contains(e.target)) closeConv();

@@ -96,6 +96,7 @@ static const Parley__GroupCommand__Type commands_group_types[] = {
     [PROTO_GROUP_LEAVE] = PARLEY__GROUP_COMMAND__TYPE__TYPE_LEAVE,
     [PROTO_GROUP_INFO] = PARLEY__GROUP_COMMAND__TYPE__TYPE_INFO,
     [PROTO_GROUP_JOIN] = PARLEY__GROUP_COMMAND__TYPE__TYPE_JOIN,
+    [PROTO_TYPING] = PARLEY__GROUP_COMMAND__TYPE__TYPE_TYPING,
 };
 
 /* Group commands and group sends go to parley.groups keyed by the group.
@@ -145,6 +146,9 @@ static int commands_group(gw *g, const char *user, const char *dev, uint64_t con
         rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
         rec.media_id = (char *)(media_json != NULL ? cmd->media : "");
         rec.device = (char *)dev;
+    } else if (cmd->type == PROTO_TYPING) {
+        json = proto_render_typing(user, NULL, gid, cmd->composing, p->ts, &json_len);
+        rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
     }
     uint8_t *buf = COMMANDS_PACK(group_command, &rec, &len);
     free(json);
@@ -260,6 +264,36 @@ static void commands_read_state(gw *g, conn *c, const proto_cmd *cmd)
     commands_produce(g, g->topic_inbox, rec.user, buf, len, &commands_record_tag);
 }
 
+/* Typing to a user: an event for the recipient's live connections, which
+ * message-store pushes and never stores (EVENT_KIND_TYPING). To a group:
+ * group-fanout checks membership and copies it to the other members.
+ * Unanswered unless refused; it costs a send of the sender's rate. */
+static void commands_typing(gw *g, conn *c, const proto_cmd *cmd)
+{
+    if (cmd->group != NULL) {
+        if (commands_group(g, ws_conn_user(c), ws_conn_device(c), ws_conn_id(c), cmd, NULL) !=
+            PX_OK)
+            commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
+        return;
+    }
+    char id[ID_BUF + 3] = "ty_";
+    size_t json_len, len;
+    id_new(id + 3);
+    int64_t ts = px_now_ms();
+    char *json = proto_render_typing(ws_conn_user(c), cmd->to, NULL, cmd->composing, ts,
+                                     &json_len);
+    Parley__InboxRecord rec = PARLEY__INBOX_RECORD__INIT;
+    rec.version = 1;
+    rec.kind = PARLEY__EVENT_KIND__EVENT_KIND_TYPING;
+    rec.user = (char *)cmd->to;
+    rec.id = id;
+    rec.ts_ms = ts;
+    rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
+    uint8_t *buf = COMMANDS_PACK(inbox_record, &rec, &len);
+    free(json);
+    commands_produce(g, g->topic_inbox, rec.user, buf, len, &commands_record_tag);
+}
+
 static void commands_ack(gw *g, conn *c, const proto_cmd *cmd)
 {
     size_t len;
@@ -283,6 +317,7 @@ static enum gw_rate commands_rate_kind(enum proto_type t)
 {
     switch (t) {
     case PROTO_SEND:
+    case PROTO_TYPING: /* a group's costs a fan-out, as a send does */
         return GW_RATE_SEND;
     case PROTO_ACK:
         return GW_RATE_ACK;
@@ -335,6 +370,9 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
         break;
     case PROTO_PING:
         commands_reply(c, proto_render_pong(cmd.id, NULL));
+        break;
+    case PROTO_TYPING:
+        commands_typing(g, c, &cmd);
         break;
     default:
         if (commands_group(g, ws_conn_user(c), ws_conn_device(c), ws_conn_id(c), &cmd, NULL) !=

@@ -455,6 +455,22 @@ static int apply_send(apply_ctx *a, const Parley__GroupCommand *x, const apply_g
     return rc;
 }
 
+/* A member is typing: the event goes to the other members' live
+ * connections only (message-store never stores EVENT_KIND_TYPING), and
+ * nothing is answered. */
+static int apply_typing(apply_ctx *a, const Parley__GroupCommand *x, const apply_group *g)
+{
+    char id[FANOUT_ID_MAX + 8];
+    snprintf(id, sizeof(id), "ty_%s", x->cmd_id);
+    int rc = PX_OK;
+    for (size_t i = 0; i < g->nmembers && rc == PX_OK; i++)
+        if (strcmp(g->members[i], x->user) != 0)
+            rc = apply_inbox(a, PARLEY__EVENT_KIND__EVENT_KIND_TYPING, g->members[i], id, "",
+                             x->ts_ms, (const char *)x->event_json.data, x->event_json.len,
+                             NULL);
+    return rc;
+}
+
 /* Checks who may do what, then applies one command to g. */
 static int apply_one(apply_ctx *a, const Parley__GroupCommand *x, apply_group *g)
 {
@@ -496,6 +512,8 @@ static int apply_one(apply_ctx *a, const Parley__GroupCommand *x, apply_group *g
     }
     case PARLEY__GROUP_COMMAND__TYPE__TYPE_SEND:
         return apply_send(a, x, g);
+    case PARLEY__GROUP_COMMAND__TYPE__TYPE_TYPING:
+        return apply_typing(a, x, g);
     default:
         apply_answer_group(a, x, g);
         return PX_OK;

@@ -72,10 +72,12 @@ static int batch_name_ok(const char *s)
 static void batch_validate(fanout_rec *r)
 {
     const Parley__GroupCommand *x = r->x;
+    /* Typing may come without a client id: nothing answers it. */
+    int typing = x->type == PARLEY__GROUP_COMMAND__TYPE__TYPE_TYPING;
     if (x->version != FANOUT_RECORD_VERSION)
         batch_dead(r, "unknown version");
     else if (x->type < PARLEY__GROUP_COMMAND__TYPE__TYPE_CREATE ||
-             x->type > PARLEY__GROUP_COMMAND__TYPE__TYPE_JOIN)
+             x->type > PARLEY__GROUP_COMMAND__TYPE__TYPE_TYPING)
         batch_dead(r, "unknown type");
     else if (!id_valid_user(x->group))
         batch_dead(r, "bad group id");
@@ -83,7 +85,8 @@ static void batch_validate(fanout_rec *r)
         batch_dead(r, "key is not the group"); /* order per group needs one partition */
     else if (!id_valid_user(x->user) || !id_valid_user(x->gateway))
         batch_dead(r, "bad user or gateway");
-    else if (!id_valid_client(x->ref) || !batch_id_ok(x->cmd_id))
+    else if ((!id_valid_client(x->ref) && !(typing && x->ref[0] == '\0')) ||
+             !batch_id_ok(x->cmd_id))
         batch_dead(r, "bad ref or cmd_id");
     else if (!batch_members_ok(x))
         batch_dead(r, "bad members");
@@ -93,6 +96,9 @@ static void batch_validate(fanout_rec *r)
              (!batch_id_ok(x->msg_id) || x->event_json.len == 0 ||
               !utf8_valid(x->event_json.data, x->event_json.len)))
         batch_dead(r, "bad message");
+    else if (typing && (x->event_json.len == 0 ||
+                        !utf8_valid(x->event_json.data, x->event_json.len)))
+        batch_dead(r, "bad typing event");
     else
         r->kind = REC_CMD;
 }

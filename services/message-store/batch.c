@@ -138,7 +138,7 @@ static void batch_decode_inbox(msgstore_rec *r)
     else if (x->sender[0] != '\0' && !id_valid_user(x->sender))
         batch_dead(r, "%s: bad sender", "InboxRecord");
     else if (x->kind < PARLEY__EVENT_KIND__EVENT_KIND_MESSAGE ||
-             x->kind > PARLEY__EVENT_KIND__EVENT_KIND_READ_STATE)
+             x->kind > PARLEY__EVENT_KIND__EVENT_KIND_TYPING)
         batch_dead(r, "%s: unknown kind", "InboxRecord");
     else if (x->origin_device[0] != '\0' && !id_valid_user(x->origin_device))
         batch_dead(r, "%s: bad origin device", "InboxRecord");

@@ -35,7 +35,11 @@
  * store round trip before every batch's push again. A wasted push costs
  * nothing: the gateway gives it to no one. The one difference it makes is
  * a device linking in the instant between a copy's consumption and its own
- * first sync: it may get that copy live, never from the store. */
+ * first sync: it may get that copy live, never from the store.
+ *
+ * Typing events (EVENT_KIND_TYPING, issue 18) take the push stage only:
+ * the store stage leaves them out, so they reach who is connected and no
+ * sync ever brings them back. */
 #include "common.h"
 #include "msgstore.h"
 
@@ -262,6 +266,10 @@ int inbox_store(msgstore *ms, inbox_run *const *runs, size_t nruns, char *err, s
         memset(runs[r]->skip, 0, runs[r]->n * sizeof(*runs[r]->skip));
         if (devices_unneeded(ms, runs[r]->recs, runs[r]->n, runs[r]->skip, err, errlen) != PX_OK)
             return PX_ERROR;
+        /* Typing is for whoever is connected now: pushed, never stored. */
+        for (size_t i = 0; i < runs[r]->n; i++)
+            runs[r]->skip[i] |= runs[r]->recs[i].u.inbox->kind ==
+                                PARLEY__EVENT_KIND__EVENT_KIND_TYPING;
     }
     inbox_all_init(&a, runs, nruns);
     size_t records = 0;

@@ -74,6 +74,14 @@ test('alice and bob exchange messages and see the ticks change', async () => {
   await theirs(alice.page, 'hi alice, got it').waitFor({ timeout: WAIT_MS });
   await tick(bob.page, 'hi alice, got it', 'read');
   await shot(bob.page, 'bob-read');
+
+  // alice types: bob's chat header says so until she clears the field.
+  await alice.page.fill('#text', 'drafting a reply');
+  await bob.page.locator('#chat-sub', { hasText: 'typing…' }).waitFor({ timeout: WAIT_MS });
+  await shot(bob.page, 'bob-sees-typing');
+  await alice.page.fill('#text', '');
+  await bob.page.waitForFunction(() => document.getElementById('chat-sub').textContent === '', null,
+    { timeout: WAIT_MS });
 });
 
 test('bob offline gets the backlog on connect, once, in order', async () => {

@@ -41,6 +41,18 @@ START_TEST(ack_and_ping_ok)
     ck_assert_int_eq(parse("{\"type\":\"ping\",\"id\":\"p\"}", &c, &code), PX_OK);
     ck_assert_int_eq(c.type, PROTO_PING);
     proto_cmd_free(&c);
+    /* typing needs no id */
+    ck_assert_int_eq(parse("{\"type\":\"typing\",\"to\":\"bob\",\"state\":\"composing\"}", &c,
+                           &code), PX_OK);
+    ck_assert_int_eq(c.type, PROTO_TYPING);
+    ck_assert_str_eq(c.to, "bob");
+    ck_assert_int_eq(c.composing, 1);
+    proto_cmd_free(&c);
+    ck_assert_int_eq(parse("{\"type\":\"typing\",\"group\":\"g_1\",\"state\":\"paused\"}", &c,
+                           &code), PX_OK);
+    ck_assert_str_eq(c.group, "g_1");
+    ck_assert_int_eq(c.composing, 0);
+    proto_cmd_free(&c);
 }
 END_TEST
 
@@ -92,6 +104,9 @@ START_TEST(bad_commands)
         { "{\"type\":\"group_add\",\"id\":\"g2\",\"members\":[\"bob\"]}", PROTO_BAD_REQUEST, "g2" },
         { "{\"type\":\"send\",\"id\":\"d1\",\"type\":\"ping\"}", PROTO_BAD_REQUEST, "" },
         { "{\"type\":\"send\",\"id\":\"c10\",\"to\":\"bob\",\"body\":\"a\\u0000b\"}", PROTO_BAD_REQUEST, "" },
+        { "{\"type\":\"typing\",\"id\":\"t1\",\"to\":\"bob\"}", PROTO_BAD_REQUEST, "t1" },
+        { "{\"type\":\"typing\",\"id\":\"t2\",\"to\":\"bob\",\"state\":\"yelling\"}", PROTO_BAD_REQUEST, "t2" },
+        { "{\"type\":\"typing\",\"to\":\"bob\",\"group\":\"g\",\"state\":\"paused\"}", PROTO_BAD_REQUEST, "" },
     };
     for (size_t i = 0; i < PX_ARRAY_LEN(cases); i++) {
         proto_cmd c;
