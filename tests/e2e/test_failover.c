@@ -2,7 +2,9 @@
  * receipt joins each consumer group; pairs of users exchange messages over
  * both gateways at a steady rate while the first replica of each is killed
  * (-9) and, later, started again, so partitions move to the survivor and
- * back while messages flow (two rebalances per group). Every message
+ * back while messages flow (two rebalances per group); then the second
+ * replicas are restarted by SIGTERM, one rolling step as a Helm upgrade
+ * takes (two more). Every message
  * answered `sent` must reach its recipient, and every sender must get its
  * `delivered` receipt. Reported: duplicates on the wire (clients dedupe by
  * id), and the longest send-to-receive time, which bounds how long
@@ -140,6 +142,10 @@ START_TEST(partitions_move_under_load_and_nothing_is_lost)
      * must hold every partition: what was sent 5 s or more before the
      * restart must have arrived by then. */
     int at_kill_store = 240, at_kill_receipt = 300, at_back = 2000, stuck = -1;
+    /* Then a rolling restart as a Helm upgrade makes it: SIGTERM of the
+     * second replicas (they must stop cleanly, handing their partitions
+     * over), started again ~2 s later. */
+    int at_term = 2350, at_term_back = 2520, term_status = 0;
     int64_t next = px_mono_ms();
     for (int i = 0; i < N; i++) {
         while (px_mono_ms() < next)
@@ -158,6 +164,15 @@ START_TEST(partitions_move_under_load_and_nothing_is_lost)
             ck_assert_int_eq(e2e_restart(E2E_STORE), 0);
             ck_assert_int_eq(e2e_restart(E2E_RECEIPT), 0);
         }
+        if (i == at_term) {
+            kill(store2, SIGTERM);
+            kill(receipt2, SIGTERM);
+        }
+        if (i == at_term_back) {
+            term_status |= e2e_extra_exit_status(store2) | e2e_extra_exit_status(receipt2);
+            store2 = e2e_spawn_replica(E2E_STORE, "message-store-2b", base + 40);
+            receipt2 = e2e_spawn_replica(E2E_RECEIPT, "receipt-2b", base + 41);
+        }
     }
     /* A session timeout (10 s) and two rebalances lie behind: 60 s. */
     int64_t deadline = px_mono_ms() + 60000;
@@ -168,7 +183,8 @@ START_TEST(partitions_move_under_load_and_nothing_is_lost)
         lost += r.msg_id[i][0] != '\0' && !r.got[i];
     fprintf(stderr,
             "report: failover: %d sent at %d/s over %d pairs, message-store and receipt each "
-            "killed -9 and restarted beside a second replica: %d answered, %d received, "
+            "killed -9 and restarted beside a second replica, then the second replicas "
+            "restarted by SIGTERM: %d answered, %d received, "
             "%d lost, %d duplicates on the wire, %d sends answered unavailable and sent again; "
             "%d of %d delivered receipts (%d repeated); longest send to receive %lld ms; "
             "%d sent 5 s or more before the restart had not arrived by then\n",
@@ -186,6 +202,7 @@ START_TEST(partitions_move_under_load_and_nothing_is_lost)
     }
     ck_assert_int_eq(e2e_stop_extra(store2), 0);
     ck_assert_int_eq(e2e_stop_extra(receipt2), 0);
+    ck_assert_msg(term_status == 0, "a replica stopped by SIGTERM did not exit cleanly (0)");
     ck_assert_int_eq(r.nsent, N);
     ck_assert_int_eq(lost, 0);
     ck_assert_msg(stuck == 0, "the survivors did not take the dead replica's partitions over");
