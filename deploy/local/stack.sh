@@ -26,8 +26,8 @@
 # FerretDB a TLS listener on PARLEY_MONGO_PORT + 5; the plain listeners
 # stay (the controller and the brokers among themselves use them).
 # "$PARLEY_STACK_DIR/stack-tls.env" then holds the PARLEY_* settings that
-# reach both over TLS. SCRAM is not offered: credentials given to the
-# storage format (--add-scram) were refused by this Kafka 4.1 node.
+# reach both over TLS. SCRAM is not offered: Debian 12's librdkafka (2.0.2)
+# fails SCRAM against Kafka 4 (fixed in librdkafka 2.6.1).
 #
 # High availability (docs/high-availability.md): PARLEY_KAFKA_NODES=3 (or
 # --ha) runs three Kafka nodes, each broker and controller of one static
