@@ -23,6 +23,7 @@ static const struct { const char *name; enum proto_type type; } proto_types[] = 
     { "group_add", PROTO_GROUP_ADD }, { "group_remove", PROTO_GROUP_REMOVE },
     { "group_leave", PROTO_GROUP_LEAVE }, { "group_info", PROTO_GROUP_INFO },
     { "group_join", PROTO_GROUP_JOIN }, { "typing", PROTO_TYPING },
+    { "devices", PROTO_DEVICES }, { "device_unlink", PROTO_DEVICE_UNLINK },
 };
 
 const char *proto_code_name(enum proto_code code)
@@ -203,10 +204,18 @@ int proto_parse(const char *buf, size_t len, const proto_limits *lim,
                  : proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "ids must be a list of 1-1000 event ids");
         break;
     case PROTO_PING:
+    case PROTO_DEVICES:
         rc = PX_OK;
         break;
     case PROTO_TYPING:
         rc = proto_parse_typing(o, c, code, msg, msglen);
+        break;
+    case PROTO_DEVICE_UNLINK:
+        c->device = json_string_value(json_object_get(o, "device"));
+        rc = c->device != NULL && id_valid_user(c->device)
+                 ? PX_OK
+                 : proto_fail(code, PROTO_BAD_REQUEST, msg, msglen,
+                              "device must be a device id (1-64 of [A-Za-z0-9._-])");
         break;
     default:
         rc = proto_parse_group(o, c, code, msg, msglen);
@@ -316,6 +325,24 @@ char *proto_render_message(const proto_message *m, size_t *len)
         json_object_set_new(o, "forwarded", json_true());
     json_object_set_new(o, "ts", json_integer(m->ts));
     return proto_dump(o, len);
+}
+
+char *proto_render_devices(const char *ref, const proto_device *d, size_t n, size_t *len)
+{
+    json_t *a = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(a, json_pack("{s:s, s:I, s:I, s:b, s:b}", "id", d[i].id,
+                                           "first_seen", (json_int_t)d[i].first_seen,
+                                           "last_seen", (json_int_t)d[i].last_seen, "online",
+                                           d[i].online, "current", d[i].current));
+    return proto_dump(json_pack("{s:s, s:s, s:o}", "type", "devices", "ref", ref, "devices", a),
+                      len);
+}
+
+char *proto_render_device_unlinked(const char *ref, const char *device, size_t *len)
+{
+    return proto_dump(json_pack("{s:s, s:s, s:s}", "type", "device_unlinked", "ref", ref,
+                                "device", device), len);
 }
 
 char *proto_render_read_state(const char *id, const char *const *ids, size_t n, int64_t ts,

@@ -13,7 +13,8 @@
 enum proto_type {
     PROTO_SEND = 1, PROTO_ACK, PROTO_READ, PROTO_PING,
     PROTO_GROUP_CREATE, PROTO_GROUP_ADD, PROTO_GROUP_REMOVE,
-    PROTO_GROUP_LEAVE, PROTO_GROUP_INFO, PROTO_GROUP_JOIN, PROTO_TYPING
+    PROTO_GROUP_LEAVE, PROTO_GROUP_INFO, PROTO_GROUP_JOIN, PROTO_TYPING,
+    PROTO_DEVICES, PROTO_DEVICE_UNLINK
 };
 
 /* Error codes of PROTOCOL.md; proto_code_name() gives the wire string. */
@@ -33,6 +34,7 @@ typedef struct proto_cmd {
     const char *media;        /* send: media id or NULL */
     int forwarded;
     const char *name;         /* group_create */
+    const char *device;       /* device_unlink: the device id */
     const char *ids[PROTO_MAX_IDS];          /* ack/read */
     size_t nids;
     const char *members[PROTO_MAX_MEMBERS];  /* group_create/add/remove */
@@ -108,6 +110,17 @@ char *proto_render_receipt(const proto_receipt *r, size_t *len);
  * or in group. */
 char *proto_render_typing(const char *from, const char *to, const char *group, int composing,
                           int64_t ts, size_t *len);
+
+/* {"type":"devices","ref","devices":[{"id","first_seen","last_seen",
+ * "online","current"}]}: the user's linked devices (issue 17). */
+typedef struct proto_device {
+    const char *id;
+    int64_t first_seen, last_seen;   /* ms */
+    int online, current;
+} proto_device;
+char *proto_render_devices(const char *ref, const proto_device *d, size_t n, size_t *len);
+/* {"type":"device_unlinked","ref","device"} */
+char *proto_render_device_unlinked(const char *ref, const char *device, size_t *len);
 
 /* {"type":"read_state","id","ids":[...],"ts"}: the user read ids on another
  * of its devices (issue 17). */

@@ -175,6 +175,7 @@ typedef struct store_presence {
     int64_t epoch;
     int delta;             /* +1 connect, -1 disconnect */
     uint64_t conn;         /* connection id, unique within (gateway, epoch) */
+    const char *device;    /* connect: the connection's device, or NULL (issue 17) */
 } store_presence;
 
 /* Applies connects (afterwards the record of (gateway, epoch, conn) names
@@ -202,6 +203,13 @@ int store_presence_lookup(store *st, const char *user, int64_t alive_after_ms,
  * (they died without saying so); *removed gets the count. */
 int store_presence_expire(store *st, int64_t cutoff_ms, int64_t *removed,
                           char *err, size_t errlen);
+
+/* The distinct devices of user's connection records (any gateway, beats
+ * unchecked, as message-store's routing reads them): up to max ids (each
+ * < 65 chars) into devs. Connections from a gateway older than devices
+ * name none and are left out. */
+int store_presence_devices(store *st, const char *user, char (*devs)[65], size_t max, size_t *n,
+                           char *err, size_t errlen);
 
 /* Number of presence records (connections) of user on any gateway and
  * epoch (tests, metrics). */
@@ -242,6 +250,12 @@ typedef int (*store_device_cb)(void *arg, const store_device *d);
  * particular order. Strings are valid only during the call. */
 int store_device_list(store *st, const char *user, store_device_cb cb, void *arg, char *err,
                       size_t errlen);
+
+/* Marks (user, dev) unlinked: its tokens are refused from then on
+ * (store_device_touch), it needs no event and no longer counts towards
+ * the limit. PX_DECLINED if the user has no such device; unlinking an
+ * unlinked one again is harmless (a redelivered command). */
+int store_device_unlink(store *st, const char *user, const char *dev, char *err, size_t errlen);
 
 /* Moves the since of (user, dev) down to since (never up): message-store
  * links a device once, while it is STORE_DEVICE_UNSYNCED, and a repeat of

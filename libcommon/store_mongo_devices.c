@@ -186,3 +186,19 @@ int store_device_link(store *st, const char *user, const char *dev, int64_t sinc
     bson_destroy(upd);
     return rc;
 }
+
+int store_device_unlink(store *st, const char *user, const char *dev, char *err, size_t errlen)
+{
+    sm_device_seen s = { .dev = dev };
+    if (!sm_str_ok(user) || !sm_str_ok(dev))
+        return px_err(err, errlen, "device unlink: user or dev missing or not UTF-8");
+    int rc = store_device_list(st, user, sm_device_seen_cb, &s, err, errlen);
+    if (rc != PX_OK)
+        return rc;
+    if (!s.found)
+        return PX_DECLINED;
+    bson_t *upd = BCON_NEW("$set", "{", "unlinked", BCON_BOOL(true), "}");
+    rc = sm_device_update(st, user, dev, upd, 0, "device unlink", err, errlen);
+    bson_destroy(upd);
+    return rc;
+}

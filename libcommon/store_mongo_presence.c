@@ -62,7 +62,8 @@ static int sm_presence_connect_op(mongoc_bulk_operation_t *bulk, const store_pre
 
     sm_presence_id(&sel, op);
     upd = BCON_NEW("$set", "{", "user", BCON_UTF8(op->user), "gateway", BCON_UTF8(op->gateway),
-                   "epoch", BCON_INT64(op->epoch), "conn", BCON_INT64((int64_t)op->conn), "}");
+                   "epoch", BCON_INT64(op->epoch), "conn", BCON_INT64((int64_t)op->conn),
+                   "device", BCON_UTF8(op->device != NULL ? op->device : ""), "}");
     opts = BCON_NEW("upsert", BCON_BOOL(true));
     ok = mongoc_bulk_operation_update_one_with_opts(bulk, &sel, upd, opts, error);
     bson_destroy(&sel);
@@ -294,6 +295,25 @@ out:
         bson_destroy(filter);
     free(rec);
     free(live);
+    return rc;
+}
+
+int store_presence_devices(store *st, const char *user, char (*devs)[65], size_t max, size_t *n,
+                           char *err, size_t errlen)
+{
+    if (user == NULL || n == NULL || (devs == NULL && max > 0))
+        return px_err(err, errlen, "presence devices: user, devs and n are required");
+    *n = 0;
+    sm_gw *rec = px_malloc(SM_MAX_PRESENCE * sizeof(*rec));
+    size_t nrec = 0;
+    bson_t *filter = BCON_NEW("user", BCON_UTF8(user));
+    int rc = sm_find_gws(st, "connections", filter, "device", rec, SM_MAX_PRESENCE, &nrec,
+                         "presence devices", err, errlen);
+    for (size_t i = 0; rc == PX_OK && i < nrec; i++)
+        if (rec[i].name[0] != '\0') /* "": a connection of no known device */
+            sm_add_unique(devs, max, n, rec[i].name);
+    bson_destroy(filter);
+    free(rec);
     return rc;
 }
 

@@ -52,7 +52,7 @@ static const char ss_schema[] =
      * connections of gateways that have restarted since: dropped. */
     "DROP TABLE IF EXISTS presence;"
     "CREATE TABLE IF NOT EXISTS connections (gateway TEXT NOT NULL, epoch INTEGER NOT NULL,"
-    " conn INTEGER NOT NULL, user TEXT NOT NULL, PRIMARY KEY (gateway, epoch, conn))"
+    " conn INTEGER NOT NULL, user TEXT NOT NULL, device TEXT, PRIMARY KEY (gateway, epoch, conn))"
     " WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS connections_user ON connections (user, gateway, epoch);"
     "CREATE TABLE IF NOT EXISTS gateways (gateway TEXT PRIMARY KEY, epoch INTEGER, ts INTEGER)"
@@ -122,12 +122,15 @@ static int ss_add_column(store *st, const char *table, const char *column, char 
 }
 
 /* Data folders written before seen claims had no tag column (their old
- * keys read as held by another record, i.e. still duplicates), and before
- * group invitations no invited column (NULL reads as none). */
+ * keys read as held by another record, i.e. still duplicates), before
+ * group invitations no invited column (NULL reads as none), and before
+ * devices no connection device (NULL: a connection of no known device). */
 static int ss_migrate(store *st, char **msg)
 {
     int rc = ss_add_column(st, "seen", "tag", msg);
-    return rc == SQLITE_OK ? ss_add_column(st, "groups", "invited", msg) : rc;
+    if (rc == SQLITE_OK)
+        rc = ss_add_column(st, "groups", "invited", msg);
+    return rc == SQLITE_OK ? ss_add_column(st, "connections", "device", msg) : rc;
 }
 
 void store_where(const char *url, const char *db, char *out, size_t outlen)
@@ -718,8 +721,9 @@ int store_presence_apply(store *st, const store_presence *ops, size_t n,
         return rc;
     if (ss_begin(st, err, errlen) != PX_OK)
         return PX_ERROR;
-    sqlite3_stmt *up = ss_prep(st, "INSERT INTO connections VALUES (?2,?3,?4,?1) ON CONFLICT"
-                               " DO UPDATE SET user=excluded.user", err, errlen);
+    sqlite3_stmt *up = ss_prep(st, "INSERT INTO connections (gateway, epoch, conn, user, device)"
+                               " VALUES (?2,?3,?4,?1,?5) ON CONFLICT DO UPDATE SET"
+                               " user=excluded.user, device=excluded.device", err, errlen);
     sqlite3_stmt *old = ss_prep(st, "DELETE FROM connections WHERE user=?1 AND gateway=?2 AND"
                                 " epoch<?3", err, errlen);
     sqlite3_stmt *down = ss_prep(st, "DELETE FROM connections WHERE gateway=?2 AND epoch=?3"
@@ -736,6 +740,8 @@ int store_presence_apply(store *st, const store_presence *ops, size_t n,
             sqlite3_bind_int64(s, 3, ops[i].epoch);
             if (s != old)
                 sqlite3_bind_int64(s, 4, (sqlite3_int64)ops[i].conn);
+            if (s == up)
+                ss_text(s, 5, ops[i].device);
             rc = ss_run(st, s, "presence apply", err, errlen);
         }
     }
@@ -815,6 +821,30 @@ int store_presence_expire(store *st, int64_t cutoff_ms, int64_t *removed,
     return ss_sweep(st, "DELETE FROM connections WHERE EXISTS (SELECT 1 FROM gateways g WHERE"
                     " g.gateway = connections.gateway AND g.ts < ?1 AND"
                     " connections.epoch <= g.epoch)", cutoff_ms, removed, err, errlen);
+}
+
+int store_presence_devices(store *st, const char *user, char (*devs)[65], size_t max, size_t *n,
+                           char *err, size_t errlen)
+{
+    if (user == NULL || n == NULL || (devs == NULL && max > 0))
+        return px_err(err, errlen, "presence devices: user, devs and n are required");
+    *n = 0;
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT DISTINCT device FROM connections WHERE user=?1 AND"
+                              " device IS NOT NULL LIMIT ?2", err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, user);
+        sqlite3_bind_int64(s, 2, (sqlite3_int64)max);
+        int step;
+        while ((step = sqlite3_step(s)) == SQLITE_ROW && *n < max)
+            snprintf(devs[(*n)++], 65, "%s", (const char *)sqlite3_column_text(s, 0));
+        if (step != SQLITE_ROW && step != SQLITE_DONE)
+            rc = ss_fail(st, "presence devices", err, errlen);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
 }
 
 int store_presence_count(store *st, const char *user, int64_t *count, char *err, size_t errlen)
@@ -919,6 +949,26 @@ int store_device_list(store *st, const char *user, store_device_cb cb, void *arg
     sqldb_done(s);
     pthread_mutex_unlock(&st->mu);
     return rc;
+}
+
+int store_device_unlink(store *st, const char *user, const char *dev, char *err, size_t errlen)
+{
+    if (!ss_str_ok(user) || !ss_str_ok(dev))
+        return px_err(err, errlen, "device unlink: user or dev empty or not UTF-8");
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "UPDATE devices SET unlinked=1 WHERE user=? AND dev=?", err,
+                              errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR, none = 0;
+    if (s != NULL) {
+        ss_text(s, 1, user);
+        ss_text(s, 2, dev);
+        rc = ss_run(st, s, "device unlink", err, errlen);
+        none = rc == PX_OK && sqlite3_changes(st->d.db) == 0;
+    }
+    sqldb_done(s);
+    rc = ss_end(st, rc, err, errlen);
+    return rc == PX_OK && none ? PX_DECLINED : rc;
 }
 
 int store_device_link(store *st, const char *user, const char *dev, int64_t since, char *err,

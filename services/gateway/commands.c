@@ -294,6 +294,31 @@ static void commands_typing(gw *g, conn *c, const proto_cmd *cmd)
     commands_produce(g, g->topic_inbox, rec.user, buf, len, &commands_record_tag);
 }
 
+/* `devices` and `device_unlink` go to message-store on the user's inbox
+ * partition, which answers the connection (an unlink takes effect at that
+ * point of the inbox's order). A refused produce is answered here. */
+static void commands_device(gw *g, conn *c, const proto_cmd *cmd)
+{
+    size_t len;
+    Parley__DeviceCommand dc = PARLEY__DEVICE_COMMAND__INIT;
+    dc.version = 1;
+    dc.type = cmd->type == PROTO_DEVICES ? PARLEY__DEVICE_COMMAND__TYPE__TYPE_LIST
+                                         : PARLEY__DEVICE_COMMAND__TYPE__TYPE_UNLINK;
+    dc.user = (char *)ws_conn_user(c);
+    dc.gateway = (char *)g->cfg.gateway_id;
+    dc.conn = ws_conn_id(c);
+    dc.ref = (char *)cmd->id;
+    dc.device = (char *)(cmd->device != NULL ? cmd->device : "");
+    dc.from_device = (char *)ws_conn_device(c);
+    Parley__InboxRecord rec = PARLEY__INBOX_RECORD__INIT;
+    rec.version = 1;
+    rec.user = dc.user;
+    rec.device_cmd = &dc;
+    uint8_t *buf = COMMANDS_PACK(inbox_record, &rec, &len);
+    if (commands_produce(g, g->topic_inbox, rec.user, buf, len, &commands_record_tag) != PX_OK)
+        commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
+}
+
 static void commands_ack(gw *g, conn *c, const proto_cmd *cmd)
 {
     size_t len;
@@ -374,6 +399,10 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
     case PROTO_TYPING:
         commands_typing(g, c, &cmd);
         break;
+    case PROTO_DEVICES:
+    case PROTO_DEVICE_UNLINK:
+        commands_device(g, c, &cmd);
+        break;
     default:
         if (commands_group(g, ws_conn_user(c), ws_conn_device(c), ws_conn_id(c), &cmd, NULL) !=
             PX_OK)
@@ -385,7 +414,8 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
 
 /* user and conn_id name the connection of a connect/disconnect; NULL and 0
  * for the gateway's own beat or reset. */
-static int commands_presence(gw *g, const char *user, uint64_t conn_id,
+/* dev: a connect's device (NULL for the others). */
+static int commands_presence(gw *g, const char *user, const char *dev, uint64_t conn_id,
                              Parley__PresenceRecord__Type type, dr_tag *tag)
 {
     size_t len;
@@ -397,6 +427,7 @@ static int commands_presence(gw *g, const char *user, uint64_t conn_id,
     rec.epoch = g->epoch;
     rec.ts_ms = px_now_ms();
     rec.conn = conn_id;
+    rec.device = (char *)(dev != NULL ? dev : "");
     uint8_t *buf = COMMANDS_PACK(presence_record, &rec, &len);
     const char *key = user ? user : g->cfg.gateway_id;
     return commands_produce(g, g->topic_presence, key, buf, len, tag);
@@ -425,7 +456,7 @@ void commands_sync(gw *g, conn *c, int64_t from_seq)
 
 void commands_connected(gw *g, conn *c)
 {
-    commands_presence(g, ws_conn_user(c), ws_conn_id(c),
+    commands_presence(g, ws_conn_user(c), ws_conn_device(c), ws_conn_id(c),
                       PARLEY__PRESENCE_RECORD__TYPE__TYPE_CONNECT, &commands_record_tag);
     commands_sync(g, c, 0);
     metric_add(g->m.accepted, 1);
@@ -433,7 +464,7 @@ void commands_connected(gw *g, conn *c)
 
 void commands_disconnected(gw *g, conn *c)
 {
-    commands_presence(g, ws_conn_user(c), ws_conn_id(c),
+    commands_presence(g, ws_conn_user(c), NULL, ws_conn_id(c),
                       PARLEY__PRESENCE_RECORD__TYPE__TYPE_DISCONNECT,
                       &commands_record_tag);
 }
@@ -442,7 +473,7 @@ int commands_heartbeat(gw *g, int reset)
 {
     commands_beat_tag = (dr_tag){ DR_BEAT, g };
     commands_record_tag = (dr_tag){ DR_RECORD, g };
-    return commands_presence(g, NULL, 0,
+    return commands_presence(g, NULL, NULL, 0,
                              reset ? PARLEY__PRESENCE_RECORD__TYPE__TYPE_RESET
                                    : PARLEY__PRESENCE_RECORD__TYPE__TYPE_HEARTBEAT,
                              &commands_beat_tag);

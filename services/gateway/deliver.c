@@ -75,7 +75,13 @@ static void deliver_one(gw *g, deliver_out *o, const bus_msg *bm)
             parley__delivery__free_unpacked(d, NULL);
         return;
     }
-    if (d->conn != 0) {
+    if (d->close_device[0] != '\0') {
+        uint64_t ids[DELIVER_MAX_CONNS];
+        size_t n = registry_get(g->reg, d->user, ids, DELIVER_MAX_CONNS);
+        for (size_t i = 0; i < n; i++)
+            deliver_add(g, o, mail_new(MAIL_UNLINKED, ids[i], d->close_device,
+                                       strlen(d->close_device)));
+    } else if (d->conn != 0) {
         deliver_to_conn(g, o, d->conn, d);
     } else {
         uint64_t ids[DELIVER_MAX_CONNS];

@@ -74,8 +74,9 @@ typedef struct gw {
 /* MAIL_EVENT is part of a connection's sync (sent in order); MAIL_LIVE is a
  * live push, held until the connection's sync is done so a new event never
  * overtakes older pending ones; MAIL_SYNCED ends the sync; MAIL_SYNC_MORE
- * ends a page of it (the next starts at from_seq). */
-enum mail_kind { MAIL_CONN, MAIL_EVENT, MAIL_LIVE, MAIL_SYNCED, MAIL_SYNC_MORE };
+ * ends a page of it (the next starts at from_seq); MAIL_UNLINKED closes the
+ * connection if it is of the device named by data (4001). */
+enum mail_kind { MAIL_CONN, MAIL_EVENT, MAIL_LIVE, MAIL_SYNCED, MAIL_SYNC_MORE, MAIL_UNLINKED };
 typedef struct mail {
     struct mail *next;
     enum mail_kind kind;
@@ -120,6 +121,8 @@ void ws_conn_on_io(conn *c, uint32_t events);
  * ceiling (a client that stopped reading). */
 void ws_conn_queue_text(conn *c, const char *s, size_t len);
 void ws_conn_close(conn *c, uint16_t code, const char *reason);
+/* The close code of a connection whose device was unlinked (PROTOCOL.md). */
+#define WS_CLOSE_UNLINKED 4001
 /* Keeps a live event (takes ownership of m) until ws_conn_synced. Past the
  * send-queue ceiling it drops them all, and those that follow, because the
  * sync itself delivers every one of them. */

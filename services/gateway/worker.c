@@ -204,6 +204,11 @@ static int worker_deliver(worker *w, mail *m)
         ws_conn_sync_more(c, m->from_seq);
         return 0;
     }
+    if (m->kind == MAIL_UNLINKED) {
+        if (strcmp(m->data, ws_conn_device(c)) == 0)
+            ws_conn_close(c, WS_CLOSE_UNLINKED, "device unlinked");
+        return 0;
+    }
     if (m->skip != NULL && strcmp(m->skip, ws_conn_device(c)) == 0)
         return 0; /* it came from this device */
     metric_add(w->g->m.delivered, 1);

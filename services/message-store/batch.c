@@ -114,6 +114,24 @@ static void batch_check_sync(msgstore_rec *r, const Parley__SyncRequest *x)
         batch_dead(r, "%s: conn 0 (would sync every connection)", "SyncRequest");
 }
 
+/* A device command rides the user's inbox partition too: an unlink takes
+ * effect at one point of the user's order. */
+static void batch_check_devcmd(msgstore_rec *r, const Parley__DeviceCommand *x)
+{
+    r->kind = REC_DEVCMD;
+    if (x->version != MSGSTORE_RECORD_VERSION)
+        batch_dead(r, "%s: unknown version", "DeviceCommand");
+    else if (strcmp(x->user, r->u.inbox->user) != 0)
+        batch_dead(r, "%s: user is not the record's", "DeviceCommand");
+    else if (!batch_valid_gateway(x->gateway) || x->conn == 0)
+        batch_dead(r, "%s: bad gateway id or conn", "DeviceCommand");
+    else if (x->type == PARLEY__DEVICE_COMMAND__TYPE__TYPE_UNLINK && !id_valid_user(x->device))
+        batch_dead(r, "%s: bad device", "DeviceCommand");
+    else if (x->type != PARLEY__DEVICE_COMMAND__TYPE__TYPE_LIST &&
+             x->type != PARLEY__DEVICE_COMMAND__TYPE__TYPE_UNLINK)
+        batch_dead(r, "%s: unknown type", "DeviceCommand");
+}
+
 static void batch_decode_inbox(msgstore_rec *r)
 {
     const bus_msg *m = r->m;
@@ -132,6 +150,8 @@ static void batch_decode_inbox(msgstore_rec *r)
         batch_dead(r, "%s: key is not the user", "InboxRecord");
     else if (x->sync != NULL)
         batch_check_sync(r, x->sync);
+    else if (x->device_cmd != NULL)
+        batch_check_devcmd(r, x->device_cmd);
     else if (x->id[0] == '\0' || strlen(x->id) > BATCH_EVENT_ID_MAX ||
              !batch_text_ok(x->id, strlen(x->id)))
         batch_dead(r, "%s: bad event id", "InboxRecord");
@@ -221,6 +241,9 @@ static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_
             break;
         case REC_SYNC:
             rc = sync_serve(ms, i, recs[i].m->offset, recs[i].u.inbox->sync, err, errlen);
+            break;
+        case REC_DEVCMD:
+            rc = devcmd_serve(ms, i, recs[i].u.inbox->device_cmd, err, errlen);
             break;
         case REC_ACK:
             while (j < n && recs[j].kind == REC_ACK)

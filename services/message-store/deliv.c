@@ -40,6 +40,7 @@ void deliv_reset(deliv *d)
     d->bytes = 0;
     d->synced = 0;
     d->more_from_seq = 0;
+    d->close_device = NULL;
 }
 
 /* Encodes into ms->pack (grown as needed, reused across records). */
@@ -53,6 +54,7 @@ static size_t deliv_encode(msgstore *ms, const deliv *d, const char *user, uint6
     msg.events_json = (ProtobufCBinaryData *)d->ev;
     msg.synced = d->synced != 0;
     msg.more_from_seq = d->more_from_seq;
+    msg.close_device = (char *)(d->close_device != NULL ? d->close_device : "");
     if (d->nskip > 0) {
         msg.n_skip_devices = d->n;
         msg.skip_devices = (char **)d->skip;

@@ -46,13 +46,13 @@ typedef struct msgstore_metrics {
 } msgstore_metrics;
 
 /* What batch.c made of one consumed record. */
-enum msgstore_rec_kind { REC_INBOX, REC_ACK, REC_SYNC, REC_DEAD };
+enum msgstore_rec_kind { REC_INBOX, REC_ACK, REC_SYNC, REC_DEVCMD, REC_DEAD };
 
 typedef struct msgstore_rec {
     enum msgstore_rec_kind kind;
     bus_msg *m;
     union {
-        Parley__InboxRecord *inbox; /* REC_INBOX, and REC_SYNC (its sync is set) */
+        Parley__InboxRecord *inbox; /* REC_INBOX, REC_SYNC (its sync is set), REC_DEVCMD */
         Parley__AckRecord *ack;
     } u;
     char reason[160];               /* REC_DEAD: why */
@@ -222,6 +222,7 @@ typedef struct deliv {
     size_t nskip;                       /* events with a skip */
     size_t n, bytes;
     int synced;                /* the connection's sync ends with this one */
+    const char *close_device;  /* set: close user's connections of this device */
     int64_t more_from_seq;     /* > 0: a sync page ends; more from this seq */
 } deliv;
 
@@ -252,6 +253,16 @@ int deliv_send(msgstore *ms, const deliv *d, const char (*gws)[65], size_t ngws,
  * SyncRequest. */
 int sync_serve(msgstore *ms, size_t idx, int64_t offset, const Parley__SyncRequest *r,
                char *err, size_t errlen);
+
+/* ---- devcmd.c: `devices` and `device_unlink` ---- */
+
+/* Serves one DeviceCommand (batch record idx) and answers its connection:
+ * the user's linked devices (online: named by a connection record), or an
+ * unlink (the device is refused from then on, the events only it still
+ * needed are deleted, its connections are closed with 4001). Idempotent:
+ * a redelivered unlink repeats its steps and answers again. */
+int devcmd_serve(msgstore *ms, size_t idx, const Parley__DeviceCommand *x, char *err,
+                 size_t errlen);
 
 /* ---- ack.c: acks delete inbox events and make receipt facts ---- */
 

@@ -80,7 +80,8 @@ static void batch_classify(batch_rec *r)
             r->op = (store_presence){ .user = x->user, .gateway = x->gateway, .epoch = x->epoch,
                                       .delta = x->type == PARLEY__PRESENCE_RECORD__TYPE__TYPE_CONNECT
                                                    ? 1 : -1,
-                                      .conn = x->conn };
+                                      .conn = x->conn,
+                                      .device = x->device[0] != '\0' ? x->device : NULL };
         }
         break;
     case PARLEY__PRESENCE_RECORD__TYPE__TYPE_HEARTBEAT:

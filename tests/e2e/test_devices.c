@@ -499,6 +499,39 @@ static int64_t inbox_count(const char *user)
     return n;
 }
 
+typedef struct mark_probe {
+    const char *dev;
+    int marked;
+} mark_probe;
+
+static int mark_seen(void *arg, const store_event *ev)
+{
+    mark_probe *p = arg;
+    for (size_t i = 0; i < ev->nacked; i++)
+        p->marked |= strcmp(ev->acked[i], p->dev) == 0;
+    return PX_OK;
+}
+
+/* Waits (bounded) until dev's ack of (user, id) is stored: the acks are
+ * applied on a thread of their own, beside the inbox's. */
+static void wait_marked(const char *user, const char *id, const char *dev)
+{
+    char err[PX_ERRLEN] = "";
+    store *st = store_open(getenv("PARLEY_MONGO_URI"), getenv("PARLEY_MONGO_DB"), err,
+                           sizeof(err));
+    ck_assert_msg(st != NULL, "store_open: %s", err);
+    store_key k = { user, id };
+    mark_probe p = { dev, 0 };
+    for (int64_t end = px_mono_ms() + 30000; !p.marked && px_mono_ms() < end;) {
+        ck_assert_msg(store_inbox_get(st, &k, 1, mark_seen, &p, err, sizeof(err)) == PX_OK,
+                      "get: %s", err);
+        if (!p.marked)
+            usleep(100 * 1000);
+    }
+    store_close(st);
+    ck_assert_msg(p.marked, "%s's ack of %s never stored", dev, id);
+}
+
 /* A user with one device stores no copy of what it sends (nobody would
  * ever ack it): after bob's answer, alice's inbox holds only that. */
 START_TEST(single_device_sender_stores_no_copy)
@@ -558,6 +591,19 @@ static int read_state_of(const json_t *m, void *arg)
     return has_id(ids, arg);
 }
 
+/* owner's phone and laptop both connected, other connected, and one
+ * message other -> owner (mid) that both devices got. */
+static void both_devices_get_one(const char *owner, const char *other, client **phone,
+                                 client **laptop, client **a, char mid[64])
+{
+    phone_laptop_alice(owner, other, E2E_GW1, phone, a);
+    *laptop = dev_connect(owner, "laptop", E2E_GW2);
+    json_decref(e2e_wait_type(*laptop, "synced"));
+    e2e_send(*a, "c1", owner, "to both devices", mid);
+    wait_message(*phone, mid);
+    wait_message(*laptop, mid);
+}
+
 /* bob reads on his phone: his laptop is told (read_state naming the id),
  * live and, when offline, on its next connection; the phone is not. */
 START_TEST(read_state_reaches_the_other_devices)
@@ -565,13 +611,8 @@ START_TEST(read_state_reaches_the_other_devices)
     char alice[65], bob[65], m1[64], m2[64], s1[64];
     e2e_user("alice", alice);
     e2e_user("bob", bob);
-    client *phone, *a;
-    phone_laptop_alice(bob, alice, E2E_GW1, &phone, &a);
-    client *laptop = dev_connect(bob, "laptop", E2E_GW2);
-    json_decref(e2e_wait_type(laptop, "synced"));
-    e2e_send(a, "c1", bob, "read me", m1);
-    wait_message(phone, m1);
-    wait_message(laptop, m1);
+    client *phone, *laptop, *a;
+    both_devices_get_one(bob, alice, &phone, &laptop, &a, m1);
     json_t *o = json_pack("{s:s, s:[s]}", "type", "read", "ids", m1);
     ck_assert_int_eq(client_send_json(phone, o), 0);
     json_decref(o);
@@ -620,6 +661,125 @@ START_TEST(read_state_reaches_the_other_devices)
 }
 END_TEST
 
+/* `devices` lists the linked devices with first and last seen, which are
+ * online (a connection) and which is the asking one. */
+START_TEST(devices_lists_linked_devices)
+{
+    char alice[65], bob[65];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *phone, *a;
+    phone_laptop_alice(bob, alice, E2E_GW1, &phone, &a);
+    /* Online comes from the presence registry, which lags the connections
+     * a little: ask until it shows the phone's and not the laptop's. */
+    int online_ok = 0;
+    char id[16];
+    for (int k = 0; !online_ok && k < 150; k++) {
+        snprintf(id, sizeof(id), "d%d", k);
+        json_t *r = e2e_cmd(phone, json_pack("{s:s, s:s}", "type", "devices", "id", id));
+        ck_assert_msg(strcmp(e2e_str(r, "type"), "devices") == 0, "devices: %s",
+                      json_dumps(r, 0));
+        json_t *list = json_object_get(r, "devices");
+        ck_assert_uint_eq(json_array_size(list), 2);
+        size_t i;
+        json_t *d;
+        online_ok = 1;
+        json_array_foreach(list, i, d) {
+            int is_phone = strcmp(e2e_str(d, "id"), "phone") == 0;
+            ck_assert(is_phone || strcmp(e2e_str(d, "id"), "laptop") == 0);
+            ck_assert(json_integer_value(json_object_get(d, "first_seen")) > 0);
+            ck_assert(json_integer_value(json_object_get(d, "last_seen")) >=
+                      json_integer_value(json_object_get(d, "first_seen")));
+            ck_assert_int_eq(json_is_true(json_object_get(d, "current")), is_phone);
+            online_ok &= json_is_true(json_object_get(d, "online")) == is_phone;
+        }
+        json_decref(r);
+        if (!online_ok)
+            usleep(200 * 1000);
+    }
+    ck_assert_msg(online_ok, "online never showed the phone only");
+    client_close(phone, 1000);
+    client_close(a, 1000);
+}
+END_TEST
+
+/* The phone unlinks the laptop while it is connected: the laptop is closed
+ * with 4001, its token refused (403) from then on, the message only it
+ * still needed is deleted, and its place counts no longer. A device
+ * cannot unlink itself; an unknown device is not_found. */
+START_TEST(unlink_while_connected)
+{
+    char alice[65], bob[65], m1[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *phone, *laptop, *a;
+    both_devices_get_one(bob, alice, &phone, &laptop, &a, m1);
+    e2e_ack(phone, m1);
+    /* An ack applied while an unlink runs may still count the unlinked
+     * device (PROTOCOL.md): this test is about the unlink, so the ack is in
+     * first. */
+    wait_marked(bob, m1, "phone");
+    e2e_expect_type(e2e_cmd(phone, json_pack("{s:s, s:s, s:s}", "type", "device_unlink", "id",
+                                             "u0", "device", "phone")),
+                    "error", "bad_request");
+    e2e_expect_type(e2e_cmd(phone, json_pack("{s:s, s:s, s:s}", "type", "device_unlink", "id",
+                                             "u1", "device", "tablet")),
+                    "error", "not_found");
+    json_t *r = e2e_cmd(phone, json_pack("{s:s, s:s, s:s}", "type", "device_unlink", "id", "u2",
+                                         "device", "laptop"));
+    ck_assert_msg(strcmp(e2e_str(r, "type"), "device_unlinked") == 0 &&
+                      strcmp(e2e_str(r, "device"), "laptop") == 0, "unlink: %s", json_dumps(r, 0));
+    json_decref(r);
+    int code = 0;
+    ck_assert_msg(e2e_wait_end(laptop, E2E_WAIT_MS, &code) && code == 4001,
+                  "the laptop was not closed with 4001 (code %d)", code);
+    client_free(laptop);
+    int status = 0;
+    ck_assert_ptr_null(dev_try(bob, "laptop", E2E_GW1, &status));
+    ck_assert_int_eq(status, 403);
+    /* The phone had acked m1: nothing of bob's is left (the unlink's
+     * cleanup ran before its answer). */
+    ck_assert_int_eq(inbox_count(bob), 0);
+    /* Four more devices fit (the laptop's place is free again). */
+    char dev[16];
+    for (int i = 0; i < 4; i++) {
+        snprintf(dev, sizeof(dev), "n%d", i);
+        dev_link(bob, dev, E2E_GW2);
+    }
+    client_close(phone, 1000);
+    client_close(a, 1000);
+}
+END_TEST
+
+/* parleyctl token --device mints a token of that device: connected with
+ * it, `devices` names it as the current one. */
+START_TEST(parleyctl_mints_device_tokens)
+{
+    char bob[65], cmd[512], tok[AUTH_TOKEN_MAX], err[256];
+    e2e_user("bob", bob);
+    const char *build = getenv("PARLEY_BUILD");
+    snprintf(cmd, sizeof(cmd), "PARLEY_JWT_SECRET='%s' %s/bin/parleyctl token %s --device tab-7",
+             e2e_secret(), build != NULL ? build : "build/san", bob);
+    FILE *p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    ck_assert_ptr_nonnull(fgets(tok, sizeof(tok), p));
+    ck_assert_int_eq(pclose(p), 0);
+    tok[strcspn(tok, "\n")] = '\0';
+    int status = 0;
+    client *cl = client_connect("127.0.0.1", e2e_port(E2E_GW1), tok, NULL, 5000, &status, err,
+                                sizeof(err));
+    ck_assert_msg(cl != NULL, "connect with parleyctl's token: HTTP %d %s", status, err);
+    json_decref(e2e_wait_type(cl, "synced"));
+    json_t *r = e2e_cmd(cl, json_pack("{s:s, s:s}", "type", "devices", "id", "d"));
+    json_t *d = json_array_get(json_object_get(r, "devices"), 0);
+    ck_assert_msg(d != NULL && strcmp(e2e_str(d, "id"), "tab-7") == 0 &&
+                      json_is_true(json_object_get(d, "current")), "devices: %s",
+                  json_dumps(r, 0));
+    json_decref(r);
+    client_close(cl, 1000);
+}
+END_TEST
+
 static Suite *devices_suite(void)
 {
     Suite *s = suite_create("e2e-devices");
@@ -634,6 +794,9 @@ static Suite *devices_suite(void)
     tcase_add_test(tc, single_device_sender_stores_no_copy);
     tcase_add_test(tc, own_group_message_reaches_the_other_devices);
     tcase_add_test(tc, read_state_reaches_the_other_devices);
+    tcase_add_test(tc, devices_lists_linked_devices);
+    tcase_add_test(tc, unlink_while_connected);
+    tcase_add_test(tc, parleyctl_mints_device_tokens);
     tcase_add_test(tc, kill9_store_between_two_devices_acks);
     suite_add_tcase(s, tc);
     return s;

@@ -423,8 +423,8 @@ static int64_t conns_of(const char *user)
     return c;
 }
 
-#define CONNECT(u, g, e, c) { u, g, e, 1, c }
-#define DISCONNECT(u, g, e, c) { u, g, e, -1, c }
+#define CONNECT(u, g, e, c) { .user = u, .gateway = g, .epoch = e, .delta = 1, .conn = c }
+#define DISCONNECT(u, g, e, c) { .user = u, .gateway = g, .epoch = e, .delta = -1, .conn = c }
 
 /* Presence: one record per connection, so a batch applied again (a
  * redelivery) leaves the registry exact; epochs replace, stale beats and
@@ -1009,6 +1009,31 @@ static int touch(const char *dev, int64_t now, long max)
 
 /* Devices (issue 17): registered up to the limit, a known one always
  * comes back, first and last seen kept, since moves down once. */
+/* The registry keeps each connection's device: the distinct devices of a
+ * user's connection records, none for connections that named none. */
+START_TEST(presence_devices)
+{
+    char devs[4][65], err[PX_ERRLEN] = "";
+    size_t n = 9;
+    store_presence ops[] = {
+        { .user = "pd", .gateway = "gw1", .epoch = 1, .delta = 1, .conn = 1, .device = "a" },
+        { .user = "pd", .gateway = "gw1", .epoch = 1, .delta = 1, .conn = 2, .device = "a" },
+        { .user = "pd", .gateway = "gw2", .epoch = 1, .delta = 1, .conn = 3, .device = "b" },
+        { .user = "pd", .gateway = "gw2", .epoch = 1, .delta = 1, .conn = 4 },
+    };
+    apply(ops, 4);
+    ck_assert_int_eq(store_presence_devices(st, "pd", devs, 4, &n, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(n, 2);
+    ck_assert(strcmp(devs[0], devs[1]) != 0);
+    ck_assert(strcmp(devs[0], "a") == 0 || strcmp(devs[0], "b") == 0);
+    store_presence off = { .user = "pd", .gateway = "gw2", .epoch = 1, .delta = -1, .conn = 3 };
+    apply(&off, 1);
+    ck_assert_int_eq(store_presence_devices(st, "pd", devs, 4, &n, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_str_eq(devs[0], "a");
+}
+END_TEST
+
 START_TEST(devices_limit_and_link)
 {
     char err[PX_ERRLEN] = "";
@@ -1035,6 +1060,13 @@ START_TEST(devices_limit_and_link)
     ck_assert_int_eq(l.since[a], -1);
     ck_assert_int_eq(l.since[b], 70);
     ck_assert_int_eq(touch("c", 1400, 3), STORE_DEVICE_OK);
+    /* Unlinked: refused from then on, its place free again. */
+    ck_assert_int_eq(store_device_unlink(st, "u_v", "b", err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_device_unlink(st, "u_v", "b", err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_device_unlink(st, "u_v", "zz", err, sizeof(err)), PX_DECLINED);
+    ck_assert_int_eq(touch("b", 1500, 3), STORE_DEVICE_UNLINKED);
+    ck_assert_int_eq(touch("d", 1600, 3), STORE_DEVICE_OK);
+    ck_assert_int_eq(touch("e", 1700, 3), STORE_DEVICE_FULL);
 }
 END_TEST
 
@@ -1062,6 +1094,7 @@ Suite *store_contract_suite(const char *name)
     tcase_add_test(tc, media_chunk_rate);
     tcase_add_test(tc, inbox_marks_per_device);
     tcase_add_test(tc, devices_limit_and_link);
+    tcase_add_test(tc, presence_devices);
     suite_add_tcase(s, tc);
     return s;
 }

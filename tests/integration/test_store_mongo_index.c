@@ -355,7 +355,10 @@ static void burst_presence(void)
         TIMED(&kinds[K_LOOKUP], store_presence_lookup(st, user, 0, gws, 4, &n, err, sizeof(err)));
         ck_assert_int_eq(n, 1);
         /* A connection other than the filled one (conn i), opened and closed. */
-        store_presence ops[2] = { { user, gw, 1, +1, 1u << 20 }, { user, gw, 1, -1, 1u << 20 } };
+        store_presence ops[2] = {
+            { .user = user, .gateway = gw, .epoch = 1, .delta = +1, .conn = 1u << 20 },
+            { .user = user, .gateway = gw, .epoch = 1, .delta = -1, .conn = 1u << 20 },
+        };
         TIMED(&kinds[K_APPLY], store_presence_apply(st, ops, 2, err, sizeof(err)));
     }
 }

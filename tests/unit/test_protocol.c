@@ -56,6 +56,29 @@ START_TEST(ack_and_ping_ok)
 }
 END_TEST
 
+/* devices needs only an id; device_unlink a device id in the user id
+ * charset. */
+START_TEST(device_commands)
+{
+    proto_cmd c;
+    enum proto_code code;
+    ck_assert_int_eq(parse("{\"type\":\"devices\",\"id\":\"d\"}", &c, &code), PX_OK);
+    ck_assert_int_eq(c.type, PROTO_DEVICES);
+    proto_cmd_free(&c);
+    ck_assert_int_eq(parse("{\"type\":\"device_unlink\",\"id\":\"u\",\"device\":\"web-1\"}",
+                           &c, &code), PX_OK);
+    ck_assert_int_eq(c.type, PROTO_DEVICE_UNLINK);
+    ck_assert_str_eq(c.device, "web-1");
+    proto_cmd_free(&c);
+    ck_assert_int_eq(parse("{\"type\":\"device_unlink\",\"id\":\"u\",\"device\":\"a b\"}",
+                           &c, &code), PX_DECLINED);
+    ck_assert_int_eq(code, PROTO_BAD_REQUEST);
+    ck_assert_int_eq(parse("{\"type\":\"device_unlink\",\"id\":\"u\"}", &c, &code),
+                     PX_DECLINED);
+    ck_assert_int_eq(parse("{\"type\":\"devices\"}", &c, &code), PX_DECLINED);
+}
+END_TEST
+
 START_TEST(group_commands_ok)
 {
     proto_cmd c;
@@ -166,6 +189,7 @@ static Suite *protocol_suite(void)
     TCase *tc = tcase_create("codec");
     tcase_add_test(tc, send_ok);
     tcase_add_test(tc, ack_and_ping_ok);
+    tcase_add_test(tc, device_commands);
     tcase_add_test(tc, group_commands_ok);
     tcase_add_test(tc, bad_commands);
     tcase_add_test(tc, too_many_members_is_group_full);

@@ -30,7 +30,7 @@ static const char ctl_usage_text[] =
     "usage: parleyctl COMMAND [OPTIONS]\n"
     "\n"
     "commands:\n"
-    "  token USER [--ttl SECONDS]\n"
+    "  token USER [--ttl SECONDS] [--device DEV]\n"
     "      print a token for USER (default ttl 3600 s)\n"
     "  send [--url URL] --as USER (--to USER | --group GROUP) [--timeout MS]\n"
     "       [--media ID | --forward ID] [BODY]\n"
@@ -44,6 +44,9 @@ static const char ctl_usage_text[] =
     "options:\n"
     "  --url URL      ws://host[:port] (default $PARLEY_URL, else " CTL_DEFAULT_URL ")\n"
     "  --token TOKEN  connect with TOKEN instead of minting one for --as\n"
+    "  --device DEV   mint tokens for USER's device DEV (the `dev` claim; default:\n"
+    "                 none, the user's device `default`); each device keeps its\n"
+    "                 own pending events (PROTOCOL.md, Devices)\n"
     "  -h, --help     this text\n"
     "\n"
     "environment:\n"
@@ -54,7 +57,7 @@ static const char ctl_usage_text[] =
 
 typedef struct ctl_args {
     const char *cmd;
-    const char *url, *as, *to, *group, *token, *media, *forward;
+    const char *url, *as, *to, *group, *token, *media, *forward, *device;
     const char *ttl, *timeout;
     const char *pos[2];        /* positional arguments after the command */
     int npos;
@@ -84,9 +87,9 @@ static int ctl_usage_error(const char *fmt, const char *arg)
 static const char **ctl_option_slot(ctl_args *a, const char *name)
 {
     static const char *names[] = { "url", "as", "to", "group", "token", "ttl", "timeout",
-                                   "media", "forward" };
+                                   "media", "forward", "device" };
     const char **slots[] = { &a->url, &a->as, &a->to, &a->group, &a->token, &a->ttl,
-                             &a->timeout, &a->media, &a->forward };
+                             &a->timeout, &a->media, &a->forward, &a->device };
     for (size_t i = 0; i < PX_ARRAY_LEN(names); i++)
         if (strcmp(name, names[i]) == 0)
             return slots[i];
@@ -173,7 +176,8 @@ static int ctl_parse_url(const char *url, char *host, size_t hostlen, int *port)
 
 /* ---- tokens and connecting ------------------------------------------------ */
 
-static int ctl_mint(const char *user, long ttl, char *tok, size_t toklen)
+/* dev: the token's device claim, or NULL for none. */
+static int ctl_mint(const char *user, const char *dev, long ttl, char *tok, size_t toklen)
 {
     const char *secret = getenv("PARLEY_JWT_SECRET");
     if (secret == NULL || *secret == '\0') {
@@ -182,8 +186,10 @@ static int ctl_mint(const char *user, long ttl, char *tok, size_t toklen)
     }
     if (!id_valid_user(user))
         return ctl_usage_error("%s is not a valid user id (1-64 of [A-Za-z0-9._-])", user);
+    if (dev != NULL && !id_valid_user(dev))
+        return ctl_usage_error("%s is not a valid device id (1-64 of [A-Za-z0-9._-])", dev);
     int64_t now = px_now_ms() / 1000;
-    if (auth_sign(secret, user, now, now + ttl, tok, toklen) != PX_OK) {
+    if (auth_sign_device(secret, user, dev, now, now + ttl, tok, toklen) != PX_OK) {
         fprintf(stderr, "parleyctl: cannot sign a token for %s\n", user);
         return CTL_FAIL;
     }
@@ -207,7 +213,7 @@ static int ctl_connect(const ctl_args *a, client **cl)
     if (a->token != NULL) {
         snprintf(tok, sizeof(tok), "%s", a->token);
     } else {
-        rc = ctl_mint(a->as, CTL_SESSION_TTL, tok, sizeof(tok));
+        rc = ctl_mint(a->as, a->device, CTL_SESSION_TTL, tok, sizeof(tok));
         if (rc != CTL_OK)
             return rc;
     }
@@ -240,7 +246,7 @@ static int ctl_cmd_token(const ctl_args *a)
         return ctl_usage_error("%s", "token needs exactly one USER");
     if (a->ttl != NULL && ctl_parse_long(a->ttl, 1, CTL_MAX_TTL, &ttl) != PX_OK)
         return ctl_usage_error("--ttl %s is not a number of seconds in 1-315360000", a->ttl);
-    int rc = ctl_mint(a->pos[0], ttl, tok, sizeof(tok));
+    int rc = ctl_mint(a->pos[0], a->device, ttl, tok, sizeof(tok));
     if (rc == CTL_OK)
         printf("%s\n", tok);
     return rc;
