@@ -3,13 +3,16 @@
 // and visible), the outbox of sends, group commands, media upload and
 // display, forwarding, and wiring the page's controls.
 import { Connection, ServerError, devToken, fetchMedia, newCommandId, tokenClaims, uploadMedia } from './net.js';
-import { Store, loadSession, saveSession } from './store.js';
-import { $, convTitle, el, focusConv, renderConvList, renderGroupPanel, renderMessages, sizeText } from './ui.js';
+import { Store, deviceId, forgetDevice, loadSession, saveSession } from './store.js';
+import {
+  $, convTitle, el, focusConv, renderConvList, renderDevices, renderGroupPanel, renderMessages, sizeText,
+} from './ui.js';
 
 const USER_RE = /^[A-Za-z0-9._-]{1,64}$/;
 const IDS_PER_COMMAND = 1000; // the server's cap on `ack` / `read` ids
 const RETRY_SEND_MS = 2000;
 const TYPING_EVERY_MS = 3000; // `composing` at most this often while typing
+const CLOSE_UNLINKED = 4001; // PROTOCOL.md: this device was unlinked
 const CHANGE_BATCH_MS = 15;
 // Worth resending with the same id (the server dedupes it); anything else
 // is final for that message.
@@ -58,7 +61,7 @@ async function signIn(user, token) {
   }
   if (!USER_RE.test(user)) throw new Error('A user name is 1-64 letters, digits, ".", "_" or "-".');
   try {
-    return { user, token: await devToken(user), dev: true };
+    return { user, token: await devToken(user, deviceId()), dev: true };
   } catch (e) {
     if (e.status === 404) throw new Error('This server issues no dev tokens (PARLEY_DEV is off): paste a token.');
     throw e;
@@ -147,7 +150,7 @@ async function renewToken() {
     return;
   }
   try {
-    session.token = await devToken(session.user);
+    session.token = await devToken(session.user, deviceId());
     conn.token = session.token;
     saveSession(session);
   } catch (e) {
@@ -171,6 +174,14 @@ function onState(state, detail) {
     askMissingGroupInfo();
     readIfVisible();
   }
+  if (state === 'offline' && detail?.code === CLOSE_UNLINKED) {
+    // Unlinked from another device: this id is refused from now on.
+    conn.stop();
+    saveSession(null);
+    forgetDevice();
+    showSignIn('This device was unlinked from another of your devices: sign in again.');
+    return;
+  }
   if (state === 'offline') renewToken();
 }
 
@@ -182,9 +193,14 @@ function onEvent(ev) {
     case 'message':
       typingIn.get(ev.group ? `g:${ev.group}` : `u:${ev.from}`)?.delete(ev.from);
       if (store.firstSight(ev.id)) {
-        const c = store.addIncoming(ev);
+        // From this user: sent from another of its devices.
+        const c = ev.from === store.user ? store.addOwn(ev) : store.addIncoming(ev);
         if (c.kind === 'group' && !c.name) askGroupInfo(c.group);
       }
+      acks.push(ev.id);
+      break;
+    case 'read_state':
+      if (store.firstSight(ev.id)) store.applyReadState(ev.ids || []);
       acks.push(ev.id);
       break;
     case 'receipt':
@@ -305,6 +321,26 @@ function flushOutbox() {
 }
 
 // ---- groups ---------------------------------------------------------------
+
+// ---- linked devices -------------------------------------------------------
+
+async function showDevices() {
+  try {
+    const ev = await conn.request({ type: 'devices', id: newCommandId('d') });
+    renderDevices($('devices-list'), ev.devices || [], unlinkDevice);
+  } catch (e) {
+    showError(`Could not list the devices: ${errorText(e)}`);
+  }
+}
+
+async function unlinkDevice(id) {
+  try {
+    await conn.request({ type: 'device_unlink', id: newCommandId('d'), device: id });
+  } catch (e) {
+    showError(`Could not unlink ${id}: ${errorText(e)}`);
+  }
+  showDevices();
+}
 
 async function groupCommand(cmd) {
   try {
@@ -486,6 +522,10 @@ function wire() {
     }
   });
   on('signout', 'click', signOut);
+  on('devices-toggle', 'click', () => {
+    $('devices-panel').hidden = !$('devices-panel').hidden;
+    if (!$('devices-panel').hidden) showDevices();
+  });
   on('use-here', 'click', () => holdWindow(true));
   on('new-chat', 'submit', (e) => {
     e.preventDefault();

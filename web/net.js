@@ -30,12 +30,12 @@ async function httpError(res) {
   return new ServerError(code, message, res.status);
 }
 
-// POST /v1/dev/token (dev mode only; 404 elsewhere).
-export async function devToken(user) {
+// POST /v1/dev/token (dev mode only; 404 elsewhere), for user's device.
+export async function devToken(user, device) {
   const res = await fetch('/v1/dev/token', {
     method: 'POST',
     headers: { 'Content-Type': 'application/json' },
-    body: JSON.stringify({ user }),
+    body: JSON.stringify({ user, device }),
   });
   if (!res.ok) throw await httpError(res);
   return (await res.json()).token;

@@ -5,6 +5,7 @@
 // rules (dedupe, ticks, unread counts) live in one place.
 
 const SESSION_KEY = 'parley.session';
+const DEVICE_KEY = 'parley.device';
 const STATE_PREFIX = 'parley.state.';
 const MAX_MSGS_PER_CONV = 300;
 const MAX_SEEN_IDS = 5000;
@@ -21,6 +22,23 @@ export function loadSession() {
 export function saveSession(session) {
   if (session) localStorage.setItem(SESSION_KEY, JSON.stringify(session));
   else localStorage.removeItem(SESSION_KEY);
+}
+
+// This browser profile's device (the token's `dev` claim), made once: each
+// profile is one device of its user, with its own pending events. Forgotten
+// when the device is unlinked (its id is refused from then on).
+export function deviceId() {
+  let d = localStorage.getItem(DEVICE_KEY);
+  if (!d) {
+    const bytes = crypto.getRandomValues(new Uint8Array(6));
+    d = `web-${Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')}`;
+    localStorage.setItem(DEVICE_KEY, d);
+  }
+  return d;
+}
+
+export function forgetDevice() {
+  localStorage.removeItem(DEVICE_KEY);
 }
 
 function emptyState() {
@@ -122,6 +140,42 @@ export class Store {
     });
     c.unread += 1;
     return c;
+  }
+
+  // A message this user sent from another of its devices: shown as its own,
+  // sent, with the ticks its receipts bring. Returns its conversation.
+  addOwn(ev) {
+    const c = this.ensureConv(ev.group ? `g:${ev.group}` : `u:${ev.to}`);
+    if (this.findMsg(ev.id)) return c; // sent from here (a note to oneself)
+    this.push(c, {
+      id: ev.id,
+      cid: null,
+      from: this.user,
+      body: typeof ev.body === 'string' ? ev.body : '',
+      media: ev.media || null,
+      forwarded: ev.forwarded === true,
+      ts: ev.ts || Date.now(),
+      mine: true,
+      status: 'sent',
+      expect: c.kind === 'group' ? c.members.filter((u) => u !== this.user) : [c.peer],
+      deliveredBy: [],
+      readBy: [],
+    });
+    const early = this.s.orphanReceipts[ev.id] || [];
+    delete this.s.orphanReceipts[ev.id];
+    for (const r of early) this.applyReceipt(r);
+    return c;
+  }
+
+  // A `read_state` event: these were read on another device, so they are
+  // read here too (nothing is reported: that device did).
+  applyReadState(ids) {
+    for (const id of ids) {
+      const hit = this.findMsg(id);
+      if (!hit || hit.m.mine || hit.m.readSent) continue;
+      hit.m.readSent = true;
+      hit.c.unread = Math.max(0, hit.c.unread - 1);
+    }
   }
 
   // A message this user is sending: shown at once with a pending tick and

@@ -138,6 +138,18 @@ export function renderMessages(ol, c, handlers) {
   if (focused) [...ol.children].find((li) => li.dataset.id === focused)?.querySelector('.fwd')?.focus();
 }
 
+// The linked devices (a `devices` answer): when each was last seen, which
+// are online, and an Unlink button on every one but this.
+export function renderDevices(ul, devices, onUnlink) {
+  ul.replaceChildren(
+    ...devices.map((d) =>
+      el('li', { class: 'member device', 'data-device': d.id },
+        el('span', {}, d.current ? `${d.id} (this device)` : d.id),
+        el('span', { class: 'sub' }, d.online ? 'online' : `last seen ${new Date(d.last_seen).toLocaleString()}`),
+        d.current ? null : el('button', { type: 'button', class: 'remove', onclick: () => onUnlink(d.id) }, 'Unlink'))),
+  );
+}
+
 export function renderGroupPanel(ul, c, me, onRemove) {
   const admin = c.admins.includes(me);
   ul.replaceChildren(

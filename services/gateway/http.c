@@ -348,12 +348,16 @@ static enum MHD_Result http_dev_token(gw *g, struct MHD_Connection *mc, http_req
         return http_json_error(mc, 413, "too_large", "body over 1 KiB");
     json_t *o = json_loadb(req->body, req->body_len, 0, NULL);
     const char *user = json_string_value(json_object_get(o, "user"));
+    json_t *dv = json_object_get(o, "device");
     char tok[AUTH_TOKEN_MAX];
     int64_t now = px_now_ms() / 1000;
     enum MHD_Result ret;
-    if (user == NULL || auth_sign(g->secret, user, now, now + HTTP_TOKEN_TTL_S, tok,
-                                  sizeof(tok)) != PX_OK) {
-        ret = http_json_error(mc, 400, "bad_request", "body must be {\"user\":\"<user id>\"}");
+    if (user == NULL || (dv != NULL && !json_is_string(dv)) ||
+        auth_sign_device(g->secret, user, json_string_value(dv), now, now + HTTP_TOKEN_TTL_S, tok,
+                         sizeof(tok)) != PX_OK) {
+        ret = http_json_error(mc, 400, "bad_request",
+                              "body must be {\"user\":\"<user id>\"}, optionally with"
+                              " \"device\":\"<device id>\"");
     } else {
         json_t *out = json_pack("{s:s}", "token", tok);
         char *s = json_dumps(out, JSON_COMPACT);

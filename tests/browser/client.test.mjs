@@ -297,3 +297,42 @@ test('an image sent, loaded, forwarded with the "Forwarded" label', async () => 
   await openConv(carol.page, `u:${B}`);
   assert.equal(await imageLoaded(theirs(carol.page, 'a picture')), true, 'the image loads after a reload');
 });
+
+test('one user on two browser profiles: own messages, read state, linked devices', async () => {
+  const U = userId('dana');
+  const P = userId('pete');
+  const one = await signIn(browser, U); // each profile is a device of its own
+  const two = await signIn(browser, U);
+  const pete = await signIn(browser, P);
+  await startChat(one.page, P);
+  await send(one.page, 'sent from profile one');
+  // The other profile shows it as dana's own message, and both get the ticks.
+  await openConv(two.page, `u:${P}`);
+  await mine(two.page, 'sent from profile one').waitFor({ timeout: WAIT_MS });
+  assert.equal(await theirs(two.page, 'sent from profile one').count(), 0);
+  await openConv(pete.page, `u:${U}`);
+  await tick(one.page, 'sent from profile one', 'read');
+  await tick(two.page, 'sent from profile one', 'read');
+  // Both profiles look elsewhere; pete answers (unread on both); profile
+  // two opens the chat and reads it, and profile one's unread count clears.
+  await startChat(one.page, userId('nobody'));
+  await startChat(two.page, userId('nobody'));
+  await send(pete.page, 'an answer for dana');
+  await waitUnread(one.page, `u:${P}`, 1);
+  await waitUnread(two.page, `u:${P}`, 1);
+  await openConv(two.page, `u:${P}`);
+  await theirs(two.page, 'an answer for dana').waitFor({ timeout: WAIT_MS });
+  await one.page.locator(`.conv[data-key="u:${P}"] .unread`).waitFor({ state: 'detached', timeout: WAIT_MS });
+  await shot(one.page, 'dana-read-elsewhere');
+  // Linked devices: two, this one marked; unlinking the other signs it out.
+  await two.page.click('#devices-toggle');
+  const devices = two.page.locator('#devices-list .device');
+  await devices.nth(1).waitFor({ timeout: WAIT_MS });
+  assert.equal(await devices.count(), 2);
+  assert.equal(await two.page.locator('#devices-list .device', { hasText: 'this device' }).count(), 1);
+  await shot(two.page, 'dana-linked-devices');
+  await two.page.locator('#devices-list .device button', { hasText: 'Unlink' }).click();
+  await one.page.locator('#signin').waitFor({ state: 'visible', timeout: WAIT_MS });
+  await two.page.locator('#devices-list .device').nth(1).waitFor({ state: 'detached', timeout: WAIT_MS });
+  for (const x of [one, two, pete]) await x.context.close();
+});
