@@ -4,9 +4,11 @@
  * (-9) and, later, started again, so partitions move to the survivor and
  * back while messages flow (two rebalances per group); then the second
  * replicas are restarted by SIGTERM, one rolling step as a Helm upgrade
- * takes (two more). Every message
- * answered `sent` must reach its recipient, and every sender must get its
- * `delivered` receipt. Reported: duplicates on the wire (clients dedupe by
+ * takes (two more). Every message answered `sent` must reach its
+ * recipient, which acks and reads it, and every sender must get its
+ * `delivered` and `read` receipts (acks and reads may reach the other
+ * message-store, or come during a takeover, before the message is stored:
+ * ackwait.c). Reported: duplicates on the wire (clients dedupe by
  * id), and the longest send-to-receive time, which bounds how long
  * deliveries stopped. parleyd runs one instance of everything: no replica to
  * fail over to (its kill -9 is test_crash's). */
@@ -23,8 +25,8 @@ typedef struct run {
     char users[2 * PAIRS][65];
     char msg_id[N][32];     /* "" until `sent` */
     int64_t sent_at[N];     /* when it was first sent, ms */
-    unsigned char got[N], delivered[N];
-    int nsent, ngot, ndelivered, dups, dup_receipts, retries;
+    unsigned char got[N], delivered[N], read[N];
+    int nsent, ngot, ndelivered, nread, dups, dup_receipts, retries;
     int64_t worst_ms;
 } run;
 
@@ -66,10 +68,16 @@ static void sender_event(run *r, json_t *m)
             r->dup_receipts++;
         else if (i >= 0)
             r->ndelivered += r->delivered[i] = 1;
+    } else if (strcmp(type, "receipt") == 0 && strcmp(e2e_str(m, "status"), "read") == 0) {
+        int i = run_index(r, e2e_str(m, "msg_id"));
+        if (i >= 0 && !r->read[i])
+            r->nread += r->read[i] = 1;
     }
 }
 
-/* bob's side: "fo <i>" bodies, acked (acks make the `delivered` receipts). */
+/* bob's side: "fo <i>" bodies, acked and read at once, as a client showing
+ * the conversation does (acks make the `delivered` receipts, reads the
+ * `read` ones; both may overtake the store of the message). */
 static void receiver_event(run *r, client *cl, json_t *m)
 {
     if (strcmp(e2e_str(m, "type"), "message") != 0)
@@ -85,6 +93,9 @@ static void receiver_event(run *r, client *cl, json_t *m)
         r->worst_ms = ms > r->worst_ms ? ms : r->worst_ms;
     }
     e2e_ack(cl, e2e_str(m, "id"));
+    json_t *o = json_pack("{s:s, s:[s]}", "type", "read", "ids", e2e_str(m, "id"));
+    ck_assert_int_eq(client_send_json(cl, o), 0);
+    json_decref(o);
 }
 
 /* Reads what every client has now; waits up to wait_ms on the first. */
@@ -176,7 +187,8 @@ START_TEST(partitions_move_under_load_and_nothing_is_lost)
     }
     /* A session timeout (10 s) and two rebalances lie behind: 60 s. */
     int64_t deadline = px_mono_ms() + 60000;
-    while ((r.nsent < N || r.ngot < r.nsent || r.ndelivered < r.nsent) && px_mono_ms() < deadline)
+    while ((r.nsent < N || r.ngot < r.nsent || r.ndelivered < r.nsent || r.nread < r.nsent) &&
+           px_mono_ms() < deadline)
         run_drain(&r, 200);
     int lost = 0;
     for (int i = 0; i < N; i++)
@@ -186,10 +198,11 @@ START_TEST(partitions_move_under_load_and_nothing_is_lost)
             "killed -9 and restarted beside a second replica, then the second replicas "
             "restarted by SIGTERM: %d answered, %d received, "
             "%d lost, %d duplicates on the wire, %d sends answered unavailable and sent again; "
-            "%d of %d delivered receipts (%d repeated); longest send to receive %lld ms; "
+            "%d of %d delivered receipts (%d repeated), %d read receipts; longest send to "
+            "receive %lld ms; "
             "%d sent 5 s or more before the restart had not arrived by then\n",
             N, 1000 / GAP_MS, PAIRS, r.nsent, r.ngot, lost, r.dups, r.retries, r.ndelivered,
-            r.nsent, r.dup_receipts, (long long)r.worst_ms, stuck);
+            r.nsent, r.dup_receipts, r.nread, (long long)r.worst_ms, stuck);
     /* Acks that found their event not stored yet and were applied on a
      * retry (ackwait.c), by the two message-stores alive now: a count of
      * the race this test provokes, not a condition (it may not happen). */
@@ -207,6 +220,7 @@ START_TEST(partitions_move_under_load_and_nothing_is_lost)
     ck_assert_int_eq(lost, 0);
     ck_assert_msg(stuck == 0, "the survivors did not take the dead replica's partitions over");
     ck_assert_int_eq(r.ndelivered, r.nsent);
+    ck_assert_int_eq(r.nread, r.nsent);
 }
 END_TEST
 
