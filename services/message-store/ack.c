@@ -62,7 +62,7 @@ typedef struct ack_entry {
 typedef struct ack_ctx {
     msgstore *ms;
     size_t idx;            /* the run's first record: the facts gate its commit */
-    int retry;             /* a retry of waiting acks: their claims went out before */
+    int retry;             /* a retry of waiting acks (ack_retry_due) */
     ack_entry *e;          /* the chunk, sorted by (user, id, dev), no repeats */
     size_t n;
     devices_list *devs;    /* the devices of the chunk's users, in user order */
@@ -297,7 +297,10 @@ static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
         rc = store_inbox_get(ms->svc.st, keys, c->n, ack_on_held, c, err, errlen);
     service_observe(ms->m.lat_ack, t0);
     free(keys);
-    if (rc == PX_OK && !c->retry)
+    /* Claims again on every retry of a waiting read: the event may have been
+     * acked and deleted meanwhile by another process, whose DELIVERED fact
+     * now precedes this claim and lets it resolve. */
+    if (rc == PX_OK)
         rc = ack_claims(c);
     if (rc != PX_OK && c->err[0] != '\0')
         px_err(err, errlen, "%s", c->err);
@@ -316,25 +319,29 @@ static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
     return rc;
 }
 
-/* Ids this chunk did not find: an ack waits (ackwait.c) for the event to
- * be stored by whoever is storing it; a `read` alone already made its
- * claim, which resolves when the event was acked before (the usual case,
- * not worth a wait), and marks an ack of the same id waiting here read. */
-static void ack_wait_missing(ack_ctx *c)
+/* After a chunk was applied: the ids found are remembered as applied;
+ * on a first attempt, an ack not found waits (ackwait.c) for the event to
+ * be stored by whoever is storing it. A `read` alone not found already made
+ * its claim, which resolves when the event was acked before; it marks an
+ * ack of the same id waiting here read, and else waits itself unless this
+ * acker applied that id lately (the usual read after the ack: no wait). */
+static void ack_note_outcome(ack_ctx *c)
 {
-    for (size_t i = 0; i < c->n; i++) {
+    ackwait *w = c->ms->waits;
+    for (size_t i = 0; i < c->n && w != NULL; i++) {
         const ack_entry *x = &c->e[i];
-        if (x->found || c->ms->waits == NULL)
+        if (x->found)
+            ackwait_applied(w, x->key.user, x->key.id);
+        else if (c->retry)
             continue;
-        if (x->acked)
-            ackwait_add(c->ms->waits, x->key.user, x->key.id, x->dev, x->read, x->ts_ms);
-        else
-            ackwait_note_read(c->ms->waits, x->key.user, x->key.id, x->ts_ms);
+        else if (x->acked || (!ackwait_note_read(w, x->key.user, x->key.id, x->ts_ms) &&
+                              !ackwait_was_applied(w, x->key.user, x->key.id)))
+            ackwait_add(w, x->key.user, x->key.id, x->dev, x->read, x->ts_ms);
     }
 }
 
 /* Applies the sorted, unique entries e[0..k) chunk by chunk; on a first
- * attempt, what was not found waits. On failure the entries of the chunk
+ * attempt, what was not found may wait. On failure the entries of the chunk
  * that failed and of those after it read as not found. */
 static int ack_chunks(ack_ctx *c, ack_entry *e, size_t k, char *err, size_t errlen)
 {
@@ -344,8 +351,8 @@ static int ack_chunks(ack_ctx *c, ack_entry *e, size_t k, char *err, size_t errl
         c->e = e + off;
         c->n = PX_MIN((size_t)ACK_CHUNK, k - off);
         rc = ack_chunk(c, err, errlen);
-        if (rc == PX_OK && !c->retry)
-            ack_wait_missing(c);
+        if (rc == PX_OK)
+            ack_note_outcome(c);
     }
     free(c->devs);
     return rc;

@@ -9,6 +9,13 @@
  * tried again (ack.c, on the acker thread) with backoff until the event
  * appears or ACKWAIT_MS has passed; a `read` of an id waiting here marks
  * the waiting ack read, so its fact becomes READ when the event appears.
+ * A `read` alone waits too (its ack may have waited in a process that
+ * died, or in another one before a rebalance), unless this acker applied
+ * an ack of that id lately: the usual read after the ack deleted the
+ * event, which must not cost a wait. That memory (applied) is a
+ * direct-mapped table of key hashes, as inbox.c's; a collision only makes
+ * a read wait for nothing. Each retry of a waiting read that finds nothing
+ * claims it again (ack.c), for the case another process acked it meanwhile.
  *
  * Bounded: at most ACKWAIT_MAX entries (an ack past it is refused and
  * counted, and behaves as before: the event comes again at the next sync
@@ -27,6 +34,7 @@ struct ackwait {
     size_t n;
     ackwait_entry **due;   /* ackwait_due's answer, until ackwait_settle */
     size_t ndue;
+    uint64_t *applied;     /* ACKWAIT_APPLIED_SLOTS hashes of (user, id); 0: empty */
     int dirty;             /* entries appended since the last sort */
     const msgstore_metrics *m;
 };
@@ -36,6 +44,7 @@ ackwait *ackwait_new(const msgstore_metrics *m)
     ackwait *w = px_calloc(1, sizeof(*w));
     w->e = px_calloc(ACKWAIT_MAX, sizeof(*w->e));
     w->due = px_calloc(ACKWAIT_MAX, sizeof(*w->due));
+    w->applied = px_calloc(ACKWAIT_APPLIED_SLOTS, sizeof(*w->applied));
     w->m = m;
     return w;
 }
@@ -48,7 +57,33 @@ void ackwait_free(ackwait *w)
         free(w->e[i].user);
     free(w->e);
     free(w->due);
+    free(w->applied);
     free(w);
+}
+
+static uint64_t ackwait_hash(const char *user, const char *id)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a over user, NUL, id */
+    for (const char *s = user;; s++) {
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+        if (*s == '\0')
+            break;
+    }
+    for (const char *s = id; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return h + (h == 0);
+}
+
+void ackwait_applied(ackwait *w, const char *user, const char *id)
+{
+    uint64_t h = ackwait_hash(user, id);
+    w->applied[h & (ACKWAIT_APPLIED_SLOTS - 1)] = h;
+}
+
+int ackwait_was_applied(const ackwait *w, const char *user, const char *id)
+{
+    uint64_t h = ackwait_hash(user, id);
+    return w->applied[h & (ACKWAIT_APPLIED_SLOTS - 1)] == h;
 }
 
 static int ackwait_event_cmp(const ackwait_entry *x, const char *user, const char *id)

@@ -289,6 +289,7 @@ void ack_retry_due(msgstore *ms);
 #define ACKWAIT_MS 30000              /* covers a takeover: 10 s session timeout, rebalance, re-store */
 #define ACKWAIT_FIRST_MS 250          /* first retry; doubles up to the next */
 #define ACKWAIT_MAX_BACKOFF_MS 4000
+#define ACKWAIT_APPLIED_SLOTS (1u << 16) /* 512 KiB: the acks applied lately */
 
 /* One waiting ack of one device; user, id and dev share one allocation. */
 typedef struct ackwait_entry {
@@ -303,6 +304,10 @@ void ackwait_free(ackwait *w);
 /* Keeps an ack that found nothing: PX_OK, or PX_AGAIN when full (counted). */
 int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, int read,
                 int64_t ts_ms);
+/* (user, id) was found and applied by an ack or read of this acker. */
+void ackwait_applied(ackwait *w, const char *user, const char *id);
+/* 1 if it was lately (a read of it that finds nothing need not wait). */
+int ackwait_was_applied(const ackwait *w, const char *user, const char *id);
 /* A `read` of (user, id) that found nothing: marks its waiting acks read;
  * 1 if there were any. */
 int ackwait_note_read(ackwait *w, const char *user, const char *id, int64_t ts_ms);

@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <sys/wait.h>
 
-enum { PAIRS = 8, N = 2800, GAP_MS = 12 };
+enum { PAIRS = 8, N = 2800, GAP_MS = 12, READ_AFTER_MS = 100 };
 
 typedef struct run {
     client *senders[PAIRS], *receivers[PAIRS];
@@ -26,6 +26,9 @@ typedef struct run {
     char msg_id[N][32];     /* "" until `sent` */
     int64_t sent_at[N];     /* when it was first sent, ms */
     unsigned char got[N], delivered[N], read[N];
+    char rid[N][32];        /* the id the receiver acked */
+    int64_t acked_at[N];
+    int rq[N], rq_head, rq_tail; /* acked, to read READ_AFTER_MS later, in ack order */
     int nsent, ngot, ndelivered, nread, dups, dup_receipts, retries;
     int64_t worst_ms;
 } run;
@@ -75,9 +78,10 @@ static void sender_event(run *r, json_t *m)
     }
 }
 
-/* bob's side: "fo <i>" bodies, acked and read at once, as a client showing
- * the conversation does (acks make the `delivered` receipts, reads the
- * `read` ones; both may overtake the store of the message). */
+/* bob's side: "fo <i>" bodies, acked at once and read a moment later, as a
+ * client showing the conversation does (acks make the `delivered` receipts,
+ * reads the `read` ones; both may overtake the store of the message, and
+ * the read then comes in a later ack batch than the ack). */
 static void receiver_event(run *r, client *cl, json_t *m)
 {
     if (strcmp(e2e_str(m, "type"), "message") != 0)
@@ -89,13 +93,25 @@ static void receiver_event(run *r, client *cl, json_t *m)
     } else {
         r->got[i] = 1;
         r->ngot++;
+        snprintf(r->rid[i], sizeof(r->rid[i]), "%s", e2e_str(m, "id"));
+        r->acked_at[i] = px_mono_ms();
+        r->rq[r->rq_tail++] = i;
         int64_t ms = px_mono_ms() - r->sent_at[i];
         r->worst_ms = ms > r->worst_ms ? ms : r->worst_ms;
     }
     e2e_ack(cl, e2e_str(m, "id"));
-    json_t *o = json_pack("{s:s, s:[s]}", "type", "read", "ids", e2e_str(m, "id"));
-    ck_assert_int_eq(client_send_json(cl, o), 0);
-    json_decref(o);
+}
+
+/* Reads what was acked READ_AFTER_MS ago or more. */
+static void run_read(run *r)
+{
+    int64_t now = px_mono_ms();
+    while (r->rq_head < r->rq_tail && r->acked_at[r->rq[r->rq_head]] + READ_AFTER_MS <= now) {
+        int i = r->rq[r->rq_head++];
+        json_t *o = json_pack("{s:s, s:[s]}", "type", "read", "ids", r->rid[i]);
+        ck_assert_int_eq(client_send_json(r->receivers[i % PAIRS], o), 0);
+        json_decref(o);
+    }
 }
 
 /* Reads what every client has now; waits up to wait_ms on the first. */
@@ -113,6 +129,7 @@ static void run_drain(run *r, int wait_ms)
             json_decref(m);
         }
     }
+    run_read(r);
 }
 
 /* Waits for a replica's /readyz (it has joined its group). */
