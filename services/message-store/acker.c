@@ -13,12 +13,47 @@
 #include "log.h"
 #include "msgstore.h"
 
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #define ACKER_GROUP_SUFFIX "-acks"
+#define ACKER_HANDOVER_MS 5000 /* a clean stop's wait until Kafka holds the hand-over */
+
+/* A clean stop (SIGTERM: a rolling upgrade) would forget the acks waiting
+ * for their events (ackwait.c): their records are committed. They go back
+ * onto parley.acks instead, one AckRecord each, confirmed before the group
+ * is left, so whoever owns the partition next applies them (or lets them
+ * wait there). Only a crash forgets them. */
+static void acker_handover(msgstore *a)
+{
+    size_t n, failed = 0;
+    const ackwait_entry *const *e = ackwait_due(a->waits, INT64_MAX, &n);
+    for (size_t i = 0; i < n; i++) {
+        Parley__AckRecord r = PARLEY__ACK_RECORD__INIT;
+        r.version = MSGSTORE_RECORD_VERSION;
+        r.user = e[i]->user;
+        r.n_ids = 1;
+        r.ids = (char **)&e[i]->id; /* read only: packed, not changed */
+        r.read = e[i]->read != 0;
+        r.ts_ms = e[i]->ts_ms;
+        r.device = e[i]->dev;
+        size_t len = parley__ack_record__get_packed_size(&r);
+        uint8_t *buf = px_malloc(len);
+        parley__ack_record__pack(&r, buf);
+        char err[PX_ERRLEN];
+        failed += batch_produce(a, a->topic_acks, r.user, strlen(r.user), buf, len,
+                                batch_tag_best_effort(a), err, sizeof(err)) != PX_OK;
+        free(buf);
+    }
+    if (n > 0 && bus_flush(a->svc.b, ACKER_HANDOVER_MS) != PX_OK)
+        failed = n;
+    if (n > 0)
+        log_info("acks still waiting for their events handed over on parley.acks",
+                 "{s:I, s:I}", "acks", (json_int_t)n, "failed", (json_int_t)failed);
+}
 
 /* Runs until acker_stop; a stop signal ends the main loop, whose drain
  * calls acker_stop, so the ack consumer stops right after it. */
@@ -41,6 +76,7 @@ static void *acker_main(void *arg)
         ack_retry_due(a);
         bus_poll(a->svc.b, 0);
     }
+    acker_handover(a);
     free(msgs);
     return NULL;
 }

@@ -367,7 +367,8 @@ int devices_link(msgstore *ms, const char *user, const char *dev, int64_t offset
 /* Starts a thread consuming parley.acks in group "<prefix>message-store-acks"
  * with a bus and a stop flag of its own, sharing ms's store, configuration
  * and metrics; the main consumer takes only inbox and sync. acker_stop
- * stops and joins it and leaves its group. */
+ * stops it (handing the acks still waiting over on parley.acks), joins
+ * it and leaves its group. */
 int acker_start(msgstore *ms, char *err, size_t errlen);
 void acker_stop(msgstore *ms);
 
