@@ -23,7 +23,10 @@
  *         and the first that did not. Reports that rate and its p99.
  *   group --members users online (one creates the group with the others),
  *         the creator sends --msgs messages at --rate per second; reports
- *         send-to-receive percentiles over every member's copy.
+ *         send-to-receive percentiles over every member's copy. With
+ *         --devices D each member is online on D devices (tokens with
+ *         `dev` d0..): every device gets every copy, the sender's other
+ *         devices its own (issue 17).
  *
  * Each process runs one epoll loop over all its sockets with a small
  * hand-written RFC 6455 client side (handshake, unmasked server frames,
@@ -167,6 +170,7 @@ typedef struct bench_opts {
     int inflight, body_bytes, pending, src_base;
     int upgrade_only;  /* idle: count a connection at its 101, not its `synced` */
     int msgs, members, steps; /* group: messages and members; max: bisection steps */
+    int devices;       /* group: devices (connections with their own `dev`) per member */
     double rate, max_p99_ms;
     const char *secret;
     pid_t gw_pids[2];
@@ -181,6 +185,7 @@ enum bench_state { BC_IDLE, BC_CONNECTING, BC_UPGRADING, BC_OPEN, BC_DEAD };
 typedef struct bench_conn {
     int fd;
     uint8_t state, gw, synced, no_ack;
+    uint8_t dev;            /* group with --devices: the token's device d<dev>, 0: none */
     char role;              /* user id letter: i idle, r receiver, s sender, p pending */
     uint32_t user;          /* user number within the role */
     int64_t t_start, t_synced, t_last;
@@ -439,7 +444,10 @@ static void bench_conn_connected(bench_proc *p, bench_conn *c)
     char user[96], token[AUTH_TOKEN_MAX], req[AUTH_TOKEN_MAX + 512];
     bench_user_name(p, c, user, sizeof(user));
     int64_t now_s = (int64_t)time(NULL);
-    if (auth_sign(p->o->secret, user, now_s, now_s + 86400, token, sizeof(token)) != PX_OK) {
+    char dev[8];
+    snprintf(dev, sizeof(dev), "d%u", c->dev);
+    if (auth_sign_device(p->o->secret, user, p->o->devices > 1 ? dev : NULL, now_s,
+                         now_s + 86400, token, sizeof(token)) != PX_OK) {
         bench_conn_fail(p, c, "auth_sign failed");
         return;
     }
@@ -504,8 +512,8 @@ static void bench_on_message(bench_proc *p, bench_conn *c, const char *id, const
     char *end;
     unsigned long long seq = strtoull(body, &end, 10);
     long long t = strtoll(end, NULL, 10);
-    if (p->fanout != 0) /* every member gets every seq once */
-        seq = seq * p->fanout + (c->user < p->fanout ? c->user : 0);
+    if (p->fanout != 0) /* every member's device gets every seq once */
+        seq = seq * p->fanout + (uint64_t)(c - p->c);
     if (p->seen != NULL && seq < p->nseq) {
         if (p->seen[seq >> 3] & (1u << (seq & 7))) {
             p->st.dups++;
@@ -1253,13 +1261,15 @@ static int bench_max(const bench_opts *o)
  * events for 256 members). */
 static int bench_group_create(bench_proc *p, int64_t deadline)
 {
-    size_t cap = 64 + (size_t)p->n * 100, len = 0;
+    /* Member i's devices are connections i*d .. i*d+d-1; device 0 acts. */
+    uint32_t d = (uint32_t)p->o->devices, members = p->n / d;
+    size_t cap = 64 + (size_t)members * 100, len = 0;
     char *cmd = px_malloc(cap);
     len += (size_t)snprintf(cmd, cap, "{\"type\":\"group_create\",\"id\":\"gc\",\"name\":\"bench\","
                             "\"members\":[");
-    for (uint32_t i = 1; i < p->n; i++) {
+    for (uint32_t i = 1; i < members; i++) {
         char name[96];
-        bench_user_name(p, &p->c[i], name, sizeof(name));
+        bench_user_name(p, &p->c[i * d], name, sizeof(name));
         len += (size_t)snprintf(cmd + len, cap - len, "%s\"%s\"", i > 1 ? "," : "", name);
     }
     len += (size_t)snprintf(cmd + len, cap - len, "]}");
@@ -1272,19 +1282,27 @@ static int bench_group_create(bench_proc *p, int64_t deadline)
     char join[160];
     int jl = snprintf(join, sizeof(join), "{\"type\":\"group_join\",\"id\":\"gj\",\"group\":\"%s\"}",
                       p->group);
-    for (uint32_t i = 1; i < p->n; i++)
-        bench_conn_text(p, &p->c[i], join, (size_t)jl);
-    uint64_t n = p->n, events = 1 + n + (n - 1) * (n + 2) / 2;
-    while ((p->joined < p->n - 1 || p->group_events < events) && bench_now() < deadline)
+    for (uint32_t i = 1; i < members; i++)
+        bench_conn_text(p, &p->c[i * d], join, (size_t)jl);
+    /* Every device of a member gets each of its group events. */
+    uint64_t n = members, events = (1 + n + (n - 1) * (n + 2) / 2) * d;
+    while ((p->joined < members - 1 || p->group_events < events) && bench_now() < deadline)
         bench_proc_step(p, 10);
-    return p->joined == p->n - 1 && p->group_events == events ? PX_OK : PX_ERROR;
+    return p->joined == members - 1 && p->group_events == events ? PX_OK : PX_ERROR;
+}
+
+/* The copies of the group sends: every device of every other member, and
+ * the sender's other devices. */
+static uint64_t bench_group_want(const bench_proc *p)
+{
+    return (uint64_t)p->o->msgs * (p->n - 1);
 }
 
 /* Sends o->msgs at o->rate from the creator, then waits for every copy. */
 static void bench_group_send(bench_proc *p)
 {
     const bench_opts *o = p->o;
-    uint64_t want = (uint64_t)o->msgs * (p->n - 1);
+    uint64_t want = bench_group_want(p);
     int64_t t0 = p->st.t_go = bench_now();
     while (p->st.sends < (uint64_t)o->msgs) {
         if ((double)(bench_now() - t0) * o->rate / 1e9 >= (double)p->st.sends)
@@ -1304,9 +1322,11 @@ static void bench_group_send(bench_proc *p)
 static int bench_group(const bench_opts *o)
 {
     static bench_proc p;
-    bench_proc_init(&p, o, (uint32_t)o->members, -1, o->src_base);
+    uint32_t d = (uint32_t)o->devices;
+    bench_proc_init(&p, o, (uint32_t)o->members * d, -1, o->src_base);
     for (uint32_t i = 0; i < p.n; i++)
-        p.c[i] = (bench_conn){ .fd = -1, .role = 'm', .user = i, .gw = (uint8_t)(i % (uint32_t)o->ngw) };
+        p.c[i] = (bench_conn){ .fd = -1, .role = 'm', .user = i / d, .dev = (uint8_t)(i % d),
+                               .gw = (uint8_t)(i % (uint32_t)o->ngw) };
     p.fanout = p.n;
     bench_seen_alloc(&p, (uint64_t)o->msgs * p.n);
     int64_t deadline = bench_now() + (int64_t)o->connect_timeout_s * 1000000000LL;
@@ -1319,16 +1339,18 @@ static int bench_group(const bench_opts *o)
     }
     sleep((unsigned)o->settle_s); /* as for rate: presence learns of everyone first */
     bench_group_send(&p);
-    uint64_t want = (uint64_t)o->msgs * (p.n - 1);
+    uint64_t want = bench_group_want(&p);
     json_t *j = json_pack("{s:s, s:i, s:i, s:f, s:I, s:I, s:I, s:I, s:o}", "scenario", "group",
-                          "members", (int)p.n, "msgs", o->msgs, "rate", o->rate,
+                          "members", o->members, "msgs", o->msgs, "rate", o->rate,
                           "sent_answers", (json_int_t)p.st.sent_ok, "copies_expected",
                           (json_int_t)want, "copies_received", (json_int_t)p.st.received,
                           "errors", (json_int_t)p.st.errors, "latency_ms", bench_hist_json(&p.st.lat));
     json_object_set_new(j, "grace_s", json_integer(o->grace_s));
+    json_object_set_new(j, "devices", json_integer(o->devices));
     char human[256];
-    snprintf(human, sizeof(human), "group: %u members, %d msgs: %" PRIu64 " of %" PRIu64
-             " copies, latency ms p50 %.2f p99 %.2f max %.2f", p.n, o->msgs, p.st.received, want,
+    snprintf(human, sizeof(human), "group: %d members x %d devices, %d msgs: %" PRIu64 " of %" PRIu64
+             " copies, latency ms p50 %.2f p99 %.2f max %.2f", o->members, o->devices, o->msgs,
+             p.st.received, want,
              bench_ms(bench_hist_q(&p.st.lat, .5)), bench_ms(bench_hist_q(&p.st.lat, .99)),
              bench_ms(p.st.lat.max));
     bench_emit(j, human);
@@ -1456,6 +1478,7 @@ static void bench_usage(void)
             "  --settle S (3)  --body-bytes B (100)  --pending N (10000)  --src-base B (10)\n"
             "  --connect-timeout S (120)  --max-p99 MS (100)  --steps N (3)\n"
             "  --members N (256)  --msgs N (30): group; --rate is then its send rate\n"
+            "  --devices D (1): group: each member online on D devices\n"
             "  --upgrade-only          idle: count connections at the 101, not at `synced`\n");
 }
 
@@ -1482,12 +1505,13 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         { "settle", 1, 0, 's' }, { "body-bytes", 1, 0, 'b' }, { "pending", 1, 0, 'p' },
         { "src-base", 1, 0, 'B' }, { "connect-timeout", 1, 0, 'T' },
         { "upgrade-only", 0, 0, 'O' }, { "max-p99", 1, 0, 'X' }, { "steps", 1, 0, 'N' },
-        { "members", 1, 0, 'M' }, { "msgs", 1, 0, 'K' }, { 0, 0, 0, 0 }
+        { "members", 1, 0, 'M' }, { "msgs", 1, 0, 'K' }, { "devices", 1, 0, 'D' },
+        { 0, 0, 0, 0 }
     };
     *o = (bench_opts){ .conns = 10000, .procs = 2, .pairs = 100, .duration_s = 20, .grace_s = 10,
                        .hold_s = 5, .settle_s = 3, .connect_timeout_s = 120, .inflight = 200,
                        .body_bytes = 100, .pending = 10000, .src_base = 10, .rate = 1000,
-                       .max_p99_ms = 100, .steps = 3, .members = 256, .msgs = 30,
+                       .max_p99_ms = 100, .steps = 3, .members = 256, .msgs = 30, .devices = 1,
                        .secret = getenv("PARLEY_JWT_SECRET") };
     const char *url = "ws://127.0.0.1:8080", *url2 = NULL;
     int ch, rate_set = 0;
@@ -1514,6 +1538,7 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         case 'X': o->max_p99_ms = atof(optarg); break;
         case 'N': o->steps = atoi(optarg); break;
         case 'M': o->members = atoi(optarg); break;
+        case 'D': o->devices = atoi(optarg); break;
         case 'K': o->msgs = atoi(optarg); break;
         default: return PX_ERROR;
         }
@@ -1526,7 +1551,8 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
     o->ngw = url2 ? 2 : 1;
     if (bench_parse_url(url, &o->gw[0]) != PX_OK || (url2 && bench_parse_url(url2, &o->gw[1]) != PX_OK))
         return PX_ERROR;
-    if (o->members < 2 || o->members > BENCH_PER_PROC_MAX || o->msgs < 1 || o->steps < 0)
+    if (o->members < 2 || o->devices < 1 || o->devices > 16 ||
+        (long)o->members * o->devices > BENCH_PER_PROC_MAX || o->msgs < 1 || o->steps < 0)
         return PX_ERROR;
     if (o->procs < 1 || o->procs > BENCH_MAX_PROCS || o->inflight < 1 || o->rate <= 0 ||
         o->pairs < o->procs || o->src_base < 1 || o->src_base + o->procs > 254)

@@ -13,7 +13,9 @@
 #
 # Environment (defaults):
 #   BENCH_MODES ("parleyd stack")  BENCH_PAIRS (100)  BENCH_DURATION (10)
-#   BENCH_SCENARIOS ("latency rate max group sync idle"): which to run
+#   BENCH_SCENARIOS ("latency rate max group groupdevices sync idle"): which
+#     to run; groupdevices is the group scenario with every member on
+#     BENCH_GROUP_DEVICES (3) devices (issue 17)
 #   BENCH_PD_RATES ("1000 10000")  BENCH_STACK_RATES ("100 1000")
 #   BENCH_PD_MAX_FROM (500)  BENCH_STACK_MAX_FROM (50): where max's ladder starts
 #   BENCH_MAX_STEP_S (4)  BENCH_GROUP_MSGS (30)
@@ -258,7 +260,8 @@ run() { # tag, then parley-bench arguments; appends its JSON with the CPU split
   say "$mode $tag done in $((SECONDS - t0)) s"
 }
 
-SCENARIOS=" ${BENCH_SCENARIOS:-latency rate max group sync idle} "
+SCENARIOS=" ${BENCH_SCENARIOS:-latency rate max group groupdevices sync idle} "
+GROUP_DEVICES=${BENCH_GROUP_DEVICES:-3}
 want() { [[ $SCENARIOS == *" $1 "* ]]; }
 # mode: the standard set for one mode; the per-mode sizes are in the header.
 scenarios() {
@@ -281,6 +284,9 @@ scenarios() {
     run max max --rate "$max_from" --pairs "$PAIRS" --duration "$MAX_STEP_S" --procs 1 --grace 3 \
       --settle 2 --steps 2
   ! want group || run group group --msgs "$GROUP_MSGS" --rate 10 --grace 20 --settle 2
+  ! want groupdevices ||
+    run groupdevices group --msgs "$GROUP_MSGS" --rate 10 --grace 20 --settle 2 \
+      --devices "$GROUP_DEVICES"
   [ "$pending" -le 0 ] || ! want sync || run sync sync --pending "$pending" --grace 60
   [ "$IDLE_SYNCED" -le 0 ] || ! want idle ||
     run idlesynced idle --conns "$IDLE_SYNCED" --procs "$IDLE_PROCS" --hold "$IDLE_HOLD"
@@ -357,9 +363,9 @@ jq -r '
   ([.results[] | select(.scenario == "group")] | select(length > 0) |
     "## Group fan-out (\(.[0].members) members, all online, \(.[0].msgs) messages at \(.[0].rate | round)/s from one member)",
     "",
-    "| mode | copies received | `sent` answers | p50 | p90 | p99 | max |",
-    "|---|---|---|---|---|---|---|",
-    (.[] | "| \(.mode) | \(.copies_received) of \(.copies_expected) | \(.sent_answers) of \(.msgs) | \(.latency_ms.p50 | ms) | \(.latency_ms.p90 | ms) | \(.latency_ms.p99 | ms) | \(.latency_ms.max | ms) |"),
+    "| mode | devices per member | copies received | `sent` answers | p50 | p90 | p99 | max |",
+    "|---|---|---|---|---|---|---|---|",
+    (.[] | "| \(.mode) | \(.devices // 1) | \(.copies_received) of \(.copies_expected) | \(.sent_answers) of \(.msgs) | \(.latency_ms.p50 | ms) | \(.latency_ms.p90 | ms) | \(.latency_ms.p99 | ms) | \(.latency_ms.max | ms) |"),
     "", cpulines, ""),
   ([.results[] | select(.scenario == "sync")] | select(length > 0) |
     "## Reconnect with pending messages",
