@@ -125,13 +125,33 @@ int media_route(const char *url)
     return strncmp(url, MEDIA_PREFIX, n) == 0 && (url[n] == '\0' || url[n] == '/');
 }
 
+typedef struct media_dev {
+    const char *dev;
+    int unlinked;
+} media_dev;
+
+static int media_dev_cb(void *arg, const store_device *d)
+{
+    media_dev *m = arg;
+    m->unlinked |= d->unlinked && strcmp(d->dev, m->dev) == 0;
+    return PX_OK;
+}
+
+/* The token, and its device not unlinked (issue 17: an unlinked device's
+ * tokens are refused everywhere, media included; one device read). */
 static int media_auth(gw *g, struct MHD_Connection *mc, char user[65], char *err,
                       size_t errlen)
 {
+    char dev[65];
     const char *tok = http_token(mc);
     if (tok == NULL)
         return px_err(err, errlen, "no token");
-    return auth_verify(g->auth, tok, px_now_ms() / 1000, user, err, errlen);
+    if (auth_verify_device(g->auth, tok, px_now_ms() / 1000, user, dev, err, errlen) != PX_OK)
+        return PX_ERROR;
+    media_dev m = { dev, 0 };
+    if (store_device_list(g->st, user, media_dev_cb, &m, err, errlen) != PX_OK)
+        return PX_ERROR;
+    return m.unlinked ? px_err(err, errlen, "this device was unlinked") : PX_OK;
 }
 
 /* Takes a transfer slot from counter; 0 when all MEDIA_MAX_TRANSFERS are

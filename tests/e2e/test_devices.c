@@ -9,8 +9,11 @@
 #include "e2e.h"
 #include "store.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 /* Connects as (user, dev) to gw; NULL with *status the HTTP status when
@@ -703,6 +706,27 @@ START_TEST(devices_lists_linked_devices)
 }
 END_TEST
 
+/* The HTTP status of GET /v1/media/<unknown id> with a token of (user, dev). */
+static int media_status(const char *user, const char *dev, enum e2e_svc gw)
+{
+    char tok[AUTH_TOKEN_MAX], req[AUTH_TOKEN_MAX + 256], resp[256] = "";
+    int64_t now = px_now_ms() / 1000;
+    ck_assert_int_eq(auth_sign_device(e2e_secret(), user, dev, now - 10, now + 3600, tok,
+                                      sizeof(tok)), PX_OK);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)e2e_port(gw)),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    ck_assert_int_eq(connect(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    int n = snprintf(req, sizeof(req), "GET /v1/media/nosuchmedia HTTP/1.1\r\nHost: x\r\n"
+                     "Connection: close\r\nAuthorization: Bearer %s\r\n\r\n", tok);
+    ck_assert_int_eq(send(fd, req, (size_t)n, MSG_NOSIGNAL), n);
+    ssize_t got = recv(fd, resp, sizeof(resp) - 1, MSG_WAITALL);
+    close(fd);
+    int status = 0;
+    ck_assert_msg(got > 12 && sscanf(resp, "HTTP/1.1 %d", &status) == 1, "no HTTP answer");
+    return status;
+}
+
 /* The phone unlinks the laptop while it is connected: the laptop is closed
  * with 4001, its token refused (403) from then on, the message only it
  * still needed is deleted, and its place counts no longer. A device
@@ -737,6 +761,10 @@ START_TEST(unlink_while_connected)
     int status = 0;
     ck_assert_ptr_null(dev_try(bob, "laptop", E2E_GW1, &status));
     ck_assert_int_eq(status, 403);
+    /* Media too: the laptop's token is refused, the phone's is not (an
+     * unknown media id: 404). */
+    ck_assert_int_eq(media_status(bob, "laptop", E2E_GW2), 401);
+    ck_assert_int_eq(media_status(bob, "phone", E2E_GW2), 404);
     /* The phone had acked m1: nothing of bob's is left (the unlink's
      * cleanup ran before its answer). */
     ck_assert_int_eq(inbox_count(bob), 0);
