@@ -5,8 +5,10 @@
  * they delayed every delivery queued after them (a 256-member group's
  * acks held its fan-out for seconds). An ack names an event its client
  * received, which was pushed before it was stored: ack.c waits on the
- * write-behind gate (putgate.c) until what was pushed is in the store. The
- * acker is a second msgstore that shares the store, the gate, the
+ * write-behind gate (putgate.c) until what was pushed is in the store; an
+ * ack whose event another process is still storing waits in ackwait.c and
+ * is retried between batches (ack_retry_due), and handed over on
+ * parley.acks when the acker stops. The acker is a second msgstore that shares the store, the gate, the
  * configuration and the metrics and has its own bus, stop flag and batch
  * bookkeeping, so batch.c and ack.c run unchanged on it. */
 #include "common.h"
