@@ -258,19 +258,52 @@ static void inbox_all_free(inbox_all *a)
     free(a->fev);
 }
 
+/* Sets the runs' skip marks with one devices read for all of them (a
+ * writer round takes many small runs; a read per run made the round, and
+ * with it every ack's wait on the putgate, grow with their number). */
+static int inbox_skip_unneeded(msgstore *ms, inbox_run *const *runs, size_t nruns, char *err,
+                               size_t errlen)
+{
+    size_t n = 0, origins = 0;
+    for (size_t r = 0; r < nruns; r++) {
+        memset(runs[r]->skip, 0, runs[r]->n * sizeof(*runs[r]->skip));
+        for (size_t i = 0; i < runs[r]->n; i++)
+            origins += runs[r]->recs[i].u.inbox->origin_device[0] != '\0';
+        n += runs[r]->n;
+    }
+    if (origins == 0)
+        return PX_OK;
+    if (nruns == 1)
+        return devices_unneeded(ms, runs[0]->recs, n, runs[0]->skip, err, errlen);
+    msgstore_rec *all = px_malloc(n * sizeof(*all));
+    int *skip = px_calloc(n, sizeof(*skip));
+    size_t k = 0;
+    for (size_t r = 0; r < nruns; r++) {
+        memcpy(all + k, runs[r]->recs, runs[r]->n * sizeof(*all));
+        k += runs[r]->n;
+    }
+    int rc = devices_unneeded(ms, all, n, skip, err, errlen);
+    k = 0;
+    for (size_t r = 0; r < nruns; r++) {
+        memcpy(runs[r]->skip, skip + k, runs[r]->n * sizeof(*skip));
+        k += runs[r]->n;
+    }
+    free(all);
+    free(skip);
+    return rc;
+}
+
 int inbox_store(msgstore *ms, inbox_run *const *runs, size_t nruns, char *err, size_t errlen)
 {
     int rc = PX_ERROR;
     inbox_all a;
-    for (size_t r = 0; r < nruns; r++) {
-        memset(runs[r]->skip, 0, runs[r]->n * sizeof(*runs[r]->skip));
-        if (devices_unneeded(ms, runs[r]->recs, runs[r]->n, runs[r]->skip, err, errlen) != PX_OK)
-            return PX_ERROR;
-        /* Typing is for whoever is connected now: pushed, never stored. */
+    if (inbox_skip_unneeded(ms, runs, nruns, err, errlen) != PX_OK)
+        return PX_ERROR;
+    /* Typing is for whoever is connected now: pushed, never stored. */
+    for (size_t r = 0; r < nruns; r++)
         for (size_t i = 0; i < runs[r]->n; i++)
             runs[r]->skip[i] |= runs[r]->recs[i].u.inbox->kind ==
                                 PARLEY__EVENT_KIND__EVENT_KIND_TYPING;
-    }
     inbox_all_init(&a, runs, nruns);
     size_t records = 0;
     for (size_t r = 0; r < nruns; r++)
