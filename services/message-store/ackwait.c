@@ -19,7 +19,7 @@
  *
  * Bounded: at most ACKWAIT_MAX entries (an ack past it is refused and
  * counted, and behaves as before: the event comes again at the next sync
- * and is acked then), each kept at most ACKWAIT_MS. The ack records were
+ * and is acked then), each kept until ACKWAIT_MS after the ack was made. The ack records were
  * committed when they were first applied, so a crash or a stop forgets
  * what waits here: the same redelivery at the next sync. Kept sorted by
  * (user, id, dev) without repeats, the order ack.c works in. */
@@ -133,6 +133,15 @@ int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, i
             return PX_AGAIN;
         }
     }
+    /* The wait counts from the ack (ts_ms, on the gateway's clock), not from
+     * when it was consumed: an ack handed over at a stop (acker.c) keeps
+     * its deadline, so one that can never be applied does not go round
+     * for good. An ack from the future (clock skew) gets the whole wait. */
+    int64_t left = ACKWAIT_MS - PX_MAX(px_now_ms() - ts_ms, (int64_t)0);
+    if (left <= 0) {
+        metric_add(w->m->ack_waits_expired, 1);
+        return PX_OK;
+    }
     size_t lu = strlen(user) + 1, li = strlen(id) + 1, ld = strlen(dev) + 1;
     char *s = px_malloc(lu + li + ld);
     memcpy(s, user, lu);
@@ -140,7 +149,7 @@ int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, i
     memcpy(s + lu + li, dev, ld);
     int64_t now = px_mono_ms();
     w->e[w->n++] = (ackwait_entry){ .user = s, .id = s + lu, .dev = s + lu + li, .read = read,
-                                    .ts_ms = ts_ms, .until_ms = now + ACKWAIT_MS,
+                                    .ts_ms = ts_ms, .until_ms = now + left,
                                     .next_ms = now + ACKWAIT_FIRST_MS,
                                     .backoff_ms = ACKWAIT_FIRST_MS };
     w->dirty = 1;
