@@ -35,6 +35,13 @@
 struct sqldb_file {
     const char *name;
     pthread_mutex_t write_mu;
+    /* Held across a whole ref or unref, so the checkpointer's start and its
+     * stop (join, close) never interleave: a service closing its last
+     * connection while another opens its first (parleyd's services start
+     * and stop on their own threads) had the unref join the new thread and
+     * close the new connection under it (an ASan crash in a checkpoint on a
+     * NULL handle). The checkpointer itself never takes it. */
+    pthread_mutex_t life_mu;
     pthread_mutex_t mu;       /* the checkpointer's fields below */
     pthread_cond_t cv;
     int refs, stop, wanted;
@@ -43,7 +50,8 @@ struct sqldb_file {
 };
 
 #define SQLDB_FILE_INIT(n) { n, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, \
-                             PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL }
+                             PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, \
+                             NULL }
 static struct sqldb_file sqldb_files[] = {
     [SQLDB_MAIN] = SQLDB_FILE_INIT("parley.db"),
     [SQLDB_BUS] = SQLDB_FILE_INIT("bus.db"),
@@ -125,6 +133,7 @@ static void *sqldb_ckpt_main(void *arg)
 /* Called with a connection just opened: the first one starts the thread. */
 static int sqldb_ckpt_ref(struct sqldb_file *f, const char *path)
 {
+    pthread_mutex_lock(&f->life_mu);
     pthread_mutex_lock(&f->mu);
     int rc = PX_OK;
     if (f->refs == 0) {
@@ -143,14 +152,17 @@ static int sqldb_ckpt_ref(struct sqldb_file *f, const char *path)
     if (rc == PX_OK)
         f->refs++;
     pthread_mutex_unlock(&f->mu);
+    pthread_mutex_unlock(&f->life_mu);
     return rc;
 }
 
 static void sqldb_ckpt_unref(struct sqldb_file *f)
 {
+    pthread_mutex_lock(&f->life_mu);
     pthread_mutex_lock(&f->mu);
     if (--f->refs > 0) {
         pthread_mutex_unlock(&f->mu);
+        pthread_mutex_unlock(&f->life_mu);
         return;
     }
     f->stop = 1;
@@ -159,6 +171,7 @@ static void sqldb_ckpt_unref(struct sqldb_file *f)
     pthread_join(f->th, NULL);
     sqlite3_close(f->db);
     f->db = NULL;
+    pthread_mutex_unlock(&f->life_mu);
 }
 
 int sqldb_open_file(sqldb *d, enum sqldb_which w, char *err, size_t errlen)

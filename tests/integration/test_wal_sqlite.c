@@ -99,6 +99,42 @@ START_TEST(wal_stays_bounded_under_readers)
 }
 END_TEST
 
+/* One service's last close racing another's first open of the same file
+ * (parleyd's services start and stop on threads of their own): each
+ * thread opens and closes WAL_CYCLES times, so the process's checkpointer
+ * stops and starts over and over. The unref used to join and close the
+ * checkpointer a concurrent ref had just started (a hang, or a checkpoint
+ * on a NULL handle under ASan); every cycle must come back. */
+#define WAL_CYCLES 300
+
+static void *wal_cycler(void *arg)
+{
+    sqldb d;
+    char err[256];
+    for (int i = 0; i < WAL_CYCLES; i++) {
+        if (sqldb_open(&d, err, sizeof(err)) != PX_OK)
+            return arg;
+        sqlite3_exec(d.db, "INSERT INTO w (v) VALUES (x'00')", NULL, NULL, NULL);
+        sqldb_close(&d);
+    }
+    return NULL;
+}
+
+START_TEST(open_and_close_race_safely)
+{
+    static int tag;
+    pthread_t th[3];
+    void *failed[3];
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(pthread_create(&th[i], NULL, wal_cycler, &tag), 0);
+    for (int i = 0; i < 3; i++)
+        pthread_join(th[i], &failed[i]);
+    for (int i = 0; i < 3; i++)
+        ck_assert_msg(failed[i] == NULL, "an open failed in cycler %d", i);
+    printf("report: wal: 3 threads opened and closed the file %d times each\n", WAL_CYCLES);
+}
+END_TEST
+
 int main(void)
 {
     if (mkdtemp(wal_dir) == NULL) {
@@ -110,6 +146,7 @@ int main(void)
     TCase *tc = tcase_create("wal");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, wal_stays_bounded_under_readers);
+    tcase_add_test(tc, open_and_close_race_safely);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_set_fork_status(sr, CK_NOFORK);
