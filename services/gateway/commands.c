@@ -239,6 +239,25 @@ static void commands_send(gw *g, conn *c, proto_cmd *cmd)
         commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
 }
 
+/* An event the gateway makes for user's inbox (not a message: no sender,
+ * no receipts), best effort like the command behind it; origin (NULL:
+ * none) is the device that does not get it. */
+static void commands_inbox_event(gw *g, Parley__EventKind kind, const char *user, char *id,
+                                 int64_t ts, char *json, size_t json_len, const char *origin)
+{
+    size_t len;
+    Parley__InboxRecord rec = PARLEY__INBOX_RECORD__INIT;
+    rec.version = 1;
+    rec.kind = kind;
+    rec.user = (char *)user;
+    rec.id = id;
+    rec.ts_ms = ts;
+    rec.origin_device = (char *)(origin != NULL ? origin : "");
+    rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
+    uint8_t *buf = COMMANDS_PACK(inbox_record, &rec, &len);
+    commands_produce(g, g->topic_inbox, user, buf, len, &commands_record_tag);
+}
+
 /* A `read` also tells the user's other devices (so their unread counts
  * clear): a read_state event in the user's own inbox that this device
  * does not get (origin_device), dropped by message-store when the user
@@ -246,22 +265,14 @@ static void commands_send(gw *g, conn *c, proto_cmd *cmd)
 static void commands_read_state(gw *g, conn *c, const proto_cmd *cmd)
 {
     char id[ID_BUF + 3] = "rs_";
-    size_t json_len, len;
+    size_t json_len;
     id_new(id + 3);
     int64_t ts = px_now_ms();
     char *json = proto_render_read_state(id, (const char *const *)cmd->ids, cmd->nids, ts,
                                          &json_len);
-    Parley__InboxRecord rec = PARLEY__INBOX_RECORD__INIT;
-    rec.version = 1;
-    rec.kind = PARLEY__EVENT_KIND__EVENT_KIND_READ_STATE;
-    rec.user = (char *)ws_conn_user(c);
-    rec.id = id;
-    rec.ts_ms = ts;
-    rec.origin_device = (char *)ws_conn_device(c);
-    rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
-    uint8_t *buf = COMMANDS_PACK(inbox_record, &rec, &len);
+    commands_inbox_event(g, PARLEY__EVENT_KIND__EVENT_KIND_READ_STATE, ws_conn_user(c), id, ts,
+                         json, json_len, ws_conn_device(c));
     free(json);
-    commands_produce(g, g->topic_inbox, rec.user, buf, len, &commands_record_tag);
 }
 
 /* Typing to a user: an event for the recipient's live connections, which
@@ -277,21 +288,14 @@ static void commands_typing(gw *g, conn *c, const proto_cmd *cmd)
         return;
     }
     char id[ID_BUF + 3] = "ty_";
-    size_t json_len, len;
+    size_t json_len;
     id_new(id + 3);
     int64_t ts = px_now_ms();
     char *json = proto_render_typing(ws_conn_user(c), cmd->to, NULL, cmd->composing, ts,
                                      &json_len);
-    Parley__InboxRecord rec = PARLEY__INBOX_RECORD__INIT;
-    rec.version = 1;
-    rec.kind = PARLEY__EVENT_KIND__EVENT_KIND_TYPING;
-    rec.user = (char *)cmd->to;
-    rec.id = id;
-    rec.ts_ms = ts;
-    rec.event_json = (ProtobufCBinaryData){ json_len, (uint8_t *)json };
-    uint8_t *buf = COMMANDS_PACK(inbox_record, &rec, &len);
+    commands_inbox_event(g, PARLEY__EVENT_KIND__EVENT_KIND_TYPING, cmd->to, id, ts, json,
+                         json_len, NULL);
     free(json);
-    commands_produce(g, g->topic_inbox, rec.user, buf, len, &commands_record_tag);
 }
 
 /* `devices` and `device_unlink` go to message-store on the user's inbox

@@ -172,9 +172,14 @@ inbox_run *inbox_push(msgstore *ms, msgstore_rec *recs, size_t n)
     /* Numbered before the push: an ack of any of these events is consumed
      * after it, and waits until this run is durable. */
     ir->gate_run = putgate_pushed(ms->gate);
-    for (size_t c = 0; c < ir->nc; c++)
-        if (inbox_recent_note(ms->recent, ir->keys[ir->cidx[c]]))
-            inbox_event(&ir->pev[ir->np++], &recs[ir->cidx[c]]);
+    /* Typing ids are never resent: they stay out of the memory of recent
+     * pushes, where a burst of them would evict the messages' keys. */
+    for (size_t c = 0; c < ir->nc; c++) {
+        const msgstore_rec *r = &recs[ir->cidx[c]];
+        if (r->u.inbox->kind == PARLEY__EVENT_KIND__EVENT_KIND_TYPING ||
+            inbox_recent_note(ms->recent, ir->keys[ir->cidx[c]]))
+            inbox_event(&ir->pev[ir->np++], r);
+    }
     ir->refresh = route_live(ms, ir->pev, ir->np);
     return ir;
 }
