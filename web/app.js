@@ -263,8 +263,11 @@ function readIfVisible() {
 function noteTyping(ev) {
   const key = ev.group ? `g:${ev.group}` : `u:${ev.from}`;
   if (!typingIn.has(key)) typingIn.set(key, new Map());
-  if (ev.state === 'composing') typingIn.get(key).set(ev.from, Date.now() + (ev.ttl_ms || 6000));
-  else typingIn.get(key).delete(ev.from);
+  const who = typingIn.get(key);
+  const now = Date.now();
+  for (const [u, until] of who) if (until <= now) who.delete(u); // lapsed: never grows
+  if (ev.state === 'composing') who.set(ev.from, now + (ev.ttl_ms || 6000));
+  else who.delete(ev.from);
   clearTimeout(typingTimer);
   typingTimer = setTimeout(changed, (ev.ttl_ms || 6000) + 50); // redraw when it lapses
 }
