@@ -34,7 +34,9 @@ apt_mirror() {
 }
 
 base_image() {
-  "$engine" image exists debian:12 2>/dev/null && "$engine" image exists debian:12-slim 2>/dev/null && return
+  # `image inspect`, not podman's `image exists`: docker has only the former.
+  "$engine" image inspect debian:12 >/dev/null 2>&1 &&
+    "$engine" image inspect debian:12-slim >/dev/null 2>&1 && return
   if timeout 60 "$engine" pull -q docker.io/library/debian:12 >/dev/null 2>&1 &&
      timeout 60 "$engine" pull -q docker.io/library/debian:12-slim >/dev/null 2>&1; then
     return
