@@ -135,6 +135,13 @@ $(OUT)/bin/fuzz_%: $(OUT)/fuzz/fuzz_%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) -fsanitize=fuzzer,address,undefined -o $@ $^ $(PKG_LIBS)
 
+# The WebSocket connection target runs a whole gateway, linked as parleyd
+# links it, over the embedded bus.
+$(OUT)/bin/fuzz_wsconn: $(OUT)/fuzz/fuzz_wsconn.o $(OUT)/parleyd/gateway.o $(LIB_EMBED) \
+                        $(OUT)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) -fsanitize=fuzzer,address,undefined -o $@ $^ $(PKG_LIBS)
+
 $(OUT)/bin/%: $(OUT)/bench/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
