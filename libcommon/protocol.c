@@ -175,10 +175,39 @@ static int proto_parse_id(json_t *o, proto_cmd *c, enum proto_code *code,
     return PX_OK;
 }
 
+/* One pass over the text: a ':' outside a string ends a key, '{' and '['
+ * open a level. Malformed text passes here and fails in the parser. */
+static int proto_shape_ok(const char *buf, size_t len)
+{
+    int depth = 0, keys = 0, in_str = 0;
+    for (size_t i = 0; i < len; i++) {
+        char ch = buf[i];
+        if (in_str) {
+            if (ch == '\\')
+                i++;
+            else if (ch == '"')
+                in_str = 0;
+        } else if (ch == '"') {
+            in_str = 1;
+        } else if (ch == '{' || ch == '[') {
+            if (++depth > PROTO_MAX_DEPTH)
+                return 0;
+        } else if (ch == '}' || ch == ']') {
+            depth--;
+        } else if (ch == ':' && ++keys > PROTO_MAX_KEYS) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 int proto_parse(const char *buf, size_t len, const proto_limits *lim,
                 proto_cmd *c, enum proto_code *code, char *msg, size_t msglen)
 {
     memset(c, 0, sizeof(*c));
+    if (!proto_shape_ok(buf, len))
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen,
+                          "a command nests at most 4 levels and holds at most 32 keys");
     json_error_t jerr;
     json_t *o = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
     int rc;

@@ -9,6 +9,12 @@
 #define PROTO_MAX_IDS 1000      /* ids in one ack/read */
 #define PROTO_MAX_MEMBERS 256   /* members in one group command */
 #define PROTO_MAX_NAME 100      /* group name, characters */
+/* The shape of any command (an object of strings, booleans and lists of
+ * strings), checked before the JSON is parsed: jansson would otherwise
+ * build a tree of up to 2,048 levels, or a hash of thousands of keys, for
+ * one frame. */
+#define PROTO_MAX_DEPTH 4       /* nested objects and lists (and in the error text) */
+#define PROTO_MAX_KEYS 32       /* keys in the whole frame (and in the error text) */
 
 enum proto_type {
     PROTO_SEND = 1, PROTO_ACK, PROTO_READ, PROTO_PING,

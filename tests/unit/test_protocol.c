@@ -130,6 +130,8 @@ START_TEST(bad_commands)
         { "{\"type\":\"typing\",\"id\":\"t1\",\"to\":\"bob\"}", PROTO_BAD_REQUEST, "t1" },
         { "{\"type\":\"typing\",\"id\":\"t2\",\"to\":\"bob\",\"state\":\"yelling\"}", PROTO_BAD_REQUEST, "t2" },
         { "{\"type\":\"typing\",\"to\":\"bob\",\"group\":\"g\",\"state\":\"paused\"}", PROTO_BAD_REQUEST, "" },
+        /* five levels: refused before parsing, so no ref */
+        { "{\"type\":\"ping\",\"id\":\"s1\",\"x\":[[[[1]]]]}", PROTO_BAD_REQUEST, "" },
     };
     for (size_t i = 0; i < PX_ARRAY_LEN(cases); i++) {
         proto_cmd c;
@@ -137,6 +139,34 @@ START_TEST(bad_commands)
         ck_assert_msg(parse(cases[i].json, &c, &code) == PX_DECLINED, "accepted: %s", cases[i].json);
         ck_assert_msg(code == cases[i].code, "code %d for %s", code, cases[i].json);
         ck_assert_msg(strcmp(c.id, cases[i].ref) == 0, "ref '%s' for %s", c.id, cases[i].json);
+    }
+}
+END_TEST
+
+/* PROTO_MAX_DEPTH levels and PROTO_MAX_KEYS keys pass (brackets and colons
+ * inside strings count for nothing); one more of either is refused. */
+START_TEST(command_shape_limits)
+{
+    char json[2048];
+    proto_cmd c;
+    enum proto_code code = 0;
+    snprintf(json, sizeof(json), "{\"type\":\"ping\",\"id\":\"s2\",\"x\":[[[\"[[{:\"]]]}");
+    ck_assert_int_eq(parse(json, &c, &code), PX_OK);
+    proto_cmd_free(&c);
+    for (int extra = 0; extra < 2; extra++) {
+        size_t n = (size_t)snprintf(json, sizeof(json), "{\"type\":\"ping\",\"id\":\"s3\"");
+        for (int k = 2; k < PROTO_MAX_KEYS + extra; k++)
+            n += (size_t)snprintf(json + n, sizeof(json) - n, ",\"k%d\":\"a:b\\\"c:\"", k);
+        snprintf(json + n, sizeof(json) - n, "}");
+        code = 0;
+        int rc = parse(json, &c, &code);
+        if (extra == 0) {
+            ck_assert_msg(rc == PX_OK, "%d keys refused", PROTO_MAX_KEYS);
+            proto_cmd_free(&c);
+        } else {
+            ck_assert_msg(rc == PX_DECLINED && code == PROTO_BAD_REQUEST, "%d keys accepted",
+                          PROTO_MAX_KEYS + 1);
+        }
     }
 }
 END_TEST
@@ -192,6 +222,7 @@ static Suite *protocol_suite(void)
     tcase_add_test(tc, device_commands);
     tcase_add_test(tc, group_commands_ok);
     tcase_add_test(tc, bad_commands);
+    tcase_add_test(tc, command_shape_limits);
     tcase_add_test(tc, too_many_members_is_group_full);
     tcase_add_test(tc, render_events);
     suite_add_tcase(s, tc);
