@@ -39,6 +39,14 @@ void *px_realloc(void *p, size_t n)
     return q;
 }
 
+uint64_t px_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return h;
+}
+
 char *px_strdup(const char *s)
 {
     return px_strndup(s, strlen(s));

@@ -38,6 +38,9 @@ void *px_try_malloc(size_t n);
 int px_err(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* FNV-1a of a string: for in-memory hash tables keyed by ids. */
+uint64_t px_hash(const char *s);
+
 /* Milliseconds since the epoch (wall clock) and monotonic milliseconds. */
 int64_t px_now_ms(void);
 int64_t px_mono_ms(void);

@@ -86,6 +86,10 @@ static const struct config_num config_nums[] = {
     NUM("PARLEY_MAX_DEVICES", max_devices, 5, 1, 16),
     NUM("PARLEY_HTTP_HEAD_TIMEOUT_S", http_head_timeout_s, 10, 1, 3600),
     NUM("PARLEY_HTTP_PER_ADDRESS", http_per_address, 256, 1, 1000000),
+    NUM("PARLEY_PUSH_COALESCE_MS", push_coalesce_ms, 1000, 0, 600000),
+    NUM("PARLEY_PUSH_RETRY_S", push_retry_s, 600, 1, 7L * 86400),
+    NUM("PARLEY_PUSH_TIMEOUT_MS", push_timeout_ms, 5000, 100, 120000),
+    NUM("PARLEY_PUSH_CONCURRENCY", push_concurrency, 16, 1, 1024),
 };
 #undef NUM
 
@@ -105,6 +109,8 @@ int config_load(config *cfg, char *err, size_t errlen)
     cfg->log_level = config_str("PARLEY_LOG_LEVEL", "info");
     cfg->allowed_origins = config_str("PARLEY_ALLOWED_ORIGINS", NULL);
     cfg->metrics_listen = config_str("PARLEY_METRICS_LISTEN", NULL);
+    cfg->push_url = config_str("PARLEY_PUSH_URL", NULL);
+    cfg->push_secret = config_str("PARLEY_PUSH_SECRET", NULL);
 
     for (size_t i = 0; i < PX_ARRAY_LEN(config_nums); i++) {
         const struct config_num *n = &config_nums[i];
@@ -113,7 +119,8 @@ int config_load(config *cfg, char *err, size_t errlen)
             return PX_ERROR;
     }
     if (config_bool("PARLEY_DEV", 0, &cfg->dev, err, errlen) != PX_OK ||
-        config_bool("PARLEY_LISTEN_SHARED", 0, &cfg->listen_shared, err, errlen) != PX_OK)
+        config_bool("PARLEY_LISTEN_SHARED", 0, &cfg->listen_shared, err, errlen) != PX_OK ||
+        config_bool("PARLEY_PUSH_PREVIEW", 0, &cfg->push_preview, err, errlen) != PX_OK)
         return PX_ERROR;
     if (cfg->idle_ms <= cfg->ping_ms)
         return px_err(err, errlen, "PARLEY_IDLE_MS=%ld must exceed PARLEY_PING_MS=%ld",

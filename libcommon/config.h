@@ -60,6 +60,18 @@ typedef struct config {
                                     upload) silent this long is dropped */
     long ws_park_ms;             /* PARLEY_WS_PARK_MS: a connection quiet this
                                     long gives back its WebSocket context */
+    /* Push notifications for offline devices (issue 18, services/push/):
+     * message-store produces push records only when push_url is set. */
+    const char *push_url;        /* PARLEY_PUSH_URL: the webhook, or NULL: off */
+    const char *push_secret;     /* PARLEY_PUSH_SECRET: the signature's HMAC key */
+    long push_coalesce_ms;       /* PARLEY_PUSH_COALESCE_MS: a burst to one user
+                                    within this is one call per device */
+    long push_retry_s;           /* PARLEY_PUSH_RETRY_S: failed calls are retried
+                                    until the burst is this old, then dropped */
+    long push_timeout_ms;        /* PARLEY_PUSH_TIMEOUT_MS: one call's limit */
+    long push_concurrency;       /* PARLEY_PUSH_CONCURRENCY: calls in flight */
+    int push_preview;            /* PARLEY_PUSH_PREVIEW=1: the body's start is
+                                    in the payload (off: no message text) */
     int dev;                     /* PARLEY_DEV=1 enables dev token endpoint */
     int listen_shared;           /* PARLEY_LISTEN_SHARED=1: gateways may share
                                     PARLEY_LISTEN (SO_REUSEPORT); else a port

@@ -51,6 +51,7 @@ void batch_on_delivery(void *opaque, int status, const char *err, int32_t partit
         t->pending--;
     if (status == PX_OK)
         return;
+    t->failed++;
     msgstore *ms = t->ms;
     metric_add(ms->m.produce_failures, 1);
     if (t->idx != BATCH_BEST_EFFORT && t->idx < ms->failed_at)
@@ -238,6 +239,8 @@ static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_
             while (j < n && recs[j].kind == REC_INBOX)
                 j++;
             rc = inbox_store_run(ms, recs + i, j - i, err, errlen);
+            if (rc == PX_OK)
+                rc = pushrec_emit(ms, recs + i, j - i, batch_tag_for(ms, i), err, errlen);
             break;
         case REC_SYNC:
             rc = sync_serve(ms, i, recs[i].m->offset, recs[i].u.inbox->sync, err, errlen);

@@ -45,6 +45,9 @@ static void main_metrics(msgstore *ms)
                                       "Presence cache lookups");
     m->lookup_failures = metrics_counter("parley_msgstore_presence_lookup_failures_total",
                                          "Presence registry lookups that failed");
+    m->push_records = metrics_counter("parley_msgstore_push_records_total",
+                                      "Push records produced for stored messages and group "
+                                      "events (PARLEY_PUSH_URL set)");
     m->swept_inbox = metrics_counter("parley_msgstore_swept_total{what=\"inbox\"}",
                                      "Records removed by the retention sweep");
     m->swept_seen = metrics_counter("parley_msgstore_swept_total{what=\"seen\"}",
@@ -83,6 +86,7 @@ static void main_setup(void *arg)
     ms->topic_receipts = service_topic(s, "receipts", SERVICE_ENSURE);
     ms->topic_groups = service_topic(s, "groups", SERVICE_ENSURE);
     ms->topic_dead = service_topic(s, "dead", SERVICE_ENSURE);
+    ms->topic_push = service_topic(s, "push", SERVICE_ENSURE);
     main_metrics(ms);
     batch_init(ms);
 }
@@ -105,6 +109,7 @@ static void main_started(void *arg, json_t *fields)
     json_object_set_new(fields, "presence_cache_ms", json_integer(cfg->presence_ttl_ms));
     json_object_set_new(fields, "retention_days", json_integer(cfg->retention_days));
     json_object_set_new(fields, "sweep_ms", json_integer(cfg->sweep_ms));
+    json_object_set_new(fields, "push_records", json_boolean(cfg->push_url != NULL));
 }
 
 static void main_process(void *arg, bus_msg *msgs, size_t n)

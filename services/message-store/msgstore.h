@@ -40,7 +40,8 @@ typedef struct msgstore_metrics {
     metric *stored, *duplicates, *deliveries, *produce_failures, *offline, *syncs,
         *sync_events, *acks, *acked_events, *acked_messages, *dead, *retries,
         *cache_hits, *cache_misses, *lookup_failures, *swept_inbox, *swept_seen,
-        *swept_media, *ack_waits, *ack_waits_found, *ack_waits_expired, *ack_waits_full;
+        *swept_media, *ack_waits, *ack_waits_found, *ack_waits_expired, *ack_waits_full,
+        *push_records;
     metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
         *lat_sweep, *lat_gate;
 } msgstore_metrics;
@@ -66,12 +67,13 @@ typedef struct batch_tag {
     msgstore *ms;
     size_t idx;
     size_t pending;     /* produces with this tag not reported yet */
+    size_t failed;      /* of them, reported failed (writer.c's push records) */
 } batch_tag;
 
 struct msgstore {
     service svc;
     const char *topic_inbox, *topic_acks, *topic_presence, *topic_receipts,
-        *topic_groups, *topic_dead;
+        *topic_groups, *topic_dead, *topic_push;
     route_cache *cache;
     inbox_recent *recent;           /* inbox.c: keys pushed lately (main thread) */
     putgate *gate;                  /* putgate.c: shared with the acker */
@@ -179,6 +181,16 @@ int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_
 
 inbox_recent *inbox_recent_new(void);
 void inbox_recent_free(inbox_recent *r);
+
+/* ---- pushrec.c: push records for offline devices (issue 18) ---- */
+
+/* With PARLEY_PUSH_URL set, produces a PushRecord to parley.push for each
+ * stored message and group event among recs (not those from one of the
+ * user's own devices), with tag as the produces' opaque; PX_OK at once
+ * when push is off. PX_ERROR when the bus refused one (a repeat of the
+ * whole call only repeats records, which the push service coalesces). */
+int pushrec_emit(msgstore *ms, const msgstore_rec *recs, size_t n, void *tag, char *err,
+                 size_t errlen);
 
 /* ---- putgate.c: acks wait for the puts of what was pushed ---- */
 

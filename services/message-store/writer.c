@@ -10,10 +10,12 @@
  *   pushed   (consume thread, writer_add: inbox_push, then queued);
  *   stored   (writer thread: one claim and one put for every batch queued
  *             since its last round, retried with backoff until durable);
- *   committed (consume thread, writer_reap: once stored and once the bus
- *             has reported every push of it, in order, so the consumer
- *             offset never passes a record whose effects could still be
- *             lost: a crash anywhere is a redelivery).
+ *   committed (consume thread, writer_reap: once stored, once its push
+ *             records (pushrec.c, push notifications) are produced, and
+ *             once the bus has reported every push and push record of it,
+ *             in order, so the consumer offset never passes a record whose
+ *             effects could still be lost: a crash anywhere is a
+ *             redelivery).
  * The writer only calls the store (thread-safe); the route cache, the
  * recent-push memory, the bus and the batch's delivery-report count stay
  * on the consume thread. Batches that carry anything else (sync requests,
@@ -40,6 +42,8 @@ typedef struct writer_batch {
     size_t n;
     inbox_run *run;         /* NULL once its push stage has ended */
     batch_tag tag;          /* its pushes: tag.pending counts their reports */
+    batch_tag ptag;         /* its push records: produced once stored */
+    int precs;              /* its push records are produced (none failed yet) */
     int stored;             /* under mu */
 } writer_batch;
 
@@ -174,6 +178,21 @@ static void writer_batch_free(msgstore *ms, writer_batch *b)
     free(b);
 }
 
+/* 1 once the batch's push records are produced and reported, none
+ * failed. Produces them on the first call, and again after a failure (the
+ * push service coalesces the repeats). Call with no report pending. */
+static int writer_push_records(msgstore *ms, writer_batch *b)
+{
+    if (!b->precs || b->ptag.failed > 0) {
+        char err[PX_ERRLEN] = "";
+        b->ptag.failed = 0;
+        b->precs = pushrec_emit(ms, b->recs, b->n, &b->ptag, err, sizeof(err)) == PX_OK;
+        if (!b->precs)
+            log_warn("push records not produced; retrying", "{s:s}", "error", err);
+    }
+    return b->precs && b->ptag.pending == 0;
+}
+
 void writer_reap(msgstore *ms)
 {
     writer *w = ms->writer;
@@ -188,7 +207,7 @@ void writer_reap(msgstore *ms)
             return;
         writer_push_end(ms, b);
         /* Reports are served on this thread (bus_poll), so pending is ours. */
-        if (b->tag.pending > 0)
+        if (b->tag.pending > 0 || b->ptag.pending > 0 || !writer_push_records(ms, b))
             return;
         bus_commit(ms->svc.b, b->msgs, b->n);
         pthread_mutex_lock(&w->mu);
@@ -239,6 +258,8 @@ void writer_add(msgstore *ms, const bus_msg *msgs, msgstore_rec *recs, size_t n)
     b->recs = recs; /* ours now */
     b->n = n;
     b->tag = (batch_tag){ .ms = ms, .idx = BATCH_BEST_EFFORT };
+    b->ptag = (batch_tag){ .ms = ms, .idx = BATCH_BEST_EFFORT };
+    b->precs = ms->svc.cfg.push_url == NULL; /* nothing to produce */
     ms->live_tag = &b->tag;
     b->run = inbox_push(ms, recs, n);
     ms->live_tag = NULL;

@@ -1,5 +1,5 @@
 /* parleyd: the all-in-one embedded Parley. Runs the gateway, presence,
- * message-store, receipt and group-fanout services in one process, each on
+ * message-store, receipt, group-fanout and push services in one process, each on
  * a thread of its own calling that service's unchanged main (renamed
  * <service>_main at link time), over the SQLite bus and store
  * (bus_sqlite.c, store_sqlite.c: one database file under PARLEY_DATA_DIR).
@@ -28,6 +28,7 @@ int presence_main(void);
 int message_store_main(void);
 int receipt_main(void);
 int group_fanout_main(void);
+int push_main(void);
 int gateway_main(void);
 
 struct parleyd_svc {
@@ -45,6 +46,7 @@ static struct parleyd_svc parleyd_svcs[] = {
     { "message-store", message_store_main, 0, 0, 0 },
     { "receipt", receipt_main, 0, 0, 0 },
     { "group-fanout", group_fanout_main, 0, 0, 0 },
+    { "push", push_main, 0, 0, 0 },
     { "gateway", gateway_main, 0, 0, 0 },
 };
 
@@ -93,7 +95,7 @@ static int parleyd_lock(const char *dir, char *err, size_t errlen)
 }
 
 /* Every service reads the same environment: one admin listener would be
- * bound five times, so the services' admin servers are off and the
+ * bound six times, so the services' admin servers are off and the
  * gateway's own /readyz and /metrics (one registry for the process) serve. */
 static int parleyd_env(char *err, size_t errlen)
 {

@@ -35,6 +35,7 @@ static struct e2e_proc e2e_procs[E2E_NSVC] = {
     [E2E_STORE] = { "message-store", NULL, 0, 0 },
     [E2E_FANOUT] = { "group-fanout", NULL, 0, 0 },
     [E2E_RECEIPT] = { "receipt", NULL, 0, 0 },
+    [E2E_PUSH] = { "push", NULL, 0, 0 },
 };
 static char e2e_prefix[64], e2e_logdir[256];
 
@@ -96,6 +97,7 @@ static void e2e_setenv(void)
     e2e_procs[E2E_STORE].port = base + 4;
     e2e_procs[E2E_FANOUT].port = base + 6;
     e2e_procs[E2E_RECEIPT].port = base + 5;
+    e2e_procs[E2E_PUSH].port = base + 7;
 }
 
 void e2e_extra_gateway(const char *id, char *bin, size_t binlen)

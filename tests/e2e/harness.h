@@ -9,10 +9,11 @@
 #include <stddef.h>
 #include <sys/types.h>
 
-enum e2e_svc { E2E_GW1, E2E_GW2, E2E_PRESENCE, E2E_STORE, E2E_RECEIPT, E2E_FANOUT, E2E_NSVC };
+enum e2e_svc { E2E_GW1, E2E_GW2, E2E_PRESENCE, E2E_STORE, E2E_RECEIPT, E2E_FANOUT, E2E_PUSH,
+               E2E_NSVC };
 
-/* Starts every service (two gateways, presence, message-store, receipt) and
- * waits until each answers /readyz. Returns 0, or -1 after printing what
+/* Starts every service (two gateways, presence, message-store, receipt,
+ * group-fanout, push) and waits until each answers /readyz. Returns 0, or -1 after printing what
  * failed and where its log is. */
 int e2e_start(void);
 /* Stops every service (SIGTERM, then SIGKILL after 15 s). Returns how many
