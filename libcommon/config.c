@@ -83,6 +83,7 @@ static const struct config_num config_nums[] = {
     NUM("PARLEY_CMD_RATE", cmd_rate, 200, 1, 1000000),
     NUM("PARLEY_CMD_BURST", cmd_burst, 2000, 1, 1000000),
     NUM("PARLEY_USER_CONNS", user_conns, 16, 1, 1000000),
+    NUM("PARLEY_PRESENCE_SUB_MAX", presence_sub_max, 256, 1, 1000),
     NUM("PARLEY_MAX_DEVICES", max_devices, 5, 1, 16),
     NUM("PARLEY_HTTP_HEAD_TIMEOUT_S", http_head_timeout_s, 10, 1, 3600),
     NUM("PARLEY_HTTP_PER_ADDRESS", http_per_address, 256, 1, 1000000),

@@ -49,6 +49,8 @@ typedef struct config {
                                     pings per second per user, each kind its own */
     long cmd_burst;              /* PARLEY_CMD_BURST: each of those above the rate */
     long user_conns;             /* PARLEY_USER_CONNS per user per gateway */
+    long presence_sub_max;       /* PARLEY_PRESENCE_SUB_MAX users one connection
+                                    watches (<= PROTO_MAX_IDS) */
     long max_devices;            /* PARLEY_MAX_DEVICES linked per user (<= 16,
                                     STORE_ACKED_MAX) */
     long http_head_timeout_s;    /* PARLEY_HTTP_HEAD_TIMEOUT_S: a request head not

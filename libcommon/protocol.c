@@ -24,6 +24,7 @@ static const struct { const char *name; enum proto_type type; } proto_types[] = 
     { "group_leave", PROTO_GROUP_LEAVE }, { "group_info", PROTO_GROUP_INFO },
     { "group_join", PROTO_GROUP_JOIN }, { "typing", PROTO_TYPING },
     { "devices", PROTO_DEVICES }, { "device_unlink", PROTO_DEVICE_UNLINK },
+    { "presence_sub", PROTO_PRESENCE_SUB }, { "presence_settings", PROTO_PRESENCE_SETTINGS },
 };
 
 const char *proto_code_name(enum proto_code code)
@@ -115,6 +116,26 @@ static int proto_parse_typing(json_t *o, proto_cmd *c, enum proto_code *code, ch
         return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen,
                           "state must be composing or paused");
     c->composing = strcmp(state, "composing") == 0;
+    return PX_OK;
+}
+
+/* {"type":"presence_sub","id","users":[...]}: 0 to max_presence_sub user
+ * ids (none: watch no one); past the cap too_large, as PROTOCOL.md says. */
+static int proto_parse_presence_sub(json_t *o, const proto_limits *lim, proto_cmd *c,
+                                    enum proto_code *code, char *msg, size_t msglen)
+{
+    size_t max = lim->max_presence_sub > 0 && lim->max_presence_sub < PROTO_MAX_IDS
+                     ? lim->max_presence_sub : PROTO_MAX_IDS;
+    json_t *a = json_object_get(o, "users");
+    if (json_is_array(a) && json_array_size(a) > max) {
+        char text[96];
+        snprintf(text, sizeof(text), "more than PARLEY_PRESENCE_SUB_MAX (%zu) users", max);
+        return proto_fail(code, PROTO_TOO_LARGE, msg, msglen, text);
+    }
+    if (json_is_array(a) && json_array_size(a) == 0)
+        return PX_OK;
+    if (proto_str_array(o, "users", c->ids, max, &c->nids, 1) != PX_OK)
+        return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "users must be a list of user ids");
     return PX_OK;
 }
 
@@ -239,6 +260,15 @@ int proto_parse(const char *buf, size_t len, const proto_limits *lim,
     case PROTO_TYPING:
         rc = proto_parse_typing(o, c, code, msg, msglen);
         break;
+    case PROTO_PRESENCE_SUB:
+        rc = proto_parse_presence_sub(o, lim, c, code, msg, msglen);
+        break;
+    case PROTO_PRESENCE_SETTINGS:
+        c->hide_last_seen = json_is_true(json_object_get(o, "hide_last_seen"));
+        rc = json_is_boolean(json_object_get(o, "hide_last_seen"))
+                 ? PX_OK
+                 : proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "hide_last_seen must be a boolean");
+        break;
     case PROTO_DEVICE_UNLINK:
         c->device = json_string_value(json_object_get(o, "device"));
         rc = c->device != NULL && id_valid_user(c->device)
@@ -308,6 +338,20 @@ static json_t *proto_str_list(const char *const *v, size_t n)
     for (size_t i = 0; i < n; i++)
         json_array_append_new(a, json_string(v[i]));
     return a;
+}
+
+char *proto_render_presence(const char *user, int online, int64_t last_seen, size_t *len)
+{
+    return proto_dump(json_pack("{s:s, s:s, s:b, s:I}", "type", "presence", "user", user,
+                                "online", online != 0, "last_seen", (json_int_t)last_seen),
+                      len);
+}
+
+char *proto_render_presence_settings(const char *ref, int hide_last_seen, size_t *len)
+{
+    return proto_dump(json_pack("{s:s, s:s, s:b}", "type", "presence_settings", "ref", ref,
+                                "hide_last_seen", hide_last_seen != 0),
+                      len);
 }
 
 char *proto_render_typing(const char *from, const char *to, const char *group, int composing,

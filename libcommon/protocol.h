@@ -20,7 +20,7 @@ enum proto_type {
     PROTO_SEND = 1, PROTO_ACK, PROTO_READ, PROTO_PING,
     PROTO_GROUP_CREATE, PROTO_GROUP_ADD, PROTO_GROUP_REMOVE,
     PROTO_GROUP_LEAVE, PROTO_GROUP_INFO, PROTO_GROUP_JOIN, PROTO_TYPING,
-    PROTO_DEVICES, PROTO_DEVICE_UNLINK
+    PROTO_DEVICES, PROTO_DEVICE_UNLINK, PROTO_PRESENCE_SUB, PROTO_PRESENCE_SETTINGS
 };
 
 /* Error codes of PROTOCOL.md; proto_code_name() gives the wire string. */
@@ -41,16 +41,18 @@ typedef struct proto_cmd {
     int forwarded;
     const char *name;         /* group_create */
     const char *device;       /* device_unlink: the device id */
-    const char *ids[PROTO_MAX_IDS];          /* ack/read */
+    const char *ids[PROTO_MAX_IDS];          /* ack/read: event ids; presence_sub: user ids */
     size_t nids;
     const char *members[PROTO_MAX_MEMBERS];  /* group_create/add/remove */
     size_t nmembers;
     int composing;            /* typing: 1 composing, 0 paused */
+    int hide_last_seen;       /* presence_settings */
     void *root;               /* owns every string above (a json_t) */
 } proto_cmd;
 
 typedef struct proto_limits {
     size_t max_body_bytes;
+    size_t max_presence_sub;  /* users in one presence_sub (<= PROTO_MAX_IDS; 0: that) */
 } proto_limits;
 
 /* Parses one text frame. PX_OK: cmd filled, free with proto_cmd_free.
@@ -127,6 +129,12 @@ typedef struct proto_device {
 char *proto_render_devices(const char *ref, const proto_device *d, size_t n, size_t *len);
 /* {"type":"device_unlinked","ref","device"} */
 char *proto_render_device_unlinked(const char *ref, const char *device, size_t *len);
+
+/* {"type":"presence","user","online","last_seen"} (issue 18): last_seen
+ * in ms, 0 when unknown or hidden. */
+char *proto_render_presence(const char *user, int online, int64_t last_seen, size_t *len);
+/* {"type":"presence_settings","ref","hide_last_seen"} */
+char *proto_render_presence_settings(const char *ref, int hide_last_seen, size_t *len);
 
 /* {"type":"read_state","id","ids":[...],"ts"}: the user read ids on another
  * of its devices (issue 17). */

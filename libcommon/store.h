@@ -215,6 +215,50 @@ int store_presence_devices(store *st, const char *user, char (*devs)[65], size_t
  * epoch (tests, metrics). */
 int store_presence_count(store *st, const char *user, int64_t *count, char *err, size_t errlen);
 
+/* Presence to contacts (issue 18). Who may watch whom: one record per
+ * unordered pair of users who shared a 1:1 conversation or a group, written
+ * by message-store from the events it stores and kept for good (a pair is
+ * never undone: "shared", not "shares"). */
+typedef struct store_pair {
+    const char *a, *b;     /* two distinct user ids, in any order */
+} store_pair;
+
+/* Records n pairs in one round trip; a pair already recorded (in either
+ * order) is absorbed, so repeats are harmless. */
+int store_contacts_put(store *st, const store_pair *p, size_t n, char *err, size_t errlen);
+
+/* is_contact[i] = 1 when (user, others[i]) is a recorded pair or
+ * others[i] is user itself, else 0. One round trip. */
+int store_contacts_check(store *st, const char *user, const char *const *others, size_t n,
+                         int *is_contact, char *err, size_t errlen);
+
+/* What presence tells about a user: online when any connection record of
+ * the user is left (beats unchecked: a dead gateway's records go at
+ * store_presence_expire), when the user was last seen (ms; 0: never), and
+ * whether the user hides it (a setting). */
+typedef struct store_user_presence {
+    int online;
+    int64_t last_seen;
+    int hide_last_seen;
+} store_user_presence;
+
+/* Moves the last_seen of n users up to ts_ms (never down: a redelivered
+ * older record changes nothing), creating their records as needed. */
+int store_last_seen_put(store *st, const char *const *users, size_t n, int64_t ts_ms,
+                        char *err, size_t errlen);
+
+/* Sets user's hide_last_seen setting (idempotent). */
+int store_presence_hide(store *st, const char *user, int hide, char *err, size_t errlen);
+
+/* Reads the state of n users into out[i] (two round trips at most). */
+int store_presence_state(store *st, const char *const *users, size_t n,
+                         store_user_presence *out, char *err, size_t errlen);
+
+/* Gateways whose last beat is at or after alive_after_ms: up to max ids
+ * (each < 65 chars) into gws. */
+int store_gateway_list(store *st, int64_t alive_after_ms, char (*gws)[65], size_t max,
+                       size_t *n, char *err, size_t errlen);
+
 /* Devices (issue 17): one record per (user, device id), made by the
  * gateway at the device's first connection. since orders the device's
  * link into the user's inbox: the device needs the events with seq >

@@ -376,3 +376,23 @@ int store_presence_count(store *st, const char *user, int64_t *count, char *err,
 {
     return sm_count_user(st, "connections", user, count, "presence count", err, errlen);
 }
+
+int store_gateway_list(store *st, int64_t alive_after_ms, char (*gws)[65], size_t max,
+                       size_t *n, char *err, size_t errlen)
+{
+    if (n == NULL || (gws == NULL && max > 0))
+        return px_err(err, errlen, "gateway list: gws and n are required");
+    *n = 0;
+    if (max == 0)
+        return PX_OK;
+    sm_gw *live = px_malloc(max * sizeof(*live));
+    size_t nlive = 0;
+    bson_t *filter = BCON_NEW("ts", "{", "$gte", BCON_DATE_TIME(alive_after_ms), "}");
+    int rc = sm_find_gws(st, "gateways", filter, "_id", live, max, &nlive, "gateway list", err,
+                         errlen);
+    for (size_t i = 0; rc == PX_OK && i < nlive; i++)
+        sm_add_unique(gws, max, n, live[i].name);
+    bson_destroy(filter);
+    free(live);
+    return rc;
+}

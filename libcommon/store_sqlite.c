@@ -57,6 +57,11 @@ static const char ss_schema[] =
     "CREATE INDEX IF NOT EXISTS connections_user ON connections (user, gateway, epoch);"
     "CREATE TABLE IF NOT EXISTS gateways (gateway TEXT PRIMARY KEY, epoch INTEGER, ts INTEGER)"
     " WITHOUT ROWID;"
+    /* Presence to contacts (issue 18): pairs stored with a < b. */
+    "CREATE TABLE IF NOT EXISTS contacts (a TEXT NOT NULL, b TEXT NOT NULL, PRIMARY KEY (a, b))"
+    " WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS presence_users (user TEXT PRIMARY KEY, last_seen INTEGER,"
+    " hide INTEGER) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS groups (id TEXT PRIMARY KEY, name TEXT, creator TEXT,"
     " members TEXT, admins TEXT, applied INTEGER, ts INTEGER, invited TEXT) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS chunks (upload TEXT NOT NULL, n INTEGER NOT NULL, data BLOB,"
@@ -851,6 +856,166 @@ int store_presence_count(store *st, const char *user, int64_t *count, char *err,
 {
     return ss_count_user(st, "SELECT COUNT(*) FROM connections WHERE user=?", user, count,
                          "presence count", err, errlen);
+}
+
+/* ---- presence to contacts (issue 18) ---- */
+
+/* The pair's two ids in order: one row per unordered pair. */
+static void ss_pair_order(const char *x, const char *y, const char **lo, const char **hi)
+{
+    int lt = strcmp(x, y) < 0;
+    *lo = lt ? x : y;
+    *hi = lt ? y : x;
+}
+
+int store_contacts_put(store *st, const store_pair *p, size_t n, char *err, size_t errlen)
+{
+    int rc = ss_check_n(n, "contacts put", err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        if (!ss_str_ok(p[i].a) || !ss_str_ok(p[i].b) || strcmp(p[i].a, p[i].b) == 0)
+            rc = px_err(err, errlen, "contacts put: pair %zu: two distinct user ids needed", i);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "INSERT OR IGNORE INTO contacts VALUES (?1, ?2)", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        const char *lo, *hi;
+        ss_pair_order(p[i].a, p[i].b, &lo, &hi);
+        ss_text(s, 1, lo);
+        ss_text(s, 2, hi);
+        rc = ss_run(st, s, "contacts put", err, errlen);
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+int store_contacts_check(store *st, const char *user, const char *const *others, size_t n,
+                         int *is_contact, char *err, size_t errlen)
+{
+    int rc = ss_check_n(n, "contacts check", err, errlen);
+    if (rc == PX_OK && (!ss_str_ok(user) || (n > 0 && (others == NULL || is_contact == NULL))))
+        rc = px_err(err, errlen, "contacts check: user, others and is_contact are required");
+    if (rc != PX_OK || n == 0)
+        return rc;
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT 1 FROM contacts WHERE a=?1 AND b=?2", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        is_contact[i] = others[i] != NULL && strcmp(others[i], user) == 0;
+        if (is_contact[i] || others[i] == NULL)
+            continue;
+        const char *lo, *hi;
+        ss_pair_order(user, others[i], &lo, &hi);
+        ss_text(s, 1, lo);
+        ss_text(s, 2, hi);
+        int step = sqlite3_step(s);
+        is_contact[i] = step == SQLITE_ROW;
+        if (step != SQLITE_ROW && step != SQLITE_DONE)
+            rc = ss_fail(st, "contacts check", err, errlen);
+        sqlite3_reset(s);
+        sqlite3_clear_bindings(s);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+int store_last_seen_put(store *st, const char *const *users, size_t n, int64_t ts_ms,
+                        char *err, size_t errlen)
+{
+    int rc = ss_check_n(n, "last seen put", err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        if (!ss_str_ok(users[i]))
+            rc = px_err(err, errlen, "last seen put: user %zu missing or not UTF-8", i);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "INSERT INTO presence_users VALUES (?1, ?2, 0) ON CONFLICT"
+                              " DO UPDATE SET last_seen = MAX(COALESCE(last_seen, 0),"
+                              " excluded.last_seen)", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(s, 1, users[i]);
+        sqlite3_bind_int64(s, 2, ts_ms);
+        rc = ss_run(st, s, "last seen put", err, errlen);
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+int store_presence_hide(store *st, const char *user, int hide, char *err, size_t errlen)
+{
+    if (!ss_str_ok(user))
+        return px_err(err, errlen, "presence hide: user missing or not UTF-8");
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "INSERT INTO presence_users VALUES (?1, 0, ?2) ON CONFLICT"
+                              " DO UPDATE SET hide = excluded.hide", err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        ss_text(s, 1, user);
+        sqlite3_bind_int(s, 2, hide != 0);
+        rc = ss_run(st, s, "presence hide", err, errlen);
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
+}
+
+int store_presence_state(store *st, const char *const *users, size_t n,
+                         store_user_presence *out, char *err, size_t errlen)
+{
+    int rc = ss_check_n(n, "presence state", err, errlen);
+    for (size_t i = 0; i < n && rc == PX_OK; i++)
+        if (!ss_str_ok(users[i]))
+            rc = px_err(err, errlen, "presence state: user %zu missing or not UTF-8", i);
+    if (rc != PX_OK || n == 0)
+        return rc;
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT EXISTS (SELECT 1 FROM connections WHERE user=?1),"
+                              " (SELECT last_seen FROM presence_users WHERE user=?1),"
+                              " (SELECT hide FROM presence_users WHERE user=?1)", err, errlen);
+    rc = s != NULL ? PX_OK : PX_ERROR;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        ss_text(s, 1, users[i]);
+        if (sqlite3_step(s) == SQLITE_ROW)
+            out[i] = (store_user_presence){ .online = sqlite3_column_int(s, 0) != 0,
+                                             .last_seen = sqlite3_column_int64(s, 1),
+                                             .hide_last_seen = sqlite3_column_int(s, 2) != 0 };
+        else
+            rc = ss_fail(st, "presence state", err, errlen);
+        sqlite3_reset(s);
+        sqlite3_clear_bindings(s);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
+}
+
+int store_gateway_list(store *st, int64_t alive_after_ms, char (*gws)[65], size_t max,
+                       size_t *n, char *err, size_t errlen)
+{
+    if (n == NULL || (gws == NULL && max > 0))
+        return px_err(err, errlen, "gateway list: gws and n are required");
+    *n = 0;
+    pthread_mutex_lock(&st->mu);
+    sqlite3_stmt *s = ss_prep(st, "SELECT gateway FROM gateways WHERE ts >= ?1 LIMIT ?2", err,
+                              errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        sqlite3_bind_int64(s, 1, alive_after_ms);
+        sqlite3_bind_int64(s, 2, (sqlite3_int64)max);
+        int step;
+        while ((step = sqlite3_step(s)) == SQLITE_ROW && *n < max)
+            snprintf(gws[(*n)++], 65, "%s", (const char *)sqlite3_column_text(s, 0));
+        if (step != SQLITE_ROW && step != SQLITE_DONE)
+            rc = ss_fail(st, "gateway list", err, errlen);
+    }
+    sqldb_done(s);
+    pthread_mutex_unlock(&st->mu);
+    return rc;
 }
 
 /* ---- devices ---- */

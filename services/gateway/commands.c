@@ -1,6 +1,6 @@
 /* Owns what a client command turns into: validation through the protocol
  * codec, the bus records a command produces (inbox, acks, presence, and
- * sync requests on the inbox topic),
+ * sync requests on the inbox topic, presence subscriptions),
  * and the answer a client gets once Kafka has, or has not, accepted a send.
  * A send naming media is first checked by media.c, which then produces it
  * through commands_produce_send. */
@@ -323,6 +323,34 @@ static void commands_device(gw *g, conn *c, const proto_cmd *cmd)
         commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
 }
 
+/* presence_sub and presence_settings go to presence on the user's
+ * partition of parley.presence, which answers the connection. A sub sets
+ * the connection's watch list first, so no change that presence tells
+ * after reading the answer's state can miss it (watch.c). */
+static void commands_presence_cmd(gw *g, conn *c, const proto_cmd *cmd)
+{
+    size_t len;
+    int sub = cmd->type == PROTO_PRESENCE_SUB;
+    if (sub)
+        watch_set(g->watch, ws_conn_id(c), cmd->ids, cmd->nids);
+    Parley__PresenceRecord rec = PARLEY__PRESENCE_RECORD__INIT;
+    rec.version = 1;
+    rec.type = sub ? PARLEY__PRESENCE_RECORD__TYPE__TYPE_SUBSCRIBE
+                   : PARLEY__PRESENCE_RECORD__TYPE__TYPE_SETTINGS;
+    rec.user = (char *)ws_conn_user(c);
+    rec.gateway = (char *)g->cfg.gateway_id;
+    rec.epoch = g->epoch;
+    rec.ts_ms = px_now_ms();
+    rec.conn = ws_conn_id(c);
+    rec.ref = (char *)cmd->id;
+    rec.users = (char **)cmd->ids;
+    rec.n_users = sub ? cmd->nids : 0;
+    rec.hide_last_seen = cmd->hide_last_seen;
+    uint8_t *buf = COMMANDS_PACK(presence_record, &rec, &len);
+    if (commands_produce(g, g->topic_presence, rec.user, buf, len, &commands_record_tag) != PX_OK)
+        commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "message bus unavailable, retry");
+}
+
 static void commands_ack(gw *g, conn *c, const proto_cmd *cmd)
 {
     size_t len;
@@ -380,7 +408,8 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
     proto_cmd cmd;
     enum proto_code code;
     char msg[160];
-    proto_limits lim = { .max_body_bytes = (size_t)g->cfg.max_body_bytes };
+    proto_limits lim = { .max_body_bytes = (size_t)g->cfg.max_body_bytes,
+                         .max_presence_sub = (size_t)g->cfg.presence_sub_max };
     if (proto_parse(text, len, &lim, &cmd, &code, msg, sizeof(msg)) != PX_OK) {
         commands_error(g, c, cmd.id, code, msg);
         return;
@@ -406,6 +435,10 @@ void commands_handle(gw *g, conn *c, const char *text, size_t len)
     case PROTO_DEVICES:
     case PROTO_DEVICE_UNLINK:
         commands_device(g, c, &cmd);
+        break;
+    case PROTO_PRESENCE_SUB:
+    case PROTO_PRESENCE_SETTINGS:
+        commands_presence_cmd(g, c, &cmd);
         break;
     default:
         if (commands_group(g, ws_conn_user(c), ws_conn_device(c), ws_conn_id(c), &cmd, NULL) !=
@@ -468,6 +501,7 @@ void commands_connected(gw *g, conn *c)
 
 void commands_disconnected(gw *g, conn *c)
 {
+    watch_drop(g->watch, ws_conn_id(c));
     commands_presence(g, ws_conn_user(c), NULL, ws_conn_id(c),
                       PARLEY__PRESENCE_RECORD__TYPE__TYPE_DISCONNECT,
                       &commands_record_tag);

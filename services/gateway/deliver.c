@@ -66,6 +66,35 @@ static void deliver_to_conn(gw *g, deliver_out *o, uint64_t conn_id, const Parle
     }
 }
 
+/* watch.c's emit: a presence event for one watcher, in the batch's mails. */
+typedef struct deliver_ctx {
+    gw *g;
+    deliver_out *o;
+} deliver_ctx;
+
+static void deliver_watcher(void *arg, uint64_t conn_id, const char *json, size_t len)
+{
+    deliver_ctx *x = arg;
+    deliver_add(x->g, x->o, mail_new(MAIL_EVENT, conn_id, json, len));
+}
+
+/* Presence (issue 18): a change of d->user for its watchers here, or the
+ * answer to a presence_sub (its events first, then what it makes ready). */
+static void deliver_presence(gw *g, deliver_out *o, const Parley__Delivery *d)
+{
+    deliver_ctx x = { g, o };
+    if (d->to_watchers) {
+        for (size_t i = 0; i < d->n_events_json; i++)
+            watch_change(g->watch, d->user, d->presence_ts,
+                         (const char *)d->events_json[i].data, d->events_json[i].len,
+                         deliver_watcher, &x);
+        return;
+    }
+    deliver_to_conn(g, o, d->conn, d);
+    watch_answer(g->watch, d->conn, d->watch, d->n_watch, d->unwatch, d->n_unwatch,
+                 d->presence_ts, deliver_watcher, &x);
+}
+
 static void deliver_one(gw *g, deliver_out *o, const bus_msg *bm)
 {
     Parley__Delivery *d = parley__delivery__unpack(NULL, bm->len, bm->value);
@@ -75,7 +104,9 @@ static void deliver_one(gw *g, deliver_out *o, const bus_msg *bm)
             parley__delivery__free_unpacked(d, NULL);
         return;
     }
-    if (d->close_device[0] != '\0') {
+    if (d->to_watchers || d->n_watch > 0 || d->n_unwatch > 0) {
+        deliver_presence(g, o, d);
+    } else if (d->close_device[0] != '\0') {
         uint64_t ids[DELIVER_MAX_CONNS];
         size_t n = registry_get(g->reg, d->user, ids, DELIVER_MAX_CONNS);
         for (size_t i = 0; i < n; i++)

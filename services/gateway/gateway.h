@@ -25,6 +25,7 @@ typedef struct registry registry;
 typedef struct media media;
 typedef struct media_req media_req;
 typedef struct http_guard http_guard;
+typedef struct watch watch;
 
 /* Command kinds with a rate limit of their own (registry_take). */
 enum gw_rate { GW_RATE_SEND, GW_RATE_ACK, GW_RATE_READ, GW_RATE_GROUP, GW_RATE_PING, GW_RATE_N };
@@ -56,6 +57,7 @@ typedef struct gw {
     size_t nworkers;
     _Atomic size_t next_worker;
     registry *reg;
+    watch *watch;                /* presence watchers (watch.c, issue 18) */
     store *st;                   /* media (media.c) and device registration (http.c) */
     media *md;
     struct MHD_Daemon *mhd;
@@ -192,6 +194,26 @@ size_t registry_count(registry *r, const char *user);
  * 1 if this command may go, 0 if the user is over its rate. A user with no
  * connection here (a race with its last close) is let through. */
 int registry_take(registry *r, const char *user, enum gw_rate kind);
+
+/* ---- watch.c: which connections watch whose presence (issue 18) ---- */
+/* Passes a presence event (json, len) to connection conn_id. */
+typedef void (*watch_emit_cb)(void *arg, uint64_t conn_id, const char *json, size_t len);
+watch *watch_new(void);
+void watch_free(watch *w);
+/* Replaces conn_id's watch list by users (duplicates ignored), every entry
+ * pending until watch_answer. */
+void watch_set(watch *w, uint64_t conn_id, const char *const *users, size_t n);
+/* the connection closed: forgets its list. */
+void watch_drop(watch *w, uint64_t conn_id);
+/* Presence answered conn_id's presence_sub (its events, read at ts, go out
+ * before this call): the users of ok become ready, those of no are
+ * dropped; a change held meanwhile that is newer than ts is emitted. */
+void watch_answer(watch *w, uint64_t conn_id, char *const *ok, size_t nok, char *const *no,
+                  size_t nno, int64_t ts, watch_emit_cb emit, void *arg);
+/* A change of user (json, read at ts): emitted to each ready watcher that
+ * was told something older, held for the pending ones. */
+void watch_change(watch *w, const char *user, int64_t ts, const char *json, size_t len,
+                  watch_emit_cb emit, void *arg);
 
 /* ---- deliver.c: Kafka-facing threads ---- */
 int deliver_start(gw *g, char *err, size_t errlen);

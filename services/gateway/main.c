@@ -151,6 +151,7 @@ static int main_start(gw *g, char *err, size_t errlen)
         burst[k] = (double)(k == GW_RATE_SEND ? g->cfg.send_burst : g->cfg.cmd_burst);
     }
     g->reg = registry_new(rate, burst);
+    g->watch = watch_new();
     g->nworkers = (size_t)g->cfg.workers;
     g->workers = px_calloc(g->nworkers, sizeof(*g->workers));
     for (size_t i = 0; i < g->nworkers; i++) {
@@ -180,6 +181,7 @@ static void main_shutdown(gw *g)
         worker_free(g->workers[i]);
     free(g->workers);
     registry_free(g->reg);
+    watch_free(g->watch);
     auth_free(g->auth);
 }
 

@@ -37,6 +37,9 @@
  * a device linking in the instant between a copy's consumption and its own
  * first sync: it may get that copy live, never from the store.
  *
+ * The store stage also records who is in contact with whom (contacts.c),
+ * which presence to contacts reads (issue 18).
+ *
  * Typing events (EVENT_KIND_TYPING, issue 18) take the push stage only:
  * the store stage leaves them out, so they reach who is connected and no
  * sync ever brings them back. */
@@ -328,6 +331,8 @@ int inbox_store(msgstore *ms, inbox_run *const *runs, size_t nruns, char *err, s
             goto out;
         service_observe(ms->m.lat_put, t0);
     }
+    if (contacts_record(ms, a.fev, a.nf, err, errlen) != PX_OK)
+        goto out;
     /* Before the gate opens: an ack by another device must find the
      * origin's mark, or it would wait for the origin forever. */
     if (devices_mark_origins(ms, a.fev, a.nf, err, errlen) != PX_OK)

@@ -97,6 +97,7 @@ static int main_start(void *arg, char *err, size_t errlen)
     ms->cache = route_cache_new();
     ms->recent = inbox_recent_new();
     ms->gate = putgate_new();
+    ms->contacts = contacts_new();
     if (sweep_start(ms, err, errlen) != PX_OK || writer_start(ms, err, errlen) != PX_OK)
         return PX_ERROR;
     return acker_start(ms, err, errlen);
@@ -146,6 +147,7 @@ int main(void)
     route_cache_free(ms.cache);
     inbox_recent_free(ms.recent);
     putgate_free(ms.gate);
+    contacts_free(ms.contacts);
     free(ms.pack);
     return rc;
 }

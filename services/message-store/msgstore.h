@@ -35,6 +35,7 @@ typedef struct putgate putgate;
 typedef struct inbox_recent inbox_recent;
 typedef struct ackwait ackwait;
 typedef struct writer writer;
+typedef struct contacts contacts;
 
 typedef struct msgstore_metrics {
     metric *stored, *duplicates, *deliveries, *produce_failures, *offline, *syncs,
@@ -78,6 +79,7 @@ struct msgstore {
     inbox_recent *recent;           /* inbox.c: keys pushed lately (main thread) */
     putgate *gate;                  /* putgate.c: shared with the acker */
     ackwait *waits;                 /* ackwait.c: the acker's acks that found nothing yet */
+    contacts *contacts;             /* contacts.c: pairs recorded lately (store stage) */
 
     /* Delivery-report bookkeeping for the batch in flight (batch.c). */
     batch_tag tags[MSGSTORE_BATCH];
@@ -178,6 +180,14 @@ void inbox_push_end(inbox_run *ir);
  * batch path for batches that carry more than InboxRecords). PX_OK when
  * every record's store effect is durable; a retry pushes nothing again. */
 int inbox_store_run(msgstore *ms, msgstore_rec *recs, size_t n, char *err, size_t errlen);
+
+/* ---- contacts.c (issue 18) ---- */
+contacts *contacts_new(void);
+void contacts_free(contacts *c);
+/* Records in the store the pairs of users the n stored events show in
+ * contact (a message's recipient and sender; a group member and who
+ * joined), but those recorded lately. Store stage only. */
+int contacts_record(msgstore *ms, const store_event *ev, size_t n, char *err, size_t errlen);
 
 inbox_recent *inbox_recent_new(void);
 void inbox_recent_free(inbox_recent *r);

@@ -1,8 +1,8 @@
 /* Owns applying one consumed batch of parley.presence to the registry:
  * decoding and validating (bad records become dead letters), grouping
  * consecutive connect/disconnects into one store_presence_apply, gateway
- * beats and resets in between, committing what succeeded and retrying the
- * rest.
+ * beats and resets in between, presence subscriptions and settings
+ * (notify.c), committing what succeeded and retrying the rest.
  *
  * Retries restart at the first record not yet applied. Replaying an
  * applied prefix would be harmless as well: the registry holds one record
@@ -23,7 +23,8 @@
 #define BATCH_FLUSH_MS 10000
 #define BATCH_QUEUE_WAIT_MS 5000
 
-enum batch_kind { REC_OP, REC_BEAT, REC_DEAD };
+/* REC_NOTIFY: a presence_sub or a settings change (notify.c). */
+enum batch_kind { REC_OP, REC_BEAT, REC_NOTIFY, REC_DEAD };
 
 typedef struct batch_rec {
     enum batch_kind kind;
@@ -92,6 +93,18 @@ static void batch_classify(batch_rec *r)
          * is the fallback for a producer that left it out. */
         r->ts_ms = x->ts_ms > 0 ? x->ts_ms : r->m->ts_ms;
         break;
+    case PARLEY__PRESENCE_RECORD__TYPE__TYPE_SUBSCRIBE:
+    case PARLEY__PRESENCE_RECORD__TYPE__TYPE_SETTINGS:
+        if (!id_valid_user(x->user) || !bus_key_is(r->m, x->user))
+            batch_dead(r, "bad user or key");
+        else if (x->n_users > PRESENCE_SUB_MAX)
+            batch_dead(r, "too many users");
+        else
+            r->kind = REC_NOTIFY;
+        for (size_t i = 0; r->kind == REC_NOTIFY && i < x->n_users; i++)
+            if (!id_valid_user(x->users[i]))
+                batch_dead(r, "bad user to watch");
+        break;
     default:
         batch_dead(r, "unknown type");
         break;
@@ -147,6 +160,8 @@ static int batch_apply_ops(presence *p, const batch_rec *recs, size_t n, char *e
     if (rc == PX_OK) {
         metric_add(p->m.connects, (int64_t)connects);
         metric_add(p->m.disconnects, (int64_t)(n - connects));
+        for (size_t i = 0; i < n; i++)
+            notify_touch(p, ops[i].user, 0);
     }
     free(ops);
     return rc;
@@ -181,6 +196,10 @@ static size_t batch_attempt(presence *p, const batch_rec *recs, size_t from, siz
             rc = batch_apply_ops(p, recs + i, j - i, err, errlen);
         } else if (recs[i].kind == REC_BEAT) {
             rc = batch_apply_beat(p, &recs[i], err, errlen);
+        } else if (recs[i].kind == REC_NOTIFY) {
+            rc = recs[i].x->type == PARLEY__PRESENCE_RECORD__TYPE__TYPE_SUBSCRIBE
+                     ? notify_subscribe(p, recs[i].x, err, errlen)
+                     : notify_settings(p, recs[i].x, err, errlen);
         } else {
             rc = batch_send_dead(p, i, &recs[i], err, errlen);
         }

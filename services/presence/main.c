@@ -4,7 +4,7 @@
  * each gateway last beat. Others read it with store_presence_lookup behind
  * their own short-TTL cache. This file owns what is presence's own in its
  * life (service.c runs it): its topics, metrics and the expiry timer;
- * batch.c applies the records. */
+ * batch.c applies the records, notify.c tells watchers (issue 18). */
 #include "common.h"
 #include "log.h"
 #include "presence.h"
@@ -32,6 +32,12 @@ static void main_metrics(presence *p)
                                  "Batch attempts that failed and were retried");
     m->produce_failures = metrics_counter("parley_presence_produce_failures_total",
                                           "Dead letters the bus did not acknowledge");
+    m->notify_changes = metrics_counter("parley_presence_notify_changes_total",
+                                        "Presence changes sent to the gateways' watchers");
+    m->notify_subs = metrics_counter("parley_presence_notify_subs_total",
+                                     "presence_sub commands answered");
+    m->notify_dropped = metrics_counter("parley_presence_notify_dropped_total",
+                                        "Presence events the bus refused (best effort)");
 #define LAT(op) metrics_histogram("parley_presence_store_ms{op=\"" op "\"}", \
                                   "Store call latency, ms", b, PX_ARRAY_LEN(b))
     m->lat_apply = LAT("presence_apply");
@@ -47,6 +53,7 @@ static void main_setup(void *arg)
     p->topic_dead = service_topic(&p->svc, "dead", SERVICE_ENSURE);
     main_metrics(p);
     batch_init(p);
+    p->nt = notify_new();
 }
 
 static void main_started(void *arg, json_t *fields)
@@ -91,6 +98,12 @@ static void main_expire(void *arg)
                  (json_int_t)removed, "cutoff_ms", (json_int_t)cutoff);
 }
 
+static void main_tick(void *arg)
+{
+    main_expire(arg);
+    notify_tick(arg);
+}
+
 static void main_process(void *arg, bus_msg *msgs, size_t n)
 {
     presence *p = arg;
@@ -105,8 +118,10 @@ int main(void)
         .name = "presence", .group = PRESENCE_GROUP, .batch = PRESENCE_BATCH,
         .consume_wait_ms = PRESENCE_CONSUME_WAIT_MS, .dr_cb = batch_on_delivery,
         .setup = main_setup, .started = main_started, .process = main_process,
-        .tick = main_expire,
+        .tick = main_tick,
     };
     static presence p;
-    return service_run(&p.svc, &def, &p);
+    int rc = service_run(&p.svc, &def, &p);
+    notify_free(p.nt);
+    return rc;
 }

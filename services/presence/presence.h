@@ -9,6 +9,7 @@
 #include "metrics.h"
 #include "service.h"
 #include "store.h"
+#include "parley.pb-c.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -18,8 +19,10 @@
 #define PRESENCE_BATCH 512
 #define PRESENCE_CONSUME_WAIT_MS 50
 #define PRESENCE_RECORD_VERSION 1
+#define PRESENCE_SUB_MAX 1000  /* users in one SUBSCRIBE (PROTO_MAX_IDS, the gateway's cap) */
 
 typedef struct presence presence;
+typedef struct notify notify;
 
 /* The opaque of a dead-letter produce: the batch record whose commit waits
  * for it. */
@@ -31,6 +34,7 @@ typedef struct presence_tag {
 typedef struct presence_metrics {
     metric *connects, *disconnects, *beats, *resets, *expired, *dead, *retries,
         *produce_failures;
+    metric *notify_changes, *notify_subs, *notify_dropped;   /* notify.c (issue 18) */
     metric *lat_apply, *lat_beat, *lat_expire;
 } presence_metrics;
 
@@ -42,6 +46,7 @@ struct presence {
     size_t failed_at;               /* lowest record index whose gating produce failed */
     int64_t next_expire_ms;         /* monotonic */
     int caught_up;                  /* read a record under a beat old since start */
+    notify *nt;                     /* notify.c: presence to contacts */
     presence_metrics m;
 };
 
@@ -59,5 +64,20 @@ void batch_process(presence *p, bus_msg *msgs, size_t n);
 /* bus_conf.dr_cb: opaque is a presence_tag. */
 void batch_on_delivery(void *opaque, int status, const char *err, int32_t partition,
                        int64_t offset);
+
+/* ---- notify.c: presence to contacts (issue 18) ---- */
+
+notify *notify_new(void);
+void notify_free(notify *nt);
+/* user's connections changed (or, force, its hide setting): its watchers
+ * are told at the next tick if its state moved (forced: in any case),
+ * damped to one event a second per user. */
+void notify_touch(presence *p, const char *user, int force);
+/* Tells what is due; re-reads the users told online every heartbeat. */
+void notify_tick(presence *p);
+/* Answers a SUBSCRIBE record on its connection; PX_OK or a store error. */
+int notify_subscribe(presence *p, const Parley__PresenceRecord *x, char *err, size_t errlen);
+/* Applies a SETTINGS record and answers it; PX_OK or a store error. */
+int notify_settings(presence *p, const Parley__PresenceRecord *x, char *err, size_t errlen);
 
 #endif

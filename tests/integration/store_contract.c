@@ -1034,6 +1034,83 @@ START_TEST(presence_devices)
 }
 END_TEST
 
+/* Contacts (issue 18): one record per unordered pair, repeats (in either
+ * order) absorbed; a user is its own contact, a stranger is none. */
+START_TEST(contacts_pairs)
+{
+    char err[PX_ERRLEN] = "";
+    const store_pair p[] = { { "ca", "cb" }, { "cb", "ca" }, { "cc", "ca" } };
+    ck_assert_msg(store_contacts_put(st, p, 3, err, sizeof(err)) == PX_OK, "put: %s", err);
+    ck_assert_msg(store_contacts_put(st, p, 2, err, sizeof(err)) == PX_OK, "repeat: %s", err);
+    const char *others[] = { "cb", "cc", "cd", "ca" };
+    int is[4] = { 9, 9, 9, 9 };
+    ck_assert_msg(store_contacts_check(st, "ca", others, 4, is, err, sizeof(err)) == PX_OK,
+                  "check: %s", err);
+    ck_assert_int_eq(is[0], 1);
+    ck_assert_int_eq(is[1], 1);
+    ck_assert_int_eq(is[2], 0);
+    ck_assert_int_eq(is[3], 1);
+    const char *from_b[] = { "cc", "ca" };
+    ck_assert_int_eq(store_contacts_check(st, "cb", from_b, 2, is, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(is[0], 0);
+    ck_assert_int_eq(is[1], 1);
+    const store_pair self = { "ca", "ca" };
+    ck_assert_int_ne(store_contacts_put(st, &self, 1, err, sizeof(err)), PX_OK);
+}
+END_TEST
+
+/* Presence state (issue 18): online while a connection record is left,
+ * last seen only moves up, the hide setting is kept beside it. */
+START_TEST(presence_state_and_last_seen)
+{
+    char err[PX_ERRLEN] = "";
+    const char *users[] = { "ps1", "ps2", "ps3" };
+    store_user_presence s[3];
+    apply((store_presence[]){ { .user = "ps1", .gateway = "gw1", .epoch = 1, .delta = 1,
+                                .conn = 1 } }, 1);
+    ck_assert_msg(store_last_seen_put(st, users + 1, 1, 5000, err, sizeof(err)) == PX_OK,
+                  "last seen: %s", err);
+    ck_assert_int_eq(store_last_seen_put(st, users + 1, 1, 4000, err, sizeof(err)), PX_OK);
+    ck_assert_msg(store_presence_hide(st, "ps2", 1, err, sizeof(err)) == PX_OK, "hide: %s", err);
+    ck_assert_msg(store_presence_state(st, users, 3, s, err, sizeof(err)) == PX_OK, "state: %s",
+                  err);
+    ck_assert_int_eq(s[0].online, 1);
+    ck_assert_int_eq(s[0].last_seen, 0);
+    ck_assert_int_eq(s[1].online, 0);
+    ck_assert_int_eq(s[1].last_seen, 5000);
+    ck_assert_int_eq(s[1].hide_last_seen, 1);
+    ck_assert_int_eq(s[2].online, 0);
+    ck_assert_int_eq(s[2].last_seen, 0);
+    ck_assert_int_eq(s[2].hide_last_seen, 0);
+    ck_assert_int_eq(store_last_seen_put(st, users + 1, 1, 6000, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_presence_hide(st, "ps2", 0, err, sizeof(err)), PX_OK);
+    apply((store_presence[]){ { .user = "ps1", .gateway = "gw1", .epoch = 1, .delta = -1,
+                                .conn = 1 } }, 1);
+    ck_assert_int_eq(store_presence_state(st, users, 2, s, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(s[0].online, 0);
+    ck_assert_int_eq(s[1].last_seen, 6000);
+    ck_assert_int_eq(s[1].hide_last_seen, 0);
+}
+END_TEST
+
+/* The gateways that beat at or after a time (times past any other test's
+ * beats, which share the store). */
+START_TEST(gateway_list_alive)
+{
+    char err[PX_ERRLEN] = "", gws[4][65];
+    size_t n = 9;
+    const int64_t t = 5000000000000LL;
+    ck_assert_int_eq(store_gateway_beat(st, "gl1", 1, t, 0, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_gateway_beat(st, "gl2", 1, t + 2000, 0, err, sizeof(err)), PX_OK);
+    ck_assert_msg(store_gateway_list(st, t + 1000, gws, 4, &n, err, sizeof(err)) == PX_OK,
+                  "list: %s", err);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_str_eq(gws[0], "gl2");
+    ck_assert_int_eq(store_gateway_list(st, t, gws, 4, &n, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(n, 2);
+}
+END_TEST
+
 START_TEST(devices_limit_and_link)
 {
     char err[PX_ERRLEN] = "";
@@ -1095,6 +1172,9 @@ Suite *store_contract_suite(const char *name)
     tcase_add_test(tc, inbox_marks_per_device);
     tcase_add_test(tc, devices_limit_and_link);
     tcase_add_test(tc, presence_devices);
+    tcase_add_test(tc, contacts_pairs);
+    tcase_add_test(tc, presence_state_and_last_seen);
+    tcase_add_test(tc, gateway_list_alive);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -132,6 +132,10 @@ START_TEST(bad_commands)
         { "{\"type\":\"typing\",\"to\":\"bob\",\"group\":\"g\",\"state\":\"paused\"}", PROTO_BAD_REQUEST, "" },
         /* five levels: refused before parsing, so no ref */
         { "{\"type\":\"ping\",\"id\":\"s1\",\"x\":[[[[1]]]]}", PROTO_BAD_REQUEST, "" },
+        { "{\"type\":\"presence_sub\",\"id\":\"s1\",\"users\":[\"bad id\"]}", PROTO_BAD_REQUEST, "s1" },
+        { "{\"type\":\"presence_sub\",\"id\":\"s2\",\"users\":\"bob\"}", PROTO_BAD_REQUEST, "s2" },
+        { "{\"type\":\"presence_sub\",\"users\":[\"bob\"]}", PROTO_BAD_REQUEST, "" },
+        { "{\"type\":\"presence_settings\",\"id\":\"h1\",\"hide_last_seen\":1}", PROTO_BAD_REQUEST, "h1" },
     };
     for (size_t i = 0; i < PX_ARRAY_LEN(cases); i++) {
         proto_cmd c;
@@ -168,6 +172,40 @@ START_TEST(command_shape_limits)
                           PROTO_MAX_KEYS + 1);
         }
     }
+}
+END_TEST
+
+/* presence_sub: 0 to max_presence_sub user ids; one more is too_large.
+ * presence_settings: a boolean. */
+START_TEST(presence_commands)
+{
+    proto_cmd c;
+    enum proto_code code;
+    const proto_limits small = { .max_body_bytes = 16, .max_presence_sub = 2 };
+    char msg[128];
+    const char *two = "{\"type\":\"presence_sub\",\"id\":\"s\",\"users\":[\"bob\",\"eve\"]}";
+    ck_assert_int_eq(proto_parse(two, strlen(two), &small, &c, &code, msg, sizeof(msg)), PX_OK);
+    ck_assert_int_eq(c.type, PROTO_PRESENCE_SUB);
+    ck_assert_int_eq(c.nids, 2);
+    ck_assert_str_eq(c.ids[1], "eve");
+    proto_cmd_free(&c);
+    const char *three = "{\"type\":\"presence_sub\",\"id\":\"s\",\"users\":[\"a\",\"b\",\"c\"]}";
+    ck_assert_int_eq(proto_parse(three, strlen(three), &small, &c, &code, msg, sizeof(msg)),
+                     PX_DECLINED);
+    ck_assert_int_eq(code, PROTO_TOO_LARGE);
+    ck_assert_str_eq(c.id, "s");
+    ck_assert_int_eq(parse("{\"type\":\"presence_sub\",\"id\":\"s\",\"users\":[]}", &c, &code),
+                     PX_OK);
+    ck_assert_int_eq(c.nids, 0);
+    proto_cmd_free(&c);
+    ck_assert_int_eq(parse("{\"type\":\"presence_settings\",\"id\":\"h\",\"hide_last_seen\":true}",
+                           &c, &code), PX_OK);
+    ck_assert_int_eq(c.type, PROTO_PRESENCE_SETTINGS);
+    ck_assert_int_eq(c.hide_last_seen, 1);
+    proto_cmd_free(&c);
+    char *ev = proto_render_presence("bob", 1, 42, NULL);
+    ck_assert_str_eq(ev, "{\"type\":\"presence\",\"user\":\"bob\",\"online\":true,\"last_seen\":42}");
+    free(ev);
 }
 END_TEST
 
@@ -220,6 +258,7 @@ static Suite *protocol_suite(void)
     tcase_add_test(tc, send_ok);
     tcase_add_test(tc, ack_and_ping_ok);
     tcase_add_test(tc, device_commands);
+    tcase_add_test(tc, presence_commands);
     tcase_add_test(tc, group_commands_ok);
     tcase_add_test(tc, bad_commands);
     tcase_add_test(tc, command_shape_limits);

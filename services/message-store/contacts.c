@@ -1,0 +1,106 @@
+/* Owns the contacts record of presence to contacts (issue 18): which users
+ * shared a 1:1 conversation or a group, so presence lets them (and only
+ * them) watch each other. It is written from the store stage, beside the
+ * inbox put of the events that show it (a message from another user; a
+ * group's `joined` event, which every member gets with the joiner as
+ * actor), never on the push path, so a message's way to its reader is
+ * unchanged. A memory of the pairs recorded lately (a direct-mapped table
+ * of pair hashes) keeps the usual case, the same two users talking on, to
+ * no store call at all; a pair it forgot is written again, which the store
+ * absorbs. A pair is recorded once its put succeeded, so a failed store
+ * step retries it with the batch. */
+#include "common.h"
+#include "msgstore.h"
+
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CONTACTS_SLOTS 65536   /* power of two */
+
+struct contacts {
+    pthread_mutex_t mu;
+    uint64_t slot[CONTACTS_SLOTS];
+};
+
+contacts *contacts_new(void)
+{
+    contacts *c = px_calloc(1, sizeof(*c));
+    pthread_mutex_init(&c->mu, NULL);
+    return c;
+}
+
+void contacts_free(contacts *c)
+{
+    if (c == NULL)
+        return;
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+/* FNV-1a of the pair in a fixed order, never 0 (an empty slot). */
+static uint64_t contacts_hash(const char *a, const char *b)
+{
+    if (strcmp(a, b) > 0) {
+        const char *t = a;
+        a = b;
+        b = t;
+    }
+    uint64_t h = 1469598103934665603ULL;
+    for (const char *s = a; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    h = (h ^ '/') * 1099511628211ULL;
+    for (const char *s = b; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return h != 0 ? h : 1;
+}
+
+/* The other user ev shows ev->user in contact with, or NULL. For a group
+ * event, actor points into *root, which the caller frees. */
+static const char *contacts_other(const store_event *ev, json_t **root)
+{
+    *root = NULL;
+    if (ev->kind == STORE_MESSAGE)
+        return ev->sender != NULL && ev->sender[0] != '\0' ? ev->sender : NULL;
+    if (ev->kind != STORE_GROUP_EVENT)
+        return NULL;
+    *root = json_loadb(ev->json, ev->json_len, 0, NULL);
+    const char *what = json_string_value(json_object_get(*root, "event"));
+    if (what == NULL || strcmp(what, "joined") != 0)
+        return NULL;
+    return json_string_value(json_object_get(*root, "actor"));
+}
+
+int contacts_record(msgstore *ms, const store_event *ev, size_t n, char *err, size_t errlen)
+{
+    contacts *c = ms->contacts;
+    store_pair *pairs = px_malloc((n > 0 ? n : 1) * sizeof(*pairs));
+    uint64_t *hashes = px_malloc((n > 0 ? n : 1) * sizeof(*hashes));
+    json_t **roots = px_calloc(n > 0 ? n : 1, sizeof(*roots));
+    size_t np = 0;
+    pthread_mutex_lock(&c->mu);
+    for (size_t i = 0; i < n; i++) {
+        const char *other = contacts_other(&ev[i], &roots[i]);
+        if (other == NULL || strcmp(other, ev[i].user) == 0)
+            continue;
+        uint64_t h = contacts_hash(ev[i].user, other);
+        if (c->slot[h & (CONTACTS_SLOTS - 1)] == h)
+            continue;
+        pairs[np] = (store_pair){ ev[i].user, other };
+        hashes[np++] = h;
+    }
+    pthread_mutex_unlock(&c->mu);
+    int rc = np > 0 ? store_contacts_put(ms->svc.st, pairs, np, err, errlen) : PX_OK;
+    if (rc == PX_OK) {
+        pthread_mutex_lock(&c->mu);
+        for (size_t i = 0; i < np; i++)
+            c->slot[hashes[i] & (CONTACTS_SLOTS - 1)] = hashes[i];
+        pthread_mutex_unlock(&c->mu);
+    }
+    for (size_t i = 0; i < n; i++)
+        json_decref(roots[i]);
+    free(roots);
+    free(hashes);
+    free(pairs);
+    return rc;
+}
