@@ -33,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define NOTIFY_DAMP_MS 1000
 #define NOTIFY_BUCKETS 4096
@@ -57,6 +58,7 @@ struct notify {
     char (*gws)[65];                /* live gateways, re-read every heartbeat */
     size_t ngws;
     int64_t gws_ms, recheck_ms, sweep_ms;  /* monotonic */
+    int64_t stamp;                  /* the last presence_ts given */
 };
 
 static uint64_t notify_hash(const char *s)
@@ -119,6 +121,19 @@ void notify_touch(presence *p, const char *user, int force)
     notify_mark(p->nt, notify_get(p->nt, user), force);
 }
 
+/* A Delivery's presence_ts: wall-clock microseconds, strictly increasing
+ * in this process, so a gateway never sees two of its events as equal (it
+ * passes on only what is newer: an answer and a change read in the same
+ * millisecond were a lost change); across instances the clocks order them. */
+static int64_t notify_stamp(notify *nt)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    int64_t us = (int64_t)t.tv_sec * 1000000 + t.tv_nsec / 1000;
+    nt->stamp = us > nt->stamp ? us : nt->stamp + 1;
+    return nt->stamp;
+}
+
 /* ---- producing ---- */
 
 static void notify_produce(presence *p, const char *gateway, const Parley__Delivery *d)
@@ -164,7 +179,7 @@ static char *notify_render(const char *user, const store_user_presence *s, int64
 }
 
 static void notify_tell(presence *p, const char *user, const store_user_presence *s,
-                        int64_t ts_ms)
+                        int64_t ts_ms, int64_t stamp)
 {
     size_t len;
     char *json = notify_render(user, s, ts_ms, &len);
@@ -173,7 +188,7 @@ static void notify_tell(presence *p, const char *user, const store_user_presence
     d.version = 1;
     d.user = (char *)user;
     d.to_watchers = 1;
-    d.presence_ts = ts_ms;
+    d.presence_ts = stamp;
     d.events_json = &ev;
     d.n_events_json = 1;
     notify_gateways(p);
@@ -196,7 +211,7 @@ static int notify_eval(presence *p, nt_user **us, size_t n, char *err, size_t er
     size_t ngone = 0;
     for (size_t i = 0; i < n; i++)
         names[i] = us[i]->user;
-    int64_t now = px_now_ms();
+    int64_t now = px_now_ms(), stamp = notify_stamp(p->nt); /* before the read */
     int rc = store_presence_state(p->svc.st, names, n, s, err, errlen);
     for (size_t i = 0; rc == PX_OK && i < n; i++)
         if (!s[i].online && (!us[i]->told || us[i]->online))
@@ -209,7 +224,7 @@ static int notify_eval(presence *p, nt_user **us, size_t n, char *err, size_t er
         if (changed) {
             if (!s[i].online && (!u->told || u->online))
                 s[i].last_seen = now;
-            notify_tell(p, u->user, &s[i], now);
+            notify_tell(p, u->user, &s[i], now, stamp);
             u->told = 1;
             u->online = s[i].online;
             u->told_ms = px_mono_ms();
@@ -301,7 +316,7 @@ int notify_subscribe(presence *p, const Parley__PresenceRecord *x, char *err, si
     char **no = px_malloc((n > 0 ? n : 1) * sizeof(*no));
     store_user_presence *s = px_calloc(n > 0 ? n : 1, sizeof(*s));
     ProtobufCBinaryData *ev = px_calloc(n > 0 ? n : 1, sizeof(*ev));
-    int64_t ts = px_now_ms(); /* before the read: no change after it is older */
+    int64_t ts = px_now_ms(), stamp = notify_stamp(p->nt); /* before the read */
     int rc = store_contacts_check(p->svc.st, x->user, (const char *const *)x->users, n, is, err,
                                   errlen);
     for (size_t i = 0; rc == PX_OK && i < n; i++) {
@@ -323,7 +338,7 @@ int notify_subscribe(presence *p, const Parley__PresenceRecord *x, char *err, si
     d.version = 1;
     d.user = x->user;
     d.conn = x->conn;
-    d.presence_ts = ts;
+    d.presence_ts = stamp;
     d.events_json = ev;
     d.n_events_json = n;
     d.watch = ok;

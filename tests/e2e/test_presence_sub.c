@@ -29,12 +29,14 @@ static void sub(client *cl, const char *id, const char *const *users, size_t n)
     json_decref(o);
 }
 
-/* The next presence event about user (other events are skipped). */
-static json_t *next_presence(client *cl, const char *user)
+/* The next presence event about user (other events are skipped); line:
+ * the caller's, for the failure message. */
+#define next_presence(cl, user) next_presence_at(cl, user, __LINE__)
+static json_t *next_presence_at(client *cl, const char *user, int line)
 {
     for (;;) {
         json_t *m = client_recv_json(cl, E2E_WAIT_MS);
-        ck_assert_msg(m != NULL, "no presence of %s: %s", user, client_errstr(cl));
+        ck_assert_msg(m != NULL, "line %d: no presence of %s: %s", line, user, client_errstr(cl));
         if (strcmp(e2e_str(m, "type"), "presence") == 0 && strcmp(e2e_str(m, "user"), user) == 0)
             return m;
         json_decref(m);
@@ -52,10 +54,11 @@ static int64_t last_seen(const json_t *m)
 }
 
 /* Reads presence events of user until one says online == want. */
-static json_t *until_presence(client *cl, const char *user, int want)
+#define until_presence(cl, user, want) until_presence_at(cl, user, want, __LINE__)
+static json_t *until_presence_at(client *cl, const char *user, int want, int line)
 {
     for (;;) {
-        json_t *m = next_presence(cl, user);
+        json_t *m = next_presence_at(cl, user, line);
         if (online(m) == want)
             return m;
         json_decref(m);
