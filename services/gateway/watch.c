@@ -52,14 +52,6 @@ struct watch {
     wconn *conns[WATCH_BUCKETS];
 };
 
-static uint64_t watch_hash(const char *s)
-{
-    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-    return h;
-}
-
 watch *watch_new(void)
 {
     watch *w = px_calloc(1, sizeof(*w));
@@ -70,7 +62,7 @@ watch *watch_new(void)
 /* The link to user's entry (or where it goes); mu held. */
 static watched **watch_user_slot(watch *w, const char *user)
 {
-    watched **pp = &w->users[watch_hash(user) % WATCH_BUCKETS];
+    watched **pp = &w->users[px_hash(user) % WATCH_BUCKETS];
     while (*pp != NULL && strcmp((*pp)->user, user) != 0)
         pp = &(*pp)->next;
     return pp;

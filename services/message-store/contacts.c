@@ -13,6 +13,7 @@
 #include "msgstore.h"
 
 #include <jansson.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -38,20 +39,14 @@ void contacts_free(contacts *c)
     free(c);
 }
 
-/* FNV-1a of the pair in a fixed order, never 0 (an empty slot). */
+/* A hash of the pair in a fixed order ("lower/higher", '/' being no user
+ * id character), never 0 (an empty slot). */
 static uint64_t contacts_hash(const char *a, const char *b)
 {
-    if (strcmp(a, b) > 0) {
-        const char *t = a;
-        a = b;
-        b = t;
-    }
-    uint64_t h = 1469598103934665603ULL;
-    for (const char *s = a; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-    h = (h ^ '/') * 1099511628211ULL;
-    for (const char *s = b; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    char pair[2 * 65 + 2];
+    int lt = strcmp(a, b) < 0;
+    snprintf(pair, sizeof(pair), "%s/%s", lt ? a : b, lt ? b : a);
+    uint64_t h = px_hash(pair);
     return h != 0 ? h : 1;
 }
 

@@ -61,14 +61,6 @@ struct notify {
     int64_t stamp;                  /* the last presence_ts given */
 };
 
-static uint64_t notify_hash(const char *s)
-{
-    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-    return h;
-}
-
 notify *notify_new(void)
 {
     notify *nt = px_calloc(1, sizeof(*nt));
@@ -92,7 +84,7 @@ void notify_free(notify *nt)
 
 static nt_user *notify_get(notify *nt, const char *user)
 {
-    nt_user **pp = &nt->buckets[notify_hash(user) % NOTIFY_BUCKETS];
+    nt_user **pp = &nt->buckets[px_hash(user) % NOTIFY_BUCKETS];
     for (; *pp != NULL; pp = &(*pp)->next)
         if (strcmp((*pp)->user, user) == 0)
             return *pp;
