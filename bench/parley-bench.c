@@ -27,6 +27,18 @@
  *         --devices D each member is online on D devices (tokens with
  *         `dev` d0..): every device gets every copy, the sender's other
  *         devices its own (issue 17).
+ *   chaos a rate run whose clients behave as the web client does under
+ *         faults (tests/chaos/): a connection that dies is reconnected with
+ *         backoff (alternating --url / --url2, as a load balancer would
+ *         move it), unanswered sends are resent with the same id after
+ *         each `synced` and every 5 s, receivers `read` (which acks) every
+ *         message. SIGUSR1 to the parent marks a fault's start, SIGUSR2 its
+ *         end; the report counts distinct sends answered `sent`, received,
+ *         lost (answered, never received), duplicates on the wire,
+ *         `delivered` and `read` receipts against the messages received,
+ *         the longest a message waited past the fault (deliveries resumed)
+ *         and p99 inside the window (fault start to its end + --window s)
+ *         and outside it.
  *
  * Each process runs one epoll loop over all its sockets with a small
  * hand-written RFC 6455 client side (handshake, unmasked server frames,
@@ -35,6 +47,7 @@
  * process. Hosts in URLs are IPv4 literals (it is a loopback benchmark). */
 #include "auth.h"
 #include "common.h"
+#include "ids.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -66,6 +79,9 @@
 #define BENCH_CTL          UINT64_MAX /* epoll tag of the parent's command pipe */
 #define BENCH_LOG_FAILS    5          /* failure reasons printed per process */
 #define BENCH_SYNC_WAIT_S  60         /* sync: the timed connection gives up after this */
+#define BENCH_RESEND_NS    5000000000LL /* chaos: an unanswered send is resent after this */
+#define BENCH_BACKOFF_MS   100        /* chaos: first reconnect delay, doubled per failure */
+#define BENCH_BACKOFF_MAX_MS 2000
 
 /* ---- latency histogram -------------------------------------------------- */
 
@@ -171,6 +187,8 @@ typedef struct bench_opts {
     int upgrade_only;  /* idle: count a connection at its 101, not its `synced` */
     int msgs, members, steps; /* group: messages and members; max: bisection steps */
     int devices;       /* group: devices (connections with their own `dev`) per member */
+    int chaos;         /* chaos: reconnect, resend, read, fault window */
+    int window_s;      /* chaos: the fault window lasts this long past the fault's end */
     double rate, max_p99_ms;
     const char *secret;
     pid_t gw_pids[2];
@@ -186,6 +204,8 @@ typedef struct bench_conn {
     int fd;
     uint8_t state, gw, synced, no_ack;
     uint8_t dev;            /* group with --devices: the token's device d<dev>, 0: none */
+    uint8_t tries;          /* chaos: reconnects failed in a row (the backoff) */
+    int64_t retry_at;       /* chaos: when a dead connection connects again, 0: never */
     char role;              /* user id letter: i idle, r receiver, s sender, p pending */
     uint32_t user;          /* user number within the role */
     int64_t t_start, t_synced, t_last;
@@ -203,7 +223,29 @@ typedef struct bench_stats {
     int64_t t_go, t_ready, t_first, t_last, t_send_end;
     bench_hist lat;          /* send -> receive */
     bench_hist conn_lat;     /* connect() -> synced */
+    /* chaos: distinct sequence numbers, not events */
+    uint64_t answered, lost, unanswered_received, resends, reconnects, rcpt[2], rcpt_dups;
+    int64_t stall;           /* longest a message waited past the fault (ns) */
+    bench_hist lat_in, lat_out; /* send -> receive inside / outside the fault window */
 } bench_stats;
+
+/* chaos: what each sequence number went through, and msg_id -> seq for
+ * receipts (they name the msg_id only). */
+typedef struct bench_chaos_id {
+    char id[ID_BUF];
+    uint32_t seq;
+} bench_chaos_id;
+
+typedef struct bench_chaos {
+    uint64_t total;
+    uint32_t np;              /* pairs in this process: seq s goes from sender s % np */
+    char (*names)[96];        /* receiver names, by pair */
+    int64_t *t_first, *t_try; /* per seq: first send, last (re)send (ns) */
+    uint8_t *answered, *rcpt[2]; /* bits per seq: `sent`, delivered / read receipt */
+    bench_chaos_id *ids;
+    size_t idmask;
+    int64_t t_fault, t_fault_end, last_scan;
+} bench_chaos;
 
 typedef struct bench_proc {
     const bench_opts *o;
@@ -221,6 +263,7 @@ typedef struct bench_proc {
     uint64_t group_events;   /* group: group_events received, all members */
     uint32_t mask_state;
     int64_t last_ack_tick;
+    bench_chaos *chaos;      /* chaos scenario only */
 } bench_proc;
 
 static int64_t bench_now(void)
@@ -252,6 +295,12 @@ static void bench_conn_fail(bench_proc *p, bench_conn *c, const char *why)
     c->nack = 0;
     c->fd = -1;
     c->state = BC_DEAD;
+    if (p->chaos != NULL && p->st.t_go != 0) { /* reconnect, with jittered backoff */
+        int64_t ms = PX_MIN((int64_t)BENCH_BACKOFF_MS << PX_MIN(c->tries, 8), BENCH_BACKOFF_MAX_MS);
+        p->mask_state = p->mask_state * 1103515245u + 12345u;
+        c->retry_at = bench_now() + (ms / 2 + (int64_t)(p->mask_state >> 8) % ms) * 1000000LL;
+        c->tries++;
+    }
 }
 
 /* Forgets a connection on purpose (not a failure), so its slot can connect again. */
@@ -267,13 +316,14 @@ static void bench_conn_drop(bench_proc *p, bench_conn *c)
     free(c->ack);
     char role = c->role;
     uint32_t user = c->user;
-    uint8_t gw = c->gw, no_ack = c->no_ack;
+    uint8_t gw = c->gw, no_ack = c->no_ack, tries = c->tries;
     memset(c, 0, sizeof(*c));
     c->fd = -1;
     c->role = role;
     c->user = user;
     c->gw = gw;
     c->no_ack = no_ack;
+    c->tries = tries;
 }
 
 static void bench_user_name(const bench_proc *p, const bench_conn *c, char *out, size_t outlen)
@@ -391,13 +441,15 @@ static void bench_ack_flush(bench_proc *p, bench_conn *c)
 
 static void bench_ack_add(bench_proc *p, bench_conn *c, const char *id)
 {
-    static const char head[] = "{\"type\":\"ack\",\"ids\":[";
+    /* chaos: receivers read what they get (which acks it), so both receipts come */
+    const char *head = p->chaos != NULL && c->role == 'r' ? "{\"type\":\"read\",\"ids\":["
+                                                          : "{\"type\":\"ack\",\"ids\":[";
     char item[96];
     int n = snprintf(item, sizeof(item), "%s\"%s\"", c->nack ? "," : "", id);
     if (n <= 0 || (size_t)n >= sizeof(item))
         return;
     if (c->nack == 0)
-        bench_buf_append((uint8_t **)&c->ack, &c->acklen, &c->ackcap, head, sizeof(head) - 1);
+        bench_buf_append((uint8_t **)&c->ack, &c->acklen, &c->ackcap, head, strlen(head));
     bench_buf_append((uint8_t **)&c->ack, &c->acklen, &c->ackcap, item, (size_t)n);
     if (++c->nack >= BENCH_ACK_BATCH)
         bench_ack_flush(p, c);
@@ -487,6 +539,183 @@ static int bench_conn_upgrade(bench_proc *p, bench_conn *c, size_t *used)
 
 static void bench_on_synced(bench_proc *p, bench_conn *c);
 
+/* ---- chaos: the client's side of faults -------------------------------------- */
+
+static void bench_send_cmd(bench_proc *p, bench_conn *s, const char *field, const char *to,
+                           uint64_t seq, int64_t t_sent);
+
+static int bench_bit(const uint8_t *bits, uint64_t i)
+{
+    return bits[i >> 3] >> (i & 7) & 1;
+}
+
+/* Sets bit i; returns what it was. */
+static int bench_bit_set(uint8_t *bits, uint64_t i)
+{
+    int old = bench_bit(bits, i);
+    bits[i >> 3] |= (uint8_t)(1u << (i & 7));
+    return old;
+}
+
+static bench_chaos_id *bench_chaos_slot(bench_chaos *ch, const char *id)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (const char *q = id; *q; q++)
+        h = (h ^ (uint8_t)*q) * 1099511628211ull;
+    size_t i = (size_t)h & ch->idmask;
+    while (ch->ids[i].id[0] != '\0' && strcmp(ch->ids[i].id, id) != 0)
+        i = (i + 1) & ch->idmask;
+    return &ch->ids[i];
+}
+
+static void bench_chaos_init(bench_proc *p, uint64_t total, uint32_t np, char (*names)[96])
+{
+    bench_chaos *ch = px_calloc(1, sizeof(*ch));
+    ch->total = total;
+    ch->np = np;
+    ch->names = names;
+    ch->t_first = px_calloc(total + 1, sizeof(*ch->t_first));
+    ch->t_try = px_calloc(total + 1, sizeof(*ch->t_try));
+    ch->answered = px_calloc(total / 8 + 1, 1);
+    ch->rcpt[0] = px_calloc(total / 8 + 1, 1);
+    ch->rcpt[1] = px_calloc(total / 8 + 1, 1);
+    size_t cap = 1024;
+    while (cap < 2 * total)
+        cap <<= 1;
+    ch->ids = px_calloc(cap, sizeof(*ch->ids));
+    ch->idmask = cap - 1;
+    p->chaos = ch;
+}
+
+/* The first send of seq: its time (the body keeps it through resends) and
+ * the msg_id its receipts will name. */
+static void bench_chaos_first(bench_proc *p, const bench_conn *s, uint64_t seq, int64_t t)
+{
+    bench_chaos *ch = p->chaos;
+    if (seq >= ch->total)
+        return;
+    ch->t_first[seq] = ch->t_try[seq] = t;
+    char sender[96], cid[32], msg_id[ID_BUF];
+    bench_user_name(p, s, sender, sizeof(sender));
+    snprintf(cid, sizeof(cid), "m%" PRIu64, seq);
+    id_for_send(sender, cid, msg_id);
+    bench_chaos_id *e = bench_chaos_slot(ch, msg_id);
+    memcpy(e->id, msg_id, ID_BUF);
+    e->seq = (uint32_t)seq;
+}
+
+/* Sends again, with the same id, what pair i's sender sent and got no
+ * `sent` for: all of it (after a reconnect) or what waited 5 s. */
+static void bench_chaos_resend(bench_proc *p, uint32_t i, int stale_only)
+{
+    bench_chaos *ch = p->chaos;
+    bench_conn *s = &p->c[ch->np + i];
+    int64_t now = bench_now();
+    for (uint64_t seq = i; seq < PX_MIN(p->st.sends, ch->total) && s->state == BC_OPEN;
+         seq += ch->np) {
+        if (bench_bit(ch->answered, seq) || (stale_only && now - ch->t_try[seq] < BENCH_RESEND_NS))
+            continue;
+        ch->t_try[seq] = now;
+        p->st.resends++;
+        bench_send_cmd(p, s, "to", ch->names[i], seq, ch->t_first[seq]);
+    }
+}
+
+static void bench_chaos_synced(bench_proc *p, bench_conn *c)
+{
+    c->tries = 0;
+    uint32_t i = (uint32_t)(c - p->c);
+    if (c->role == 's' && p->st.t_go != 0 && i >= p->chaos->np)
+        bench_chaos_resend(p, i - p->chaos->np, 0);
+}
+
+static void bench_conn_start(bench_proc *p, bench_conn *c);
+
+/* Dead connections whose backoff ran out connect again, to the other
+ * gateway (a load balancer moves a client whose gateway died); every
+ * second, sends unanswered for 5 s go again. */
+static void bench_chaos_tick(bench_proc *p)
+{
+    bench_chaos *ch = p->chaos;
+    int64_t now = bench_now();
+    if (now - ch->last_scan < 20000000LL)
+        return;
+    int resend = now / 1000000000LL != ch->last_scan / 1000000000LL;
+    ch->last_scan = now;
+    for (uint32_t i = 0; i < p->n; i++) {
+        bench_conn *c = &p->c[i];
+        if (c->state == BC_DEAD && c->retry_at != 0 && c->retry_at <= now) {
+            bench_conn_drop(p, c);
+            c->gw = (uint8_t)((c->gw + 1) % (uint32_t)p->o->ngw);
+            p->st.reconnects++;
+            bench_conn_start(p, c);
+        } else if (resend && i >= ch->np && c->synced && p->st.t_go != 0) {
+            bench_chaos_resend(p, i - ch->np, 1);
+        }
+    }
+}
+
+static void bench_chaos_sent(bench_proc *p, const char *ref)
+{
+    if (ref == NULL || ref[0] != 'm')
+        return;
+    uint64_t seq = strtoull(ref + 1, NULL, 10);
+    if (seq < PX_MIN(p->st.sends, p->chaos->total) && !bench_bit_set(p->chaos->answered, seq))
+        p->st.answered++;
+}
+
+static void bench_chaos_receipt(bench_proc *p, const char *msg_id, const char *status)
+{
+    int k = strcmp(status, "delivered") == 0 ? 0 : strcmp(status, "read") == 0 ? 1 : -1;
+    if (k < 0 || msg_id == NULL || strlen(msg_id) != ID_LEN)
+        return;
+    bench_chaos_id *e = bench_chaos_slot(p->chaos, msg_id);
+    if (e->id[0] == '\0')
+        return;
+    if (bench_bit_set(p->chaos->rcpt[k], e->seq))
+        p->st.rcpt_dups++;
+    else
+        p->st.rcpt[k]++;
+}
+
+/* A first receive of a message sent at t: inside the fault window if it
+ * arrived after the fault started and was sent before the window closed. */
+static void bench_chaos_received(bench_proc *p, int64_t now, int64_t t)
+{
+    bench_chaos *ch = p->chaos;
+    int in = ch->t_fault != 0 && now > ch->t_fault &&
+             (ch->t_fault_end == 0 || t < ch->t_fault_end + (int64_t)p->o->window_s * 1000000000LL);
+    bench_hist_add(in ? &p->st.lat_in : &p->st.lat_out, now - t);
+    if (in)
+        p->st.stall = PX_MAX(p->st.stall, now - PX_MAX(t, ch->t_fault));
+}
+
+/* Every send answered and received, both receipts of every message. */
+static int bench_chaos_done(const bench_proc *p)
+{
+    const bench_stats *st = &p->st;
+    return st->answered == st->sends && st->received == st->sends &&
+           st->rcpt[0] == st->received && st->rcpt[1] == st->received;
+}
+
+static void bench_chaos_finish(bench_proc *p)
+{
+    bench_chaos *ch = p->chaos;
+    for (uint64_t seq = 0; seq < PX_MIN(p->st.sends, ch->total); seq++) {
+        int a = bench_bit(ch->answered, seq), r = bench_bit(p->seen, seq);
+        p->st.lost += a && !r;
+        p->st.unanswered_received += !a && r;
+    }
+    free(ch->t_first);
+    free(ch->t_try);
+    free(ch->answered);
+    free(ch->rcpt[0]);
+    free(ch->rcpt[1]);
+    free(ch->ids);
+    free(ch);
+    p->chaos = NULL;
+}
+
 /* ---- receiving ------------------------------------------------------------- */
 
 static void bench_on_synced(bench_proc *p, bench_conn *c)
@@ -500,6 +729,8 @@ static void bench_on_synced(bench_proc *p, bench_conn *c)
     p->st.synced++;
     p->st.synced_gw[c->gw]++;
     bench_hist_add(&p->st.conn_lat, c->t_synced - c->t_start);
+    if (p->chaos != NULL)
+        bench_chaos_synced(p, c);
 }
 
 /* Bodies are "<seq> <send ns> xxx...": seq indexes this process's seen bits. */
@@ -521,6 +752,8 @@ static void bench_on_message(bench_proc *p, bench_conn *c, const char *id, const
             p->seen[seq >> 3] |= (uint8_t)(1u << (seq & 7));
             p->st.received++;
             bench_hist_add(&p->st.lat, now - t);
+            if (p->chaos != NULL)
+                bench_chaos_received(p, now, t);
             if (p->st.t_first == 0)
                 p->st.t_first = now;
             p->st.t_last = now;
@@ -551,12 +784,18 @@ static void bench_on_text(bench_proc *p, bench_conn *c, const char *s, size_t le
     else if (strcmp(type, "message") == 0)
         bench_on_message(p, c, json_string_value(json_object_get(j, "id")),
                          json_string_value(json_object_get(j, "body")) ?: "");
-    else if (strcmp(type, "receipt") == 0 && !c->no_ack && json_is_string(json_object_get(j, "id")))
+    else if (strcmp(type, "receipt") == 0 && !c->no_ack && json_is_string(json_object_get(j, "id"))) {
         /* As a real client does: an unacked receipt stays in the server's
          * inbox for 30 days, and the bench would measure a growing backlog. */
         bench_ack_add(p, c, json_string_value(json_object_get(j, "id")));
-    else if (strcmp(type, "sent") == 0)
+        if (p->chaos != NULL)
+            bench_chaos_receipt(p, json_string_value(json_object_get(j, "msg_id")),
+                                json_string_value(json_object_get(j, "status")) ?: "");
+    } else if (strcmp(type, "sent") == 0) {
         p->st.sent_ok++;
+        if (p->chaos != NULL)
+            bench_chaos_sent(p, json_string_value(json_object_get(j, "ref")));
+    }
     else if (strcmp(type, "synced") == 0)
         bench_on_synced(p, c);
     else if (strcmp(type, "error") == 0)
@@ -710,6 +949,13 @@ static void bench_proc_ctl(bench_proc *p)
 {
     char b;
     ssize_t r = read(p->ctl_fd, &b, 1);
+    if (r == 1 && (b == 'F' || b == 'E')) { /* chaos: a fault starts, ends */
+        if (p->chaos != NULL && b == 'F' && p->chaos->t_fault == 0)
+            p->chaos->t_fault = bench_now();
+        else if (p->chaos != NULL && b == 'E')
+            p->chaos->t_fault_end = bench_now();
+        return;
+    }
     p->cmd = r == 1 ? b : 'Q'; /* a parent gone means quit */
     if (r <= 0) {
         epoll_ctl(p->ep, EPOLL_CTL_DEL, p->ctl_fd, NULL);
@@ -738,6 +984,8 @@ static void bench_proc_step(bench_proc *p, int timeout_ms)
             bench_conn_event(p, &p->c[ev[i].data.u64], ev[i].events);
     }
     bench_proc_acks(p, bench_now());
+    if (p->chaos != NULL)
+        bench_chaos_tick(p);
 }
 
 /* Connects slots [first, end), at most o->inflight unsynced at once so the
@@ -769,12 +1017,12 @@ static void bench_proc_wait_cmd(bench_proc *p)
 
 /* ---- sending ---------------------------------------------------------------- */
 
-/* field is "to" (1:1) or "group". */
-static void bench_send_to(bench_proc *p, bench_conn *s, const char *field, const char *to,
-                          uint64_t seq)
+/* field is "to" (1:1) or "group"; the body carries seq and t_sent. */
+static void bench_send_cmd(bench_proc *p, bench_conn *s, const char *field, const char *to,
+                           uint64_t seq, int64_t t_sent)
 {
     char body[4096], cmd[4400];
-    int n = snprintf(body, sizeof(body), "%" PRIu64 " %" PRId64 " ", seq, bench_now());
+    int n = snprintf(body, sizeof(body), "%" PRIu64 " %" PRId64 " ", seq, t_sent);
     int want = PX_MIN(p->o->body_bytes, (int)sizeof(body) - 1);
     if (n < want) {
         memset(body + n, 'x', (size_t)(want - n));
@@ -783,9 +1031,18 @@ static void bench_send_to(bench_proc *p, bench_conn *s, const char *field, const
     body[n] = '\0';
     int len = snprintf(cmd, sizeof(cmd), "{\"type\":\"send\",\"id\":\"m%" PRIu64 "\",\"%s\":\"%s\","
                        "\"body\":\"%s\"}", seq, field, to, body);
-    p->st.sends++;
     if (s->state == BC_OPEN)
         bench_conn_text(p, s, cmd, (size_t)len);
+}
+
+static void bench_send_to(bench_proc *p, bench_conn *s, const char *field, const char *to,
+                          uint64_t seq)
+{
+    int64_t t = bench_now();
+    p->st.sends++;
+    if (p->chaos != NULL)
+        bench_chaos_first(p, s, seq, t);
+    bench_send_cmd(p, s, field, to, seq, t);
 }
 
 static void bench_send(bench_proc *p, bench_conn *s, const char *to, uint64_t seq)
@@ -857,6 +1114,17 @@ static void bench_stats_merge(bench_stats *to, const bench_stats *s)
     to->t_send_end = PX_MAX(to->t_send_end, s->t_send_end);
     bench_hist_merge(&to->lat, &s->lat);
     bench_hist_merge(&to->conn_lat, &s->conn_lat);
+    to->answered += s->answered;
+    to->lost += s->lost;
+    to->unanswered_received += s->unanswered_received;
+    to->resends += s->resends;
+    to->reconnects += s->reconnects;
+    to->rcpt[0] += s->rcpt[0];
+    to->rcpt[1] += s->rcpt[1];
+    to->rcpt_dups += s->rcpt_dups;
+    to->stall = PX_MAX(to->stall, s->stall);
+    bench_hist_merge(&to->lat_in, &s->lat_in);
+    bench_hist_merge(&to->lat_out, &s->lat_out);
 }
 
 typedef void (*bench_child_fn)(bench_proc *p, int k, int out_fd);
@@ -1093,6 +1361,10 @@ static void bench_rate_child(bench_proc *p, int k, int out_fd)
     double rate = o->rate / o->procs;
     uint64_t total = (uint64_t)(rate * o->duration_s);
     bench_seen_alloc(p, total);
+    if (o->chaos) {
+        bench_chaos_init(p, total, np, names);
+        memset(&p->st.conn_lat, 0, sizeof(p->st.conn_lat)); /* from here: reconnects only */
+    }
     int64_t t0 = p->st.t_go = bench_now(), end = t0 + (int64_t)o->duration_s * 1000000000LL;
     while (bench_now() < end && p->cmd != 'Q') {
         bench_rate_pump(p, np, rate, total, t0, names);
@@ -1100,22 +1372,38 @@ static void bench_rate_child(bench_proc *p, int k, int out_fd)
     }
     p->st.t_send_end = bench_now();
     int64_t grace = p->st.t_send_end + (int64_t)o->grace_s * 1000000000LL;
-    while (bench_now() < grace && (p->st.received < p->st.sends || p->st.sent_ok + p->st.errors <
-                                   p->st.sends))
+    while (bench_now() < grace && (p->chaos != NULL ? !bench_chaos_done(p)
+                                   : p->st.received < p->st.sends ||
+                                     p->st.sent_ok + p->st.errors < p->st.sends))
         bench_proc_step(p, 10);
     for (uint32_t i = 0; i < np; i++)
         bench_ack_flush(p, &p->c[i]);
     for (int i = 0; i < 20; i++)
         bench_proc_step(p, 10); /* let the last acks leave */
+    if (p->chaos != NULL)
+        bench_chaos_finish(p);
     free(names);
     bench_write_all(out_fd, &p->st, sizeof(p->st));
+}
+
+/* chaos: the parent passes SIGUSR1 (a fault starts) and SIGUSR2 (it ended)
+ * on to every child as 'F' and 'E'. */
+static bench_kids *volatile bench_fault_kids;
+
+static void bench_on_fault_signal(int sig)
+{
+    bench_kids *kids = bench_fault_kids;
+    char cmd = sig == SIGUSR1 ? 'F' : 'E';
+    for (int k = 0; kids != NULL && k < kids->n; k++)
+        if (write(kids->ctl[k], &cmd, 1) != 1)
+            continue; /* a child gone reports so itself */
 }
 
 /* One rate run: connects the pairs, sends for o->duration_s, waits out the
  * grace; *ready holds the connect stats, *st the run's. */
 static int bench_rate_run(const bench_opts *o, bench_stats *ready, bench_stats *st)
 {
-    bench_kids kids;
+    static bench_kids kids;
     if (bench_fork(o, bench_rate_child, bench_rate_share, &kids) != PX_OK ||
         bench_gather(&kids, ready) != PX_OK)
         return PX_ERROR;
@@ -1123,7 +1411,12 @@ static int bench_rate_run(const bench_opts *o, bench_stats *ready, bench_stats *
      * before it lands would be cached as offline for PARLEY_PRESENCE_CACHE_MS. */
     sleep((unsigned)o->settle_s);
     bench_tell(&kids, 'G');
+    if (o->chaos) {
+        bench_fault_kids = &kids;
+        fprintf(stderr, "parley-bench: go\n"); /* tests/chaos/ waits for it to start a fault */
+    }
     int rc = bench_gather(&kids, st);
+    bench_fault_kids = NULL;
     bench_reap(&kids);
     return rc;
 }
@@ -1154,6 +1447,37 @@ static json_t *bench_rate_json(const bench_opts *o, const bench_stats *ready, co
     return j;
 }
 
+/* chaos: the rate report plus what the faults cost; fails if a message
+ * answered `sent` never arrived. */
+static int bench_chaos_report(const bench_opts *o, json_t *j, const bench_stats *ready,
+                              const bench_stats *st)
+{
+    json_object_set_new(j, "chaos", json_pack(
+        "{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:o, s:o, s:o, s:o, s:i}",
+        "answered", (json_int_t)st->answered, "lost", (json_int_t)st->lost,
+        "unanswered_received", (json_int_t)st->unanswered_received,
+        "resends", (json_int_t)st->resends, "reconnects", (json_int_t)st->reconnects,
+        "receipts_expected", (json_int_t)(2 * st->received),
+        "receipts_delivered", (json_int_t)st->rcpt[0], "receipts_read", (json_int_t)st->rcpt[1],
+        "receipts_received", (json_int_t)(st->rcpt[0] + st->rcpt[1]),
+        "receipt_duplicates", (json_int_t)st->rcpt_dups,
+        "resume_ms", st->lat_in.count ? json_real(bench_ms((uint64_t)st->stall)) : json_null(),
+        "reconnect_to_synced_ms", bench_hist_json(&st->conn_lat),
+        "latency_in_ms", bench_hist_json(&st->lat_in), "latency_out_ms",
+        bench_hist_json(&st->lat_out), "window_s", o->window_s));
+    char human[512];
+    snprintf(human, sizeof(human),
+             "chaos %.0f/s x %d s, %d pairs: %" PRIu64 " sends, %" PRIu64 " answered, %" PRIu64
+             " received, %" PRIu64 " lost, %" PRIu64 " dup, receipts %" PRIu64 "/%" PRIu64
+             ", %" PRIu64 " reconnects, %" PRIu64 " resends, resumed %.2f s, p99 in %.0f ms"
+             " out %.0f ms", o->rate, o->duration_s, o->pairs, st->sends, st->answered,
+             st->received, st->lost, st->dups, st->rcpt[0] + st->rcpt[1], 2 * st->received,
+             st->reconnects, st->resends, bench_ms((uint64_t)st->stall) / 1e3,
+             bench_ms(bench_hist_q(&st->lat_in, .99)), bench_ms(bench_hist_q(&st->lat_out, .99)));
+    bench_emit(j, human);
+    return st->lost == 0 && st->answered == st->sends && ready->failed == 0 ? PX_OK : PX_ERROR;
+}
+
 /* rate, and latency: the same run at a low fixed rate (100/s unless
  * --rate says otherwise), where nothing queues, so its p50 is the floor:
  * the time a message takes through an idle system. */
@@ -1175,6 +1499,8 @@ static int bench_rate(const bench_opts *o, const char *scenario)
              bench_ms(st.lat.max));
     json_t *j = bench_rate_json(o, &ready, &st);
     json_object_set_new(j, "scenario", json_string(scenario));
+    if (o->chaos)
+        return bench_chaos_report(o, j, &ready, &st);
     bench_emit(j, human);
     return missing == 0 && ready.failed == 0 ? PX_OK : PX_ERROR;
 }
@@ -1468,7 +1794,7 @@ static int bench_parse_url(const char *url, bench_addr *a)
 static void bench_usage(void)
 {
     fprintf(stderr,
-            "usage: parley-bench idle|rate|latency|sync|max|group [options]\n"
+            "usage: parley-bench idle|rate|latency|sync|max|group|chaos [options]\n"
             "  --url ws://IP:PORT      gateway 1 (receivers; idle: even connections)\n"
             "  --url2 ws://IP:PORT     gateway 2 (senders; idle: odd connections)\n"
             "  --secret S              HS256 secret (default $PARLEY_JWT_SECRET)\n"
@@ -1479,7 +1805,8 @@ static void bench_usage(void)
             "  --connect-timeout S (120)  --max-p99 MS (100)  --steps N (3)\n"
             "  --members N (256)  --msgs N (30): group; --rate is then its send rate\n"
             "  --devices D (1): group: each member online on D devices\n"
-            "  --upgrade-only          idle: count connections at the 101, not at `synced`\n");
+            "  --upgrade-only          idle: count connections at the 101, not at `synced`\n"
+            "  --window S (10)         chaos: the fault window lasts S past the fault's end\n");
 }
 
 static int bench_parse_pids(const char *s, bench_opts *o)
@@ -1506,12 +1833,14 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         { "src-base", 1, 0, 'B' }, { "connect-timeout", 1, 0, 'T' },
         { "upgrade-only", 0, 0, 'O' }, { "max-p99", 1, 0, 'X' }, { "steps", 1, 0, 'N' },
         { "members", 1, 0, 'M' }, { "msgs", 1, 0, 'K' }, { "devices", 1, 0, 'D' },
+        { "window", 1, 0, 'W' },
         { 0, 0, 0, 0 }
     };
     *o = (bench_opts){ .conns = 10000, .procs = 2, .pairs = 100, .duration_s = 20, .grace_s = 10,
                        .hold_s = 5, .settle_s = 3, .connect_timeout_s = 120, .inflight = 200,
                        .body_bytes = 100, .pending = 10000, .src_base = 10, .rate = 1000,
                        .max_p99_ms = 100, .steps = 3, .members = 256, .msgs = 30, .devices = 1,
+                       .window_s = 10,
                        .secret = getenv("PARLEY_JWT_SECRET") };
     const char *url = "ws://127.0.0.1:8080", *url2 = NULL;
     int ch, rate_set = 0;
@@ -1540,6 +1869,7 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         case 'M': o->members = atoi(optarg); break;
         case 'D': o->devices = atoi(optarg); break;
         case 'K': o->msgs = atoi(optarg); break;
+        case 'W': o->window_s = atoi(optarg); break;
         default: return PX_ERROR;
         }
     }
@@ -1548,6 +1878,7 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
     o->scenario = argv[optind];
     if (strcmp(o->scenario, "latency") == 0 && !rate_set)
         o->rate = 100;
+    o->chaos = strcmp(o->scenario, "chaos") == 0;
     o->ngw = url2 ? 2 : 1;
     if (bench_parse_url(url, &o->gw[0]) != PX_OK || (url2 && bench_parse_url(url2, &o->gw[1]) != PX_OK))
         return PX_ERROR;
@@ -1588,6 +1919,12 @@ int main(int argc, char **argv)
         rc = bench_idle(&o);
     else if (strcmp(o.scenario, "rate") == 0 || strcmp(o.scenario, "latency") == 0)
         rc = bench_rate(&o, o.scenario);
+    else if (strcmp(o.scenario, "chaos") == 0) {
+        struct sigaction sa = { .sa_handler = bench_on_fault_signal, .sa_flags = SA_RESTART };
+        sigaction(SIGUSR1, &sa, NULL);
+        sigaction(SIGUSR2, &sa, NULL);
+        rc = bench_rate(&o, o.scenario);
+    }
     else if (strcmp(o.scenario, "sync") == 0)
         rc = bench_sync(&o);
     else if (strcmp(o.scenario, "max") == 0)

@@ -117,6 +117,9 @@ for n in $(names integration); do
 done
 for n in $(names e2e); do plan+=("stack|$build/tests/e2e/$n|stack"); done
 plan+=("stack|tests/browser/run.sh|stack")
+# The short fault run (docs/high-availability.md): replicas of every
+# service, a gateway and a message-store replica killed under load.
+plan+=("stack|tests/chaos/run.sh|short")
 
 # What this run takes: by the mode, then by PARLEY_TEST_ONLY.
 selected=()
@@ -159,6 +162,10 @@ run_phase() { # phase
         "${PARLEY_FUZZ_SECONDS:-4}" "$label"
     elif [[ $bin == tests/browser/* ]]; then
       PARLEY_BROWSER_MODE=$label run_one "$bin [$label]" "$max" "$bin" "$build"
+    elif [[ $bin == tests/chaos/* ]]; then
+      CHAOS_PORT=$((${PARLEY_E2E_PORT:-18080} + 40)) CHAOS_PAIRS=50 CHAOS_RATE=100 \
+        CHAOS_DURATION=15 CHAOS_FAULT_AT=4 CHAOS_GRACE=30 CHAOS_PREFIX='report: ' \
+        run_one "$bin [$label]" "$max" bash "$bin" "$build" gateway kill:message-store:1
     elif [[ -n $label ]]; then
       PARLEY_E2E_MODE=$label run_one "$bin [$label]" "$max" "$bin"
     else
