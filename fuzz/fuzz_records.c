@@ -16,7 +16,7 @@ static const ProtobufCMessageDescriptor *const fuzz_records[] = {
     &parley__inbox_record__descriptor,  &parley__ack_record__descriptor,
     &parley__sync_request__descriptor,  &parley__presence_record__descriptor,
     &parley__delivery__descriptor,      &parley__group_command__descriptor,
-    &parley__receipt_fact__descriptor,
+    &parley__receipt_fact__descriptor, &parley__push_record__descriptor,
 };
 
 static uint8_t *fuzz_pack(const ProtobufCMessage *m, size_t *n)

@@ -91,6 +91,9 @@ refuse "SASL without a password" "needs saslMechanism" --set kafka.security.prot
 refuse "unknown Kafka protocol" "protocol" --set kafka.security.protocol=tls
 refuse "JWKS from two places" "not both" --set auth.jwks.existingSecret=a \
   --set auth.jwks.existingConfigMap=b
+refuse "push without a signing key" "refuses to start without the signing key" \
+  --set pushNotifications.url=https://push.example/hook
+refuse "push URL not http(s)" "url" --set pushNotifications.url=ftp://push.example/hook
 
 # NOTES.txt is rendered only by install/upgrade, which want a cluster:
 # render it through a copy of the chart where it is an ordinary template.
@@ -177,10 +180,10 @@ BIN=${PARLEY_BIN:-build/rel/bin}
 if [ -x "$BIN/gateway" ] && python3 -c "import yaml" 2>/dev/null; then
   for s in "${sets[@]}"; do
     name=${s%%:*}
-    for svc in gateway presence message-store receipt group-fanout; do
+    for svc in gateway presence message-store receipt group-fanout push; do
       mapfile -t envs < <(python3 helm/podenv.py "$OUT/$name.yaml" "$svc" \
         PARLEY_KAFKA_BROKERS=127.0.0.1:1 PARLEY_JWT_SECRET="$(printf 'x%.0s' {1..48})" \
-        PARLEY_JWT_JWKS_FILE=fuzz/jwt.jwks.json \
+        PARLEY_JWT_JWKS_FILE=fuzz/jwt.jwks.json PARLEY_PUSH_SECRET=check-push-secret \
         PARLEY_MONGO_URI='mongodb://127.0.0.1:1/?retryWrites=false')
       log=$(timeout 3 env -i "${envs[@]}" "$BIN/$svc" 2>&1)
       rc=$?

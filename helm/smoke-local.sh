@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the five services on this machine with exactly the environment the
+# Runs the six services on this machine with exactly the environment the
 # chart renders for their pods (helm/podenv.py), against a private local
 # Kafka + MongoDB-wire stack (deploy/local/stack.sh, own ports and data dir),
 # then checks what Kubernetes would: /healthz and /readyz answer 200 on the
@@ -45,8 +45,8 @@ OUT=build/helm-smoke
 mkdir -p "$OUT"
 
 declare -A PORT=([gateway]=$BASE [presence]=$((BASE + 1)) [message-store]=$((BASE + 2))
-                 [receipt]=$((BASE + 3)) [group-fanout]=$((BASE + 4)))
-SERVICES=(presence message-store receipt group-fanout gateway)
+                 [receipt]=$((BASE + 3)) [group-fanout]=$((BASE + 4)) [push]=$((BASE + 5)))
+SERVICES=(presence message-store receipt group-fanout push gateway)
 declare -A PID=()
 SECRET=$(printf 'k%.0s' {1..48})
 
@@ -94,7 +94,7 @@ for s in "${SERVICES[@]}"; do
   mapfile -t envs < <(python3 helm/podenv.py "$OUT/rendered.yaml" "$s" \
     PARLEY_KAFKA_BROKERS=127.0.0.1:$PARLEY_KAFKA_PORT \
     PARLEY_MONGO_URI="mongodb://127.0.0.1:$PARLEY_MONGO_PORT/?retryWrites=false" \
-    PARLEY_JWT_SECRET="$SECRET" \
+    PARLEY_JWT_SECRET="$SECRET" PARLEY_PUSH_SECRET="$SECRET" \
     PARLEY_LISTEN=127.0.0.1:${PORT[$s]} PARLEY_ADMIN_LISTEN=127.0.0.1:${PORT[$s]})
   cmd "$s" "${envs[@]}"
   "${CMD[@]}" >"$OUT/$s.log" 2>&1 &
@@ -128,7 +128,7 @@ for _ in $(seq 20); do grep -q "smoke $$" "$OUT/listen.out" && break; sleep 0.5;
 grep -q "\"body\":\"smoke $$\"" "$OUT/listen.out" && ok "alice -> bob delivered through the gateway" \
   || ko "message not delivered (send: $(cat "$OUT/send.out"))"
 
-for s in gateway "${SERVICES[@]:0:4}"; do
+for s in gateway "${SERVICES[@]:0:5}"; do
   grace=$(python3 -c "
 import sys, yaml
 d = [x for x in yaml.safe_load_all(open('$OUT/rendered.yaml')) if x and x['kind'] in ('Deployment', 'StatefulSet')

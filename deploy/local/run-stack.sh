@@ -29,6 +29,7 @@ start presence 9091
 start message-store 9092
 start receipt 9093
 start group-fanout 9094
+start push 9095
 PARLEY_ADMIN_LISTEN=off "$build/bin/gateway" &
 pids+=($!)
 

@@ -49,7 +49,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-The four Kafka consumer services that run as Deployments: values key ->
+The five Kafka consumer services that run as Deployments: values key ->
 component name, which is also the binary name in the image.
 */}}
 {{- define "parley.backends" -}}
@@ -57,6 +57,7 @@ presence: presence
 messageStore: message-store
 receipt: receipt
 groupFanout: group-fanout
+push: push
 {{- end }}
 
 {{/* Every component: values key -> name (the gateway included). */}}
@@ -80,7 +81,25 @@ gateway: gateway
 
 {{/* True (non-empty) when the chart must create its own Secret. */}}
 {{- define "parley.needsSecret" -}}
-{{- if or (not .Values.auth.existingSecret) (not .Values.mongo.existingSecret) }}true{{ end }}
+{{- if or (not .Values.auth.existingSecret) (not .Values.mongo.existingSecret) (include "parley.pushSecretInChart" .) }}true{{ end }}
+{{- end }}
+
+{{/* True (non-empty) when the push HMAC key goes into the chart's Secret. */}}
+{{- define "parley.pushSecretInChart" -}}
+{{- with .Values.pushNotifications }}{{ if and .url .secret (not .existingSecret) }}true{{ end }}{{ end }}
+{{- end }}
+
+{{/* The push workload's PARLEY_PUSH_SECRET (when push is on). Argument: the root. */}}
+{{- define "parley.pushSecretEnv" -}}
+{{- with .Values.pushNotifications }}
+{{- if .url }}
+- name: PARLEY_PUSH_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ default (include "parley.secretName" $) .existingSecret }}
+      key: {{ ternary .existingSecretKey "PARLEY_PUSH_SECRET" (not (empty .existingSecret)) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* image reference for a component. Argument: dict "root" $ "c" VALUES. */}}
@@ -102,7 +121,7 @@ environment only at start). Argument: dict "root" $ "c" VALUES "port" N.
 {{- define "parley.podAnnotations" -}}
 checksum/config: {{ include (print .root.Template.BasePath "/configmap.yaml") .root | sha256sum }}
 {{- if include "parley.needsSecret" .root }}
-checksum/secret-inputs: {{ printf "%s|%s" (toString .root.Values.auth.jwtSecret) (toString .root.Values.mongo.uri) | sha256sum }}
+checksum/secret-inputs: {{ printf "%s|%s|%s" (toString .root.Values.auth.jwtSecret) (toString .root.Values.mongo.uri) (toString .root.Values.pushNotifications.secret) | sha256sum }}
 {{- end }}
 {{- if .root.Values.metrics.podAnnotations }}
 prometheus.io/scrape: "true"
@@ -272,6 +291,11 @@ Argument: dict "root" $ "jwt" BOOL.
 {{- end }}
 {{- if and (not .Values.auth.hs256) (not (include "parley.jwksSource" .)) }}
 {{- fail "auth.hs256 is false but no auth.jwks.existingSecret or existingConfigMap is set: the gateway would have no key to check tokens with" }}
+{{- end }}
+{{- with .Values.pushNotifications }}
+{{- if and .url (not .secret) (not .existingSecret) }}
+{{- fail "pushNotifications.url is set but neither pushNotifications.secret nor existingSecret: the push service refuses to start without the signing key" }}
+{{- end }}
 {{- end }}
 {{- if and .Values.auth.jwks.existingSecret .Values.auth.jwks.existingConfigMap }}
 {{- fail "set auth.jwks.existingSecret or auth.jwks.existingConfigMap, not both" }}
