@@ -15,10 +15,11 @@
  * the facts, one wait until Kafka holds them (instead of one per user),
  * one delete.
  *
- * Order per chunk: read the users' devices and the events with their
- * marks, produce the facts, wait until Kafka holds them, and only then
- * delete (and unmark) the events every device has acked and mark the
- * others. Gating the AckRecords' commit alone would not be enough: a retry
+ * Order per chunk: read the events with their marks, then the devices of
+ * the users whose kept lists cannot decide for them (devcache.c: a list
+ * read after the event was seen stored can), produce the facts, wait until
+ * Kafka holds them, and only then delete (and unmark) the events every
+ * device has acked and mark the others. Gating the AckRecords' commit alone would not be enough: a retry
  * after the delete finds no events, so facts lost with a crash in between
  * would never be made again. A crash before the delete repeats the facts,
  * which the receipt ids (a hash of msg_id, reader, status) make harmless
@@ -59,14 +60,25 @@ typedef struct ack_entry {
     int64_t seq, ev_ts;    /* the held event's, for its marks */
 } ack_entry;
 
+/* A held event no kept device list could decide for: decided once its
+ * user's devices are read (ack_decide_deferred). */
+typedef struct ack_deferred {
+    size_t lo, hi;         /* its entries */
+    int64_t seq;
+    size_t nacked;
+    char *acked[STORE_ACKED_MAX]; /* copies of the stored marks */
+} ack_deferred;
+
 typedef struct ack_ctx {
     msgstore *ms;
     size_t idx;            /* the run's first record: the facts gate its commit */
     int retry;             /* a retry of waiting acks (ack_retry_due) */
     ack_entry *e;          /* the chunk, sorted by (user, id, dev), no repeats */
     size_t n;
-    devices_list *devs;    /* the devices of the chunk's users, in user order */
+    devices_list *devs;    /* the devices read for the deferred events' users, in user order */
     size_t ndevs;
+    ack_deferred *deferred; /* capacity: one per entry */
+    size_t ndeferred;
     size_t held, facts;
     char err[PX_ERRLEN];   /* a produce error from inside the store callback */
 } ack_ctx;
@@ -164,20 +176,41 @@ static int ack_message_fact(ack_ctx *c, const store_event *ev, size_t lo, size_t
     return rc;
 }
 
+/* The acking devices of entries [lo, hi), at most ACK_DEVS_MAX. */
+static size_t ack_now(const ack_ctx *c, size_t lo, size_t hi, const char **now)
+{
+    size_t nnow = 0;
+    for (size_t i = lo; i < hi && nnow < ACK_DEVS_MAX; i++)
+        now[nnow++] = c->e[i].dev;
+    return nnow;
+}
+
+static void ack_defer(ack_ctx *c, const store_event *ev, size_t lo, size_t hi)
+{
+    ack_deferred *d = &c->deferred[c->ndeferred++];
+    d->lo = lo;
+    d->hi = hi;
+    d->seq = ev->seq;
+    d->nacked = ev->nacked;
+    for (size_t i = 0; i < ev->nacked; i++)
+        d->acked[i] = px_strdup(ev->acked[i]);
+}
+
 /* One held event of the chunk: remember it was there, whether this ack
- * completes it, and make the fact of an acked message. */
+ * completes it (now, or once its user's devices are read), and make the
+ * fact of an acked message. */
 static int ack_on_held(void *arg, const store_event *ev)
 {
     ack_ctx *c = arg;
     size_t lo, hi;
     if (!ack_range(c, ev->user, ev->id, &lo, &hi) || c->e[lo].found)
         return PX_OK;
-    const devices_list *l = devices_find(c->devs, c->ndevs, ev->user);
     const char *now[ACK_DEVS_MAX];
-    size_t nnow = 0;
-    for (size_t i = lo; i < hi && nnow < ACK_DEVS_MAX; i++)
-        now[nnow++] = c->e[i].dev;
-    int gone = l == NULL || devices_covered(l, ev->seq, ev->acked, ev->nacked, now, nnow);
+    size_t nnow = ack_now(c, lo, hi, now);
+    int gone = 0;
+    if (!devcache_covered(c->ms->devcache, ev->user, ev->seq, ev->acked, ev->nacked, now, nnow,
+                          &gone))
+        ack_defer(c, ev, lo, hi);
     for (size_t i = lo; i < hi; i++) {
         c->e[i].found = 1;
         c->e[i].gone = gone;
@@ -271,14 +304,69 @@ static int ack_mark(ack_ctx *c, char *err, size_t errlen)
     return rc;
 }
 
-/* The devices of the chunk's users (entries are in user order). */
-static int ack_load_devices(ack_ctx *c, char *err, size_t errlen)
+static int ack_deferred_cmp(const void *a, const void *b)
+{
+    size_t x = ((const ack_deferred *)a)->lo, y = ((const ack_deferred *)b)->lo;
+    return (x > y) - (x < y);
+}
+
+/* The highest seq of the events this chunk found stored for the user of
+ * entry at (entries are in user order). */
+static int64_t ack_upto(const ack_ctx *c, size_t at)
+{
+    const char *user = c->e[at].key.user;
+    size_t a = at;
+    while (a > 0 && strcmp(c->e[a - 1].key.user, user) == 0)
+        a--;
+    int64_t upto = -1;
+    for (size_t i = a; i < c->n && strcmp(c->e[i].key.user, user) == 0; i++)
+        if (c->e[i].found)
+            upto = PX_MAX(upto, c->e[i].seq);
+    return upto;
+}
+
+/* Reads the devices of the deferred events' users (the events were read
+ * first, so each list may be kept for them: devcache.c) and decides them. */
+static int ack_decide_deferred(ack_ctx *c, char *err, size_t errlen)
 {
     c->ndevs = 0;
-    for (size_t i = 0; i < c->n; i++)
-        if (i == 0 || strcmp(c->e[i - 1].key.user, c->e[i].key.user) != 0)
-            c->devs[c->ndevs++].user = c->e[i].key.user;
-    return devices_load(c->ms, c->devs, c->ndevs, err, errlen);
+    if (c->ndeferred == 0)
+        return PX_OK;
+    /* In entry order, which is user order. */
+    qsort(c->deferred, c->ndeferred, sizeof(*c->deferred), ack_deferred_cmp);
+    size_t *at = px_malloc(c->ndeferred * sizeof(*at)); /* an entry of each list's user */
+    for (size_t i = 0; i < c->ndeferred; i++) {
+        const char *user = c->e[c->deferred[i].lo].key.user;
+        if (c->ndevs == 0 || strcmp(c->devs[c->ndevs - 1].user, user) != 0) {
+            at[c->ndevs] = c->deferred[i].lo;
+            c->devs[c->ndevs++].user = user;
+        }
+    }
+    int rc = devices_load(c->ms, c->devs, c->ndevs, err, errlen);
+    for (size_t i = 0; i < c->ndevs && rc == PX_OK; i++)
+        devcache_put(c->ms->devcache, &c->devs[i], ack_upto(c, at[i]));
+    free(at);
+    if (rc != PX_OK)
+        return rc;
+    for (size_t i = 0; i < c->ndeferred; i++) {
+        const ack_deferred *d = &c->deferred[i];
+        const devices_list *l = devices_find(c->devs, c->ndevs, c->e[d->lo].key.user);
+        const char *now[ACK_DEVS_MAX];
+        size_t nnow = ack_now(c, d->lo, d->hi, now);
+        int gone = l == NULL || devices_covered(l, d->seq, (const char *const *)d->acked,
+                                                d->nacked, now, nnow);
+        for (size_t k = d->lo; k < d->hi; k++)
+            c->e[k].gone = gone;
+    }
+    return PX_OK;
+}
+
+static void ack_deferred_clear(ack_ctx *c)
+{
+    for (size_t i = 0; i < c->ndeferred; i++)
+        for (size_t k = 0; k < c->deferred[i].nacked; k++)
+            free(c->deferred[i].acked[k]);
+    c->ndeferred = 0;
 }
 
 static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
@@ -292,9 +380,10 @@ static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
     c->held = c->facts = 0;
     c->err[0] = '\0';
     int64_t t0 = service_clock_us();
-    int rc = ack_load_devices(c, err, errlen);
+    int rc = store_inbox_get(ms->svc.st, keys, c->n, ack_on_held, c, err, errlen);
     if (rc == PX_OK)
-        rc = store_inbox_get(ms->svc.st, keys, c->n, ack_on_held, c, err, errlen);
+        rc = ack_decide_deferred(c, err, errlen);
+    ack_deferred_clear(c);
     service_observe(ms->m.lat_ack, t0);
     free(keys);
     /* Claims again on every retry of a waiting read: the event may have been
@@ -347,6 +436,7 @@ static int ack_chunks(ack_ctx *c, ack_entry *e, size_t k, char *err, size_t errl
 {
     int rc = PX_OK;
     c->devs = px_calloc(PX_MIN((size_t)ACK_CHUNK, k) + 1, sizeof(*c->devs));
+    c->deferred = px_malloc((PX_MIN((size_t)ACK_CHUNK, k) + 1) * sizeof(*c->deferred));
     for (size_t off = 0; off < k && rc == PX_OK; off += ACK_CHUNK) {
         c->e = e + off;
         c->n = PX_MIN((size_t)ACK_CHUNK, k - off);
@@ -355,6 +445,7 @@ static int ack_chunks(ack_ctx *c, ack_entry *e, size_t k, char *err, size_t errl
             ack_note_outcome(c);
     }
     free(c->devs);
+    free(c->deferred);
     return rc;
 }
 

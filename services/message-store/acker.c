@@ -95,6 +95,7 @@ int acker_start(msgstore *ms, char *err, size_t errlen)
     a->svc.cfg = *cfg;
     a->svc.st = ms->svc.st;
     a->gate = ms->gate;
+    a->devcache = ms->devcache;
     a->m = ms->m;
     a->waits = ackwait_new(&a->m);
     a->topic_inbox = ms->topic_inbox;

@@ -10,8 +10,9 @@
  * repeats the command, never loses it.
  *
  * An ack applied on the acker thread while an unlink runs may still count
- * the unlinked device; the event then stays until the retention sweep (a
- * wasted record, never a lost one). */
+ * the unlinked device, as may one decided by another process's kept list
+ * (devcache.c) until it expires; the event then stays until the retention
+ * sweep (a wasted record, never a lost one). */
 #include "common.h"
 #include "log.h"
 #include "msgstore.h"
@@ -181,6 +182,8 @@ static int devcmd_unlink_serve(msgstore *ms, size_t idx, const Parley__DeviceCom
                             "a device cannot unlink itself: unlink it from another device", err,
                             errlen);
     int rc = store_device_unlink(ms->svc.st, x->user, x->device, err, errlen);
+    if (rc == PX_OK)
+        devcache_forget(ms->devcache, x->user);
     if (rc == PX_DECLINED)
         return devcmd_error(ms, idx, x, PROTO_NOT_FOUND, "no such device", err, errlen);
     int64_t dropped = 0;

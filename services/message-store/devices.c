@@ -71,16 +71,22 @@ static int devices_has(const char *const *v, size_t n, const char *dev)
     return 0;
 }
 
+int devices_covered_by(const devices_dev *d, size_t n, int64_t seq, const char *const *acked,
+                       size_t nacked, const char *const *now, size_t nnow)
+{
+    if (nacked == STORE_ACKED_MAX)
+        return 0; /* not all known: keep the event (retention ends it) */
+    for (size_t i = 0; i < n; i++)
+        if (seq > d[i].since && !devices_has(acked, nacked, d[i].dev) &&
+            !devices_has(now, nnow, d[i].dev))
+            return 0;
+    return 1;
+}
+
 int devices_covered(const devices_list *l, int64_t seq, const char *const *acked, size_t nacked,
                     const char *const *now, size_t nnow)
 {
-    if (l->overflow || nacked == STORE_ACKED_MAX)
-        return 0; /* not all known: keep the event (retention ends it) */
-    for (size_t i = 0; i < l->n; i++)
-        if (seq > l->d[i].since && !devices_has(acked, nacked, l->d[i].dev) &&
-            !devices_has(now, nnow, l->d[i].dev))
-            return 0;
-    return 1;
+    return !l->overflow && devices_covered_by(l->d, l->n, seq, acked, nacked, now, nnow);
 }
 
 int devices_link(msgstore *ms, const char *user, const char *dev, int64_t offset,
@@ -105,6 +111,7 @@ int devices_link(msgstore *ms, const char *user, const char *dev, int64_t offset
     int64_t s = others ? offset : -1;
     if (store_device_link(ms->svc.st, user, dev, s, err, errlen) != PX_OK)
         return PX_ERROR;
+    devcache_forget(ms->devcache, user);
     for (size_t i = 0; i < l.n; i++)
         if (strcmp(l.d[i].dev, dev) == 0)
             *since = s;

@@ -43,6 +43,10 @@ static void main_metrics(msgstore *ms)
                                     "Presence cache lookups");
     m->cache_misses = metrics_counter("parley_msgstore_presence_cache_total{result=\"miss\"}",
                                       "Presence cache lookups");
+    m->devcache_hits = metrics_counter("parley_msgstore_devices_cache_total{result=\"hit\"}",
+                                       "Acked events decided by a kept device list (devcache.c)");
+    m->devcache_misses = metrics_counter("parley_msgstore_devices_cache_total{result=\"miss\"}",
+                                         "Acked events decided by a list read from the store");
     m->lookup_failures = metrics_counter("parley_msgstore_presence_lookup_failures_total",
                                          "Presence registry lookups that failed");
     m->push_records = metrics_counter("parley_msgstore_push_records_total",
@@ -98,6 +102,7 @@ static int main_start(void *arg, char *err, size_t errlen)
     ms->recent = inbox_recent_new();
     ms->gate = putgate_new();
     ms->contacts = contacts_new();
+    ms->devcache = devcache_new(&ms->m);
     if (sweep_start(ms, err, errlen) != PX_OK || writer_start(ms, err, errlen) != PX_OK)
         return PX_ERROR;
     return acker_start(ms, err, errlen);
@@ -148,6 +153,7 @@ int main(void)
     inbox_recent_free(ms.recent);
     putgate_free(ms.gate);
     contacts_free(ms.contacts);
+    devcache_free(ms.devcache);
     free(ms.pack);
     return rc;
 }

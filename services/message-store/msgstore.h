@@ -36,13 +36,14 @@ typedef struct inbox_recent inbox_recent;
 typedef struct ackwait ackwait;
 typedef struct writer writer;
 typedef struct contacts contacts;
+typedef struct devcache devcache;
 
 typedef struct msgstore_metrics {
     metric *stored, *duplicates, *deliveries, *produce_failures, *offline, *syncs,
         *sync_events, *acks, *acked_events, *acked_messages, *dead, *retries,
-        *cache_hits, *cache_misses, *lookup_failures, *swept_inbox, *swept_seen,
-        *swept_media, *ack_waits, *ack_waits_found, *ack_waits_expired, *ack_waits_full,
-        *push_records;
+        *cache_hits, *cache_misses, *devcache_hits, *devcache_misses, *lookup_failures,
+        *swept_inbox, *swept_seen, *swept_media, *ack_waits, *ack_waits_found,
+        *ack_waits_expired, *ack_waits_full, *push_records;
     metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
         *lat_sweep, *lat_gate;
 } msgstore_metrics;
@@ -80,6 +81,7 @@ struct msgstore {
     putgate *gate;                  /* putgate.c: shared with the acker */
     ackwait *waits;                 /* ackwait.c: the acker's acks that found nothing yet */
     contacts *contacts;             /* contacts.c: pairs recorded lately (store stage) */
+    devcache *devcache;             /* devcache.c: device lists for acks, shared with the acker */
 
     /* Delivery-report bookkeeping for the batch in flight (batch.c). */
     batch_tag tags[MSGSTORE_BATCH];
@@ -345,13 +347,16 @@ void ackwait_settle(ackwait *w, const int *found, int64_t now_ms);
 
 #define DEVICES_MAX 32   /* linked devices of one user read (PARLEY_MAX_DEVICES <= 16) */
 
+/* One linked device of a user. */
+typedef struct devices_dev {
+    char dev[65];
+    int64_t since;             /* needs events with seq > since */
+} devices_dev;
+
 /* A user's linked devices, as devices_load reads them. */
 typedef struct devices_list {
     const char *user;          /* set by the caller */
-    struct {
-        char dev[65];
-        int64_t since;         /* needs events with seq > since */
-    } d[DEVICES_MAX];
+    devices_dev d[DEVICES_MAX];
     size_t n;
     int overflow;              /* more than DEVICES_MAX: no event counts as covered */
     msgstore *ms;
@@ -370,6 +375,9 @@ int devices_load(msgstore *ms, devices_list *lists, size_t n, char *err, size_t 
  * stored acks) or now (this ack's devices): the event can go. */
 int devices_covered(const devices_list *l, int64_t seq, const char *const *acked, size_t nacked,
                     const char *const *now, size_t nnow);
+/* The same over n devices known in full (no overflow). */
+int devices_covered_by(const devices_dev *d, size_t n, int64_t seq, const char *const *acked,
+                       size_t nacked, const char *const *now, size_t nnow);
 /* Sets skip[i] for the InboxRecords among recs[0..n) that come from a
  * device (origin_device: an own message, a read state) and that no other
  * device of their user needs: they are neither pushed nor stored. */
@@ -383,6 +391,24 @@ int devices_mark_origins(msgstore *ms, const store_event *ev, size_t n, char *er
  * and gives its since. An unknown device reads STORE_DEVICE_UNSYNCED. */
 int devices_link(msgstore *ms, const char *user, const char *dev, int64_t offset,
                  int64_t *since, char *err, size_t errlen);
+
+/* ---- devcache.c: the device lists acks decide with ---- */
+
+devcache *devcache_new(const msgstore_metrics *m);
+void devcache_free(devcache *dc);
+/* Decides, from user's kept list, whether an event of seq acked by acked
+ * (stored) and now (this ack) is covered (devices_covered): 1 with *gone
+ * set, or 0 when no kept list may decide for seq (none, expired, or kept
+ * before an event of seq was seen stored). Any thread. */
+int devcache_covered(devcache *dc, const char *user, int64_t seq, const char *const *acked,
+                     size_t nacked, const char *const *now, size_t nnow, int *gone);
+/* Keeps l, a list read from the store after an event of its user with seq
+ * upto was seen there (by a store call that ended before the read began):
+ * it may decide for events up to that seq. A list that is not exact
+ * (overflow) or names no synced device is not kept. */
+void devcache_put(devcache *dc, const devices_list *l, int64_t upto);
+/* user's devices changed in this process (a link, an unlink). */
+void devcache_forget(devcache *dc, const char *user);
 
 /* ---- acker.c: acks on their own consumer ---- */
 

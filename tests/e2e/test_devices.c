@@ -794,6 +794,85 @@ START_TEST(unlink_while_connected)
 }
 END_TEST
 
+/* Polls (bounded) until user's inbox holds nothing: 1, or 0 at the
+ * deadline (an event some device list still waits for). */
+static int inbox_empties(const char *user)
+{
+    for (int64_t end = px_mono_ms() + 15000; px_mono_ms() < end; usleep(100 * 1000))
+        if (inbox_count(user) == 0)
+            return 1;
+    return 0;
+}
+
+/* message-store keeps the device lists its acks decide with (devcache.c).
+ * A list kept from the phone's ack of m1 must not decide for m2, sent
+ * after the laptop's link: it does not name the laptop, and the phone's
+ * ack of m2 would delete what the laptop still needs. The laptop gets m2
+ * live, leaves without acking, and must find it on its next connection. */
+START_TEST(device_linked_while_a_list_is_kept)
+{
+    char alice[65], bob[65], m1[64], m2[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *phone = dev_connect(bob, "phone", E2E_GW1);
+    json_decref(e2e_wait_type(phone, "synced"));
+    client *a = e2e_connect(alice, E2E_GW2);
+    json_decref(e2e_wait_type(a, "synced"));
+    e2e_send(a, "c1", bob, "before the laptop", m1);
+    wait_message(phone, m1);
+    e2e_ack(phone, m1);
+    ck_assert_int_eq(receipts_before(a, m1, "delivered", m1, "delivered"), 1);
+
+    client *laptop = dev_connect(bob, "laptop", E2E_GW2);
+    json_t *ids = backlog_ids(laptop);
+    ck_assert_msg(!has_id(ids, m1), "the laptop got what was acked before its link");
+    json_decref(ids);
+    e2e_send(a, "c2", bob, "after the laptop", m2);
+    wait_message(laptop, m2);
+    wait_message(phone, m2);
+    e2e_ack(phone, m2);
+    ck_assert_int_eq(receipts_before(a, m2, "delivered", m2, "delivered"), 1);
+    client_close(laptop, 1000);
+
+    ids = dev_backlog(bob, "laptop", E2E_GW1);
+    ck_assert_msg(has_id(ids, m2), "the laptop lost m2 to the phone's ack: %s", json_dumps(ids, 0));
+    json_decref(ids);
+    client_close(phone, 1000);
+    client_close(a, 1000);
+}
+END_TEST
+
+/* A list kept from the phone's ack names the laptop; the phone unlinks the
+ * laptop; the tablet's ack then completes m1, which must be deleted, not
+ * kept waiting for the unlinked laptop. */
+START_TEST(unlink_while_a_list_is_kept)
+{
+    char alice[65], bob[65], m1[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *phone, *a;
+    phone_laptop_alice(bob, alice, E2E_GW1, &phone, &a);
+    client *tablet = dev_connect(bob, "tablet", E2E_GW2);
+    json_decref(e2e_wait_type(tablet, "synced"));
+    e2e_send(a, "c1", bob, "to three devices", m1);
+    wait_message(phone, m1);
+    wait_message(tablet, m1);
+    e2e_ack(phone, m1);
+    wait_marked(bob, m1, "phone");
+    json_t *r = e2e_cmd(phone, json_pack("{s:s, s:s, s:s}", "type", "device_unlink", "id", "u1",
+                                         "device", "laptop"));
+    ck_assert_msg(strcmp(e2e_str(r, "type"), "device_unlinked") == 0, "unlink: %s",
+                  json_dumps(r, 0));
+    json_decref(r);
+    ck_assert_int_eq(inbox_count(bob), 1); /* the tablet still needs m1 */
+    e2e_ack(tablet, m1);
+    ck_assert_msg(inbox_empties(bob), "m1 kept for the unlinked laptop after every other ack");
+    client_close(tablet, 1000);
+    client_close(phone, 1000);
+    client_close(a, 1000);
+}
+END_TEST
+
 /* parleyctl token --device mints a token of that device: connected with
  * it, `devices` names it as the current one. */
 START_TEST(parleyctl_mints_device_tokens)
@@ -839,6 +918,8 @@ static Suite *devices_suite(void)
     tcase_add_test(tc, read_state_reaches_the_other_devices);
     tcase_add_test(tc, devices_lists_linked_devices);
     tcase_add_test(tc, unlink_while_connected);
+    tcase_add_test(tc, device_linked_while_a_list_is_kept);
+    tcase_add_test(tc, unlink_while_a_list_is_kept);
     tcase_add_test(tc, parleyctl_mints_device_tokens);
     tcase_add_test(tc, kill9_store_between_two_devices_acks);
     suite_add_tcase(s, tc);
