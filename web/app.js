@@ -38,6 +38,11 @@ const groupInfoAsked = new Set();
 // saved: typing lives only as long as its ttl_ms.
 const typingIn = new Map();
 let typingSentAt = 0;
+// Presence of the people this user has 1:1 chats with: user -> the last
+// `presence` event. Never saved: it is asked for again on every connection.
+const presenceOf = new Map();
+let presenceAsked = ''; // the users of this connection's presence_sub, joined
+const PRESENCE_SUB_MAX = 256;
 let typingTimer = null;
 
 // ---- errors ---------------------------------------------------------------
@@ -169,8 +174,13 @@ function onState(state, detail) {
   }[state];
   $('conn-state').textContent = label;
   $('conn-state').dataset.state = state;
+  if (state !== 'online') { // a new connection watches no one yet
+    presenceAsked = '';
+    presenceRetries = new Map();
+  }
   if (state === 'syncing') flushOutbox();
   if (state === 'online') {
+    askPresence();
     askMissingGroupInfo();
     readIfVisible();
   }
@@ -189,6 +199,9 @@ function onEvent(ev) {
   switch (ev.type) {
     case 'typing':
       noteTyping(ev);
+      break;
+    case 'presence':
+      notePresence(ev);
       break;
     case 'message':
       typingIn.get(ev.group ? `g:${ev.group}` : `u:${ev.from}`)?.delete(ev.from);
@@ -235,6 +248,7 @@ function changed() {
     if (navigator.locks && !releaseWindow) return; // another window owns the state
     store.save();
     render();
+    askPresence();
     flushAcks();
     readIfVisible();
   }, CHANGE_BATCH_MS);
@@ -256,6 +270,63 @@ function readIfVisible() {
   const ids = store.takeUnread(c);
   for (let i = 0; i < ids.length; i += IDS_PER_COMMAND) conn.post({ type: 'read', ids: ids.slice(i, i + IDS_PER_COMMAND) });
   if (ids.length > 0 || hadUnread) changed();
+}
+
+// ---- presence -------------------------------------------------------------
+
+// Watches the peers of the 1:1 chats (the most recent PRESENCE_SUB_MAX),
+// asking again only when that list changes: the server answers each with
+// its state now and then every change. Only contacts are told the truth,
+// and a chat becomes a contact once a message has gone either way, so a
+// peer counts as changed when the chat first has one (a message from them,
+// or a delivered tick), and a peer with messages that still looks never
+// seen (its record may be a moment behind the message) is asked for again
+// a little later, a few times.
+const PRESENCE_RETRY_MS = 2000;
+const PRESENCE_RETRIES = 5;
+let presenceRetries = new Map(); // peer -> re-asks on this connection
+let presenceRetryTimer = null;
+
+function exchanged(c) {
+  return c.msgs.some((m) => !m.mine || m.status === 'delivered' || m.status === 'read');
+}
+
+function askPresence() {
+  if (!conn.open) return;
+  const dms = store.convList().filter((c) => c.kind === 'dm' && c.peer !== session.user)
+    .slice(0, PRESENCE_SUB_MAX);
+  const key = dms.map((c) => `${c.peer}${exchanged(c) ? '+' : ''}`).join(',');
+  if (key === presenceAsked) return;
+  const users = dms.map((c) => c.peer);
+  if (conn.post({ type: 'presence_sub', id: newCommandId('ps'), users })) presenceAsked = key;
+}
+
+function notePresence(ev) {
+  presenceOf.set(ev.user, ev);
+  const c = store.conv(`u:${ev.user}`);
+  const never = !ev.online && !ev.last_seen;
+  const tries = presenceRetries.get(ev.user) || 0;
+  if (!never || !c || !exchanged(c) || tries >= PRESENCE_RETRIES || presenceRetryTimer) return;
+  presenceRetries.set(ev.user, tries + 1);
+  presenceRetryTimer = setTimeout(() => {
+    presenceRetryTimer = null;
+    presenceAsked = '';
+    askPresence();
+  }, PRESENCE_RETRY_MS);
+}
+
+// "online", "last seen today at 14:05", "last seen 2 Dec at 09:30", or ''
+// (never seen, hidden, or not known yet).
+function presenceText(user) {
+  const p = presenceOf.get(user);
+  if (!p) return '';
+  if (p.online) return 'online';
+  if (!p.last_seen) return '';
+  const d = new Date(p.last_seen);
+  const time = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  const today = d.toDateString() === new Date().toDateString();
+  return today ? `last seen today at ${time}`
+    : `last seen ${d.toLocaleDateString([], { day: 'numeric', month: 'short' })} at ${time}`;
 }
 
 // ---- typing ---------------------------------------------------------------
@@ -493,7 +564,7 @@ function render() {
   $('chat-open').hidden = !c;
   if (!c) return;
   $('chat-title').textContent = convTitle(c);
-  $('chat-sub').textContent = typingText(c.key) || (c.kind === 'dm' ? ''
+  $('chat-sub').textContent = typingText(c.key) || (c.kind === 'dm' ? presenceText(c.peer)
     : c.left ? 'You are not a member of this group'
     : c.invited ? 'You are invited: join to see its messages' : c.members.join(', '));
   $('group-join').hidden = !c.invited;

@@ -80,8 +80,20 @@ test('alice and bob exchange messages and see the ticks change', async () => {
   await bob.page.locator('#chat-sub', { hasText: 'typing…' }).waitFor({ timeout: WAIT_MS });
   await shot(bob.page, 'bob-sees-typing');
   await alice.page.fill('#text', '');
-  await bob.page.waitForFunction(() => document.getElementById('chat-sub').textContent === '', null,
-    { timeout: WAIT_MS });
+  // Then the header shows alice's presence again: she is online.
+  await bob.page.waitForFunction(() => document.getElementById('chat-sub').textContent === 'online',
+    null, { timeout: WAIT_MS });
+});
+
+test('the chat header shows a contact online, then when last seen', async () => {
+  await alice.page.locator('#chat-sub', { hasText: /^online$/ }).waitFor({ timeout: WAIT_MS });
+  await shot(alice.page, 'alice-sees-bob-online');
+  // bob's only window closes: alice is told he is offline, and when.
+  const bobPage = await bob.context.newPage();
+  await bob.page.close();
+  bob.page = bobPage; // an empty page: no client, no connection
+  await alice.page.locator('#chat-sub', { hasText: /^last seen today at / }).waitFor({ timeout: WAIT_MS });
+  await shot(alice.page, 'alice-sees-bob-last-seen');
 });
 
 test('bob offline gets the backlog on connect, once, in order', async () => {
