@@ -288,6 +288,38 @@ START_TEST(subscriptions_are_capped_and_checked)
 }
 END_TEST
 
+/* parleyctl presence prints one JSON line per user asked about. */
+START_TEST(parleyctl_prints_presence)
+{
+    char alice[65], bob[65], cmd[512], line[512];
+    e2e_user("la", alice);
+    e2e_user("lb", bob);
+    client *a = connect_synced(alice, E2E_GW1), *b = connect_synced(bob, E2E_GW2);
+    contacts_and_watch(a, bob, b);
+    const char *build = getenv("PARLEY_BUILD");
+    snprintf(cmd, sizeof(cmd),
+             "PARLEY_JWT_SECRET='%s' %s/bin/parleyctl presence --url ws://127.0.0.1:%d --as %s "
+             "%s nobody-at-all",
+             e2e_secret(), build != NULL ? build : "build/san", e2e_port(E2E_GW2), alice, bob);
+    FILE *p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    json_t *got[2] = { NULL, NULL };
+    for (int i = 0; i < 2 && fgets(line, sizeof(line), p) != NULL; i++)
+        got[i] = json_loads(line, 0, NULL);
+    ck_assert_int_eq(pclose(p), 0);
+    ck_assert_msg(got[0] != NULL && got[1] != NULL, "parleyctl printed fewer than 2 lines");
+    ck_assert_str_eq(e2e_str(got[0], "user"), bob);
+    ck_assert(online(got[0]));
+    ck_assert_str_eq(e2e_str(got[1], "user"), "nobody-at-all");
+    ck_assert(!online(got[1]));
+    ck_assert_int_eq(last_seen(got[1]), 0);
+    json_decref(got[0]);
+    json_decref(got[1]);
+    client_free(a);
+    client_free(b);
+}
+END_TEST
+
 static Suite *presence_sub_suite(void)
 {
     Suite *s = suite_create("e2e-presence-sub");
@@ -298,6 +330,7 @@ static Suite *presence_sub_suite(void)
     tcase_add_test(tc, the_hide_setting_hides_last_seen);
     tcase_add_test(tc, flapping_is_damped);
     tcase_add_test(tc, subscriptions_are_capped_and_checked);
+    tcase_add_test(tc, parleyctl_prints_presence);
     suite_add_tcase(s, tc);
     return s;
 }

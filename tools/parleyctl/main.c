@@ -1,6 +1,7 @@
 /* parleyctl: the command-line tool for operators and scripts. Owns argument
- * parsing and the three commands: token (mint a JWT), send (one message,
- * text and/or media, wait for its `sent`) and listen (print and ack a user's events).
+ * parsing and the four commands: token (mint a JWT), send (one message,
+ * text and/or media, wait for its `sent`), presence (print users' presence) and listen
+ * (print and ack a user's events).
  * Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error. */
 #include "auth.h"
 #include "client.h"
@@ -37,6 +38,10 @@ static const char ctl_usage_text[] =
     "      send BODY and/or media ID (uploaded with POST /v1/media; --forward marks\n"
     "      it forwarded), wait for the server's answer and print it as one JSON\n"
     "      line; exit 0 on `sent`, 1 on `error`\n"
+    "  presence [--url URL] --as USER [--timeout MS] WHO [WHO...]\n"
+    "      print the presence of each WHO (at most 8) as one JSON line:\n"
+    "      online, last_seen (ms); only USER's contacts are told the truth,\n"
+    "      anyone else reads as never seen (online false, last_seen 0)\n"
     "  listen [--url URL] --as USER\n"
     "      print every event as one JSON line and ack messages, receipts and\n"
     "      group events; runs until SIGINT/SIGTERM or the server closes\n"
@@ -59,7 +64,7 @@ typedef struct ctl_args {
     const char *cmd;
     const char *url, *as, *to, *group, *token, *media, *forward, *device;
     const char *ttl, *timeout;
-    const char *pos[2];        /* positional arguments after the command */
+    const char *pos[8];        /* positional arguments after the command */
     int npos;
 } ctl_args;
 
@@ -329,6 +334,53 @@ out:
     return rc;
 }
 
+/* presence_sub for the positional users; prints one `presence` line per
+ * user (or the error) as the answers come. */
+static int ctl_cmd_presence(const ctl_args *a)
+{
+    char id[ID_BUF];
+    long wait_ms = CTL_SEND_WAIT_MS;
+    client *cl = NULL;
+    if (a->npos == 0)
+        return ctl_usage_error("%s", "presence needs one or more users to ask about");
+    for (int i = 0; i < a->npos; i++)
+        if (!id_valid_user(a->pos[i]))
+            return ctl_usage_error("%s is not a valid user id", a->pos[i]);
+    if (a->timeout != NULL && ctl_parse_long(a->timeout, 1, 3600000, &wait_ms) != PX_OK)
+        return ctl_usage_error("--timeout %s is not a number of milliseconds", a->timeout);
+    int rc = ctl_connect(a, &cl);
+    if (rc != CTL_OK)
+        return rc;
+    id_new(id);
+    json_t *users = json_array();
+    for (int i = 0; i < a->npos; i++)
+        json_array_append_new(users, json_string(a->pos[i]));
+    json_t *cmd = json_pack("{s:s, s:s, s:o}", "type", "presence_sub", "id", id, "users", users);
+    rc = client_send_json(cl, cmd) == PX_OK ? CTL_OK : CTL_FAIL;
+    json_decref(cmd);
+    int64_t deadline = px_mono_ms() + wait_ms;
+    for (int got = 0; rc == CTL_OK && got < a->npos;) {
+        json_t *msg = client_recv_json(cl, (int)PX_MAX(deadline - px_mono_ms(), 0));
+        if (msg == NULL) {
+            fprintf(stderr, "parleyctl: no answer: %s\n", client_errstr(cl));
+            rc = CTL_FAIL;
+            break;
+        }
+        const char *type = json_string_value(json_object_get(msg, "type"));
+        const char *ref = json_string_value(json_object_get(msg, "ref"));
+        if (type != NULL && strcmp(type, "presence") == 0) {
+            ctl_print(msg);
+            got++;
+        } else if (ref != NULL && strcmp(ref, id) == 0) {
+            ctl_print(msg); /* an error */
+            rc = CTL_FAIL;
+        }
+        json_decref(msg);
+    }
+    client_close(cl, 1000);
+    return rc;
+}
+
 /* Acks what was printed. Printing first means a crash in between costs a
  * duplicate (which clients dedupe by id), never a lost event. */
 static int ctl_flush_acks(client *cl, json_t *ids)
@@ -437,5 +489,7 @@ int main(int argc, char **argv)
         return ctl_cmd_send(&a);
     if (strcmp(a.cmd, "listen") == 0)
         return ctl_cmd_listen(&a);
+    if (strcmp(a.cmd, "presence") == 0)
+        return ctl_cmd_presence(&a);
     return ctl_usage_error("unknown command %s", a.cmd);
 }
