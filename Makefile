@@ -262,6 +262,7 @@ test-chaos: deps
 	bash tests/chaos/run.sh $(OUT) $${CHAOS_FAULTS:-}
 
 bench: deps all
+	@bash deploy/local/deps.sh bench
 	bash bench/run.sh build/rel
 
 # The container image (deploy/docker/Dockerfile) with podman or docker; the

@@ -40,6 +40,14 @@
  *         and p99 inside the window (fault start to its end + --window s)
  *         and outside it.
  *
+ * --proto xmpp runs rate, latency, max and idle against an XMPP server
+ * over WebSocket instead (RFC 7395; bench/run.sh's peer, ejabberd): each
+ * connection logs in with SASL ANONYMOUS and binds a resource (its
+ * `synced`), senders address their receiver's bound JID, bodies and
+ * latency are the same. XMPP has no `sent` answer and no acks, so those
+ * are not counted there. Only the few stanzas the driver sends and reads
+ * are recognised, by a scan of each frame (one stanza per frame, RFC 7395).
+ *
  * Each process runs one epoll loop over all its sockets with a small
  * hand-written RFC 6455 client side (handshake, unmasked server frames,
  * masked client frames). libcommon's client is blocking and keeps a JSON
@@ -178,8 +186,12 @@ typedef struct bench_addr {
     int port;
 } bench_addr;
 
+struct bench_proto;
+
 typedef struct bench_opts {
     const char *scenario;
+    const struct bench_proto *proto;
+    const char *domain;  /* xmpp: the server's host name (the `to` of <open/>) */
     bench_addr gw[2];
     int ngw;
     int conns, procs, pairs, duration_s, grace_s, hold_s, settle_s, connect_timeout_s;
@@ -212,6 +224,7 @@ typedef struct bench_conn {
     uint8_t *rbuf, *wbuf;
     size_t rlen, rcap, wlen, wcap;
     char *ack;              /* `{"type":"ack","ids":["a","b"` being built */
+    char *jid;              /* xmpp: the full JID the server bound */
     size_t acklen, ackcap;
     uint32_t nack, msgs, msgs_at_sync;
 } bench_conn;
@@ -266,6 +279,23 @@ typedef struct bench_proc {
     bench_chaos *chaos;      /* chaos scenario only */
 } bench_proc;
 
+/* What differs between the servers the load runs against: the upgrade, the
+ * login after it, reading a frame and writing a message. The loops, the
+ * schedule and the statistics are shared. */
+typedef struct bench_proto {
+    const char *name, *path;     /* path: the WebSocket upgrade's */
+    /* The upgrade request's own header lines ("\r\n" after each) into out. */
+    int (*header)(bench_proc *p, bench_conn *c, char *out, size_t outlen);
+    void (*opened)(bench_proc *p, bench_conn *c);  /* after the 101 */
+    void (*on_text)(bench_proc *p, bench_conn *c, const char *s, size_t len);
+    /* Writes one message; field is "to" (1:1) or "group" (Parley only). */
+    void (*message)(bench_proc *p, bench_conn *c, const char *field, const char *to, uint64_t seq,
+                    const char *body);
+    /* What a sender names as the destination of receiver c, once c is synced. */
+    void (*address)(const bench_proc *p, const bench_conn *c, char *out, size_t outlen);
+    int answers_sends;           /* every send gets a `sent` or an error */
+} bench_proto;
+
 static int64_t bench_now(void)
 {
     struct timespec ts;
@@ -289,8 +319,9 @@ static void bench_conn_fail(bench_proc *p, bench_conn *c, const char *why)
     free(c->rbuf);
     free(c->wbuf);
     free(c->ack);
+    free(c->jid);
     c->rbuf = c->wbuf = NULL;
-    c->ack = NULL;
+    c->ack = c->jid = NULL;
     c->rlen = c->rcap = c->wlen = c->wcap = c->acklen = c->ackcap = 0;
     c->nack = 0;
     c->fd = -1;
@@ -314,6 +345,7 @@ static void bench_conn_drop(bench_proc *p, bench_conn *c)
     free(c->rbuf);
     free(c->wbuf);
     free(c->ack);
+    free(c->jid);
     char role = c->role;
     uint32_t user = c->user;
     uint8_t gw = c->gw, no_ack = c->no_ack, tries = c->tries;
@@ -493,22 +525,17 @@ static void bench_conn_connected(bench_proc *p, bench_conn *c)
         bench_conn_fail(p, c, soerr ? strerror(soerr) : "connect failed");
         return;
     }
-    char user[96], token[AUTH_TOKEN_MAX], req[AUTH_TOKEN_MAX + 512];
-    bench_user_name(p, c, user, sizeof(user));
-    int64_t now_s = (int64_t)time(NULL);
-    char dev[8];
-    snprintf(dev, sizeof(dev), "d%u", c->dev);
-    if (auth_sign_device(p->o->secret, user, p->o->devices > 1 ? dev : NULL, now_s,
-                         now_s + 86400, token, sizeof(token)) != PX_OK) {
-        bench_conn_fail(p, c, "auth_sign failed");
+    char head[AUTH_TOKEN_MAX + 64], req[AUTH_TOKEN_MAX + 512];
+    if (p->o->proto->header(p, c, head, sizeof(head)) != PX_OK) {
+        bench_conn_fail(p, c, "no upgrade header (token signing failed)");
         return;
     }
     const bench_addr *a = &p->o->gw[c->gw];
     int n = snprintf(req, sizeof(req),
-                     "GET /v1/ws HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
+                     "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     "Sec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n\r\n",
-                     a->host, a->port, token);
+                     "Sec-WebSocket-Version: 13\r\n%s\r\n",
+                     p->o->proto->path, a->host, a->port, head);
     c->state = BC_UPGRADING;
     bench_epoll_mod(p, c, EPOLLIN);
     bench_conn_write(p, c, req, (size_t)n);
@@ -813,7 +840,7 @@ static void bench_on_frame(bench_proc *p, bench_conn *c, int op, const uint8_t *
 {
     switch (op) {
     case 0x1:
-        bench_on_text(p, c, (const char *)pl, len);
+        p->o->proto->on_text(p, c, (const char *)pl, len);
         break;
     case 0x9:
         bench_conn_frame(p, c, 0xA, pl, len); /* the gateway closes clients that never pong */
@@ -874,6 +901,9 @@ static int bench_conn_consume(bench_proc *p, bench_conn *c)
             return rc == PX_AGAIN ? PX_OK : PX_ERROR;
         memmove(c->rbuf, c->rbuf + used, c->rlen - used);
         c->rlen -= used;
+        p->o->proto->opened(p, c);
+        if (c->state != BC_OPEN)
+            return PX_ERROR;
         /* Measures the gateway alone: the later `synced` depends on
          * message-store and the database. */
         if (p->o->upgrade_only)
@@ -1021,7 +1051,7 @@ static void bench_proc_wait_cmd(bench_proc *p)
 static void bench_send_cmd(bench_proc *p, bench_conn *s, const char *field, const char *to,
                            uint64_t seq, int64_t t_sent)
 {
-    char body[4096], cmd[4400];
+    char body[4096];
     int n = snprintf(body, sizeof(body), "%" PRIu64 " %" PRId64 " ", seq, t_sent);
     int want = PX_MIN(p->o->body_bytes, (int)sizeof(body) - 1);
     if (n < want) {
@@ -1029,10 +1059,8 @@ static void bench_send_cmd(bench_proc *p, bench_conn *s, const char *field, cons
         n = want;
     }
     body[n] = '\0';
-    int len = snprintf(cmd, sizeof(cmd), "{\"type\":\"send\",\"id\":\"m%" PRIu64 "\",\"%s\":\"%s\","
-                       "\"body\":\"%s\"}", seq, field, to, body);
     if (s->state == BC_OPEN)
-        bench_conn_text(p, s, cmd, (size_t)len);
+        p->o->proto->message(p, s, field, to, seq, body);
 }
 
 static void bench_send_to(bench_proc *p, bench_conn *s, const char *field, const char *to,
@@ -1049,6 +1077,157 @@ static void bench_send(bench_proc *p, bench_conn *s, const char *to, uint64_t se
 {
     bench_send_to(p, s, "to", to, seq);
 }
+
+/* ---- the protocols ------------------------------------------------------------ */
+
+/* Parley: a signed token at the upgrade, JSON commands (bench_on_text reads). */
+static int bench_parley_header(bench_proc *p, bench_conn *c, char *out, size_t outlen)
+{
+    char user[96], token[AUTH_TOKEN_MAX], dev[8];
+    bench_user_name(p, c, user, sizeof(user));
+    int64_t now_s = (int64_t)time(NULL);
+    snprintf(dev, sizeof(dev), "d%u", c->dev);
+    if (auth_sign_device(p->o->secret, user, p->o->devices > 1 ? dev : NULL, now_s,
+                         now_s + 86400, token, sizeof(token)) != PX_OK)
+        return PX_ERROR;
+    int n = snprintf(out, outlen, "Authorization: Bearer %s\r\n", token);
+    return n > 0 && (size_t)n < outlen ? PX_OK : PX_ERROR;
+}
+
+static void bench_parley_opened(bench_proc *p, bench_conn *c)
+{
+    (void)p, (void)c; /* the gateway speaks first (`synced`) */
+}
+
+static void bench_parley_message(bench_proc *p, bench_conn *c, const char *field, const char *to,
+                                 uint64_t seq, const char *body)
+{
+    char cmd[4400];
+    int len = snprintf(cmd, sizeof(cmd), "{\"type\":\"send\",\"id\":\"m%" PRIu64 "\",\"%s\":\"%s\","
+                       "\"body\":\"%s\"}", seq, field, to, body);
+    bench_conn_text(p, c, cmd, (size_t)PX_MIN(len, (int)sizeof(cmd) - 1));
+}
+
+static const bench_proto bench_parley = {
+    .name = "parley", .path = "/v1/ws", .header = bench_parley_header,
+    .opened = bench_parley_opened, .on_text = bench_on_text, .message = bench_parley_message,
+    .address = bench_user_name, .answers_sends = 1,
+};
+
+/* XMPP over WebSocket (RFC 7395): one stanza per frame. The server's
+ * stanzas are recognised by their start and a few substrings, enough for
+ * the login and the messages this driver itself sends. */
+static int bench_xml_is(const char *s, size_t len, const char *start)
+{
+    size_t n = strlen(start);
+    return len >= n && memcmp(s, start, n) == 0;
+}
+
+static int bench_xml_has(const char *s, size_t len, const char *what)
+{
+    return memmem(s, len, what, strlen(what)) != NULL;
+}
+
+/* The text of the first <tag>..</tag> in s into out ("" when there is none). */
+static void bench_xml_text(const char *s, size_t len, const char *tag, char *out, size_t outlen)
+{
+    char open[32], close[32];
+    int no = snprintf(open, sizeof(open), "<%s>", tag), nc = snprintf(close, sizeof(close), "</%s>", tag);
+    const char *a = memmem(s, len, open, (size_t)no), *b = NULL;
+    if (a != NULL) {
+        a += no;
+        b = memmem(a, len - (size_t)(a - s), close, (size_t)nc);
+    }
+    snprintf(out, outlen, "%.*s", b ? (int)(b - a) : 0, b ? a : "");
+}
+
+static void bench_xmpp_str(bench_proc *p, bench_conn *c, const char *st)
+{
+    bench_conn_text(p, c, st, strlen(st));
+}
+
+static int bench_xmpp_header(bench_proc *p, bench_conn *c, char *out, size_t outlen)
+{
+    (void)p, (void)c;
+    snprintf(out, outlen, "Sec-WebSocket-Protocol: xmpp\r\n");
+    return PX_OK;
+}
+
+/* Opens the stream, after the upgrade and again after the SASL success. */
+static void bench_xmpp_opened(bench_proc *p, bench_conn *c)
+{
+    char st[256];
+    snprintf(st, sizeof(st), "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='%s' version='1.0'/>",
+             p->o->domain);
+    bench_xmpp_str(p, c, st);
+}
+
+static void bench_xmpp_refused(bench_proc *p, bench_conn *c, const char *s, size_t len)
+{
+    char why[96];
+    snprintf(why, sizeof(why), "refused: %.*s", (int)PX_MIN(len, (size_t)80), s);
+    bench_conn_fail(p, c, why);
+}
+
+static void bench_xmpp_features(bench_proc *p, bench_conn *c, const char *s, size_t len)
+{
+    if (bench_xml_has(s, len, "urn:ietf:params:xml:ns:xmpp-bind"))
+        bench_xmpp_str(p, c, "<iq xmlns='jabber:client' type='set' id='bind'>"
+                       "<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>");
+    else if (bench_xml_has(s, len, ">ANONYMOUS<"))
+        bench_xmpp_str(p, c, "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='ANONYMOUS'/>");
+    else
+        bench_xmpp_refused(p, c, s, len);
+}
+
+static void bench_xmpp_on_text(bench_proc *p, bench_conn *c, const char *s, size_t len)
+{
+    char text[4096];
+    if (bench_xml_is(s, len, "<message")) {
+        if (bench_xml_has(s, len, "type='error'") || bench_xml_has(s, len, "type=\"error\"")) {
+            p->st.errors++; /* a bounce: its body is ours, but it never reached the receiver */
+            return;
+        }
+        bench_xml_text(s, len, "body", text, sizeof(text));
+        bench_on_message(p, c, NULL, text);
+    } else if (bench_xml_is(s, len, "<stream:features")) {
+        bench_xmpp_features(p, c, s, len);
+    } else if (bench_xml_is(s, len, "<success")) {
+        bench_xmpp_opened(p, c); /* the stream restarts after SASL */
+    } else if (bench_xml_is(s, len, "<iq") && bench_xml_has(s, len, "<jid>")) {
+        bench_xml_text(s, len, "jid", text, sizeof(text));
+        free(c->jid);
+        c->jid = px_strdup(text);
+        bench_on_synced(p, c);
+    } else if (!bench_xml_is(s, len, "<open")) {
+        bench_xmpp_refused(p, c, s, len); /* <failure>, <close/>, <stream:error>, an iq error */
+    }
+}
+
+static void bench_xmpp_message(bench_proc *p, bench_conn *c, const char *field, const char *to,
+                               uint64_t seq, const char *body)
+{
+    (void)field;
+    char st[4400];
+    int len = snprintf(st, sizeof(st), "<message xmlns='jabber:client' type='chat' to='%s' "
+                       "id='m%" PRIu64 "'><body>%s</body></message>", to, seq, body);
+    bench_conn_text(p, c, st, (size_t)PX_MIN(len, (int)sizeof(st) - 1));
+}
+
+/* The full JID the receiver bound: anonymous logins get a random one. */
+static void bench_xmpp_address(const bench_proc *p, const bench_conn *c, char *out, size_t outlen)
+{
+    if (c->jid != NULL)
+        snprintf(out, outlen, "%s", c->jid);
+    else
+        snprintf(out, outlen, "nobody@%s", p->o->domain); /* its messages bounce */
+}
+
+static const bench_proto bench_xmpp = {
+    .name = "xmpp", .path = "/ws", .header = bench_xmpp_header, .opened = bench_xmpp_opened,
+    .on_text = bench_xmpp_on_text, .message = bench_xmpp_message, .address = bench_xmpp_address,
+    .answers_sends = 0,
+};
 
 static void bench_seen_alloc(bench_proc *p, uint64_t nseq)
 {
@@ -1349,12 +1528,13 @@ static void bench_rate_child(bench_proc *p, int k, int out_fd)
         p->c[i] = (bench_conn){ .fd = -1, .role = 'r', .user = first + i, .gw = 0 };
         p->c[np + i] = (bench_conn){ .fd = -1, .role = 's', .user = first + i,
                                      .gw = (uint8_t)(o->ngw - 1) };
-        bench_user_name(p, &p->c[i], names[i], sizeof(names[i]));
     }
     p->st.conns = p->n;
     int64_t deadline = bench_now() + (int64_t)o->connect_timeout_s * 1000000000LL;
     bench_proc_connect(p, 0, np, deadline);      /* receivers first: nothing waits in inboxes */
     bench_proc_connect(p, np, 2 * np, deadline);
+    for (uint32_t i = 0; i < np; i++)
+        o->proto->address(p, &p->c[i], names[i], sizeof(names[i]));
     p->st.t_ready = bench_now();
     bench_write_all(out_fd, &p->st, sizeof(p->st));
     bench_proc_wait_cmd(p);
@@ -1374,7 +1554,8 @@ static void bench_rate_child(bench_proc *p, int k, int out_fd)
     int64_t grace = p->st.t_send_end + (int64_t)o->grace_s * 1000000000LL;
     while (bench_now() < grace && (p->chaos != NULL ? !bench_chaos_done(p)
                                    : p->st.received < p->st.sends ||
-                                     p->st.sent_ok + p->st.errors < p->st.sends))
+                                     (o->proto->answers_sends &&
+                                      p->st.sent_ok + p->st.errors < p->st.sends)))
         bench_proc_step(p, 10);
     for (uint32_t i = 0; i < np; i++)
         bench_ack_flush(p, &p->c[i]);
@@ -1444,6 +1625,9 @@ static json_t *bench_rate_json(const bench_opts *o, const bench_stats *ready, co
                           bench_hist_json(&st->lat));
     json_object_set_new(j, "acked", json_integer((json_int_t)st->acks));
     json_object_set_new(j, "grace_s", json_integer(o->grace_s));
+    json_object_set_new(j, "proto", json_string(o->proto->name));
+    if (!o->proto->answers_sends) /* XMPP has no `sent`: unknown, not none */
+        json_object_set_new(j, "sent_answers", json_null());
     return j;
 }
 
@@ -1806,7 +1990,9 @@ static void bench_usage(void)
             "  --members N (256)  --msgs N (30): group; --rate is then its send rate\n"
             "  --devices D (1): group: each member online on D devices\n"
             "  --upgrade-only          idle: count connections at the 101, not at `synced`\n"
-            "  --window S (10)         chaos: the fault window lasts S past the fault's end\n");
+            "  --window S (10)         chaos: the fault window lasts S past the fault's end\n"
+            "  --proto parley|xmpp     xmpp: rate, latency, max, idle against an XMPP server's\n"
+            "                          WebSocket (/ws), SASL ANONYMOUS; --domain D (localhost)\n");
 }
 
 static int bench_parse_pids(const char *s, bench_opts *o)
@@ -1833,14 +2019,14 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         { "src-base", 1, 0, 'B' }, { "connect-timeout", 1, 0, 'T' },
         { "upgrade-only", 0, 0, 'O' }, { "max-p99", 1, 0, 'X' }, { "steps", 1, 0, 'N' },
         { "members", 1, 0, 'M' }, { "msgs", 1, 0, 'K' }, { "devices", 1, 0, 'D' },
-        { "window", 1, 0, 'W' },
+        { "window", 1, 0, 'W' }, { "proto", 1, 0, 'x' }, { "domain", 1, 0, 'o' },
         { 0, 0, 0, 0 }
     };
     *o = (bench_opts){ .conns = 10000, .procs = 2, .pairs = 100, .duration_s = 20, .grace_s = 10,
                        .hold_s = 5, .settle_s = 3, .connect_timeout_s = 120, .inflight = 200,
                        .body_bytes = 100, .pending = 10000, .src_base = 10, .rate = 1000,
                        .max_p99_ms = 100, .steps = 3, .members = 256, .msgs = 30, .devices = 1,
-                       .window_s = 10,
+                       .window_s = 10, .proto = &bench_parley, .domain = "localhost",
                        .secret = getenv("PARLEY_JWT_SECRET") };
     const char *url = "ws://127.0.0.1:8080", *url2 = NULL;
     int ch, rate_set = 0;
@@ -1870,12 +2056,23 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         case 'D': o->devices = atoi(optarg); break;
         case 'K': o->msgs = atoi(optarg); break;
         case 'W': o->window_s = atoi(optarg); break;
+        case 'x':
+            if (strcmp(optarg, "xmpp") != 0 && strcmp(optarg, "parley") != 0)
+                return PX_ERROR;
+            o->proto = strcmp(optarg, "xmpp") == 0 ? &bench_xmpp : &bench_parley;
+            break;
+        case 'o': o->domain = optarg; break;
         default: return PX_ERROR;
         }
     }
-    if (optind != argc - 1 || o->secret == NULL)
+    if (optind != argc - 1 || (o->secret == NULL && o->proto == &bench_parley))
         return PX_ERROR;
     o->scenario = argv[optind];
+    /* Groups, pending messages and the fault client are Parley's, not the peer's. */
+    if (o->proto == &bench_xmpp && (strcmp(o->scenario, "group") == 0 ||
+                                    strcmp(o->scenario, "sync") == 0 ||
+                                    strcmp(o->scenario, "chaos") == 0))
+        return PX_ERROR;
     if (strcmp(o->scenario, "latency") == 0 && !rate_set)
         o->rate = 100;
     o->chaos = strcmp(o->scenario, "chaos") == 0;

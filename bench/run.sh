@@ -6,27 +6,37 @@
 #   stack    the microservices over a private Kafka + MongoDB-wire server
 #            (own ports and data folder, so a running `make run` or
 #            `make test` is left alone): presence, message-store, receipt,
-#            group-fanout and two gateways.
-# Writes bench/results/latest.{json,md} (both modes, machine, load average,
-# settings) and stops everything it started. Timings are reported, never
-# asserted. The whole set is sized to finish in under 10 minutes on 2 cores.
+#            group-fanout and two gateways;
+#   peer     Debian's ejabberd, a server users already know, driven by the
+#            same parley-bench over XMPP-over-WebSocket (--proto xmpp):
+#            the latency, rate, max and idle (synced = bound) scenarios,
+#            a private instance per scenario (bench/ejabberd.sh).
+# Writes bench/results/latest.{json,md} (every mode, machine, load average,
+# settings) and latency.svg (p50 and p99 against offered rate, gnuplot,
+# bench/latency.gp), and stops everything it started. Timings are reported,
+# never asserted. The whole set is sized to finish in under 10 minutes on
+# 2 cores.
 #
 # Environment (defaults):
-#   BENCH_MODES ("parleyd stack")  BENCH_PAIRS (100)  BENCH_DURATION (10)
+#   BENCH_MODES ("parleyd stack peer")  BENCH_PAIRS (100)  BENCH_DURATION (10)
 #   BENCH_SCENARIOS ("latency rate max group groupdevices sync idle"): which
 #     to run; groupdevices is the group scenario with every member on
 #     BENCH_GROUP_DEVICES (3) devices (issue 17)
 #   BENCH_PD_RATES ("1000 10000")  BENCH_STACK_RATES ("100 1000")
-#   BENCH_PD_MAX_FROM (500)  BENCH_STACK_MAX_FROM (50): where max's ladder starts
+#   BENCH_PEER_RATES (BENCH_PD_RATES): the peer runs parleyd's rate steps
+#   BENCH_PD_MAX_FROM (500)  BENCH_STACK_MAX_FROM (50)  BENCH_PEER_MAX_FROM (1000):
+#     where max's ladder starts
 #   BENCH_MAX_STEP_S (4)  BENCH_GROUP_MSGS (30)
 #   BENCH_PD_SYNC_PENDING (10000)  BENCH_STACK_SYNC_PENDING (2000); 0 skips
 #   BENCH_IDLE_SYNCED (1000): idle connections each waiting for `synced`
+#   BENCH_PEER_IDLE_CONNS (3000): the same for the peer (bound); fewer leave
+#     its memory per connection lost in the Erlang VM's own swings
 #   BENCH_PD_IDLE_CONNS (0)  BENCH_STACK_IDLE_CONNS (30000): idle connections
 #     counted at the 101 upgrade (the gateway's own memory and connect rate
 #     at the target's scale; 2 gateways in stack mode)
 #   BENCH_IDLE_PROCS (3)  BENCH_IDLE_HOLD (5)  BENCH_OUT (bench/results)  BENCH_KEEP_LOGS (0)
 #   BENCH_LATENCY_RATE (100): the latency scenario's fixed rate; 0 skips it
-#   BENCH_PD_PORT (28600)
+#   BENCH_PD_PORT (28600)  BENCH_EJ_PORT (26950): ejabberd's WebSocket listener
 #   BENCH_KAFKA_PORT (29492, +1) BENCH_MONGO_PORT (27048; its PostgreSQL -1000)
 #   BENCH_GW_PORT (28481, +1, +10..+13): every default port sits below the
 #   ephemeral range (32768-60999), where an outgoing connection could hold it
@@ -39,7 +49,7 @@ cd "$(dirname "$0")/.."
 build=${1:-build/rel}
 bench=$build/bin/parley-bench
 
-MODES=${BENCH_MODES:-parleyd stack}
+MODES=${BENCH_MODES:-parleyd stack peer}
 IDLE_SYNCED=${BENCH_IDLE_SYNCED:-1000}
 IDLE_PROCS=${BENCH_IDLE_PROCS:-3}
 IDLE_HOLD=${BENCH_IDLE_HOLD:-5}
@@ -50,6 +60,7 @@ GROUP_MSGS=${BENCH_GROUP_MSGS:-30}
 OUT=${BENCH_OUT:-bench/results}
 GW_PORT=${BENCH_GW_PORT:-28481}
 PD_PORT=${BENCH_PD_PORT:-28600}
+EJ_PORT=${BENCH_EJ_PORT:-26950}
 LATENCY_RATE=${BENCH_LATENCY_RATE:-100}
 
 say() { echo "bench: $*" >&2; }
@@ -61,6 +72,8 @@ step="checking the setup"
 command -v jq >/dev/null || die "jq is needed for the report (apt-get install jq)"
 [ -x "$bench" ] || die "$bench is missing; run make first"
 [ -x "$build/bin/parleyd" ] || [[ $MODES != *parleyd* ]] || die "$build/bin/parleyd is missing"
+[[ $MODES != *peer* ]] || bash bench/ejabberd.sh check ||
+  die "the peer mode needs Debian's ejabberd (deploy/local/deps.sh bench, or BENCH_MODES without peer)"
 
 # Each gateway holds up to 15k sockets and each load process up to 10k.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -160,6 +173,10 @@ services_up() { # tag
   pids=()
   # A leftover listener on the port would answer /readyz for a process that never bound it.
   ! curl -fs -o /dev/null "http://127.0.0.1:$PD_PORT/readyz" || die "port $PD_PORT is taken"
+  if [ "$mode" = peer ]; then
+    peer_up "$1"
+    return
+  fi
   if [ "$mode" = parleyd ]; then
     PARLEY_DATA_DIR=$workdir/pd-$1 PARLEY_LISTEN=127.0.0.1:$PD_PORT \
       "$build/bin/parleyd" >>"$workdir/parleyd.log" 2>&1 &
@@ -185,6 +202,24 @@ services_up() { # tag
   metrics_port=$((GW_PORT + 11))
   urls=(--url "ws://127.0.0.1:$GW_PORT" --url2 "ws://127.0.0.1:$((GW_PORT + 1))"
     --gw-pids "${pids[3]},${pids[4]}")
+}
+# A private ejabberd per scenario, ready when its HTTP listener answers (it
+# opens its listeners last). It logs into its own folder, kept with the rest.
+peer_up() { # tag
+  local i
+  ! curl -s -o /dev/null "http://127.0.0.1:$EJ_PORT/" || die "port $EJ_PORT is taken"
+  bash bench/ejabberd.sh "$workdir/ejabberd-$1" "$EJ_PORT" >>"$workdir/ejabberd.log" 2>&1 &
+  pids+=($!)
+  for ((i = 0; i < 600; i++)); do
+    curl -s -o /dev/null "http://127.0.0.1:$EJ_PORT/ws" && break
+    kill -0 "${pids[0]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  curl -s -o /dev/null "http://127.0.0.1:$EJ_PORT/ws" ||
+    { tail -n 20 "$workdir/ejabberd.log" "$workdir/ejabberd-$1"/*.log >&2; die "ejabberd never listened on $EJ_PORT"; }
+  comp=([ejabberd]=${pids[0]})
+  metrics_port=
+  urls=(--proto xmpp --url "ws://127.0.0.1:$EJ_PORT" --gw-pids "${pids[0]}")
 }
 services_down() {
   local p
@@ -265,10 +300,14 @@ GROUP_DEVICES=${BENCH_GROUP_DEVICES:-3}
 want() { [[ $SCENARIOS == *" $1 "* ]]; }
 # mode: the standard set for one mode; the per-mode sizes are in the header.
 scenarios() {
-  local r rates max_from pending idle_conns
+  local r rates max_from pending idle_conns idle_synced=$IDLE_SYNCED
   if [ "$mode" = parleyd ]; then
     rates=${BENCH_PD_RATES:-1000 10000} max_from=${BENCH_PD_MAX_FROM:-500}
     pending=${BENCH_PD_SYNC_PENDING:-10000} idle_conns=${BENCH_PD_IDLE_CONNS:-0}
+  elif [ "$mode" = peer ]; then
+    # The peer has no groups and no pending-message sync to compare.
+    rates=${BENCH_PEER_RATES:-${BENCH_PD_RATES:-1000 10000}} max_from=${BENCH_PEER_MAX_FROM:-1000}
+    pending=0 idle_conns=0 idle_synced=${BENCH_PEER_IDLE_CONNS:-3000}
   else
     stack_up
     rates=${BENCH_STACK_RATES:-100 1000} max_from=${BENCH_STACK_MAX_FROM:-50}
@@ -283,13 +322,13 @@ scenarios() {
   ! want max ||
     run max max --rate "$max_from" --pairs "$PAIRS" --duration "$MAX_STEP_S" --procs 1 --grace 3 \
       --settle 2 --steps 2
-  ! want group || run group group --msgs "$GROUP_MSGS" --rate 10 --grace 20 --settle 2
-  ! want groupdevices ||
+  [ "$mode" = peer ] || ! want group || run group group --msgs "$GROUP_MSGS" --rate 10 --grace 20 --settle 2
+  [ "$mode" = peer ] || ! want groupdevices ||
     run groupdevices group --msgs "$GROUP_MSGS" --rate 10 --grace 20 --settle 2 \
       --devices "$GROUP_DEVICES"
   [ "$pending" -le 0 ] || ! want sync || run sync sync --pending "$pending" --grace 60
-  [ "$IDLE_SYNCED" -le 0 ] || ! want idle ||
-    run idlesynced idle --conns "$IDLE_SYNCED" --procs "$IDLE_PROCS" --hold "$IDLE_HOLD"
+  [ "$idle_synced" -le 0 ] || ! want idle ||
+    run idlesynced idle --conns "$idle_synced" --procs "$IDLE_PROCS" --hold "$IDLE_HOLD"
   [ "$idle_conns" -le 0 ] || ! want idle ||
     run idle idle --conns "$idle_conns" --procs "$IDLE_PROCS" --hold "$IDLE_HOLD" --upgrade-only
 }
@@ -308,6 +347,7 @@ jq -s --arg when "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg commit "$(git rev-parse 
   --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
   --arg mongo "$(command -v mongod >/dev/null && echo mongod || echo "FerretDB 1.24 over ${PARLEY_FERRETDB_BACKEND:-$(ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 && echo PostgreSQL || echo SQLite)}")" \
   --arg load0 "$load_start" --arg load1 "$(cut -d' ' -f1-3 /proc/loadavg)" --argjson total "$total" \
+  --arg ejabberd "$(dpkg-query -W -f='${Version}' ejabberd 2>/dev/null || echo unknown)" \
   '{when: $when, commit: $commit, run_seconds: $total,
     load_average_start: $load0, load_average_end: $load1,
     machine: {nproc: $nproc, mem_total_kb: $mem, kernel: $kernel, cpu: $cpu},
@@ -318,7 +358,10 @@ jq -s --arg when "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg commit "$(git rev-parse 
               kafka: "Apache Kafka 4.1 KRaft, one node, 8 partitions", store: $mongo,
               gateways: 2, gateway_workers: 2, presence_cache_ms: 2000,
               topology: "1:1 receivers on gateway 1, senders on gateway 2 (every message crosses gateways); group members alternate",
-              all_on_one_machine: true}},
+              all_on_one_machine: true},
+      peer: {what: ("ejabberd " + $ejabberd + " (Debian), XMPP over WebSocket (RFC 7395), SASL ANONYMOUS, Mnesia, one node"),
+             topology: "senders address their receiver'"'"'s bound full JID; no presence, no acks, no `sent` answer (XMPP has none), nothing stored",
+             listeners: 1, all_on_one_machine: true}},
     body_bytes: 100,
     results: .}' "$results" >"$OUT/latest.json"
 
@@ -328,12 +371,14 @@ jq -r '
   def ms: if . == null then "-" else "\(f2) ms" end;
   def cpu: [to_entries[] | select(.value >= 1) | "\(.key) \(.value | round)%"] | join(", ");
   def cpulines: .[] | "CPU, \(.mode) \(.scenario) \(.rate // .conns // .pending // "" | if type == "number" then round else . end): \(.cpu_percent | cpu).";
-  "# Parley benchmark: parleyd and microservices",
+  "# Parley benchmark: parleyd, microservices and a peer",
   "",
   "\(.when), commit \(.commit); \(.machine.nproc) cores (\(.machine.cpu)), \(.machine.mem_total_kb / 1048576 | f1) GiB, Linux \(.machine.kernel); whole `make bench` run \(.run_seconds) s.",
   "Load average at the start \(.load_average_start), at the end \(.load_average_end): the 2 cores are shared with other work, so every figure is noisy and a floor, not a capacity.",
   "",
-  "Modes: **parleyd**: \(.modes.parleyd.what). **stack**: \(.modes.stack.what); \(.modes.stack.topology). Each scenario runs on freshly started services (fresh data folder, or fresh topics and database). The load generator runs on the same cores.",
+  "Modes: **parleyd**: \(.modes.parleyd.what). **stack**: \(.modes.stack.what); \(.modes.stack.topology). **peer**: \(.modes.peer.what); \(.modes.peer.topology). Each scenario runs on freshly started services (fresh data folder, or fresh topics and database). The load generator runs on the same cores.",
+  "",
+  "Latency against offered rate, every mode: [latency.svg](latency.svg) (p99 solid, p50 dashed).",
   "",
   ([.results[] | select(.scenario == "latency")] | select(length > 0) |
     "## Latency floor: 1:1 at a low fixed rate (\(.[0].pairs) pairs, \(.[0].duration_s) s), where nothing queues",
@@ -347,7 +392,7 @@ jq -r '
     "",
     "| mode | offered rate | delivered/s | `sent` answers | not received | p50 | p90 | p99 | p99.9 | max |",
     "|---|---|---|---|---|---|---|---|---|---|",
-    (.[] | "| \(.mode) | \(.rate | round)/s | \(.delivered_per_s | round) | \(.sent_answers) of \(.sends) | \(.not_received) | \(.latency_ms.p50 | ms) | \(.latency_ms.p90 | ms) | \(.latency_ms.p99 | ms) | \(.latency_ms.p999 | ms) | \(.latency_ms.max | ms) |"),
+    (.[] | "| \(.mode) | \(.rate | round)/s | \(.delivered_per_s | round) | \(if .sent_answers == null then "none in XMPP" else "\(.sent_answers) of \(.sends)" end) | \(.not_received) | \(.latency_ms.p50 | ms) | \(.latency_ms.p90 | ms) | \(.latency_ms.p99 | ms) | \(.latency_ms.p999 | ms) | \(.latency_ms.max | ms) |"),
     "",
     "Latency is send to receive (the sender stamps CLOCK_MONOTONIC into the body; one machine, one clock).",
     "", cpulines, ""),
@@ -381,7 +426,7 @@ jq -r '
     "|---|---|---|---|---|---|---|---|---|---|",
     (.[] | "| \(.mode) | \(.conns) | `\(.counted_at)` | \(.procs) | \(.synced) | \(.failed) | \(.conns_per_s | round)/s | \(.connect_to_ready_ms.p50 | f1) / \(.connect_to_ready_ms.p99 | f1) ms | \([.gateways[] | "\(.bytes_per_conn / 1024 | f2) KiB (\(.conns))"] | join(", ")) | \(.dropped_while_held) |"),
     "",
-    "`synced` needs presence and message-store to write and read the store for every connection; `upgrade` is the gateway alone (HTTP upgrade, token check, registration). In parleyd the RSS is the whole process, every service included.",
+    "`synced` needs presence and message-store to write and read the store for every connection; `upgrade` is the gateway alone (HTTP upgrade, token check, registration). In parleyd the RSS is the whole process, every service included; for the peer, ejabberd'"'"'s whole Erlang VM, `synced` being its resource bind.",
     "", cpulines, ""),
   ([.results[] | select(.scenario == "rate" and (.store_ms | length) > 0)] | select(length > 0) |
     "## Where message-store spends its time (its own `parley_msgstore_store_ms` histograms, per rate run)",
@@ -393,5 +438,31 @@ jq -r '
     "")
 ' "$OUT/latest.json" >"$OUT/latest.md"
 
-say "results: $OUT/latest.md and $OUT/latest.json (whole run $total s)"
+# ---- the chart: latency against offered rate, one line pair per mode -----------
+
+# Every 1:1 run of a mode (latency, rate, max's ladder steps) where at most
+# 1% never arrived, one per offered rate (a 10 s run before a ladder step).
+chart() {
+  local m data=$workdir/latency.dat titles=""
+  command -v gnuplot >/dev/null || { say "warning: no gnuplot (deploy/local/deps.sh bench): no chart"; return 0; }
+  : >"$data"
+  for m in $MODES; do
+    jq -r --arg m "$m" '[.results[] | select(.mode == $m) |
+        if .scenario == "max" then (.steps[] | . + {prio: 1})
+        elif .scenario == "rate" or .scenario == "latency" then . + {prio: 0} else empty end |
+        select(.sends > 0 and .not_received <= 0.01 * .sends)] |
+      group_by(.rate) | map(sort_by(.prio)[0]) | .[] |
+      "\(.rate) \(.latency_ms.p50) \(.latency_ms.p99)"' "$OUT/latest.json" >"$workdir/points"
+    [ -s "$workdir/points" ] || continue
+    { cat "$workdir/points"; printf '\n\n'; } >>"$data"
+    titles+="${titles:+ }$([ "$m" = peer ] && echo ejabberd || echo "$m")"
+  done
+  [ -n "$titles" ] || return 0
+  gnuplot -e "data='$data'; out='$OUT/latency.svg'; titles='$titles'" \
+    -e "note='make bench at $(jq -r .commit "$OUT/latest.json"), $(jq -r .when "$OUT/latest.json"), load average $load_start at the start; runs with over 1% never received left out'" \
+    bench/latency.gp || say "warning: gnuplot failed; no chart"
+}
+chart
+
+say "results: $OUT/latest.md, $OUT/latest.json and $OUT/latency.svg (whole run $total s)"
 cat "$OUT/latest.md"

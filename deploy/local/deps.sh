@@ -3,6 +3,8 @@
 #   deps.sh        everything (build, tests, the local Kafka + MongoDB-wire stack)
 #   deps.sh build  only what building needs (`make run`: parleyd needs no stack)
 #   deps.sh image  a container engine and what makes a base image (`make image`)
+#   deps.sh bench  what `make bench` needs beyond that: ejabberd, the peer it
+#                  measures beside Parley, and gnuplot for its chart
 set -euo pipefail
 
 PKGS=(build-essential pkg-config librdkafka-dev libmicrohttpd-dev libwslay-dev
@@ -10,7 +12,8 @@ PKGS=(build-essential pkg-config librdkafka-dev libmicrohttpd-dev libwslay-dev
       protobuf-c-compiler libjansson-dev libsqlite3-dev libssl-dev libcurl4-openssl-dev)
 [ "${1:-all}" = image ] &&
   PKGS=(podman buildah runc containernetworking-plugins fuse-overlayfs uidmap debootstrap)
-[ "${1:-all}" = build ] || [ "${1:-all}" = image ] ||
+[ "${1:-all}" = bench ] && PKGS=(ejabberd gnuplot-nox)
+[ "${1:-all}" = build ] || [ "${1:-all}" = image ] || [ "${1:-all}" = bench ] ||
   PKGS+=(kcat jq curl default-jre-headless maven golang-go postgresql chromium nodejs npm
          python3-jwt python3-cryptography clang libclang-rt-dev)
 
@@ -38,3 +41,11 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${filtered[@]}" >/dev/null
+# The package starts a system-wide ejabberd (ports 5222, 5269, 5280, 5443)
+# where systemd runs; the bench starts its own (bench/ejabberd.sh, other
+# ports, no Erlang distribution) and needs only the code, so the service
+# this script just installed is stopped and disabled. One that was there
+# before is left alone.
+if [[ " ${filtered[*]} " == *" ejabberd "* ]] && [ -d /run/systemd/system ]; then
+  $SUDO systemctl disable --now ejabberd >/dev/null 2>&1 || true
+fi
