@@ -396,6 +396,17 @@ jq -r '
     "",
     "Latency is send to receive (the sender stamps CLOCK_MONOTONIC into the body; one machine, one clock).",
     "", cpulines, ""),
+  ([.results[] | select(.scenario == "rate" or .scenario == "latency")] as $runs |
+    (["parleyd", "stack", "peer"] | map(select(. as $m | $runs | any(.mode == $m)))) as $modes |
+    select($runs | any(.mode == "peer")) |
+    "## Beside the peer: 1:1 p50 / p99 by offered rate (the latency and rate runs above)",
+    "",
+    "| offered rate | \($modes | map(if . == "peer" then "peer (ejabberd)" else . end) | join(" | ")) |",
+    "|---|\($modes | map("---") | join("|"))|",
+    ($runs | map(.rate) | unique[] as $r |
+      "| \($r | round)/s | \([$modes[] as $m | [$runs[] | select(.mode == $m and .rate == $r)][0] |
+        if . == null then "" else "\(.latency_ms.p50 | f2) / \(.latency_ms.p99 | f2) ms\(if .not_received > 0 then ", \(.not_received) missing" else "" end)" end] | join(" | ")) |"),
+    ""),
   ([.results[] | select(.scenario == "max")] | select(length > 0) |
     "## Highest rate with p99 under \(.[0].max_p99_ms | round) ms (ladder of \(.[0].step_s) s runs, fresh users each)",
     "",
