@@ -112,6 +112,8 @@ cleanup() {
     cp "$PARLEY_STACK_DIR"/*.log "$workdir/" 2>/dev/null || true
     bash deploy/local/stack.sh destroy >&2 || true
   fi
+  # A run without the stack (parleyd and peer only) leaves no empty folder.
+  [ -n "${BENCH_STACK_DIR:-}" ] || rmdir "$PARLEY_STACK_DIR" 2>/dev/null || true
   if [ "$keep_logs" = 1 ]; then say "service logs kept in $workdir"; else rm -rf "$workdir"; fi
 }
 trap cleanup EXIT
