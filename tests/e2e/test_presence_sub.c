@@ -288,6 +288,32 @@ START_TEST(subscriptions_are_capped_and_checked)
 }
 END_TEST
 
+/* A gateway killed with a watched user on it: the user turns offline for
+ * the watchers once presence expires the silent gateway (10 heartbeats,
+ * 5 s here). Stack only: in parleyd the gateway's death is the whole
+ * process's, watchers included. */
+START_TEST(a_dead_gateway_turns_its_users_offline)
+{
+    if (strcmp(getenv("PARLEY_E2E_MODE") ? getenv("PARLEY_E2E_MODE") : "", "parleyd") == 0) {
+        fprintf(stderr, "report: presence_sub: parleyd has one gateway; its kill -9 kills all\n");
+        return;
+    }
+    char alice[65], bob[65];
+    e2e_user("ka", alice);
+    e2e_user("kb", bob);
+    client *a = connect_synced(alice, E2E_GW1), *b = connect_synced(bob, E2E_GW2);
+    contacts_and_watch(a, bob, b);
+    int64_t t0 = px_now_ms();
+    e2e_kill9(E2E_GW2);
+    json_t *m = until_presence(a, bob, 0);
+    ck_assert_int_ge(last_seen(m), t0);
+    json_decref(m);
+    client_free(b);
+    ck_assert_int_eq(e2e_restart(E2E_GW2), 0);
+    client_free(a);
+}
+END_TEST
+
 /* parleyctl presence prints one JSON line per user asked about. */
 START_TEST(parleyctl_prints_presence)
 {
@@ -331,6 +357,7 @@ static Suite *presence_sub_suite(void)
     tcase_add_test(tc, flapping_is_damped);
     tcase_add_test(tc, subscriptions_are_capped_and_checked);
     tcase_add_test(tc, parleyctl_prints_presence);
+    tcase_add_test(tc, a_dead_gateway_turns_its_users_offline);
     suite_add_tcase(s, tc);
     return s;
 }
