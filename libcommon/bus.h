@@ -86,6 +86,12 @@ int bus_consume_fd(bus *b);
  * shutdown). Thread-safe. */
 void bus_wakeup(bus *b);
 
+/* How many partitions the consumer group gave this bus at its last
+ * assignment (0 before the first, and between a revoke and the next);
+ * readiness checks of a consumer that must own partitions (a gateway's
+ * own delivery topic) read it. Thread-safe. */
+int bus_assigned(bus *b);
+
 /* ---- bus_util.c: on top of the calls above, for either implementation ---- */
 
 /* bus_produce that rides out a full local queue for up to wait_ms by

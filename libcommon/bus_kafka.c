@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdatomic.h>
 #include <strings.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -33,6 +34,7 @@ struct bus {
     int efd;                 /* eventfd signalled when cq has events, or -1 */
     bus_dr_cb dr_cb;
     int partitions;
+    atomic_int assigned;     /* partitions of the last assignment (bus_assigned) */
 };
 
 static int bus_set(rd_kafka_conf_t *conf, const char *k, const char *v, char *err, size_t errlen)
@@ -107,8 +109,10 @@ static void bus_on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                              rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
     rd_kafka_resp_err_t e;
+    bus *b = opaque;
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
         e = rd_kafka_assign(rk, parts);
+        atomic_store(&b->assigned, e == RD_KAFKA_RESP_ERR_NO_ERROR ? parts->cnt : 0);
         log_info("partitions assigned", "{s:i, s:s}", "count", parts->cnt, "result",
                  rd_kafka_err2name(e));
         return;
@@ -122,6 +126,7 @@ static void bus_on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             log_warn("commit on revoke failed", "{s:s}", "error", rd_kafka_err2str(e));
     }
     rd_kafka_assign(rk, NULL);
+    atomic_store(&b->assigned, 0);
     log_info("partitions revoked", "{s:i, s:s}", "count", parts->cnt, "reason",
              rd_kafka_err2name(err));
 }
@@ -382,6 +387,45 @@ static rd_kafka_AdminOptions_t *bus_admin_options(bus *b, int timeout_ms)
     return opts;
 }
 
+/* 1 once a broker's metadata shows topic with every partition led. */
+static int bus_topic_visible(bus *b, const char *topic)
+{
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(b->rk, topic, NULL);
+    const struct rd_kafka_metadata *md = NULL;
+    int ok = rkt != NULL && rd_kafka_metadata(b->rk, 0, rkt, &md, 2000) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+             md->topic_cnt == 1 && md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR &&
+             md->topics[0].partition_cnt > 0;
+    for (int i = 0; ok && i < md->topics[0].partition_cnt; i++)
+        ok = md->topics[0].partitions[i].err == RD_KAFKA_RESP_ERR_NO_ERROR &&
+             md->topics[0].partitions[i].leader >= 0;
+    if (md != NULL)
+        rd_kafka_metadata_destroy(md);
+    if (rkt != NULL)
+        rd_kafka_topic_destroy(rkt);
+    return ok;
+}
+
+/* A topic just created is known to the controller first and to the brokers
+ * a moment later: a consumer that joins its group meanwhile can be given
+ * no partitions of it, and librdkafka (2.0) did not always join again when
+ * they appeared (a gateway of the chaos runs on a loaded HA stack held 0
+ * partitions of its delivery topic for minutes: its clients never got
+ * `synced`). So creating waits until each topic is seen led. */
+static int bus_wait_visible(bus *b, const char *const *topics, size_t n, int timeout_ms,
+                            char *err, size_t errlen)
+{
+    int64_t deadline = px_mono_ms() + timeout_ms;
+    for (size_t i = 0; i < n; i++) {
+        while (!bus_topic_visible(b, topics[i])) {
+            if (px_mono_ms() > deadline)
+                return px_err(err, errlen, "topic %s: not in the brokers' metadata after %d ms",
+                              topics[i], timeout_ms);
+            usleep(100 * 1000);
+        }
+    }
+    return PX_OK;
+}
+
 int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_ms,
                       char *err, size_t errlen)
 {
@@ -411,6 +455,8 @@ int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_m
         goto out;
     }
     rc = bus_topic_results(ev, err, errlen);
+    if (rc == PX_OK)
+        rc = bus_wait_visible(b, topics, n, timeout_ms, err, errlen);
 out:
     if (ev != NULL)
         rd_kafka_event_destroy(ev);
@@ -441,6 +487,11 @@ int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
         rd_kafka_fatal_error(b->rk, fatal, sizeof(fatal)) != RD_KAFKA_RESP_ERR_NO_ERROR)
         return px_err(err, errlen, "produce to %s: fatal: %s", topic, fatal);
     return px_err(err, errlen, "produce to %s: %s", topic, rd_kafka_err2str(e));
+}
+
+int bus_assigned(bus *b)
+{
+    return atomic_load(&b->assigned);
 }
 
 void bus_poll(bus *b, int timeout_ms)

@@ -1308,6 +1308,15 @@ int bus_consume_fd(bus *b)
     return b->efd;
 }
 
+/* One process holds every partition of the topics it subscribed to. */
+int bus_assigned(bus *b)
+{
+    pthread_mutex_lock(&b->h->mu);
+    int n = (int)b->npos; /* one position per subscribed partition */
+    pthread_mutex_unlock(&b->h->mu);
+    return n;
+}
+
 void bus_wakeup(bus *b)
 {
     pthread_mutex_lock(&b->h->mu);

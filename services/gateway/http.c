@@ -122,6 +122,10 @@ int http_readiness(void *arg, char *err, size_t errlen)
     char why[PX_ERRLEN];
     if (last == 0 || px_now_ms() - last > 3 * g->cfg.heartbeat_ms)
         return px_err(err, errlen, "kafka not acknowledging heartbeats");
+    /* This gateway is its delivery topic's only reader: without its
+     * partitions no client of it gets `synced` or a live event. */
+    if (bus_assigned(g->b) == 0)
+        return px_err(err, errlen, "delivery topic not assigned");
     if (store_ping(g->st, why, sizeof(why)) != PX_OK)
         return px_err(err, errlen, "database unreachable");
     return PX_OK;

@@ -233,6 +233,32 @@ START_TEST(same_key_one_partition_in_order)
 }
 END_TEST
 
+/* A consumer joining right after bus_ensure_topics created its topic gets
+ * every partition of it (creating waits until the brokers' metadata shows
+ * the topic led), and bus_assigned says so; 0 before the first assignment.
+ * A gateway's /readyz reads it (issue 16's chaos runs found a gateway
+ * holding none of its fresh delivery topic). */
+START_TEST(fresh_topic_fully_assigned)
+{
+    char topic[128], group[160], err[PX_ERRLEN];
+    unique_name(topic, sizeof(topic), "assign");
+    snprintf(group, sizeof(group), "%s.g", topic);
+    bus *c = open_bus(group, PARTS);
+    create_topic(c, topic);
+    ck_assert_int_eq(bus_assigned(c), 0);
+    subscribe(c, topic);
+    bus_msg m[4];
+    int64_t end = px_mono_ms() + 30000;
+    while (bus_assigned(c) == 0 && px_mono_ms() < end) {
+        int n = bus_consume(c, m, 4, 200, err, sizeof(err));
+        ck_assert_msg(n >= 0, "consume: %s", err);
+        bus_release(c, m, (size_t)n);
+    }
+    ck_assert_int_eq(bus_assigned(c), PARTS);
+    bus_destroy(c);
+}
+END_TEST
+
 /* (b) One report per record, with the record's own opaque, PX_OK, on the
  * partition its key maps to, at the next offset of that partition. The
  * topic has 5 partitions (the broker's auto-create default is 8), so the
@@ -643,6 +669,7 @@ static Suite *bus_suite(void)
     TCase *tc = tcase_create("kafka");
     tcase_set_timeout(tc, 90);
     tcase_add_test(tc, same_key_one_partition_in_order);
+    tcase_add_test(tc, fresh_topic_fully_assigned);
     tcase_add_test(tc, delivery_reports_carry_opaque_partition_and_offset);
     tcase_add_test(tc, uncommitted_records_come_again_after_a_crash);
     tcase_add_test(tc, clean_restart_resumes_after_last_commit);
