@@ -136,6 +136,49 @@ START_TEST(presence_reaches_contacts_across_gateways)
 }
 END_TEST
 
+/* Members of one group are contacts once both joined, without a word
+ * between them: the one who joins and each member before them. An invitee
+ * who has not joined is not. */
+START_TEST(group_members_are_contacts)
+{
+    char alice[65], bob[65], carol[65], gid[65];
+    e2e_user("ga", alice);
+    e2e_user("gb", bob);
+    e2e_user("gc", carol);
+    client *a = connect_synced(alice, E2E_GW1), *b = connect_synced(bob, E2E_GW2);
+    client *c = connect_synced(carol, E2E_GW2);
+    json_t *g = e2e_cmd(a, json_pack("{s:s, s:s, s:s, s:[s, s]}", "type", "group_create", "id",
+                                     "g1", "name", "watchers", "members", bob, carol));
+    snprintf(gid, sizeof(gid), "%s", e2e_str(json_object_get(g, "group"), "id"));
+    json_decref(g);
+    /* carol, invited only, is a stranger to alice. */
+    sub(a, "i1", (const char *const[]){ carol }, 1);
+    json_t *m = next_presence(a, carol);
+    ck_assert_msg(!online(m) && last_seen(m) == 0, "an invitee told: %s", json_dumps(m, 0));
+    json_decref(m);
+    e2e_join(b, gid);
+    e2e_join(c, gid);
+    /* carol joined after bob: bob watches her (polling: the record is
+     * written beside the joined event's inbox put). */
+    int64_t end = px_mono_ms() + E2E_WAIT_MS;
+    for (int i = 0;; i++) {
+        char id[16];
+        snprintf(id, sizeof(id), "j%d", i);
+        sub(b, id, (const char *const[]){ carol }, 1);
+        m = next_presence(b, carol);
+        int on = online(m);
+        json_decref(m);
+        if (on)
+            break;
+        ck_assert_msg(px_mono_ms() < end, "a fellow member never seen online");
+        usleep(100 * 1000);
+    }
+    client_free(a);
+    client_free(b);
+    client_free(c);
+}
+END_TEST
+
 /* A stranger (no chat shared) is answered exactly as a user never seen,
  * even while the user is online, and gets none of the user's changes. */
 START_TEST(a_stranger_learns_nothing)
@@ -353,6 +396,7 @@ static Suite *presence_sub_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, presence_reaches_contacts_across_gateways);
     tcase_add_test(tc, a_stranger_learns_nothing);
+    tcase_add_test(tc, group_members_are_contacts);
     tcase_add_test(tc, the_hide_setting_hides_last_seen);
     tcase_add_test(tc, flapping_is_damped);
     tcase_add_test(tc, subscriptions_are_capped_and_checked);
