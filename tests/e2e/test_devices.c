@@ -71,6 +71,38 @@ static json_t *dev_backlog(const char *user, const char *dev, enum e2e_svc gw)
     return ids;
 }
 
+/* How many of ids (all of the backlog when n is 0) (user, dev) still gets. */
+static size_t backlog_holds(const char *user, const char *dev, enum e2e_svc gw,
+                            const char *const *ids, size_t n)
+{
+    json_t *got = dev_backlog(user, dev, gw);
+    size_t held = n == 0 ? json_array_size(got) : 0;
+    for (size_t i = 0; i < n; i++)
+        held += has_id(got, ids[i]);
+    json_decref(got);
+    return held;
+}
+
+/* An ack is applied after its receipt leaves and after the acker's later
+ * acks are read (message-store's writer deletes the device's marks in
+ * batches), so a sync right after an ack may still hold the id once more
+ * (at least once on the wire). What must hold is that acked ids stop
+ * coming: reconnects until (user, dev) gets none of ids (nothing at all
+ * when n is 0), failing after 30 s; the syncs that still held one are a
+ * report line. */
+static void backlog_drops(const char *user, const char *dev, enum e2e_svc gw,
+                          const char *const *ids, size_t n)
+{
+    int64_t end = px_mono_ms() + 30000;
+    size_t held;
+    int syncs = 0;
+    while ((held = backlog_holds(user, dev, gw, ids, n)) > 0 && px_mono_ms() < end)
+        syncs++;
+    ck_assert_msg(held == 0, "%s/%s got %zu acked events again for 30 s", user, dev, held);
+    if (syncs > 0)
+        fprintf(stderr, "report: %s: %d sync(s) held an acked id once more\n", dev, syncs);
+}
+
 /* A first connection of (user, dev) that reads its (empty or not) backlog
  * and leaves: the device is linked from here on. */
 static void dev_link(const char *user, const char *dev, enum e2e_svc gw)
@@ -165,11 +197,9 @@ START_TEST(offline_device_keeps_what_the_other_acked)
     ck_assert_int_eq(receipts_before(a, m1, "delivered", m2, "delivered"), 1);
     client_close(phone, 1000);
 
-    json_t *ids = dev_backlog(bob, "phone", E2E_GW2);
-    ck_assert_msg(!has_id(ids, m1) && !has_id(ids, m2), "the phone got what it acked again");
-    json_decref(ids);
+    backlog_drops(bob, "phone", E2E_GW2, (const char *const[]){ m1, m2 }, 2);
     client *laptop = dev_connect(bob, "laptop", E2E_GW1);
-    ids = backlog_ids(laptop);
+    json_t *ids = backlog_ids(laptop);
     ck_assert_msg(has_id(ids, m1) && has_id(ids, m2), "the laptop lost what the phone acked: %s",
                   json_dumps(ids, 0));
     json_decref(ids);
@@ -182,9 +212,7 @@ START_TEST(offline_device_keeps_what_the_other_acked)
     e2e_ack(laptop, sentinel);
     ck_assert_int_eq(receipts_before2(a, m1, m2, "delivered", sentinel, "delivered"), 0);
     client_close(laptop, 1000);
-    ids = dev_backlog(bob, "laptop", E2E_GW2);
-    ck_assert_msg(json_array_size(ids) == 0, "acked events came again: %s", json_dumps(ids, 0));
-    json_decref(ids);
+    backlog_drops(bob, "laptop", E2E_GW2, NULL, 0);
     client_close(a, 1000);
 }
 END_TEST
@@ -221,11 +249,8 @@ START_TEST(three_devices_each_ack_their_own)
         client_close(cl, 1000);
         int d = receipts_before(a, mid, "delivered", sentinel, "delivered");
         ck_assert_msg(d == (i == 0), "%d delivered receipts after the ack of %s", d, devs[i]);
-        for (int j = 0; j <= i; j++) {
-            json_t *ids = dev_backlog(bob, devs[j], E2E_GW1);
-            ck_assert_msg(!has_id(ids, mid), "%s got what it acked again", devs[j]);
-            json_decref(ids);
-        }
+        for (int j = 0; j <= i; j++)
+            backlog_drops(bob, devs[j], E2E_GW1, (const char *const[]){ mid }, 1);
     }
     client_close(a, 1000);
 }
@@ -345,9 +370,7 @@ START_TEST(group_message_reaches_every_device)
     ck_assert_msg(has_id(ids, mid) && has_id(ids, sentinel), "laptop lost the group messages");
     json_decref(ids);
     client_close(phone, 1000);
-    ids = dev_backlog(bob, "phone", E2E_GW2);
-    ck_assert_msg(!has_id(ids, mid), "the phone got what it acked again");
-    json_decref(ids);
+    backlog_drops(bob, "phone", E2E_GW2, (const char *const[]){ mid }, 1);
     client_close(c, 1000);
     client_close(a, 1000);
 }
@@ -423,17 +446,11 @@ START_TEST(kill9_store_between_two_devices_acks)
     ck_assert_msg(got == KILL_N, "%d of %d delivered receipts", got, KILL_N);
     /* The receipts came from the phone's acks; the laptop's are applied
      * some time later (its sentinel ack names nothing the test can see). */
-    for (int d = 0; d < 2; d++) {
-        int again = KILL_N;
-        for (int64_t end = px_mono_ms() + 30000; again > 0 && px_mono_ms() < end;) {
-            ids = dev_backlog(bob, d ? "laptop" : "phone", E2E_GW1);
-            again = 0;
-            for (int i = 0; i < KILL_N; i++)
-                again += has_id(ids, mid[i]);
-            json_decref(ids);
-        }
-        ck_assert_msg(again == 0, "%s got %d acked messages again", d ? "laptop" : "phone", again);
-    }
+    const char *acked[KILL_N];
+    for (int i = 0; i < KILL_N; i++)
+        acked[i] = mid[i];
+    backlog_drops(bob, "phone", E2E_GW1, acked, KILL_N);
+    backlog_drops(bob, "laptop", E2E_GW1, acked, KILL_N);
     client_close(a, 1000);
 }
 END_TEST
@@ -495,8 +512,9 @@ START_TEST(own_messages_reach_the_other_devices)
     client_close(laptop, 1000);
     e2e_send(phone, "c2", bob, "laptop offline", m2);
     json_t *ids = dev_backlog(alice, "laptop", E2E_GW1);
-    ck_assert_msg(has_id(ids, m2) && !has_id(ids, m1), "laptop backlog %s", json_dumps(ids, 0));
+    ck_assert_msg(has_id(ids, m2), "laptop backlog %s", json_dumps(ids, 0));
     json_decref(ids);
+    backlog_drops(alice, "laptop", E2E_GW1, (const char *const[]){ m1 }, 1);
     client_close(phone, 1000);
     ids = dev_backlog(alice, "phone", E2E_GW2);
     ck_assert_msg(!has_id(ids, m2), "the phone got its own message in its sync");
