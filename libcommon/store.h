@@ -275,6 +275,7 @@ typedef struct store_device {
     int64_t last_ms;       /* latest connection */
     int64_t since;         /* needs events with seq > since */
     int unlinked;
+    int64_t push_gone_ms;  /* the push gateway's last 410 for it, or 0 (issue 18) */
 } store_device;
 
 enum store_device_status { STORE_DEVICE_OK, STORE_DEVICE_FULL, STORE_DEVICE_UNLINKED };
@@ -300,6 +301,14 @@ int store_device_list(store *st, const char *user, store_device_cb cb, void *arg
  * the limit. PX_DECLINED if the user has no such device; unlinking an
  * unlinked one again is harmless (a redelivered command). */
 int store_device_unlink(store *st, const char *user, const char *dev, char *err, size_t errlen);
+
+/* Push notifications (issue 18): the push gateway answered 410 (the
+ * device is gone) for (user, dev) at at_ms; store_device_list reads the
+ * latest such time back as push_gone_ms, and the push service calls no
+ * more for the device until a connection moves its last_ms past it. Never
+ * moves back; a device that does not exist is left alone (PX_OK). */
+int store_device_push_gone(store *st, const char *user, const char *dev, int64_t at_ms,
+                           char *err, size_t errlen);
 
 /* Moves the since of (user, dev) down to since (never up): message-store
  * links a device once, while it is STORE_DEVICE_UNSYNCED, and a repeat of

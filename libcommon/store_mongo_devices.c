@@ -1,6 +1,6 @@
 /* store.h's devices over the MongoDB wire protocol: one document per
  * (user, device), {_id: "user/dev", user, dev, first, last, since,
- * unlinked}, {user:1}; see store_mongo.c. Without transactions the limit
+ * unlinked, push_gone (issue 18, absent: never)}, {user:1}; see store_mongo.c. Without transactions the limit
  * is kept by insert-then-count: a device that finds itself past the limit
  * after its insert removes itself, so two racing for the last place may
  * both be refused, never both admitted. */
@@ -38,6 +38,8 @@ static int sm_device_parse(const bson_t *doc, store_device *d)
             sm_iter_int64(&it, &d->since);
         else if (strcmp(k, "unlinked") == 0 && BSON_ITER_HOLDS_BOOL(&it))
             d->unlinked = bson_iter_bool(&it);
+        else if (strcmp(k, "push_gone") == 0)
+            sm_iter_int64(&it, &d->push_gone_ms);
     }
     return d->user != NULL && d->dev != NULL ? PX_OK : PX_ERROR;
 }
@@ -199,6 +201,17 @@ int store_device_unlink(store *st, const char *user, const char *dev, char *err,
         return PX_DECLINED;
     bson_t *upd = BCON_NEW("$set", "{", "unlinked", BCON_BOOL(true), "}");
     rc = sm_device_update(st, user, dev, upd, 0, "device unlink", err, errlen);
+    bson_destroy(upd);
+    return rc;
+}
+
+int store_device_push_gone(store *st, const char *user, const char *dev, int64_t at_ms,
+                           char *err, size_t errlen)
+{
+    if (!sm_str_ok(user) || !sm_str_ok(dev))
+        return px_err(err, errlen, "device push gone: user or dev missing or not UTF-8");
+    bson_t *upd = BCON_NEW("$max", "{", "push_gone", BCON_INT64(at_ms), "}");
+    int rc = sm_device_update(st, user, dev, upd, 0, "device push gone", err, errlen);
     bson_destroy(upd);
     return rc;
 }

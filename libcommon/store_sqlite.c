@@ -110,12 +110,13 @@ static int ss_has_column(store *st, const char *table, const char *column)
     return rc == SQLITE_OK;
 }
 
-static int ss_add_column(store *st, const char *table, const char *column, char **msg)
+static int ss_add_column(store *st, const char *table, const char *column, const char *type,
+                         char **msg)
 {
     char sql[128];
     if (ss_has_column(st, table, column))
         return SQLITE_OK;
-    snprintf(sql, sizeof(sql), "ALTER TABLE %s ADD COLUMN %s TEXT", table, column);
+    snprintf(sql, sizeof(sql), "ALTER TABLE %s ADD COLUMN %s %s", table, column, type);
     int rc = sqlite3_exec(st->d.db, sql, NULL, NULL, msg);
     /* parleyd opens a store per service at once: another may have won. */
     if (rc != SQLITE_OK && ss_has_column(st, table, column)) {
@@ -128,14 +129,17 @@ static int ss_add_column(store *st, const char *table, const char *column, char 
 
 /* Data folders written before seen claims had no tag column (their old
  * keys read as held by another record, i.e. still duplicates), before
- * group invitations no invited column (NULL reads as none), and before
- * devices no connection device (NULL: a connection of no known device). */
+ * group invitations no invited column (NULL reads as none), before
+ * devices no connection device (NULL: a connection of no known device),
+ * and before push no device push_gone_ms (NULL reads as 0: never gone). */
 static int ss_migrate(store *st, char **msg)
 {
-    int rc = ss_add_column(st, "seen", "tag", msg);
+    int rc = ss_add_column(st, "seen", "tag", "TEXT", msg);
     if (rc == SQLITE_OK)
-        rc = ss_add_column(st, "groups", "invited", msg);
-    return rc == SQLITE_OK ? ss_add_column(st, "connections", "device", msg) : rc;
+        rc = ss_add_column(st, "groups", "invited", "TEXT", msg);
+    if (rc == SQLITE_OK)
+        rc = ss_add_column(st, "connections", "device", "TEXT", msg);
+    return rc == SQLITE_OK ? ss_add_column(st, "devices", "push_gone_ms", "INTEGER", msg) : rc;
 }
 
 void store_where(const char *url, const char *db, char *out, size_t outlen)
@@ -1044,7 +1048,8 @@ static int ss_device_touch(store *st, const char *user, const char *dev, int64_t
                                 errlen);
     sqlite3_stmt *count = ss_prep(st, "SELECT COUNT(*) FROM devices WHERE user=? AND unlinked=0",
                                   err, errlen);
-    sqlite3_stmt *put = ss_prep(st, "INSERT INTO devices VALUES (?,?,?,?,?,0) ON CONFLICT"
+    sqlite3_stmt *put = ss_prep(st, "INSERT INTO devices (user, dev, first_ms, last_ms, since,"
+                                " unlinked) VALUES (?,?,?,?,?,0) ON CONFLICT"
                                 " (user, dev) DO UPDATE SET last_ms = MAX(last_ms, excluded.last_ms)",
                                 err, errlen);
     int rc = get != NULL && count != NULL && put != NULL ? PX_OK : PX_ERROR;
@@ -1094,8 +1099,8 @@ int store_device_list(store *st, const char *user, store_device_cb cb, void *arg
     if (user == NULL || cb == NULL)
         return px_err(err, errlen, "device list: user and cb are required");
     pthread_mutex_lock(&st->mu);
-    sqlite3_stmt *s = ss_prep(st, "SELECT user, dev, first_ms, last_ms, since, unlinked"
-                              " FROM devices WHERE user=?", err, errlen);
+    sqlite3_stmt *s = ss_prep(st, "SELECT user, dev, first_ms, last_ms, since, unlinked,"
+                              " push_gone_ms FROM devices WHERE user=?", err, errlen);
     int rc = s != NULL ? PX_OK : PX_ERROR, step = SQLITE_DONE;
     if (s != NULL) {
         ss_text(s, 1, user);
@@ -1105,7 +1110,8 @@ int store_device_list(store *st, const char *user, store_device_cb cb, void *arg
                                .first_ms = sqlite3_column_int64(s, 2),
                                .last_ms = sqlite3_column_int64(s, 3),
                                .since = sqlite3_column_int64(s, 4),
-                               .unlinked = sqlite3_column_int(s, 5) != 0 };
+                               .unlinked = sqlite3_column_int(s, 5) != 0,
+                               .push_gone_ms = sqlite3_column_int64(s, 6) };
             rc = cb(arg, &d);
         }
         if (rc == PX_OK && step != SQLITE_DONE)
@@ -1134,6 +1140,26 @@ int store_device_unlink(store *st, const char *user, const char *dev, char *err,
     sqldb_done(s);
     rc = ss_end(st, rc, err, errlen);
     return rc == PX_OK && none ? PX_DECLINED : rc;
+}
+
+int store_device_push_gone(store *st, const char *user, const char *dev, int64_t at_ms,
+                           char *err, size_t errlen)
+{
+    if (!ss_str_ok(user) || !ss_str_ok(dev))
+        return px_err(err, errlen, "device push gone: user or dev empty or not UTF-8");
+    if (ss_begin(st, err, errlen) != PX_OK)
+        return PX_ERROR;
+    sqlite3_stmt *s = ss_prep(st, "UPDATE devices SET push_gone_ms=MAX(IFNULL(push_gone_ms, 0),"
+                              " ?) WHERE user=? AND dev=?", err, errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    if (s != NULL) {
+        sqlite3_bind_int64(s, 1, at_ms);
+        ss_text(s, 2, user);
+        ss_text(s, 3, dev);
+        rc = ss_run(st, s, "device push gone", err, errlen);
+    }
+    sqldb_done(s);
+    return ss_end(st, rc, err, errlen);
 }
 
 int store_device_link(store *st, const char *user, const char *dev, int64_t since, char *err,

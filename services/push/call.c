@@ -5,8 +5,9 @@
  * the consume loop's tick, at most PARLEY_PUSH_CONCURRENCY at once, each
  * bounded by PARLEY_PUSH_TIMEOUT_MS. The answer decides:
  *   2xx            sent;
- *   410 Gone       the device is gone (target.c): no retry, and no pushes
- *                  to it until it connects again;
+ *   410 Gone       the device is gone (target.c, kept in its device
+ *                  record): no retry, and no pushes to it until it
+ *                  connects again;
  *   408, 429, 5xx, no answer
  *                  failed, retried with doubling backoff (0.5 s .. 60 s,
  *                  with jitter) until the burst is PARLEY_PUSH_RETRY_S

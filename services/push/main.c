@@ -105,6 +105,5 @@ int main(void)
     static push p;
     int rc = service_run(&p.svc, &def, &p);
     queue_free(&p);
-    target_free(&p);
     return rc;
 }

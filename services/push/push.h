@@ -36,7 +36,6 @@ typedef struct push_metrics {
 typedef struct push_job push_job;
 typedef struct push_user push_user;
 typedef struct push_call push_call;
-typedef struct push_gone push_gone;
 
 /* A consumed record held until its burst's calls are over. */
 typedef struct push_held {
@@ -96,7 +95,6 @@ typedef struct push {
     size_t nwaiting, waiting_cap;
     size_t inflight;
     CURLM *multi;
-    push_gone *gone;        /* target.c */
     push_metrics m;
 } push;
 
@@ -119,9 +117,9 @@ void queue_free(push *p);
  * 410 since their last connection. PX_ERROR when the store failed. */
 int target_devices(push *p, const char *user, char (*devs)[65], size_t max, size_t *n,
                    char *err, size_t errlen);
-/* The webhook answered 410 for (user, dev): no pushes until it connects. */
+/* The webhook answered 410 for (user, dev): no pushes until it connects
+ * again (recorded in the device's record). */
 void target_gone(push *p, const char *user, const char *dev);
-void target_free(push *p);
 
 /* ---- call.c ---- */
 

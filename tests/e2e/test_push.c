@@ -4,8 +4,9 @@
  * the shared secret. A burst of messages to an offline device makes one
  * call (with the burst's count, no message text); a connected device is
  * never called while its user's offline device is; a 500 is retried until
- * answered 2xx; a 410 stops the calls to that device until it connects
- * again. Runs against the services and against parleyd. */
+ * answered 2xx; a 410 stops the calls to that device, also across a
+ * kill -9 of the push service, until it connects again. Runs against the
+ * services and against parleyd. */
 #include "auth.h"
 #include "e2e.h"
 #include "store.h"
@@ -348,25 +349,46 @@ START_TEST(a_500_is_retried_until_answered)
 }
 END_TEST
 
+/* dave's tablet answers 200 and stands as the sentinel: a call to it with
+ * a message's id means the burst holding that message has been decided
+ * for every device. The 410 is kept in the store: a kill -9 of the push
+ * service (parleyd: of parleyd) forgets nothing. */
 START_TEST(a_410_stops_pushes_until_the_device_connects_again)
 {
-    char alice[65], dave[65];
+    char alice[65], dave[65], mid[64];
     e2e_user("pa", alice);
     e2e_user("pd", dave);
     dev_register_offline(dave, "phone");
+    dev_register_offline(dave, "tablet");
     rx_rule_add(dave, "phone", 410, -1);
     client *a = dev_connect(alice, "web", E2E_GW1);
-    long long base = e2e_metric(E2E_PUSH, RECORDS);
-    send_n(a, dave, 1, "gone1");
+    e2e_send(a, "gone1", dave, "gone 1", mid);
     rx_wait(dave, "phone", 1);
-    push_settled(base, 1);
-    /* Gone: a later message calls nobody. */
-    send_n(a, dave, 1, "gone2");
-    push_settled(base, 2);
+    rx_wait(dave, "tablet", 1);
+    push_settled(e2e_metric(E2E_PUSH, RECORDS), 0);
+    client_free(a);
+    e2e_kill9(E2E_PUSH);
+    ck_assert_int_eq(e2e_restart(E2E_PUSH), 0);
+    /* Gone: a later message calls the tablet only. */
+    a = dev_connect(alice, "web", E2E_GW1);
+    e2e_send(a, "gone2", dave, "gone 2", mid);
+    rx_call c = { 0 };
+    int64_t end = px_mono_ms() + 2 * PUSH_WAIT_MS;
+    for (size_t n = 1; strcmp(e2e_str(c.body, "id"), mid) != 0 && px_mono_ms() < end;) {
+        json_decref(c.body);
+        c.body = NULL;
+        if (rx_calls(dave, "tablet", n, &c) > n)
+            n++;
+        else
+            usleep(20 * 1000);
+    }
+    ck_assert_msg(strcmp(e2e_str(c.body, "id"), mid) == 0, "no tablet call for gone2");
+    json_decref(c.body);
+    push_settled(e2e_metric(E2E_PUSH, RECORDS), 0);
     ck_assert_uint_eq(rx_calls(dave, "phone", 0, NULL), 1);
     /* It connects again: pushes resume. */
     dev_register_offline(dave, "phone");
-    send_n(a, dave, 1, "gone3");
+    e2e_send(a, "gone3", dave, "gone 3", mid);
     rx_wait(dave, "phone", 2);
     client_free(a);
 }

@@ -973,7 +973,7 @@ END_TEST
 
 typedef struct dev_log {
     char dev[8][16];
-    int64_t first[8], last[8], since[8];
+    int64_t first[8], last[8], since[8], gone[8];
     size_t n;
 } dev_log;
 
@@ -985,6 +985,7 @@ static int dev_cb(void *arg, const store_device *d)
     l->first[l->n] = d->first_ms;
     l->last[l->n] = d->last_ms;
     l->since[l->n] = d->since;
+    l->gone[l->n] = d->push_gone_ms;
     l->n++;
     return PX_OK;
 }
@@ -1147,6 +1148,32 @@ START_TEST(devices_limit_and_link)
 }
 END_TEST
 
+/* Push (issue 18): a device's latest 410 is kept and read back with it,
+ * never moves back, and survives its next touch (the push service compares
+ * it with last); an unknown device is left alone. */
+START_TEST(device_push_gone)
+{
+    char err[PX_ERRLEN] = "";
+    dev_log l = { 0 };
+    int status = -1;
+
+    ck_assert_int_eq(store_device_touch(st, "u_pg", "a", 1000, 4, &status, err, sizeof(err)),
+                     PX_OK);
+    ck_assert_int_eq(store_device_list(st, "u_pg", dev_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(l.gone[dev_find(&l, "a")], 0);
+    ck_assert_int_eq(store_device_push_gone(st, "u_pg", "a", 2000, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_device_push_gone(st, "u_pg", "a", 1500, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_device_push_gone(st, "u_pg", "zz", 1500, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(store_device_touch(st, "u_pg", "a", 3000, 4, &status, err, sizeof(err)),
+                     PX_OK);
+    memset(&l, 0, sizeof(l));
+    ck_assert_int_eq(store_device_list(st, "u_pg", dev_cb, &l, err, sizeof(err)), PX_OK);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_int_eq(l.gone[0], 2000);
+    ck_assert_int_eq(l.last[0], 3000);
+}
+END_TEST
+
 Suite *store_contract_suite(const char *name)
 {
     Suite *s = suite_create(name);
@@ -1171,6 +1198,7 @@ Suite *store_contract_suite(const char *name)
     tcase_add_test(tc, media_chunk_rate);
     tcase_add_test(tc, inbox_marks_per_device);
     tcase_add_test(tc, devices_limit_and_link);
+    tcase_add_test(tc, device_push_gone);
     tcase_add_test(tc, presence_devices);
     tcase_add_test(tc, contacts_pairs);
     tcase_add_test(tc, presence_state_and_last_seen);
