@@ -39,8 +39,8 @@ static void main_metrics(push *p)
                                         "Devices not called at the end of a burst");
     m->skipped_gone = metrics_counter("parley_push_skipped_total{reason=\"gone\"}",
                                       "Devices not called at the end of a burst");
-    m->dead = metrics_counter("parley_push_bad_records_total",
-                              "Records that did not decode or validate (logged, skipped)");
+    m->dead = metrics_counter("parley_push_dead_letters_total",
+                              "Records sent to the dead-letter topic");
     m->pending = metrics_gauge("parley_push_pending_bursts",
                                "Bursts collecting or calling (not yet committed)");
     m->lat_call = metrics_histogram("parley_push_call_ms", "Webhook call latency, ms", b,
@@ -51,6 +51,7 @@ static void main_setup(void *arg)
 {
     push *p = arg;
     p->topic_push = service_topic(&p->svc, "push", SERVICE_SUBSCRIBE);
+    p->topic_dead = service_topic(&p->svc, "dead", SERVICE_ENSURE);
     main_metrics(p);
 }
 
@@ -98,7 +99,8 @@ int main(void)
 {
     static const service_def def = {
         .name = "push", .group = PUSH_GROUP, .batch = PUSH_BATCH,
-        .consume_wait_ms = PUSH_CONSUME_WAIT_MS, .setup = main_setup, .start = main_start,
+        .consume_wait_ms = PUSH_CONSUME_WAIT_MS, .dr_cb = queue_on_delivery,
+        .setup = main_setup, .start = main_start,
         .started = main_started, .process = main_process, .tick = main_tick,
         .drain = main_drain,
     };

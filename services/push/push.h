@@ -85,7 +85,8 @@ struct push_call {
 
 typedef struct push {
     service svc;
-    const char *topic_push;
+    const char *topic_push, *topic_dead;
+    long dr_failures;       /* dead letters the bus refused since the last try */
     push_part *parts;       /* by partition */
     size_t nparts;
     size_t held;            /* records held, all partitions */
@@ -100,14 +101,18 @@ typedef struct push {
 
 /* ---- queue.c ---- */
 
-/* Takes n consumed records (decoded, coalesced into bursts, held) and
- * releases them; commits happen later, in offset order, as bursts end. */
+/* Takes n consumed records (decoded, coalesced into bursts, held; one that
+ * does not decode goes to the dead-letter topic first) and releases them;
+ * commits happen later, in offset order, as bursts end. */
 void queue_add(push *p, bus_msg *msgs, size_t n);
 /* Starts the calls of the bursts due (queue -> target -> call) and
  * commits what is over. Once per loop turn. */
 void queue_tick(push *p);
 /* A burst's last call ended: the job is done; commit what is over. */
 void queue_job_done(push *p, push_job *j);
+/* bus_conf.dr_cb (only dead letters are produced); opaque is the push. */
+void queue_on_delivery(void *opaque, int status, const char *err, int32_t partition,
+                       int64_t offset);
 /* Frees everything (uncommitted records are consumed again). */
 void queue_free(push *p);
 

@@ -13,6 +13,7 @@
 #include "ids.h"
 #include "log.h"
 #include "push.h"
+#include "utf8.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -158,27 +159,70 @@ void queue_job_done(push *p, push_job *j)
 
 /* ---- consuming ---- */
 
-static Parley__PushRecord *queue_decode(push *p, const bus_msg *m)
+/* Strings that go into the JSON payload (jansson refuses invalid UTF-8). */
+static int queue_text_ok(const char *s, size_t max)
+{
+    size_t n = strlen(s);
+    return n <= max && utf8_valid((const unsigned char *)s, n);
+}
+
+void queue_on_delivery(void *opaque, int status, const char *err, int32_t partition,
+                       int64_t offset)
+{
+    push *p = opaque;
+    if (status != PX_OK && p != NULL) {
+        p->dr_failures++;
+        log_warn("dead letter not produced", "{s:s}", "error", err ? err : "");
+    }
+}
+
+/* The record as it came (key and value) onto the dead-letter topic, the
+ * reason in the log (the bus has no headers), retried with backoff until
+ * the bus holds it, as the other services do: 1 once it does, 0 when told
+ * to stop first (the record is then not committed). */
+static int queue_dead(push *p, const bus_msg *m, const char *why)
+{
+    int64_t backoff = SERVICE_BACKOFF_MIN_MS;
+    metric_add(p->m.dead, 1);
+    log_warn("dead letter", "{s:s, s:i, s:I}", "reason", why, "partition", (int)m->partition,
+             "offset", (json_int_t)m->offset);
+    while (!p->svc.stop) {
+        char err[PX_ERRLEN] = "";
+        p->dr_failures = 0;
+        if (bus_produce_wait(p->svc.b, p->topic_dead, m->key, m->key_len, m->value, m->len, p,
+                             5000, err, sizeof(err)) == PX_OK &&
+            bus_flush(p->svc.b, 10000) == PX_OK && p->dr_failures == 0)
+            return 1;
+        log_warn("dead letter failed; retrying", "{s:s, s:I}", "error", err, "backoff_ms",
+                 (json_int_t)backoff);
+        service_sleep(&p->svc, backoff);
+        backoff = PX_MIN(backoff * 2, SERVICE_BACKOFF_MAX_MS);
+    }
+    return 0;
+}
+
+/* The record decoded, or NULL with *why set. */
+static Parley__PushRecord *queue_decode(const bus_msg *m, const char **why)
 {
     Parley__PushRecord *r = parley__push_record__unpack(NULL, m->len, m->value);
-    const char *why = NULL;
+    *why = NULL;
     if (r == NULL)
-        why = "not a protobuf";
+        *why = "PushRecord: not a protobuf";
     else if (r->version != PUSH_RECORD_VERSION)
-        why = "unknown version";
+        *why = "PushRecord: unknown version";
     else if (!id_valid_user(r->user) || !bus_key_is(m, r->user))
-        why = "bad user, or key is not the user";
+        *why = "PushRecord: bad user, or key is not the user";
     else if (r->kind != PARLEY__EVENT_KIND__EVENT_KIND_MESSAGE &&
              r->kind != PARLEY__EVENT_KIND__EVENT_KIND_GROUP_EVENT)
-        why = "kind is not a message or group event";
-    if (why == NULL) {
+        *why = "PushRecord: kind is not a message or group event";
+    else if (!queue_text_ok(r->sender, 64) || !queue_text_ok(r->group, 255) ||
+             !queue_text_ok(r->id, 255) || !queue_text_ok(r->preview, 1024))
+        *why = "PushRecord: a string too long or not UTF-8";
+    if (*why == NULL) {
         if (r->ts_ms <= 0)
             r->ts_ms = m->ts_ms;
         return r;
     }
-    metric_add(p->m.dead, 1);
-    log_warn("bad push record skipped", "{s:s, s:i, s:I}", "reason", why, "partition",
-             (int)m->partition, "offset", (json_int_t)m->offset);
     if (r != NULL)
         parley__push_record__free_unpacked(r, NULL);
     return NULL;
@@ -187,9 +231,12 @@ static Parley__PushRecord *queue_decode(push *p, const bus_msg *m)
 void queue_add(push *p, bus_msg *msgs, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
-        Parley__PushRecord *r = queue_decode(p, &msgs[i]);
+        const char *why;
+        Parley__PushRecord *r = queue_decode(&msgs[i], &why);
         push_job *j = NULL;
         metric_add(p->m.records, 1);
+        if (r == NULL && !queue_dead(p, &msgs[i], why))
+            break; /* stopping: neither it nor what follows is committed */
         if (r != NULL && (p->svc.cfg.push_url == NULL || p->held >= PUSH_MAX_HELD)) {
             metric_add(p->m.dropped, 1); /* push is off here, or too much is held */
             parley__push_record__free_unpacked(r, NULL);
