@@ -263,12 +263,14 @@ int proto_parse(const char *buf, size_t len, const proto_limits *lim,
     case PROTO_PRESENCE_SUB:
         rc = proto_parse_presence_sub(o, lim, c, code, msg, msglen);
         break;
-    case PROTO_PRESENCE_SETTINGS:
-        c->hide_last_seen = json_is_true(json_object_get(o, "hide_last_seen"));
-        rc = json_is_boolean(json_object_get(o, "hide_last_seen"))
+    case PROTO_PRESENCE_SETTINGS: {
+        json_t *h = json_object_get(o, "hide_last_seen");
+        c->hide_last_seen = h == NULL ? -1 : json_is_true(h);
+        rc = h == NULL || json_is_boolean(h)
                  ? PX_OK
                  : proto_fail(code, PROTO_BAD_REQUEST, msg, msglen, "hide_last_seen must be a boolean");
         break;
+    }
     case PROTO_DEVICE_UNLINK:
         c->device = json_string_value(json_object_get(o, "device"));
         rc = c->device != NULL && id_valid_user(c->device)

@@ -46,7 +46,7 @@ typedef struct proto_cmd {
     const char *members[PROTO_MAX_MEMBERS];  /* group_create/add/remove */
     size_t nmembers;
     int composing;            /* typing: 1 composing, 0 paused */
-    int hide_last_seen;       /* presence_settings */
+    int hide_last_seen;       /* presence_settings: 1, 0, or -1 (absent: read it) */
     void *root;               /* owns every string above (a json_t) */
 } proto_cmd;
 

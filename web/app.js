@@ -407,6 +407,19 @@ async function showDevices() {
   }
 }
 
+// The hide-last-seen setting (the server's; another device may change it):
+// read when the panel opens, set when the box is ticked.
+async function presenceSetting(hide) {
+  const cmd = { type: 'presence_settings', id: newCommandId('h') };
+  if (hide !== undefined) cmd.hide_last_seen = hide;
+  try {
+    const ev = await conn.request(cmd);
+    $('hide-last-seen').checked = ev.hide_last_seen === true;
+  } catch (e) {
+    showError(`Could not ${hide === undefined ? 'read' : 'change'} the last seen setting: ${errorText(e)}`);
+  }
+}
+
 async function unlinkDevice(id) {
   try {
     await conn.request({ type: 'device_unlink', id: newCommandId('d'), device: id });
@@ -596,9 +609,13 @@ function wire() {
     }
   });
   on('signout', 'click', signOut);
+  on('hide-last-seen', 'change', () => presenceSetting($('hide-last-seen').checked));
   on('devices-toggle', 'click', () => {
     $('devices-panel').hidden = !$('devices-panel').hidden;
-    if (!$('devices-panel').hidden) showDevices();
+    if (!$('devices-panel').hidden) {
+      showDevices();
+      presenceSetting();
+    }
   });
   on('use-here', 'click', () => holdWindow(true));
   on('new-chat', 'submit', (e) => {

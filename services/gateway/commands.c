@@ -345,7 +345,8 @@ static void commands_presence_cmd(gw *g, conn *c, const proto_cmd *cmd)
     rec.ref = (char *)cmd->id;
     rec.users = (char **)cmd->ids;
     rec.n_users = sub ? cmd->nids : 0;
-    rec.hide_last_seen = cmd->hide_last_seen;
+    rec.hide_last_seen = cmd->hide_last_seen > 0;
+    rec.query = !sub && cmd->hide_last_seen < 0;
     uint8_t *buf = COMMANDS_PACK(presence_record, &rec, &len);
     if (commands_produce(g, g->topic_presence, rec.user, buf, len, &commands_record_tag) != PX_OK)
         commands_error(g, c, cmd->id, PROTO_UNAVAILABLE, "message bus unavailable, retry");

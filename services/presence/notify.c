@@ -351,13 +351,18 @@ out:
 }
 
 /* Applies x (a SETTINGS), answers its connection and tells the watchers
- * (forced: the online state is the same, what they see of it is not). */
+ * (forced: the online state is the same, what they see of it is not). A
+ * query only reads the setting for the answer. */
 int notify_settings(presence *p, const Parley__PresenceRecord *x, char *err, size_t errlen)
 {
-    if (store_presence_hide(p->svc.st, x->user, x->hide_last_seen, err, errlen) != PX_OK)
+    store_user_presence s = { .hide_last_seen = x->hide_last_seen };
+    const char *user = x->user;
+    int rc = x->query ? store_presence_state(p->svc.st, &user, 1, &s, err, errlen)
+                      : store_presence_hide(p->svc.st, x->user, x->hide_last_seen, err, errlen);
+    if (rc != PX_OK)
         return PX_ERROR;
     size_t len;
-    char *json = proto_render_presence_settings(x->ref, x->hide_last_seen, &len);
+    char *json = proto_render_presence_settings(x->ref, s.hide_last_seen, &len);
     ProtobufCBinaryData ev = { len, (uint8_t *)json };
     Parley__Delivery d = PARLEY__DELIVERY__INIT;
     d.version = 1;
@@ -367,6 +372,7 @@ int notify_settings(presence *p, const Parley__PresenceRecord *x, char *err, siz
     d.n_events_json = 1;
     notify_produce(p, x->gateway, &d);
     free(json);
-    notify_touch(p, x->user, 1);
+    if (!x->query)
+        notify_touch(p, x->user, 1);
     return PX_OK;
 }

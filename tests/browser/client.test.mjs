@@ -348,3 +348,26 @@ test('one user on two browser profiles: own messages, read state, linked devices
   await two.page.locator('#devices-list .device').nth(1).waitFor({ state: 'detached', timeout: WAIT_MS });
   for (const x of [one, two, pete]) await x.context.close();
 });
+
+test('"Hide my last seen": a contact sees online, then no last seen', async () => {
+  const gil = await signIn(browser, userId('gil'));
+  const hal = await signIn(browser, userId('hal'));
+  await startChat(gil.page, hal.user);
+  await send(gil.page, 'hello hal');
+  await tick(gil.page, 'hello hal', 'delivered');
+  await gil.page.locator('#chat-sub', { hasText: /^online$/ }).waitFor({ timeout: WAIT_MS });
+  await hal.page.click('#devices-toggle');
+  await hal.page.check('#hide-last-seen');
+  // The answer sets the box from the server; reopened, the panel reads it.
+  await hal.page.click('#devices-toggle');
+  await hal.page.click('#devices-toggle');
+  await hal.page.waitForFunction(() => document.getElementById('hide-last-seen').checked, null,
+    { timeout: WAIT_MS });
+  await shot(hal.page, 'hal-hides-last-seen');
+  await hal.context.close();
+  // Offline, and no "last seen" under the title.
+  await gil.page.waitForFunction(() => document.getElementById('chat-sub').textContent === '', null,
+    { timeout: WAIT_MS });
+  await shot(gil.page, 'gil-sees-no-last-seen');
+  await gil.context.close();
+});

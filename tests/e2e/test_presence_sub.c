@@ -233,6 +233,10 @@ START_TEST(the_hide_setting_hides_last_seen)
     ck_assert_str_eq(e2e_str(r, "type"), "presence_settings");
     ck_assert(json_is_true(json_object_get(r, "hide_last_seen")));
     json_decref(r);
+    /* Without a value it only reads the setting. */
+    r = e2e_cmd(b, json_pack("{s:s, s:s}", "type", "presence_settings", "id", "h0"));
+    ck_assert_msg(json_is_true(json_object_get(r, "hide_last_seen")), "%s", json_dumps(r, 0));
+    json_decref(r);
     /* The watchers are told at once: online, no last seen. */
     json_t *m;
     for (;;) {

@@ -203,6 +203,9 @@ START_TEST(presence_commands)
     ck_assert_int_eq(c.type, PROTO_PRESENCE_SETTINGS);
     ck_assert_int_eq(c.hide_last_seen, 1);
     proto_cmd_free(&c);
+    ck_assert_int_eq(parse("{\"type\":\"presence_settings\",\"id\":\"h\"}", &c, &code), PX_OK);
+    ck_assert_int_eq(c.hide_last_seen, -1);
+    proto_cmd_free(&c);
     char *ev = proto_render_presence("bob", 1, 42, NULL);
     ck_assert_str_eq(ev, "{\"type\":\"presence\",\"user\":\"bob\",\"online\":true,\"last_seen\":42}");
     free(ev);
