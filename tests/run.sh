@@ -164,7 +164,7 @@ run_phase() { # phase
       PARLEY_BROWSER_MODE=$label run_one "$bin [$label]" "$max" "$bin" "$build"
     elif [[ $bin == tests/chaos/* ]]; then
       CHAOS_PORT=$((${PARLEY_E2E_PORT:-18080} + 40)) CHAOS_PAIRS=50 CHAOS_RATE=100 \
-        CHAOS_DURATION=15 CHAOS_FAULT_AT=4 CHAOS_GRACE=30 CHAOS_PREFIX='report: ' \
+        CHAOS_DURATION=15 CHAOS_FAULT_AT=4 CHAOS_GRACE=30 CHAOS_QUICK=1 CHAOS_PREFIX='report: ' \
         run_one "$bin [$label]" "$max" bash "$bin" "$build" gateway kill:message-store:1
     elif [[ -n $label ]]; then
       PARLEY_E2E_MODE=$label run_one "$bin [$label]" "$max" "$bin"
