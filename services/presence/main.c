@@ -98,10 +98,17 @@ static void main_expire(void *arg)
                  (json_int_t)removed, "cutoff_ms", (json_int_t)cutoff);
 }
 
+/* The registry comes first: while consumes return full batches (a connect
+ * storm, a backlog), watchers wait, so routing never lags behind telling
+ * who is online; what is dirty is told once presence has caught up. */
 static void main_tick(void *arg)
 {
-    main_expire(arg);
-    notify_tick(arg);
+    presence *p = arg;
+    int busy = p->last_batch >= PRESENCE_BATCH;
+    p->last_batch = 0;
+    main_expire(p);
+    if (!busy)
+        notify_tick(p);
 }
 
 static void main_process(void *arg, bus_msg *msgs, size_t n)
@@ -109,6 +116,7 @@ static void main_process(void *arg, bus_msg *msgs, size_t n)
     presence *p = arg;
     if (p->svc.behind_ms < p->svc.cfg.heartbeat_ms)
         p->caught_up = 1;
+    p->last_batch = n;
     batch_process(p, msgs, n);
 }
 

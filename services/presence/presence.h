@@ -47,6 +47,7 @@ struct presence {
     int64_t next_expire_ms;         /* monotonic */
     int caught_up;                  /* read a record under a beat old since start */
     notify *nt;                     /* notify.c: presence to contacts */
+    size_t last_batch;              /* records of the last consume, until the tick */
     presence_metrics m;
 };
 
