@@ -4,7 +4,7 @@
  * the shared secret. A burst of messages to an offline device makes one
  * call (with the burst's count, no message text); a connected device is
  * never called while its user's offline device is; a 500 is retried until
- * answered 2xx; a 410 stops the calls to that device, also across a
+ * answered 2xx, a gateway that keeps failing only for a bounded time; a 410 stops the calls to that device, also across a
  * kill -9 of the push service, until it connects again; group events and
  * group messages name their group. Runs against the services and against
  * parleyd. */
@@ -448,6 +448,31 @@ START_TEST(group_events_and_messages_name_the_group)
 }
 END_TEST
 
+/* A device whose gateway keeps failing is retried until the burst is
+ * PARLEY_PUSH_RETRY_S old, then dropped: once, and the burst ends (its
+ * records are committed; without the bound it would never settle). */
+START_TEST(failures_are_retried_for_a_bounded_time_then_dropped)
+{
+    char alice[65], frank[65];
+    e2e_user("pa", alice);
+    e2e_user("pf", frank);
+    dev_register_offline(frank, "phone");
+    rx_rule_add(frank, "phone", 503, -1);
+    long long dropped = e2e_metric(E2E_PUSH, "parley_push_dropped_total");
+    long long base = e2e_metric(E2E_PUSH, RECORDS);
+    client *a = dev_connect(alice, "web", E2E_GW1);
+    send_n(a, frank, 1, "drop");
+    rx_wait(frank, "phone", 2);
+    int64_t end = px_mono_ms() + 2 * PUSH_WAIT_MS;
+    while (e2e_metric(E2E_PUSH, "parley_push_dropped_total") == dropped && px_mono_ms() < end)
+        usleep(50 * 1000);
+    ck_assert_int_eq(e2e_metric(E2E_PUSH, "parley_push_dropped_total") - dropped, 1);
+    push_settled(base, 1);
+    ck_assert_uint_ge(rx_calls(frank, "phone", 0, NULL), 2);
+    client_free(a);
+}
+END_TEST
+
 static Suite *push_suite(void)
 {
     Suite *s = suite_create("e2e-push");
@@ -458,6 +483,7 @@ static Suite *push_suite(void)
     tcase_add_test(tc, a_500_is_retried_until_answered);
     tcase_add_test(tc, a_410_stops_pushes_until_the_device_connects_again);
     tcase_add_test(tc, group_events_and_messages_name_the_group);
+    tcase_add_test(tc, failures_are_retried_for_a_bounded_time_then_dropped);
     suite_add_tcase(s, tc);
     return s;
 }
@@ -470,6 +496,9 @@ int main(void)
     setenv("PARLEY_PUSH_SECRET", RX_SECRET, 1);
     /* Long enough that a burst sent on a busy box stays one burst. */
     setenv("PARLEY_PUSH_COALESCE_MS", "2000", 1);
+    /* Long enough for the retry case's third call on a busy box, short
+     * enough for the bounded-retry case. */
+    setenv("PARLEY_PUSH_RETRY_S", "15", 1);
     rx_start();
     int rc = e2e_main(push_suite());
     rx_stop();
