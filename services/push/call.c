@@ -10,7 +10,8 @@
  *                  connects again;
  *   408, 429, 5xx, no answer
  *                  failed, retried with doubling backoff (0.5 s .. 60 s,
- *                  with jitter) until the burst is PARLEY_PUSH_RETRY_S
+ *                  with jitter; a Retry-After in seconds, up to 60, is
+ *                  waited out) until the burst is PARLEY_PUSH_RETRY_S
  *                  old, then dropped;
  *   any other      failed and dropped: a repeat of the same request cannot
  *                  fix a 400, 401, 403, 404 or 413 (a misconfiguration
@@ -135,8 +136,9 @@ static void call_finish(push *p, push_call *c)
         queue_job_done(p, j);
 }
 
-/* After a failure: again later, or dropped once the burst is too old. */
-static void call_retry_or_drop(push *p, push_call *c, int retryable)
+/* After a failure: again later (not before retry_after_ms, the answer's
+ * Retry-After), or dropped once the burst is too old. */
+static void call_retry_or_drop(push *p, push_call *c, int retryable, int64_t retry_after_ms)
 {
     int64_t age_ms = px_now_ms() - c->job->first_ts_ms;
     if (!retryable || age_ms >= p->svc.cfg.push_retry_s * 1000) {
@@ -151,6 +153,7 @@ static void call_retry_or_drop(push *p, push_call *c, int retryable)
         backoff *= 2;
     backoff = PX_MIN(backoff, PUSH_BACKOFF_MAX_MS);
     backoff += rand() % (backoff / 4 + 1); /* bursts that failed together spread out */
+    backoff = PX_MAX(backoff, PX_MIN(retry_after_ms, PUSH_BACKOFF_MAX_MS));
     c->next_ms = px_mono_ms() + backoff;
     metric_add(p->m.retried, 1);
     call_wait(p, c);
@@ -160,9 +163,12 @@ static void call_ended(push *p, CURL *h, CURLcode res)
 {
     push_call *c = NULL;
     long status = 0;
+    curl_off_t retry_after_s = 0; /* the answer's Retry-After, as libcurl reads it */
     curl_easy_getinfo(h, CURLINFO_PRIVATE, (char **)&c);
-    if (res == CURLE_OK)
+    if (res == CURLE_OK) {
         curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+        curl_easy_getinfo(h, CURLINFO_RETRY_AFTER, &retry_after_s);
+    }
     curl_multi_remove_handle(p->multi, h);
     curl_easy_cleanup(h);
     c->h = NULL;
@@ -183,7 +189,8 @@ static void call_ended(push *p, CURL *h, CURLcode res)
     log_warn("push call failed", "{s:s, s:s, s:i, s:s}", "user", c->job->u->name, "device",
              c->dev, "status", (int)status, "error",
              res == CURLE_OK ? "" : curl_easy_strerror(res));
-    call_retry_or_drop(p, c, status == 0 || status == 408 || status == 429 || status >= 500);
+    call_retry_or_drop(p, c, status == 0 || status == 408 || status == 429 || status >= 500,
+                       (int64_t)PX_MIN(retry_after_s, PUSH_BACKOFF_MAX_MS / 1000) * 1000);
 }
 
 void call_run(push *p)

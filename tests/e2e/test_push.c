@@ -33,6 +33,7 @@ typedef struct rx_call {
     json_t *body;           /* the payload */
     int sig_ok;             /* X-Parley-Signature matched */
     int answered;           /* the status the receiver gave */
+    int64_t at_ms;          /* monotonic: when it arrived */
 } rx_call;
 
 /* Answers per device: the first `fail_n` calls get `fail_status`, then 200;
@@ -40,6 +41,7 @@ typedef struct rx_call {
 typedef struct rx_rule {
     char device[140];       /* "user/dev" */
     int fail_status, fail_n;
+    int retry_after_s;      /* > 0: a Retry-After header with the failures */
 } rx_rule;
 
 static struct {
@@ -68,8 +70,9 @@ static int rx_sig_ok(const char *header, const char *body, size_t len)
     return header != NULL && strcmp(header, want) == 0;
 }
 
-/* mu held: the status for the next call to user/dev. */
-static int rx_status(const char *user, const char *dev)
+/* mu held: the status for the next call to user/dev, and the Retry-After
+ * to send with it (0: none). */
+static int rx_status(const char *user, const char *dev, int *retry_after_s)
 {
     char key[140];
     snprintf(key, sizeof(key), "%s/%s", user, dev);
@@ -79,6 +82,7 @@ static int rx_status(const char *user, const char *dev)
             continue;
         if (r->fail_n > 0)
             r->fail_n--;
+        *retry_after_s = r->retry_after_s;
         return r->fail_status;
     }
     return 200;
@@ -103,19 +107,25 @@ static enum MHD_Result rx_handle(void *cls, struct MHD_Connection *conn, const c
     json_t *body = json_loadb(q->buf, q->len, 0, NULL);
     const char *sig = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Parley-Signature");
     pthread_mutex_lock(&rx.mu);
-    int status = 400;
+    int status = 400, retry_after_s = 0;
     if (body != NULL && rx.n < RX_MAX && strcmp(method, "POST") == 0) {
         rx_call *c = &rx.calls[rx.n++];
         snprintf(c->user, sizeof(c->user), "%s", e2e_str(body, "user"));
         snprintf(c->device, sizeof(c->device), "%s", e2e_str(body, "device"));
         c->body = body;
         c->sig_ok = rx_sig_ok(sig, q->buf, q->len);
-        c->answered = status = rx_status(c->user, c->device);
+        c->answered = status = rx_status(c->user, c->device, &retry_after_s);
+        c->at_ms = px_mono_ms();
         body = NULL;
     }
     pthread_mutex_unlock(&rx.mu);
     json_decref(body);
     struct MHD_Response *r = MHD_create_response_from_buffer(0, "", MHD_RESPMEM_PERSISTENT);
+    if (retry_after_s > 0) {
+        char v[16];
+        snprintf(v, sizeof(v), "%d", retry_after_s);
+        MHD_add_response_header(r, "Retry-After", v);
+    }
     enum MHD_Result ret = MHD_queue_response(conn, (unsigned)status, r);
     MHD_destroy_response(r);
     return ret;
@@ -152,13 +162,14 @@ static void rx_stop(void)
         json_decref(rx.calls[i].body);
 }
 
-static void rx_rule_add(const char *user, const char *dev, int status, int n)
+static void rx_rule_add(const char *user, const char *dev, int status, int n, int retry_after_s)
 {
     pthread_mutex_lock(&rx.mu);
     rx_rule *r = &rx.rules[rx.nrules++];
     snprintf(r->device, sizeof(r->device), "%s/%s", user, dev);
     r->fail_status = status;
     r->fail_n = n;
+    r->retry_after_s = retry_after_s;
     pthread_mutex_unlock(&rx.mu);
 }
 
@@ -347,7 +358,7 @@ START_TEST(a_500_is_retried_until_answered)
     e2e_user("pa", alice);
     e2e_user("pc", carol);
     dev_register_offline(carol, "phone");
-    rx_rule_add(carol, "phone", 500, 2);
+    rx_rule_add(carol, "phone", 500, 2, 0);
     long long retried = e2e_metric(E2E_PUSH, "parley_push_retried_total");
     long long sent = e2e_metric(E2E_PUSH, "parley_push_sent_total");
     client *a = dev_connect(alice, "web", E2E_GW1);
@@ -383,7 +394,7 @@ START_TEST(a_410_stops_pushes_until_the_device_connects_again)
     e2e_user("pd", dave);
     dev_register_offline(dave, "phone");
     dev_register_offline(dave, "tablet");
-    rx_rule_add(dave, "phone", 410, -1);
+    rx_rule_add(dave, "phone", 410, -1, 0);
     client *a = dev_connect(alice, "web", E2E_GW1);
     e2e_send(a, "gone1", dave, "gone 1", mid);
     rx_wait(dave, "phone", 1);
@@ -457,7 +468,7 @@ START_TEST(failures_are_retried_for_a_bounded_time_then_dropped)
     e2e_user("pa", alice);
     e2e_user("pf", frank);
     dev_register_offline(frank, "phone");
-    rx_rule_add(frank, "phone", 503, -1);
+    rx_rule_add(frank, "phone", 503, -1, 0);
     long long dropped = e2e_metric(E2E_PUSH, "parley_push_dropped_total");
     long long base = e2e_metric(E2E_PUSH, RECORDS);
     client *a = dev_connect(alice, "web", E2E_GW1);
@@ -473,6 +484,31 @@ START_TEST(failures_are_retried_for_a_bounded_time_then_dropped)
 }
 END_TEST
 
+/* A 429 or 503 with Retry-After is not called again sooner than that
+ * (a lower bound: a slow box can only make the wait longer). */
+START_TEST(retry_after_is_waited_out)
+{
+    char alice[65], gina[65];
+    e2e_user("pa", alice);
+    e2e_user("pg", gina);
+    dev_register_offline(gina, "phone");
+    rx_rule_add(gina, "phone", 429, 1, 3);
+    client *a = dev_connect(alice, "web", E2E_GW1);
+    send_n(a, gina, 1, "later");
+    rx_wait(gina, "phone", 2);
+    rx_call c[2];
+    for (size_t i = 0; i < 2; i++) {
+        rx_calls(gina, "phone", i, &c[i]);
+        json_decref(c[i].body);
+    }
+    ck_assert_int_eq(c[0].answered, 429);
+    ck_assert_int_eq(c[1].answered, 200);
+    ck_assert_msg(c[1].at_ms - c[0].at_ms >= 2900, "called again %lld ms after Retry-After: 3",
+                  (long long)(c[1].at_ms - c[0].at_ms));
+    client_free(a);
+}
+END_TEST
+
 static Suite *push_suite(void)
 {
     Suite *s = suite_create("e2e-push");
@@ -484,6 +520,7 @@ static Suite *push_suite(void)
     tcase_add_test(tc, a_410_stops_pushes_until_the_device_connects_again);
     tcase_add_test(tc, group_events_and_messages_name_the_group);
     tcase_add_test(tc, failures_are_retried_for_a_bounded_time_then_dropped);
+    tcase_add_test(tc, retry_after_is_waited_out);
     suite_add_tcase(s, tc);
     return s;
 }
