@@ -256,7 +256,7 @@ stack-stop:
 
 # Issue 16's fault matrix under load on a three-broker stack of its own
 # (tests/chaos/run.sh; CHAOS_FAULTS picks faults, default all of them; about
-# 20 minutes). `make test` runs a short version (docs/high-availability.md).
+# 30-45 minutes on a busy 2-core box). `make test` runs a short version (docs/high-availability.md).
 test-chaos: deps
 	$(MAKE) $(SERVICE_BINS) $(BENCH_BINS)
 	bash tests/chaos/run.sh $(OUT) $${CHAOS_FAULTS:-}

@@ -35,7 +35,7 @@
 #   mongo                  the MongoDB-wire server (FerretDB and its
 #                          PostgreSQL) stopped and started again
 #
-# Environment (defaults): CHAOS_PAIRS (150: 300 clients), CHAOS_RATE (200
+# Environment (defaults): CHAOS_PAIRS (150: 300 clients), CHAOS_RATE (100
 #   msg/s), CHAOS_DURATION (30 s of sends), CHAOS_FAULT_AT (8 s),
 #   CHAOS_WINDOW (10 s: the window ends that long after the fault's end),
 #   CHAOS_GRACE (40 s), CHAOS_RESTART_AFTER (12 s), CHAOS_GW_RESTART_AFTER
@@ -62,7 +62,7 @@ faults=("$@")
   kafka-controller kafka-leader mongo gateway)
 services=(presence message-store group-fanout receipt)
 pairs=${CHAOS_PAIRS:-150}
-rate=${CHAOS_RATE:-200}
+rate=${CHAOS_RATE:-100}
 duration=${CHAOS_DURATION:-30}
 fault_at=${CHAOS_FAULT_AT:-8}
 window=${CHAOS_WINDOW:-10}
@@ -135,10 +135,12 @@ ready() { # service replica: /readyz answers 200 within 90 s
     curl -fs -o /dev/null "http://127.0.0.1:$p/readyz" && return 0
     if ! kill -0 "${pid[$1/$2]}" 2>/dev/null; then
       # As an orchestrator would: a replica that exits while starting (the
-      # database too slow to answer its first ping) is started again.
-      [ "$starts" -lt 3 ] || break
+      # database too slow to answer its first ping) is started again, after
+      # a pause that grows.
+      [ "$starts" -lt 8 ] || break
+      say "$1 replica $2 exited while starting; starting it again in ${starts}s"
+      sleep "$starts"
       starts=$((starts + 1))
-      say "$1 replica $2 exited while starting; starting it again"
       start "$1" "$2"
     fi
     sleep 0.1
