@@ -70,7 +70,7 @@ endif
 # Generated protobuf code and objects are kept, not treated as intermediates.
 .SECONDARY:
 
-.PHONY: all deps deps-build test test-unit test-parleyd test-browser test-chaos test-tls run run-stack stack-start stack-stop bench clean helm-check image fuzz fuzz-build
+.PHONY: all deps deps-build test test-unit test-parleyd test-browser test-chaos test-tls run run-stack stack-start stack-stop bench clean helm-check image test-k8s fuzz fuzz-build
 .DEFAULT_GOAL := all
 
 all: $(SERVICE_BINS) $(OUT)/bin/parleyd $(TOOL_BINS) $(TEST_BINS) $(E2E_EMBED_BINS) $(BENCH_BINS)
@@ -269,6 +269,15 @@ bench: deps all
 # Debian base images are made locally when no registry serves them.
 image:
 	bash deploy/docker/image.sh
+
+# The chart on a real one-node Kubernetes (tests/k8s/test.sh): the cluster
+# binaries built from the Go module proxy into ~/.cache/parley on the first
+# run (15 min and more), the image of `make image`, etcd and containerd from
+# Debian, all in a network namespace of its own. On demand, as root; not
+# part of `make test` (docs/deploy.md, "On a real cluster").
+test-k8s: image
+	bash deploy/local/deps.sh k8s
+	bash tests/k8s/test.sh
 
 # Offline checks of the Helm chart (lint, template, refused values, and the
 # Kubernetes schemas when kubernetes-validate is installed). Not part of

@@ -5,6 +5,7 @@
 #   deps.sh image  a container engine and what makes a base image (`make image`)
 #   deps.sh bench  what `make bench` needs beyond that: ejabberd, the peer it
 #                  measures beside Parley, and gnuplot for its chart
+#   deps.sh k8s    the image's, plus etcd, containerd and CNI plugins (`make test-k8s`)
 set -euo pipefail
 
 PKGS=(build-essential pkg-config librdkafka-dev libmicrohttpd-dev libwslay-dev
@@ -13,7 +14,12 @@ PKGS=(build-essential pkg-config librdkafka-dev libmicrohttpd-dev libwslay-dev
 [ "${1:-all}" = image ] &&
   PKGS=(podman buildah runc containernetworking-plugins fuse-overlayfs uidmap debootstrap)
 [ "${1:-all}" = bench ] && PKGS=(ejabberd gnuplot-nox)
+[ "${1:-all}" = k8s ] &&
+  PKGS=(podman buildah runc containernetworking-plugins fuse-overlayfs uidmap debootstrap
+        etcd-server containerd iproute2 iptables golang-go kcat jq curl default-jre-headless
+        maven build-essential)
 [ "${1:-all}" = build ] || [ "${1:-all}" = image ] || [ "${1:-all}" = bench ] ||
+  [ "${1:-all}" = k8s ] ||
   PKGS+=(kcat jq curl default-jre-headless maven golang-go postgresql chromium nodejs npm
          python3-jwt python3-cryptography clang libclang-rt-dev)
 

@@ -21,7 +21,7 @@
 #
 # TLS (docs/operations.md, "Kafka and MongoDB security"): with
 # PARLEY_STACK_TLS=1 (or --tls) a throwaway CA made by openssl signs a
-# certificate for 127.0.0.1, each Kafka node adds a SASL_SSL listener on its
+# certificate for PARLEY_STACK_HOST (and 127.0.0.1), each Kafka node adds a SASL_SSL listener on its
 # port + 5 (SASL PLAIN, user "parley" with a random password) and
 # FerretDB a TLS listener on PARLEY_MONGO_PORT + 5; the plain listeners
 # stay (the controller and the brokers among themselves use them).
@@ -45,7 +45,11 @@
 #   PARLEY_FERRETDB_BACKEND (postgresql if installed, else sqlite),
 #   PARLEY_KAFKA_PARTITIONS (8), PARLEY_KAFKA_NODES (1, or 3 as the run dir
 #   was started with),
-#   PARLEY_STACK_TIMEOUT (90 s), PARLEY_STACK_FRESH=1 wipes data on start.
+#   PARLEY_STACK_TIMEOUT (90 s), PARLEY_STACK_FRESH=1 wipes data on start,
+#   PARLEY_STACK_HOST (127.0.0.1): the address Kafka's client listener and
+#   the MongoDB-wire server bind and advertise (`make test-k8s` gives the
+#   address its pods reach the node by; the controller and PostgreSQL stay
+#   on loopback).
 # After start, "$PARLEY_STACK_DIR/stack.env" holds PARLEY_KAFKA_BROKERS,
 # PARLEY_KAFKA_REPLICATION and PARLEY_MONGO_URI for the services (source it).
 set -euo pipefail
@@ -66,6 +70,7 @@ KAFKA_CPORT=${PARLEY_KAFKA_CONTROLLER_PORT:-19093}
 MONGO_PORT=${PARLEY_MONGO_PORT:-27018}
 PARTITIONS=${PARLEY_KAFKA_PARTITIONS:-8}
 TIMEOUT=${PARLEY_STACK_TIMEOUT:-90}
+HOST=${PARLEY_STACK_HOST:-127.0.0.1}
 FERRETDB_VERSION=v1.24.2
 DEP_PLUGIN=org.apache.maven.plugins:maven-dependency-plugin:3.8.1
 KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$HERE/pom.xml")
@@ -87,12 +92,12 @@ kport() { echo $((KAFKA_PORT + 10 * ($(knode "$1") - 1))); }
 kcport() { echo $((KAFKA_CPORT + 10 * ($(knode "$1") - 1))); }
 ksport() { echo $(($(kport "$1") + 5)); }
 kafka_nodes() { local n; echo kafka; for ((n = 2; n <= NODES; n++)); do echo "kafka$n"; done; }
-KAFKA_ADDR=$(for c in $(kafka_nodes); do printf '127.0.0.1:%s,' "$(kport "$c")"; done)
+KAFKA_ADDR=$(for c in $(kafka_nodes); do printf '%s:%s,' "$HOST" "$(kport "$c")"; done)
 KAFKA_ADDR=${KAFKA_ADDR%,}
 # With three nodes a write is acknowledged once two replicas hold it, so
 # one node may die without losing an acknowledged record or stopping writes.
 KAFKA_MIN_ISR=$((NODES > 1 ? 2 : 1))
-MONGO_URI="mongodb://127.0.0.1:$MONGO_PORT/?retryWrites=false"
+MONGO_URI="mongodb://$HOST:$MONGO_PORT/?retryWrites=false"
 PG_PORT=${PARLEY_PG_PORT:-$((MONGO_PORT - 1000))}
 PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 if [ -n "$PG_BIN" ] && [ -x "$PG_BIN/initdb" ]; then BACKEND=${PARLEY_FERRETDB_BACKEND:-postgresql}
@@ -169,9 +174,10 @@ pid_of() {
   echo "$p"
 }
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# port_open PORT [HOST]: something listens there (HOST: $HOST).
+port_open() { (exec 3<>"/dev/tcp/${2:-$HOST}/$1") 2>/dev/null; }
 need_free_port() {
-  port_open "$1" && die "port $1 ($2) is already in use by a process this run dir ($RUN) did not start; stop it or set $3"
+  port_open "$1" "${4:-$HOST}" && die "port $1 ($2) is already in use by a process this run dir ($RUN) did not start; stop it or set $3"
   return 0
 }
 
@@ -180,18 +186,18 @@ kafka2_ready() { kafka_node_ready kafka2; }
 kafka3_ready() { kafka_node_ready kafka3; }
 kafka_node_ready() {
   port_open "$(kport "$1")" || return 1 # kcat would sit out its whole timeout
-  if command -v kcat >/dev/null; then kcat -b "127.0.0.1:$(kport "$1")" -L -m 5 >/dev/null 2>&1; fi
+  if command -v kcat >/dev/null; then kcat -b "$HOST:$(kport "$1")" -L -m 5 >/dev/null 2>&1; fi
 }
 
 # A real OP_MSG {hello: 1} round trip; a TCP connect where python3 is missing.
 mongo_ready() {
   command -v python3 >/dev/null || { port_open "$MONGO_PORT"; return; }
-  python3 - "$MONGO_PORT" <<'EOF' 2>/dev/null
+  python3 - "$MONGO_PORT" "$HOST" <<'EOF' 2>/dev/null
 import socket, struct, sys
 body = b"\x10hello\x00" + struct.pack("<i", 1) + b"\x02$db\x00" + struct.pack("<i", 6) + b"admin\x00"
 doc = struct.pack("<i", len(body) + 5) + body + b"\x00"
 msg = struct.pack("<I", 0) + b"\x00" + doc
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 2)
+s = socket.create_connection((sys.argv[2], int(sys.argv[1])), 2)
 s.settimeout(2)
 s.sendall(struct.pack("<iiii", 16 + len(msg), 1, 0, 2013) + msg)
 data = s.recv(16)
@@ -220,7 +226,7 @@ kafka_voters() {
   echo "${v%,}"
 }
 
-# The throwaway CA, a certificate for 127.0.0.1 (Kafka's as PKCS12), and the
+# The throwaway CA, a certificate for $HOST (Kafka's as PKCS12), and the
 # SASL user's password, made once per run dir.
 make_tls() {
   [ -s "$TLS_DIR/kafka.p12" ] && return
@@ -230,7 +236,7 @@ make_tls() {
     openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=parley-test-ca \
       -keyout ca.key -out ca.crt
     openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key -out server.csr
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >san.ext
+    printf 'subjectAltName=IP:%s,IP:127.0.0.1,DNS:localhost\n' "$HOST" >san.ext
     openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
       -extfile san.ext -out server.crt
     openssl pkcs12 -export -in server.crt -inkey server.key -name kafka \
@@ -253,14 +259,14 @@ EOF
 
 write_kafka_config() {
   local c=$1 tl= tm=
-  [ "$TLS" != 1 ] || { tl=",SASL_SSL://127.0.0.1:$(ksport "$c")"; tm=",SASL_SSL:SASL_SSL"; }
+  [ "$TLS" != 1 ] || { tl=",SASL_SSL://$HOST:$(ksport "$c")"; tm=",SASL_SSL:SASL_SSL"; }
   cat >"$RUN/$c.properties" <<EOF
 # Generated by deploy/local/stack.sh on every start; edits are lost.
 process.roles=broker,controller
 node.id=$(knode "$c")
 controller.quorum.voters=$(kafka_voters)
-listeners=PLAINTEXT://127.0.0.1:$(kport "$c"),CONTROLLER://127.0.0.1:$(kcport "$c")$tl
-advertised.listeners=PLAINTEXT://127.0.0.1:$(kport "$c")$tl
+listeners=PLAINTEXT://$HOST:$(kport "$c"),CONTROLLER://127.0.0.1:$(kcport "$c")$tl
+advertised.listeners=PLAINTEXT://$HOST:$(kport "$c")$tl
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT$tm
@@ -375,7 +381,7 @@ stop_pg() {
 start_mongo() {
   if have_mongod; then
     mkdir -p "$RUN/mongod-data"
-    nohup mongod --dbpath "$RUN/mongod-data" --port "$MONGO_PORT" --bind_ip 127.0.0.1 \
+    nohup mongod --dbpath "$RUN/mongod-data" --port "$MONGO_PORT" --bind_ip "$HOST" \
       --logpath "$RUN/mongo.log" --logappend >"$RUN/mongo.out" 2>&1 </dev/null 8>&- 9>&- &
   else
     mkdir -p "$RUN/ferretdb-data" "$RUN/ferretdb-state"
@@ -385,10 +391,10 @@ start_mongo() {
       handler=(--handler=postgresql --postgresql-url="postgres://postgres@127.0.0.1:$PG_PORT/ferretdb")
     fi
     local tls=()
-    [ "$TLS" != 1 ] || tls=(--listen-tls="127.0.0.1:$((MONGO_PORT + 5))"
+    [ "$TLS" != 1 ] || tls=(--listen-tls="$HOST:$((MONGO_PORT + 5))"
       --listen-tls-cert-file="$TLS_DIR/server.crt" --listen-tls-key-file="$TLS_DIR/server.key")
     nohup "$FERRETDB" "${handler[@]}" "${tls[@]}" \
-      --listen-addr="127.0.0.1:$MONGO_PORT" --state-dir="$RUN/ferretdb-state" \
+      --listen-addr="$HOST:$MONGO_PORT" --state-dir="$RUN/ferretdb-state" \
       --telemetry=disable --debug-addr=- --log-level=warn \
       >>"$RUN/mongo.log" 2>&1 </dev/null 8>&- 9>&- &
   fi
@@ -413,7 +419,7 @@ write_env() {
     "$KAFKA_ADDR" "$NODES" "$MONGO_URI" >"$RUN/stack.env"
   [ "$TLS" = 1 ] || return 0
   local c addr=
-  for c in $(kafka_nodes); do addr+="127.0.0.1:$(ksport "$c"),"; done
+  for c in $(kafka_nodes); do addr+="$HOST:$(ksport "$c"),"; done
   cat >"$RUN/stack-tls.env" <<EOF
 PARLEY_KAFKA_BROKERS=${addr%,}
 PARLEY_KAFKA_REPLICATION=$NODES
@@ -422,7 +428,7 @@ PARLEY_KAFKA_SASL_MECHANISM=PLAIN
 PARLEY_KAFKA_SASL_USERNAME=parley
 PARLEY_KAFKA_SASL_PASSWORD_FILE=$TLS_DIR/kafka-password
 PARLEY_KAFKA_SSL_CA_FILE=$TLS_DIR/ca.crt
-PARLEY_MONGO_URI='mongodb://127.0.0.1:$((MONGO_PORT + 5))/?retryWrites=false&tls=true&tlsCAFile=$TLS_DIR/ca.crt'
+PARLEY_MONGO_URI='mongodb://$HOST:$((MONGO_PORT + 5))/?retryWrites=false&tls=true&tlsCAFile=$TLS_DIR/ca.crt'
 EOF
 }
 
@@ -456,7 +462,7 @@ cmd_start() {
     rm -f "$RUN/$c.pid"
     if [[ "$c" == kafka* ]]; then
       need_free_port "$(kport "$c")" "$c" PARLEY_KAFKA_PORT
-      need_free_port "$(kcport "$c")" "$c controller" PARLEY_KAFKA_CONTROLLER_PORT
+      need_free_port "$(kcport "$c")" "$c controller" PARLEY_KAFKA_CONTROLLER_PORT 127.0.0.1
       [ "$TLS" != 1 ] || need_free_port "$(ksport "$c")" "$c SASL_SSL" PARLEY_KAFKA_PORT
       [ "${PARLEY_STACK_FRESH:-0}" != 1 ] || rm -rf "$RUN/$c-data" "$RUN/$c.log"
       [ "$c" != kafka ] || echo "$NODES" >"$RUN/kafka.nodes"
@@ -465,7 +471,7 @@ cmd_start() {
       [ "$TLS" != 1 ] || need_free_port "$((MONGO_PORT + 5))" "mongo TLS" PARLEY_MONGO_PORT
       if [ "$BACKEND" = postgresql ] && ! have_mongod; then
         stop_pg # left over by a killed run
-        need_free_port "$PG_PORT" "postgresql" PARLEY_PG_PORT
+        need_free_port "$PG_PORT" "postgresql" PARLEY_PG_PORT 127.0.0.1
       fi
       [ "${PARLEY_STACK_FRESH:-0}" != 1 ] || rm -rf "$RUN"/mongo{d-data,.log} "$RUN"/ferretdb-{data,state} "$PG_DATA"
     fi
