@@ -58,6 +58,8 @@ typedef struct ack_entry {
     int gone;              /* every device that needs it has acked: delete it */
     int marked;            /* some device had acked it before */
     int64_t seq, ev_ts;    /* the held event's, for its marks */
+    int32_t part;          /* the AckRecord's place in parley.acks (the oldest) */
+    int64_t off;
 } ack_entry;
 
 /* A held event no kept device list could decide for: decided once its
@@ -425,7 +427,7 @@ static void ack_note_outcome(ack_ctx *c)
             continue;
         else if (x->acked || (!ackwait_note_read(w, x->key.user, x->key.id, x->ts_ms) &&
                               !ackwait_was_applied(w, x->key.user, x->key.id)))
-            ackwait_add(w, x->key.user, x->key.id, x->dev, x->read, x->ts_ms);
+            ackwait_add(w, x->key.user, x->key.id, x->dev, x->read, x->ts_ms, x->part, x->off);
     }
 }
 
@@ -467,6 +469,7 @@ static size_t ack_unique(ack_entry *e, size_t n)
         last->read |= e[i].read;
         last->acked |= e[i].acked;
         last->ts_ms = PX_MAX(last->ts_ms, e[i].ts_ms);
+        last->off = PX_MIN(last->off, e[i].off);
     }
     return k;
 }
@@ -474,14 +477,15 @@ static size_t ack_unique(ack_entry *e, size_t n)
 /* Only ids that could name a stored event go to the store: an empty or
  * non-UTF-8 id matches nothing anyway, and the store would refuse the whole
  * call for it on every retry. Appends to e; returns the new count. */
-static size_t ack_entries(const Parley__AckRecord *r, ack_entry *e, size_t n)
+static size_t ack_entries(const Parley__AckRecord *r, const bus_msg *m, ack_entry *e, size_t n)
 {
     int64_t ts = r->ts_ms > 0 ? r->ts_ms : px_now_ms();
     for (size_t i = 0; i < r->n_ids; i++) {
         size_t len = strlen(r->ids[i]);
         if (len > 0 && len <= ACK_ID_MAX && utf8_valid((const unsigned char *)r->ids[i], len))
             e[n++] = (ack_entry){ .key = { r->user, r->ids[i] }, .dev = devices_name(r->device),
-                                  .read = r->read != 0, .acked = r->read == 0, .ts_ms = ts };
+                                  .read = r->read != 0, .acked = r->read == 0, .ts_ms = ts,
+                                  .part = m->partition, .off = m->offset };
     }
     return n;
 }
@@ -498,7 +502,7 @@ int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *
     ack_entry *e = px_calloc(total + 1, sizeof(*e));
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
-        k = ack_entries(recs[i].u.ack, e, k);
+        k = ack_entries(recs[i].u.ack, recs[i].m, e, k);
         metric_add(ms->m.acks, 1);
     }
     k = ack_unique(e, k);
@@ -539,6 +543,7 @@ void ack_retry_due(msgstore *ms)
     for (size_t i = 0; i < n; i++)
         found[i] = e[i].found;
     ackwait_settle(ms->waits, found, now);
+    ackwait_recommit(ms->waits, ms->svc.b); /* what left lets its partition's commit go */
     free(found);
     free(e);
 }

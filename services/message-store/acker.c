@@ -24,11 +24,12 @@
 #define ACKER_GROUP_SUFFIX "-acks"
 #define ACKER_HANDOVER_MS 5000 /* a clean stop's wait until Kafka holds the hand-over */
 
-/* A clean stop (SIGTERM: a rolling upgrade) would forget the acks waiting
- * for their events (ackwait.c): their records are committed. They go back
- * onto parley.acks instead, one AckRecord each, confirmed before the group
- * is left, so whoever owns the partition next applies them (or lets them
- * wait there). Only a crash forgets them. */
+/* A clean stop (SIGTERM: a rolling upgrade) hands the acks waiting for
+ * their events (ackwait.c) over: they go back onto parley.acks, one
+ * AckRecord each, confirmed before the group is left, so whoever owns the
+ * partition next applies them (or lets them wait there), and their
+ * records' commits, held while they waited, may go. A crash leaves the
+ * commits held instead: the records themselves are consumed again. */
 static void acker_handover(msgstore *a)
 {
     size_t n, failed = 0;
@@ -55,6 +56,12 @@ static void acker_handover(msgstore *a)
     if (n > 0)
         log_info("acks still waiting for their events handed over on parley.acks",
                  "{s:I, s:I}", "acks", (json_int_t)n, "failed", (json_int_t)failed);
+    /* Handed over: the records they came from may commit. Else their
+     * commits stay held and the next owner consumes them again. */
+    if (failed == 0) {
+        ackwait_forget(a->waits);
+        ackwait_recommit(a->waits, a->svc.b);
+    }
 }
 
 /* Runs until acker_stop; a stop signal ends the main loop, whose drain
@@ -97,7 +104,7 @@ int acker_start(msgstore *ms, char *err, size_t errlen)
     a->gate = ms->gate;
     a->devcache = ms->devcache;
     a->m = ms->m;
-    a->waits = ackwait_new(&a->m);
+    a->waits = ackwait_new(&a->m, ms->topic_acks);
     a->topic_inbox = ms->topic_inbox;
     a->topic_acks = ms->topic_acks;
     a->topic_receipts = ms->topic_receipts;
@@ -132,7 +139,7 @@ void acker_stop(msgstore *ms)
     pthread_join(ms->acker_th, NULL);
     bus_destroy(a->svc.b); /* commits what was marked, leaves the group */
     free(a->pack);
-    ackwait_free(a->waits); /* their records are committed: they come again at the next sync */
+    ackwait_free(a->waits); /* handed over, or their records' commits held */
     free(a);
     ms->acker = NULL;
 }

@@ -19,10 +19,18 @@
  *
  * Bounded: at most ACKWAIT_MAX entries (an ack past it is refused and
  * counted, and behaves as before: the event comes again at the next sync
- * and is acked then), each kept until ACKWAIT_MS after the ack was made. The ack records were
- * committed when they were first applied, so a crash or a stop forgets
- * what waits here: the same redelivery at the next sync. Kept sorted by
- * (user, id, dev) without repeats, the order ack.c works in. */
+ * and is acked then), each kept until ACKWAIT_MS after the ack was made.
+ * Kept sorted by (user, id, dev) without repeats, the order ack.c works in.
+ *
+ * Also owns the acks partitions' commit points (ackwait_commit): a
+ * partition's commit stays at the oldest AckRecord whose ack still waits
+ * here, so a crash (kill -9) consumes it again and whoever owns the
+ * partition next applies it or lets it wait, instead of forgetting it. A
+ * forgotten `ack` only meant a redelivery at the next sync; a forgotten
+ * `read` was lost once that redelivery was acked (the client does not read
+ * it again). The hold lasts at most ACKWAIT_MS and costs, after a crash,
+ * that partition's later acks once more (idempotent). A clean stop hands
+ * what waits over instead (acker.c) and lets the commits go. */
 #include "common.h"
 #include "msgstore.h"
 
@@ -37,15 +45,24 @@ struct ackwait {
     uint64_t *applied;     /* ACKWAIT_APPLIED_SLOTS hashes of (user, id); 0: empty */
     int dirty;             /* entries appended since the last sort */
     const msgstore_metrics *m;
+    const char *topic;     /* the acks topic */
+    int64_t *next;         /* per partition: the offset after the last record applied, or -1 */
+    int64_t *commit;       /* ackwait_recommit's scratch: what each may commit */
+    bus_msg *pos;          /* the same as records for bus_commit */
+    size_t nparts;         /* partitions seen: [0, nparts) */
 };
 
-ackwait *ackwait_new(const msgstore_metrics *m)
+ackwait *ackwait_new(const msgstore_metrics *m, const char *topic)
 {
     ackwait *w = px_calloc(1, sizeof(*w));
     w->e = px_calloc(ACKWAIT_MAX, sizeof(*w->e));
     w->due = px_calloc(ACKWAIT_MAX, sizeof(*w->due));
     w->applied = px_calloc(ACKWAIT_APPLIED_SLOTS, sizeof(*w->applied));
+    w->next = px_calloc(ACKWAIT_PARTS_MAX, sizeof(*w->next));
+    w->commit = px_calloc(ACKWAIT_PARTS_MAX, sizeof(*w->commit));
+    w->pos = px_calloc(ACKWAIT_PARTS_MAX, sizeof(*w->pos));
     w->m = m;
+    w->topic = topic;
     return w;
 }
 
@@ -58,6 +75,9 @@ void ackwait_free(ackwait *w)
     free(w->e);
     free(w->due);
     free(w->applied);
+    free(w->next);
+    free(w->commit);
+    free(w->pos);
     free(w);
 }
 
@@ -100,7 +120,8 @@ static int ackwait_cmp(const void *a, const void *b)
 }
 
 /* Sorts and merges repeats (the same ack consumed again, or sent twice):
- * the earliest deadline and schedule stay, read and the latest time win. */
+ * the earliest deadline, schedule and record stay, read and the latest
+ * time win. */
 static void ackwait_sort(ackwait *w)
 {
     if (!w->dirty || w->n == 0)
@@ -118,13 +139,14 @@ static void ackwait_sort(ackwait *w)
         last->ts_ms = PX_MAX(last->ts_ms, x->ts_ms);
         last->until_ms = PX_MIN(last->until_ms, x->until_ms);
         last->next_ms = PX_MIN(last->next_ms, x->next_ms);
+        last->off = PX_MIN(last->off, x->off);
         free(x->user);
     }
     w->n = k;
 }
 
 int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, int read,
-                int64_t ts_ms)
+                int64_t ts_ms, int32_t part, int64_t off)
 {
     if (w->n == ACKWAIT_MAX) {
         ackwait_sort(w); /* repeats may free room */
@@ -151,7 +173,8 @@ int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, i
     w->e[w->n++] = (ackwait_entry){ .user = s, .id = s + lu, .dev = s + lu + li, .read = read,
                                     .ts_ms = ts_ms, .until_ms = now + left,
                                     .next_ms = now + ACKWAIT_FIRST_MS,
-                                    .backoff_ms = ACKWAIT_FIRST_MS };
+                                    .backoff_ms = ACKWAIT_FIRST_MS, .part = part,
+                                    .off = off };
     w->dirty = 1;
     metric_add(w->m->ack_waits, 1);
     return PX_OK;
@@ -209,4 +232,54 @@ void ackwait_settle(ackwait *w, const int *found, int64_t now_ms)
             w->e[k++] = w->e[i];
     w->n = k;
     w->ndue = 0;
+}
+
+void ackwait_forget(ackwait *w)
+{
+    for (size_t i = 0; i < w->n; i++)
+        free(w->e[i].user);
+    w->n = w->ndue = 0;
+    w->dirty = 0;
+}
+
+/* ---- the acks partitions' commit points ---- */
+
+void ackwait_recommit(ackwait *w, bus *b)
+{
+    memcpy(w->commit, w->next, w->nparts * sizeof(*w->commit));
+    for (size_t i = 0; i < w->n; i++) {
+        const ackwait_entry *x = &w->e[i];
+        if (x->part >= 0 && (size_t)x->part < w->nparts && x->off < w->commit[x->part])
+            w->commit[x->part] = x->off;
+    }
+    size_t k = 0, held = 0;
+    for (size_t p = 0; p < w->nparts; p++) {
+        if (w->next[p] < 0)
+            continue; /* nothing applied there yet */
+        held += w->commit[p] < w->next[p];
+        /* bus_commit commits the offset after the record named. */
+        w->pos[k++] = (bus_msg){ .topic = w->topic, .partition = (int32_t)p,
+                                 .offset = w->commit[p] - 1 };
+    }
+    /* A partition moved to another member refuses the store: its next
+     * owner starts at what was committed, the oldest waiting record. */
+    bus_commit(b, w->pos, k);
+    metric_set(w->m->ack_commits_held, (int64_t)held);
+}
+
+void ackwait_commit(ackwait *w, bus *b, const bus_msg *m, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        int32_t p = m[i].partition;
+        if (p < 0 || p >= ACKWAIT_PARTS_MAX) {
+            bus_commit(b, &m[i], 1); /* no room to hold it: as before */
+            continue;
+        }
+        for (; w->nparts <= (size_t)p; w->nparts++)
+            w->next[w->nparts] = -1;
+        /* The last one applied, not the highest: a partition that came back
+         * after another member had it restarts lower. */
+        w->next[p] = m[i].offset + 1;
+    }
+    ackwait_recommit(w, b);
 }

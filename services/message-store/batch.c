@@ -326,7 +326,11 @@ void batch_process(msgstore *ms, bus_msg *msgs, size_t n)
         size_t upto = batch_attempt(ms, recs, done, n, err, sizeof(err));
         upto = batch_settle(ms, upto, err, sizeof(err));
         if (upto > done) {
-            bus_commit(ms->svc.b, msgs + done, upto - done);
+            /* The acker's commits stop at an ack that waits (ackwait.c). */
+            if (ms->waits != NULL)
+                ackwait_commit(ms->waits, ms->svc.b, msgs + done, upto - done);
+            else
+                bus_commit(ms->svc.b, msgs + done, upto - done);
             done = upto;
             backoff = SERVICE_BACKOFF_MIN_MS;
         }

@@ -66,6 +66,9 @@ static void main_metrics(msgstore *ms)
     m->ack_waits_expired = WAITS("expired");
     m->ack_waits_full = WAITS("full");
 #undef WAITS
+    m->ack_commits_held = metrics_gauge("parley_msgstore_ack_commits_held",
+                                        "Acks partitions whose commit waits for an ack "
+                                        "that waits (ackwait.c)");
 #define LAT(op) metrics_histogram("parley_msgstore_store_ms{op=\"" op "\"}", \
                                   "Store call latency, ms", b, PX_ARRAY_LEN(b))
     m->lat_seen_claim = LAT("seen_claim");

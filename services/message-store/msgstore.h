@@ -43,7 +43,7 @@ typedef struct msgstore_metrics {
         *sync_events, *acks, *acked_events, *acked_messages, *dead, *retries,
         *cache_hits, *cache_misses, *devcache_hits, *devcache_misses, *lookup_failures,
         *swept_inbox, *swept_seen, *swept_media, *ack_waits, *ack_waits_found,
-        *ack_waits_expired, *ack_waits_full, *push_records;
+        *ack_waits_expired, *ack_waits_full, *ack_commits_held, *push_records;
     metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
         *lat_sweep, *lat_gate;
 } msgstore_metrics;
@@ -314,6 +314,7 @@ void ack_retry_due(msgstore *ms);
 #define ACKWAIT_FIRST_MS 250          /* first retry; doubles up to the next */
 #define ACKWAIT_MAX_BACKOFF_MS 4000
 #define ACKWAIT_APPLIED_SLOTS (1u << 16) /* 512 KiB: the acks applied lately */
+#define ACKWAIT_PARTS_MAX 1024         /* acks partitions whose commit is held */
 
 /* One waiting ack of one device; user, id and dev share one allocation. */
 typedef struct ackwait_entry {
@@ -321,13 +322,26 @@ typedef struct ackwait_entry {
     int read;                  /* a `read` (or an ack later read) */
     int64_t ts_ms;             /* the receipts' time */
     int64_t until_ms, next_ms, backoff_ms; /* monotonic */
+    int32_t part;              /* the AckRecord's partition and offset in topic */
+    int64_t off;               /* (the oldest, if consumed more than once) */
 } ackwait_entry;
 
-ackwait *ackwait_new(const msgstore_metrics *m);
+/* topic: the acks topic, whose commits ackwait_commit holds. */
+ackwait *ackwait_new(const msgstore_metrics *m, const char *topic);
 void ackwait_free(ackwait *w);
-/* Keeps an ack that found nothing: PX_OK, or PX_AGAIN when full (counted). */
+/* Keeps an ack that found nothing, consumed from (part, off) of the acks
+ * topic: PX_OK, or PX_AGAIN when full (counted). */
 int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, int read,
-                int64_t ts_ms);
+                int64_t ts_ms, int32_t part, int64_t off);
+/* The acker's bus_commit: records m[0..n) are applied; each partition's
+ * committed offset moves up to them, but never past the oldest record
+ * whose ack still waits here, so a crash consumes that record again. */
+void ackwait_commit(ackwait *w, bus *b, const bus_msg *m, size_t n);
+/* Stores the commit points again after waits left (found, expired or
+ * forgotten). */
+void ackwait_recommit(ackwait *w, bus *b);
+/* Drops every waiting entry (handed over elsewhere: acker.c). */
+void ackwait_forget(ackwait *w);
 /* (user, id) was found and applied by an ack or read of this acker. */
 void ackwait_applied(ackwait *w, const char *user, const char *id);
 /* 1 if it was lately (a read of it that finds nothing need not wait). */

@@ -10,10 +10,14 @@
  * message-store, or come during a takeover, before the message is stored:
  * ackwait.c). Reported: duplicates on the wire (clients dedupe by
  * id), and the longest send-to-receive time, which bounds how long
- * deliveries stopped. parleyd runs one instance of everything: no replica to
- * fail over to (its kill -9 is test_crash's). */
+ * deliveries stopped. Then reads that wait (ackwait.c) when their
+ * message-store is killed -9: they must still become `read` receipts.
+ * parleyd runs one instance of everything: no replica to fail over to (its
+ * kill -9 is test_crash's). */
 #include "e2e.h"
+#include "ids.h"
 
+#include <librdkafka/rdkafka.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/wait.h>
@@ -241,6 +245,156 @@ START_TEST(partitions_move_under_load_and_nothing_is_lost)
 }
 END_TEST
 
+enum { WPAIRS = 8 };
+
+/* 1 when message-store's ack consumer group has committed every record of
+ * the acks topic (an empty partition counts as committed). */
+static int acks_all_committed(void)
+{
+    const char *prefix = getenv("PARLEY_TOPIC_PREFIX");
+    char group[160], topic[160], e[512];
+    snprintf(group, sizeof(group), "%smessage-store-acks", prefix);
+    snprintf(topic, sizeof(topic), "%sacks", prefix);
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    ck_assert(rd_kafka_conf_set(conf, "bootstrap.servers", getenv("PARLEY_KAFKA_BROKERS"), e,
+                                sizeof(e)) == RD_KAFKA_CONF_OK);
+    ck_assert(rd_kafka_conf_set(conf, "group.id", group, e, sizeof(e)) == RD_KAFKA_CONF_OK);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, e, sizeof(e));
+    ck_assert_msg(rk != NULL, "kafka consumer: %s", e);
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+    const struct rd_kafka_metadata *md = NULL;
+    int all = 0;
+    if (rd_kafka_metadata(rk, 0, rkt, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+        md->topic_cnt == 1 && md->topics[0].partition_cnt > 0) {
+        int np = md->topics[0].partition_cnt;
+        rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(np);
+        for (int p = 0; p < np; p++)
+            rd_kafka_topic_partition_list_add(l, topic, p);
+        all = rd_kafka_committed(rk, l, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR;
+        for (int p = 0; p < np && all; p++) {
+            int64_t lo = 0, hi = 0;
+            all = rd_kafka_query_watermark_offsets(rk, topic, p, &lo, &hi, 5000) ==
+                      RD_KAFKA_RESP_ERR_NO_ERROR &&
+                  (hi == 0 || l->elems[p].offset >= hi);
+        }
+        rd_kafka_topic_partition_list_destroy(l);
+    }
+    if (md != NULL)
+        rd_kafka_metadata_destroy(md);
+    rd_kafka_topic_destroy(rkt);
+    rd_kafka_destroy(rk);
+    return all;
+}
+
+static long long waits_at(int port)
+{
+    return e2e_metric_at(port, "parley_msgstore_ack_waits_total{result=\"waiting\"}");
+}
+
+/* Each receiver reads a message not sent yet (its msg_id is a function of
+ * the sender and the client id): the read finds nothing and waits in the
+ * acker of whichever replica owns the reader's acks partition. Those
+ * replicas are killed -9 once the reads' records are committed, or held
+ * (before the hold, nothing kept them: the read was forgotten). Then the
+ * messages are sent and the receivers only ack them, as a client does
+ * that shows a conversation already read: every sender must still get its
+ * `read` receipt, from the read consumed again after the crash. */
+START_TEST(reads_waiting_at_a_kill9_still_make_read_receipts)
+{
+    if (strcmp(getenv("PARLEY_E2E_MODE") ? getenv("PARLEY_E2E_MODE") : "", "parleyd") == 0) {
+        fprintf(stderr, "report: failover: parleyd has no replicas; its kill -9 is test_crash's\n");
+        return;
+    }
+    int base = e2e_port(E2E_GW1) - 1, port1 = e2e_port(E2E_STORE), port2 = base + 42;
+    pid_t store2 = e2e_spawn_replica(E2E_STORE, "message-store-w2", port2);
+    wait_ready(port2);
+    client *snd[WPAIRS], *rcv[WPAIRS];
+    char users[2 * WPAIRS][65], ids[WPAIRS][ID_BUF];
+    for (int p = 0; p < WPAIRS; p++) {
+        e2e_user("wa", users[p]);
+        e2e_user("wb", users[WPAIRS + p]);
+        rcv[p] = e2e_connect(users[WPAIRS + p], E2E_GW2);
+        json_decref(e2e_wait_type(rcv[p], "synced"));
+        snd[p] = e2e_connect(users[p], E2E_GW1);
+        json_decref(e2e_wait_type(snd[p], "synced"));
+        id_for_send(users[p], "w0", ids[p]);
+    }
+    long long w1 = waits_at(port1), w2 = waits_at(port2);
+    for (int p = 0; p < WPAIRS; p++) {
+        json_t *o = json_pack("{s:s, s:[s]}", "type", "read", "ids", ids[p]);
+        ck_assert_int_eq(client_send_json(rcv[p], o), 0);
+        json_decref(o);
+    }
+    int64_t deadline = px_mono_ms() + 30000;
+    while (waits_at(port1) - w1 + waits_at(port2) - w2 < WPAIRS && px_mono_ms() < deadline)
+        usleep(100 * 1000);
+    long long d1 = waits_at(port1) - w1, d2 = waits_at(port2) - w2;
+    ck_assert_msg(d1 + d2 >= WPAIRS, "only %lld + %lld of %d reads waiting", d1, d2, WPAIRS);
+    /* The kill must come after the commit that would forget them: all the
+     * acks committed, or their commits held by the waits. */
+    const char *held = "parley_msgstore_ack_commits_held";
+    while (!acks_all_committed() && e2e_metric_at(port1, held) <= 0 &&
+           e2e_metric_at(port2, held) <= 0 && px_mono_ms() < deadline)
+        usleep(100 * 1000);
+    ck_assert_msg(px_mono_ms() < deadline, "the waiting reads were neither committed nor held");
+    if (d1 > 0)
+        e2e_kill9(E2E_STORE);
+    if (d2 > 0) {
+        kill(store2, SIGKILL);
+        e2e_extra_exit_status(store2);
+    }
+    for (int p = 0; p < WPAIRS; p++) {
+        char body[16];
+        snprintf(body, sizeof(body), "w %d", p);
+        e2e_send_async(snd[p], "w0", users[WPAIRS + p], body);
+    }
+    if (d1 > 0)
+        ck_assert_int_eq(e2e_restart(E2E_STORE), 0);
+    if (d2 > 0)
+        store2 = e2e_spawn_replica(E2E_STORE, "message-store-w2b", port2);
+    /* A session timeout, a rebalance and the re-store lie behind. */
+    int got[WPAIRS] = { 0 }, delivered[WPAIRS] = { 0 }, read[WPAIRS] = { 0 };
+    int ngot = 0, ndelivered = 0, nread = 0;
+    deadline = px_mono_ms() + 60000;
+    while ((ngot < WPAIRS || ndelivered < WPAIRS || nread < WPAIRS) && px_mono_ms() < deadline) {
+        json_t *m;
+        for (int p = 0; p < WPAIRS; p++) {
+            while (client_next(rcv[p], NULL, NULL, 0, &m) == PX_OK) {
+                if (strcmp(e2e_str(m, "type"), "message") == 0) {
+                    ngot += !got[p];
+                    got[p] = 1;
+                    e2e_ack(rcv[p], e2e_str(m, "id"));
+                }
+                json_decref(m);
+            }
+            while (client_next(snd[p], NULL, NULL, 0, &m) == PX_OK) {
+                int is_receipt = strcmp(e2e_str(m, "type"), "receipt") == 0 &&
+                                 strcmp(e2e_str(m, "msg_id"), ids[p]) == 0;
+                if (is_receipt && strcmp(e2e_str(m, "status"), "delivered") == 0)
+                    ndelivered += !delivered[p]++;
+                if (is_receipt && strcmp(e2e_str(m, "status"), "read") == 0)
+                    nread += !read[p]++;
+                json_decref(m);
+            }
+        }
+        usleep(50 * 1000);
+    }
+    fprintf(stderr,
+            "report: failover: %d reads waiting (%lld, %lld on the two replicas) when those "
+            "holding them were killed -9: %d of %d messages received, %d delivered and %d read "
+            "receipts\n",
+            WPAIRS, d1, d2, ngot, WPAIRS, ndelivered, nread);
+    for (int p = 0; p < WPAIRS; p++) {
+        client_free(snd[p]);
+        client_free(rcv[p]);
+    }
+    ck_assert_int_eq(e2e_stop_extra(store2), 0);
+    ck_assert_int_eq(ngot, WPAIRS);
+    ck_assert_int_eq(ndelivered, WPAIRS);
+    ck_assert_int_eq(nread, WPAIRS);
+}
+END_TEST
+
 static Suite *failover_suite(void)
 {
     Suite *s = suite_create("e2e-failover");
@@ -248,6 +402,10 @@ static Suite *failover_suite(void)
     tcase_set_timeout(tc, 180);
     tcase_add_test(tc, partitions_move_under_load_and_nothing_is_lost);
     suite_add_tcase(s, tc);
+    TCase *tw = tcase_create("waiting-reads");
+    tcase_set_timeout(tw, 150);
+    tcase_add_test(tw, reads_waiting_at_a_kill9_still_make_read_receipts);
+    suite_add_tcase(s, tw);
     return s;
 }
 
