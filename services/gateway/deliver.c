@@ -53,10 +53,13 @@ static void deliver_add(gw *g, deliver_out *o, mail *m)
 static void deliver_to_conn(gw *g, deliver_out *o, uint64_t conn_id, const Parley__Delivery *d)
 {
     enum mail_kind kind = d->conn != 0 ? MAIL_EVENT : MAIL_LIVE;
-    for (size_t i = 0; i < d->n_events_json; i++)
-        deliver_add(g, o, mail_new_skip(kind, conn_id, d->events_json[i].data,
-                                        d->events_json[i].len,
-                                        i < d->n_skip_devices ? d->skip_devices[i] : NULL));
+    int seqs = d->n_seqs == d->n_events_json;
+    for (size_t i = 0; i < d->n_events_json; i++) {
+        mail *m = mail_new_skip(kind, conn_id, d->events_json[i].data, d->events_json[i].len,
+                                i < d->n_skip_devices ? d->skip_devices[i] : NULL);
+        m->seq = seqs && d->seqs[i] >= 0 ? d->seqs[i] : -1;
+        deliver_add(g, o, m);
+    }
     if (d->synced)
         deliver_add(g, o, mail_new(MAIL_SYNCED, conn_id, NULL, 0));
     if (d->more_from_seq > 0) {

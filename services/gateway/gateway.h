@@ -26,6 +26,7 @@ typedef struct media media;
 typedef struct media_req media_req;
 typedef struct http_guard http_guard;
 typedef struct watch watch;
+typedef struct dedupe dedupe;
 
 /* Command kinds with a rate limit of their own (registry_take). */
 enum gw_rate { GW_RATE_SEND, GW_RATE_ACK, GW_RATE_READ, GW_RATE_GROUP, GW_RATE_PING, GW_RATE_N };
@@ -36,6 +37,7 @@ typedef struct gw_metrics {
     metric *conns, *accepted, *refused_auth, *closed, *frames_in, *sent_ok,
         *sent_fail, *delivered, *dropped, *slow_closed, *held_dropped, *errors, *send_latency,
         *parked, *unparked, *park_deferred;
+    metric *dups_dropped;             /* inbox events a connection had already (dedupe.c) */
     metric *rate_limited[GW_RATE_N];  /* commands refused rate_limited, by kind */
     metric *user_conns_refused;       /* upgrades refused: PARLEY_USER_CONNS */
     metric *devices_refused;          /* upgrades refused: device limit or unlinked */
@@ -85,6 +87,7 @@ typedef struct mail {
     uint64_t conn_id;
     conn *c;                     /* MAIL_CONN only */
     int64_t from_seq;            /* MAIL_SYNC_MORE only */
+    int64_t seq;                 /* MAIL_EVENT, MAIL_LIVE: the inbox event's seq, or -1 */
     const char *skip;            /* MAIL_LIVE: a device whose connections drop it, or NULL */
     size_t len;
     char data[];                 /* MAIL_EVENT: one JSON text frame */
@@ -106,6 +109,17 @@ mail *mail_new(enum mail_kind kind, uint64_t conn_id, const void *data, size_t l
 mail *mail_new_skip(enum mail_kind kind, uint64_t conn_id, const void *data, size_t len,
                     const char *skip);
 
+/* The worker's memory of what its connections were written (dedupe.c). */
+dedupe *worker_dedupe(worker *w);
+
+/* ---- dedupe.c: one inbox event once per connection ---- */
+
+dedupe *dedupe_new(void);
+void dedupe_free(dedupe *d);
+/* 1 if conn_id was written the event of seq (>= 0) lately; else remembers
+ * it and returns 0. */
+int dedupe_seen(dedupe *d, uint64_t conn_id, int64_t seq);
+
 /* conn ids: worker index (8 bits) | generation (32) | slot (24). Stale ids
  * (a closed connection's) never match a live connection. */
 #define CONN_WORKER(id) ((size_t)((id) >> 56))
@@ -122,6 +136,9 @@ void ws_conn_on_io(conn *c, uint32_t events);
 /* Queues a text message; closes with 1013 if the send queue passes its
  * ceiling (a client that stopped reading). */
 void ws_conn_queue_text(conn *c, const char *s, size_t len);
+/* Queues an event mail's text, unless it is an inbox event (seq >= 0)
+ * this connection was written already: that copy is dropped and counted. */
+void ws_conn_queue_event(conn *c, const mail *m);
 void ws_conn_close(conn *c, uint16_t code, const char *reason);
 /* The close code of a connection whose device was unlinked (PROTOCOL.md). */
 #define WS_CLOSE_UNLINKED 4001

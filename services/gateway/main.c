@@ -24,6 +24,7 @@ static void main_metrics(gw *g)
     g->m.refused_auth = metrics_counter("parley_gateway_auth_refused_total", "Upgrades refused with 401");
     g->m.closed = metrics_counter("parley_gateway_connections_closed_total", "WebSocket connections closed");
     g->m.slow_closed = metrics_counter("parley_gateway_slow_client_closed_total", "Connections closed for a full send queue");
+    g->m.dups_dropped = metrics_counter("parley_gateway_duplicates_dropped_total", "Inbox events not written to a connection because it had them already (a held live push its sync carried, a push repeated after a message-store takeover)");
     g->m.held_dropped = metrics_counter("parley_gateway_sync_held_overflow_total", "Syncs whose held live pushes passed the ceiling and were left to the sync");
     g->m.parked = metrics_counter("parley_gateway_ws_parked_total", "WebSocket contexts freed on quiet connections");
     g->m.unparked = metrics_counter("parley_gateway_ws_unparked_total", "WebSocket contexts made again for parked connections");

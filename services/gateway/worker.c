@@ -36,9 +36,15 @@ struct worker {
     uint32_t *free_slots;
     uint32_t nfree;
     uint32_t gen;
+    dedupe *dedupe;             /* inbox events written lately, per connection */
     conn **dirty;               /* written to since the last flush */
     size_t ndirty, dirty_cap;
 };
+
+dedupe *worker_dedupe(worker *w)
+{
+    return w->dedupe;
+}
 
 mail *mail_new(enum mail_kind kind, uint64_t conn_id, const void *data, size_t len)
 {
@@ -55,6 +61,7 @@ mail *mail_new_skip(enum mail_kind kind, uint64_t conn_id, const void *data, siz
     m->conn_id = conn_id;
     m->c = NULL;
     m->from_seq = 0;
+    m->seq = -1;
     m->len = len;
     if (len > 0)
         memcpy(m->data, data, len);
@@ -76,6 +83,7 @@ worker *worker_new(gw *g, int idx, char *err, size_t errlen)
     w->slots = px_calloc(w->cap, sizeof(*w->slots));
     w->gens = px_calloc(w->cap, sizeof(*w->gens));
     w->free_slots = px_calloc(w->cap, sizeof(*w->free_slots));
+    w->dedupe = dedupe_new();
     w->gen = (uint32_t)g->epoch;
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->room, NULL);
@@ -216,7 +224,7 @@ static int worker_deliver(worker *w, mail *m)
         ws_conn_hold(c, m);
         return 1;
     }
-    ws_conn_queue_text(c, m->data, m->len);
+    ws_conn_queue_event(c, m);
     return 0;
 }
 
@@ -364,5 +372,6 @@ void worker_free(worker *w)
     free(w->gens);
     free(w->free_slots);
     free(w->dirty);
+    dedupe_free(w->dedupe);
     free(w);
 }

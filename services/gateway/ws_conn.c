@@ -381,6 +381,15 @@ void ws_conn_queue_text(conn *c, const char *s, size_t len)
     ws_conn_over_ceiling(c);
 }
 
+void ws_conn_queue_event(conn *c, const mail *m)
+{
+    if (m->seq >= 0 && dedupe_seen(worker_dedupe(c->w), c->id, m->seq)) {
+        metric_add(c->g->m.dups_dropped, 1);
+        return;
+    }
+    ws_conn_queue_text(c, m->data, m->len);
+}
+
 void ws_conn_close(conn *c, uint16_t code, const char *reason)
 {
     if (c->dead || c->close_deadline_ms != 0 || ws_ctx(c) == NULL)
@@ -442,8 +451,9 @@ void ws_conn_synced(conn *c)
         ws_conn_free_held(c);
         return;
     }
+    /* Those a page carried are dropped here (ws_conn_queue_event). */
     for (mail *m = c->held; m != NULL; m = m->next)
-        ws_conn_queue_text(c, m->data, m->len);
+        ws_conn_queue_event(c, m);
     ws_conn_free_held(c);
 }
 

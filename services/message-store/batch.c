@@ -225,15 +225,37 @@ static int batch_send_dead(msgstore *ms, size_t idx, const msgstore_rec *r, char
                          batch_tag_for(ms, idx), err, errlen);
 }
 
-/* Runs recs[from..n) in order; returns the index of the first record whose
- * step failed (n when all succeeded), err saying why. */
+/* Serves the syncs pending (indexes in syncs) and empties the list: PX_OK,
+ * or PX_ERROR with *failed the first one not served. */
+static int batch_syncs(msgstore *ms, const msgstore_rec *recs, size_t *syncs, size_t *nsyncs,
+                       size_t *failed, char *err, size_t errlen)
+{
+    size_t n = *nsyncs, done = n > 0 ? sync_serve(ms, recs, syncs, n, err, errlen) : 0;
+    *nsyncs = 0;
+    if (done == n)
+        return PX_OK;
+    *failed = syncs[done];
+    return PX_ERROR;
+}
+
+/* Runs recs[from..n) in order, but for syncs: those of a run of records
+ * wait for its end (the batch's end or a device command, which takes
+ * effect at its own place in the user's order) and are served together
+ * (sync.c). A sync moved past later events of its partition scans them
+ * too: a page then carries an event its live push may carry as well, one
+ * copy the gateway drops (Delivery.seqs). Returns the index of the first
+ * record whose step failed or that was not served (n when all succeeded),
+ * err saying why. */
 static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_t n,
                             char *err, size_t errlen)
 {
-    size_t i = from;
+    size_t i = from, syncs[MSGSTORE_BATCH], nsyncs = 0, failed = n;
     while (i < n) {
         size_t j = i + 1;
-        int rc;
+        int rc = PX_OK;
+        if (recs[i].kind == REC_DEVCMD &&
+            batch_syncs(ms, recs, syncs, &nsyncs, &failed, err, errlen) != PX_OK)
+            return failed;
         switch (recs[i].kind) {
         case REC_INBOX:
             while (j < n && recs[j].kind == REC_INBOX)
@@ -243,7 +265,7 @@ static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_
                 rc = pushrec_emit(ms, recs + i, j - i, batch_tag_for(ms, i), err, errlen);
             break;
         case REC_SYNC:
-            rc = sync_serve(ms, i, recs[i].m->offset, recs[i].u.inbox->sync, err, errlen);
+            syncs[nsyncs++] = i;
             break;
         case REC_DEVCMD:
             rc = devcmd_serve(ms, i, recs[i].u.inbox->device_cmd, err, errlen);
@@ -258,10 +280,11 @@ static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_
             break;
         }
         if (rc != PX_OK)
-            break;
+            return nsyncs > 0 ? syncs[0] : i; /* the syncs before it are tried again too */
         i = j;
     }
-    return i;
+    batch_syncs(ms, recs, syncs, &nsyncs, &failed, err, errlen);
+    return failed;
 }
 
 /* How far [from, upto) may be committed: waits for the produces that gate

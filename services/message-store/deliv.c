@@ -15,10 +15,12 @@ int deliv_full(const deliv *d, size_t len)
     return d->n > 0 && (d->n == DELIV_MAX_EVENTS || d->bytes + len > DELIV_MAX_BYTES);
 }
 
-void deliv_add(deliv *d, const void *json, size_t len, int copy, const char *skip)
+void deliv_add(deliv *d, const void *json, size_t len, int copy, const char *skip, int64_t seq)
 {
     d->skip[d->n] = (char *)(skip != NULL ? skip : "");
     d->nskip += skip != NULL;
+    d->seq[d->n] = seq;
+    d->nseq += seq >= 0;
     uint8_t *data = (uint8_t *)json;
     if (copy) {
         data = px_malloc(len);
@@ -37,6 +39,7 @@ void deliv_reset(deliv *d)
         free(d->owned[i]);
     d->n = 0;
     d->nskip = 0;
+    d->nseq = 0;
     d->bytes = 0;
     d->synced = 0;
     d->more_from_seq = 0;
@@ -58,6 +61,10 @@ static size_t deliv_encode(msgstore *ms, const deliv *d, const char *user, uint6
     if (d->nskip > 0) {
         msg.n_skip_devices = d->n;
         msg.skip_devices = (char **)d->skip;
+    }
+    if (d->nseq == d->n) { /* all or none: the gateway reads them by index */
+        msg.n_seqs = d->n;
+        msg.seqs = (int64_t *)d->seq;
     }
     size_t len = parley__delivery__get_packed_size(&msg);
     if (len > ms->pack_cap) {

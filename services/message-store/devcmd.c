@@ -34,7 +34,7 @@ static int devcmd_answer(msgstore *ms, size_t idx, const Parley__DeviceCommand *
     deliv d;
     memset(&d, 0, sizeof(d));
     snprintf(gw[0], sizeof(gw[0]), "%s", x->gateway);
-    deliv_add(&d, json, len, 1, NULL);
+    deliv_add(&d, json, len, 1, NULL, -1);
     free(json);
     int rc = deliv_send(ms, &d, (const char (*)[65])gw, 1, x->user, x->conn,
                         batch_tag_for(ms, idx), err, errlen);

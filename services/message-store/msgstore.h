@@ -244,6 +244,8 @@ typedef struct deliv {
     uint8_t *owned[DELIV_MAX_EVENTS];   /* non-NULL: ev[i].data is ours to free */
     char *skip[DELIV_MAX_EVENTS];       /* the origin device of event i, or "" */
     size_t nskip;                       /* events with a skip */
+    int64_t seq[DELIV_MAX_EVENTS];      /* event i's seq, or -1 (not an inbox event) */
+    size_t nseq;                        /* events with a seq */
     size_t n, bytes;
     int synced;                /* the connection's sync ends with this one */
     const char *close_device;  /* set: close user's connections of this device */
@@ -255,11 +257,12 @@ typedef struct deliv {
 int deliv_full(const deliv *d, size_t len);
 /* Adds an event; copy: keep a private copy (the text dies after the call).
  * skip (may be NULL; borrowed until the send) names the device whose
- * connections do not get it. */
-void deliv_add(deliv *d, const void *json, size_t len, int copy, const char *skip);
+ * connections do not get it. seq: the inbox event's seq, which lets the
+ * gateway drop a second copy on one connection (-1: none). */
+void deliv_add(deliv *d, const void *json, size_t len, int copy, const char *skip, int64_t seq);
 /* Frees copies and clears events and the end marks. */
 void deliv_reset(deliv *d);
-/* Encodes d once as Delivery{user, conn, events, synced, more_from_seq} and
+/* Encodes d once as Delivery{user, conn, events, seqs, synced, more_from_seq} and
  * produces it to
  * <prefix>gw.<gateway> keyed by user, for each of the n gateways. Every
  * gateway is tried; PX_ERROR if any failed (err: the last failure). */
@@ -268,15 +271,17 @@ int deliv_send(msgstore *ms, const deliv *d, const char (*gws)[65], size_t ngws,
 
 /* ---- sync.c: the backlog for a new connection ---- */
 
-/* Serves one SyncRequest (batch record idx, at bus offset): notes the
- * gateway in the presence cache, links the connection's device on its
- * first sync (devices_link) and pushes one page of what the device still
- * needs from r->from_seq in seq order (at most SYNC_PAGE events and about
- * SYNC_PAGE_BYTES). The page's last Delivery carries synced=true when the
- * inbox is exhausted, else more_from_seq for the gateway's next
- * SyncRequest. */
-int sync_serve(msgstore *ms, size_t idx, int64_t offset, const Parley__SyncRequest *r,
-               char *err, size_t errlen);
+/* Serves the n SyncRequests recs[idx[0]], recs[idx[1]], ... (REC_SYNC, in
+ * batch order). For each: notes the gateway in the presence cache, links
+ * the connection's device on its first sync (devices_link) and pushes one
+ * page of what the device still needs from r->from_seq in seq order (at
+ * most SYNC_PAGE events and about SYNC_PAGE_BYTES), with events' seqs. The
+ * page's last Delivery carries synced=true when the inbox is exhausted,
+ * else more_from_seq for the gateway's next SyncRequest. Reads of several
+ * requests run side by side when the store allows. Returns how many, from
+ * the first, were served (n: all; else err says why the next was not). */
+size_t sync_serve(msgstore *ms, const msgstore_rec *recs, const size_t *idx, size_t n, char *err,
+                  size_t errlen);
 
 /* ---- devcmd.c: `devices` and `device_unlink` ---- */
 

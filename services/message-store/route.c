@@ -238,7 +238,8 @@ static void route_user(msgstore *ms, const store_event *ev, const route_ref *ref
             deliv_reset(&d);
         }
         if (!last)
-            deliv_add(&d, ev[refs[k].i].json, len, 0, ev[refs[k].i].origin);
+            deliv_add(&d, ev[refs[k].i].json, len, 0, ev[refs[k].i].origin,
+                      ev[refs[k].i].seq);
     }
 }
 

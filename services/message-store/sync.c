@@ -13,13 +13,23 @@
  * Every Delivery of a page gates the commit of its SyncRequest: if one is
  * not acknowledged by the bus, the page is served again (the client dedupes
  * events by id; the gateway forwards only the first "synced" of a
- * connection). */
+ * connection).
+ *
+ * The SyncRequests of one batch are served together (issue 16): a
+ * gateway's clients reconnect elsewhere all at once, and served one by one
+ * each paid its device read, its link and its scan in turn (a few hundred
+ * ms on a loaded FerretDB), so the last of 150 waited tens of seconds and
+ * held its live events as long. Up to SYNC_GROUP of them, of distinct
+ * users, read the store side by side when it serves calls in parallel
+ * (store_concurrency); their pages are then produced in batch order from
+ * the consume thread, which alone touches the bus and the batch's tags. */
 #include "common.h"
 #include "log.h"
 #include "msgstore.h"
 
 #include <jansson.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* A page costs one scan, and FerretDB sorts and filters a user's whole
@@ -29,95 +39,165 @@
 #define SYNC_PAGE 2000              /* events per page */
 #define SYNC_PAGE_BYTES (512 << 10) /* about this many event bytes per page */
 
-typedef struct sync_ctx {
+/* SyncRequests whose pages are read side by side: each holds up to a page
+ * (SYNC_PAGE_BYTES) until it is produced, so this bounds that memory. */
+#define SYNC_GROUP 16
+
+typedef struct sync_ev {
+    uint8_t *json;
+    size_t len;
+    int64_t seq;
+} sync_ev;
+
+/* One SyncRequest of the batch: read on any thread, produced on the
+ * consume thread. */
+typedef struct sync_job {
     msgstore *ms;
+    size_t idx;                /* batch record; its produces gate its commit */
+    int64_t offset;
     const Parley__SyncRequest *r;
-    void *tag;                 /* gates the SyncRequest's commit */
-    deliv d;
-    int64_t last_seq;          /* seq of the last event taken, -1: none */
+    sync_ev *ev;               /* the page, in seq order */
+    size_t n, cap;
     size_t bytes;              /* event bytes taken into this page */
     int full;                  /* the byte budget ended the page early */
-    size_t events, deliveries;
-    char err[PX_ERRLEN];       /* a produce error from inside the scan */
-} sync_ctx;
-
-static int sync_flush(sync_ctx *c)
-{
-    const Parley__SyncRequest *r = c->r;
-    char gw[1][65];
-    snprintf(gw[0], sizeof(gw[0]), "%s", r->gateway);
-    int rc = deliv_send(c->ms, &c->d, (const char (*)[65])gw, 1, r->user, r->conn, c->tag,
-                        c->err, sizeof(c->err));
-    c->events += c->d.n;
-    c->deliveries++;
-    deliv_reset(&c->d);
-    return rc;
-}
+    int rc;
+    char err[PX_ERRLEN];
+} sync_job;
 
 static int sync_on_event(void *arg, const store_event *ev)
 {
-    sync_ctx *c = arg;
+    sync_job *j = arg;
     /* The scan cannot be stopped early: events past the budget are left
      * for the next page (an oversized first event still goes alone). */
-    if (c->full || (c->bytes > 0 && c->bytes + ev->json_len > SYNC_PAGE_BYTES)) {
-        c->full = 1;
+    if (j->full || (j->bytes > 0 && j->bytes + ev->json_len > SYNC_PAGE_BYTES)) {
+        j->full = 1;
         return PX_OK;
     }
-    c->last_seq = ev->seq;
-    c->bytes += ev->json_len;
-    /* Flush before adding, never after: the page's last Delivery must be
-     * the one that says how the page ends. */
-    if (deliv_full(&c->d, ev->json_len) && sync_flush(c) != PX_OK)
-        return PX_ERROR;
-    deliv_add(&c->d, ev->json, ev->json_len, 1, NULL);
+    if (j->n == j->cap) {
+        j->cap = j->cap ? 2 * j->cap : 64;
+        j->ev = px_realloc(j->ev, j->cap * sizeof(*j->ev));
+    }
+    sync_ev *e = &j->ev[j->n++];
+    e->json = px_malloc(ev->json_len);
+    memcpy(e->json, ev->json, ev->json_len);
+    e->len = ev->json_len;
+    e->seq = ev->seq;
+    j->bytes += ev->json_len;
     return PX_OK;
 }
 
-int sync_serve(msgstore *ms, size_t idx, int64_t offset, const Parley__SyncRequest *r,
-               char *err, size_t errlen)
+/* Links the connection's device on its first sync (devices_link) and reads
+ * its page: any thread (the store is thread-safe; so are devices_link's
+ * cache and the metrics). */
+static void sync_read(void *arg, size_t i)
 {
-    int rc = PX_ERROR;
-    sync_ctx c;
-    memset(&c, 0, sizeof(c));
-    c.ms = ms;
-    c.r = r;
-    c.tag = batch_tag_for(ms, idx);
-    c.last_seq = -1;
-    int64_t started = px_mono_ms();
-
-    route_note_gateway(ms, r->user, r->gateway);
+    sync_job *j = (sync_job *)arg + i;
+    const Parley__SyncRequest *r = j->r;
     const char *dev = devices_name(r->device);
     int64_t since;
-    if (devices_link(ms, r->user, dev, offset, &since, err, errlen) != PX_OK)
-        goto out;
+    j->rc = devices_link(j->ms, r->user, dev, j->offset, &since, j->err, sizeof(j->err));
+    if (j->rc != PX_OK)
+        return;
     int64_t t0 = service_clock_us();
     /* seq is a bus offset (>= 0): from_seq 0 and "after -1" both start at
      * the oldest event; the device's since moves the start past what came
      * before its link. */
-    if (store_inbox_scan(ms->svc.st, r->user, dev, PX_MAX(r->from_seq - 1, since), SYNC_PAGE,
-                         sync_on_event, &c, err, errlen) != PX_OK) {
-        if (c.err[0] != '\0')
-            px_err(err, errlen, "sync delivery: %s", c.err);
-        goto out;
+    j->rc = store_inbox_scan(j->ms->svc.st, r->user, dev, PX_MAX(r->from_seq - 1, since),
+                             SYNC_PAGE, sync_on_event, j, j->err, sizeof(j->err));
+    if (j->rc == PX_OK)
+        service_observe(j->ms->m.lat_scan, t0);
+}
+
+static int sync_flush(msgstore *ms, const sync_job *j, deliv *d, char *err, size_t errlen)
+{
+    char gw[1][65], why[PX_ERRLEN];
+    snprintf(gw[0], sizeof(gw[0]), "%s", j->r->gateway);
+    int rc = deliv_send(ms, d, (const char (*)[65])gw, 1, j->r->user, j->r->conn,
+                        batch_tag_for(ms, j->idx), why, sizeof(why));
+    deliv_reset(d);
+    if (rc != PX_OK)
+        px_err(err, errlen, "sync delivery: %s", why);
+    return rc;
+}
+
+/* Produces the page read for j: consume thread. */
+static int sync_send(msgstore *ms, const sync_job *j, char *err, size_t errlen)
+{
+    deliv d;
+    memset(&d, 0, sizeof(d));
+    for (size_t k = 0; k < j->n; k++) {
+        /* Flush before adding, never after: the page's last Delivery must
+         * be the one that says how the page ends. */
+        if (deliv_full(&d, j->ev[k].len) && sync_flush(ms, j, &d, err, errlen) != PX_OK)
+            return PX_ERROR;
+        deliv_add(&d, j->ev[k].json, j->ev[k].len, 0, NULL, j->ev[k].seq);
     }
-    service_observe(ms->m.lat_scan, t0);
-    int more = c.full || c.events + c.d.n == SYNC_PAGE;
+    int more = j->full || j->n == SYNC_PAGE;
     if (more)
-        c.d.more_from_seq = c.last_seq + 1;
+        d.more_from_seq = j->ev[j->n - 1].seq + 1;
     else
-        c.d.synced = 1;
-    if (sync_flush(&c) != PX_OK) {
-        px_err(err, errlen, "sync delivery: %s", c.err);
-        goto out;
-    }
+        d.synced = 1;
+    if (sync_flush(ms, j, &d, err, errlen) != PX_OK)
+        return PX_ERROR;
     if (!more)
         metric_add(ms->m.syncs, 1);
-    metric_add(ms->m.sync_events, (int64_t)c.events);
-    log_debug("sync page", "{s:s, s:s, s:I, s:I, s:I, s:I}", "user", r->user, "gateway",
-              r->gateway, "conn", (json_int_t)r->conn, "from_seq", (json_int_t)r->from_seq,
-              "events", (json_int_t)c.events, "took_ms", (json_int_t)(px_mono_ms() - started));
-    rc = PX_OK;
-out:
-    deliv_reset(&c.d);
-    return rc;
+    metric_add(ms->m.sync_events, (int64_t)j->n);
+    log_debug("sync page", "{s:s, s:s, s:I, s:I, s:I}", "user", j->r->user, "gateway",
+              j->r->gateway, "conn", (json_int_t)j->r->conn, "from_seq",
+              (json_int_t)j->r->from_seq, "events", (json_int_t)j->n);
+    return PX_OK;
+}
+
+static void sync_job_free(sync_job *j)
+{
+    for (size_t k = 0; k < j->n; k++)
+        free(j->ev[k].json);
+    free(j->ev);
+}
+
+/* How many of the n requests from idx[0] make one group: at most
+ * SYNC_GROUP, of distinct users (two first syncs of one user read side by
+ * side could both link a device as the user's first). */
+static size_t sync_group_len(const msgstore_rec *recs, const size_t *idx, size_t n)
+{
+    size_t g = 0;
+    for (; g < n && g < SYNC_GROUP; g++)
+        for (size_t k = 0; k < g; k++)
+            if (strcmp(recs[idx[k]].u.inbox->sync->user, recs[idx[g]].u.inbox->sync->user) == 0)
+                return g;
+    return g;
+}
+
+size_t sync_serve(msgstore *ms, const msgstore_rec *recs, const size_t *idx, size_t n, char *err,
+                  size_t errlen)
+{
+    sync_job jobs[SYNC_GROUP];
+    size_t done = 0;
+    size_t threads = store_concurrency(ms->svc.st);
+    while (done < n) {
+        size_t g = sync_group_len(recs, idx + done, n - done);
+        memset(jobs, 0, sizeof(jobs));
+        for (size_t k = 0; k < g; k++) {
+            const msgstore_rec *r = &recs[idx[done + k]];
+            jobs[k] = (sync_job){ .ms = ms, .idx = idx[done + k], .offset = r->m->offset,
+                                  .r = r->u.inbox->sync };
+            route_note_gateway(ms, jobs[k].r->user, jobs[k].r->gateway);
+        }
+        if (g >= 2 && threads >= 2)
+            px_parallel(g, threads, sync_read, jobs);
+        else
+            for (size_t k = 0; k < g; k++)
+                sync_read(jobs, k);
+        size_t ok = 0;
+        while (ok < g && jobs[ok].rc == PX_OK && sync_send(ms, &jobs[ok], err, errlen) == PX_OK)
+            ok++;
+        if (ok < g && jobs[ok].rc != PX_OK)
+            px_err(err, errlen, "%s", jobs[ok].err);
+        for (size_t k = 0; k < g; k++)
+            sync_job_free(&jobs[k]);
+        done += ok;
+        if (ok < g)
+            break;
+    }
+    return done;
 }

@@ -380,6 +380,62 @@ START_TEST(live_while_the_registry_lags)
 }
 END_TEST
 
+/* Issue 16: a live push that reaches a connection during its sync, of an
+ * event a page of that sync carries too, is written to it once. With
+ * message-store stopped, m lands in bob's inbox partition before the new
+ * connection's sync request but is pushed only after the gateway holds
+ * that connection: the push is held until `synced`, the page carries m,
+ * and the gateway drops the held copy (counted). Stack only: parleyd
+ * cannot stop message-store alone. */
+START_TEST(a_push_held_during_a_sync_that_carried_it_is_written_once)
+{
+    char alice[65], bob[65], warm[64], mid[64], sentinel[64] = "";
+    pid_t store = e2e_pid(E2E_STORE);
+    if (store == e2e_pid(E2E_GW1))
+        return;
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(until_synced(a));
+    client *b1 = e2e_connect(bob, E2E_GW1);
+    json_decref(until_synced(b1));
+    e2e_send(a, "warm", bob, "route known", warm); /* message-store knows bob's gateway */
+    json_decref(e2e_wait_type(b1, "message"));
+    long long dropped = e2e_metric(E2E_GW1, "parley_gateway_duplicates_dropped_total");
+    ck_assert_int_ge(dropped, 0);
+
+    ck_assert_int_eq(kill(store, SIGSTOP), 0);
+    e2e_send(a, "m", bob, "held and synced", mid);
+    client *b2 = e2e_connect(bob, E2E_GW1);
+    json_decref(e2e_cmd(b2, json_pack("{s:s, s:s}", "type", "ping", "id", "p"))); /* held */
+    ck_assert_int_eq(kill(store, SIGCONT), 0);
+
+    json_t *m = e2e_wait_type(b1, "message");
+    ck_assert_str_eq(e2e_str(m, "id"), mid);
+    json_decref(m);
+    int copies = 0;
+    for (;;) { /* until the sentinel, which alice sends once b2 is synced */
+        m = client_recv_json(b2, E2E_WAIT_MS);
+        ck_assert_msg(m != NULL, "b2: %s", client_errstr(b2));
+        const char *type = e2e_str(m, "type"), *id = e2e_str(m, "id");
+        if (strcmp(type, "synced") == 0)
+            e2e_send(a, "s", bob, "sentinel", sentinel);
+        int end = strcmp(type, "message") == 0 && sentinel[0] != '\0' &&
+                  strcmp(id, sentinel) == 0;
+        copies += strcmp(type, "message") == 0 && strcmp(id, mid) == 0;
+        json_decref(m);
+        if (end)
+            break;
+    }
+    ck_assert_msg(copies == 1, "m written %d times to one connection", copies);
+    ck_assert_int_ge(e2e_metric(E2E_GW1, "parley_gateway_duplicates_dropped_total"),
+                     dropped + 1);
+    client_close(a, 1000);
+    client_close(b1, 1000);
+    client_close(b2, 1000);
+}
+END_TEST
+
 START_TEST(two_connections_of_one_user_both_receive)
 {
     char alice[65], bob[65], mid[64];
@@ -516,6 +572,7 @@ static Suite *messaging_suite(void)
     tcase_add_test(tc, thousand_messages_in_order);
     tcase_add_test(tc, live_while_the_registry_lags);
     tcase_add_test(tc, two_connections_of_one_user_both_receive);
+    tcase_add_test(tc, a_push_held_during_a_sync_that_carried_it_is_written_once);
     tcase_add_test(tc, big_backlog_is_synced_in_pages);
     tcase_add_test(tc, slow_reader_gets_everything_without_1013);
     tcase_add_test(tc, unauthorized_upgrades_get_401);
