@@ -20,7 +20,7 @@ static int sm_inbox_doc(bson_t *doc, const store_event *ev, size_t i, char *err,
     BSON_APPEND_UTF8(doc, "user", ev->user);
     BSON_APPEND_UTF8(doc, "id", ev->id);
     BSON_APPEND_INT64(doc, "seq", ev->seq);
-    BSON_APPEND_DATE_TIME(doc, "ts", ev->ts_ms);
+    sm_append_ts(doc, ev->ts_ms);
     BSON_APPEND_INT32(doc, "kind", ev->kind);
     if (ev->sender != NULL)
         BSON_APPEND_UTF8(doc, "sender", ev->sender);
@@ -394,7 +394,7 @@ static int sm_mark_doc(bson_t *doc, const store_event *ev, const char *dev)
     BSON_APPEND_UTF8(doc, "id", ev->id);
     BSON_APPEND_UTF8(doc, "dev", dev);
     BSON_APPEND_INT64(doc, "seq", ev->seq);
-    BSON_APPEND_DATE_TIME(doc, "ts", ev->ts_ms);
+    sm_append_ts(doc, ev->ts_ms);
     free(id);
     return PX_OK;
 }
@@ -497,7 +497,7 @@ int store_seen_claim(store *st, const char *const *keys, const char *const *tags
     for (size_t i = 0; i < n && rc == PX_OK; i++) {
         bson_init(&doc);
         BSON_APPEND_UTF8(&doc, "_id", keys[i]);
-        BSON_APPEND_DATE_TIME(&doc, "ts", ts_ms);
+        sm_append_ts(&doc, ts_ms);
         BSON_APPEND_UTF8(&doc, "tag", tags[i]);
         if (!mongoc_bulk_operation_insert_with_opts(bulk, &doc, NULL, &error))
             rc = sm_fail(err, errlen, "seen claim", &error);

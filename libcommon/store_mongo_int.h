@@ -9,6 +9,7 @@
 #include "common.h"
 
 #include <mongoc/mongoc.h>
+#include <pthread.h>
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -36,10 +37,21 @@
 #define SM_MAX_PRESENCE 4096    /* ceiling on one user's connection records read */
 #define SM_MAX_DB_NAME 63
 
+/* Retention sweeps by day bucket (sm_sweep): the collections swept that
+ * way and when each one's next whole-collection sweep is due. */
+#define SM_SWEEP_COLLS 4
+#define SM_DAY_MS 86400000LL
+/* Whole days below the cutoff's day that each sweep deletes by bucket: a
+ * record stamped more than this before the cutoff (a store written while
+ * every sweeper was down that long) waits for the daily full sweep. */
+#define SM_SWEEP_DAYS_BACK 45
+
 struct store {
     mongoc_client_pool_t *pool;
     mongoc_client_pool_t *ping;   /* store_ping only: short timeouts, own connections */
     char *db;
+    pthread_mutex_t sweep_mu;     /* guards full_due_ms */
+    int64_t full_due_ms[SM_SWEEP_COLLS];
 };
 
 /* A pooled client and one of its collections, for the length of one call. */
@@ -59,6 +71,12 @@ typedef struct sm_op {
     char err[PX_ERRLEN];
 } sm_op;
 
+/* The day bucket of a time (floor: times before 1970 are the tests' only). */
+static inline int64_t sm_day(int64_t ts_ms)
+{
+    return ts_ms >= 0 ? ts_ms / SM_DAY_MS : -((-ts_ms + SM_DAY_MS - 1) / SM_DAY_MS);
+}
+void sm_append_ts(bson_t *doc, int64_t ts_ms);
 int sm_fail(char *err, size_t errlen, const char *what, const bson_error_t *e);
 void sm_conn_get(store *st, const char *coll, sm_conn *sc);
 void sm_conn_put(store *st, sm_conn *sc);

@@ -76,7 +76,7 @@ int store_track_put(store *st, const store_track *t, size_t n, char *err, size_t
         BSON_APPEND_UTF8(&doc, "sender", t[i].sender);
         if (t[i].group != NULL && t[i].group[0] != '\0')
             BSON_APPEND_UTF8(&doc, "group", t[i].group);
-        BSON_APPEND_DATE_TIME(&doc, "ts", t[i].ts_ms);
+        sm_append_ts(&doc, t[i].ts_ms);
         if (!mongoc_bulk_operation_insert_with_opts(bulk, &doc, NULL, &error))
             rc = sm_fail(err, errlen, "track put", &error);
         bson_destroy(&doc);
