@@ -53,7 +53,8 @@
 #define BUS_QUEUE_BYTES (64 << 20)     /* also the ceiling of unconsumed volatile records */
 #define BUS_MEM_BYTES (32 << 20)       /* durable records kept in rings for consumers */
 #define BUS_WRITE_BATCH 4096           /* records per transaction */
-#define BUS_RETAIN_MS 1000             /* how often fully consumed records go */
+#define BUS_RETAIN_MS 1000             /* how often the committed offsets are read again */
+#define BUS_RETAIN_ROWS 512            /* records deleted per transaction, plus 2 per written */
 
 typedef struct bus_hub bus_hub;
 typedef struct bus_rec bus_rec;
@@ -81,6 +82,8 @@ typedef struct bus_topic {
     int64_t *durable;    /* offsets below this are visible to consumers */
     bus_ring *ring;      /* per partition */
     int64_t *wnext;      /* writer only: next offset to persist, 0 if none */
+    int64_t *keep;       /* writer only: every group committed past this (retention) */
+    int64_t *gone;       /* writer only: the log holds nothing below this; -1 unknown */
     bus_sub subs[BUS_MAX_GROUPS];
     size_t nsubs;
 } bus_topic;
@@ -351,6 +354,10 @@ static bus_topic *bus_topic_add(bus_hub *h, const char *name, int nparts)
     t->durable = px_calloc((size_t)nparts, sizeof(*t->durable));
     t->ring = px_calloc((size_t)nparts, sizeof(*t->ring));
     t->wnext = px_calloc((size_t)nparts, sizeof(*t->wnext));
+    t->keep = px_calloc((size_t)nparts, sizeof(*t->keep));
+    t->gone = px_malloc((size_t)nparts * sizeof(*t->gone));
+    for (int p = 0; p < nparts; p++)
+        t->gone[p] = -1;
     return t;
 }
 
@@ -435,6 +442,8 @@ static void bus_hub_free(bus_hub *h)
         free(t->durable);
         free(t->ring);
         free(t->wnext);
+        free(t->keep);
+        free(t->gone);
     }
     sqldb_close(&h->d);
     pthread_mutex_destroy(&h->mu);
@@ -630,47 +639,117 @@ static int bus_write_commits(bus_hub *h, const bus_dirty *d, size_t n, char *err
     return rc;
 }
 
-/* One transaction: the records, then the committed offsets. */
-static int bus_write(bus_hub *h, bus_rec *recs, const bus_dirty *d, size_t nd, char *err,
-                     size_t errlen)
+/* The writer's retention state: deleting what every group has committed
+ * past, a slice per transaction. Deleting a whole second's worth at once
+ * (50,000 records at 10,000 messages/s) held every produce and every
+ * consumer behind one long transaction once a second. */
+typedef struct bus_retention {
+    int64_t last_scan;   /* when keep was last read from bus_offsets */
+    size_t next;         /* the topic the next slice starts at (round robin) */
+    int behind;          /* the last slice ran out of budget */
+} bus_retention;
+
+/* dbmu held, in a transaction: each durable partition's least committed
+ * offset over every group that ever committed on it. */
+static void bus_retain_scan(bus_hub *h)
 {
+    sqlite3_stmt *min = sqldb_stmt(&h->d, "SELECT topic, part, MIN(off) FROM bus_offsets"
+                                   " GROUP BY topic, part", NULL, 0);
+    while (min != NULL && sqlite3_step(min) == SQLITE_ROW) {
+        int part = sqlite3_column_int(min, 1);
+        pthread_mutex_lock(&h->mu);
+        bus_topic *t = bus_topic_find(h, (const char *)sqlite3_column_text(min, 0));
+        pthread_mutex_unlock(&h->mu);
+        if (t != NULL && !t->vol && part >= 0 && part < t->nparts)
+            t->keep[part] = sqlite3_column_int64(min, 2);
+    }
+    sqldb_done(min);
+}
+
+/* dbmu held, in a transaction: where partition p's log starts, at most
+ * keep (an empty log has nothing below keep to delete). */
+static int64_t bus_log_start(bus_hub *h, const bus_topic *t, int p)
+{
+    sqlite3_stmt *s = sqldb_stmt(&h->d, "SELECT MIN(off) FROM bus_log WHERE topic=? AND part=?",
+                                 NULL, 0);
+    int64_t lo = t->keep[p];
+    if (s == NULL)
+        return lo;
+    sqlite3_bind_text(s, 1, t->name, -1, SQLITE_STATIC);
+    sqlite3_bind_int(s, 2, p);
+    if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL)
+        lo = PX_MIN(lo, sqlite3_column_int64(s, 0));
+    sqldb_done(s);
+    return lo;
+}
+
+/* dbmu held, in a transaction: deletes about budget records below keep,
+ * one primary-key range per partition, from where the log starts (read
+ * once, and again after a range that held nothing, e.g. a group that
+ * started at 0 on a log that starts later). A failed delete is left for
+ * the next slice: retention never fails the records it shares a
+ * transaction with. */
+static void bus_retain_slice(bus_hub *h, bus_retention *rt, size_t ntopics, size_t budget)
+{
+    sqlite3_stmt *del = sqldb_stmt(&h->d, "DELETE FROM bus_log WHERE topic=? AND part=?"
+                                   " AND off>=? AND off<?", NULL, 0);
+    rt->behind = 0;
+    for (size_t k = 0; del != NULL && k < ntopics; k++) {
+        bus_topic *t = &h->topics[(rt->next + k) % ntopics];
+        for (int p = 0; p < t->nparts && !t->vol; p++) {
+            if (t->keep[p] <= PX_MAX(t->gone[p], 0))
+                continue;
+            if (budget == 0) {
+                rt->behind = 1;
+                rt->next = (rt->next + k) % ntopics;
+                sqldb_done(del);
+                return;
+            }
+            if (t->gone[p] < 0)
+                t->gone[p] = bus_log_start(h, t, p);
+            int64_t hi = PX_MIN(t->keep[p], t->gone[p] + (int64_t)budget);
+            sqlite3_reset(del);
+            sqlite3_bind_text(del, 1, t->name, -1, SQLITE_STATIC);
+            sqlite3_bind_int(del, 2, p);
+            sqlite3_bind_int64(del, 3, t->gone[p]);
+            sqlite3_bind_int64(del, 4, hi);
+            if (sqlite3_step(del) != SQLITE_DONE)
+                continue;
+            size_t n = (size_t)sqlite3_changes(h->d.db);
+            t->gone[p] = hi;
+            if (n == 0)
+                t->gone[p] = PX_MAX(hi, bus_log_start(h, t, p));
+            budget -= PX_MIN(budget, n + 1);
+        }
+    }
+    sqldb_done(del);
+}
+
+/* One transaction: the records, the committed offsets, then a slice of
+ * retention (twice as many deletes as records written, so the log never
+ * outgrows what is committed for long). */
+static int bus_write(bus_hub *h, bus_rec *recs, const bus_dirty *d, size_t nd,
+                     bus_retention *rt, size_t ntopics, char *err, size_t errlen)
+{
+    size_t nrecs = 0;
+    for (bus_rec *r = recs; r != NULL; r = r->next)
+        nrecs++;
     pthread_mutex_lock(&h->dbmu);
     int rc = sqldb_begin(&h->d, err, errlen);
     if (rc == PX_OK) {
         rc = bus_write_records(h, recs, err, errlen);
         if (rc == PX_OK)
             rc = bus_write_commits(h, d, nd, err, errlen);
+        if (rc == PX_OK && px_mono_ms() - rt->last_scan >= BUS_RETAIN_MS) {
+            bus_retain_scan(h);
+            rt->last_scan = px_mono_ms();
+        }
+        if (rc == PX_OK)
+            bus_retain_slice(h, rt, ntopics, BUS_RETAIN_ROWS + 2 * nrecs);
         rc = sqldb_end(&h->d, rc, err, errlen);
     }
     pthread_mutex_unlock(&h->dbmu);
     return rc;
-}
-
-/* Deletes what every group subscribed to a partition has committed past,
- * one primary-key range per partition. */
-static void bus_retain(bus_hub *h)
-{
-    sqlite3_stmt *min = NULL, *del = NULL;
-    pthread_mutex_lock(&h->dbmu);
-    if ((min = sqldb_stmt(&h->d, "SELECT topic, part, MIN(off) FROM bus_offsets"
-                          " GROUP BY topic, part", NULL, 0)) == NULL ||
-        (del = sqldb_stmt(&h->d, "DELETE FROM bus_log WHERE topic=? AND part=? AND off<?",
-                          NULL, 0)) == NULL)
-        goto out;
-    if (sqldb_begin(&h->d, NULL, 0) != PX_OK)
-        goto out;
-    while (sqlite3_step(min) == SQLITE_ROW) {
-        sqlite3_reset(del);
-        sqlite3_bind_value(del, 1, sqlite3_column_value(min, 0));
-        sqlite3_bind_value(del, 2, sqlite3_column_value(min, 1));
-        sqlite3_bind_value(del, 3, sqlite3_column_value(min, 2));
-        sqlite3_step(del);
-    }
-    sqldb_end(&h->d, PX_OK, NULL, 0);
-out:
-    sqldb_done(min);
-    sqldb_done(del);
-    pthread_mutex_unlock(&h->dbmu);
 }
 
 static void bus_signal(int efd)
@@ -789,11 +868,11 @@ static void *bus_writer_main(void *arg)
 {
     bus_hub *h = arg;
     bus_dirty *d = px_calloc(BUS_MAX_DIRTY, sizeof(*d));
-    int64_t last_retain = px_mono_ms();
+    bus_retention rt = { .last_scan = px_mono_ms() };
     pthread_mutex_lock(&h->mu);
     for (;;) {
-        while (h->q_head == NULL && h->ndirty == 0 && !h->stop &&
-               px_mono_ms() - last_retain < BUS_RETAIN_MS) {
+        while (h->q_head == NULL && h->ndirty == 0 && !h->stop && !rt.behind &&
+               px_mono_ms() - rt.last_scan < BUS_RETAIN_MS) {
             struct timespec ts;
             bus_deadline(&ts, px_mono_ms() + 200);
             pthread_cond_timedwait(&h->cv_work, &h->mu, &ts);
@@ -804,13 +883,10 @@ static void *bus_writer_main(void *arg)
         size_t nd = h->ndirty;
         memcpy(d, h->dirty, nd * sizeof(*d));
         h->ndirty = 0;
+        size_t ntopics = h->ntopics;
         pthread_mutex_unlock(&h->mu);
         char err[PX_ERRLEN] = "";
-        int rc = (recs != NULL || nd > 0) ? bus_write(h, recs, d, nd, err, sizeof(err)) : PX_OK;
-        if (px_mono_ms() - last_retain >= BUS_RETAIN_MS) {
-            bus_retain(h);
-            last_retain = px_mono_ms();
-        }
+        int rc = bus_write(h, recs, d, nd, &rt, ntopics, err, sizeof(err));
         pthread_mutex_lock(&h->mu);
         bus_post(h, recs, rc, err);
     }

@@ -7,6 +7,7 @@
 #include "utf8.h"
 
 #include <jansson.h>
+#include <stddef.h>
 #include <string.h>
 
 static const char *const proto_codes[] = {
@@ -225,7 +226,7 @@ static int proto_shape_ok(const char *buf, size_t len)
 int proto_parse(const char *buf, size_t len, const proto_limits *lim,
                 proto_cmd *c, enum proto_code *code, char *msg, size_t msglen)
 {
-    memset(c, 0, sizeof(*c));
+    memset(c, 0, offsetof(proto_cmd, ids));
     if (!proto_shape_ok(buf, len))
         return proto_fail(code, PROTO_BAD_REQUEST, msg, msglen,
                           "a command nests at most 4 levels and holds at most 32 keys");

@@ -41,13 +41,15 @@ typedef struct proto_cmd {
     int forwarded;
     const char *name;         /* group_create */
     const char *device;       /* device_unlink: the device id */
-    const char *ids[PROTO_MAX_IDS];          /* ack/read: event ids; presence_sub: user ids */
     size_t nids;
-    const char *members[PROTO_MAX_MEMBERS];  /* group_create/add/remove */
     size_t nmembers;
     int composing;            /* typing: 1 composing, 0 paused */
     int hide_last_seen;       /* presence_settings: 1, 0, or -1 (absent: read it) */
-    void *root;               /* owns every string above (a json_t) */
+    void *root;               /* owns every string of the command (a json_t) */
+    /* Last: proto_parse zeroes what comes before them (10 KiB of slots it
+     * would otherwise clear for every command); only [0, n) are set. */
+    const char *ids[PROTO_MAX_IDS];          /* ack/read: event ids; presence_sub: user ids */
+    const char *members[PROTO_MAX_MEMBERS];  /* group_create/add/remove */
 } proto_cmd;
 
 typedef struct proto_limits {

@@ -32,7 +32,7 @@ static int devcmd_answer(msgstore *ms, size_t idx, const Parley__DeviceCommand *
 {
     char gw[1][65];
     deliv d;
-    memset(&d, 0, sizeof(d));
+    deliv_init(&d);
     snprintf(gw[0], sizeof(gw[0]), "%s", x->gateway);
     deliv_add(&d, json, len, 1, NULL, -1);
     free(json);
@@ -164,7 +164,7 @@ static void devcmd_close_connections(msgstore *ms, const Parley__DeviceCommand *
     char gws[DEVCMD_MAX_GWS][65], err[PX_ERRLEN] = "";
     size_t n = 0;
     deliv d;
-    memset(&d, 0, sizeof(d));
+    deliv_init(&d);
     d.close_device = x->device;
     if (store_presence_lookup(ms->svc.st, x->user, 0, gws, DEVCMD_MAX_GWS, &n, err,
                               sizeof(err)) != PX_OK ||

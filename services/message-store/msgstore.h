@@ -260,6 +260,8 @@ int deliv_full(const deliv *d, size_t len);
  * connections do not get it. seq: the inbox event's seq, which lets the
  * gateway drop a second copy on one connection (-1: none). */
 void deliv_add(deliv *d, const void *json, size_t len, int copy, const char *skip, int64_t seq);
+/* An empty deliv (a fresh one: no memset of its slots needed). */
+void deliv_init(deliv *d);
 /* Frees copies and clears events and the end marks. */
 void deliv_reset(deliv *d);
 /* Encodes d once as Delivery{user, conn, events, seqs, synced, more_from_seq} and

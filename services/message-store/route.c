@@ -225,7 +225,7 @@ static void route_user(msgstore *ms, const store_event *ev, const route_ref *ref
         return;
     }
     deliv d;
-    memset(&d, 0, sizeof(d));
+    deliv_init(&d);
     for (size_t k = 0; k <= n; k++) {
         int last = k == n;
         size_t len = last ? 0 : ev[refs[k].i].json_len;

@@ -2,7 +2,8 @@
  * reports only for durable records, per-key order, redelivery of what was
  * not committed after a restart (and none of what was), one member per
  * group, the consume eventfd and bus_wakeup; a caught-up consumer served
- * from memory, volatile topics, and kill -9 in the middle of group commits.
+ * from memory, volatile topics, kill -9 in the middle of group commits, and
+ * retention keeping what a group has not committed.
  * Each test has its own data folder. */
 #include "bus.h"
 #include "bus_sqlite.h"
@@ -384,6 +385,46 @@ START_TEST(bus_tables_move_out_of_the_store_file)
 }
 END_TEST
 
+/* Retention: the log loses what every group committed past, and only
+ * that, in slices beside the writes (a second's worth at once held the
+ * writer). g1 commits everything, g2 the records valued below 10000: once
+ * those are gone, the other 10000 must all be there. */
+START_TEST(retention_deletes_only_what_every_group_committed)
+{
+    const char *topics[] = { "t.ret" };
+    static bus_msg m[64];
+    char err[PX_ERRLEN] = "";
+    static reports r;
+    fresh_dir();
+    bus *g1 = open_bus("g1"), *g2 = open_bus("g2");
+    ck_assert_int_eq(bus_subscribe(g1, topics, 1, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(bus_subscribe(g2, topics, 1, err, sizeof(err)), PX_OK);
+    bus *p = open_bus(NULL);
+    produce_n(p, &r, "t.ret", 20000);
+    ck_assert_int_eq(consume_all(g1, 20000, 20000), 20000);
+    for (int got = 0; got < 20000;) {
+        int n = bus_consume(g2, m, 64, 2000, err, sizeof(err));
+        ck_assert_msg(n > 0, "consume: %s", err);
+        for (int i = 0; i < n; i++)
+            if (atoi((const char *)m[i].value) < 10000)
+                ck_assert_int_eq(bus_commit(g2, &m[i], 1), PX_OK);
+        got += n;
+        bus_release(g2, m, (size_t)n);
+    }
+    const char *below = "SELECT count(*) FROM bus_log WHERE topic='t.ret'"
+                        " AND CAST(CAST(value AS TEXT) AS INTEGER) < 10000";
+    long left = -1;
+    for (int i = 0; i < 300 && (left = sql_on_file(below)) > 0; i++)
+        usleep(100 * 1000);
+    ck_assert_int_eq(left, 0);
+    ck_assert_int_eq(sql_on_file("SELECT count(*) FROM bus_log WHERE topic='t.ret'"), 10000);
+    bus_destroy(p);
+    bus_destroy(g2);
+    bus_destroy(g1);
+    remove_dir();
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("bus_sqlite");
@@ -396,6 +437,7 @@ int main(void)
     tcase_add_test(tc, volatile_topic_skips_the_log);
     tcase_add_test(tc, crash_mid_group_commit_loses_nothing_reported);
     tcase_add_test(tc, bus_tables_move_out_of_the_store_file);
+    tcase_add_test(tc, retention_deletes_only_what_every_group_committed);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
