@@ -228,7 +228,7 @@ typedef struct store_pair {
 int store_contacts_put(store *st, const store_pair *p, size_t n, char *err, size_t errlen);
 
 /* is_contact[i] = 1 when (user, others[i]) is a recorded pair or
- * others[i] is user itself, else 0. One round trip. */
+ * others[i] is user itself, else 0. */
 int store_contacts_check(store *st, const char *user, const char *const *others, size_t n,
                          int *is_contact, char *err, size_t errlen);
 
@@ -250,7 +250,7 @@ int store_last_seen_put(store *st, const char *const *users, size_t n, int64_t t
 /* Sets user's hide_last_seen setting (idempotent). */
 int store_presence_hide(store *st, const char *user, int hide, char *err, size_t errlen);
 
-/* Reads the state of n users into out[i] (two round trips at most). */
+/* Reads the state of n users into out[i]. */
 int store_presence_state(store *st, const char *const *users, size_t n,
                          store_user_presence *out, char *err, size_t errlen);
 

@@ -661,8 +661,8 @@ static int sm_strp_cmp(const void *a, const void *b)
     return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
 
-/* One {_id: v[i]} op per distinct string of v, in sorted order. */
-sm_op *sm_ops_by_id(const char *const *v, size_t n, size_t *nops)
+/* One {key: v[i]} op per distinct string of v, in sorted order. */
+sm_op *sm_ops_by(const char *key, const char *const *v, size_t n, size_t *nops)
 {
     const char **sorted = px_malloc(n * sizeof(*sorted));
     sm_op *ops = px_calloc(n, sizeof(*ops));
@@ -674,11 +674,16 @@ sm_op *sm_ops_by_id(const char *const *v, size_t n, size_t *nops)
         if (i > 0 && strcmp(sorted[i], sorted[i - 1]) == 0)
             continue;
         bson_init(&ops[*nops].filter);
-        BSON_APPEND_UTF8(&ops[*nops].filter, "_id", sorted[i]);
+        BSON_APPEND_UTF8(&ops[*nops].filter, key, sorted[i]);
         (*nops)++;
     }
     free(sorted);
     return ops;
+}
+
+sm_op *sm_ops_by_id(const char *const *v, size_t n, size_t *nops)
+{
+    return sm_ops_by("_id", v, n, nops);
 }
 
 /* The collections sm_sweep knows, each with its slot in full_due_ms. */

@@ -50,39 +50,26 @@ int store_contacts_put(store *st, const store_pair *p, size_t n, char *err, size
     return rc;
 }
 
-/* One find of the documents of coll whose field key is in v (n strings),
- * of their field proj only (NULL: whole); cb(arg, doc) for each. singleBatch: FerretDB over PostgreSQL keeps a
- * pool connection for an open cursor (see store_mongo_presence.c). */
+/* The documents of coll whose field key is one of v (n strings); cb(arg,
+ * doc) for each. One find per distinct value, SM_CONCURRENCY at a time
+ * (sm_each): FerretDB cannot push an $in down, and one over contacts or
+ * presence_users read the whole collection into FerretDB on every presence
+ * subscription and every watcher's state (a few thousand records in one
+ * chaos run, scanned on each reconnect). */
 typedef void (*sm_doc_cb)(void *arg, const bson_t *doc);
 
 static int sm_find_in(store *st, const char *coll, const char *key, const char *const *v,
-                      size_t n, const char *proj, sm_doc_cb cb, void *arg, const char *what,
-                      char *err, size_t errlen)
+                      size_t n, sm_doc_cb cb, void *arg, const char *what, char *err,
+                      size_t errlen)
 {
-    sm_conn sc = { 0 };
-    bson_t filter = BSON_INITIALIZER, in;
-    bson_t *opts = BCON_NEW("singleBatch", BCON_BOOL(true), "batchSize",
-                            BCON_INT64(SM_MAX_BATCH));
-    const bson_t *doc;
-    bson_error_t error;
-    mongoc_cursor_t *cur;
-    int rc = PX_OK;
+    size_t nops = 0;
+    sm_op *ops = sm_ops_by(key, v, n, &nops);
+    int rc = sm_each(st, coll, ops, nops, 0, what, err, errlen);
 
-    if (proj != NULL)
-        BCON_APPEND(opts, "projection", "{", proj, BCON_INT32(1), "}");
-    BSON_APPEND_DOCUMENT_BEGIN(&filter, key, &in);
-    sm_append_str_array(&in, "$in", v, n);
-    bson_append_document_end(&filter, &in);
-    sm_conn_get(st, coll, &sc);
-    cur = mongoc_collection_find_with_opts(sc.coll, &filter, opts, NULL);
-    while (mongoc_cursor_next(cur, &doc))
-        cb(arg, doc);
-    if (mongoc_cursor_error(cur, &error))
-        rc = sm_fail(err, errlen, what, &error);
-    mongoc_cursor_destroy(cur);
-    sm_conn_put(st, &sc);
-    bson_destroy(opts);
-    bson_destroy(&filter);
+    for (size_t i = 0; i < nops && rc == PX_OK; i++)
+        for (size_t d = 0; d < ops[i].ndocs; d++)
+            cb(arg, ops[i].docs[d]);
+    sm_ops_free(ops, nops);
     return rc;
 }
 
@@ -122,7 +109,7 @@ int store_contacts_check(store *st, const char *user, const char *const *others,
         is_contact[i] = strcmp(user, others[i]) == 0;
     }
     sm_flag_ctx f = { "_id", (const char *const *)ids, n, is_contact };
-    rc = sm_find_in(st, "contacts", "_id", (const char *const *)ids, n, "_id", sm_flag_doc, &f,
+    rc = sm_find_in(st, "contacts", "_id", (const char *const *)ids, n, sm_flag_doc, &f,
                     "contacts check", err, errlen);
     for (size_t i = 0; i < n; i++)
         free(ids[i]);
@@ -223,11 +210,11 @@ int store_presence_state(store *st, const char *const *users, size_t n,
     int *online = px_calloc(n, sizeof(*online));
     memset(out, 0, n * sizeof(*out));
     sm_flag_ctx f = { "user", users, n, online };
-    rc = sm_find_in(st, "connections", "user", users, n, "user", sm_flag_doc, &f,
-                    "presence state", err, errlen);
+    rc = sm_find_in(st, "connections", "user", users, n, sm_flag_doc, &f, "presence state",
+                    err, errlen);
     sm_state_ctx c = { users, n, out };
     if (rc == PX_OK)
-        rc = sm_find_in(st, "presence_users", "_id", users, n, NULL, sm_state_doc, &c,
+        rc = sm_find_in(st, "presence_users", "_id", users, n, sm_state_doc, &c,
                         "presence state", err, errlen);
     for (size_t i = 0; i < n; i++)
         out[i].online = online[i];

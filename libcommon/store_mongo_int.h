@@ -99,6 +99,7 @@ int sm_delete_many(sm_conn *sc, const bson_t *filter, int64_t *removed, const ch
 int sm_each(store *st, const char *coll, sm_op *ops, size_t n, int del,
             const char *what, char *err, size_t errlen);
 void sm_ops_free(sm_op *ops, size_t n);
+sm_op *sm_ops_by(const char *key, const char *const *v, size_t n, size_t *nops);
 sm_op *sm_ops_by_id(const char *const *v, size_t n, size_t *nops);
 int sm_sweep(store *st, const char *coll, int64_t cutoff_ms, int64_t *removed,
              const char *what, char *err, size_t errlen);

@@ -203,12 +203,36 @@ static void media_doc(bson_t *doc, int i, int64_t now)
                 "size", BCON_INT64(10), "ts", BCON_DATE_TIME(now));
 }
 
+/* Contact pairs "p<i>/p<i+1>" and last-seen records of p<i>. */
+static void contact_doc(bson_t *doc, int i, int64_t now)
+{
+    char a[16], b[16], id[40];
+
+    (void)now;
+    snprintf(a, sizeof(a), "p%d", i);
+    snprintf(b, sizeof(b), "p%d", i + 1);
+    /* The store's pair id: the lower id first. */
+    snprintf(id, sizeof(id), "%s/%s", strcmp(a, b) < 0 ? a : b, strcmp(a, b) < 0 ? b : a);
+    BCON_APPEND(doc, "_id", BCON_UTF8(id));
+}
+
+static void user_doc(bson_t *doc, int i, int64_t now)
+{
+    char id[16];
+
+    snprintf(id, sizeof(id), "p%d", i);
+    BCON_APPEND(doc, "_id", BCON_UTF8(id), "last_seen", BCON_INT64(now), "hide",
+                BCON_BOOL(false));
+}
+
 static void fill_raw(int64_t now)
 {
     mongoc_client_t *c = mongoc_client_new(test_uri);
     mongoc_database_t *db = mongoc_client_get_database(c, test_db);
 
     insert_raw(db, "connections", presence_doc, now);
+    insert_raw(db, "contacts", contact_doc, now);
+    insert_raw(db, "presence_users", user_doc, now);
     insert_raw(db, "groups", group_doc, now);
     insert_raw(db, "media", media_doc, now);
     mongoc_database_destroy(db);
@@ -276,7 +300,7 @@ static int64_t mono_us(void)
     } while (0)
 
 enum { K_SCAN, K_GET, K_DEL, K_COUNT, K_SEEN, K_TGET, K_TDEL, K_LOOKUP, K_APPLY, K_GROUP,
-       K_GROUPS, K_MGET, K_MACCESS, K_MDUP, K_ISWEEP, K_SSWEEP, K_TSWEEP, K_N };
+       K_GROUPS, K_MGET, K_MACCESS, K_MDUP, K_ISWEEP, K_SSWEEP, K_TSWEEP, K_CONTACTS, K_STATE, K_N };
 
 static kind kinds[K_N] = {
     [K_SCAN] = { "inbox scan", "inbox", 0, 0 },
@@ -296,6 +320,8 @@ static kind kinds[K_N] = {
     [K_ISWEEP] = { "inbox sweep", "inbox", 0, 0 },
     [K_SSWEEP] = { "seen sweep", "seen", 0, 0 },
     [K_TSWEEP] = { "track sweep", "tracking", 0, 0 },
+    [K_CONTACTS] = { "contacts check (5)", "contacts", 0, 0 },
+    [K_STATE] = { "presence state (5)", "presence_users", 0, 0 },
 };
 
 static void burst_inbox(void)
@@ -378,6 +404,26 @@ static void burst_presence(void)
             { .user = user, .gateway = gw, .epoch = 1, .delta = -1, .conn = 1u << 20 },
         };
         TIMED(&kinds[K_APPLY], store_presence_apply(st, ops, 2, err, sizeof(err)));
+    }
+    /* A watcher's subscription: which of five users are contacts of
+     * p<i+1> (p<i> and p<i+2> are, p<i+1> is itself, the others not),
+     * then their state. */
+    for (int i = 0; i < N_CALLS; i++) {
+        char others[5][16];
+        const char *op[5];
+        int is_contact[5];
+        store_user_presence state[5];
+        snprintf(user, sizeof(user), "p%d", i + 1);
+        for (int j = 0; j < 5; j++) {
+            snprintf(others[j], sizeof(others[j]), "p%d", i + j);
+            op[j] = others[j];
+        }
+        TIMED(&kinds[K_CONTACTS],
+              store_contacts_check(st, user, op, 5, is_contact, err, sizeof(err)));
+        ck_assert(is_contact[0] && is_contact[1] && is_contact[2] && !is_contact[3] &&
+                  !is_contact[4]);
+        TIMED(&kinds[K_STATE], store_presence_state(st, op, 5, state, err, sizeof(err)));
+        ck_assert(state[0].online && state[0].last_seen > 0);
     }
 }
 
