@@ -238,18 +238,44 @@ static int batch_syncs(msgstore *ms, const msgstore_rec *recs, size_t *syncs, si
     return PX_ERROR;
 }
 
-/* Runs recs[from..n) in order, but for syncs: those of a run of records
- * wait for its end (the batch's end or a device command, which takes
- * effect at its own place in the user's order) and are served together
- * (sync.c). A sync moved past later events of its partition scans them
- * too: a page then carries an event its live push may carry as well, one
- * copy the gateway drops (Delivery.seqs). Returns the index of the first
- * record whose step failed or that was not served (n when all succeeded),
- * err saying why. */
+/* 1 when no record of recs[from..i) is of the user of sync i: its scan
+ * needs nothing of the batch stored first. */
+static int batch_sync_early(const msgstore_rec *recs, size_t from, size_t i)
+{
+    const char *user = recs[i].u.inbox->user;
+    for (size_t k = from; k < i; k++)
+        if ((recs[k].kind == REC_INBOX || recs[k].kind == REC_SYNC ||
+             recs[k].kind == REC_DEVCMD) &&
+            strcmp(recs[k].u.inbox->user, user) == 0)
+            return 0;
+    return 1;
+}
+
+/* Runs recs[from..n) in order, but for syncs, which are served together
+ * (sync.c). A sync whose user has no earlier record in the batch goes
+ * first, before the batch's events are stored (storing a few hundred
+ * takes seconds on a loaded FerretDB, and a reconnecting client's live
+ * events are held until its sync ends); its user's later events are
+ * pushed after it noted the connection's gateway, as in order. The others
+ * wait for the end of their run of records (the batch's end or a device
+ * command, which takes effect at its own place in the user's order); one
+ * moved past later events of its user scans them too, and a page then
+ * carries an event its live push may carry as well, a copy the gateway
+ * drops (Delivery.seqs). Returns the index of the first record whose step
+ * failed or that was not served (n when all succeeded), err saying why;
+ * syncs served before a failure may be served again (at-least-once). */
 static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_t n,
                             char *err, size_t errlen)
 {
     size_t i = from, syncs[MSGSTORE_BATCH], nsyncs = 0, failed = n;
+    unsigned char early[MSGSTORE_BATCH] = { 0 };
+    for (size_t k = from; k < n; k++)
+        if (recs[k].kind == REC_SYNC && batch_sync_early(recs, from, k)) {
+            early[k] = 1;
+            syncs[nsyncs++] = k;
+        }
+    if (batch_syncs(ms, recs, syncs, &nsyncs, &failed, err, errlen) != PX_OK)
+        return from;
     while (i < n) {
         size_t j = i + 1;
         int rc = PX_OK;
@@ -265,7 +291,8 @@ static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_
                 rc = pushrec_emit(ms, recs + i, j - i, batch_tag_for(ms, i), err, errlen);
             break;
         case REC_SYNC:
-            syncs[nsyncs++] = i;
+            if (!early[i])
+                syncs[nsyncs++] = i;
             break;
         case REC_DEVCMD:
             rc = devcmd_serve(ms, i, recs[i].u.inbox->device_cmd, err, errlen);
