@@ -92,6 +92,20 @@ void bus_wakeup(bus *b);
  * own delivery topic) read it. Thread-safe. */
 int bus_assigned(bus *b);
 
+/* 1 once the bus can never produce or consume again: librdkafka raised a
+ * fatal error on one of its handles (an idempotent producer's sequence out
+ * of step with a broker after a leader moved, seen under a broker's kill
+ * -9, is one; it is permanent for the handle). Every produce fails from
+ * then on and bus_consume returns PX_ERROR: the owner must end the process
+ * (exit 1) so that it is restarted, which redelivers what it had not
+ * committed. Retrying in place would wedge its partitions for good.
+ * Thread-safe. The in-process bus never fails so. */
+int bus_failed(bus *b);
+
+/* For tests: fails the bus's producer as a fatal librdkafka error does
+ * (rd_kafka_test_fatal_error); PX_DECLINED where there is no such error. */
+int bus_test_fail(bus *b);
+
 /* ---- bus_util.c: on top of the calls above, for either implementation ---- */
 
 /* bus_produce that rides out a full local queue for up to wait_ms by

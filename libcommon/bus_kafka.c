@@ -291,7 +291,13 @@ static int bus_new_consumer(bus *b, const bus_conf *c, char *err, size_t errlen)
          * only a partition newly assigned while a fetch waits. */
         { "fetch.wait.max.ms", "500" },
         { "fetch.error.backoff.ms", "50" },
-        { "session.timeout.ms", "10000" },
+        /* How long a killed member's partitions wait before the group
+         * gives them to a survivor (a kill -9 sends no LeaveGroup): the
+         * least a broker accepts by default (group.min.session.timeout.ms,
+         * 6000). Heartbeats, from librdkafka's own thread, come 6 times
+         * per session, so a busy box must stall that thread 5 s to expire
+         * a live member (docs/high-availability.md: 10 s before). */
+        { "session.timeout.ms", "6000" },
         { "heartbeat.interval.ms", "1000" },
         /* Co-partitioned topics must be assigned alike: partition p of
          * each user-keyed topic a group reads to the same member. */
@@ -489,6 +495,26 @@ int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
     return px_err(err, errlen, "produce to %s: %s", topic, rd_kafka_err2str(e));
 }
 
+/* 1 with the handle's fatal error in err, 0 when it has none. */
+static int bus_fatal(rd_kafka_t *rk, char *err, size_t errlen)
+{
+    return rk != NULL && rd_kafka_fatal_error(rk, err, errlen) != RD_KAFKA_RESP_ERR_NO_ERROR;
+}
+
+int bus_failed(bus *b)
+{
+    char e[256];
+    return bus_fatal(b->rk, e, sizeof(e)) || bus_fatal(b->rkc, e, sizeof(e));
+}
+
+int bus_test_fail(bus *b)
+{
+    return rd_kafka_test_fatal_error(b->rk, RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                                     "bus_test_fail") == RD_KAFKA_RESP_ERR_NO_ERROR
+               ? PX_OK
+               : PX_ERROR;
+}
+
 int bus_assigned(bus *b)
 {
     return atomic_load(&b->assigned);
@@ -575,6 +601,10 @@ int bus_consume(bus *b, bus_msg *out, size_t max, int timeout_ms, char *err, siz
 {
     if (b->rkc == NULL)
         return px_err(err, errlen, "bus has no consumer group");
+    /* Consuming on would make effects this bus can no longer produce. */
+    char fatal[256];
+    if (bus_fatal(b->rk, fatal, sizeof(fatal)))
+        return px_err(err, errlen, "kafka producer fatal: %s", fatal);
     bus_consume_drain(b);
     size_t n = 0;
     int64_t end = px_mono_ms() + timeout_ms;

@@ -119,7 +119,7 @@ static int64_t service_behind_ms(const bus_msg *msgs, int n)
     return behind;
 }
 
-/* Returns 0 on a signal, 1 when the consumer failed fatally. */
+/* Returns 0 on a signal, 1 when the consumer or the bus failed fatally. */
 static int service_loop(service *s, const service_def *d, void *arg, bus_msg *msgs)
 {
     char err[PX_ERRLEN];
@@ -136,7 +136,9 @@ static int service_loop(service *s, const service_def *d, void *arg, bus_msg *ms
         if (d->tick != NULL)
             d->tick(arg);
     }
-    return 0;
+    if (s->failed)
+        log_error("the bus failed for good; stopping, to be restarted", NULL);
+    return s->failed ? 1 : 0;
 }
 
 /* Reverse of start. The batch in hand was finished (or abandoned
@@ -183,6 +185,10 @@ out:
 
 void service_sleep(service *s, int64_t ms)
 {
+    /* Every retry loop sleeps here: one whose bus failed for good would
+     * retry for ever, holding its partitions. It stops instead. */
+    if (bus_failed(s->b))
+        s->failed = s->stop = 1;
     int64_t end = px_mono_ms() + ms;
     while (!s->stop && px_mono_ms() < end)
         bus_poll(s->b, SERVICE_SLEEP_SLICE_MS);

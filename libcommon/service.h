@@ -33,7 +33,8 @@ typedef struct service {
     store *st;
     bus *b;
     admin *admin;
-    volatile sig_atomic_t stop;     /* a stop signal arrived */
+    volatile sig_atomic_t stop;     /* a stop signal arrived, or failed */
+    volatile sig_atomic_t failed;   /* the bus failed for good (bus_failed): exit 1 */
     atomic_int draining;            /* /readyz answers 503 from here on */
     int64_t behind_ms;              /* age of the oldest record of the last consume; 0: none */
     char topic[SERVICE_TOPICS_MAX][SERVICE_TOPIC_LEN];
@@ -86,7 +87,8 @@ enum { SERVICE_ENSURE = 0, SERVICE_SUBSCRIBE = 1 };
 const char *service_topic(service *s, const char *suffix, int subscribe);
 
 /* Sleeps up to ms, serving delivery reports; returns early on stop. For
- * the backoff between batch attempts. */
+ * the backoff between batch attempts; a bus that failed for good
+ * (bus_failed) sets stop and failed instead, ending the retries. */
 void service_sleep(service *s, int64_t ms);
 
 /* One attempt at a whole batch: PX_OK once every effect is durable. */

@@ -10,9 +10,11 @@
 #include "log.h"
 #include "parley.pb-c.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define DELIVER_BATCH 256
 #define DELIVER_MAX_CONNS 64 /* connections of one user on one gateway */
@@ -135,6 +137,15 @@ static void *deliver_consume_main(void *arg)
                       px_calloc(g->nworkers, sizeof(mail *)) };
     while (!g->stopping) {
         int n = bus_consume(g->b, msgs, DELIVER_BATCH, 100, err, sizeof(err));
+        if (n < 0 && bus_failed(g->b)) {
+            /* Every send would be answered `unavailable` for good: stop,
+             * to be restarted (clients reconnect to another gateway). */
+            log_error("the bus failed for good; stopping, to be restarted", "{s:s}", "error",
+                      err);
+            g->failed = 1;
+            kill(getpid(), SIGTERM);
+            break;
+        }
         if (n < 0) {
             log_error("delivery consumer failed", "{s:s}", "error", err);
             continue;

@@ -68,6 +68,7 @@ typedef struct gw {
     int listen_fd;               /* -1 until http_bind */
     _Atomic int64_t last_beat_ok; /* ms of the last heartbeat Kafka accepted */
     volatile sig_atomic_t stopping;
+    volatile sig_atomic_t failed;   /* the bus failed for good (bus_failed): exit 1 */
     gw_metrics m;
 } gw;
 

@@ -211,6 +211,7 @@ int main(void)
              bus_at, "store", store_at, "workers", (int)g.cfg.workers);
     int sig = lifecycle_wait();
     log_info("stopping", "{s:i}", "signal", sig);
+    rc = g.failed ? 1 : 0;
 out:
     main_shutdown(&g);
     log_info("stopped", NULL);

@@ -75,9 +75,10 @@ static void *acker_main(void *arg)
         int n = bus_consume(a->svc.b, msgs, MSGSTORE_BATCH, MSGSTORE_CONSUME_WAIT_MS, err,
                             sizeof(err));
         if (n < 0) {
-            /* The main loop's consumer fails the same way and ends the
-             * process; this one only says so. */
+            /* A fatal error of this bus (its producer's, most likely: the
+             * main loop's bus is another) ends the process: main_tick. */
             log_error("ack consumer failed", "{s:s}", "error", err);
+            a->svc.failed = 1;
             break;
         }
         if (n > 0)
@@ -127,6 +128,11 @@ int acker_start(msgstore *ms, char *err, size_t errlen)
     }
     ms->acker = a;
     return PX_OK;
+}
+
+int acker_failed(const msgstore *ms)
+{
+    return ms->acker != NULL && ms->acker->svc.failed;
 }
 
 void acker_stop(msgstore *ms)

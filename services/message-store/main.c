@@ -126,10 +126,15 @@ static void main_process(void *arg, bus_msg *msgs, size_t n)
     batch_process(arg, msgs, n);
 }
 
-/* Commits what the store writer has finished since the last consume. */
+/* Commits what the store writer has finished since the last consume; ends
+ * the process when the acker's bus failed for good (acks would wait for
+ * ever on partitions it holds). */
 static void main_tick(void *arg)
 {
-    writer_reap(arg);
+    msgstore *ms = arg;
+    writer_reap(ms);
+    if (acker_failed(ms))
+        ms->svc.failed = ms->svc.stop = 1;
 }
 
 /* The writer, ack and sweep threads use the store: they stop before it

@@ -317,7 +317,7 @@ void ack_retry_due(msgstore *ms);
 /* ---- ackwait.c: acks whose event is not stored yet ---- */
 
 #define ACKWAIT_MAX 4096              /* entries; about 1.6 MiB at most */
-#define ACKWAIT_MS 30000              /* covers a takeover: 10 s session timeout, rebalance, re-store */
+#define ACKWAIT_MS 30000              /* covers a takeover: 6 s session timeout, rebalance, re-store */
 #define ACKWAIT_FIRST_MS 250          /* first retry; doubles up to the next */
 #define ACKWAIT_MAX_BACKOFF_MS 4000
 #define ACKWAIT_APPLIED_SLOTS (1u << 16) /* 512 KiB: the acks applied lately */
@@ -440,6 +440,9 @@ void devcache_forget(devcache *dc, const char *user);
  * it and leaves its group. */
 int acker_start(msgstore *ms, char *err, size_t errlen);
 void acker_stop(msgstore *ms);
+/* 1 once the ack consumer ended on a bus that failed for good (bus_failed):
+ * the process must stop and be restarted. */
+int acker_failed(const msgstore *ms);
 
 /* ---- sweep.c: retention ---- */
 

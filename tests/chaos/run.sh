@@ -23,7 +23,7 @@
 #   none                   the same run without a fault (the baseline)
 #   kill:SERVICE:R         kill -9 of replica R (1|2) of SERVICE (presence,
 #                          message-store, receipt, group-fanout), restarted
-#                          CHAOS_RESTART_AFTER s later (past the 10 s
+#                          CHAOS_RESTART_AFTER s later (past the 6 s
 #                          consumer session: the survivor takes over first)
 #   term:SERVICE           rolling restart by SIGTERM (a Helm upgrade): each
 #                          replica in turn stops (must exit 0), starts, ready

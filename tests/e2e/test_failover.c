@@ -170,7 +170,7 @@ START_TEST(partitions_move_under_load_and_nothing_is_lost)
     }
     /* The faults, by messages sent (one per GAP_MS): kill the first
      * replicas at ~3 s, bring them back at ~24 s (each join is a rebalance
-     * too). In between, past the session timeout (10 s), the survivors
+     * too). In between, past the session timeout (6 s), the survivors
      * must hold every partition: what was sent 5 s or more before the
      * restart must have arrived by then. */
     int at_kill_store = 240, at_kill_receipt = 300, at_back = 2000, stuck = -1;
@@ -206,7 +206,7 @@ START_TEST(partitions_move_under_load_and_nothing_is_lost)
             receipt2 = e2e_spawn_replica(E2E_RECEIPT, "receipt-2b", base + 41);
         }
     }
-    /* A session timeout (10 s) and two rebalances lie behind: 60 s. */
+    /* A session timeout (6 s) and two rebalances lie behind: 60 s. */
     int64_t deadline = px_mono_ms() + 60000;
     while ((r.nsent < N || r.ngot < r.nsent || r.ndelivered < r.nsent || r.nread < r.nsent) &&
            px_mono_ms() < deadline)

@@ -12,7 +12,7 @@
 #include <unistd.h>
 
 /* Generous: after the kill the restarted presence waits out its killed
- * predecessor's session (10 s) before it reads, on a box that may be busy. */
+ * predecessor's session (6 s) before it reads, on a box that may be busy. */
 enum { USERS = 30, REGISTRY_WAIT_MS = 60000 };
 #define CONNECTS "parley_presence_records_total{type=\"connect\"}"
 

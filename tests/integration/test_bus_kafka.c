@@ -538,6 +538,30 @@ START_TEST(wakeup_ends_a_blocked_consume)
 }
 END_TEST
 
+/* A fatal librdkafka error (an idempotent producer's sequence out of step
+ * with a broker, seen under a broker's kill -9) is permanent: bus_failed
+ * says so, and consuming stops with an error (which ends the service, to
+ * be restarted) instead of making effects that can no longer be produced. */
+START_TEST(fatal_producer_error_fails_the_bus)
+{
+    char topic[128], group[160], err[PX_ERRLEN];
+    unique_name(topic, sizeof(topic), "fatal");
+    snprintf(group, sizeof(group), "%s.g", topic);
+    bus *b = open_bus(group, PARTS);
+    create_topic(b, topic);
+    subscribe(b, topic);
+    bus_msg m[4];
+    ck_assert_int_eq(bus_failed(b), 0);
+    ck_assert_int_ge(bus_consume(b, m, 4, 100, err, sizeof(err)), 0);
+    ck_assert_int_eq(bus_test_fail(b), PX_OK);
+    ck_assert_int_eq(bus_failed(b), 1);
+    ck_assert_int_eq(bus_consume(b, m, 4, 100, err, sizeof(err)), PX_ERROR);
+    ck_assert_msg(strstr(err, "fatal") != NULL, "consume error: %s", err);
+    ck_assert_int_eq(bus_produce(b, topic, "k", 1, "v", 1, NULL, err, sizeof(err)), PX_ERROR);
+    bus_destroy(b);
+}
+END_TEST
+
 /* Nothing can be acknowledged without a broker: no report says PX_OK, the
  * flush times out with PX_AGAIN, topic creation fails (a hang would be
  * caught by the test's limit). */
@@ -675,6 +699,7 @@ static Suite *bus_suite(void)
     tcase_add_test(tc, clean_restart_resumes_after_last_commit);
     tcase_add_test(tc, consume_fd_signals_records);
     tcase_add_test(tc, wakeup_ends_a_blocked_consume);
+    tcase_add_test(tc, fatal_producer_error_fails_the_bus);
     tcase_add_test(tc, unreachable_broker_fails_cleanly);
     tcase_add_test(tc, config_overrides_apply_or_fail_start);
     tcase_add_test(tc, security_settings_checked_at_start);
