@@ -115,7 +115,14 @@ static int sm_device_update(store *st, const char *user, const char *dev, const 
 
     sm_device_id(&sel, user, dev);
     sm_conn_get(st, "devices", &sc);
-    if (!mongoc_collection_update_one(sc.coll, &sel, upd, opts, NULL, &error))
+    bool ok = mongoc_collection_update_one(sc.coll, &sel, upd, opts, NULL, &error);
+    /* Two upserts of one new device at once (a client reconnecting while
+     * its first attempt is still being registered): the loser's insert
+     * hits the _id the winner made. Its update now finds that document, as
+     * MongoDB's documentation advises for upserts on a unique key. */
+    if (!ok && upsert && error.code == SM_DUP_KEY)
+        ok = mongoc_collection_update_one(sc.coll, &sel, upd, opts, NULL, &error);
+    if (!ok)
         rc = sm_fail(err, errlen, what, &error);
     sm_conn_put(st, &sc);
     bson_destroy(&sel);

@@ -9,6 +9,7 @@
 #include "store_contract.h"
 #include "common.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1148,6 +1149,58 @@ START_TEST(devices_limit_and_link)
 }
 END_TEST
 
+/* A new device registered by several connections at once (a client that
+ * reconnects while its first attempt is still being registered): every
+ * touch succeeds and one record results. Over MongoDB the losers' upsert
+ * inserts hit the winner's _id (E11000) and, unretried, answered the
+ * client 503. */
+#define RACE_THREADS 6
+#define RACE_ROUNDS 12
+
+typedef struct race_arg {
+    char user[32];
+    pthread_barrier_t *go;
+    int rc, status;
+} race_arg;
+
+static void *race_touch(void *p)
+{
+    race_arg *a = p;
+    char err[PX_ERRLEN] = "";
+    pthread_barrier_wait(a->go);
+    a->rc = store_device_touch(st, a->user, "d1", 5000, 10, &a->status, err, sizeof(err));
+    if (a->rc != PX_OK)
+        fprintf(stderr, "device touch: %s\n", err);
+    return NULL;
+}
+
+START_TEST(device_touch_concurrent)
+{
+    char err[PX_ERRLEN] = "";
+    for (int r = 0; r < RACE_ROUNDS; r++) {
+        pthread_t t[RACE_THREADS];
+        race_arg a[RACE_THREADS];
+        pthread_barrier_t go;
+        pthread_barrier_init(&go, NULL, RACE_THREADS);
+        for (int i = 0; i < RACE_THREADS; i++) {
+            a[i] = (race_arg){ .go = &go };
+            snprintf(a[i].user, sizeof(a[i].user), "u_race%d", r);
+            ck_assert_int_eq(pthread_create(&t[i], NULL, race_touch, &a[i]), 0);
+        }
+        for (int i = 0; i < RACE_THREADS; i++) {
+            pthread_join(t[i], NULL);
+            ck_assert_int_eq(a[i].rc, PX_OK);
+            ck_assert_int_eq(a[i].status, STORE_DEVICE_OK);
+        }
+        pthread_barrier_destroy(&go);
+        dev_log l;
+        memset(&l, 0, sizeof(l));
+        ck_assert_int_eq(store_device_list(st, a[0].user, dev_cb, &l, err, sizeof(err)), PX_OK);
+        ck_assert_uint_eq(l.n, 1);
+    }
+}
+END_TEST
+
 /* Push (issue 18): a device's latest 410 is kept and read back with it,
  * never moves back, and survives its next touch (the push service compares
  * it with last); an unknown device is left alone. */
@@ -1198,6 +1251,7 @@ Suite *store_contract_suite(const char *name)
     tcase_add_test(tc, media_chunk_rate);
     tcase_add_test(tc, inbox_marks_per_device);
     tcase_add_test(tc, devices_limit_and_link);
+    tcase_add_test(tc, device_touch_concurrent);
     tcase_add_test(tc, device_push_gone);
     tcase_add_test(tc, presence_devices);
     tcase_add_test(tc, contacts_pairs);
