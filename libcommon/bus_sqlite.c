@@ -868,6 +868,7 @@ static void *bus_writer_main(void *arg)
 {
     bus_hub *h = arg;
     bus_dirty *d = px_calloc(BUS_MAX_DIRTY, sizeof(*d));
+    px_thread_name("bus-writer");
     bus_retention rt = { .last_scan = px_mono_ms() };
     pthread_mutex_lock(&h->mu);
     for (;;) {

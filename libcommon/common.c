@@ -9,6 +9,16 @@
 #include <string.h>
 #include <time.h>
 
+void px_thread_name(const char *fmt, ...)
+{
+    char name[16];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof(name), fmt, ap);
+    va_end(ap);
+    pthread_setname_np(pthread_self(), name);
+}
+
 static void px_oom(size_t n)
 {
     fprintf(stderr, "parley: out of memory allocating %zu bytes\n", n);

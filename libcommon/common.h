@@ -34,6 +34,11 @@ char *px_strdup(const char *s);
 char *px_strndup(const char *s, size_t n);
 void *px_try_malloc(size_t n);
 
+/* Names the calling thread (at most 15 characters are kept) so `top -H`
+ * and perf tell the threads of a process apart: in parleyd every service
+ * runs in one process, and the thread pegged at 100% is the one to find. */
+void px_thread_name(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
 /* snprintf into err when err is non-NULL; returns PX_ERROR for tail calls. */
 int px_err(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

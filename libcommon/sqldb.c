@@ -112,6 +112,7 @@ static void sqldb_checkpoint(struct sqldb_file *f)
 static void *sqldb_ckpt_main(void *arg)
 {
     struct sqldb_file *f = arg;
+    px_thread_name("ckpt %s", f->name);
     pthread_mutex_lock(&f->mu);
     while (!f->stop) {
         if (!f->wanted) {

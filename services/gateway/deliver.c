@@ -25,6 +25,7 @@ static int deliver_started;
 static void *deliver_poll_main(void *arg)
 {
     gw *g = arg;
+    px_thread_name("gw-deliv-poll");
     int64_t next_beat = 0;
     while (!g->stopping) {
         int64_t now = px_mono_ms();
@@ -132,6 +133,7 @@ static void *deliver_consume_main(void *arg)
 {
     gw *g = arg;
     bus_msg msgs[DELIVER_BATCH];
+    px_thread_name("gw-deliver");
     char err[PX_ERRLEN];
     deliver_out o = { px_calloc(g->nworkers, sizeof(mail *)),
                       px_calloc(g->nworkers, sizeof(mail *)) };

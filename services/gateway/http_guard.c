@@ -190,6 +190,7 @@ static void guard_sweep(http_guard *hg)
 static void *guard_main(void *arg)
 {
     http_guard *hg = arg;
+    px_thread_name("gw-http-guard");
     pthread_mutex_lock(&hg->mu);
     while (!hg->stop) {
         guard_sweep(hg);

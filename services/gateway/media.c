@@ -703,6 +703,7 @@ static void *media_main(void *arg)
 {
     gw *g = arg;
     media *md = g->md;
+    px_thread_name("gw-media");
     int64_t swept = px_mono_ms();
     pthread_mutex_lock(&md->mu);
     for (;;) {

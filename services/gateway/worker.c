@@ -297,6 +297,7 @@ static void worker_tick(worker *w)
 static void *worker_main(void *arg)
 {
     worker *w = arg;
+    px_thread_name("gw-worker-%d", w->idx);
     struct epoll_event evs[WORKER_EVENTS];
     int64_t next_tick = px_mono_ms() + 1000;
     while (!w->stop) {

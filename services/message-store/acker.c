@@ -70,6 +70,7 @@ static void *acker_main(void *arg)
 {
     msgstore *a = arg;
     bus_msg *msgs = px_calloc(MSGSTORE_BATCH, sizeof(*msgs));
+    px_thread_name("ms-acker");
     char err[PX_ERRLEN];
     while (!a->svc.stop) {
         int n = bus_consume(a->svc.b, msgs, MSGSTORE_BATCH, MSGSTORE_CONSUME_WAIT_MS, err,

@@ -53,6 +53,7 @@ static void sweep_once(msgstore *ms)
 static void *sweep_main(void *arg)
 {
     msgstore *ms = arg;
+    px_thread_name("ms-sweep");
     pthread_mutex_lock(&ms->sweep_mu);
     while (!ms->sweep_stop) {
         struct timespec until;

@@ -110,6 +110,7 @@ static int writer_store(writer *w, writer_batch *first, writer_batch *last)
 static void *writer_main(void *arg)
 {
     writer *w = arg;
+    px_thread_name("ms-writer");
     pthread_mutex_lock(&w->mu);
     while (!w->stop) {
         if (w->next == NULL) {

@@ -55,6 +55,7 @@ static struct parleyd_svc parleyd_svcs[] = {
 static void *parleyd_thread(void *arg)
 {
     struct parleyd_svc *s = arg;
+    px_thread_name("%s", s->name);
     s->rc = s->main();
     if (!lifecycle_stopping()) {
         log_error("service ended, stopping parleyd", "{s:s, s:i}", "service", s->name,
