@@ -199,6 +199,7 @@ typedef struct bench_opts {
     int conns, procs, pairs, duration_s, grace_s, hold_s, settle_s, connect_timeout_s;
     int inflight, body_bytes, pending, src_base;
     int upgrade_only;  /* idle: count a connection at its 101, not its `synced` */
+    int idle, idle_procs; /* rate: connections held (synced) around the run, their processes */
     int msgs, members, steps; /* group: messages and members; max: bisection steps */
     int devices;       /* group: devices (connections with their own `dev`) per member */
     int chaos;         /* chaos: reconnect, resend, read, fault window */
@@ -1728,13 +1729,48 @@ static int bench_chaos_report(const bench_opts *o, json_t *j, const bench_stats 
     return st->lost == 0 && st->answered == st->sends ? PX_OK : PX_ERROR;
 }
 
+/* rate --idle N: N more connections (users of role i, alternating over
+ * the gateways) on --idle-procs processes whose source addresses follow
+ * the rate processes', each waiting for `synced`, then held through the run
+ * (pings answered): the rate at the scale of connected clients the targets
+ * name, instead of beside 200 connections only. */
+static int bench_idle_connect(const bench_opts *o, bench_kids *kids, bench_stats *ready,
+                              double *secs)
+{
+    static bench_opts io;
+    io = *o;
+    io.conns = o->idle;
+    io.procs = o->idle_procs;
+    io.src_base = o->src_base + o->procs;
+    io.upgrade_only = 0;
+    int64_t t0 = bench_now();
+    if (bench_fork(&io, bench_idle_child, bench_idle_share, kids) != PX_OK ||
+        bench_gather(kids, ready) != PX_OK)
+        return PX_ERROR;
+    *secs = (double)(ready->t_ready - t0) / 1e9;
+    fprintf(stderr, "parley-bench: %" PRIu64 "/%d idle connections synced in %.1f s (%" PRIu64
+            " failed)\n", ready->synced, o->idle, *secs, ready->failed);
+    return PX_OK;
+}
+
 /* rate, and latency: the same run at a low fixed rate (100/s unless
  * --rate says otherwise), where nothing queues, so its p50 is the floor:
  * the time a message takes through an idle system. */
 static int bench_rate(const bench_opts *o, const char *scenario)
 {
-    static bench_stats ready, st;
-    if (bench_rate_run(o, &ready, &st) != PX_OK)
+    static bench_stats ready, st, idle_ready, idle_held;
+    static bench_kids idle_kids;
+    double idle_s = 0;
+    if (o->idle > 0 && bench_idle_connect(o, &idle_kids, &idle_ready, &idle_s) != PX_OK)
+        return PX_ERROR;
+    int rc = bench_rate_run(o, &ready, &st);
+    if (o->idle > 0) {
+        bench_tell(&idle_kids, 'Q');
+        if (bench_gather(&idle_kids, &idle_held) != PX_OK)
+            rc = PX_ERROR;
+        bench_reap(&idle_kids);
+    }
+    if (rc != PX_OK)
         return PX_ERROR;
     uint64_t missing = st.sends - st.received;
     char human[512];
@@ -1751,8 +1787,19 @@ static int bench_rate(const bench_opts *o, const char *scenario)
     json_object_set_new(j, "scenario", json_string(scenario));
     if (o->chaos)
         return bench_chaos_report(o, j, &st);
+    if (o->idle > 0) {
+        json_object_set_new(j, "idle", json_pack("{s:i, s:I, s:I, s:I, s:f}", "conns", o->idle,
+                                                 "synced", (json_int_t)idle_ready.synced,
+                                                 "failed", (json_int_t)idle_ready.failed,
+                                                 "dropped_while_held", (json_int_t)idle_held.closed,
+                                                 "connect_s", idle_s));
+        size_t off = strlen(human);
+        snprintf(human + off, sizeof(human) - off, "; beside %" PRIu64 " idle synced connections"
+                 " (%" PRIu64 " dropped)", idle_ready.synced, idle_held.closed);
+    }
     bench_emit(j, human);
-    return missing == 0 && ready.failed == 0 ? PX_OK : PX_ERROR;
+    return missing == 0 && ready.failed == 0 && idle_ready.failed == 0 && idle_held.closed == 0
+               ? PX_OK : PX_ERROR;
 }
 
 /* ---- max ------------------------------------------------------------------- */
@@ -2058,6 +2105,8 @@ static void bench_usage(void)
             "  --members N (256)  --msgs N (30): group; --rate is then its send rate\n"
             "  --devices D (1): group: each member online on D devices\n"
             "  --upgrade-only          idle: count connections at the 101, not at `synced`\n"
+            "  --idle N (0)  --idle-procs P (2): rate: N more connections, synced before the\n"
+            "                          run and held through it, on P processes of their own\n"
             "  --window S (10)         chaos: the fault window lasts S past the fault's end\n"
             "  --quick                 chaos: wait for the messages only (receipts counted as they come)\n"
             "  --proto parley|xmpp     xmpp: rate, latency, max, idle against an XMPP server's\n"
@@ -2088,14 +2137,14 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         { "src-base", 1, 0, 'B' }, { "connect-timeout", 1, 0, 'T' },
         { "upgrade-only", 0, 0, 'O' }, { "max-p99", 1, 0, 'X' }, { "steps", 1, 0, 'N' },
         { "members", 1, 0, 'M' }, { "msgs", 1, 0, 'K' }, { "devices", 1, 0, 'D' },
-        { "window", 1, 0, 'W' }, { "quick", 0, 0, 'Q' }, { "proto", 1, 0, 'x' }, { "domain", 1, 0, 'o' },
+        { "idle", 1, 0, 'I' }, { "idle-procs", 1, 0, 'J' }, { "window", 1, 0, 'W' }, { "quick", 0, 0, 'Q' }, { "proto", 1, 0, 'x' }, { "domain", 1, 0, 'o' },
         { 0, 0, 0, 0 }
     };
     *o = (bench_opts){ .conns = 10000, .procs = 2, .pairs = 100, .duration_s = 20, .grace_s = 10,
                        .hold_s = 5, .settle_s = 3, .connect_timeout_s = 120, .inflight = 200,
                        .body_bytes = 100, .pending = 10000, .src_base = 10, .rate = 1000,
                        .max_p99_ms = 100, .steps = 3, .members = 256, .msgs = 30, .devices = 1,
-                       .window_s = 10, .proto = &bench_parley, .domain = "localhost",
+                       .window_s = 10, .idle_procs = 2, .proto = &bench_parley, .domain = "localhost",
                        .secret = getenv("PARLEY_JWT_SECRET") };
     const char *url = "ws://127.0.0.1:8080", *url2 = NULL;
     int ch, rate_set = 0;
@@ -2125,6 +2174,8 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         case 'D': o->devices = atoi(optarg); break;
         case 'K': o->msgs = atoi(optarg); break;
         case 'W': o->window_s = atoi(optarg); break;
+        case 'I': o->idle = atoi(optarg); break;
+        case 'J': o->idle_procs = atoi(optarg); break;
         case 'Q': o->quick = 1; break;
         case 'x':
             if (strcmp(optarg, "xmpp") != 0 && strcmp(optarg, "parley") != 0)
@@ -2154,6 +2205,12 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         return PX_ERROR;
     if (o->procs < 1 || o->procs > BENCH_MAX_PROCS || o->inflight < 1 || o->rate <= 0 ||
         o->pairs < o->procs || o->src_base < 1 || o->src_base + o->procs > 254)
+        return PX_ERROR;
+    if (o->idle < 0 || (o->idle > 0 && (o->idle_procs < 1 || o->idle_procs > BENCH_MAX_PROCS ||
+                                         o->idle < o->idle_procs ||
+                                         o->src_base + o->procs + o->idle_procs > 254 ||
+                                         (o->idle + o->idle_procs - 1) / o->idle_procs >
+                                             BENCH_PER_PROC_MAX)))
         return PX_ERROR;
     if (strcmp(o->scenario, "idle") == 0 && (o->conns < o->procs ||
                                              (o->conns + o->procs - 1) / o->procs > BENCH_PER_PROC_MAX))

@@ -22,7 +22,11 @@
 #   BENCH_SCENARIOS ("latency rate max group groupdevices sync idle"): which
 #     to run; groupdevices is the group scenario with every member on
 #     BENCH_GROUP_DEVICES (3) devices (issue 17)
-#   BENCH_PD_RATES ("1000 10000")  BENCH_STACK_RATES ("100 1000")
+#   BENCH_PD_RATES ("1000 10000")  BENCH_STACK_RATES ("100 1000"); empty: none
+#   BENCH_PD_IDLE_RATES ("")  BENCH_STACK_IDLE_RATES ("1000"): rate runs again
+#     beside BENCH_RATE_IDLE_CONNS (10000) more connections, synced before the
+#     run and held through it on BENCH_RATE_IDLE_PROCS (2) load processes
+#     (the targets' "1,000/s with 10,000 connected clients"); part of `rate`
 #   BENCH_PEER_RATES (BENCH_PD_RATES): the peer runs parleyd's rate steps
 #   BENCH_PD_MAX_FROM (500)  BENCH_STACK_MAX_FROM (50)  BENCH_PEER_MAX_FROM (1000):
 #     where max's ladder starts
@@ -170,6 +174,7 @@ ready_all() { # port...
 declare -A comp
 mode=parleyd
 metrics_port=
+age_ports=()
 urls=()
 services_up() { # tag
   pids=()
@@ -186,6 +191,7 @@ services_up() { # tag
     ready_all "$PD_PORT"
     comp=([parleyd]=${pids[0]})
     metrics_port=$PD_PORT
+    age_ports=("$PD_PORT")
     urls=(--url "ws://127.0.0.1:$PD_PORT" --gw-pids "${pids[0]}")
     return
   fi
@@ -202,6 +208,7 @@ services_up() { # tag
     [group_fanout]=${pids[2]} [gateway_1]=${pids[3]} [gateway_2]=${pids[4]} [receipt]=${pids[5]})
   [ -z "${pg_pid:-}" ] || comp[postgres]=pg:$pg_pid
   metrics_port=$((GW_PORT + 11))
+  age_ports=("$GW_PORT" $((GW_PORT + 1)) $((GW_PORT + 10)) $((GW_PORT + 11)) $((GW_PORT + 12)) $((GW_PORT + 13)))
   urls=(--url "ws://127.0.0.1:$GW_PORT" --url2 "ws://127.0.0.1:$((GW_PORT + 1))"
     --gw-pids "${pids[3]},${pids[4]}")
 }
@@ -221,6 +228,7 @@ peer_up() { # tag
     { tail -n 20 "$workdir/ejabberd.log" "$workdir/ejabberd-$1"/*.log >&2; die "ejabberd never listened on $EJ_PORT"; }
   comp=([ejabberd]=${pids[0]})
   metrics_port=
+  age_ports=()
   urls=(--proto xmpp --url "ws://127.0.0.1:$EJ_PORT" --gw-pids "${pids[0]}")
 }
 services_down() {
@@ -275,6 +283,18 @@ store_json() {
             | group_by(.op) | map({(.[0].op): (map({(.k): .v}) | add)}) | add // {}'
 }
 
+# Each hop's time, from every service's parley_bus_record_age_ms
+# histograms (the age of a record when its consumer took it): {consumer:
+# {count, sum_ms}}, summed over the processes of one consumer (2 gateways).
+hops_json() {
+  local port
+  for port in "${age_ports[@]}"; do curl -fs "http://127.0.0.1:$port/metrics" 2>/dev/null || true; done |
+    awk -F'[{}" ]+' '/^parley_bus_record_age_ms_(sum|count)\{/ {
+        k = ($1 ~ /_sum$/) ? "sum_ms" : "count"; print $3, k, $NF }' |
+    jq -Rn '[inputs | split(" ") | {c: .[0], k: .[1], v: (.[2] | tonumber)}]
+            | group_by(.c) | map({(.[0].c): (group_by(.k) | map({(.[0].k): (map(.v) | add)}) | add)}) | add // {}'
+}
+
 results=$workdir/results.jsonl
 : >"$results"
 run() { # tag, then parley-bench arguments; appends its JSON with the CPU split
@@ -289,7 +309,8 @@ run() { # tag, then parley-bench arguments; appends its JSON with the CPU split
   bench_ticks_now
   if [ -n "$line" ]; then
     jq -c --arg mode "$mode" --argjson cpu "$(cpu_json)" --argjson store "$(store_json)" \
-      '. + {mode: $mode, cpu_percent: $cpu, store_ms: $store}' <<<"$line" >>"$results"
+      --argjson hops "$(hops_json)" \
+      '. + {mode: $mode, cpu_percent: $cpu, store_ms: $store, hops_ms: $hops}' <<<"$line" >>"$results"
   else
     say "parley-bench $1 ($mode) produced no result"
   fi
@@ -302,9 +323,10 @@ GROUP_DEVICES=${BENCH_GROUP_DEVICES:-3}
 want() { [[ $SCENARIOS == *" $1 "* ]]; }
 # mode: the standard set for one mode; the per-mode sizes are in the header.
 scenarios() {
-  local r rates max_from pending idle_conns idle_synced=$IDLE_SYNCED
+  local r rates idle_rates="" max_from pending idle_conns idle_synced=$IDLE_SYNCED
   if [ "$mode" = parleyd ]; then
-    rates=${BENCH_PD_RATES:-1000 10000} max_from=${BENCH_PD_MAX_FROM:-500}
+    rates=${BENCH_PD_RATES-1000 10000} max_from=${BENCH_PD_MAX_FROM:-500}
+    idle_rates=${BENCH_PD_IDLE_RATES:-}
     pending=${BENCH_PD_SYNC_PENDING:-10000} idle_conns=${BENCH_PD_IDLE_CONNS:-0}
   elif [ "$mode" = peer ]; then
     # The peer has no groups and no pending-message sync to compare.
@@ -312,7 +334,8 @@ scenarios() {
     pending=0 idle_conns=0 idle_synced=${BENCH_PEER_IDLE_CONNS:-3000}
   else
     stack_up
-    rates=${BENCH_STACK_RATES:-100 1000} max_from=${BENCH_STACK_MAX_FROM:-50}
+    rates=${BENCH_STACK_RATES-100 1000} max_from=${BENCH_STACK_MAX_FROM:-50}
+    idle_rates=${BENCH_STACK_IDLE_RATES-1000}
     pending=${BENCH_STACK_SYNC_PENDING:-2000} idle_conns=${BENCH_STACK_IDLE_CONNS:-30000}
   fi
   [ "$LATENCY_RATE" -le 0 ] || ! want latency ||
@@ -320,6 +343,12 @@ scenarios() {
   for r in $rates; do
     want rate || break
     run "rate$r" rate --rate "$r" --pairs "$PAIRS" --duration "$DURATION" --procs 1 --grace 10
+  done
+  for r in $idle_rates; do
+    want rate && [ "${BENCH_RATE_IDLE_CONNS:-10000}" -gt 0 ] || break
+    run "rate${r}idle" rate --rate "$r" --pairs "$PAIRS" --duration "$DURATION" --procs 1 --grace 10 \
+      --idle "${BENCH_RATE_IDLE_CONNS:-10000}" --idle-procs "${BENCH_RATE_IDLE_PROCS:-2}" \
+      --connect-timeout 300
   done
   ! want max ||
     run max max --rate "$max_from" --pairs "$PAIRS" --duration "$MAX_STEP_S" --procs 1 --grace 3 \
@@ -372,7 +401,7 @@ jq -r '
   def f2: (. * 100 | round) / 100;
   def ms: if . == null then "-" else "\(f2) ms" end;
   def cpu: [to_entries[] | select(.value >= 1) | "\(.key) \(.value | round)%"] | join(", ");
-  def cpulines: .[] | "CPU, \(.mode) \(.scenario) \(.rate // .conns // .pending // "" | if type == "number" then round else . end): \(.cpu_percent | cpu).";
+  def cpulines: .[] | "CPU, \(.mode) \(.scenario) \(.rate // .conns // .pending // "" | if type == "number" then round else . end)\(if .idle then " + \(.idle.conns) idle" else "" end): \(.cpu_percent | cpu).";
   "# Parley benchmark: parleyd, microservices and a peer",
   "",
   "\(.when), commit \(.commit); \(.machine.nproc) cores (\(.machine.cpu)), \(.machine.mem_total_kb / 1048576 | f1) GiB, Linux \(.machine.kernel); whole `make bench` run \(.run_seconds) s.",
@@ -394,11 +423,11 @@ jq -r '
     "",
     "| mode | offered rate | delivered/s | `sent` answers | not received | p50 | p90 | p99 | p99.9 | max |",
     "|---|---|---|---|---|---|---|---|---|---|",
-    (.[] | "| \(.mode) | \(.rate | round)/s | \(.delivered_per_s | round) | \(if .sent_answers == null then "none in XMPP" else "\(.sent_answers) of \(.sends)" end) | \(.not_received) | \(.latency_ms.p50 | ms) | \(.latency_ms.p90 | ms) | \(.latency_ms.p99 | ms) | \(.latency_ms.p999 | ms) | \(.latency_ms.max | ms) |"),
+    (.[] | "| \(.mode)\(if .idle then ", beside \(.idle.synced) idle connections (\(.idle.connect_s | round) s to sync them)" else "" end) | \(.rate | round)/s | \(.delivered_per_s | round) | \(if .sent_answers == null then "none in XMPP" else "\(.sent_answers) of \(.sends)" end) | \(.not_received) | \(.latency_ms.p50 | ms) | \(.latency_ms.p90 | ms) | \(.latency_ms.p99 | ms) | \(.latency_ms.p999 | ms) | \(.latency_ms.max | ms) |"),
     "",
     "Latency is send to receive (the sender stamps CLOCK_MONOTONIC into the body; one machine, one clock).",
     "", cpulines, ""),
-  ([.results[] | select(.scenario == "rate" or .scenario == "latency")] as $runs |
+  ([.results[] | select((.scenario == "rate" and .idle == null) or .scenario == "latency")] as $runs |
     (["parleyd", "stack", "peer"] | map(select(. as $m | $runs | any(.mode == $m)))) as $modes |
     select($runs | any(.mode == "peer")) |
     "## Beside the peer: 1:1 p50 / p99 by offered rate (the latency and rate runs above)",
@@ -450,6 +479,16 @@ jq -r '
     "|---|---|---|---|---|---|",
     (.[] | . as $r | $r.store_ms | to_entries | sort_by(-.value.sum_ms)[] | select(.value.count > 0) |
       "| \($r.mode) | \($r.rate | round)/s | \(.key) | \(.value.count) | \(.value.sum_ms / .value.count | ms) | \(if $r.received > 0 then (.value.sum_ms / $r.received * 1000 | round / 1000 | tostring) else "-" end) |"),
+    ""),
+  ([.results[] | select((.scenario == "rate" or .scenario == "latency") and ((.hops_ms // {}) | length) > 0)] | select(length > 0) |
+    "## Each bus hop (every consumer'"'"'s `parley_bus_record_age_ms`: a record'"'"'s age when its consumer took it, from its producer'"'"'s produce call)",
+    "",
+    "| mode | run | consumer | records | mean |",
+    "|---|---|---|---|---|",
+    (.[] | . as $r | $r.hops_ms | to_entries[] | select(.value.count > 0) |
+      "| \($r.mode) | \($r.scenario) \($r.rate | round)/s\(if $r.idle then " + \($r.idle.conns) idle" else "" end) | \(.key) | \(.value.count) | \(.value.sum_ms / .value.count | ms) |"),
+    "",
+    "A 1:1 message makes two hops to its reader (gateway to message-store on the inbox, message-store to the reader'"'"'s gateway); the acks, the receipt facts and the receipts make the rest.",
     "")
 ' "$OUT/latest.json" >"$OUT/latest.md"
 
@@ -464,7 +503,7 @@ chart() {
   for m in $MODES; do
     jq -r --arg m "$m" '[.results[] | select(.mode == $m) |
         if .scenario == "max" then (.steps[] | . + {prio: 1})
-        elif .scenario == "rate" or .scenario == "latency" then . + {prio: 0} else empty end |
+        elif (.scenario == "rate" and .idle == null) or .scenario == "latency" then . + {prio: 0} else empty end |
         select(.sends > 0 and .not_received <= 0.01 * .sends)] |
       group_by(.rate) | map(sort_by(.prio)[0]) | .[] |
       "\(.rate) \(.latency_ms.p50) \(.latency_ms.p99)"' "$OUT/latest.json" >"$workdir/points"

@@ -7,6 +7,8 @@
 #ifndef PARLEY_BUS_H
 #define PARLEY_BUS_H
 
+#include "metrics.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -36,6 +38,10 @@ typedef struct bus_conf {
     const char *client_id;   /* for broker logs, e.g. "gateway-gw-0" */
     const char *group;       /* consumer group; NULL: producer only */
     int partitions;          /* partition count used by bus_ensure_topics */
+    /* Kafka: a topic no message waits on, produced through a second producer
+     * that lingers PARLEY_KAFKA_BULK_LINGER_MS (20; 0: none) to share
+     * requests; NULL: every topic at 1 ms. Ignored in-process. */
+    const char *bulk_topic;
     bus_dr_cb dr_cb;         /* may be NULL when nothing is produced */
 } bus_conf;
 
@@ -115,6 +121,13 @@ int bus_produce_wait(bus *b, const char *topic, const char *key, size_t key_len,
                      size_t errlen);
 
 /* 1 if m's key is exactly the string s. */
+/* The histogram parley_bus_record_age_ms{consumer="<consumer>"}, and
+ * observing into it the age of each record just consumed (now minus its
+ * bus timestamp, whole ms): how long the hop from the producer's produce
+ * call to this consumer took, per topic a consumer reads. */
+metric *bus_age_histogram(const char *consumer);
+void bus_observe_age(metric *m, const bus_msg *msgs, size_t n);
+
 int bus_key_is(const bus_msg *m, const char *s);
 
 /* Leaves the group (committing what bus_commit marked), flushes the producer

@@ -1,8 +1,12 @@
 /* Owns what every consumer service does with a bus the same way, on top of
  * bus.h only (so it serves both the Kafka and the in-process bus):
- * producing through a momentarily full queue, and comparing record keys. */
+ * producing through a momentarily full queue, comparing record keys, and
+ * timing the hop each consumed record just made. */
 #include "bus.h"
 #include "common.h"
+#include "metrics.h"
+
+#include <stdio.h>
 
 #include <string.h>
 
@@ -27,4 +31,22 @@ int bus_key_is(const bus_msg *m, const char *s)
 {
     size_t n = strlen(s);
     return m->key != NULL && m->key_len == n && memcmp(m->key, s, n) == 0;
+}
+
+metric *bus_age_histogram(const char *consumer)
+{
+    static const double buckets[] = { 1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100, 250, 1000, 5000 };
+    char name[128];
+    snprintf(name, sizeof(name), "parley_bus_record_age_ms{consumer=\"%s\"}", consumer);
+    return metrics_histogram(name, "Age of each record when consumed (now - its bus timestamp), "
+                             "ms: the hop from its producer's produce call to this consumer",
+                             buckets, PX_ARRAY_LEN(buckets));
+}
+
+void bus_observe_age(metric *m, const bus_msg *msgs, size_t n)
+{
+    int64_t now = px_now_ms();
+    for (size_t i = 0; i < n; i++)
+        if (msgs[i].ts_ms > 0)
+            metric_observe(m, (double)PX_MAX(0, now - msgs[i].ts_ms));
 }

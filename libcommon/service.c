@@ -123,6 +123,7 @@ static int64_t service_behind_ms(const bus_msg *msgs, int n)
 static int service_loop(service *s, const service_def *d, void *arg, bus_msg *msgs)
 {
     char err[PX_ERRLEN];
+    metric *age = bus_age_histogram(d->name);
     while (!s->stop) {
         int n = bus_consume(s->b, msgs, d->batch, d->consume_wait_ms, err, sizeof(err));
         if (n < 0) {
@@ -130,6 +131,7 @@ static int service_loop(service *s, const service_def *d, void *arg, bus_msg *ms
             return 1;
         }
         s->behind_ms = service_behind_ms(msgs, n);
+        bus_observe_age(age, msgs, (size_t)n);
         if (n > 0)
             d->process(arg, msgs, (size_t)n);
         bus_poll(s->b, 0); /* delivery reports the batch did not wait for */

@@ -137,6 +137,7 @@ static void *deliver_consume_main(void *arg)
     char err[PX_ERRLEN];
     deliver_out o = { px_calloc(g->nworkers, sizeof(mail *)),
                       px_calloc(g->nworkers, sizeof(mail *)) };
+    metric *age = bus_age_histogram("gateway");
     while (!g->stopping) {
         int n = bus_consume(g->b, msgs, DELIVER_BATCH, 100, err, sizeof(err));
         if (n < 0 && bus_failed(g->b)) {
@@ -152,6 +153,7 @@ static void *deliver_consume_main(void *arg)
             log_error("delivery consumer failed", "{s:s}", "error", err);
             continue;
         }
+        bus_observe_age(age, msgs, (size_t)n);
         for (int i = 0; i < n; i++)
             deliver_one(g, &o, &msgs[i]);
         for (size_t i = 0; i < g->nworkers; i++) {

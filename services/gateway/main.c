@@ -136,7 +136,8 @@ static int main_start(gw *g, char *err, size_t errlen)
         return px_err(err, errlen, "PARLEY_METRICS_LISTEN=%s: cannot listen there (in use?)",
                       g->cfg.metrics_listen);
     bus_conf bc = { .brokers = g->cfg.kafka_brokers, .client_id = client, .group = group,
-                    .partitions = (int)g->cfg.partitions, .dr_cb = commands_on_delivery };
+                    .partitions = (int)g->cfg.partitions, .dr_cb = commands_on_delivery,
+                    .bulk_topic = g->topic_acks };
     g->b = bus_new(&bc, err, errlen);
     if (g->b == NULL)
         return PX_ERROR;

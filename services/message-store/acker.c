@@ -72,6 +72,7 @@ static void *acker_main(void *arg)
     bus_msg *msgs = px_calloc(MSGSTORE_BATCH, sizeof(*msgs));
     px_thread_name("ms-acker");
     char err[PX_ERRLEN];
+    metric *age = bus_age_histogram("message-store-acks");
     while (!a->svc.stop) {
         int n = bus_consume(a->svc.b, msgs, MSGSTORE_BATCH, MSGSTORE_CONSUME_WAIT_MS, err,
                             sizeof(err));
@@ -82,6 +83,7 @@ static void *acker_main(void *arg)
             a->svc.failed = 1;
             break;
         }
+        bus_observe_age(age, msgs, (size_t)n);
         if (n > 0)
             batch_process(a, msgs, (size_t)n);
         ack_retry_due(a);

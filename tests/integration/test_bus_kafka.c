@@ -631,6 +631,48 @@ START_TEST(config_overrides_apply_or_fail_start)
 }
 END_TEST
 
+/* A bulk topic goes through a producer of its own that lingers
+ * PARLEY_KAFKA_BULK_LINGER_MS (here 1 s, so only a flush that covers it
+ * can report in time): bus_flush sends and reports both producers'
+ * records, each in its partition's order; a linger out of range stops
+ * bus_new naming the variable. */
+START_TEST(bulk_topic_flushed_and_reported)
+{
+    enum { N = 100, BULK_PARTS = 3 };
+    char live[128], bulk[128], err[PX_ERRLEN] = "", key[16];
+    unique_name(live, sizeof(live), "live");
+    unique_name(bulk, sizeof(bulk), "bulk");
+    bus_conf c = { .brokers = brokers(), .client_id = "it", .partitions = BULK_PARTS,
+                   .dr_cb = on_dr, .bulk_topic = bulk };
+    setenv("PARLEY_KAFKA_BULK_LINGER_MS", "5000", 1);
+    ck_assert_ptr_null(bus_new(&c, err, sizeof(err)));
+    ck_assert_msg(strstr(err, "PARLEY_KAFKA_BULK_LINGER_MS") != NULL, "%s", err);
+    setenv("PARLEY_KAFKA_BULK_LINGER_MS", "1000", 1);
+    bus *p = bus_new(&c, err, sizeof(err));
+    unsetenv("PARLEY_KAFKA_BULK_LINGER_MS");
+    ck_assert_msg(p != NULL, "bus_new: %s", err);
+    create_topic(p, live);
+    create_topic(p, bulk);
+    static dr_slot slot[2 * N];
+    memset(slot, 0, sizeof(slot));
+    dr_reset();
+    for (int i = 0; i < 2 * N; i++) {
+        snprintf(key, sizeof(key), "u%d", i % 7);
+        ck_assert_int_eq(bus_produce(p, i % 2 ? bulk : live, key, strlen(key), "v", 1, &slot[i],
+                                     err, sizeof(err)), PX_OK);
+    }
+    ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
+    int64_t next[2][BULK_PARTS] = { { 0 } };
+    for (int i = 0; i < 2 * N; i++) {
+        ck_assert_msg(slot[i].reports == 1, "record %d (%s): %d reports", i,
+                      i % 2 ? "bulk" : "live", slot[i].reports);
+        ck_assert_int_eq(slot[i].status, PX_OK);
+        ck_assert_int_eq(slot[i].offset, next[i % 2][slot[i].partition]++);
+    }
+    bus_destroy(p);
+}
+END_TEST
+
 /* The security settings are checked at start and name the variable at
  * fault; the password comes from its file and is in no error. (Under make
  * test-tls every other test here runs over SASL_SSL.) */
@@ -702,6 +744,7 @@ static Suite *bus_suite(void)
     tcase_add_test(tc, fatal_producer_error_fails_the_bus);
     tcase_add_test(tc, unreachable_broker_fails_cleanly);
     tcase_add_test(tc, config_overrides_apply_or_fail_start);
+    tcase_add_test(tc, bulk_topic_flushed_and_reported);
     tcase_add_test(tc, security_settings_checked_at_start);
     suite_add_tcase(s, tc);
     return s;
