@@ -112,6 +112,26 @@ int bus_failed(bus *b);
  * (rd_kafka_test_fatal_error); PX_DECLINED where there is no such error. */
 int bus_test_fail(bus *b);
 
+/* How far this consumer is behind in one partition assigned to it. */
+typedef struct bus_lag {
+    char topic[128];
+    int32_t partition;
+    int64_t records;   /* records past its position (or the group's committed
+                        * offset when it has read nothing yet); -1: unknown */
+} bus_lag;
+
+/* The partitions assigned to this consumer (every partition of its topics
+ * in-process), up to max of them in out, with the records each holds that
+ * it has not consumed yet, asking the brokers (up to timeout_ms per call):
+ * the count, or PX_ERROR. Not cheap (Kafka: a request per partition): for
+ * periodic checks, not per batch. */
+int bus_lags(bus *b, bus_lag *out, size_t max, int timeout_ms, char *err, size_t errlen);
+
+/* How long a consumer that died without leaving keeps its partitions
+ * (Kafka: session.timeout.ms; in-process: 0, nobody else could take them):
+ * a record of those partitions may wait this long for a reader. */
+int bus_session_ms(bus *b);
+
 /* ---- bus_util.c: on top of the calls above, for either implementation ---- */
 
 /* bus_produce that rides out a full local queue for up to wait_ms by

@@ -45,6 +45,7 @@ struct bus {
     bus_dr_cb dr_cb;
     int partitions;
     atomic_int assigned;     /* partitions of the last assignment (bus_assigned) */
+    int session_ms;          /* the consumer's session.timeout.ms */
 };
 
 static int bus_set(rd_kafka_conf_t *conf, const char *k, const char *v, char *err, size_t errlen)
@@ -356,7 +357,10 @@ static int bus_new_consumer(bus *b, const bus_conf *c, char *err, size_t errlen)
         return PX_ERROR;
     }
     rd_kafka_conf_set_rebalance_cb(conf, bus_on_rebalance);
-    char e[512];
+    char e[512], v[32];
+    size_t vlen = sizeof(v);
+    b->session_ms = rd_kafka_conf_get(conf, "session.timeout.ms", v, &vlen) == RD_KAFKA_CONF_OK
+                        ? atoi(v) : 10000;
     b->rkc = rd_kafka_new(RD_KAFKA_CONSUMER, conf, e, sizeof(e));
     if (b->rkc == NULL) {
         rd_kafka_conf_destroy(conf);
@@ -567,6 +571,48 @@ int bus_test_fail(bus *b)
 int bus_assigned(bus *b)
 {
     return atomic_load(&b->assigned);
+}
+
+int bus_session_ms(bus *b)
+{
+    return b->session_ms;
+}
+
+/* From the next offset this consumer reads in each partition (its
+ * position, else the group's committed offset, else the earliest, as
+ * auto.offset.reset says) to the partition's end as the leader says now:
+ * a cached watermark would hide records that a leader out of reach holds. */
+int bus_lags(bus *b, bus_lag *out, size_t max, int timeout_ms, char *err, size_t errlen)
+{
+    rd_kafka_topic_partition_list_t *parts = NULL, *pos = NULL;
+    if (b->rkc == NULL)
+        return px_err(err, errlen, "bus has no consumer group");
+    rd_kafka_resp_err_t e = rd_kafka_assignment(b->rkc, &parts);
+    if (e == RD_KAFKA_RESP_ERR_NO_ERROR && parts->cnt > 0) {
+        pos = rd_kafka_topic_partition_list_copy(parts);
+        e = rd_kafka_committed(b->rkc, parts, timeout_ms);
+    }
+    if (e == RD_KAFKA_RESP_ERR_NO_ERROR && pos != NULL)
+        e = rd_kafka_position(b->rkc, pos);
+    size_t n = 0;
+    for (int i = 0; e == RD_KAFKA_RESP_ERR_NO_ERROR && pos != NULL && i < parts->cnt && n < max;
+         i++) {
+        const rd_kafka_topic_partition_t *c = &parts->elems[i], *p = &pos->elems[i];
+        int64_t lo = 0, hi = 0, next = p->offset >= 0 ? p->offset : c->offset;
+        int known = rd_kafka_query_watermark_offsets(b->rkc, c->topic, c->partition, &lo, &hi,
+                                                     timeout_ms) == RD_KAFKA_RESP_ERR_NO_ERROR;
+        if (next < 0)
+            next = lo;
+        out[n] = (bus_lag){ .partition = c->partition, .records = known ? PX_MAX(0, hi - next) : -1 };
+        snprintf(out[n++].topic, sizeof(out[0].topic), "%s", c->topic);
+    }
+    if (parts != NULL)
+        rd_kafka_topic_partition_list_destroy(parts);
+    if (pos != NULL)
+        rd_kafka_topic_partition_list_destroy(pos);
+    if (e != RD_KAFKA_RESP_ERR_NO_ERROR)
+        return px_err(err, errlen, "consumer lag: %s", rd_kafka_err2str(e));
+    return (int)n;
 }
 
 /* The bulk producer's reports are served too, at most timeout_ms late:

@@ -1404,6 +1404,28 @@ int bus_assigned(bus *b)
     return n;
 }
 
+int bus_lags(bus *b, bus_lag *out, size_t max, int timeout_ms, char *err, size_t errlen)
+{
+    (void)timeout_ms, (void)err, (void)errlen;
+    size_t n = 0;
+    pthread_mutex_lock(&b->h->mu);
+    for (; n < b->npos && n < max; n++) {
+        const bus_pos *p = &b->pos[n];
+        out[n] = (bus_lag){ .partition = p->part,
+                            .records = PX_MAX(0, p->t->durable[p->part] - p->pos) };
+        snprintf(out[n].topic, sizeof(out[n].topic), "%s", p->t->name);
+    }
+    pthread_mutex_unlock(&b->h->mu);
+    return (int)n;
+}
+
+/* One member per group: nobody else could take a partition over. */
+int bus_session_ms(bus *b)
+{
+    (void)b;
+    return 0;
+}
+
 void bus_wakeup(bus *b)
 {
     pthread_mutex_lock(&b->h->mu);

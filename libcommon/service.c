@@ -108,17 +108,6 @@ static void service_log_started(const service *s, const service_def *d, void *ar
     log_info("started", "o", fields); /* takes fields */
 }
 
-/* How far behind the producers the consumer is: the age of the oldest
- * record just consumed; 0 when nothing was waiting. */
-static int64_t service_behind_ms(const bus_msg *msgs, int n)
-{
-    int64_t now = px_now_ms(), behind = 0;
-    for (int i = 0; i < n; i++)
-        if (msgs[i].ts_ms > 0)
-            behind = PX_MAX(behind, now - msgs[i].ts_ms);
-    return behind;
-}
-
 /* Returns 0 on a signal, 1 when the consumer or the bus failed fatally. */
 static int service_loop(service *s, const service_def *d, void *arg, bus_msg *msgs)
 {
@@ -130,7 +119,6 @@ static int service_loop(service *s, const service_def *d, void *arg, bus_msg *ms
             log_error("consumer failed", "{s:s}", "error", err);
             return 1;
         }
-        s->behind_ms = service_behind_ms(msgs, n);
         bus_observe_age(age, msgs, (size_t)n);
         if (n > 0)
             d->process(arg, msgs, (size_t)n);

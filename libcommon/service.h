@@ -36,7 +36,6 @@ typedef struct service {
     volatile sig_atomic_t stop;     /* a stop signal arrived, or failed */
     volatile sig_atomic_t failed;   /* the bus failed for good (bus_failed): exit 1 */
     atomic_int draining;            /* /readyz answers 503 from here on */
-    int64_t behind_ms;              /* age of the oldest record of the last consume; 0: none */
     char topic[SERVICE_TOPICS_MAX][SERVICE_TOPIC_LEN];
     const char *topics[SERVICE_TOPICS_MAX];     /* ensured at start, in service_topic order */
     const char *subscribed[SERVICE_TOPICS_MAX];

@@ -63,29 +63,66 @@ static void main_started(void *arg, json_t *fields)
     p->next_expire_ms = px_mono_ms() + p->svc.cfg.heartbeat_ms;
 }
 
+/* Whether every partition this replica owns has been read up to what a
+ * few beats ago was written to it: nothing left unread, or the last record
+ * read from it under PRESENCE_CATCHUP_BEATS old (what is unread came after
+ * it; a live gateway beating there has a beat applied at most one more
+ * beat before that, far from the 10 of the cutoff; and a beat that lands
+ * while the check asks the brokers, which takes a while on a busy box, is
+ * no lag to speak of). Each partition
+ * on its own: one partition read up to now says nothing of another that
+ * lags, such as one a rebalance just gave this replica with the backlog of
+ * a replica that died (under a connect storm, reading behind on a beat's
+ * partition wiped every live user's presence). No partition, no claim: a
+ * restarted presence waits for its partitions (up to the session timeout
+ * of its killed predecessor), and expiring then wiped every live user's
+ * presence. */
+static int main_caught_up(presence *p)
+{
+    static bus_lag lags[PRESENCE_MAX_PARTS];
+    char err[PX_ERRLEN] = "";
+    int64_t fresh = px_now_ms() - PRESENCE_CATCHUP_BEATS * p->svc.cfg.heartbeat_ms;
+    int n = bus_lags(p->svc.b, lags, PRESENCE_MAX_PARTS, PRESENCE_LAG_WAIT_MS, err, sizeof(err));
+    if (n < 0)
+        log_warn("consumer lag unknown; expiry postponed", "{s:s}", "error", err);
+    for (int i = 0; i < n; i++) {
+        int32_t part = lags[i].partition;
+        int64_t read = part >= 0 && part < PRESENCE_MAX_PARTS ? p->read_ts[part] : 0;
+        if (lags[i].records != 0 && (lags[i].records < 0 || read < fresh)) {
+            log_debug("partition behind; expiry postponed", "{s:i, s:I}", "partition", (int)part,
+                      "records", (json_int_t)lags[i].records);
+            return 0;
+        }
+    }
+    return n > 0;
+}
+
 /* Gateways silent for PRESENCE_EXPIRE_BEATS beats died without saying so:
  * forget their connections. Generous on purpose: expired records are not
  * restored by a later beat, so a live gateway whose beat came late under
  * load would leave its users "offline" (their events waiting for the next
  * sync) until they reconnect, while a dead gateway's records cost only
- * pushes nobody reads. Silent means silent in what this process has read: while it
- * is behind on its topic by a beat or more, the beats it has not applied
- * yet would make live gateways look dead (under a connect storm that wiped
- * every live user's presence), so it waits until it has caught up. Caught
- * up needs a record read: a restarted presence waits for its partitions
- * (up to the session timeout of its killed predecessor) reading nothing,
- * and expiring then wiped every live user's presence. A failure only
- * postpones this to the next period. */
+ * pushes nobody reads. Silent means silent in what presence has read, and
+ * so once this replica has caught up on each of its partitions
+ * (main_caught_up), and plus twice the bus's session timeout: a partition
+ * whose replica died waits unread that long for another to own it (the
+ * session to evict the dead one, then a rebalance, seconds more on a busy
+ * box), and its beats with it, while this replica (not owning it, so not
+ * judging it) would see its gateways silent. A failure only postpones this to the
+ * next period. */
 static void main_expire(void *arg)
 {
     presence *p = arg;
     int64_t now = px_mono_ms();
-    if (now < p->next_expire_ms || !p->caught_up || p->svc.behind_ms >= p->svc.cfg.heartbeat_ms)
+    if (now < p->next_expire_ms)
         return;
     p->next_expire_ms = now + p->svc.cfg.heartbeat_ms;
+    if (!main_caught_up(p))
+        return;
     char err[PX_ERRLEN] = "";
     int64_t removed = 0;
-    int64_t cutoff = px_now_ms() - PRESENCE_EXPIRE_BEATS * p->svc.cfg.heartbeat_ms;
+    int64_t cutoff = px_now_ms() - PRESENCE_EXPIRE_BEATS * p->svc.cfg.heartbeat_ms -
+                     2 * (int64_t)bus_session_ms(p->svc.b);
     int64_t t0 = service_clock_us();
     if (store_presence_expire(p->svc.st, cutoff, &removed, err, sizeof(err)) != PX_OK) {
         log_warn("presence expire failed", "{s:s}", "error", err);
@@ -114,8 +151,9 @@ static void main_tick(void *arg)
 static void main_process(void *arg, bus_msg *msgs, size_t n)
 {
     presence *p = arg;
-    if (p->svc.behind_ms < p->svc.cfg.heartbeat_ms)
-        p->caught_up = 1;
+    for (size_t i = 0; i < n; i++)
+        if (msgs[i].partition >= 0 && msgs[i].partition < PRESENCE_MAX_PARTS)
+            p->read_ts[msgs[i].partition] = PX_MAX(p->read_ts[msgs[i].partition], msgs[i].ts_ms);
     p->last_batch = n;
     batch_process(p, msgs, n);
 }

@@ -15,11 +15,14 @@
 #include <stdint.h>
 
 #define PRESENCE_EXPIRE_BEATS 10  /* beats of silence before a gateway is dead */
+#define PRESENCE_CATCHUP_BEATS 3  /* a partition read this recently counts as caught up */
 #define PRESENCE_GROUP "presence"
 #define PRESENCE_BATCH 512
 #define PRESENCE_CONSUME_WAIT_MS 50
 #define PRESENCE_RECORD_VERSION 1
 #define PRESENCE_SUB_MAX 1000  /* users in one SUBSCRIBE (PROTO_MAX_IDS, the gateway's cap) */
+#define PRESENCE_MAX_PARTS 1024 /* partitions of parley.presence that main.c tracks */
+#define PRESENCE_LAG_WAIT_MS 2000 /* a lag check's wait for a broker, per call */
 
 typedef struct presence presence;
 typedef struct notify notify;
@@ -45,7 +48,7 @@ struct presence {
     size_t first_durable;           /* lowest record index with a gating produce */
     size_t failed_at;               /* lowest record index whose gating produce failed */
     int64_t next_expire_ms;         /* monotonic */
-    int caught_up;                  /* read a record under a beat old since start */
+    int64_t read_ts[PRESENCE_MAX_PARTS]; /* per partition: producer time of the last record read */
     notify *nt;                     /* notify.c: presence to contacts */
     size_t last_batch;              /* records of the last consume, until the tick */
     presence_metrics m;

@@ -30,12 +30,14 @@ static void sub(client *cl, const char *id, const char *const *users, size_t n)
 }
 
 /* The next presence event about user (other events are skipped); line:
- * the caller's, for the failure message. */
+ * the caller's, for the failure message. Twice the usual wait: a dead
+ * gateway's users turn offline 10 beats (5 s here) plus twice the
+ * consumer session timeout (6 s) after its last beat. */
 #define next_presence(cl, user) next_presence_at(cl, user, __LINE__)
 static json_t *next_presence_at(client *cl, const char *user, int line)
 {
     for (;;) {
-        json_t *m = client_recv_json(cl, E2E_WAIT_MS);
+        json_t *m = client_recv_json(cl, 2 * E2E_WAIT_MS);
         ck_assert_msg(m != NULL, "line %d: no presence of %s: %s", line, user, client_errstr(cl));
         if (strcmp(e2e_str(m, "type"), "presence") == 0 && strcmp(e2e_str(m, "user"), user) == 0)
             return m;
@@ -337,7 +339,7 @@ END_TEST
 
 /* A gateway killed with a watched user on it: the user turns offline for
  * the watchers once presence expires the silent gateway (10 heartbeats,
- * 5 s here). Stack only: in parleyd the gateway's death is the whole
+ * 5 s here, plus twice the consumer session timeout, 6 s). Stack only: in parleyd the gateway's death is the whole
  * process's, watchers included. */
 START_TEST(a_dead_gateway_turns_its_users_offline)
 {

@@ -259,6 +259,71 @@ START_TEST(fresh_topic_fully_assigned)
 }
 END_TEST
 
+/* Lags of a partition list from a bus_lags answer, by partition. */
+static void lags_of(bus *c, const char *topic, int64_t *rec, int parts)
+{
+    bus_lag lags[MAX_PARTS];
+    char err[PX_ERRLEN] = "";
+    int n = bus_lags(c, lags, MAX_PARTS, 10000, err, sizeof(err));
+    ck_assert_msg(n == parts, "bus_lags: %d partitions (%s)", n, err);
+    for (int i = 0; i < n; i++) {
+        ck_assert_str_eq(lags[i].topic, topic);
+        ck_assert(lags[i].partition >= 0 && lags[i].partition < parts);
+        rec[lags[i].partition] = lags[i].records;
+    }
+}
+
+/* bus_lags tells, per partition assigned, the records not consumed yet:
+ * none on an empty topic, each partition's own count once records were
+ * produced and none read (from the earliest: nothing committed), none
+ * again once all were consumed. presence's expiry waits on it (issue 16:
+ * one partition read up to now says nothing of another that lags). */
+START_TEST(lags_per_partition)
+{
+    enum { LAG_PARTS = 2, N = 9 };
+    char topic[128], group[160], err[PX_ERRLEN], key[16];
+    unique_name(topic, sizeof(topic), "lag");
+    snprintf(group, sizeof(group), "%s.g", topic);
+    bus *c = open_bus(group, LAG_PARTS);
+    create_topic(c, topic);
+    ck_assert_int_eq(bus_lags(c, NULL, 0, 1000, err, sizeof(err)), 0); /* nothing assigned */
+    subscribe(c, topic);
+    bus_msg m[N];
+    int64_t end = px_mono_ms() + 30000;
+    while (bus_assigned(c) == 0 && px_mono_ms() < end) {
+        int n = bus_consume(c, m, N, 200, err, sizeof(err));
+        ck_assert_msg(n >= 0, "consume: %s", err);
+        bus_release(c, m, (size_t)n);
+    }
+    int64_t rec[LAG_PARTS], want[LAG_PARTS] = { 0 };
+    lags_of(c, topic, rec, LAG_PARTS);
+    ck_assert(rec[0] == 0 && rec[1] == 0);
+    for (int i = 0; i < N; i++) {
+        snprintf(key, sizeof(key), "k%d", i);
+        want[java_partition(key, LAG_PARTS)]++;
+        ck_assert_int_eq(bus_produce(c, topic, key, strlen(key), "v", 1, NULL, err, sizeof(err)),
+                         PX_OK);
+    }
+    ck_assert_int_eq(bus_flush(c, 10000), PX_OK);
+    ck_assert_msg(want[0] > 0 && want[1] > 0, "keys on one partition only");
+    lags_of(c, topic, rec, LAG_PARTS);
+    ck_assert_int_eq(rec[0], want[0]);
+    ck_assert_int_eq(rec[1], want[1]);
+    int got = 0;
+    end = px_mono_ms() + 30000;
+    while (got < N && px_mono_ms() < end) {
+        int n = bus_consume(c, m, N, 200, err, sizeof(err));
+        ck_assert_msg(n >= 0, "consume: %s", err);
+        got += n;
+        bus_release(c, m, (size_t)n);
+    }
+    ck_assert_int_eq(got, N);
+    lags_of(c, topic, rec, LAG_PARTS);
+    ck_assert(rec[0] == 0 && rec[1] == 0);
+    bus_destroy(c);
+}
+END_TEST
+
 /* (b) One report per record, with the record's own opaque, PX_OK, on the
  * partition its key maps to, at the next offset of that partition. The
  * topic has 5 partitions (the broker's auto-create default is 8), so the
@@ -736,6 +801,7 @@ static Suite *bus_suite(void)
     tcase_set_timeout(tc, 90);
     tcase_add_test(tc, same_key_one_partition_in_order);
     tcase_add_test(tc, fresh_topic_fully_assigned);
+    tcase_add_test(tc, lags_per_partition);
     tcase_add_test(tc, delivery_reports_carry_opaque_partition_and_offset);
     tcase_add_test(tc, uncommitted_records_come_again_after_a_crash);
     tcase_add_test(tc, clean_restart_resumes_after_last_commit);
