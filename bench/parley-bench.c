@@ -40,7 +40,12 @@
  *         `delivered` and `read` receipts against the messages received,
  *         the longest a message waited past the fault (deliveries resumed)
  *         and p99 inside the window (fault start to its end + --window s)
- *         and outside it.
+ *         and outside it. With --groups G, also G groups of 4 (two pairs:
+ *         two receivers, two senders, so over both gateways), whose two
+ *         senders send --group-rate group messages/s between them, resent
+ *         as 1:1 sends are; each copy (every member but the sender) is
+ *         counted as 1:1 messages are: copies of sends answered `sent`
+ *         and never received are lost, copies received again duplicates.
  *
  * --proto xmpp runs rate, latency, max and idle against an XMPP server
  * over WebSocket instead (RFC 7395; bench/run.sh's peer, ejabberd): each
@@ -92,6 +97,7 @@
 #define BENCH_RESEND_NS    5000000000LL /* chaos: an unanswered send is resent after this */
 #define BENCH_BACKOFF_MS   100        /* chaos: first reconnect delay, doubled per failure */
 #define BENCH_BACKOFF_MAX_MS 2000
+#define BENCH_GROUP_MEMBERS 4         /* chaos: a group is two pairs (receivers, senders) */
 
 /* ---- latency histogram -------------------------------------------------- */
 
@@ -205,7 +211,8 @@ typedef struct bench_opts {
     int chaos;         /* chaos: reconnect, resend, read, fault window */
     int window_s;      /* chaos: the fault window lasts this long past the fault's end */
     int quick;         /* chaos: wait for the messages only, not for receipts; no resync */
-    double rate, max_p99_ms;
+    int groups;        /* chaos: groups of BENCH_GROUP_MEMBERS (two pairs) */
+    double rate, max_p99_ms, group_rate;
     const char *secret;
     pid_t gw_pids[2];
     int ngw_pids;
@@ -247,6 +254,11 @@ typedef struct bench_stats {
     uint64_t rcpt_resync;    /* receipts that came only with a final reconnect of every sender */
     int64_t stall;           /* longest a message waited past the fault (ns) */
     bench_hist lat_in, lat_out; /* send -> receive inside / outside the fault window */
+    /* chaos --groups: group sends (distinct), answered; copies (one per
+     * member but the sender) received, received again, lost; as above */
+    uint64_t gsends, ganswered, gcopies, gdups, glost;
+    int64_t gstall;
+    bench_hist glat_in, glat_out;
 } bench_stats;
 
 /* chaos: what each sequence number went through, and msg_id -> seq for
@@ -265,6 +277,14 @@ typedef struct bench_chaos {
     bench_chaos_id *ids;
     size_t idmask;
     int64_t t_fault, t_fault_end, last_scan;
+    /* --groups: this process's groups (group g: pairs 2g and 2g+1); group
+     * seq s goes to group s % ng from its sender (s / ng) % 2 */
+    uint32_t ng, ng_joined;
+    uint64_t gtotal;
+    char (*gid)[96];
+    uint8_t *gjoined;         /* per group: bit m once member m's join was answered */
+    int64_t *gt_first, *gt_try;
+    uint8_t *ganswered, *gseen; /* bits per group seq; per (group seq, member) */
 } bench_chaos;
 
 typedef struct bench_proc {
@@ -606,9 +626,23 @@ static bench_chaos_id *bench_chaos_slot(bench_chaos *ch, const char *id)
     return &ch->ids[i];
 }
 
-static void bench_chaos_init(bench_proc *p, uint64_t total, uint32_t np, char (*names)[96])
+static void bench_chaos_groups_init(bench_chaos *ch, uint32_t ng, uint64_t gtotal)
+{
+    ch->ng = ng;
+    ch->gtotal = ng > 0 ? gtotal : 0;
+    ch->gid = px_calloc(ng + 1, sizeof(*ch->gid));
+    ch->gjoined = px_calloc(ng + 1, 1);
+    ch->gt_first = px_calloc(ch->gtotal + 1, sizeof(*ch->gt_first));
+    ch->gt_try = px_calloc(ch->gtotal + 1, sizeof(*ch->gt_try));
+    ch->ganswered = px_calloc(ch->gtotal / 8 + 1, 1);
+    ch->gseen = px_calloc(ch->gtotal * BENCH_GROUP_MEMBERS / 8 + 1, 1);
+}
+
+static void bench_chaos_init(bench_proc *p, uint64_t total, uint32_t np, char (*names)[96],
+                             uint32_t ng, uint64_t gtotal)
 {
     bench_chaos *ch = px_calloc(1, sizeof(*ch));
+    bench_chaos_groups_init(ch, ng, gtotal);
     ch->total = total;
     ch->np = np;
     ch->names = names;
@@ -657,6 +691,17 @@ static void bench_chaos_resend(bench_proc *p, uint32_t i, int stale_only)
         p->st.resends++;
         bench_send_cmd(p, s, "to", ch->names[i], seq, ch->t_first[seq]);
     }
+    /* Group seqs s with s % ng == i / 2 and (s / ng) % 2 == i % 2 are this sender's. */
+    for (uint64_t seq = i / 2 + (uint64_t)ch->ng * (i % 2);
+         i < 2 * ch->ng && seq < PX_MIN(p->st.gsends, ch->gtotal) && s->state == BC_OPEN;
+         seq += 2 * (uint64_t)ch->ng) {
+        if (bench_bit(ch->ganswered, seq) ||
+            (stale_only && now - ch->gt_try[seq] < BENCH_RESEND_NS))
+            continue;
+        ch->gt_try[seq] = now;
+        p->st.resends++;
+        bench_send_cmd(p, s, "group", ch->gid[i / 2], seq, ch->gt_first[seq]);
+    }
 }
 
 static void bench_chaos_synced(bench_proc *p, bench_conn *c)
@@ -696,11 +741,15 @@ static void bench_chaos_tick(bench_proc *p)
 
 static void bench_chaos_sent(bench_proc *p, const char *ref)
 {
-    if (ref == NULL || ref[0] != 'm')
+    bench_chaos *ch = p->chaos;
+    if (ref == NULL || (ref[0] != 'm' && ref[0] != 'g'))
         return;
     uint64_t seq = strtoull(ref + 1, NULL, 10);
-    if (seq < PX_MIN(p->st.sends, p->chaos->total) && !bench_bit_set(p->chaos->answered, seq))
+    if (ref[0] == 'm' && seq < PX_MIN(p->st.sends, ch->total) && !bench_bit_set(ch->answered, seq))
         p->st.answered++;
+    if (ref[0] == 'g' && seq < PX_MIN(p->st.gsends, ch->gtotal) &&
+        !bench_bit_set(ch->ganswered, seq))
+        p->st.ganswered++;
 }
 
 static void bench_chaos_receipt(bench_proc *p, const char *msg_id, const char *status)
@@ -717,24 +766,33 @@ static void bench_chaos_receipt(bench_proc *p, const char *msg_id, const char *s
         p->st.rcpt[k]++;
 }
 
-/* A first receive of a message sent at t: inside the fault window if it
- * arrived after the fault started and was sent before the window closed. */
-static void bench_chaos_received(bench_proc *p, int64_t now, int64_t t)
+/* A first receive of a message (or group copy) sent at t: inside the
+ * fault window if it arrived after the fault started and was sent before
+ * the window closed. */
+static void bench_chaos_timed(bench_proc *p, int64_t now, int64_t t, bench_hist *in_h,
+                              bench_hist *out_h, int64_t *stall)
 {
     bench_chaos *ch = p->chaos;
     int in = ch->t_fault != 0 && now > ch->t_fault &&
              (ch->t_fault_end == 0 || t < ch->t_fault_end + (int64_t)p->o->window_s * 1000000000LL);
-    bench_hist_add(in ? &p->st.lat_in : &p->st.lat_out, now - t);
+    bench_hist_add(in ? in_h : out_h, now - t);
     if (in)
-        p->st.stall = PX_MAX(p->st.stall, now - PX_MAX(t, ch->t_fault));
+        *stall = PX_MAX(*stall, now - PX_MAX(t, ch->t_fault));
 }
 
-/* Every send answered and received, and (unless --quick) both receipts of
- * every message. */
+static void bench_chaos_received(bench_proc *p, int64_t now, int64_t t)
+{
+    bench_chaos_timed(p, now, t, &p->st.lat_in, &p->st.lat_out, &p->st.stall);
+}
+
+/* Every send answered and received, every group send answered and its
+ * copies received, and (unless --quick) both receipts of every message. */
 static int bench_chaos_done(const bench_proc *p)
 {
     const bench_stats *st = &p->st;
     return st->answered == st->sends && st->received == st->sends &&
+           st->ganswered == st->gsends &&
+           st->gcopies == (BENCH_GROUP_MEMBERS - 1) * st->gsends &&
            (p->o->quick || (st->rcpt[0] == st->received && st->rcpt[1] == st->received));
 }
 
@@ -766,6 +824,17 @@ static void bench_chaos_finish(bench_proc *p)
         p->st.lost += a && !r;
         p->st.unanswered_received += !a && r;
     }
+    for (uint64_t seq = 0; seq < PX_MIN(p->st.gsends, ch->gtotal); seq++) {
+        uint32_t sender = 2 + (uint32_t)(seq / ch->ng % 2);
+        for (uint32_t m = 0; m < BENCH_GROUP_MEMBERS && bench_bit(ch->ganswered, seq); m++)
+            p->st.glost += m != sender && !bench_bit(ch->gseen, seq * BENCH_GROUP_MEMBERS + m);
+    }
+    free(ch->gid);
+    free(ch->gjoined);
+    free(ch->gt_first);
+    free(ch->gt_try);
+    free(ch->ganswered);
+    free(ch->gseen);
     free(ch->t_first);
     free(ch->t_try);
     free(ch->answered);
@@ -774,6 +843,146 @@ static void bench_chaos_finish(bench_proc *p)
     free(ch->ids);
     free(ch);
     p->chaos = NULL;
+}
+
+/* ---- chaos --groups: members over both gateways ------------------------------ */
+
+/* Group g is pairs 2g and 2g+1: members 0 and 1 their receivers (on
+ * --url), 2 and 3 their senders (on --url2), who send its messages. */
+static bench_conn *bench_group_member(bench_proc *p, uint32_t g, uint32_t m)
+{
+    uint32_t pair = 2 * g + m % 2;
+    return &p->c[m < 2 ? pair : p->chaos->np + pair];
+}
+
+/* The member c is of group *g, or -1 when it is in none. */
+static int bench_group_of(const bench_proc *p, const bench_conn *c, uint32_t *g)
+{
+    uint32_t i = (uint32_t)(c - p->c), np = p->chaos->np, pair = i < np ? i : i - np;
+    if (pair >= 2 * p->chaos->ng)
+        return -1;
+    *g = pair / 2;
+    return (int)((i < np ? 0 : 2) + pair % 2);
+}
+
+/* Command ids: c<g> for a create, j<g> for a join. */
+static void bench_group_cmd(bench_proc *p, bench_conn *c, const char *type, char letter,
+                            uint32_t g, const char *rest)
+{
+    char cmd[1024];
+    int n = snprintf(cmd, sizeof(cmd), "{\"type\":\"%s\",\"id\":\"%c%u\",%s}", type, letter,
+                     g, rest);
+    if (n > 0 && (size_t)n < sizeof(cmd))
+        bench_conn_text(p, c, cmd, (size_t)n);
+}
+
+/* Joins of group g's members (all but the creator, member 2) not answered yet. */
+static void bench_chaos_group_joins(bench_proc *p, uint32_t g)
+{
+    char rest[160];
+    snprintf(rest, sizeof(rest), "\"group\":\"%s\"", p->chaos->gid[g]);
+    for (uint32_t m = 0; m < BENCH_GROUP_MEMBERS; m++)
+        if (m != 2 && !(p->chaos->gjoined[g] >> m & 1))
+            bench_group_cmd(p, bench_group_member(p, g, m), "group_join", 'j', g, rest);
+}
+
+/* Member 2 creates each group, inviting the other three, who join once
+ * its id is known (bench_chaos_group_answer); what is not answered (a
+ * connection lost meanwhile, a slow system) is asked again every 3 s (a
+ * join is idempotent; a second create makes a group nobody uses). Returns
+ * once every join was answered (membership is durable then), or at the
+ * deadline. */
+static int bench_chaos_groups_setup(bench_proc *p, int64_t deadline)
+{
+    bench_chaos *ch = p->chaos;
+    for (int64_t next = 0; ch->ng_joined < (BENCH_GROUP_MEMBERS - 1) * ch->ng &&
+                           bench_now() < deadline;) {
+        if (bench_now() >= next) {
+            next = bench_now() + 3000000000LL;
+            for (uint32_t g = 0; g < ch->ng; g++) {
+                char names[3][96], rest[512];
+                if (ch->gid[g][0] != '\0') {
+                    bench_chaos_group_joins(p, g);
+                    continue;
+                }
+                for (uint32_t m = 0, k = 0; m < BENCH_GROUP_MEMBERS; m++)
+                    if (m != 2)
+                        bench_user_name(p, bench_group_member(p, g, m), names[k++],
+                                        sizeof(names[0]));
+                snprintf(rest, sizeof(rest),
+                         "\"name\":\"chaos\",\"members\":[\"%s\",\"%s\",\"%s\"]", names[0],
+                         names[1], names[2]);
+                bench_group_cmd(p, bench_group_member(p, g, 2), "group_create", 'c', g, rest);
+            }
+        }
+        bench_proc_step(p, 10);
+    }
+    if (ch->ng_joined == (BENCH_GROUP_MEMBERS - 1) * ch->ng)
+        return PX_OK;
+    fprintf(stderr, "parley-bench[%d]: groups: %u of %u joins answered\n", (int)getpid(),
+            ch->ng_joined, (BENCH_GROUP_MEMBERS - 1) * ch->ng);
+    return PX_ERROR;
+}
+
+/* The `group` answer to a create ("c<g>": the id, then the joins) or to a
+ * join ("j<g>") by c. */
+static void bench_chaos_group_answer(bench_proc *p, const bench_conn *c, json_t *j)
+{
+    bench_chaos *ch = p->chaos;
+    const char *ref = json_string_value(json_object_get(j, "ref"));
+    const char *id = json_string_value(json_object_get(json_object_get(j, "group"), "id"));
+    if (ref == NULL || id == NULL || (ref[0] != 'c' && ref[0] != 'j'))
+        return;
+    uint32_t g = (uint32_t)strtoul(ref + 1, NULL, 10);
+    if (g >= ch->ng)
+        return;
+    uint32_t cg;
+    int m = bench_group_of(p, c, &cg);
+    if (ref[0] == 'j' && m >= 0 && cg == g && strcmp(id, ch->gid[g]) == 0 &&
+        !(ch->gjoined[g] >> m & 1)) {
+        ch->gjoined[g] |= (uint8_t)(1u << m);
+        ch->ng_joined++;
+    }
+    if (ref[0] != 'c' || ch->gid[g][0] != '\0')
+        return;
+    snprintf(ch->gid[g], sizeof(ch->gid[g]), "%s", id);
+    bench_chaos_group_joins(p, g);
+}
+
+/* A group copy: body "<group seq> <send ns> ...", one bit per (seq, member). */
+static void bench_chaos_group_message(bench_proc *p, bench_conn *c, const char *body)
+{
+    bench_chaos *ch = p->chaos;
+    uint32_t g;
+    int m = bench_group_of(p, c, &g);
+    char *end;
+    uint64_t seq = strtoull(body, &end, 10);
+    int64_t t = strtoll(end, NULL, 10), now = bench_now();
+    if (m < 0 || seq >= ch->gtotal)
+        return;
+    if (bench_bit_set(ch->gseen, seq * BENCH_GROUP_MEMBERS + (uint64_t)m)) {
+        p->st.gdups++;
+        return;
+    }
+    p->st.gcopies++;
+    bench_chaos_timed(p, now, t, &p->st.glat_in, &p->st.glat_out, &p->st.gstall);
+}
+
+/* Sends the group messages due by now: seq s to group s % ng from its
+ * sender (s / ng) % 2. */
+static void bench_chaos_group_pump(bench_proc *p, double rate, int64_t t0)
+{
+    bench_chaos *ch = p->chaos;
+    double due_f = (double)(bench_now() - t0) * rate / 1e9;
+    uint64_t due = PX_MIN((uint64_t)due_f, ch->gtotal);
+    while (p->st.gsends < due) {
+        uint64_t seq = p->st.gsends++;
+        uint32_t g = (uint32_t)(seq % ch->ng);
+        int64_t t = bench_now();
+        ch->gt_first[seq] = ch->gt_try[seq] = t;
+        bench_send_cmd(p, bench_group_member(p, g, 2 + (uint32_t)(seq / ch->ng % 2)), "group",
+                       ch->gid[g], seq, t);
+    }
 }
 
 /* ---- receiving ------------------------------------------------------------- */
@@ -843,7 +1052,11 @@ static void bench_on_text(bench_proc *p, bench_conn *c, const char *s, size_t le
     const char *type = json_string_value(json_object_get(j, "type"));
     if (type == NULL)
         ;
-    else if (strcmp(type, "message") == 0)
+    else if (strcmp(type, "message") == 0 && p->chaos != NULL && json_object_get(j, "group")) {
+        bench_chaos_group_message(p, c, json_string_value(json_object_get(j, "body")) ?: "");
+        if (!c->no_ack && json_is_string(json_object_get(j, "id")))
+            bench_ack_add(p, c, json_string_value(json_object_get(j, "id")));
+    } else if (strcmp(type, "message") == 0)
         bench_on_message(p, c, json_string_value(json_object_get(j, "id")),
                          json_string_value(json_object_get(j, "body")) ?: "");
     else if (strcmp(type, "receipt") == 0 && !c->no_ack && json_is_string(json_object_get(j, "id"))) {
@@ -862,7 +1075,16 @@ static void bench_on_text(bench_proc *p, bench_conn *c, const char *s, size_t le
         bench_on_synced(p, c);
     else if (strcmp(type, "error") == 0)
         bench_on_error(p, c, j);
-    else if (strcmp(type, "group") == 0) {
+    else if (strcmp(type, "group") == 0 && p->chaos != NULL) {
+        bench_chaos_group_answer(p, c, j);
+    } else if (strcmp(type, "group_event") == 0 && p->chaos != NULL) {
+        /* acked alone: a receiver's ack batch is a `read` of message ids */
+        char ack[160];
+        int n = snprintf(ack, sizeof(ack), "{\"type\":\"ack\",\"ids\":[\"%s\"]}",
+                         json_string_value(json_object_get(j, "id")) ?: "");
+        if (n > 0 && (size_t)n < sizeof(ack) && json_is_string(json_object_get(j, "id")))
+            bench_conn_text(p, c, ack, (size_t)n);
+    } else if (strcmp(type, "group") == 0) {
         snprintf(p->group, sizeof(p->group), "%s",
                  json_string_value(json_object_get(json_object_get(j, "group"), "id")) ?: "");
         p->joined += c != &p->c[0]; /* the others' answers are to their joins */
@@ -1166,8 +1388,9 @@ static void bench_parley_message(bench_proc *p, bench_conn *c, const char *field
                                  uint64_t seq, const char *body)
 {
     char cmd[4400];
-    int len = snprintf(cmd, sizeof(cmd), "{\"type\":\"send\",\"id\":\"m%" PRIu64 "\",\"%s\":\"%s\","
-                       "\"body\":\"%s\"}", seq, field, to, body);
+    /* ids m<seq> (1:1) and g<seq> (group): chaos tells their `sent` apart */
+    int len = snprintf(cmd, sizeof(cmd), "{\"type\":\"send\",\"id\":\"%c%" PRIu64 "\",\"%s\":\"%s\","
+                       "\"body\":\"%s\"}", field[0] == 'g' ? 'g' : 'm', seq, field, to, body);
     bench_conn_text(p, c, cmd, (size_t)PX_MIN(len, (int)sizeof(cmd) - 1));
 }
 
@@ -1368,6 +1591,14 @@ static void bench_stats_merge(bench_stats *to, const bench_stats *s)
     to->stall = PX_MAX(to->stall, s->stall);
     bench_hist_merge(&to->lat_in, &s->lat_in);
     bench_hist_merge(&to->lat_out, &s->lat_out);
+    to->gsends += s->gsends;
+    to->ganswered += s->ganswered;
+    to->gcopies += s->gcopies;
+    to->gdups += s->gdups;
+    to->glost += s->glost;
+    to->gstall = PX_MAX(to->gstall, s->gstall);
+    bench_hist_merge(&to->glat_in, &s->glat_in);
+    bench_hist_merge(&to->glat_out, &s->glat_out);
 }
 
 typedef void (*bench_child_fn)(bench_proc *p, int k, int out_fd);
@@ -1563,6 +1794,11 @@ static uint32_t bench_rate_npairs(const bench_opts *o, int k)
     return (uint32_t)(o->pairs / o->procs + (k < o->pairs % o->procs));
 }
 
+static uint32_t bench_chaos_ngroups(const bench_opts *o, int k)
+{
+    return (uint32_t)(o->groups / o->procs + (k < o->groups % o->procs));
+}
+
 static uint32_t bench_rate_share(const bench_opts *o, int k)
 {
     return 2 * bench_rate_npairs(o, k);
@@ -1596,11 +1832,15 @@ static void bench_rate_child(bench_proc *p, int k, int out_fd)
     p->st.conns = p->n;
     double rate = o->rate / o->procs;
     uint64_t total = (uint64_t)(rate * o->duration_s);
+    double grate = o->group_rate / o->procs;
     if (o->chaos) /* before connecting: a connection that fails then is retried too */
-        bench_chaos_init(p, total, np, names);
+        bench_chaos_init(p, total, np, names, bench_chaos_ngroups(o, k),
+                         (uint64_t)(grate * o->duration_s));
     int64_t deadline = bench_now() + (int64_t)o->connect_timeout_s * 1000000000LL;
     bench_proc_connect(p, 0, np, deadline);      /* receivers first: nothing waits in inboxes */
     bench_proc_connect(p, np, 2 * np, deadline);
+    if (p->chaos != NULL && p->chaos->ng > 0) /* a group that failed shows as lost copies */
+        bench_chaos_groups_setup(p, bench_now() + (int64_t)o->connect_timeout_s * 1000000000LL);
     for (uint32_t i = 0; i < np; i++)
         o->proto->address(p, &p->c[i], names[i], sizeof(names[i]));
     p->st.t_ready = bench_now();
@@ -1612,6 +1852,8 @@ static void bench_rate_child(bench_proc *p, int k, int out_fd)
     int64_t t0 = p->st.t_go = bench_now(), end = t0 + (int64_t)o->duration_s * 1000000000LL;
     while (bench_now() < end && p->cmd != 'Q') {
         bench_rate_pump(p, np, rate, total, t0, names);
+        if (p->chaos != NULL && p->chaos->ng > 0)
+            bench_chaos_group_pump(p, grate, t0);
         bench_proc_step(p, 1);
     }
     p->st.t_send_end = bench_now();
@@ -1698,7 +1940,8 @@ static json_t *bench_rate_json(const bench_opts *o, const bench_stats *ready, co
 }
 
 /* chaos: the rate report plus what the faults cost; fails if a message
- * answered `sent` never arrived or a send was never answered (connections
+ * answered `sent` (or a copy of a group message answered `sent`) never
+ * arrived or a send was never answered (connections
  * that failed to connect were retried, so they do not fail it). */
 static int bench_chaos_report(const bench_opts *o, json_t *j, const bench_stats *st)
 {
@@ -1716,17 +1959,33 @@ static int bench_chaos_report(const bench_opts *o, json_t *j, const bench_stats 
         "reconnect_to_synced_ms", bench_hist_json(&st->conn_lat),
         "latency_in_ms", bench_hist_json(&st->lat_in), "latency_out_ms",
         bench_hist_json(&st->lat_out), "window_s", o->window_s));
-    char human[512];
+    json_object_set_new(json_object_get(j, "chaos"), "groups", json_pack(
+        "{s:i, s:f, s:I, s:I, s:I, s:I, s:I, s:I, s:o, s:o, s:o}", "groups", o->groups,
+        "rate", o->groups > 0 ? o->group_rate : 0.0, "sends", (json_int_t)st->gsends,
+        "answered", (json_int_t)st->ganswered,
+        "copies_expected", (json_int_t)((BENCH_GROUP_MEMBERS - 1) * st->ganswered),
+        "copies_received", (json_int_t)st->gcopies, "lost", (json_int_t)st->glost,
+        "duplicates", (json_int_t)st->gdups,
+        "resume_ms", st->glat_in.count ? json_real(bench_ms((uint64_t)st->gstall)) : json_null(),
+        "latency_in_ms", bench_hist_json(&st->glat_in), "latency_out_ms",
+        bench_hist_json(&st->glat_out)));
+    char human[768];
     snprintf(human, sizeof(human),
              "chaos %.0f/s x %d s, %d pairs: %" PRIu64 " sends, %" PRIu64 " answered, %" PRIu64
              " received, %" PRIu64 " lost, %" PRIu64 " dup, receipts %" PRIu64 "/%" PRIu64
              ", %" PRIu64 " reconnects, %" PRIu64 " resends, resumed %.2f s, p99 in %.0f ms"
-             " out %.0f ms", o->rate, o->duration_s, o->pairs, st->sends, st->answered,
+             " out %.0f ms; %d groups: %" PRIu64 " sends, %" PRIu64 " answered, %" PRIu64 " of %"
+             PRIu64 " copies, %" PRIu64 " lost, %" PRIu64 " dup, resumed %.2f s", o->rate,
+             o->duration_s, o->pairs, st->sends, st->answered,
              st->received, st->lost, st->dups, st->rcpt[0] + st->rcpt[1], 2 * st->received,
              st->reconnects, st->resends, bench_ms((uint64_t)st->stall) / 1e3,
-             bench_ms(bench_hist_q(&st->lat_in, .99)), bench_ms(bench_hist_q(&st->lat_out, .99)));
+             bench_ms(bench_hist_q(&st->lat_in, .99)), bench_ms(bench_hist_q(&st->lat_out, .99)),
+             o->groups, st->gsends, st->ganswered, st->gcopies,
+             (BENCH_GROUP_MEMBERS - 1) * st->ganswered, st->glost, st->gdups,
+             bench_ms((uint64_t)st->gstall) / 1e3);
     bench_emit(j, human);
-    return st->lost == 0 && st->answered == st->sends ? PX_OK : PX_ERROR;
+    return st->lost == 0 && st->answered == st->sends && st->glost == 0 &&
+                   st->ganswered == st->gsends ? PX_OK : PX_ERROR;
 }
 
 /* rate --idle N: N more connections (users of role i, alternating over
@@ -2109,6 +2368,7 @@ static void bench_usage(void)
             "                          run and held through it, on P processes of their own\n"
             "  --window S (10)         chaos: the fault window lasts S past the fault's end\n"
             "  --quick                 chaos: wait for the messages only (receipts counted as they come)\n"
+            "  --groups G (0)  --group-rate R (10): chaos: G groups of 4 (two pairs), R group msgs/s\n"
             "  --proto parley|xmpp     xmpp: rate, latency, max, idle against an XMPP server's\n"
             "                          WebSocket (/ws), SASL ANONYMOUS; --domain D (localhost)\n");
 }
@@ -2137,14 +2397,16 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         { "src-base", 1, 0, 'B' }, { "connect-timeout", 1, 0, 'T' },
         { "upgrade-only", 0, 0, 'O' }, { "max-p99", 1, 0, 'X' }, { "steps", 1, 0, 'N' },
         { "members", 1, 0, 'M' }, { "msgs", 1, 0, 'K' }, { "devices", 1, 0, 'D' },
-        { "idle", 1, 0, 'I' }, { "idle-procs", 1, 0, 'J' }, { "window", 1, 0, 'W' }, { "quick", 0, 0, 'Q' }, { "proto", 1, 0, 'x' }, { "domain", 1, 0, 'o' },
+        { "idle", 1, 0, 'I' }, { "idle-procs", 1, 0, 'J' }, { "window", 1, 0, 'W' }, { "quick", 0, 0, 'Q' },
+        { "groups", 1, 0, 'y' }, { "group-rate", 1, 0, 'Y' }, { "proto", 1, 0, 'x' }, { "domain", 1, 0, 'o' },
         { 0, 0, 0, 0 }
     };
     *o = (bench_opts){ .conns = 10000, .procs = 2, .pairs = 100, .duration_s = 20, .grace_s = 10,
                        .hold_s = 5, .settle_s = 3, .connect_timeout_s = 120, .inflight = 200,
                        .body_bytes = 100, .pending = 10000, .src_base = 10, .rate = 1000,
                        .max_p99_ms = 100, .steps = 3, .members = 256, .msgs = 30, .devices = 1,
-                       .window_s = 10, .idle_procs = 2, .proto = &bench_parley, .domain = "localhost",
+                       .window_s = 10, .idle_procs = 2, .group_rate = 10, .proto = &bench_parley,
+                       .domain = "localhost",
                        .secret = getenv("PARLEY_JWT_SECRET") };
     const char *url = "ws://127.0.0.1:8080", *url2 = NULL;
     int ch, rate_set = 0;
@@ -2177,6 +2439,8 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         case 'I': o->idle = atoi(optarg); break;
         case 'J': o->idle_procs = atoi(optarg); break;
         case 'Q': o->quick = 1; break;
+        case 'y': o->groups = atoi(optarg); break;
+        case 'Y': o->group_rate = atof(optarg); break;
         case 'x':
             if (strcmp(optarg, "xmpp") != 0 && strcmp(optarg, "parley") != 0)
                 return PX_ERROR;
@@ -2202,6 +2466,10 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         return PX_ERROR;
     if (o->members < 2 || o->devices < 1 || o->devices > 16 ||
         (long)o->members * o->devices > BENCH_PER_PROC_MAX || o->msgs < 1 || o->steps < 0)
+        return PX_ERROR;
+    /* chaos: each process's groups are two of its pairs each */
+    if (o->groups < 0 || o->group_rate <= 0 || (o->groups > 0 && !o->chaos) ||
+        (o->procs >= 1 && 2 * ((o->groups + o->procs - 1) / o->procs) > o->pairs / o->procs))
         return PX_ERROR;
     if (o->procs < 1 || o->procs > BENCH_MAX_PROCS || o->inflight < 1 || o->rate <= 0 ||
         o->pairs < o->procs || o->src_base < 1 || o->src_base + o->procs > 254)

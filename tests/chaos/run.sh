@@ -4,14 +4,18 @@
 # group-fanout (one consumer group each) against one stack, then for each
 # FAULT in turn runs `parley-bench chaos` (pairs crossing the gateways,
 # clients that reconnect with backoff and resend unanswered sends with the
-# same id, receivers that read every message) and injects the fault
+# same id, receivers that read every message; groups of four members over
+# both gateways) and injects the fault
 # CHAOS_FAULT_AT seconds into its sends. One line per fault: messages
 # answered `sent`, delivered, lost (answered, never delivered: must be 0,
 # else the run fails), duplicates on the wire, receipts (delivered + read)
 # received live of expected, and how many more came when every sender
 # connected once more at the end (pending, not lost), the longest a message
 # waited past the fault, p99
-# inside and outside the fault window, the load average. Every fault leaves
+# inside and outside the fault window; then the same for group messages'
+# copies (one per member but the sender): group sends answered `sent`,
+# copies delivered of expected, lost (must be 0 too), duplicates, the
+# longest a copy waited past the fault; the load average. Every fault leaves
 # the system as it found it (what it killed is restarted and ready) before
 # the next starts, so one stack serves the whole matrix.
 #
@@ -36,7 +40,8 @@
 #                          PostgreSQL) stopped and started again
 #
 # Environment (defaults): CHAOS_PAIRS (150: 300 clients), CHAOS_RATE (100
-#   msg/s), CHAOS_DURATION (30 s of sends), CHAOS_FAULT_AT (8 s),
+#   msg/s), CHAOS_GROUPS (20 groups of 4: two pairs each), CHAOS_GROUP_RATE
+#   (10 group msgs/s: 30 copies/s), CHAOS_DURATION (30 s of sends), CHAOS_FAULT_AT (8 s),
 #   CHAOS_WINDOW (10 s: the window ends that long after the fault's end),
 #   CHAOS_GRACE (40 s), CHAOS_RESTART_AFTER (12 s), CHAOS_GW_RESTART_AFTER
 #   (3 s), CHAOS_KAFKA_PORT (29700; nodes +0, +10, +20, controllers +1),
@@ -63,6 +68,8 @@ faults=("$@")
 services=(presence message-store group-fanout receipt)
 pairs=${CHAOS_PAIRS:-150}
 rate=${CHAOS_RATE:-100}
+groups=${CHAOS_GROUPS:-20}
+group_rate=${CHAOS_GROUP_RATE:-10}
 duration=${CHAOS_DURATION:-30}
 fault_at=${CHAOS_FAULT_AT:-8}
 window=${CHAOS_WINDOW:-10}
@@ -78,8 +85,16 @@ die() { say "$*"; exit 1; }
 declare -A pid # "service/replica" or "gateway/1" -> pid
 own_stack=0
 cleanup() {
-  local p
+  local p i alive
   for p in "${pid[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  # A service whose store stopped answering may not finish its stop: 30 s.
+  for ((i = 0; i < 300; i++)); do
+    alive=0
+    for p in "${pid[@]}"; do ! kill -0 "$p" 2>/dev/null || alive=1; done
+    [ "$alive" = 1 ] || break
+    sleep 0.1
+  done
+  for p in "${pid[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
   for p in "${pid[@]}"; do wait "$p" 2>/dev/null || true; done
   [ "$own_stack" != 1 ] || bash deploy/local/stack.sh destroy >/dev/null 2>&1 || true
   if [ "${CHAOS_KEEP:-0}" = 1 ]; then say "logs kept in $work"; else rm -rf "$work"; fi
@@ -230,8 +245,10 @@ start gateway 2
 for r in 1 2; do for svc in "${services[@]}" gateway; do ready "$svc" "$r"; done; done
 say "services ready; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
-printf "${CHAOS_PREFIX:-}%-22s %7s %7s %9s %5s %5s %15s %6s %9s %9s %9s %s\n" fault sends sent delivered lost dups \
-  receipts resync resume_s p99_in_ms p99_out_ms load
+row="${CHAOS_PREFIX:-}%-22s %7s %7s %9s %5s %5s %15s %6s %9s %9s %9s %6s %13s %5s %5s %8s %s\n"
+# shellcheck disable=SC2059 # the format is row's
+printf "$row" fault sends sent delivered lost dups receipts resync resume_s p99_in_ms p99_out_ms \
+  g_sent g_delivered g_lost g_dups g_resume load
 failed=0
 n=0
 for f in "${faults[@]}"; do
@@ -239,6 +256,7 @@ for f in "${faults[@]}"; do
   out=$work/bench-$n.json err=$work/bench-$n.err
   "$build/bin/parley-bench" chaos --url "ws://127.0.0.1:$port" --url2 "ws://127.0.0.1:$((port + 1))" \
     --pairs "$pairs" --rate "$rate" --duration "$duration" --grace "$grace" --window "$window" \
+    --groups "$groups" --group-rate "$group_rate" \
     --src-base $((10 + 2 * (n % 100))) ${CHAOS_QUICK:+--quick} >"$out" 2>"$err" &
   bench=$!
   until grep -qs "^parley-bench: go" "$err"; do
@@ -254,15 +272,17 @@ for f in "${faults[@]}"; do
   wait "$bench" || rc=$?
   load="$load-$(cut -d' ' -f1 /proc/loadavg)"
   [ -s "$out" ] || { cat "$err" >&2; die "parley-bench gave no report for $f"; }
-  jq -r --arg f "$f" --arg load "$load" '.chaos as $c |
+  jq -r --arg f "$f" --arg load "$load" 'def s: if . == null then "-" else (. / 1000 * 100 | round / 100) end;
+    .chaos as $c | $c.groups as $g |
     [$f, .sends, $c.answered, .received, $c.lost, .duplicates,
      "\($c.receipts_received - $c.receipts_after_resync)/\($c.receipts_expected)", $c.receipts_after_resync,
-     (if $c.resume_ms == null then "-" else ($c.resume_ms / 1000 * 100 | round / 100) end),
-     ($c.latency_in_ms.p99 | round), ($c.latency_out_ms.p99 | round), $load] |
+     ($c.resume_ms | s), ($c.latency_in_ms.p99 | round), ($c.latency_out_ms.p99 | round),
+     "\($g.answered)/\($g.sends)", "\($g.copies_received)/\($g.copies_expected)", $g.lost,
+     $g.duplicates, ($g.resume_ms | s), $load] |
     map(tostring) | join(" ")' "$out" |
-    xargs printf "${CHAOS_PREFIX:-}%-22s %7s %7s %9s %5s %5s %15s %6s %9s %9s %9s %s\n"
+    xargs printf "$row"
   jq -c '{fault: $f, sends, received, duplicates, chaos}' --arg f "$f" "$out" >>"$work/results.jsonl"
-  lost=$(jq '.chaos.lost' "$out")
+  lost=$(jq '.chaos.lost + .chaos.groups.lost' "$out")
   if [ "$rc" != 0 ] || [ "$lost" != 0 ]; then
     failed=$((failed + 1))
     say "FAIL $f: $lost lost, parley-bench exit status $rc"
