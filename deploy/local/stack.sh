@@ -45,6 +45,8 @@
 #   PARLEY_FERRETDB_BACKEND (postgresql if installed, else sqlite),
 #   PARLEY_KAFKA_PARTITIONS (8), PARLEY_KAFKA_NODES (1, or 3 as the run dir
 #   was started with),
+#   PARLEY_KAFKA_JVM_OPTS (none): more JVM options for each Kafka node
+#   (e.g. -XX:TieredStopAtLevel=1: C1 only, see docs/benchmarks.md),
 #   PARLEY_STACK_TIMEOUT (90 s), PARLEY_STACK_FRESH=1 wipes data on start,
 #   PARLEY_STACK_HOST (127.0.0.1): the address Kafka's client listener and
 #   the MongoDB-wire server bind and advertise (`make test-k8s` gives the
@@ -318,7 +320,8 @@ KAFKA_HEAP=(-Xms256m -Xmx512m)
 [ "$NODES" = 1 ] || KAFKA_HEAP=(-Xms128m -Xmx384m)
 kafka_jvm() {
   KAFKA_JVM=("$JAVA" "${KAFKA_HEAP[@]}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError
-    -Djava.awt.headless=true -Dlog4j2.shutdownHookEnabled=false -Dlog4j2.configurationFile="$RUN/$1-log4j2.xml" -cp "$KAFKA_LIBS/*")
+    -Djava.awt.headless=true -Dlog4j2.shutdownHookEnabled=false -Dlog4j2.configurationFile="$RUN/$1-log4j2.xml"
+    ${PARLEY_KAFKA_JVM_OPTS:-} -cp "$KAFKA_LIBS/*")
 }
 
 start_kafka() { start_kafka_node kafka; }
