@@ -288,14 +288,27 @@ store_json() {
 
 # Each hop's time, from every service's parley_bus_record_age_ms
 # histograms (the age of a record when its consumer took it): {consumer:
-# {count, sum_ms}}, summed over the processes of one consumer (2 gateways).
+# {count, sum_ms, p50_ms}}, summed over the processes of one consumer (2
+# gateways); p50_ms is the bucket bound the median falls under (buckets
+# 1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50 ... ms).
 hops_json() {
   local port
   for port in "${age_ports[@]}"; do curl -fs "http://127.0.0.1:$port/metrics" 2>/dev/null || true; done |
-    awk -F'[{}" ]+' '/^parley_bus_record_age_ms_(sum|count)\{/ {
-        k = ($1 ~ /_sum$/) ? "sum_ms" : "count"; print $3, k, $NF }' |
+    awk -F'[{}" ]+' '
+      /^parley_bus_record_age_ms_(sum|count)\{/ { k = ($1 ~ /_sum$/) ? "sum_ms" : "count"; v[$3, k] += $NF; c[$3] = 1 }
+      /^parley_bus_record_age_ms_bucket\{/ && $5 != "+Inf" { b[$3, $5] += $NF; les[$5] = 1 }
+      END {
+        n = 0; for (le in les) bounds[++n] = le + 0
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && bounds[j - 1] > bounds[j]; j--) {
+          t = bounds[j]; bounds[j] = bounds[j - 1]; bounds[j - 1] = t }
+        for (x in c) {
+          print x, "count", v[x, "count"] + 0; print x, "sum_ms", v[x, "sum_ms"] + 0
+          for (i = 1; i <= n; i++) if (b[x, bounds[i]] >= v[x, "count"] / 2 && v[x, "count"] > 0) {
+            print x, "p50_ms", bounds[i]; break }
+        }
+      }' |
     jq -Rn '[inputs | split(" ") | {c: .[0], k: .[1], v: (.[2] | tonumber)}]
-            | group_by(.c) | map({(.[0].c): (group_by(.k) | map({(.[0].k): (map(.v) | add)}) | add)}) | add // {}'
+            | group_by(.c) | map({(.[0].c): (map({(.k): .v}) | add)}) | add // {}'
 }
 
 results=$workdir/results.jsonl
@@ -504,10 +517,10 @@ jq -r '
   ([.results[] | select((.scenario == "rate" or .scenario == "latency") and ((.hops_ms // {}) | length) > 0)] | select(length > 0) |
     "## Each bus hop (every consumer'"'"'s `parley_bus_record_age_ms`: a record'"'"'s age when its consumer took it, from its producer'"'"'s produce call)",
     "",
-    "| mode | run | consumer | records | mean |",
-    "|---|---|---|---|---|",
+    "| mode | run | consumer | records | median (bucket bound) | mean |",
+    "|---|---|---|---|---|---|",
     (.[] | . as $r | $r.hops_ms | to_entries[] | select(.value.count > 0) |
-      "| \($r.mode) | \($r.scenario) \($r.rate | round)/s\(if $r.idle then " + \($r.idle.conns) idle" else "" end) | \(.key) | \(.value.count) | \(.value.sum_ms / .value.count | ms) |"),
+      "| \($r.mode) | \($r.scenario) \($r.rate | round)/s\(if $r.idle then " + \($r.idle.conns) idle" else "" end) | \(.key) | \(.value.count) | \(if .value.p50_ms then "<= \(.value.p50_ms) ms" else "-" end) | \(.value.sum_ms / .value.count | ms) |"),
     "",
     "A 1:1 message makes two hops to its reader (gateway to message-store on the inbox, message-store to the reader'"'"'s gateway); the acks, the receipt facts and the receipts make the rest.",
     "")
