@@ -391,7 +391,13 @@ start_mongo() {
     local handler=(--handler=sqlite --sqlite-url="file:$RUN/ferretdb-data/")
     if [ "$BACKEND" = postgresql ]; then
       start_pg
-      handler=(--handler=postgresql --postgresql-url="postgres://postgres@127.0.0.1:$PG_PORT/ferretdb")
+      # FerretDB keeps a PostgreSQL connection for each open cursor and
+      # otherwise gives its default pool 50: under a reconnect storm (the
+      # chaos matrix's gateway fault: 150 syncs, device registrations) all
+      # 50 sat idle in PostgreSQL, held, while 56 requests waited in
+      # pgxpool's Acquire and every store call timed out (a goroutine dump
+      # showed it). max_connections is 200; keep 20 for psql and the tests.
+      handler=(--handler=postgresql --postgresql-url="postgres://postgres@127.0.0.1:$PG_PORT/ferretdb?pool_max_conns=${PARLEY_FERRETDB_POOL:-180}")
     fi
     local tls=()
     [ "$TLS" != 1 ] || tls=(--listen-tls="$HOST:$((MONGO_PORT + 5))"
