@@ -98,16 +98,30 @@ out:
     return pk;
 }
 
+/* One P-256 coordinate into out, left-padded to 32 bytes. RFC 7518 6.2.1.2
+ * wants the full length, but encoders that write coordinates as unsigned
+ * integers drop leading zero bytes (PyJWT before 2.8: one key in 128, which
+ * is how CI found it). Padding is unambiguous, and the point is still checked
+ * against the curve. */
+static int jwks_coordinate(json_t *k, const char *name, uint8_t out[32])
+{
+    uint8_t raw[JWKS_MEMBER_MAX];
+    long n = jwks_member(k, name, 0, raw);
+    if (n < 0 || n > 32)
+        return -1;
+    memset(out, 0, 32 - (size_t)n);
+    memcpy(out + 32 - n, raw, (size_t)n);
+    return 0;
+}
+
 static EVP_PKEY *jwks_ec(json_t *k, char *err, size_t errlen)
 {
-    uint8_t x[JWKS_MEMBER_MAX], y[JWKS_MEMBER_MAX], pub[65];
-    if (jwks_member(k, "x", 32, x) < 0 || jwks_member(k, "y", 32, y) < 0) {
-        px_err(err, errlen, "EC x or y missing or not 32 base64url bytes");
+    uint8_t pub[65];
+    pub[0] = 0x04; /* uncompressed point */
+    if (jwks_coordinate(k, "x", pub + 1) < 0 || jwks_coordinate(k, "y", pub + 33) < 0) {
+        px_err(err, errlen, "EC x or y missing or longer than 32 base64url bytes");
         return NULL;
     }
-    pub[0] = 0x04; /* uncompressed point */
-    memcpy(pub + 1, x, 32);
-    memcpy(pub + 33, y, 32);
     char group[] = "P-256";
     OSSL_PARAM params[] = {
         OSSL_PARAM_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME, group, 0),

@@ -4,7 +4,8 @@ Parley's (PyJWT and cryptography, Debian's python3-jwt): fresh keys each run.
 
   jwt_fixtures.py DIR NOW
 
-writes DIR/jwks-1.json (kids rsa-1, ec-1, ed-1, and keys Parley must skip),
+writes DIR/jwks-1.json (kids rsa-1, ec-1, ed-1, ec-short whose x lost its leading
+zero byte, and keys Parley must skip),
 DIR/jwks-2.json (the rotation: rsa-2 only), DIR/jwks-weak.json (a 1024-bit
 RSA key, refused), and DIR/tokens.tsv: one line per token,
 "name<TAB>keyset<TAB>expected<TAB>token", expected being "ok" or a piece of
@@ -39,6 +40,25 @@ def jwk(to_jwk, pub, **extra):
     return k
 
 
+def short_coordinate_key():
+    """A P-256 key whose x has a leading zero byte (one in 256)."""
+    while True:
+        k = ec.generate_private_key(ec.SECP256R1())
+        if k.public_key().public_numbers().x < 1 << 248:
+            return k
+
+
+def short_coordinate_jwk(key, **extra):
+    """x and y as unsigned integers without leading zero bytes, as PyJWT
+    before 2.8 writes them: not RFC 7518's full length, but seen in the wild."""
+    n = key.public_key().public_numbers()
+    def uint(v):
+        return b64(v.to_bytes((v.bit_length() + 7) // 8, "big"))
+    k = {"kty": "EC", "crv": "P-256", "x": uint(n.x), "y": uint(n.y)}
+    k.update(extra)
+    return k
+
+
 def main():
     out, now = sys.argv[1], int(sys.argv[2])
     rsa1 = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -47,11 +67,13 @@ def main():
     ec1 = ec.generate_private_key(ec.SECP256R1())
     ed1 = ed25519.Ed25519PrivateKey.generate()
     p384 = ec.generate_private_key(ec.SECP384R1())
+    short = short_coordinate_key()
 
     set1 = {"keys": [
         jwk(RSAAlgorithm.to_jwk, rsa1.public_key(), kid="rsa-1", use="sig", alg="RS256"),
         jwk(ECAlgorithm.to_jwk, ec1.public_key(), kid="ec-1", use="sig"),
         jwk(OKPAlgorithm.to_jwk, ed1.public_key(), kid="ed-1"),
+        short_coordinate_jwk(short, kid="ec-short"),
         # Skipped, not errors: an encryption key, another RSA algorithm, a
         # curve Parley does not verify, a symmetric key.
         jwk(RSAAlgorithm.to_jwk, rsa2.public_key(), kid="enc-1", use="enc"),
@@ -92,6 +114,7 @@ def main():
         ("rs256", 1, "ok", good),
         ("es256_aud_in_array", 1, "ok", tok(ec1, "ES256", "ec-1", aud=["other", AUDIENCE])),
         ("eddsa", 1, "ok", tok(ed1, "EdDSA", "ed-1")),
+        ("es256_short_coordinate", 1, "ok", tok(short, "ES256", "ec-short")),
         ("hs256", 1, "ok", tok(SECRET, "HS256")),
         ("rs256_no_kid_one_rsa_key", 1, "ok", tok(rsa1, "RS256")),
         ("expired_within_leeway", 1, "ok", tok(rsa1, "RS256", "rsa-1", exp=now - 30)),

@@ -194,7 +194,10 @@ START_TEST(malformed_sets_refused)
         { "{\"keys\": [{\"kty\": \"OKP\", \"crv\": \"X25519\", \"x\": \"AA\"}]}", "no RS256" },
         { "{\"keys\": [7]}", "not an object" },
         { "{\"keys\": [{\"kty\": \"OKP\", \"crv\": \"Ed25519\", \"x\": \"AAAA\"}]}", "Ed25519" },
-        { "{\"keys\": [{\"kty\": \"EC\", \"crv\": \"P-256\", \"x\": \"AA\", \"y\": \"AA\"}]}", "EC" },
+        { "{\"keys\": [{\"kty\": \"EC\", \"crv\": \"P-256\", \"x\": \"AA\", \"y\": \"AA\"}]}",
+          "not on P-256" },
+        { "{\"keys\": [{\"kty\": \"EC\", \"crv\": \"P-256\", \"y\": \"AA\", \"x\": "
+          "\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\"}]}", "longer than 32" },
         { "{\"keys\": [{\"kty\": \"RSA\", \"n\": \"AQAB\"}]}", "RSA" },
         { "{\"keys\": [{\"kty\": \"OKP\", \"crv\": \"Ed25519\", \"kid\": 3,"
           " \"x\": \"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo\"}]}", "kid" },
