@@ -98,18 +98,18 @@ void bus_wakeup(bus *b);
  * own delivery topic) read it. Thread-safe. */
 int bus_assigned(bus *b);
 
-/* 1 once the bus can never produce or consume again: librdkafka raised a
- * fatal error on one of its handles (an idempotent producer's sequence out
- * of step with a broker after a leader moved, seen under a broker's kill
- * -9, is one; it is permanent for the handle). Every produce fails from
- * then on and bus_consume returns PX_ERROR: the owner must end the process
- * (exit 1) so that it is restarted, which redelivers what it had not
- * committed. Retrying in place would wedge its partitions for good.
- * Thread-safe. The in-process bus never fails so. */
+/* 1 once the bus can never consume again: librdkafka raised a fatal error
+ * on its consumer handle (permanent for the handle). bus_consume returns
+ * PX_ERROR from then on: the owner must end the process (exit 1) so that
+ * it is restarted, which redelivers what it had not committed. A producer
+ * that fails so is made again in place instead, inside the next bus_poll or
+ * bus_flush (the records it held get failed reports there), so it never
+ * makes this 1. Thread-safe. The in-process bus never fails so. */
 int bus_failed(bus *b);
 
 /* For tests: fails the bus's producer as a fatal librdkafka error does
- * (rd_kafka_test_fatal_error); PX_DECLINED where there is no such error. */
+ * (rd_kafka_test_fatal_error); the next bus_poll or bus_flush makes it
+ * again. PX_DECLINED where there is no such error. */
 int bus_test_fail(bus *b);
 
 /* How far this consumer is behind in one partition assigned to it. */

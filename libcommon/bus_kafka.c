@@ -17,6 +17,14 @@
  * enough for a partition's acks to share requests. Both are idempotent with acks=all; a topic
  * always goes through the same handle, so its order per partition holds.
  *
+ * A producer that librdkafka failed for good (a fatal error: 2.0.2's
+ * idempotent producer after a partition leader's kill -9, "sequence
+ * desynchronization", in one chaos run in two) is made again in place
+ * (bus_heal): its records still queued or in flight get failed reports,
+ * which their callers handle as any failed produce (a client resends, a
+ * batch is retried; consumers dedupe by id), instead of the whole process
+ * exiting with every connection of a gateway.
+ *
  * Also owns the eventfd behind bus_consume_fd and its wake-up protocol
  * (bus_consume_drain / bus_consume_signal). */
 #include "bus.h"
@@ -26,6 +34,7 @@
 
 #include <errno.h>
 #include <jansson.h>
+#include <pthread.h>
 #include <librdkafka/rdkafka.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,9 +45,16 @@
 #include <unistd.h>
 
 struct bus {
+    /* Read-held while rk or rk_bulk is used, write-held to replace one
+     * (bus_heal). glibc's default rwlock prefers readers, so a delivery
+     * report callback that produces (a read lock inside a read lock) is
+     * safe. */
+    pthread_rwlock_t lock;
     rd_kafka_t *rk;          /* producer */
     rd_kafka_t *rk_bulk;     /* producer of bulk_topic, or NULL */
     char *bulk_topic;
+    char bulk_linger[24];    /* rk_bulk's linger.ms */
+    bus_conf conf;           /* to make a producer again; strings owned */
     rd_kafka_t *rkc;         /* consumer, or NULL */
     rd_kafka_queue_t *cq;    /* consumer queue */
     int efd;                 /* eventfd signalled when cq has events, or -1 */
@@ -312,9 +328,8 @@ static int bus_new_bulk(bus *b, const bus_conf *c, char *err, size_t errlen)
         return PX_ERROR;
     if (c->bulk_topic == NULL || ms == 0)
         return PX_OK;
-    char linger[24];
-    snprintf(linger, sizeof(linger), "%ld", ms);
-    b->rk_bulk = bus_new_producer(b, c, linger, err, errlen);
+    snprintf(b->bulk_linger, sizeof(b->bulk_linger), "%ld", ms);
+    b->rk_bulk = bus_new_producer(b, c, b->bulk_linger, err, errlen);
     b->bulk_topic = b->rk_bulk != NULL ? px_strdup(c->bulk_topic) : NULL;
     return b->rk_bulk != NULL ? PX_OK : PX_ERROR;
 }
@@ -379,8 +394,12 @@ void bus_where(const char *brokers, char *out, size_t outlen)
 bus *bus_new(const bus_conf *c, char *err, size_t errlen)
 {
     bus *b = px_calloc(1, sizeof(*b));
+    pthread_rwlock_init(&b->lock, NULL);
     b->efd = -1;
     b->dr_cb = c->dr_cb;
+    b->conf = (bus_conf){ .brokers = px_strdup(c->brokers ? c->brokers : ""),
+                          .client_id = c->client_id ? px_strdup(c->client_id) : NULL,
+                          .partitions = c->partitions, .dr_cb = c->dr_cb };
     b->partitions = c->partitions > 0 ? c->partitions : 1;
     if (c->brokers == NULL || *c->brokers == '\0') {
         px_err(err, errlen, "no Kafka brokers configured");
@@ -492,6 +511,7 @@ int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_m
     if (n == 0)
         return PX_OK;
     int rc = PX_ERROR;
+    pthread_rwlock_rdlock(&b->lock);
     rd_kafka_NewTopic_t **nt = px_calloc(n, sizeof(*nt));
     rd_kafka_queue_t *q = rd_kafka_queue_new(b->rk);
     rd_kafka_event_t *ev = NULL;
@@ -522,25 +542,39 @@ out:
             rd_kafka_NewTopic_destroy(nt[i]);
     free(nt);
     rd_kafka_queue_destroy(q);
+    pthread_rwlock_unlock(&b->lock);
     return rc;
 }
+
+static int bus_produce_result(rd_kafka_t *rk, rd_kafka_resp_err_t e, const char *topic,
+                              char *err, size_t errlen);
 
 int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
                 const void *value, size_t len, void *opaque, char *err, size_t errlen)
 {
+    pthread_rwlock_rdlock(&b->lock);
     rd_kafka_t *rk =
         b->bulk_topic != NULL && strcmp(topic, b->bulk_topic) == 0 ? b->rk_bulk : b->rk;
     rd_kafka_resp_err_t e = rd_kafka_producev(
         rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(key, key_len),
         RD_KAFKA_V_VALUE((void *)value, len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
         RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
+    int rc = bus_produce_result(rk, e, topic, err, errlen);
+    pthread_rwlock_unlock(&b->lock);
+    return rc;
+}
+
+static int bus_produce_result(rd_kafka_t *rk, rd_kafka_resp_err_t e, const char *topic,
+                              char *err, size_t errlen)
+{
     if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
         return PX_OK;
     if (e == RD_KAFKA_RESP_ERR__QUEUE_FULL) {
         px_err(err, errlen, "local produce queue full");
         return PX_AGAIN;
     }
-    /* A fatal idempotence error is permanent for this handle: say which. */
+    /* A fatal error is permanent for this handle (bus_heal replaces it):
+     * say which. */
     char fatal[256];
     if (e == RD_KAFKA_RESP_ERR__FATAL &&
         rd_kafka_fatal_error(rk, fatal, sizeof(fatal)) != RD_KAFKA_RESP_ERR_NO_ERROR)
@@ -557,15 +591,63 @@ static int bus_fatal(rd_kafka_t *rk, char *err, size_t errlen)
 int bus_failed(bus *b)
 {
     char e[256];
-    return bus_fatal(b->rk, e, sizeof(e)) || bus_fatal(b->rkc, e, sizeof(e));
+    return bus_fatal(b->rkc, e, sizeof(e));
 }
 
 int bus_test_fail(bus *b)
 {
-    return rd_kafka_test_fatal_error(b->rk, RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
-                                     "bus_test_fail") == RD_KAFKA_RESP_ERR_NO_ERROR
-               ? PX_OK
-               : PX_ERROR;
+    pthread_rwlock_rdlock(&b->lock);
+    rd_kafka_resp_err_t e = rd_kafka_test_fatal_error(
+        b->rk, RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER, "bus_test_fail");
+    pthread_rwlock_unlock(&b->lock);
+    return e == RD_KAFKA_RESP_ERR_NO_ERROR ? PX_OK : PX_ERROR;
+}
+
+/* Fails what the dead handle still holds (queued and in flight), serves
+ * those reports, then destroys it. No one else can reach it any more. */
+static void bus_retire(rd_kafka_t *rk)
+{
+    rd_kafka_purge(rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+    int64_t deadline = px_mono_ms() + 5000;
+    while (rd_kafka_outq_len(rk) > 0 && px_mono_ms() < deadline)
+        rd_kafka_poll(rk, 100);
+    if (rd_kafka_outq_len(rk) > 0)
+        log_warn("kafka producer retired with reports never served", "{s:i}", "records",
+                 rd_kafka_outq_len(rk));
+    rd_kafka_destroy(rk);
+}
+
+/* Replaces each producer that failed for good with a new one (see the top
+ * of this file). Only inside bus_poll and bus_flush: the dead handle's
+ * reports must be served on the thread that serves reports. Cheap when
+ * none did: one atomic read per handle. */
+static void bus_heal(bus *b)
+{
+    char fatal[256], err[PX_ERRLEN];
+    rd_kafka_t **slot[] = { &b->rk, &b->rk_bulk };
+    for (size_t i = 0; i < PX_ARRAY_LEN(slot); i++) {
+        if (!bus_fatal(*slot[i], fatal, sizeof(fatal)))
+            continue;
+        rd_kafka_t *dead = NULL;
+        pthread_rwlock_wrlock(&b->lock);
+        if (bus_fatal(*slot[i], fatal, sizeof(fatal))) { /* not healed meanwhile */
+            rd_kafka_t *fresh =
+                bus_new_producer(b, &b->conf, i == 0 ? NULL : b->bulk_linger, err, sizeof(err));
+            if (fresh != NULL) {
+                dead = *slot[i];
+                *slot[i] = fresh;
+            } else {
+                log_error("kafka producer not made again", "{s:s}", "error", err);
+            }
+        }
+        pthread_rwlock_unlock(&b->lock);
+        if (dead == NULL)
+            continue;
+        log_warn("kafka producer failed for good and was made again; its pending records "
+                 "get failed reports", "{s:s, s:i}", "error", fatal, "pending",
+                 rd_kafka_outq_len(dead));
+        bus_retire(dead);
+    }
 }
 
 int bus_assigned(bus *b)
@@ -619,22 +701,28 @@ int bus_lags(bus *b, bus_lag *out, size_t max, int timeout_ms, char *err, size_t
  * nothing waits on them but the records' own bookkeeping. */
 void bus_poll(bus *b, int timeout_ms)
 {
+    bus_heal(b);
+    pthread_rwlock_rdlock(&b->lock);
     rd_kafka_poll(b->rk, timeout_ms);
     if (b->rk_bulk != NULL)
         rd_kafka_poll(b->rk_bulk, 0);
+    pthread_rwlock_unlock(&b->lock);
 }
 
 /* rd_kafka_flush sends at once whatever lingers (librdkafka >= 1.8). */
 int bus_flush(bus *b, int timeout_ms)
 {
     int64_t deadline = px_mono_ms() + timeout_ms;
-    if (rd_kafka_flush(b->rk, timeout_ms) != RD_KAFKA_RESP_ERR_NO_ERROR)
-        return PX_AGAIN;
-    if (b->rk_bulk != NULL &&
-        rd_kafka_flush(b->rk_bulk, (int)PX_MAX(0, deadline - px_mono_ms())) !=
-            RD_KAFKA_RESP_ERR_NO_ERROR)
-        return PX_AGAIN;
-    return PX_OK;
+    bus_heal(b);
+    pthread_rwlock_rdlock(&b->lock);
+    int rc = PX_OK;
+    if (rd_kafka_flush(b->rk, timeout_ms) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+        (b->rk_bulk != NULL &&
+         rd_kafka_flush(b->rk_bulk, (int)PX_MAX(0, deadline - px_mono_ms())) !=
+             RD_KAFKA_RESP_ERR_NO_ERROR))
+        rc = PX_AGAIN;
+    pthread_rwlock_unlock(&b->lock);
+    return rc;
 }
 
 int bus_subscribe(bus *b, const char *const *topics, size_t n, char *err, size_t errlen)
@@ -708,10 +796,6 @@ int bus_consume(bus *b, bus_msg *out, size_t max, int timeout_ms, char *err, siz
 {
     if (b->rkc == NULL)
         return px_err(err, errlen, "bus has no consumer group");
-    /* Consuming on would make effects this bus can no longer produce. */
-    char fatal[256];
-    if (bus_fatal(b->rk, fatal, sizeof(fatal)))
-        return px_err(err, errlen, "kafka producer fatal: %s", fatal);
     bus_consume_drain(b);
     size_t n = 0;
     int64_t end = px_mono_ms() + timeout_ms;
@@ -820,6 +904,9 @@ void bus_destroy(bus *b)
         rd_kafka_destroy(producers[i]);
     }
     free(b->bulk_topic);
+    free((char *)b->conf.brokers);
+    free((char *)b->conf.client_id);
+    pthread_rwlock_destroy(&b->lock);
     if (b->efd >= 0)
         close(b->efd);
     free(b);
