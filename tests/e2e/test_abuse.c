@@ -334,14 +334,18 @@ END_TEST
 /* 100 silent connections from one address against a gateway whose
  * connection limit is 84 (PARLEY_MAX_CONNS=20 + 64): past
  * PARLEY_HTTP_PER_ADDRESS=16 unfinished heads that address is refused, so
- * a health probe from another address is still answered. */
+ * a health probe from another address is still answered. The flood comes
+ * from an address no other test uses: its connections count against it
+ * until the server has read their ends, which a loaded server does well
+ * after they are closed, and the tests after this one connect from
+ * 127.0.0.1 at once. */
 START_TEST(one_address_cannot_fill_the_server)
 {
     const char *name = "parley_gateway_http_refused_total{reason=\"per_address\"}";
     long long before = abuse_metric(name);
     int fds[100], opened = 0;
     for (int i = 0; i < 100; i++) {
-        fds[i] = raw_connect("127.0.0.1", abuse_port);
+        fds[i] = raw_connect("127.0.0.3", abuse_port);
         opened += fds[i] >= 0;
         if (fds[i] >= 0) /* a refused one may fail the send: fine */
             (void)!send(fds[i], "GET / HTTP/1.1\r\n", 16, MSG_NOSIGNAL);
@@ -356,11 +360,8 @@ START_TEST(one_address_cannot_fill_the_server)
     for (int i = 0; i < 100; i++)
         if (fds[i] >= 0)
             close(fds[i]);
-    /* /metrics is asked from 127.0.0.1 too: polled until its own slot is free. */
-    long long refused = -1;
-    for (int i = 0; i < 50 && refused <= before; i++)
-        if ((refused = abuse_metric(name)) <= before)
-            usleep(100 * 1000);
+    /* Every refusal is counted by now: the probe was queued behind them. */
+    long long refused = abuse_metric(name);
     fprintf(stderr, "report: %d connections from one address: %lld refused; probe answered %d\n",
             opened, refused - before, status);
     ck_assert_int_eq(status, 200);
