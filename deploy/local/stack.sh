@@ -47,6 +47,10 @@
 #   was started with),
 #   PARLEY_KAFKA_JVM_OPTS (none): more JVM options for each Kafka node
 #   (e.g. -XX:TieredStopAtLevel=1: C1 only, see docs/benchmarks.md),
+#   PARLEY_FERRETDB_POOL (180): FerretDB's PostgreSQL connections,
+#   PARLEY_FERRETDB_DEBUG_ADDR (off): FerretDB's metrics and pprof address
+#   (open cursors per collection: ferretdb_cursors_created_total minus
+#   ferretdb_cursors_duration_seconds_count),
 #   PARLEY_STACK_TIMEOUT (90 s), PARLEY_STACK_FRESH=1 wipes data on start,
 #   PARLEY_STACK_HOST (127.0.0.1): the address Kafka's client listener and
 #   the MongoDB-wire server bind and advertise (`make test-k8s` gives the
@@ -404,7 +408,7 @@ start_mongo() {
       --listen-tls-cert-file="$TLS_DIR/server.crt" --listen-tls-key-file="$TLS_DIR/server.key")
     nohup "$FERRETDB" "${handler[@]}" "${tls[@]}" \
       --listen-addr="$HOST:$MONGO_PORT" --state-dir="$RUN/ferretdb-state" \
-      --telemetry=disable --debug-addr=- --log-level=warn \
+      --telemetry=disable --debug-addr="${PARLEY_FERRETDB_DEBUG_ADDR:--}" --log-level=warn \
       >>"$RUN/mongo.log" 2>&1 </dev/null 8>&- 9>&- &
   fi
   echo $! >"$RUN/mongo.pid"
