@@ -103,8 +103,9 @@ int bus_assigned(bus *b);
  * PX_ERROR from then on: the owner must end the process (exit 1) so that
  * it is restarted, which redelivers what it had not committed. A producer
  * that fails so is made again in place instead, inside the next bus_poll or
- * bus_flush (the records it held get failed reports there), so it never
- * makes this 1. Thread-safe. The in-process bus never fails so. */
+ * bus_flush (the records it held get failed reports there); only the
+ * ninth such failure in one process makes this 1. Thread-safe. The
+ * in-process bus never fails so. */
 int bus_failed(bus *b);
 
 /* For tests: fails the bus's producer as a fatal librdkafka error does

@@ -44,14 +44,22 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+/* Producers made again in one process's life (bus_heal); past it the bus
+ * fails for good (bus_failed) and its process is restarted. */
+#define BUS_MAX_HEALS 8
+
 struct bus {
-    /* Read-held while rk or rk_bulk is used, write-held to replace one
-     * (bus_heal). glibc's default rwlock prefers readers, so a delivery
-     * report callback that produces (a read lock inside a read lock) is
-     * safe. */
-    pthread_rwlock_t lock;
-    rd_kafka_t *rk;          /* producer */
-    rd_kafka_t *rk_bulk;     /* producer of bulk_topic, or NULL */
+    /* The producers are swapped by bus_heal while other threads produce, so
+     * they are atomic; a replaced handle is only retired (purged, never
+     * destroyed before bus_destroy), so a producer that loaded it a moment
+     * before the swap still calls a live handle, which refuses at once. No
+     * lock on the produce path: a lock there either starves the swap or
+     * deadlocks a report callback that produces. */
+    rd_kafka_t *_Atomic rk;      /* producer */
+    rd_kafka_t *_Atomic rk_bulk; /* producer of bulk_topic, or NULL */
+    pthread_mutex_t heal_mu;     /* one bus_heal at a time; guards retired */
+    rd_kafka_t *retired[BUS_MAX_HEALS];
+    int nretired;
     char *bulk_topic;
     char bulk_linger[24];    /* rk_bulk's linger.ms */
     bus_conf conf;           /* to make a producer again; strings owned */
@@ -394,7 +402,7 @@ void bus_where(const char *brokers, char *out, size_t outlen)
 bus *bus_new(const bus_conf *c, char *err, size_t errlen)
 {
     bus *b = px_calloc(1, sizeof(*b));
-    pthread_rwlock_init(&b->lock, NULL);
+    pthread_mutex_init(&b->heal_mu, NULL);
     b->efd = -1;
     b->dr_cb = c->dr_cb;
     b->conf = (bus_conf){ .brokers = px_strdup(c->brokers ? c->brokers : ""),
@@ -511,7 +519,6 @@ int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_m
     if (n == 0)
         return PX_OK;
     int rc = PX_ERROR;
-    pthread_rwlock_rdlock(&b->lock);
     rd_kafka_NewTopic_t **nt = px_calloc(n, sizeof(*nt));
     rd_kafka_queue_t *q = rd_kafka_queue_new(b->rk);
     rd_kafka_event_t *ev = NULL;
@@ -542,7 +549,6 @@ out:
             rd_kafka_NewTopic_destroy(nt[i]);
     free(nt);
     rd_kafka_queue_destroy(q);
-    pthread_rwlock_unlock(&b->lock);
     return rc;
 }
 
@@ -552,16 +558,13 @@ static int bus_produce_result(rd_kafka_t *rk, rd_kafka_resp_err_t e, const char 
 int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
                 const void *value, size_t len, void *opaque, char *err, size_t errlen)
 {
-    pthread_rwlock_rdlock(&b->lock);
     rd_kafka_t *rk =
         b->bulk_topic != NULL && strcmp(topic, b->bulk_topic) == 0 ? b->rk_bulk : b->rk;
     rd_kafka_resp_err_t e = rd_kafka_producev(
         rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(key, key_len),
         RD_KAFKA_V_VALUE((void *)value, len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
         RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
-    int rc = bus_produce_result(rk, e, topic, err, errlen);
-    pthread_rwlock_unlock(&b->lock);
-    return rc;
+    return bus_produce_result(rk, e, topic, err, errlen);
 }
 
 static int bus_produce_result(rd_kafka_t *rk, rd_kafka_resp_err_t e, const char *topic,
@@ -591,20 +594,25 @@ static int bus_fatal(rd_kafka_t *rk, char *err, size_t errlen)
 int bus_failed(bus *b)
 {
     char e[256];
-    return bus_fatal(b->rkc, e, sizeof(e));
+    if (bus_fatal(b->rkc, e, sizeof(e)))
+        return 1;
+    pthread_mutex_lock(&b->heal_mu);
+    int spent = b->nretired == BUS_MAX_HEALS;
+    pthread_mutex_unlock(&b->heal_mu);
+    return spent && (bus_fatal(b->rk, e, sizeof(e)) || bus_fatal(b->rk_bulk, e, sizeof(e)));
 }
 
 int bus_test_fail(bus *b)
 {
-    pthread_rwlock_rdlock(&b->lock);
-    rd_kafka_resp_err_t e = rd_kafka_test_fatal_error(
-        b->rk, RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER, "bus_test_fail");
-    pthread_rwlock_unlock(&b->lock);
-    return e == RD_KAFKA_RESP_ERR_NO_ERROR ? PX_OK : PX_ERROR;
+    return rd_kafka_test_fatal_error(b->rk, RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                                     "bus_test_fail") == RD_KAFKA_RESP_ERR_NO_ERROR
+               ? PX_OK
+               : PX_ERROR;
 }
 
-/* Fails what the dead handle still holds (queued and in flight), serves
- * those reports, then destroys it. No one else can reach it any more. */
+/* Fails what the dead handle still holds (queued and in flight) and serves
+ * those reports; the handle itself lives on until bus_destroy (see the
+ * struct). */
 static void bus_retire(rd_kafka_t *rk)
 {
     rd_kafka_purge(rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
@@ -614,39 +622,40 @@ static void bus_retire(rd_kafka_t *rk)
     if (rd_kafka_outq_len(rk) > 0)
         log_warn("kafka producer retired with reports never served", "{s:i}", "records",
                  rd_kafka_outq_len(rk));
-    rd_kafka_destroy(rk);
 }
 
 /* Replaces each producer that failed for good with a new one (see the top
- * of this file). Only inside bus_poll and bus_flush: the dead handle's
- * reports must be served on the thread that serves reports. Cheap when
- * none did: one atomic read per handle. */
+ * of this file), at most BUS_MAX_HEALS times. Only inside bus_poll and
+ * bus_flush: the dead handle's reports must be served on the thread that
+ * serves reports. Cheap when none failed: one atomic read per handle. */
 static void bus_heal(bus *b)
 {
     char fatal[256], err[PX_ERRLEN];
-    rd_kafka_t **slot[] = { &b->rk, &b->rk_bulk };
+    rd_kafka_t *_Atomic *slot[] = { &b->rk, &b->rk_bulk };
     for (size_t i = 0; i < PX_ARRAY_LEN(slot); i++) {
         if (!bus_fatal(*slot[i], fatal, sizeof(fatal)))
             continue;
-        rd_kafka_t *dead = NULL;
-        pthread_rwlock_wrlock(&b->lock);
-        if (bus_fatal(*slot[i], fatal, sizeof(fatal))) { /* not healed meanwhile */
-            rd_kafka_t *fresh =
-                bus_new_producer(b, &b->conf, i == 0 ? NULL : b->bulk_linger, err, sizeof(err));
-            if (fresh != NULL) {
-                dead = *slot[i];
-                *slot[i] = fresh;
-            } else {
+        pthread_mutex_lock(&b->heal_mu);
+        rd_kafka_t *dead = *slot[i], *fresh = NULL;
+        if (bus_fatal(dead, fatal, sizeof(fatal)) && b->nretired < BUS_MAX_HEALS) {
+            fresh = bus_new_producer(b, &b->conf, i == 0 ? NULL : b->bulk_linger, err,
+                                     sizeof(err));
+            if (fresh == NULL)
                 log_error("kafka producer not made again", "{s:s}", "error", err);
-            }
         }
-        pthread_rwlock_unlock(&b->lock);
-        if (dead == NULL)
+        int made = 0;
+        if (fresh != NULL) {
+            *slot[i] = fresh;
+            b->retired[b->nretired++] = dead;
+            made = b->nretired;
+        }
+        pthread_mutex_unlock(&b->heal_mu);
+        if (fresh == NULL)
             continue;
         log_warn("kafka producer failed for good and was made again; its pending records "
-                 "get failed reports", "{s:s, s:i}", "error", fatal, "pending",
-                 rd_kafka_outq_len(dead));
-        bus_retire(dead);
+                 "get failed reports", "{s:s, s:i, s:i}", "error", fatal, "pending",
+                 rd_kafka_outq_len(dead), "made_again", made);
+        bus_retire(dead); /* unlocked: its report callbacks may call into the bus */
     }
 }
 
@@ -702,11 +711,9 @@ int bus_lags(bus *b, bus_lag *out, size_t max, int timeout_ms, char *err, size_t
 void bus_poll(bus *b, int timeout_ms)
 {
     bus_heal(b);
-    pthread_rwlock_rdlock(&b->lock);
     rd_kafka_poll(b->rk, timeout_ms);
     if (b->rk_bulk != NULL)
         rd_kafka_poll(b->rk_bulk, 0);
-    pthread_rwlock_unlock(&b->lock);
 }
 
 /* rd_kafka_flush sends at once whatever lingers (librdkafka >= 1.8). */
@@ -714,15 +721,12 @@ int bus_flush(bus *b, int timeout_ms)
 {
     int64_t deadline = px_mono_ms() + timeout_ms;
     bus_heal(b);
-    pthread_rwlock_rdlock(&b->lock);
-    int rc = PX_OK;
     if (rd_kafka_flush(b->rk, timeout_ms) != RD_KAFKA_RESP_ERR_NO_ERROR ||
         (b->rk_bulk != NULL &&
          rd_kafka_flush(b->rk_bulk, (int)PX_MAX(0, deadline - px_mono_ms())) !=
              RD_KAFKA_RESP_ERR_NO_ERROR))
-        rc = PX_AGAIN;
-    pthread_rwlock_unlock(&b->lock);
-    return rc;
+        return PX_AGAIN;
+    return PX_OK;
 }
 
 int bus_subscribe(bus *b, const char *const *topics, size_t n, char *err, size_t errlen)
@@ -903,10 +907,12 @@ void bus_destroy(bus *b)
                      rd_kafka_outq_len(producers[i]));
         rd_kafka_destroy(producers[i]);
     }
+    for (int i = 0; i < b->nretired; i++)
+        rd_kafka_destroy(b->retired[i]);
     free(b->bulk_topic);
     free((char *)b->conf.brokers);
     free((char *)b->conf.client_id);
-    pthread_rwlock_destroy(&b->lock);
+    pthread_mutex_destroy(&b->heal_mu);
     if (b->efd >= 0)
         close(b->efd);
     free(b);

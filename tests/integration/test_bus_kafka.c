@@ -632,6 +632,16 @@ START_TEST(fatal_producer_error_makes_a_new_producer)
     consume_until(b, drs.ok, 30000, COMMIT_ALL, note, &seen);
     for (int i = 20; i < 40; i++)
         ck_assert_msg(seen.count[i] >= 1, "record %d, produced after the failure, not consumed", i);
+    /* The ninth failure in one process is one too many: the bus fails for
+     * good and its owner exits, to be restarted. */
+    for (int i = 1; i < 8; i++) {
+        ck_assert_int_eq(bus_test_fail(b), PX_OK);
+        bus_poll(b, 0);
+        ck_assert_int_eq(bus_failed(b), 0);
+    }
+    ck_assert_int_eq(bus_test_fail(b), PX_OK);
+    bus_poll(b, 0);
+    ck_assert_int_eq(bus_failed(b), 1);
     bus_destroy(b);
 }
 END_TEST
