@@ -408,13 +408,17 @@ async function showDevices() {
 }
 
 // The hide-last-seen setting (the server's; another device may change it):
-// read when the panel opens, set when the box is ticked.
+// read when the panel opens, set when the box is ticked. Only the answer to
+// the latest request sets the box: the opening read, answered after a quick
+// tick, would untick it until the tick's own answer came (CI caught it).
+let presenceSettingSeq = 0;
 async function presenceSetting(hide) {
   const cmd = { type: 'presence_settings', id: newCommandId('h') };
   if (hide !== undefined) cmd.hide_last_seen = hide;
+  const seq = ++presenceSettingSeq;
   try {
     const ev = await conn.request(cmd);
-    $('hide-last-seen').checked = ev.hide_last_seen === true;
+    if (seq === presenceSettingSeq) $('hide-last-seen').checked = ev.hide_last_seen === true;
   } catch (e) {
     showError(`Could not ${hide === undefined ? 'read' : 'change'} the last seen setting: ${errorText(e)}`);
   }
