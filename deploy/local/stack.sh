@@ -395,12 +395,14 @@ start_mongo() {
     local handler=(--handler=sqlite --sqlite-url="file:$RUN/ferretdb-data/")
     if [ "$BACKEND" = postgresql ]; then
       start_pg
-      # FerretDB keeps a PostgreSQL connection for each open cursor and
-      # otherwise gives its default pool 50: under a reconnect storm (the
-      # chaos matrix's gateway fault: 150 syncs, device registrations) all
-      # 50 sat idle in PostgreSQL, held, while 56 requests waited in
-      # pgxpool's Acquire and every store call timed out (a goroutine dump
-      # showed it). max_connections is 200; keep 20 for psql and the tests.
+      # FerretDB's default pool is 50: under a reconnect storm (the chaos
+      # matrix's gateway fault: 150 syncs, device registrations) all 50 sat
+      # idle in PostgreSQL, held, while 56 requests waited in pgxpool's
+      # Acquire and every store call timed out (a goroutine dump showed
+      # it). What holds them is not known: not Parley's cursors, whose
+      # count FerretDB's metrics show at 0-2 (docs/high-availability.md,
+      # run L, where 180 were held once too). max_connections is 200; keep
+      # 20 for psql and the tests.
       handler=(--handler=postgresql --postgresql-url="postgres://postgres@127.0.0.1:$PG_PORT/ferretdb?pool_max_conns=${PARLEY_FERRETDB_POOL:-180}")
     fi
     local tls=()
