@@ -180,6 +180,12 @@ $(OUT)/tests/integration/test_presence_sqlite: $(OUT)/tests/integration/test_pre
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
+# The kept rests of sync scans, message-store's own module, alone.
+$(OUT)/tests/unit/test_synckept: $(OUT)/tests/unit/test_synckept.o \
+        $(OUT)/services/message-store/synckept.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
 # service.o (in libcommon.a) calls the bus and the store, whose archive
 # comes first in $(LIB): this test, which reaches them only through it,
 # names libcommon.a before them too ($+ keeps the repeat).

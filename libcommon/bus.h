@@ -98,6 +98,12 @@ void bus_wakeup(bus *b);
  * own delivery topic) read it. Thread-safe. */
 int bus_assigned(bus *b);
 
+/* Moves on at every assignment and revoke of this consumer's partitions
+ * (never in-process, where nobody else can take them): what was learned
+ * of a partition's data under one generation may be stale in another
+ * (another member may have written meanwhile). Thread-safe. */
+unsigned bus_generation(bus *b);
+
 /* 1 once the bus can never consume again: librdkafka raised a fatal error
  * on its consumer handle (permanent for the handle). bus_consume returns
  * PX_ERROR from then on: the owner must end the process (exit 1) so that

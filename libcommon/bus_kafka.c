@@ -69,6 +69,7 @@ struct bus {
     bus_dr_cb dr_cb;
     int partitions;
     atomic_int assigned;     /* partitions of the last assignment (bus_assigned) */
+    atomic_uint generation;  /* assignments and revokes so far (bus_generation) */
     int session_ms;          /* the consumer's session.timeout.ms */
 };
 
@@ -145,6 +146,7 @@ static void bus_on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 {
     rd_kafka_resp_err_t e;
     bus *b = opaque;
+    atomic_fetch_add(&b->generation, 1);
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
         e = rd_kafka_assign(rk, parts);
         atomic_store(&b->assigned, e == RD_KAFKA_RESP_ERR_NO_ERROR ? parts->cnt : 0);
@@ -662,6 +664,11 @@ static void bus_heal(bus *b)
 int bus_assigned(bus *b)
 {
     return atomic_load(&b->assigned);
+}
+
+unsigned bus_generation(bus *b)
+{
+    return atomic_load(&b->generation);
 }
 
 int bus_session_ms(bus *b)

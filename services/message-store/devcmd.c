@@ -182,8 +182,10 @@ static int devcmd_unlink_serve(msgstore *ms, size_t idx, const Parley__DeviceCom
                             "a device cannot unlink itself: unlink it from another device", err,
                             errlen);
     int rc = store_device_unlink(ms->svc.st, x->user, x->device, err, errlen);
-    if (rc == PX_OK)
+    if (rc == PX_OK) {
         devcache_forget(ms->devcache, x->user);
+        synckept_forget(ms->kept, x->user);
+    }
     if (rc == PX_DECLINED)
         return devcmd_error(ms, idx, x, PROTO_NOT_FOUND, "no such device", err, errlen);
     int64_t dropped = 0;

@@ -325,6 +325,9 @@ int inbox_store(msgstore *ms, inbox_run *const *runs, size_t nruns, char *err, s
     for (size_t c = 0; c < a.nc; c++)
         if (a.fresh[c])
             inbox_event(&a.fev[a.nf++], a.crecs[c]);
+    /* Before the put: a sync's kept rest must not end the backlog past it. */
+    for (size_t i = 0; i < a.nf; i++)
+        synckept_wrote(ms->kept, a.fev[i].user);
     if (a.nf > 0) {
         t0 = service_clock_us();
         if (store_inbox_put(ms->svc.st, a.fev, a.nf, a.inserted, err, errlen) != PX_OK)

@@ -28,6 +28,14 @@ static void main_metrics(msgstore *ms)
     m->offline = metrics_counter("parley_msgstore_offline_events_total",
                                  "Stored events whose recipient had no live gateway");
     m->syncs = metrics_counter("parley_msgstore_syncs_total", "Sync requests served");
+    m->sync_pages_scan = metrics_counter("parley_msgstore_sync_pages_total{read=\"scan\"}",
+                                         "Sync pages served, by where their first event was "
+                                         "read: a store scan, or the rest an earlier scan kept");
+    m->sync_pages_kept = metrics_counter("parley_msgstore_sync_pages_total{read=\"kept\"}",
+                                         "Sync pages served, by where their first event was "
+                                         "read: a store scan, or the rest an earlier scan kept");
+    m->sync_kept_bytes = metrics_gauge("parley_msgstore_sync_kept_bytes",
+                                       "Event bytes of sync scans kept for the next pages");
     m->sync_events = metrics_counter("parley_msgstore_sync_events_total",
                                      "Events pushed by syncs");
     m->acks = metrics_counter("parley_msgstore_acks_total", "Ack records applied");
@@ -106,6 +114,7 @@ static int main_start(void *arg, char *err, size_t errlen)
     ms->gate = putgate_new();
     ms->contacts = contacts_new();
     ms->devcache = devcache_new(&ms->m);
+    ms->kept = synckept_new(ms->m.sync_kept_bytes);
     if (sweep_start(ms, err, errlen) != PX_OK || writer_start(ms, err, errlen) != PX_OK)
         return PX_ERROR;
     return acker_start(ms, err, errlen);
@@ -162,6 +171,7 @@ int main(void)
     putgate_free(ms.gate);
     contacts_free(ms.contacts);
     devcache_free(ms.devcache);
+    synckept_free(ms.kept);
     free(ms.pack);
     return rc;
 }

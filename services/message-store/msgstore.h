@@ -37,13 +37,15 @@ typedef struct ackwait ackwait;
 typedef struct writer writer;
 typedef struct contacts contacts;
 typedef struct devcache devcache;
+typedef struct synckept synckept;
 
 typedef struct msgstore_metrics {
     metric *stored, *duplicates, *deliveries, *produce_failures, *offline, *syncs,
         *sync_events, *acks, *acked_events, *acked_messages, *dead, *retries,
         *cache_hits, *cache_misses, *devcache_hits, *devcache_misses, *lookup_failures,
         *swept_inbox, *swept_seen, *swept_media, *ack_waits, *ack_waits_found,
-        *ack_waits_expired, *ack_waits_full, *ack_commits_held, *push_records;
+        *ack_waits_expired, *ack_waits_full, *ack_commits_held, *push_records,
+        *sync_pages_scan, *sync_pages_kept, *sync_kept_bytes;
     metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
         *lat_sweep, *lat_gate;
 } msgstore_metrics;
@@ -82,6 +84,7 @@ struct msgstore {
     ackwait *waits;                 /* ackwait.c: the acker's acks that found nothing yet */
     contacts *contacts;             /* contacts.c: pairs recorded lately (store stage) */
     devcache *devcache;             /* devcache.c: device lists for acks, shared with the acker */
+    synckept *kept;                 /* synckept.c: rests of sync scans (main msgstore) */
 
     /* Delivery-report bookkeeping for the batch in flight (batch.c). */
     batch_tag tags[MSGSTORE_BATCH];
@@ -284,6 +287,46 @@ int deliv_send(msgstore *ms, const deliv *d, const char (*gws)[65], size_t ngws,
  * the first, were served (n: all; else err says why the next was not). */
 size_t sync_serve(msgstore *ms, const msgstore_rec *recs, const size_t *idx, size_t n, char *err,
                   size_t errlen);
+
+/* ---- synckept.c: what a sync's scan read past its page ---- */
+
+typedef struct sync_ev {
+    uint8_t *json;
+    size_t len;
+    int64_t seq;
+} sync_ev;
+
+/* The events a scan read past the page it served, in seq order, for the
+ * connection's next page. */
+typedef struct sync_rest {
+    char *user, *dev;
+    int64_t after;          /* the page it follows ended at this seq */
+    sync_ev *ev;            /* events [head, n) are still to serve */
+    size_t head, n, cap;
+    size_t bytes;           /* their json bytes */
+    int complete;           /* the scan read to the inbox's end */
+    uint32_t version;       /* the user's write version before the scan */
+    unsigned gen;           /* bus_generation at the scan */
+    int64_t used_ms;
+} sync_rest;
+
+/* bytes_gauge: set to the event bytes kept. Thread-safe throughout. */
+synckept *synckept_new(metric *bytes_gauge);
+void synckept_free(synckept *k);
+void sync_rest_free(sync_rest *r);
+/* The kept rest of user's device dev whose page ended at seq after, read
+ * in bus generation gen, taken out (the caller owns it), or NULL. Any other
+ * rest of that device is dropped. */
+sync_rest *synckept_take(synckept *k, const char *user, const char *dev, int64_t after,
+                         unsigned gen);
+/* Keeps r (taken over) for the next page; an empty r is freed. */
+void synckept_put(synckept *k, sync_rest *r);
+/* An inbox write for user is under way: a rest read before it no longer
+ * ends the backlog. Store stage. */
+void synckept_wrote(synckept *k, const char *user);
+uint32_t synckept_version(synckept *k, const char *user);
+/* Drops every rest of user (a device command changed what they need). */
+void synckept_forget(synckept *k, const char *user);
 
 /* ---- devcmd.c: `devices` and `device_unlink` ---- */
 

@@ -5,6 +5,8 @@
  * from costing the gateway more than a page: the gateway asks for the next
  * one only when the connection has written this one out, so a 10k backlog
  * never trips the send-queue ceiling (1013) the way one 3 MB push did.
+ * One scan reads the page and what follows it (a rest, kept in
+ * synckept.c for the next pages), because each scan costs the whole inbox.
  *
  * The scan sees a stable inbox: this process owns the user's partition of
  * every user-keyed topic, and nothing else writes the user's inbox
@@ -32,22 +34,23 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* A page costs one scan, and FerretDB sorts and filters a user's whole
- * inbox for each, so pages are as large as the gateway's 1 MiB send queue
- * allows: the next page is asked for at a quarter full, so at most
- * 256 KiB + a page are queued. */
+/* Pages are as large as the gateway's 1 MiB send queue allows: the next
+ * page is asked for at a quarter full, so at most 256 KiB + a page are
+ * queued. */
 #define SYNC_PAGE 2000              /* events per page */
 #define SYNC_PAGE_BYTES (512 << 10) /* about this many event bytes per page */
 
-/* SyncRequests whose pages are read side by side: each holds up to a page
- * (SYNC_PAGE_BYTES) until it is produced, so this bounds that memory. */
-#define SYNC_GROUP 16
+/* One scan reads up to this much past its page, kept for the next pages
+ * (synckept.c): FerretDB decodes and sorts a user's whole inbox for every
+ * scan however few events it returns, so a 10k backlog is one scan, not
+ * six. A scan that reaches the ceiling stops there; the next page scans
+ * again from the last event kept. */
+#define SYNC_REST_EVENTS 20000
+#define SYNC_REST_BYTES (4 << 20)
 
-typedef struct sync_ev {
-    uint8_t *json;
-    size_t len;
-    int64_t seq;
-} sync_ev;
+/* SyncRequests whose pages are read side by side: each holds up to a page
+ * and a rest until it is produced, so this bounds that memory. */
+#define SYNC_GROUP 16
 
 /* One SyncRequest of the batch: read on any thread, produced on the
  * consume thread. */
@@ -55,40 +58,116 @@ typedef struct sync_job {
     msgstore *ms;
     size_t idx;                /* batch record; its produces gate its commit */
     int64_t offset;
+    unsigned gen;              /* bus_generation when the batch was served */
     const Parley__SyncRequest *r;
     sync_ev *ev;               /* the page, in seq order */
     size_t n, cap;
     size_t bytes;              /* event bytes taken into this page */
-    int full;                  /* the byte budget ended the page early */
+    int closed;                /* the page is full: events go to the rest */
+    sync_rest *rest;           /* what follows the page, kept for the next */
+    size_t seen;               /* events the scan visited */
+    int capped;                /* the rest's ceiling left the scan's tail out */
+    int more;                  /* the backlog goes on past this page */
+    int kept;                  /* the page started from a kept rest */
+    int64_t after;             /* the page starts after this seq */
     int rc;
     char err[PX_ERRLEN];
 } sync_job;
 
+static void sync_push(sync_ev **ev, size_t *n, size_t *cap, sync_ev e)
+{
+    if (*n == *cap) {
+        *cap = *cap ? 2 * *cap : 64;
+        *ev = px_realloc(*ev, *cap * sizeof(**ev));
+    }
+    (*ev)[(*n)++] = e;
+}
+
+/* 1 when an event of len bytes still fits the page (an oversized first
+ * event goes alone). */
+static int sync_fits(sync_job *j, size_t len)
+{
+    if (!j->closed && j->n < SYNC_PAGE && (j->bytes == 0 || j->bytes + len <= SYNC_PAGE_BYTES))
+        return 1;
+    j->closed = 1;
+    return 0;
+}
+
 static int sync_on_event(void *arg, const store_event *ev)
 {
     sync_job *j = arg;
-    /* The scan cannot be stopped early: events past the budget are left
-     * for the next page (an oversized first event still goes alone). */
-    if (j->full || (j->bytes > 0 && j->bytes + ev->json_len > SYNC_PAGE_BYTES)) {
-        j->full = 1;
+    sync_rest *rest = j->rest;
+    j->seen++;
+    if (j->capped)
+        return PX_OK; /* the scan cannot be stopped early */
+    int page = sync_fits(j, ev->json_len);
+    if (!page && (rest->n >= SYNC_REST_EVENTS || rest->bytes + ev->json_len > SYNC_REST_BYTES)) {
+        j->capped = 1;
         return PX_OK;
     }
-    if (j->n == j->cap) {
-        j->cap = j->cap ? 2 * j->cap : 64;
-        j->ev = px_realloc(j->ev, j->cap * sizeof(*j->ev));
+    sync_ev e = { .json = px_malloc(ev->json_len), .len = ev->json_len, .seq = ev->seq };
+    memcpy(e.json, ev->json, ev->json_len);
+    if (page) {
+        sync_push(&j->ev, &j->n, &j->cap, e);
+        j->bytes += e.len;
+    } else {
+        sync_push(&rest->ev, &rest->n, &rest->cap, e);
+        rest->bytes += e.len;
     }
-    sync_ev *e = &j->ev[j->n++];
-    e->json = px_malloc(ev->json_len);
-    memcpy(e->json, ev->json, ev->json_len);
-    e->len = ev->json_len;
-    e->seq = ev->seq;
-    j->bytes += ev->json_len;
     return PX_OK;
 }
 
+/* Moves the kept rest's events into the page while they fit. 1 when the
+ * page is the backlog's end: the rest is served and the inbox got nothing
+ * since its scan read to the end. Else j->after is where a scan would go
+ * on. Takes r. */
+static int sync_from_rest(sync_job *j, sync_rest *r)
+{
+    j->kept = 1;
+    while (r->head < r->n && sync_fits(j, r->ev[r->head].len)) {
+        sync_ev e = r->ev[r->head++];
+        r->bytes -= e.len;
+        sync_push(&j->ev, &j->n, &j->cap, e);
+        j->bytes += e.len;
+    }
+    if (r->head < r->n) {
+        j->rest = r;
+        j->more = 1;
+        return 0;
+    }
+    int end = r->complete && synckept_version(j->ms->kept, r->user) == r->version;
+    j->after = r->ev[r->n - 1].seq;
+    sync_rest_free(r);
+    j->more = !end;
+    return end;
+}
+
+/* Reads the page (and a rest) from the store, after j->after. */
+static void sync_scan(sync_job *j, const char *dev)
+{
+    const char *user = j->r->user;
+    sync_rest *rest = px_calloc(1, sizeof(*rest));
+    rest->user = px_strdup(user);
+    rest->dev = px_strdup(dev);
+    rest->gen = j->gen;
+    rest->version = synckept_version(j->ms->kept, user);
+    j->rest = rest;
+    int64_t t0 = service_clock_us();
+    size_t limit = SYNC_PAGE + SYNC_REST_EVENTS;
+    j->rc = store_inbox_scan(j->ms->svc.st, user, dev, j->after, limit, sync_on_event, j, j->err,
+                             sizeof(j->err));
+    if (j->rc != PX_OK)
+        return;
+    service_observe(j->ms->m.lat_scan, t0);
+    rest->complete = !j->capped && j->seen < limit;
+    j->more = rest->n > 0 || !rest->complete;
+}
+
 /* Links the connection's device on its first sync (devices_link) and reads
- * its page: any thread (the store is thread-safe; so are devices_link's
- * cache and the metrics). */
+ * its page: from the rest the previous page's scan kept when there is
+ * one, else (and after it, when the inbox may go on) from the store. Any
+ * thread (the store is thread-safe; so are devices_link's cache, the kept
+ * rests and the metrics). */
 static void sync_read(void *arg, size_t i)
 {
     sync_job *j = (sync_job *)arg + i;
@@ -98,14 +177,14 @@ static void sync_read(void *arg, size_t i)
     j->rc = devices_link(j->ms, r->user, dev, j->offset, &since, j->err, sizeof(j->err));
     if (j->rc != PX_OK)
         return;
-    int64_t t0 = service_clock_us();
     /* seq is a bus offset (>= 0): from_seq 0 and "after -1" both start at
      * the oldest event; the device's since moves the start past what came
      * before its link. */
-    j->rc = store_inbox_scan(j->ms->svc.st, r->user, dev, PX_MAX(r->from_seq - 1, since),
-                             SYNC_PAGE, sync_on_event, j, j->err, sizeof(j->err));
-    if (j->rc == PX_OK)
-        service_observe(j->ms->m.lat_scan, t0);
+    j->after = PX_MAX(r->from_seq - 1, since);
+    sync_rest *kept = synckept_take(j->ms->kept, r->user, dev, j->after, j->gen);
+    if (kept != NULL && (sync_from_rest(j, kept) || j->closed))
+        return;
+    sync_scan(j, dev);
 }
 
 static int sync_flush(msgstore *ms, const sync_job *j, deliv *d, char *err, size_t errlen)
@@ -121,7 +200,7 @@ static int sync_flush(msgstore *ms, const sync_job *j, deliv *d, char *err, size
 }
 
 /* Produces the page read for j: consume thread. */
-static int sync_send(msgstore *ms, const sync_job *j, char *err, size_t errlen)
+static int sync_send(msgstore *ms, sync_job *j, char *err, size_t errlen)
 {
     deliv d;
     memset(&d, 0, sizeof(d));
@@ -132,16 +211,22 @@ static int sync_send(msgstore *ms, const sync_job *j, char *err, size_t errlen)
             return PX_ERROR;
         deliv_add(&d, j->ev[k].json, j->ev[k].len, 0, NULL, j->ev[k].seq);
     }
-    int more = j->full || j->n == SYNC_PAGE;
-    if (more)
-        d.more_from_seq = j->ev[j->n - 1].seq + 1;
+    int64_t last = j->n > 0 ? j->ev[j->n - 1].seq : j->after;
+    if (j->more)
+        d.more_from_seq = last + 1;
     else
         d.synced = 1;
     if (sync_flush(ms, j, &d, err, errlen) != PX_OK)
         return PX_ERROR;
-    if (!more)
+    if (!j->more)
         metric_add(ms->m.syncs, 1);
     metric_add(ms->m.sync_events, (int64_t)j->n);
+    metric_add(j->kept ? ms->m.sync_pages_kept : ms->m.sync_pages_scan, 1);
+    if (j->rest != NULL) {
+        j->rest->after = last;
+        synckept_put(ms->kept, j->rest); /* served: the next page starts after last */
+        j->rest = NULL;
+    }
     log_debug("sync page", "{s:s, s:s, s:I, s:I, s:I}", "user", j->r->user, "gateway",
               j->r->gateway, "conn", (json_int_t)j->r->conn, "from_seq",
               (json_int_t)j->r->from_seq, "events", (json_int_t)j->n);
@@ -153,6 +238,7 @@ static void sync_job_free(sync_job *j)
     for (size_t k = 0; k < j->n; k++)
         free(j->ev[k].json);
     free(j->ev);
+    sync_rest_free(j->rest);
 }
 
 /* How many of the n requests from idx[0] make one group: at most
@@ -174,13 +260,14 @@ size_t sync_serve(msgstore *ms, const msgstore_rec *recs, const size_t *idx, siz
     sync_job jobs[SYNC_GROUP];
     size_t done = 0;
     size_t threads = store_concurrency(ms->svc.st);
+    unsigned gen = bus_generation(ms->svc.b);
     while (done < n) {
         size_t g = sync_group_len(recs, idx + done, n - done);
         memset(jobs, 0, sizeof(jobs));
         for (size_t k = 0; k < g; k++) {
             const msgstore_rec *r = &recs[idx[done + k]];
             jobs[k] = (sync_job){ .ms = ms, .idx = idx[done + k], .offset = r->m->offset,
-                                  .r = r->u.inbox->sync };
+                                  .gen = gen, .r = r->u.inbox->sync };
             route_note_gateway(ms, jobs[k].r->user, jobs[k].r->gateway);
         }
         if (g >= 2 && threads >= 2)
