@@ -66,8 +66,6 @@ struct bus {
     rd_kafka_t *rkc;         /* consumer, or NULL */
     rd_kafka_queue_t *cq;    /* consumer queue */
     int efd;                 /* eventfd signalled when cq has events, or -1 */
-    bus_dr_cb dr_cb;
-    int partitions;
     atomic_int assigned;     /* partitions of the last assignment (bus_assigned) */
     atomic_uint generation;  /* assignments and revokes so far (bus_generation) */
     int session_ms;          /* the consumer's session.timeout.ms */
@@ -116,14 +114,14 @@ static int bus_set_env(rd_kafka_conf_t *conf, const char *env, char *err, size_t
 static void bus_on_dr(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 {
     bus *b = opaque;
-    if (b->dr_cb == NULL)
+    if (b->conf.dr_cb == NULL)
         return;
     /* rd_kafka_err2str, not rd_kafka_message_errstr: the latter returns the
      * payload when there is one (a consumer error's text), which for a
      * produced record is its value, not NUL-terminated: an e2e test with
      * Kafka stopped saw ASan catch the overflow in the gateway's log line. */
-    b->dr_cb(m->_private, m->err ? PX_ERROR : PX_OK, m->err ? rd_kafka_err2str(m->err) : NULL,
-             m->partition, m->offset);
+    b->conf.dr_cb(m->_private, m->err ? PX_ERROR : PX_OK,
+                  m->err ? rd_kafka_err2str(m->err) : NULL, m->partition, m->offset);
 }
 
 static void bus_on_error(rd_kafka_t *rk, int code, const char *reason, void *opaque)
@@ -406,11 +404,10 @@ bus *bus_new(const bus_conf *c, char *err, size_t errlen)
     bus *b = px_calloc(1, sizeof(*b));
     pthread_mutex_init(&b->heal_mu, NULL);
     b->efd = -1;
-    b->dr_cb = c->dr_cb;
     b->conf = (bus_conf){ .brokers = px_strdup(c->brokers ? c->brokers : ""),
                           .client_id = c->client_id ? px_strdup(c->client_id) : NULL,
-                          .partitions = c->partitions, .dr_cb = c->dr_cb };
-    b->partitions = c->partitions > 0 ? c->partitions : 1;
+                          .partitions = c->partitions > 0 ? c->partitions : 1,
+                          .dr_cb = c->dr_cb };
     if (c->brokers == NULL || *c->brokers == '\0') {
         px_err(err, errlen, "no Kafka brokers configured");
         goto fail;
@@ -526,7 +523,7 @@ int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_m
     rd_kafka_event_t *ev = NULL;
     char e[256];
     for (size_t i = 0; i < n; i++) {
-        nt[i] = rd_kafka_NewTopic_new(topics[i], b->partitions, replication, e, sizeof(e));
+        nt[i] = rd_kafka_NewTopic_new(topics[i], b->conf.partitions, replication, e, sizeof(e));
         if (nt[i] == NULL) {
             px_err(err, errlen, "topic %s: %s", topics[i], e);
             goto out;

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -150,6 +151,20 @@ static pid_t e2e_fork_logged(const char *log, int mode)
         dup2(fd, 2);
     }
     return 0;
+}
+
+/* e2e_fork_logged for a test's own extra process: it gets SIGTERM when
+ * the test's process ends. A failed check ends that process without the
+ * test's e2e_stop_extra, and extras left so kept consuming and querying
+ * the store for minutes under the next tests. Not for the suite's
+ * services, which a test may restart and which outlive it. */
+static pid_t e2e_fork_extra(const char *log)
+{
+    pid_t me = getpid();
+    pid_t pid = e2e_fork_logged(log, O_TRUNC);
+    if (pid == 0 && (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0 || getppid() != me))
+        _exit(125);
+    return pid;
 }
 
 static pid_t e2e_spawn(enum e2e_svc s)
@@ -361,7 +376,7 @@ pid_t e2e_spawn_extra(const char *id, int port, int shared, const char *data_dir
     e2e_setenv();
     snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
     snprintf(log, sizeof(log), "%s/%s.log", e2e_logdir, id);
-    pid_t pid = e2e_fork_logged(log, O_TRUNC);
+    pid_t pid = e2e_fork_extra(log);
     if (pid != 0)
         return pid;
     e2e_extra_gateway(id, bin, sizeof(bin));
@@ -387,7 +402,7 @@ pid_t e2e_spawn_replica(enum e2e_svc s, const char *id, int port)
     snprintf(bin, sizeof(bin), "%s/bin/%s", build, e2e_procs[s].bin);
     snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
     snprintf(log, sizeof(log), "%s/%s.log", e2e_logdir, id);
-    pid_t pid = e2e_fork_logged(log, O_TRUNC);
+    pid_t pid = e2e_fork_extra(log);
     if (pid != 0)
         return pid;
     setenv("PARLEY_ADMIN_LISTEN", listen, 1);

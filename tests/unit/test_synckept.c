@@ -21,7 +21,8 @@ static sync_rest *rest_of(const char *user, const char *dev, int64_t after, unsi
     r->ev = px_calloc(n, sizeof(*r->ev));
     r->n = r->cap = n;
     for (size_t i = 0; i < n; i++) {
-        r->ev[i] = (sync_ev){ .json = px_calloc(1, len), .len = len, .seq = after + 1 + (int64_t)i };
+        r->ev[i] = (sync_ev){ .json = px_calloc(1, len), .len = len,
+                              .seq = after + 1 + (int64_t)i };
         r->bytes += len;
     }
     return r;
