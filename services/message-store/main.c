@@ -28,12 +28,12 @@ static void main_metrics(msgstore *ms)
     m->offline = metrics_counter("parley_msgstore_offline_events_total",
                                  "Stored events whose recipient had no live gateway");
     m->syncs = metrics_counter("parley_msgstore_syncs_total", "Sync requests served");
-    m->sync_pages_scan = metrics_counter("parley_msgstore_sync_pages_total{read=\"scan\"}",
-                                         "Sync pages served, by where their first event was "
-                                         "read: a store scan, or the rest an earlier scan kept");
-    m->sync_pages_kept = metrics_counter("parley_msgstore_sync_pages_total{read=\"kept\"}",
-                                         "Sync pages served, by where their first event was "
-                                         "read: a store scan, or the rest an earlier scan kept");
+#define PAGES(r) metrics_counter("parley_msgstore_sync_pages_total{read=\"" r "\"}", \
+                                "Sync pages served, by where their first event was read: a " \
+                                "store scan, or the rest an earlier scan kept (synckept.c)")
+    m->sync_pages_scan = PAGES("scan");
+    m->sync_pages_kept = PAGES("kept");
+#undef PAGES
     m->sync_kept_bytes = metrics_gauge("parley_msgstore_sync_kept_bytes",
                                        "Event bytes of sync scans kept for the next pages");
     m->sync_events = metrics_counter("parley_msgstore_sync_events_total",
