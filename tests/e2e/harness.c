@@ -423,6 +423,30 @@ int e2e_extra_exit_status(pid_t pid)
     return -1;
 }
 
+/* The "ts" of the first log line of process id whose msg is msg, or -1. */
+static long long e2e_extra_log_ts(const char *id, const char *msg)
+{
+    char path[512], line[4096], want[128];
+    snprintf(path, sizeof(path), "%s/%s.log", e2e_logdir, id);
+    snprintf(want, sizeof(want), "\"msg\":\"%s\"", msg);
+    FILE *f = fopen(path, "r");
+    long long ts = -1;
+    while (f != NULL && ts < 0 && fgets(line, sizeof(line), f) != NULL) {
+        const char *t = strstr(line, "\"ts\":");
+        if (strstr(line, want) != NULL && t != NULL)
+            ts = atoll(t + 5);
+    }
+    if (f != NULL)
+        fclose(f);
+    return ts;
+}
+
+long long e2e_extra_stop_ms(const char *id)
+{
+    long long from = e2e_extra_log_ts(id, "stopping"), to = e2e_extra_log_ts(id, "stopped");
+    return from >= 0 && to >= from ? to - from : -1;
+}
+
 int e2e_extra_log_has(const char *id, const char *const *needles)
 {
     char path[512];

@@ -40,6 +40,9 @@ pid_t e2e_spawn_replica(enum e2e_svc s, const char *id, int port);
 /* Waits up to 30 s for pid to exit: its wait status, or -1 if it still ran
  * (it is killed then). */
 int e2e_extra_exit_status(pid_t pid);
+/* How long extra process id took from its "stopping" log line to its
+ * "stopped" one (ms), or -1. */
+long long e2e_extra_stop_ms(const char *id);
 /* 1 if extra process id's log holds every one of the NULL-ended needles
  * (else prints the log and returns 0). */
 int e2e_extra_log_has(const char *id, const char *const *needles);

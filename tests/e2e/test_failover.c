@@ -224,6 +224,8 @@ START_TEST(partitions_move_under_load_and_nothing_is_lost)
             "%d sent 5 s or more before the restart had not arrived by then\n",
             N, 1000 / GAP_MS, PAIRS, r.nsent, r.ngot, lost, r.dups, r.retries, r.ndelivered,
             r.nsent, r.dup_receipts, r.nread, (long long)r.worst_ms, stuck);
+    fprintf(stderr, "report: failover: SIGTERM to exit: message-store %lld ms, receipt %lld ms\n",
+            e2e_extra_stop_ms("message-store-2"), e2e_extra_stop_ms("receipt-2"));
     /* Acks that found their event not stored yet and were applied on a
      * retry (ackwait.c), by the two message-stores alive now: a count of
      * the race this test provokes, not a condition (it may not happen). */
