@@ -307,7 +307,7 @@ typedef struct sync_rest {
     int complete;           /* the scan read to the inbox's end */
     uint32_t version;       /* the user's write version before the scan */
     unsigned gen;           /* bus_generation at the scan */
-    int64_t used_ms;
+    int64_t used_ms;        /* monotonic: when it was last kept */
 } sync_rest;
 
 /* bytes_gauge: set to the event bytes kept. Thread-safe throughout. */

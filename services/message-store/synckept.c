@@ -106,7 +106,7 @@ sync_rest *synckept_take(synckept *k, const char *user, const char *dev, int64_t
                          unsigned gen)
 {
     sync_rest *got = NULL;
-    int64_t now = px_now_ms();
+    int64_t now = px_mono_ms();
     pthread_mutex_lock(&k->mu);
     for (size_t i = 0; i < KEPT_MAX; i++) {
         sync_rest *r = k->r[i];
@@ -135,7 +135,7 @@ void synckept_put(synckept *k, sync_rest *r)
         sync_rest_free(r);
         return;
     }
-    int64_t now = px_now_ms();
+    int64_t now = px_mono_ms();
     r->used_ms = now;
     pthread_mutex_lock(&k->mu);
     /* Room: drop what idled out, then the least lately used, until it
