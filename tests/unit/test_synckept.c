@@ -28,6 +28,15 @@ static sync_rest *rest_of(const char *user, const char *dev, int64_t after, unsi
     return r;
 }
 
+/* Takes back the rest of (user, dev, after, gen), which must be kept. */
+static sync_rest *take_kept(synckept *k, const char *user, const char *dev, int64_t after,
+                            unsigned gen)
+{
+    sync_rest *r = synckept_take(k, user, dev, after, gen);
+    ck_assert_msg(r != NULL, "no rest kept for %s/%s after %lld", user, dev, (long long)after);
+    return r;
+}
+
 static metric *gauge(void)
 {
     static metric *g;
@@ -43,8 +52,7 @@ START_TEST(taken_back_only_by_the_page_that_follows)
     ck_assert_int_eq(metric_value(gauge()), 1000);
     ck_assert_ptr_null(synckept_take(k, "bob", "laptop", 99, 1));
     ck_assert_ptr_null(synckept_take(k, "alice", "phone", 99, 1));
-    sync_rest *r = synckept_take(k, "bob", "phone", 99, 1);
-    ck_assert_ptr_nonnull(r);
+    sync_rest *r = take_kept(k, "bob", "phone", 99, 1);
     ck_assert_int_eq(r->n, 10);
     ck_assert_int_eq(r->ev[0].seq, 100);
     ck_assert_int_eq(metric_value(gauge()), 0);
@@ -80,9 +88,7 @@ START_TEST(a_device_command_forgets_the_users_rests)
     synckept_forget(k, "bob");
     ck_assert_ptr_null(synckept_take(k, "bob", "phone", 99, 1));
     ck_assert_ptr_null(synckept_take(k, "bob", "laptop", 7, 1));
-    sync_rest *r = synckept_take(k, "carol", "phone", 99, 1);
-    ck_assert_ptr_nonnull(r);
-    sync_rest_free(r);
+    sync_rest_free(take_kept(k, "carol", "phone", 99, 1));
     synckept_free(k);
 }
 END_TEST
@@ -113,9 +119,7 @@ START_TEST(bytes_past_the_ceiling_drop_the_oldest)
     }
     ck_assert_ptr_null(synckept_take(k, "u0", "d", 0, 1));
     ck_assert_ptr_null(synckept_take(k, "u5", "d", 0, 1));
-    sync_rest *r = synckept_take(k, "u69", "d", 0, 1);
-    ck_assert_ptr_nonnull(r);
-    sync_rest_free(r);
+    sync_rest_free(take_kept(k, "u69", "d", 0, 1));
     synckept_put(k, rest_of("big", "d", 0, 1, 65, MIB));
     ck_assert_ptr_null(synckept_take(k, "big", "d", 0, 1));
     synckept_free(k);
@@ -133,9 +137,7 @@ START_TEST(rests_past_the_count_drop_the_oldest)
     }
     ck_assert_int_eq(metric_value(gauge()), 256 * 10);
     ck_assert_ptr_null(synckept_take(k, "u0", "d", 0, 1));
-    sync_rest *r = synckept_take(k, "u299", "d", 0, 1);
-    ck_assert_ptr_nonnull(r);
-    sync_rest_free(r);
+    sync_rest_free(take_kept(k, "u299", "d", 0, 1));
     synckept_free(k);
 }
 END_TEST
