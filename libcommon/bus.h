@@ -63,6 +63,16 @@ int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_m
 int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
                 const void *value, size_t len, void *opaque, char *err, size_t errlen);
 
+/* bus_produce for a record whose loss the system repairs by itself (an
+ * ack: its events are pushed again on the next connection and acked
+ * again). Ordered, reported and consumed as any other record, and Kafka
+ * keeps it as any other; the in-process bus does not write it to its log,
+ * so it is gone if the process dies, or its consumer falls behind the
+ * bus's memory, before it is consumed. */
+int bus_produce_transient(bus *b, const char *topic, const char *key, size_t key_len,
+                          const void *value, size_t len, void *opaque, char *err,
+                          size_t errlen);
+
 /* Serves delivery reports (and other events) for up to timeout_ms. */
 void bus_poll(bus *b, int timeout_ms);
 

@@ -566,6 +566,13 @@ int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
     return bus_produce_result(rk, e, topic, err, errlen);
 }
 
+/* Kafka keeps every record: nothing to save by losing one. */
+int bus_produce_transient(bus *b, const char *topic, const char *key, size_t key_len,
+                          const void *value, size_t len, void *opaque, char *err, size_t errlen)
+{
+    return bus_produce(b, topic, key, key_len, value, len, opaque, err, errlen);
+}
+
 static int bus_produce_result(rd_kafka_t *rk, rd_kafka_resp_err_t e, const char *topic,
                               char *err, size_t errlen)
 {

@@ -102,6 +102,7 @@ struct bus_rec {
     void *opaque;
     int status;
     int refs;
+    int transient;       /* bus_produce_transient: ordered, never logged */
     size_t key_len, len;
     char data[];         /* key, NUL, value, NUL */
 };
@@ -584,6 +585,9 @@ static int bus_write_records(bus_hub *h, bus_rec *recs, char *err, size_t errlen
                            " UPDATE SET next = MAX(next, excluded.next)", err, errlen)) == NULL)
         goto out;
     for (bus_rec *r = recs; r != NULL; r = r->next) {
+        r->t->wnext[r->part] = PX_MAX(r->t->wnext[r->part], r->off + 1);
+        if (r->transient)
+            continue;
         sqlite3_reset(ins);
         sqlite3_bind_text(ins, 1, r->t->name, -1, SQLITE_STATIC);
         sqlite3_bind_int(ins, 2, r->part);
@@ -591,7 +595,6 @@ static int bus_write_records(bus_hub *h, bus_rec *recs, char *err, size_t errlen
         sqlite3_bind_int64(ins, 4, r->ts_ms);
         sqlite3_bind_blob(ins, 5, r->data, (int)r->key_len, SQLITE_STATIC);
         sqlite3_bind_blob(ins, 6, r->data + r->key_len + 1, (int)r->len, SQLITE_STATIC);
-        r->t->wnext[r->part] = PX_MAX(r->t->wnext[r->part], r->off + 1);
         if (sqlite3_step(ins) != SQLITE_DONE) {
             bus_sql_err(h->d.db, "insert", err, errlen);
             goto out;
@@ -1014,13 +1017,15 @@ static void bus_produce_volatile(bus *b, bus_rec *r)
     bus_wake(b->h);
 }
 
-int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
-                const void *value, size_t len, void *opaque, char *err, size_t errlen)
+static int bus_produce_rec(bus *b, const char *topic, const char *key, size_t key_len,
+                           const void *value, size_t len, void *opaque, int transient,
+                           char *err, size_t errlen)
 {
     bus_hub *h = b->h;
     if (len > BUS_QUEUE_BYTES / 4 || key_len > 4096)
         return px_err(err, errlen, "in-process bus: record too large (%zu bytes)", len);
     bus_rec *r = bus_rec_new(key, key_len, value, len);
+    r->transient = transient;
     r->b = b;
     r->opaque = opaque;
     r->ts_ms = px_now_ms();
@@ -1058,6 +1063,21 @@ int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
     if (rc != PX_OK)
         free(r);
     return rc;
+}
+
+int bus_produce(bus *b, const char *topic, const char *key, size_t key_len,
+                const void *value, size_t len, void *opaque, char *err, size_t errlen)
+{
+    return bus_produce_rec(b, topic, key, key_len, value, len, opaque, 0, err, errlen);
+}
+
+/* Queued as any record (its offset, order and report come with the next
+ * group commit) but never written: a consumer caught up takes it from the
+ * ring, a process after a crash finds a gap where it was. */
+int bus_produce_transient(bus *b, const char *topic, const char *key, size_t key_len,
+                          const void *value, size_t len, void *opaque, char *err, size_t errlen)
+{
+    return bus_produce_rec(b, topic, key, key_len, value, len, opaque, 1, err, errlen);
 }
 
 /* Serves the delivery reports posted for b (outside mu: a callback may
@@ -1261,7 +1281,7 @@ static int bus_read(bus *b, bus_pos *p, int64_t durable, bus_msg *out, size_t ma
 {
     bus_hub *h = b->h;
     sqlite3_stmt *s = NULL;
-    int n = 0;
+    int n = 0, rc = SQLITE_ROW;
     pthread_mutex_lock(&h->dbmu);
     if ((s = sqldb_stmt(&h->d, "SELECT off, ts, key, value FROM bus_log WHERE topic=? AND"
                            " part=? AND off>=? AND off<? ORDER BY off LIMIT ?", err, errlen)) == NULL) {
@@ -1273,7 +1293,7 @@ static int bus_read(bus *b, bus_pos *p, int64_t durable, bus_msg *out, size_t ma
     sqlite3_bind_int64(s, 3, p->pos);
     sqlite3_bind_int64(s, 4, durable);
     sqlite3_bind_int64(s, 5, (sqlite3_int64)max);
-    while ((size_t)n < max && sqlite3_step(s) == SQLITE_ROW) {
+    while ((size_t)n < max && (rc = sqlite3_step(s)) == SQLITE_ROW) {
         bus_rec *r = bus_rec_new(sqlite3_column_blob(s, 2), (size_t)sqlite3_column_bytes(s, 2),
                                  sqlite3_column_blob(s, 3), (size_t)sqlite3_column_bytes(s, 3));
         r->t = p->t;
@@ -1285,9 +1305,11 @@ static int bus_read(bus *b, bus_pos *p, int64_t durable, bus_msg *out, size_t ma
 out:
     sqldb_done(s);
     pthread_mutex_unlock(&h->dbmu);
-    if (n > 0) {
+    if (n > 0 || (n == 0 && rc == SQLITE_DONE)) {
+        /* Nothing logged in [pos, durable): transient records, gone with
+         * the process that made them or with the ring that held them. */
         pthread_mutex_lock(&h->mu);
-        p->pos = out[n - 1].offset + 1;
+        p->pos = n > 0 ? out[n - 1].offset + 1 : durable;
         bus_ring_trim(h, p->t, p->part);
         pthread_mutex_unlock(&h->mu);
     }

@@ -74,11 +74,14 @@ static void commands_error(gw *g, conn *c, const char *ref, enum proto_code code
         buf_;                                                          \
     })
 
-static int commands_produce(gw *g, const char *topic, const char *key, uint8_t *buf,
-                            size_t len, void *opaque)
+/* Takes buf. A transient record may be lost with the process (bus.h). */
+static int commands_produce_as(gw *g, const char *topic, const char *key, uint8_t *buf,
+                               size_t len, void *opaque, int transient)
 {
     char err[PX_ERRLEN];
-    int rc = bus_produce(g->b, topic, key, strlen(key), buf, len, opaque, err, sizeof(err));
+    int rc = (transient ? bus_produce_transient : bus_produce)(g->b, topic, key, strlen(key),
+                                                                buf, len, opaque, err,
+                                                                sizeof(err));
     if (rc != PX_OK) {
         char detail[PX_ERRLEN + 128];
         snprintf(detail, sizeof(detail), "%s: %s", topic, rc == PX_AGAIN ? "local queue full" : err);
@@ -86,6 +89,12 @@ static int commands_produce(gw *g, const char *topic, const char *key, uint8_t *
     }
     free(buf);
     return rc;
+}
+
+static int commands_produce(gw *g, const char *topic, const char *key, uint8_t *buf,
+                            size_t len, void *opaque)
+{
+    return commands_produce_as(g, topic, key, buf, len, opaque, 0);
 }
 
 static const Parley__GroupCommand__Type commands_group_types[] = {
@@ -365,8 +374,11 @@ static void commands_ack(gw *g, conn *c, const proto_cmd *cmd)
     rec.ts_ms = px_now_ms();
     uint8_t *buf = COMMANDS_PACK(ack_record, &rec, &len);
     /* An ack has no answer; if it is lost the events come again on the next
-     * connection and the client acks them again. */
-    commands_produce(g, g->topic_acks, rec.user, buf, len, &commands_record_tag);
+     * connection and the client acks them again, so it is transient (parleyd
+     * does not log it). A `read` of an event already acked is not sent
+     * again: it stays durable. */
+    commands_produce_as(g, g->topic_acks, rec.user, buf, len, &commands_record_tag,
+                        cmd->type != PROTO_READ);
     if (cmd->type == PROTO_READ)
         commands_read_state(g, c, cmd);
 }

@@ -2,8 +2,8 @@
  * reports only for durable records, per-key order, redelivery of what was
  * not committed after a restart (and none of what was), one member per
  * group, the consume eventfd and bus_wakeup; a caught-up consumer served
- * from memory, volatile topics, kill -9 in the middle of group commits, and
- * retention keeping what a group has not committed.
+ * from memory, volatile topics, transient records, kill -9 in the middle of
+ * group commits, and retention keeping what a group has not committed.
  * Each test has its own data folder. */
 #include "bus.h"
 #include "bus_sqlite.h"
@@ -268,6 +268,48 @@ START_TEST(volatile_topic_skips_the_log)
 }
 END_TEST
 
+/* Transient records (bus_produce_transient, parleyd's acks) among
+ * durable ones of the same partitions: reported and consumed in order as
+ * any other, never logged, so a process after a restart reads only the
+ * durable ones, past the gaps, also a gap at the log's end. */
+START_TEST(transient_records_are_ordered_but_never_logged)
+{
+    const char *topics[] = { "t.acks" };
+    char err[PX_ERRLEN] = "", key[16], val[32];
+    static reports r;
+    fresh_dir();
+    bus *c = open_bus("gtr");
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    bus *p = open_bus(NULL);
+    for (int i = 0; i < 305; i++) { /* every third durable, the last five transient */
+        snprintf(key, sizeof(key), "u%d", i % 5);
+        snprintf(val, sizeof(val), "%d", i);
+        int transient = i % 3 != 0 || i >= 300;
+        ck_assert_int_eq((transient ? bus_produce_transient : bus_produce)(
+                             p, "t.acks", key, strlen(key), val, strlen(val), &r, err,
+                             sizeof(err)), PX_OK);
+    }
+    ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
+    ck_assert_int_eq(r.ok, 305);
+    ck_assert_int_eq(sql_on_file("SELECT count(*) FROM bus_log WHERE topic='t.acks'"), 100);
+    ck_assert_int_eq(sql_on_file("SELECT count(*) FROM bus_log WHERE topic='t.acks'"
+                                 " AND CAST(value AS INTEGER) % 3 != 0"), 0);
+    ck_assert_int_eq(consume_all(c, 305, 0), 305);
+    bus_destroy(c);
+    bus_destroy(p);
+
+    c = open_bus("gtr");
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(consume_all(c, 100, 100), 100);
+    p = open_bus(NULL);
+    produce_n(p, &r, "t.acks", 5); /* past the gap at the end of each partition */
+    ck_assert_int_eq(consume_all(c, 5, 5), 5);
+    bus_destroy(p);
+    bus_destroy(c);
+    remove_dir();
+}
+END_TEST
+
 /* kill -9 while the writer commits group after group: every record
  * reported PX_OK before the kill is in the log for the next process. The
  * child produces as fast as it can and writes each reported value to a
@@ -435,6 +477,7 @@ int main(void)
     tcase_add_test(tc, consume_fd_and_wakeup);
     tcase_add_test(tc, caught_up_consumer_gets_records_without_a_read_back);
     tcase_add_test(tc, volatile_topic_skips_the_log);
+    tcase_add_test(tc, transient_records_are_ordered_but_never_logged);
     tcase_add_test(tc, crash_mid_group_commit_loses_nothing_reported);
     tcase_add_test(tc, bus_tables_move_out_of_the_store_file);
     tcase_add_test(tc, retention_deletes_only_what_every_group_committed);
