@@ -1,6 +1,7 @@
 /* synckept: the rests of sync scans kept for a connection's next page
  * (services/message-store/synckept.c): what is handed back and to whom,
- * what drops a rest, and the ceilings on what is kept. */
+ * what drops a rest (idling 30 s among it), and the ceilings on what is
+ * kept. */
 #include "check_main.h"
 #include "common.h"
 #include "../../services/message-store/msgstore.h"
@@ -107,6 +108,35 @@ END_TEST
 
 /* 64 MiB of event bytes at most: the least lately kept go first, and a
  * rest larger than the whole ceiling is not kept at all. */
+/* A rest nobody asked for in 30 s is of no use (its connection is gone or
+ * stalled): the next take does not hand it back, the next put drops it.
+ * Its clock is moved back by hand. */
+START_TEST(a_rest_idle_for_30_s_is_dropped)
+{
+    synckept *k = synckept_new(gauge());
+    sync_rest *bob = rest_of("bob", "phone", 9, 1, 1, 100);
+    sync_rest *carol = rest_of("carol", "phone", 9, 1, 1, 200);
+    sync_rest *dave = rest_of("dave", "phone", 9, 1, 1, 400);
+    synckept_put(k, bob);
+    synckept_put(k, carol);
+    synckept_put(k, dave);
+    ck_assert_int_eq(metric_value(gauge()), 700);
+    bob->used_ms -= 30000;
+    dave->used_ms -= 29000;
+    ck_assert_ptr_null(synckept_take(k, "bob", "phone", 9, 1));
+    ck_assert_int_eq(metric_value(gauge()), 600);
+    sync_rest *r = take_kept(k, "dave", "phone", 9, 1);
+    ck_assert_ptr_eq(r, dave);
+    sync_rest_free(r);
+    carol->used_ms -= 30000;
+    synckept_put(k, rest_of("erin", "phone", 9, 1, 1, 800));
+    ck_assert_int_eq(metric_value(gauge()), 800);
+    ck_assert_ptr_null(synckept_take(k, "carol", "phone", 9, 1));
+    sync_rest_free(take_kept(k, "erin", "phone", 9, 1));
+    synckept_free(k);
+}
+END_TEST
+
 START_TEST(bytes_past_the_ceiling_drop_the_oldest)
 {
     enum { MIB = 1 << 20 };
@@ -150,6 +180,7 @@ static Suite *synckept_suite(void)
     tcase_add_test(tc, another_start_or_generation_drops_it);
     tcase_add_test(tc, a_device_command_forgets_the_users_rests);
     tcase_add_test(tc, a_write_moves_the_users_version);
+    tcase_add_test(tc, a_rest_idle_for_30_s_is_dropped);
     tcase_add_test(tc, bytes_past_the_ceiling_drop_the_oldest);
     tcase_add_test(tc, rests_past_the_count_drop_the_oldest);
     suite_add_tcase(s, tc);
