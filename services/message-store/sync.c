@@ -101,7 +101,8 @@ static int sync_on_event(void *arg, const store_event *ev)
     if (j->capped)
         return PX_OK; /* the scan cannot be stopped early */
     int page = sync_fits(j, ev->json_len);
-    if (!page && (rest->n >= SYNC_REST_EVENTS || rest->bytes + ev->json_len > SYNC_REST_BYTES)) {
+    if (!page && (rest->n >= SYNC_REST_EVENTS ||
+                  rest->bytes + SYNC_EV_COST(ev->json_len) > SYNC_REST_BYTES)) {
         j->capped = 1;
         return PX_OK;
     }
@@ -112,7 +113,7 @@ static int sync_on_event(void *arg, const store_event *ev)
         j->bytes += e.len;
     } else {
         sync_push(&rest->ev, &rest->n, &rest->cap, e);
-        rest->bytes += e.len;
+        rest->bytes += SYNC_EV_COST(e.len);
     }
     return PX_OK;
 }
@@ -126,7 +127,7 @@ static int sync_from_rest(sync_job *j, sync_rest *r)
     j->kept = 1;
     while (r->head < r->n && sync_fits(j, r->ev[r->head].len)) {
         sync_ev e = r->ev[r->head++];
-        r->bytes -= e.len;
+        r->bytes -= SYNC_EV_COST(e.len);
         sync_push(&j->ev, &j->n, &j->cap, e);
         j->bytes += e.len;
     }

@@ -29,7 +29,7 @@
 
 #define KEPT_VERSIONS 4096           /* write versions, by hash of user */
 #define KEPT_MAX 256                 /* rests kept at once */
-#define KEPT_BYTES (64 << 20)        /* their event bytes together */
+#define KEPT_BYTES (64 << 20)        /* their memory together (SYNC_EV_COST) */
 #define KEPT_IDLE_MS 30000           /* a rest nobody asked for since is dropped */
 
 struct synckept {
