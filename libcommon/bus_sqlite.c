@@ -1307,9 +1307,12 @@ out:
     pthread_mutex_unlock(&h->dbmu);
     if (n > 0 || (n == 0 && rc == SQLITE_DONE)) {
         /* Nothing logged in [pos, durable): transient records, gone with
-         * the process that made them or with the ring that held them. */
+         * the process that made them or with the ring that held them; the
+         * ring may still hold later ones. */
         pthread_mutex_lock(&h->mu);
-        p->pos = n > 0 ? out[n - 1].offset + 1 : durable;
+        const bus_ring *rg = &p->t->ring[p->part];
+        int64_t gap_end = rg->n > 0 && rg->lo > p->pos && rg->lo < durable ? rg->lo : durable;
+        p->pos = n > 0 ? out[n - 1].offset + 1 : gap_end;
         bus_ring_trim(h, p->t, p->part);
         pthread_mutex_unlock(&h->mu);
     }

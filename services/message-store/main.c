@@ -35,7 +35,7 @@ static void main_metrics(msgstore *ms)
     m->sync_pages_kept = PAGES("kept");
 #undef PAGES
     m->sync_kept_bytes = metrics_gauge("parley_msgstore_sync_kept_bytes",
-                                       "Memory of sync scans kept for the next pages (event bytes and their slots)");
+                                       "Memory of sync scans kept for the next pages");
     m->sync_events = metrics_counter("parley_msgstore_sync_events_total",
                                      "Events pushed by syncs");
     m->acks = metrics_counter("parley_msgstore_acks_total", "Ack records applied");
