@@ -23,7 +23,10 @@
  *
  * Volatile topics (bus_sqlite.h: parleyd's deliveries to its own gateway,
  * which die with the process anyway) skip the log: a record is in its ring
- * and reported at once, and consumers' commits are not written.
+ * and reported at once, and consumers' commits are not written. A
+ * transient record (bus_produce_transient: parleyd's plain acks) goes
+ * through the writer like any other but is not inserted: a reader behind
+ * the ring finds a gap there.
  *
  * A group has one member in one process (parleyd runs one instance of each
  * service): a second member is refused with a clear error. */
