@@ -475,9 +475,16 @@ int http_start(gw *g, char *err, size_t errlen)
     g->guard = http_guard_new(g, err, errlen);
     if (g->guard == NULL)
         return PX_ERROR;
-    /* The logger must come first or MHD logs its own way until it sees it. */
+    /* The logger must come first or MHD logs its own way until it sees it.
+     * poll(), not epoll: libmicrohttpd 0.9.75's MHD_quiesce_daemon on an
+     * epoll thread pool races each worker to take the listen socket out of
+     * its epoll set, and the loser aborts the process ("Failed to remove
+     * listen FD from epoll set": a gateway draining on SIGTERM, about one
+     * shutdown in 45). poll() quiesces by a wake-up instead. MHD polls only
+     * HTTP requests in progress: an upgraded WebSocket is suspended for it
+     * and lives on our own epoll workers. */
     g->mhd = MHD_start_daemon(
-        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_UPGRADE | MHD_USE_ITC |
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL | MHD_ALLOW_UPGRADE | MHD_USE_ITC |
             MHD_USE_ERROR_LOG,
         0, NULL, NULL, http_access, g,
         MHD_OPTION_EXTERNAL_LOGGER, http_mhd_log, NULL,
