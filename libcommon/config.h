@@ -43,6 +43,9 @@ typedef struct config {
     long workers;                /* PARLEY_WORKERS gateway epoll threads */
     long partitions;             /* PARLEY_PARTITIONS for user-keyed topics */
     long sweep_ms;               /* PARLEY_SWEEP_MS retention sweep period */
+    long msgstore_hold_ms;       /* PARLEY_MSGSTORE_HOLD_MS: pushed events wait this
+                                    long for their store round, so an ack can
+                                    settle them before it (parleyd: 100) */
     long send_rate;              /* PARLEY_SEND_RATE sends/s per user */
     long send_burst;             /* PARLEY_SEND_BURST sends above the rate */
     long cmd_rate;               /* PARLEY_CMD_RATE: acks, reads, group commands,

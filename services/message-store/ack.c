@@ -29,7 +29,20 @@
  * An ack whose event is not in the store yet (another message-store
  * process, or a takeover, is still storing it: putgate.c covers only this
  * process's puts) waits in the acker's ackwait.c and is applied the same
- * way, on a retry, once the event is there (ack_retry_due). */
+ * way, on a retry, once the event is there (ack_retry_due).
+ *
+ * An ack of an event this process pushed and has not stored yet (held in
+ * the putgate, waiting for its store round) is settled without the store
+ * when every device that needs the event has acked it in this run: its
+ * fact is made from the held event, and once Kafka holds the fact the
+ * event is marked settled, which keeps it out of the inbox put (ack_held).
+ * A device list read after the event was consumed names every device that
+ * needs it (a device linked later needs only later events), so the one
+ * read here, or a kept one (devcache.c), decides. An event the writer took
+ * meanwhile goes the store's way below (its fact made again: harmless). A
+ * crash before the inbox record's commit pushes the event again, and its
+ * repeated ack settles it again. Only acks that name an event still on its
+ * way to the store wait at the gate. */
 #include "common.h"
 #include "log.h"
 #include "msgstore.h"
@@ -58,6 +71,7 @@ typedef struct ack_entry {
     int gone;              /* every device that needs it has acked: delete it */
     int marked;            /* some device had acked it before */
     int64_t seq, ev_ts;    /* the held event's, for its marks */
+    int settled;           /* its event was settled before its store round */
     int32_t part;          /* the AckRecord's place in parley.acks (the oldest) */
     int64_t off;
 } ack_entry;
@@ -158,24 +172,22 @@ static int ack_range(ack_ctx *c, const char *user, const char *id, size_t *lo, s
 }
 
 /* The fact of an acked message: READ if any of its entries reads, else
- * DELIVERED when no device had acked it before (the first one's ack is
- * the delivery; later ones repeat nothing). */
-static int ack_message_fact(ack_ctx *c, const store_event *ev, size_t lo, size_t hi)
+ * DELIVERED when no device had acked it before (nacked: the first one's
+ * ack is the delivery; later ones repeat nothing). */
+static int ack_message_fact(ack_ctx *c, size_t lo, size_t hi, size_t nacked, const char *sender,
+                            const char *group)
 {
     const ack_entry *r = NULL;
     for (size_t i = lo; i < hi && r == NULL; i++)
         if (c->e[i].read)
             r = &c->e[i];
-    if (r == NULL && ev->nacked > 0)
+    if (r == NULL && nacked > 0)
         return PX_OK;
     metric_add(c->ms->m.acked_messages, 1);
-    char *group = ack_group_of(ev);
-    int rc = ack_fact(c, r != NULL ? r : &c->e[lo],
-                      r != NULL ? PARLEY__RECEIPT_FACT__STATUS__STATUS_READ
-                                : PARLEY__RECEIPT_FACT__STATUS__STATUS_DELIVERED,
-                      ev->sender, group);
-    free(group);
-    return rc;
+    return ack_fact(c, r != NULL ? r : &c->e[lo],
+                    r != NULL ? PARLEY__RECEIPT_FACT__STATUS__STATUS_READ
+                              : PARLEY__RECEIPT_FACT__STATUS__STATUS_DELIVERED,
+                    sender, group);
 }
 
 /* The acking devices of entries [lo, hi), at most ACK_DEVS_MAX. */
@@ -223,7 +235,10 @@ static int ack_on_held(void *arg, const store_event *ev)
     c->held++;
     if (ev->kind != STORE_MESSAGE || ev->sender == NULL)
         return PX_OK;
-    return ack_message_fact(c, ev, lo, hi);
+    char *group = ack_group_of(ev);
+    int rc = ack_message_fact(c, lo, hi, ev->nacked, ev->sender, group);
+    free(group);
+    return rc;
 }
 
 /* `read` ids the inbox no longer holds: claims for the receipt service. */
@@ -431,6 +446,125 @@ static void ack_note_outcome(ack_ctx *c)
     }
 }
 
+/* One event of the run held in the putgate: what its fact needs, copied
+ * under the gate's lock, and whether this run's devices cover it. */
+typedef struct ack_held_ev {
+    size_t lo, hi;         /* its entries */
+    int64_t seq;
+    int kind;
+    char *sender, *group;  /* owned */
+    int covered;           /* -1: undecided yet */
+} ack_held_ev;
+
+static void ack_held_copy(void *arg, const store_event *ev)
+{
+    ack_held_ev *h = arg;
+    h->seq = ev->seq;
+    h->kind = ev->kind;
+    h->sender = ev->sender != NULL ? px_strdup(ev->sender) : NULL;
+    h->group = ack_group_of(ev);
+}
+
+/* Decides the held events no kept list could, with one devices read for
+ * their users (in entry order, which is user order). */
+static int ack_held_devices(ack_ctx *c, ack_held_ev *h, size_t nh, char *err, size_t errlen)
+{
+    devices_list *l = px_calloc(nh + 1, sizeof(*l));
+    size_t nl = 0;
+    for (size_t i = 0; i < nh; i++)
+        if (h[i].covered < 0 &&
+            (nl == 0 || strcmp(l[nl - 1].user, c->e[h[i].lo].key.user) != 0))
+            l[nl++].user = c->e[h[i].lo].key.user;
+    int rc = nl > 0 ? devices_load(c->ms, l, nl, err, errlen) : PX_OK;
+    for (size_t i = 0; i < nh && rc == PX_OK; i++) {
+        if (h[i].covered >= 0)
+            continue;
+        const devices_list *d = devices_find(l, nl, c->e[h[i].lo].key.user);
+        const char *now[ACK_DEVS_MAX];
+        size_t nnow = ack_now(c, h[i].lo, h[i].hi, now);
+        h[i].covered = d != NULL && devices_covered(d, h[i].seq, NULL, 0, now, nnow);
+    }
+    /* Read after every one of these events was consumed: good for them. */
+    for (size_t k = 0; k < nl && rc == PX_OK; k++) {
+        int64_t upto = -1;
+        for (size_t i = 0; i < nh; i++)
+            if (strcmp(c->e[h[i].lo].key.user, l[k].user) == 0)
+                upto = PX_MAX(upto, h[i].seq);
+        devcache_put(c->ms->devcache, &l[k], upto);
+    }
+    free(l);
+    return rc;
+}
+
+/* The held events of the run (c->e, c->n) that its devices cover get their
+ * facts, and once Kafka holds them are settled; their entries get settled.
+ * *gate: some entry's event is on its way to the store (pending but not
+ * covered, or taken by a store round): the store path must wait for it. */
+static int ack_held(ack_ctx *c, int *gate, char *err, size_t errlen)
+{
+    msgstore *ms = c->ms;
+    ack_held_ev *h = px_calloc(c->n + 1, sizeof(*h));
+    size_t nh = 0;
+    *gate = 0;
+    for (size_t lo = 0, hi; lo < c->n; lo = hi) {
+        for (hi = lo + 1; hi < c->n && ack_event_cmp(&c->e[hi], &c->e[lo]) == 0; hi++)
+            ;
+        enum putgate_state st = putgate_find(ms->gate, c->e[lo].key.user, c->e[lo].key.id,
+                                             ack_held_copy, &h[nh]);
+        if (st == PUTGATE_STORING)
+            *gate = 1;
+        for (size_t i = lo; i < hi && st == PUTGATE_SETTLED; i++)
+            c->e[i].settled = !c->e[i].read; /* a later read claims (receipt.c resolves it) */
+        if (st != PUTGATE_PENDING)
+            continue;
+        const char *now[ACK_DEVS_MAX];
+        size_t nnow = ack_now(c, lo, hi, now);
+        int gone = 0;
+        h[nh].lo = lo;
+        h[nh].hi = hi;
+        h[nh].covered = devcache_covered(ms->devcache, c->e[lo].key.user, h[nh].seq, NULL, 0,
+                                         now, nnow, &gone) ? gone : -1;
+        nh++;
+    }
+    c->facts = 0;
+    c->err[0] = '\0';
+    int rc = ack_held_devices(c, h, nh, err, errlen);
+    for (size_t i = 0; i < nh && rc == PX_OK; i++)
+        if (h[i].covered && h[i].kind == STORE_MESSAGE && h[i].sender != NULL)
+            rc = ack_message_fact(c, h[i].lo, h[i].hi, 0, h[i].sender, h[i].group);
+    if (rc != PX_OK && c->err[0] != '\0')
+        px_err(err, errlen, "%s", c->err);
+    if (rc == PX_OK)
+        rc = ack_facts_durable(c, err, errlen);
+    for (size_t i = 0; i < nh && rc == PX_OK; i++) {
+        const ack_entry *x = &c->e[h[i].lo];
+        if (!h[i].covered || !putgate_settle(ms->gate, x->key.user, x->key.id)) {
+            *gate = 1; /* another device needs it, or a round took it: the store's way */
+            continue;
+        }
+        for (size_t k = h[i].lo; k < h[i].hi; k++)
+            c->e[k].settled = 1;
+        if (ms->waits != NULL)
+            ackwait_applied(ms->waits, x->key.user, x->key.id);
+    }
+    for (size_t i = 0; i < nh; i++) {
+        free(h[i].sender);
+        free(h[i].group);
+    }
+    free(h);
+    return rc;
+}
+
+/* Drops the settled entries of e[0..k); returns how many are left. */
+static size_t ack_unsettled(ack_entry *e, size_t k)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < k; i++)
+        if (!e[i].settled)
+            e[n++] = e[i];
+    return n;
+}
+
 /* Applies the sorted, unique entries e[0..k) chunk by chunk; on a first
  * attempt, what was not found may wait. On failure the entries of the chunk
  * that failed and of those after it read as not found. */
@@ -506,17 +640,23 @@ int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *
         metric_add(ms->m.acks, 1);
     }
     k = ack_unique(e, k);
-    /* The events acked here were pushed before their puts; wait for those
-     * (one store round trip at most, off the delivery path). A gate that
-     * does not open in time means the inbox consumer is retrying a failing
-     * store: go on, an ack whose event is not found yet waits (ackwait.c). */
-    int64_t t0 = service_clock_us();
-    if (putgate_wait(ms->gate, ACK_GATE_MS) != PX_OK)
-        log_warn("acks applied before the inbox puts they follow", "{s:i}", "waited_ms",
-                 ACK_GATE_MS);
-    service_observe(ms->m.lat_gate, t0);
-    ack_ctx c = { .ms = ms, .idx = idx };
-    int rc = ack_chunks(&c, e, k, err, errlen);
+    ack_ctx c = { .ms = ms, .idx = idx, .e = e, .n = k };
+    int gate = 0;
+    int rc = ack_held(&c, &gate, err, errlen);
+    k = ack_unsettled(e, k);
+    /* What is left and was pushed before its put waits for it (one store
+     * round trip at most, off the delivery path). A gate that does not
+     * open in time means the inbox consumer is retrying a failing store:
+     * go on, an ack whose event is not found yet waits (ackwait.c). */
+    if (rc == PX_OK && gate && k > 0) {
+        int64_t t0 = service_clock_us();
+        if (putgate_wait(ms->gate, ACK_GATE_MS) != PX_OK)
+            log_warn("acks applied before the inbox puts they follow", "{s:i}", "waited_ms",
+                     ACK_GATE_MS);
+        service_observe(ms->m.lat_gate, t0);
+    }
+    if (rc == PX_OK && k > 0)
+        rc = ack_chunks(&c, e, k, err, errlen);
     free(e);
     return rc;
 }

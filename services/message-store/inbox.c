@@ -61,6 +61,7 @@ struct inbox_run {
     int *skip;             /* store stage: record i is left out (devices_unneeded) */
     store_event *pev;      /* the events pushed, in batch order */
     size_t n, nc, np;
+    putgate *gate;         /* holds pev from before the push to the run's end */
     uint64_t gate_run;     /* putgate number */
     route_refresh *refresh;
 };
@@ -183,6 +184,8 @@ inbox_run *inbox_push(msgstore *ms, msgstore_rec *recs, size_t n)
             inbox_recent_note(ms->recent, ir->keys[ir->cidx[c]]))
             inbox_event(&ir->pev[ir->np++], r);
     }
+    ir->gate = ms->gate;
+    putgate_hold(ir->gate, ir->pev, ir->np);
     ir->refresh = route_live(ms, ir->pev, ir->np);
     return ir;
 }
@@ -192,6 +195,7 @@ void inbox_push_end(inbox_run *ir)
     if (ir == NULL)
         return;
     route_refresh_end(ir->refresh);
+    putgate_release(ir->gate, ir->pev, ir->np);
     for (size_t i = 0; i < ir->n; i++) {
         free(ir->keys[i]);
         free(ir->tags[i]);
@@ -209,11 +213,12 @@ typedef struct inbox_all {
     char **keys;
     const char **tags;
     const msgstore_rec **recs;
-    int *dup, *fresh, *inserted;
+    int *dup, *fresh, *inserted, *settled;
     const char **ckeys, **ctags;   /* the claim's (not dup) */
     const msgstore_rec **crecs;
-    store_event *fev;
-    size_t n, nc, nf;
+    store_event *fev;              /* fresh: claimed by these records */
+    store_event *put;              /* of them, those no ack settled */
+    size_t n, nc, nf, nput;
 } inbox_all;
 
 static void inbox_all_init(inbox_all *a, inbox_run *const *runs, size_t nruns)
@@ -228,10 +233,12 @@ static void inbox_all_init(inbox_all *a, inbox_run *const *runs, size_t nruns)
     a->dup = px_calloc(n + 1, sizeof(*a->dup));
     a->fresh = px_calloc(n + 1, sizeof(*a->fresh));
     a->inserted = px_calloc(n + 1, sizeof(*a->inserted));
+    a->settled = px_calloc(n + 1, sizeof(*a->settled));
     a->ckeys = px_calloc(n + 1, sizeof(*a->ckeys));
     a->ctags = px_calloc(n + 1, sizeof(*a->ctags));
     a->crecs = px_calloc(n + 1, sizeof(*a->crecs));
     a->fev = px_calloc(n + 1, sizeof(*a->fev));
+    a->put = px_calloc(n + 1, sizeof(*a->put));
     for (size_t r = 0; r < nruns; r++)
         for (size_t c = 0; c < runs[r]->nc; c++) {
             size_t i = runs[r]->cidx[c];
@@ -260,10 +267,12 @@ static void inbox_all_free(inbox_all *a)
     free(a->dup);
     free(a->fresh);
     free(a->inserted);
+    free(a->settled);
     free(a->ckeys);
     free(a->ctags);
     free(a->crecs);
     free(a->fev);
+    free(a->put);
 }
 
 /* Sets the runs' skip marks with one devices read for all of them (a
@@ -325,12 +334,23 @@ int inbox_store(msgstore *ms, inbox_run *const *runs, size_t nruns, char *err, s
     for (size_t c = 0; c < a.nc; c++)
         if (a.fresh[c])
             inbox_event(&a.fev[a.nf++], a.crecs[c]);
+    /* What an ack settled while it was held has its receipt fact and is
+     * delivered: it is not written (nor deleted a moment later). The rest
+     * is the writer's from here on. */
+    putgate_take(ms->gate, a.fev, a.nf, a.settled);
+    size_t settled = 0;
+    for (size_t i = 0; i < a.nf; i++) {
+        if (a.settled[i])
+            settled++;
+        else
+            a.put[a.nput++] = a.fev[i];
+    }
     /* Before the put: a sync's kept rest must not end the backlog past it. */
-    for (size_t i = 0; i < a.nf; i++)
-        synckept_wrote(ms->kept, a.fev[i].user);
-    if (a.nf > 0) {
+    for (size_t i = 0; i < a.nput; i++)
+        synckept_wrote(ms->kept, a.put[i].user);
+    if (a.nput > 0) {
         t0 = service_clock_us();
-        if (store_inbox_put(ms->svc.st, a.fev, a.nf, a.inserted, err, errlen) != PX_OK)
+        if (store_inbox_put(ms->svc.st, a.put, a.nput, a.inserted, err, errlen) != PX_OK)
             goto out;
         service_observe(ms->m.lat_put, t0);
     }
@@ -338,14 +358,16 @@ int inbox_store(msgstore *ms, inbox_run *const *runs, size_t nruns, char *err, s
         goto out;
     /* Before the gate opens: an ack by another device must find the
      * origin's mark, or it would wait for the origin forever. */
-    if (devices_mark_origins(ms, a.fev, a.nf, err, errlen) != PX_OK)
+    if (devices_mark_origins(ms, a.put, a.nput, err, errlen) != PX_OK)
         goto out;
+    putgate_stored(ms->gate, a.put, a.nput);
     putgate_durable(ms->gate, runs[nruns - 1]->gate_run);
     size_t inserted = 0;
-    for (size_t i = 0; i < a.nf; i++)
+    for (size_t i = 0; i < a.nput; i++)
         inserted += a.inserted[i] != 0;
     metric_add(ms->m.stored, (int64_t)inserted);
-    metric_add(ms->m.duplicates, (int64_t)(records - inserted));
+    metric_add(ms->m.settled, (int64_t)settled);
+    metric_add(ms->m.duplicates, (int64_t)(records - inserted - settled));
     rc = PX_OK;
 out:
     inbox_all_free(&a);

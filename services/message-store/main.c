@@ -41,6 +41,8 @@ static void main_metrics(msgstore *ms)
     m->acks = metrics_counter("parley_msgstore_acks_total", "Ack records applied");
     m->acked_events = metrics_counter("parley_msgstore_acked_events_total",
                                       "Inbox events deleted by acks");
+    m->settled = metrics_counter("parley_msgstore_settled_events_total",
+                                 "Events acked while held for their store round: never stored");
     m->acked_messages = metrics_counter("parley_msgstore_acked_messages_total",
                                         "Acked messages with a sender (each made a receipt fact)");
     m->dead = metrics_counter("parley_msgstore_dead_letters_total",
@@ -127,6 +129,7 @@ static void main_started(void *arg, json_t *fields)
     json_object_set_new(fields, "presence_cache_ms", json_integer(cfg->presence_ttl_ms));
     json_object_set_new(fields, "retention_days", json_integer(cfg->retention_days));
     json_object_set_new(fields, "sweep_ms", json_integer(cfg->sweep_ms));
+    json_object_set_new(fields, "hold_ms", json_integer(cfg->msgstore_hold_ms));
     json_object_set_new(fields, "push_records", json_boolean(cfg->push_url != NULL));
 }
 

@@ -45,7 +45,7 @@ typedef struct msgstore_metrics {
         *cache_hits, *cache_misses, *devcache_hits, *devcache_misses, *lookup_failures,
         *swept_inbox, *swept_seen, *swept_media, *ack_waits, *ack_waits_found,
         *ack_waits_expired, *ack_waits_full, *ack_commits_held, *push_records,
-        *sync_pages_scan, *sync_pages_kept, *sync_kept_bytes;
+        *sync_pages_scan, *sync_pages_kept, *sync_kept_bytes, *settled;
     metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
         *lat_sweep, *lat_gate;
 } msgstore_metrics;
@@ -216,8 +216,41 @@ uint64_t putgate_pushed(putgate *g);
 /* Run number run (and every one before it) has its store effects durable. */
 void putgate_durable(putgate *g, uint64_t run);
 /* Waits until every run pushed so far is durable: PX_OK, or PX_AGAIN after
- * timeout_ms (the inbox consumer is retrying a failing store). */
+ * timeout_ms (the inbox consumer is retrying a failing store). Calls the
+ * hurry hook first when it has to wait. */
 int putgate_wait(putgate *g, int64_t timeout_ms);
+/* hurry(arg) is called (under the gate's lock: it may only signal) when
+ * an ack waits for runs not stored yet: the writer ends its hold. */
+void putgate_on_wait(putgate *g, void (*hurry)(void *), void *arg);
+
+/* Held events: pushed, not stored yet. An event's entry is borrowed (ev
+ * must stay valid until putgate_release) and lives from before its push
+ * to the end of its run. */
+enum putgate_state {
+    PUTGATE_NONE,       /* not held: stored, never pushed here, or long gone */
+    PUTGATE_PENDING,    /* waiting for its store round */
+    PUTGATE_STORING,    /* taken by a store round: the store will have it */
+    PUTGATE_STORED,     /* durable in the store */
+    PUTGATE_SETTLED,    /* acked by every device that needs it before its round:
+                           its receipt fact is durable, it is never stored */
+};
+/* Push stage: the n events about to be pushed are held (PENDING). */
+void putgate_hold(putgate *g, const store_event *ev, size_t n);
+/* Run end: the entries of these events (by address) leave. */
+void putgate_release(putgate *g, const store_event *ev, size_t n);
+/* Store stage, before the put: settled[i] = 1 for an event (by user, id)
+ * that an ack settled (leave it out); the pending ones become STORING. */
+void putgate_take(putgate *g, const store_event *ev, size_t n, int *settled);
+/* Store stage, once durable: the STORING ones (by user, id) become STORED. */
+void putgate_stored(putgate *g, const store_event *ev, size_t n);
+/* The state of (user, id); for a PENDING one, cb(arg, ev) runs under the
+ * gate's lock first (copy what is needed: ev is gone after the call). */
+enum putgate_state putgate_find(putgate *g, const char *user, const char *id,
+                                void (*cb)(void *, const store_event *), void *arg);
+/* Acker, once the event's fact is durable: PENDING -> SETTLED. 1 if it was
+ * still pending, 0 if a store round took it meanwhile (then it is stored,
+ * and the ack goes the store's way). */
+int putgate_settle(putgate *g, const char *user, const char *id);
 
 /* ---- route.c: presence cache and live pushes ---- */
 

@@ -22,7 +22,14 @@
  * dead letters) wait until the pipeline is empty and then run the whole
  * batch path (batch.c), so a sync's scan sees every event consumed before
  * it. The pipeline holds at most WRITER_MAX_RECORDS records: a store that
- * falls behind (or fails) stops consumption there, as before. */
+ * falls behind (or fails) stops consumption there, as before.
+ *
+ * With PARLEY_MSGSTORE_HOLD_MS the writer lets the oldest batch wait that
+ * long before its round (the events are pushed already; only the store
+ * and the commit wait), so an online recipient's ack usually comes first
+ * and settles its event (putgate.c): it is then never written. The hold
+ * ends early when anything waits for the store: an ack at the gate, a sync
+ * or device command (writer_drain), a pipeline half full, a stop. */
 #include "common.h"
 #include "log.h"
 #include "msgstore.h"
@@ -32,8 +39,9 @@
 #include <string.h>
 #include <time.h>
 
-#define WRITER_MAX_RECORDS (8 * MSGSTORE_BATCH)
+#define WRITER_MAX_RECORDS (16 * MSGSTORE_BATCH)
 #define WRITER_WAIT_SLICE_MS 5
+#define WRITER_STOP_STORE_MS 5000
 
 typedef struct writer_batch {
     struct writer_batch *next;
@@ -45,6 +53,7 @@ typedef struct writer_batch {
     batch_tag ptag;         /* its push records: produced once stored */
     int precs;              /* its push records are produced (none failed yet) */
     int stored;             /* under mu */
+    int64_t added_ms;       /* monotonic: when it was queued */
 } writer_batch;
 
 struct writer {
@@ -56,6 +65,8 @@ struct writer {
     writer_batch *head, *tail;
     writer_batch *next;      /* the first batch not stored yet, or NULL */
     size_t records;          /* in the pipeline */
+    int64_t hold_ms;         /* cfg.msgstore_hold_ms */
+    int hurry;               /* something waits for the store: no hold */
     int stop;
 };
 
@@ -107,6 +118,25 @@ static int writer_store(writer *w, writer_batch *first, writer_batch *last)
     return rc;
 }
 
+/* mu held: how long the next round may still wait (0: go now). */
+static int64_t writer_hold_left(const writer *w)
+{
+    if (w->hold_ms == 0 || w->hurry || w->records >= WRITER_MAX_RECORDS / 2)
+        return 0;
+    return PX_MAX(0, w->next->added_ms + w->hold_ms - px_mono_ms());
+}
+
+/* putgate's hook (under the gate's lock; the writer never takes the gate's
+ * lock under mu), and the consume thread's own calls. */
+static void writer_hurry(void *arg)
+{
+    writer *w = arg;
+    pthread_mutex_lock(&w->mu);
+    w->hurry = 1;
+    pthread_cond_signal(&w->work_cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
 static void *writer_main(void *arg)
 {
     writer *w = arg;
@@ -117,6 +147,12 @@ static void *writer_main(void *arg)
             pthread_cond_wait(&w->work_cv, &w->mu);
             continue;
         }
+        int64_t left = writer_hold_left(w);
+        if (left > 0) {
+            writer_wait(&w->work_cv, &w->mu, left);
+            continue;
+        }
+        w->hurry = 0;
         /* Batches before last are linked for good; only last->next moves. */
         writer_batch *first = w->next, *last = w->tail;
         pthread_mutex_unlock(&w->mu);
@@ -147,6 +183,7 @@ int writer_start(msgstore *ms, char *err, size_t errlen)
     pthread_cond_init(&w->work_cv, &ca);
     pthread_cond_init(&w->done_cv, &ca);
     pthread_condattr_destroy(&ca);
+    w->hold_ms = ms->svc.cfg.msgstore_hold_ms;
     int e = pthread_create(&w->th, NULL, writer_main, w);
     if (e != 0) {
         pthread_cond_destroy(&w->work_cv);
@@ -156,6 +193,7 @@ int writer_start(msgstore *ms, char *err, size_t errlen)
         return px_err(err, errlen, "store writer thread: %s", strerror(e));
     }
     ms->writer = w;
+    putgate_on_wait(ms->gate, writer_hurry, w);
     return PX_OK;
 }
 
@@ -230,6 +268,10 @@ static int writer_wait_below(msgstore *ms, size_t max_records)
         writer_reap(ms);
         pthread_mutex_lock(&w->mu);
         int below = w->records <= max_records;
+        if (!below) {
+            w->hurry = 1;
+            pthread_cond_signal(&w->work_cv);
+        }
         if (!below && !ms->svc.stop)
             writer_wait(&w->done_cv, &w->mu, WRITER_WAIT_SLICE_MS);
         pthread_mutex_unlock(&w->mu);
@@ -258,6 +300,7 @@ void writer_add(msgstore *ms, const bus_msg *msgs, msgstore_rec *recs, size_t n)
         recs[i].m = &b->msgs[i];
     b->recs = recs; /* ours now */
     b->n = n;
+    b->added_ms = px_mono_ms();
     b->tag = (batch_tag){ .ms = ms, .idx = BATCH_BEST_EFFORT };
     b->ptag = (batch_tag){ .ms = ms, .idx = BATCH_BEST_EFFORT };
     b->precs = ms->svc.cfg.push_url == NULL; /* nothing to produce */
@@ -283,6 +326,13 @@ void writer_stop(msgstore *ms)
     if (w == NULL)
         return;
     pthread_mutex_lock(&w->mu);
+    /* A clean stop stores what the hold kept back, so the next owner of
+     * the partitions does not push it again. */
+    w->hurry = 1;
+    pthread_cond_signal(&w->work_cv);
+    int64_t until = px_mono_ms() + WRITER_STOP_STORE_MS;
+    while (w->next != NULL && w->hold_ms > 0 && px_mono_ms() < until)
+        writer_wait(&w->done_cv, &w->mu, WRITER_WAIT_SLICE_MS);
     w->stop = 1;
     pthread_cond_broadcast(&w->work_cv);
     pthread_mutex_unlock(&w->mu);

@@ -3,6 +3,7 @@
 #ifndef PARLEY_E2E_H
 #define PARLEY_E2E_H
 
+#include "auth.h"
 #include "client.h"
 #include "common.h"
 #include "harness.h"
@@ -23,6 +24,55 @@ static inline client *e2e_connect(const char *user, enum e2e_svc gw)
                                 sizeof(err));
     ck_assert_msg(cl != NULL, "connect %s: %s (HTTP %d)", user, err, status);
     return cl;
+}
+
+/* Connects as (user, dev) to gw (a token with a `dev` claim); NULL with
+ * *status the HTTP status when the server refused. */
+static inline client *e2e_try_device(const char *user, const char *dev, enum e2e_svc gw,
+                                     int *status)
+{
+    char tok[AUTH_TOKEN_MAX], err[256];
+    int64_t now = px_now_ms() / 1000;
+    ck_assert_int_eq(auth_sign_device(e2e_secret(), user, dev, now - 10, now + 3600, tok,
+                                      sizeof(tok)), PX_OK);
+    *status = 0;
+    return client_connect("127.0.0.1", e2e_port(gw), tok, NULL, 5000, status, err, sizeof(err));
+}
+
+static inline client *e2e_connect_device(const char *user, const char *dev, enum e2e_svc gw)
+{
+    int status;
+    client *cl = e2e_try_device(user, dev, gw, &status);
+    ck_assert_msg(cl != NULL, "connect %s/%s: HTTP %d", user, dev, status);
+    return cl;
+}
+
+/* The ids of the events before `synced`, as a JSON array of strings. */
+static inline json_t *e2e_backlog_ids(client *cl)
+{
+    json_t *ids = json_array();
+    for (;;) {
+        json_t *m = client_recv_json(cl, E2E_WAIT_MS);
+        ck_assert_msg(m != NULL, "no synced: %s", client_errstr(cl));
+        if (strcmp(json_string_value(json_object_get(m, "type")), "synced") == 0) {
+            json_decref(m);
+            return ids;
+        }
+        json_t *id = json_object_get(m, "id");
+        json_array_append_new(ids, json_string(json_is_string(id) ? json_string_value(id) : ""));
+        json_decref(m);
+    }
+}
+
+/* 1 if the JSON array of strings ids holds id. */
+static inline int e2e_has_id(const json_t *ids, const char *id)
+{
+    size_t i;
+    json_t *v;
+    json_array_foreach(ids, i, v)
+        if (strcmp(json_string_value(v), id) == 0)
+            return 1;
+    return 0;
 }
 
 static inline void e2e_send_text(client *cl, const char *json)

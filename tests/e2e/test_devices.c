@@ -16,57 +16,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-/* Connects as (user, dev) to gw; NULL with *status the HTTP status when
- * the server refused. */
-static client *dev_try(const char *user, const char *dev, enum e2e_svc gw, int *status)
-{
-    char tok[AUTH_TOKEN_MAX], err[256];
-    int64_t now = px_now_ms() / 1000;
-    ck_assert_int_eq(auth_sign_device(e2e_secret(), user, dev, now - 10, now + 3600, tok,
-                                      sizeof(tok)), PX_OK);
-    *status = 0;
-    return client_connect("127.0.0.1", e2e_port(gw), tok, NULL, 5000, status, err, sizeof(err));
-}
-
-static client *dev_connect(const char *user, const char *dev, enum e2e_svc gw)
-{
-    int status;
-    client *cl = dev_try(user, dev, gw, &status);
-    ck_assert_msg(cl != NULL, "connect %s/%s: HTTP %d", user, dev, status);
-    return cl;
-}
-
-/* The ids of the events before `synced`, as a JSON array of strings. */
-static json_t *backlog_ids(client *cl)
-{
-    json_t *ids = json_array();
-    for (;;) {
-        json_t *m = client_recv_json(cl, E2E_WAIT_MS);
-        ck_assert_msg(m != NULL, "no synced: %s", client_errstr(cl));
-        if (strcmp(e2e_str(m, "type"), "synced") == 0) {
-            json_decref(m);
-            return ids;
-        }
-        json_array_append_new(ids, json_string(e2e_str(m, "id")));
-        json_decref(m);
-    }
-}
-
-static int has_id(const json_t *ids, const char *id)
-{
-    size_t i;
-    json_t *v;
-    json_array_foreach(ids, i, v)
-        if (strcmp(json_string_value(v), id) == 0)
-            return 1;
-    return 0;
-}
-
 /* Connects (user, dev), reads its backlog and closes: the ids it held. */
 static json_t *dev_backlog(const char *user, const char *dev, enum e2e_svc gw)
 {
-    client *cl = dev_connect(user, dev, gw);
-    json_t *ids = backlog_ids(cl);
+    client *cl = e2e_connect_device(user, dev, gw);
+    json_t *ids = e2e_backlog_ids(cl);
     client_close(cl, 1000);
     return ids;
 }
@@ -78,7 +32,7 @@ static size_t backlog_holds(const char *user, const char *dev, enum e2e_svc gw,
     json_t *got = dev_backlog(user, dev, gw);
     size_t held = n == 0 ? json_array_size(got) : 0;
     for (size_t i = 0; i < n; i++)
-        held += has_id(got, ids[i]);
+        held += e2e_has_id(got, ids[i]);
     json_decref(got);
     return held;
 }
@@ -169,7 +123,7 @@ static int receipts_before(client *a, const char *mid, const char *status, const
 static void phone_laptop_alice(const char *owner, const char *other, enum e2e_svc agw,
                                client **phone, client **a)
 {
-    *phone = dev_connect(owner, "phone", E2E_GW1);
+    *phone = e2e_connect_device(owner, "phone", E2E_GW1);
     json_decref(e2e_wait_type(*phone, "synced"));
     dev_link(owner, "laptop", E2E_GW2);
     *a = e2e_connect(other, agw);
@@ -198,9 +152,10 @@ START_TEST(offline_device_keeps_what_the_other_acked)
     client_close(phone, 1000);
 
     backlog_drops(bob, "phone", E2E_GW2, (const char *const[]){ m1, m2 }, 2);
-    client *laptop = dev_connect(bob, "laptop", E2E_GW1);
-    json_t *ids = backlog_ids(laptop);
-    ck_assert_msg(has_id(ids, m1) && has_id(ids, m2), "the laptop lost what the phone acked: %s",
+    client *laptop = e2e_connect_device(bob, "laptop", E2E_GW1);
+    json_t *ids = e2e_backlog_ids(laptop);
+    ck_assert_msg(e2e_has_id(ids, m1) && e2e_has_id(ids, m2),
+                  "the laptop lost what the phone acked: %s",
                   json_dumps(ids, 0));
     json_decref(ids);
     e2e_ack(laptop, m1);
@@ -234,11 +189,11 @@ START_TEST(three_devices_each_ack_their_own)
     for (int i = 0; i < 3; i++) {
         for (int j = i; j < 3; j++) {
             json_t *ids = dev_backlog(bob, devs[j], E2E_GW2);
-            ck_assert_msg(has_id(ids, mid), "%s lost it after %d acks", devs[j], i);
+            ck_assert_msg(e2e_has_id(ids, mid), "%s lost it after %d acks", devs[j], i);
             json_decref(ids);
         }
-        client *cl = dev_connect(bob, devs[i], E2E_GW1);
-        json_decref(backlog_ids(cl));
+        client *cl = e2e_connect_device(bob, devs[i], E2E_GW1);
+        json_decref(e2e_backlog_ids(cl));
         e2e_ack(cl, mid);
         /* The ack is applied once a sentinel acked after it is. */
         char cid[8];
@@ -268,17 +223,17 @@ START_TEST(device_linked_later_gets_nothing_older)
     json_decref(e2e_wait_type(a, "synced"));
     e2e_send(a, "c1", bob, "before any device", m1);
     json_t *ids = dev_backlog(bob, "phone", E2E_GW2);
-    ck_assert_msg(has_id(ids, m1), "the first device missed what was pending");
+    ck_assert_msg(e2e_has_id(ids, m1), "the first device missed what was pending");
     json_decref(ids);
     ids = dev_backlog(bob, "laptop", E2E_GW1);
-    ck_assert_msg(!has_id(ids, m1), "a device linked later got an older message");
+    ck_assert_msg(!e2e_has_id(ids, m1), "a device linked later got an older message");
     json_decref(ids);
     e2e_send(a, "c2", bob, "after the link", m2);
     ids = dev_backlog(bob, "laptop", E2E_GW2);
-    ck_assert_msg(has_id(ids, m2) && !has_id(ids, m1), "laptop backlog %s", json_dumps(ids, 0));
+    ck_assert_msg(e2e_has_id(ids, m2) && !e2e_has_id(ids, m1), "laptop backlog %s", json_dumps(ids, 0));
     json_decref(ids);
     ids = dev_backlog(bob, "phone", E2E_GW1);
-    ck_assert_msg(has_id(ids, m1) && has_id(ids, m2), "phone backlog %s", json_dumps(ids, 0));
+    ck_assert_msg(e2e_has_id(ids, m1) && e2e_has_id(ids, m2), "phone backlog %s", json_dumps(ids, 0));
     json_decref(ids);
     client_close(a, 1000);
 }
@@ -299,9 +254,9 @@ START_TEST(device_limit_refuses_the_sixth)
         dev_link(bob, dev, i % 2 ? E2E_GW2 : E2E_GW1);
     }
     int status = 0;
-    client *sixth = dev_try(bob, "d5", E2E_GW2, &status);
+    client *sixth = e2e_try_device(bob, "d5", E2E_GW2, &status);
     ck_assert_msg(sixth == NULL && status == 403, "sixth device: HTTP %d", status);
-    sixth = dev_try(bob, "d5", E2E_GW1, &status);
+    sixth = e2e_try_device(bob, "d5", E2E_GW1, &status);
     ck_assert_msg(sixth == NULL && status == 403, "sixth device on gw1: HTTP %d", status);
     dev_link(bob, "d4", E2E_GW1);
     client_close(def, 1000);
@@ -329,8 +284,8 @@ START_TEST(group_message_reaches_every_device)
     e2e_user("alice", alice);
     e2e_user("bob", bob);
     e2e_user("carol", carol);
-    client *phone = dev_connect(bob, "phone", E2E_GW1);
-    client *laptop = dev_connect(bob, "laptop", E2E_GW2);
+    client *phone = e2e_connect_device(bob, "phone", E2E_GW1);
+    client *laptop = e2e_connect_device(bob, "laptop", E2E_GW2);
     client *c = e2e_connect(carol, E2E_GW1);
     json_decref(e2e_wait_type(phone, "synced"));
     json_decref(e2e_wait_type(laptop, "synced"));
@@ -367,7 +322,7 @@ START_TEST(group_message_reaches_every_device)
     }
     ck_assert_msg(d == 2, "%d delivered receipts for 2 members", d);
     json_t *ids = dev_backlog(bob, "laptop", E2E_GW1);
-    ck_assert_msg(has_id(ids, mid) && has_id(ids, sentinel), "laptop lost the group messages");
+    ck_assert_msg(e2e_has_id(ids, mid) && e2e_has_id(ids, sentinel), "laptop lost the group messages");
     json_decref(ids);
     client_close(phone, 1000);
     backlog_drops(bob, "phone", E2E_GW2, (const char *const[]){ mid }, 1);
@@ -404,15 +359,15 @@ START_TEST(kill9_store_between_two_devices_acks)
     client_free(phone);
     client_free(a);
     /* The phone repeats its acks, as a client whose connection died does. */
-    phone = dev_connect(bob, "phone", E2E_GW1);
-    json_decref(backlog_ids(phone));
+    phone = e2e_connect_device(bob, "phone", E2E_GW1);
+    json_decref(e2e_backlog_ids(phone));
     for (int i = 0; i < KILL_N; i++)
         e2e_ack(phone, mid[i]);
-    client *laptop = dev_connect(bob, "laptop", E2E_GW2);
-    json_t *ids = backlog_ids(laptop);
+    client *laptop = e2e_connect_device(bob, "laptop", E2E_GW2);
+    json_t *ids = e2e_backlog_ids(laptop);
     int missing = 0;
     for (int i = 0; i < KILL_N; i++)
-        missing += !has_id(ids, mid[i]);
+        missing += !e2e_has_id(ids, mid[i]);
     json_decref(ids);
     ck_assert_msg(missing == 0, "the laptop lost %d of %d messages", missing, KILL_N);
     for (int i = 0; i < KILL_N; i++)
@@ -487,7 +442,7 @@ START_TEST(own_messages_reach_the_other_devices)
     e2e_user("bob", bob);
     client *phone, *b;
     phone_laptop_alice(alice, bob, E2E_GW2, &phone, &b); /* alice's devices, bob on gw2 */
-    client *laptop = dev_connect(alice, "laptop", E2E_GW2);
+    client *laptop = e2e_connect_device(alice, "laptop", E2E_GW2);
     json_decref(e2e_wait_type(laptop, "synced"));
     e2e_send(phone, "c1", bob, "from the phone", m1);
     json_t *m = NULL;
@@ -512,12 +467,12 @@ START_TEST(own_messages_reach_the_other_devices)
     client_close(laptop, 1000);
     e2e_send(phone, "c2", bob, "laptop offline", m2);
     json_t *ids = dev_backlog(alice, "laptop", E2E_GW1);
-    ck_assert_msg(has_id(ids, m2), "laptop backlog %s", json_dumps(ids, 0));
+    ck_assert_msg(e2e_has_id(ids, m2), "laptop backlog %s", json_dumps(ids, 0));
     json_decref(ids);
     backlog_drops(alice, "laptop", E2E_GW1, (const char *const[]){ m1 }, 1);
     client_close(phone, 1000);
     ids = dev_backlog(alice, "phone", E2E_GW2);
-    ck_assert_msg(!has_id(ids, m2), "the phone got its own message in its sync");
+    ck_assert_msg(!e2e_has_id(ids, m2), "the phone got its own message in its sync");
     json_decref(ids);
     client_close(b, 1000);
 }
@@ -600,8 +555,8 @@ START_TEST(own_group_message_reaches_the_other_devices)
     char alice[65], bob[65], gid[80], mid[64];
     e2e_user("alice", alice);
     e2e_user("bob", bob);
-    client *phone = dev_connect(alice, "phone", E2E_GW1);
-    client *laptop = dev_connect(alice, "laptop", E2E_GW2);
+    client *phone = e2e_connect_device(alice, "phone", E2E_GW1);
+    client *laptop = e2e_connect_device(alice, "laptop", E2E_GW2);
     client *b = e2e_connect(bob, E2E_GW2);
     json_decref(e2e_wait_type(phone, "synced"));
     json_decref(e2e_wait_type(laptop, "synced"));
@@ -629,7 +584,7 @@ static int read_state_of(const json_t *m, void *arg)
     if (strcmp(e2e_str(m, "type"), "read_state") != 0)
         return 0;
     const json_t *ids = json_object_get(m, "ids");
-    return has_id(ids, arg);
+    return e2e_has_id(ids, arg);
 }
 
 /* owner's phone and laptop both connected, other connected, and one
@@ -638,7 +593,7 @@ static void both_devices_get_one(const char *owner, const char *other, client **
                                  client **laptop, client **a, char mid[64])
 {
     phone_laptop_alice(owner, other, E2E_GW1, phone, a);
-    *laptop = dev_connect(owner, "laptop", E2E_GW2);
+    *laptop = e2e_connect_device(owner, "laptop", E2E_GW2);
     json_decref(e2e_wait_type(*laptop, "synced"));
     e2e_send(*a, "c1", owner, "to both devices", mid);
     wait_message(*phone, mid);
@@ -684,7 +639,7 @@ START_TEST(read_state_reaches_the_other_devices)
     json_decref(o);
     int told = 0;
     for (int64_t end = px_mono_ms() + 30000; !told && px_mono_ms() < end;) {
-        laptop = dev_connect(bob, "laptop", E2E_GW1);
+        laptop = e2e_connect_device(bob, "laptop", E2E_GW1);
         for (;;) {
             json_t *m = client_recv_json(laptop, E2E_WAIT_MS);
             ck_assert_msg(m != NULL, "no synced: %s", client_errstr(laptop));
@@ -797,7 +752,7 @@ START_TEST(unlink_while_connected)
                   "the laptop was not closed with 4001 (code %d)", code);
     client_free(laptop);
     int status = 0;
-    ck_assert_ptr_null(dev_try(bob, "laptop", E2E_GW1, &status));
+    ck_assert_ptr_null(e2e_try_device(bob, "laptop", E2E_GW1, &status));
     ck_assert_int_eq(status, 403);
     /* Media too: the laptop's token is refused, the phone's is not (an
      * unknown media id: 404). */
@@ -837,7 +792,7 @@ START_TEST(device_linked_while_a_list_is_kept)
     char alice[65], bob[65], m1[64], m2[64];
     e2e_user("alice", alice);
     e2e_user("bob", bob);
-    client *phone = dev_connect(bob, "phone", E2E_GW1);
+    client *phone = e2e_connect_device(bob, "phone", E2E_GW1);
     json_decref(e2e_wait_type(phone, "synced"));
     client *a = e2e_connect(alice, E2E_GW2);
     json_decref(e2e_wait_type(a, "synced"));
@@ -846,9 +801,9 @@ START_TEST(device_linked_while_a_list_is_kept)
     e2e_ack(phone, m1);
     ck_assert_int_eq(receipts_before(a, m1, "delivered", m1, "delivered"), 1);
 
-    client *laptop = dev_connect(bob, "laptop", E2E_GW2);
-    json_t *ids = backlog_ids(laptop);
-    ck_assert_msg(!has_id(ids, m1), "the laptop got what was acked before its link");
+    client *laptop = e2e_connect_device(bob, "laptop", E2E_GW2);
+    json_t *ids = e2e_backlog_ids(laptop);
+    ck_assert_msg(!e2e_has_id(ids, m1), "the laptop got what was acked before its link");
     json_decref(ids);
     e2e_send(a, "c2", bob, "after the laptop", m2);
     wait_message(laptop, m2);
@@ -858,7 +813,7 @@ START_TEST(device_linked_while_a_list_is_kept)
     client_close(laptop, 1000);
 
     ids = dev_backlog(bob, "laptop", E2E_GW1);
-    ck_assert_msg(has_id(ids, m2), "the laptop lost m2 to the phone's ack: %s", json_dumps(ids, 0));
+    ck_assert_msg(e2e_has_id(ids, m2), "the laptop lost m2 to the phone's ack: %s", json_dumps(ids, 0));
     json_decref(ids);
     client_close(phone, 1000);
     client_close(a, 1000);
@@ -875,7 +830,7 @@ START_TEST(unlink_while_a_list_is_kept)
     e2e_user("bob", bob);
     client *phone, *a;
     phone_laptop_alice(bob, alice, E2E_GW1, &phone, &a);
-    client *tablet = dev_connect(bob, "tablet", E2E_GW2);
+    client *tablet = e2e_connect_device(bob, "tablet", E2E_GW2);
     json_decref(e2e_wait_type(tablet, "synced"));
     e2e_send(a, "c1", bob, "to three devices", m1);
     wait_message(phone, m1);

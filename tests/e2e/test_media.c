@@ -109,13 +109,13 @@ static int write_all(int fd, const void *p, size_t n)
 static void send_head(int fd, const char *method, const char *path, const char *user,
                       const char *extra)
 {
-    char tok[2048] = "", auth[2100] = "", head[4096];
+    char tok[2048] = "", bearer[2100] = "", head[4096];
     if (user != NULL) {
         e2e_token(user, 3600, tok, sizeof(tok));
-        snprintf(auth, sizeof(auth), "Authorization: Bearer %s\r\n", tok);
+        snprintf(bearer, sizeof(bearer), "Authorization: Bearer %s\r\n", tok);
     }
     int n = snprintf(head, sizeof(head), "%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%s%s\r\n",
-                     method, path, auth, extra ? extra : "");
+                     method, path, bearer, extra ? extra : "");
     ck_assert_int_eq(write_all(fd, head, (size_t)n), 0);
 }
 

@@ -225,16 +225,10 @@ static void rx_wait_match(const char *user, const char *dev, const char *key, co
 
 /* ---- Parley side ---- */
 
+/* Connected as (user, dev) and synced. */
 static client *dev_connect(const char *user, const char *dev, enum e2e_svc gw)
 {
-    char tok[AUTH_TOKEN_MAX], err[256];
-    int64_t now = px_now_ms() / 1000;
-    int status = 0;
-    ck_assert_int_eq(auth_sign_device(e2e_secret(), user, dev, now - 10, now + 3600, tok,
-                                      sizeof(tok)), PX_OK);
-    client *cl = client_connect("127.0.0.1", e2e_port(gw), tok, NULL, 5000, &status, err,
-                                sizeof(err));
-    ck_assert_msg(cl != NULL, "connect %s/%s: %s (HTTP %d)", user, dev, err, status);
+    client *cl = e2e_connect_device(user, dev, gw);
     json_decref(e2e_wait_type(cl, "synced"));
     return cl;
 }

@@ -1,0 +1,158 @@
+/* Write-behind end to end (issue 14): with message-store's store rounds
+ * held back (PARLEY_MSGSTORE_HOLD_MS, 2 s here), an event acked or read by
+ * every device that needs it while it waits is settled: its receipt
+ * reaches the sender and it is never written (a resync does not bring it
+ * back); an event another device still needs is stored and synced to that
+ * device. Runs in both modes: in the stack the one message-store process
+ * holds both the writer and the acker. */
+#include "e2e.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define WB_HOLD_MS "2000"
+#define WB_SETTLED "parley_msgstore_settled_events_total"
+#define WB_STORED "parley_msgstore_inbox_stored_total"
+
+static int wb_is_message(const json_t *m, void *arg)
+{
+    (void)arg;
+    return strcmp(e2e_str(m, "type"), "message") == 0;
+}
+
+/* The next message cl gets; its id copied to id. */
+static void wb_message(client *cl, char id[64])
+{
+    json_t *m = NULL;
+    ck_assert_msg(client_next(cl, wb_is_message, NULL, E2E_WAIT_MS, &m) == PX_OK,
+                  "no message: %s", client_errstr(cl));
+    snprintf(id, 64, "%s", e2e_str(m, "id"));
+    json_decref(m);
+}
+
+typedef struct wb_want {
+    const char *msg_id, *status;
+} wb_want;
+
+static int wb_is_receipt(const json_t *m, void *arg)
+{
+    const wb_want *w = arg;
+    return strcmp(e2e_str(m, "type"), "receipt") == 0 &&
+           strcmp(e2e_str(m, "msg_id"), w->msg_id) == 0 &&
+           strcmp(e2e_str(m, "status"), w->status) == 0;
+}
+
+static void wb_receipt(client *cl, const char *msg_id, const char *status)
+{
+    wb_want w = { msg_id, status };
+    json_t *m = NULL;
+    ck_assert_msg(client_next(cl, wb_is_receipt, &w, E2E_WAIT_MS, &m) == PX_OK,
+                  "no %s receipt for %s: %s", status, msg_id, client_errstr(cl));
+    json_decref(m);
+}
+
+/* Waits until the counter passes from (the writer's round comes after the
+ * hold); its value. */
+static long long wb_metric_past(const char *name, long long from)
+{
+    long long v;
+    int64_t end = px_mono_ms() + E2E_WAIT_MS;
+    while ((v = e2e_metric(E2E_STORE, name)) <= from && px_mono_ms() < end)
+        usleep(50 * 1000);
+    return v;
+}
+
+START_TEST(events_acked_or_read_while_held_are_never_stored)
+{
+    enum { N = 10 };
+    char alice[65], bob[65], cid[16], mid[N][64], got[N][64];
+    e2e_user("wb-alice", alice);
+    e2e_user("wb-bob", bob);
+    client *b = e2e_connect_device(bob, "phone", E2E_GW2);
+    json_decref(e2e_wait_type(b, "synced"));
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(e2e_wait_type(a, "synced"));
+    long long settled0 = e2e_metric(E2E_STORE, WB_SETTLED);
+    ck_assert_int_ge(settled0, 0);
+    for (int i = 0; i < N; i++) {
+        snprintf(cid, sizeof(cid), "wb%d", i);
+        e2e_send(a, cid, bob, "held", mid[i]);
+    }
+    /* The first half acked, the second read (read implies delivered). */
+    json_t *ack = json_pack("{s:s, s:[]}", "type", "ack", "ids");
+    json_t *read = json_pack("{s:s, s:[]}", "type", "read", "ids");
+    for (int i = 0; i < N; i++) {
+        wb_message(b, got[i]);
+        json_array_append_new(json_object_get(i < N / 2 ? ack : read, "ids"),
+                              json_string(got[i]));
+    }
+    ck_assert_int_eq(client_send_json(b, ack), 0);
+    ck_assert_int_eq(client_send_json(b, read), 0);
+    json_decref(ack);
+    json_decref(read);
+    for (int i = 0; i < N; i++)
+        wb_receipt(a, mid[i], i < N / 2 ? "delivered" : "read");
+    /* alice acks none of her receipts: those are stored after the hold. */
+    long long settled = wb_metric_past(WB_SETTLED, settled0 + N - 1);
+    ck_assert_msg(settled - settled0 == N, "%lld of %d acked events settled", settled - settled0,
+                  N);
+    client_close(b, 1000);
+    b = e2e_connect_device(bob, "phone", E2E_GW2);
+    json_t *ids = e2e_backlog_ids(b);
+    for (int i = 0; i < N; i++)
+        ck_assert_msg(!e2e_has_id(ids, got[i]), "settled event %s synced again", got[i]);
+    json_decref(ids);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
+START_TEST(an_event_another_device_needs_is_stored_for_it)
+{
+    char alice[65], bob[65], mid[64], id1[64], id2[64];
+    e2e_user("wb-alice", alice);
+    e2e_user("wb-bob", bob);
+    client *d1 = e2e_connect_device(bob, "phone", E2E_GW2);
+    json_decref(e2e_wait_type(d1, "synced"));
+    client *d2 = e2e_connect_device(bob, "laptop", E2E_GW1);
+    json_decref(e2e_wait_type(d2, "synced"));
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(e2e_wait_type(a, "synced"));
+    long long settled0 = e2e_metric(E2E_STORE, WB_SETTLED);
+    long long stored0 = e2e_metric(E2E_STORE, WB_STORED);
+    e2e_send(a, "two", bob, "for both", mid);
+    wb_message(d1, id1);
+    wb_message(d2, id2);
+    ck_assert_str_eq(id1, id2);
+    e2e_ack(d1, id1);
+    wb_receipt(a, mid, "delivered");
+    client_close(d2, 1000); /* the laptop never acked it */
+    wb_metric_past(WB_STORED, stored0);
+    ck_assert_int_eq(e2e_metric(E2E_STORE, WB_SETTLED), settled0);
+    d2 = e2e_connect_device(bob, "laptop", E2E_GW1);
+    json_t *ids = e2e_backlog_ids(d2);
+    ck_assert_msg(e2e_has_id(ids, id1), "the laptop's sync lacks %s", id1);
+    json_decref(ids);
+    client_close(a, 1000);
+    client_close(d1, 1000);
+    client_close(d2, 1000);
+}
+END_TEST
+
+static Suite *writebehind_suite(void)
+{
+    Suite *s = suite_create("writebehind");
+    TCase *tc = tcase_create("held");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, events_acked_or_read_while_held_are_never_stored);
+    tcase_add_test(tc, an_event_another_device_needs_is_stored_for_it);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    setenv("PARLEY_MSGSTORE_HOLD_MS", WB_HOLD_MS, 1);
+    return e2e_main(writebehind_suite());
+}
