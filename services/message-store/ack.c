@@ -469,13 +469,22 @@ static void ack_held_copy(void *arg, const store_event *ev)
  * their users (in entry order, which is user order). */
 static int ack_held_devices(ack_ctx *c, ack_held_ev *h, size_t nh, char *err, size_t errlen)
 {
-    devices_list *l = px_calloc(nh + 1, sizeof(*l));
+    const char *last = NULL;
     size_t nl = 0;
+    for (size_t i = 0; i < nh; i++)
+        if (h[i].covered < 0 && (last == NULL || strcmp(last, c->e[h[i].lo].key.user) != 0)) {
+            last = c->e[h[i].lo].key.user;
+            nl++;
+        }
+    if (nl == 0)
+        return PX_OK;
+    devices_list *l = px_calloc(nl, sizeof(*l)); /* ~2.7 KiB each: only the users read */
+    nl = 0;
     for (size_t i = 0; i < nh; i++)
         if (h[i].covered < 0 &&
             (nl == 0 || strcmp(l[nl - 1].user, c->e[h[i].lo].key.user) != 0))
             l[nl++].user = c->e[h[i].lo].key.user;
-    int rc = nl > 0 ? devices_load(c->ms, l, nl, err, errlen) : PX_OK;
+    int rc = devices_load(c->ms, l, nl, err, errlen);
     for (size_t i = 0; i < nh && rc == PX_OK; i++) {
         if (h[i].covered >= 0)
             continue;

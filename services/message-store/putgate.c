@@ -107,11 +107,14 @@ int putgate_wait(putgate *g, int64_t timeout_ms)
     int rc = PX_OK;
     pthread_mutex_lock(&g->mu);
     uint64_t want = g->pushed;
-    if (g->durable < want && g->hurry != NULL)
-        g->hurry(g->hurry_arg);
-    while (g->durable < want && rc == PX_OK)
+    while (g->durable < want && rc == PX_OK) {
+        /* Again after each round: a run pushed before the wait may have
+         * been queued for the writer only after the round it hurried. */
+        if (g->hurry != NULL)
+            g->hurry(g->hurry_arg);
         if (pthread_cond_timedwait(&g->cv, &g->mu, &until) == ETIMEDOUT)
             rc = PX_AGAIN;
+    }
     pthread_mutex_unlock(&g->mu);
     return rc;
 }
