@@ -31,9 +31,10 @@
  * process's puts) waits in the acker's ackwait.c and is applied the same
  * way, on a retry, once the event is there (ack_retry_due).
  *
- * An ack of an event this process pushed and has not stored yet (held in
- * the putgate, waiting for its store round) is settled without the store
- * when every device that needs the event has acked it in this run: its
+ * With a hold (PARLEY_MSGSTORE_HOLD_MS > 0), an ack of an event this
+ * process pushed and has not stored yet (held in the putgate, waiting for
+ * its store round) is settled without the store when every device that
+ * needs the event has acked it in this run: its
  * fact is made from the held event, and once Kafka holds the fact the
  * event is marked settled, which keeps it out of the inbox put (ack_held).
  * A device list read after the event was consumed names every device that
@@ -650,9 +651,13 @@ int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *
     }
     k = ack_unique(e, k);
     ack_ctx c = { .ms = ms, .idx = idx, .e = e, .n = k };
-    int gate = 0;
-    int rc = ack_held(&c, &gate, err, errlen);
-    k = ack_unsettled(e, k);
+    /* Without a hold the writer takes events at once and what is held is
+     * mostly being stored: every ack waits at the gate, as before. */
+    int gate = 1, rc = PX_OK;
+    if (ms->svc.cfg.msgstore_hold_ms > 0) {
+        rc = ack_held(&c, &gate, err, errlen);
+        k = ack_unsettled(e, k);
+    }
     /* What is left and was pushed before its put waits for it (one store
      * round trip at most, off the delivery path). A gate that does not
      * open in time means the inbox consumer is retrying a failing store:
