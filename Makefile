@@ -186,6 +186,12 @@ $(OUT)/tests/unit/test_synckept: $(OUT)/tests/unit/test_synckept.o \
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
+# The write-behind gate and its held events, message-store's own module, alone.
+$(OUT)/tests/unit/test_putgate: $(OUT)/tests/unit/test_putgate.o \
+        $(OUT)/services/message-store/putgate.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
 # service.o (in libcommon.a) calls the bus and the store, whose archive
 # comes first in $(LIB): this test, which reaches them only through it,
 # names libcommon.a before them too ($+ keeps the repeat).
