@@ -37,7 +37,7 @@
 #include <string.h>
 #include <time.h>
 
-/* The pipeline holds at most WRITER_MAX_RECORDS (4,096) events. */
+/* The pipeline holds at most WRITER_MAX_RECORDS (8,192) events. */
 #define PUTGATE_BUCKETS 8192
 
 typedef struct putgate_held {
