@@ -192,6 +192,13 @@ $(OUT)/tests/unit/test_putgate: $(OUT)/tests/unit/test_putgate.o \
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
+# The acker's kept device lists, message-store's own module, alone
+# (devices.o decides coverage; its store calls are not reached).
+$(OUT)/tests/unit/test_devcache: $(OUT)/tests/unit/test_devcache.o \
+        $(OUT)/services/message-store/devcache.o $(OUT)/services/message-store/devices.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
 # service.o (in libcommon.a) calls the bus and the store, whose archive
 # comes first in $(LIB): this test, which reaches them only through it,
 # names libcommon.a before them too ($+ keeps the repeat).

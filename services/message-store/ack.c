@@ -353,16 +353,19 @@ static int ack_decide_deferred(ack_ctx *c, char *err, size_t errlen)
     /* In entry order, which is user order. */
     qsort(c->deferred, c->ndeferred, sizeof(*c->deferred), ack_deferred_cmp);
     size_t *at = px_malloc(c->ndeferred * sizeof(*at)); /* an entry of each list's user */
+    uint64_t *epoch = px_malloc(c->ndeferred * sizeof(*epoch));
     for (size_t i = 0; i < c->ndeferred; i++) {
         const char *user = c->e[c->deferred[i].lo].key.user;
         if (c->ndevs == 0 || strcmp(c->devs[c->ndevs - 1].user, user) != 0) {
             at[c->ndevs] = c->deferred[i].lo;
+            epoch[c->ndevs] = devcache_epoch(c->ms->devcache, user);
             c->devs[c->ndevs++].user = user;
         }
     }
     int rc = devices_load(c->ms, c->devs, c->ndevs, err, errlen);
     for (size_t i = 0; i < c->ndevs && rc == PX_OK; i++)
-        devcache_put(c->ms->devcache, &c->devs[i], ack_upto(c, at[i]));
+        devcache_put(c->ms->devcache, &c->devs[i], ack_upto(c, at[i]), epoch[i]);
+    free(epoch);
     free(at);
     if (rc != PX_OK)
         return rc;
@@ -480,11 +483,14 @@ static int ack_held_devices(ack_ctx *c, ack_held_ev *h, size_t nh, char *err, si
     if (nl == 0)
         return PX_OK;
     devices_list *l = px_calloc(nl, sizeof(*l)); /* ~2.7 KiB each: only the users read */
+    uint64_t *epoch = px_malloc(nl * sizeof(*epoch));
     nl = 0;
     for (size_t i = 0; i < nh; i++)
         if (h[i].covered < 0 &&
-            (nl == 0 || strcmp(l[nl - 1].user, c->e[h[i].lo].key.user) != 0))
+            (nl == 0 || strcmp(l[nl - 1].user, c->e[h[i].lo].key.user) != 0)) {
+            epoch[nl] = devcache_epoch(c->ms->devcache, c->e[h[i].lo].key.user);
             l[nl++].user = c->e[h[i].lo].key.user;
+        }
     int rc = devices_load(c->ms, l, nl, err, errlen);
     for (size_t i = 0; i < nh && rc == PX_OK; i++) {
         if (h[i].covered >= 0)
@@ -500,8 +506,9 @@ static int ack_held_devices(ack_ctx *c, ack_held_ev *h, size_t nh, char *err, si
         for (size_t i = 0; i < nh; i++)
             if (strcmp(c->e[h[i].lo].key.user, l[k].user) == 0)
                 upto = PX_MAX(upto, h[i].seq);
-        devcache_put(c->ms->devcache, &l[k], upto);
+        devcache_put(c->ms->devcache, &l[k], upto, epoch[k]);
     }
+    free(epoch);
     free(l);
     return rc;
 }

@@ -35,6 +35,21 @@
  * is only too long: acks by the other devices mark events instead of
  * deleting them.
  *
+ * Kept lists also grow with the user's partition (devcache_consumed). The
+ * rule above made the acker read the devices of nearly every user again
+ * for each new message (the acked event is always newer than the list),
+ * which on FerretDB was about three reads per 1:1 message. But a device
+ * can only be linked by the SyncRequest on its user's inbox partition,
+ * and every SyncRequest forgets the user's list here (devices_link),
+ * whether it links or finds the device linked already (by an owner of the
+ * partition before a rebalance). So while this process's consumer keeps
+ * its assignment, a list it holds for a user whose event it consumes now
+ * misses no device that needs that event: upto moves to the event's seq.
+ * Two races close it: a read that began before a forget of its user (or
+ * before a reset) is not kept (the epoch token, taken before the read);
+ * and a new assignment (bus_generation) drops every list, since another
+ * process may have linked devices while it owned the partitions.
+ *
  * Direct-mapped (a colliding user evicts), bounded, one lock: the acker
  * thread reads and keeps, the consume thread forgets. */
 #include "common.h"
@@ -47,6 +62,10 @@
 #define DEVCACHE_SLOTS (1u << 14) /* 128 KiB of pointers; an entry ~100 B per device */
 #define DEVCACHE_TTL_MS 5000
 
+/* A forget bumps its slot's epoch, a reset all of them: a read's token
+ * (devcache_epoch) is stale once either moved. */
+#define DEVCACHE_TOKEN(dc, slot) (((uint64_t)(dc)->resets << 32) | (dc)->epochs[slot])
+
 typedef struct devcache_entry {
     int64_t upto;             /* decides for events with seq <= upto */
     int64_t expires_ms;       /* monotonic */
@@ -58,6 +77,10 @@ typedef struct devcache_entry {
 struct devcache {
     pthread_mutex_t mu;
     metric *hits, *misses;
+    uint32_t resets;          /* under mu, as is everything below */
+    unsigned gen;             /* the consumer's assignment the lists belong to */
+    int has_gen;
+    uint32_t epochs[DEVCACHE_SLOTS];
     devcache_entry *slots[DEVCACHE_SLOTS];
 };
 
@@ -80,12 +103,25 @@ void devcache_free(devcache *dc)
     free(dc);
 }
 
-static devcache_entry **devcache_slot(devcache *dc, const char *user)
+static size_t devcache_index(const char *user)
 {
     uint64_t h = 1469598103934665603ULL; /* FNV-1a */
     for (const char *s = user; *s; s++)
         h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-    return &dc->slots[h & (DEVCACHE_SLOTS - 1)];
+    return h & (DEVCACHE_SLOTS - 1);
+}
+
+static devcache_entry **devcache_slot(devcache *dc, const char *user)
+{
+    return &dc->slots[devcache_index(user)];
+}
+
+uint64_t devcache_epoch(devcache *dc, const char *user)
+{
+    pthread_mutex_lock(&dc->mu);
+    uint64_t t = DEVCACHE_TOKEN(dc, devcache_index(user));
+    pthread_mutex_unlock(&dc->mu);
+    return t;
 }
 
 int devcache_covered(devcache *dc, const char *user, int64_t seq, const char *const *acked,
@@ -113,7 +149,7 @@ static int devcache_has_synced(const devices_list *l)
     return 0;
 }
 
-void devcache_put(devcache *dc, const devices_list *l, int64_t upto)
+void devcache_put(devcache *dc, const devices_list *l, int64_t upto, uint64_t epoch)
 {
     if (l->overflow || !devcache_has_synced(l))
         return;
@@ -125,10 +161,13 @@ void devcache_put(devcache *dc, const devices_list *l, int64_t upto)
     memcpy(e->d, l->d, l->n * sizeof(e->d[0]));
     e->user = (char *)&e->d[e->n];
     memcpy(e->user, l->user, ulen + 1);
+    size_t i = devcache_index(l->user);
+    devcache_entry *old = e;
     pthread_mutex_lock(&dc->mu);
-    devcache_entry **slot = devcache_slot(dc, l->user);
-    devcache_entry *old = *slot;
-    *slot = e;
+    if (DEVCACHE_TOKEN(dc, i) == epoch) { /* else a link may have landed during the read */
+        old = dc->slots[i];
+        dc->slots[i] = e;
+    }
     pthread_mutex_unlock(&dc->mu);
     free(old);
 }
@@ -136,12 +175,39 @@ void devcache_put(devcache *dc, const devices_list *l, int64_t upto)
 void devcache_forget(devcache *dc, const char *user)
 {
     devcache_entry *old = NULL;
+    size_t i = devcache_index(user);
     pthread_mutex_lock(&dc->mu);
-    devcache_entry **slot = devcache_slot(dc, user);
-    if (*slot != NULL && strcmp((*slot)->user, user) == 0) {
-        old = *slot;
-        *slot = NULL;
+    dc->epochs[i]++;
+    if (dc->slots[i] != NULL && strcmp(dc->slots[i]->user, user) == 0) {
+        old = dc->slots[i];
+        dc->slots[i] = NULL;
     }
     pthread_mutex_unlock(&dc->mu);
     free(old);
+}
+
+/* mu held: drops every list (a new assignment). */
+static void devcache_reset(devcache *dc)
+{
+    dc->resets++;
+    for (size_t i = 0; i < DEVCACHE_SLOTS; i++) {
+        free(dc->slots[i]);
+        dc->slots[i] = NULL;
+    }
+}
+
+void devcache_consumed(devcache *dc, unsigned gen, const store_event *ev, size_t n)
+{
+    pthread_mutex_lock(&dc->mu);
+    if (!dc->has_gen || dc->gen != gen) {
+        devcache_reset(dc);
+        dc->gen = gen;
+        dc->has_gen = 1;
+    }
+    for (size_t k = 0; k < n; k++) {
+        devcache_entry *e = *devcache_slot(dc, ev[k].user);
+        if (e != NULL && e->upto < ev[k].seq && strcmp(e->user, ev[k].user) == 0)
+            e->upto = ev[k].seq;
+    }
+    pthread_mutex_unlock(&dc->mu);
 }

@@ -103,8 +103,13 @@ int devices_link(msgstore *ms, const char *user, const char *dev, int64_t offset
         else if (l.d[i].since != STORE_DEVICE_UNSYNCED)
             others = 1;
     }
-    if (*since != STORE_DEVICE_UNSYNCED)
+    if (*since != STORE_DEVICE_UNSYNCED) {
+        /* Linked already, perhaps by the partition's owner before a
+         * rebalance, after this process's acker read the list: kept lists
+         * grow with the partition from here on (devcache_consumed). */
+        devcache_forget(ms->devcache, user);
         return PX_OK;
+    }
     /* Unknown here (registered by a gateway that has not written it yet,
      * or unlinked meanwhile) reads as unsynced: linking an unknown id
      * writes nothing, and the scan below finds nothing past INT64_MAX. */

@@ -186,6 +186,7 @@ inbox_run *inbox_push(msgstore *ms, msgstore_rec *recs, size_t n)
     }
     ir->gate = ms->gate;
     putgate_hold(ir->gate, ir->pev, ir->np);
+    devcache_consumed(ms->devcache, bus_generation(ms->svc.b), ir->pev, ir->np);
     ir->refresh = route_live(ms, ir->pev, ir->np);
     return ir;
 }

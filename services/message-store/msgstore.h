@@ -505,13 +505,22 @@ void devcache_free(devcache *dc);
  * before an event of seq was seen stored). Any thread. */
 int devcache_covered(devcache *dc, const char *user, int64_t seq, const char *const *acked,
                      size_t nacked, const char *const *now, size_t nnow, int *gone);
+/* The token a read of user's devices passes to devcache_put: take it
+ * before the read begins. */
+uint64_t devcache_epoch(devcache *dc, const char *user);
 /* Keeps l, a list read from the store after an event of its user with seq
  * upto was seen there (by a store call that ended before the read began):
  * it may decide for events up to that seq. A list that is not exact
- * (overflow) or names no synced device is not kept. */
-void devcache_put(devcache *dc, const devices_list *l, int64_t upto);
-/* user's devices changed in this process (a link, an unlink). */
+ * (overflow), names no synced device, or whose user was forgotten since
+ * epoch (devcache_epoch) is not kept. */
+void devcache_put(devcache *dc, const devices_list *l, int64_t upto, uint64_t epoch);
+/* user's devices changed in this process (a link, an unlink), or a
+ * SyncRequest of the user was served. */
 void devcache_forget(devcache *dc, const char *user);
+/* The consume thread pushed ev[0..n) under its assignment gen
+ * (bus_generation): each kept list of their users now decides for them.
+ * A new gen drops every list first. */
+void devcache_consumed(devcache *dc, unsigned gen, const store_event *ev, size_t n);
 
 /* ---- acker.c: acks on their own consumer ---- */
 
