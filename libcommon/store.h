@@ -26,6 +26,7 @@ enum store_kind {
  * with it (store_inbox_mark); the event is deleted once every device that
  * needs it has (message-store decides, from the device records). */
 #define STORE_ACKED_MAX 16     /* acked devices read back per event */
+#define STORE_MAX_BATCH 10000  /* items per call in every backend: callers chunk */
 
 typedef struct store_event {
     const char *user;      /* recipient */

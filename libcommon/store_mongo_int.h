@@ -14,7 +14,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define SM_MAX_BATCH 10000      /* per call; callers chunk bigger work */
+#define SM_MAX_BATCH STORE_MAX_BATCH
 #define SM_SELECT_MS 3000       /* serverSelectionTimeoutMS unless the URI says */
 /* socketTimeoutMS unless the URI says (mongoc's own is 300 s): a server
  * that hangs (stopped, network black hole) turns every call into an error

@@ -20,7 +20,7 @@
 #include "sqldb.h"
 #include "utf8.h"
 
-#define SS_MAX_BATCH 10000     /* per call, as store_mongo: callers chunk */
+#define SS_MAX_BATCH STORE_MAX_BATCH
 #define SS_MAX_GATEWAY 64
 
 struct store {

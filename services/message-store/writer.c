@@ -40,6 +40,8 @@
 #include <time.h>
 
 #define WRITER_MAX_RECORDS (16 * MSGSTORE_BATCH)
+/* A round may take the whole pipeline into one claim and one put. */
+_Static_assert(WRITER_MAX_RECORDS <= STORE_MAX_BATCH, "a round must fit one store call");
 #define WRITER_WAIT_SLICE_MS 5
 #define WRITER_STOP_STORE_MS 5000
 
@@ -104,9 +106,12 @@ static int writer_store(writer *w, writer_batch *first, writer_batch *last)
         log_warn("store step failed; retrying", "{s:s, s:i, s:I, s:I}", "error", err,
                  "partition", (int)first->msgs[0].partition, "offset",
                  (json_int_t)first->msgs[0].offset, "backoff_ms", (json_int_t)backoff);
+        /* The whole backoff: new batches and hurrying acks signal work_cv,
+         * and under load they would turn the backoff into a spin. */
+        int64_t until = px_mono_ms() + backoff;
         pthread_mutex_lock(&w->mu);
-        if (!w->stop)
-            writer_wait(&w->work_cv, &w->mu, backoff);
+        while (!w->stop && px_mono_ms() < until)
+            writer_wait(&w->work_cv, &w->mu, until - px_mono_ms());
         int stop = w->stop;
         pthread_mutex_unlock(&w->mu);
         if (stop)
