@@ -139,39 +139,60 @@ const devices_list *devices_find(const devices_list *l, size_t n, const char *us
     return n > 0 ? bsearch(&probe, l, n, sizeof(*l), devices_user_cmp) : NULL;
 }
 
-/* Only records with an origin cost a device read (one per distinct user):
- * everything else passes untouched, so the common path reads nothing. */
+/* Only records with an origin cost a device read (one per distinct user
+ * that no kept list decides for: devcache.c, the same question an ack
+ * asks): everything else passes untouched, so the common path reads
+ * nothing. */
 int devices_unneeded(msgstore *ms, const msgstore_rec *recs, size_t n, int *skip, char *err,
                      size_t errlen)
 {
-    size_t with_origin = 0, nl = 0;
+    size_t nl = 0;
     int rc = PX_OK;
-    for (size_t i = 0; i < n; i++)
-        with_origin += recs[i].u.inbox->origin_device[0] != '\0';
-    if (with_origin == 0)
-        return PX_OK;
-    devices_list *l = px_calloc(with_origin, sizeof(*l));
+    int *open = px_calloc(n, sizeof(*open)); /* an origin record no kept list decided */
+    size_t nopen = 0;
     for (size_t i = 0; i < n; i++) {
         const Parley__InboxRecord *x = recs[i].u.inbox;
-        if (x->origin_device[0] == '\0')
-            continue;
+        const char *origin = x->origin_device;
+        if (origin[0] != '\0' && !devcache_covered(ms->devcache, x->user, recs[i].m->offset,
+                                                    NULL, 0, &origin, 1, &skip[i]))
+            nopen += open[i] = 1;
+    }
+    if (nopen == 0) {
+        free(open);
+        return PX_OK;
+    }
+    devices_list *l = px_calloc(nopen, sizeof(*l));
+    uint64_t *epoch = px_malloc(nopen * sizeof(*epoch));
+    for (size_t i = 0; i < n; i++) {
+        const char *user = recs[i].u.inbox->user;
         size_t k = 0;
-        while (k < nl && strcmp(l[k].user, x->user) != 0)
+        while (open[i] && k < nl && strcmp(l[k].user, user) != 0)
             k++;
-        if (k == nl)
-            l[nl++].user = x->user;
+        if (open[i] && k == nl)
+            l[nl++].user = user;
     }
     qsort(l, nl, sizeof(*l), devices_user_cmp);
+    for (size_t k = 0; k < nl; k++)
+        epoch[k] = devcache_epoch(ms->devcache, l[k].user);
     rc = devices_load(ms, l, nl, err, errlen);
     for (size_t i = 0; i < n && rc == PX_OK; i++) {
-        const Parley__InboxRecord *x = recs[i].u.inbox;
-        if (x->origin_device[0] == '\0')
+        if (!open[i])
             continue;
-        const devices_list *u = devices_find(l, nl, x->user);
-        const char *origin = x->origin_device;
+        const devices_list *u = devices_find(l, nl, recs[i].u.inbox->user);
+        const char *origin = recs[i].u.inbox->origin_device;
         skip[i] = u != NULL && devices_covered(u, recs[i].m->offset, NULL, 0, &origin, 1);
     }
+    /* Read after every one of these records was consumed: good for them. */
+    for (size_t k = 0; k < nl && rc == PX_OK; k++) {
+        int64_t upto = -1;
+        for (size_t i = 0; i < n; i++)
+            if (open[i] && strcmp(recs[i].u.inbox->user, l[k].user) == 0)
+                upto = PX_MAX(upto, recs[i].m->offset);
+        devcache_put(ms->devcache, &l[k], upto, epoch[k]);
+    }
+    free(epoch);
     free(l);
+    free(open);
     return rc;
 }
 
