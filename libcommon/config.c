@@ -65,6 +65,7 @@ static const struct config_num config_nums[] = {
     NUM("PARLEY_SEND_QUEUE_BYTES", send_queue_bytes, 1 << 20, 4096, 64 << 20),
     NUM("PARLEY_RETENTION_DAYS", retention_days, 30, 1, 3650),
     NUM("PARLEY_PRESENCE_CACHE_MS", presence_ttl_ms, 2000, 0, 600000),
+    NUM("PARLEY_PRESENCE_ONLINE_CACHE_MS", presence_online_ttl_ms, 30000, 0, 600000),
     NUM("PARLEY_HEARTBEAT_MS", heartbeat_ms, 5000, 100, 600000),
     NUM("PARLEY_PING_MS", ping_ms, 30000, 100, 3600000),
     NUM("PARLEY_IDLE_MS", idle_ms, 90000, 200, 3600000),

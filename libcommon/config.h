@@ -37,6 +37,7 @@ typedef struct config {
     long send_queue_bytes;       /* PARLEY_SEND_QUEUE_BYTES per connection */
     long retention_days;         /* PARLEY_RETENTION_DAYS */
     long presence_ttl_ms;        /* PARLEY_PRESENCE_CACHE_MS lookup cache TTL */
+    long presence_online_ttl_ms; /* PARLEY_PRESENCE_ONLINE_CACHE_MS: the same, user online */
     long heartbeat_ms;           /* PARLEY_HEARTBEAT_MS gateway liveness beat */
     long ping_ms;                /* PARLEY_PING_MS server ping interval */
     long idle_ms;                /* PARLEY_IDLE_MS close after this silence */

@@ -127,6 +127,8 @@ static void main_started(void *arg, json_t *fields)
     const config *cfg = &((msgstore *)arg)->svc.cfg;
     json_object_set_new(fields, "heartbeat_ms", json_integer(cfg->heartbeat_ms));
     json_object_set_new(fields, "presence_cache_ms", json_integer(cfg->presence_ttl_ms));
+    json_object_set_new(fields, "presence_online_cache_ms",
+                        json_integer(cfg->presence_online_ttl_ms));
     json_object_set_new(fields, "retention_days", json_integer(cfg->retention_days));
     json_object_set_new(fields, "sweep_ms", json_integer(cfg->sweep_ms));
     json_object_set_new(fields, "hold_ms", json_integer(cfg->msgstore_hold_ms));

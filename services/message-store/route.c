@@ -12,7 +12,19 @@
  * The cache is direct-mapped (one entry per hash slot, a colliding user
  * evicts): bounded memory, O(1), and a miss costs only one lookup. Offline
  * users are cached too (zero gateways), which saves most lookups. Main
- * thread only, no lock. */
+ * thread only, no lock.
+ *
+ * An online entry lives longer (PARLEY_PRESENCE_ONLINE_CACHE_MS, 30 s)
+ * than an offline one (PARLEY_PRESENCE_CACHE_MS, 2 s): every connection
+ * sends its SyncRequest on the user's inbox partition, which this process
+ * consumes before any later event of the user and notes here, so an
+ * online entry can only be stale by a gateway the user left (a wasted
+ * push), never miss one it joined. The refreshes were one FerretDB call
+ * per user every 2 s, about as much store time as the acks at 100/s. An
+ * offline entry stays short: it is what a note evicted by a colliding user
+ * and a lagging registry would leave behind. A new assignment of the
+ * inbox consumer (bus_generation) drops every entry, since the user may
+ * have synced while another process owned the partition. */
 #include "common.h"
 #include "log.h"
 #include "msgstore.h"
@@ -43,6 +55,8 @@ typedef struct route_entry {
 } route_entry;
 
 struct route_cache {
+    unsigned gen;                /* the assignment the entries belong to */
+    int has_gen;
     route_entry *slots[ROUTE_SLOTS];
 };
 
@@ -51,13 +65,39 @@ route_cache *route_cache_new(void)
     return px_calloc(1, sizeof(route_cache));
 }
 
+static void route_cache_clear(route_cache *rc)
+{
+    for (size_t i = 0; i < ROUTE_SLOTS; i++) {
+        free(rc->slots[i]);
+        rc->slots[i] = NULL;
+    }
+}
+
 void route_cache_free(route_cache *rc)
 {
     if (rc == NULL)
         return;
-    for (size_t i = 0; i < ROUTE_SLOTS; i++)
-        free(rc->slots[i]);
+    route_cache_clear(rc);
     free(rc);
+}
+
+/* Drops every entry when the consumer's assignment moved on. */
+static void route_assignment(msgstore *ms)
+{
+    unsigned gen = bus_generation(ms->svc.b);
+    if (ms->cache->has_gen && ms->cache->gen == gen)
+        return;
+    route_cache_clear(ms->cache);
+    ms->cache->gen = gen;
+    ms->cache->has_gen = 1;
+}
+
+/* When an entry of n gateways read at now expires. */
+static int64_t route_expiry(const msgstore *ms, size_t n, int64_t now)
+{
+    const config *c = &ms->svc.cfg;
+    return now + (n > 0 ? PX_MAX(c->presence_online_ttl_ms, c->presence_ttl_ms)
+                        : c->presence_ttl_ms);
 }
 
 static route_entry **route_slot(route_cache *rc, const char *user)
@@ -168,7 +208,7 @@ static size_t route_gateways(msgstore *ms, const char *user, char (*gws)[65], in
     metric_add(ms->m.cache_misses, 1);
     size_t n = 0;
     if (route_lookup(ms, user, gws, &n) == PX_OK && ms->svc.cfg.presence_ttl_ms > 0)
-        route_put(ms->cache, user, (const char (*)[65])gws, n, now + ms->svc.cfg.presence_ttl_ms);
+        route_put(ms->cache, user, (const char (*)[65])gws, n, route_expiry(ms, n, now));
     return n;
 }
 
@@ -177,6 +217,7 @@ void route_note_gateway(msgstore *ms, const char *user, const char *gateway)
     char gws[ROUTE_MAX_GWS][65];
     size_t n = 0;
     int64_t now = px_mono_ms();
+    route_assignment(ms);
     const route_entry *e = route_get(ms->cache, user, now);
     if (e != NULL) {
         n = e->n;
@@ -193,8 +234,8 @@ void route_note_gateway(msgstore *ms, const char *user, const char *gateway)
             n--; /* the newest connection wins the last place */
         snprintf(gws[n++], sizeof(gws[0]), "%s", gateway);
     }
-    int64_t ttl = PX_MAX(ms->svc.cfg.presence_ttl_ms, ROUTE_NOTE_MIN_MS);
-    route_put_noted(ms->cache, user, (const char (*)[65])gws, n, now + ttl, gateway,
+    int64_t expires = PX_MAX(route_expiry(ms, n, now), now + ROUTE_NOTE_MIN_MS);
+    route_put_noted(ms->cache, user, (const char (*)[65])gws, n, expires, gateway,
                     now + ROUTE_NOTE_GRACE_MS);
 }
 
@@ -283,12 +324,12 @@ static void route_lookup_run(msgstore *ms, route_miss *miss, size_t nm)
 static void route_lookup_keep(msgstore *ms, const route_miss *miss, size_t nm)
 {
     metric_add(ms->m.cache_misses, (int64_t)nm);
-    int64_t expires = px_mono_ms() + ms->svc.cfg.presence_ttl_ms;
+    int64_t now = px_mono_ms();
     for (size_t i = 0; i < nm; i++) {
         route_entry *e = *route_slot(ms->cache, miss[i].user);
         if (miss[i].rc == PX_OK && ms->svc.cfg.presence_ttl_ms > 0)
             route_put(ms->cache, miss[i].user, (const char (*)[65])miss[i].gws, miss[i].n,
-                      expires);
+                      route_expiry(ms, miss[i].n, now));
         else if (e != NULL && strcmp(e->user, miss[i].user) == 0)
             e->refreshing = 0; /* the next push of the user asks again */
     }
@@ -425,6 +466,7 @@ void route_refresh_end(route_refresh *r)
 
 route_refresh *route_live(msgstore *ms, const store_event *ev, size_t n)
 {
+    route_assignment(ms);
     if (n == 0)
         return NULL;
     route_ref *refs = px_malloc(n * sizeof(*refs));
