@@ -71,6 +71,39 @@ START_TEST(online_delivery_across_gateways)
 }
 END_TEST
 
+/* message-store keeps an online user's route for
+ * PARLEY_PRESENCE_ONLINE_CACHE_MS (30 s by default, which the harness
+ * keeps): a user who moves to another gateway must be reached there at
+ * once, by the note its new connection's sync leaves in the route cache,
+ * not when the old route expires. E2E_WAIT_MS (15 s) is well inside the
+ * 30 s, so a message that waited for the expiry fails here. */
+START_TEST(a_user_who_moves_gateway_is_reached_there_at_once)
+{
+    char alice[65], bob[65], mid[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(until_synced(a));
+    client *b = e2e_connect(bob, E2E_GW1);
+    json_decref(until_synced(b));
+    e2e_send(a, "before", bob, "on gateway 1", mid);
+    json_t *m = e2e_wait_type(b, "message");
+    ck_assert_str_eq(e2e_str(m, "id"), mid); /* routed: bob's entry names gateway 1 */
+    e2e_ack(b, mid);
+    json_decref(m);
+    client_close(b, 1000);
+    b = e2e_connect(bob, E2E_GW2);
+    json_decref(until_synced(b));
+    e2e_send(a, "after", bob, "on gateway 2", mid);
+    m = client_wait_type(b, "message", E2E_WAIT_MS);
+    ck_assert_msg(m != NULL, "not live on the new gateway: %s", client_errstr(b));
+    ck_assert_str_eq(e2e_str(m, "id"), mid);
+    json_decref(m);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
 START_TEST(offline_delivery_on_connect_before_synced)
 {
     char alice[65], bob[65], m1[64], m2[64];
@@ -622,6 +655,7 @@ static Suite *messaging_suite(void)
     TCase *tc = tcase_create("1:1");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, online_delivery_across_gateways);
+    tcase_add_test(tc, a_user_who_moves_gateway_is_reached_there_at_once);
     tcase_add_test(tc, offline_delivery_on_connect_before_synced);
     tcase_add_test(tc, ack_stops_redelivery_and_no_ack_redelivers);
     tcase_add_test(tc, resend_is_idempotent);
