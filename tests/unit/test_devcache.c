@@ -10,12 +10,18 @@
 
 #include <string.h>
 
-static msgstore_metrics metrics(void)
+static msgstore_metrics metrics;
+
+/* A cache under the consumer's first assignment (gen 1). */
+static devcache *assigned(void)
 {
-    msgstore_metrics m = { 0 };
-    m.devcache_hits = metrics_counter("test_devcache_hits_total", "hits");
-    m.devcache_misses = metrics_counter("test_devcache_misses_total", "misses");
-    return m;
+    if (metrics.devcache_hits == NULL) {
+        metrics.devcache_hits = metrics_counter("test_devcache_hits_total", "hits");
+        metrics.devcache_misses = metrics_counter("test_devcache_misses_total", "misses");
+    }
+    devcache *dc = devcache_new(&metrics);
+    devcache_consumed(dc, 1, NULL, 0);
+    return dc;
 }
 
 /* bob's phone (synced, since 10) and laptop (synced, since 50). */
@@ -45,13 +51,18 @@ static store_event ev_of(const char *user, int64_t seq)
     return (store_event){ .user = user, .id = "m", .seq = seq };
 }
 
+/* Keeps bob's list as read after his event of seq 40, from a read that
+ * began at epoch. */
+static void keep_bob(devcache *dc, uint64_t epoch)
+{
+    devices_list l = bob_list();
+    devcache_put(dc, &l, 40, epoch);
+}
+
 START_TEST(a_list_decides_up_to_its_seq_and_grows_with_the_partition)
 {
-    msgstore_metrics m = metrics();
-    devcache *dc = devcache_new(&m);
-    devices_list l = bob_list();
-    devcache_consumed(dc, 1, NULL, 0); /* the first assignment */
-    devcache_put(dc, &l, 40, devcache_epoch(dc, "bob"));
+    devcache *dc = assigned();
+    keep_bob(dc, devcache_epoch(dc, "bob"));
     ck_assert_int_eq(decide(dc, 30), 1);
     ck_assert_int_eq(decide(dc, 41), -1); /* newer than the list */
     store_event ev[2] = { ev_of("bob", 60), ev_of("carol", 70) };
@@ -64,11 +75,8 @@ END_TEST
 
 START_TEST(a_new_assignment_drops_every_list)
 {
-    msgstore_metrics m = metrics();
-    devcache *dc = devcache_new(&m);
-    devices_list l = bob_list();
-    devcache_consumed(dc, 1, NULL, 0);
-    devcache_put(dc, &l, 40, devcache_epoch(dc, "bob"));
+    devcache *dc = assigned();
+    keep_bob(dc, devcache_epoch(dc, "bob"));
     store_event ev = ev_of("bob", 60);
     devcache_consumed(dc, 2, &ev, 1);
     ck_assert_int_eq(decide(dc, 30), -1);
@@ -78,22 +86,19 @@ END_TEST
 
 START_TEST(a_read_overtaken_by_a_forget_or_an_assignment_is_not_kept)
 {
-    msgstore_metrics m = metrics();
-    devcache *dc = devcache_new(&m);
-    devices_list l = bob_list();
-    devcache_consumed(dc, 1, NULL, 0);
+    devcache *dc = assigned();
     uint64_t before = devcache_epoch(dc, "bob");
     devcache_forget(dc, "bob"); /* a sync of bob's while the list was read */
-    devcache_put(dc, &l, 40, before);
+    keep_bob(dc, before);
     ck_assert_int_eq(decide(dc, 30), -1);
     /* Another user's forget leaves bob's read alone. */
     before = devcache_epoch(dc, "bob");
     devcache_forget(dc, "carol");
-    devcache_put(dc, &l, 40, before);
+    keep_bob(dc, before);
     ck_assert_int_eq(decide(dc, 30), 1);
     before = devcache_epoch(dc, "bob");
     devcache_consumed(dc, 2, NULL, 0); /* a rebalance during the read */
-    devcache_put(dc, &l, 40, before);
+    keep_bob(dc, before);
     ck_assert_int_eq(decide(dc, 30), -1);
     devcache_free(dc);
 }
@@ -101,8 +106,7 @@ END_TEST
 
 START_TEST(a_list_without_a_synced_device_is_never_kept)
 {
-    msgstore_metrics m = metrics();
-    devcache *dc = devcache_new(&m);
+    devcache *dc = assigned();
     devices_list l = bob_list();
     l.d[0].since = l.d[1].since = STORE_DEVICE_UNSYNCED;
     devcache_put(dc, &l, 40, devcache_epoch(dc, "bob"));
