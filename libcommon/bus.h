@@ -82,6 +82,13 @@ int bus_flush(bus *b, int timeout_ms);
 /* Joins the consumer group on these topics. */
 int bus_subscribe(bus *b, const char *const *topics, size_t n, char *err, size_t errlen);
 
+/* Leaves the consumer group and joins it again on the same topics, with a
+ * fresh look at the brokers' metadata: for a member whose join found its
+ * topic missing and that holds nothing since (librdkafka asks again only
+ * for topics it holds partitions of; a gateway's own delivery topic on a
+ * freshly started three-node cluster). Nothing to do in-process. */
+int bus_resubscribe(bus *b, char *err, size_t errlen);
+
 /* Fills up to max records, waiting at most timeout_ms for the first.
  * Returns the count (0 on timeout) or PX_ERROR on a fatal consumer error.
  * Each returned record must be passed to bus_release(). */

@@ -754,6 +754,23 @@ int bus_subscribe(bus *b, const char *const *topics, size_t n, char *err, size_t
     return PX_OK;
 }
 
+int bus_resubscribe(bus *b, char *err, size_t errlen)
+{
+    rd_kafka_topic_partition_list_t *l = NULL;
+    if (b->rkc == NULL)
+        return px_err(err, errlen, "bus has no consumer group");
+    rd_kafka_resp_err_t e = rd_kafka_subscription(b->rkc, &l);
+    /* librdkafka leaves the group and joins again on a subscribe, even
+     * with the same topics. */
+    if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
+        e = rd_kafka_subscribe(b->rkc, l);
+    if (l != NULL)
+        rd_kafka_topic_partition_list_destroy(l);
+    if (e != RD_KAFKA_RESP_ERR_NO_ERROR)
+        return px_err(err, errlen, "resubscribe: %s", rd_kafka_err2str(e));
+    return PX_OK;
+}
+
 /* Transient consumer errors (partition EOF, broker transport) are skipped;
  * only fatal ones end consumption. */
 static int bus_consumer_error(bus *b, const rd_kafka_message_t *m, char *err, size_t errlen)

@@ -10,6 +10,7 @@
 #include "log.h"
 #include "parley.pb-c.h"
 
+#include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,18 +20,43 @@
 #define DELIVER_BATCH 256
 #define DELIVER_MAX_CONNS 64 /* connections of one user on one gateway */
 
+/* This gateway is its delivery topic's only reader, so holding none of it
+ * is never right; this long after the last look, its group is joined
+ * again (bus_resubscribe). The first join takes ~3 s. */
+#define DELIVER_REJOIN_MS 20000
+
 static pthread_t deliver_poll_th, deliver_consume_th;
 static int deliver_started;
+
+/* *empty_since: when the gateway was first seen holding none of its
+ * topic (0: it holds some). */
+static void deliver_check_assigned(gw *g, int64_t now, int64_t *empty_since)
+{
+    if (bus_assigned(g->b) > 0) {
+        *empty_since = 0;
+        return;
+    }
+    if (*empty_since == 0)
+        *empty_since = now;
+    if (now - *empty_since < DELIVER_REJOIN_MS)
+        return;
+    char err[PX_ERRLEN] = "";
+    int rc = bus_resubscribe(g->b, err, sizeof(err));
+    log_warn("none of the delivery topic assigned; joining its group again", "{s:I, s:s}",
+             "after_ms", (json_int_t)(now - *empty_since), "error", rc == PX_OK ? "" : err);
+    *empty_since = now;
+}
 
 static void *deliver_poll_main(void *arg)
 {
     gw *g = arg;
     px_thread_name("gw-deliv-poll");
-    int64_t next_beat = 0;
+    int64_t next_beat = 0, empty_since = 0;
     while (!g->stopping) {
         int64_t now = px_mono_ms();
         if (now >= next_beat) {
             commands_heartbeat(g, 0);
+            deliver_check_assigned(g, now, &empty_since);
             next_beat = now + g->cfg.heartbeat_ms;
         }
         bus_poll(g->b, 50);
