@@ -686,6 +686,7 @@ void ack_retry_due(msgstore *ms)
 {
     int64_t now = px_mono_ms();
     size_t n;
+    ackwait_report(ms->waits, now);
     const ackwait_entry *const *due = ackwait_due(ms->waits, now, &n);
     if (n == 0)
         return;

@@ -32,8 +32,10 @@
  * that partition's later acks once more (idempotent). A clean stop hands
  * what waits over instead (acker.c) and lets the commits go. */
 #include "common.h"
+#include "log.h"
 #include "msgstore.h"
 
+#include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -50,6 +52,8 @@ struct ackwait {
     int64_t *commit;       /* ackwait_recommit's scratch: what each may commit */
     bus_msg *pos;          /* the same as records for bus_commit */
     size_t nparts;         /* partitions seen: [0, nparts) */
+    size_t expired, full;  /* acks dropped since the last ackwait_report */
+    int64_t reported_ms;   /* monotonic time of the last report */
 };
 
 ackwait *ackwait_new(const msgstore_metrics *m, const char *topic)
@@ -152,6 +156,7 @@ int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, i
         ackwait_sort(w); /* repeats may free room */
         if (w->n == ACKWAIT_MAX) {
             metric_add(w->m->ack_waits_full, 1);
+            w->full++;
             return PX_AGAIN;
         }
     }
@@ -162,6 +167,7 @@ int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, i
     int64_t left = ACKWAIT_MS - PX_MAX(px_now_ms() - ts_ms, (int64_t)0);
     if (left <= 0) {
         metric_add(w->m->ack_waits_expired, 1);
+        w->expired++;
         return PX_OK;
     }
     size_t lu = strlen(user) + 1, li = strlen(id) + 1, ld = strlen(dev) + 1;
@@ -202,6 +208,17 @@ int ackwait_note_read(ackwait *w, const char *user, const char *id, int64_t ts_m
     return hit;
 }
 
+void ackwait_report(ackwait *w, int64_t now_ms)
+{
+    if (w->expired + w->full == 0 || now_ms - w->reported_ms < ACKWAIT_REPORT_MS)
+        return;
+    log_warn("acks dropped without their events; those events stay stored and come again "
+             "at the receiver's next sync",
+             "{s:I, s:I}", "expired", (json_int_t)w->expired, "full", (json_int_t)w->full);
+    w->expired = w->full = 0;
+    w->reported_ms = now_ms;
+}
+
 const ackwait_entry *const *ackwait_due(ackwait *w, int64_t now_ms, size_t *n)
 {
     ackwait_sort(w);
@@ -219,6 +236,7 @@ void ackwait_settle(ackwait *w, const int *found, int64_t now_ms)
         ackwait_entry *x = w->due[i];
         if (found[i] || now_ms >= x->until_ms) {
             metric_add(found[i] ? w->m->ack_waits_found : w->m->ack_waits_expired, 1);
+            w->expired += !found[i];
             free(x->user);
             x->user = NULL;
             continue;

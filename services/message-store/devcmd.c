@@ -157,8 +157,10 @@ static int devcmd_drop_unneeded(msgstore *ms, const char *user, int64_t *dropped
     return rc;
 }
 
-/* Best effort: a gateway the registry does not name yet keeps the
- * connection until it reconnects, which is then refused. */
+/* Best effort: the registry's gateways of the user and the route cache's
+ * (which holds the gateway of every sync consumed here, before the
+ * registry, lagging under load, names it); a gateway neither knows keeps
+ * the connection until it reconnects, which is then refused. */
 static void devcmd_close_connections(msgstore *ms, const Parley__DeviceCommand *x)
 {
     char gws[DEVCMD_MAX_GWS][65], err[PX_ERRLEN] = "";
@@ -166,8 +168,8 @@ static void devcmd_close_connections(msgstore *ms, const Parley__DeviceCommand *
     deliv d;
     deliv_init(&d);
     d.close_device = x->device;
-    if (store_presence_lookup(ms->svc.st, x->user, 0, gws, DEVCMD_MAX_GWS, &n, err,
-                              sizeof(err)) != PX_OK ||
+    int rc = route_all_gateways(ms, x->user, gws, DEVCMD_MAX_GWS, &n, err, sizeof(err));
+    if ((rc != PX_OK && n == 0) ||
         deliv_send(ms, &d, (const char (*)[65])gws, n, x->user, 0, batch_tag_best_effort(ms), err,
                    sizeof(err)) != PX_OK)
         log_warn("unlinked device's connections not told to close", "{s:s, s:s, s:s}", "user",

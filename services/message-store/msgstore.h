@@ -272,6 +272,13 @@ void route_refresh_end(route_refresh *r);
  * the registry says yet. */
 void route_note_gateway(msgstore *ms, const char *user, const char *gateway);
 
+/* The registry's gateways of user with every gateway the cache holds for
+ * the user (fresh or expired, notes of syncs consumed here included, which
+ * a lagging registry does not name yet), at most max; main thread. PX_OK,
+ * or PX_ERROR when the registry failed (then the cache's alone). */
+int route_all_gateways(msgstore *ms, const char *user, char (*gws)[65], size_t max, size_t *n,
+                       char *err, size_t errlen);
+
 /* ---- deliv.c: building and producing Delivery records ---- */
 
 /* A Delivery under construction: event texts borrowed or copied. */
@@ -402,6 +409,7 @@ void ack_retry_due(msgstore *ms);
 #define ACKWAIT_MS 30000              /* covers a takeover: 6 s session timeout, rebalance, re-store */
 #define ACKWAIT_FIRST_MS 250          /* first retry; doubles up to the next */
 #define ACKWAIT_MAX_BACKOFF_MS 4000
+#define ACKWAIT_REPORT_MS 10000        /* at most one log line of dropped acks per */
 #define ACKWAIT_APPLIED_SLOTS (1u << 16) /* 512 KiB: the acks applied lately */
 #define ACKWAIT_PARTS_MAX 1024         /* acks partitions whose commit is held */
 
@@ -445,6 +453,10 @@ const ackwait_entry *const *ackwait_due(ackwait *w, int64_t now_ms, size_t *n);
  * those past their time leave, the others are tried again later, with a
  * doubled backoff. */
 void ackwait_settle(ackwait *w, const int *found, int64_t now_ms);
+/* Logs the acks dropped (expired, or refused when full) since the last
+ * report, at most once per ACKWAIT_REPORT_MS: no receipt is made of them
+ * until their events are delivered and acked again. */
+void ackwait_report(ackwait *w, int64_t now_ms);
 
 /* ---- devices.c: which of a user's devices need which events ---- */
 

@@ -49,6 +49,7 @@ typedef struct route_entry {
     int64_t note_until_ms;       /* note is kept until then, or until the registry names it */
     char note[65];               /* the gateway of the user's latest sync, or "" */
     int refreshing;              /* a registry lookup of the user is under way */
+    int partial;                 /* gws come from notes only: the registry not asked yet */
     size_t n;
     char *user;                  /* points after gws */
     char gws[][65];
@@ -120,24 +121,37 @@ static int route_has(const char (*gws)[65], size_t n, const char *gateway)
  * hold it) the note is kept for its grace. Without one, gws are the
  * registry's answer, and the replaced entry's note carries over while in
  * its grace and missing from them (added to gws); once the registry names
- * the gateway, the note is done. */
-static void route_put_noted(route_cache *rc, const char *user, const char (*gws)[65], size_t n,
-                            int64_t expires_ms, const char *note, int64_t note_until_ms)
+ * the gateway, the note is done. A partial entry's gateways (notes of
+ * syncs consumed here) all carry over into the registry's answer, which
+ * may lag behind them. */
+static void route_put_noted(route_cache *rc, const char *user, const char (*in)[65], size_t n,
+                            int64_t expires_ms, const char *note, int64_t note_until_ms,
+                            int partial)
 {
     size_t ulen = strlen(user);
     route_entry **slot = route_slot(rc, user);
     const route_entry *old = *slot;
     int from_registry = note == NULL;
-    if (from_registry && old != NULL && strcmp(old->user, user) == 0 && old->note[0] != '\0') {
+    int same = old != NULL && strcmp(old->user, user) == 0;
+    char gws[ROUTE_MAX_GWS][65];
+    size_t nin = n;
+    memcpy(gws, in, n * sizeof(gws[0]));
+    for (size_t i = 0; from_registry && same && old->partial && i < old->n; i++)
+        if (!route_has((const char (*)[65])gws, n, old->gws[i]) && n < ROUTE_MAX_GWS)
+            memcpy(gws[n++], old->gws[i], sizeof(gws[0]));
+    if (from_registry && same && old->note[0] != '\0') {
         note = old->note;
         note_until_ms = old->note_until_ms;
     }
+    /* Only the registry's own answer ends a note, not a partial entry's
+     * carried gateways. */
     int keep = note != NULL && note_until_ms > px_mono_ms() &&
-               !(from_registry && route_has(gws, n, note));
-    size_t extra = keep && !route_has(gws, n, note) && n < ROUTE_MAX_GWS;
+               !(from_registry && route_has(in, nin, note));
+    size_t extra = keep && !route_has((const char (*)[65])gws, n, note) && n < ROUTE_MAX_GWS;
     route_entry *e = px_malloc(sizeof(*e) + (n + extra) * sizeof(e->gws[0]) + ulen + 1);
     e->expires_ms = expires_ms;
     e->refreshing = 0;
+    e->partial = partial;
     e->note_until_ms = keep ? note_until_ms : 0;
     snprintf(e->note, sizeof(e->note), "%s", keep ? note : "");
     e->n = n + extra;
@@ -153,7 +167,7 @@ static void route_put_noted(route_cache *rc, const char *user, const char (*gws)
 static void route_put(route_cache *rc, const char *user, const char (*gws)[65], size_t n,
                       int64_t expires_ms)
 {
-    route_put_noted(rc, user, gws, n, expires_ms, NULL, 0);
+    route_put_noted(rc, user, gws, n, expires_ms, NULL, 0, 0);
 }
 
 /* The cached entry of user, fresh or expired, or NULL. */
@@ -161,13 +175,6 @@ static const route_entry *route_find(route_cache *rc, const char *user)
 {
     const route_entry *e = *route_slot(rc, user);
     return e != NULL && strcmp(e->user, user) == 0 ? e : NULL;
-}
-
-/* The fresh cached entry of user, or NULL. */
-static const route_entry *route_get(route_cache *rc, const char *user, int64_t now_ms)
-{
-    const route_entry *e = route_find(rc, user);
-    return e != NULL && e->expires_ms > now_ms ? e : NULL;
 }
 
 /* Asks the registry; PX_ERROR leaves *n = 0 (the caller treats the user as
@@ -218,13 +225,10 @@ void route_note_gateway(msgstore *ms, const char *user, const char *gateway)
     size_t n = 0;
     int64_t now = px_mono_ms();
     route_assignment(ms);
-    const route_entry *e = route_get(ms->cache, user, now);
+    const route_entry *e = route_find(ms->cache, user);
     if (e != NULL) {
         n = e->n;
         memcpy(gws, e->gws, n * sizeof(gws[0]));
-    } else {
-        /* Keep the user's other gateways (phone + web on two gateways). */
-        route_lookup(ms, user, gws, &n);
     }
     size_t i = 0;
     while (i < n && strcmp(gws[i], gateway) != 0)
@@ -234,9 +238,33 @@ void route_note_gateway(msgstore *ms, const char *user, const char *gateway)
             n--; /* the newest connection wins the last place */
         snprintf(gws[n++], sizeof(gws[0]), "%s", gateway);
     }
-    int64_t expires = PX_MAX(route_expiry(ms, n, now), now + ROUTE_NOTE_MIN_MS);
+    /* Without a fresh entry the user's other gateways (phone + web on two
+     * gateways) are not known for sure: the entry stays expired, so the
+     * next push reaches the gateways it holds at once and asks the
+     * registry after it (the stale path of route_live), which pushes to
+     * any other gateway it names. Asking here, on the consume thread, held
+     * every record behind a wave of connects: 256 group members' syncs cost
+     * 512 lookups of ~57 ms each on a loaded FerretDB, and the group's
+     * copies waited ~10 s. */
+    int fresh = e != NULL && e->expires_ms > now;
+    int partial = e == NULL || e->partial;
+    int64_t expires = fresh ? PX_MAX(route_expiry(ms, n, now), now + ROUTE_NOTE_MIN_MS) : now;
     route_put_noted(ms->cache, user, (const char (*)[65])gws, n, expires, gateway,
-                    now + ROUTE_NOTE_GRACE_MS);
+                    now + ROUTE_NOTE_GRACE_MS, partial && !fresh);
+}
+
+int route_all_gateways(msgstore *ms, const char *user, char (*gws)[65], size_t max, size_t *n,
+                       char *err, size_t errlen)
+{
+    int rc = store_presence_lookup(ms->svc.st, user, 0, gws, max, n, err, errlen);
+    if (rc != PX_OK)
+        *n = 0;
+    route_assignment(ms);
+    const route_entry *e = route_find(ms->cache, user);
+    for (size_t i = 0; e != NULL && i < e->n && *n < max; i++)
+        if (!route_has((const char (*)[65])gws, *n, e->gws[i]))
+            memcpy(gws[(*n)++], e->gws[i], sizeof(gws[0]));
+    return rc;
 }
 
 /* ---- live routing ---- */

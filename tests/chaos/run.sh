@@ -9,7 +9,7 @@
 # CHAOS_FAULT_AT seconds into its sends. One line per fault: messages
 # answered `sent`, delivered, lost (answered, never delivered: must be 0,
 # else the run fails), duplicates on the wire, receipts (delivered + read)
-# received live of expected, and how many more came when every sender
+# received live of expected, and how many more came when every client
 # connected once more at the end (pending, not lost), the longest a message
 # waited past the fault, p99
 # inside and outside the fault window; then the same for group messages'
