@@ -50,6 +50,38 @@ static int has_id(const json_t *arr, const char *id)
     return 0;
 }
 
+/* A connection's sync does not ask the presence registry on
+ * message-store's consume thread (a FerretDB call each: a wave of 256
+ * group members' syncs held every record ~10 s on a loaded box): the
+ * route takes the sync's gateway, the first push goes there at once, and
+ * the registry is asked only after it. First in the suite, so no earlier
+ * test's traffic asks the registry meanwhile. */
+START_TEST(a_sync_leaves_the_registry_for_after_the_first_push)
+{
+    const char *lookups = "parley_msgstore_store_ms_count{op=\"presence_lookup\"}";
+    char alice[65], bob[65], mid[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(until_synced(a));
+    long long before = e2e_metric(E2E_STORE, lookups);
+    ck_assert_int_ge(before, 0);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(until_synced(b));
+    ck_assert_int_eq(e2e_metric(E2E_STORE, lookups), before);
+    e2e_send(a, "c1", bob, "first push", mid);
+    json_t *m = e2e_wait_type(b, "message");
+    ck_assert_str_eq(e2e_str(m, "id"), mid);
+    json_decref(m);
+    int64_t end = px_mono_ms() + E2E_WAIT_MS;
+    while (e2e_metric(E2E_STORE, lookups) == before && px_mono_ms() < end)
+        usleep(20 * 1000);
+    ck_assert_int_gt(e2e_metric(E2E_STORE, lookups), before); /* asked after the push */
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
 START_TEST(online_delivery_across_gateways)
 {
     char alice[65], bob[65], mid[64];
@@ -654,6 +686,7 @@ static Suite *messaging_suite(void)
     Suite *s = suite_create("e2e-messaging");
     TCase *tc = tcase_create("1:1");
     tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, a_sync_leaves_the_registry_for_after_the_first_push);
     tcase_add_test(tc, online_delivery_across_gateways);
     tcase_add_test(tc, a_user_who_moves_gateway_is_reached_there_at_once);
     tcase_add_test(tc, offline_delivery_on_connect_before_synced);
