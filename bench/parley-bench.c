@@ -216,6 +216,8 @@ typedef struct bench_opts {
     const char *secret;
     pid_t gw_pids[2];
     int ngw_pids;
+    FILE *slow;        /* --slow-log: each message slower than slow_ms, line-buffered */
+    double slow_ms;
     char prefix[40];  /* makes this run's user ids (and so msg_ids) unique */
 } bench_opts;
 
@@ -1026,6 +1028,9 @@ static void bench_on_message(bench_proc *p, bench_conn *c, const char *id, const
             bench_hist_add(&p->st.lat, now - t);
             if (p->chaos != NULL)
                 bench_chaos_received(p, now, t);
+            if (p->o->slow != NULL && now - t >= (int64_t)(p->o->slow_ms * 1e6))
+                fprintf(p->o->slow, "%lld %lld %u\n", (long long)((t + p->realtime_ahead) / 1000000),
+                        (long long)((now - t) / 1000000), (unsigned)(c - p->c));
             if (c->t_socket != 0)
                 bench_hist_add(&p->st.lat_socket, c->t_socket - t);
             if (p->st.t_first == 0)
@@ -2372,6 +2377,8 @@ static void bench_usage(void)
             "  --window S (10)         chaos: the fault window lasts S past the fault's end\n"
             "  --quick                 chaos: wait for the messages only (receipts counted as they come)\n"
             "  --groups G (0)  --group-rate R (10): chaos: G groups of 4 (two pairs), R group msgs/s\n"
+            "  --slow-log FILE  --slow-ms MS (100): each message received MS or later after\n"
+            "                          its send, as `<send time, Unix ms> <latency ms> <connection>`\n"
             "  --proto parley|xmpp     xmpp: rate, latency, max, idle against an XMPP server's\n"
             "                          WebSocket (/ws), SASL ANONYMOUS; --domain D (localhost)\n");
 }
@@ -2402,6 +2409,7 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
         { "members", 1, 0, 'M' }, { "msgs", 1, 0, 'K' }, { "devices", 1, 0, 'D' },
         { "idle", 1, 0, 'I' }, { "idle-procs", 1, 0, 'J' }, { "window", 1, 0, 'W' }, { "quick", 0, 0, 'Q' },
         { "groups", 1, 0, 'y' }, { "group-rate", 1, 0, 'Y' }, { "proto", 1, 0, 'x' }, { "domain", 1, 0, 'o' },
+        { "slow-log", 1, 0, 'L' }, { "slow-ms", 1, 0, 'l' },
         { 0, 0, 0, 0 }
     };
     *o = (bench_opts){ .conns = 10000, .procs = 2, .pairs = 100, .duration_s = 20, .grace_s = 10,
@@ -2409,7 +2417,7 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
                        .body_bytes = 100, .pending = 10000, .src_base = 10, .rate = 1000,
                        .max_p99_ms = 100, .steps = 3, .members = 256, .msgs = 30, .devices = 1,
                        .window_s = 10, .idle_procs = 2, .group_rate = 10, .proto = &bench_parley,
-                       .domain = "localhost",
+                       .domain = "localhost", .slow_ms = 100,
                        .secret = getenv("PARLEY_JWT_SECRET") };
     const char *url = "ws://127.0.0.1:8080", *url2 = NULL;
     int ch, rate_set = 0;
@@ -2450,6 +2458,12 @@ static int bench_parse(int argc, char **argv, bench_opts *o)
             o->proto = strcmp(optarg, "xmpp") == 0 ? &bench_xmpp : &bench_parley;
             break;
         case 'o': o->domain = optarg; break;
+        case 'l': o->slow_ms = atof(optarg); break;
+        case 'L':
+            if ((o->slow = fopen(optarg, "a")) == NULL)
+                return PX_ERROR;
+            setvbuf(o->slow, NULL, _IOLBF, 0); /* whole lines, shared by the forked processes */
+            break;
         default: return PX_ERROR;
         }
     }

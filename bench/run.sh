@@ -45,6 +45,9 @@
 #     at the target's scale; 2 gateways in stack mode)
 #   BENCH_IDLE_PROCS (3)  BENCH_IDLE_HOLD (5)  BENCH_OUT (bench/results)  BENCH_KEEP_LOGS (0)
 #   BENCH_LATENCY_RATE (100): the latency scenario's fixed rate; 0 skips it
+#   BENCH_SLOW_MS (none): every message at least this late is logged with its
+#     send time (slow-<mode>-<tag>.log beside the services' logs, then kept),
+#     to lay a run's p99 beside what the services logged at that moment
 #   BENCH_PD_PORT (28600)  BENCH_EJ_PORT (26950): ejabberd's WebSocket listener
 #   BENCH_KAFKA_PORT (29492, +1) BENCH_MONGO_PORT (27048; its PostgreSQL -1000)
 #   BENCH_GW_PORT (28481, +1, +10..+13): every default port sits below the
@@ -97,6 +100,7 @@ export PARLEY_STACK_FRESH=1
 pids=()
 workdir=$(mktemp -d /tmp/parley-bench.XXXXXX)
 keep_logs=${BENCH_KEEP_LOGS:-0} # 1: keep the services' logs even when all went well
+[ -z "${BENCH_SLOW_MS:-}" ] || keep_logs=1
 stop_pid() { # pid name: TERM, then KILL after 15 s (a backlog must not hold the run)
   local i
   kill -TERM "$1" 2>/dev/null || return 0
@@ -330,7 +334,9 @@ run() { # tag, then parley-bench arguments; appends its JSON with the CPU split
     "$bench" rate --rate 100 --pairs "$PAIRS" --duration "$PRIME_S" --procs 1 --grace 3 \
       "${urls[@]}" >/dev/null 2>&1 || true
   cpu_mark
-  if ! line=$("$bench" "$@" "${urls[@]}"); then
+  local slow=()
+  [ -z "${BENCH_SLOW_MS:-}" ] || slow=(--slow-log "$workdir/slow-$mode-$tag.log" --slow-ms "$BENCH_SLOW_MS")
+  if ! line=$("$bench" "$@" "${urls[@]}" "${slow[@]}"); then
     say "parley-bench $1 ($mode) reported a shortfall (kept in the results)"
   fi
   bench_ticks_now
