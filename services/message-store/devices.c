@@ -90,7 +90,7 @@ int devices_covered(const devices_list *l, int64_t seq, const char *const *acked
 }
 
 int devices_link(msgstore *ms, const char *user, const char *dev, int64_t offset,
-                 int64_t *since, char *err, size_t errlen)
+                 int64_t *since, int *alone, char *err, size_t errlen)
 {
     devices_list l = { .user = user };
     if (devices_load(ms, &l, 1, err, errlen) != PX_OK)
@@ -103,6 +103,7 @@ int devices_link(msgstore *ms, const char *user, const char *dev, int64_t offset
         else if (l.d[i].since != STORE_DEVICE_UNSYNCED)
             others = 1;
     }
+    *alone = !others;
     if (*since != STORE_DEVICE_UNSYNCED) {
         /* Linked already, perhaps by the partition's owner before a
          * rebalance, after this process's acker read the list: kept lists

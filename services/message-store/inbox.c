@@ -191,6 +191,11 @@ inbox_run *inbox_push(msgstore *ms, msgstore_rec *recs, size_t n)
     return ir;
 }
 
+int inbox_push_ready(const inbox_run *ir)
+{
+    return ir == NULL || route_refresh_ready(ir->refresh);
+}
+
 void inbox_push_end(inbox_run *ir)
 {
     if (ir == NULL)

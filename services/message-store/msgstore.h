@@ -178,8 +178,10 @@ inbox_run *inbox_push(msgstore *ms, msgstore_rec *recs, size_t n);
 int inbox_store(msgstore *ms, inbox_run *const *runs, size_t nruns, char *err, size_t errlen);
 /* Consume thread: ends the run's registry refresh (which may push to
  * gateways the registry adds, with the current best-effort tag) and frees
- * it. NULL is a no-op. */
+ * it, waiting for the refresh's lookups if they are still under way
+ * (inbox_push_ready says whether they are). NULL is a no-op. */
 void inbox_push_end(inbox_run *ir);
+int inbox_push_ready(const inbox_run *ir);
 
 /* Both stages in a row, then waits until the bus holds the pushes (the
  * batch path for batches that carry more than InboxRecords). PX_OK when
@@ -267,10 +269,15 @@ void route_cache_free(route_cache *rc);
 typedef struct route_refresh route_refresh;
 route_refresh *route_live(msgstore *ms, const store_event *ev, size_t n);
 void route_refresh_end(route_refresh *r);
+/* 1 when route_refresh_end would not wait: the lookups on a thread of
+ * their own have ended, or there are none (NULL) or none on a thread. */
+int route_refresh_ready(const route_refresh *r);
 
 /* The sync path's hint: gateway now holds a connection of user, whatever
- * the registry says yet. */
-void route_note_gateway(msgstore *ms, const char *user, const char *gateway);
+ * the registry says yet. alone: the user has no other synced device, so
+ * no other gateway needs the user's events (a device gets live events
+ * only once its own sync has noted its gateway here). */
+void route_note_gateway(msgstore *ms, const char *user, const char *gateway, int alone);
 
 /* The registry's gateways of user with every gateway the cache holds for
  * the user (fresh or expired, notes of syncs consumed here included, which
@@ -503,9 +510,10 @@ int devices_mark_origins(msgstore *ms, const store_event *ev, size_t n, char *er
                          size_t errlen);
 /* The sync of (user, dev), whose SyncRequest is at offset: links the device
  * on its first sync (since -1 for the user's first device, else offset)
- * and gives its since. An unknown device reads STORE_DEVICE_UNSYNCED. */
+ * and gives its since. An unknown device reads STORE_DEVICE_UNSYNCED.
+ * *alone: the user has no other synced device. */
 int devices_link(msgstore *ms, const char *user, const char *dev, int64_t offset,
-                 int64_t *since, char *err, size_t errlen);
+                 int64_t *since, int *alone, char *err, size_t errlen);
 
 /* ---- devcache.c: the device lists acks decide with ---- */
 

@@ -30,6 +30,7 @@
 #include "msgstore.h"
 
 #include <jansson.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -219,14 +220,18 @@ static size_t route_gateways(msgstore *ms, const char *user, char (*gws)[65], in
     return n;
 }
 
-void route_note_gateway(msgstore *ms, const char *user, const char *gateway)
+void route_note_gateway(msgstore *ms, const char *user, const char *gateway, int alone)
 {
     char gws[ROUTE_MAX_GWS][65];
     size_t n = 0;
     int64_t now = px_mono_ms();
     route_assignment(ms);
     const route_entry *e = route_find(ms->cache, user);
-    if (e != NULL) {
+    int fresh = e != NULL && e->expires_ms > now;
+    /* An expired entry's gateways are kept for a user with other devices
+     * (the stale path checks them); a user alone has no other gateway to
+     * reach but this one's other connections, which a fresh entry holds. */
+    if (e != NULL && (fresh || !alone)) {
         n = e->n;
         memcpy(gws, e->gws, n * sizeof(gws[0]));
     }
@@ -245,10 +250,13 @@ void route_note_gateway(msgstore *ms, const char *user, const char *gateway)
      * any other gateway it names. Asking here, on the consume thread, held
      * every record behind a wave of connects: 256 group members' syncs cost
      * 512 lookups of ~57 ms each on a loaded FerretDB, and the group's
-     * copies waited ~10 s. */
-    int fresh = e != NULL && e->expires_ms > now;
-    int partial = e == NULL || e->partial;
-    int64_t expires = fresh ? PX_MAX(route_expiry(ms, n, now), now + ROUTE_NOTE_MIN_MS) : now;
+     * copies waited ~10 s. A user alone (one synced device: most users)
+     * needs no lookup at all, and with it none came in the first second of
+     * a run either: 200 new users' lookups of ~50 ms each made that
+     * second's messages late on the stack. */
+    int partial = (e == NULL || e->partial) && !alone;
+    int64_t expires = fresh || alone ? PX_MAX(route_expiry(ms, n, now), now + ROUTE_NOTE_MIN_MS)
+                                     : now;
     route_put_noted(ms->cache, user, (const char (*)[65])gws, n, expires, gateway,
                     now + ROUTE_NOTE_GRACE_MS, partial && !fresh);
 }
@@ -423,13 +431,20 @@ struct route_refresh {
     size_t ns, nlook;
     pthread_t th;
     int threaded;
+    atomic_int done;           /* threaded: the lookups have ended */
 };
 
 static void *route_refresh_main(void *arg)
 {
     route_refresh *r = arg;
     route_lookup_run(r->ms, r->now, r->nlook);
+    atomic_store(&r->done, 1);
     return NULL;
+}
+
+int route_refresh_ready(const route_refresh *r)
+{
+    return r == NULL || !r->threaded || atomic_load(&r->done);
 }
 
 static void route_refresh_start(route_refresh *r)

@@ -70,6 +70,7 @@ typedef struct sync_job {
     int more;                  /* the backlog goes on past this page */
     int kept;                  /* the page started from a kept rest */
     int64_t after;             /* the page starts after this seq */
+    int alone;                 /* the user has no other synced device */
     int rc;
     char err[PX_ERRLEN];
 } sync_job;
@@ -175,7 +176,8 @@ static void sync_read(void *arg, size_t i)
     const Parley__SyncRequest *r = j->r;
     const char *dev = devices_name(r->device);
     int64_t since;
-    j->rc = devices_link(j->ms, r->user, dev, j->offset, &since, j->err, sizeof(j->err));
+    j->rc = devices_link(j->ms, r->user, dev, j->offset, &since, &j->alone, j->err,
+                         sizeof(j->err));
     if (j->rc != PX_OK)
         return;
     /* seq is a bus offset (>= 0): from_seq 0 and "after -1" both start at
@@ -269,13 +271,17 @@ size_t sync_serve(msgstore *ms, const msgstore_rec *recs, const size_t *idx, siz
             const msgstore_rec *r = &recs[idx[done + k]];
             jobs[k] = (sync_job){ .ms = ms, .idx = idx[done + k], .offset = r->m->offset,
                                   .gen = gen, .r = r->u.inbox->sync };
-            route_note_gateway(ms, jobs[k].r->user, jobs[k].r->gateway);
         }
         if (g >= 2 && threads >= 2)
             px_parallel(g, threads, sync_read, jobs);
         else
             for (size_t k = 0; k < g; k++)
                 sync_read(jobs, k);
+        /* Noted after the device lists are read (nothing of these users is
+         * pushed in between: this is the consume thread). */
+        for (size_t k = 0; k < g; k++)
+            route_note_gateway(ms, jobs[k].r->user, jobs[k].r->gateway,
+                               jobs[k].rc == PX_OK && jobs[k].alone);
         size_t ok = 0;
         while (ok < g && jobs[ok].rc == PX_OK && sync_send(ms, &jobs[ok], err, errlen) == PX_OK)
             ok++;
