@@ -103,7 +103,7 @@ int devices_link(msgstore *ms, const char *user, const char *dev, int64_t offset
         else if (l.d[i].since != STORE_DEVICE_UNSYNCED)
             others = 1;
     }
-    *alone = !others;
+    *alone = !others && !l.overflow; /* a list cut short may hide another device */
     if (*since != STORE_DEVICE_UNSYNCED) {
         /* Linked already, perhaps by the partition's owner before a
          * rebalance, after this process's acker read the list: kept lists

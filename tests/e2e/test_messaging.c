@@ -487,8 +487,11 @@ END_TEST
  * "offline"), and the rest waited for bob's next connection: online
  * members of a 256-member group missed live messages on a loaded box.
  * Sends are spread over several cache periods (200 ms in the harness,
- * 1 s for a sync's note). Microservices only: parleyd's presence cannot
- * lag on its own. */
+ * 1 s for a sync's note). bob has one device, so his route is his sync's
+ * gateway and the registry is not asked at all; a route the registry
+ * answers while it lags (a user with another device) is test_devices'
+ * a_device_connected_through_a_store_restart_gets_live_messages.
+ * Microservices only: parleyd's presence cannot lag on its own. */
 START_TEST(live_while_the_registry_lags)
 {
     enum { N = 10, GAP_MS = 300 };
