@@ -10,7 +10,9 @@
  * service resolves from its tracking of (reader, msg_id) -> sender; a
  * claim for a message the reader never received resolves to nothing.
  *
- * A run of consecutive AckRecords of many users is applied together, in
+ * A run of consecutive AckRecords of many users is applied together (in
+ * parts of ACK_RUN_KEYS ids; the acker consumes up to MSGSTORE_ACK_BATCH
+ * records at once, since its store calls cost per user, not per id), in
  * chunks of ACK_CHUNK (user, id) keys: one store read for the whole chunk,
  * the facts, one wait until Kafka holds them (instead of one per user),
  * one delete.
@@ -54,6 +56,7 @@
 #include <string.h>
 
 #define ACK_CHUNK 1000      /* keys per store call */
+#define ACK_RUN_KEYS 4096   /* keys read from a run of records at once */
 #define ACK_ID_MAX 255      /* as for inbox event ids */
 #define ACK_GROUP_MAX 255   /* a group id read back from an event */
 #define ACK_FLUSH_MS 10000  /* facts must be in Kafka before the delete */
@@ -642,10 +645,10 @@ static size_t ack_entries(const Parley__AckRecord *r, const bus_msg *m, ack_entr
 }
 
 /* Every step is idempotent, so a retried run is harmless. The facts of the
- * whole run gate its first record's commit: nothing from there on commits
+ * whole part gate its first record's commit: nothing from there on commits
  * until they are durable. */
-int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *err,
-                  size_t errlen)
+static int ack_apply_part(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *err,
+                          size_t errlen)
 {
     size_t total = 0;
     for (size_t i = 0; i < n; i++)
@@ -679,6 +682,22 @@ int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *
     if (rc == PX_OK && k > 0)
         rc = ack_chunks(&c, e, k, err, errlen);
     free(e);
+    return rc;
+}
+
+/* In parts of at most ACK_RUN_KEYS ids (a record alone may carry more), so
+ * a run of a whole consumed batch costs bounded memory. */
+int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *err,
+                  size_t errlen)
+{
+    int rc = PX_OK;
+    for (size_t i = 0; i < n && rc == PX_OK;) {
+        size_t j = i + 1, keys = recs[i].u.ack->n_ids;
+        while (j < n && keys + recs[j].u.ack->n_ids <= ACK_RUN_KEYS)
+            keys += recs[j++].u.ack->n_ids;
+        rc = ack_apply_part(ms, idx + i, recs + i, j - i, err, errlen);
+        i = j;
+    }
     return rc;
 }
 

@@ -69,12 +69,12 @@ static void acker_handover(msgstore *a)
 static void *acker_main(void *arg)
 {
     msgstore *a = arg;
-    bus_msg *msgs = px_calloc(MSGSTORE_BATCH, sizeof(*msgs));
+    bus_msg *msgs = px_calloc(MSGSTORE_ACK_BATCH, sizeof(*msgs));
     px_thread_name("ms-acker");
     char err[PX_ERRLEN];
     metric *age = bus_age_histogram("message-store-acks");
     while (!a->svc.stop) {
-        int n = bus_consume(a->svc.b, msgs, MSGSTORE_BATCH, MSGSTORE_CONSUME_WAIT_MS, err,
+        int n = bus_consume(a->svc.b, msgs, MSGSTORE_ACK_BATCH, MSGSTORE_CONSUME_WAIT_MS, err,
                             sizeof(err));
         if (n < 0) {
             /* A fatal error of this bus (its producer's, most likely: the

@@ -21,7 +21,7 @@
 
 void batch_init(msgstore *ms)
 {
-    for (size_t i = 0; i < MSGSTORE_BATCH; i++)
+    for (size_t i = 0; i < MSGSTORE_BATCH_MAX; i++)
         ms->tags[i] = (batch_tag){ .ms = ms, .idx = i };
     ms->best_effort = (batch_tag){ .ms = ms, .idx = BATCH_BEST_EFFORT };
 }
@@ -267,8 +267,8 @@ static int batch_sync_early(const msgstore_rec *recs, size_t from, size_t i)
 static size_t batch_attempt(msgstore *ms, msgstore_rec *recs, size_t from, size_t n,
                             char *err, size_t errlen)
 {
-    size_t i = from, syncs[MSGSTORE_BATCH], nsyncs = 0, failed = n;
-    unsigned char early[MSGSTORE_BATCH] = { 0 };
+    size_t i = from, syncs[MSGSTORE_BATCH_MAX], nsyncs = 0, failed = n;
+    unsigned char early[MSGSTORE_BATCH_MAX] = { 0 };
     for (size_t k = from; k < n; k++)
         if (recs[k].kind == REC_SYNC && batch_sync_early(recs, from, k)) {
             early[k] = 1;

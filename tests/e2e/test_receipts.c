@@ -8,6 +8,7 @@
 #include "e2e.h"
 #include "store.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -111,6 +112,81 @@ static void check_receipt(const json_t *r, const char *msg_id, const char *statu
 {
     check_group_receipt(r, msg_id, status, by, NULL);
 }
+
+/* A whole backlog acked at once: bob acks 5,000 synced events (five
+ * senders, each within its send burst) in five frames of 1,000 ids. With
+ * message-store stopped (microservices) while they go out, its acker
+ * consumes the five records in one batch, a run larger than one part
+ * (ACK_RUN_KEYS: parts of 4,000 and 1,000 ids). Every message must get its
+ * one `delivered` receipt and every event must be deleted, whichever part
+ * carried it. */
+START_TEST(a_backlog_acked_at_once_gets_every_receipt)
+{
+    enum { SENDERS = 5, EACH = 1000, N = SENDERS * EACH, FRAME = 1000 };
+    static const char *const frames = "parley_gateway_frames_received_total";
+    char from[SENDERS][65], bob[65], cid[32];
+    client *a[SENDERS];
+    e2e_user("bob", bob);
+    for (int s = 0; s < SENDERS; s++) {
+        e2e_user("alice", from[s]);
+        a[s] = e2e_connect(from[s], E2E_GW1);
+        for (int i = 0; i < EACH; i++) {
+            snprintf(cid, sizeof(cid), "c%d", i);
+            e2e_send_async(a[s], cid, bob, "x");
+        }
+    }
+    for (int s = 0; s < SENDERS; s++)
+        for (int i = 0; i < EACH; i++)
+            json_decref(e2e_wait_type(a[s], "sent"));
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_t *ids = e2e_backlog_ids(b);
+    ck_assert_int_eq(json_array_size(ids), N);
+    pid_t ms = e2e_pid(E2E_STORE);
+    int stopped = ms != e2e_pid(E2E_GW2);
+    long long f0 = e2e_metric(E2E_GW2, frames);
+    if (stopped)
+        ck_assert_int_eq(kill(ms, SIGSTOP), 0);
+    for (int f = 0; f < N / FRAME; f++) {
+        json_t *part = json_array();
+        for (size_t i = (size_t)f * FRAME; i < (size_t)(f + 1) * FRAME; i++)
+            json_array_append(part, json_array_get(ids, i));
+        json_t *o = json_pack("{s:s, s:o}", "type", "ack", "ids", part);
+        ck_assert_int_eq(client_send_json(b, o), 0);
+        json_decref(o);
+    }
+    for (int t = 0; t < 100 && e2e_metric(E2E_GW2, frames) < f0 + N / FRAME; t++)
+        usleep(50 * 1000);
+    usleep(300 * 1000); /* the gateway's acks linger (PARLEY_KAFKA_BULK_LINGER_MS) */
+    if (stopped)
+        ck_assert_int_eq(kill(ms, SIGCONT), 0);
+    want delivered = { NULL, "delivered" };
+    for (int s = 0; s < SENDERS; s++) {
+        json_t *seen = json_object();
+        while (json_object_size(seen) < EACH) {
+            json_t *m = NULL;
+            ck_assert_msg(client_next(a[s], is_receipt, &delivered, E2E_WAIT_MS, &m) == PX_OK,
+                          "sender %d: %zu of %d delivered receipts: %s", s,
+                          json_object_size(seen), EACH, client_errstr(a[s]));
+            const char *mid = e2e_str(m, "msg_id");
+            ck_assert_msg(e2e_has_id(ids, mid), "a receipt for %s, not one of bob's", mid);
+            ck_assert_msg(json_object_get(seen, mid) == NULL, "a second delivered for %s", mid);
+            json_object_set_new(seen, mid, json_true());
+            json_decref(m);
+        }
+        json_decref(seen);
+    }
+    json_decref(ids);
+    client_close(b, 1000);
+    b = e2e_connect(bob, E2E_GW1);
+    ids = e2e_backlog_ids(b);
+    ck_assert_msg(json_array_size(ids) == 0, "%zu acked events still pending",
+                  json_array_size(ids));
+    json_decref(ids);
+    client_close(b, 1000);
+    for (int s = 0; s < SENDERS; s++)
+        client_close(a[s], 1000);
+}
+END_TEST
 
 /* One message alice -> bob, acked then read by bob; alice's wire must show
  * exactly sent, delivered, read in that order. Returns the ack->delivered
@@ -608,6 +684,7 @@ static Suite *receipts_suite(void)
     tcase_add_test(tc, read_before_ack_yields_delivered_and_read);
     tcase_add_test(tc, group_message_gets_one_receipt_per_member);
     tcase_add_test(tc, expiry_sweep_removes_old_tracking);
+    tcase_add_test(tc, a_backlog_acked_at_once_gets_every_receipt);
     tcase_add_test(tc, kill9_receipt_service_and_store_loses_no_receipt);
     suite_add_tcase(s, tc);
     return s;
