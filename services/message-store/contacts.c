@@ -66,11 +66,38 @@ static const char *contacts_other(const store_event *ev, json_t **root)
     return json_string_value(json_object_get(*root, "actor"));
 }
 
+/* A pair to write, by its hash. */
+typedef struct contacts_item {
+    uint64_t h;
+    store_pair p;
+} contacts_item;
+
+static int contacts_item_cmp(const void *a, const void *b)
+{
+    uint64_t x = ((const contacts_item *)a)->h, y = ((const contacts_item *)b)->h;
+    return (x > y) - (x < y);
+}
+
+/* Sorts it[0..n) by hash and keeps one of each: the messages of a pair new
+ * to the memory usually come several to a round (a conversation's first
+ * seconds), and each repeat in one put was a duplicate key the store had
+ * to absorb (FerretDB logs each as an error). Returns the new count. */
+static size_t contacts_unique(contacts_item *it, size_t n)
+{
+    if (n < 2)
+        return n;
+    qsort(it, n, sizeof(*it), contacts_item_cmp);
+    size_t k = 1;
+    for (size_t i = 1; i < n; i++)
+        if (it[i].h != it[k - 1].h)
+            it[k++] = it[i];
+    return k;
+}
+
 int contacts_record(msgstore *ms, const store_event *ev, size_t n, char *err, size_t errlen)
 {
     contacts *c = ms->contacts;
-    store_pair *pairs = px_malloc((n > 0 ? n : 1) * sizeof(*pairs));
-    uint64_t *hashes = px_malloc((n > 0 ? n : 1) * sizeof(*hashes));
+    contacts_item *it = px_malloc((n > 0 ? n : 1) * sizeof(*it));
     json_t **roots = px_calloc(n > 0 ? n : 1, sizeof(*roots));
     size_t np = 0;
     pthread_mutex_lock(&c->mu);
@@ -79,23 +106,26 @@ int contacts_record(msgstore *ms, const store_event *ev, size_t n, char *err, si
         if (other == NULL || strcmp(other, ev[i].user) == 0)
             continue;
         uint64_t h = contacts_hash(ev[i].user, other);
-        if (c->slot[h & (CONTACTS_SLOTS - 1)] == h)
-            continue;
-        pairs[np] = (store_pair){ ev[i].user, other };
-        hashes[np++] = h;
+        if (c->slot[h & (CONTACTS_SLOTS - 1)] != h)
+            it[np++] = (contacts_item){ h, { ev[i].user, other } };
     }
     pthread_mutex_unlock(&c->mu);
+    np = contacts_unique(it, np);
+    store_pair *pairs = px_malloc((np > 0 ? np : 1) * sizeof(*pairs));
+    for (size_t i = 0; i < np; i++)
+        pairs[i] = it[i].p;
     int rc = np > 0 ? store_contacts_put(ms->svc.st, pairs, np, err, errlen) : PX_OK;
     if (rc == PX_OK) {
         pthread_mutex_lock(&c->mu);
         for (size_t i = 0; i < np; i++)
-            c->slot[hashes[i] & (CONTACTS_SLOTS - 1)] = hashes[i];
+            c->slot[it[i].h & (CONTACTS_SLOTS - 1)] = it[i].h;
         pthread_mutex_unlock(&c->mu);
+        metric_add(ms->m.contact_pairs, (int64_t)np);
     }
     for (size_t i = 0; i < n; i++)
         json_decref(roots[i]);
     free(roots);
-    free(hashes);
     free(pairs);
+    free(it);
     return rc;
 }

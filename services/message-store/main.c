@@ -39,6 +39,9 @@ static void main_metrics(msgstore *ms)
     m->sync_events = metrics_counter("parley_msgstore_sync_events_total",
                                      "Events pushed by syncs");
     m->acks = metrics_counter("parley_msgstore_acks_total", "Ack records applied");
+    m->contact_pairs = metrics_counter("parley_msgstore_contact_pairs_written_total",
+                                       "Contact pairs written to the store (contacts.c): pairs "
+                                       "its memory of recent pairs did not hold, once per round");
     m->acked_events = metrics_counter("parley_msgstore_acked_events_total",
                                       "Inbox events deleted by acks");
     m->settled = metrics_counter("parley_msgstore_settled_events_total",

@@ -51,7 +51,7 @@ typedef struct msgstore_metrics {
         *cache_hits, *cache_misses, *devcache_hits, *devcache_misses, *lookup_failures,
         *swept_inbox, *swept_seen, *swept_media, *ack_waits, *ack_waits_found,
         *ack_waits_expired, *ack_waits_full, *ack_commits_held, *push_records,
-        *sync_pages_scan, *sync_pages_kept, *sync_kept_bytes, *settled;
+        *sync_pages_scan, *sync_pages_kept, *sync_kept_bytes, *settled, *contact_pairs;
     metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
         *lat_sweep, *lat_gate;
 } msgstore_metrics;
