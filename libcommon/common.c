@@ -49,12 +49,21 @@ void *px_realloc(void *p, size_t n)
     return q;
 }
 
-uint64_t px_hash(const char *s)
+static uint64_t px_hash_from(uint64_t h, const char *s)
 {
-    uint64_t h = 1469598103934665603ULL;
     for (; *s; s++)
         h = (h ^ (unsigned char)*s) * 1099511628211ULL;
     return h;
+}
+
+uint64_t px_hash(const char *s)
+{
+    return px_hash_from(1469598103934665603ULL, s);
+}
+
+uint64_t px_hash_pair(const char *a, const char *b)
+{
+    return px_hash_from(px_hash(a) * 1099511628211ULL, b); /* a NUL between them */
 }
 
 char *px_strdup(const char *s)

@@ -45,6 +45,8 @@ int px_err(char *err, size_t errlen, const char *fmt, ...)
 
 /* FNV-1a of a string: for in-memory hash tables keyed by ids. */
 uint64_t px_hash(const char *s);
+/* The same over a, a NUL, b: keys of two ids. */
+uint64_t px_hash_pair(const char *a, const char *b);
 
 /* Milliseconds since the epoch (wall clock) and monotonic milliseconds. */
 int64_t px_now_ms(void);

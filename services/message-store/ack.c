@@ -58,7 +58,6 @@
 #define ACK_CHUNK 1000      /* keys per store call */
 #define ACK_RUN_KEYS 4096   /* keys read from a run of records at once */
 #define ACK_ID_MAX 255      /* as for inbox event ids */
-#define ACK_GROUP_MAX 255   /* a group id read back from an event */
 #define ACK_FLUSH_MS 10000  /* facts must be in Kafka before the delete */
 #define ACK_FACT_VERSION 1
 #define ACK_GATE_MS 5000    /* longest wait for the puts of pushed events */
@@ -117,21 +116,6 @@ static int ack_entry_cmp(const void *a, const void *b)
     return c != 0 ? c : strcmp(((const ack_entry *)a)->dev, ((const ack_entry *)b)->dev);
 }
 
-
-/* The group of a group message, read from its event text (the inbox keeps
- * no separate field); NULL for a 1:1 message. Caller frees. */
-static char *ack_group_of(const store_event *ev)
-{
-    char *group = NULL;
-    if (memmem(ev->json, ev->json_len, "\"group\"", 7) == NULL)
-        return NULL;
-    json_t *o = json_loadb(ev->json, ev->json_len, 0, NULL);
-    const char *g = json_string_value(json_object_get(o, "group"));
-    if (g != NULL && g[0] != '\0' && strlen(g) <= ACK_GROUP_MAX)
-        group = px_strdup(g);
-    json_decref(o);
-    return group;
-}
 
 static int ack_fact(ack_ctx *c, const ack_entry *e, Parley__ReceiptFact__Status status,
                     const char *sender, const char *group)
@@ -239,9 +223,112 @@ static int ack_on_held(void *arg, const store_event *ev)
     c->held++;
     if (ev->kind != STORE_MESSAGE || ev->sender == NULL)
         return PX_OK;
-    char *group = ack_group_of(ev);
+    char *group = stored_group_of(ev);
     int rc = ack_message_fact(c, lo, hi, ev->nacked, ev->sender, group);
     free(group);
+    return rc;
+}
+
+/* How ack_known_user found a user's events. */
+enum ack_known_how {
+    ACK_KNOWN,       /* applied from memory */
+    ACK_UNKNOWN,     /* some event not remembered, or one other devices still need */
+    ACK_UNDECIDED,   /* all remembered, some beyond what the kept device list decides */
+};
+
+/* The events of one user's entries [a, b) when this process stored each
+ * of them lately and a kept device list says this chunk's acks complete
+ * each: found and gone, their facts made, no store read (stored.c says why
+ * that is safe). All or nothing per user: a user read from the store costs
+ * one query for all their events anyway. *upto: the highest seq of them. */
+static int ack_known_user(ack_ctx *c, size_t a, size_t b, size_t *known,
+                          enum ack_known_how *how, int64_t *upto)
+{
+    const char *user = c->e[a].key.user;
+    size_t nev = 0;
+    for (size_t i = a; i < b; i++)
+        nev += i == a || ack_event_cmp(&c->e[i - 1], &c->e[i]) != 0;
+    stored_event *sev = px_calloc(nev, sizeof(*sev));
+    size_t *at = px_malloc((nev + 1) * sizeof(*at)); /* where each event's entries start */
+    size_t k = 0;
+    *how = ACK_KNOWN;
+    *upto = -1;
+    for (size_t lo = a; lo < b && *how != ACK_UNKNOWN; k++) {
+        size_t hi = lo + 1;
+        while (hi < b && ack_event_cmp(&c->e[lo], &c->e[hi]) == 0)
+            hi++;
+        const char *now[ACK_DEVS_MAX];
+        size_t nnow = ack_now(c, lo, hi, now);
+        int gone = 0;
+        at[k] = lo;
+        if (!stored_get(c->ms->stored, user, c->e[lo].key.id, &sev[k]))
+            *how = ACK_UNKNOWN;
+        else if (!devcache_covered(c->ms->devcache, user, sev[k].seq, NULL, 0, now, nnow, &gone))
+            *how = ACK_UNDECIDED;
+        else if (!gone)
+            *how = ACK_UNKNOWN;
+        *upto = PX_MAX(*upto, sev[k].seq);
+        lo = hi;
+    }
+    at[k] = b;
+    int rc = PX_OK;
+    for (size_t j = 0; j < k && *how == ACK_KNOWN && rc == PX_OK; j++) {
+        for (size_t i = at[j]; i < at[j + 1]; i++) {
+            c->e[i].found = c->e[i].gone = 1;
+            c->e[i].marked = 0;
+            c->e[i].seq = sev[j].seq;
+        }
+        c->held++;
+        (*known)++;
+        if (sev[j].kind == STORE_MESSAGE && sev[j].sender != NULL)
+            rc = ack_message_fact(c, at[j], at[j + 1], 0, sev[j].sender, sev[j].group);
+    }
+    for (size_t j = 0; j < nev; j++)
+        stored_event_clear(&sev[j]);
+    free(sev);
+    free(at);
+    return rc;
+}
+
+/* A user whose events are all remembered but not all decided: their
+ * devices are read (one query, instead of reading the events and their
+ * marks too), kept, and the user is tried again. */
+typedef struct ack_undecided {
+    size_t a, b;
+    int64_t upto;
+} ack_undecided;
+
+/* The chunk's users whose acks memory can apply (ack_known_user). */
+static int ack_known(ack_ctx *c, char *err, size_t errlen)
+{
+    size_t known = 0, nu = 0;
+    ack_undecided *u = px_malloc((c->n + 1) * sizeof(*u));
+    enum ack_known_how how;
+    int64_t upto;
+    int rc = PX_OK;
+    for (size_t a = 0; a < c->n && rc == PX_OK;) {
+        size_t b = a + 1;
+        while (b < c->n && strcmp(c->e[b].key.user, c->e[a].key.user) == 0)
+            b++;
+        rc = ack_known_user(c, a, b, &known, &how, &upto);
+        if (how == ACK_UNDECIDED)
+            u[nu++] = (ack_undecided){ a, b, upto };
+        a = b;
+    }
+    uint64_t *epoch = px_malloc((nu + 1) * sizeof(*epoch));
+    for (size_t i = 0; i < nu; i++) {
+        c->devs[i].user = c->e[u[i].a].key.user;
+        epoch[i] = devcache_epoch(c->ms->devcache, c->devs[i].user);
+    }
+    if (rc == PX_OK && nu > 0)
+        rc = devices_load(c->ms, c->devs, nu, err, errlen);
+    for (size_t i = 0; i < nu && rc == PX_OK; i++) {
+        devcache_put(c->ms->devcache, &c->devs[i], u[i].upto, epoch[i]);
+        rc = ack_known_user(c, u[i].a, u[i].b, &known, &how, &upto);
+    }
+    metric_add(c->ms->m.acked_from_memory, (int64_t)known);
+    free(epoch);
+    free(u);
     return rc;
 }
 
@@ -285,6 +372,8 @@ static int ack_delete(ack_ctx *c, char *err, size_t errlen)
         }
     int64_t t0 = service_clock_us();
     int rc = k > 0 ? store_inbox_delete(c->ms->svc.st, keys, k, NULL, err, errlen) : PX_OK;
+    if (rc == PX_OK)
+        stored_forget(c->ms->stored, keys, k);
     if (rc == PX_OK && km > 0)
         rc = store_inbox_unmark(c->ms->svc.st, marked, km, err, errlen);
     service_observe(c->ms->m.lat_ack, t0);
@@ -397,14 +486,18 @@ static int ack_chunk(ack_ctx *c, char *err, size_t errlen)
 {
     msgstore *ms = c->ms;
     store_key *keys = px_malloc(c->n * sizeof(*keys));
-    for (size_t i = 0; i < c->n; i++) {
-        keys[i] = c->e[i].key;
+    for (size_t i = 0; i < c->n; i++)
         c->e[i].found = c->e[i].gone = 0;
-    }
     c->held = c->facts = 0;
     c->err[0] = '\0';
+    int rc = ack_known(c, err, errlen);
+    size_t nk = 0;
+    for (size_t i = 0; i < c->n; i++)
+        if (!c->e[i].found)
+            keys[nk++] = c->e[i].key;
     int64_t t0 = service_clock_us();
-    int rc = store_inbox_get(ms->svc.st, keys, c->n, ack_on_held, c, err, errlen);
+    if (rc == PX_OK && nk > 0)
+        rc = store_inbox_get(ms->svc.st, keys, nk, ack_on_held, c, err, errlen);
     if (rc == PX_OK)
         rc = ack_decide_deferred(c, err, errlen);
     ack_deferred_clear(c);
@@ -469,7 +562,7 @@ static void ack_held_copy(void *arg, const store_event *ev)
     h->seq = ev->seq;
     h->kind = ev->kind;
     h->sender = ev->sender != NULL ? px_strdup(ev->sender) : NULL;
-    h->group = ack_group_of(ev);
+    h->group = stored_group_of(ev);
 }
 
 /* Decides the held events no kept list could, with one devices read for

@@ -107,6 +107,7 @@ int acker_start(msgstore *ms, char *err, size_t errlen)
     a->svc.st = ms->svc.st;
     a->gate = ms->gate;
     a->devcache = ms->devcache;
+    a->stored = ms->stored;
     a->m = ms->m;
     a->waits = ackwait_new(&a->m, ms->topic_acks);
     a->topic_inbox = ms->topic_inbox;

@@ -367,6 +367,7 @@ int inbox_store(msgstore *ms, inbox_run *const *runs, size_t nruns, char *err, s
     if (devices_mark_origins(ms, a.put, a.nput, err, errlen) != PX_OK)
         goto out;
     putgate_stored(ms->gate, a.put, a.nput);
+    stored_add(ms->stored, a.put, a.nput);
     putgate_durable(ms->gate, runs[nruns - 1]->gate_run);
     size_t inserted = 0;
     for (size_t i = 0; i < a.nput; i++)

@@ -39,6 +39,10 @@ static void main_metrics(msgstore *ms)
     m->sync_events = metrics_counter("parley_msgstore_sync_events_total",
                                      "Events pushed by syncs");
     m->acks = metrics_counter("parley_msgstore_acks_total", "Ack records applied");
+    m->acked_from_memory = metrics_counter("parley_msgstore_acked_from_memory_total",
+                                           "Acked events applied without reading them back: "
+                                           "stored lately by this process (stored.c) and "
+                                           "decided by a kept device list");
     m->contact_pairs = metrics_counter("parley_msgstore_contact_pairs_written_total",
                                        "Contact pairs written to the store (contacts.c): pairs "
                                        "its memory of recent pairs did not hold, once per round");
@@ -119,6 +123,7 @@ static int main_start(void *arg, char *err, size_t errlen)
     ms->gate = putgate_new();
     ms->contacts = contacts_new();
     ms->devcache = devcache_new(&ms->m);
+    ms->stored = stored_new();
     ms->kept = synckept_new(ms->m.sync_kept_bytes);
     if (sweep_start(ms, err, errlen) != PX_OK || writer_start(ms, err, errlen) != PX_OK)
         return PX_ERROR;
@@ -179,6 +184,7 @@ int main(void)
     putgate_free(ms.gate);
     contacts_free(ms.contacts);
     devcache_free(ms.devcache);
+    stored_free(ms.stored);
     synckept_free(ms.kept);
     free(ms.pack);
     return rc;

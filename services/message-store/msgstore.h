@@ -43,6 +43,7 @@ typedef struct ackwait ackwait;
 typedef struct writer writer;
 typedef struct contacts contacts;
 typedef struct devcache devcache;
+typedef struct stored_mem stored_mem;
 typedef struct synckept synckept;
 
 typedef struct msgstore_metrics {
@@ -51,7 +52,8 @@ typedef struct msgstore_metrics {
         *cache_hits, *cache_misses, *devcache_hits, *devcache_misses, *lookup_failures,
         *swept_inbox, *swept_seen, *swept_media, *ack_waits, *ack_waits_found,
         *ack_waits_expired, *ack_waits_full, *ack_commits_held, *push_records,
-        *sync_pages_scan, *sync_pages_kept, *sync_kept_bytes, *settled, *contact_pairs;
+        *sync_pages_scan, *sync_pages_kept, *sync_kept_bytes, *settled, *contact_pairs,
+        *acked_from_memory;
     metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
         *lat_sweep, *lat_gate;
 } msgstore_metrics;
@@ -90,6 +92,7 @@ struct msgstore {
     ackwait *waits;                 /* ackwait.c: the acker's acks that found nothing yet */
     contacts *contacts;             /* contacts.c: pairs recorded lately (store stage) */
     devcache *devcache;             /* devcache.c: device lists for acks, shared with the acker */
+    stored_mem *stored;             /* stored.c: events stored lately, for the acker */
     synckept *kept;                 /* synckept.c: rests of sync scans (main msgstore) */
 
     /* Delivery-report bookkeeping for the batch in flight (batch.c). */
@@ -259,6 +262,28 @@ enum putgate_state putgate_find(putgate *g, const char *user, const char *id,
  * still pending, 0 if a store round took it meanwhile (then it is stored,
  * and the ack goes the store's way). */
 int putgate_settle(putgate *g, const char *user, const char *id);
+
+/* ---- stored.c: events stored lately, for the acker ---- */
+
+stored_mem *stored_new(void);
+void stored_free(stored_mem *s);
+/* Store stage, once the n events' put is durable: remembers them. */
+void stored_add(stored_mem *s, const store_event *ev, size_t n);
+/* What the acker needs of a remembered event (sender, group: owned copies,
+ * NULL when it has none; stored_event_clear frees them). */
+typedef struct stored_event {
+    int64_t seq;
+    int kind;
+    char *sender, *group;
+} stored_event;
+/* 1 and *out filled if (user, id) is remembered, else 0. */
+int stored_get(stored_mem *s, const char *user, const char *id, stored_event *out);
+void stored_event_clear(stored_event *e);
+/* The events named by keys were deleted: forgotten. */
+void stored_forget(stored_mem *s, const store_key *keys, size_t n);
+/* The group of a group message, read from its event text (the inbox keeps
+ * no separate field); NULL for a 1:1 message. Caller frees. */
+char *stored_group_of(const store_event *ev);
 
 /* ---- route.c: presence cache and live pushes ---- */
 

@@ -129,13 +129,7 @@ void putgate_on_wait(putgate *g, void (*hurry)(void *), void *arg)
 
 static size_t putgate_bucket(const char *user, const char *id)
 {
-    uint64_t h = 1469598103934665603ULL; /* FNV-1a over user, NUL, id */
-    for (const char *s = user; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-    h *= 1099511628211ULL;
-    for (const char *s = id; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-    return (size_t)(h & (PUTGATE_BUCKETS - 1));
+    return (size_t)(px_hash_pair(user, id) & (PUTGATE_BUCKETS - 1));
 }
 
 static int putgate_is(const putgate_held *h, const char *user, const char *id)

@@ -981,6 +981,93 @@ START_TEST(a_device_connected_through_a_store_restart_gets_live_messages)
 }
 END_TEST
 
+/* Waits for a `delivered` receipt of each of mids[0..n) on a, leaving
+ * them unacked (an ack would be applied too, and counted). */
+static void delivered_all(client *a, const char *const *mids, size_t n)
+{
+    size_t got = 0;
+    while (got < n) {
+        json_t *r = NULL;
+        ck_assert_msg(client_next(a, is_receipt, NULL, E2E_WAIT_MS, &r) == PX_OK,
+                      "%zu of %zu delivered receipts: %s", got, n, client_errstr(a));
+        for (size_t i = 0; i < n; i++)
+            got += strcmp(e2e_str(r, "msg_id"), mids[i]) == 0 &&
+                   strcmp(e2e_str(r, "status"), "delivered") == 0;
+        json_decref(r);
+    }
+}
+
+/* Acked events applied without a store read: from memory, or (parleyd,
+ * whose store rounds wait PARLEY_MSGSTORE_HOLD_MS) settled before their
+ * round, whichever came first. */
+static long long no_read_acks(const char *mem, const char *settled)
+{
+    long long a = e2e_metric(E2E_STORE, mem), b = e2e_metric(E2E_STORE, settled);
+    ck_assert_msg(a >= 0 && b >= 0, "no %s or %s", mem, settled);
+    return a + b;
+}
+
+/* The count once it reaches want (a settled event is counted by the store
+ * round it skipped, which may come after its receipt), or after 5 s. */
+static long long no_read_acks_at(const char *mem, const char *settled, long long want)
+{
+    long long n = no_read_acks(mem, settled);
+    for (int64_t end = px_mono_ms() + 5000; n < want && px_mono_ms() < end; usleep(50 * 1000))
+        n = no_read_acks(mem, settled);
+    return n;
+}
+
+/* An ack of an event this message-store stored lately is applied from its
+ * memory (stored.c): no read of the event or its marks, only the delete.
+ * bob alone (m1, m2) is the usual case: both from memory, both deleted,
+ * one `delivered` each. What another device needs goes the store's way:
+ * the phone's ack of m (the laptop still needs it: a mark), and the
+ * laptop's too (only the store knows the phone's mark), which deletes m. */
+START_TEST(acks_of_events_stored_here_are_applied_from_memory)
+{
+    static const char *const mem = "parley_msgstore_acked_from_memory_total";
+    static const char *const settled = "parley_msgstore_settled_events_total";
+    char alice[65], bob[65], carol[65], m1[64], m2[64], m[64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    e2e_user("carol", carol);
+    client *a = e2e_connect(alice, E2E_GW2);
+    json_decref(e2e_wait_type(a, "synced"));
+    client *b = e2e_connect(bob, E2E_GW1);
+    json_decref(e2e_wait_type(b, "synced"));
+    long long k0 = no_read_acks(mem, settled);
+    e2e_send(a, "c1", bob, "one", m1);
+    e2e_send(a, "c2", bob, "two", m2);
+    wait_message(b, m1);
+    wait_message(b, m2);
+    e2e_ack(b, m1);
+    e2e_ack(b, m2);
+    delivered_all(a, (const char *[]){ m1, m2 }, 2);
+    ck_assert_msg(inbox_empties(bob), "bob's acked events were not deleted");
+    ck_assert_int_eq(no_read_acks_at(mem, settled, k0 + 2), k0 + 2);
+
+    client *phone = e2e_connect_device(carol, "phone", E2E_GW1);
+    json_decref(e2e_wait_type(phone, "synced"));
+    client *laptop = e2e_connect_device(carol, "laptop", E2E_GW2);
+    json_decref(e2e_wait_type(laptop, "synced"));
+    e2e_send(a, "c3", carol, "three", m);
+    wait_message(phone, m);
+    wait_message(laptop, m);
+    e2e_ack(phone, m);
+    wait_marked(carol, m, "phone");
+    ck_assert_int_eq(no_read_acks(mem, settled), k0 + 2);
+    ck_assert_int_eq(inbox_count(carol), 1);
+    e2e_ack(laptop, m);
+    ck_assert_msg(inbox_empties(carol), "m was not deleted after both devices acked");
+    delivered_all(a, (const char *[]){ m }, 1);
+    ck_assert_int_eq(no_read_acks(mem, settled), k0 + 2);
+    client_close(phone, 1000);
+    client_close(laptop, 1000);
+    client_close(b, 1000);
+    client_close(a, 1000);
+}
+END_TEST
+
 static Suite *devices_suite(void)
 {
     Suite *s = suite_create("e2e-devices");
@@ -1003,6 +1090,7 @@ static Suite *devices_suite(void)
     tcase_add_test(tc, parleyctl_mints_device_tokens);
     tcase_add_test(tc, kill9_store_between_two_devices_acks);
     tcase_add_test(tc, a_device_connected_through_a_store_restart_gets_live_messages);
+    tcase_add_test(tc, acks_of_events_stored_here_are_applied_from_memory);
     suite_add_tcase(s, tc);
     return s;
 }
