@@ -240,8 +240,9 @@ enum ack_known_how {
  * of them lately and a kept device list says this chunk's acks complete
  * each: found and gone, their facts made, no store read (stored.c says why
  * that is safe). All or nothing per user: a user read from the store costs
- * one query for all their events anyway. *upto: the highest seq of them. */
-static int ack_known_user(ack_ctx *c, size_t a, size_t b, size_t *known,
+ * one query for all their events anyway. *upto: the highest seq of them;
+ * fresh: the user's device list was read for this chunk (a cache miss). */
+static int ack_known_user(ack_ctx *c, size_t a, size_t b, int fresh, size_t *known,
                           enum ack_known_how *how, int64_t *upto)
 {
     const char *user = c->e[a].key.user;
@@ -263,7 +264,7 @@ static int ack_known_user(ack_ctx *c, size_t a, size_t b, size_t *known,
         at[k] = lo;
         if (!stored_get(c->ms->stored, user, c->e[lo].key.id, &sev[k]))
             *how = ACK_UNKNOWN;
-        else if (!devcache_covered(c->ms->devcache, user, sev[k].seq, NULL, 0, now, nnow, &gone))
+        else if (!devcache_lookup(c->ms->devcache, user, sev[k].seq, NULL, 0, now, nnow, &gone))
             *how = ACK_UNDECIDED;
         else if (!gone)
             *how = ACK_UNKNOWN;
@@ -280,6 +281,8 @@ static int ack_known_user(ack_ctx *c, size_t a, size_t b, size_t *known,
         }
         c->held++;
         (*known)++;
+        /* Counted here, once: a user who goes the store's way is counted there. */
+        metric_add(fresh ? c->ms->m.devcache_misses : c->ms->m.devcache_hits, 1);
         if (sev[j].kind == STORE_MESSAGE && sev[j].sender != NULL)
             rc = ack_message_fact(c, at[j], at[j + 1], 0, sev[j].sender, sev[j].group);
     }
@@ -310,7 +313,7 @@ static int ack_known(ack_ctx *c, char *err, size_t errlen)
         size_t b = a + 1;
         while (b < c->n && strcmp(c->e[b].key.user, c->e[a].key.user) == 0)
             b++;
-        rc = ack_known_user(c, a, b, &known, &how, &upto);
+        rc = ack_known_user(c, a, b, 0, &known, &how, &upto);
         if (how == ACK_UNDECIDED)
             u[nu++] = (ack_undecided){ a, b, upto };
         a = b;
@@ -324,7 +327,7 @@ static int ack_known(ack_ctx *c, char *err, size_t errlen)
         rc = devices_load(c->ms, c->devs, nu, err, errlen);
     for (size_t i = 0; i < nu && rc == PX_OK; i++) {
         devcache_put(c->ms->devcache, &c->devs[i], u[i].upto, epoch[i]);
-        rc = ack_known_user(c, u[i].a, u[i].b, &known, &how, &upto);
+        rc = ack_known_user(c, u[i].a, u[i].b, 1, &known, &how, &upto);
     }
     metric_add(c->ms->m.acked_from_memory, (int64_t)known);
     free(epoch);

@@ -124,8 +124,8 @@ uint64_t devcache_epoch(devcache *dc, const char *user)
     return t;
 }
 
-int devcache_covered(devcache *dc, const char *user, int64_t seq, const char *const *acked,
-                     size_t nacked, const char *const *now, size_t nnow, int *gone)
+int devcache_lookup(devcache *dc, const char *user, int64_t seq, const char *const *acked,
+                    size_t nacked, const char *const *now, size_t nnow, int *gone)
 {
     int decided = 0;
     pthread_mutex_lock(&dc->mu);
@@ -136,6 +136,13 @@ int devcache_covered(devcache *dc, const char *user, int64_t seq, const char *co
         decided = 1;
     }
     pthread_mutex_unlock(&dc->mu);
+    return decided;
+}
+
+int devcache_covered(devcache *dc, const char *user, int64_t seq, const char *const *acked,
+                     size_t nacked, const char *const *now, size_t nnow, int *gone)
+{
+    int decided = devcache_lookup(dc, user, seq, acked, nacked, now, nnow, gone);
     metric_add(decided ? dc->hits : dc->misses, 1);
     return decided;
 }

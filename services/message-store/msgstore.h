@@ -556,6 +556,10 @@ void devcache_free(devcache *dc);
  * before an event of seq was seen stored). Any thread. */
 int devcache_covered(devcache *dc, const char *user, int64_t seq, const char *const *acked,
                      size_t nacked, const char *const *now, size_t nnow, int *gone);
+/* The same, uncounted (parley_msgstore_devices_cache_total): for a caller
+ * that counts what it decided itself. */
+int devcache_lookup(devcache *dc, const char *user, int64_t seq, const char *const *acked,
+                    size_t nacked, const char *const *now, size_t nnow, int *gone);
 /* The token a read of user's devices passes to devcache_put: take it
  * before the read begins. */
 uint64_t devcache_epoch(devcache *dc, const char *user);

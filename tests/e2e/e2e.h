@@ -88,6 +88,18 @@ static inline void e2e_send_async(client *cl, const char *cid, const char *to, c
     json_decref(o);
 }
 
+/* n sends from cl to `to`, unanswered yet: client ids c0.., bodies "0"..,
+ * so the receiver can check each sender's order. */
+static inline void e2e_send_numbered(client *cl, const char *to, int n)
+{
+    char cid[32], body[32];
+    for (int i = 0; i < n; i++) {
+        snprintf(cid, sizeof(cid), "c%d", i);
+        snprintf(body, sizeof(body), "%d", i);
+        e2e_send_async(cl, cid, to, body);
+    }
+}
+
 /* Sends and waits for `sent`; copies the msg_id out. */
 static inline void e2e_send(client *cl, const char *cid, const char *to, const char *body,
                             char msg_id[64])

@@ -381,17 +381,13 @@ START_TEST(a_backlog_of_pages_is_scanned_once)
     enum { SENDERS = 5, EACH = 1000, N = SENDERS * EACH };
     static const char *const scan = "parley_msgstore_sync_pages_total{read=\"scan\"}";
     static const char *const kept = "parley_msgstore_sync_pages_total{read=\"kept\"}";
-    char bob[65], from[SENDERS][65], cid[32], body[32];
+    char bob[65], from[SENDERS][65];
     client *a[SENDERS];
     e2e_user("bob", bob);
     for (int s = 0; s < SENDERS; s++) {
         e2e_user("alice", from[s]);
         a[s] = e2e_connect(from[s], E2E_GW1);
-        for (int i = 0; i < EACH; i++) {
-            snprintf(cid, sizeof(cid), "c%d", i);
-            snprintf(body, sizeof(body), "%d", i);
-            e2e_send_async(a[s], cid, bob, body);
-        }
+        e2e_send_numbered(a[s], bob, EACH);
     }
     for (int s = 0; s < SENDERS; s++)
         for (int i = 0; i < EACH; i++)

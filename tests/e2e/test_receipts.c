@@ -124,16 +124,13 @@ START_TEST(a_backlog_acked_at_once_gets_every_receipt)
 {
     enum { SENDERS = 5, EACH = 1000, N = SENDERS * EACH, FRAME = 1000 };
     static const char *const frames = "parley_gateway_frames_received_total";
-    char from[SENDERS][65], bob[65], cid[32];
+    char from[SENDERS][65], bob[65];
     client *a[SENDERS];
     e2e_user("bob", bob);
     for (int s = 0; s < SENDERS; s++) {
         e2e_user("alice", from[s]);
         a[s] = e2e_connect(from[s], E2E_GW1);
-        for (int i = 0; i < EACH; i++) {
-            snprintf(cid, sizeof(cid), "c%d", i);
-            e2e_send_async(a[s], cid, bob, "x");
-        }
+        e2e_send_numbered(a[s], bob, EACH);
     }
     for (int s = 0; s < SENDERS; s++)
         for (int i = 0; i < EACH; i++)
