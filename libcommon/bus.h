@@ -43,6 +43,15 @@ typedef struct bus_conf {
      * requests; NULL: every topic at 1 ms. Ignored in-process. */
     const char *bulk_topic;
     bus_dr_cb dr_cb;         /* may be NULL when nothing is produced */
+    /* A consumer that holds what the group of `follow` (another bus of this
+     * process, made and destroyed around this one) gives it: partition p of
+     * each of this bus's topics while `follow` holds partition p of its own,
+     * so a co-partitioned topic's records of a user reach the thread beside
+     * the one reading the user's other records. Its group keeps only the
+     * offsets (Kafka: partitions assigned by hand, never a member). NULL: a
+     * member of its group as usual. In-process every partition is the
+     * process's anyway: ignored. */
+    struct bus *follow;
 } bus_conf;
 
 bus *bus_new(const bus_conf *conf, char *err, size_t errlen);
@@ -79,7 +88,9 @@ void bus_poll(bus *b, int timeout_ms);
 /* Waits until every queued record has a delivery report; PX_AGAIN on timeout. */
 int bus_flush(bus *b, int timeout_ms);
 
-/* Joins the consumer group on these topics. */
+/* Joins the consumer group on these topics (a follower, bus_conf.follow:
+ * reads them from the partitions its leader holds, from its group's
+ * committed offsets). */
 int bus_subscribe(bus *b, const char *const *topics, size_t n, char *err, size_t errlen);
 
 /* Leaves the consumer group and joins it again on the same topics, with a

@@ -25,6 +25,18 @@
  * batch is retried; consumers dedupe by id), instead of the whole process
  * exiting with every connection of a gateway.
  *
+ * A follower (bus_conf.follow) is a consumer assigned by hand: when its
+ * leader's group hands the leader partitions, the leader publishes their
+ * numbers (under lead_mu) and the follower, at its next bus_consume,
+ * commits what it stored and assigns itself its own topics' same numbers.
+ * Two groups each joined by every process would assign independently
+ * (range sorts members by their random ids), so a user's acks were read
+ * in another process than its inbox half the time with two replicas. The
+ * follower's group only keeps offsets (Kafka accepts commits of a group
+ * without members). While a partition moves, the old and the new holder
+ * may both read it for up to one consume wait; what both apply is
+ * idempotent, and a commit that goes back only means a redelivery.
+ *
  * Also owns the eventfd behind bus_consume_fd and its wake-up protocol
  * (bus_consume_drain / bus_consume_signal). */
 #include "bus.h"
@@ -69,6 +81,17 @@ struct bus {
     atomic_int assigned;     /* partitions of the last assignment (bus_assigned) */
     atomic_uint generation;  /* assignments and revokes so far (bus_generation) */
     int session_ms;          /* the consumer's session.timeout.ms */
+    /* As a leader: the partition numbers its group gave it, once each. */
+    pthread_mutex_t lead_mu;
+    int32_t *lead;           /* under lead_mu */
+    int nlead;
+    unsigned lead_epoch;     /* under lead_mu: moves at every change */
+    /* As a follower (conf.follow): its leader, its topics, and the leader's
+     * epoch it holds (consume thread only). */
+    bus *leader;
+    char **ftopics;
+    size_t nftopics;
+    unsigned followed;
 };
 
 static int bus_set(rd_kafka_conf_t *conf, const char *k, const char *v, char *err, size_t errlen)
@@ -136,6 +159,54 @@ static void bus_on_error(rd_kafka_t *rk, int code, const char *reason, void *opa
     log_warn("kafka error", "{s:s, s:s}", "code", rd_kafka_err2name(code), "reason", reason);
 }
 
+/* Publishes the partition numbers of parts (NULL: none) to followers. */
+static void bus_lead(bus *b, const rd_kafka_topic_partition_list_t *parts)
+{
+    pthread_mutex_lock(&b->lead_mu);
+    b->nlead = 0;
+    if (parts != NULL)
+        b->lead = px_realloc(b->lead, (size_t)PX_MAX(1, parts->cnt) * sizeof(*b->lead));
+    for (int i = 0; parts != NULL && i < parts->cnt; i++) {
+        int seen = 0;
+        for (int j = 0; j < b->nlead && !seen; j++)
+            seen = b->lead[j] == parts->elems[i].partition;
+        if (!seen)
+            b->lead[b->nlead++] = parts->elems[i].partition;
+    }
+    b->lead_epoch++;
+    pthread_mutex_unlock(&b->lead_mu);
+}
+
+/* A follower takes up what its leader holds now, if that changed: what it
+ * stored is committed first, so the next holder of a partition it gives
+ * up starts right after its last applied record. */
+static void bus_follow(bus *b)
+{
+    bus *l = b->leader;
+    pthread_mutex_lock(&l->lead_mu);
+    if (l->lead_epoch == b->followed) {
+        pthread_mutex_unlock(&l->lead_mu);
+        return;
+    }
+    b->followed = l->lead_epoch;
+    rd_kafka_topic_partition_list_t *parts =
+        rd_kafka_topic_partition_list_new((int)b->nftopics * PX_MAX(1, l->nlead));
+    for (size_t t = 0; t < b->nftopics; t++)
+        for (int i = 0; i < l->nlead; i++)
+            rd_kafka_topic_partition_list_add(parts, b->ftopics[t], l->lead[i]);
+    pthread_mutex_unlock(&l->lead_mu);
+    rd_kafka_resp_err_t e = rd_kafka_commit(b->rkc, NULL, 0);
+    if (e != RD_KAFKA_RESP_ERR_NO_ERROR && e != RD_KAFKA_RESP_ERR__NO_OFFSET)
+        log_warn("commit before following the leader failed", "{s:s}", "error",
+                 rd_kafka_err2str(e));
+    e = rd_kafka_assign(b->rkc, parts);
+    atomic_store(&b->assigned, e == RD_KAFKA_RESP_ERR_NO_ERROR ? parts->cnt : 0);
+    atomic_fetch_add(&b->generation, 1);
+    log_info("partitions assigned as the leader's", "{s:i, s:s}", "count", parts->cnt, "result",
+             rd_kafka_err2name(e));
+    rd_kafka_topic_partition_list_destroy(parts);
+}
+
 /* On revoke, commit what was stored before the partitions move, so the new
  * owner starts right after our last durable effect, not at an older
  * auto-commit. */
@@ -148,6 +219,7 @@ static void bus_on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
         e = rd_kafka_assign(rk, parts);
         atomic_store(&b->assigned, e == RD_KAFKA_RESP_ERR_NO_ERROR ? parts->cnt : 0);
+        bus_lead(b, e == RD_KAFKA_RESP_ERR_NO_ERROR ? parts : NULL);
         log_info("partitions assigned", "{s:i, s:s}", "count", parts->cnt, "result",
                  rd_kafka_err2name(e));
         return;
@@ -162,6 +234,7 @@ static void bus_on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     }
     rd_kafka_assign(rk, NULL);
     atomic_store(&b->assigned, 0);
+    bus_lead(b, NULL);
     log_info("partitions revoked", "{s:i, s:s}", "count", parts->cnt, "reason",
              rd_kafka_err2name(err));
 }
@@ -403,6 +476,8 @@ bus *bus_new(const bus_conf *c, char *err, size_t errlen)
 {
     bus *b = px_calloc(1, sizeof(*b));
     pthread_mutex_init(&b->heal_mu, NULL);
+    pthread_mutex_init(&b->lead_mu, NULL);
+    b->leader = c->group != NULL ? c->follow : NULL;
     b->efd = -1;
     b->conf = (bus_conf){ .brokers = px_strdup(c->brokers ? c->brokers : ""),
                           .client_id = c->client_id ? px_strdup(c->client_id) : NULL,
@@ -744,6 +819,12 @@ int bus_subscribe(bus *b, const char *const *topics, size_t n, char *err, size_t
 {
     if (b->rkc == NULL)
         return px_err(err, errlen, "bus has no consumer group");
+    if (b->leader != NULL) { /* bus_follow assigns them */
+        b->ftopics = px_realloc(b->ftopics, (b->nftopics + n) * sizeof(*b->ftopics));
+        for (size_t i = 0; i < n; i++)
+            b->ftopics[b->nftopics++] = px_strdup(topics[i]);
+        return PX_OK;
+    }
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new((int)n);
     for (size_t i = 0; i < n; i++)
         rd_kafka_topic_partition_list_add(l, topics[i], RD_KAFKA_PARTITION_UA);
@@ -759,6 +840,8 @@ int bus_resubscribe(bus *b, char *err, size_t errlen)
     rd_kafka_topic_partition_list_t *l = NULL;
     if (b->rkc == NULL)
         return px_err(err, errlen, "bus has no consumer group");
+    if (b->leader != NULL)
+        return PX_OK; /* no membership of its own */
     rd_kafka_resp_err_t e = rd_kafka_subscription(b->rkc, &l);
     /* librdkafka leaves the group and joins again on a subscribe, even
      * with the same topics. */
@@ -828,6 +911,8 @@ int bus_consume(bus *b, bus_msg *out, size_t max, int timeout_ms, char *err, siz
 {
     if (b->rkc == NULL)
         return px_err(err, errlen, "bus has no consumer group");
+    if (b->leader != NULL)
+        bus_follow(b);
     bus_consume_drain(b);
     size_t n = 0;
     int64_t end = px_mono_ms() + timeout_ms;
@@ -918,7 +1003,12 @@ void bus_destroy(bus *b)
     if (b == NULL)
         return;
     if (b->rkc != NULL) {
-        rd_kafka_resp_err_t e = rd_kafka_consumer_close(b->rkc);
+        /* A follower's last stored offsets: its close leaves no group. */
+        rd_kafka_resp_err_t e = b->leader != NULL ? rd_kafka_commit(b->rkc, NULL, 0)
+                                                  : RD_KAFKA_RESP_ERR_NO_ERROR;
+        if (e != RD_KAFKA_RESP_ERR_NO_ERROR && e != RD_KAFKA_RESP_ERR__NO_OFFSET)
+            log_warn("kafka commit at close", "{s:s}", "error", rd_kafka_err2str(e));
+        e = rd_kafka_consumer_close(b->rkc);
         if (e != RD_KAFKA_RESP_ERR_NO_ERROR)
             log_warn("kafka consumer close", "{s:s}", "error", rd_kafka_err2str(e));
         if (b->cq != NULL)
@@ -937,6 +1027,11 @@ void bus_destroy(bus *b)
     }
     for (int i = 0; i < b->nretired; i++)
         rd_kafka_destroy(b->retired[i]);
+    for (size_t i = 0; i < b->nftopics; i++)
+        free(b->ftopics[i]);
+    free(b->ftopics);
+    free(b->lead);
+    pthread_mutex_destroy(&b->lead_mu);
     free(b->bulk_topic);
     free((char *)b->conf.brokers);
     free((char *)b->conf.client_id);

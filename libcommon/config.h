@@ -46,7 +46,7 @@ typedef struct config {
     long sweep_ms;               /* PARLEY_SWEEP_MS retention sweep period */
     long msgstore_hold_ms;       /* PARLEY_MSGSTORE_HOLD_MS: pushed events wait this
                                     long for their store round, so an ack can
-                                    settle them before it (parleyd: 100) */
+                                    settle them before it (300) */
     long send_rate;              /* PARLEY_SEND_RATE sends/s per user */
     long send_burst;             /* PARLEY_SEND_BURST sends above the rate */
     long cmd_rate;               /* PARLEY_CMD_RATE: acks, reads, group commands,

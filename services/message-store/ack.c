@@ -99,6 +99,10 @@ typedef struct ack_ctx {
     ack_deferred *deferred; /* capacity: one per entry */
     size_t ndeferred;
     size_t held, facts;
+    /* ack_held: the latest run whose store round an entry waits for, and
+     * whether one of those is still held (pending, not just storing). */
+    uint64_t gate_run;
+    int gate_hurry;
     char err[PX_ERRLEN];   /* a produce error from inside the store callback */
 } ack_ctx;
 
@@ -557,6 +561,7 @@ typedef struct ack_held_ev {
     int kind;
     char *sender, *group;  /* owned */
     int covered;           /* -1: undecided yet */
+    uint64_t run;          /* its putgate run */
 } ack_held_ev;
 
 static void ack_held_copy(void *arg, const store_event *ev)
@@ -625,10 +630,13 @@ static int ack_held(ack_ctx *c, int *gate, char *err, size_t errlen)
     for (size_t lo = 0, hi; lo < c->n; lo = hi) {
         for (hi = lo + 1; hi < c->n && ack_event_cmp(&c->e[hi], &c->e[lo]) == 0; hi++)
             ;
+        uint64_t run = 0;
         enum putgate_state st = putgate_find(ms->gate, c->e[lo].key.user, c->e[lo].key.id,
-                                             ack_held_copy, &h[nh]);
-        if (st == PUTGATE_STORING)
+                                             &run, ack_held_copy, &h[nh]);
+        if (st == PUTGATE_STORING) {
             *gate = 1;
+            c->gate_run = PX_MAX(c->gate_run, run);
+        }
         for (size_t i = lo; i < hi && st == PUTGATE_SETTLED; i++)
             c->e[i].settled = !c->e[i].read; /* a later read claims (receipt.c resolves it) */
         if (st != PUTGATE_PENDING)
@@ -638,6 +646,7 @@ static int ack_held(ack_ctx *c, int *gate, char *err, size_t errlen)
         int gone = 0;
         h[nh].lo = lo;
         h[nh].hi = hi;
+        h[nh].run = run;
         h[nh].covered = devcache_covered(ms->devcache, c->e[lo].key.user, h[nh].seq, NULL, 0,
                                          now, nnow, &gone) ? gone : -1;
         nh++;
@@ -656,6 +665,8 @@ static int ack_held(ack_ctx *c, int *gate, char *err, size_t errlen)
         const ack_entry *x = &c->e[h[i].lo];
         if (!h[i].covered || !putgate_settle(ms->gate, x->key.user, x->key.id)) {
             *gate = 1; /* another device needs it, or a round took it: the store's way */
+            c->gate_run = PX_MAX(c->gate_run, h[i].run);
+            c->gate_hurry |= !h[i].covered; /* still held: its round must not wait */
             continue;
         }
         for (size_t k = h[i].lo; k < h[i].hi; k++)
@@ -770,7 +781,9 @@ static int ack_apply_part(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n
      * go on, an ack whose event is not found yet waits (ackwait.c). */
     if (rc == PX_OK && gate && k > 0) {
         int64_t t0 = service_clock_us();
-        if (putgate_wait(ms->gate, ACK_GATE_MS) != PX_OK)
+        int held = ms->svc.cfg.msgstore_hold_ms > 0;
+        if (putgate_wait(ms->gate, held ? c.gate_run : 0, held ? c.gate_hurry : 1,
+                         ACK_GATE_MS) != PX_OK)
             log_warn("acks applied before the inbox puts they follow", "{s:i}", "waited_ms",
                      ACK_GATE_MS);
         service_observe(ms->m.lat_gate, t0);

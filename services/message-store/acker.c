@@ -1,6 +1,7 @@
-/* Owns the ack consumer: parley.acks on a consumer group and a thread of
- * their own, so a slow run of acks never holds up storing and pushing new
- * messages. On FerretDB every acking user costs a find and a delete that
+/* Owns the ack consumer: parley.acks on a thread of its own, so a slow run
+ * of acks never holds up storing and pushing new messages, reading the
+ * partitions the inbox consumer holds (bus_conf.follow; its group,
+ * parley-message-store-acks, keeps only the offsets). On FerretDB every acking user costs a find and a delete that
  * each scan the inbox (milliseconds apiece); behind the one consume loop
  * they delayed every delivery queued after them (a 256-member group's
  * acks held its fan-out for seconds). An ack names an event its client
@@ -115,8 +116,12 @@ int acker_start(msgstore *ms, char *err, size_t errlen)
     a->topic_receipts = ms->topic_receipts;
     a->topic_dead = ms->topic_dead;
     batch_init(a);
+    /* Following the inbox consumer: the acks of a user are read beside its
+     * inbox, where the events they name were pushed and are held (putgate)
+     * or remembered (stored.c), whatever the number of replicas. */
     bus_conf bc = { .brokers = cfg->kafka_brokers, .client_id = client, .group = group,
-                    .partitions = (int)cfg->partitions, .dr_cb = batch_on_delivery };
+                    .partitions = (int)cfg->partitions, .dr_cb = batch_on_delivery,
+                    .follow = ms->svc.b };
     a->svc.b = bus_new(&bc, err, errlen);
     const char *mine[] = { a->topic_acks };
     int rc = a->svc.b != NULL ? bus_subscribe(a->svc.b, mine, 1, err, errlen) : PX_ERROR;

@@ -185,7 +185,7 @@ inbox_run *inbox_push(msgstore *ms, msgstore_rec *recs, size_t n)
             inbox_event(&ir->pev[ir->np++], r);
     }
     ir->gate = ms->gate;
-    putgate_hold(ir->gate, ir->pev, ir->np);
+    putgate_hold(ir->gate, ir->gate_run, ir->pev, ir->np);
     devcache_consumed(ms->devcache, bus_generation(ms->svc.b), ir->pev, ir->np);
     ir->refresh = route_live(ms, ir->pev, ir->np);
     return ir;

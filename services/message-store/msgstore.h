@@ -226,10 +226,14 @@ void putgate_free(putgate *g);
 uint64_t putgate_pushed(putgate *g);
 /* Run number run (and every one before it) has its store effects durable. */
 void putgate_durable(putgate *g, uint64_t run);
-/* Waits until every run pushed so far is durable: PX_OK, or PX_AGAIN after
- * timeout_ms (the inbox consumer is retrying a failing store). Calls the
- * hurry hook first when it has to wait. */
-int putgate_wait(putgate *g, int64_t timeout_ms);
+/* Waits until run (0: every run pushed so far) is durable: PX_OK, or
+ * PX_AGAIN after timeout_ms (the inbox consumer is retrying a failing
+ * store). With hurry, calls the hurry hook first when it has to wait: only
+ * for an event still held (pending), whose round the hold would delay; a
+ * round already under way needs no hurry, and a hurry ends the hold of
+ * every event queued (acks of those then wait in turn: one late ack had
+ * every later event of a busy stack stored and deleted). */
+int putgate_wait(putgate *g, uint64_t run, int hurry, int64_t timeout_ms);
 /* hurry(arg) is called (under the gate's lock: it may only signal) when
  * an ack waits for runs not stored yet: the writer ends its hold. */
 void putgate_on_wait(putgate *g, void (*hurry)(void *), void *arg);
@@ -245,8 +249,9 @@ enum putgate_state {
     PUTGATE_SETTLED,    /* acked by every device that needs it before its round:
                            its receipt fact is durable, it is never stored */
 };
-/* Push stage: the n events about to be pushed are held (PENDING). */
-void putgate_hold(putgate *g, const store_event *ev, size_t n);
+/* Push stage: the n events of run (putgate_pushed) about to be pushed are
+ * held (PENDING). */
+void putgate_hold(putgate *g, uint64_t run, const store_event *ev, size_t n);
 /* Run end: the entries of these events (by address) leave. */
 void putgate_release(putgate *g, const store_event *ev, size_t n);
 /* Store stage, before the put: settled[i] = 1 for an event (by user, id)
@@ -254,9 +259,10 @@ void putgate_release(putgate *g, const store_event *ev, size_t n);
 void putgate_take(putgate *g, const store_event *ev, size_t n, int *settled);
 /* Store stage, once durable: the STORING ones (by user, id) become STORED. */
 void putgate_stored(putgate *g, const store_event *ev, size_t n);
-/* The state of (user, id); for a PENDING one, cb(arg, ev) runs under the
- * gate's lock first (copy what is needed: ev is gone after the call). */
-enum putgate_state putgate_find(putgate *g, const char *user, const char *id,
+/* The state of (user, id) and, when held, its run in *run; for a PENDING
+ * one, cb(arg, ev) runs under the gate's lock first (copy what is needed:
+ * ev is gone after the call). */
+enum putgate_state putgate_find(putgate *g, const char *user, const char *id, uint64_t *run,
                                 void (*cb)(void *, const store_event *), void *arg);
 /* Acker, once the event's fact is durable: PENDING -> SETTLED. 1 if it was
  * still pending, 0 if a store round took it meanwhile (then it is stored,

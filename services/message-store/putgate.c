@@ -7,12 +7,14 @@
  * the next sync. The gate counts runs: `pushed` when a run goes out,
  * `durable` when its store effects are. An ack was consumed after its
  * event was pushed, so once `durable` reaches the `pushed` seen when the
- * ack run starts, every event it can name is in the store. Runs are stored
- * in order on one thread, so one pair of counters says it all. Both
- * msgstores of a process share one gate. It only covers puts of this
- * process: with several message-store processes an ack may be consumed by
- * another process's acker (the two groups assign partitions on their own),
- * or during a takeover before the new owner has stored the dead one's
+ * ack run starts, every event it can name is in the store; with a hold, an
+ * ack waits only for the runs of the events it names that are on their
+ * way to the store (each held event knows its run). Runs are stored in
+ * order on one thread, so one pair of counters says it all. Both msgstores
+ * of a process share one gate. It only covers puts of this process: the
+ * acker reads the partitions the inbox consumer holds (acker.c), but while
+ * partitions move an ack may be consumed by another process's acker, or
+ * during a takeover before the new owner has stored the dead one's
  * uncommitted records again. Such an ack finds nothing here; ack.c then
  * keeps it in the acker's wait list (ackwait.c) and tries again with
  * backoff for up to 30 s, which makes its fact and deletes the event once
@@ -43,6 +45,7 @@
 typedef struct putgate_held {
     struct putgate_held *next;
     const store_event *ev;      /* borrowed from its run (inbox.c) */
+    uint64_t run;               /* putgate_pushed's number of its run */
     enum putgate_state state;
 } putgate_held;
 
@@ -100,17 +103,17 @@ void putgate_durable(putgate *g, uint64_t run)
     pthread_mutex_unlock(&g->mu);
 }
 
-int putgate_wait(putgate *g, int64_t timeout_ms)
+int putgate_wait(putgate *g, uint64_t run, int hurry, int64_t timeout_ms)
 {
     struct timespec until;
     px_mono_deadline(&until, timeout_ms);
     int rc = PX_OK;
     pthread_mutex_lock(&g->mu);
-    uint64_t want = g->pushed;
+    uint64_t want = run != 0 ? run : g->pushed;
     while (g->durable < want && rc == PX_OK) {
         /* Again after each round: a run pushed before the wait may have
          * been queued for the writer only after the round it hurried. */
-        if (g->hurry != NULL)
+        if (hurry && g->hurry != NULL)
             g->hurry(g->hurry_arg);
         if (pthread_cond_timedwait(&g->cv, &g->mu, &until) == ETIMEDOUT)
             rc = PX_AGAIN;
@@ -137,13 +140,14 @@ static int putgate_is(const putgate_held *h, const char *user, const char *id)
     return strcmp(h->ev->id, id) == 0 && strcmp(h->ev->user, user) == 0;
 }
 
-void putgate_hold(putgate *g, const store_event *ev, size_t n)
+void putgate_hold(putgate *g, uint64_t run, const store_event *ev, size_t n)
 {
     pthread_mutex_lock(&g->mu);
     for (size_t i = 0; i < n; i++) {
         putgate_held *h = px_malloc(sizeof(*h));
         size_t b = putgate_bucket(ev[i].user, ev[i].id);
-        *h = (putgate_held){ .next = g->bucket[b], .ev = &ev[i], .state = PUTGATE_PENDING };
+        *h = (putgate_held){ .next = g->bucket[b], .ev = &ev[i], .run = run,
+                             .state = PUTGATE_PENDING };
         g->bucket[b] = h;
     }
     pthread_mutex_unlock(&g->mu);
@@ -195,7 +199,7 @@ void putgate_stored(putgate *g, const store_event *ev, size_t n)
     pthread_mutex_unlock(&g->mu);
 }
 
-enum putgate_state putgate_find(putgate *g, const char *user, const char *id,
+enum putgate_state putgate_find(putgate *g, const char *user, const char *id, uint64_t *run,
                                 void (*cb)(void *, const store_event *), void *arg)
 {
     enum putgate_state st = PUTGATE_NONE;
@@ -203,6 +207,7 @@ enum putgate_state putgate_find(putgate *g, const char *user, const char *id,
     for (putgate_held *h = g->bucket[putgate_bucket(user, id)]; h != NULL; h = h->next)
         if (putgate_is(h, user, id)) {
             st = h->state;
+            *run = h->run;
             if (st == PUTGATE_PENDING && cb != NULL)
                 cb(arg, h->ev);
             break;

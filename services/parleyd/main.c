@@ -24,12 +24,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* message-store's store rounds wait this long (PARLEY_MSGSTORE_HOLD_MS)
- * unless something needs the store sooner: an online recipient's ack
- * (parley-bench acks every 20 ms, the web client at once) then usually
- * comes first, and its event is neither written nor deleted. */
-#define PARLEYD_HOLD_MS "300"
-
 int presence_main(void);
 int message_store_main(void);
 int receipt_main(void);
@@ -103,14 +97,10 @@ static int parleyd_lock(const char *dir, char *err, size_t errlen)
 
 /* Every service reads the same environment: one admin listener would be
  * bound six times, so the services' admin servers are off and the
- * gateway's own /readyz and /metrics (one registry for the process) serve.
- * message-store's hold is on unless set: see PARLEYD_HOLD_MS. */
+ * gateway's own /readyz and /metrics (one registry for the process) serve. */
 static int parleyd_env(char *err, size_t errlen)
 {
     setenv("PARLEY_ADMIN_LISTEN", "off", 1);
-    /* The acker runs beside the writer here, so an ack of a held event
-     * settles it and the event is never written (putgate.c). */
-    setenv("PARLEY_MSGSTORE_HOLD_MS", PARLEYD_HOLD_MS, 0);
     const char *dir = config_str("PARLEY_DATA_DIR", "data");
     if (mkdir(dir, 0700) != 0 && errno != EEXIST)
         return px_err(err, errlen, "PARLEY_DATA_DIR=\"%s\": %s", dir, strerror(errno));

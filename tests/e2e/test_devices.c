@@ -997,9 +997,9 @@ static void delivered_all(client *a, const char *const *mids, size_t n)
     }
 }
 
-/* Acked events applied without a store read: from memory, or (parleyd,
- * whose store rounds wait PARLEY_MSGSTORE_HOLD_MS) settled before their
- * round, whichever came first. */
+/* Acked events applied without a store read: from memory, or settled
+ * before their store round (which waits PARLEY_MSGSTORE_HOLD_MS), whichever
+ * came first. */
 static long long no_read_acks(const char *mem, const char *settled)
 {
     long long a = e2e_metric(E2E_STORE, mem), b = e2e_metric(E2E_STORE, settled);
