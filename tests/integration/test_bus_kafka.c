@@ -872,6 +872,135 @@ START_TEST(security_settings_checked_at_start)
 }
 END_TEST
 
+/* The partitions of topic the group gave leader, as a bitmask. */
+static unsigned held_mask(bus *leader, const char *topic)
+{
+    bus_lag lags[MAX_PARTS];
+    char err[PX_ERRLEN] = "";
+    int n = bus_lags(leader, lags, MAX_PARTS, 10000, err, sizeof(err));
+    ck_assert_msg(n >= 0, "bus_lags: %s", err);
+    unsigned mask = 0;
+    for (int i = 0; i < n; i++)
+        if (strcmp(lags[i].topic, topic) == 0)
+            mask |= 1u << lags[i].partition;
+    return mask;
+}
+
+static bus *open_follower(const char *group, bus *leader)
+{
+    char err[PX_ERRLEN];
+    bus_conf c = { .brokers = brokers(), .client_id = "it-follower", .group = group,
+                   .partitions = PARTS, .dr_cb = on_dr, .follow = leader };
+    bus *b = bus_new(&c, err, sizeof(err));
+    ck_assert_msg(b != NULL, "bus_new: %s", err);
+    return b;
+}
+
+/* Consumes from f until want records or ms (serving the leaders' polls
+ * too, which a group needs); ORs the partitions seen into *mask. */
+static int follow_take(bus *f, bus *const *leaders, int nl, int want, int ms, unsigned *mask)
+{
+    char err[PX_ERRLEN];
+    bus_msg m[64];
+    int got = 0;
+    int64_t end = px_mono_ms() + ms;
+    while (got < want && px_mono_ms() < end) {
+        for (int i = 0; i < nl; i++) {
+            int n = bus_consume(leaders[i], m, PX_ARRAY_LEN(m), 20, err, sizeof(err));
+            ck_assert_msg(n >= 0, "leader consume: %s", err);
+            bus_release(leaders[i], m, (size_t)n);
+        }
+        int n = bus_consume(f, m, PX_ARRAY_LEN(m), 50, err, sizeof(err));
+        ck_assert_msg(n >= 0, "follower consume: %s", err);
+        for (int i = 0; i < n; i++)
+            *mask |= 1u << m[i].partition;
+        bus_commit(f, m, (size_t)n);
+        bus_release(f, m, (size_t)n);
+        got += n;
+    }
+    return got;
+}
+
+static void produce_keys(bus *b, const char *topic, int n)
+{
+    char key[16];
+    for (int i = 0; i < n; i++) {
+        snprintf(key, sizeof(key), "k%d", i);
+        produce_n(b, topic, key, 0, 1);
+    }
+    ck_assert_int_eq(bus_flush(b, 10000), PX_OK);
+}
+
+/* A follower (bus_conf.follow: message-store's acker) reads exactly the
+ * partition numbers its leader's group gave the leader, of a topic of its
+ * own, and moves with them: two leaders in one group split the partitions
+ * and each follower reads its leader's half of the other topic; when one
+ * leader leaves, the other's follower takes every partition, from its
+ * group's committed offsets (commits of a group without members). */
+START_TEST(a_follower_reads_the_partitions_its_leader_holds)
+{
+    char lead_topic[128], topic[128], group[160], fgroup[160];
+    unique_name(lead_topic, sizeof(lead_topic), "lead");
+    unique_name(topic, sizeof(topic), "follow");
+    snprintf(group, sizeof(group), "%s.g", lead_topic);
+    snprintf(fgroup, sizeof(fgroup), "%s.g", topic);
+    bus *l1 = open_bus(group, PARTS), *l2 = open_bus(group, PARTS);
+    create_topic(l1, lead_topic);
+    create_topic(l1, topic);
+    subscribe(l1, lead_topic);
+    subscribe(l2, lead_topic);
+    bus *f1 = open_follower(fgroup, l1), *f2 = open_follower(fgroup, l2);
+    subscribe(f1, topic);
+    subscribe(f2, topic);
+    bus *both[] = { l1, l2 };
+    char err[PX_ERRLEN];
+    bus_msg m[4];
+    int64_t end = px_mono_ms() + 30000;
+    while (bus_assigned(l1) + bus_assigned(l2) != PARTS && px_mono_ms() < end)
+        for (int i = 0; i < 2; i++) {
+            int n = bus_consume(both[i], m, 4, 100, err, sizeof(err));
+            ck_assert_msg(n >= 0, "consume: %s", err);
+            bus_release(both[i], m, (size_t)n);
+        }
+    ck_assert_msg(bus_assigned(l1) > 0 && bus_assigned(l2) > 0, "leaders hold %d + %d",
+                  bus_assigned(l1), bus_assigned(l2));
+    unsigned h1 = held_mask(l1, lead_topic), h2 = held_mask(l2, lead_topic);
+    ck_assert_int_eq(h1 & h2, 0);
+    ck_assert_int_eq(h1 | h2, (1u << PARTS) - 1);
+
+    enum { KEYS = 64 };
+    int want1 = 0;
+    unsigned keyed = 0; /* the partitions the keys fall in */
+    for (int i = 0; i < KEYS; i++) {
+        char key[16];
+        snprintf(key, sizeof(key), "k%d", i);
+        want1 += (h1 >> java_partition(key, PARTS)) & 1;
+        keyed |= 1u << java_partition(key, PARTS);
+    }
+    produce_keys(l1, topic, KEYS);
+    unsigned s1 = 0, s2 = 0;
+    ck_assert_int_eq(follow_take(f1, both, 2, want1, 20000, &s1), want1);
+    ck_assert_int_eq(follow_take(f2, both, 2, KEYS - want1, 20000, &s2), KEYS - want1);
+    ck_assert_msg((s1 & ~h1) == 0 && (s2 & ~h2) == 0,
+                  "followers read partitions %#x and %#x, their leaders hold %#x and %#x", s1,
+                  s2, h1, h2);
+    ck_assert(s1 != 0 && s2 != 0);
+
+    /* The second leader leaves (its follower first, as acker_stop comes
+     * before the inbox consumer's close): the first takes everything. */
+    bus_destroy(f2);
+    bus_destroy(l2);
+    produce_keys(l1, topic, KEYS);
+    unsigned s = 0;
+    ck_assert_int_eq(follow_take(f1, both, 1, KEYS, 20000, &s), KEYS);
+    ck_assert_int_eq(s, keyed);
+    ck_assert_int_eq(follow_take(f1, both, 1, 1, 1000, &s), 0); /* none read twice */
+    bus_destroy(f1);
+    bus_destroy(l1);
+    ck_assert_int_eq(committed_offsets(topic, fgroup), 2 * KEYS);
+}
+END_TEST
+
 static Suite *bus_suite(void)
 {
     Suite *s = suite_create("bus_kafka");
@@ -892,6 +1021,7 @@ static Suite *bus_suite(void)
     tcase_add_test(tc, config_overrides_apply_or_fail_start);
     tcase_add_test(tc, bulk_topic_flushed_and_reported);
     tcase_add_test(tc, security_settings_checked_at_start);
+    tcase_add_test(tc, a_follower_reads_the_partitions_its_leader_holds);
     suite_add_tcase(s, tc);
     return s;
 }
