@@ -85,10 +85,6 @@ static void *acker_main(void *arg)
             break;
         }
         bus_observe_age(age, msgs, (size_t)n);
-        int64_t now = px_now_ms(), lag = 0;
-        for (int i = 0; i < n; i++)
-            lag = PX_MAX(lag, now - msgs[i].ts_ms);
-        putgate_ack_lag(a->gate, lag);
         if (n > 0)
             batch_process(a, msgs, (size_t)n);
         ack_retry_due(a);

@@ -36,9 +36,6 @@ static void main_metrics(msgstore *ms)
 #undef PAGES
     m->sync_kept_bytes = metrics_gauge("parley_msgstore_sync_kept_bytes",
                                        "Memory of sync scans kept for the next pages");
-    m->hold = metrics_gauge("parley_msgstore_hold_ms",
-                            "How long the last store round was held back (writer.c): "
-                            "PARLEY_MSGSTORE_HOLD_MS, or longer while the acker lags");
     m->sync_events = metrics_counter("parley_msgstore_sync_events_total",
                                      "Events pushed by syncs");
     m->acks = metrics_counter("parley_msgstore_acks_total", "Ack records applied");

@@ -52,7 +52,7 @@ typedef struct msgstore_metrics {
         *cache_hits, *cache_misses, *devcache_hits, *devcache_misses, *lookup_failures,
         *swept_inbox, *swept_seen, *swept_media, *ack_waits, *ack_waits_found,
         *ack_waits_expired, *ack_waits_full, *ack_commits_held, *push_records,
-        *sync_pages_scan, *sync_pages_kept, *sync_kept_bytes, *hold, *settled, *contact_pairs,
+        *sync_pages_scan, *sync_pages_kept, *sync_kept_bytes, *settled, *contact_pairs,
         *acked_from_memory;
     metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
         *lat_sweep, *lat_gate;
@@ -268,11 +268,6 @@ enum putgate_state putgate_find(putgate *g, const char *user, const char *id, ui
  * still pending, 0 if a store round took it meanwhile (then it is stored,
  * and the ack goes the store's way). */
 int putgate_settle(putgate *g, const char *user, const char *id);
-/* The acker's lag: the age of the oldest ack record of the batch it just
- * consumed (0: it found none); the writer holds at least that long (up to
- * a ceiling), so acks that come late still find their events held. */
-void putgate_ack_lag(putgate *g, int64_t ms);
-int64_t putgate_ack_lag_ms(putgate *g);
 
 /* ---- stored.c: events stored lately, for the acker ---- */
 

@@ -35,7 +35,6 @@
 #include "msgstore.h"
 
 #include <errno.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -54,7 +53,6 @@ struct putgate {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     uint64_t pushed, durable;
-    _Atomic int64_t ack_lag_ms; /* putgate_ack_lag: no lock, read by the writer */
     putgate_held *bucket[PUTGATE_BUCKETS];
     void (*hurry)(void *);      /* tells the writer a gate waiter waits */
     void *hurry_arg;
@@ -229,14 +227,4 @@ int putgate_settle(putgate *g, const char *user, const char *id)
         putgate_move(g, user, id, PUTGATE_PENDING, PUTGATE_SETTLED);
     pthread_mutex_unlock(&g->mu);
     return pending;
-}
-
-void putgate_ack_lag(putgate *g, int64_t ms)
-{
-    atomic_store(&g->ack_lag_ms, PX_MAX(0, ms));
-}
-
-int64_t putgate_ack_lag_ms(putgate *g)
-{
-    return atomic_load(&g->ack_lag_ms);
 }

@@ -43,10 +43,6 @@
 /* A round may take the whole pipeline into one claim and one put. */
 _Static_assert(WRITER_MAX_RECORDS <= STORE_MAX_BATCH, "a round must fit one store call");
 #define WRITER_WAIT_SLICE_MS 5
-/* The hold stretches to the acker's lag plus this, up to this many times
- * PARLEY_MSGSTORE_HOLD_MS. */
-#define WRITER_LAG_MARGIN_MS 100
-#define WRITER_HOLD_STRETCH 4
 #define WRITER_STOP_STORE_MS 5000
 
 typedef struct writer_batch {
@@ -127,24 +123,12 @@ static int writer_store(writer *w, writer_batch *first, writer_batch *last)
     return rc;
 }
 
-/* How long a round is held. An acker running later than the hold finds
- * every event stored and goes the store's way (a delete per user on
- * FerretDB), which keeps it late: on the stack at 1,000/s it stayed ~0.6 s
- * behind for whole runs, every event written and deleted, while a run
- * whose acker kept up settled nearly all. Holding as long as it lags lets
- * it settle them cheaply and catch up. */
-static int64_t writer_hold(const writer *w)
-{
-    int64_t lag = putgate_ack_lag_ms(w->ms->gate) + WRITER_LAG_MARGIN_MS;
-    return PX_MAX(w->hold_ms, PX_MIN(lag, w->hold_ms * WRITER_HOLD_STRETCH));
-}
-
 /* mu held: how long the next round may still wait (0: go now). */
 static int64_t writer_hold_left(const writer *w)
 {
     if (w->hold_ms == 0 || w->hurry || w->records >= WRITER_MAX_RECORDS / 2)
         return 0;
-    return PX_MAX(0, w->next->added_ms + writer_hold(w) - px_mono_ms());
+    return PX_MAX(0, w->next->added_ms + w->hold_ms - px_mono_ms());
 }
 
 /* putgate's hook (under the gate's lock; the writer never takes the gate's
@@ -174,7 +158,6 @@ static void *writer_main(void *arg)
             continue;
         }
         w->hurry = 0;
-        metric_set(w->ms->m.hold, px_mono_ms() - w->next->added_ms);
         /* Batches before last are linked for good; only last->next moves. */
         writer_batch *first = w->next, *last = w->tail;
         pthread_mutex_unlock(&w->mu);

@@ -16,7 +16,6 @@
  * kill -9 is test_crash's). */
 #include "e2e.h"
 #include "ids.h"
-#include "parley.pb-c.h"
 
 #include <librdkafka/rdkafka.h>
 #include <signal.h>
@@ -543,86 +542,6 @@ START_TEST(acks_are_read_where_their_events_are_held)
 }
 END_TEST
 
-/* Produces to parley.acks an AckRecord of no ids for a user of its own,
- * stamped lag_ms in the past: to message-store's acker it reads as a
- * record that waited that long for it. */
-static void produce_old_ack(rd_kafka_t *rk, int n, int64_t lag_ms)
-{
-    char topic[160], user[32];
-    snprintf(topic, sizeof(topic), "%sacks", getenv("PARLEY_TOPIC_PREFIX"));
-    snprintf(user, sizeof(user), "lag-%d", n);
-    Parley__AckRecord r = PARLEY__ACK_RECORD__INIT;
-    r.version = 1;
-    r.user = user;
-    r.ts_ms = px_now_ms() - lag_ms;
-    uint8_t buf[128];
-    size_t len = parley__ack_record__pack(&r, buf);
-    rd_kafka_resp_err_t err =
-        rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(user, strlen(user)),
-                          RD_KAFKA_V_VALUE(buf, len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-                          RD_KAFKA_V_TIMESTAMP(r.ts_ms), RD_KAFKA_V_END);
-    ck_assert_int_eq(err, RD_KAFKA_RESP_ERR_NO_ERROR);
-    rd_kafka_poll(rk, 0);
-}
-
-/* While the acker runs late (here: every ack record it takes is 1 s old),
- * store rounds wait as long (writer.c), so an ack that comes 700 ms after
- * its message, past the 300 ms hold, still settles the held event instead
- * of finding it written (an acker late by more than the hold had every
- * event of a 1,000/s run written and deleted). */
-START_TEST(store_rounds_wait_for_a_late_acker)
-{
-    if (strcmp(getenv("PARLEY_E2E_MODE") ? getenv("PARLEY_E2E_MODE") : "", "parleyd") == 0) {
-        fprintf(stderr, "report: failover: parleyd's acks cannot be stamped in the past\n");
-        return;
-    }
-    char e[256], a[65], b[65], msg_id[64];
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    ck_assert(rd_kafka_conf_set(conf, "bootstrap.servers", getenv("PARLEY_KAFKA_BROKERS"), e,
-                                sizeof(e)) == RD_KAFKA_CONF_OK);
-    ck_assert(rd_kafka_conf_set(conf, "linger.ms", "0", e, sizeof(e)) == RD_KAFKA_CONF_OK);
-    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, e, sizeof(e));
-    ck_assert_msg(rk != NULL, "kafka producer: %s", e);
-    e2e_user("la", a);
-    e2e_user("lb", b);
-    client *snd = e2e_connect(a, E2E_GW1), *rcv = e2e_connect(b, E2E_GW2);
-    json_decref(e2e_wait_type(snd, "synced"));
-    json_decref(e2e_wait_type(rcv, "synced"));
-    int port = e2e_port(E2E_STORE);
-    const char *settled = "parley_msgstore_settled_events_total";
-    long long s0 = e2e_metric_at(port, settled);
-    for (int i = 0; i < 3; i++) /* the acker is late before the message comes */
-        produce_old_ack(rk, i, 1000);
-    usleep(100 * 1000);
-    e2e_send(snd, "late", b, "late ack", msg_id);
-    json_t *m = e2e_wait_type(rcv, "message");
-    char id[64];
-    snprintf(id, sizeof(id), "%s", e2e_str(m, "id"));
-    json_decref(m);
-    int64_t got = px_mono_ms();
-    int acked = 0;
-    for (int i = 3; px_mono_ms() - got < 1500; i++) {
-        produce_old_ack(rk, i, 1000);
-        if (!acked && px_mono_ms() - got >= 700) {
-            e2e_ack(rcv, id);
-            acked = 1;
-        }
-        usleep(40 * 1000);
-    }
-    ck_assert_int_eq(rd_kafka_flush(rk, 10000), RD_KAFKA_RESP_ERR_NO_ERROR);
-    rd_kafka_destroy(rk);
-    long long hold = e2e_metric_at(port, "parley_msgstore_hold_ms");
-    long long s = e2e_metric_at(port, settled) - s0;
-    fprintf(stderr, "report: failover: acker 1 s late: rounds held %lld ms, an ack 700 ms after "
-            "its message settled %lld event(s)\n", hold, s);
-    client_free(snd);
-    client_free(rcv);
-    ck_assert_msg(hold >= 700, "the last round was held %lld ms, not as long as the acker lags",
-                  hold);
-    ck_assert_msg(s >= 1, "the late ack found its event written");
-}
-END_TEST
-
 static Suite *failover_suite(void)
 {
     Suite *s = suite_create("e2e-failover");
@@ -637,7 +556,6 @@ static Suite *failover_suite(void)
     TCase *tc2 = tcase_create("co-partitioned acks");
     tcase_set_timeout(tc2, 150);
     tcase_add_test(tc2, acks_are_read_where_their_events_are_held);
-    tcase_add_test(tc2, store_rounds_wait_for_a_late_acker);
     suite_add_tcase(s, tc2);
     return s;
 }
