@@ -1,8 +1,8 @@
 /* Owns the ack consumer: parley.acks on a thread of its own, so a slow run
  * of acks never holds up storing and pushing new messages, reading the
  * partitions the inbox consumer holds (bus_conf.follow; its group,
- * parley-message-store-acks, keeps only the offsets). On FerretDB every acking user costs a find and a delete that
- * each scan the inbox (milliseconds apiece); behind the one consume loop
+ * parley-message-store-acks, keeps only the offsets). On FerretDB every
+ * acking user costs a find and a delete that each scan the inbox (milliseconds apiece); behind the one consume loop
  * they delayed every delivery queued after them (a 256-member group's
  * acks held its fan-out for seconds). An ack names an event its client
  * received, which was pushed before it was stored: ack.c waits on the

@@ -231,8 +231,8 @@ void putgate_durable(putgate *g, uint64_t run);
  * store). With hurry, calls the hurry hook first when it has to wait: only
  * for an event still held (pending), whose round the hold would delay; a
  * round already under way needs no hurry, and a hurry ends the hold of
- * every event queued (acks of those then wait in turn: one late ack had
- * every later event of a busy stack stored and deleted). */
+ * every event queued, whose acks may then find their events taken in
+ * turn. */
 int putgate_wait(putgate *g, uint64_t run, int hurry, int64_t timeout_ms);
 /* hurry(arg) is called (under the gate's lock: it may only signal) when
  * an ack waits for runs not stored yet: the writer ends its hold. */
