@@ -39,11 +39,10 @@ fail() { # line why [log]
   failures+=("$1")
   echo "FAIL $1 ($2)"
   [[ -n ${3:-} ]] || return
-  # check's failure lines above the tail first (a sanitizer's leak report
-  # after an aborted test can fill the tail), then the tail; the whole log
-  # is kept.
-  awk -v upto=$(($(wc -l <"$3") - 60)) 'NR <= upto && /^[^ ]+:[0-9]+:[EF]:/' "$3" |
-    head -n 20 | sed 's/^/    /'
+  # check's failure lines first, even those the tail repeats: a sanitizer's
+  # leak report can fill the tail, and CI's summary keeps only the head of
+  # what is printed here. Then the tail; the whole log is kept.
+  grep -E '^[^ ]+:[0-9]+:[EF]:' "$3" | head -n 20 | sed 's/^/    /'
   tail -n 60 "$3" | sed 's/^/    /'
   mkdir -p "$logs"
   local keep=$logs/$(echo "${1#"$build"/tests/}" | tr -c 'A-Za-z0-9_.-' '_').log
