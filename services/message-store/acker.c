@@ -34,7 +34,7 @@
 static void acker_handover(msgstore *a)
 {
     size_t n, failed = 0;
-    const ackwait_entry *const *e = ackwait_due(a->waits, INT64_MAX, &n);
+    const ackwait_entry *const *e = ackwait_due(a->waits, INT64_MAX, SIZE_MAX, &n);
     for (size_t i = 0; i < n; i++) {
         Parley__AckRecord r = PARLEY__ACK_RECORD__INIT;
         r.version = MSGSTORE_RECORD_VERSION;

@@ -17,9 +17,15 @@
  * a read wait for nothing. Each retry of a waiting read that finds nothing
  * claims it again (ack.c), for the case another process acked it meanwhile.
  *
+ * It also keeps late acks (ack.c: ack_late): acks of events already
+ * stored or being stored, due at once, so the acker applies them between
+ * batches, ACK_CHUNK at a time (ackwait_due's slices), instead of holding
+ * up the acks behind them; their commits are held the same way.
+ *
  * Bounded: at most ACKWAIT_MAX entries (an ack past it is refused and
  * counted, and behaves as before: the event comes again at the next sync
- * and is acked then), each kept until ACKWAIT_MS after the ack was made.
+ * and is acked then; a late ack past it is applied in its batch), each kept
+ * until ACKWAIT_MS after the ack was made.
  * Kept sorted by (user, id, dev) without repeats, the order ack.c works in.
  *
  * Also owns the acks partitions' commit points (ackwait_commit): a
@@ -52,6 +58,7 @@ struct ackwait {
     int64_t *commit;       /* ackwait_recommit's scratch: what each may commit */
     bus_msg *pos;          /* the same as records for bus_commit */
     size_t nparts;         /* partitions seen: [0, nparts) */
+    size_t from;           /* where ackwait_due's next slice starts */
     size_t expired, full;  /* acks dropped since the last ackwait_report */
     int64_t reported_ms;   /* monotonic time of the last report */
 };
@@ -150,10 +157,12 @@ static void ackwait_sort(ackwait *w)
 }
 
 int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, int read,
-                int64_t ts_ms, int32_t part, int64_t off)
+                int64_t ts_ms, int32_t part, int64_t off, int late)
 {
     if (w->n == ACKWAIT_MAX) {
         ackwait_sort(w); /* repeats may free room */
+        if (w->n == ACKWAIT_MAX && late)
+            return PX_AGAIN; /* applied at once instead: nothing dropped */
         if (w->n == ACKWAIT_MAX) {
             metric_add(w->m->ack_waits_full, 1);
             w->full++;
@@ -176,13 +185,16 @@ int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, i
     memcpy(s + lu, id, li);
     memcpy(s + lu + li, dev, ld);
     int64_t now = px_mono_ms();
+    /* A late ack not found at once (its store round still under way) is
+     * tried again ACKWAIT_FIRST_MS later, as a wait is: settle doubles. */
     w->e[w->n++] = (ackwait_entry){ .user = s, .id = s + lu, .dev = s + lu + li, .read = read,
                                     .ts_ms = ts_ms, .until_ms = now + left,
-                                    .next_ms = now + ACKWAIT_FIRST_MS,
-                                    .backoff_ms = ACKWAIT_FIRST_MS, .part = part,
+                                    .next_ms = late ? now : now + ACKWAIT_FIRST_MS,
+                                    .backoff_ms = late ? ACKWAIT_FIRST_MS / 2 : ACKWAIT_FIRST_MS,
+                                    .part = part,
                                     .off = off };
     w->dirty = 1;
-    metric_add(w->m->ack_waits, 1);
+    metric_add(late ? w->m->acks_late : w->m->ack_waits, 1);
     return PX_OK;
 }
 
@@ -219,13 +231,16 @@ void ackwait_report(ackwait *w, int64_t now_ms)
     w->reported_ms = now_ms;
 }
 
-const ackwait_entry *const *ackwait_due(ackwait *w, int64_t now_ms, size_t *n)
+const ackwait_entry *const *ackwait_due(ackwait *w, int64_t now_ms, size_t max, size_t *n)
 {
     ackwait_sort(w);
     w->ndue = 0;
-    for (size_t i = 0; i < w->n; i++)
+    /* Not round the end: a slice stays in sort order, as ack.c needs. */
+    size_t i = max < w->n && w->from < w->n ? w->from : 0;
+    for (; i < w->n && w->ndue < max; i++)
         if (w->e[i].next_ms <= now_ms)
             w->due[w->ndue++] = &w->e[i];
+    w->from = i < w->n ? i - w->ndue : 0; /* settle removes the found ones before it */
     *n = w->ndue;
     return (const ackwait_entry *const *)w->due;
 }

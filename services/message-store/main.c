@@ -83,6 +83,9 @@ static void main_metrics(msgstore *ms)
     m->ack_waits_expired = WAITS("expired");
     m->ack_waits_full = WAITS("full");
 #undef WAITS
+    m->acks_late = metrics_counter("parley_msgstore_acks_late_total",
+                                   "Acks of events already stored or being stored, applied "
+                                   "between batches in slices (ack.c: ack_late)");
     m->ack_commits_held = metrics_gauge("parley_msgstore_ack_commits_held",
                                         "Acks partitions whose commit waits for an ack "
                                         "that waits (ackwait.c)");

@@ -51,7 +51,7 @@ typedef struct msgstore_metrics {
         *sync_events, *acks, *acked_events, *acked_messages, *dead, *retries,
         *cache_hits, *cache_misses, *devcache_hits, *devcache_misses, *lookup_failures,
         *swept_inbox, *swept_seen, *swept_media, *ack_waits, *ack_waits_found,
-        *ack_waits_expired, *ack_waits_full, *ack_commits_held, *push_records,
+        *ack_waits_expired, *ack_waits_full, *acks_late, *ack_commits_held, *push_records,
         *sync_pages_scan, *sync_pages_kept, *sync_kept_bytes, *settled, *contact_pairs,
         *acked_from_memory;
     metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
@@ -449,7 +449,7 @@ void ack_retry_due(msgstore *ms);
 
 /* ---- ackwait.c: acks whose event is not stored yet ---- */
 
-#define ACKWAIT_MAX 4096              /* entries; about 1.6 MiB at most */
+#define ACKWAIT_MAX 16384             /* entries; about 7 MiB at most (late acks: 0.8 s at 20,000/s) */
 #define ACKWAIT_MS 30000              /* covers a takeover: 6 s session timeout, rebalance, re-store */
 #define ACKWAIT_FIRST_MS 250          /* first retry; doubles up to the next */
 #define ACKWAIT_MAX_BACKOFF_MS 4000
@@ -471,9 +471,12 @@ typedef struct ackwait_entry {
 ackwait *ackwait_new(const msgstore_metrics *m, const char *topic);
 void ackwait_free(ackwait *w);
 /* Keeps an ack that found nothing, consumed from (part, off) of the acks
- * topic: PX_OK, or PX_AGAIN when full (counted). */
+ * topic, first tried ACKWAIT_FIRST_MS later; or, late, one not tried yet
+ * whose event is stored or being stored (ack.c: ack_late), due at once:
+ * PX_OK, or PX_AGAIN when full (a wait counted; a late ack is applied at
+ * once instead). */
 int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, int read,
-                int64_t ts_ms, int32_t part, int64_t off);
+                int64_t ts_ms, int32_t part, int64_t off, int late);
 /* The acker's bus_commit: records m[0..n) are applied; each partition's
  * committed offset moves up to them, but never past the oldest record
  * whose ack still waits here, so a crash consumes that record again. */
@@ -490,9 +493,10 @@ int ackwait_was_applied(const ackwait *w, const char *user, const char *id);
 /* A `read` of (user, id) that found nothing: marks its waiting acks read;
  * 1 if there were any. */
 int ackwait_note_read(ackwait *w, const char *user, const char *id, int64_t ts_ms);
-/* The *n entries due at now_ms, sorted by (user, id, dev), unique; valid
- * until ackwait_settle, the next call on w. */
-const ackwait_entry *const *ackwait_due(ackwait *w, int64_t now_ms, size_t *n);
+/* At most max of the entries due at now_ms, sorted by (user, id, dev),
+ * unique, taken from where the last slice stopped (so a long list is tried
+ * all round); valid until ackwait_settle, the next call on w. */
+const ackwait_entry *const *ackwait_due(ackwait *w, int64_t now_ms, size_t max, size_t *n);
 /* After a try of the due entries (found[i] for the i-th): found ones and
  * those past their time leave, the others are tried again later, with a
  * doubled backoff. */

@@ -14,6 +14,7 @@
 #define WB_HOLD_MS "5000" /* far past an ack, even on a loaded CI box */
 #define WB_SETTLED "parley_msgstore_settled_events_total"
 #define WB_STORED "parley_msgstore_inbox_stored_total"
+#define WB_LATE "parley_msgstore_acks_late_total"
 
 static int wb_is_message(const json_t *m, void *arg)
 {
@@ -140,6 +141,61 @@ START_TEST(an_event_another_device_needs_is_stored_for_it)
 }
 END_TEST
 
+/* One ack naming events already stored (a backlog synced from the store)
+ * and events still held: the held ones settle in the batch, the stored
+ * ones are applied late, between batches (ack.c: ack_late), and all of
+ * them get their receipt and are gone from the store. */
+START_TEST(acks_of_stored_events_are_applied_late)
+{
+    enum { OLD = 6, LIVE = 4 };
+    char alice[65], bob[65], cid[16], mid[OLD + LIVE][64], got[OLD + LIVE][64];
+    e2e_user("wb-alice", alice);
+    e2e_user("wb-bob", bob);
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(e2e_wait_type(a, "synced"));
+    long long stored0 = e2e_metric(E2E_STORE, WB_STORED);
+    for (int i = 0; i < OLD; i++) {
+        snprintf(cid, sizeof(cid), "old%d", i);
+        e2e_send(a, cid, bob, "stored", mid[i]);
+    }
+    /* bob is offline: they are written once the hold ends. */
+    ck_assert_int_ge(wb_metric_past(WB_STORED, stored0 + OLD - 1), stored0 + OLD);
+    client *b = e2e_connect_device(bob, "phone", E2E_GW2);
+    json_t *ids = e2e_backlog_ids(b); /* up to synced */
+    ck_assert_int_eq((int)json_array_size(ids), OLD);
+    for (int i = 0; i < OLD; i++)
+        snprintf(got[i], sizeof(got[i]), "%s", json_string_value(json_array_get(ids, (size_t)i)));
+    json_decref(ids);
+    long long settled0 = e2e_metric(E2E_STORE, WB_SETTLED);
+    long long late0 = e2e_metric(E2E_STORE, WB_LATE);
+    ck_assert_int_ge(late0, 0);
+    for (int i = OLD; i < OLD + LIVE; i++) {
+        snprintf(cid, sizeof(cid), "live%d", i);
+        e2e_send(a, cid, bob, "held", mid[i]);
+        wb_message(b, got[i]);
+    }
+    json_t *ack = json_pack("{s:s, s:[]}", "type", "ack", "ids");
+    for (int i = 0; i < OLD + LIVE; i++)
+        json_array_append_new(json_object_get(ack, "ids"), json_string(got[i]));
+    ck_assert_int_eq(client_send_json(b, ack), 0);
+    json_decref(ack);
+    for (int i = 0; i < OLD + LIVE; i++)
+        wb_receipt(a, mid[i], "delivered");
+    ck_assert_int_eq(e2e_metric(E2E_STORE, WB_LATE) - late0, OLD);
+    long long settled = wb_metric_past(WB_SETTLED, settled0 + LIVE - 1);
+    ck_assert_msg(settled - settled0 == LIVE, "%lld of %d held events settled",
+                  settled - settled0, LIVE);
+    client_close(b, 1000);
+    b = e2e_connect_device(bob, "phone", E2E_GW2);
+    ids = e2e_backlog_ids(b);
+    ck_assert_msg(json_array_size(ids) == 0, "%zu acked events synced again",
+                  json_array_size(ids));
+    json_decref(ids);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
 static Suite *writebehind_suite(void)
 {
     Suite *s = suite_create("writebehind");
@@ -147,6 +203,7 @@ static Suite *writebehind_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, events_acked_or_read_while_held_are_never_stored);
     tcase_add_test(tc, an_event_another_device_needs_is_stored_for_it);
+    tcase_add_test(tc, acks_of_stored_events_are_applied_late);
     suite_add_tcase(s, tc);
     return s;
 }
