@@ -880,8 +880,11 @@ void ack_retry_due(msgstore *ms)
     if (ack_chunks(&c, e, n, err, sizeof(err)) != PX_OK)
         log_warn("retry of waiting acks failed; trying again later", "{s:s, s:I}", "error", err,
                  "waiting", (json_int_t)n);
+    /* One applied meanwhile by another ack or read of its id (a `read`
+     * right after a late ack that waited for its store round) has nothing
+     * left to do: it leaves as found instead of retrying for ACKWAIT_MS. */
     for (size_t i = 0; i < n; i++)
-        found[i] = e[i].found;
+        found[i] = e[i].found || ackwait_was_applied(ms->waits, e[i].key.user, e[i].key.id);
     ackwait_settle(ms->waits, found, now);
     ackwait_recommit(ms->waits, ms->svc.b); /* what left lets its partition's commit go */
     free(found);
