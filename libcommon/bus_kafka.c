@@ -426,13 +426,19 @@ static int bus_new_consumer(bus *b, const bus_conf *c, char *err, size_t errlen)
         { "auto.commit.interval.ms", "1000" },
         { "enable.auto.offset.store", "false" },
         { "auto.offset.reset", "earliest" },
-        /* The broker answers a waiting fetch as soon as a record lands
-         * (fetch.min.bytes is 1), so this bounds only idle polling: at
-         * 10 ms six idle services kept the broker at 40-70% of a core; at
-         * 100 ms the stack's 11 consumers still sent ~110 empty fetches a
-         * second (5-7% of a core); at 500 ms ~22 (3%). What it delays is
-         * only a partition newly assigned while a fetch waits. */
-        { "fetch.wait.max.ms", "500" },
+        /* The broker should answer a waiting fetch as soon as a record
+         * lands (fetch.min.bytes is 1), so this would bound only idle
+         * polling: at 10 ms six idle services kept the broker at 40-70% of
+         * a core; at 100 ms the stack's 11 consumers sent ~110 empty
+         * fetches a second (5-7% of a core); at 500 ms ~22 (3%). But at
+         * 500 ms about every other stack run at 1,000/s stalled once for
+         * 500-700 ms: every message sent in the stall arrived within the
+         * same 60 ms at its end, as when a waiting fetch is not woken by
+         * the append and runs out its wait (not GC: Kafka's pauses were
+         * 13-31 ms and none fell there; not PostgreSQL: no statement over
+         * 80 ms then). With 100 ms such a stall ends sooner
+         * (docs/benchmarks.md, "The stack's p99 bursts"). */
+        { "fetch.wait.max.ms", "100" },
         { "fetch.error.backoff.ms", "50" },
         /* How long a killed member's partitions wait before the group
          * gives them to a survivor (a kill -9 sends no LeaveGroup): the
