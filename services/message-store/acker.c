@@ -2,16 +2,19 @@
  * of acks never holds up storing and pushing new messages, reading the
  * partitions the inbox consumer holds (bus_conf.follow; its group,
  * parley-message-store-acks, keeps only the offsets). On FerretDB every
- * acking user costs a find and a delete that each scan the inbox (milliseconds apiece); behind the one consume loop
- * they delayed every delivery queued after them (a 256-member group's
- * acks held its fan-out for seconds). An ack names an event its client
- * received, which was pushed before it was stored: ack.c waits on the
- * write-behind gate (putgate.c) until what was pushed is in the store; an
- * ack whose event another process is still storing waits in ackwait.c and
- * is retried between batches (ack_retry_due), and handed over on
- * parley.acks when the acker stops. The acker is a second msgstore that shares the store, the gate, the
- * configuration and the metrics and has its own bus, stop flag and batch
- * bookkeeping, so batch.c and ack.c run unchanged on it. */
+ * acking user costs a find and a delete that each scan the inbox
+ * (milliseconds apiece); behind the one consume loop they delayed every
+ * delivery queued after them (a 256-member group's acks held its fan-out
+ * for seconds). An ack names an event its client received, which was
+ * pushed before it was stored: ack.c settles it from the write-behind gate
+ * (putgate.c) while it is held (or, when another device still needs it,
+ * waits there for its store round); an ack of an event already stored, or
+ * still being stored here or by another process, waits in ackwait.c and
+ * is applied between batches (ack_retry_due), or handed over on
+ * parley.acks when the acker stops. The acker is a second msgstore that
+ * shares the store, the gate, the configuration and the metrics and has
+ * its own bus, stop flag and batch bookkeeping, so batch.c and ack.c run
+ * unchanged on it. */
 #include "common.h"
 #include "log.h"
 #include "msgstore.h"

@@ -449,7 +449,9 @@ void ack_retry_due(msgstore *ms);
 
 /* ---- ackwait.c: acks whose event is not stored yet ---- */
 
-#define ACKWAIT_MAX 16384             /* entries; about 7 MiB at most (late acks: 0.8 s at 20,000/s) */
+/* Entries: at most ~480 bytes each with their strings, about 8 MiB; late
+ * acks fill it in 0.8 s at 20,000/s. */
+#define ACKWAIT_MAX 16384
 #define ACKWAIT_MS 30000              /* covers a takeover: 6 s session timeout, rebalance, re-store */
 #define ACKWAIT_FIRST_MS 250          /* first retry; doubles up to the next */
 #define ACKWAIT_MAX_BACKOFF_MS 4000
