@@ -220,12 +220,27 @@ typedef struct inbox_all {
     const char **tags;
     const msgstore_rec **recs;
     int *dup, *fresh, *inserted, *settled;
-    const char **ckeys, **ctags;   /* the claim's (not dup) */
-    const msgstore_rec **crecs;
-    store_event *fev;              /* fresh: claimed by these records */
+    const msgstore_rec **crecs;    /* not dup */
+    int *unclaimed;                /* per crecs: fresh without a claim */
+    const char **ckeys, **ctags;   /* the claim's: crecs but the unclaimed */
+    store_event *fev;              /* fresh: claimed by these records, or unclaimed */
     store_event *put;              /* of them, those no ack settled */
-    size_t n, nc, nf, nput;
+    size_t n, nc, nq, nf, nput;
 } inbox_all;
+
+/* A receipt is not claimed. The claim keeps a resend from being stored or
+ * pushed again for the retention period, and only a client resends: a
+ * receipt's id names (message, reader, status), and the receipt service
+ * makes it again only when it consumes its fact again (a crash or a
+ * handover before its commit). That repeat is stored once more only if the
+ * first was acked and deleted already, and reaches the client once more
+ * with the same id, which clients drop. Each claim is a write at a random
+ * place in the claims' table, inside the store's one write lock: half of
+ * them were receipts' (docs/benchmarks.md, "Receipts are not claimed"). */
+static int inbox_claimed(const msgstore_rec *r)
+{
+    return r->u.inbox->kind != PARLEY__EVENT_KIND__EVENT_KIND_RECEIPT;
+}
 
 static void inbox_all_init(inbox_all *a, inbox_run *const *runs, size_t nruns)
 {
@@ -240,6 +255,7 @@ static void inbox_all_init(inbox_all *a, inbox_run *const *runs, size_t nruns)
     a->fresh = px_calloc(n + 1, sizeof(*a->fresh));
     a->inserted = px_calloc(n + 1, sizeof(*a->inserted));
     a->settled = px_calloc(n + 1, sizeof(*a->settled));
+    a->unclaimed = px_calloc(n + 1, sizeof(*a->unclaimed));
     a->ckeys = px_calloc(n + 1, sizeof(*a->ckeys));
     a->ctags = px_calloc(n + 1, sizeof(*a->ctags));
     a->crecs = px_calloc(n + 1, sizeof(*a->crecs));
@@ -257,12 +273,16 @@ static void inbox_all_init(inbox_all *a, inbox_run *const *runs, size_t nruns)
     /* A key in two runs (a resend consumed a moment later) is claimed once. */
     if (nruns > 1)
         inbox_mark_dups(a->keys, a->n, a->dup);
-    for (size_t i = 0; i < a->n; i++)
-        if (!a->dup[i]) {
-            a->ckeys[a->nc] = a->keys[i];
-            a->ctags[a->nc] = a->tags[i];
-            a->crecs[a->nc++] = a->recs[i];
+    for (size_t i = 0; i < a->n; i++) {
+        if (a->dup[i])
+            continue;
+        a->unclaimed[a->nc] = !inbox_claimed(a->recs[i]);
+        a->crecs[a->nc++] = a->recs[i];
+        if (inbox_claimed(a->recs[i])) {
+            a->ckeys[a->nq] = a->keys[i];
+            a->ctags[a->nq++] = a->tags[i];
         }
+    }
 }
 
 static void inbox_all_free(inbox_all *a)
@@ -274,6 +294,7 @@ static void inbox_all_free(inbox_all *a)
     free(a->fresh);
     free(a->inserted);
     free(a->settled);
+    free(a->unclaimed);
     free(a->ckeys);
     free(a->ctags);
     free(a->crecs);
@@ -333,12 +354,15 @@ int inbox_store(msgstore *ms, inbox_run *const *runs, size_t nruns, char *err, s
         records += runs[r]->n;
 
     int64_t t0 = service_clock_us();
-    if (store_seen_claim(ms->svc.st, a.ckeys, a.ctags, a.nc, px_now_ms(), a.fresh, err,
-                         errlen) != PX_OK)
-        goto out;
-    service_observe(ms->m.lat_seen_claim, t0);
-    for (size_t c = 0; c < a.nc; c++)
-        if (a.fresh[c])
+    if (a.nq > 0) {
+        if (store_seen_claim(ms->svc.st, a.ckeys, a.ctags, a.nq, px_now_ms(), a.fresh, err,
+                             errlen) != PX_OK)
+            goto out;
+        service_observe(ms->m.lat_seen_claim, t0);
+        metric_add(ms->m.claims, (int64_t)a.nq);
+    }
+    for (size_t c = 0, q = 0; c < a.nc; c++)
+        if (a.unclaimed[c] || a.fresh[q++])
             inbox_event(&a.fev[a.nf++], a.crecs[c]);
     /* What an ack settled while it was held has its receipt fact and is
      * delivered: it is not written (nor deleted a moment later). The rest

@@ -21,6 +21,8 @@ static void main_metrics(msgstore *ms)
     m->stored = metrics_counter("parley_msgstore_inbox_stored_total", "Inbox events newly stored");
     m->duplicates = metrics_counter("parley_msgstore_duplicates_total",
                                     "Inbox records absorbed as duplicates");
+    m->claims = metrics_counter("parley_msgstore_claims_total",
+                                "Dedupe claims written (messages and group events; not receipts)");
     m->deliveries = metrics_counter("parley_msgstore_deliveries_total",
                                     "Delivery records produced to gateway topics");
     m->produce_failures = metrics_counter("parley_msgstore_produce_failures_total",

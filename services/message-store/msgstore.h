@@ -53,7 +53,7 @@ typedef struct msgstore_metrics {
         *swept_inbox, *swept_seen, *swept_media, *ack_waits, *ack_waits_found,
         *ack_waits_expired, *ack_waits_full, *acks_late, *ack_commits_held, *push_records,
         *sync_pages_scan, *sync_pages_kept, *sync_kept_bytes, *settled, *contact_pairs,
-        *acked_from_memory;
+        *acked_from_memory, *claims;
     metric *lat_seen_claim, *lat_put, *lat_scan, *lat_ack, *lat_lookup,
         *lat_sweep, *lat_gate;
 } msgstore_metrics;

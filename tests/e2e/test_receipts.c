@@ -359,6 +359,66 @@ START_TEST(duplicate_acks_and_reads_give_one_receipt_each)
 }
 END_TEST
 
+/* The sum of message-store's counters of claims and of events through a
+ * store round, once it has not moved for a second (another test's round
+ * may still be held, PARLEY_MSGSTORE_HOLD_MS). */
+static long long store_rounds(long long *claims)
+{
+    long long last = -1, now = 0;
+    for (int t = 0; t < 40; t++) {
+        *claims = e2e_metric(E2E_STORE, "parley_msgstore_claims_total");
+        now = *claims + e2e_metric(E2E_STORE, "parley_msgstore_inbox_stored_total") +
+              e2e_metric(E2E_STORE, "parley_msgstore_settled_events_total");
+        if (now == last)
+            break;
+        last = now;
+        usleep(1000 * 1000);
+    }
+    return now - *claims;
+}
+
+/* Only what a client can resend is claimed against resends (inbox.c,
+ * inbox_claimed): N messages and their N delivered receipts, every one
+ * acked, go through store rounds and write N claims, not 2N. */
+START_TEST(receipts_are_not_claimed)
+{
+    enum { N = 20 };
+    char alice[65], bob[65], mid[N][64];
+    e2e_user("alice", alice);
+    e2e_user("bob", bob);
+    client *b = e2e_connect(bob, E2E_GW2);
+    json_decref(e2e_wait_type(b, "synced"));
+    client *a = e2e_connect(alice, E2E_GW1);
+    json_decref(e2e_wait_type(a, "synced"));
+    long long claims0, events0 = store_rounds(&claims0);
+    for (int i = 0; i < N; i++) {
+        char cid[16];
+        snprintf(cid, sizeof(cid), "c%d", i);
+        e2e_send(a, cid, bob, "claim me once", mid[i]);
+    }
+    for (int i = 0; i < N; i++) {
+        json_t *m = e2e_wait_type(b, "message");
+        e2e_ack(b, e2e_str(m, "id"));
+        json_decref(m);
+    }
+    for (int i = 0; i < N; i++) {
+        json_t *r = wait_receipt(a, mid[i], "delivered");
+        e2e_ack(a, e2e_str(r, "id"));
+        json_decref(r);
+    }
+    long long claims = 0, events = 0;
+    for (int t = 0; t < 60 && events < events0 + 2 * N; t++) {
+        usleep(250 * 1000);
+        events = store_rounds(&claims);
+    }
+    ck_assert_msg(events >= events0 + 2 * N, "%lld of %d events through a store round",
+                  events - events0, 2 * N);
+    ck_assert_int_eq(claims - claims0, N);
+    client_close(a, 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
 enum { KILL_N = 300 };
 
 /* Alice's view of the receipts of the kill test, deduped by receipt id. */
@@ -677,6 +737,7 @@ static Suite *receipts_suite(void)
     tcase_add_test(tc, online_sender_sees_sent_delivered_read_in_order);
     tcase_add_test(tc, offline_sender_gets_both_receipts_before_synced);
     tcase_add_test(tc, duplicate_acks_and_reads_give_one_receipt_each);
+    tcase_add_test(tc, receipts_are_not_claimed);
     tcase_add_test(tc, forged_read_has_no_effect);
     tcase_add_test(tc, read_before_ack_yields_delivered_and_read);
     tcase_add_test(tc, group_message_gets_one_receipt_per_member);
