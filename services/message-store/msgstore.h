@@ -457,6 +457,7 @@ void ack_retry_due(msgstore *ms);
 #define ACKWAIT_MAX_BACKOFF_MS 4000
 #define ACKWAIT_REPORT_MS 10000        /* at most one log line of dropped acks per */
 #define ACKWAIT_APPLIED_SLOTS (1u << 16) /* 512 KiB: the acks applied lately */
+#define ACKWAIT_APPLIED_WAYS 4           /* per bucket (ackwait.c) */
 #define ACKWAIT_PARTS_MAX 1024         /* acks partitions whose commit is held */
 
 /* One waiting ack of one device; user, id and dev share one allocation. */
