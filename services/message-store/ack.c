@@ -730,9 +730,9 @@ static int ack_chunks(ack_ctx *c, ack_entry *e, size_t k, char *err, size_t errl
  * the store's lock (FerretDB: per user), and a run of them kept the
  * acker behind the hold for good: every ack that came after found its
  * event written too, and the acker stayed there (one of three parleyd
- * runs at 10,000/s for 20 s: p99 4 s, 8,800 delivered/s). Applied after the batch, they no
- * longer hold up the acks behind them, whose events are still held and
- * settle. What stays: reads (a read mostly finds its event deleted, and
+ * runs at 10,000/s for 20 s: p99 4 s, 8,800 delivered/s). Applied after
+ * the batch, they no longer hold up the acks behind them, whose events
+ * are still held and settle. What stays: reads (a read mostly finds its event deleted, and
  * its claim must not wait), acks of a held event another device still
  * needs (its round is hurried and waited for, so the first device's
  * receipt does not wait for the hold), and late acks past ACKWAIT_MAX.

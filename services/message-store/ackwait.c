@@ -16,8 +16,9 @@
  * key hashes in buckets of ACKWAIT_APPLIED_WAYS, the oldest replaced: a
  * direct-mapped one lost ~17 of 1,500 ids applied together to collisions
  * (test_writebehind, late acks a read took: 2 of them then waited 30 s
- * with their commits held); a collision only makes a wait for nothing. Each retry of a waiting read that finds nothing
- * claims it again (ack.c), for the case another process acked it meanwhile.
+ * with their commits held); a collision only makes a wait for nothing.
+ * Each retry of a waiting read that finds nothing claims it again (ack.c),
+ * for the case another process acked it meanwhile.
  *
  * It also keeps late acks (ack.c: ack_late): acks of events already
  * stored or being stored, due at once, so the acker applies them between

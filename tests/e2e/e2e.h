@@ -162,6 +162,14 @@ static inline json_t *e2e_wait_type(client *cl, const char *type)
     return m;
 }
 
+/* Connects as user to gw and waits for its `synced`. */
+static inline client *e2e_connect_synced(const char *user, enum e2e_svc gw)
+{
+    client *cl = e2e_connect(user, gw);
+    json_decref(e2e_wait_type(cl, "synced"));
+    return cl;
+}
+
 static inline void e2e_ack(client *cl, const char *id)
 {
     json_t *o = json_pack("{s:s, s:[s]}", "type", "ack", "ids", id);

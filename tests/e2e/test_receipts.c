@@ -226,10 +226,8 @@ START_TEST(online_sender_sees_sent_delivered_read_in_order)
     int64_t lat[ROUNDS][2];
     e2e_user("alice", alice);
     e2e_user("bob", bob);
-    client *b = e2e_connect(bob, E2E_GW2);
-    json_decref(e2e_wait_type(b, "synced"));
-    client *a = e2e_connect(alice, E2E_GW1);
-    json_decref(e2e_wait_type(a, "synced"));
+    client *b = e2e_connect_synced(bob, E2E_GW2);
+    client *a = e2e_connect_synced(alice, E2E_GW1);
     for (int i = 0; i < ROUNDS; i++) {
         snprintf(cid, sizeof(cid), "c%d", i);
         sent_delivered_read(a, b, bob, cid, lat[i]);
@@ -386,10 +384,8 @@ START_TEST(receipts_are_not_claimed)
     char alice[65], bob[65], mid[N][64];
     e2e_user("alice", alice);
     e2e_user("bob", bob);
-    client *b = e2e_connect(bob, E2E_GW2);
-    json_decref(e2e_wait_type(b, "synced"));
-    client *a = e2e_connect(alice, E2E_GW1);
-    json_decref(e2e_wait_type(a, "synced"));
+    client *b = e2e_connect_synced(bob, E2E_GW2);
+    client *a = e2e_connect_synced(alice, E2E_GW1);
     long long claims0, events0 = store_rounds(&claims0);
     for (int i = 0; i < N; i++) {
         char cid[16];
@@ -461,8 +457,7 @@ START_TEST(kill9_receipt_service_and_store_loses_no_receipt)
     char alice[65], bob[65], cid[16];
     e2e_user("alice", alice);
     e2e_user("bob", bob);
-    client *b = e2e_connect(bob, E2E_GW2);
-    json_decref(e2e_wait_type(b, "synced"));
+    client *b = e2e_connect_synced(bob, E2E_GW2);
     client *a = e2e_connect(alice, E2E_GW1);
     for (int i = 0; i < KILL_N; i++) {
         snprintf(cid, sizeof(cid), "k%d", i);
@@ -578,8 +573,7 @@ START_TEST(read_before_ack_yields_delivered_and_read)
     char alice[65], bob[65], mid[64];
     e2e_user("alice", alice);
     e2e_user("bob", bob);
-    client *b = e2e_connect(bob, E2E_GW2);
-    json_decref(e2e_wait_type(b, "synced"));
+    client *b = e2e_connect_synced(bob, E2E_GW2);
     client *a = e2e_connect(alice, E2E_GW1);
     e2e_send(a, "c1", bob, "read, never acked", mid);
     json_decref(e2e_wait_type(b, "message"));

@@ -34,19 +34,12 @@ static int typing_before(client *cl, const char *body)
     }
 }
 
-static client *connect_synced(const char *user, enum e2e_svc gw)
-{
-    client *cl = e2e_connect(user, gw);
-    json_decref(e2e_wait_type(cl, "synced"));
-    return cl;
-}
-
 START_TEST(typing_reaches_the_other_side_live_and_is_never_stored)
 {
     char alice[65], bob[65], mid[64];
     e2e_user("ta", alice);
     e2e_user("tb", bob);
-    client *b = connect_synced(bob, E2E_GW2), *a = connect_synced(alice, E2E_GW1);
+    client *b = e2e_connect_synced(bob, E2E_GW2), *a = e2e_connect_synced(alice, E2E_GW1);
     typing(a, "to", bob, "composing", NULL);
     json_t *t = e2e_wait_type(b, "typing");
     ck_assert_str_eq(e2e_str(t, "from"), alice);
@@ -74,7 +67,7 @@ START_TEST(typing_is_refused_when_malformed)
 {
     char alice[65];
     e2e_user("tm", alice);
-    client *a = connect_synced(alice, E2E_GW1);
+    client *a = e2e_connect_synced(alice, E2E_GW1);
     json_t *o = json_pack("{s:s, s:s, s:s, s:s}", "type", "typing", "id", "t1", "to", "bob",
                           "state", "shouting");
     e2e_expect_type(e2e_cmd(a, o), "error", "bad_request");
@@ -91,8 +84,8 @@ START_TEST(group_typing_reaches_members_only)
     e2e_user("gb", bob);
     e2e_user("gc", carol);
     e2e_user("gd", dave);
-    client *a = connect_synced(alice, E2E_GW1), *b = connect_synced(bob, E2E_GW2);
-    client *c = connect_synced(carol, E2E_GW2), *d = connect_synced(dave, E2E_GW1);
+    client *a = e2e_connect_synced(alice, E2E_GW1), *b = e2e_connect_synced(bob, E2E_GW2);
+    client *c = e2e_connect_synced(carol, E2E_GW2), *d = e2e_connect_synced(dave, E2E_GW1);
     json_t *g = e2e_cmd(a, json_pack("{s:s, s:s, s:s, s:[s, s]}", "type", "group_create", "id",
                                      "g1", "name", "typists", "members", bob, carol));
     ck_assert_str_eq(e2e_str(g, "type"), "group");
