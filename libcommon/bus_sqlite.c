@@ -457,70 +457,7 @@ static void bus_hub_free(bus_hub *h)
     free(h);
 }
 
-/* The first column of the first row of sql on db, or -1. */
-static int64_t bus_count(sqlite3 *db, const char *sql)
-{
-    sqlite3_stmt *s = NULL;
-    int64_t n = -1;
-    if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW)
-        n = sqlite3_column_int64(s, 0);
-    sqlite3_finalize(s);
-    return n;
-}
-
 static const char *const bus_tables[] = { "bus_parts", "bus_log", "bus_offsets" };
-
-/* At open: before bus.db, the bus's tables lived in parley.db
- * beside the store's. The first start copies them over (one transaction
- * in bus.db), then drops them there (one in parley.db); a crash in
- * between leaves copies that the next start drops, bus.db then holding
- * the bus already. */
-static int bus_hub_migrate(bus_hub *h, char *err, size_t errlen)
-{
-    char path[PATH_MAX], sql[128];
-    sqldb old;
-    sqlite3_stmt *s = NULL;
-    sqldb_path(path, sizeof(path));
-    if (access(path, F_OK) != 0)
-        return PX_OK;
-    if (sqldb_open(&old, err, errlen) != PX_OK)
-        return PX_ERROR;
-    int rc = PX_OK;
-    if (bus_count(old.db, "SELECT count(*) FROM sqlite_master WHERE name = 'bus_log'") != 1)
-        goto out;
-    if (bus_count(h->d.db, "SELECT count(*) FROM bus_parts") == 0) {
-        rc = sqlite3_prepare_v2(h->d.db, "ATTACH ?1 AS old", -1, &s, NULL) == SQLITE_OK ?
-             PX_OK : bus_sql_err(h->d.db, "attach", err, errlen);
-        if (rc == PX_OK)
-            sqlite3_bind_text(s, 1, path, -1, SQLITE_STATIC);
-        if (rc == PX_OK && sqlite3_step(s) != SQLITE_DONE)
-            rc = bus_sql_err(h->d.db, "attach", err, errlen);
-        sqlite3_finalize(s);
-        if (rc != PX_OK)
-            goto out;
-        if ((rc = sqldb_begin(&h->d, err, errlen)) == PX_OK) {
-            for (size_t i = 0; i < PX_ARRAY_LEN(bus_tables) && rc == PX_OK; i++) {
-                snprintf(sql, sizeof(sql), "INSERT INTO main.%s SELECT * FROM old.%s",
-                         bus_tables[i], bus_tables[i]);
-                rc = bus_exec(h->d.db, sql, err, errlen);
-            }
-            rc = sqldb_end(&h->d, rc, err, errlen);
-        }
-        bus_exec(h->d.db, "DETACH old", NULL, 0);
-        if (rc != PX_OK)
-            goto out;
-    }
-    if ((rc = sqldb_begin(&old, err, errlen)) != PX_OK)
-        goto out;
-    for (size_t i = 0; i < PX_ARRAY_LEN(bus_tables) && rc == PX_OK; i++) {
-        snprintf(sql, sizeof(sql), "DROP TABLE %s", bus_tables[i]);
-        rc = bus_exec(old.db, sql, err, errlen);
-    }
-    rc = sqldb_end(&old, rc, err, errlen);
-out:
-    sqldb_close(&old);
-    return rc;
-}
 
 static bus_hub *bus_hub_open(char *err, size_t errlen)
 {
@@ -531,7 +468,8 @@ static bus_hub *bus_hub_open(char *err, size_t errlen)
     pthread_cond_init(&h->cv_done, NULL);
     if (sqldb_open_file(&h->d, SQLDB_BUS, err, errlen) != PX_OK ||
         bus_exec(h->d.db, bus_schema, err, errlen) != PX_OK ||
-        bus_hub_migrate(h, err, errlen) != PX_OK ||
+        /* Before bus.db, the bus's tables lived in parley.db. */
+        sqldb_move_from_main(&h->d, bus_tables, PX_ARRAY_LEN(bus_tables), err, errlen) != PX_OK ||
         bus_hub_load(h, err, errlen) != PX_OK)
         goto fail;
     if (pthread_create(&h->writer, NULL, bus_writer_main, h) != 0) {

@@ -5,10 +5,12 @@
 #include "config.h"
 #include "log.h"
 
+#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 /* WAL frames (4 KiB pages) after which the checkpointer copies the log back
  * into the database. */
@@ -55,6 +57,7 @@ struct sqldb_file {
 static struct sqldb_file sqldb_files[] = {
     [SQLDB_MAIN] = SQLDB_FILE_INIT("parley.db"),
     [SQLDB_BUS] = SQLDB_FILE_INIT("bus.db"),
+    [SQLDB_SEEN] = SQLDB_FILE_INIT("seen.db"),
 };
 
 void sqldb_file_path(enum sqldb_which w, char *path, size_t len)
@@ -294,4 +297,81 @@ int sqldb_begin_read(sqldb *d, char *err, size_t errlen)
 int sqldb_end_read(sqldb *d, int rc, char *err, size_t errlen)
 {
     return sqldb_end_as(d, rc, NULL, err, errlen);
+}
+
+/* The first column of the first row of sql on db, or -1. */
+static int64_t sqldb_count(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *s = NULL;
+    int64_t n = -1;
+    if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW)
+        n = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
+    return n;
+}
+
+static int sqldb_exec(sqlite3 *db, const char *sql, const char *what, char *err, size_t errlen)
+{
+    if (sqlite3_exec(db, sql, NULL, NULL, NULL) == SQLITE_OK)
+        return PX_OK;
+    return px_err(err, errlen, "sqlite %s: %s", what, sqlite3_errmsg(db));
+}
+
+/* Copies tables[] from the attached "old" into d's file unless its
+ * tables[0] has rows; the check is inside the transaction, so of two
+ * connections moving at once the second finds the rows and skips. */
+static int sqldb_copy_tables(sqldb *d, const char *const *tables, size_t n, char *err,
+                             size_t errlen)
+{
+    char sql[192];
+    if (sqldb_begin(d, err, errlen) != PX_OK)
+        return PX_ERROR;
+    snprintf(sql, sizeof(sql), "SELECT count(*) FROM (SELECT 1 FROM main.%s LIMIT 1)",
+             tables[0]);
+    int rc = PX_OK;
+    if (sqldb_count(d->db, sql) == 0) {
+        for (size_t i = 0; i < n && rc == PX_OK; i++) {
+            snprintf(sql, sizeof(sql), "INSERT INTO main.%s SELECT * FROM old.%s", tables[i],
+                     tables[i]);
+            rc = sqldb_exec(d->db, sql, "move", err, errlen);
+        }
+    }
+    return sqldb_end(d, rc, err, errlen);
+}
+
+int sqldb_move_from_main(sqldb *d, const char *const *tables, size_t n, char *err,
+                         size_t errlen)
+{
+    char path[PATH_MAX], sql[192];
+    sqldb old;
+    sqldb_path(path, sizeof(path));
+    if (n == 0 || access(path, F_OK) != 0)
+        return PX_OK;
+    if (sqldb_open(&old, err, errlen) != PX_OK)
+        return PX_ERROR;
+    snprintf(sql, sizeof(sql), "SELECT count(*) FROM sqlite_master WHERE name = '%s'",
+             tables[0]);
+    int rc = PX_OK;
+    if (sqldb_count(old.db, sql) != 1)
+        goto out;
+    sqlite3_stmt *s = NULL;
+    rc = sqlite3_prepare_v2(d->db, "ATTACH ?1 AS old", -1, &s, NULL) == SQLITE_OK &&
+         sqlite3_bind_text(s, 1, path, -1, SQLITE_STATIC) == SQLITE_OK &&
+         sqlite3_step(s) == SQLITE_DONE ? PX_OK :
+         px_err(err, errlen, "sqlite attach %s: %s", path, sqlite3_errmsg(d->db));
+    sqlite3_finalize(s);
+    if (rc != PX_OK)
+        goto out;
+    rc = sqldb_copy_tables(d, tables, n, err, errlen);
+    sqldb_exec(d->db, "DETACH old", "detach", NULL, 0);
+    if (rc != PX_OK || (rc = sqldb_begin(&old, err, errlen)) != PX_OK)
+        goto out;
+    for (size_t i = 0; i < n && rc == PX_OK; i++) {
+        snprintf(sql, sizeof(sql), "DROP TABLE IF EXISTS %s", tables[i]);
+        rc = sqldb_exec(old.db, sql, "drop", err, errlen);
+    }
+    rc = sqldb_end(&old, rc, err, errlen);
+out:
+    sqldb_close(&old);
+    return rc;
 }

@@ -1,8 +1,11 @@
-/* parleyd's SQLite files under PARLEY_DATA_DIR: parley.db (the store) and
+/* parleyd's SQLite files under PARLEY_DATA_DIR: parley.db (the store),
  * bus.db (the in-process bus, whose connection is its only writer, so it
- * keeps its page cache and never queues behind a store transaction);
- * opening them, and a cache of prepared statements, so a hot path compiles
- * its SQL once per connection, not once per call. */
+ * keeps its page cache and never queues behind a store transaction) and
+ * seen.db (the store's 30-day dedupe claims, whose random-key inserts held
+ * parley.db's write lock more than anything else); opening them, moving
+ * tables an older layout kept in parley.db, and a cache of prepared
+ * statements, so a hot path compiles its SQL once per connection, not once
+ * per call. */
 #ifndef PARLEY_SQLDB_H
 #define PARLEY_SQLDB_H
 
@@ -11,7 +14,7 @@
 
 #define SQLDB_MAX_STMTS 48
 
-enum sqldb_which { SQLDB_MAIN, SQLDB_BUS };
+enum sqldb_which { SQLDB_MAIN, SQLDB_BUS, SQLDB_SEEN };
 
 typedef struct sqldb {
     sqlite3 *db;
@@ -31,6 +34,15 @@ int sqldb_open_file(sqldb *d, enum sqldb_which w, char *err, size_t errlen);
 /* PARLEY_DATA_DIR/parley.db (or the named file) into path. */
 void sqldb_path(char *path, size_t len);
 void sqldb_file_path(enum sqldb_which w, char *path, size_t len);
+
+/* For a file split out of parley.db: when parley.db still holds tables[0],
+ * copies tables[] (same columns, same order) into d's file, unless d's
+ * tables[0] has rows already, in one transaction of d's; then drops them
+ * from parley.db in one of its own. A crash in between leaves copies that
+ * the next call drops; calls racing from several connections copy once.
+ * PX_OK (also when there is nothing to move), or PX_ERROR with err. */
+int sqldb_move_from_main(sqldb *d, const char *const *tables, size_t n, char *err,
+                         size_t errlen);
 
 /* Finalizes the cached statements and closes the connection. */
 void sqldb_close(sqldb *d);

@@ -1,6 +1,6 @@
 /* The SQLite store of parleyd (store.h): the same contract as store_mongo.c
- * in tables of PARLEY_DATA_DIR/parley.db (the in-process bus has bus.db),
- * WAL mode. Each call is one transaction (a batch is one commit), over one
+ * in tables of PARLEY_DATA_DIR/parley.db, but the dedupe claims in seen.db
+ * (the in-process bus has bus.db), WAL mode. Each call is one transaction (a batch is one commit), over one
  * connection guarded by a mutex: SQLite has one writer at a time anyway.
  * Idempotence comes from primary keys and INSERT OR IGNORE, as the unique
  * indexes give it in MongoDB. url and db of store_open are ignored: the
@@ -26,6 +26,11 @@
 struct store {
     sqldb d;
     pthread_mutex_t mu;    /* d and its cached statements */
+    /* The claims' own file, connection and lock (its d is on seen.db): a
+     * claim is a write at a random leaf of a table that holds 30 days of
+     * ids, and in parley.db those writes held its one write lock longer
+     * than every other writer together. NULL inside it. */
+    struct store *seen;
 };
 
 static const char ss_schema[] =
@@ -42,8 +47,6 @@ static const char ss_schema[] =
     "CREATE TABLE IF NOT EXISTS devices (user TEXT NOT NULL, dev TEXT NOT NULL,"
     " first_ms INTEGER, last_ms INTEGER, since INTEGER, unlinked INTEGER,"
     " PRIMARY KEY (user, dev)) WITHOUT ROWID;"
-    "CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, ts INTEGER, tag TEXT) WITHOUT ROWID;"
-    "CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts);"
     "CREATE TABLE IF NOT EXISTS track (reader TEXT NOT NULL, msg_id TEXT NOT NULL,"
     " sender TEXT, grp TEXT, ts INTEGER, PRIMARY KEY (reader, msg_id)) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS track_ts ON track (ts);"
@@ -134,9 +137,7 @@ static int ss_add_column(store *st, const char *table, const char *column, const
  * and before push no device push_gone_ms (NULL reads as 0: never gone). */
 static int ss_migrate(store *st, char **msg)
 {
-    int rc = ss_add_column(st, "seen", "tag", "TEXT", msg);
-    if (rc == SQLITE_OK)
-        rc = ss_add_column(st, "groups", "invited", "TEXT", msg);
+    int rc = ss_add_column(st, "groups", "invited", "TEXT", msg);
     if (rc == SQLITE_OK)
         rc = ss_add_column(st, "connections", "device", "TEXT", msg);
     return rc == SQLITE_OK ? ss_add_column(st, "devices", "push_gone_ms", "INTEGER", msg) : rc;
@@ -149,15 +150,18 @@ void store_where(const char *url, const char *db, char *out, size_t outlen)
     snprintf(out, outlen, "sqlite %s", path);
 }
 
-store *store_open(const char *url, const char *db, char *err, size_t errlen)
+static const char ss_seen_schema[] =
+    "CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, ts INTEGER, tag TEXT) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts);";
+
+static store *ss_open_file(enum sqldb_which w, const char *schema, char *err, size_t errlen)
 {
     store *st = px_calloc(1, sizeof(*st));
     pthread_mutex_init(&st->mu, NULL);
     char *msg = NULL;
-    if (sqldb_open(&st->d, err, errlen) != PX_OK)
+    if (sqldb_open_file(&st->d, w, err, errlen) != PX_OK)
         goto fail;
-    if (sqlite3_exec(st->d.db, ss_schema, NULL, NULL, &msg) != SQLITE_OK ||
-        ss_migrate(st, &msg) != SQLITE_OK) {
+    if (sqlite3_exec(st->d.db, schema, NULL, NULL, &msg) != SQLITE_OK) {
         px_err(err, errlen, "sqlite store schema: %s", msg ? msg : "?");
         sqlite3_free(msg);
         goto fail;
@@ -168,10 +172,48 @@ fail:
     return NULL;
 }
 
+/* Claims were kept in parley.db before seen.db: they move over once, with
+ * a tag column first if they predate tags (453f65d). */
+static int ss_move_seen(store *st, char *err, size_t errlen)
+{
+    static const char *const tables[] = { "seen" };
+    char *msg = NULL;
+    sqlite3_stmt *probe = NULL;
+    int old = sqlite3_prepare_v2(st->d.db, "SELECT 1 FROM seen", -1, &probe, NULL) == SQLITE_OK;
+    sqlite3_finalize(probe);
+    if (old && ss_add_column(st, "seen", "tag", "TEXT", &msg) != SQLITE_OK) {
+        px_err(err, errlen, "sqlite store: tagging old claims: %s", msg ? msg : "?");
+        sqlite3_free(msg);
+        return PX_ERROR;
+    }
+    return old ? sqldb_move_from_main(&st->seen->d, tables, 1, err, errlen) : PX_OK;
+}
+
+store *store_open(const char *url, const char *db, char *err, size_t errlen)
+{
+    store *st = ss_open_file(SQLDB_MAIN, ss_schema, err, errlen);
+    char *msg = NULL;
+    if (st == NULL)
+        return NULL;
+    if (ss_migrate(st, &msg) != SQLITE_OK) {
+        px_err(err, errlen, "sqlite store schema: %s", msg ? msg : "?");
+        sqlite3_free(msg);
+        goto fail;
+    }
+    st->seen = ss_open_file(SQLDB_SEEN, ss_seen_schema, err, errlen);
+    if (st->seen == NULL || ss_move_seen(st, err, errlen) != PX_OK)
+        goto fail;
+    return st;
+fail:
+    store_close(st);
+    return NULL;
+}
+
 void store_close(store *st)
 {
     if (st == NULL)
         return;
+    store_close(st->seen);
     sqldb_close(&st->d);
     pthread_mutex_destroy(&st->mu);
     free(st);
@@ -571,6 +613,7 @@ int store_inbox_count(store *st, const char *user, int64_t *count, char *err, si
 int store_seen_claim(store *st, const char *const *keys, const char *const *tags, size_t n,
                      int64_t ts_ms, int *fresh, char *err, size_t errlen)
 {
+    st = st->seen;
     int rc = ss_check_ids(keys, n, "seen claim", err, errlen);
     if (rc == PX_OK)
         rc = ss_check_ids(tags, n, "seen claim", err, errlen);
@@ -608,7 +651,7 @@ int store_seen_claim(store *st, const char *const *keys, const char *const *tags
 
 int store_seen_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen)
 {
-    return ss_sweep(st, "DELETE FROM seen WHERE ts < ?", cutoff_ms, removed, err, errlen);
+    return ss_sweep(st->seen, "DELETE FROM seen WHERE ts < ?", cutoff_ms, removed, err, errlen);
 }
 
 /* ---- receipt tracking ---- */

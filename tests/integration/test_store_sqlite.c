@@ -16,10 +16,27 @@ store *store_contract_open(char *err, size_t errlen)
     return store_open("sqlite", "parley", err, errlen);
 }
 
-/* A data folder from before seen claims (453f65d): its seen table has no
- * tag column (the other tables are made as they are missing). Opened by
- * this build, the column is added; keys marked back then read as held by
- * another record, so still duplicates; new keys are claimed as usual. */
+/* The first column of the first row of sql on the data folder's file, or -1. */
+static long long sql_count(const char *dir, const char *file, const char *sql)
+{
+    char path[128];
+    sqlite3 *db = NULL;
+    sqlite3_stmt *s = NULL;
+    long long n = -1;
+    snprintf(path, sizeof(path), "%s/%s", dir, file);
+    if (sqlite3_open(path, &db) == SQLITE_OK &&
+        sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW)
+        n = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
+    sqlite3_close(db);
+    return n;
+}
+
+/* A data folder from before seen claims (453f65d): its seen table, in
+ * parley.db, has no tag column (the other tables are made as they are
+ * missing). Opened by this build, the column is added and the claims move
+ * to seen.db; keys marked back then read as held by another record, so
+ * still duplicates; new keys are claimed as usual. */
 START_TEST(seen_table_of_an_old_data_folder_is_migrated)
 {
     char dir[] = "/tmp/parley-store-old.XXXXXX", path[128], err[PX_ERRLEN] = "";
@@ -44,6 +61,9 @@ START_TEST(seen_table_of_an_old_data_folder_is_migrated)
         ck_assert_int_eq(fresh[1], 1); /* claimed by t1 (again in round 2: a redelivery) */
         ck_assert_int_eq(fresh[2], 0); /* a resend under another tag */
         store_close(st);
+        ck_assert_int_eq(sql_count(dir, "parley.db", "SELECT count(*) FROM sqlite_master"
+                                   " WHERE name = 'seen'"), 0);
+        ck_assert_int_eq(sql_count(dir, "seen.db", "SELECT count(*) FROM seen"), 2);
     }
     char cmd[128];
     snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
