@@ -47,7 +47,9 @@
 #   BENCH_LATENCY_RATE (100): the latency scenario's fixed rate; 0 skips it
 #   BENCH_SLOW_MS (none): every message at least this late is logged with its
 #     send time (slow-<mode>-<tag>.log beside the services' logs, then kept),
-#     to lay a run's p99 beside what the services logged at that moment
+#     to lay a run's p99 beside what the services logged at that moment;
+#     kept logs also get each service's /metrics at each scenario's end
+#     (metrics-<mode>-<tag>-<port>.txt)
 #   BENCH_PD_PORT (28600)  BENCH_EJ_PORT (26950): ejabberd's WebSocket listener
 #   BENCH_KAFKA_PORT (29492, +1) BENCH_MONGO_PORT (27048; its PostgreSQL -1000)
 #   BENCH_GW_PORT (28481, +1, +10..+13): every default port sits below the
@@ -340,6 +342,11 @@ run() { # tag, then parley-bench arguments; appends its JSON with the CPU split
     say "parley-bench $1 ($mode) reported a shortfall (kept in the results)"
   fi
   bench_ticks_now
+  # Kept logs get each service's metrics at the scenario's end beside them.
+  local port
+  [ "$keep_logs" = 0 ] || for port in "${age_ports[@]}"; do
+    curl -fs "http://127.0.0.1:$port/metrics" >"$workdir/metrics-$mode-$tag-$port.txt" || true
+  done
   if [ -n "$line" ]; then
     jq -c --arg mode "$mode" --argjson cpu "$(cpu_json)" --argjson store "$(store_json)" \
       --argjson hops "$(hops_json)" \

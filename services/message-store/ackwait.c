@@ -12,11 +12,10 @@
  * A `read` alone waits too (its ack may have waited in a process that
  * died, or in another one before a rebalance), unless this acker applied
  * an ack of that id lately: the usual read after the ack deleted the
- * event, which must not cost a wait. That memory (applied) is a table of
- * key hashes in buckets of ACKWAIT_APPLIED_WAYS, the oldest replaced: a
- * direct-mapped one lost ~17 of 1,500 ids applied together to collisions
- * (test_writebehind, late acks a read took: 2 of them then waited 30 s
- * with their commits held); a collision only makes a wait for nothing.
+ * event, which must not cost a wait. That memory (applied, recent.h: a
+ * direct-mapped one lost ids applied together, and in test_writebehind's
+ * late acks a read took 2 of 1,500 then waited 30 s with their commits
+ * held) only errs by forgetting, which makes a wait for nothing.
  * Each retry of a waiting read that finds nothing claims it again (ack.c),
  * for the case another process acked it meanwhile.
  *
@@ -53,7 +52,7 @@ struct ackwait {
     size_t n;
     ackwait_entry **due;   /* ackwait_due's answer, until ackwait_settle */
     size_t ndue;
-    uint64_t *applied;     /* ACKWAIT_APPLIED_SLOTS hashes of (user, id); 0: empty */
+    recent *applied;       /* (user, id) of the acks applied lately */
     int dirty;             /* entries appended since the last sort */
     const msgstore_metrics *m;
     const char *topic;     /* the acks topic */
@@ -71,7 +70,7 @@ ackwait *ackwait_new(const msgstore_metrics *m, const char *topic)
     ackwait *w = px_calloc(1, sizeof(*w));
     w->e = px_calloc(ACKWAIT_MAX, sizeof(*w->e));
     w->due = px_calloc(ACKWAIT_MAX, sizeof(*w->due));
-    w->applied = px_calloc(ACKWAIT_APPLIED_SLOTS, sizeof(*w->applied));
+    w->applied = recent_new(ACKWAIT_APPLIED_BITS);
     w->next = px_calloc(ACKWAIT_PARTS_MAX, sizeof(*w->next));
     w->commit = px_calloc(ACKWAIT_PARTS_MAX, sizeof(*w->commit));
     w->pos = px_calloc(ACKWAIT_PARTS_MAX, sizeof(*w->pos));
@@ -88,52 +87,21 @@ void ackwait_free(ackwait *w)
         free(w->e[i].user);
     free(w->e);
     free(w->due);
-    free(w->applied);
+    recent_free(w->applied);
     free(w->next);
     free(w->commit);
     free(w->pos);
     free(w);
 }
 
-static uint64_t ackwait_hash(const char *user, const char *id)
-{
-    uint64_t h = 1469598103934665603ULL; /* FNV-1a over user, NUL, id */
-    for (const char *s = user;; s++) {
-        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-        if (*s == '\0')
-            break;
-    }
-    for (const char *s = id; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-    return h + (h == 0);
-}
-
-/* The bucket of h: ACKWAIT_APPLIED_WAYS slots, newest first. */
-static uint64_t *ackwait_bucket(uint64_t *applied, uint64_t h)
-{
-    return applied + (h & (ACKWAIT_APPLIED_SLOTS / ACKWAIT_APPLIED_WAYS - 1)) *
-                         ACKWAIT_APPLIED_WAYS;
-}
-
 void ackwait_applied(ackwait *w, const char *user, const char *id)
 {
-    uint64_t h = ackwait_hash(user, id);
-    uint64_t *b = ackwait_bucket(w->applied, h);
-    size_t i = 0;
-    while (i < ACKWAIT_APPLIED_WAYS - 1 && b[i] != h)
-        i++;
-    memmove(b + 1, b, i * sizeof(*b));
-    b[0] = h;
+    recent_note(w->applied, recent_key(user, id));
 }
 
 int ackwait_was_applied(const ackwait *w, const char *user, const char *id)
 {
-    uint64_t h = ackwait_hash(user, id);
-    const uint64_t *b = ackwait_bucket(w->applied, h);
-    for (size_t i = 0; i < ACKWAIT_APPLIED_WAYS; i++)
-        if (b[i] == h)
-            return 1;
-    return 0;
+    return recent_has(w->applied, recent_key(user, id));
 }
 
 static int ackwait_event_cmp(const ackwait_entry *x, const char *user, const char *id)

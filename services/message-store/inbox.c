@@ -18,8 +18,8 @@
  * first copy.
  *
  * The push cannot wait for the claim, so what keeps a resend off the wire
- * is a memory of the keys this process pushed lately (inbox_recent: a
- * direct-mapped table of key hashes): a key pushed lately is not pushed
+ * is a memory of the keys this process pushed lately (recent.h, 2^17
+ * key hashes: about two minutes of traffic at 1,000/s): a key pushed lately is not pushed
  * again, whether the record is a resend or this run's retry after a failed
  * store step (its first push stands; if the bus lost it, the event is in
  * the inbox for the next sync, as for any best-effort push). A resend the
@@ -66,46 +66,6 @@ struct inbox_run {
     route_refresh *refresh;
 };
 
-/* ---- the memory of recent pushes ---- */
-
-#define INBOX_RECENT_SLOTS (1u << 17)   /* 1 MiB; about a minute of traffic at 1k/s */
-
-struct inbox_recent {
-    uint64_t hash[INBOX_RECENT_SLOTS];  /* of "user/id"; 0: empty */
-};
-
-inbox_recent *inbox_recent_new(void)
-{
-    return px_calloc(1, sizeof(inbox_recent));
-}
-
-void inbox_recent_free(inbox_recent *r)
-{
-    free(r);
-}
-
-static uint64_t inbox_hash(const char *s)
-{
-    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-    return h;
-}
-
-/* 1 when the record should be pushed: its key was not pushed lately (a
- * colliding key evicts, which can only let a resend through, never keep a
- * new record back). 0 for a resend or a retry of a pushed record. */
-static int inbox_recent_note(inbox_recent *r, const char *key)
-{
-    uint64_t h = inbox_hash(key);
-    h += h == 0;
-    uint64_t *slot = &r->hash[h & (INBOX_RECENT_SLOTS - 1)];
-    if (*slot == h)
-        return 0;
-    *slot = h;
-    return 1;
-}
-
 /* dup[i] = 1 when keys[i] came earlier in the list: the store would absorb
  * the second copy anyway, but one bulk claim must not name a key twice and
  * routing both would push the event twice. */
@@ -116,7 +76,7 @@ static void inbox_mark_dups(char *const *keys, size_t n, int *dup)
         cap *= 2;
     size_t *slots = px_calloc(cap, sizeof(*slots)); /* index + 1 */
     for (size_t i = 0; i < n; i++) {
-        size_t s = inbox_hash(keys[i]) & (cap - 1);
+        size_t s = px_hash(keys[i]) & (cap - 1);
         while (slots[s] != 0 && strcmp(keys[slots[s] - 1], keys[i]) != 0)
             s = (s + 1) & (cap - 1);
         dup[i] = slots[s] != 0;
@@ -181,7 +141,7 @@ inbox_run *inbox_push(msgstore *ms, msgstore_rec *recs, size_t n)
     for (size_t c = 0; c < ir->nc; c++) {
         const msgstore_rec *r = &recs[ir->cidx[c]];
         if (r->u.inbox->kind == PARLEY__EVENT_KIND__EVENT_KIND_TYPING ||
-            inbox_recent_note(ms->recent, ir->keys[ir->cidx[c]]))
+            recent_note(ms->recent, recent_key(ir->keys[ir->cidx[c]], NULL)))
             inbox_event(&ir->pev[ir->np++], r);
     }
     ir->gate = ms->gate;

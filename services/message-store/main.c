@@ -124,7 +124,7 @@ static int main_start(void *arg, char *err, size_t errlen)
 {
     msgstore *ms = arg;
     ms->cache = route_cache_new();
-    ms->recent = inbox_recent_new();
+    ms->recent = recent_new(MSGSTORE_RECENT_BITS);
     ms->gate = putgate_new();
     ms->contacts = contacts_new();
     ms->devcache = devcache_new(&ms->m);
@@ -185,7 +185,7 @@ int main(void)
     int rc = service_run(&ms.svc, &def, &ms);
     writer_free(&ms);
     route_cache_free(ms.cache);
-    inbox_recent_free(ms.recent);
+    recent_free(ms.recent);
     putgate_free(ms.gate);
     contacts_free(ms.contacts);
     devcache_free(ms.devcache);

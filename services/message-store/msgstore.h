@@ -11,6 +11,7 @@
 
 #include "bus.h"
 #include "metrics.h"
+#include "recent.h"
 #include "service.h"
 #include "store.h"
 #include "parley.pb-c.h"
@@ -28,6 +29,7 @@
 #define MSGSTORE_ACK_BATCH 4096
 #define MSGSTORE_BATCH_MAX MSGSTORE_ACK_BATCH /* sizes what is per record of a batch */
 #define MSGSTORE_CONSUME_WAIT_MS 50
+#define MSGSTORE_RECENT_BITS 17     /* 1 MiB: the keys pushed lately (inbox.c) */
 #define MSGSTORE_RECORD_VERSION 1   /* the only InboxRecord/AckRecord/SyncRequest version we know */
 
 /* Delivery ceilings: a Delivery is one Kafka record, so it stays well below
@@ -38,7 +40,6 @@
 
 typedef struct route_cache route_cache;
 typedef struct putgate putgate;
-typedef struct inbox_recent inbox_recent;
 typedef struct ackwait ackwait;
 typedef struct writer writer;
 typedef struct contacts contacts;
@@ -87,7 +88,7 @@ struct msgstore {
     const char *topic_inbox, *topic_acks, *topic_presence, *topic_receipts,
         *topic_groups, *topic_dead, *topic_push;
     route_cache *cache;
-    inbox_recent *recent;           /* inbox.c: keys pushed lately (main thread) */
+    recent *recent;                 /* inbox.c: keys pushed lately (main thread) */
     putgate *gate;                  /* putgate.c: shared with the acker */
     ackwait *waits;                 /* ackwait.c: the acker's acks that found nothing yet */
     contacts *contacts;             /* contacts.c: pairs recorded lately (store stage) */
@@ -205,8 +206,6 @@ void contacts_free(contacts *c);
  * joined), but those recorded lately. Store stage only. */
 int contacts_record(msgstore *ms, const store_event *ev, size_t n, char *err, size_t errlen);
 
-inbox_recent *inbox_recent_new(void);
-void inbox_recent_free(inbox_recent *r);
 
 /* ---- pushrec.c: push records for offline devices (issue 18) ---- */
 
@@ -456,8 +455,7 @@ void ack_retry_due(msgstore *ms);
 #define ACKWAIT_FIRST_MS 250          /* first retry; doubles up to the next */
 #define ACKWAIT_MAX_BACKOFF_MS 4000
 #define ACKWAIT_REPORT_MS 10000        /* at most one log line of dropped acks per */
-#define ACKWAIT_APPLIED_SLOTS (1u << 16) /* 512 KiB: the acks applied lately */
-#define ACKWAIT_APPLIED_WAYS 4           /* per bucket (ackwait.c) */
+#define ACKWAIT_APPLIED_BITS 16 /* 512 KiB: the acks applied lately (recent.h) */
 #define ACKWAIT_PARTS_MAX 1024         /* acks partitions whose commit is held */
 
 /* One waiting ack of one device; user, id and dev share one allocation. */

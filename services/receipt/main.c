@@ -39,6 +39,8 @@ static void main_metrics(receipt *rs)
                               "Records sent to the dead-letter topic");
     m->retries = metrics_counter("parley_receipt_batch_retries_total",
                                  "Batch attempts that failed and were retried");
+    m->repeats = metrics_counter("parley_receipt_repeats_total",
+                                 "Delivered or read facts applied already: skipped");
     m->produce_failures = metrics_counter("parley_receipt_produce_failures_total",
                                           "Produced records the bus did not acknowledge");
 #define LAT(op) metrics_histogram("parley_receipt_store_ms{op=\"" op "\"}", \
@@ -60,6 +62,20 @@ static void main_setup(void *arg)
     rs->topic_inbox = service_topic(&rs->svc, "inbox", SERVICE_ENSURE);
     rs->topic_dead = service_topic(&rs->svc, "dead", SERVICE_ENSURE);
     main_metrics(rs);
+}
+
+static int main_start(void *arg, char *err, size_t errlen)
+{
+    receipt *rs = arg;
+    rs->applied = recent_new(RECEIPT_APPLIED_BITS);
+    return PX_OK;
+}
+
+static void main_drain(void *arg)
+{
+    receipt *rs = arg;
+    recent_free(rs->applied);
+    rs->applied = NULL;
 }
 
 static void main_started(void *arg, json_t *fields)
@@ -105,8 +121,8 @@ int main(void)
     static const service_def def = {
         .name = "receipt", .group = RECEIPT_GROUP, .batch = RECEIPT_BATCH,
         .consume_wait_ms = RECEIPT_CONSUME_WAIT_MS, .dr_cb = batch_on_delivery,
-        .setup = main_setup, .started = main_started, .process = main_process,
-        .tick = main_sweep,
+        .setup = main_setup, .start = main_start, .started = main_started,
+        .process = main_process, .tick = main_sweep, .drain = main_drain,
     };
     static receipt rs;
     return service_run(&rs.svc, &def, &rs);

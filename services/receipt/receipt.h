@@ -9,6 +9,7 @@
 
 #include "bus.h"
 #include "metrics.h"
+#include "recent.h"
 #include "service.h"
 #include "store.h"
 #include "parley.pb-c.h"
@@ -21,10 +22,11 @@
 #define RECEIPT_CONSUME_WAIT_MS 50
 #define RECEIPT_RECORD_VERSION 1    /* the only ReceiptFact version we know */
 #define RECEIPT_ID_MAX 255          /* msg_id and group, as for inbox event ids */
+#define RECEIPT_APPLIED_BITS 16     /* 512 KiB: the facts applied lately (apply.c) */
 
 typedef struct receipt_metrics {
     metric *delivered, *read, *claims, *claims_unknown, *receipts, *tracked, *untracked,
-        *dead, *retries, *produce_failures, *swept;
+        *dead, *retries, *produce_failures, *swept, *repeats;
     metric *lat_put, *lat_get, *lat_delete, *lat_sweep, *lag;
 } receipt_metrics;
 
@@ -33,6 +35,7 @@ typedef struct receipt {
     const char *topic_receipts, *topic_inbox, *topic_dead;
     long dr_failures;               /* produces the bus refused, ever */
     int64_t next_sweep_ms;          /* monotonic */
+    recent *applied;                /* apply.c: facts whose effects are durable */
     receipt_metrics m;
 } receipt;
 
@@ -45,6 +48,7 @@ typedef struct receipt_rec {
     Parley__ReceiptFact *f;         /* REC_FACT (also kept for a dead one that decoded) */
     char reason[128];               /* REC_DEAD: why */
     char *sender, *group;           /* READ_CLAIM resolved from tracking; NULL: unknown */
+    int repeat;                     /* a fact applied already: nothing to do */
 } receipt_rec;
 
 /* ---- batch.c ---- */
@@ -65,7 +69,9 @@ int batch_produce(receipt *rs, const char *topic, const char *key, size_t key_le
 
 /* ---- apply.c ---- */
 
-/* The effects of one batch, all idempotent, in this order: tracking put for
+/* The effects of one batch, all idempotent, in this order (a DELIVERED or
+ * READ fact this process applied lately, or that came earlier in the batch,
+ * is skipped: apply.c says why); tracking put for
  * DELIVERED facts; tracking lookup for READ_CLAIMs; receipt InboxRecords
  * (and dead letters) produced in record order and confirmed by Kafka;
  * tracking deleted for the claims that resolved. PX_OK when all of it is
