@@ -180,6 +180,12 @@ $(OUT)/tests/integration/test_presence_sqlite: $(OUT)/tests/integration/test_pre
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
+# The same for receipt (receipt_main).
+$(OUT)/tests/integration/test_receipt_sqlite: $(OUT)/tests/integration/test_receipt_sqlite.o \
+        $(OUT)/parleyd/receipt.o $(LIB_EMBED) $(OUT)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
 # The kept rests of sync scans, message-store's own module, alone.
 $(OUT)/tests/unit/test_synckept: $(OUT)/tests/unit/test_synckept.o \
         $(OUT)/services/message-store/synckept.o $(LIB)
