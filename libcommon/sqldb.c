@@ -58,6 +58,7 @@ static struct sqldb_file sqldb_files[] = {
     [SQLDB_MAIN] = SQLDB_FILE_INIT("parley.db"),
     [SQLDB_BUS] = SQLDB_FILE_INIT("bus.db"),
     [SQLDB_SEEN] = SQLDB_FILE_INIT("seen.db"),
+    [SQLDB_TRACK] = SQLDB_FILE_INIT("track.db"),
 };
 
 void sqldb_file_path(enum sqldb_which w, char *path, size_t len)

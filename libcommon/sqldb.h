@@ -1,8 +1,10 @@
 /* parleyd's SQLite files under PARLEY_DATA_DIR: parley.db (the store),
  * bus.db (the in-process bus, whose connection is its only writer, so it
- * keeps its page cache and never queues behind a store transaction) and
- * seen.db (the store's 30-day dedupe claims, whose random-key inserts held
- * parley.db's write lock more than anything else); opening them, moving
+ * keeps its page cache and never queues behind a store transaction),
+ * seen.db and track.db (the store's 30-day dedupe claims and the receipt
+ * service's tracking: inserts at random keys that held parley.db's write
+ * lock more than anything else, each in a transaction of its own anyway);
+ * opening them, moving
  * tables an older layout kept in parley.db, and a cache of prepared
  * statements, so a hot path compiles its SQL once per connection, not once
  * per call. */
@@ -14,7 +16,7 @@
 
 #define SQLDB_MAX_STMTS 48
 
-enum sqldb_which { SQLDB_MAIN, SQLDB_BUS, SQLDB_SEEN };
+enum sqldb_which { SQLDB_MAIN, SQLDB_BUS, SQLDB_SEEN, SQLDB_TRACK };
 
 typedef struct sqldb {
     sqlite3 *db;

@@ -1,6 +1,7 @@
 /* The SQLite store of parleyd (store.h): the same contract as store_mongo.c
  * in tables of PARLEY_DATA_DIR/parley.db, but the dedupe claims in seen.db
- * (the in-process bus has bus.db), WAL mode. Each call is one transaction (a batch is one commit), over one
+ * and the receipt tracking in track.db (the in-process bus has bus.db), WAL
+ * mode. Each call is one transaction (a batch is one commit), over one
  * connection guarded by a mutex: SQLite has one writer at a time anyway.
  * Idempotence comes from primary keys and INSERT OR IGNORE, as the unique
  * indexes give it in MongoDB. url and db of store_open are ignored: the
@@ -26,11 +27,12 @@
 struct store {
     sqldb d;
     pthread_mutex_t mu;    /* d and its cached statements */
-    /* The claims' own file, connection and lock (its d is on seen.db): a
-     * claim is a write at a random leaf of a table that holds 30 days of
-     * ids, and in parley.db those writes held its one write lock longer
-     * than every other writer together. NULL inside it. */
-    struct store *seen;
+    /* The claims' and the tracking's own files, connections and locks
+     * (their d is on seen.db, track.db): each claim or tracking put is a
+     * write at a random leaf of a table that holds up to 30 days of ids,
+     * and in parley.db those writes held its one write lock longer than
+     * every other writer together. NULL inside them. */
+    struct store *seen, *track;
 };
 
 static const char ss_schema[] =
@@ -47,9 +49,6 @@ static const char ss_schema[] =
     "CREATE TABLE IF NOT EXISTS devices (user TEXT NOT NULL, dev TEXT NOT NULL,"
     " first_ms INTEGER, last_ms INTEGER, since INTEGER, unlinked INTEGER,"
     " PRIMARY KEY (user, dev)) WITHOUT ROWID;"
-    "CREATE TABLE IF NOT EXISTS track (reader TEXT NOT NULL, msg_id TEXT NOT NULL,"
-    " sender TEXT, grp TEXT, ts INTEGER, PRIMARY KEY (reader, msg_id)) WITHOUT ROWID;"
-    "CREATE INDEX IF NOT EXISTS track_ts ON track (ts);"
     /* One record per connection; "presence" held counts per (user,
      * gateway, epoch) before, which redelivery doubled. Its rows are
      * connections of gateways that have restarted since: dropped. */
@@ -154,6 +153,13 @@ static const char ss_seen_schema[] =
     "CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, ts INTEGER, tag TEXT) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts);";
 
+static const char ss_track_schema[] =
+    "CREATE TABLE IF NOT EXISTS track (reader TEXT NOT NULL, msg_id TEXT NOT NULL,"
+    " sender TEXT, grp TEXT, ts INTEGER, PRIMARY KEY (reader, msg_id)) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS track_ts ON track (ts);"
+    "CREATE TEMP TABLE IF NOT EXISTS ss_keys (reader TEXT, msg_id TEXT,"
+    " PRIMARY KEY (reader, msg_id));";
+
 static store *ss_open_file(enum sqldb_which w, const char *schema, char *err, size_t errlen)
 {
     store *st = px_calloc(1, sizeof(*st));
@@ -172,21 +178,35 @@ fail:
     return NULL;
 }
 
-/* Claims were kept in parley.db before seen.db: they move over once, with
- * a tag column first if they predate tags (453f65d). */
-static int ss_move_seen(store *st, char *err, size_t errlen)
+static int ss_has_table(store *st, const char *table)
 {
-    static const char *const tables[] = { "seen" };
-    char *msg = NULL;
+    char sql[96];
     sqlite3_stmt *probe = NULL;
-    int old = sqlite3_prepare_v2(st->d.db, "SELECT 1 FROM seen", -1, &probe, NULL) == SQLITE_OK;
+    snprintf(sql, sizeof(sql), "SELECT 1 FROM %s LIMIT 0", table);
+    int rc = sqlite3_prepare_v2(st->d.db, sql, -1, &probe, NULL);
     sqlite3_finalize(probe);
-    if (old && ss_add_column(st, "seen", "tag", "TEXT", &msg) != SQLITE_OK) {
+    return rc == SQLITE_OK;
+}
+
+/* Claims and tracking were kept in parley.db before their own files: they
+ * move over once, claims with a tag column first if they predate tags
+ * (453f65d). */
+static int ss_move_out(store *st, char *err, size_t errlen)
+{
+    static const char *const seen[] = { "seen" }, *const track[] = { "track" };
+    char *msg = NULL;
+    if (ss_has_table(st, "seen") && ss_add_column(st, "seen", "tag", "TEXT", &msg) != SQLITE_OK) {
         px_err(err, errlen, "sqlite store: tagging old claims: %s", msg ? msg : "?");
         sqlite3_free(msg);
         return PX_ERROR;
     }
-    return old ? sqldb_move_from_main(&st->seen->d, tables, 1, err, errlen) : PX_OK;
+    if (ss_has_table(st, "seen") &&
+        sqldb_move_from_main(&st->seen->d, seen, 1, err, errlen) != PX_OK)
+        return PX_ERROR;
+    if (ss_has_table(st, "track") &&
+        sqldb_move_from_main(&st->track->d, track, 1, err, errlen) != PX_OK)
+        return PX_ERROR;
+    return PX_OK;
 }
 
 store *store_open(const char *url, const char *db, char *err, size_t errlen)
@@ -201,7 +221,9 @@ store *store_open(const char *url, const char *db, char *err, size_t errlen)
         goto fail;
     }
     st->seen = ss_open_file(SQLDB_SEEN, ss_seen_schema, err, errlen);
-    if (st->seen == NULL || ss_move_seen(st, err, errlen) != PX_OK)
+    if (st->seen != NULL)
+        st->track = ss_open_file(SQLDB_TRACK, ss_track_schema, err, errlen);
+    if (st->track == NULL || ss_move_out(st, err, errlen) != PX_OK)
         goto fail;
     return st;
 fail:
@@ -214,6 +236,7 @@ void store_close(store *st)
     if (st == NULL)
         return;
     store_close(st->seen);
+    store_close(st->track);
     sqldb_close(&st->d);
     pthread_mutex_destroy(&st->mu);
     free(st);
@@ -672,6 +695,7 @@ static int ss_check_track(const store_track *t, size_t n, int full, const char *
 
 int store_track_put(store *st, const store_track *t, size_t n, char *err, size_t errlen)
 {
+    st = st->track;
     int rc = ss_check_track(t, n, 1, "track put", err, errlen);
     if (rc != PX_OK || n == 0)
         return rc;
@@ -696,6 +720,7 @@ int store_track_put(store *st, const store_track *t, size_t n, char *err, size_t
 int store_track_get(store *st, const store_track *keys, size_t n, store_track_cb cb,
                     void *arg, char *err, size_t errlen)
 {
+    st = st->track;
     int rc = ss_check_track(keys, n, 0, "track get", err, errlen);
     if (rc != PX_OK || n == 0)
         return rc;
@@ -724,6 +749,7 @@ int store_track_get(store *st, const store_track *keys, size_t n, store_track_cb
 int store_track_delete(store *st, const store_track *keys, size_t n, int64_t *removed,
                        char *err, size_t errlen)
 {
+    st = st->track;
     int rc = ss_check_track(keys, n, 0, "track delete", err, errlen);
     if (removed != NULL)
         *removed = 0;
@@ -749,7 +775,8 @@ int store_track_delete(store *st, const store_track *keys, size_t n, int64_t *re
 
 int store_track_sweep(store *st, int64_t cutoff_ms, int64_t *removed, char *err, size_t errlen)
 {
-    return ss_sweep(st, "DELETE FROM track WHERE ts < ?", cutoff_ms, removed, err, errlen);
+    return ss_sweep(st->track, "DELETE FROM track WHERE ts < ?", cutoff_ms, removed, err,
+                    errlen);
 }
 
 /* ---- presence ---- */

@@ -32,12 +32,19 @@ static long long sql_count(const char *dir, const char *file, const char *sql)
     return n;
 }
 
+static int count_track(void *arg, const store_track *t)
+{
+    (*(int *)arg) += strcmp(t->sender, "s-old") == 0;
+    return PX_OK;
+}
+
 /* A data folder from before seen claims (453f65d): its seen table, in
  * parley.db, has no tag column (the other tables are made as they are
  * missing). Opened by this build, the column is added and the claims move
- * to seen.db; keys marked back then read as held by another record, so
- * still duplicates; new keys are claimed as usual. */
-START_TEST(seen_table_of_an_old_data_folder_is_migrated)
+ * to seen.db, the receipt tracking to track.db; keys marked back then read
+ * as held by another record, so still duplicates; new keys are claimed as
+ * usual; the tracking is found where it moved. */
+START_TEST(claims_and_tracking_of_an_old_data_folder_move_out)
 {
     char dir[] = "/tmp/parley-store-old.XXXXXX", path[128], err[PX_ERRLEN] = "";
     ck_assert_ptr_nonnull(mkdtemp(dir));
@@ -46,7 +53,12 @@ START_TEST(seen_table_of_an_old_data_folder_is_migrated)
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(sqlite3_exec(db, "CREATE TABLE seen (key TEXT PRIMARY KEY, ts INTEGER) "
                                   "WITHOUT ROWID; CREATE INDEX seen_ts ON seen (ts);"
-                                  "INSERT INTO seen VALUES ('k-old', 1000);", NULL, NULL, NULL),
+                                  "INSERT INTO seen VALUES ('k-old', 1000);"
+                                  "CREATE TABLE track (reader TEXT NOT NULL, msg_id TEXT NOT NULL,"
+                                  " sender TEXT, grp TEXT, ts INTEGER, PRIMARY KEY (reader, msg_id))"
+                                  " WITHOUT ROWID; CREATE INDEX track_ts ON track (ts);"
+                                  "INSERT INTO track VALUES ('r-old', 'm-old', 's-old', NULL, 1000);",
+                                  NULL, NULL, NULL),
                      SQLITE_OK);
     sqlite3_close(db);
     setenv("PARLEY_DATA_DIR", dir, 1);
@@ -60,10 +72,18 @@ START_TEST(seen_table_of_an_old_data_folder_is_migrated)
         ck_assert_int_eq(fresh[0], 0); /* marked by the old build: a duplicate */
         ck_assert_int_eq(fresh[1], 1); /* claimed by t1 (again in round 2: a redelivery) */
         ck_assert_int_eq(fresh[2], 0); /* a resend under another tag */
+        store_track key = { .reader = "r-old", .msg_id = "m-old" };
+        int found = 0;
+        ck_assert_msg(store_track_get(st, &key, 1, count_track, &found, err, sizeof(err)) ==
+                      PX_OK, "track get: %s", err);
+        ck_assert_int_eq(found, 1);
         store_close(st);
         ck_assert_int_eq(sql_count(dir, "parley.db", "SELECT count(*) FROM sqlite_master"
                                    " WHERE name = 'seen'"), 0);
         ck_assert_int_eq(sql_count(dir, "seen.db", "SELECT count(*) FROM seen"), 2);
+        ck_assert_int_eq(sql_count(dir, "parley.db", "SELECT count(*) FROM sqlite_master"
+                                   " WHERE name = 'track'"), 0);
+        ck_assert_int_eq(sql_count(dir, "track.db", "SELECT count(*) FROM track"), 1);
     }
     char cmd[128];
     snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
@@ -81,7 +101,7 @@ int main(void)
     setenv("PARLEY_DATA_DIR", dir, 1);
     Suite *s = store_contract_suite("store_sqlite");
     TCase *tc = tcase_create("migration");
-    tcase_add_test(tc, seen_table_of_an_old_data_folder_is_migrated);
+    tcase_add_test(tc, claims_and_tracking_of_an_old_data_folder_move_out);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
