@@ -319,18 +319,24 @@ static int sqldb_exec(sqlite3 *db, const char *sql, const char *what, char *err,
 }
 
 /* Copies tables[] from the attached "old" into d's file unless its
- * tables[0] has rows; the check is inside the transaction, so of two
- * connections moving at once the second finds the rows and skips. */
+ * tables[0] has rows or old no longer has it. Both checks are inside the
+ * transaction, which holds d's write lock and reads old from one snapshot:
+ * of connections moving at once (parleyd opens a store per service at
+ * once) the first copies, and a later one finds the rows, or finds the
+ * tables dropped (an empty table copied leaves no rows to find). */
 static int sqldb_copy_tables(sqldb *d, const char *const *tables, size_t n, char *err,
                              size_t errlen)
 {
     char sql[192];
     if (sqldb_begin(d, err, errlen) != PX_OK)
         return PX_ERROR;
+    snprintf(sql, sizeof(sql), "SELECT count(*) FROM old.sqlite_master WHERE name = '%s'",
+             tables[0]);
+    int64_t old = sqldb_count(d->db, sql);
     snprintf(sql, sizeof(sql), "SELECT count(*) FROM (SELECT 1 FROM main.%s LIMIT 1)",
              tables[0]);
     int rc = PX_OK;
-    if (sqldb_count(d->db, sql) == 0) {
+    if (old == 1 && sqldb_count(d->db, sql) == 0) {
         for (size_t i = 0; i < n && rc == PX_OK; i++) {
             snprintf(sql, sizeof(sql), "INSERT INTO main.%s SELECT * FROM old.%s", tables[i],
                      tables[i]);

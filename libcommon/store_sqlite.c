@@ -190,16 +190,19 @@ static int ss_has_table(store *st, const char *table)
 
 /* Claims and tracking were kept in parley.db before their own files: they
  * move over once, claims with a tag column first if they predate tags
- * (453f65d). */
+ * (453f65d). Another store opening at once may move and drop them at any
+ * point here, which is no failure. */
 static int ss_move_out(store *st, char *err, size_t errlen)
 {
     static const char *const seen[] = { "seen" }, *const track[] = { "track" };
     char *msg = NULL;
-    if (ss_has_table(st, "seen") && ss_add_column(st, "seen", "tag", "TEXT", &msg) != SQLITE_OK) {
+    int rc = ss_has_table(st, "seen") ? ss_add_column(st, "seen", "tag", "TEXT", &msg) : SQLITE_OK;
+    if (rc != SQLITE_OK && ss_has_table(st, "seen")) {
         px_err(err, errlen, "sqlite store: tagging old claims: %s", msg ? msg : "?");
         sqlite3_free(msg);
         return PX_ERROR;
     }
+    sqlite3_free(msg);
     if (ss_has_table(st, "seen") &&
         sqldb_move_from_main(&st->seen->d, seen, 1, err, errlen) != PX_OK)
         return PX_ERROR;

@@ -6,6 +6,7 @@
 #include "store_contract.h"
 
 #include <check.h>
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -91,6 +92,64 @@ START_TEST(claims_and_tracking_of_an_old_data_folder_move_out)
 }
 END_TEST
 
+enum { RACE_OPENERS = 6, RACE_ROUNDS = 20 };
+
+static void *race_open(void *arg)
+{
+    char err[PX_ERRLEN] = "";
+    store *st = store_open("sqlite", "parley", err, sizeof(err));
+    if (st == NULL)
+        fprintf(stderr, "race open: %s\n", err);
+    store_close(st);
+    return st != NULL ? arg : NULL;
+}
+
+/* parleyd opens a store per service at once, each on its own thread: on
+ * an older folder they all find the tables to move, and every open must
+ * succeed, whoever moves them. Empty tables are the hard case: a copy of
+ * one leaves no rows by which a later opener could tell it was done. */
+START_TEST(stores_opened_at_once_move_old_tables_once)
+{
+    char dir[] = "/tmp/parley-store-race.XXXXXX", path[128], cmd[128];
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/parley.db", dir);
+    snprintf(cmd, sizeof(cmd), "rm -f '%s'/*", dir);
+    setenv("PARLEY_DATA_DIR", dir, 1);
+    for (int round = 0; round < RACE_ROUNDS; round++) {
+        ck_assert_int_eq(system(cmd), 0);
+        sqlite3 *db = NULL;
+        ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+        ck_assert_int_eq(sqlite3_exec(db, "PRAGMA journal_mode=WAL;"
+                                      "CREATE TABLE seen (key TEXT PRIMARY KEY, ts INTEGER,"
+                                      " tag TEXT) WITHOUT ROWID;"
+                                      "CREATE TABLE track (reader TEXT NOT NULL, msg_id TEXT"
+                                      " NOT NULL, sender TEXT, grp TEXT, ts INTEGER,"
+                                      " PRIMARY KEY (reader, msg_id)) WITHOUT ROWID;"
+                                      "INSERT INTO track VALUES ('r', 'm', 's', NULL, 1);",
+                                      NULL, NULL, NULL), SQLITE_OK);
+        sqlite3_close(db);
+        pthread_t th[RACE_OPENERS];
+        int ok = 0;
+        for (int i = 0; i < RACE_OPENERS; i++)
+            ck_assert_int_eq(pthread_create(&th[i], NULL, race_open, &ok), 0);
+        int opened = 0;
+        for (int i = 0; i < RACE_OPENERS; i++) {
+            void *r = NULL;
+            pthread_join(th[i], &r);
+            opened += r != NULL;
+        }
+        ck_assert_msg(opened == RACE_OPENERS, "round %d: %d of %d opens failed", round,
+                      RACE_OPENERS - opened, RACE_OPENERS);
+        ck_assert_int_eq(sql_count(dir, "parley.db", "SELECT count(*) FROM sqlite_master"
+                                   " WHERE name IN ('seen', 'track')"), 0);
+        ck_assert_int_eq(sql_count(dir, "track.db", "SELECT count(*) FROM track"), 1);
+        ck_assert_int_eq(sql_count(dir, "seen.db", "SELECT count(*) FROM seen"), 0);
+    }
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(cmd), 0);
+}
+END_TEST
+
 int main(void)
 {
     char dir[] = "/tmp/parley-store-test.XXXXXX";
@@ -102,6 +161,7 @@ int main(void)
     Suite *s = store_contract_suite("store_sqlite");
     TCase *tc = tcase_create("migration");
     tcase_add_test(tc, claims_and_tracking_of_an_old_data_folder_move_out);
+    tcase_add_test(tc, stores_opened_at_once_move_old_tables_once);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
