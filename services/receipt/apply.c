@@ -28,8 +28,8 @@
  * facts/s, seconds behind, while its single inserts took the database from
  * message-store. So a DELIVERED or READ fact this process applied
  * (effects durable) lately, or that came earlier in the same batch, is
- * skipped whole (applied, recent.h; a READ also marks its DELIVERED
- * applied). A repeat the memory no longer holds is applied again, as
+ * skipped whole (applied, recent.h; a READ, which tells "delivered" too,
+ * also marks its DELIVERED applied, in the batch as after it). A repeat the memory no longer holds is applied again, as
  * before. READ_CLAIMs are never skipped: each is a lookup that finds the
  * tracking or nothing. */
 #include "common.h"
@@ -73,6 +73,15 @@ static int apply_remembered(const receipt_rec *r)
            apply_status_is(r, PARLEY__RECEIPT_FACT__STATUS__STATUS_READ);
 }
 
+/* Notes r's fact in m; a READ tells "delivered" too, so it notes that as
+ * well (a DELIVERED after it, in the batch or later, is then a repeat). */
+static void apply_note(recent *m, const receipt_rec *r)
+{
+    recent_note(m, apply_key(r->f, PARLEY__RECEIPT_FACT__STATUS__STATUS_DELIVERED));
+    if (r->f->status != PARLEY__RECEIPT_FACT__STATUS__STATUS_DELIVERED)
+        recent_note(m, apply_key(r->f, r->f->status));
+}
+
 /* Forgets what an earlier attempt resolved (this attempt looks again) and
  * marks the repeats: facts applied lately, or earlier in this batch. */
 static void apply_reset(receipt *rs, receipt_rec *recs, size_t n)
@@ -86,7 +95,9 @@ static void apply_reset(receipt *rs, receipt_rec *recs, size_t n)
         if (!apply_remembered(&recs[i]))
             continue;
         uint64_t k = apply_key(recs[i].f, recs[i].f->status);
-        recs[i].repeat = recent_has(rs->applied, k) || !recent_note(batch, k);
+        recs[i].repeat = recent_has(rs->applied, k) || recent_has(batch, k);
+        if (!recs[i].repeat)
+            apply_note(batch, &recs[i]);
     }
     recent_free(batch);
 }
@@ -94,13 +105,9 @@ static void apply_reset(receipt *rs, receipt_rec *recs, size_t n)
 /* The batch is durable: its facts are remembered as applied. */
 static void apply_remember(receipt *rs, const receipt_rec *recs, size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
-        if (!apply_remembered(&recs[i]) || recs[i].repeat)
-            continue;
-        recent_note(rs->applied, apply_key(recs[i].f, recs[i].f->status));
-        recent_note(rs->applied,
-                    apply_key(recs[i].f, PARLEY__RECEIPT_FACT__STATUS__STATUS_DELIVERED));
-    }
+    for (size_t i = 0; i < n; i++)
+        if (apply_remembered(&recs[i]) && !recs[i].repeat)
+            apply_note(rs->applied, &recs[i]);
 }
 
 static int apply_track_put(receipt *rs, const receipt_rec *recs, size_t n, apply_counts *ct,

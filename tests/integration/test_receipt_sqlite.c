@@ -39,6 +39,7 @@ int receipt_main(void);
 #define TR_USER_BUF 65         /* a user id: 1-64 characters */
 
 #define TR_DELIVERED PARLEY__RECEIPT_FACT__STATUS__STATUS_DELIVERED
+#define TR_READ PARLEY__RECEIPT_FACT__STATUS__STATUS_READ
 #define TR_READ_CLAIM PARLEY__RECEIPT_FACT__STATUS__STATUS_READ_CLAIM
 
 /* A receipt read off parley.inbox. */
@@ -235,6 +236,15 @@ static int tr_tracked(store *st, const char *msg_id, char sender[TR_USER_BUF])
     return sender[0] != '\0';
 }
 
+/* One DELIVERED fact of msg_id, applied: its receipt was read, so its
+ * batch is done and receipt consumes the next batch only then. */
+static void tr_delivered_once(bus *b, const char *msg_id)
+{
+    tr_fact(b, TR_DELIVERED, msg_id, TR_SENDER);
+    tr_flush(b);
+    tr_wait(msg_id, "delivered");
+}
+
 /* A DELIVERED fact comes again after its batch was done (its receipt read,
  * and receipt consumes the next batch only then): skipped, one receipt. */
 START_TEST(delivered_repeat_in_a_later_batch_skipped)
@@ -243,9 +253,7 @@ START_TEST(delivered_repeat_in_a_later_batch_skipped)
     store *st;
     bus *b = tr_begin(&st);
     tr_start_receipt();
-    tr_fact(b, TR_DELIVERED, "m-1", TR_SENDER);
-    tr_flush(b);
-    tr_wait("m-1", "delivered");
+    tr_delivered_once(b, "m-1");
 
     tr_fact(b, TR_DELIVERED, "m-1", TR_SENDER);
     tr_fact(b, TR_DELIVERED, "m-sentinel", TR_SENDER);
@@ -298,9 +306,7 @@ START_TEST(claims_never_skipped)
     store *st;
     bus *b = tr_begin(&st);
     tr_start_receipt();
-    tr_fact(b, TR_DELIVERED, "m-1", TR_SENDER);
-    tr_flush(b);
-    tr_wait("m-1", "delivered");
+    tr_delivered_once(b, "m-1");
 
     tr_fact(b, TR_DELIVERED, "m-1", TR_SENDER);
     tr_fact(b, TR_READ_CLAIM, "m-1", NULL);
@@ -320,6 +326,32 @@ START_TEST(claims_never_skipped)
 }
 END_TEST
 
+/* A READ (read before any ack: "delivered" and "read" at once), then the
+ * DELIVERED of the same message in the same batch (the ack that came
+ * before the read, consumed after it): the READ told "delivered" already,
+ * so the DELIVERED is a repeat: one receipt of each, and no tracking of a
+ * message that was read. */
+START_TEST(delivered_after_its_read_skipped)
+{
+    char sender[TR_USER_BUF];
+    store *st;
+    bus *b = tr_begin(&st);
+    tr_fact(b, TR_READ, "m-4", TR_SENDER);
+    tr_fact(b, TR_DELIVERED, "m-4", TR_SENDER);
+    tr_fact(b, TR_DELIVERED, "m-sentinel", TR_SENDER);
+    tr_flush(b);
+    tr_start_receipt();
+
+    tr_wait("m-sentinel", "delivered");
+    ck_assert_msg(tr_count("m-4", "delivered") == 1, "%zu \"delivered\" receipts for m-4: "
+                  "want 1", tr_count("m-4", "delivered"));
+    ck_assert_uint_eq(tr_count("m-4", "read"), 1);
+    ck_assert_int_eq(tr_metric("parley_receipt_repeats_total", 1), 1);
+    ck_assert_msg(!tr_tracked(st, "m-4", sender), "(ann, m-4) tracked after its read");
+    tr_end(b, st);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("receipt_sqlite");
@@ -328,6 +360,7 @@ int main(void)
     tcase_add_test(tc, delivered_repeat_in_a_later_batch_skipped);
     tcase_add_test(tc, delivered_repeat_in_the_same_batch_skipped);
     tcase_add_test(tc, claims_never_skipped);
+    tcase_add_test(tc, delivered_after_its_read_skipped);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_set_fork_status(sr, CK_FORK); /* whatever CK_FORK says: receipt_main runs once */
