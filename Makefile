@@ -198,6 +198,13 @@ $(OUT)/tests/unit/test_putgate: $(OUT)/tests/unit/test_putgate.o \
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
 
+# The acks waiting for their events, shared by the acker and its late
+# thread, message-store's own module, alone.
+$(OUT)/tests/unit/test_ackwait: $(OUT)/tests/unit/test_ackwait.o \
+        $(OUT)/services/message-store/ackwait.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CHECK_LIBS) $(PKG_LIBS)
+
 # The acker's kept device lists, message-store's own module, alone
 # (devices.o decides coverage; its store calls are not reached).
 $(OUT)/tests/unit/test_devcache: $(OUT)/tests/unit/test_devcache.o \

@@ -865,14 +865,16 @@ void ack_retry_due(msgstore *ms)
     int64_t now = px_mono_ms();
     size_t n;
     ackwait_report(ms->waits, now);
-    const ackwait_entry *const *due = ackwait_due(ms->waits, now, ACK_CHUNK, &n);
-    if (n == 0)
+    ackwait_entry *due = ackwait_take(ms->waits, now, ACK_CHUNK, &n);
+    if (n == 0) {
+        ackwait_taken_free(due, n);
         return;
+    }
     ack_entry *e = px_calloc(n, sizeof(*e));
     int *found = px_calloc(n, sizeof(*found));
     for (size_t i = 0; i < n; i++)
-        e[i] = (ack_entry){ .key = { due[i]->user, due[i]->id }, .dev = due[i]->dev,
-                            .read = due[i]->read, .acked = 1, .ts_ms = due[i]->ts_ms };
+        e[i] = (ack_entry){ .key = { due[i].user, due[i].id }, .dev = due[i].dev,
+                            .read = due[i].read, .acked = 1, .ts_ms = due[i].ts_ms };
     /* Outside any batch: record 0's tags only carry the facts' reports. */
     ms->first_durable = ms->failed_at = SIZE_MAX;
     ack_ctx c = { .ms = ms, .idx = 0, .retry = 1 };
@@ -885,8 +887,7 @@ void ack_retry_due(msgstore *ms)
      * left to do: it leaves as found instead of retrying for ACKWAIT_MS. */
     for (size_t i = 0; i < n; i++)
         found[i] = e[i].found || ackwait_was_applied(ms->waits, e[i].key.user, e[i].key.id);
-    ackwait_settle(ms->waits, found, now);
-    ackwait_recommit(ms->waits, ms->svc.b); /* what left lets its partition's commit go */
-    free(found);
     free(e);
+    ackwait_settle(ms->waits, due, n, found, now); /* the acker recommits what left */
+    free(found);
 }

@@ -10,11 +10,15 @@
  * (putgate.c) while it is held (or, when another device still needs it,
  * waits there for its store round); an ack of an event already stored, or
  * still being stored here or by another process, waits in ackwait.c and
- * is applied between batches (ack_retry_due), or handed over on
- * parley.acks when the acker stops. The acker is a second msgstore that
- * shares the store, the gate, the configuration and the metrics and has
- * its own bus, stop flag and batch bookkeeping, so batch.c and ack.c run
- * unchanged on it. */
+ * is applied by the acker's late thread (ack_retry_due), or handed over
+ * on parley.acks when the acker stops. The late thread keeps the store's
+ * way of acking (a delete per user, seconds a chunk on FerretDB) off the
+ * acker's, whose fresh acks then still find their events held and settle
+ * them from memory (ackwait.c says what it cost before). The acker and
+ * its late thread are each a msgstore that shares the store, the gate, the
+ * configuration and the metrics and has its own bus (the late one only
+ * produces), stop flag and batch bookkeeping, so batch.c and ack.c run
+ * unchanged on them. */
 #include "common.h"
 #include "log.h"
 #include "msgstore.h"
@@ -27,6 +31,7 @@
 
 #define ACKER_GROUP_SUFFIX "-acks"
 #define ACKER_HANDOVER_MS 5000 /* a clean stop's wait until Kafka holds the hand-over */
+#define ACKER_LATE_IDLE_MS 100 /* the late thread's longest sleep with nothing due */
 
 /* A clean stop (SIGTERM: a rolling upgrade) hands the acks waiting for
  * their events (ackwait.c) over: they go back onto parley.acks, one
@@ -37,16 +42,16 @@
 static void acker_handover(msgstore *a)
 {
     size_t n, failed = 0;
-    const ackwait_entry *const *e = ackwait_due(a->waits, INT64_MAX, SIZE_MAX, &n);
+    ackwait_entry *e = ackwait_take(a->waits, INT64_MAX, SIZE_MAX, &n);
     for (size_t i = 0; i < n; i++) {
         Parley__AckRecord r = PARLEY__ACK_RECORD__INIT;
         r.version = MSGSTORE_RECORD_VERSION;
-        r.user = e[i]->user;
+        r.user = e[i].user;
         r.n_ids = 1;
-        r.ids = (char **)&e[i]->id; /* read only: packed, not changed */
-        r.read = e[i]->read != 0;
-        r.ts_ms = e[i]->ts_ms;
-        r.device = e[i]->dev;
+        r.ids = &e[i].id; /* read only: packed, not changed */
+        r.read = e[i].read != 0;
+        r.ts_ms = e[i].ts_ms;
+        r.device = e[i].dev;
         size_t len = parley__ack_record__get_packed_size(&r);
         uint8_t *buf = px_malloc(len);
         parley__ack_record__pack(&r, buf);
@@ -66,6 +71,36 @@ static void acker_handover(msgstore *a)
         ackwait_forget(a->waits);
         ackwait_recommit(a->waits, a->svc.b);
     }
+    ackwait_taken_free(e, n);
+}
+
+/* Applies the waiting acks as they come due, until its stop flag. */
+static void *acker_late_main(void *arg)
+{
+    msgstore *l = arg;
+    px_thread_name("ms-late");
+    while (!l->svc.stop) {
+        ackwait_wait_due(l->waits, ACKER_LATE_IDLE_MS);
+        if (!l->svc.stop)
+            ack_retry_due(l);
+        bus_poll(l->svc.b, 0);
+    }
+    return NULL;
+}
+
+/* Stops the late thread (after its chunk in hand) and frees its msgstore. */
+static void acker_late_stop(msgstore *a)
+{
+    msgstore *l = a->late;
+    if (l == NULL)
+        return;
+    l->svc.stop = 1;
+    ackwait_wake(a->waits);
+    pthread_join(a->late_th, NULL);
+    bus_destroy(l->svc.b);
+    free(l->pack);
+    free(l);
+    a->late = NULL;
 }
 
 /* Runs until acker_stop; a stop signal ends the main loop, whose drain
@@ -90,12 +125,63 @@ static void *acker_main(void *arg)
         bus_observe_age(age, msgs, (size_t)n);
         if (n > 0)
             batch_process(a, msgs, (size_t)n);
-        ack_retry_due(a);
+        ackwait_recommit(a->waits, a->svc.b); /* what the late thread settled */
         bus_poll(a->svc.b, 0);
     }
+    acker_late_stop(a);
     acker_handover(a);
     free(msgs);
     return NULL;
+}
+
+/* A msgstore for one of the acker's threads: ms's store, caches,
+ * configuration, metrics and topics, the acker's waits, a bus of its own
+ * (bc: its dr_cb is set here). NULL with err set when the bus fails. */
+static msgstore *acker_ctx_new(const msgstore *ms, ackwait *waits, bus_conf *bc, char *err,
+                               size_t errlen)
+{
+    msgstore *a = px_calloc(1, sizeof(*a));
+    a->svc.cfg = ms->svc.cfg;
+    a->svc.st = ms->svc.st;
+    a->gate = ms->gate;
+    a->devcache = ms->devcache;
+    a->stored = ms->stored;
+    a->m = ms->m;
+    a->waits = waits;
+    a->topic_inbox = ms->topic_inbox;
+    a->topic_acks = ms->topic_acks;
+    a->topic_receipts = ms->topic_receipts;
+    a->topic_dead = ms->topic_dead;
+    batch_init(a);
+    bc->dr_cb = batch_on_delivery;
+    a->svc.b = bus_new(bc, err, errlen);
+    if (a->svc.b == NULL) {
+        free(a);
+        return NULL;
+    }
+    return a;
+}
+
+/* The late thread, on a producer of its own: its facts' flushes and
+ * delivery reports are its own, never the acker's. */
+static int acker_late_start(msgstore *a, char *err, size_t errlen)
+{
+    char host[64] = "local", client[128];
+    gethostname(host, sizeof(host) - 1);
+    snprintf(client, sizeof(client), "message-store-late-%s", host);
+    bus_conf bc = { .brokers = a->svc.cfg.kafka_brokers, .client_id = client,
+                    .partitions = (int)a->svc.cfg.partitions };
+    msgstore *l = acker_ctx_new(a, a->waits, &bc, err, errlen);
+    if (l == NULL)
+        return PX_ERROR;
+    int e = pthread_create(&a->late_th, NULL, acker_late_main, l);
+    if (e != 0) {
+        bus_destroy(l->svc.b);
+        free(l);
+        return px_err(err, errlen, "late ack thread: %s", strerror(e));
+    }
+    a->late = l;
+    return PX_OK;
 }
 
 int acker_start(msgstore *ms, char *err, size_t errlen)
@@ -106,36 +192,27 @@ int acker_start(msgstore *ms, char *err, size_t errlen)
     snprintf(group, sizeof(group), "%s%s%s", cfg->topic_prefix, MSGSTORE_GROUP,
              ACKER_GROUP_SUFFIX);
     snprintf(client, sizeof(client), "message-store-acks-%s", host);
-    msgstore *a = px_calloc(1, sizeof(*a));
-    a->svc.cfg = *cfg;
-    a->svc.st = ms->svc.st;
-    a->gate = ms->gate;
-    a->devcache = ms->devcache;
-    a->stored = ms->stored;
-    a->m = ms->m;
-    a->waits = ackwait_new(&a->m, ms->topic_acks);
-    a->topic_inbox = ms->topic_inbox;
-    a->topic_acks = ms->topic_acks;
-    a->topic_receipts = ms->topic_receipts;
-    a->topic_dead = ms->topic_dead;
-    batch_init(a);
     /* Following the inbox consumer: the acks of a user are read beside its
      * inbox, where the events they name were pushed and are held (putgate)
      * or remembered (stored.c), whatever the number of replicas. */
     bus_conf bc = { .brokers = cfg->kafka_brokers, .client_id = client, .group = group,
-                    .partitions = (int)cfg->partitions, .dr_cb = batch_on_delivery,
-                    .follow = ms->svc.b };
-    a->svc.b = bus_new(&bc, err, errlen);
-    const char *mine[] = { a->topic_acks };
-    int rc = a->svc.b != NULL ? bus_subscribe(a->svc.b, mine, 1, err, errlen) : PX_ERROR;
+                    .partitions = (int)cfg->partitions, .follow = ms->svc.b };
+    ackwait *waits = ackwait_new(&ms->m, ms->topic_acks);
+    msgstore *a = acker_ctx_new(ms, waits, &bc, err, errlen);
+    const char *mine[] = { ms->topic_acks };
+    int rc = a != NULL ? bus_subscribe(a->svc.b, mine, 1, err, errlen) : PX_ERROR;
+    if (rc == PX_OK)
+        rc = acker_late_start(a, err, errlen);
     int e = rc == PX_OK ? pthread_create(&ms->acker_th, NULL, acker_main, a) : 0;
     if (rc != PX_OK || e != 0) {
         if (e != 0)
             px_err(err, errlen, "ack consumer thread: %s", strerror(e));
-        if (a->svc.b != NULL)
+        if (a != NULL) {
+            acker_late_stop(a);
             bus_destroy(a->svc.b);
-        ackwait_free(a->waits);
-        free(a);
+            free(a);
+        }
+        ackwait_free(waits);
         return PX_ERROR;
     }
     ms->acker = a;

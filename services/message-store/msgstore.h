@@ -110,6 +110,8 @@ struct msgstore {
     writer *writer;                 /* writer.c: the store stage's thread (main msgstore) */
     msgstore *acker;                /* acker.c: the ack consumer's own msgstore */
     pthread_t acker_th;
+    msgstore *late;                 /* acker.c: the acker's late thread's msgstore */
+    pthread_t late_th;
     pthread_t sweeper;              /* sweep.c */
     pthread_mutex_t sweep_mu;
     pthread_cond_t sweep_cv;
@@ -441,9 +443,10 @@ int ack_apply_run(msgstore *ms, size_t idx, msgstore_rec *recs, size_t n, char *
                   size_t errlen);
 
 /* Tries the acks waiting in ms->waits whose time has come (ackwait.c), on
- * the acker thread between batches: those whose event is stored now are
- * applied as ack_apply_run applies them (facts durable, then delete or
- * mark); the others wait longer or expire. */
+ * the acker's late thread: those whose event is stored now are applied as
+ * ack_apply_run applies them (facts durable, then delete or mark); the
+ * others wait longer or expire. ms is the late thread's own msgstore (its
+ * own producer and batch bookkeeping). */
 void ack_retry_due(msgstore *ms);
 
 /* ---- ackwait.c: acks whose event is not stored yet ---- */
@@ -482,26 +485,34 @@ int ackwait_add(ackwait *w, const char *user, const char *id, const char *dev, i
  * committed offset moves up to them, but never past the oldest record
  * whose ack still waits here, so a crash consumes that record again. */
 void ackwait_commit(ackwait *w, bus *b, const bus_msg *m, size_t n);
-/* Stores the commit points again after waits left (found, expired or
- * forgotten). */
+/* Stores the commit points again if waits left (found, expired or
+ * forgotten) since the last time: the acker's thread, which owns b. */
 void ackwait_recommit(ackwait *w, bus *b);
 /* Drops every waiting entry (handed over elsewhere: acker.c). */
 void ackwait_forget(ackwait *w);
 /* (user, id) was found and applied by an ack or read of this acker. */
 void ackwait_applied(ackwait *w, const char *user, const char *id);
 /* 1 if it was lately (a read of it that finds nothing need not wait). */
-int ackwait_was_applied(const ackwait *w, const char *user, const char *id);
+int ackwait_was_applied(ackwait *w, const char *user, const char *id);
 /* A `read` of (user, id) that found nothing: marks its waiting acks read;
  * 1 if there were any. */
 int ackwait_note_read(ackwait *w, const char *user, const char *id, int64_t ts_ms);
-/* At most max of the entries due at now_ms, sorted by (user, id, dev),
- * unique, taken from where the last slice stopped (so a long list is tried
- * all round); valid until ackwait_settle, the next call on w. */
-const ackwait_entry *const *ackwait_due(ackwait *w, int64_t now_ms, size_t max, size_t *n);
-/* After a try of the due entries (found[i] for the i-th): found ones and
- * those past their time leave, the others are tried again later, with a
- * doubled backoff. */
-void ackwait_settle(ackwait *w, const int *found, int64_t now_ms);
+/* Copies of at most max of the entries due at now_ms, sorted by (user, id,
+ * dev), unique, taken from where the last slice stopped (so a long list
+ * is tried all round). The caller owns them: ackwait_settle or
+ * ackwait_taken_free. The entries themselves stay until settled. */
+ackwait_entry *ackwait_take(ackwait *w, int64_t now_ms, size_t max, size_t *n);
+void ackwait_taken_free(ackwait_entry *t, size_t n);
+/* After a try of the taken entries t[0..n) (found[i] for the i-th), which
+ * it frees: found ones (remembered as applied) and those past their time
+ * leave, the others are tried again later, with a doubled backoff. An
+ * entry added again meanwhile was merged with its original and settles
+ * with it. */
+void ackwait_settle(ackwait *w, ackwait_entry *t, size_t n, const int *found, int64_t now_ms);
+/* Waits until an entry may be due, a late one is added, ackwait_wake, or
+ * max_ms pass. */
+void ackwait_wait_due(ackwait *w, int64_t max_ms);
+void ackwait_wake(ackwait *w);
 /* Logs the acks dropped (expired, or refused when full) since the last
  * report, at most once per ACKWAIT_REPORT_MS: no receipt is made of them
  * until their events are delivered and acked again. */
