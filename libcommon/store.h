@@ -184,7 +184,8 @@ typedef struct store_presence {
  * dropped: dead connections of its previous life) and disconnects (the
  * record is gone). Each connection connects once and then disconnects
  * once, so the outcome depends neither on the order of ops nor on how
- * often each is applied. */
+ * often each is applied; a connect applied again may keep the record it
+ * made first (a connection's user and device never change). */
 int store_presence_apply(store *st, const store_presence *ops, size_t n,
                          char *err, size_t errlen);
 

@@ -1068,8 +1068,9 @@ START_TEST(presence_state_and_last_seen)
     char err[PX_ERRLEN] = "";
     const char *users[] = { "ps1", "ps2", "ps3" };
     store_user_presence s[3];
+    /* Its own connection id: (gw1, 1, 1) is presence_devices' user's. */
     apply((store_presence[]){ { .user = "ps1", .gateway = "gw1", .epoch = 1, .delta = 1,
-                                .conn = 1 } }, 1);
+                                .conn = 71 } }, 1);
     ck_assert_msg(store_last_seen_put(st, users + 1, 1, 5000, err, sizeof(err)) == PX_OK,
                   "last seen: %s", err);
     ck_assert_int_eq(store_last_seen_put(st, users + 1, 1, 4000, err, sizeof(err)), PX_OK);
@@ -1087,7 +1088,7 @@ START_TEST(presence_state_and_last_seen)
     ck_assert_int_eq(store_last_seen_put(st, users + 1, 1, 6000, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(store_presence_hide(st, "ps2", 0, err, sizeof(err)), PX_OK);
     apply((store_presence[]){ { .user = "ps1", .gateway = "gw1", .epoch = 1, .delta = -1,
-                                .conn = 1 } }, 1);
+                                .conn = 71 } }, 1);
     ck_assert_int_eq(store_presence_state(st, users, 2, s, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(s[0].online, 0);
     ck_assert_int_eq(s[1].last_seen, 6000);
