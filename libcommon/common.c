@@ -123,6 +123,15 @@ void px_mono_deadline(struct timespec *ts, int64_t ms)
     }
 }
 
+void px_cond_init_mono(pthread_cond_t *cv)
+{
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(cv, &ca);
+    pthread_condattr_destroy(&ca);
+}
+
 typedef struct px_par {
     void (*fn)(void *arg, size_t i);
     void *arg;

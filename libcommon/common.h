@@ -3,6 +3,7 @@
 #define PARLEY_COMMON_H
 
 #include <stddef.h>
+#include <pthread.h>
 #include <stdint.h>
 
 /* Every fallible Parley call returns one of these; details go to an
@@ -56,5 +57,8 @@ int64_t px_mono_ms(void);
  * condition variable whose clock attribute is CLOCK_MONOTONIC. */
 struct timespec;
 void px_mono_deadline(struct timespec *ts, int64_t ms);
+/* Initializes a condition variable whose timed waits take px_mono_deadline's
+ * deadlines (its clock CLOCK_MONOTONIC: a wall-clock step moves no wait). */
+void px_cond_init_mono(pthread_cond_t *cv);
 
 #endif

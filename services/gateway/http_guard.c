@@ -208,11 +208,7 @@ http_guard *http_guard_new(gw *g, char *err, size_t errlen)
     http_guard *hg = px_calloc(1, sizeof(*hg));
     hg->g = g;
     pthread_mutex_init(&hg->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&hg->cv, &ca);
-    pthread_condattr_destroy(&ca);
+    px_cond_init_mono(&hg->cv);
     hg->timed_out = metrics_counter("parley_gateway_http_refused_total{reason=\"head_timeout\"}",
                                     "HTTP connections dropped or refused by the head guard, by reason");
     hg->over_address = metrics_counter("parley_gateway_http_refused_total{reason=\"per_address\"}",

@@ -770,11 +770,7 @@ int media_start(gw *g, char *err, size_t errlen)
     media *md = px_calloc(1, sizeof(*md));
     pthread_mutex_init(&md->mu, NULL);
     pthread_mutex_init(&md->umu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&md->cv, &ca);
-    pthread_condattr_destroy(&ca);
+    px_cond_init_mono(&md->cv);
     md->user_refused = metrics_counter("parley_gateway_media_refused_total{reason=\"user_slots\"}",
                                        "Media transfers refused or dropped, by reason");
     md->slow_refused = metrics_counter("parley_gateway_media_refused_total{reason=\"too_slow\"}",

@@ -83,11 +83,7 @@ ackwait *ackwait_new(const msgstore_metrics *m, const char *topic)
 {
     ackwait *w = px_calloc(1, sizeof(*w));
     pthread_mutex_init(&w->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&w->due_cv, &ca);
-    pthread_condattr_destroy(&ca);
+    px_cond_init_mono(&w->due_cv);
     w->e = px_calloc(ACKWAIT_MAX, sizeof(*w->e));
     w->applied = recent_new(ACKWAIT_APPLIED_BITS);
     w->next = px_calloc(ACKWAIT_PARTS_MAX, sizeof(*w->next));

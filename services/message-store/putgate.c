@@ -62,11 +62,7 @@ putgate *putgate_new(void)
 {
     putgate *g = px_calloc(1, sizeof(*g));
     pthread_mutex_init(&g->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&g->cv, &ca);
-    pthread_condattr_destroy(&ca);
+    px_cond_init_mono(&g->cv);
     return g;
 }
 

@@ -73,11 +73,7 @@ static void *sweep_main(void *arg)
 
 int sweep_start(msgstore *ms, char *err, size_t errlen)
 {
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&ms->sweep_cv, &ca);
-    pthread_condattr_destroy(&ca);
+    px_cond_init_mono(&ms->sweep_cv);
     pthread_mutex_init(&ms->sweep_mu, NULL);
     ms->sweep_stop = 0;
     int rc = pthread_create(&ms->sweeper, NULL, sweep_main, ms);

@@ -182,12 +182,8 @@ int writer_start(msgstore *ms, char *err, size_t errlen)
     writer *w = px_calloc(1, sizeof(*w));
     w->ms = ms;
     pthread_mutex_init(&w->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&w->work_cv, &ca);
-    pthread_cond_init(&w->done_cv, &ca);
-    pthread_condattr_destroy(&ca);
+    px_cond_init_mono(&w->work_cv);
+    px_cond_init_mono(&w->done_cv);
     w->hold_ms = ms->svc.cfg.msgstore_hold_ms;
     int e = pthread_create(&w->th, NULL, writer_main, w);
     if (e != 0) {
