@@ -18,7 +18,7 @@ SAN     ?= 0
 OUT     ?= $(if $(filter 1,$(SAN)),build/san,build/rel)
 GEN     := build/gen
 
-PKGS    := rdkafka libmicrohttpd libmongoc-1.0 jansson libprotobuf-c libcrypto sqlite3 libcurl
+PKGS    := rdkafka libmicrohttpd libmongoc-1.0 jansson libprotobuf-c libcrypto sqlite3 libcurl zlib
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lwslay -lpthread -lm
 CHECK_LIBS := $(shell pkg-config --libs check 2>/dev/null)

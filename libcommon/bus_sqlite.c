@@ -1,15 +1,17 @@
-/* The in-process bus of parleyd (bus.h): a durable log in SQLite with Kafka's
- * semantics. Every bus_new of the process shares one hub: one database
- * connection (PARLEY_DATA_DIR/parley.db, WAL), the topics and their
- * partitions, a bounded produce queue and a writer thread.
+/* The in-process bus of parleyd (bus.h): a durable log with Kafka's
+ * semantics. Every bus_new of the process shares one hub: the record log
+ * (buslog.c, PARLEY_DATA_DIR/bus-log/), one SQLite connection for the
+ * topics' partition counts and the groups' committed offsets
+ * (PARLEY_DATA_DIR/bus.db, WAL), the topics and their partitions, a bounded
+ * produce queue and a writer thread.
  *
  * Produce assigns the offset at once (per-partition order is produce order)
- * and queues the record; the writer inserts everything queued in one
- * transaction (group commit: producers that arrive while a commit runs join
- * the next one) and only after COMMIT posts their delivery reports, so a
- * report of PX_OK means the record survives kill -9 (WAL with
- * synchronous=NORMAL loses nothing on a process crash; only an OS crash or
- * power loss can take the last transactions, as with Kafka's page cache).
+ * and queues the record; the writer appends everything queued to the log in
+ * one write (group commit: producers that arrive while a write runs join
+ * the next one) and only after it posts their delivery reports, so a
+ * report of PX_OK means the record survives kill -9 (the page cache holds
+ * it; only an OS crash or power loss can take the last writes, as with
+ * Kafka's page cache and with SQLite's WAL at synchronous=NORMAL).
  *
  * A record made durable also stays in memory, in its partition's ring, for
  * the groups subscribed to that topic: a consumer that is caught up takes
@@ -17,23 +19,29 @@
  * the ring (after a restart, or when the rings outgrew BUS_MEM_BYTES) reads
  * the log. The ring keeps a record until every subscribed group's position
  * is past it. Their group's committed offsets (bus_commit) are written by
- * the writer too, and a restarted consumer resumes from them: a crash means
- * redelivery, never loss. Records every subscribed group has committed past
- * are deleted from the log.
+ * the writer too, in a SQLite transaction of the same turn, and a restarted
+ * consumer resumes from them: a crash means redelivery, never loss. Once a
+ * second the writer reads the least committed offset of each partition and
+ * the log deletes the segments holding only records below them.
+ *
+ * A partition's next offset after a restart is past what the log holds and
+ * past every group's committed offset; a clean stop also saves it.
  *
  * Volatile topics (bus_sqlite.h: parleyd's deliveries to its own gateway,
  * which die with the process anyway) skip the log: a record is in its ring
  * and reported at once, and consumers' commits are not written. A
  * transient record (bus_produce_transient: parleyd's plain acks) goes
- * through the writer like any other but is not inserted: a reader behind
+ * through the writer like any other but is not logged: a reader behind
  * the ring finds a gap there.
  *
  * A group has one member in one process (parleyd runs one instance of each
  * service): a second member is refused with a clear error. */
 #include "bus.h"
 #include "bus_sqlite.h"
+#include "buslog.h"
 #include "common.h"
 #include "config.h"
+#include "log.h"
 #include "sqldb.h"
 
 #include <errno.h>
@@ -57,7 +65,7 @@
 #define BUS_MEM_BYTES (32 << 20)       /* durable records kept in rings for consumers */
 #define BUS_WRITE_BATCH 4096           /* records per transaction */
 #define BUS_RETAIN_MS 1000             /* how often the committed offsets are read again */
-#define BUS_RETAIN_ROWS 512            /* records deleted per transaction, plus 2 per written */
+#define BUS_SEGMENT_BYTES (64 << 20)   /* PARLEY_BUS_SEGMENT_BYTES: the log's segments */
 
 typedef struct bus_hub bus_hub;
 typedef struct bus_rec bus_rec;
@@ -84,9 +92,9 @@ typedef struct bus_topic {
     int64_t *next;       /* next offset to assign, per partition */
     int64_t *durable;    /* offsets below this are visible to consumers */
     bus_ring *ring;      /* per partition */
-    int64_t *wnext;      /* writer only: next offset to persist, 0 if none */
     int64_t *keep;       /* writer only: every group committed past this (retention) */
-    int64_t *gone;       /* writer only: the log holds nothing below this; -1 unknown */
+    int logid;           /* dbmu: its id in the log, -1 until it has one */
+    int persisted;       /* dbmu: its bus_parts rows are written */
     bus_sub subs[BUS_MAX_GROUPS];
     size_t nsubs;
 } bus_topic;
@@ -148,7 +156,8 @@ struct bus_hub {
     pthread_mutex_t dbmu;     /* db; never taken while holding mu */
     pthread_cond_t cv_work;   /* writer: records or commits to write */
     pthread_cond_t cv_done;   /* each post (written) */
-    sqldb d;                  /* under dbmu */
+    sqldb d;                  /* under dbmu: partition counts, committed offsets */
+    buslog *log;              /* under dbmu: the records */
     int refs;
     int stop;
     pthread_t writer;
@@ -357,16 +366,15 @@ static bus_topic *bus_topic_add(bus_hub *h, const char *name, int nparts)
     t->next = px_calloc((size_t)nparts, sizeof(*t->next));
     t->durable = px_calloc((size_t)nparts, sizeof(*t->durable));
     t->ring = px_calloc((size_t)nparts, sizeof(*t->ring));
-    t->wnext = px_calloc((size_t)nparts, sizeof(*t->wnext));
     t->keep = px_calloc((size_t)nparts, sizeof(*t->keep));
-    t->gone = px_malloc((size_t)nparts * sizeof(*t->gone));
-    for (int p = 0; p < nparts; p++)
-        t->gone[p] = -1;
+    t->logid = -1;
     return t;
 }
 
 /* ---- opening the hub ---- */
 
+/* bus_log held the records before they had a log of their own (buslog.c):
+ * only read now, to move an older parleyd's records into the log. */
 static const char bus_schema[] =
     "CREATE TABLE IF NOT EXISTS bus_parts (topic TEXT NOT NULL, part INTEGER NOT NULL,"
     " next INTEGER NOT NULL, PRIMARY KEY (topic, part)) WITHOUT ROWID;"
@@ -405,6 +413,100 @@ static int bus_hub_forget_volatile(bus_hub *h, char *err, size_t errlen)
     return sqldb_end(&h->d, rc, err, errlen);
 }
 
+/* dbmu held (or the hub not shared yet): t's id in the log. */
+static int bus_logid(bus_hub *h, bus_topic *t)
+{
+    if (t->logid < 0)
+        t->logid = buslog_topic(h->log, t->name);
+    return t->logid;
+}
+
+/* Opening: a topic as the last process left it, or NULL when there are too
+ * many. */
+static bus_topic *bus_hub_topic(bus_hub *h, const char *name, int nparts)
+{
+    bus_topic *t = bus_topic_find(h, name);
+    if (t == NULL && (t = bus_topic_add(h, name, BUS_MAX_PARTS)) != NULL)
+        t->nparts = 0;
+    if (t != NULL)
+        t->nparts = PX_MAX(t->nparts, PX_MIN(nparts, BUS_MAX_PARTS));
+    return t;
+}
+
+static void bus_hub_log_topic(void *arg, const char *name, int nparts)
+{
+    bus_hub *h = arg;
+    bus_topic *t = bus_hub_topic(h, name, nparts);
+    if (t != NULL && t->vol)
+        buslog_forget(h->log, bus_logid(h, t));
+}
+
+/* Records an older parleyd kept in bus_log move to the log, then leave the
+ * table. Moved twice (a crash between the two steps), a record replaces
+ * itself in the log's index. */
+static int bus_hub_move_rows(bus_hub *h, char *err, size_t errlen)
+{
+    sqlite3_stmt *s = sqldb_stmt(&h->d, "SELECT topic, part, off, ts, key, value FROM bus_log"
+                                 " ORDER BY topic, part, off", err, errlen);
+    if (s == NULL)
+        return PX_ERROR;
+    int rc = SQLITE_DONE, moved = 0, failed = 0;
+    while (!failed && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+        int part = sqlite3_column_int(s, 1);
+        bus_topic *t = bus_hub_topic(h, (const char *)sqlite3_column_text(s, 0), part + 1);
+        buslog_rec r = { .topic = t != NULL ? bus_logid(h, t) : -1, .part = part,
+                         .off = sqlite3_column_int64(s, 2), .ts_ms = sqlite3_column_int64(s, 3),
+                         .key = sqlite3_column_blob(s, 4),
+                         .key_len = (size_t)sqlite3_column_bytes(s, 4),
+                         .value = sqlite3_column_blob(s, 5),
+                         .len = (size_t)sqlite3_column_bytes(s, 5) };
+        failed = buslog_append(h->log, &r, 1, err, errlen) != PX_OK;
+        moved++;
+    }
+    sqldb_done(s);
+    if (failed)
+        return PX_ERROR;
+    if (rc != SQLITE_DONE)
+        return bus_sql_err(h->d.db, "move", err, errlen);
+    if (moved == 0)
+        return PX_OK;
+    log_info("bus: records moved from bus.db to the log", "{s:i}", "records", moved);
+    if (sqldb_begin(&h->d, err, errlen) != PX_OK)
+        return PX_ERROR;
+    return sqldb_end(&h->d, bus_exec(h->d.db, "DELETE FROM bus_log", err, errlen), err, errlen);
+}
+
+/* Each partition's next offset: past what bus_parts says (an older
+ * parleyd wrote it), what the log holds, and what any group committed (the
+ * transient records at a partition's end are in none of those but the
+ * last). */
+static int bus_hub_next(bus_hub *h, char *err, size_t errlen)
+{
+    sqlite3_stmt *s = sqldb_stmt(&h->d, "SELECT topic, part, MAX(off) FROM bus_offsets"
+                                 " GROUP BY topic, part", err, errlen);
+    if (s == NULL)
+        return PX_ERROR;
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        bus_topic *t = bus_topic_find(h, (const char *)sqlite3_column_text(s, 0));
+        int part = sqlite3_column_int(s, 1);
+        if (t != NULL && part >= 0 && part < t->nparts)
+            t->next[part] = PX_MAX(t->next[part], sqlite3_column_int64(s, 2));
+    }
+    sqldb_done(s);
+    if (rc != SQLITE_DONE)
+        return bus_sql_err(h->d.db, "load offsets", err, errlen);
+    for (size_t i = 0; i < h->ntopics; i++) {
+        bus_topic *t = &h->topics[i];
+        for (int p = 0; p < t->nparts; p++) {
+            if (t->logid >= 0)
+                t->next[p] = PX_MAX(t->next[p], buslog_end(h->log, t->logid, p));
+            t->durable[p] = t->next[p];
+        }
+    }
+    return PX_OK;
+}
+
 static int bus_hub_load(bus_hub *h, char *err, size_t errlen)
 {
     sqlite3_stmt *s = NULL;
@@ -415,20 +517,25 @@ static int bus_hub_load(bus_hub *h, char *err, size_t errlen)
         return PX_ERROR;
     int rc;
     while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-        const char *name = (const char *)sqlite3_column_text(s, 0);
         int part = sqlite3_column_int(s, 1);
-        bus_topic *t = bus_topic_find(h, name);
-        if (t == NULL)
-            t = bus_topic_add(h, name, BUS_MAX_PARTS);
-        if (t == NULL || part < 0 || part >= BUS_MAX_PARTS) {
+        bus_topic *t = part >= 0 && part < BUS_MAX_PARTS ?
+            bus_hub_topic(h, (const char *)sqlite3_column_text(s, 0), part + 1) : NULL;
+        if (t == NULL) {
             sqldb_done(s);
             return px_err(err, errlen, "sqlite bus: bad partition table");
         }
-        t->next[part] = t->durable[part] = sqlite3_column_int64(s, 2);
-        t->nparts = part + 1;
+        t->next[part] = sqlite3_column_int64(s, 2);
+        t->persisted = 1;
     }
     sqldb_done(s);
-    return rc == SQLITE_DONE ? PX_OK : bus_sql_err(h->d.db, "load", err, errlen);
+    if (rc != SQLITE_DONE)
+        return bus_sql_err(h->d.db, "load", err, errlen);
+    buslog_each_topic(h->log, bus_hub_log_topic, h);
+    for (size_t i = 0; i < h->ntopics; i++)
+        bus_logid(h, &h->topics[i]);
+    if (bus_hub_move_rows(h, err, errlen) != PX_OK)
+        return PX_ERROR;
+    return bus_hub_next(h, err, errlen);
 }
 
 static void *bus_writer_main(void *arg);
@@ -445,11 +552,10 @@ static void bus_hub_free(bus_hub *h)
         free(t->next);
         free(t->durable);
         free(t->ring);
-        free(t->wnext);
         free(t->keep);
-        free(t->gone);
     }
     sqldb_close(&h->d);
+    buslog_close(h->log);
     pthread_mutex_destroy(&h->mu);
     pthread_mutex_destroy(&h->dbmu);
     pthread_cond_destroy(&h->cv_work);
@@ -459,6 +565,17 @@ static void bus_hub_free(bus_hub *h)
 
 static const char *const bus_tables[] = { "bus_parts", "bus_log", "bus_offsets" };
 
+static int bus_log_open(bus_hub *h, char *err, size_t errlen)
+{
+    long seg_bytes;
+    char dir[PATH_MAX];
+    if (config_long("PARLEY_BUS_SEGMENT_BYTES", BUS_SEGMENT_BYTES, 4096, 1L << 31, &seg_bytes,
+                    err, errlen) != PX_OK)
+        return PX_ERROR;
+    snprintf(dir, sizeof(dir), "%s/bus-log", config_str("PARLEY_DATA_DIR", "data"));
+    return buslog_open(&h->log, dir, (uint64_t)seg_bytes, err, errlen);
+}
+
 static bus_hub *bus_hub_open(char *err, size_t errlen)
 {
     bus_hub *h = px_calloc(1, sizeof(*h));
@@ -466,7 +583,8 @@ static bus_hub *bus_hub_open(char *err, size_t errlen)
     pthread_mutex_init(&h->dbmu, NULL);
     pthread_cond_init(&h->cv_work, NULL);
     pthread_cond_init(&h->cv_done, NULL);
-    if (sqldb_open_file(&h->d, SQLDB_BUS, err, errlen) != PX_OK ||
+    if (bus_log_open(h, err, errlen) != PX_OK ||
+        sqldb_open_file(&h->d, SQLDB_BUS, err, errlen) != PX_OK ||
         bus_exec(h->d.db, bus_schema, err, errlen) != PX_OK ||
         /* Before bus.db, the bus's tables lived in parley.db. */
         sqldb_move_from_main(&h->d, bus_tables, PX_ARRAY_LEN(bus_tables), err, errlen) != PX_OK ||
@@ -514,52 +632,20 @@ static void bus_hub_unref(bus_hub *h)
 
 /* ---- the writer ---- */
 
-/* The records, then each partition's next offset once per transaction
- * (not once per record: half the statements of a busy batch). */
-static int bus_write_records(bus_hub *h, bus_rec *recs, char *err, size_t errlen)
+/* dbmu held, in a transaction: the rows of t's partitions in bus_parts, so
+ * that a restart finds the topic as it was even if nothing was logged. */
+static int bus_persist_rows(bus_hub *h, const bus_topic *t, char *err, size_t errlen)
 {
-    sqlite3_stmt *ins = NULL, *next = NULL;
-    int rc = PX_ERROR;
-    if ((ins = sqldb_stmt(&h->d, "INSERT OR REPLACE INTO bus_log VALUES (?,?,?,?,?,?)", err,
-                          errlen)) == NULL ||
-        (next = sqldb_stmt(&h->d, "INSERT INTO bus_parts VALUES (?,?,?) ON CONFLICT DO"
-                           " UPDATE SET next = MAX(next, excluded.next)", err, errlen)) == NULL)
-        goto out;
-    for (bus_rec *r = recs; r != NULL; r = r->next) {
-        r->t->wnext[r->part] = PX_MAX(r->t->wnext[r->part], r->off + 1);
-        if (r->transient)
-            continue;
-        sqlite3_reset(ins);
-        sqlite3_bind_text(ins, 1, r->t->name, -1, SQLITE_STATIC);
-        sqlite3_bind_int(ins, 2, r->part);
-        sqlite3_bind_int64(ins, 3, r->off);
-        sqlite3_bind_int64(ins, 4, r->ts_ms);
-        sqlite3_bind_blob(ins, 5, r->data, (int)r->key_len, SQLITE_STATIC);
-        sqlite3_bind_blob(ins, 6, r->data + r->key_len + 1, (int)r->len, SQLITE_STATIC);
-        if (sqlite3_step(ins) != SQLITE_DONE) {
-            bus_sql_err(h->d.db, "insert", err, errlen);
-            goto out;
-        }
+    sqlite3_stmt *s = sqldb_stmt(&h->d, "INSERT OR IGNORE INTO bus_parts VALUES (?, ?, 0)", err,
+                                 errlen);
+    int rc = s != NULL ? PX_OK : PX_ERROR;
+    for (int p = 0; p < t->nparts && rc == PX_OK; p++) {
+        sqlite3_reset(s);
+        sqlite3_bind_text(s, 1, t->name, -1, SQLITE_STATIC);
+        sqlite3_bind_int(s, 2, p);
+        rc = sqlite3_step(s) == SQLITE_DONE ? PX_OK : bus_sql_err(h->d.db, "topic", err, errlen);
     }
-    for (bus_rec *r = recs; r != NULL; r = r->next) {
-        if (r->t->wnext[r->part] == 0)
-            continue;
-        sqlite3_reset(next);
-        sqlite3_bind_text(next, 1, r->t->name, -1, SQLITE_STATIC);
-        sqlite3_bind_int(next, 2, r->part);
-        sqlite3_bind_int64(next, 3, r->t->wnext[r->part]);
-        r->t->wnext[r->part] = 0;
-        if (sqlite3_step(next) != SQLITE_DONE) {
-            bus_sql_err(h->d.db, "next offset", err, errlen);
-            goto out;
-        }
-    }
-    rc = PX_OK;
-out:
-    for (bus_rec *r = recs; rc != PX_OK && r != NULL; r = r->next)
-        r->t->wnext[r->part] = 0;
-    sqldb_done(ins);
-    sqldb_done(next);
+    sqldb_done(s);
     return rc;
 }
 
@@ -583,15 +669,12 @@ static int bus_write_commits(bus_hub *h, const bus_dirty *d, size_t n, char *err
     return rc;
 }
 
-/* The writer's retention state: deleting what every group has committed
- * past, a slice per transaction. Deleting a whole second's worth at once
- * (50,000 records at 10,000 messages/s) held every produce and every
- * consumer behind one long transaction once a second. */
-typedef struct bus_retention {
-    int64_t last_scan;   /* when keep was last read from bus_offsets */
-    size_t next;         /* the topic the next slice starts at (round robin) */
-    int behind;          /* the last slice ran out of budget */
-} bus_retention;
+/* The writer's own state: when the committed offsets were last read for
+ * retention, and room for one transaction's records in the log's form. */
+typedef struct bus_wstate {
+    int64_t last_scan;
+    buslog_rec *recs;    /* BUS_WRITE_BATCH */
+} bus_wstate;
 
 /* dbmu held, in a transaction: each durable partition's least committed
  * offset over every group that ever committed on it. */
@@ -610,87 +693,63 @@ static void bus_retain_scan(bus_hub *h)
     sqldb_done(min);
 }
 
-/* dbmu held, in a transaction: where partition p's log starts, at most
- * keep (an empty log has nothing below keep to delete). */
-static int64_t bus_log_start(bus_hub *h, const bus_topic *t, int p)
+/* dbmu held: the log forgets what every group committed past and deletes
+ * the segments holding nothing else. */
+static void bus_retain(bus_hub *h, size_t ntopics)
 {
-    sqlite3_stmt *s = sqldb_stmt(&h->d, "SELECT MIN(off) FROM bus_log WHERE topic=? AND part=?",
-                                 NULL, 0);
-    int64_t lo = t->keep[p];
-    if (s == NULL)
-        return lo;
-    sqlite3_bind_text(s, 1, t->name, -1, SQLITE_STATIC);
-    sqlite3_bind_int(s, 2, p);
-    if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL)
-        lo = PX_MIN(lo, sqlite3_column_int64(s, 0));
-    sqldb_done(s);
-    return lo;
-}
-
-/* dbmu held, in a transaction: deletes about budget records below keep,
- * one primary-key range per partition, from where the log starts (read
- * once, and again after a range that held nothing, e.g. a group that
- * started at 0 on a log that starts later). A failed delete is left for
- * the next slice: retention never fails the records it shares a
- * transaction with. */
-static void bus_retain_slice(bus_hub *h, bus_retention *rt, size_t ntopics, size_t budget)
-{
-    sqlite3_stmt *del = sqldb_stmt(&h->d, "DELETE FROM bus_log WHERE topic=? AND part=?"
-                                   " AND off>=? AND off<?", NULL, 0);
-    rt->behind = 0;
-    for (size_t k = 0; del != NULL && k < ntopics; k++) {
-        bus_topic *t = &h->topics[(rt->next + k) % ntopics];
-        for (int p = 0; p < t->nparts && !t->vol; p++) {
-            if (t->keep[p] <= PX_MAX(t->gone[p], 0))
-                continue;
-            if (budget == 0) {
-                rt->behind = 1;
-                rt->next = (rt->next + k) % ntopics;
-                sqldb_done(del);
-                return;
-            }
-            if (t->gone[p] < 0)
-                t->gone[p] = bus_log_start(h, t, p);
-            int64_t hi = PX_MIN(t->keep[p], t->gone[p] + (int64_t)budget);
-            sqlite3_reset(del);
-            sqlite3_bind_text(del, 1, t->name, -1, SQLITE_STATIC);
-            sqlite3_bind_int(del, 2, p);
-            sqlite3_bind_int64(del, 3, t->gone[p]);
-            sqlite3_bind_int64(del, 4, hi);
-            if (sqlite3_step(del) != SQLITE_DONE)
-                continue;
-            size_t n = (size_t)sqlite3_changes(h->d.db);
-            t->gone[p] = hi;
-            if (n == 0)
-                t->gone[p] = PX_MAX(hi, bus_log_start(h, t, p));
-            budget -= PX_MIN(budget, n + 1);
-        }
+    for (size_t i = 0; i < ntopics; i++) {
+        bus_topic *t = &h->topics[i];
+        for (int p = 0; p < t->nparts && !t->vol && t->logid >= 0; p++)
+            buslog_trim(h->log, t->logid, p, t->keep[p]);
     }
-    sqldb_done(del);
+    buslog_retain(h->log);
 }
 
-/* One transaction: the records, the committed offsets, then a slice of
- * retention (twice as many deletes as records written, so the log never
- * outgrows what is committed for long). */
-static int bus_write(bus_hub *h, bus_rec *recs, const bus_dirty *d, size_t nd,
-                     bus_retention *rt, size_t ntopics, char *err, size_t errlen)
+/* dbmu held: the durable records of a transaction in one append. */
+static int bus_log_records(bus_hub *h, bus_wstate *ws, bus_rec *recs, char *err, size_t errlen)
 {
-    size_t nrecs = 0;
-    for (bus_rec *r = recs; r != NULL; r = r->next)
-        nrecs++;
+    size_t n = 0;
+    for (bus_rec *r = recs; r != NULL; r = r->next) {
+        if (r->transient)
+            continue;
+        ws->recs[n++] = (buslog_rec){ .topic = bus_logid(h, r->t), .part = r->part,
+                                      .off = r->off, .ts_ms = r->ts_ms, .key = r->data,
+                                      .key_len = r->key_len, .value = r->data + r->key_len + 1,
+                                      .len = r->len };
+    }
+    return buslog_append(h->log, ws->recs, n, err, errlen);
+}
+
+/* One turn: new topics' partition rows, the committed offsets and (once a
+ * second) the offsets retention needs, in a SQLite transaction when there
+ * are any; then the records in one append to the log; then retention. */
+static int bus_write(bus_hub *h, bus_wstate *ws, bus_rec *recs, const bus_dirty *d, size_t nd,
+                     size_t ntopics, char *err, size_t errlen)
+{
     pthread_mutex_lock(&h->dbmu);
-    int rc = sqldb_begin(&h->d, err, errlen);
-    if (rc == PX_OK) {
-        rc = bus_write_records(h, recs, err, errlen);
-        if (rc == PX_OK)
-            rc = bus_write_commits(h, d, nd, err, errlen);
-        if (rc == PX_OK && px_mono_ms() - rt->last_scan >= BUS_RETAIN_MS) {
-            bus_retain_scan(h);
-            rt->last_scan = px_mono_ms();
+    int due = px_mono_ms() - ws->last_scan >= BUS_RETAIN_MS, fresh = 0, rc = PX_OK;
+    for (bus_rec *r = recs; r != NULL; r = r->next)
+        fresh |= !r->t->persisted;
+    if (nd > 0 || due || fresh) {
+        if ((rc = sqldb_begin(&h->d, err, errlen)) == PX_OK) {
+            for (bus_rec *r = recs; r != NULL && rc == PX_OK; r = r->next)
+                if (!r->t->persisted && (rc = bus_persist_rows(h, r->t, err, errlen)) == PX_OK)
+                    r->t->persisted = -1; /* written once this commits */
+            if (rc == PX_OK)
+                rc = bus_write_commits(h, d, nd, err, errlen);
+            if (rc == PX_OK && due)
+                bus_retain_scan(h);
+            rc = sqldb_end(&h->d, rc, err, errlen);
         }
-        if (rc == PX_OK)
-            bus_retain_slice(h, rt, ntopics, BUS_RETAIN_ROWS + 2 * nrecs);
-        rc = sqldb_end(&h->d, rc, err, errlen);
+        for (bus_rec *r = recs; r != NULL; r = r->next)
+            if (r->t->persisted < 0)
+                r->t->persisted = rc == PX_OK;
+    }
+    if (rc == PX_OK)
+        rc = bus_log_records(h, ws, recs, err, errlen);
+    if (due) {
+        bus_retain(h, ntopics);
+        ws->last_scan = px_mono_ms();
     }
     pthread_mutex_unlock(&h->dbmu);
     return rc;
@@ -806,6 +865,42 @@ static bus_rec *bus_take(bus_hub *h)
     return head;
 }
 
+/* A clean stop: each partition's next offset, so that the next process
+ * goes on from there even past transient records no group committed (after
+ * a crash it may give their offsets again, to records every group reads as
+ * new: no group committed past them). */
+static void bus_save_next(bus_hub *h)
+{
+    char err[PX_ERRLEN] = "";
+    pthread_mutex_lock(&h->dbmu);
+    sqlite3_stmt *s = NULL;
+    int rc = sqldb_begin(&h->d, err, sizeof(err));
+    if (rc == PX_OK && (s = sqldb_stmt(&h->d, "INSERT INTO bus_parts VALUES (?,?,?) ON CONFLICT"
+                                       " DO UPDATE SET next = MAX(next, excluded.next)", err,
+                                       sizeof(err))) == NULL)
+        rc = sqldb_end(&h->d, PX_ERROR, err, sizeof(err));
+    for (size_t i = 0; s != NULL && i < h->ntopics && rc == PX_OK; i++) {
+        const bus_topic *t = &h->topics[i];
+        for (int p = 0; p < t->nparts && !t->vol && rc == PX_OK; p++) {
+            sqlite3_reset(s);
+            sqlite3_bind_text(s, 1, t->name, -1, SQLITE_STATIC);
+            sqlite3_bind_int(s, 2, p);
+            pthread_mutex_lock(&h->mu);
+            sqlite3_bind_int64(s, 3, t->next[p]);
+            pthread_mutex_unlock(&h->mu);
+            if (sqlite3_step(s) != SQLITE_DONE)
+                rc = bus_sql_err(h->d.db, "next offsets", err, sizeof(err));
+        }
+    }
+    if (s != NULL) {
+        sqldb_done(s);
+        rc = sqldb_end(&h->d, rc, err, sizeof(err));
+    }
+    pthread_mutex_unlock(&h->dbmu);
+    if (rc != PX_OK)
+        log_warn("bus: cannot save the next offsets", "{s:s}", "error", err);
+}
+
 /* Group commit: whatever was queued while the last transaction ran goes
  * into the next one. */
 static void *bus_writer_main(void *arg)
@@ -813,11 +908,12 @@ static void *bus_writer_main(void *arg)
     bus_hub *h = arg;
     bus_dirty *d = px_calloc(BUS_MAX_DIRTY, sizeof(*d));
     px_thread_name("bus-writer");
-    bus_retention rt = { .last_scan = px_mono_ms() };
+    bus_wstate ws = { .last_scan = px_mono_ms(),
+                      .recs = px_calloc(BUS_WRITE_BATCH, sizeof(*ws.recs)) };
     pthread_mutex_lock(&h->mu);
     for (;;) {
-        while (h->q_head == NULL && h->ndirty == 0 && !h->stop && !rt.behind &&
-               px_mono_ms() - rt.last_scan < BUS_RETAIN_MS) {
+        while (h->q_head == NULL && h->ndirty == 0 && !h->stop &&
+               px_mono_ms() - ws.last_scan < BUS_RETAIN_MS) {
             struct timespec ts;
             bus_deadline(&ts, px_mono_ms() + 200);
             pthread_cond_timedwait(&h->cv_work, &h->mu, &ts);
@@ -831,11 +927,13 @@ static void *bus_writer_main(void *arg)
         size_t ntopics = h->ntopics;
         pthread_mutex_unlock(&h->mu);
         char err[PX_ERRLEN] = "";
-        int rc = bus_write(h, recs, d, nd, &rt, ntopics, err, sizeof(err));
+        int rc = bus_write(h, &ws, recs, d, nd, ntopics, err, sizeof(err));
         pthread_mutex_lock(&h->mu);
         bus_post(h, recs, rc, err);
     }
     pthread_mutex_unlock(&h->mu);
+    bus_save_next(h);
+    free(ws.recs);
     free(d);
     return NULL;
 }
@@ -846,7 +944,8 @@ void bus_where(const char *brokers, char *out, size_t outlen)
 {
     char path[PATH_MAX];
     sqldb_file_path(SQLDB_BUS, path, sizeof(path));
-    snprintf(out, outlen, "sqlite %s", path);
+    snprintf(out, outlen, "log %s/bus-log, offsets %s", config_str("PARLEY_DATA_DIR", "data"),
+             path);
 }
 
 int bus_sqlite_volatile(const char *prefix, char *err, size_t errlen)
@@ -903,20 +1002,13 @@ bus *bus_new(const bus_conf *conf, char *err, size_t errlen)
 }
 
 /* dbmu held: one bus_parts row per partition, in one transaction. */
-static int bus_persist_topic(bus_hub *h, const bus_topic *t, char *err, size_t errlen)
+static int bus_persist_topic(bus_hub *h, bus_topic *t, char *err, size_t errlen)
 {
-    sqlite3_stmt *s = NULL;
     if (sqldb_begin(&h->d, err, errlen) != PX_OK)
         return PX_ERROR;
-    int rc = (s = sqldb_stmt(&h->d, "INSERT OR IGNORE INTO bus_parts VALUES (?, ?, 0)", err,
-                             errlen)) != NULL ? PX_OK : PX_ERROR;
-    for (int p = 0; p < t->nparts && rc == PX_OK; p++) {
-        sqlite3_bind_text(s, 1, t->name, -1, SQLITE_STATIC);
-        sqlite3_bind_int(s, 2, p);
-        rc = sqlite3_step(s) == SQLITE_DONE ? PX_OK : bus_sql_err(h->d.db, "topic", err, errlen);
-        sqldb_done(s);
-    }
-    return sqldb_end(&h->d, rc, err, errlen);
+    int rc = sqldb_end(&h->d, bus_persist_rows(h, t, err, errlen), err, errlen);
+    t->persisted = rc == PX_OK;
+    return rc;
 }
 
 int bus_ensure_topics(bus *b, const char *const *topics, size_t n, int timeout_ms,
@@ -1215,48 +1307,49 @@ static size_t bus_take_ring(bus_hub *h, bus_pos *p, bus_msg *out, size_t max)
     return k;
 }
 
+typedef struct bus_reading {
+    bus_pos *p;
+    bus_msg *out;
+    size_t n;
+} bus_reading;
+
+static int bus_read_one(void *arg, const char *topic, const buslog_rec *lr)
+{
+    bus_reading *rd = arg;
+    bus_rec *r = bus_rec_new(lr->key, lr->key_len, lr->value, lr->len);
+    r->t = rd->p->t;
+    r->part = rd->p->part;
+    r->off = lr->off;
+    r->ts_ms = lr->ts_ms;
+    rd->out[rd->n++] = bus_msg_of(r);
+    return 0;
+}
+
 /* Reads up to max durable records of one partition from the log, from
  * p->pos on (a consumer behind its ring). */
 static int bus_read(bus *b, bus_pos *p, int64_t durable, bus_msg *out, size_t max,
                     char *err, size_t errlen)
 {
     bus_hub *h = b->h;
-    sqlite3_stmt *s = NULL;
-    int n = 0, rc = SQLITE_ROW;
+    bus_reading rd = { p, out, 0 };
     pthread_mutex_lock(&h->dbmu);
-    if ((s = sqldb_stmt(&h->d, "SELECT off, ts, key, value FROM bus_log WHERE topic=? AND"
-                           " part=? AND off>=? AND off<? ORDER BY off LIMIT ?", err, errlen)) == NULL) {
-        n = PX_ERROR;
-        goto out;
-    }
-    sqlite3_bind_text(s, 1, p->t->name, -1, SQLITE_STATIC);
-    sqlite3_bind_int(s, 2, p->part);
-    sqlite3_bind_int64(s, 3, p->pos);
-    sqlite3_bind_int64(s, 4, durable);
-    sqlite3_bind_int64(s, 5, (sqlite3_int64)max);
-    while ((size_t)n < max && (rc = sqlite3_step(s)) == SQLITE_ROW) {
-        bus_rec *r = bus_rec_new(sqlite3_column_blob(s, 2), (size_t)sqlite3_column_bytes(s, 2),
-                                 sqlite3_column_blob(s, 3), (size_t)sqlite3_column_bytes(s, 3));
-        r->t = p->t;
-        r->part = p->part;
-        r->off = sqlite3_column_int64(s, 0);
-        r->ts_ms = sqlite3_column_int64(s, 1);
-        out[n++] = bus_msg_of(r);
-    }
-out:
-    sqldb_done(s);
+    int rc = p->t->logid < 0 ? 0 : buslog_read(h->log, p->t->logid, p->part, p->pos, durable,
+                                                max, bus_read_one, &rd, err, errlen);
     pthread_mutex_unlock(&h->dbmu);
-    if (n > 0 || (n == 0 && rc == SQLITE_DONE)) {
-        /* Nothing logged in [pos, durable): transient records, gone with
-         * the process that made them or with the ring that held them; the
-         * ring may still hold later ones. */
-        pthread_mutex_lock(&h->mu);
-        const bus_ring *rg = &p->t->ring[p->part];
-        int64_t gap_end = rg->n > 0 && rg->lo > p->pos && rg->lo < durable ? rg->lo : durable;
-        p->pos = n > 0 ? out[n - 1].offset + 1 : gap_end;
-        bus_ring_trim(h, p->t, p->part);
-        pthread_mutex_unlock(&h->mu);
+    if (rc < 0) {
+        bus_release(b, out, rd.n);
+        return PX_ERROR;
     }
+    /* Nothing logged in [pos, durable): transient records, gone with the
+     * process that made them or with the ring that held them; the ring may
+     * still hold later ones. */
+    int n = (int)rd.n;
+    pthread_mutex_lock(&h->mu);
+    const bus_ring *rg = &p->t->ring[p->part];
+    int64_t gap_end = rg->n > 0 && rg->lo > p->pos && rg->lo < durable ? rg->lo : durable;
+    p->pos = n > 0 ? out[n - 1].offset + 1 : gap_end;
+    bus_ring_trim(h, p->t, p->part);
+    pthread_mutex_unlock(&h->mu);
     return n;
 }
 

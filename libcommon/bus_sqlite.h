@@ -5,7 +5,7 @@
 #include <stddef.h>
 
 /* Topics whose name starts with prefix become volatile: their records are
- * never written to SQLite, are reported PX_OK at once and handed to the
+ * never written to the log, are reported PX_OK at once and handed to the
  * consumers from memory; commits on them are not written, and opening the
  * bus forgets what an older run logged for them. For hops that die with
  * the process anyway (parleyd's deliveries to its own gateway: a lost one

@@ -10,7 +10,8 @@ set -euo pipefail
 
 PKGS=(build-essential pkg-config librdkafka-dev libmicrohttpd-dev libwslay-dev
       libmongoc-dev libbson-dev check libsubunit-dev libprotobuf-c-dev
-      protobuf-c-compiler libjansson-dev libsqlite3-dev libssl-dev libcurl4-openssl-dev)
+      protobuf-c-compiler libjansson-dev libsqlite3-dev libssl-dev libcurl4-openssl-dev
+      zlib1g-dev)
 [ "${1:-all}" = image ] &&
   PKGS=(podman buildah runc containernetworking-plugins fuse-overlayfs uidmap debootstrap)
 [ "${1:-all}" = bench ] && PKGS=(ejabberd gnuplot-nox)

@@ -1,12 +1,15 @@
-/* bus_sqlite (parleyd's in-process bus) on a real SQLite file: delivery
- * reports only for durable records, per-key order, redelivery of what was
- * not committed after a restart (and none of what was), one member per
- * group, the consume eventfd and bus_wakeup; a caught-up consumer served
- * from memory, volatile topics, transient records, kill -9 in the middle of
- * group commits, and retention keeping what a group has not committed.
- * Each test has its own data folder. */
+/* bus_sqlite (parleyd's in-process bus) on a real data folder (its log's
+ * segment files and bus.db): delivery reports only for durable records,
+ * per-key order, redelivery of what was not committed after a restart (and
+ * none of what was), one member per group, the consume eventfd and
+ * bus_wakeup; a caught-up consumer served from memory, volatile topics,
+ * transient records, kill -9 in the middle of group commits, a log whose
+ * last write was cut short, an older parleyd's tables moved, and retention
+ * keeping what a group has not committed. Each test has its own data
+ * folder; the log is inspected with buslog_scan. */
 #include "bus.h"
 #include "bus_sqlite.h"
+#include "buslog.h"
 #include "common.h"
 
 #include <signal.h>
@@ -202,15 +205,65 @@ static long sql_on(const char *file, const char *sql)
     return v;
 }
 
-static long sql_on_file(const char *sql)
+/* The records in the log's files (segments not yet deleted included) of
+ * topic whose value (a number) want accepts (NULL: all): how many, the
+ * first and last segment holding one, and the nth one's segment and frame
+ * end, when there is one. */
+typedef struct log_query {
+    const char *topic;
+    int (*want)(long v);
+    long n, nth;
+    uint32_t seg_lo, seg_hi, nth_seg;
+    uint64_t nth_end;
+} log_query;
+
+static int log_count_one(void *arg, const char *topic, const buslog_rec *r)
 {
-    return sql_on("bus.db", sql);
+    log_query *q = arg;
+    char v[32];
+    size_t n = PX_MIN(r->len, sizeof(v) - 1);
+    memcpy(v, r->value, n);
+    v[n] = '\0';
+    if (strcmp(topic, q->topic) != 0 || (q->want != NULL && !q->want(atol(v))))
+        return 0;
+    q->seg_lo = q->n == 0 ? r->seg : PX_MIN(q->seg_lo, r->seg);
+    q->seg_hi = PX_MAX(q->seg_hi, r->seg);
+    if (++q->n == q->nth) {
+        q->nth_seg = r->seg;
+        q->nth_end = r->end;
+    }
+    return 0;
+}
+
+static long logged_where(const char *topic, int (*want)(long v), log_query *q)
+{
+    char dir[128], err[PX_ERRLEN] = "";
+    *q = (log_query){ .topic = topic, .want = want, .nth = q->nth };
+    snprintf(dir, sizeof(dir), "%s/bus-log", test_dir);
+    ck_assert_msg(buslog_scan(dir, log_count_one, q, err, sizeof(err)) == PX_OK, "scan: %s", err);
+    return q->n;
+}
+
+static long logged(const char *topic)
+{
+    log_query q = { 0 };
+    return logged_where(topic, NULL, &q);
+}
+
+static int not_multiple_of_3(long v)
+{
+    return v % 3 != 0;
+}
+
+static int below_10000(long v)
+{
+    return v < 10000;
 }
 
 /* Records are in the log when reported, and a consumer that was caught up
- * gets them from memory: taking them out of the log behind the bus's back
- * changes nothing for it. A consumer that is behind (a new process) reads
- * the log. */
+ * gets them from memory: cutting the log after the tenth behind the bus's
+ * back changes nothing for it. A consumer that is behind (a new process)
+ * reads the log. */
 START_TEST(caught_up_consumer_gets_records_without_a_read_back)
 {
     const char *topics[] = { "t.mem" };
@@ -222,15 +275,20 @@ START_TEST(caught_up_consumer_gets_records_without_a_read_back)
     bus *p = open_bus(NULL);
     produce_n(p, &r, "t.mem", 200);
     ck_assert_int_eq(r.ok, 200);
-    ck_assert_int_eq(sql_on_file("SELECT count(*) FROM bus_log WHERE topic='t.mem'"), 200);
-    sql_on_file("DELETE FROM bus_log WHERE topic='t.mem' AND off >= 10");
+    log_query q = { .nth = 10 };
+    ck_assert_int_eq(logged_where("t.mem", NULL, &q), 200);
+    char dir[128], seg[160];
+    snprintf(dir, sizeof(dir), "%s/bus-log", test_dir);
+    buslog_seg_path(dir, q.nth_seg, seg, sizeof(seg));
+    ck_assert_int_eq(truncate(seg, (off_t)q.nth_end), 0);
     ck_assert_int_eq(consume_all(c, 200, 0), 200);
     bus_destroy(c);
     bus_destroy(p);
 
     c = open_bus("gmem");
     ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
-    ck_assert_int_eq(consume_all(c, 200, 0), sql_on_file("SELECT count(*) FROM bus_log"));
+    ck_assert_int_eq(logged("t.mem"), 10);
+    ck_assert_int_eq(consume_all(c, 200, 0), 10);
     bus_destroy(c);
     remove_dir();
 }
@@ -252,8 +310,8 @@ START_TEST(volatile_topic_skips_the_log)
     produce_n(p, &r, "v.gw.1", 300);
     produce_n(p, &rd, "t.durable", 5);
     ck_assert_int_eq(r.ok + rd.ok, 305);
-    ck_assert_int_eq(sql_on_file("SELECT count(*) FROM bus_log WHERE topic='v.gw.1'"), 0);
-    ck_assert_int_eq(sql_on_file("SELECT count(*) FROM bus_log WHERE topic='t.durable'"), 5);
+    ck_assert_int_eq(logged("v.gw.1"), 0);
+    ck_assert_int_eq(logged("t.durable"), 5);
     ck_assert_int_eq(consume_all(c, 300, 300), 300);
     produce_n(p, &r, "v.gw.1", 7); /* left unconsumed: gone with the process */
     bus_destroy(c);
@@ -291,9 +349,9 @@ START_TEST(transient_records_are_ordered_but_never_logged)
     }
     ck_assert_int_eq(bus_flush(p, 10000), PX_OK);
     ck_assert_int_eq(r.ok, 305);
-    ck_assert_int_eq(sql_on_file("SELECT count(*) FROM bus_log WHERE topic='t.acks'"), 100);
-    ck_assert_int_eq(sql_on_file("SELECT count(*) FROM bus_log WHERE topic='t.acks'"
-                                 " AND CAST(value AS INTEGER) % 3 != 0"), 0);
+    log_query q = { 0 };
+    ck_assert_int_eq(logged("t.acks"), 100);
+    ck_assert_int_eq(logged_where("t.acks", not_multiple_of_3, &q), 0);
     ck_assert_int_eq(consume_all(c, 305, 0), 305);
     bus_destroy(c);
     bus_destroy(p);
@@ -388,9 +446,49 @@ START_TEST(crash_mid_group_commit_loses_nothing_reported)
 }
 END_TEST
 
+/* kill -9 in the middle of a write leaves part of a frame at the log's
+ * end: the next process cuts it away, reads every whole record, and its
+ * own records follow the cut (a third process reads them too). */
+START_TEST(a_cut_short_write_is_cut_away)
+{
+    const char *topics[] = { "t.torn" };
+    char err[PX_ERRLEN] = "", dir[128], seg[160];
+    static reports r;
+    fresh_dir();
+    bus *p = open_bus(NULL);
+    produce_n(p, &r, "t.torn", 50);
+    bus_destroy(p);
+    log_query q = { .nth = 50 };
+    ck_assert_int_eq(logged_where("t.torn", NULL, &q), 50);
+    snprintf(dir, sizeof(dir), "%s/bus-log", test_dir);
+    buslog_seg_path(dir, q.nth_seg, seg, sizeof(seg));
+    FILE *f = fopen(seg, "ab");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(fwrite("\x40\0\0\0\x12\x34\x56\x78partial", 1, 15, f), 15);
+    fclose(f);
+
+    bus *c = open_bus("gtorn");
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(consume_all(c, 100, 50), 50);
+    p = open_bus(NULL);
+    memset(&r, 0, sizeof(r));
+    produce_n(p, &r, "t.torn", 5);
+    ck_assert_int_eq(consume_all(c, 5, 0), 5);
+    bus_destroy(p);
+    bus_destroy(c);
+    ck_assert_int_eq(logged("t.torn"), 55);
+    c = open_bus("gtorn");
+    ck_assert_int_eq(bus_subscribe(c, topics, 1, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(consume_all(c, 100, 0), 5);
+    bus_destroy(c);
+    remove_dir();
+}
+END_TEST
+
 /* A data folder of an older parleyd keeps the bus's tables in parley.db:
- * the first open moves them to bus.db (the committed offset and the next
- * offset hold) and drops them from parley.db. */
+ * the first open moves them to bus.db and the records on into the log (the
+ * committed offset and the next offset hold), and drops them from
+ * parley.db. */
 START_TEST(bus_tables_move_out_of_the_store_file)
 {
     const char *topics[] = { "t.old" };
@@ -416,6 +514,8 @@ START_TEST(bus_tables_move_out_of_the_store_file)
     ck_assert_int_eq(consume_all(c, 2, 0), 2);
     ck_assert_int_eq(sql_on("parley.db", "SELECT count(*) FROM sqlite_master"
                             " WHERE name LIKE 'bus_%'"), 0);
+    ck_assert_int_eq(sql_on("bus.db", "SELECT count(*) FROM bus_log"), 0);
+    ck_assert_int_eq(logged("t.old"), 3);
     bus_destroy(c);
     bus *p = open_bus(NULL);
     const char key[] = "u0";
@@ -428,9 +528,11 @@ START_TEST(bus_tables_move_out_of_the_store_file)
 END_TEST
 
 /* Retention: the log loses what every group committed past, and only
- * that, in slices beside the writes (a second's worth at once held the
- * writer). g1 commits everything, g2 the records valued below 10000: once
- * those are gone, the other 10000 must all be there. */
+ * that, a segment at a time (4 KiB here, or one group commit when that is
+ * more). g1 commits everything, g2 the records valued below 10000: once
+ * every segment before the boundary is gone (only the segment holding the
+ * boundary keeps some of them), the other 10000 must all be there, and a
+ * new process of g2 reads them all, across segments. */
 START_TEST(retention_deletes_only_what_every_group_committed)
 {
     const char *topics[] = { "t.ret" };
@@ -438,6 +540,7 @@ START_TEST(retention_deletes_only_what_every_group_committed)
     char err[PX_ERRLEN] = "";
     static reports r;
     fresh_dir();
+    setenv("PARLEY_BUS_SEGMENT_BYTES", "4096", 1);
     bus *g1 = open_bus("g1"), *g2 = open_bus("g2");
     ck_assert_int_eq(bus_subscribe(g1, topics, 1, err, sizeof(err)), PX_OK);
     ck_assert_int_eq(bus_subscribe(g2, topics, 1, err, sizeof(err)), PX_OK);
@@ -453,16 +556,23 @@ START_TEST(retention_deletes_only_what_every_group_committed)
         got += n;
         bus_release(g2, m, (size_t)n);
     }
-    const char *below = "SELECT count(*) FROM bus_log WHERE topic='t.ret'"
-                        " AND CAST(CAST(value AS TEXT) AS INTEGER) < 10000";
+    log_query q = { 0 };
     long left = -1;
-    for (int i = 0; i < 300 && (left = sql_on_file(below)) > 0; i++)
+    for (int i = 0; i < 300 && (left = logged_where("t.ret", below_10000, &q)) > 0 &&
+         q.seg_lo != q.seg_hi; i++)
         usleep(100 * 1000);
-    ck_assert_int_eq(left, 0);
-    ck_assert_int_eq(sql_on_file("SELECT count(*) FROM bus_log WHERE topic='t.ret'"), 10000);
+    ck_assert_msg(left == 0 || q.seg_lo == q.seg_hi, "%ld committed records left in segments"
+                  " %u..%u", left, q.seg_lo, q.seg_hi);
+    ck_assert_int_lt(left, 10000);
+    ck_assert_int_eq(logged("t.ret") - left, 10000);
     bus_destroy(p);
     bus_destroy(g2);
     bus_destroy(g1);
+    g2 = open_bus("g2");
+    ck_assert_int_eq(bus_subscribe(g2, topics, 1, err, sizeof(err)), PX_OK);
+    ck_assert_int_eq(consume_all(g2, 20000, 0), 10000);
+    bus_destroy(g2);
+    unsetenv("PARLEY_BUS_SEGMENT_BYTES");
     remove_dir();
 }
 END_TEST
@@ -479,6 +589,7 @@ int main(void)
     tcase_add_test(tc, volatile_topic_skips_the_log);
     tcase_add_test(tc, transient_records_are_ordered_but_never_logged);
     tcase_add_test(tc, crash_mid_group_commit_loses_nothing_reported);
+    tcase_add_test(tc, a_cut_short_write_is_cut_away);
     tcase_add_test(tc, bus_tables_move_out_of_the_store_file);
     tcase_add_test(tc, retention_deletes_only_what_every_group_committed);
     suite_add_tcase(s, tc);
