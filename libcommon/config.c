@@ -73,6 +73,7 @@ static const struct config_num config_nums[] = {
     NUM("PARLEY_PARTITIONS", partitions, 8, 1, 1024),
     NUM("PARLEY_SWEEP_MS", sweep_ms, 60000, 100, 86400000),
     NUM("PARLEY_MSGSTORE_HOLD_MS", msgstore_hold_ms, 300, 0, 10000),
+    NUM("PARLEY_MSGSTORE_PIPELINE", msgstore_pipeline, 8192, 512, 65536),
     NUM("PARLEY_SEND_RATE", send_rate, 200, 1, 1000000),
     NUM("PARLEY_SEND_BURST", send_burst, 1000, 1, 1000000),
     NUM("PARLEY_HTTP_TIMEOUT_S", http_timeout_s, 30, 1, 3600),

@@ -47,6 +47,9 @@ typedef struct config {
     long msgstore_hold_ms;       /* PARLEY_MSGSTORE_HOLD_MS: pushed events wait this
                                     long for their store round, so an ack can
                                     settle them before it (300) */
+    long msgstore_pipeline;      /* PARLEY_MSGSTORE_PIPELINE: records pushed and
+                                    not yet stored, at most (8192; parleyd
+                                    65536) */
     long send_rate;              /* PARLEY_SEND_RATE sends/s per user */
     long send_burst;             /* PARLEY_SEND_BURST sends above the rate */
     long cmd_rate;               /* PARLEY_CMD_RATE: acks, reads, group commands,

@@ -39,8 +39,9 @@
 #include <string.h>
 #include <time.h>
 
-/* The pipeline holds at most WRITER_MAX_RECORDS (8,192) events. */
-#define PUTGATE_BUCKETS 8192
+/* The pipeline holds at most PARLEY_MSGSTORE_PIPELINE (65,536) events:
+ * chains of one on average when it is full (512 KiB of heads per process). */
+#define PUTGATE_BUCKETS 65536
 
 typedef struct putgate_held {
     struct putgate_held *next;

@@ -21,15 +21,22 @@
  * on the consume thread. Batches that carry anything else (sync requests,
  * dead letters) wait until the pipeline is empty and then run the whole
  * batch path (batch.c), so a sync's scan sees every event consumed before
- * it. The pipeline holds at most WRITER_MAX_RECORDS records: a store that
- * falls behind (or fails) stops consumption there, as before.
+ * it. The pipeline holds at most PARLEY_MSGSTORE_PIPELINE records and
+ * WRITER_MAX_BYTES of their keys and values: a store that falls behind (or
+ * fails) stops consumption there, as before.
  *
  * With PARLEY_MSGSTORE_HOLD_MS the writer lets the oldest batch wait that
  * long before its round (the events are pushed already; only the store
  * and the commit wait), so an online recipient's ack usually comes first
  * and settles its event (putgate.c): it is then never written. The hold
  * ends early when anything waits for the store: an ack at the gate, a sync
- * or device command (writer_drain), a pipeline half full, a stop. */
+ * or device command (writer_drain), a pipeline half full, a stop. So the
+ * pipeline must hold a hold's worth: in parleyd at 20,000 messages/s
+ * (40,000 events with their receipts), 8,192 records cut a 300 ms hold to
+ * ~100 ms, half the events were stored before their acks came, and the
+ * acks' deletes then pushed parleyd over the edge; parleyd's default is
+ * 65,536 (docs/benchmarks.md). A round takes at most a store call's
+ * worth. */
 #include "common.h"
 #include "log.h"
 #include "msgstore.h"
@@ -39,9 +46,9 @@
 #include <string.h>
 #include <time.h>
 
-#define WRITER_MAX_RECORDS (16 * MSGSTORE_BATCH)
-/* A round may take the whole pipeline into one claim and one put. */
-_Static_assert(WRITER_MAX_RECORDS <= STORE_MAX_BATCH, "a round must fit one store call");
+#define WRITER_MAX_BYTES (64 << 20)
+/* A round takes batches up to one store call's worth. */
+_Static_assert(MSGSTORE_BATCH <= STORE_MAX_BATCH, "a batch must fit one store call");
 #define WRITER_WAIT_SLICE_MS 5
 #define WRITER_STOP_STORE_MS 5000
 
@@ -49,7 +56,7 @@ typedef struct writer_batch {
     struct writer_batch *next;
     bus_msg *msgs;          /* a copy: the consume loop reuses its array */
     msgstore_rec *recs;     /* recs[i].m points into msgs */
-    size_t n;
+    size_t n, bytes;        /* records, their keys' and values' bytes */
     inbox_run *run;         /* NULL once its push stage has ended */
     batch_tag tag;          /* its pushes: tag.pending counts their reports */
     batch_tag ptag;         /* its push records: produced once stored */
@@ -66,7 +73,8 @@ struct writer {
     pthread_cond_t done_cv;  /* the consume thread waits for stored batches */
     writer_batch *head, *tail;
     writer_batch *next;      /* the first batch not stored yet, or NULL */
-    size_t records;          /* in the pipeline */
+    size_t records, bytes;   /* in the pipeline */
+    size_t max_records;      /* cfg.msgstore_pipeline */
     int64_t hold_ms;         /* cfg.msgstore_hold_ms */
     int hurry;               /* something waits for the store: no hold */
     int stop;
@@ -126,7 +134,8 @@ static int writer_store(writer *w, writer_batch *first, writer_batch *last)
 /* mu held: how long the next round may still wait (0: go now). */
 static int64_t writer_hold_left(const writer *w)
 {
-    if (w->hold_ms == 0 || w->hurry || w->records >= WRITER_MAX_RECORDS / 2)
+    if (w->hold_ms == 0 || w->hurry || w->records >= w->max_records / 2 ||
+        w->bytes >= WRITER_MAX_BYTES / 2)
         return 0;
     return PX_MAX(0, w->next->added_ms + w->hold_ms - px_mono_ms());
 }
@@ -159,7 +168,10 @@ static void *writer_main(void *arg)
         }
         w->hurry = 0;
         /* Batches before last are linked for good; only last->next moves. */
-        writer_batch *first = w->next, *last = w->tail;
+        writer_batch *first = w->next, *last = first;
+        for (size_t n = first->n; last != w->tail && n + last->next->n <= STORE_MAX_BATCH;
+             last = last->next)
+            n += last->next->n;
         pthread_mutex_unlock(&w->mu);
         int rc = writer_store(w, first, last);
         pthread_mutex_lock(&w->mu);
@@ -185,6 +197,7 @@ int writer_start(msgstore *ms, char *err, size_t errlen)
     px_cond_init_mono(&w->work_cv);
     px_cond_init_mono(&w->done_cv);
     w->hold_ms = ms->svc.cfg.msgstore_hold_ms;
+    w->max_records = (size_t)ms->svc.cfg.msgstore_pipeline;
     int e = pthread_create(&w->th, NULL, writer_main, w);
     if (e != 0) {
         pthread_cond_destroy(&w->work_cv);
@@ -261,20 +274,21 @@ void writer_reap(msgstore *ms)
         if (w->head == NULL)
             w->tail = NULL;
         w->records -= b->n;
+        w->bytes -= b->bytes;
         pthread_mutex_unlock(&w->mu);
         writer_batch_free(ms, b);
     }
 }
 
 /* Waits (serving delivery reports) until the pipeline holds at most
- * max_records records; 0 if ms is told to stop first. */
-static int writer_wait_below(msgstore *ms, size_t max_records)
+ * max_records records and max_bytes; 0 if ms is told to stop first. */
+static int writer_wait_below(msgstore *ms, size_t max_records, size_t max_bytes)
 {
     writer *w = ms->writer;
     for (;;) {
         writer_reap(ms);
         pthread_mutex_lock(&w->mu);
-        int below = w->records <= max_records;
+        int below = w->records <= max_records && w->bytes <= max_bytes;
         if (!below) {
             w->hurry = 1;
             pthread_cond_signal(&w->work_cv);
@@ -292,14 +306,19 @@ static int writer_wait_below(msgstore *ms, size_t max_records)
 
 int writer_drain(msgstore *ms)
 {
-    return ms->writer == NULL || writer_wait_below(ms, 0);
+    return ms->writer == NULL || writer_wait_below(ms, 0, 0);
 }
 
 void writer_add(msgstore *ms, const bus_msg *msgs, msgstore_rec *recs, size_t n)
 {
     writer *w = ms->writer;
-    if (n <= WRITER_MAX_RECORDS)
-        writer_wait_below(ms, WRITER_MAX_RECORDS - n); /* on stop: queued all the same */
+    size_t bytes = 0;
+    for (size_t i = 0; i < n; i++)
+        bytes += msgs[i].key_len + msgs[i].len;
+    /* On stop: queued all the same. A batch past a ceiling waits for an
+     * empty pipeline. */
+    writer_wait_below(ms, w->max_records - PX_MIN(n, w->max_records),
+                      WRITER_MAX_BYTES - PX_MIN(bytes, WRITER_MAX_BYTES));
     writer_batch *b = px_calloc(1, sizeof(*b));
     b->msgs = px_malloc(n * sizeof(*b->msgs));
     memcpy(b->msgs, msgs, n * sizeof(*b->msgs));
@@ -307,6 +326,7 @@ void writer_add(msgstore *ms, const bus_msg *msgs, msgstore_rec *recs, size_t n)
         recs[i].m = &b->msgs[i];
     b->recs = recs; /* ours now */
     b->n = n;
+    b->bytes = bytes;
     b->added_ms = px_mono_ms();
     b->tag = (batch_tag){ .ms = ms, .idx = BATCH_BEST_EFFORT };
     b->ptag = (batch_tag){ .ms = ms, .idx = BATCH_BEST_EFFORT };
@@ -323,6 +343,7 @@ void writer_add(msgstore *ms, const bus_msg *msgs, msgstore_rec *recs, size_t n)
     if (w->next == NULL)
         w->next = b;
     w->records += n;
+    w->bytes += bytes;
     pthread_cond_signal(&w->work_cv);
     pthread_mutex_unlock(&w->mu);
 }
