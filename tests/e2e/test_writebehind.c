@@ -3,8 +3,9 @@
  * every device that needs it while it waits is settled: its receipt
  * reaches the sender and it is never written (a resync does not bring it
  * back); an event another device still needs is stored and synced to that
- * device. Runs in both modes: in the stack the one message-store process
- * holds both the writer and the acker. */
+ * device; a round larger than one store call is split and stored. Runs in
+ * both modes: in the stack the one message-store process holds both the
+ * writer and the acker. */
 #include "e2e.h"
 
 #include <stdio.h>
@@ -256,6 +257,40 @@ START_TEST(late_acks_whose_events_a_read_took_leave_as_found)
 }
 END_TEST
 
+/* A store round larger than one store call (STORE_MAX_BATCH, 10,000):
+ * parleyd's pipeline holds 65,536 events, so 11,000 sent to an offline
+ * user within the hold reach the writer's first round together, and the
+ * writer must split it (a round of 10,201 once failed the store's limit on
+ * every retry: `sent` answers went on while nothing was stored or synced).
+ * On the stack (8,192, half of which ends the hold) the rounds are
+ * smaller; the outcome must be the same. */
+START_TEST(a_round_larger_than_one_store_call_is_stored)
+{
+    enum { SENDERS = 11, EACH = 1000, N = SENDERS * EACH }; /* each in its send burst */
+    char from[SENDERS][65], to[65];
+    client *a[SENDERS];
+    e2e_user("wb-big", to);
+    long long stored0 = e2e_metric(E2E_STORE, WB_STORED);
+    for (int s = 0; s < SENDERS; s++) {
+        e2e_user("wb-many", from[s]);
+        a[s] = e2e_connect(from[s], E2E_GW1);
+    }
+    for (int s = 0; s < SENDERS; s++)
+        e2e_send_numbered(a[s], to, EACH);
+    for (int s = 0; s < SENDERS; s++)
+        for (int i = 0; i < EACH; i++)
+            json_decref(e2e_wait_type(a[s], "sent"));
+    ck_assert_int_ge(wb_metric_past(WB_STORED, stored0 + N - 1), stored0 + N);
+    client *b = e2e_connect(to, E2E_GW2);
+    json_t *ids = e2e_backlog_ids(b);
+    ck_assert_int_eq((int)json_array_size(ids), N);
+    json_decref(ids);
+    for (int s = 0; s < SENDERS; s++)
+        client_close(a[s], 1000);
+    client_close(b, 1000);
+}
+END_TEST
+
 static Suite *writebehind_suite(void)
 {
     Suite *s = suite_create("writebehind");
@@ -265,6 +300,7 @@ static Suite *writebehind_suite(void)
     tcase_add_test(tc, an_event_another_device_needs_is_stored_for_it);
     tcase_add_test(tc, acks_of_stored_events_are_applied_late);
     tcase_add_test(tc, late_acks_whose_events_a_read_took_leave_as_found);
+    tcase_add_test(tc, a_round_larger_than_one_store_call_is_stored);
     suite_add_tcase(s, tc);
     return s;
 }
