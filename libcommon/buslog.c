@@ -14,8 +14,8 @@
  * leave the host). Frames of every topic share one stream of segments,
  * named by a sequence number. A segment is closed with fdatasync when it is
  * full, and deleted once no partition's index points into it. A frame that
- * does not check out ends the log: a write cut short by kill -9 (opening
- * cuts it away). Durability is that of the page cache, as with SQLite's WAL
+ * does not check out ends its segment: a write cut short by kill -9 (opening
+ * cuts it away; later segments, if any, are read on). Durability is that of the page cache, as with SQLite's WAL
  * at synchronous=NORMAL and Kafka's defaults: a write survives kill -9 of
  * the process, not an OS crash.
  *
@@ -45,6 +45,7 @@
 #define BUSLOG_MAX_BODY (64u << 20)    /* a frame longer than this is damage */
 #define BUSLOG_HEAD 8                  /* body length, crc */
 #define BUSLOG_FIXED (2 + 4 + 8 + 8 + 4 + 4)
+#define BUSLOG_KEEP_BUF (4u << 20)     /* a larger write or read buffer is freed after use */
 
 typedef struct buslog_ent {
     int64_t off;
@@ -90,6 +91,17 @@ static unsigned char *buslog_room(unsigned char **buf, size_t *cap, size_t want)
         *buf = px_realloc(*buf, *cap);
     }
     return *buf;
+}
+
+/* A burst of large records (up to 64 MiB a group commit) does not keep its
+ * buffer for the life of the process. */
+static void buslog_shrink(unsigned char **buf, size_t *cap)
+{
+    if (*cap <= BUSLOG_KEEP_BUF)
+        return;
+    free(*buf);
+    *buf = NULL;
+    *cap = 0;
 }
 
 /* ---- frames ---- */
@@ -487,8 +499,10 @@ int buslog_append(buslog *lg, const buslog_rec *recs, size_t n, char *err, size_
          * back after a restart as records nobody was told were written. */
         if (ftruncate(lg->fd, (off_t)lg->size) != 0)
             log_error("bus log: cannot cut a failed write", "{s:s}", "error", strerror(errno));
+        buslog_shrink(&lg->wbuf, &lg->wcap);
         return px_err(err, errlen, "bus log: write: %s", strerror(e));
     }
+    buslog_shrink(&lg->wbuf, &lg->wcap);
     for (size_t i = 0; i < n; i++) {
         buslog_index(lg, recs[i].topic, &recs[i], lg->seg, lg->size);
         lg->size += buslog_frame_len(&lg->topics[recs[i].topic], &recs[i]);
@@ -538,14 +552,17 @@ int buslog_read(buslog *lg, int topic, int32_t part, int64_t from, int64_t to, s
         const buslog_ent *e = &p->e[p->head + i];
         if (e->off >= to)
             break;
-        if (buslog_read_at(lg, e, &f, err, errlen) != PX_OK)
-            return PX_ERROR;
+        if (buslog_read_at(lg, e, &f, err, errlen) != PX_OK) {
+            n = PX_ERROR;
+            break;
+        }
         f.r.topic = topic;
         f.r.seg = e->seg;
         n++;
         if (cb(arg, f.name, &f.r) != 0)
             break;
     }
+    buslog_shrink(&lg->rbuf, &lg->rcap);
     return n;
 }
 
